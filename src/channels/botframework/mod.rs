@@ -1,0 +1,3 @@
+//! Bot Framework Connector v3 (Skype, Teams, Web Chat, Direct Line, Emulator).
+
+pub mod render;

@@ -1,0 +1,1 @@
+//! Pure translation of the model into Bot Framework Connector v3 requests.

@@ -1,0 +1,134 @@
+//! Types shared by every channel: native requests, render results, capabilities, channel errors.
+//!
+//! Owns the seam between `delivery` (which sees requests as opaque) and each channel's
+//! render (pure) and client (HTTP). No channel's JSON shape lives here.
+
+use std::time::Duration;
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::model::Warning;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum HttpMethod {
+    Get,
+    Post,
+    Put,
+    Delete,
+}
+
+impl HttpMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Get => "GET",
+            Self::Post => "POST",
+            Self::Put => "PUT",
+            Self::Delete => "DELETE",
+        }
+    }
+}
+
+/// One HTTP call a channel will make. `url` never carries a secret: credentials are attached by
+/// the channel's client at send time, looked up by `credential` (an id, never the secret itself).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct NativeRequest {
+    pub method: HttpMethod,
+    pub url: String,
+    pub body: Value,
+    #[serde(skip)]
+    pub credential: String,
+}
+
+/// What a message turns into on a channel, and what had to change to fit.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Rendered {
+    pub requests: Vec<NativeRequest>,
+    pub warnings: Vec<Warning>,
+}
+
+/// A message the channel cannot take as given, found before any call is made.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RenderError {
+    #[error("{field}: {reason}")]
+    InvalidArgument { field: String, reason: String },
+    #[error("{field}: {reason}")]
+    PermissionDenied { field: String, reason: String },
+}
+
+impl RenderError {
+    pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self::InvalidArgument {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// What a channel supports and its limits; 0 means no documented limit.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Capabilities {
+    pub channel_id: String,
+    /// The gateway's channel implementation: `botframework`, `facebook`, `slack`.
+    pub implementation: String,
+    pub typing: bool,
+    pub typing_interval: Duration,
+    pub carousel: bool,
+    pub max_buttons_per_card: u32,
+    pub max_suggested_actions: u32,
+    pub max_text_length: u32,
+    /// `markdown`, `mrkdwn`, `xml`, `plain`.
+    pub markdown_flavor: String,
+    pub update_delete: bool,
+    pub proactive: bool,
+    pub max_payload_bytes: u32,
+}
+
+/// How a failed channel call should be treated by the retry policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureKind {
+    /// Try again later (429, 5xx, throttling codes); the request surely had no effect or is safe.
+    Retryable,
+    /// The request may have reached the channel (timeout or reset after sending): a retry may duplicate.
+    Ambiguous,
+    /// The channel refused it for good (4xx other than 429, invalid token after refresh, ...).
+    Permanent,
+}
+
+/// A channel's answer that is not a success, with the channel's own words.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize)]
+#[error("{channel} {kind:?}: {}{}", self.code.as_deref().map(|c| format!("{c}: ")).unwrap_or_default(), self.message)]
+pub struct ChannelError {
+    pub channel: String,
+    pub kind: FailureKind,
+    /// HTTP status if the channel answered.
+    pub http_status: Option<u16>,
+    /// The channel's own error code (`Forbidden`, `613`, `channel_not_found`, ...).
+    pub code: Option<String>,
+    pub message: String,
+    #[serde(skip)]
+    pub retry_after: Option<Duration>,
+}
+
+impl ChannelError {
+    pub fn new(channel: &str, kind: FailureKind, message: impl Into<String>) -> Self {
+        Self {
+            channel: channel.to_string(),
+            kind,
+            http_status: None,
+            code: None,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+}
+
+/// A channel's acknowledgement of one request.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct NativeReceipt {
+    /// The channel's id for what was created (activity id, message_id, ts).
+    pub native_id: String,
+    pub conversation_id: String,
+}

@@ -1,0 +1,6 @@
+//! channel-gateway: a gRPC gateway that translates channel-neutral bot messages into chat
+//! channels' native APIs and delivers them in order.
+#![forbid(unsafe_code)]
+
+pub mod channels;
+pub mod model;
