@@ -2,5 +2,7 @@
 //! channels' native APIs and delivers them in order.
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod channels;
+pub mod config;
 pub mod model;

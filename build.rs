@@ -1,0 +1,19 @@
+//! Compiles the public proto with protox (pure Rust), so a fresh machine needs no system `protoc`.
+
+use std::path::PathBuf;
+
+use prost::Message;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let proto = "proto/channelgateway/v1/gateway.proto";
+    println!("cargo:rerun-if-changed={proto}");
+    let fds = protox::compile([proto], ["proto"])?;
+    let out = PathBuf::from(std::env::var("OUT_DIR")?);
+    // The same descriptor set feeds server reflection, so clients see exactly what we compiled.
+    std::fs::write(out.join("channelgateway_descriptor.bin"), fds.encode_to_vec())?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(fds)?;
+    Ok(())
+}

@@ -1,0 +1,425 @@
+//! HTTP client for the Bot Framework Connector: OAuth tokens, the service-URL allow-list, and
+//! classification of the connector's answers.
+//!
+//! The only place that talks HTTP to the connector or the token endpoint. It must never log or
+//! return a token or password; errors carry the channel's own code and text only.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use serde_json::Value;
+use tokio::sync::Mutex;
+
+use crate::channels::{ChannelError, FailureKind, HttpMethod, NativeReceipt, NativeRequest};
+use crate::config::{BotFrameworkConfig, Secret};
+
+const CHANNEL: &str = "botframework";
+
+/// Is `host` allowed by one of `patterns` (`*.domain` matches strict subdomains)?
+pub fn host_allowed(patterns: &[String], host: &str) -> bool {
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    patterns.iter().any(|p| {
+        let p = p.to_ascii_lowercase();
+        match p.strip_prefix("*.") {
+            Some(domain) => host
+                .strip_suffix(domain)
+                .is_some_and(|prefix| prefix.len() > 1 && prefix.ends_with('.')),
+            None => host == p,
+        }
+    })
+}
+
+fn is_loopback(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Why a service URL may not receive a token, or `None` when it may.
+pub fn service_url_refusal(patterns: &[String], service_url: &str) -> Option<String> {
+    let url = match url::Url::parse(service_url) {
+        Ok(u) => u,
+        Err(e) => return Some(format!("`{service_url}` is not a URL: {e}")),
+    };
+    let Some(host) = url.host_str() else {
+        return Some(format!("`{service_url}` has no host"));
+    };
+    if !host_allowed(patterns, host) {
+        return Some(format!(
+            "host `{host}` is not in channels.botframework.allowed_service_hosts"
+        ));
+    }
+    match url.scheme() {
+        "https" => None,
+        "http" if is_loopback(host) => None,
+        s => Some(format!(
+            "scheme `{s}` is not allowed for `{host}`: only https (http for loopback hosts)"
+        )),
+    }
+}
+
+struct CachedToken {
+    value: Secret,
+    /// When the token stops being used: its expiry minus the refresh margin.
+    refresh_at: Instant,
+}
+
+#[derive(Deserialize)]
+struct TokenResponse {
+    access_token: String,
+    #[serde(default)]
+    expires_in: Option<u64>,
+}
+
+/// A created conversation, as the connector answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreatedConversation {
+    pub id: String,
+    pub service_url: Option<String>,
+    pub activity_id: Option<String>,
+}
+
+pub struct BotFrameworkClient {
+    http: reqwest::Client,
+    config: BotFrameworkConfig,
+    credentials: HashMap<String, Secret>,
+    // One async mutex per bot: holding it across the refresh keeps one refresh in flight.
+    tokens: HashMap<String, Arc<Mutex<Option<CachedToken>>>>,
+    token_fetches: std::sync::atomic::AtomicU64,
+}
+
+impl BotFrameworkClient {
+    pub fn new(config: BotFrameworkConfig, request_timeout: Duration) -> Result<Self, String> {
+        let http = reqwest::Client::builder()
+            .timeout(request_timeout)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .user_agent(concat!("channel-gateway/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+        let credentials: HashMap<String, Secret> = config.credentials().into_iter().collect();
+        let tokens = credentials
+            .keys()
+            .map(|k| (k.clone(), Arc::new(Mutex::new(None))))
+            .collect();
+        Ok(Self {
+            http,
+            config,
+            credentials,
+            tokens,
+            token_fetches: Default::default(),
+        })
+    }
+
+    pub fn has_credentials(&self, bot_id: &str) -> bool {
+        self.credentials.contains_key(bot_id)
+    }
+
+    pub fn config(&self) -> &BotFrameworkConfig {
+        &self.config
+    }
+
+    /// Token requests made so far (for metrics and tests).
+    pub fn token_fetches(&self) -> u64 {
+        self.token_fetches
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    async fn token(&self, bot_id: &str, stale: Option<&str>) -> Result<Option<Secret>, ChannelError> {
+        let (Some(slot), Some(password)) = (self.tokens.get(bot_id), self.credentials.get(bot_id))
+        else {
+            if self.config.allow_unauthenticated {
+                return Ok(None);
+            }
+            return Err(ChannelError {
+                code: Some("no_credentials".into()),
+                ..ChannelError::new(
+                    CHANNEL,
+                    FailureKind::Permanent,
+                    format!("no credentials configured for bot `{bot_id}`"),
+                )
+            });
+        };
+        let mut guard = slot.lock().await;
+        if let Some(t) = guard.as_ref() {
+            let rejected = stale.is_some_and(|s| s == t.value.expose());
+            if !rejected && Instant::now() < t.refresh_at {
+                return Ok(Some(t.value.clone()));
+            }
+        }
+        let fresh = self.fetch_token(bot_id, password).await?;
+        let value = fresh.value.clone();
+        *guard = Some(fresh);
+        Ok(Some(value))
+    }
+
+    async fn fetch_token(&self, bot_id: &str, password: &Secret) -> Result<CachedToken, ChannelError> {
+        self.token_fetches
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let started = Instant::now();
+        let form = [
+            ("grant_type", "client_credentials"),
+            ("client_id", bot_id),
+            ("client_secret", password.expose()),
+            ("scope", self.config.scope.as_str()),
+        ];
+        let body = form
+            .iter()
+            .map(|(k, v)| format!("{k}={}", urlencode(v)))
+            .collect::<Vec<_>>()
+            .join("&");
+        let resp = self
+            .http
+            .post(&self.config.token_url)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| transport_error(&e, false))?;
+        let status = resp.status();
+        if !status.is_success() {
+            let headers = resp.headers().clone();
+            let text = resp.text().await.unwrap_or_default();
+            let mut err = classify(status.as_u16(), &headers, &text);
+            err.code = Some(format!("token_{}", err.code.as_deref().unwrap_or("error")));
+            err.message = format!("token request failed: {}", err.message);
+            return Err(err);
+        }
+        let parsed: TokenResponse = resp.json().await.map_err(|e| {
+            ChannelError::new(CHANNEL, FailureKind::Retryable, format!("token response unreadable: {e}"))
+        })?;
+        let lifetime = Duration::from_secs(parsed.expires_in.unwrap_or(3600));
+        let usable = lifetime.saturating_sub(self.config.token_refresh_margin);
+        tracing::info!(bot_id, expires_in_s = lifetime.as_secs(), "bot framework token fetched");
+        Ok(CachedToken {
+            value: Secret::new(parsed.access_token),
+            refresh_at: started + usable,
+        })
+    }
+
+    async fn call(&self, req: &NativeRequest) -> Result<Value, ChannelError> {
+        if let Some(reason) = service_url_refusal(&self.config.allowed_service_hosts, &req.url) {
+            return Err(ChannelError {
+                code: Some("service_url_not_allowed".into()),
+                ..ChannelError::new(CHANNEL, FailureKind::Permanent, reason)
+            });
+        }
+        let mut token = self.token(&req.credential, None).await?;
+        let mut retried_401 = false;
+        loop {
+            let mut builder = match req.method {
+                HttpMethod::Get => self.http.get(&req.url),
+                HttpMethod::Post => self.http.post(&req.url).json(&req.body),
+                HttpMethod::Put => self.http.put(&req.url).json(&req.body),
+                HttpMethod::Delete => self.http.delete(&req.url),
+            };
+            if let Some(t) = &token {
+                builder = builder.bearer_auth(t.expose());
+            }
+            let resp = builder
+                .send()
+                .await
+                .map_err(|e| transport_error(&e, req.method != HttpMethod::Get))?;
+            let status = resp.status().as_u16();
+            if status == 401 && token.is_some() && !retried_401 {
+                // The connector may have revoked a token we still thought fresh: refresh once.
+                retried_401 = true;
+                let stale = token.as_ref().map(|t| t.expose().to_string());
+                token = self.token(&req.credential, stale.as_deref()).await?;
+                continue;
+            }
+            let headers = resp.headers().clone();
+            let text = resp.text().await.map_err(|e| transport_error(&e, true))?;
+            if !(200..300).contains(&status) {
+                return Err(classify(status, &headers, &text));
+            }
+            if text.trim().is_empty() {
+                return Ok(Value::Null);
+            }
+            return serde_json::from_str(&text).map_err(|e| ChannelError {
+                http_status: Some(status),
+                ..ChannelError::new(
+                    CHANNEL,
+                    FailureKind::Ambiguous,
+                    format!("success answer is not JSON: {e}"),
+                )
+            });
+        }
+    }
+
+    /// Sends one activity request and returns the connector's activity id.
+    pub async fn execute(&self, req: &NativeRequest) -> Result<NativeReceipt, ChannelError> {
+        let body = self.call(req).await?;
+        Ok(NativeReceipt {
+            native_id: body
+                .get("id")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string(),
+            conversation_id: req
+                .body
+                .pointer("/conversation/id")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string(),
+        })
+    }
+
+    /// POST /v3/conversations; the answer names the new conversation.
+    pub async fn create_conversation(
+        &self,
+        req: &NativeRequest,
+    ) -> Result<CreatedConversation, ChannelError> {
+        let body = self.call(req).await?;
+        let id = body
+            .get("id")
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| ChannelError {
+                code: Some("no_conversation_id".into()),
+                ..ChannelError::new(
+                    CHANNEL,
+                    FailureKind::Permanent,
+                    "create conversation answered without an id",
+                )
+            })?;
+        let text = |k: &str| body.get(k).and_then(Value::as_str).map(String::from);
+        Ok(CreatedConversation {
+            id: id.to_string(),
+            service_url: text("serviceUrl"),
+            activity_id: text("activityId"),
+        })
+    }
+}
+
+fn urlencode(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+fn transport_error(e: &reqwest::Error, may_have_reached: bool) -> ChannelError {
+    // A connect failure never reached the channel; a timeout or reset after sending might have.
+    let kind = if e.is_connect() || !may_have_reached {
+        FailureKind::Retryable
+    } else {
+        FailureKind::Ambiguous
+    };
+    let what = if e.is_timeout() {
+        "timeout"
+    } else if e.is_connect() {
+        "connect"
+    } else {
+        "transport"
+    };
+    ChannelError {
+        code: Some(what.into()),
+        ..ChannelError::new(CHANNEL, kind, format!("{what} error calling the connector: {e}"))
+    }
+}
+
+/// Parses `Retry-After` in seconds or as an HTTP date.
+pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let v = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let when = time::OffsetDateTime::parse(v, &time::format_description::well_known::Rfc2822).ok()?;
+    let delta = when - time::OffsetDateTime::now_utc();
+    Some(Duration::try_from(delta).unwrap_or(Duration::ZERO))
+}
+
+/// Turns a non-success answer into a typed error with the connector's own code and text.
+pub fn classify(status: u16, headers: &reqwest::header::HeaderMap, body: &str) -> ChannelError {
+    let parsed: Option<Value> = serde_json::from_str(body).ok();
+    let field = |k: &str| {
+        parsed
+            .as_ref()
+            .and_then(|v| v.pointer(&format!("/error/{k}")).or_else(|| v.get(k)))
+            .and_then(Value::as_str)
+            .map(String::from)
+    };
+    let code = field("code");
+    let message = field("message").unwrap_or_else(|| {
+        let snippet: String = body.chars().take(200).collect();
+        if snippet.is_empty() {
+            format!("HTTP {status}")
+        } else {
+            snippet
+        }
+    });
+    let kind = match status {
+        429 | 500..=599 => FailureKind::Retryable,
+        408 => FailureKind::Ambiguous,
+        _ => FailureKind::Permanent,
+    };
+    ChannelError {
+        channel: CHANNEL.into(),
+        kind,
+        http_status: Some(status),
+        code: code.or_else(|| Some(format!("http_{status}"))),
+        message,
+        retry_after: if status == 429 || status == 503 {
+            retry_after(headers)
+        } else {
+            None
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pats(p: &[&str]) -> Vec<String> {
+        p.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn allow_list_matches_hosts_and_subdomains_only() {
+        let p = pats(&["*.botframework.com", "smba.trafficmanager.net", "127.0.0.1"]);
+        assert!(host_allowed(&p, "webchat.botframework.com"));
+        assert!(!host_allowed(&p, "botframework.com"));
+        assert!(!host_allowed(&p, "evilbotframework.com"));
+        assert!(!host_allowed(&p, "botframework.com.evil.io"));
+        assert!(host_allowed(&p, "SMBA.trafficmanager.net"));
+        assert!(host_allowed(&p, "127.0.0.1"));
+        assert!(service_url_refusal(&p, "https://smba.trafficmanager.net/amer/").is_none());
+        assert!(service_url_refusal(&p, "http://smba.trafficmanager.net/amer/").is_some());
+        assert!(service_url_refusal(&p, "http://127.0.0.1:3978/").is_none());
+        assert!(service_url_refusal(&p, "https://attacker.example/").is_some());
+    }
+
+    #[test]
+    fn classification_keeps_the_channel_words() {
+        let mut h = reqwest::header::HeaderMap::new();
+        h.insert("retry-after", "7".parse().unwrap());
+        let e = classify(429, &h, r#"{"error":{"code":"TooManyRequests","message":"slow down"}}"#);
+        assert_eq!(e.kind, FailureKind::Retryable);
+        assert_eq!(e.retry_after, Some(Duration::from_secs(7)));
+        assert_eq!(e.code.as_deref(), Some("TooManyRequests"));
+        let e = classify(404, &Default::default(), r#"{"error":{"code":"ConversationNotFound","message":"gone"}}"#);
+        assert_eq!(e.kind, FailureKind::Permanent);
+        assert_eq!(e.message, "gone");
+        let e = classify(502, &Default::default(), "bad gateway");
+        assert_eq!(e.kind, FailureKind::Retryable);
+        assert_eq!(e.code.as_deref(), Some("http_502"));
+    }
+
+    #[test]
+    fn retry_after_http_date() {
+        let mut h = reqwest::header::HeaderMap::new();
+        let later = time::OffsetDateTime::now_utc() + time::Duration::seconds(30);
+        let s = later
+            .format(&time::format_description::well_known::Rfc2822)
+            .unwrap();
+        h.insert("retry-after", s.parse().unwrap());
+        let d = retry_after(&h).unwrap();
+        assert!(d <= Duration::from_secs(31) && d >= Duration::from_secs(28), "{d:?}");
+        let mut h = reqwest::header::HeaderMap::new();
+        h.insert("retry-after", "Sun, 06 Nov 1994 08:49:37 GMT".parse().unwrap());
+        assert_eq!(retry_after(&h), Some(Duration::ZERO));
+    }
+}
