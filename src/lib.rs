@@ -5,4 +5,6 @@
 pub mod api;
 pub mod channels;
 pub mod config;
+pub mod delivery;
 pub mod model;
+pub mod outbox;
