@@ -112,6 +112,9 @@ pub struct ServerConfig {
     pub max_message_bytes: usize,
     /// Most messages in one SendBatch or SendProactive.
     pub max_batch_len: usize,
+    /// How long an idempotency key returns the first call's result.
+    #[serde(deserialize_with = "de_duration")]
+    pub idempotency_window: Duration,
 }
 
 impl Default for ServerConfig {
@@ -121,6 +124,7 @@ impl Default for ServerConfig {
             shutdown_grace: Duration::from_secs(30),
             max_message_bytes: 256 * 1024,
             max_batch_len: 100,
+            idempotency_window: Duration::from_secs(24 * 3600),
         }
     }
 }

@@ -8,3 +8,4 @@ pub mod config;
 pub mod delivery;
 pub mod model;
 pub mod outbox;
+pub mod server;

@@ -9,3 +9,7 @@ pub mod pb {
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         tonic::include_file_descriptor_set!("channelgateway_descriptor");
 }
+
+pub mod convert;
+pub mod service;
+pub mod status;

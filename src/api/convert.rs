@@ -1,0 +1,795 @@
+//! Proto <-> model conversion. Proto to model validates and collects every violation with the
+//! field path the caller wrote (`message.attachments[0].hero.buttons[1].value`), so one call
+//! reports all that is wrong. Model to proto serves the CLI, which reads the model's JSON form.
+
+use std::collections::BTreeMap;
+
+use prost_types::value::Kind;
+use serde_json::{Map, Number, Value};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use super::pb;
+use crate::model::*;
+
+/// Field violations found in a request, in the order met.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Violations(pub Vec<(String, String)>);
+
+impl Violations {
+    pub fn add(&mut self, field: impl Into<String>, description: impl Into<String>) {
+        self.0.push((field.into(), description.into()));
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+fn opt(s: String) -> Option<String> {
+    if s.is_empty() { None } else { Some(s) }
+}
+
+fn check_url(v: &mut Violations, field: &str, s: &str) {
+    match url::Url::parse(s) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host_str().is_some() => {}
+        Ok(u) => v.add(field, format!("`{s}` must be an http(s) URL, not {}", u.scheme())),
+        Err(e) => v.add(field, format!("`{s}` is not an absolute URL: {e}")),
+    }
+}
+
+fn opt_url(v: &mut Violations, field: &str, s: String) -> Option<String> {
+    let s = opt(s)?;
+    check_url(v, field, &s);
+    Some(s)
+}
+
+pub fn value_to_json(v: prost_types::Value) -> Value {
+    match v.kind {
+        None | Some(Kind::NullValue(_)) => Value::Null,
+        Some(Kind::NumberValue(n)) => {
+            // Whole numbers stay integers so channels see `3`, not `3.0`.
+            if n.fract() == 0.0 && n.abs() < 9.0e15 {
+                Value::Number(Number::from(n as i64))
+            } else {
+                Number::from_f64(n).map(Value::Number).unwrap_or(Value::Null)
+            }
+        }
+        Some(Kind::StringValue(s)) => Value::String(s),
+        Some(Kind::BoolValue(b)) => Value::Bool(b),
+        Some(Kind::StructValue(s)) => struct_to_json(s),
+        Some(Kind::ListValue(l)) => Value::Array(l.values.into_iter().map(value_to_json).collect()),
+    }
+}
+
+pub fn struct_to_json(s: prost_types::Struct) -> Value {
+    Value::Object(
+        s.fields
+            .into_iter()
+            .map(|(k, v)| (k, value_to_json(v)))
+            .collect::<Map<_, _>>(),
+    )
+}
+
+pub fn json_to_value(v: &Value) -> prost_types::Value {
+    let kind = match v {
+        Value::Null => Kind::NullValue(0),
+        Value::Bool(b) => Kind::BoolValue(*b),
+        Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
+        Value::String(s) => Kind::StringValue(s.clone()),
+        Value::Array(a) => Kind::ListValue(prost_types::ListValue {
+            values: a.iter().map(json_to_value).collect(),
+        }),
+        Value::Object(_) => Kind::StructValue(json_to_struct(v)),
+    };
+    prost_types::Value { kind: Some(kind) }
+}
+
+/// A JSON object as a Struct; anything else becomes an empty Struct.
+pub fn json_to_struct(v: &Value) -> prost_types::Struct {
+    prost_types::Struct {
+        fields: v
+            .as_object()
+            .map(|m| m.iter().map(|(k, v)| (k.clone(), json_to_value(v))).collect())
+            .unwrap_or_default(),
+    }
+}
+
+fn timestamp(v: &mut Violations, field: &str, t: prost_types::Timestamp) -> Option<OffsetDateTime> {
+    let nanos = i128::from(t.seconds) * 1_000_000_000 + i128::from(t.nanos);
+    match OffsetDateTime::from_unix_timestamp_nanos(nanos) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            v.add(field, format!("timestamp out of range: {e}"));
+            None
+        }
+    }
+}
+
+fn identity(i: Option<pb::Identity>) -> Option<Identity> {
+    let i = i?;
+    let out = Identity {
+        id: i.id,
+        name: opt(i.name),
+        role: opt(i.role),
+        aad_object_id: opt(i.aad_object_id),
+        tenant_id: opt(i.tenant_id),
+    };
+    (out != Identity::default()).then_some(out)
+}
+
+/// Converts an address; `channel_id` and `bot.id` are required everywhere.
+pub fn address(v: &mut Violations, path: &str, a: Option<pb::Address>) -> Address {
+    let Some(a) = a else {
+        v.add(path, "required");
+        return Address::default();
+    };
+    if a.channel_id.is_empty() {
+        v.add(format!("{path}.channel_id"), "required");
+    }
+    let bot = identity(a.bot);
+    if bot.as_ref().is_none_or(|b| b.id.is_empty()) {
+        v.add(format!("{path}.bot.id"), "required: it selects the bot's credentials");
+    }
+    let conversation = a.conversation.and_then(|c| {
+        let out = Conversation {
+            id: c.id,
+            name: opt(c.name),
+            is_group: c.is_group,
+            conversation_type: opt(c.conversation_type),
+            tenant_id: opt(c.tenant_id),
+        };
+        (out != Conversation::default()).then_some(out)
+    });
+    Address {
+        channel_id: a.channel_id,
+        user: identity(a.user),
+        bot,
+        conversation,
+        service_url: opt_url(v, &format!("{path}.service_url"), a.service_url),
+        id: opt(a.id),
+    }
+}
+
+fn action_type(t: i32) -> Option<ActionType> {
+    use pb::ActionType as P;
+    Some(match P::try_from(t).ok()? {
+        P::Unspecified => return None,
+        P::OpenUrl => ActionType::OpenUrl,
+        P::ImBack => ActionType::ImBack,
+        P::PostBack => ActionType::PostBack,
+        P::Call => ActionType::Call,
+        P::PlayAudio => ActionType::PlayAudio,
+        P::PlayVideo => ActionType::PlayVideo,
+        P::ShowImage => ActionType::ShowImage,
+        P::DownloadFile => ActionType::DownloadFile,
+        P::Signin => ActionType::Signin,
+        P::MessageBack => ActionType::MessageBack,
+        P::DialogAction => ActionType::DialogAction,
+    })
+}
+
+fn action(v: &mut Violations, path: &str, a: pb::CardAction) -> CardAction {
+    let kind = action_type(a.r#type).unwrap_or_else(|| {
+        v.add(format!("{path}.type"), "required: one of the ACTION_TYPE_ values");
+        ActionType::OpenUrl
+    });
+    let value = match (a.value.is_empty(), a.value_object) {
+        (false, Some(_)) => {
+            v.add(format!("{path}.value_object"), "set either value or value_object, not both");
+            None
+        }
+        (_, Some(obj)) => Some(struct_to_json(obj)),
+        (false, None) => Some(Value::String(a.value.clone())),
+        (true, None) => None,
+    };
+    let vpath = format!("{path}.value");
+    if kind.takes_url() {
+        match &value {
+            Some(Value::String(s)) => check_url(v, &vpath, s),
+            _ => v.add(vpath, "required: a URL for this action type"),
+        }
+    } else if matches!(kind, ActionType::ImBack | ActionType::PostBack | ActionType::Call)
+        && value.is_none()
+    {
+        v.add(vpath, "required for this action type");
+    }
+    if kind == ActionType::DialogAction && a.dialog_name.is_empty() {
+        v.add(format!("{path}.dialog_name"), "required for dialog_action");
+    }
+    CardAction {
+        kind,
+        title: opt(a.title),
+        value,
+        image: opt_url(v, &format!("{path}.image"), a.image),
+        text: opt(a.text),
+        display_text: opt(a.display_text),
+        channel_data: a.channel_data.map(struct_to_json),
+        dialog_name: opt(a.dialog_name),
+        dialog_data: opt(a.dialog_data),
+    }
+}
+
+fn actions(v: &mut Violations, path: &str, list: Vec<pb::CardAction>) -> Vec<CardAction> {
+    list.into_iter()
+        .enumerate()
+        .map(|(i, a)| action(v, &format!("{path}[{i}]"), a))
+        .collect()
+}
+
+fn tap(v: &mut Violations, path: &str, a: Option<pb::CardAction>) -> Option<CardAction> {
+    a.map(|a| action(v, &format!("{path}.tap"), a))
+}
+
+fn image(v: &mut Violations, path: &str, i: pb::CardImage) -> CardImage {
+    if i.url.is_empty() {
+        v.add(format!("{path}.url"), "required");
+    } else {
+        check_url(v, &format!("{path}.url"), &i.url);
+    }
+    CardImage {
+        url: i.url,
+        alt: opt(i.alt),
+        tap: tap(v, path, i.tap),
+    }
+}
+
+fn hero(v: &mut Violations, path: &str, c: pb::HeroCard) -> HeroCard {
+    HeroCard {
+        title: opt(c.title),
+        subtitle: opt(c.subtitle),
+        text: opt(c.text),
+        images: c
+            .images
+            .into_iter()
+            .enumerate()
+            .map(|(i, im)| image(v, &format!("{path}.images[{i}]"), im))
+            .collect(),
+        buttons: actions(v, &format!("{path}.buttons"), c.buttons),
+        tap: tap(v, path, c.tap),
+    }
+}
+
+fn media(v: &mut Violations, path: &str, c: pb::MediaCard) -> MediaCard {
+    if c.media.is_empty() {
+        v.add(format!("{path}.media"), "at least one media URL is required");
+    }
+    MediaCard {
+        title: opt(c.title),
+        subtitle: opt(c.subtitle),
+        text: opt(c.text),
+        image: c.image.map(|i| ThumbnailUrl {
+            url: {
+                check_url(v, &format!("{path}.image.url"), &i.url);
+                i.url
+            },
+            alt: opt(i.alt),
+        }),
+        media: c
+            .media
+            .into_iter()
+            .enumerate()
+            .map(|(i, m)| {
+                check_url(v, &format!("{path}.media[{i}].url"), &m.url);
+                MediaUrl {
+                    url: m.url,
+                    profile: opt(m.profile),
+                }
+            })
+            .collect(),
+        buttons: actions(v, &format!("{path}.buttons"), c.buttons),
+        shareable: c.shareable,
+        autoloop: c.autoloop,
+        autostart: c.autostart,
+        aspect: opt(c.aspect),
+        duration: opt(c.duration),
+        value: c.value.map(value_to_json),
+    }
+}
+
+fn attachment(v: &mut Violations, path: &str, a: pb::Attachment) -> Attachment {
+    use pb::attachment::Content as C;
+    let content = a.content.map(|c| match c {
+        C::Hero(c) => AttachmentContent::Hero(hero(v, &format!("{path}.hero"), c)),
+        C::Thumbnail(c) => AttachmentContent::Thumbnail(hero(v, &format!("{path}.thumbnail"), c)),
+        C::Receipt(c) => {
+            let p = format!("{path}.receipt");
+            AttachmentContent::Receipt(ReceiptCard {
+                title: opt(c.title),
+                facts: c
+                    .facts
+                    .into_iter()
+                    .map(|f| Fact {
+                        key: f.key,
+                        value: f.value,
+                    })
+                    .collect(),
+                items: c
+                    .items
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, it)| {
+                        let ip = format!("{p}.items[{i}]");
+                        ReceiptItem {
+                            title: opt(it.title),
+                            subtitle: opt(it.subtitle),
+                            text: opt(it.text),
+                            image: it.image.map(|im| image(v, &format!("{ip}.image"), im)),
+                            price: opt(it.price),
+                            quantity: opt(it.quantity),
+                            tap: tap(v, &ip, it.tap),
+                        }
+                    })
+                    .collect(),
+                tap: tap(v, &p, c.tap),
+                total: opt(c.total),
+                tax: opt(c.tax),
+                vat: opt(c.vat),
+                buttons: actions(v, &format!("{p}.buttons"), c.buttons),
+            })
+        }
+        C::Signin(c) => {
+            let p = format!("{path}.signin");
+            if c.buttons.is_empty() {
+                v.add(format!("{p}.buttons"), "a sign-in card needs at least one button");
+            }
+            AttachmentContent::Signin(SigninCard {
+                text: opt(c.text),
+                buttons: actions(v, &format!("{p}.buttons"), c.buttons),
+            })
+        }
+        C::Oauth(c) => {
+            let p = format!("{path}.oauth");
+            if c.connection_name.is_empty() {
+                v.add(format!("{p}.connection_name"), "required");
+            }
+            AttachmentContent::Oauth(OAuthCard {
+                text: opt(c.text),
+                connection_name: c.connection_name,
+                buttons: actions(v, &format!("{p}.buttons"), c.buttons),
+            })
+        }
+        C::Animation(c) => AttachmentContent::Animation(media(v, &format!("{path}.animation"), c)),
+        C::Audio(c) => AttachmentContent::Audio(media(v, &format!("{path}.audio"), c)),
+        C::Video(c) => AttachmentContent::Video(media(v, &format!("{path}.video"), c)),
+        C::Json(s) => AttachmentContent::Json(struct_to_json(s)),
+    });
+    let implied = content.as_ref().and_then(AttachmentContent::implied_content_type);
+    let content_type = match (a.content_type.is_empty(), implied) {
+        (true, Some(t)) => t.to_string(),
+        (false, Some(t)) if a.content_type != t => {
+            v.add(
+                format!("{path}.content_type"),
+                format!("`{}` contradicts the card set, which is `{t}`", a.content_type),
+            );
+            a.content_type
+        }
+        (true, None) => {
+            v.add(format!("{path}.content_type"), "required for a file or JSON content");
+            a.content_type
+        }
+        _ => a.content_type,
+    };
+    let content_url = opt_url(v, &format!("{path}.content_url"), a.content_url);
+    if content.is_none() && content_url.is_none() {
+        v.add(path, "needs content_url or a card");
+    }
+    Attachment {
+        content_type,
+        content_url,
+        name: opt(a.name),
+        thumbnail_url: opt_url(v, &format!("{path}.thumbnail_url"), a.thumbnail_url),
+        content,
+    }
+}
+
+fn enum_or<T, P: TryFrom<i32>>(
+    v: &mut Violations,
+    field: &str,
+    raw: i32,
+    f: impl FnOnce(P) -> Option<T>,
+) -> Option<T> {
+    match P::try_from(raw) {
+        Ok(p) => f(p),
+        Err(_) => {
+            v.add(field, format!("unknown enum value {raw}"));
+            None
+        }
+    }
+}
+
+/// Converts and validates one message at `path`.
+pub fn message(v: &mut Violations, path: &str, m: pb::Message) -> Message {
+    use pb::{
+        AttachmentLayout as L, DeliveryMode as D, Importance as I, InputHint as H, MessageType as T,
+        TextFormat as F,
+    };
+    let kind = enum_or(v, &format!("{path}.type"), m.r#type, |t: T| {
+        Some(match t {
+            T::Unspecified | T::Message => MessageType::Message,
+            T::Typing => MessageType::Typing,
+            T::EndOfConversation => MessageType::EndOfConversation,
+            T::Event => MessageType::Event,
+        })
+    })
+    .unwrap_or_default();
+    let local_timestamp = opt(m.local_timestamp).and_then(|s| {
+        OffsetDateTime::parse(&s, &Rfc3339)
+            .map_err(|e| {
+                v.add(
+                    format!("{path}.local_timestamp"),
+                    format!("`{s}` is not RFC 3339 with an offset: {e}"),
+                )
+            })
+            .ok()
+    });
+    let mut source_event = BTreeMap::new();
+    for (k, s) in m.source_event {
+        if k.is_empty() {
+            v.add(format!("{path}.source_event"), "keys are channel ids or `*`, not empty");
+        }
+        source_event.insert(k, struct_to_json(s));
+    }
+    let out = Message {
+        kind,
+        address: address(v, &format!("{path}.address"), m.address),
+        text: opt(m.text),
+        text_format: enum_or(v, &format!("{path}.text_format"), m.text_format, |f: F| match f {
+            F::Unspecified => None,
+            F::Plain => Some(TextFormat::Plain),
+            F::Markdown => Some(TextFormat::Markdown),
+            F::Xml => Some(TextFormat::Xml),
+        }),
+        text_locale: opt(m.text_locale),
+        attachments: m
+            .attachments
+            .into_iter()
+            .enumerate()
+            .map(|(i, a)| attachment(v, &format!("{path}.attachments[{i}]"), a))
+            .collect(),
+        attachment_layout: enum_or(v, &format!("{path}.attachment_layout"), m.attachment_layout, |l: L| match l {
+            L::Unspecified => None,
+            L::List => Some(AttachmentLayout::List),
+            L::Carousel => Some(AttachmentLayout::Carousel),
+        }),
+        suggested_actions: m.suggested_actions.map(|s| SuggestedActions {
+            to: s.to,
+            actions: actions(v, &format!("{path}.suggested_actions.actions"), s.actions),
+        }),
+        summary: opt(m.summary),
+        speak: opt(m.speak),
+        input_hint: enum_or(v, &format!("{path}.input_hint"), m.input_hint, |h: H| match h {
+            H::Unspecified => None,
+            H::AcceptingInput => Some(InputHint::AcceptingInput),
+            H::IgnoringInput => Some(InputHint::IgnoringInput),
+            H::ExpectingInput => Some(InputHint::ExpectingInput),
+        }),
+        entities: m.entities.into_iter().map(struct_to_json).collect(),
+        source_event,
+        value: m.value.map(value_to_json),
+        value_type: opt(m.value_type),
+        name: opt(m.name),
+        code: opt(m.code),
+        importance: enum_or(v, &format!("{path}.importance"), m.importance, |i: I| match i {
+            I::Unspecified => None,
+            I::Low => Some(Importance::Low),
+            I::Normal => Some(Importance::Normal),
+            I::High => Some(Importance::High),
+        }),
+        delivery_mode: enum_or(v, &format!("{path}.delivery_mode"), m.delivery_mode, |d: D| match d {
+            D::Unspecified => None,
+            D::Normal => Some(DeliveryMode::Normal),
+            D::Notification => Some(DeliveryMode::Notification),
+            D::ExpectReplies => Some(DeliveryMode::ExpectReplies),
+            D::Ephemeral => Some(DeliveryMode::Ephemeral),
+        }),
+        expiration: m
+            .expiration
+            .and_then(|t| timestamp(v, &format!("{path}.expiration"), t)),
+        reply_to_id: opt(m.reply_to_id),
+        label: opt(m.label),
+        local_timestamp,
+        local_timezone: opt(m.local_timezone),
+        listen_for: m.listen_for,
+        text_highlights: m
+            .text_highlights
+            .into_iter()
+            .map(|h| TextHighlight {
+                text: h.text,
+                occurrence: (h.occurrence != 0).then_some(h.occurrence),
+            })
+            .collect(),
+    };
+    if out.kind == MessageType::Message
+        && out.text.as_deref().is_none_or(|t| t.trim().is_empty())
+        && out.attachments.is_empty()
+        && out.suggested_actions.as_ref().is_none_or(|s| s.actions.is_empty())
+        && out.source_event_for(&out.address.channel_id).is_none()
+    {
+        v.add(
+            path,
+            "empty message: set text, attachments, suggested_actions or a source_event for the channel",
+        );
+    }
+    out
+}
+
+pub fn proactive_options(o: Option<pb::ProactiveOptions>) -> ProactiveOptions {
+    let o = o.unwrap_or_default();
+    ProactiveOptions {
+        topic_name: opt(o.topic_name),
+        is_group: o.is_group,
+        members: o.members.into_iter().filter_map(|i| identity(Some(i))).collect(),
+        message_tag: opt(o.message_tag),
+    }
+}
+
+// ---- model -> proto (for the CLI and for answers) ----
+
+fn s(o: &Option<String>) -> String {
+    o.clone().unwrap_or_default()
+}
+
+fn identity_pb(i: &Option<Identity>) -> Option<pb::Identity> {
+    i.as_ref().map(|i| pb::Identity {
+        id: i.id.clone(),
+        name: s(&i.name),
+        role: s(&i.role),
+        aad_object_id: s(&i.aad_object_id),
+        tenant_id: s(&i.tenant_id),
+    })
+}
+
+pub fn address_pb(a: &Address) -> pb::Address {
+    pb::Address {
+        channel_id: a.channel_id.clone(),
+        user: identity_pb(&a.user),
+        bot: identity_pb(&a.bot),
+        conversation: a.conversation.as_ref().map(|c| pb::ConversationAccount {
+            id: c.id.clone(),
+            name: s(&c.name),
+            is_group: c.is_group,
+            conversation_type: s(&c.conversation_type),
+            tenant_id: s(&c.tenant_id),
+        }),
+        service_url: s(&a.service_url),
+        id: s(&a.id),
+    }
+}
+
+fn action_pb(a: &CardAction) -> pb::CardAction {
+    use pb::ActionType as P;
+    let t = match a.kind {
+        ActionType::OpenUrl => P::OpenUrl,
+        ActionType::ImBack => P::ImBack,
+        ActionType::PostBack => P::PostBack,
+        ActionType::Call => P::Call,
+        ActionType::PlayAudio => P::PlayAudio,
+        ActionType::PlayVideo => P::PlayVideo,
+        ActionType::ShowImage => P::ShowImage,
+        ActionType::DownloadFile => P::DownloadFile,
+        ActionType::Signin => P::Signin,
+        ActionType::MessageBack => P::MessageBack,
+        ActionType::DialogAction => P::DialogAction,
+    };
+    let (value, value_object) = match &a.value {
+        Some(Value::String(s)) => (s.clone(), None),
+        Some(o @ Value::Object(_)) => (String::new(), Some(json_to_struct(o))),
+        Some(other) => (other.to_string(), None),
+        None => (String::new(), None),
+    };
+    pb::CardAction {
+        r#type: t as i32,
+        title: s(&a.title),
+        value,
+        image: s(&a.image),
+        text: s(&a.text),
+        display_text: s(&a.display_text),
+        channel_data: a.channel_data.as_ref().map(json_to_struct),
+        value_object,
+        dialog_name: s(&a.dialog_name),
+        dialog_data: s(&a.dialog_data),
+    }
+}
+
+fn actions_pb(a: &[CardAction]) -> Vec<pb::CardAction> {
+    a.iter().map(action_pb).collect()
+}
+
+fn image_pb(i: &CardImage) -> pb::CardImage {
+    pb::CardImage {
+        url: i.url.clone(),
+        alt: s(&i.alt),
+        tap: i.tap.as_ref().map(action_pb),
+    }
+}
+
+fn hero_pb(c: &HeroCard) -> pb::HeroCard {
+    pb::HeroCard {
+        title: s(&c.title),
+        subtitle: s(&c.subtitle),
+        text: s(&c.text),
+        images: c.images.iter().map(image_pb).collect(),
+        buttons: actions_pb(&c.buttons),
+        tap: c.tap.as_ref().map(action_pb),
+    }
+}
+
+fn media_pb(c: &MediaCard) -> pb::MediaCard {
+    pb::MediaCard {
+        title: s(&c.title),
+        subtitle: s(&c.subtitle),
+        text: s(&c.text),
+        image: c.image.as_ref().map(|i| pb::ThumbnailUrl {
+            url: i.url.clone(),
+            alt: s(&i.alt),
+        }),
+        media: c
+            .media
+            .iter()
+            .map(|m| pb::MediaUrl {
+                url: m.url.clone(),
+                profile: s(&m.profile),
+            })
+            .collect(),
+        buttons: actions_pb(&c.buttons),
+        shareable: c.shareable,
+        autoloop: c.autoloop,
+        autostart: c.autostart,
+        aspect: s(&c.aspect),
+        duration: s(&c.duration),
+        value: c.value.as_ref().map(json_to_value),
+    }
+}
+
+fn attachment_pb(a: &Attachment) -> pb::Attachment {
+    use pb::attachment::Content as C;
+    pb::Attachment {
+        content_type: a.content_type.clone(),
+        content_url: s(&a.content_url),
+        name: s(&a.name),
+        thumbnail_url: s(&a.thumbnail_url),
+        content: a.content.as_ref().map(|c| match c {
+            AttachmentContent::Hero(h) => C::Hero(hero_pb(h)),
+            AttachmentContent::Thumbnail(h) => C::Thumbnail(hero_pb(h)),
+            AttachmentContent::Receipt(r) => C::Receipt(pb::ReceiptCard {
+                title: s(&r.title),
+                facts: r
+                    .facts
+                    .iter()
+                    .map(|f| pb::Fact {
+                        key: f.key.clone(),
+                        value: f.value.clone(),
+                    })
+                    .collect(),
+                items: r
+                    .items
+                    .iter()
+                    .map(|i| pb::ReceiptItem {
+                        title: s(&i.title),
+                        subtitle: s(&i.subtitle),
+                        text: s(&i.text),
+                        image: i.image.as_ref().map(image_pb),
+                        price: s(&i.price),
+                        quantity: s(&i.quantity),
+                        tap: i.tap.as_ref().map(action_pb),
+                    })
+                    .collect(),
+                tap: r.tap.as_ref().map(action_pb),
+                total: s(&r.total),
+                tax: s(&r.tax),
+                vat: s(&r.vat),
+                buttons: actions_pb(&r.buttons),
+            }),
+            AttachmentContent::Signin(c) => C::Signin(pb::SigninCard {
+                text: s(&c.text),
+                buttons: actions_pb(&c.buttons),
+            }),
+            AttachmentContent::Oauth(c) => C::Oauth(pb::OAuthCard {
+                text: s(&c.text),
+                connection_name: c.connection_name.clone(),
+                buttons: actions_pb(&c.buttons),
+            }),
+            AttachmentContent::Animation(m) => C::Animation(media_pb(m)),
+            AttachmentContent::Audio(m) => C::Audio(media_pb(m)),
+            AttachmentContent::Video(m) => C::Video(media_pb(m)),
+            AttachmentContent::Json(j) => C::Json(json_to_struct(j)),
+        }),
+    }
+}
+
+pub fn message_pb(m: &Message) -> pb::Message {
+    use pb::{
+        AttachmentLayout as L, DeliveryMode as D, Importance as I, InputHint as H, MessageType as T,
+        TextFormat as F,
+    };
+    let fmt = |t: &Option<OffsetDateTime>| {
+        t.and_then(|t| t.format(&Rfc3339).ok()).unwrap_or_default()
+    };
+    pb::Message {
+        r#type: match m.kind {
+            MessageType::Message => T::Message,
+            MessageType::Typing => T::Typing,
+            MessageType::EndOfConversation => T::EndOfConversation,
+            MessageType::Event => T::Event,
+        } as i32,
+        address: Some(address_pb(&m.address)),
+        text: s(&m.text),
+        text_format: match m.text_format {
+            None => F::Unspecified,
+            Some(TextFormat::Plain) => F::Plain,
+            Some(TextFormat::Markdown) => F::Markdown,
+            Some(TextFormat::Xml) => F::Xml,
+        } as i32,
+        text_locale: s(&m.text_locale),
+        attachments: m.attachments.iter().map(attachment_pb).collect(),
+        attachment_layout: match m.attachment_layout {
+            None => L::Unspecified,
+            Some(AttachmentLayout::List) => L::List,
+            Some(AttachmentLayout::Carousel) => L::Carousel,
+        } as i32,
+        suggested_actions: m.suggested_actions.as_ref().map(|sa| pb::SuggestedActions {
+            to: sa.to.clone(),
+            actions: actions_pb(&sa.actions),
+        }),
+        summary: s(&m.summary),
+        speak: s(&m.speak),
+        input_hint: match m.input_hint {
+            None => H::Unspecified,
+            Some(InputHint::AcceptingInput) => H::AcceptingInput,
+            Some(InputHint::IgnoringInput) => H::IgnoringInput,
+            Some(InputHint::ExpectingInput) => H::ExpectingInput,
+        } as i32,
+        entities: m.entities.iter().map(json_to_struct).collect(),
+        source_event: m
+            .source_event
+            .iter()
+            .map(|(k, v)| (k.clone(), json_to_struct(v)))
+            .collect(),
+        value: m.value.as_ref().map(json_to_value),
+        value_type: s(&m.value_type),
+        name: s(&m.name),
+        code: s(&m.code),
+        importance: match m.importance {
+            None => I::Unspecified,
+            Some(Importance::Low) => I::Low,
+            Some(Importance::Normal) => I::Normal,
+            Some(Importance::High) => I::High,
+        } as i32,
+        delivery_mode: match m.delivery_mode {
+            None => D::Unspecified,
+            Some(DeliveryMode::Normal) => D::Normal,
+            Some(DeliveryMode::Notification) => D::Notification,
+            Some(DeliveryMode::ExpectReplies) => D::ExpectReplies,
+            Some(DeliveryMode::Ephemeral) => D::Ephemeral,
+        } as i32,
+        expiration: m.expiration.map(|t| {
+            let n = t.unix_timestamp_nanos();
+            prost_types::Timestamp {
+                seconds: (n.div_euclid(1_000_000_000)) as i64,
+                nanos: (n.rem_euclid(1_000_000_000)) as i32,
+            }
+        }),
+        reply_to_id: s(&m.reply_to_id),
+        label: s(&m.label),
+        local_timestamp: fmt(&m.local_timestamp),
+        local_timezone: s(&m.local_timezone),
+        listen_for: m.listen_for.clone(),
+        text_highlights: m
+            .text_highlights
+            .iter()
+            .map(|h| pb::TextHighlight {
+                text: h.text.clone(),
+                occurrence: h.occurrence.unwrap_or_default(),
+            })
+            .collect(),
+    }
+}
+
+pub fn options_pb(o: &ProactiveOptions) -> pb::ProactiveOptions {
+    pb::ProactiveOptions {
+        topic_name: s(&o.topic_name),
+        is_group: o.is_group,
+        members: o.members.iter().filter_map(|m| identity_pb(&Some(m.clone()))).collect(),
+        message_tag: s(&o.message_tag),
+    }
+}

@@ -1,0 +1,120 @@
+//! Maps the gateway's typed errors to gRPC statuses with google.rpc details: BadRequest field
+//! violations for bad input, PreconditionFailure for an unconfigured channel, ErrorInfo carrying
+//! the channel's own code for a delivery failure.
+
+use std::collections::HashMap;
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
+
+use super::convert::Violations;
+use crate::channels::{ChannelError, FailureKind, RenderError, RenderOrRoute, RouteError};
+use crate::delivery::SubmitError;
+
+pub const DOMAIN: &str = "channel-gateway";
+
+pub fn invalid(v: Violations) -> Status {
+    let summary = v
+        .0
+        .iter()
+        .map(|(f, d)| format!("{f}: {d}"))
+        .collect::<Vec<_>>()
+        .join("; ");
+    let violations: Vec<FieldViolation> = v
+        .0
+        .into_iter()
+        .map(|(f, d)| FieldViolation::new(f, d))
+        .collect();
+    Status::with_error_details(
+        Code::InvalidArgument,
+        summary,
+        ErrorDetails::with_bad_request(violations),
+    )
+}
+
+pub fn invalid_field(field: impl Into<String>, description: impl Into<String>) -> Status {
+    let mut v = Violations::default();
+    v.add(field, description);
+    invalid(v)
+}
+
+/// `field` is where the channel id sits in the request (for an unknown channel).
+pub fn route(e: RouteError, field: &str) -> Status {
+    match e {
+        RouteError::Unknown(id) => invalid_field(
+            field,
+            format!("unknown channel `{id}` (see GetCapabilities and channels.botframework.channel_ids)"),
+        ),
+        RouteError::NotConfigured { channel_id, reason } => Status::with_error_details(
+            Code::FailedPrecondition,
+            format!("channel `{channel_id}` is not configured: {reason}"),
+            ErrorDetails::with_precondition_failure_violation("CHANNEL_NOT_CONFIGURED", channel_id, reason),
+        ),
+        RouteError::PermissionDenied { field, reason } => Status::with_error_details(
+            Code::PermissionDenied,
+            format!("{field}: {reason}"),
+            ErrorDetails::with_bad_request_violation(field, reason),
+        ),
+        RouteError::InvalidArgument { field, reason } => invalid_field(field, reason),
+    }
+}
+
+/// A render error names fields relative to `message`; `prefix` is where that message sits.
+pub fn render(e: RenderOrRoute, prefix: &str, channel_field: &str) -> Status {
+    let rebase = |f: String| match f.strip_prefix("message") {
+        Some(rest) => format!("{prefix}{rest}"),
+        None => f,
+    };
+    match e {
+        RenderOrRoute::Render(RenderError::InvalidArgument { field, reason }) => {
+            invalid_field(rebase(field), reason)
+        }
+        RenderOrRoute::Render(RenderError::PermissionDenied { field, reason }) => {
+            route(RouteError::PermissionDenied { field: rebase(field), reason }, channel_field)
+        }
+        RenderOrRoute::Route(r) => route(r, channel_field),
+    }
+}
+
+pub fn submit(e: SubmitError) -> Status {
+    match e {
+        SubmitError::ShuttingDown => Status::unavailable("the gateway is shutting down; retry on another instance"),
+    }
+}
+
+/// The channel's refusal as a status: its code and text in the message and in ErrorInfo.
+pub fn channel(e: &ChannelError, attempts: u32, possible_duplicate: bool) -> Status {
+    let code = match (e.code.as_deref(), e.http_status) {
+        (Some("expired"), _) => Code::DeadlineExceeded,
+        (Some("service_url_not_allowed"), _) => Code::PermissionDenied,
+        (Some("no_credentials"), _) => Code::FailedPrecondition,
+        (_, Some(400 | 413 | 422)) => Code::InvalidArgument,
+        (_, Some(401 | 403)) => Code::FailedPrecondition,
+        (_, Some(404)) => Code::NotFound,
+        (_, Some(405 | 501)) => Code::Unimplemented,
+        (_, Some(409)) => Code::Aborted,
+        (_, Some(429)) => Code::ResourceExhausted,
+        _ if e.kind == FailureKind::Permanent => Code::FailedPrecondition,
+        _ => Code::Unavailable,
+    };
+    let mut meta = HashMap::new();
+    meta.insert("channel".to_string(), e.channel.clone());
+    if let Some(s) = e.http_status {
+        meta.insert("http_status".into(), s.to_string());
+    }
+    meta.insert("permanent".into(), (e.kind == FailureKind::Permanent).to_string());
+    meta.insert("attempts".into(), attempts.to_string());
+    meta.insert("possible_duplicate".into(), possible_duplicate.to_string());
+    if let Some(c) = &e.code {
+        meta.insert("channel_code".into(), c.clone());
+    }
+    Status::with_error_details(
+        code,
+        format!("delivery failed: {e}"),
+        ErrorDetails::with_error_info(
+            e.code.clone().unwrap_or_else(|| "channel_error".into()),
+            DOMAIN,
+            meta,
+        ),
+    )
+}

@@ -1,0 +1,149 @@
+//! Assembles and runs the gateway: channels, store, dispatcher, the gRPC service, health and
+//! reflection, and the graceful shutdown sequence. Owns process lifecycle, nothing else.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic_health::ServingStatus;
+
+use crate::api::pb::{self, channel_gateway_server::ChannelGatewayServer};
+use crate::api::service::GatewayService;
+use crate::channels::Channels;
+use crate::config::Config;
+use crate::delivery::Dispatcher;
+use crate::outbox::MemoryStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("channel setup: {0}")]
+    Channels(String),
+    #[error("reflection: {0}")]
+    Reflection(String),
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// A gateway serving in the background (tests, embedding).
+pub struct RunningGateway {
+    pub addr: SocketAddr,
+    pub dispatcher: Dispatcher,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), ServeError>>,
+}
+
+impl RunningGateway {
+    /// Runs the same graceful shutdown as SIGTERM and waits for it.
+    pub async fn shutdown(mut self) -> Result<(), ServeError> {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        match self.task.await {
+            Ok(r) => r,
+            Err(e) => Err(ServeError::Channels(format!("server task failed: {e}"))),
+        }
+    }
+}
+
+/// Binds the configured address and serves until `shutdown` resolves.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServeError> {
+    let addr = config.listen_addr()?;
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind { addr, source })?;
+    let (dispatcher, fut) = serve(config, listener, shutdown).await?;
+    drop(dispatcher);
+    fut.await
+}
+
+/// Starts on the configured address (port 0 picks a free port) in the background.
+pub async fn start(config: Config) -> Result<RunningGateway, ServeError> {
+    let addr = config.listen_addr()?;
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind { addr, source })?;
+    let local = listener
+        .local_addr()
+        .map_err(|source| ServeError::Bind { addr, source })?;
+    let (tx, rx) = oneshot::channel::<()>();
+    let (dispatcher, fut) = serve(config, listener, async {
+        let _ = rx.await;
+    })
+    .await?;
+    Ok(RunningGateway {
+        addr: local,
+        dispatcher,
+        stop: Some(tx),
+        task: tokio::spawn(fut),
+    })
+}
+
+async fn serve(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(Dispatcher, impl Future<Output = Result<(), ServeError>>), ServeError> {
+    let channels = Arc::new(Channels::from_config(&config).map_err(ServeError::Channels)?);
+    let store = Arc::new(MemoryStore::new(100_000));
+    let dispatcher = Dispatcher::new(channels, store, config.delivery.clone());
+    let service = GatewayService::new(dispatcher.clone(), config.server.clone());
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<ChannelGatewayServer<GatewayService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServeError::Reflection(e.to_string()))?;
+
+    let local = listener.local_addr().ok();
+    let grace = config.server.shutdown_grace;
+    let drain = dispatcher.clone();
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    tokio::spawn(async move {
+        shutdown.await;
+        // Probes see NOT_SERVING first, then new sends are refused, then queues drain.
+        health
+            .set_not_serving::<ChannelGatewayServer<GatewayService>>()
+            .await;
+        health.set_service_status("", ServingStatus::NotServing).await;
+        tracing::info!(grace_s = grace.as_secs_f64(), "shutting down: draining queues");
+        let left = drain.shutdown(grace).await;
+        if left > 0 {
+            tracing::warn!(undelivered = left, "shutdown grace ran out; undelivered messages dropped (in-memory store)");
+        } else {
+            tracing::info!("queues drained");
+        }
+        let _ = stop_tx.send(());
+    });
+
+    tracing::info!(addr = ?local, "channel-gateway serving gRPC");
+    let max_bytes = config.server.max_message_bytes.saturating_mul(config.server.max_batch_len).max(4 << 20);
+    let fut = async move {
+        tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(
+                ChannelGatewayServer::new(service)
+                    .max_decoding_message_size(max_bytes),
+            )
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                let _ = stop_rx.await;
+            })
+            .await?;
+        Ok(())
+    };
+    Ok((dispatcher, fut))
+}
