@@ -205,6 +205,9 @@ pub struct BotFrameworkConfig {
     pub allowed_service_hosts: Vec<String>,
     /// Send without a token when the bot has no credentials (the Emulator without auth).
     pub allow_unauthenticated: bool,
+    /// How often a kept-alive typing indicator repeats (clients show one for about 3 s).
+    #[serde(deserialize_with = "de_duration")]
+    pub typing_interval: Duration,
     /// Shortcut for a single bot: its Microsoft app id and password.
     pub app_id: Option<String>,
     pub app_password: Option<Secret>,
@@ -234,6 +237,7 @@ impl Default for BotFrameworkConfig {
                 .map(|s| s.to_string())
                 .collect(),
             allow_unauthenticated: false,
+            typing_interval: Duration::from_secs(3),
             app_id: None,
             app_password: None,
             bots: Vec::new(),
@@ -353,6 +357,12 @@ impl Config {
                     format!("`{host}` is not a host name or `*.domain` pattern"),
                 ));
             }
+        }
+        if bf.typing_interval < Duration::from_millis(100) {
+            return Err(invalid(
+                "channels.botframework.typing_interval",
+                "must be at least 100ms",
+            ));
         }
         if bf.app_id.is_some() != bf.app_password.is_some() {
             return Err(invalid(

@@ -213,11 +213,10 @@ impl Channels {
     }
 
     pub fn typing_interval(&self, channel_id: &str) -> Duration {
-        self.capabilities(channel_id)
-            .map(|(c, _)| c.typing_interval)
-            .ok()
-            .filter(|d| !d.is_zero())
-            .unwrap_or(Duration::from_secs(3))
+        match self.route(channel_id) {
+            Ok(Route::BotFramework(c)) => c.config().typing_interval,
+            Err(_) => Duration::from_secs(3),
+        }
     }
 }
 

@@ -1,0 +1,347 @@
+//! Test harness: a fake Bot Framework Connector (and token endpoint) on 127.0.0.1 that records
+//! what it receives, and an in-process gateway reached by a real gRPC client over TCP.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use serde_json::{Value, json};
+
+use channel_gateway::api::pb::{self, channel_gateway_client::ChannelGatewayClient};
+use channel_gateway::config::{BotCredentials, Config, Secret};
+use channel_gateway::server::RunningGateway;
+
+pub const BOT: &str = "bot-app-1";
+pub const PASSWORD: &str = "s3cret-password-for-tests";
+
+/// One request the fake connector received.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub at: Instant,
+    /// `/v3/conversations/{id}/activities[/{reply}]` or `/v3/conversations`.
+    pub path: String,
+    pub conversation: String,
+    pub reply_to: Option<String>,
+    pub authorization: Option<String>,
+    pub body: Value,
+}
+
+impl Received {
+    pub fn text(&self) -> &str {
+        self.body.get("text").and_then(Value::as_str).unwrap_or("")
+    }
+    pub fn kind(&self) -> &str {
+        self.body.get("type").and_then(Value::as_str).unwrap_or("")
+    }
+}
+
+/// A scripted answer for the next call to a conversation.
+#[derive(Debug, Clone)]
+pub struct Scripted {
+    pub status: u16,
+    pub body: Value,
+    pub retry_after: Option<u64>,
+}
+
+#[derive(Default)]
+pub struct FakeState {
+    pub received: Mutex<Vec<Received>>,
+    /// Conversation id -> latency of each answer.
+    pub latency: Mutex<HashMap<String, Duration>>,
+    /// Random latency in [0, max] for every answer.
+    pub jitter_max: Mutex<Duration>,
+    /// Conversation id -> answers to give before answering normally.
+    pub script: Mutex<HashMap<String, Vec<Scripted>>>,
+    /// Activities in flight per conversation now, and the most ever seen.
+    pub in_flight: Mutex<HashMap<String, (u32, u32)>>,
+    pub token_requests: Mutex<Vec<String>>,
+    pub token_expires_in: Mutex<u64>,
+    pub next_id: AtomicU64,
+    pub created: AtomicU64,
+}
+
+#[derive(Clone)]
+pub struct FakeConnector {
+    pub addr: SocketAddr,
+    pub state: Arc<FakeState>,
+}
+
+impl FakeConnector {
+    pub async fn start() -> Self {
+        let state = Arc::new(FakeState::default());
+        *state.token_expires_in.lock().unwrap() = 3600;
+        let app = Router::new()
+            .route("/token", post(token))
+            .route("/v3/conversations", post(create))
+            .route("/v3/conversations/{conv}/activities", post(activity))
+            .route("/v3/conversations/{conv}/activities/{reply}", post(reply))
+            .with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        Self { addr, state }
+    }
+
+    pub fn service_url(&self) -> String {
+        format!("http://127.0.0.1:{}/", self.addr.port())
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.state.received.lock().unwrap().clone()
+    }
+
+    /// Activities received for one conversation, in arrival order.
+    pub fn for_conversation(&self, conv: &str) -> Vec<Received> {
+        self.received()
+            .into_iter()
+            .filter(|r| r.conversation == conv)
+            .collect()
+    }
+
+    pub fn set_latency(&self, conv: &str, d: Duration) {
+        self.state.latency.lock().unwrap().insert(conv.into(), d);
+    }
+
+    pub fn set_jitter(&self, max: Duration) {
+        *self.state.jitter_max.lock().unwrap() = max;
+    }
+
+    pub fn script(&self, conv: &str, answers: Vec<Scripted>) {
+        self.state.script.lock().unwrap().insert(conv.into(), answers);
+    }
+
+    pub fn max_in_flight(&self, conv: &str) -> u32 {
+        self.state
+            .in_flight
+            .lock()
+            .unwrap()
+            .get(conv)
+            .map(|x| x.1)
+            .unwrap_or(0)
+    }
+
+    pub fn token_requests(&self) -> usize {
+        self.state.token_requests.lock().unwrap().len()
+    }
+
+    /// Waits until `pred` holds for what was received, or panics after `within`.
+    pub async fn wait_for(&self, within: Duration, what: &str, pred: impl Fn(&[Received]) -> bool) {
+        let deadline = Instant::now() + within;
+        loop {
+            if pred(&self.received()) {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!("timed out waiting for {what}; received {}", self.received().len());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+async fn token(State(s): State<Arc<FakeState>>, body: String) -> Json<Value> {
+    let n = {
+        let mut t = s.token_requests.lock().unwrap();
+        t.push(body);
+        t.len()
+    };
+    let expires = *s.token_expires_in.lock().unwrap();
+    Json(json!({"token_type": "Bearer", "access_token": format!("tok-{n}"), "expires_in": expires}))
+}
+
+async fn create(State(s): State<Arc<FakeState>>, headers: HeaderMap, Json(body): Json<Value>) -> Response {
+    let n = s.created.fetch_add(1, Ordering::SeqCst) + 1;
+    let id = format!("created:{n}");
+    s.received.lock().unwrap().push(Received {
+        at: Instant::now(),
+        path: "/v3/conversations".into(),
+        conversation: String::new(),
+        reply_to: None,
+        authorization: auth(&headers),
+        body,
+    });
+    (StatusCode::CREATED, Json(json!({"id": id}))).into_response()
+}
+
+fn auth(h: &HeaderMap) -> Option<String> {
+    h.get("authorization").and_then(|v| v.to_str().ok()).map(String::from)
+}
+
+async fn activity(
+    State(s): State<Arc<FakeState>>,
+    Path(conv): Path<String>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
+    handle(s, conv, None, headers, body).await
+}
+
+async fn reply(
+    State(s): State<Arc<FakeState>>,
+    Path((conv, reply)): Path<(String, String)>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
+    handle(s, conv, Some(reply), headers, body).await
+}
+
+async fn handle(s: Arc<FakeState>, conv: String, reply_to: Option<String>, headers: HeaderMap, body: Value) -> Response {
+    {
+        let mut f = s.in_flight.lock().unwrap();
+        let e = f.entry(conv.clone()).or_insert((0, 0));
+        e.0 += 1;
+        e.1 = e.1.max(e.0);
+    }
+    let latency = s.latency.lock().unwrap().get(&conv).copied();
+    let jitter = *s.jitter_max.lock().unwrap();
+    let wait = latency.unwrap_or_else(|| {
+        if jitter.is_zero() {
+            Duration::ZERO
+        } else {
+            jitter.mul_f64(rand::random::<f64>())
+        }
+    });
+    if !wait.is_zero() {
+        tokio::time::sleep(wait).await;
+    }
+    let scripted = {
+        let mut sc = s.script.lock().unwrap();
+        sc.get_mut(&conv).and_then(|v| if v.is_empty() { None } else { Some(v.remove(0)) })
+    };
+    let path = match &reply_to {
+        Some(r) => format!("/v3/conversations/{conv}/activities/{r}"),
+        None => format!("/v3/conversations/{conv}/activities"),
+    };
+    let rec = Received {
+        at: Instant::now(),
+        path,
+        conversation: conv.clone(),
+        reply_to,
+        authorization: auth(&headers),
+        body,
+    };
+    let resp = match scripted {
+        Some(sc) => {
+            // Refused requests are not recorded as received activities.
+            let mut r = (StatusCode::from_u16(sc.status).unwrap(), Json(sc.body)).into_response();
+            if let Some(secs) = sc.retry_after {
+                r.headers_mut().insert("retry-after", secs.to_string().parse().unwrap());
+            }
+            r
+        }
+        None => {
+            let id = s.next_id.fetch_add(1, Ordering::SeqCst) + 1;
+            s.received.lock().unwrap().push(rec);
+            (StatusCode::OK, Json(json!({"id": format!("activity-{id}")}))).into_response()
+        }
+    };
+    {
+        let mut f = s.in_flight.lock().unwrap();
+        if let Some(e) = f.get_mut(&conv) {
+            e.0 -= 1;
+        }
+    }
+    resp
+}
+
+/// A gateway config pointing at the fake: loopback allowed, one bot with credentials.
+pub fn config_for(fake: &FakeConnector) -> Config {
+    let mut c = Config::load(
+        None,
+        vec![("CHANNEL_GATEWAY__SERVER__LISTEN".into(), "\"127.0.0.1:0\"".into())],
+    )
+    .unwrap();
+    let bf = &mut c.channels.botframework;
+    bf.allowed_service_hosts = vec!["127.0.0.1".into()];
+    bf.token_url = format!("http://127.0.0.1:{}/token", fake.addr.port());
+    bf.bots = vec![BotCredentials {
+        app_id: BOT.into(),
+        app_password: Secret::new(PASSWORD),
+    }];
+    c.delivery.base_retry_delay = Duration::from_millis(20);
+    c.delivery.max_retry_delay = Duration::from_secs(2);
+    c.delivery.request_timeout = Duration::from_secs(10);
+    c
+}
+
+pub struct Harness {
+    pub fake: FakeConnector,
+    pub gateway: RunningGateway,
+    pub client: ChannelGatewayClient<tonic::transport::Channel>,
+}
+
+pub async fn start() -> Harness {
+    start_with(|_| {}).await
+}
+
+pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> Harness {
+    let fake = FakeConnector::start().await;
+    let mut config = config_for(&fake);
+    tweak(&mut config);
+    let gateway = channel_gateway::server::start(config).await.unwrap();
+    let client = ChannelGatewayClient::connect(format!("http://{}", gateway.addr))
+        .await
+        .unwrap();
+    Harness { fake, gateway, client }
+}
+
+impl Harness {
+    pub fn address(&self, conv: &str) -> pb::Address {
+        pb::Address {
+            channel_id: "msteams".into(),
+            user: Some(pb::Identity {
+                id: "29:user-1".into(),
+                name: "Ada".into(),
+                ..Default::default()
+            }),
+            bot: Some(pb::Identity {
+                id: BOT.into(),
+                name: "Bot".into(),
+                ..Default::default()
+            }),
+            conversation: Some(pb::ConversationAccount {
+                id: conv.into(),
+                ..Default::default()
+            }),
+            service_url: self.fake.service_url(),
+            id: String::new(),
+        }
+    }
+
+    pub fn text(&self, conv: &str, text: &str) -> pb::Message {
+        pb::Message {
+            address: Some(self.address(conv)),
+            text: text.into(),
+            ..Default::default()
+        }
+    }
+
+    pub async fn send(&self, conv: &str, text: &str) -> Result<pb::SendResponse, tonic::Status> {
+        self.client
+            .clone()
+            .send(pb::SendRequest {
+                message: Some(self.text(conv, text)),
+                ..Default::default()
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+}
+
+/// The BadRequest field paths of an INVALID_ARGUMENT status.
+pub fn bad_fields(s: &tonic::Status) -> Vec<String> {
+    use tonic_types::StatusExt;
+    s.get_details_bad_request()
+        .map(|b| b.field_violations.into_iter().map(|v| v.field).collect())
+        .unwrap_or_default()
+}
