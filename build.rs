@@ -10,7 +10,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile([proto], ["proto"])?;
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     // The same descriptor set feeds server reflection, so clients see exactly what we compiled.
-    std::fs::write(out.join("channelgateway_descriptor.bin"), fds.encode_to_vec())?;
+    std::fs::write(
+        out.join("channelgateway_descriptor.bin"),
+        fds.encode_to_vec(),
+    )?;
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)

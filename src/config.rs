@@ -59,7 +59,9 @@ impl fmt::Debug for Secret {
 /// Parses `250ms`, `30s`, `5m`, `24h`, or a bare number of seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
     let n: f64 = num
         .parse()
@@ -69,7 +71,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "" | "s" => n,
         "m" => n * 60.0,
         "h" => n * 3600.0,
-        other => return Err(format!("unknown duration unit `{other}` in `{s}` (use ms, s, m, h)")),
+        other => {
+            return Err(format!(
+                "unknown duration unit `{other}` in `{s}` (use ms, s, m, h)"
+            ));
+        }
     };
     if !secs.is_finite() || secs < 0.0 {
         return Err(format!("`{s}` is not a valid duration"));
@@ -87,7 +93,9 @@ fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     match Raw::deserialize(d)? {
         Raw::S(s) => parse_duration(&s).map_err(serde::de::Error::custom),
         Raw::N(n) if n >= 0.0 && n.is_finite() => Ok(Duration::from_secs_f64(n)),
-        Raw::N(n) => Err(serde::de::Error::custom(format!("{n} is not a valid duration"))),
+        Raw::N(n) => Err(serde::de::Error::custom(format!(
+            "{n} is not a valid duration"
+        ))),
     }
 }
 
@@ -343,12 +351,8 @@ impl Config {
             return Err(invalid("log.format", "must be `human` or `json`"));
         }
         let bf = &self.channels.botframework;
-        url::Url::parse(&bf.token_url).map_err(|e| {
-            invalid(
-                "channels.botframework.token_url",
-                format!("not a URL: {e}"),
-            )
-        })?;
+        url::Url::parse(&bf.token_url)
+            .map_err(|e| invalid("channels.botframework.token_url", format!("not a URL: {e}")))?;
         for (i, host) in bf.allowed_service_hosts.iter().enumerate() {
             let bare = host.strip_prefix("*.").unwrap_or(host);
             if bare.is_empty() || bare.contains(['/', ':', '*']) {
@@ -443,9 +447,18 @@ mod tests {
         let c = Config::load(
             None,
             vec![
-                ("CHANNEL_GATEWAY__SERVER__LISTEN".into(), "0.0.0.0:1234".into()),
-                ("CHANNEL_GATEWAY__DELIVERY__MAX_CONCURRENCY".into(), "7".into()),
-                ("CHANNEL_GATEWAY__DELIVERY__AUTO_BATCH_DELAY".into(), "250ms".into()),
+                (
+                    "CHANNEL_GATEWAY__SERVER__LISTEN".into(),
+                    "0.0.0.0:1234".into(),
+                ),
+                (
+                    "CHANNEL_GATEWAY__DELIVERY__MAX_CONCURRENCY".into(),
+                    "7".into(),
+                ),
+                (
+                    "CHANNEL_GATEWAY__DELIVERY__AUTO_BATCH_DELAY".into(),
+                    "250ms".into(),
+                ),
                 ("UNRELATED".into(), "x".into()),
             ],
         )
@@ -456,7 +469,10 @@ mod tests {
 
         let err = Config::load(
             None,
-            vec![("CHANNEL_GATEWAY__DELIVERY__MAX_CONCURENCY".into(), "7".into())],
+            vec![(
+                "CHANNEL_GATEWAY__DELIVERY__MAX_CONCURENCY".into(),
+                "7".into(),
+            )],
         )
         .unwrap_err()
         .to_string();

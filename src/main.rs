@@ -14,7 +14,11 @@ use channel_gateway::config::Config;
 use channel_gateway::model::{self, Address, Conversation, Identity, Message, ProactiveOptions};
 
 #[derive(Parser)]
-#[command(name = "channel-gateway", version, about = "gRPC gateway from bots to chat channels, in order")]
+#[command(
+    name = "channel-gateway",
+    version,
+    about = "gRPC gateway from bots to chat channels, in order"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -97,7 +101,10 @@ enum CliError {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -133,7 +140,9 @@ async fn run(cli: Cli) -> Result<(), CliError> {
 fn init_logging(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if config.log.format == "json" {
         builder.json().init();
     } else {
@@ -192,10 +201,9 @@ fn messages_from(args: &MessageArgs) -> Result<Vec<Message>, CliError> {
             })
             .collect();
     }
-    let channel = args
-        .channel
-        .clone()
-        .ok_or_else(|| CliError::Usage("give --file, or --channel with the address flags".into()))?;
+    let channel = args.channel.clone().ok_or_else(|| {
+        CliError::Usage("give --file, or --channel with the address flags".into())
+    })?;
     let text_format = match args.text_format.as_deref() {
         None => None,
         Some("plain") => Some(model::TextFormat::Plain),
@@ -233,7 +241,11 @@ fn messages_from(args: &MessageArgs) -> Result<Vec<Message>, CliError> {
 
 fn state_name(s: i32) -> String {
     pb::DeliveryState::try_from(s)
-        .map(|s| s.as_str_name().trim_start_matches("DELIVERY_STATE_").to_ascii_lowercase())
+        .map(|s| {
+            s.as_str_name()
+                .trim_start_matches("DELIVERY_STATE_")
+                .to_ascii_lowercase()
+        })
         .unwrap_or_else(|_| s.to_string())
 }
 
@@ -248,7 +260,10 @@ fn result_json(r: &pb::SendResult) -> Value {
 }
 
 fn print(v: &Value) {
-    println!("{}", serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string()));
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
+    );
 }
 
 async fn send(args: SendArgs) -> Result<(), CliError> {
@@ -282,7 +297,9 @@ async fn send(args: SendArgs) -> Result<(), CliError> {
             .await?
             .into_inner();
         let addr = r.address.map(|a| json!({"channel_id": a.channel_id, "conversation_id": a.conversation.map(|c| c.id), "service_url": a.service_url}));
-        print(&json!({"address": addr, "results": r.results.iter().map(result_json).collect::<Vec<_>>()}));
+        print(
+            &json!({"address": addr, "results": r.results.iter().map(result_json).collect::<Vec<_>>()}),
+        );
         return Ok(());
     }
     if messages.len() == 1 {
@@ -336,6 +353,10 @@ async fn render(args: MessageArgs) -> Result<(), CliError> {
             "warnings": r.warnings.iter().map(|w| json!({"code": w.code, "field": w.field, "message": w.message})).collect::<Vec<_>>(),
         }));
     }
-    print(&if out.len() == 1 { out.remove(0) } else { Value::Array(out) });
+    print(&if out.len() == 1 {
+        out.remove(0)
+    } else {
+        Value::Array(out)
+    });
     Ok(())
 }

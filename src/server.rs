@@ -56,7 +56,10 @@ impl RunningGateway {
 }
 
 /// Binds the configured address and serves until `shutdown` resolves.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServeError> {
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
     let addr = config.listen_addr()?;
     let listener = TcpListener::bind(addr)
         .await
@@ -118,11 +121,19 @@ async fn serve(
         health
             .set_not_serving::<ChannelGatewayServer<GatewayService>>()
             .await;
-        health.set_service_status("", ServingStatus::NotServing).await;
-        tracing::info!(grace_s = grace.as_secs_f64(), "shutting down: draining queues");
+        health
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
+        tracing::info!(
+            grace_s = grace.as_secs_f64(),
+            "shutting down: draining queues"
+        );
         let left = drain.shutdown(grace).await;
         if left > 0 {
-            tracing::warn!(undelivered = left, "shutdown grace ran out; undelivered messages dropped (in-memory store)");
+            tracing::warn!(
+                undelivered = left,
+                "shutdown grace ran out; undelivered messages dropped (in-memory store)"
+            );
         } else {
             tracing::info!("queues drained");
         }
@@ -130,15 +141,16 @@ async fn serve(
     });
 
     tracing::info!(addr = ?local, "channel-gateway serving gRPC");
-    let max_bytes = config.server.max_message_bytes.saturating_mul(config.server.max_batch_len).max(4 << 20);
+    let max_bytes = config
+        .server
+        .max_message_bytes
+        .saturating_mul(config.server.max_batch_len)
+        .max(4 << 20);
     let fut = async move {
         tonic::transport::Server::builder()
             .add_service(health_service)
             .add_service(reflection)
-            .add_service(
-                ChannelGatewayServer::new(service)
-                    .max_decoding_message_size(max_bytes),
-            )
+            .add_service(ChannelGatewayServer::new(service).max_decoding_message_size(max_bytes))
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
                 let _ = stop_rx.await;
             })

@@ -46,7 +46,9 @@ async fn fifty_conversations_of_two_hundred_keep_order_under_concurrency() {
         t.await.unwrap();
     }
     h.fake
-        .wait_for(Duration::from_secs(120), "10,000 activities", |r| r.len() >= 10_000)
+        .wait_for(Duration::from_secs(120), "10,000 activities", |r| {
+            r.len() >= 10_000
+        })
         .await;
     let received = h.fake.received();
     assert_eq!(received.len(), 10_000, "no duplicates, nothing lost");
@@ -57,11 +59,23 @@ async fn fifty_conversations_of_two_hundred_keep_order_under_concurrency() {
         for s in 0..2 {
             let seq: Vec<u32> = got
                 .iter()
-                .filter_map(|r| r.text().strip_prefix(&format!("s{s}-")).map(|n| n.parse().unwrap()))
+                .filter_map(|r| {
+                    r.text()
+                        .strip_prefix(&format!("s{s}-"))
+                        .map(|n| n.parse().unwrap())
+                })
                 .collect();
-            assert_eq!(seq, (0..100).collect::<Vec<_>>(), "{conv} sender {s} out of order");
+            assert_eq!(
+                seq,
+                (0..100).collect::<Vec<_>>(),
+                "{conv} sender {s} out of order"
+            );
         }
-        assert_eq!(h.fake.max_in_flight(&conv), 1, "{conv}: next message started before the previous was acknowledged");
+        assert_eq!(
+            h.fake.max_in_flight(&conv),
+            1,
+            "{conv}: next message started before the previous was acknowledged"
+        );
     }
 }
 
@@ -75,7 +89,9 @@ async fn a_slow_conversation_does_not_delay_the_others() {
     let mut tasks = Vec::new();
     for c in 0..5 {
         let mut client = h.client.clone();
-        let msgs: Vec<pb::Message> = (0..20).map(|i| h.text(&format!("fast-{c}"), &format!("f{i}"))).collect();
+        let msgs: Vec<pb::Message> = (0..20)
+            .map(|i| h.text(&format!("fast-{c}"), &format!("f{i}")))
+            .collect();
         tasks.push(tokio::spawn(async move {
             for m in msgs {
                 let r = client
@@ -95,15 +111,28 @@ async fn a_slow_conversation_does_not_delay_the_others() {
         t.await.unwrap();
     }
     let slow_done = h.fake.for_conversation("slow").len();
-    assert!(slow_done <= 1, "the fast conversations waited for the slow one ({slow_done} slow delivered first)");
-    let fast = h.fake.received().iter().filter(|r| r.conversation.starts_with("fast-")).count();
+    assert!(
+        slow_done <= 1,
+        "the fast conversations waited for the slow one ({slow_done} slow delivered first)"
+    );
+    let fast = h
+        .fake
+        .received()
+        .iter()
+        .filter(|r| r.conversation.starts_with("fast-"))
+        .count();
     assert_eq!(fast, 100);
     h.fake
         .wait_for(Duration::from_secs(20), "slow conversation", |r| {
             r.iter().filter(|x| x.conversation == "slow").count() == 3
         })
         .await;
-    let slow: Vec<String> = h.fake.for_conversation("slow").iter().map(|r| r.text().to_string()).collect();
+    let slow: Vec<String> = h
+        .fake
+        .for_conversation("slow")
+        .iter()
+        .map(|r| r.text().to_string())
+        .collect();
     assert_eq!(slow, ["slow-0", "slow-1", "slow-2"]);
 }
 
@@ -133,7 +162,9 @@ async fn a_batch_is_contiguous_while_other_sends_race_it() {
     let mut batches = Vec::new();
     for b in 0..5 {
         tokio::time::sleep(Duration::from_millis(5)).await;
-        let msgs: Vec<pb::Message> = (0..20).map(|i| h.text("shared", &format!("batch{b}-{i}"))).collect();
+        let msgs: Vec<pb::Message> = (0..20)
+            .map(|i| h.text("shared", &format!("batch{b}-{i}")))
+            .collect();
         let r = h
             .client
             .clone()
@@ -151,11 +182,23 @@ async fn a_batch_is_contiguous_while_other_sends_race_it() {
     h.fake
         .wait_for(Duration::from_secs(60), "all of shared", |r| r.len() == 250)
         .await;
-    let texts: Vec<String> = h.fake.for_conversation("shared").iter().map(|r| r.text().to_string()).collect();
+    let texts: Vec<String> = h
+        .fake
+        .for_conversation("shared")
+        .iter()
+        .map(|r| r.text().to_string())
+        .collect();
     for b in batches {
-        let start = texts.iter().position(|t| t == &format!("batch{b}-0")).unwrap();
+        let start = texts
+            .iter()
+            .position(|t| t == &format!("batch{b}-0"))
+            .unwrap();
         let expected: Vec<String> = (0..20).map(|i| format!("batch{b}-{i}")).collect();
-        assert_eq!(&texts[start..start + 20], expected.as_slice(), "batch {b} was interleaved");
+        assert_eq!(
+            &texts[start..start + 20],
+            expected.as_slice(),
+            "batch {b} was interleaved"
+        );
     }
     let singles: Vec<&String> = texts.iter().filter(|t| t.starts_with("single-")).collect();
     let expected: Vec<String> = (0..150).map(|i| format!("single-{i}")).collect();
@@ -179,7 +222,9 @@ async fn typing_lands_in_line_and_keep_alive_stops_at_the_next_message() {
         .await
         .unwrap();
     h.send("t", "after").await.unwrap();
-    h.fake.wait_for(Duration::from_secs(10), "3 activities", |r| r.len() == 3).await;
+    h.fake
+        .wait_for(Duration::from_secs(10), "3 activities", |r| r.len() == 3)
+        .await;
     let kinds: Vec<String> = h
         .fake
         .for_conversation("t")
@@ -191,24 +236,35 @@ async fn typing_lands_in_line_and_keep_alive_stops_at_the_next_message() {
     client
         .send_typing(pb::SendTypingRequest {
             address: Some(h.address("k")),
-            keep_alive: Some(prost_types::Duration { seconds: 30, nanos: 0 }),
+            keep_alive: Some(prost_types::Duration {
+                seconds: 30,
+                nanos: 0,
+            }),
         })
         .await
         .unwrap();
     h.fake
         .wait_for(Duration::from_secs(10), "typing repeated", |r| {
-            r.iter().filter(|x| x.conversation == "k" && x.kind() == "typing").count() >= 3
+            r.iter()
+                .filter(|x| x.conversation == "k" && x.kind() == "typing")
+                .count()
+                >= 3
         })
         .await;
     h.send("k", "done").await.unwrap();
     h.fake
         .wait_for(Duration::from_secs(10), "message after typing", |r| {
-            r.iter().any(|x| x.conversation == "k" && x.text() == "done")
+            r.iter()
+                .any(|x| x.conversation == "k" && x.text() == "done")
         })
         .await;
     tokio::time::sleep(Duration::from_millis(600)).await;
     let k = h.fake.for_conversation("k");
-    assert_eq!(k.last().unwrap().text(), "done", "typing went on after the next message");
+    assert_eq!(
+        k.last().unwrap().text(),
+        "done",
+        "typing went on after the next message"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -222,8 +278,14 @@ async fn proactive_start_returns_the_new_address_and_messages_follow_it() {
         .send_proactive(pb::SendProactiveRequest {
             address: Some(address),
             messages: vec![
-                pb::Message { text: "hello".into(), ..Default::default() },
-                pb::Message { text: "second".into(), ..Default::default() },
+                pb::Message {
+                    text: "hello".into(),
+                    ..Default::default()
+                },
+                pb::Message {
+                    text: "second".into(),
+                    ..Default::default()
+                },
             ],
             options: Some(pb::ProactiveOptions {
                 topic_name: "Alerts".into(),
@@ -239,13 +301,22 @@ async fn proactive_start_returns_the_new_address_and_messages_follow_it() {
     let conv = new.conversation.as_ref().unwrap().id.clone();
     assert_eq!(conv, "created:1");
     assert_eq!(r.results.len(), 2);
-    assert!(r.results.iter().all(|x| x.state == pb::DeliveryState::Delivered as i32));
+    assert!(
+        r.results
+            .iter()
+            .all(|x| x.state == pb::DeliveryState::Delivered as i32)
+    );
     let received = h.fake.received();
     assert_eq!(received[0].path, "/v3/conversations");
     assert_eq!(received[0].body["bot"]["id"], BOT);
     assert_eq!(received[0].body["members"][0]["id"], "29:user-1");
     assert_eq!(received[0].body["topicName"], "Alerts");
-    assert!(received[0].authorization.as_deref().is_some_and(|a| a.starts_with("Bearer ")));
+    assert!(
+        received[0]
+            .authorization
+            .as_deref()
+            .is_some_and(|a| a.starts_with("Bearer "))
+    );
     let texts: Vec<&str> = received[1..].iter().map(|r| r.text()).collect();
     assert_eq!(texts, ["hello", "second"]);
     assert!(received[1..].iter().all(|r| r.conversation == conv));
@@ -265,7 +336,10 @@ async fn proactive_start_returns_the_new_address_and_messages_follow_it() {
         .await
         .unwrap();
     let last = h.fake.received().last().unwrap().clone();
-    assert_eq!((last.conversation.as_str(), last.text()), ("created:1", "later"));
+    assert_eq!(
+        (last.conversation.as_str(), last.text()),
+        ("created:1", "later")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -294,10 +368,22 @@ async fn token_is_fetched_once_reused_and_refreshed_before_expiry() {
     for t in tasks {
         t.await.unwrap();
     }
-    assert_eq!(h.fake.token_requests(), 1, "20 concurrent first sends share one token fetch");
+    assert_eq!(
+        h.fake.token_requests(),
+        1,
+        "20 concurrent first sends share one token fetch"
+    );
     let body = h.fake.state.token_requests.lock().unwrap()[0].clone();
-    assert!(body.contains("grant_type=client_credentials") && body.contains(&format!("client_id={BOT}")));
-    assert!(h.fake.received().iter().all(|r| r.authorization.as_deref() == Some("Bearer tok-1")));
+    assert!(
+        body.contains("grant_type=client_credentials")
+            && body.contains(&format!("client_id={BOT}"))
+    );
+    assert!(
+        h.fake
+            .received()
+            .iter()
+            .all(|r| r.authorization.as_deref() == Some("Bearer tok-1"))
+    );
 
     tokio::time::sleep(Duration::from_millis(1200)).await;
     h.client
@@ -310,12 +396,21 @@ async fn token_is_fetched_once_reused_and_refreshed_before_expiry() {
         .await
         .unwrap();
     assert_eq!(h.fake.token_requests(), 2, "refreshed before its expiry");
-    assert_eq!(h.fake.for_conversation("tk-late")[0].authorization.as_deref(), Some("Bearer tok-2"));
+    assert_eq!(
+        h.fake.for_conversation("tk-late")[0]
+            .authorization
+            .as_deref(),
+        Some("Bearer tok-2")
+    );
 
     // A 401 from the connector forces one refresh and one retry.
     h.fake.script(
         "tk-401",
-        vec![Scripted { status: 401, body: json!({"error": {"code": "Unauthorized", "message": "token revoked"}}), retry_after: None }],
+        vec![Scripted {
+            status: 401,
+            body: json!({"error": {"code": "Unauthorized", "message": "token revoked"}}),
+            retry_after: None,
+        }],
     );
     h.client
         .clone()
@@ -327,7 +422,12 @@ async fn token_is_fetched_once_reused_and_refreshed_before_expiry() {
         .await
         .unwrap();
     assert_eq!(h.fake.token_requests(), 3);
-    assert_eq!(h.fake.for_conversation("tk-401")[0].authorization.as_deref(), Some("Bearer tok-3"));
+    assert_eq!(
+        h.fake.for_conversation("tk-401")[0]
+            .authorization
+            .as_deref(),
+        Some("Bearer tok-3")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -339,11 +439,18 @@ async fn token_is_never_sent_to_a_host_outside_the_allow_list() {
     let err = h
         .client
         .clone()
-        .send(pb::SendRequest { message: Some(m), ..Default::default() })
+        .send(pb::SendRequest {
+            message: Some(m),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
-    assert!(err.message().contains("message.address.service_url"), "{}", err.message());
+    assert!(
+        err.message().contains("message.address.service_url"),
+        "{}",
+        err.message()
+    );
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(h.fake.received().is_empty());
     assert_eq!(h.fake.token_requests(), 0);
@@ -387,8 +494,17 @@ async fn wait_delivered_returns_the_channel_id_or_the_channel_error() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
-    assert!(err.message().contains("BotNotInConversationRoster"), "{}", err.message());
-    assert!(err.message().contains("not part of the conversation roster"), "{}", err.message());
+    assert!(
+        err.message().contains("BotNotInConversationRoster"),
+        "{}",
+        err.message()
+    );
+    assert!(
+        err.message()
+            .contains("not part of the conversation roster"),
+        "{}",
+        err.message()
+    );
     use tonic_types::StatusExt;
     let info = err.get_details_error_info().unwrap();
     assert_eq!(info.reason, "BotNotInConversationRoster");
@@ -402,8 +518,16 @@ async fn retryable_answers_are_retried_in_place_honouring_retry_after() {
     h.fake.script(
         "busy",
         vec![
-            Scripted { status: 429, body: json!({"error": {"code": "TooManyRequests", "message": "slow down"}}), retry_after: Some(1) },
-            Scripted { status: 503, body: json!({}), retry_after: None },
+            Scripted {
+                status: 429,
+                body: json!({"error": {"code": "TooManyRequests", "message": "slow down"}}),
+                retry_after: Some(1),
+            },
+            Scripted {
+                status: 503,
+                body: json!({}),
+                retry_after: None,
+            },
         ],
     );
     let first = tokio::time::Instant::now();
@@ -411,10 +535,24 @@ async fn retryable_answers_are_retried_in_place_honouring_retry_after() {
     for i in 0..3 {
         tasks.push(h.send("busy", &format!("m{i}")).await.unwrap());
     }
-    h.fake.wait_for(Duration::from_secs(20), "3 delivered", |r| r.len() == 3).await;
-    let texts: Vec<String> = h.fake.for_conversation("busy").iter().map(|r| r.text().to_string()).collect();
-    assert_eq!(texts, ["m0", "m1", "m2"], "the retried message stayed at the head of the line");
-    assert!(first.elapsed() >= Duration::from_secs(1), "Retry-After was honoured");
+    h.fake
+        .wait_for(Duration::from_secs(20), "3 delivered", |r| r.len() == 3)
+        .await;
+    let texts: Vec<String> = h
+        .fake
+        .for_conversation("busy")
+        .iter()
+        .map(|r| r.text().to_string())
+        .collect();
+    assert_eq!(
+        texts,
+        ["m0", "m1", "m2"],
+        "the retried message stayed at the head of the line"
+    );
+    assert!(
+        first.elapsed() >= Duration::from_secs(1),
+        "Retry-After was honoured"
+    );
     let _ = tasks;
 }
 
@@ -422,11 +560,21 @@ async fn retryable_answers_are_retried_in_place_honouring_retry_after() {
 async fn validation_errors_name_the_field() {
     let h = start().await;
     let mut c = h.client.clone();
-    let send = |m: Option<pb::Message>| pb::SendRequest { message: m, ..Default::default() };
+    let send = |m: Option<pb::Message>| pb::SendRequest {
+        message: m,
+        ..Default::default()
+    };
 
     let cases: Vec<(pb::SendRequest, Code, &str)> = vec![
         (send(None), Code::InvalidArgument, "message"),
-        (send(Some(pb::Message { text: "x".into(), ..Default::default() })), Code::InvalidArgument, "message.address"),
+        (
+            send(Some(pb::Message {
+                text: "x".into(),
+                ..Default::default()
+            })),
+            Code::InvalidArgument,
+            "message.address",
+        ),
         (
             send(Some({
                 let mut m = h.text("a", "x");
@@ -445,7 +593,11 @@ async fn validation_errors_name_the_field() {
             Code::InvalidArgument,
             "message.address.conversation.id",
         ),
-        (send(Some(h.text("a", ""))), Code::InvalidArgument, "message"),
+        (
+            send(Some(h.text("a", ""))),
+            Code::InvalidArgument,
+            "message",
+        ),
         (
             send(Some(pb::Message {
                 attachments: vec![pb::Attachment {
@@ -466,13 +618,21 @@ async fn validation_errors_name_the_field() {
             Code::InvalidArgument,
             "message.attachments[0].hero.buttons[0].value",
         ),
-        (send(Some(h.text("a", &"x".repeat(300_000)))), Code::InvalidArgument, "message"),
+        (
+            send(Some(h.text("a", &"x".repeat(300_000)))),
+            Code::InvalidArgument,
+            "message",
+        ),
     ];
     for (req, code, field) in cases {
         let err = c.send(req).await.unwrap_err();
         assert_eq!(err.code(), code, "{field}: {}", err.message());
         let fields = bad_fields(&err);
-        assert!(fields.iter().any(|f| f == field), "expected field {field}, got {fields:?} ({})", err.message());
+        assert!(
+            fields.iter().any(|f| f == field),
+            "expected field {field}, got {fields:?} ({})",
+            err.message()
+        );
     }
 
     // A batch across conversations names the odd message.
@@ -506,7 +666,10 @@ async fn validation_errors_name_the_field() {
     assert_eq!(bad_fields(&err), ["message.address.service_url"]);
 
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(h.fake.received().is_empty(), "nothing invalid reached the channel");
+    assert!(
+        h.fake.received().is_empty(),
+        "nothing invalid reached the channel"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -517,7 +680,13 @@ async fn idempotency_key_accepts_once() {
         idempotency_key: "k-1".into(),
         ..Default::default()
     };
-    let a = h.client.clone().send(req.clone()).await.unwrap().into_inner();
+    let a = h
+        .client
+        .clone()
+        .send(req.clone())
+        .await
+        .unwrap()
+        .into_inner();
     let b = h.client.clone().send(req).await.unwrap().into_inner();
     assert_eq!(a.message_id, b.message_id);
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -531,7 +700,11 @@ async fn replies_go_to_the_incoming_activity() {
     m.address.as_mut().unwrap().id = "incoming-7".into();
     h.client
         .clone()
-        .send(pb::SendRequest { message: Some(m), wait: pb::WaitMode::Delivered as i32, ..Default::default() })
+        .send(pb::SendRequest {
+            message: Some(m),
+            wait: pb::WaitMode::Delivered as i32,
+            ..Default::default()
+        })
         .await
         .unwrap();
     let got = h.fake.for_conversation("r");
@@ -550,9 +723,20 @@ async fn idle_workers_are_evicted_without_losing_messages() {
         h.send("idle", &format!("m{i}")).await.unwrap();
         tokio::time::sleep(Duration::from_millis((i % 7) * 9)).await;
     }
-    h.fake.wait_for(Duration::from_secs(20), "60 messages", |r| r.len() == 60).await;
-    let texts: Vec<String> = h.fake.for_conversation("idle").iter().map(|r| r.text().to_string()).collect();
+    h.fake
+        .wait_for(Duration::from_secs(20), "60 messages", |r| r.len() == 60)
+        .await;
+    let texts: Vec<String> = h
+        .fake
+        .for_conversation("idle")
+        .iter()
+        .map(|r| r.text().to_string())
+        .collect();
     assert_eq!(texts, (0..60).map(|i| format!("m{i}")).collect::<Vec<_>>());
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(h.gateway.dispatcher.active_workers(), 0, "idle worker evicted");
+    assert_eq!(
+        h.gateway.dispatcher.active_workers(),
+        0,
+        "idle worker evicted"
+    );
 }

@@ -32,7 +32,10 @@ fn opt(s: String) -> Option<String> {
 fn check_url(v: &mut Violations, field: &str, s: &str) {
     match url::Url::parse(s) {
         Ok(u) if matches!(u.scheme(), "http" | "https") && u.host_str().is_some() => {}
-        Ok(u) => v.add(field, format!("`{s}` must be an http(s) URL, not {}", u.scheme())),
+        Ok(u) => v.add(
+            field,
+            format!("`{s}` must be an http(s) URL, not {}", u.scheme()),
+        ),
         Err(e) => v.add(field, format!("`{s}` is not an absolute URL: {e}")),
     }
 }
@@ -51,7 +54,9 @@ pub fn value_to_json(v: prost_types::Value) -> Value {
             if n.fract() == 0.0 && n.abs() < 9.0e15 {
                 Value::Number(Number::from(n as i64))
             } else {
-                Number::from_f64(n).map(Value::Number).unwrap_or(Value::Null)
+                Number::from_f64(n)
+                    .map(Value::Number)
+                    .unwrap_or(Value::Null)
             }
         }
         Some(Kind::StringValue(s)) => Value::String(s),
@@ -89,7 +94,11 @@ pub fn json_to_struct(v: &Value) -> prost_types::Struct {
     prost_types::Struct {
         fields: v
             .as_object()
-            .map(|m| m.iter().map(|(k, v)| (k.clone(), json_to_value(v))).collect())
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| (k.clone(), json_to_value(v)))
+                    .collect()
+            })
             .unwrap_or_default(),
     }
 }
@@ -128,7 +137,10 @@ pub fn address(v: &mut Violations, path: &str, a: Option<pb::Address>) -> Addres
     }
     let bot = identity(a.bot);
     if bot.as_ref().is_none_or(|b| b.id.is_empty()) {
-        v.add(format!("{path}.bot.id"), "required: it selects the bot's credentials");
+        v.add(
+            format!("{path}.bot.id"),
+            "required: it selects the bot's credentials",
+        );
     }
     let conversation = a.conversation.and_then(|c| {
         let out = Conversation {
@@ -170,12 +182,18 @@ fn action_type(t: i32) -> Option<ActionType> {
 
 fn action(v: &mut Violations, path: &str, a: pb::CardAction) -> CardAction {
     let kind = action_type(a.r#type).unwrap_or_else(|| {
-        v.add(format!("{path}.type"), "required: one of the ACTION_TYPE_ values");
+        v.add(
+            format!("{path}.type"),
+            "required: one of the ACTION_TYPE_ values",
+        );
         ActionType::OpenUrl
     });
     let value = match (a.value.is_empty(), a.value_object) {
         (false, Some(_)) => {
-            v.add(format!("{path}.value_object"), "set either value or value_object, not both");
+            v.add(
+                format!("{path}.value_object"),
+                "set either value or value_object, not both",
+            );
             None
         }
         (_, Some(obj)) => Some(struct_to_json(obj)),
@@ -188,8 +206,10 @@ fn action(v: &mut Violations, path: &str, a: pb::CardAction) -> CardAction {
             Some(Value::String(s)) => check_url(v, &vpath, s),
             _ => v.add(vpath, "required: a URL for this action type"),
         }
-    } else if matches!(kind, ActionType::ImBack | ActionType::PostBack | ActionType::Call)
-        && value.is_none()
+    } else if matches!(
+        kind,
+        ActionType::ImBack | ActionType::PostBack | ActionType::Call
+    ) && value.is_none()
     {
         v.add(vpath, "required for this action type");
     }
@@ -251,7 +271,10 @@ fn hero(v: &mut Violations, path: &str, c: pb::HeroCard) -> HeroCard {
 
 fn media(v: &mut Violations, path: &str, c: pb::MediaCard) -> MediaCard {
     if c.media.is_empty() {
-        v.add(format!("{path}.media"), "at least one media URL is required");
+        v.add(
+            format!("{path}.media"),
+            "at least one media URL is required",
+        );
     }
     MediaCard {
         title: opt(c.title),
@@ -330,7 +353,10 @@ fn attachment(v: &mut Violations, path: &str, a: pb::Attachment) -> Attachment {
         C::Signin(c) => {
             let p = format!("{path}.signin");
             if c.buttons.is_empty() {
-                v.add(format!("{p}.buttons"), "a sign-in card needs at least one button");
+                v.add(
+                    format!("{p}.buttons"),
+                    "a sign-in card needs at least one button",
+                );
             }
             AttachmentContent::Signin(SigninCard {
                 text: opt(c.text),
@@ -353,18 +379,26 @@ fn attachment(v: &mut Violations, path: &str, a: pb::Attachment) -> Attachment {
         C::Video(c) => AttachmentContent::Video(media(v, &format!("{path}.video"), c)),
         C::Json(s) => AttachmentContent::Json(struct_to_json(s)),
     });
-    let implied = content.as_ref().and_then(AttachmentContent::implied_content_type);
+    let implied = content
+        .as_ref()
+        .and_then(AttachmentContent::implied_content_type);
     let content_type = match (a.content_type.is_empty(), implied) {
         (true, Some(t)) => t.to_string(),
         (false, Some(t)) if a.content_type != t => {
             v.add(
                 format!("{path}.content_type"),
-                format!("`{}` contradicts the card set, which is `{t}`", a.content_type),
+                format!(
+                    "`{}` contradicts the card set, which is `{t}`",
+                    a.content_type
+                ),
             );
             a.content_type
         }
         (true, None) => {
-            v.add(format!("{path}.content_type"), "required for a file or JSON content");
+            v.add(
+                format!("{path}.content_type"),
+                "required for a file or JSON content",
+            );
             a.content_type
         }
         _ => a.content_type,
@@ -400,8 +434,8 @@ fn enum_or<T, P: TryFrom<i32>>(
 /// Converts and validates one message at `path`.
 pub fn message(v: &mut Violations, path: &str, m: pb::Message) -> Message {
     use pb::{
-        AttachmentLayout as L, DeliveryMode as D, Importance as I, InputHint as H, MessageType as T,
-        TextFormat as F,
+        AttachmentLayout as L, DeliveryMode as D, Importance as I, InputHint as H,
+        MessageType as T, TextFormat as F,
     };
     let kind = enum_or(v, &format!("{path}.type"), m.r#type, |t: T| {
         Some(match t {
@@ -425,7 +459,10 @@ pub fn message(v: &mut Violations, path: &str, m: pb::Message) -> Message {
     let mut source_event = BTreeMap::new();
     for (k, s) in m.source_event {
         if k.is_empty() {
-            v.add(format!("{path}.source_event"), "keys are channel ids or `*`, not empty");
+            v.add(
+                format!("{path}.source_event"),
+                "keys are channel ids or `*`, not empty",
+            );
         }
         source_event.insert(k, struct_to_json(s));
     }
@@ -433,12 +470,17 @@ pub fn message(v: &mut Violations, path: &str, m: pb::Message) -> Message {
         kind,
         address: address(v, &format!("{path}.address"), m.address),
         text: opt(m.text),
-        text_format: enum_or(v, &format!("{path}.text_format"), m.text_format, |f: F| match f {
-            F::Unspecified => None,
-            F::Plain => Some(TextFormat::Plain),
-            F::Markdown => Some(TextFormat::Markdown),
-            F::Xml => Some(TextFormat::Xml),
-        }),
+        text_format: enum_or(
+            v,
+            &format!("{path}.text_format"),
+            m.text_format,
+            |f: F| match f {
+                F::Unspecified => None,
+                F::Plain => Some(TextFormat::Plain),
+                F::Markdown => Some(TextFormat::Markdown),
+                F::Xml => Some(TextFormat::Xml),
+            },
+        ),
         text_locale: opt(m.text_locale),
         attachments: m
             .attachments
@@ -446,42 +488,62 @@ pub fn message(v: &mut Violations, path: &str, m: pb::Message) -> Message {
             .enumerate()
             .map(|(i, a)| attachment(v, &format!("{path}.attachments[{i}]"), a))
             .collect(),
-        attachment_layout: enum_or(v, &format!("{path}.attachment_layout"), m.attachment_layout, |l: L| match l {
-            L::Unspecified => None,
-            L::List => Some(AttachmentLayout::List),
-            L::Carousel => Some(AttachmentLayout::Carousel),
-        }),
+        attachment_layout: enum_or(
+            v,
+            &format!("{path}.attachment_layout"),
+            m.attachment_layout,
+            |l: L| match l {
+                L::Unspecified => None,
+                L::List => Some(AttachmentLayout::List),
+                L::Carousel => Some(AttachmentLayout::Carousel),
+            },
+        ),
         suggested_actions: m.suggested_actions.map(|s| SuggestedActions {
             to: s.to,
             actions: actions(v, &format!("{path}.suggested_actions.actions"), s.actions),
         }),
         summary: opt(m.summary),
         speak: opt(m.speak),
-        input_hint: enum_or(v, &format!("{path}.input_hint"), m.input_hint, |h: H| match h {
-            H::Unspecified => None,
-            H::AcceptingInput => Some(InputHint::AcceptingInput),
-            H::IgnoringInput => Some(InputHint::IgnoringInput),
-            H::ExpectingInput => Some(InputHint::ExpectingInput),
-        }),
+        input_hint: enum_or(
+            v,
+            &format!("{path}.input_hint"),
+            m.input_hint,
+            |h: H| match h {
+                H::Unspecified => None,
+                H::AcceptingInput => Some(InputHint::AcceptingInput),
+                H::IgnoringInput => Some(InputHint::IgnoringInput),
+                H::ExpectingInput => Some(InputHint::ExpectingInput),
+            },
+        ),
         entities: m.entities.into_iter().map(struct_to_json).collect(),
         source_event,
         value: m.value.map(value_to_json),
         value_type: opt(m.value_type),
         name: opt(m.name),
         code: opt(m.code),
-        importance: enum_or(v, &format!("{path}.importance"), m.importance, |i: I| match i {
-            I::Unspecified => None,
-            I::Low => Some(Importance::Low),
-            I::Normal => Some(Importance::Normal),
-            I::High => Some(Importance::High),
-        }),
-        delivery_mode: enum_or(v, &format!("{path}.delivery_mode"), m.delivery_mode, |d: D| match d {
-            D::Unspecified => None,
-            D::Normal => Some(DeliveryMode::Normal),
-            D::Notification => Some(DeliveryMode::Notification),
-            D::ExpectReplies => Some(DeliveryMode::ExpectReplies),
-            D::Ephemeral => Some(DeliveryMode::Ephemeral),
-        }),
+        importance: enum_or(
+            v,
+            &format!("{path}.importance"),
+            m.importance,
+            |i: I| match i {
+                I::Unspecified => None,
+                I::Low => Some(Importance::Low),
+                I::Normal => Some(Importance::Normal),
+                I::High => Some(Importance::High),
+            },
+        ),
+        delivery_mode: enum_or(
+            v,
+            &format!("{path}.delivery_mode"),
+            m.delivery_mode,
+            |d: D| match d {
+                D::Unspecified => None,
+                D::Normal => Some(DeliveryMode::Normal),
+                D::Notification => Some(DeliveryMode::Notification),
+                D::ExpectReplies => Some(DeliveryMode::ExpectReplies),
+                D::Ephemeral => Some(DeliveryMode::Ephemeral),
+            },
+        ),
         expiration: m
             .expiration
             .and_then(|t| timestamp(v, &format!("{path}.expiration"), t)),
@@ -502,7 +564,10 @@ pub fn message(v: &mut Violations, path: &str, m: pb::Message) -> Message {
     if out.kind == MessageType::Message
         && out.text.as_deref().is_none_or(|t| t.trim().is_empty())
         && out.attachments.is_empty()
-        && out.suggested_actions.as_ref().is_none_or(|s| s.actions.is_empty())
+        && out
+            .suggested_actions
+            .as_ref()
+            .is_none_or(|s| s.actions.is_empty())
         && out.source_event_for(&out.address.channel_id).is_none()
     {
         v.add(
@@ -518,7 +583,11 @@ pub fn proactive_options(o: Option<pb::ProactiveOptions>) -> ProactiveOptions {
     ProactiveOptions {
         topic_name: opt(o.topic_name),
         is_group: o.is_group,
-        members: o.members.into_iter().filter_map(|i| identity(Some(i))).collect(),
+        members: o
+            .members
+            .into_iter()
+            .filter_map(|i| identity(Some(i)))
+            .collect(),
         message_tag: opt(o.message_tag),
     }
 }
@@ -699,12 +768,11 @@ fn attachment_pb(a: &Attachment) -> pb::Attachment {
 
 pub fn message_pb(m: &Message) -> pb::Message {
     use pb::{
-        AttachmentLayout as L, DeliveryMode as D, Importance as I, InputHint as H, MessageType as T,
-        TextFormat as F,
+        AttachmentLayout as L, DeliveryMode as D, Importance as I, InputHint as H,
+        MessageType as T, TextFormat as F,
     };
-    let fmt = |t: &Option<OffsetDateTime>| {
-        t.and_then(|t| t.format(&Rfc3339).ok()).unwrap_or_default()
-    };
+    let fmt =
+        |t: &Option<OffsetDateTime>| t.and_then(|t| t.format(&Rfc3339).ok()).unwrap_or_default();
     pb::Message {
         r#type: match m.kind {
             MessageType::Message => T::Message,
@@ -789,7 +857,11 @@ pub fn options_pb(o: &ProactiveOptions) -> pb::ProactiveOptions {
     pb::ProactiveOptions {
         topic_name: s(&o.topic_name),
         is_group: o.is_group,
-        members: o.members.iter().filter_map(|m| identity_pb(&Some(m.clone()))).collect(),
+        members: o
+            .members
+            .iter()
+            .filter_map(|m| identity_pb(&Some(m.clone())))
+            .collect(),
         message_tag: s(&o.message_tag),
     }
 }

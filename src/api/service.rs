@@ -20,18 +20,20 @@ use crate::outbox::{DeliveryState, Outcome};
 
 #[derive(Clone)]
 enum Cached {
-    Send(pb::SendResponse),
+    Send(Box<pb::SendResponse>),
     Batch(pb::SendBatchResponse),
-    Proactive(pb::SendProactiveResponse),
+    Proactive(Box<pb::SendProactiveResponse>),
 }
 
 type Slot = Arc<OnceCell<Cached>>;
+/// (rpc, bot id, idempotency key).
+type IdemKey = (&'static str, String, String);
 
 /// First results by (rpc, bot id, idempotency key). A concurrent retry waits for the first
 /// call; a failed first call caches nothing, so a retry after it really retries.
 struct Idempotency {
     window: Duration,
-    slots: Mutex<HashMap<(&'static str, String, String), (Instant, Slot)>>,
+    slots: Mutex<HashMap<IdemKey, (Instant, Slot)>>,
 }
 
 impl Idempotency {
@@ -241,7 +243,10 @@ fn bot_of(m: Option<&pb::Message>) -> String {
 
 #[tonic::async_trait]
 impl ChannelGateway for GatewayService {
-    async fn send(&self, req: Request<pb::SendRequest>) -> Result<Response<pb::SendResponse>, Status> {
+    async fn send(
+        &self,
+        req: Request<pb::SendRequest>,
+    ) -> Result<Response<pb::SendResponse>, Status> {
         let req = req.into_inner();
         let bot = bot_of(req.message.as_ref());
         let key = req.idempotency_key.clone();
@@ -267,17 +272,19 @@ impl ChannelGateway for GatewayService {
                     )));
                 }
                 let r = result_pb(id, &warnings, done);
-                Ok(Cached::Send(pb::SendResponse {
+                Ok(Cached::Send(Box::new(pb::SendResponse {
                     message_id: r.message_id,
                     state: r.state,
                     receipts: r.receipts,
                     warnings: r.warnings,
-                }))
+                })))
             })
             .await?;
         match cached {
-            Cached::Send(r) => Ok(Response::new(r)),
-            _ => Err(Status::already_exists("idempotency key was used by another call")),
+            Cached::Send(r) => Ok(Response::new(*r)),
+            _ => Err(Status::already_exists(
+                "idempotency key was used by another call",
+            )),
         }
     }
 
@@ -326,7 +333,9 @@ impl ChannelGateway for GatewayService {
             .await?;
         match cached {
             Cached::Batch(r) => Ok(Response::new(r)),
-            _ => Err(Status::already_exists("idempotency key was used by another call")),
+            _ => Err(Status::already_exists(
+                "idempotency key was used by another call",
+            )),
         }
     }
 
@@ -375,12 +384,17 @@ impl ChannelGateway for GatewayService {
             .idempotent("send_proactive", &bot, &key, || self.proactive(req))
             .await?;
         match cached {
-            Cached::Proactive(r) => Ok(Response::new(r)),
-            _ => Err(Status::already_exists("idempotency key was used by another call")),
+            Cached::Proactive(r) => Ok(Response::new(*r)),
+            _ => Err(Status::already_exists(
+                "idempotency key was used by another call",
+            )),
         }
     }
 
-    async fn render(&self, req: Request<pb::RenderRequest>) -> Result<Response<pb::RenderResponse>, Status> {
+    async fn render(
+        &self,
+        req: Request<pb::RenderRequest>,
+    ) -> Result<Response<pb::RenderResponse>, Status> {
         let req = req.into_inner();
         let mut v = Violations::default();
         let Some(m) = req.message else {
@@ -486,10 +500,10 @@ impl GatewayService {
             } else {
                 self.run_batch(prepared, true, req.wait).await?
             };
-            return Ok(Cached::Proactive(pb::SendProactiveResponse {
+            return Ok(Cached::Proactive(Box::new(pb::SendProactiveResponse {
                 address: Some(convert::address_pb(&address)),
                 results,
-            }));
+            })));
         }
         let warnings: Vec<Vec<model::Warning>> =
             prepared.iter().map(|(_, r)| r.warnings.clone()).collect();
@@ -500,16 +514,20 @@ impl GatewayService {
         let new_address = match created.await {
             Ok(Ok(a)) => a,
             Ok(Err(e)) => return Err(status::channel(&e, 1, false)),
-            Err(_) => return Err(Status::unavailable("the gateway stopped before the conversation was created")),
+            Err(_) => {
+                return Err(Status::unavailable(
+                    "the gateway stopped before the conversation was created",
+                ));
+            }
         };
         let mut results = Vec::with_capacity(tickets.len());
         for (t, w) in tickets.into_iter().zip(warnings) {
             let id = t.id.clone();
             results.push(result_pb(id, &w, outcome(t).await));
         }
-        Ok(Cached::Proactive(pb::SendProactiveResponse {
+        Ok(Cached::Proactive(Box::new(pb::SendProactiveResponse {
             address: Some(convert::address_pb(&new_address)),
             results,
-        }))
+        })))
     }
 }

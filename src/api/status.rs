@@ -14,17 +14,15 @@ use crate::delivery::SubmitError;
 pub const DOMAIN: &str = "channel-gateway";
 
 pub fn invalid(v: Violations) -> Status {
-    let summary = v
-        .0
-        .iter()
-        .map(|(f, d)| format!("{f}: {d}"))
-        .collect::<Vec<_>>()
-        .join("; ");
-    let violations: Vec<FieldViolation> = v
-        .0
-        .into_iter()
-        .map(|(f, d)| FieldViolation::new(f, d))
-        .collect();
+    let summary =
+        v.0.iter()
+            .map(|(f, d)| format!("{f}: {d}"))
+            .collect::<Vec<_>>()
+            .join("; ");
+    let violations: Vec<FieldViolation> =
+        v.0.into_iter()
+            .map(|(f, d)| FieldViolation::new(f, d))
+            .collect();
     Status::with_error_details(
         Code::InvalidArgument,
         summary,
@@ -43,12 +41,18 @@ pub fn route(e: RouteError, field: &str) -> Status {
     match e {
         RouteError::Unknown(id) => invalid_field(
             field,
-            format!("unknown channel `{id}` (see GetCapabilities and channels.botframework.channel_ids)"),
+            format!(
+                "unknown channel `{id}` (see GetCapabilities and channels.botframework.channel_ids)"
+            ),
         ),
         RouteError::NotConfigured { channel_id, reason } => Status::with_error_details(
             Code::FailedPrecondition,
             format!("channel `{channel_id}` is not configured: {reason}"),
-            ErrorDetails::with_precondition_failure_violation("CHANNEL_NOT_CONFIGURED", channel_id, reason),
+            ErrorDetails::with_precondition_failure_violation(
+                "CHANNEL_NOT_CONFIGURED",
+                channel_id,
+                reason,
+            ),
         ),
         RouteError::PermissionDenied { field, reason } => Status::with_error_details(
             Code::PermissionDenied,
@@ -69,16 +73,22 @@ pub fn render(e: RenderOrRoute, prefix: &str, channel_field: &str) -> Status {
         RenderOrRoute::Render(RenderError::InvalidArgument { field, reason }) => {
             invalid_field(rebase(field), reason)
         }
-        RenderOrRoute::Render(RenderError::PermissionDenied { field, reason }) => {
-            route(RouteError::PermissionDenied { field: rebase(field), reason }, channel_field)
-        }
+        RenderOrRoute::Render(RenderError::PermissionDenied { field, reason }) => route(
+            RouteError::PermissionDenied {
+                field: rebase(field),
+                reason,
+            },
+            channel_field,
+        ),
         RenderOrRoute::Route(r) => route(r, channel_field),
     }
 }
 
 pub fn submit(e: SubmitError) -> Status {
     match e {
-        SubmitError::ShuttingDown => Status::unavailable("the gateway is shutting down; retry on another instance"),
+        SubmitError::ShuttingDown => {
+            Status::unavailable("the gateway is shutting down; retry on another instance")
+        }
     }
 }
 
@@ -102,7 +112,10 @@ pub fn channel(e: &ChannelError, attempts: u32, possible_duplicate: bool) -> Sta
     if let Some(s) = e.http_status {
         meta.insert("http_status".into(), s.to_string());
     }
-    meta.insert("permanent".into(), (e.kind == FailureKind::Permanent).to_string());
+    meta.insert(
+        "permanent".into(),
+        (e.kind == FailureKind::Permanent).to_string(),
+    );
     meta.insert("attempts".into(), attempts.to_string());
     meta.insert("possible_duplicate".into(), possible_duplicate.to_string());
     if let Some(c) = &e.code {

@@ -13,7 +13,7 @@ use std::time::Duration;
 pub use types::*;
 
 use crate::config::Config;
-use crate::model::{Address, Conversation, Message, ProactiveOptions};
+use crate::model::{Address, Message, ProactiveOptions};
 use botframework::client::{BotFrameworkClient, service_url_refusal};
 
 /// Channel ids that the gateway knows but that arrive in later steps.
@@ -85,10 +85,12 @@ impl Channels {
     /// Whether `channel_id` is one the gateway can route (configured or not).
     pub fn capabilities(&self, channel_id: &str) -> Result<(Capabilities, bool), RouteError> {
         match self.route(channel_id) {
-            Ok(Route::BotFramework(_)) => Ok((botframework::render::capabilities(channel_id), true)),
-            Err(RouteError::NotConfigured { .. })
-                if self.botframework_ids.contains(channel_id) =>
-            {
+            Ok(Route::BotFramework(c)) => {
+                let mut caps = botframework::render::capabilities(channel_id);
+                caps.typing_interval = c.config().typing_interval;
+                Ok((caps, true))
+            }
+            Err(RouteError::NotConfigured { .. }) if self.botframework_ids.contains(channel_id) => {
                 Ok((botframework::render::capabilities(channel_id), false))
             }
             Err(e) => Err(e),
@@ -199,7 +201,7 @@ impl Channels {
         })?;
         let created = client.create_conversation(&req).await?;
         let mut out = addr.clone();
-        let mut conv = out.conversation.take().unwrap_or_else(Conversation::default);
+        let mut conv = out.conversation.take().unwrap_or_default();
         conv.id = created.id;
         if options.is_group {
             conv.is_group = Some(true);

@@ -66,11 +66,11 @@ enum Job {
     /// Messages delivered back to back; `flush` skips the auto-batch window.
     Deliver { items: Vec<Item>, flush: bool },
     Typing {
-        item: Item,
+        item: Box<Item>,
         keep_alive: Option<Duration>,
     },
     Proactive {
-        address: Address,
+        address: Box<Address>,
         options: ProactiveOptions,
         items: Vec<Item>,
         created: oneshot::Sender<Result<Address, ChannelError>>,
@@ -85,6 +85,9 @@ impl Job {
         }
     }
 }
+
+/// Resolves to the new address once a proactive start created its conversation.
+pub type Created = oneshot::Receiver<Result<Address, ChannelError>>;
 
 /// What the caller gets back for each accepted message.
 pub struct Ticket {
@@ -173,8 +176,7 @@ impl Dispatcher {
         };
         let key = ConversationKey::of(&first.0.address);
         let (items, tickets) = self.inner.items(messages, want_outcome);
-        self.inner
-            .enqueue(&key, Job::Deliver { items, flush })?;
+        self.inner.enqueue(&key, Job::Deliver { items, flush })?;
         Ok(tickets)
     }
 
@@ -188,7 +190,13 @@ impl Dispatcher {
         let key = ConversationKey::of(&message.address);
         let (mut items, _) = self.inner.items(vec![(message, rendered)], false);
         let item = items.pop().ok_or(SubmitError::ShuttingDown)?;
-        self.inner.enqueue(&key, Job::Typing { item, keep_alive })
+        self.inner.enqueue(
+            &key,
+            Job::Typing {
+                item: Box::new(item),
+                keep_alive,
+            },
+        )
     }
 
     /// Starts a conversation, then delivers `messages` to it. The receiver yields the new
@@ -200,14 +208,14 @@ impl Dispatcher {
         options: ProactiveOptions,
         messages: Vec<(Message, Rendered)>,
         want_outcome: bool,
-    ) -> Result<(Vec<Ticket>, oneshot::Receiver<Result<Address, ChannelError>>), SubmitError> {
+    ) -> Result<(Vec<Ticket>, Created), SubmitError> {
         let key = ConversationKey::of(&address);
         let (items, tickets) = self.inner.items(messages, want_outcome);
         let (tx, rx) = oneshot::channel();
         self.inner.enqueue(
             &key,
             Job::Proactive {
-                address,
+                address: Box::new(address),
                 options,
                 items,
                 created: tx,
@@ -235,7 +243,10 @@ impl Dispatcher {
 }
 
 impl Inner {
-    fn shard(&self, key: &ConversationKey) -> MutexGuard<'_, HashMap<ConversationKey, mpsc::UnboundedSender<Job>>> {
+    fn shard(
+        &self,
+        key: &ConversationKey,
+    ) -> MutexGuard<'_, HashMap<ConversationKey, mpsc::UnboundedSender<Job>>> {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         key.hash(&mut h);
         let idx = (h.finish() as usize) % self.shards.len();
@@ -248,7 +259,11 @@ impl Inner {
         format!("{}-{n:010}", self.id_prefix)
     }
 
-    fn items(&self, messages: Vec<(Message, Rendered)>, want_outcome: bool) -> (Vec<Item>, Vec<Ticket>) {
+    fn items(
+        &self,
+        messages: Vec<(Message, Rendered)>,
+        want_outcome: bool,
+    ) -> (Vec<Item>, Vec<Ticket>) {
         let now = Instant::now();
         messages
             .into_iter()
@@ -294,7 +309,7 @@ impl Inner {
         let label = key.label();
         let ids: Vec<&Item> = match &job {
             Job::Deliver { items, .. } | Job::Proactive { items, .. } => items.iter().collect(),
-            Job::Typing { item, .. } => vec![item],
+            Job::Typing { item, .. } => vec![item.as_ref()],
         };
         for item in ids {
             self.store.accepted(Record {
@@ -322,7 +337,11 @@ impl Inner {
         drop(shard);
         self.workers.fetch_add(1, Ordering::Relaxed);
         let span = tracing::info_span!("conversation", key = %label);
-        tokio::spawn(Worker::new(self.clone(), key.clone(), rx).run().instrument(span));
+        tokio::spawn(
+            Worker::new(self.clone(), key.clone(), rx)
+                .run()
+                .instrument(span),
+        );
         Ok(())
     }
 
@@ -386,7 +405,7 @@ impl Worker {
                     let requests = item.rendered.clone();
                     self.send_typing(&requests).await;
                     self.inner.finish(
-                        item,
+                        *item,
                         Outcome {
                             state: DeliveryState::Delivered,
                             receipts: Vec::new(),
@@ -411,7 +430,7 @@ impl Worker {
                     options,
                     items,
                     created,
-                } => self.proactive(address, options, items, created).await,
+                } => self.proactive(*address, options, items, created).await,
             }
         }
         self.inner.workers.fetch_sub(1, Ordering::Relaxed);
@@ -492,7 +511,9 @@ impl Worker {
     async fn deliver(&self, item: Item) {
         let outcome = self.attempt_all(&item).await;
         match outcome.state {
-            DeliveryState::Delivered => tracing::debug!(message_id = %item.id, attempts = outcome.attempts, "delivered"),
+            DeliveryState::Delivered => {
+                tracing::debug!(message_id = %item.id, attempts = outcome.attempts, "delivered")
+            }
             state => tracing::warn!(
                 message_id = %item.id,
                 ?state,
@@ -594,13 +615,22 @@ impl Worker {
             attempt += 1;
             let r = {
                 let _permit = self.inner.permits.acquire().await;
-                self.inner.channels.create_conversation(&address, &options).await
+                self.inner
+                    .channels
+                    .create_conversation(&address, &options)
+                    .await
             };
             match r {
                 Ok(a) => break Ok(a),
                 // Only a clearly retryable refusal is retried: a repeated create could start two conversations.
                 Err(e) if e.kind == FailureKind::Retryable && attempt < cfg.max_attempts => {
-                    let wait = retry::backoff(attempt, cfg.base_retry_delay, cfg.max_retry_delay, e.retry_after, rand::random());
+                    let wait = retry::backoff(
+                        attempt,
+                        cfg.base_retry_delay,
+                        cfg.max_retry_delay,
+                        e.retry_after,
+                        rand::random(),
+                    );
                     tracing::info!(attempt, error = %e, "retrying conversation creation");
                     tokio::time::sleep(wait).await;
                 }
@@ -620,7 +650,11 @@ impl Worker {
                         Err(e) => {
                             let err = ChannelError {
                                 code: Some("render".into()),
-                                ..ChannelError::new(&self.key.channel_id, FailureKind::Permanent, e.to_string())
+                                ..ChannelError::new(
+                                    &self.key.channel_id,
+                                    FailureKind::Permanent,
+                                    e.to_string(),
+                                )
                             };
                             self.fail(item, err, 0);
                         }
@@ -631,7 +665,10 @@ impl Worker {
                     // These were already counted as undelivered when the proactive job was accepted.
                     let n = ready.len();
                     self.inner.undelivered.fetch_sub(n, Ordering::SeqCst);
-                    let job = Job::Deliver { items: ready, flush: true };
+                    let job = Job::Deliver {
+                        items: ready,
+                        flush: true,
+                    };
                     if let Err(SubmitError::ShuttingDown) = self.inner.enqueue_as(&key, job, true) {
                         tracing::warn!("proactive messages not queued: shutting down");
                     }
@@ -661,5 +698,3 @@ impl Worker {
         );
     }
 }
-
-

@@ -117,7 +117,11 @@ impl FakeConnector {
     }
 
     pub fn script(&self, conv: &str, answers: Vec<Scripted>) {
-        self.state.script.lock().unwrap().insert(conv.into(), answers);
+        self.state
+            .script
+            .lock()
+            .unwrap()
+            .insert(conv.into(), answers);
     }
 
     pub fn max_in_flight(&self, conv: &str) -> u32 {
@@ -142,7 +146,10 @@ impl FakeConnector {
                 return;
             }
             if Instant::now() > deadline {
-                panic!("timed out waiting for {what}; received {}", self.received().len());
+                panic!(
+                    "timed out waiting for {what}; received {}",
+                    self.received().len()
+                );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -159,7 +166,11 @@ async fn token(State(s): State<Arc<FakeState>>, body: String) -> Json<Value> {
     Json(json!({"token_type": "Bearer", "access_token": format!("tok-{n}"), "expires_in": expires}))
 }
 
-async fn create(State(s): State<Arc<FakeState>>, headers: HeaderMap, Json(body): Json<Value>) -> Response {
+async fn create(
+    State(s): State<Arc<FakeState>>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
     let n = s.created.fetch_add(1, Ordering::SeqCst) + 1;
     let id = format!("created:{n}");
     s.received.lock().unwrap().push(Received {
@@ -174,7 +185,9 @@ async fn create(State(s): State<Arc<FakeState>>, headers: HeaderMap, Json(body):
 }
 
 fn auth(h: &HeaderMap) -> Option<String> {
-    h.get("authorization").and_then(|v| v.to_str().ok()).map(String::from)
+    h.get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .map(String::from)
 }
 
 async fn activity(
@@ -195,7 +208,13 @@ async fn reply(
     handle(s, conv, Some(reply), headers, body).await
 }
 
-async fn handle(s: Arc<FakeState>, conv: String, reply_to: Option<String>, headers: HeaderMap, body: Value) -> Response {
+async fn handle(
+    s: Arc<FakeState>,
+    conv: String,
+    reply_to: Option<String>,
+    headers: HeaderMap,
+    body: Value,
+) -> Response {
     {
         let mut f = s.in_flight.lock().unwrap();
         let e = f.entry(conv.clone()).or_insert((0, 0));
@@ -216,7 +235,13 @@ async fn handle(s: Arc<FakeState>, conv: String, reply_to: Option<String>, heade
     }
     let scripted = {
         let mut sc = s.script.lock().unwrap();
-        sc.get_mut(&conv).and_then(|v| if v.is_empty() { None } else { Some(v.remove(0)) })
+        sc.get_mut(&conv).and_then(|v| {
+            if v.is_empty() {
+                None
+            } else {
+                Some(v.remove(0))
+            }
+        })
     };
     let path = match &reply_to {
         Some(r) => format!("/v3/conversations/{conv}/activities/{r}"),
@@ -235,14 +260,19 @@ async fn handle(s: Arc<FakeState>, conv: String, reply_to: Option<String>, heade
             // Refused requests are not recorded as received activities.
             let mut r = (StatusCode::from_u16(sc.status).unwrap(), Json(sc.body)).into_response();
             if let Some(secs) = sc.retry_after {
-                r.headers_mut().insert("retry-after", secs.to_string().parse().unwrap());
+                r.headers_mut()
+                    .insert("retry-after", secs.to_string().parse().unwrap());
             }
             r
         }
         None => {
             let id = s.next_id.fetch_add(1, Ordering::SeqCst) + 1;
             s.received.lock().unwrap().push(rec);
-            (StatusCode::OK, Json(json!({"id": format!("activity-{id}")}))).into_response()
+            (
+                StatusCode::OK,
+                Json(json!({"id": format!("activity-{id}")})),
+            )
+                .into_response()
         }
     };
     {
@@ -258,7 +288,10 @@ async fn handle(s: Arc<FakeState>, conv: String, reply_to: Option<String>, heade
 pub fn config_for(fake: &FakeConnector) -> Config {
     let mut c = Config::load(
         None,
-        vec![("CHANNEL_GATEWAY__SERVER__LISTEN".into(), "\"127.0.0.1:0\"".into())],
+        vec![(
+            "CHANNEL_GATEWAY__SERVER__LISTEN".into(),
+            "\"127.0.0.1:0\"".into(),
+        )],
     )
     .unwrap();
     let bf = &mut c.channels.botframework;
@@ -292,7 +325,11 @@ pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> Harness {
     let client = ChannelGatewayClient::connect(format!("http://{}", gateway.addr))
         .await
         .unwrap();
-    Harness { fake, gateway, client }
+    Harness {
+        fake,
+        gateway,
+        client,
+    }
 }
 
 impl Harness {

@@ -129,7 +129,11 @@ impl BotFrameworkClient {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    async fn token(&self, bot_id: &str, stale: Option<&str>) -> Result<Option<Secret>, ChannelError> {
+    async fn token(
+        &self,
+        bot_id: &str,
+        stale: Option<&str>,
+    ) -> Result<Option<Secret>, ChannelError> {
         let (Some(slot), Some(password)) = (self.tokens.get(bot_id), self.credentials.get(bot_id))
         else {
             if self.config.allow_unauthenticated {
@@ -157,7 +161,11 @@ impl BotFrameworkClient {
         Ok(Some(value))
     }
 
-    async fn fetch_token(&self, bot_id: &str, password: &Secret) -> Result<CachedToken, ChannelError> {
+    async fn fetch_token(
+        &self,
+        bot_id: &str,
+        password: &Secret,
+    ) -> Result<CachedToken, ChannelError> {
         self.token_fetches
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let started = Instant::now();
@@ -190,11 +198,19 @@ impl BotFrameworkClient {
             return Err(err);
         }
         let parsed: TokenResponse = resp.json().await.map_err(|e| {
-            ChannelError::new(CHANNEL, FailureKind::Retryable, format!("token response unreadable: {e}"))
+            ChannelError::new(
+                CHANNEL,
+                FailureKind::Retryable,
+                format!("token response unreadable: {e}"),
+            )
         })?;
         let lifetime = Duration::from_secs(parsed.expires_in.unwrap_or(3600));
         let usable = lifetime.saturating_sub(self.config.token_refresh_margin);
-        tracing::info!(bot_id, expires_in_s = lifetime.as_secs(), "bot framework token fetched");
+        tracing::info!(
+            bot_id,
+            expires_in_s = lifetime.as_secs(),
+            "bot framework token fetched"
+        );
         Ok(CachedToken {
             value: Secret::new(parsed.access_token),
             refresh_at: started + usable,
@@ -316,17 +332,26 @@ fn transport_error(e: &reqwest::Error, may_have_reached: bool) -> ChannelError {
     };
     ChannelError {
         code: Some(what.into()),
-        ..ChannelError::new(CHANNEL, kind, format!("{what} error calling the connector: {e}"))
+        ..ChannelError::new(
+            CHANNEL,
+            kind,
+            format!("{what} error calling the connector: {e}"),
+        )
     }
 }
 
 /// Parses `Retry-After` in seconds or as an HTTP date.
 pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
-    let v = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim();
+    let v = headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
     if let Ok(secs) = v.parse::<u64>() {
         return Some(Duration::from_secs(secs));
     }
-    let when = time::OffsetDateTime::parse(v, &time::format_description::well_known::Rfc2822).ok()?;
+    let when =
+        time::OffsetDateTime::parse(v, &time::format_description::well_known::Rfc2822).ok()?;
     let delta = when - time::OffsetDateTime::now_utc();
     Some(Duration::try_from(delta).unwrap_or(Duration::ZERO))
 }
@@ -396,11 +421,19 @@ mod tests {
     fn classification_keeps_the_channel_words() {
         let mut h = reqwest::header::HeaderMap::new();
         h.insert("retry-after", "7".parse().unwrap());
-        let e = classify(429, &h, r#"{"error":{"code":"TooManyRequests","message":"slow down"}}"#);
+        let e = classify(
+            429,
+            &h,
+            r#"{"error":{"code":"TooManyRequests","message":"slow down"}}"#,
+        );
         assert_eq!(e.kind, FailureKind::Retryable);
         assert_eq!(e.retry_after, Some(Duration::from_secs(7)));
         assert_eq!(e.code.as_deref(), Some("TooManyRequests"));
-        let e = classify(404, &Default::default(), r#"{"error":{"code":"ConversationNotFound","message":"gone"}}"#);
+        let e = classify(
+            404,
+            &Default::default(),
+            r#"{"error":{"code":"ConversationNotFound","message":"gone"}}"#,
+        );
         assert_eq!(e.kind, FailureKind::Permanent);
         assert_eq!(e.message, "gone");
         let e = classify(502, &Default::default(), "bad gateway");
@@ -417,9 +450,15 @@ mod tests {
             .unwrap();
         h.insert("retry-after", s.parse().unwrap());
         let d = retry_after(&h).unwrap();
-        assert!(d <= Duration::from_secs(31) && d >= Duration::from_secs(28), "{d:?}");
+        assert!(
+            d <= Duration::from_secs(31) && d >= Duration::from_secs(28),
+            "{d:?}"
+        );
         let mut h = reqwest::header::HeaderMap::new();
-        h.insert("retry-after", "Sun, 06 Nov 1994 08:49:37 GMT".parse().unwrap());
+        h.insert(
+            "retry-after",
+            "Sun, 06 Nov 1994 08:49:37 GMT".parse().unwrap(),
+        );
         assert_eq!(retry_after(&h), Some(Duration::ZERO));
     }
 }

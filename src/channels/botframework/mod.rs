@@ -1,4 +1,4 @@
 //! Bot Framework Connector v3 (Skype, Teams, Web Chat, Direct Line, Emulator).
 
-pub mod render;
 pub mod client;
+pub mod render;
