@@ -715,28 +715,53 @@ async fn replies_go_to_the_incoming_activity() {
     let _unused: HashMap<(), ()> = HashMap::new();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn idle_workers_are_evicted_without_losing_messages() {
-    let h = start_with(|c| c.delivery.idle_timeout = Duration::from_millis(30)).await;
-    // Sends spaced around the idle timeout race the eviction decision.
-    for i in 0..60 {
-        h.send("idle", &format!("m{i}")).await.unwrap();
-        tokio::time::sleep(Duration::from_millis((i % 7) * 9)).await;
+    // An idle timeout of 1 ms makes workers evict themselves all the time, so sends keep racing
+    // the eviction decision across many conversations at once.
+    let h = start_with(|c| c.delivery.idle_timeout = Duration::from_millis(1)).await;
+    let mut tasks = Vec::new();
+    for c in 0..40 {
+        let mut client = h.client.clone();
+        let address = h.address(&format!("idle-{c}"));
+        tasks.push(tokio::spawn(async move {
+            for i in 0..60u64 {
+                client
+                    .send(pb::SendRequest {
+                        message: Some(pb::Message {
+                            address: Some(address.clone()),
+                            text: format!("m{i}"),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_micros(rand::random::<u64>() % 1500)).await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
     }
     h.fake
-        .wait_for(Duration::from_secs(20), "60 messages", |r| r.len() == 60)
+        .wait_for(Duration::from_secs(30), "2400 messages", |r| {
+            r.len() == 2400
+        })
         .await;
-    let texts: Vec<String> = h
-        .fake
-        .for_conversation("idle")
-        .iter()
-        .map(|r| r.text().to_string())
-        .collect();
-    assert_eq!(texts, (0..60).map(|i| format!("m{i}")).collect::<Vec<_>>());
+    for c in 0..40 {
+        let texts: Vec<String> = h
+            .fake
+            .for_conversation(&format!("idle-{c}"))
+            .iter()
+            .map(|r| r.text().to_string())
+            .collect();
+        assert_eq!(texts, (0..60).map(|i| format!("m{i}")).collect::<Vec<_>>());
+    }
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(
         h.gateway.dispatcher.active_workers(),
         0,
-        "idle worker evicted"
+        "idle workers evicted"
     );
 }
