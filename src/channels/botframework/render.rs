@@ -472,13 +472,16 @@ fn attachments(msg: &Message, warnings: &mut Vec<Warning>) -> Result<Vec<Value>,
             c.put("content", hero_card(&HeroCard::default(), chunk));
             out.push(c.into_value());
         }
+        let moved = if rest.len() == 1 {
+            format!("button {} continues", max + 1)
+        } else {
+            format!("buttons {}-{} continue", max + 1, card.buttons.len())
+        };
         warnings.push(Warning::new(
             "buttons_split",
             format!("message.attachments[{i}].{variant}.buttons"),
             format!(
-                "{} buttons; {channel} shows at most {max} per card: buttons {}-{} continue on {extra} more card{}",
-                card.buttons.len(),
-                max + 1,
+                "{} buttons; {channel} shows at most {max} per card: {moved} on {extra} button-only hero card{} right after it",
                 card.buttons.len(),
                 if extra == 1 { "" } else { "s" },
             ),
