@@ -765,3 +765,98 @@ async fn idle_workers_are_evicted_without_losing_messages() {
         "idle workers evicted"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_refuses_new_sends_and_drains_the_queues() {
+    let h = start().await;
+    h.fake.set_latency("drain", Duration::from_millis(150));
+    for i in 0..5 {
+        h.send("drain", &format!("m{i}")).await.unwrap();
+    }
+    let client = h.client.clone();
+    let probe = h.text("drain", "too late");
+    let stopping = tokio::spawn(h.gateway.shutdown());
+    // New sends are refused while the queue drains.
+    let mut refused = None;
+    for _ in 0..50 {
+        match client
+            .clone()
+            .send(pb::SendRequest {
+                message: Some(probe.clone()),
+                ..Default::default()
+            })
+            .await
+        {
+            Err(e) => {
+                refused = Some(e);
+                break;
+            }
+            Ok(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
+    }
+    let refused = refused.expect("a send during shutdown was accepted");
+    assert!(matches!(refused.code(), Code::Unavailable), "{refused:?}");
+    stopping.await.unwrap().unwrap();
+    let texts: Vec<String> = h
+        .fake
+        .for_conversation("drain")
+        .iter()
+        .map(|r| r.text().to_string())
+        .collect();
+    assert_eq!(
+        &texts[..5],
+        ["m0", "m1", "m2", "m3", "m4"],
+        "accepted messages drained before exit"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_messages_are_not_sent_and_reported() {
+    let h = start().await;
+    h.fake.set_latency("exp", Duration::from_millis(400));
+    h.send("exp", "first").await.unwrap();
+    let soon = std::time::SystemTime::now() + Duration::from_millis(100);
+    let mut m = h.text("exp", "stale");
+    m.expiration = Some(prost_types::Timestamp::from(soon));
+    let err = h
+        .client
+        .clone()
+        .send(pb::SendRequest {
+            message: Some(m),
+            wait: pb::WaitMode::Delivered as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{}", err.message());
+    h.send("exp", "third").await.unwrap();
+    h.fake
+        .wait_for(Duration::from_secs(10), "two messages", |r| r.len() == 2)
+        .await;
+    let texts: Vec<String> = h
+        .fake
+        .for_conversation("exp")
+        .iter()
+        .map(|r| r.text().to_string())
+        .collect();
+    assert_eq!(texts, ["first", "third"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_batch_window_groups_sends_and_keeps_order() {
+    let h = start_with(|c| c.delivery.auto_batch_delay = Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
+    for i in 0..4 {
+        h.send("ab", &format!("m{i}")).await.unwrap();
+    }
+    h.fake
+        .wait_for(Duration::from_secs(10), "4 messages", |r| r.len() == 4)
+        .await;
+    let got = h.fake.for_conversation("ab");
+    assert!(
+        got[0].at.duration_since(started) >= Duration::from_millis(300),
+        "the window was not waited"
+    );
+    let texts: Vec<&str> = got.iter().map(|r| r.text()).collect();
+    assert_eq!(texts, ["m0", "m1", "m2", "m3"]);
+}
