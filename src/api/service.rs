@@ -350,17 +350,26 @@ impl ChannelGateway for GatewayService {
             })?),
             None => None,
         };
-        let msg = pb::Message {
-            r#type: pb::MessageType::Typing as i32,
-            address: req.address,
+        let mut v = Violations::default();
+        let address = convert::address(&mut v, "address", req.address);
+        if address.conversation_id().is_none() && !address.channel_id.is_empty() {
+            v.add("address.conversation.id", "required");
+        }
+        if !v.is_empty() {
+            return Err(status::invalid(v));
+        }
+        let channels = self.dispatcher.channels();
+        channels
+            .check_address(&address, "address")
+            .map_err(|e| status::route(e, "address.channel_id"))?;
+        let msg = Message {
+            kind: MessageType::Typing,
+            address,
             ..Default::default()
         };
-        let (msg, rendered) = self.prepare("message", Some(msg)).map_err(|s| {
-            // Name the fields as the caller wrote them: this request has `address`, not `message.address`.
-            let m = s.message().replace("message.address", "address");
-            Status::with_details(s.code(), m, s.details().to_vec().into())
-        })?;
-        debug_assert_eq!(msg.kind, MessageType::Typing);
+        let rendered = channels
+            .render_send(&msg)
+            .map_err(|e| status::render(e, "", "address.channel_id"))?;
         let warnings = warnings_pb(&rendered.warnings);
         self.dispatcher
             .submit_typing(msg, rendered, keep_alive)

@@ -65,9 +65,12 @@ pub fn route(e: RouteError, field: &str) -> Status {
 
 /// A render error names fields relative to `message`; `prefix` is where that message sits.
 pub fn render(e: RenderOrRoute, prefix: &str, channel_field: &str) -> Status {
-    let rebase = |f: String| match f.strip_prefix("message") {
-        Some(rest) => format!("{prefix}{rest}"),
-        None => f,
+    // `prefix` may be empty when the request has no message wrapper (SendTyping's `address`).
+    let rebase = |f: String| match (f.strip_prefix("message."), f.as_str()) {
+        (Some(rest), _) if prefix.is_empty() => rest.to_string(),
+        (Some(rest), _) => format!("{prefix}.{rest}"),
+        (None, "message") if !prefix.is_empty() => prefix.to_string(),
+        _ => f,
     };
     match e {
         RenderOrRoute::Render(RenderError::InvalidArgument { field, reason }) => {
