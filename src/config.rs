@@ -29,7 +29,7 @@ pub enum ConfigError {
     Invalid { key: String, reason: String },
 }
 
-fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
+pub(crate) fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.to_string(),
         reason: reason.into(),
@@ -185,6 +185,8 @@ impl Default for DeliveryConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct ChannelsConfig {
     pub botframework: BotFrameworkConfig,
+    pub facebook: crate::channels::facebook::config::FacebookConfig,
+    pub slack: crate::channels::slack::config::SlackConfig,
 }
 
 /// Hosts the Bot Framework serves conversations from; a token is only ever sent to these.
@@ -403,6 +405,8 @@ impl Config {
                 ));
             }
         }
+        self.channels.facebook.validate()?;
+        self.channels.slack.validate()?;
         Ok(())
     }
 }

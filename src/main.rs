@@ -63,6 +63,9 @@ struct MessageArgs {
     /// Incoming activity id to reply to.
     #[arg(long)]
     reply_to: Option<String>,
+    /// Thread within the conversation (Slack thread_ts).
+    #[arg(long)]
+    thread: Option<String>,
     #[arg(long)]
     text: Option<String>,
     /// plain, markdown or xml.
@@ -232,6 +235,7 @@ fn messages_from(args: &MessageArgs) -> Result<Vec<Message>, CliError> {
             }),
             service_url: args.service_url.clone(),
             id: args.reply_to.clone(),
+            thread_id: args.thread.clone(),
         },
         text: args.text.clone(),
         text_format,

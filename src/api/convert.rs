@@ -159,6 +159,7 @@ pub fn address(v: &mut Violations, path: &str, a: Option<pb::Address>) -> Addres
         conversation,
         service_url: opt_url(v, &format!("{path}.service_url"), a.service_url),
         id: opt(a.id),
+        thread_id: opt(a.thread_id),
     }
 }
 
@@ -622,6 +623,7 @@ pub fn address_pb(a: &Address) -> pb::Address {
         }),
         service_url: s(&a.service_url),
         id: s(&a.id),
+        thread_id: s(&a.thread_id),
     }
 }
 

@@ -15,7 +15,7 @@ use super::status;
 use crate::channels::{Capabilities, NativeReceipt, Rendered};
 use crate::config::ServerConfig;
 use crate::delivery::{ConversationKey, Dispatcher, Ticket};
-use crate::model::{self, Message, MessageType};
+use crate::model::{self, Message, MessageType, ProactiveOptions};
 use crate::outbox::{DeliveryState, Outcome};
 
 #[derive(Clone)]
@@ -168,7 +168,12 @@ impl GatewayService {
 
     /// Validates one message for an existing conversation, checks its address can be served,
     /// and renders it.
-    fn prepare(&self, path: &str, m: Option<pb::Message>) -> Result<(Message, Rendered), Status> {
+    fn prepare(
+        &self,
+        path: &str,
+        m: Option<pb::Message>,
+        proactive: Option<&ProactiveOptions>,
+    ) -> Result<(Message, Rendered), Status> {
         let mut v = Violations::default();
         let Some(m) = m else {
             return Err(status::invalid_field(path, "required"));
@@ -190,7 +195,7 @@ impl GatewayService {
             .check_address(&msg.address, &addr_path)
             .map_err(|e| status::route(e, &format!("{addr_path}.channel_id")))?;
         let rendered = channels
-            .render_send(&msg)
+            .render_send(&msg, proactive)
             .map_err(|e| status::render(e, path, &format!("{addr_path}.channel_id")))?;
         Ok((msg, rendered))
     }
@@ -252,7 +257,7 @@ impl ChannelGateway for GatewayService {
         let key = req.idempotency_key.clone();
         let cached = self
             .idempotent("send", &bot, &key, || async move {
-                let prepared = self.prepare("message", req.message)?;
+                let prepared = self.prepare("message", req.message, None)?;
                 let warnings = prepared.1.warnings.clone();
                 let mut tickets = self
                     .dispatcher
@@ -312,7 +317,7 @@ impl ChannelGateway for GatewayService {
                 }
                 let mut prepared = Vec::with_capacity(req.messages.len());
                 for (i, m) in req.messages.into_iter().enumerate() {
-                    prepared.push(self.prepare(&format!("messages[{i}]"), Some(m))?);
+                    prepared.push(self.prepare(&format!("messages[{i}]"), Some(m), None)?);
                 }
                 let first = ConversationKey::of(&prepared[0].0.address);
                 let mut v = Violations::default();
@@ -368,7 +373,7 @@ impl ChannelGateway for GatewayService {
             ..Default::default()
         };
         let rendered = channels
-            .render_send(&msg)
+            .render_send(&msg, None)
             .map_err(|e| status::render(e, "", "address.channel_id"))?;
         let warnings = warnings_pb(&rendered.warnings);
         self.dispatcher
@@ -417,7 +422,7 @@ impl ChannelGateway for GatewayService {
         let options = convert::proactive_options(req.options);
         let channels = self.dispatcher.channels();
         let rendered = if msg.address.conversation_id().is_some() {
-            channels.render_send(&msg)
+            channels.render_send(&msg, None)
         } else {
             channels.render_proactive(std::slice::from_ref(&msg), &options)
         }
@@ -501,7 +506,7 @@ impl GatewayService {
         for (i, mut m) in req.messages.into_iter().enumerate() {
             m.address = Some(convert::address_pb(&stand_in));
             let path = format!("messages[{i}]");
-            prepared.push(self.prepare(&path, Some(m))?);
+            prepared.push(self.prepare(&path, Some(m), Some(&options))?);
         }
         if has_conversation {
             let results = if prepared.is_empty() {

@@ -1,9 +1,11 @@
-//! Channels: each one a pure renderer (model -> native requests) and an HTTP client.
+//! Channels: each one a pure renderer (model -> native requests), an HTTP client, and its
+//! config section; plus the routing from a channel id to its implementation.
 //!
-//! Owns everything channel-specific and the routing from a channel id to its implementation.
-//! Must not know about gRPC, sequencing or retries.
+//! Owns everything channel-specific. Must not know about gRPC, sequencing or retries.
 
 pub mod botframework;
+pub mod facebook;
+pub mod slack;
 mod types;
 
 use std::collections::HashSet;
@@ -15,9 +17,11 @@ pub use types::*;
 use crate::config::Config;
 use crate::model::{Address, Message, ProactiveOptions};
 use botframework::client::{BotFrameworkClient, service_url_refusal};
+use facebook::client::FacebookClient;
+use slack::client::SlackClient;
 
 /// Channel ids that the gateway knows but that arrive in later steps.
-const PLANNED_CHANNELS: &[&str] = &["facebook", "slack", "telegram", "whatsapp"];
+const PLANNED_CHANNELS: &[&str] = &["telegram", "whatsapp"];
 
 /// Why an address cannot be served.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -32,30 +36,65 @@ pub enum RouteError {
     InvalidArgument { field: String, reason: String },
 }
 
-enum Route<'a> {
-    BotFramework(&'a BotFrameworkClient),
+/// A render that failed because of the message, or because the channel is unknown.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RenderOrRoute {
+    #[error(transparent)]
+    Render(#[from] RenderError),
+    #[error(transparent)]
+    Route(#[from] RouteError),
+}
+
+/// The implementation serving a channel id, with or without a usable client.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Implementation {
+    BotFramework,
+    Facebook,
+    Slack,
+}
+
+impl Implementation {
+    fn section(self) -> &'static str {
+        match self {
+            Self::BotFramework => "channels.botframework",
+            Self::Facebook => "channels.facebook",
+            Self::Slack => "channels.slack",
+        }
+    }
 }
 
 /// Every channel implementation, routed by channel id.
 pub struct Channels {
     botframework: Option<Arc<BotFrameworkClient>>,
     botframework_ids: HashSet<String>,
+    facebook: Option<Arc<FacebookClient>>,
+    slack: Option<Arc<SlackClient>>,
+    /// Kept for rendering, which needs no client (and no credentials).
+    config: Config,
 }
 
 impl Channels {
     pub fn from_config(config: &Config) -> Result<Self, String> {
-        let bf = &config.channels.botframework;
-        let botframework = if bf.enabled {
-            Some(Arc::new(BotFrameworkClient::new(
-                bf.clone(),
-                config.delivery.request_timeout,
-            )?))
-        } else {
-            None
-        };
+        let timeout = config.delivery.request_timeout;
+        let c = &config.channels;
         Ok(Self {
-            botframework,
-            botframework_ids: bf.channel_ids.iter().cloned().collect(),
+            botframework: match c.botframework.enabled {
+                true => Some(Arc::new(BotFrameworkClient::new(
+                    c.botframework.clone(),
+                    timeout,
+                )?)),
+                false => None,
+            },
+            botframework_ids: c.botframework.channel_ids.iter().cloned().collect(),
+            facebook: match c.facebook.enabled {
+                true => Some(Arc::new(FacebookClient::new(c.facebook.clone(), timeout)?)),
+                false => None,
+            },
+            slack: match c.slack.enabled {
+                true => Some(Arc::new(SlackClient::new(c.slack.clone(), timeout)?)),
+                false => None,
+            },
+            config: config.clone(),
         })
     }
 
@@ -63,45 +102,58 @@ impl Channels {
         self.botframework.as_deref()
     }
 
-    fn route(&self, channel_id: &str) -> Result<Route<'_>, RouteError> {
-        if self.botframework_ids.contains(channel_id) {
-            return match &self.botframework {
-                Some(c) => Ok(Route::BotFramework(c)),
-                None => Err(RouteError::NotConfigured {
-                    channel_id: channel_id.into(),
-                    reason: "channels.botframework.enabled is false".into(),
-                }),
-            };
-        }
-        if PLANNED_CHANNELS.contains(&channel_id) {
-            return Err(RouteError::NotConfigured {
-                channel_id: channel_id.into(),
+    fn implementation(&self, channel_id: &str) -> Result<Implementation, RouteError> {
+        match channel_id {
+            "facebook" => Ok(Implementation::Facebook),
+            "slack" => Ok(Implementation::Slack),
+            id if self.botframework_ids.contains(id) => Ok(Implementation::BotFramework),
+            id if PLANNED_CHANNELS.contains(&id) => Err(RouteError::NotConfigured {
+                channel_id: id.into(),
                 reason: "this gateway has no client for it yet".into(),
-            });
+            }),
+            id => Err(RouteError::Unknown(id.into())),
         }
-        Err(RouteError::Unknown(channel_id.into()))
     }
 
-    /// Whether `channel_id` is one the gateway can route (configured or not).
-    pub fn capabilities(&self, channel_id: &str) -> Result<(Capabilities, bool), RouteError> {
-        match self.route(channel_id) {
-            Ok(Route::BotFramework(c)) => {
-                let mut caps = botframework::render::capabilities(channel_id);
-                caps.typing_interval = c.config().typing_interval;
-                Ok((caps, true))
-            }
-            Err(RouteError::NotConfigured { .. }) if self.botframework_ids.contains(channel_id) => {
-                Ok((botframework::render::capabilities(channel_id), false))
-            }
-            Err(e) => Err(e),
+    fn disabled(channel_id: &str, imp: Implementation) -> RouteError {
+        RouteError::NotConfigured {
+            channel_id: channel_id.into(),
+            reason: format!("{}.enabled is false", imp.section()),
         }
+    }
+
+    /// What a channel supports, and whether it is enabled here.
+    pub fn capabilities(&self, channel_id: &str) -> Result<(Capabilities, bool), RouteError> {
+        let imp = self.implementation(channel_id)?;
+        Ok(match imp {
+            Implementation::BotFramework => {
+                let mut caps = botframework::render::capabilities(channel_id);
+                caps.typing_interval = self.config.channels.botframework.typing_interval;
+                (caps, self.botframework.is_some())
+            }
+            Implementation::Facebook => (
+                facebook::render::capabilities(channel_id),
+                self.facebook.is_some(),
+            ),
+            Implementation::Slack => (
+                slack::render::capabilities(channel_id),
+                self.slack.is_some(),
+            ),
+        })
     }
 
     /// Checks, before accepting, that the address can be served with the configured credentials.
     /// `field` is the path of the address in the request.
     pub fn check_address(&self, addr: &Address, field: &str) -> Result<(), RouteError> {
-        match self.route(&addr.channel_id)? {
-            Route::BotFramework(c) => {
+        let id = addr.channel_id.as_str();
+        let imp = self.implementation(id)?;
+        let bot = addr.bot_id();
+        let (has_credentials, section) = match imp {
+            Implementation::BotFramework => {
+                let c = self
+                    .botframework
+                    .as_deref()
+                    .ok_or_else(|| Self::disabled(id, imp))?;
                 let service_url = addr.service_url.as_deref().unwrap_or_default();
                 if service_url.is_empty() {
                     return Err(RouteError::InvalidArgument {
@@ -117,29 +169,51 @@ impl Channels {
                         reason,
                     });
                 }
-                let bot = addr.bot_id();
-                if !c.has_credentials(bot) && !c.config().allow_unauthenticated {
-                    return Err(RouteError::NotConfigured {
-                        channel_id: addr.channel_id.clone(),
-                        reason: format!(
-                            "no credentials for bot `{bot}` (channels.botframework.bots, or allow_unauthenticated)"
-                        ),
-                    });
-                }
-                Ok(())
+                (
+                    c.has_credentials(bot) || c.config().allow_unauthenticated,
+                    "channels.botframework.bots, or allow_unauthenticated",
+                )
             }
+            Implementation::Facebook => {
+                let c = self
+                    .facebook
+                    .as_deref()
+                    .ok_or_else(|| Self::disabled(id, imp))?;
+                (c.has_credentials(bot), "channels.facebook.pages")
+            }
+            Implementation::Slack => {
+                let c = self
+                    .slack
+                    .as_deref()
+                    .ok_or_else(|| Self::disabled(id, imp))?;
+                (c.has_credentials(bot), "channels.slack.workspaces")
+            }
+        };
+        if !has_credentials {
+            return Err(RouteError::NotConfigured {
+                channel_id: id.into(),
+                reason: format!("no credentials for bot `{bot}` ({section})"),
+            });
         }
+        Ok(())
     }
 
-    /// Renders a message for a conversation that exists. Routing errors surface as render errors
-    /// only for Render (dry run); Send checks the address first.
-    pub fn render_send(&self, msg: &Message) -> Result<Rendered, RenderOrRoute> {
-        match self.route_for_render(&msg.address.channel_id)? {
-            Implementation::BotFramework => Ok(botframework::render::render_send(msg)?),
-        }
+    /// Renders a message for a conversation that exists; `proactive` is set for SendProactive.
+    /// Works without credentials: only the channel id must be known.
+    pub fn render_send(
+        &self,
+        msg: &Message,
+        proactive: Option<&ProactiveOptions>,
+    ) -> Result<Rendered, RenderOrRoute> {
+        let c = &self.config.channels;
+        Ok(match self.implementation(&msg.address.channel_id)? {
+            Implementation::BotFramework => botframework::render::render_send(msg)?,
+            Implementation::Facebook => facebook::render::render_send(msg, proactive, &c.facebook)?,
+            Implementation::Slack => slack::render::render_send(msg, proactive, &c.slack)?,
+        })
     }
 
-    /// Renders a proactive start: the create request, then each message.
+    /// Renders a proactive start (address without conversation): any conversation creation, then each message.
     pub fn render_proactive(
         &self,
         messages: &[Message],
@@ -149,19 +223,20 @@ impl Channels {
             .first()
             .map(|m| m.address.channel_id.as_str())
             .unwrap_or_default();
-        match self.route_for_render(channel_id)? {
+        let c = &self.config.channels;
+        Ok(match self.implementation(channel_id)? {
             Implementation::BotFramework => {
-                Ok(botframework::render::render_proactive(messages, options)?)
+                botframework::render::render_proactive(messages, options)?
             }
-        }
+            Implementation::Facebook => {
+                facebook::render::render_proactive(messages, options, &c.facebook)?
+            }
+            Implementation::Slack => slack::render::render_proactive(messages, options, &c.slack)?,
+        })
     }
 
-    // Render works without credentials or configuration: only the channel id must be known.
-    fn route_for_render(&self, channel_id: &str) -> Result<Implementation, RouteError> {
-        if self.botframework_ids.contains(channel_id) {
-            return Ok(Implementation::BotFramework);
-        }
-        self.route(channel_id).map(|_| Implementation::BotFramework)
+    fn unroutable(channel_id: &str, e: RouteError) -> ChannelError {
+        ChannelError::new(channel_id, FailureKind::Permanent, e.to_string())
     }
 
     /// Makes one native request.
@@ -170,13 +245,22 @@ impl Channels {
         channel_id: &str,
         req: &NativeRequest,
     ) -> Result<NativeReceipt, ChannelError> {
-        match self.route(channel_id) {
-            Ok(Route::BotFramework(c)) => c.execute(req).await,
-            Err(e) => Err(ChannelError::new(
-                channel_id,
-                FailureKind::Permanent,
-                e.to_string(),
-            )),
+        let imp = self
+            .implementation(channel_id)
+            .map_err(|e| Self::unroutable(channel_id, e))?;
+        let off = || Self::unroutable(channel_id, Self::disabled(channel_id, imp));
+        match imp {
+            Implementation::BotFramework => {
+                self.botframework
+                    .as_deref()
+                    .ok_or_else(off)?
+                    .execute(req)
+                    .await
+            }
+            Implementation::Facebook => {
+                self.facebook.as_deref().ok_or_else(off)?.execute(req).await
+            }
+            Implementation::Slack => self.slack.as_deref().ok_or_else(off)?.execute(req).await,
         }
     }
 
@@ -186,51 +270,54 @@ impl Channels {
         addr: &Address,
         options: &ProactiveOptions,
     ) -> Result<Address, ChannelError> {
-        let client = match self.route(&addr.channel_id) {
-            Ok(Route::BotFramework(c)) => c,
-            Err(e) => {
-                return Err(ChannelError::new(
-                    &addr.channel_id,
-                    FailureKind::Permanent,
-                    e.to_string(),
-                ));
+        let channel_id = addr.channel_id.as_str();
+        let imp = self
+            .implementation(channel_id)
+            .map_err(|e| Self::unroutable(channel_id, e))?;
+        let off = || Self::unroutable(channel_id, Self::disabled(channel_id, imp));
+        match imp {
+            Implementation::BotFramework => {
+                let client = self.botframework.as_deref().ok_or_else(off)?;
+                let req = botframework::render::render_create_conversation(addr, options).map_err(
+                    |e| ChannelError::new("botframework", FailureKind::Permanent, e.to_string()),
+                )?;
+                let created = client.create_conversation(&req).await?;
+                let mut out = addr.clone();
+                let mut conv = out.conversation.take().unwrap_or_default();
+                conv.id = created.id;
+                if options.is_group {
+                    conv.is_group = Some(true);
+                }
+                if let Some(url) = created.service_url.filter(|u| !u.is_empty()) {
+                    out.service_url = Some(url);
+                }
+                out.conversation = Some(conv);
+                out.id = None;
+                Ok(out)
             }
-        };
-        let req = botframework::render::render_create_conversation(addr, options).map_err(|e| {
-            ChannelError::new("botframework", FailureKind::Permanent, e.to_string())
-        })?;
-        let created = client.create_conversation(&req).await?;
-        let mut out = addr.clone();
-        let mut conv = out.conversation.take().unwrap_or_default();
-        conv.id = created.id;
-        if options.is_group {
-            conv.is_group = Some(true);
+            Implementation::Facebook => {
+                self.facebook
+                    .as_deref()
+                    .ok_or_else(off)?
+                    .create_conversation(addr, options)
+                    .await
+            }
+            Implementation::Slack => {
+                self.slack
+                    .as_deref()
+                    .ok_or_else(off)?
+                    .create_conversation(addr, options)
+                    .await
+            }
         }
-        if let Some(url) = created.service_url.filter(|u| !u.is_empty()) {
-            out.service_url = Some(url);
-        }
-        out.conversation = Some(conv);
-        out.id = None;
-        Ok(out)
     }
 
+    /// How often a kept-alive typing indicator repeats on this channel.
     pub fn typing_interval(&self, channel_id: &str) -> Duration {
-        match self.route(channel_id) {
-            Ok(Route::BotFramework(c)) => c.config().typing_interval,
-            Err(_) => Duration::from_secs(3),
-        }
+        self.capabilities(channel_id)
+            .map(|(c, _)| c.typing_interval)
+            .ok()
+            .filter(|d| !d.is_zero())
+            .unwrap_or(Duration::from_secs(3))
     }
-}
-
-enum Implementation {
-    BotFramework,
-}
-
-/// A render that failed because of the message, or because the channel is unknown.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum RenderOrRoute {
-    #[error(transparent)]
-    Render(#[from] RenderError),
-    #[error(transparent)]
-    Route(#[from] RouteError),
 }

@@ -39,6 +39,19 @@ pub struct NativeRequest {
     pub body: Value,
     #[serde(skip)]
     pub credential: String,
+    /// The channel's rate limit this request counts against, if any.
+    #[serde(skip)]
+    pub rate: Option<RateLimit>,
+}
+
+/// A rate scope (a Slack channel, a Facebook page's media sends...) and its quota.
+/// Requests of one scope share one token bucket, across conversations.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RateLimit {
+    /// Unique across channels, e.g. `slack:T0123:C0456`.
+    pub scope: String,
+    pub per_second: f64,
+    pub burst: u32,
 }
 
 /// What a message turns into on a channel, and what had to change to fit.

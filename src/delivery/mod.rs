@@ -642,7 +642,11 @@ impl Worker {
                 let mut ready = Vec::with_capacity(items.len());
                 for mut item in items {
                     item.message.address = new_address.clone();
-                    match self.inner.channels.render_send(&item.message) {
+                    match self
+                        .inner
+                        .channels
+                        .render_send(&item.message, Some(&options))
+                    {
                         Ok(r) => {
                             item.rendered = r;
                             ready.push(item);

@@ -60,6 +60,9 @@ pub struct Address {
     pub service_url: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
+    /// The thread within the conversation (Slack `thread_ts`); replies stay in it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub thread_id: Option<String>,
 }
 
 impl Address {

@@ -352,6 +352,7 @@ impl Harness {
             }),
             service_url: self.fake.service_url(),
             id: String::new(),
+            thread_id: String::new(),
         }
     }
 

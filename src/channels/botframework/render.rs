@@ -206,6 +206,8 @@ fn send_request(
             url,
             body,
             credential: msg.address.bot_id().to_string(),
+            // The connector publishes no quota: only its 429s slow us down.
+            rate: None,
         }],
         warnings,
     })
@@ -270,6 +272,7 @@ fn create_request(
         url: format!("{base}/v3/conversations"),
         body: o.into_value(),
         credential: address.bot_id().to_string(),
+        rate: None,
     })
 }
 
@@ -783,6 +786,7 @@ mod tests {
             }),
             service_url: Some(SERVICE_URL.into()),
             id: None,
+            thread_id: None,
         }
     }
 
