@@ -105,7 +105,7 @@ async fn capabilities_per_channel() {
     assert!(!webchat.proactive, "Web Chat refuses create-conversation");
     let err = c
         .get_capabilities(pb::GetCapabilitiesRequest {
-            channel_id: "facebook".into(),
+            channel_id: "telegram".into(),
         })
         .await
         .unwrap_err();
