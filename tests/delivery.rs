@@ -860,3 +860,42 @@ async fn auto_batch_window_groups_sends_and_keeps_order() {
     let texts: Vec<&str> = got.iter().map(|r| r.text()).collect();
     assert_eq!(texts, ["m0", "m1", "m2", "m3"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_pauses_every_conversation_of_the_same_host() {
+    let h = start().await;
+    h.fake.script(
+        "limited",
+        vec![Scripted {
+            status: 429,
+            body: json!({"error": {"code": "TooManyRequests", "message": "slow down"}}),
+            retry_after: Some(2),
+        }],
+    );
+    h.send("limited", "a").await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let refused_at = loop {
+        if let Some((at, _)) = h.fake.state.refused.lock().unwrap().first().cloned() {
+            break at;
+        }
+        assert!(std::time::Instant::now() < deadline, "no 429 given");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    // Give the 429 answer time to travel back to the gateway; the pause counts from there.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    h.client
+        .clone()
+        .send(pb::SendRequest {
+            message: Some(h.text("neighbour", "b")),
+            wait: pb::WaitMode::Delivered as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let b = h.fake.for_conversation("neighbour")[0].at;
+    assert!(
+        b.duration_since(refused_at) >= Duration::from_millis(1900),
+        "another conversation on the paused host went ahead after {:?}",
+        b.duration_since(refused_at)
+    );
+}

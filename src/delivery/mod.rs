@@ -8,6 +8,7 @@
 //! period. Senders enqueue while holding the registry shard's lock and the worker decides its
 //! eviction under that same lock, so a message can never land in a queue nobody reads.
 
+pub mod rate;
 pub mod retry;
 
 use std::collections::{HashMap, VecDeque};
@@ -19,7 +20,9 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
 use tracing::Instrument;
 
-use crate::channels::{ChannelError, Channels, FailureKind, Rendered};
+use crate::channels::{
+    ChannelError, Channels, FailureKind, NativeReceipt, NativeRequest, Rendered,
+};
 use crate::config::DeliveryConfig;
 use crate::model::{Address, Message, ProactiveOptions};
 use crate::outbox::{DeliveryState, Outcome, Record, Store};
@@ -108,6 +111,7 @@ struct Inner {
     store: Arc<dyn Store>,
     config: DeliveryConfig,
     permits: Semaphore,
+    rates: rate::RateLimiter,
     accepting: AtomicBool,
     workers: AtomicUsize,
     /// Accepted messages not yet in a final state (typing included), for draining.
@@ -137,6 +141,7 @@ impl Dispatcher {
                 channels,
                 store,
                 permits: Semaphore::new(config.max_concurrency),
+                rates: rate::RateLimiter::default(),
                 config,
                 accepting: AtomicBool::new(true),
                 workers: AtomicUsize::new(0),
@@ -494,12 +499,38 @@ impl Worker {
 
     async fn send_typing(&self, rendered: &Rendered) {
         for req in &rendered.requests {
-            let _permit = self.inner.permits.acquire().await;
             // Typing is ephemeral: one attempt, a failure only logged.
-            if let Err(e) = self.inner.channels.execute(&self.key.channel_id, req).await {
+            if let Err(e) = self.execute(req).await {
                 tracing::warn!(error = %e, "typing indicator not delivered");
             }
         }
+    }
+
+    /// One call: wait for the request's rate scope (sleeping outside any lock), take a global
+    /// permit, call the channel; a 429 pauses the whole scope.
+    async fn execute(&self, req: &NativeRequest) -> Result<NativeReceipt, ChannelError> {
+        if let Some(limit) = &req.rate {
+            let wait = self.inner.rates.reserve(limit, std::time::Instant::now());
+            if !wait.is_zero() {
+                tracing::debug!(scope = %limit.scope, wait_ms = wait.as_millis() as u64, "waiting for rate scope");
+                tokio::time::sleep(wait).await;
+            }
+        }
+        let result = {
+            let _permit = self.inner.permits.acquire().await;
+            self.inner.channels.execute(&self.key.channel_id, req).await
+        };
+        if let (Err(e), Some(limit)) = (&result, &req.rate)
+            && e.http_status == Some(429)
+        {
+            let pause = e.retry_after.unwrap_or(self.inner.config.base_retry_delay);
+            let pause = pause.min(self.inner.config.max_retry_delay);
+            tracing::warn!(scope = %limit.scope, pause_ms = pause.as_millis() as u64, "rate limited: pausing the scope");
+            self.inner
+                .rates
+                .pause(&limit.scope, std::time::Instant::now() + pause);
+        }
+        result
     }
 
     fn expired(item: &Item) -> bool {
@@ -554,10 +585,7 @@ impl Worker {
                 }
                 attempt += 1;
                 out.attempts += 1;
-                let result = {
-                    let _permit = self.inner.permits.acquire().await;
-                    self.inner.channels.execute(&self.key.channel_id, req).await
-                };
+                let result = self.execute(req).await;
                 let err = match result {
                     Ok(receipt) => {
                         out.receipts.push(receipt);

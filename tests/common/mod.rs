@@ -63,6 +63,8 @@ pub struct FakeState {
     /// Activities in flight per conversation now, and the most ever seen.
     pub in_flight: Mutex<HashMap<String, (u32, u32)>>,
     pub token_requests: Mutex<Vec<String>>,
+    /// Scripted refusals given: when, and to which conversation.
+    pub refused: Mutex<Vec<(Instant, String)>>,
     pub token_expires_in: Mutex<u64>,
     pub next_id: AtomicU64,
     pub created: AtomicU64,
@@ -258,6 +260,10 @@ async fn handle(
     let resp = match scripted {
         Some(sc) => {
             // Refused requests are not recorded as received activities.
+            s.refused
+                .lock()
+                .unwrap()
+                .push((Instant::now(), conv.clone()));
             let mut r = (StatusCode::from_u16(sc.status).unwrap(), Json(sc.body)).into_response();
             if let Some(secs) = sc.retry_after {
                 r.headers_mut()

@@ -10,7 +10,7 @@ use serde_json::{Map, Value};
 use time::format_description::well_known::Rfc3339;
 use time::{OffsetDateTime, UtcOffset};
 
-use crate::channels::{Capabilities, HttpMethod, NativeRequest, RenderError, Rendered};
+use crate::channels::{Capabilities, HttpMethod, NativeRequest, RateLimit, RenderError, Rendered};
 use crate::model::{
     ActionType, Address, AttachmentContent, AttachmentLayout, CONTENT_TYPE_HERO, CardAction,
     CardImage, Conversation, DeliveryMode, HeroCard, Identity, Importance, InputHint, MediaCard,
@@ -206,11 +206,24 @@ fn send_request(
             url,
             body,
             credential: msg.address.bot_id().to_string(),
-            // The connector publishes no quota: only its 429s slow us down.
-            rate: None,
+            rate: Some(host_scope(&base)),
         }],
         warnings,
     })
+}
+
+/// The connector publishes no quota, so the scope (the service host) has none: only a 429
+/// pauses it, for every conversation served from that host.
+fn host_scope(url: &str) -> RateLimit {
+    let host = url::Url::parse(url)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_string))
+        .unwrap_or_default();
+    RateLimit {
+        scope: format!("botframework:{host}"),
+        per_second: 0.0,
+        burst: 0,
+    }
 }
 
 fn create_request(
@@ -272,7 +285,7 @@ fn create_request(
         url: format!("{base}/v3/conversations"),
         body: o.into_value(),
         credential: address.bot_id().to_string(),
-        rate: None,
+        rate: Some(host_scope(&base)),
     })
 }
 
