@@ -206,7 +206,7 @@ fn send_request(
             url,
             body,
             credential: msg.address.bot_id().to_string(),
-            rate: Some(host_scope(&base)),
+            rate: Some(host_scope(base)),
         }],
         warnings,
     })
