@@ -104,6 +104,7 @@ fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
 pub struct Config {
     pub server: ServerConfig,
     pub delivery: DeliveryConfig,
+    pub outbox: OutboxConfig,
     pub channels: ChannelsConfig,
     pub log: LogConfig,
 }
@@ -163,6 +164,10 @@ pub struct DeliveryConfig {
     /// Timeout of one channel HTTP call.
     #[serde(deserialize_with = "de_duration")]
     pub request_timeout: Duration,
+    /// Undelivered messages one conversation may hold; past it Send is RESOURCE_EXHAUSTED.
+    pub max_pending_per_conversation: usize,
+    /// Undelivered messages the gateway may hold in all.
+    pub max_pending_total: usize,
 }
 
 impl Default for DeliveryConfig {
@@ -177,6 +182,41 @@ impl Default for DeliveryConfig {
             max_retry_delay: Duration::from_secs(60),
             max_ambiguous_retries: 1,
             request_timeout: Duration::from_secs(30),
+            max_pending_per_conversation: 10_000,
+            max_pending_total: 1_000_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutboxBackend {
+    /// redb in `data_dir`: accepted messages survive a crash.
+    Durable,
+    /// Lost on a crash or restart; for tests and throwaway deployments.
+    Memory,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OutboxConfig {
+    pub backend: OutboxBackend,
+    /// Where the durable outbox lives (`--data-dir`).
+    pub data_dir: std::path::PathBuf,
+    /// Delivered messages are compacted away this long after delivery; failed ones are kept.
+    #[serde(deserialize_with = "de_duration")]
+    pub retention: Duration,
+    #[serde(deserialize_with = "de_duration")]
+    pub compact_interval: Duration,
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        Self {
+            backend: OutboxBackend::Durable,
+            data_dir: "channel-gateway-data".into(),
+            retention: Duration::from_secs(3600),
+            compact_interval: Duration::from_secs(60),
         }
     }
 }
@@ -345,6 +385,21 @@ impl Config {
         }
         if d.request_timeout.is_zero() {
             return Err(invalid("delivery.request_timeout", "must be more than 0"));
+        }
+        if d.max_pending_per_conversation == 0 {
+            return Err(invalid(
+                "delivery.max_pending_per_conversation",
+                "must be at least 1",
+            ));
+        }
+        if d.max_pending_total == 0 {
+            return Err(invalid("delivery.max_pending_total", "must be at least 1"));
+        }
+        if self.outbox.compact_interval.is_zero() {
+            return Err(invalid("outbox.compact_interval", "must be more than 0"));
+        }
+        if self.outbox.data_dir.as_os_str().is_empty() {
+            return Err(invalid("outbox.data_dir", "must not be empty"));
         }
         if self.server.max_batch_len == 0 {
             return Err(invalid("server.max_batch_len", "must be at least 1"));

@@ -34,6 +34,9 @@ enum Command {
         /// Overrides server.listen.
         #[arg(long)]
         listen: Option<String>,
+        /// Overrides outbox.data_dir (default ./channel-gateway-data).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
     },
     /// Send a message through a running gateway and print the result.
     Send(SendArgs),
@@ -125,12 +128,19 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
-        Command::Serve { config, listen } => {
+        Command::Serve {
+            config,
+            listen,
+            data_dir,
+        } => {
             let mut env: Vec<(String, String)> = std::env::vars().collect();
             if let Some(l) = listen {
-                env.push(("CHANNEL_GATEWAY__SERVER__LISTEN".into(), format!("\"{l}\"")));
+                env.push(("CHANNEL_GATEWAY__SERVER__LISTEN".into(), toml_string(&l)));
             }
-            let config = Config::load(config.as_deref(), env)?;
+            let mut config = Config::load(config.as_deref(), env)?;
+            if let Some(d) = data_dir {
+                config.outbox.data_dir = d;
+            }
             init_logging(&config);
             channel_gateway::server::run(config, shutdown_signal()).await?;
             Ok(())
@@ -138,6 +148,11 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Send(args) => send(args).await,
         Command::Render(args) => render(args).await,
     }
+}
+
+/// A TOML string literal, so any text survives the environment-override parser.
+fn toml_string(s: &str) -> String {
+    toml::Value::String(s.to_string()).to_string()
 }
 
 fn init_logging(config: &Config) {

@@ -14,8 +14,38 @@ use crate::api::pb::{self, channel_gateway_server::ChannelGatewayServer};
 use crate::api::service::GatewayService;
 use crate::channels::Channels;
 use crate::config::Config;
+use crate::config::OutboxBackend;
 use crate::delivery::Dispatcher;
-use crate::outbox::MemoryStore;
+use crate::outbox::{MemoryStore, RedbStore, Store, now_ms};
+
+/// Drops delivered messages past their retention and expired idempotency keys, periodically.
+fn spawn_compaction(
+    store: Arc<dyn Store>,
+    cfg: crate::config::OutboxConfig,
+    idem: std::time::Duration,
+) {
+    // A weak handle: the task must not keep the outbox (and its file lock) alive after the
+    // gateway that owns it is gone.
+    let store = Arc::downgrade(&store);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(cfg.compact_interval);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let Some(store) = store.upgrade() else {
+                return;
+            };
+            let now = now_ms();
+            let cutoff = now.saturating_sub(cfg.retention.as_millis() as u64);
+            let idem_cutoff = now.saturating_sub(idem.as_millis() as u64);
+            match tokio::task::spawn_blocking(move || store.compact(cutoff, idem_cutoff)).await {
+                Ok(n) if n > 0 => tracing::info!(compacted = n, "outbox compacted"),
+                Ok(_) => {}
+                Err(e) => tracing::error!(error = %e, "outbox compaction failed"),
+            }
+        }
+    });
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -28,6 +58,8 @@ pub enum ServeError {
     },
     #[error("channel setup: {0}")]
     Channels(String),
+    #[error("outbox: {0}")]
+    Outbox(String),
     #[error("reflection: {0}")]
     Reflection(String),
     #[error("gRPC server: {0}")]
@@ -97,8 +129,26 @@ async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(Dispatcher, impl Future<Output = Result<(), ServeError>>), ServeError> {
     let channels = Arc::new(Channels::from_config(&config).map_err(ServeError::Channels)?);
-    let store = Arc::new(MemoryStore::new(100_000));
-    let dispatcher = Dispatcher::new(channels, store, config.delivery.clone());
+    let store: Arc<dyn Store> = match config.outbox.backend {
+        OutboxBackend::Durable => {
+            let dir = &config.outbox.data_dir;
+            tracing::info!(data_dir = %dir.display(), "durable outbox");
+            Arc::new(RedbStore::open(dir).map_err(|e| ServeError::Outbox(e.to_string()))?)
+        }
+        OutboxBackend::Memory => {
+            tracing::warn!("in-memory outbox: accepted messages are lost on a crash or restart");
+            Arc::new(MemoryStore::new())
+        }
+    };
+    let dispatcher = Dispatcher::new(channels, store.clone(), config.delivery.clone());
+    dispatcher
+        .resume()
+        .map_err(|e| ServeError::Outbox(e.to_string()))?;
+    spawn_compaction(
+        store,
+        config.outbox.clone(),
+        config.server.idempotency_window,
+    );
     let service = GatewayService::new(dispatcher.clone(), config.server.clone());
 
     let (health, health_service) = tonic_health::server::health_reporter();

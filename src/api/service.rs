@@ -12,11 +12,12 @@ use tonic::{Request, Response, Status};
 use super::convert::{self, Violations};
 use super::pb::{self, channel_gateway_server::ChannelGateway};
 use super::status;
-use crate::channels::{Capabilities, NativeReceipt, Rendered};
+use crate::channels::{Capabilities, NativeReceipt};
 use crate::config::ServerConfig;
-use crate::delivery::{ConversationKey, Dispatcher, Ticket};
+use crate::delivery::{ConversationKey, Dispatcher, Submission, Ticket};
 use crate::model::{self, Message, MessageType, ProactiveOptions};
-use crate::outbox::{DeliveryState, Outcome};
+use crate::outbox::{DeliveryState, Outcome, StoredMessage, now_ms};
+use tokio_stream::{Stream, StreamExt};
 
 #[derive(Clone)]
 enum Cached {
@@ -29,28 +30,34 @@ type Slot = Arc<OnceCell<Cached>>;
 /// (rpc, bot id, idempotency key).
 type IdemKey = (&'static str, String, String);
 
-/// First results by (rpc, bot id, idempotency key). A concurrent retry waits for the first
-/// call; a failed first call caches nothing, so a retry after it really retries.
+/// First results by (rpc, bot id, idempotency key), in this process. A concurrent retry waits
+/// for the first call; a failed first call caches nothing, so a retry after it really retries.
+/// Across restarts the outbox keeps which messages a key accepted.
 struct Idempotency {
     window: Duration,
     slots: Mutex<HashMap<IdemKey, (Instant, Slot)>>,
 }
 
 impl Idempotency {
-    fn slot(&self, rpc: &'static str, bot: &str, key: &str) -> Slot {
+    fn slot(&self, key: &IdemKey) -> Slot {
         let mut map = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
-        if map.len() > 1024 {
+        if map.len() > 4096 {
             map.retain(|_, (t, _)| now.duration_since(*t) < self.window);
         }
         let entry = map
-            .entry((rpc, bot.to_string(), key.to_string()))
+            .entry(key.clone())
             .or_insert_with(|| (now, Arc::new(OnceCell::new())));
         if now.duration_since(entry.0) >= self.window {
             *entry = (now, Arc::new(OnceCell::new()));
         }
         entry.1.clone()
     }
+}
+
+fn idem_store_key(k: &IdemKey) -> String {
+    // Unit separators cannot appear in the parts' meaning, so keys never collide.
+    format!("{}\u{1f}{}\u{1f}{}", k.0, k.1, k.2)
 }
 
 pub struct GatewayService {
@@ -88,9 +95,62 @@ fn state_pb(s: DeliveryState) -> pb::DeliveryState {
     }
 }
 
-fn result_pb(id: String, warnings: &[model::Warning], outcome: Option<Outcome>) -> pb::SendResult {
+fn error_pb(e: crate::channels::ChannelError, o: &Outcome) -> pb::ChannelError {
+    pb::ChannelError {
+        permanent: e.kind == crate::channels::FailureKind::Permanent,
+        channel: e.channel,
+        http_status: e.http_status.map(u32::from).unwrap_or_default(),
+        code: e.code.unwrap_or_default(),
+        message: e.message,
+        possible_duplicate: o.possible_duplicate,
+        attempts: o.attempts,
+    }
+}
+
+fn timestamp_ms(ms: u64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: (ms / 1000) as i64,
+        nanos: ((ms % 1000) * 1_000_000) as i32,
+    }
+}
+
+fn delivery_pb(m: &StoredMessage) -> pb::Delivery {
+    let o = m.outcome();
+    let addr = &m.message.address;
+    pb::Delivery {
+        message_id: m.id.to_string(),
+        state: state_pb(m.state) as i32,
+        attempts: m.attempts,
+        error: m.error.clone().map(|e| error_pb(e, &o)),
+        receipts: receipts_pb(&m.receipts),
+        possible_duplicate: m.possible_duplicate,
+        channel_id: addr.channel_id.clone(),
+        bot_id: addr.bot_id().to_string(),
+        conversation_id: addr.conversation_id().unwrap_or_default().to_string(),
+        accepted_at: Some(timestamp_ms(m.accepted_at_ms)),
+        updated_at: Some(timestamp_ms(m.updated_at_ms)),
+        warnings: warnings_pb(&m.warnings),
+    }
+}
+
+/// A result rebuilt from the outbox (an idempotent retry after a restart).
+fn stored_result_pb(m: &StoredMessage) -> pb::SendResult {
+    let mut r = result_pb(m.id, &m.warnings, Some(m.outcome()));
+    if !m.state.is_terminal() {
+        r.state = state_pb(m.state) as i32;
+        r.error = None;
+    }
+    r
+}
+
+fn parse_id(field: &str, s: &str) -> Result<u64, Status> {
+    s.parse()
+        .map_err(|_| status::invalid_field(field, format!("`{s}` is not a message id")))
+}
+
+fn result_pb(id: u64, warnings: &[model::Warning], outcome: Option<Outcome>) -> pb::SendResult {
     let mut r = pb::SendResult {
-        message_id: id,
+        message_id: id.to_string(),
         state: pb::DeliveryState::Accepted as i32,
         warnings: warnings_pb(warnings),
         ..Default::default()
@@ -98,15 +158,7 @@ fn result_pb(id: String, warnings: &[model::Warning], outcome: Option<Outcome>) 
     if let Some(o) = outcome {
         r.state = state_pb(o.state) as i32;
         r.receipts = receipts_pb(&o.receipts);
-        r.error = o.error.map(|e| pb::ChannelError {
-            channel: e.channel,
-            http_status: e.http_status.map(u32::from).unwrap_or_default(),
-            code: e.code.unwrap_or_default(),
-            message: e.message,
-            permanent: e.kind == crate::channels::FailureKind::Permanent,
-            possible_duplicate: o.possible_duplicate,
-            attempts: o.attempts,
-        });
+        r.error = o.error.clone().map(|e| error_pb(e, &o));
     }
     r
 }
@@ -173,7 +225,7 @@ impl GatewayService {
         path: &str,
         m: Option<pb::Message>,
         proactive: Option<&ProactiveOptions>,
-    ) -> Result<(Message, Rendered), Status> {
+    ) -> Result<Submission, Status> {
         let mut v = Violations::default();
         let Some(m) = m else {
             return Err(status::invalid_field(path, "required"));
@@ -197,46 +249,79 @@ impl GatewayService {
         let rendered = channels
             .render_send(&msg, proactive)
             .map_err(|e| status::render(e, path, &format!("{addr_path}.channel_id")))?;
-        Ok((msg, rendered))
+        Ok(Submission {
+            message: msg,
+            rendered,
+        })
     }
 
     async fn run_batch(
         &self,
-        prepared: Vec<(Message, Rendered)>,
+        prepared: Vec<Submission>,
         flush: bool,
         wait: i32,
+        idempotency: Option<&IdemKey>,
     ) -> Result<Vec<pb::SendResult>, Status> {
-        let warnings: Vec<Vec<model::Warning>> =
-            prepared.iter().map(|(_, r)| r.warnings.clone()).collect();
-        let tickets = self
+        let warnings: Vec<Vec<model::Warning>> = prepared
+            .iter()
+            .map(|s| s.rendered.warnings.clone())
+            .collect();
+        let accepted = self
             .dispatcher
-            .submit(prepared, flush, wants_delivery(wait))
+            .submit(
+                prepared,
+                flush,
+                wants_delivery(wait),
+                idempotency.map(idem_store_key),
+            )
             .map_err(status::submit)?;
-        let mut results = Vec::with_capacity(tickets.len());
-        for (t, w) in tickets.into_iter().zip(warnings) {
-            let id = t.id.clone();
+        accepted.durable.await.map_err(status::outbox)?;
+        let mut results = Vec::with_capacity(accepted.tickets.len());
+        for (t, w) in accepted.tickets.into_iter().zip(warnings) {
+            let id = t.id;
             results.push(result_pb(id, &w, outcome(t).await));
         }
         Ok(results)
     }
 
+    /// Runs `f` once per idempotency key: a retry in this process gets the first answer; a
+    /// retry after a restart gets the accepted messages' current state from the outbox.
     async fn idempotent<F, Fut>(
         &self,
-        rpc: &'static str,
-        bot: &str,
-        key: &str,
+        key: Option<IdemKey>,
+        replay: impl FnOnce(Vec<StoredMessage>) -> Cached,
         f: F,
     ) -> Result<Cached, Status>
     where
-        F: FnOnce() -> Fut,
+        F: FnOnce(Option<IdemKey>) -> Fut,
         Fut: std::future::Future<Output = Result<Cached, Status>>,
     {
-        if key.is_empty() {
-            return f().await;
-        }
-        let slot = self.idempotency.slot(rpc, bot, key);
-        slot.get_or_try_init(f).await.cloned()
+        let Some(key) = key else {
+            return f(None).await;
+        };
+        let slot = self.idempotency.slot(&key);
+        let store = self.dispatcher.store().clone();
+        let window = self.config.idempotency_window;
+        slot.get_or_try_init(|| async move {
+            if let Some(rec) = store.idempotency_get(&idem_store_key(&key))
+                && now_ms().saturating_sub(rec.created_at_ms) < window.as_millis() as u64
+            {
+                let found = rec
+                    .message_ids
+                    .iter()
+                    .filter_map(|id| store.get(*id))
+                    .collect();
+                return Ok(replay(found));
+            }
+            f(Some(key)).await
+        })
+        .await
+        .cloned()
     }
+}
+
+fn idem_key(rpc: &'static str, bot: String, key: &str) -> Option<IdemKey> {
+    (!key.is_empty()).then(|| (rpc, bot, key.to_string()))
 }
 
 fn bot_of(m: Option<&pb::Message>) -> String {
@@ -253,18 +338,33 @@ impl ChannelGateway for GatewayService {
         req: Request<pb::SendRequest>,
     ) -> Result<Response<pb::SendResponse>, Status> {
         let req = req.into_inner();
-        let bot = bot_of(req.message.as_ref());
-        let key = req.idempotency_key.clone();
+        let key = idem_key("send", bot_of(req.message.as_ref()), &req.idempotency_key);
+        let replay = |found: Vec<StoredMessage>| {
+            let r = found.first().map(stored_result_pb).unwrap_or_default();
+            Cached::Send(Box::new(pb::SendResponse {
+                message_id: r.message_id,
+                state: r.state,
+                receipts: r.receipts,
+                warnings: r.warnings,
+            }))
+        };
         let cached = self
-            .idempotent("send", &bot, &key, || async move {
+            .idempotent(key, replay, |key| async move {
                 let prepared = self.prepare("message", req.message, None)?;
-                let warnings = prepared.1.warnings.clone();
-                let mut tickets = self
+                let warnings = prepared.rendered.warnings.clone();
+                let accepted = self
                     .dispatcher
-                    .submit(vec![prepared], false, wants_delivery(req.wait))
+                    .submit(
+                        vec![prepared],
+                        false,
+                        wants_delivery(req.wait),
+                        key.as_ref().map(idem_store_key),
+                    )
                     .map_err(status::submit)?;
+                accepted.durable.await.map_err(status::outbox)?;
+                let mut tickets = accepted.tickets;
                 let ticket = tickets.pop().ok_or_else(|| Status::internal("no ticket"))?;
-                let id = ticket.id.clone();
+                let id = ticket.id;
                 let done = outcome(ticket).await;
                 if let Some(o) = &done
                     && let Some(e) = &o.error
@@ -298,10 +398,18 @@ impl ChannelGateway for GatewayService {
         req: Request<pb::SendBatchRequest>,
     ) -> Result<Response<pb::SendBatchResponse>, Status> {
         let req = req.into_inner();
-        let bot = bot_of(req.messages.first());
-        let key = req.idempotency_key.clone();
+        let key = idem_key(
+            "send_batch",
+            bot_of(req.messages.first()),
+            &req.idempotency_key,
+        );
+        let replay = |found: Vec<StoredMessage>| {
+            Cached::Batch(pb::SendBatchResponse {
+                results: found.iter().map(stored_result_pb).collect(),
+            })
+        };
         let cached = self
-            .idempotent("send_batch", &bot, &key, || async move {
+            .idempotent(key, replay, |key| async move {
                 if req.messages.is_empty() {
                     return Err(status::invalid_field("messages", "at least one message is required"));
                 }
@@ -319,10 +427,10 @@ impl ChannelGateway for GatewayService {
                 for (i, m) in req.messages.into_iter().enumerate() {
                     prepared.push(self.prepare(&format!("messages[{i}]"), Some(m), None)?);
                 }
-                let first = ConversationKey::of(&prepared[0].0.address);
+                let first = ConversationKey::of(&prepared[0].message.address);
                 let mut v = Violations::default();
-                for (i, (m, _)) in prepared.iter().enumerate().skip(1) {
-                    if ConversationKey::of(&m.address) != first {
+                for (i, p) in prepared.iter().enumerate().skip(1) {
+                    if ConversationKey::of(&p.message.address) != first {
                         v.add(
                             format!("messages[{i}].address"),
                             "names another conversation than messages[0]; a batch is for one conversation",
@@ -332,7 +440,9 @@ impl ChannelGateway for GatewayService {
                 if !v.is_empty() {
                     return Err(status::invalid(v));
                 }
-                let results = self.run_batch(prepared, true, req.wait).await?;
+                let results = self
+                    .run_batch(prepared, true, req.wait, key.as_ref())
+                    .await?;
                 Ok(Cached::Batch(pb::SendBatchResponse { results }))
             })
             .await?;
@@ -372,12 +482,19 @@ impl ChannelGateway for GatewayService {
             address,
             ..Default::default()
         };
+        debug_assert_eq!(msg.kind, MessageType::Typing);
         let rendered = channels
             .render_send(&msg, None)
             .map_err(|e| status::render(e, "", "address.channel_id"))?;
         let warnings = warnings_pb(&rendered.warnings);
         self.dispatcher
-            .submit_typing(msg, rendered, keep_alive)
+            .submit_typing(
+                Submission {
+                    message: msg,
+                    rendered,
+                },
+                keep_alive,
+            )
             .map_err(status::submit)?;
         Ok(Response::new(pb::SendTypingResponse { warnings }))
     }
@@ -393,9 +510,19 @@ impl ChannelGateway for GatewayService {
             .and_then(|a| a.bot.as_ref())
             .map(|b| b.id.clone())
             .unwrap_or_default();
-        let key = req.idempotency_key.clone();
+        let key = idem_key("send_proactive", bot, &req.idempotency_key);
+        let fallback = req.address.clone();
+        let replay = move |found: Vec<StoredMessage>| {
+            Cached::Proactive(Box::new(pb::SendProactiveResponse {
+                address: found
+                    .first()
+                    .map(|m| convert::address_pb(&m.message.address))
+                    .or(fallback),
+                results: found.iter().map(stored_result_pb).collect(),
+            }))
+        };
         let cached = self
-            .idempotent("send_proactive", &bot, &key, || self.proactive(req))
+            .idempotent(key, replay, |key| self.proactive(req, key))
             .await?;
         match cached {
             Cached::Proactive(r) => Ok(Response::new(*r)),
@@ -458,10 +585,127 @@ impl ChannelGateway for GatewayService {
             capabilities: Some(capabilities_pb(caps, configured)),
         }))
     }
+
+    async fn get_delivery(
+        &self,
+        req: Request<pb::GetDeliveryRequest>,
+    ) -> Result<Response<pb::GetDeliveryResponse>, Status> {
+        let id = parse_id("message_id", &req.into_inner().message_id)?;
+        let m = self.dispatcher.store().get(id).ok_or_else(|| {
+            Status::not_found(format!(
+                "message {id} is not in the outbox (unknown, or delivered and compacted)"
+            ))
+        })?;
+        Ok(Response::new(pb::GetDeliveryResponse {
+            delivery: Some(delivery_pb(&m)),
+        }))
+    }
+
+    type WatchDeliveriesStream =
+        std::pin::Pin<Box<dyn Stream<Item = Result<pb::WatchDeliveriesResponse, Status>> + Send>>;
+
+    async fn watch_deliveries(
+        &self,
+        req: Request<pb::WatchDeliveriesRequest>,
+    ) -> Result<Response<Self::WatchDeliveriesStream>, Status> {
+        let f = req.into_inner();
+        let store = self.dispatcher.store().clone();
+        let rx = self.dispatcher.subscribe();
+        let stream = tokio_stream::wrappers::BroadcastStream::new(rx).filter_map(move |ev| {
+            match ev {
+                Ok(ev) => {
+                    let wanted = (f.bot_id.is_empty() || f.bot_id == ev.bot_id)
+                        && (f.channel_id.is_empty() || f.channel_id == ev.channel_id)
+                        && (f.conversation_id.is_empty() || f.conversation_id == ev.conversation_id);
+                    if !wanted {
+                        return None;
+                    }
+                    let delivery = store.get(ev.id).map(|m| {
+                        let mut d = delivery_pb(&m);
+                        // The event is the truth of this change; the record may be newer already.
+                        d.state = state_pb(ev.outcome.state) as i32;
+                        d
+                    });
+                    delivery.map(|d| Ok(pb::WatchDeliveriesResponse { delivery: Some(d) }))
+                }
+                // A watcher that fell behind is told, rather than silently missing changes.
+                Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => {
+                    Some(Err(Status::data_loss(format!(
+                        "watcher fell behind and missed {n} changes; use GetDelivery or ListFailed, then watch again"
+                    ))))
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn list_failed(
+        &self,
+        req: Request<pb::ListFailedRequest>,
+    ) -> Result<Response<pb::ListFailedResponse>, Status> {
+        let req = req.into_inner();
+        let size = match req.page_size {
+            0 => 100,
+            n => n.min(1000) as usize,
+        };
+        let mut after = if req.page_token.is_empty() {
+            0
+        } else {
+            parse_id("page_token", &req.page_token)?
+        };
+        let store = self.dispatcher.store();
+        let mut out = Vec::new();
+        let mut exhausted = false;
+        while out.len() < size && !exhausted {
+            let page = store.failed(after, size);
+            exhausted = page.len() < size;
+            for m in page {
+                after = m.id;
+                if req.bot_id.is_empty() || m.message.address.bot_id() == req.bot_id {
+                    out.push(delivery_pb(&m));
+                    if out.len() == size {
+                        break;
+                    }
+                }
+            }
+        }
+        let next_page_token = if exhausted && out.len() < size {
+            String::new()
+        } else {
+            after.to_string()
+        };
+        Ok(Response::new(pb::ListFailedResponse {
+            deliveries: out,
+            next_page_token,
+        }))
+    }
+
+    async fn redeliver(
+        &self,
+        req: Request<pb::RedeliverRequest>,
+    ) -> Result<Response<pb::RedeliverResponse>, Status> {
+        let ids_s = req.into_inner().message_ids;
+        if ids_s.is_empty() {
+            return Err(status::invalid_field(
+                "message_ids",
+                "at least one id is required",
+            ));
+        }
+        let mut ids = Vec::with_capacity(ids_s.len());
+        for (i, s) in ids_s.iter().enumerate() {
+            ids.push(parse_id(&format!("message_ids[{i}]"), s)?);
+        }
+        self.dispatcher.redeliver(&ids).map_err(status::submit)?;
+        Ok(Response::new(pb::RedeliverResponse { message_ids: ids_s }))
+    }
 }
 
 impl GatewayService {
-    async fn proactive(&self, req: pb::SendProactiveRequest) -> Result<Cached, Status> {
+    async fn proactive(
+        &self,
+        req: pb::SendProactiveRequest,
+        key: Option<IdemKey>,
+    ) -> Result<Cached, Status> {
         let mut v = Violations::default();
         let address = convert::address(&mut v, "address", req.address.clone());
         if address.conversation_id().is_none() && address.user_id().is_empty() {
@@ -512,19 +756,30 @@ impl GatewayService {
             let results = if prepared.is_empty() {
                 Vec::new()
             } else {
-                self.run_batch(prepared, true, req.wait).await?
+                self.run_batch(prepared, true, req.wait, key.as_ref())
+                    .await?
             };
             return Ok(Cached::Proactive(Box::new(pb::SendProactiveResponse {
                 address: Some(convert::address_pb(&address)),
                 results,
             })));
         }
-        let warnings: Vec<Vec<model::Warning>> =
-            prepared.iter().map(|(_, r)| r.warnings.clone()).collect();
-        let (tickets, created) = self
+        let warnings: Vec<Vec<model::Warning>> = prepared
+            .iter()
+            .map(|s| s.rendered.warnings.clone())
+            .collect();
+        let (accepted, created) = self
             .dispatcher
-            .submit_proactive(address, options, prepared, wants_delivery(req.wait))
+            .submit_proactive(
+                address,
+                options,
+                prepared,
+                wants_delivery(req.wait),
+                key.as_ref().map(idem_store_key),
+            )
             .map_err(status::submit)?;
+        accepted.durable.await.map_err(status::outbox)?;
+        let tickets = accepted.tickets;
         let new_address = match created.await {
             Ok(Ok(a)) => a,
             Ok(Err(e)) => return Err(status::channel(&e, 1, false)),
@@ -536,7 +791,7 @@ impl GatewayService {
         };
         let mut results = Vec::with_capacity(tickets.len());
         for (t, w) in tickets.into_iter().zip(warnings) {
-            let id = t.id.clone();
+            let id = t.id;
             results.push(result_pb(id, &w, outcome(t).await));
         }
         Ok(Cached::Proactive(Box::new(pb::SendProactiveResponse {

@@ -92,7 +92,19 @@ pub fn submit(e: SubmitError) -> Status {
         SubmitError::ShuttingDown => {
             Status::unavailable("the gateway is shutting down; retry on another instance")
         }
+        SubmitError::Backpressure { bound, .. } => Status::with_error_details(
+            Code::ResourceExhausted,
+            e.to_string(),
+            ErrorDetails::with_quota_failure_violation(bound, e.to_string()),
+        ),
+        SubmitError::NotFound(_) => Status::not_found(e.to_string()),
+        SubmitError::NotFailed(_) => Status::failed_precondition(e.to_string()),
     }
+}
+
+/// The outbox could not make an accepted message durable: the caller must retry.
+pub fn outbox(e: crate::outbox::StoreError) -> Status {
+    Status::unavailable(format!("message not stored: {e}; retry"))
 }
 
 /// The channel's refusal as a status: its code and text in the message and in ErrorInfo.

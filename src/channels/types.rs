@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::model::Warning;
@@ -99,7 +99,7 @@ pub struct Capabilities {
 }
 
 /// How a failed channel call should be treated by the retry policy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FailureKind {
     /// Try again later (429, 5xx, throttling codes); the request surely had no effect or is safe.
@@ -111,7 +111,7 @@ pub enum FailureKind {
 }
 
 /// A channel's answer that is not a success, with the channel's own words.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 #[error("{channel} {kind:?}: {}{}", self.code.as_deref().map(|c| format!("{c}: ")).unwrap_or_default(), self.message)]
 pub struct ChannelError {
     pub channel: String,
@@ -121,7 +121,7 @@ pub struct ChannelError {
     /// The channel's own error code (`Forbidden`, `613`, `channel_not_found`, ...).
     pub code: Option<String>,
     pub message: String,
-    #[serde(skip)]
+    #[serde(skip, default)]
     pub retry_after: Option<Duration>,
 }
 
@@ -139,7 +139,7 @@ impl ChannelError {
 }
 
 /// A channel's acknowledgement of one request.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NativeReceipt {
     /// The channel's id for what was created (activity id, message_id, ts).
     pub native_id: String,

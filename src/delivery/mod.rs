@@ -15,9 +15,9 @@ use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
-use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
+use tokio::sync::{Notify, Semaphore, broadcast, mpsc, oneshot};
 use tracing::Instrument;
 
 use crate::channels::{
@@ -25,7 +25,10 @@ use crate::channels::{
 };
 use crate::config::DeliveryConfig;
 use crate::model::{Address, Message, ProactiveOptions};
-use crate::outbox::{DeliveryState, Outcome, Record, Store};
+use crate::outbox::{
+    Change, DeliveryState, Durable, IdempotencyRecord, Outcome, Store, StoredMessage, now_ms,
+    ready_durable,
+};
 
 const SHARDS: usize = 64;
 
@@ -58,10 +61,17 @@ impl ConversationKey {
 
 /// One accepted message on its way.
 struct Item {
-    id: String,
+    id: u64,
     message: Message,
     rendered: Rendered,
+    proactive: Option<ProactiveOptions>,
     accepted_at: Instant,
+    /// Resolves once the message is in the outbox; nothing is sent before.
+    durable: Durable,
+    /// A previous run may already have sent it (it was being delivered at a crash).
+    possible_duplicate: bool,
+    /// Typing indicators are not kept in the outbox.
+    ephemeral: bool,
     done: Option<oneshot::Sender<Outcome>>,
 }
 
@@ -76,15 +86,22 @@ enum Job {
         address: Box<Address>,
         options: ProactiveOptions,
         items: Vec<Item>,
-        created: oneshot::Sender<Result<Address, ChannelError>>,
+        created: Option<oneshot::Sender<Result<Address, ChannelError>>>,
     },
 }
 
 impl Job {
-    fn len(&self) -> usize {
+    fn items(&self) -> Vec<&Item> {
         match self {
-            Job::Deliver { items, .. } | Job::Proactive { items, .. } => items.len(),
-            Job::Typing { .. } => 1,
+            Job::Deliver { items, .. } | Job::Proactive { items, .. } => items.iter().collect(),
+            Job::Typing { item, .. } => vec![item.as_ref()],
+        }
+    }
+
+    fn items_mut(&mut self) -> Vec<&mut Item> {
+        match self {
+            Job::Deliver { items, .. } | Job::Proactive { items, .. } => items.iter_mut().collect(),
+            Job::Typing { item, .. } => vec![item.as_mut()],
         }
     }
 }
@@ -94,19 +111,51 @@ pub type Created = oneshot::Receiver<Result<Address, ChannelError>>;
 
 /// What the caller gets back for each accepted message.
 pub struct Ticket {
-    pub id: String,
+    pub id: u64,
     /// Resolves when the message reaches a final state (only when asked for).
     pub outcome: Option<oneshot::Receiver<Outcome>>,
+}
+
+/// Accepted messages; `durable` resolves once they are in the outbox.
+pub struct Accepted {
+    pub tickets: Vec<Ticket>,
+    pub durable: Durable,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SubmitError {
     #[error("the gateway is shutting down")]
     ShuttingDown,
+    #[error("{bound} ({limit}) reached: {pending} messages not yet delivered")]
+    Backpressure {
+        bound: &'static str,
+        limit: usize,
+        pending: usize,
+    },
+    #[error("message {0} is not in the outbox (unknown or compacted)")]
+    NotFound(u64),
+    #[error("message {0} is not failed: only failed or expired messages can be redelivered")]
+    NotFailed(u64),
+}
+
+/// A change of a message's state, for watchers.
+#[derive(Debug, Clone)]
+pub struct DeliveryEvent {
+    pub id: u64,
+    pub channel_id: String,
+    pub bot_id: String,
+    pub conversation_id: String,
+    pub outcome: Outcome,
+}
+
+struct Entry {
+    tx: mpsc::UnboundedSender<Job>,
+    /// Messages queued or in delivery for this conversation (backpressure).
+    queued: Arc<AtomicUsize>,
 }
 
 struct Inner {
-    shards: Vec<Mutex<HashMap<ConversationKey, mpsc::UnboundedSender<Job>>>>,
+    shards: Vec<Mutex<HashMap<ConversationKey, Entry>>>,
     channels: Arc<Channels>,
     store: Arc<dyn Store>,
     config: DeliveryConfig,
@@ -114,12 +163,11 @@ struct Inner {
     rates: rate::RateLimiter,
     accepting: AtomicBool,
     workers: AtomicUsize,
-    /// Accepted messages not yet in a final state (typing included), for draining.
+    /// Accepted messages not yet in a final state (typing included), for draining and bounds.
     undelivered: AtomicUsize,
     drained: Notify,
     next_id: AtomicU64,
-    id_prefix: String,
-    next_seq: AtomicU64,
+    events: broadcast::Sender<DeliveryEvent>,
 }
 
 /// Handle to the ordering engine; cheap to clone.
@@ -128,17 +176,20 @@ pub struct Dispatcher {
     inner: Arc<Inner>,
 }
 
+/// A message ready to accept: validated, rendered, with its warnings.
+pub struct Submission {
+    pub message: Message,
+    pub rendered: Rendered,
+}
+
 impl Dispatcher {
     pub fn new(channels: Arc<Channels>, store: Arc<dyn Store>, config: DeliveryConfig) -> Self {
-        let nonce = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or_default()
-            ^ rand::random::<u64>();
+        let (events, _) = broadcast::channel(4096);
         Self {
             inner: Arc::new(Inner {
                 shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
                 channels,
+                next_id: AtomicU64::new(store.next_id()),
                 store,
                 permits: Semaphore::new(config.max_concurrency),
                 rates: rate::RateLimiter::default(),
@@ -147,15 +198,22 @@ impl Dispatcher {
                 workers: AtomicUsize::new(0),
                 undelivered: AtomicUsize::new(0),
                 drained: Notify::new(),
-                next_id: AtomicU64::new(1),
-                id_prefix: format!("{nonce:016x}"),
-                next_seq: AtomicU64::new(1),
+                events,
             }),
         }
     }
 
     pub fn channels(&self) -> &Channels {
         &self.inner.channels
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.inner.store
+    }
+
+    /// State changes of every message from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<DeliveryEvent> {
+        self.inner.events.subscribe()
     }
 
     /// Conversation workers alive now.
@@ -172,36 +230,50 @@ impl Dispatcher {
     /// contiguously in this order. `flush` bypasses the auto-batch window (SendBatch).
     pub fn submit(
         &self,
-        messages: Vec<(Message, Rendered)>,
+        messages: Vec<Submission>,
         flush: bool,
         want_outcome: bool,
-    ) -> Result<Vec<Ticket>, SubmitError> {
+        idempotency_key: Option<String>,
+    ) -> Result<Accepted, SubmitError> {
         let Some(first) = messages.first() else {
-            return Ok(Vec::new());
+            return Ok(Accepted {
+                tickets: Vec::new(),
+                durable: ready_durable(),
+            });
         };
-        let key = ConversationKey::of(&first.0.address);
-        let (items, tickets) = self.inner.items(messages, want_outcome);
-        self.inner.enqueue(&key, Job::Deliver { items, flush })?;
-        Ok(tickets)
+        let key = ConversationKey::of(&first.message.address);
+        let (items, rxs) = new_items(messages, None, want_outcome);
+        self.inner.enqueue(
+            &key,
+            Job::Deliver { items, flush },
+            Admission::New(idempotency_key),
+            rxs,
+        )
     }
 
     /// Accepts a typing indicator in line with the conversation's messages.
     pub fn submit_typing(
         &self,
-        message: Message,
-        rendered: Rendered,
+        submission: Submission,
         keep_alive: Option<Duration>,
     ) -> Result<(), SubmitError> {
-        let key = ConversationKey::of(&message.address);
-        let (mut items, _) = self.inner.items(vec![(message, rendered)], false);
-        let item = items.pop().ok_or(SubmitError::ShuttingDown)?;
-        self.inner.enqueue(
-            &key,
-            Job::Typing {
-                item: Box::new(item),
-                keep_alive,
-            },
-        )
+        let key = ConversationKey::of(&submission.message.address);
+        let (mut items, _) = new_items(vec![submission], None, false);
+        let Some(mut item) = items.pop() else {
+            return Ok(());
+        };
+        item.ephemeral = true;
+        self.inner
+            .enqueue(
+                &key,
+                Job::Typing {
+                    item: Box::new(item),
+                    keep_alive,
+                },
+                Admission::New(None),
+                Vec::new(),
+            )
+            .map(|_| ())
     }
 
     /// Starts a conversation, then delivers `messages` to it. The receiver yields the new
@@ -211,22 +283,130 @@ impl Dispatcher {
         &self,
         address: Address,
         options: ProactiveOptions,
-        messages: Vec<(Message, Rendered)>,
+        messages: Vec<Submission>,
         want_outcome: bool,
-    ) -> Result<(Vec<Ticket>, Created), SubmitError> {
+        idempotency_key: Option<String>,
+    ) -> Result<(Accepted, Created), SubmitError> {
         let key = ConversationKey::of(&address);
-        let (items, tickets) = self.inner.items(messages, want_outcome);
+        let (items, rxs) = new_items(messages, Some(&options), want_outcome);
         let (tx, rx) = oneshot::channel();
-        self.inner.enqueue(
+        let accepted = self.inner.enqueue(
             &key,
             Job::Proactive {
                 address: Box::new(address),
                 options,
                 items,
-                created: tx,
+                created: Some(tx),
             },
+            Admission::New(idempotency_key),
+            rxs,
         )?;
-        Ok((tickets, rx))
+        Ok((accepted, rx))
+    }
+
+    /// Puts every unfinished message of the outbox back in line, per conversation in acceptance
+    /// order. Called once at start, before serving. Returns how many were resumed.
+    pub fn resume(&self) -> Result<usize, crate::outbox::StoreError> {
+        let pending = self.inner.store.pending()?;
+        let n = pending.len();
+        // Consecutive messages of one conversation (and one proactive start) form one job.
+        let mut groups: Vec<(ConversationKey, bool, Vec<StoredMessage>)> = Vec::new();
+        for m in pending {
+            let key = ConversationKey::of(&m.message.address);
+            let starts = m.proactive.is_some() && m.message.address.conversation_id().is_none();
+            match groups.iter_mut().rev().find(|(k, _, _)| *k == key) {
+                Some((_, s, list)) if *s == starts => list.push(m),
+                _ => groups.push((key, starts, vec![m])),
+            }
+        }
+        for (key, starts, list) in groups {
+            self.requeue(key, starts, list);
+        }
+        if n > 0 {
+            tracing::info!(messages = n, "resumed undelivered messages from the outbox");
+        }
+        Ok(n)
+    }
+
+    /// Puts failed or expired messages back in line at the end of their conversations.
+    pub fn redeliver(&self, ids: &[u64]) -> Result<(), SubmitError> {
+        let mut found = Vec::with_capacity(ids.len());
+        for &id in ids {
+            let m = self.inner.store.get(id).ok_or(SubmitError::NotFound(id))?;
+            if !matches!(m.state, DeliveryState::Failed | DeliveryState::Expired) {
+                return Err(SubmitError::NotFailed(id));
+            }
+            found.push(m);
+        }
+        for mut m in found {
+            // Not awaited: the requeued item is delivered from memory either way.
+            drop(self.inner.store.update(m.id, Change::Requeued));
+            m.state = DeliveryState::Accepted;
+            let key = ConversationKey::of(&m.message.address);
+            let starts = m.proactive.is_some() && m.message.address.conversation_id().is_none();
+            self.requeue(key, starts, vec![m]);
+        }
+        Ok(())
+    }
+
+    fn requeue(&self, key: ConversationKey, starts: bool, list: Vec<StoredMessage>) {
+        let mut items = Vec::with_capacity(list.len());
+        let mut options = None;
+        let mut address = None;
+        for m in list {
+            let (rendered, render_error) = match self
+                .inner
+                .channels
+                .render_send(&m.message, m.proactive.as_ref())
+            {
+                Ok(r) => (r, None),
+                // A proactive start renders again once its conversation exists.
+                Err(_) if starts => (Rendered::default(), None),
+                Err(e) => (Rendered::default(), Some(e.to_string())),
+            };
+            options = options.or(m.proactive.clone());
+            address.get_or_insert_with(|| m.message.address.clone());
+            let item = Item {
+                id: m.id,
+                message: m.message,
+                rendered,
+                proactive: m.proactive,
+                accepted_at: Instant::now(),
+                durable: ready_durable(),
+                possible_duplicate: m.state == DeliveryState::Delivering || m.possible_duplicate,
+                ephemeral: false,
+                done: None,
+            };
+            match render_error {
+                Some(reason) => {
+                    self.inner.undelivered.fetch_add(1, Ordering::SeqCst);
+                    let err = ChannelError {
+                        code: Some("render".into()),
+                        ..ChannelError::new(&key.channel_id, FailureKind::Permanent, reason)
+                    };
+                    self.inner.finish(item, failed(err, 0), None);
+                }
+                None => items.push(item),
+            }
+        }
+        if items.is_empty() {
+            return;
+        }
+        let job = match (starts, address) {
+            (true, Some(address)) => Job::Proactive {
+                address: Box::new(address),
+                options: options.unwrap_or_default(),
+                items,
+                created: None,
+            },
+            _ => Job::Deliver { items, flush: true },
+        };
+        if let Err(e) = self
+            .inner
+            .enqueue(&key, job, Admission::Existing, Vec::new())
+        {
+            tracing::error!(error = %e, "cannot requeue messages");
+        }
     }
 
     /// Stops accepting and waits until every accepted message is finished, or `grace` passes.
@@ -247,11 +427,59 @@ impl Dispatcher {
     }
 }
 
+fn new_items(
+    messages: Vec<Submission>,
+    proactive: Option<&ProactiveOptions>,
+    want_outcome: bool,
+) -> (Vec<Item>, Vec<Option<oneshot::Receiver<Outcome>>>) {
+    let now = Instant::now();
+    messages
+        .into_iter()
+        .map(|s| {
+            let (tx, rx) = if want_outcome {
+                let (tx, rx) = oneshot::channel();
+                (Some(tx), Some(rx))
+            } else {
+                (None, None)
+            };
+            (
+                Item {
+                    id: 0,
+                    message: s.message,
+                    rendered: s.rendered,
+                    proactive: proactive.cloned(),
+                    accepted_at: now,
+                    durable: ready_durable(),
+                    possible_duplicate: false,
+                    ephemeral: false,
+                    done: tx,
+                },
+                rx,
+            )
+        })
+        .unzip()
+}
+
+fn failed(error: ChannelError, attempts: u32) -> Outcome {
+    Outcome {
+        state: DeliveryState::Failed,
+        receipts: Vec::new(),
+        error: Some(error),
+        attempts,
+        possible_duplicate: false,
+    }
+}
+
+/// How a job enters a queue.
+enum Admission {
+    /// Newly accepted: gets ids, goes to the outbox, counts against the bounds.
+    New(Option<String>),
+    /// Already in the outbox (resume, redelivery, a proactive start moving to its conversation).
+    Existing,
+}
+
 impl Inner {
-    fn shard(
-        &self,
-        key: &ConversationKey,
-    ) -> MutexGuard<'_, HashMap<ConversationKey, mpsc::UnboundedSender<Job>>> {
+    fn shard(&self, key: &ConversationKey) -> MutexGuard<'_, HashMap<ConversationKey, Entry>> {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         key.hash(&mut h);
         let idx = (h.finish() as usize) % self.shards.len();
@@ -259,107 +487,152 @@ impl Inner {
         self.shards[idx].lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn new_id(&self) -> String {
-        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
-        format!("{}-{n:010}", self.id_prefix)
-    }
-
-    fn items(
-        &self,
-        messages: Vec<(Message, Rendered)>,
-        want_outcome: bool,
-    ) -> (Vec<Item>, Vec<Ticket>) {
-        let now = Instant::now();
-        messages
-            .into_iter()
-            .map(|(message, rendered)| {
-                let id = self.new_id();
-                let (tx, rx) = if want_outcome {
-                    let (tx, rx) = oneshot::channel();
-                    (Some(tx), Some(rx))
-                } else {
-                    (None, None)
-                };
-                (
-                    Item {
-                        id: id.clone(),
-                        message,
-                        rendered,
-                        accepted_at: now,
-                        done: tx,
-                    },
-                    Ticket { id, outcome: rx },
-                )
-            })
-            .unzip()
-    }
-
-    fn enqueue(self: &Arc<Self>, key: &ConversationKey, job: Job) -> Result<(), SubmitError> {
-        self.enqueue_as(key, job, false)
-    }
-
-    /// `requeue` is for items already accepted (a proactive start moving to its new
-    /// conversation): allowed during shutdown, because the gateway owes them delivery.
-    fn enqueue_as(
+    fn enqueue(
         self: &Arc<Self>,
         key: &ConversationKey,
-        job: Job,
-        requeue: bool,
-    ) -> Result<(), SubmitError> {
-        if !requeue && !self.accepting.load(Ordering::SeqCst) {
+        mut job: Job,
+        admission: Admission,
+        outcome_rxs: Vec<Option<oneshot::Receiver<Outcome>>>,
+    ) -> Result<Accepted, SubmitError> {
+        let fresh = matches!(admission, Admission::New(_));
+        if fresh && !self.accepting.load(Ordering::SeqCst) {
             return Err(SubmitError::ShuttingDown);
         }
+        let n = job.items().len();
         let mut shard = self.shard(key);
-        // Sequence and record under the shard lock: acceptance order is delivery order.
-        let label = key.label();
-        let ids: Vec<&Item> = match &job {
-            Job::Deliver { items, .. } | Job::Proactive { items, .. } => items.iter().collect(),
-            Job::Typing { item, .. } => vec![item.as_ref()],
-        };
-        for item in ids {
-            self.store.accepted(Record {
-                id: item.id.clone(),
-                conversation: label.clone(),
-                seq: self.next_seq.fetch_add(1, Ordering::Relaxed),
-                accepted_at: SystemTime::now(),
-                state: DeliveryState::Accepted,
-                outcome: None,
-            });
+        let queued = shard.get(key).map(|e| e.queued.clone());
+        if fresh {
+            let in_conversation = queued.as_ref().map_or(0, |q| q.load(Ordering::SeqCst));
+            if in_conversation + n > self.config.max_pending_per_conversation {
+                return Err(SubmitError::Backpressure {
+                    bound: "delivery.max_pending_per_conversation",
+                    limit: self.config.max_pending_per_conversation,
+                    pending: in_conversation,
+                });
+            }
+            let total = self.undelivered.load(Ordering::SeqCst);
+            if total + n > self.config.max_pending_total {
+                return Err(SubmitError::Backpressure {
+                    bound: "delivery.max_pending_total",
+                    limit: self.config.max_pending_total,
+                    pending: total,
+                });
+            }
         }
-        self.undelivered.fetch_add(job.len(), Ordering::SeqCst);
+        // Ids and the outbox append happen under the shard lock: acceptance order is both
+        // delivery order and the order a restart resumes in.
+        let mut durable = ready_durable();
+        let mut ids = Vec::with_capacity(n);
+        if let Admission::New(idem) = admission {
+            let label = key.label();
+            let now = now_ms();
+            let mut stored = Vec::with_capacity(n);
+            for item in job.items_mut() {
+                item.id = self.next_id.fetch_add(1, Ordering::SeqCst);
+                ids.push(item.id);
+                if item.ephemeral {
+                    continue;
+                }
+                stored.push(StoredMessage {
+                    id: item.id,
+                    conversation: label.clone(),
+                    message: item.message.clone(),
+                    proactive: item.proactive.clone(),
+                    accepted_at_ms: now,
+                    state: DeliveryState::Accepted,
+                    attempts: 0,
+                    receipts: Vec::new(),
+                    error: None,
+                    possible_duplicate: false,
+                    updated_at_ms: now,
+                    warnings: item.rendered.warnings.clone(),
+                });
+            }
+            let idem = idem.map(|k| {
+                (
+                    k,
+                    IdempotencyRecord {
+                        created_at_ms: now,
+                        message_ids: ids.clone(),
+                    },
+                )
+            });
+            if !stored.is_empty() || idem.is_some() {
+                durable = self.store.append(stored, idem);
+                for item in job.items_mut() {
+                    item.durable = durable.clone();
+                }
+            }
+        } else {
+            ids = job.items().iter().map(|i| i.id).collect();
+        }
+        self.undelivered.fetch_add(n, Ordering::SeqCst);
+        let tickets = ids
+            .iter()
+            .zip(
+                outcome_rxs
+                    .into_iter()
+                    .chain(std::iter::repeat_with(|| None)),
+            )
+            .map(|(&id, outcome)| Ticket { id, outcome })
+            .collect();
         let job = match shard.get(key) {
-            Some(tx) => match tx.send(job) {
-                Ok(()) => return Ok(()),
-                // The worker is gone without deregistering (it panicked): replace it.
-                Err(mpsc::error::SendError(job)) => job,
-            },
+            Some(entry) => {
+                entry.queued.fetch_add(n, Ordering::SeqCst);
+                match entry.tx.send(job) {
+                    Ok(()) => return Ok(Accepted { tickets, durable }),
+                    // The worker is gone without deregistering (it panicked): replace it.
+                    Err(mpsc::error::SendError(job)) => job,
+                }
+            }
             None => job,
         };
         let (tx, rx) = mpsc::unbounded_channel();
         // A fresh channel with its receiver in hand cannot refuse the job.
         let _ = tx.send(job);
-        shard.insert(key.clone(), tx);
+        let queued = Arc::new(AtomicUsize::new(n));
+        shard.insert(
+            key.clone(),
+            Entry {
+                tx,
+                queued: queued.clone(),
+            },
+        );
         drop(shard);
         self.workers.fetch_add(1, Ordering::Relaxed);
-        let span = tracing::info_span!("conversation", key = %label);
+        let span = tracing::info_span!("conversation", key = %key.label());
         tokio::spawn(
-            Worker::new(self.clone(), key.clone(), rx)
+            Worker::new(self.clone(), key.clone(), rx, queued)
                 .run()
                 .instrument(span),
         );
-        Ok(())
+        Ok(Accepted { tickets, durable })
     }
 
-    fn finish(&self, item: Item, outcome: Outcome) {
-        self.store.finished(&item.id, outcome.clone());
+    fn finish(&self, item: Item, mut outcome: Outcome, queued: Option<&AtomicUsize>) {
+        outcome.possible_duplicate |= item.possible_duplicate;
+        if !item.ephemeral {
+            // Not awaited: a lost final state only means a flagged redelivery after a crash.
+            drop(
+                self.store
+                    .update(item.id, Change::Finished(outcome.clone())),
+            );
+            let addr = &item.message.address;
+            let _ = self.events.send(DeliveryEvent {
+                id: item.id,
+                channel_id: addr.channel_id.clone(),
+                bot_id: addr.bot_id().to_string(),
+                conversation_id: addr.conversation_id().unwrap_or_default().to_string(),
+                outcome: outcome.clone(),
+            });
+        }
         if let Some(tx) = item.done {
             // The caller may have stopped waiting; the outcome stays in the store.
             let _ = tx.send(outcome);
         }
-        self.finished_one();
-    }
-
-    fn finished_one(&self) {
+        if let Some(q) = queued {
+            q.fetch_sub(1, Ordering::SeqCst);
+        }
         if self.undelivered.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.drained.notify_waiters();
         }
@@ -377,19 +650,30 @@ struct Worker {
     inner: Arc<Inner>,
     key: ConversationKey,
     rx: mpsc::UnboundedReceiver<Job>,
+    queued: Arc<AtomicUsize>,
     backlog: VecDeque<Job>,
     typing: Option<TypingKeepAlive>,
 }
 
 impl Worker {
-    fn new(inner: Arc<Inner>, key: ConversationKey, rx: mpsc::UnboundedReceiver<Job>) -> Self {
+    fn new(
+        inner: Arc<Inner>,
+        key: ConversationKey,
+        rx: mpsc::UnboundedReceiver<Job>,
+        queued: Arc<AtomicUsize>,
+    ) -> Self {
         Self {
             inner,
             key,
             rx,
+            queued,
             backlog: VecDeque::new(),
             typing: None,
         }
+    }
+
+    fn finish(&self, item: Item, outcome: Outcome) {
+        self.inner.finish(item, outcome, Some(&self.queued));
     }
 
     async fn run(mut self) {
@@ -409,7 +693,7 @@ impl Worker {
                 Job::Typing { item, keep_alive } => {
                     let requests = item.rendered.clone();
                     self.send_typing(&requests).await;
-                    self.inner.finish(
+                    self.finish(
                         *item,
                         Outcome {
                             state: DeliveryState::Delivered,
@@ -553,13 +837,12 @@ impl Worker {
                 "message not delivered"
             ),
         }
-        self.inner.finish(item, outcome);
+        self.finish(item, outcome);
     }
 
     /// Every request of the message in order, each retried in place until it succeeds or gives up.
     async fn attempt_all(&self, item: &Item) -> Outcome {
         let cfg = &self.inner.config;
-        self.inner.store.delivering(&item.id);
         let mut out = Outcome {
             state: DeliveryState::Delivering,
             receipts: Vec::new(),
@@ -567,6 +850,24 @@ impl Worker {
             attempts: 0,
             possible_duplicate: false,
         };
+        // Nothing goes out before it is in the outbox, and the outbox knows it may have gone
+        // out before the first call: after a crash it is then resent flagged as a possible duplicate.
+        let mut ready = item.durable.clone().await;
+        if ready.is_ok() && !item.ephemeral && !item.rendered.requests.is_empty() {
+            ready = self
+                .inner
+                .store
+                .update(item.id, Change::Delivering { attempts: 0 })
+                .await;
+        }
+        if let Err(e) = ready {
+            out.state = DeliveryState::Failed;
+            out.error = Some(ChannelError {
+                code: Some("outbox".into()),
+                ..ChannelError::new("gateway", FailureKind::Permanent, e.to_string())
+            });
+            return out;
+        }
         for req in &item.rendered.requests {
             let mut attempt = 0u32;
             let mut ambiguous = 0u32;
@@ -635,11 +936,21 @@ impl Worker {
         address: Address,
         options: ProactiveOptions,
         items: Vec<Item>,
-        created: oneshot::Sender<Result<Address, ChannelError>>,
+        created: Option<oneshot::Sender<Result<Address, ChannelError>>>,
     ) {
         let cfg = &self.inner.config;
+        let mut ready = Ok(());
+        for item in &items {
+            ready = ready.and(item.durable.clone().await);
+        }
         let mut attempt = 0u32;
         let result = loop {
+            if let Err(e) = &ready {
+                break Err(ChannelError {
+                    code: Some("outbox".into()),
+                    ..ChannelError::new("gateway", FailureKind::Permanent, e.to_string())
+                });
+            }
             attempt += 1;
             let r = {
                 let _permit = self.inner.permits.acquire().await;
@@ -667,13 +978,31 @@ impl Worker {
         };
         match result {
             Ok(new_address) => {
+                let key = ConversationKey::of(&new_address);
+                let label = key.label();
                 let mut ready = Vec::with_capacity(items.len());
                 for mut item in items {
                     item.message.address = new_address.clone();
+                    // The outbox must know the conversation exists before anything else
+                    // happens, or a restart would start a second one.
+                    let moved = self
+                        .inner
+                        .store
+                        .update(
+                            item.id,
+                            Change::Moved {
+                                conversation: label.clone(),
+                                message: Box::new(item.message.clone()),
+                            },
+                        )
+                        .await;
+                    if let Err(e) = moved {
+                        tracing::error!(error = %e, message_id = item.id, "outbox update failed");
+                    }
                     match self
                         .inner
                         .channels
-                        .render_send(&item.message, Some(&options))
+                        .render_send(&item.message, item.proactive.as_ref())
                     {
                         Ok(r) => {
                             item.rendered = r;
@@ -692,41 +1021,39 @@ impl Worker {
                         }
                     }
                 }
-                let key = ConversationKey::of(&new_address);
                 if !ready.is_empty() {
-                    // These were already counted as undelivered when the proactive job was accepted.
+                    // They leave this queue for the new conversation's, where they count again.
                     let n = ready.len();
+                    self.queued.fetch_sub(n, Ordering::SeqCst);
                     self.inner.undelivered.fetch_sub(n, Ordering::SeqCst);
                     let job = Job::Deliver {
                         items: ready,
                         flush: true,
                     };
-                    if let Err(SubmitError::ShuttingDown) = self.inner.enqueue_as(&key, job, true) {
-                        tracing::warn!("proactive messages not queued: shutting down");
+                    if let Err(e) = self
+                        .inner
+                        .enqueue(&key, job, Admission::Existing, Vec::new())
+                    {
+                        tracing::error!(error = %e, "proactive messages not queued");
                     }
                 }
-                let _ = created.send(Ok(new_address));
+                if let Some(tx) = created {
+                    let _ = tx.send(Ok(new_address));
+                }
             }
             Err(e) => {
                 tracing::warn!(error = %e, "conversation not created");
                 for item in items {
                     self.fail(item, e.clone(), attempt);
                 }
-                let _ = created.send(Err(e));
+                if let Some(tx) = created {
+                    let _ = tx.send(Err(e));
+                }
             }
         }
     }
 
     fn fail(&self, item: Item, error: ChannelError, attempts: u32) {
-        self.inner.finish(
-            item,
-            Outcome {
-                state: DeliveryState::Failed,
-                receipts: Vec::new(),
-                error: Some(error),
-                attempts,
-                possible_duplicate: false,
-            },
-        );
+        self.finish(item, failed(error, attempts));
     }
 }

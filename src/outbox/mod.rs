@@ -1,17 +1,27 @@
-//! The store of accepted messages, behind a trait so a durable backend can replace the in-memory one.
+//! The outbox: accepted messages and their delivery records, behind a trait with a durable
+//! embedded backend (redb, group commit) and an in-memory one.
 //!
-//! Owns delivery records (state, attempts, receipts, last error). Knows nothing of channels'
-//! JSON or of gRPC. The in-memory store loses everything on a crash; durability is a later backend.
+//! Owns what must survive a restart: each accepted message with its conversation and sequence,
+//! its state, attempts, receipts and last error, and idempotency keys. Knows nothing of gRPC
+//! or any channel's JSON; never decides ordering (the dispatcher does).
 
-use std::collections::{HashMap, VecDeque};
+mod durable;
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Mutex;
-use std::time::SystemTime;
 
-use serde::Serialize;
+use futures::FutureExt;
+use futures::future::Shared;
+use serde::{Deserialize, Serialize};
+
+pub use durable::RedbStore;
 
 use crate::channels::{ChannelError, NativeReceipt};
+use crate::model::{Message, ProactiveOptions};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DeliveryState {
     Accepted,
@@ -28,7 +38,7 @@ impl DeliveryState {
 }
 
 /// What happened to one message.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Outcome {
     pub state: DeliveryState,
     pub receipts: Vec<NativeReceipt>,
@@ -37,138 +47,251 @@ pub struct Outcome {
     pub possible_duplicate: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Record {
-    pub id: String,
-    /// `channel/bot/conversation`.
+/// One accepted message as kept in the outbox.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredMessage {
+    /// Global acceptance sequence: within a conversation, delivery order.
+    pub id: u64,
+    /// `channel/bot/conversation`, as the dispatcher keys it.
     pub conversation: String,
-    pub seq: u64,
-    pub accepted_at: SystemTime,
+    pub message: Message,
+    /// Set for SendProactive; with no conversation in the address, one is started first.
+    pub proactive: Option<ProactiveOptions>,
+    /// Unix milliseconds.
+    pub accepted_at_ms: u64,
     pub state: DeliveryState,
-    pub outcome: Option<Outcome>,
+    pub attempts: u32,
+    pub receipts: Vec<NativeReceipt>,
+    pub error: Option<ChannelError>,
+    pub possible_duplicate: bool,
+    pub updated_at_ms: u64,
+    /// Adaptations made when it was rendered at acceptance.
+    #[serde(default)]
+    pub warnings: Vec<crate::model::Warning>,
+}
+
+impl StoredMessage {
+    pub fn outcome(&self) -> Outcome {
+        Outcome {
+            state: self.state,
+            receipts: self.receipts.clone(),
+            error: self.error.clone(),
+            attempts: self.attempts,
+            possible_duplicate: self.possible_duplicate,
+        }
+    }
+}
+
+/// A change to a stored message.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    /// About to call the channel (from now on a crash may leave a duplicate).
+    Delivering {
+        attempts: u32,
+    },
+    Finished(Outcome),
+    /// A proactive start created its conversation: the message now belongs to it.
+    Moved {
+        conversation: String,
+        message: Box<Message>,
+    },
+    /// Redeliver: back in line as accepted.
+    Requeued,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    #[error("outbox storage: {0}")]
+    Storage(String),
+    #[error("outbox is closed")]
+    Closed,
+}
+
+/// Resolves once what it stands for is durable.
+pub type Durable = Shared<Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>>>;
+
+pub fn ready_durable() -> Durable {
+    let f: Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>> =
+        Box::pin(async { Ok(()) });
+    f.shared()
+}
+
+/// What an idempotency key accepted the first time: its messages, whose current records make
+/// the answer to a retry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IdempotencyRecord {
+    pub created_at_ms: u64,
+    pub message_ids: Vec<u64>,
 }
 
 pub trait Store: Send + Sync + 'static {
-    /// Records an accepted message; called before the caller is acknowledged.
-    fn accepted(&self, record: Record);
-    fn delivering(&self, id: &str);
-    fn finished(&self, id: &str, outcome: Outcome);
-    fn get(&self, id: &str) -> Option<Record>;
-    /// Messages accepted and not yet finished, oldest first per conversation.
-    fn undelivered(&self) -> Vec<Record>;
+    /// Appends accepted messages, with the idempotency key that accepted them, atomically.
+    /// Called under the conversation's lock: must not block; the returned future resolves once
+    /// they are on disk.
+    fn append(
+        &self,
+        messages: Vec<StoredMessage>,
+        idempotency: Option<(String, IdempotencyRecord)>,
+    ) -> Durable;
+    /// Records a change; the future resolves once it is on disk.
+    fn update(&self, id: u64, change: Change) -> Durable;
+    fn get(&self, id: u64) -> Option<StoredMessage>;
+    /// Messages not finished, in acceptance order (for resuming after a restart).
+    fn pending(&self) -> Result<Vec<StoredMessage>, StoreError>;
+    /// Failed and expired messages, newest last, starting after `after_id`.
+    fn failed(&self, after_id: u64, limit: usize) -> Vec<StoredMessage>;
+    /// The smallest id never used.
+    fn next_id(&self) -> u64;
+    fn idempotency_get(&self, key: &str) -> Option<IdempotencyRecord>;
+    /// Drops delivered messages finished before `cutoff_ms` and idempotency keys created before
+    /// `idem_cutoff_ms`; returns how many messages went.
+    fn compact(&self, cutoff_ms: u64, idem_cutoff_ms: u64) -> usize;
 }
 
-/// Keeps unfinished records, and the most recent finished ones up to a bound.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
+}
+
+/// Apply a change to a record: shared by both backends so they cannot drift.
+pub(crate) fn apply(m: &mut StoredMessage, change: Change) {
+    m.updated_at_ms = now_ms();
+    match change {
+        Change::Delivering { attempts } => {
+            m.state = DeliveryState::Delivering;
+            m.attempts = attempts;
+        }
+        Change::Finished(o) => {
+            m.state = o.state;
+            m.attempts = o.attempts;
+            m.receipts = o.receipts;
+            m.error = o.error;
+            m.possible_duplicate |= o.possible_duplicate;
+        }
+        Change::Moved {
+            conversation,
+            message,
+        } => {
+            m.conversation = conversation;
+            m.message = *message;
+        }
+        Change::Requeued => {
+            m.state = DeliveryState::Accepted;
+            m.error = None;
+        }
+    }
+}
+
+/// Loses everything on a crash; kept for tests, benchmarks and deployments that accept that.
 pub struct MemoryStore {
     inner: Mutex<MemoryInner>,
-    keep_finished: usize,
 }
 
 #[derive(Default)]
 struct MemoryInner {
-    records: HashMap<String, Record>,
-    finished_order: VecDeque<String>,
+    messages: BTreeMap<u64, StoredMessage>,
+    idempotency: HashMap<String, IdempotencyRecord>,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl MemoryStore {
-    pub fn new(keep_finished: usize) -> Self {
+    pub fn new() -> Self {
         Self {
             inner: Mutex::new(MemoryInner::default()),
-            keep_finished,
         }
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut MemoryInner) -> T) -> T {
-        // A panic elsewhere while holding the lock leaves records that are still consistent
-        // (each update is one assignment), so recover the guard rather than poison the gateway.
+        // Each update is a single assignment, so a panic elsewhere cannot leave a half-written
+        // record: recover the guard rather than poison the gateway.
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         f(&mut g)
     }
 }
 
 impl Store for MemoryStore {
-    fn accepted(&self, record: Record) {
+    fn append(
+        &self,
+        messages: Vec<StoredMessage>,
+        idempotency: Option<(String, IdempotencyRecord)>,
+    ) -> Durable {
         self.with(|s| {
-            s.records.insert(record.id.clone(), record);
-        })
-    }
-
-    fn delivering(&self, id: &str) {
-        self.with(|s| {
-            if let Some(r) = s.records.get_mut(id) {
-                r.state = DeliveryState::Delivering;
+            for m in messages {
+                s.messages.insert(m.id, m);
             }
-        })
-    }
-
-    fn finished(&self, id: &str, outcome: Outcome) {
-        let keep = self.keep_finished;
-        self.with(|s| {
-            if let Some(r) = s.records.get_mut(id) {
-                r.state = outcome.state;
-                r.outcome = Some(outcome);
-                s.finished_order.push_back(id.to_string());
+            if let Some((k, r)) = idempotency {
+                s.idempotency.insert(k, r);
             }
-            while s.finished_order.len() > keep {
-                if let Some(old) = s.finished_order.pop_front() {
-                    s.records.remove(&old);
-                }
-            }
-        })
+        });
+        ready_durable()
     }
 
-    fn get(&self, id: &str) -> Option<Record> {
-        self.with(|s| s.records.get(id).cloned())
-    }
-
-    fn undelivered(&self) -> Vec<Record> {
+    fn update(&self, id: u64, change: Change) -> Durable {
         self.with(|s| {
-            let mut v: Vec<Record> = s
-                .records
+            if let Some(m) = s.messages.get_mut(&id) {
+                apply(m, change);
+            }
+        });
+        ready_durable()
+    }
+
+    fn get(&self, id: u64) -> Option<StoredMessage> {
+        self.with(|s| s.messages.get(&id).cloned())
+    }
+
+    fn pending(&self) -> Result<Vec<StoredMessage>, StoreError> {
+        Ok(self.with(|s| {
+            s.messages
                 .values()
-                .filter(|r| !r.state.is_terminal())
+                .filter(|m| !m.state.is_terminal())
                 .cloned()
-                .collect();
-            v.sort_by(|a, b| (&a.conversation, a.seq).cmp(&(&b.conversation, b.seq)));
-            v
+                .collect()
+        }))
+    }
+
+    fn failed(&self, after_id: u64, limit: usize) -> Vec<StoredMessage> {
+        self.with(|s| {
+            s.messages
+                .range(after_id.saturating_add(1)..)
+                .map(|(_, m)| m)
+                .filter(|m| matches!(m.state, DeliveryState::Failed | DeliveryState::Expired))
+                .take(limit)
+                .cloned()
+                .collect()
         })
     }
-}
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn rec(id: &str, seq: u64) -> Record {
-        Record {
-            id: id.into(),
-            conversation: "c".into(),
-            seq,
-            accepted_at: SystemTime::now(),
-            state: DeliveryState::Accepted,
-            outcome: None,
-        }
+    fn next_id(&self) -> u64 {
+        // Ids from a time base: a restarted in-memory gateway does not reuse an id a bot may hold.
+        let floor = now_ms().saturating_mul(1000);
+        self.with(|s| {
+            s.messages
+                .keys()
+                .next_back()
+                .map_or(floor, |k| (k + 1).max(floor))
+        })
     }
 
-    #[test]
-    fn finished_records_are_bounded_and_unfinished_kept() {
-        let s = MemoryStore::new(2);
-        for i in 0..5 {
-            s.accepted(rec(&format!("m{i}"), i));
-        }
-        let done = Outcome {
-            state: DeliveryState::Delivered,
-            receipts: vec![],
-            error: None,
-            attempts: 1,
-            possible_duplicate: false,
-        };
-        for i in 0..3 {
-            s.finished(&format!("m{i}"), done.clone());
-        }
-        assert!(s.get("m0").is_none(), "oldest finished record is dropped");
-        assert_eq!(s.get("m2").unwrap().state, DeliveryState::Delivered);
-        let pending: Vec<u64> = s.undelivered().iter().map(|r| r.seq).collect();
-        assert_eq!(pending, vec![3, 4]);
+    fn idempotency_get(&self, key: &str) -> Option<IdempotencyRecord> {
+        self.with(|s| s.idempotency.get(key).cloned())
+    }
+
+    fn compact(&self, cutoff_ms: u64, idem_cutoff_ms: u64) -> usize {
+        self.with(|s| {
+            let before = s.messages.len();
+            s.messages.retain(|_, m| {
+                !(m.state == DeliveryState::Delivered && m.updated_at_ms < cutoff_ms)
+            });
+            s.idempotency
+                .retain(|_, r| r.created_at_ms >= idem_cutoff_ms);
+            before - s.messages.len()
+        })
     }
 }

@@ -317,6 +317,8 @@ pub struct Harness {
     pub fake: FakeConnector,
     pub gateway: RunningGateway,
     pub client: ChannelGatewayClient<tonic::transport::Channel>,
+    /// The durable outbox's directory, removed when the harness goes.
+    pub data_dir: tempfile::TempDir,
 }
 
 pub async fn start() -> Harness {
@@ -325,7 +327,9 @@ pub async fn start() -> Harness {
 
 pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> Harness {
     let fake = FakeConnector::start().await;
+    let data_dir = tempfile::tempdir().unwrap();
     let mut config = config_for(&fake);
+    config.outbox.data_dir = data_dir.path().to_path_buf();
     tweak(&mut config);
     let gateway = channel_gateway::server::start(config).await.unwrap();
     let client = ChannelGatewayClient::connect(format!("http://{}", gateway.addr))
@@ -335,6 +339,7 @@ pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> Harness {
         fake,
         gateway,
         client,
+        data_dir,
     }
 }
 
