@@ -65,6 +65,14 @@ pub struct FakeState {
     pub token_requests: Mutex<Vec<String>>,
     /// Scripted refusals given: when, and to which conversation.
     pub refused: Mutex<Vec<(Instant, String)>>,
+    /// Random faults for this share of activity requests (0.0 = none).
+    pub fault_rate: Mutex<f64>,
+    /// With faults on: how long a "slow" answer takes (beyond the gateway's timeout).
+    pub slow_answer: Mutex<Duration>,
+    /// Faults given: when, and which (`429`, `500`, `slow`, `drop`).
+    pub faults: Mutex<Vec<(Instant, &'static str)>>,
+    /// Every activity request as it arrived (before any fault), for pause checks.
+    pub arrivals: Mutex<Vec<Instant>>,
     pub token_expires_in: Mutex<u64>,
     pub next_id: AtomicU64,
     pub created: AtomicU64,
@@ -217,6 +225,11 @@ async fn handle(
     headers: HeaderMap,
     body: Value,
 ) -> Response {
+    s.arrivals.lock().unwrap().push(Instant::now());
+    let rate = *s.fault_rate.lock().unwrap();
+    if rate > 0.0 && rand::random::<f64>() < rate {
+        return fault(&s, conv, reply_to, headers, body).await;
+    }
     {
         let mut f = s.in_flight.lock().unwrap();
         let e = f.entry(conv.clone()).or_insert((0, 0));
@@ -288,6 +301,70 @@ async fn handle(
         }
     }
     resp
+}
+
+/// One random fault: 429 with Retry-After, 500, an answer slower than the gateway's timeout
+/// (the activity took effect), or a connection dropped mid-answer (it did not).
+async fn fault(
+    s: &Arc<FakeState>,
+    conv: String,
+    reply_to: Option<String>,
+    headers: HeaderMap,
+    body: Value,
+) -> Response {
+    let kind = match rand::random::<u32>() % 10 {
+        0 => "429",
+        1..=4 => "500",
+        5..=7 => "slow",
+        _ => "drop",
+    };
+    s.faults.lock().unwrap().push((Instant::now(), kind));
+    match kind {
+        "429" => {
+            let mut r = (
+                StatusCode::TOO_MANY_REQUESTS,
+                Json(json!({"error": {"code": "TooManyRequests", "message": "slow down"}})),
+            )
+                .into_response();
+            r.headers_mut().insert("retry-after", "1".parse().unwrap());
+            r
+        }
+        "500" => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Json(json!({"error": {"code": "ServiceError", "message": "try later"}})),
+        )
+            .into_response(),
+        "slow" => {
+            let id = s.next_id.fetch_add(1, Ordering::SeqCst) + 1;
+            let path = format!("/v3/conversations/{conv}/activities");
+            s.received.lock().unwrap().push(Received {
+                at: Instant::now(),
+                path,
+                conversation: conv,
+                reply_to,
+                authorization: auth(&headers),
+                body,
+            });
+            let wait = *s.slow_answer.lock().unwrap();
+            tokio::time::sleep(wait).await;
+            (
+                StatusCode::OK,
+                Json(json!({"id": format!("activity-{id}")})),
+            )
+                .into_response()
+        }
+        _ => {
+            // Headers go out, then the body fails: the client sees the connection break.
+            let stream = futures::stream::once(async {
+                Err::<axum::body::Bytes, std::io::Error>(std::io::Error::other("dropped"))
+            });
+            Response::builder()
+                .status(StatusCode::OK)
+                .header("content-type", "application/json")
+                .body(axum::body::Body::from_stream(stream))
+                .unwrap()
+        }
+    }
 }
 
 /// A gateway config pointing at the fake: loopback allowed, one bot with credentials.
