@@ -1,0 +1,239 @@
+//! Crash safety with the real binary: clients send over many conversations, the gateway is
+//! SIGKILLed at a random point, restarted on the same data directory, several times. Every
+//! message whose Send returned OK must arrive, in order per conversation; a message may arrive
+//! twice only if it was in flight at a kill, and then the gateway must say it may be a duplicate.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+use channel_gateway::api::pb::{self, channel_gateway_client::ChannelGatewayClient};
+
+const CONVERSATIONS: usize = 24;
+const CLIENTS: usize = 8;
+const ROUNDS: usize = 3;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn spawn_gateway(fake: &FakeConnector, data_dir: &std::path::Path, port: u16) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_channel-gateway"))
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--data-dir",
+        ])
+        .arg(data_dir)
+        .env(
+            "CHANNEL_GATEWAY__CHANNELS__BOTFRAMEWORK__ALLOWED_SERVICE_HOSTS",
+            "[\"127.0.0.1\"]",
+        )
+        .env(
+            "CHANNEL_GATEWAY__CHANNELS__BOTFRAMEWORK__TOKEN_URL",
+            format!("http://127.0.0.1:{}/token", fake.addr.port()),
+        )
+        .env("CHANNEL_GATEWAY__CHANNELS__BOTFRAMEWORK__APP_ID", BOT)
+        .env(
+            "CHANNEL_GATEWAY__CHANNELS__BOTFRAMEWORK__APP_PASSWORD",
+            PASSWORD,
+        )
+        .env("CHANNEL_GATEWAY__DELIVERY__BASE_RETRY_DELAY", "20ms")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+async fn connect(port: u16) -> ChannelGatewayClient<tonic::transport::Channel> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match ChannelGatewayClient::connect(format!("http://127.0.0.1:{port}")).await {
+            Ok(c) => return c,
+            Err(e) if Instant::now() > deadline => panic!("gateway did not start: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(25)).await,
+        }
+    }
+}
+
+fn address(fake: &FakeConnector, conv: usize) -> pb::Address {
+    pb::Address {
+        channel_id: "msteams".into(),
+        user: Some(pb::Identity {
+            id: "29:u".into(),
+            ..Default::default()
+        }),
+        bot: Some(pb::Identity {
+            id: BOT.into(),
+            ..Default::default()
+        }),
+        conversation: Some(pb::ConversationAccount {
+            id: format!("crash-{conv}"),
+            ..Default::default()
+        }),
+        service_url: fake.service_url(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_mid_stream_loses_nothing_accepted_and_keeps_order() {
+    let fake = FakeConnector::start().await;
+    fake.set_jitter(Duration::from_millis(3));
+    let dir = tempfile::tempdir().unwrap();
+    // (conversation, sequence) -> message id, for every Send that returned OK.
+    let acked: Arc<Mutex<HashMap<(usize, usize), String>>> = Arc::default();
+    let next_seq: Arc<Mutex<Vec<usize>>> = Arc::new(Mutex::new(vec![0; CONVERSATIONS]));
+
+    for round in 0..ROUNDS {
+        let port = free_port();
+        let mut child = spawn_gateway(&fake, dir.path(), port);
+        let client = connect(port).await;
+        let mut tasks = Vec::new();
+        for c in 0..CLIENTS {
+            let mut client = client.clone();
+            let acked = acked.clone();
+            let next_seq = next_seq.clone();
+            let addrs: Vec<(usize, pb::Address)> = (0..CONVERSATIONS)
+                .filter(|conv| conv % CLIENTS == c)
+                .map(|conv| (conv, address(&fake, conv)))
+                .collect();
+            tasks.push(tokio::spawn(async move {
+                // Each conversation has one sender, so its sequence is the order Sends were made.
+                'outer: loop {
+                    for (conv, addr) in &addrs {
+                        let seq = {
+                            let mut n = next_seq.lock().unwrap();
+                            n[*conv] += 1;
+                            n[*conv] - 1
+                        };
+                        let r = client
+                            .send(pb::SendRequest {
+                                message: Some(pb::Message {
+                                    address: Some(addr.clone()),
+                                    text: format!("{seq}"),
+                                    ..Default::default()
+                                }),
+                                ..Default::default()
+                            })
+                            .await;
+                        match r {
+                            Ok(r) => {
+                                acked
+                                    .lock()
+                                    .unwrap()
+                                    .insert((*conv, seq), r.into_inner().message_id);
+                            }
+                            Err(_) => break 'outer,
+                        }
+                    }
+                }
+            }));
+        }
+        // Kill at a random point while messages stream in and out.
+        let pause = 150 + rand::random::<u64>() % 600;
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        child.kill().unwrap();
+        child.wait().unwrap();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        println!(
+            "round {round}: killed after {pause} ms, {} acked so far, {} received",
+            acked.lock().unwrap().len(),
+            fake.received().len()
+        );
+    }
+
+    // A last start delivers whatever the kills left in the outbox.
+    let port = free_port();
+    let mut child = spawn_gateway(&fake, dir.path(), port);
+    let mut client = connect(port).await;
+    let acked = acked.lock().unwrap().clone();
+    assert!(
+        acked.len() > CONVERSATIONS,
+        "too few messages were sent to test anything"
+    );
+    let want: HashSet<(usize, usize)> = acked.keys().copied().collect();
+    fake.wait_for(
+        Duration::from_secs(120),
+        "every acknowledged message",
+        |r| {
+            let got: HashSet<(usize, usize)> = r
+                .iter()
+                .filter_map(|x| {
+                    let conv = x.conversation.strip_prefix("crash-")?.parse().ok()?;
+                    Some((conv, x.text().parse().ok()?))
+                })
+                .collect();
+            want.is_subset(&got)
+        },
+    )
+    .await;
+
+    let mut duplicates = 0;
+    for conv in 0..CONVERSATIONS {
+        let seq: Vec<usize> = fake
+            .for_conversation(&format!("crash-{conv}"))
+            .iter()
+            .map(|r| r.text().parse().unwrap())
+            .collect();
+        let mut seen = HashSet::new();
+        let mut firsts = Vec::new();
+        let mut dups = Vec::new();
+        for s in &seq {
+            if seen.insert(*s) {
+                firsts.push(*s);
+            } else {
+                dups.push(*s);
+            }
+        }
+        let mut sorted = firsts.clone();
+        sorted.sort_unstable();
+        assert_eq!(firsts, sorted, "crash-{conv} out of order: {seq:?}");
+        // One message per conversation can be in flight at a kill.
+        assert!(
+            dups.len() <= ROUNDS,
+            "crash-{conv}: {} duplicates for {ROUNDS} kills: {seq:?}",
+            dups.len()
+        );
+        for d in dups {
+            duplicates += 1;
+            if let Some(id) = acked.get(&(conv, d)) {
+                let delivery = client
+                    .get_delivery(pb::GetDeliveryRequest {
+                        message_id: id.clone(),
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .delivery
+                    .unwrap();
+                assert!(
+                    delivery.possible_duplicate,
+                    "crash-{conv} message {d} arrived twice unflagged"
+                );
+            }
+        }
+    }
+    println!(
+        "{} acknowledged, {} received, {duplicates} duplicates",
+        acked.len(),
+        fake.received().len()
+    );
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+}
