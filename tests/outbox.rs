@@ -1,0 +1,277 @@
+//! Delivery status and the outbox through gRPC: idempotency across a restart, WatchDeliveries,
+//! ListFailed and Redeliver, backpressure bounds.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::json;
+use tokio_stream::StreamExt;
+use tonic::Code;
+
+use channel_gateway::api::pb::{self, channel_gateway_client::ChannelGatewayClient};
+
+fn refusal() -> Scripted {
+    Scripted {
+        status: 404,
+        body: json!({"error": {"code": "ConversationNotFound", "message": "Conversation not found."}}),
+        retry_after: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotency_key_survives_a_restart() {
+    let fake = FakeConnector::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = || {
+        let mut c = config_for(&fake);
+        c.outbox.data_dir = dir.path().to_path_buf();
+        c.delivery.idle_timeout = Duration::from_millis(20);
+        c
+    };
+    let h = HarnessLite::start(config()).await;
+    let req = pb::SendRequest {
+        message: Some(text(&fake, "idem-restart", "only once")),
+        idempotency_key: "order-42".into(),
+        wait: pb::WaitMode::Delivered as i32,
+    };
+    let first = h
+        .client
+        .clone()
+        .send(req.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    h.stop().await;
+
+    // The same data directory, a new process-worth of gateway.
+    let h = HarnessLite::start(config()).await;
+    let again = h.client.clone().send(req).await.unwrap().into_inner();
+    assert_eq!(again.message_id, first.message_id);
+    assert_eq!(again.state, pb::DeliveryState::Delivered as i32);
+    assert_eq!(again.receipts, first.receipts);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(fake.for_conversation("idem-restart").len(), 1, "sent twice");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_deliveries_streams_each_outcome() {
+    let h = start().await;
+    let mut watch = h
+        .client
+        .clone()
+        .watch_deliveries(pb::WatchDeliveriesRequest {
+            conversation_id: "w".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    h.fake.script("w", vec![Scripted { ..refusal() }]);
+    let a = h.send("w", "refused").await.unwrap().message_id;
+    let b = h.send("w", "fine").await.unwrap().message_id;
+    h.send("elsewhere", "not watched").await.unwrap();
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let d = tokio::time::timeout(Duration::from_secs(10), watch.next())
+            .await
+            .expect("no event")
+            .unwrap()
+            .unwrap()
+            .delivery
+            .unwrap();
+        seen.push((d.message_id.clone(), d.state, d.error.map(|e| e.code)));
+    }
+    assert_eq!(
+        seen,
+        vec![
+            (
+                a,
+                pb::DeliveryState::Failed as i32,
+                Some("ConversationNotFound".to_string())
+            ),
+            (b, pb::DeliveryState::Delivered as i32, None),
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_messages_are_listed_and_can_be_redelivered() {
+    let h = start().await;
+    let mut c = h.client.clone();
+    h.fake.script("lf", vec![refusal()]);
+    let id = h.send("lf", "first try fails").await.unwrap().message_id;
+    h.send("lf", "next one goes").await.unwrap();
+    h.fake
+        .wait_for(Duration::from_secs(10), "the next message", |r| {
+            r.iter().any(|x| x.text() == "next one goes")
+        })
+        .await;
+    let d = c
+        .get_delivery(pb::GetDeliveryRequest {
+            message_id: id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .delivery
+        .unwrap();
+    assert_eq!(d.state, pb::DeliveryState::Failed as i32);
+    assert_eq!(d.error.as_ref().unwrap().http_status, 404);
+    assert!(d.error.unwrap().permanent);
+
+    let list = c
+        .list_failed(pb::ListFailedRequest {
+            bot_id: BOT.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        list.deliveries
+            .iter()
+            .map(|d| d.message_id.clone())
+            .collect::<Vec<_>>(),
+        [id.clone()]
+    );
+    assert!(list.next_page_token.is_empty());
+
+    let err = c
+        .redeliver(pb::RedeliverRequest {
+            message_ids: vec!["nope".into()],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(bad_fields(&err), ["message_ids[0]"]);
+
+    c.redeliver(pb::RedeliverRequest {
+        message_ids: vec![id.clone()],
+    })
+    .await
+    .unwrap();
+    h.fake
+        .wait_for(Duration::from_secs(10), "the redelivered message", |r| {
+            r.iter().any(|x| x.text() == "first try fails")
+        })
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let d = c
+            .get_delivery(pb::GetDeliveryRequest {
+                message_id: id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .delivery
+            .unwrap();
+        if d.state == pb::DeliveryState::Delivered as i32 {
+            assert_eq!(d.receipts.len(), 1);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "redelivered message not delivered: {d:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let list = c
+        .list_failed(pb::ListFailedRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(list.deliveries.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bounds_answer_resource_exhausted_and_drop_nothing() {
+    let h = start_with(|c| c.delivery.max_pending_per_conversation = 3).await;
+    h.fake.set_latency("full", Duration::from_millis(300));
+    for i in 0..3 {
+        h.send("full", &format!("m{i}")).await.unwrap();
+    }
+    let err = h.send("full", "one too many").await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert!(
+        err.message()
+            .contains("delivery.max_pending_per_conversation"),
+        "{}",
+        err.message()
+    );
+    // Other conversations are not affected.
+    h.send("other", "fine").await.unwrap();
+    h.fake
+        .wait_for(Duration::from_secs(10), "the accepted three", |r| {
+            r.iter().filter(|x| x.conversation == "full").count() == 3
+        })
+        .await;
+    let texts: Vec<String> = h
+        .fake
+        .for_conversation("full")
+        .iter()
+        .map(|r| r.text().to_string())
+        .collect();
+    assert_eq!(texts, ["m0", "m1", "m2"]);
+    // Once drained, the conversation accepts again.
+    h.send("full", "room again").await.unwrap();
+}
+
+/// A gateway on a given config, stoppable so another can open the same outbox.
+struct HarnessLite {
+    gateway: channel_gateway::server::RunningGateway,
+    client: ChannelGatewayClient<tonic::transport::Channel>,
+}
+
+impl HarnessLite {
+    async fn start(config: channel_gateway::config::Config) -> Self {
+        // The previous gateway's workers let go of the outbox file once idle.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let gateway = loop {
+            match channel_gateway::server::start(config.clone()).await {
+                Ok(g) => break g,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("gateway did not start: {e}"),
+            }
+        };
+        let client = ChannelGatewayClient::connect(format!("http://{}", gateway.addr))
+            .await
+            .unwrap();
+        Self { gateway, client }
+    }
+
+    async fn stop(self) {
+        drop(self.client);
+        self.gateway.shutdown().await.unwrap();
+    }
+}
+
+fn text(fake: &FakeConnector, conv: &str, text: &str) -> pb::Message {
+    pb::Message {
+        address: Some(pb::Address {
+            channel_id: "msteams".into(),
+            user: Some(pb::Identity {
+                id: "29:u".into(),
+                ..Default::default()
+            }),
+            bot: Some(pb::Identity {
+                id: BOT.into(),
+                ..Default::default()
+            }),
+            conversation: Some(pb::ConversationAccount {
+                id: conv.into(),
+                ..Default::default()
+            }),
+            service_url: fake.service_url(),
+            ..Default::default()
+        }),
+        text: text.into(),
+        ..Default::default()
+    }
+}
