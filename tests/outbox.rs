@@ -130,13 +130,12 @@ async fn failed_messages_are_listed_and_can_be_redelivered() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(
-        list.deliveries
-            .iter()
-            .map(|d| d.message_id.clone())
-            .collect::<Vec<_>>(),
-        [id.clone()]
-    );
+    let listed: Vec<&str> = list
+        .deliveries
+        .iter()
+        .map(|d| d.message_id.as_str())
+        .collect();
+    assert_eq!(listed, [id.as_str()]);
     assert!(list.next_page_token.is_empty());
 
     let err = c
