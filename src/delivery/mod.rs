@@ -149,7 +149,9 @@ pub struct DeliveryEvent {
 }
 
 struct Entry {
-    tx: mpsc::UnboundedSender<Job>,
+    // Boxed: the channel allocates slots in blocks of 32, and an idle conversation should
+    // cost bytes, not kilobytes.
+    tx: mpsc::UnboundedSender<Box<Job>>,
     /// Messages queued or in delivery for this conversation (backpressure).
     queued: Arc<AtomicUsize>,
 }
@@ -579,17 +581,17 @@ impl Inner {
         let job = match shard.get(key) {
             Some(entry) => {
                 entry.queued.fetch_add(n, Ordering::SeqCst);
-                match entry.tx.send(job) {
+                match entry.tx.send(Box::new(job)) {
                     Ok(()) => return Ok(Accepted { tickets, durable }),
                     // The worker is gone without deregistering (it panicked): replace it.
-                    Err(mpsc::error::SendError(job)) => job,
+                    Err(mpsc::error::SendError(job)) => *job,
                 }
             }
             None => job,
         };
         let (tx, rx) = mpsc::unbounded_channel();
         // A fresh channel with its receiver in hand cannot refuse the job.
-        let _ = tx.send(job);
+        let _ = tx.send(Box::new(job));
         let queued = Arc::new(AtomicUsize::new(n));
         shard.insert(
             key.clone(),
@@ -649,7 +651,7 @@ struct TypingKeepAlive {
 struct Worker {
     inner: Arc<Inner>,
     key: ConversationKey,
-    rx: mpsc::UnboundedReceiver<Job>,
+    rx: mpsc::UnboundedReceiver<Box<Job>>,
     queued: Arc<AtomicUsize>,
     backlog: VecDeque<Job>,
     typing: Option<TypingKeepAlive>,
@@ -659,7 +661,7 @@ impl Worker {
     fn new(
         inner: Arc<Inner>,
         key: ConversationKey,
-        rx: mpsc::UnboundedReceiver<Job>,
+        rx: mpsc::UnboundedReceiver<Box<Job>>,
         queued: Arc<AtomicUsize>,
     ) -> Self {
         Self {
@@ -687,7 +689,8 @@ impl Worker {
                         self.gather_auto_batch(items).await
                     };
                     for item in items {
-                        self.deliver(item).await;
+                        // Boxed so an idle worker's future stays small.
+                        Box::pin(self.deliver(item)).await;
                     }
                 }
                 Job::Typing { item, keep_alive } => {
@@ -719,7 +722,7 @@ impl Worker {
                     options,
                     items,
                     created,
-                } => self.proactive(*address, options, items, created).await,
+                } => Box::pin(self.proactive(*address, options, items, created)).await,
             }
         }
         self.inner.workers.fetch_sub(1, Ordering::Relaxed);
@@ -738,7 +741,7 @@ impl Worker {
             };
             tokio::select! {
                 biased;
-                job = self.rx.recv() => return job,
+                job = self.rx.recv() => return job.map(|j| *j),
                 _ = tokio::time::sleep_until(wake) => {}
             }
             let now = tokio::time::Instant::now();
@@ -771,7 +774,7 @@ impl Worker {
         loop {
             tokio::select! {
                 biased;
-                job = self.rx.recv() => match job {
+                job = self.rx.recv() => match job.map(|j| *j) {
                     Some(Job::Deliver { items: more, flush: false }) => items.extend(more),
                     Some(other) => { self.backlog.push_back(other); return items; }
                     None => return items,

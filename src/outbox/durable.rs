@@ -18,7 +18,10 @@ use super::{
     Change, DeliveryState, Durable, IdempotencyRecord, Store, StoreError, StoredMessage, apply,
 };
 
+/// What does not change after acceptance (or a proactive move): the message itself.
 const MESSAGES: TableDefinition<u64, &[u8]> = TableDefinition::new("messages");
+/// What changes on every attempt: small, so state updates do not rewrite the message.
+const STATES: TableDefinition<u64, &[u8]> = TableDefinition::new("states");
 /// Ids of messages not finished.
 const PENDING: TableDefinition<u64, u8> = TableDefinition::new("pending");
 /// Ids of failed or expired messages (kept until redelivered).
@@ -30,10 +33,107 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 type Ack = oneshot::Sender<Result<(), StoreError>>;
 
+#[derive(serde::Serialize)]
+struct BodyRef<'a> {
+    conversation: &'a str,
+    message: &'a crate::model::Message,
+    proactive: &'a Option<crate::model::ProactiveOptions>,
+    accepted_at_ms: u64,
+    warnings: &'a [crate::model::Warning],
+}
+
+#[derive(serde::Deserialize)]
+struct Body {
+    conversation: String,
+    message: crate::model::Message,
+    proactive: Option<crate::model::ProactiveOptions>,
+    accepted_at_ms: u64,
+    #[serde(default)]
+    warnings: Vec<crate::model::Warning>,
+}
+
+#[derive(serde::Serialize)]
+struct StateRef<'a> {
+    state: DeliveryState,
+    attempts: u32,
+    receipts: &'a [crate::channels::NativeReceipt],
+    error: &'a Option<crate::channels::ChannelError>,
+    possible_duplicate: bool,
+    updated_at_ms: u64,
+}
+
+#[derive(serde::Deserialize)]
+struct State {
+    state: DeliveryState,
+    attempts: u32,
+    receipts: Vec<crate::channels::NativeReceipt>,
+    error: Option<crate::channels::ChannelError>,
+    possible_duplicate: bool,
+    updated_at_ms: u64,
+}
+
+fn encode_body(m: &StoredMessage) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(&BodyRef {
+        conversation: &m.conversation,
+        message: &m.message,
+        proactive: &m.proactive,
+        accepted_at_ms: m.accepted_at_ms,
+        warnings: &m.warnings,
+    })
+    .map_err(storage)
+}
+
+fn encode_state(m: &StoredMessage) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(&StateRef {
+        state: m.state,
+        attempts: m.attempts,
+        receipts: &m.receipts,
+        error: &m.error,
+        possible_duplicate: m.possible_duplicate,
+        updated_at_ms: m.updated_at_ms,
+    })
+    .map_err(storage)
+}
+
+fn decode(id: u64, body: &[u8], state: &[u8]) -> Result<StoredMessage, StoreError> {
+    let b: Body = serde_json::from_slice(body).map_err(storage)?;
+    let s: State = serde_json::from_slice(state).map_err(storage)?;
+    Ok(StoredMessage {
+        id,
+        conversation: b.conversation,
+        message: b.message,
+        proactive: b.proactive,
+        accepted_at_ms: b.accepted_at_ms,
+        state: s.state,
+        attempts: s.attempts,
+        receipts: s.receipts,
+        error: s.error,
+        possible_duplicate: s.possible_duplicate,
+        updated_at_ms: s.updated_at_ms,
+        warnings: b.warnings,
+    })
+}
+
+/// Reads one message from both tables of a read or write transaction.
+fn load(
+    messages: &impl ReadableTable<u64, &'static [u8]>,
+    states: &impl ReadableTable<u64, &'static [u8]>,
+    id: u64,
+) -> Result<Option<StoredMessage>, StoreError> {
+    let (Some(b), Some(s)) = (
+        messages.get(id).map_err(storage)?,
+        states.get(id).map_err(storage)?,
+    ) else {
+        return Ok(None);
+    };
+    decode(id, b.value(), s.value()).map(Some)
+}
+
 enum Cmd {
     /// New versions of messages (and the idempotency key that accepted them), committed together.
+    /// The bool says whether the message body changed too (or only its state).
     Put {
-        entries: Vec<(u64, StoredMessage)>,
+        entries: Vec<(u64, StoredMessage, bool)>,
         idempotency: Option<(String, IdempotencyRecord)>,
         ack: Ack,
     },
@@ -80,6 +180,7 @@ impl RedbStore {
         let next_id = {
             // Create every table up front so readers never meet a missing one.
             txn.open_table(MESSAGES).map_err(storage)?;
+            txn.open_table(STATES).map_err(storage)?;
             txn.open_table(PENDING).map_err(storage)?;
             txn.open_table(FAILED).map_err(storage)?;
             txn.open_table(DELIVERED).map_err(storage)?;
@@ -121,11 +222,9 @@ impl RedbStore {
 
     fn read(&self, id: u64) -> Result<Option<StoredMessage>, StoreError> {
         let txn = self.db.begin_read().map_err(storage)?;
-        let t = txn.open_table(MESSAGES).map_err(storage)?;
-        match t.get(id).map_err(storage)? {
-            Some(v) => serde_json::from_slice(v.value()).map(Some).map_err(storage),
-            None => Ok(None),
-        }
+        let messages = txn.open_table(MESSAGES).map_err(storage)?;
+        let states = txn.open_table(STATES).map_err(storage)?;
+        load(&messages, &states, id)
     }
 
     /// Queues new versions of messages; under the overlay lock so versions reach the writer in
@@ -133,6 +232,7 @@ impl RedbStore {
     fn put(
         &self,
         messages: Vec<StoredMessage>,
+        body_changed: bool,
         idempotency: Option<(String, IdempotencyRecord)>,
     ) -> Durable {
         let (ack, rx) = oneshot::channel();
@@ -142,7 +242,7 @@ impl RedbStore {
             ov.version += 1;
             let version = ov.version;
             ov.messages.insert(m.id, (version, m.clone()));
-            entries.push((version, m));
+            entries.push((version, m, body_changed));
         }
         self.send(Cmd::Put {
             entries,
@@ -169,7 +269,7 @@ impl Store for RedbStore {
         messages: Vec<StoredMessage>,
         idempotency: Option<(String, IdempotencyRecord)>,
     ) -> Durable {
-        self.put(messages, idempotency)
+        self.put(messages, true, idempotency)
     }
 
     fn update(&self, id: u64, change: Change) -> Durable {
@@ -183,8 +283,9 @@ impl Store for RedbStore {
         };
         match current {
             Some(mut m) => {
+                let body_changed = matches!(change, Change::Moved { .. });
                 apply(&mut m, change);
-                self.put(vec![m], None)
+                self.put(vec![m], body_changed, None)
             }
             None => super::ready_durable(),
         }
@@ -210,11 +311,12 @@ impl Store for RedbStore {
         let txn = self.db.begin_read().map_err(storage)?;
         let pending = txn.open_table(PENDING).map_err(storage)?;
         let messages = txn.open_table(MESSAGES).map_err(storage)?;
+        let states = txn.open_table(STATES).map_err(storage)?;
         let mut out = Vec::new();
         for entry in pending.iter().map_err(storage)? {
             let (id, _) = entry.map_err(storage)?;
-            if let Some(v) = messages.get(id.value()).map_err(storage)? {
-                out.push(serde_json::from_slice(v.value()).map_err(storage)?);
+            if let Some(m) = load(&messages, &states, id.value())? {
+                out.push(m);
             }
         }
         Ok(out)
@@ -300,7 +402,7 @@ fn writer(db: Arc<Database>, overlay: Arc<Mutex<Overlay>>, rx: mpsc::Receiver<Cm
         for cmd in batch {
             match cmd {
                 Cmd::Put { entries, ack, .. } => {
-                    committed.extend(entries.into_iter().map(|(v, m)| (m.id, v)));
+                    committed.extend(entries.into_iter().map(|(v, m, _)| (m.id, v)));
                     let _ = ack.send(result.clone());
                 }
                 Cmd::Compact { done, .. } => {
@@ -324,6 +426,7 @@ fn commit(db: &Database, batch: &[Cmd], compacted: &mut usize) -> Result<(), Sto
     let txn = db.begin_write().map_err(storage)?;
     {
         let mut messages = txn.open_table(MESSAGES).map_err(storage)?;
+        let mut states = txn.open_table(STATES).map_err(storage)?;
         let mut pending = txn.open_table(PENDING).map_err(storage)?;
         let mut failed = txn.open_table(FAILED).map_err(storage)?;
         let mut delivered = txn.open_table(DELIVERED).map_err(storage)?;
@@ -346,9 +449,15 @@ fn commit(db: &Database, batch: &[Cmd], compacted: &mut usize) -> Result<(), Sto
                         idem.insert(key.as_str(), bytes.as_slice())
                             .map_err(storage)?;
                     }
-                    for (_, m) in entries {
-                        let bytes = serde_json::to_vec(m).map_err(storage)?;
-                        messages.insert(m.id, bytes.as_slice()).map_err(storage)?;
+                    for (_, m, body_changed) in entries {
+                        if *body_changed {
+                            messages
+                                .insert(m.id, encode_body(m)?.as_slice())
+                                .map_err(storage)?;
+                        }
+                        states
+                            .insert(m.id, encode_state(m)?.as_slice())
+                            .map_err(storage)?;
                         next_id = next_id.max(m.id + 1);
                         if m.state.is_terminal() {
                             pending.remove(m.id).map_err(storage)?;
@@ -383,6 +492,7 @@ fn commit(db: &Database, batch: &[Cmd], compacted: &mut usize) -> Result<(), Sto
                     for (at, id) in old {
                         delivered.remove((at, id)).map_err(storage)?;
                         messages.remove(id).map_err(storage)?;
+                        states.remove(id).map_err(storage)?;
                         *compacted += 1;
                     }
                     let stale: Vec<String> = idem

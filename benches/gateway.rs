@@ -1,0 +1,825 @@
+//! End-to-end benchmark: the real gateway binary and a fake Bot Framework connector run as
+//! separate processes on 127.0.0.1; a gRPC load generator drives them and a minimal tonic echo
+//! server, in the same run, gives the machine's baseline. Prints a table (and with
+//! `--write-results`, bench/RESULTS.md). Every run verifies per-conversation order at the fake.
+//!
+//!     cargo bench --bench gateway                 # full run
+//!     cargo bench --bench gateway -- --quick      # smaller counts, a smoke run
+//!
+//! Roles: the same executable also serves as the fake channel (`--role fake`) and the echo
+//! server (`--role echo`), so each side is its own process.
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::extract::{Path, State};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{Value, json};
+use tonic::{Request, Response, Status};
+
+use channel_gateway::api::pb::{
+    self,
+    channel_gateway_client::ChannelGatewayClient,
+    channel_gateway_server::{ChannelGateway, ChannelGatewayServer},
+};
+
+type Client = ChannelGatewayClient<tonic::transport::Channel>;
+
+fn arg(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
+fn flag(name: &str) -> bool {
+    std::env::args().any(|a| a == name)
+}
+
+fn unix_nanos() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default()
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    match arg("--role").as_deref() {
+        Some("fake") => rt.block_on(fake_channel()),
+        Some("echo") => rt.block_on(echo_server()),
+        _ => rt.block_on(driver()),
+    }
+}
+
+// ---------------------------------------------------------------- fake channel
+
+#[derive(Default)]
+struct FakeStats {
+    received: AtomicU64,
+    violations: AtomicU64,
+    duplicates: AtomicU64,
+    last: Mutex<HashMap<String, u64>>,
+    latencies_us: Mutex<Vec<u32>>,
+}
+
+async fn fake_channel() {
+    let delay = Duration::from_millis(arg("--delay-ms").and_then(|s| s.parse().ok()).unwrap_or(0));
+    let stats = Arc::new(FakeStats::default());
+    let app = Router::new()
+        .route(
+            "/token",
+            post(|| async { Json(json!({"access_token": "bench-token", "expires_in": 3600})) }),
+        )
+        .route(
+            "/v3/conversations/{conv}/activities",
+            post(
+                move |State(s): State<Arc<FakeStats>>,
+                      Path(conv): Path<String>,
+                      Json(body): Json<Value>| async move {
+                    if !delay.is_zero() {
+                        tokio::time::sleep(delay).await;
+                    }
+                    let text = body.get("text").and_then(Value::as_str).unwrap_or("");
+                    let mut parts = text.split(' ');
+                    let seq: u64 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+                    let sent: u128 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+                    let now = unix_nanos();
+                    {
+                        let mut last = s.last.lock().unwrap_or_else(|p| p.into_inner());
+                        let prev = last.get(&conv).copied();
+                        match prev {
+                            Some(p) if seq == p => {
+                                s.duplicates.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Some(p) if seq != p + 1 => {
+                                s.violations.fetch_add(1, Ordering::Relaxed);
+                            }
+                            None if seq != 0 => {
+                                s.violations.fetch_add(1, Ordering::Relaxed);
+                            }
+                            _ => {}
+                        }
+                        last.insert(conv, seq);
+                    }
+                    if sent > 0 && now > sent {
+                        let us = ((now - sent) / 1000).min(u32::MAX as u128) as u32;
+                        s.latencies_us
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push(us);
+                    }
+                    let n = s.received.fetch_add(1, Ordering::Relaxed) + 1;
+                    Json(json!({"id": format!("a{n}")}))
+                },
+            ),
+        )
+        .route(
+            "/stats",
+            get(|State(s): State<Arc<FakeStats>>| async move {
+                let mut l = s
+                    .latencies_us
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone();
+                l.sort_unstable();
+                Json(json!({
+                    "received": s.received.load(Ordering::Relaxed),
+                    "violations": s.violations.load(Ordering::Relaxed),
+                    "duplicates": s.duplicates.load(Ordering::Relaxed),
+                    "p50_us": pct(&l, 50.0),
+                    "p99_us": pct(&l, 99.0),
+                }))
+            }),
+        )
+        .route(
+            "/reset",
+            post(|State(s): State<Arc<FakeStats>>| async move {
+                s.received.store(0, Ordering::Relaxed);
+                s.violations.store(0, Ordering::Relaxed);
+                s.duplicates.store(0, Ordering::Relaxed);
+                s.last.lock().unwrap_or_else(|p| p.into_inner()).clear();
+                s.latencies_us
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clear();
+                "ok"
+            }),
+        )
+        .with_state(stats);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    println!("{}", listener.local_addr().expect("addr").port());
+    axum::serve(listener, app).await.expect("serve");
+}
+
+fn pct(sorted: &[u32], p: f64) -> u32 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let i = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+// ---------------------------------------------------------------- echo server
+
+struct Echo;
+
+#[tonic::async_trait]
+impl ChannelGateway for Echo {
+    async fn send(
+        &self,
+        _r: Request<pb::SendRequest>,
+    ) -> Result<Response<pb::SendResponse>, Status> {
+        Ok(Response::new(pb::SendResponse {
+            message_id: "1".into(),
+            state: pb::DeliveryState::Accepted as i32,
+            ..Default::default()
+        }))
+    }
+    async fn send_batch(
+        &self,
+        _r: Request<pb::SendBatchRequest>,
+    ) -> Result<Response<pb::SendBatchResponse>, Status> {
+        Err(Status::unimplemented("echo"))
+    }
+    async fn send_typing(
+        &self,
+        _r: Request<pb::SendTypingRequest>,
+    ) -> Result<Response<pb::SendTypingResponse>, Status> {
+        Err(Status::unimplemented("echo"))
+    }
+    async fn send_proactive(
+        &self,
+        _r: Request<pb::SendProactiveRequest>,
+    ) -> Result<Response<pb::SendProactiveResponse>, Status> {
+        Err(Status::unimplemented("echo"))
+    }
+    async fn render(
+        &self,
+        _r: Request<pb::RenderRequest>,
+    ) -> Result<Response<pb::RenderResponse>, Status> {
+        Err(Status::unimplemented("echo"))
+    }
+    async fn get_capabilities(
+        &self,
+        _r: Request<pb::GetCapabilitiesRequest>,
+    ) -> Result<Response<pb::GetCapabilitiesResponse>, Status> {
+        Err(Status::unimplemented("echo"))
+    }
+    async fn get_delivery(
+        &self,
+        _r: Request<pb::GetDeliveryRequest>,
+    ) -> Result<Response<pb::GetDeliveryResponse>, Status> {
+        Err(Status::unimplemented("echo"))
+    }
+    type WatchDeliveriesStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<pb::WatchDeliveriesResponse, Status>> + Send>,
+    >;
+    async fn watch_deliveries(
+        &self,
+        _r: Request<pb::WatchDeliveriesRequest>,
+    ) -> Result<Response<Self::WatchDeliveriesStream>, Status> {
+        Err(Status::unimplemented("echo"))
+    }
+    async fn list_failed(
+        &self,
+        _r: Request<pb::ListFailedRequest>,
+    ) -> Result<Response<pb::ListFailedResponse>, Status> {
+        Err(Status::unimplemented("echo"))
+    }
+    async fn redeliver(
+        &self,
+        _r: Request<pb::RedeliverRequest>,
+    ) -> Result<Response<pb::RedeliverResponse>, Status> {
+        Err(Status::unimplemented("echo"))
+    }
+}
+
+async fn echo_server() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    println!("{}", listener.local_addr().expect("addr").port());
+    tonic::transport::Server::builder()
+        .add_service(ChannelGatewayServer::new(Echo))
+        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+        .await
+        .expect("serve");
+}
+
+// ---------------------------------------------------------------- driver
+
+struct Proc {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    fn rss_kib(&self) -> (u64, u64) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    }
+}
+
+/// Starts this executable in another role and reads the port it prints.
+async fn spawn_role(role: &str, extra: &[&str]) -> Proc {
+    use std::io::BufRead;
+    let exe = std::env::current_exe().expect("current exe");
+    let mut child = Command::new(exe)
+        .arg("--role")
+        .arg(role)
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn role");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut line = String::new();
+    std::io::BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("role output");
+    let port: u16 = line.trim().parse().expect("role printed no port");
+    Proc { child, port }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+struct GatewayOpts {
+    durable: bool,
+    max_concurrency: usize,
+    idle_timeout: &'static str,
+}
+
+fn spawn_gateway(fake_port: u16, data_dir: &std::path::Path, o: &GatewayOpts) -> Proc {
+    let port = free_port();
+    let exe = env!("CARGO_BIN_EXE_channel-gateway");
+    let child = Command::new(exe)
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--data-dir",
+        ])
+        .arg(data_dir)
+        .env(
+            "CHANNEL_GATEWAY__OUTBOX__BACKEND",
+            if o.durable { "durable" } else { "memory" },
+        )
+        .env(
+            "CHANNEL_GATEWAY__CHANNELS__BOTFRAMEWORK__ALLOWED_SERVICE_HOSTS",
+            "[\"127.0.0.1\"]",
+        )
+        .env(
+            "CHANNEL_GATEWAY__CHANNELS__BOTFRAMEWORK__TOKEN_URL",
+            format!("http://127.0.0.1:{fake_port}/token"),
+        )
+        .env(
+            "CHANNEL_GATEWAY__CHANNELS__BOTFRAMEWORK__APP_ID",
+            "bench-bot",
+        )
+        .env(
+            "CHANNEL_GATEWAY__CHANNELS__BOTFRAMEWORK__APP_PASSWORD",
+            "bench-secret",
+        )
+        .env(
+            "CHANNEL_GATEWAY__DELIVERY__MAX_CONCURRENCY",
+            o.max_concurrency.to_string(),
+        )
+        .env("CHANNEL_GATEWAY__DELIVERY__IDLE_TIMEOUT", o.idle_timeout)
+        .env(
+            "CHANNEL_GATEWAY__DELIVERY__MAX_PENDING_PER_CONVERSATION",
+            "1000000",
+        )
+        .env("CHANNEL_GATEWAY__SERVER__MAX_BATCH_LEN", "100")
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn gateway (build it with `cargo build --release` first)");
+    Proc { child, port }
+}
+
+async fn connect(port: u16) -> Client {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match ChannelGatewayClient::connect(format!("http://127.0.0.1:{port}")).await {
+            Ok(c) => return c,
+            Err(e) if Instant::now() > deadline => panic!("no server on {port}: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+
+async fn fake_stats(port: u16) -> Value {
+    let r = reqwest::get(format!("http://127.0.0.1:{port}/stats"))
+        .await
+        .expect("stats");
+    r.json().await.expect("stats json")
+}
+
+async fn fake_reset(port: u16) {
+    let _ = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{port}/reset"))
+        .send()
+        .await;
+}
+
+fn address(fake_port: u16, conv: usize) -> pb::Address {
+    pb::Address {
+        channel_id: "webchat".into(),
+        user: Some(pb::Identity {
+            id: "u".into(),
+            ..Default::default()
+        }),
+        bot: Some(pb::Identity {
+            id: "bench-bot".into(),
+            ..Default::default()
+        }),
+        conversation: Some(pb::ConversationAccount {
+            id: format!("c{conv}"),
+            ..Default::default()
+        }),
+        service_url: format!("http://127.0.0.1:{fake_port}/"),
+        ..Default::default()
+    }
+}
+
+struct Load {
+    concurrency: usize,
+    conversations: usize,
+    messages: usize,
+    batch: usize,
+}
+
+struct LoadResult {
+    calls_per_s: f64,
+    messages: usize,
+    p50: Duration,
+    p99: Duration,
+    p999: Duration,
+}
+
+/// `concurrency` tasks; each owns conversations `task, task + concurrency, ...` and sends them
+/// round-robin, so each conversation has one sender and a known order.
+async fn drive(
+    client: &Client,
+    fake_port: u16,
+    load: &Load,
+    seq_base: &Arc<Mutex<Vec<u64>>>,
+) -> LoadResult {
+    let per_task = load.messages / load.concurrency;
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for t in 0..load.concurrency {
+        let mut client = client.clone();
+        let convs: Vec<usize> = (t..load.conversations).step_by(load.concurrency).collect();
+        let seqs = seq_base.clone();
+        let batch = load.batch;
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::with_capacity(per_task / batch.max(1) + 1);
+            if convs.is_empty() {
+                return lat;
+            }
+            let addrs: Vec<pb::Address> = convs.iter().map(|c| address(fake_port, *c)).collect();
+            let mut sent = 0;
+            let mut k = 0;
+            while sent < per_task {
+                let i = k % convs.len();
+                k += 1;
+                let conv = convs[i];
+                let n = batch.max(1).min(per_task - sent);
+                let msgs: Vec<pb::Message> = (0..n)
+                    .map(|_| {
+                        let seq = {
+                            let mut s = seqs.lock().unwrap_or_else(|p| p.into_inner());
+                            s[conv] += 1;
+                            s[conv] - 1
+                        };
+                        pb::Message {
+                            address: Some(addrs[i].clone()),
+                            text: format!("{seq} {}", unix_nanos()),
+                            ..Default::default()
+                        }
+                    })
+                    .collect();
+                let t0 = Instant::now();
+                let ok = if batch > 1 {
+                    client
+                        .send_batch(pb::SendBatchRequest {
+                            messages: msgs,
+                            ..Default::default()
+                        })
+                        .await
+                        .is_ok()
+                } else {
+                    client
+                        .send(pb::SendRequest {
+                            message: msgs.into_iter().next(),
+                            ..Default::default()
+                        })
+                        .await
+                        .is_ok()
+                };
+                assert!(ok, "send failed during the benchmark");
+                lat.push(t0.elapsed());
+                sent += n;
+            }
+            lat
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.expect("task"));
+    }
+    let elapsed = start.elapsed();
+    all.sort_unstable();
+    let p = |q: f64| {
+        all.get(((q / 100.0) * (all.len().saturating_sub(1)) as f64) as usize)
+            .copied()
+            .unwrap_or_default()
+    };
+    LoadResult {
+        calls_per_s: all.len() as f64 / elapsed.as_secs_f64(),
+        messages: per_task * load.concurrency,
+        p50: p(50.0),
+        p99: p(99.0),
+        p999: p(99.9),
+    }
+}
+
+async fn wait_delivered(fake_port: u16, n: u64, within: Duration) -> (Value, Duration) {
+    let start = Instant::now();
+    loop {
+        let s = fake_stats(fake_port).await;
+        if s["received"].as_u64().unwrap_or(0) >= n {
+            return (s, start.elapsed());
+        }
+        if start.elapsed() > within {
+            panic!("only {} of {n} delivered after {within:?}", s["received"]);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2}", d.as_secs_f64() * 1000.0)
+}
+
+struct Row(String, String);
+
+async fn delivery_scenario(
+    name: &str,
+    fake: &Proc,
+    gw_opts: &GatewayOpts,
+    load: &Load,
+    rows: &mut Vec<Row>,
+) -> (LoadResult, f64) {
+    fake_reset(fake.port).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gw = spawn_gateway(fake.port, dir.path(), gw_opts);
+    let client = connect(gw.port).await;
+    let seqs = Arc::new(Mutex::new(vec![0u64; load.conversations]));
+    let start = Instant::now();
+    let r = drive(&client, fake.port, load, &seqs).await;
+    let (stats, _) = wait_delivered(fake.port, r.messages as u64, Duration::from_secs(600)).await;
+    let total = start.elapsed();
+    let delivered_per_s = r.messages as f64 / total.as_secs_f64();
+    let violations = stats["violations"].as_u64().unwrap_or(0);
+    assert_eq!(violations, 0, "{name}: ORDER VIOLATED at the fake channel");
+    let (_, peak) = gw.rss_kib();
+    rows.push(Row(
+        name.to_string(),
+        format!(
+            "accepted {:.0} calls/s (p50 {} ms, p99 {} ms, p99.9 {} ms); delivered {:.0} msg/s; end-to-end p50 {:.2} ms, p99 {:.2} ms; order OK ({} msgs, {} dup); gateway peak RSS {} MiB",
+            r.calls_per_s,
+            ms(r.p50),
+            ms(r.p99),
+            ms(r.p999),
+            delivered_per_s,
+            stats["p50_us"].as_f64().unwrap_or(0.0) / 1000.0,
+            stats["p99_us"].as_f64().unwrap_or(0.0) / 1000.0,
+            r.messages,
+            stats["duplicates"],
+            peak / 1024
+        ),
+    ));
+    println!(
+        "{name}: {}",
+        rows.last().map(|r| r.1.as_str()).unwrap_or("")
+    );
+    (r, delivered_per_s)
+}
+
+async fn rss_per_conversation(fake: &Proc, n: usize, rows: &mut Vec<Row>) {
+    fake_reset(fake.port).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let opts = GatewayOpts {
+        durable: false,
+        max_concurrency: 512,
+        idle_timeout: "10m",
+    };
+    let gw = spawn_gateway(fake.port, dir.path(), &opts);
+    let client = connect(gw.port).await;
+    // Warm up the paths once so the baseline includes code, pools and the token.
+    let warm = Load {
+        concurrency: 1,
+        conversations: 1,
+        messages: 1,
+        batch: 1,
+    };
+    let seqs = Arc::new(Mutex::new(vec![0u64; n.max(1)]));
+    drive(&client, fake.port, &warm, &seqs).await;
+    wait_delivered(fake.port, 1, Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (base, _) = gw.rss_kib();
+    fake_reset(fake.port).await;
+    let seqs = Arc::new(Mutex::new(vec![0u64; n]));
+    let load = Load {
+        concurrency: 64.min(n),
+        conversations: n,
+        messages: n,
+        batch: 1,
+    };
+    // Conversation c0 already had message 0: it now starts at 1 at the fake, which resets.
+    let r = drive(&client, fake.port, &load, &seqs).await;
+    wait_delivered(fake.port, r.messages as u64, Duration::from_secs(600)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (after, _) = gw.rss_kib();
+    let per = (after.saturating_sub(base) as f64 * 1024.0) / n as f64;
+    rows.push(Row(
+        format!("RSS, {n} active conversations"),
+        format!(
+            "{} MiB -> {} MiB: {:.0} bytes per active conversation",
+            base / 1024,
+            after / 1024,
+            per
+        ),
+    ));
+    println!(
+        "{}: {}",
+        rows.last().map(|r| r.0.as_str()).unwrap_or(""),
+        rows.last().map(|r| r.1.as_str()).unwrap_or("")
+    );
+}
+
+async fn driver() {
+    let quick = flag("--quick");
+    let scale = if quick { 10 } else { 1 };
+    let mut rows: Vec<Row> = Vec::new();
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .next()
+                .map(|l| l.split_whitespace().nth(1).unwrap_or("0").to_string())
+        })
+        .and_then(|k| k.parse::<u64>().ok())
+        .unwrap_or(0)
+        / 1024
+        / 1024;
+
+    // 1. The machine's baseline: a minimal tonic server answering the same Send.
+    let echo = spawn_role("echo", &[]).await;
+    let echo_client = connect(echo.port).await;
+    let seqs = Arc::new(Mutex::new(vec![0u64; 1000]));
+    let echo_load = Load {
+        concurrency: 64,
+        conversations: 1000,
+        messages: 100_000 / scale,
+        batch: 1,
+    };
+    let e = drive(&echo_client, 1, &echo_load, &seqs).await;
+    drop(echo);
+    rows.push(Row(
+        "echo server (baseline)".into(),
+        format!(
+            "{:.0} calls/s (p50 {} ms, p99 {} ms, p99.9 {} ms)",
+            e.calls_per_s,
+            ms(e.p50),
+            ms(e.p99),
+            ms(e.p999)
+        ),
+    ));
+    println!("echo: {:.0} calls/s", e.calls_per_s);
+
+    let fake = spawn_role("fake", &[]).await;
+    let sends = Load {
+        concurrency: 64,
+        conversations: 1000,
+        messages: 100_000 / scale,
+        batch: 1,
+    };
+    let (durable, durable_delivered) = delivery_scenario(
+        "1k conversations, Send, durable outbox",
+        &fake,
+        &GatewayOpts {
+            durable: true,
+            max_concurrency: 512,
+            idle_timeout: "30s",
+        },
+        &sends,
+        &mut rows,
+    )
+    .await;
+    let (memory, _) = delivery_scenario(
+        "1k conversations, Send, in-memory outbox",
+        &fake,
+        &GatewayOpts {
+            durable: false,
+            max_concurrency: 512,
+            idle_timeout: "30s",
+        },
+        &sends,
+        &mut rows,
+    )
+    .await;
+    let batches = Load {
+        concurrency: 64,
+        conversations: 1000,
+        messages: 200_000 / scale,
+        batch: 20,
+    };
+    let (_, batch_delivered) = delivery_scenario(
+        "1k conversations, SendBatch of 20, durable",
+        &fake,
+        &GatewayOpts {
+            durable: true,
+            max_concurrency: 512,
+            idle_timeout: "30s",
+        },
+        &batches,
+        &mut rows,
+    )
+    .await;
+    let hot = Load {
+        concurrency: 1,
+        conversations: 1,
+        messages: 5_000 / scale,
+        batch: 1,
+    };
+    delivery_scenario(
+        "one hot conversation (serial), durable",
+        &fake,
+        &GatewayOpts {
+            durable: true,
+            max_concurrency: 512,
+            idle_timeout: "30s",
+        },
+        &hot,
+        &mut rows,
+    )
+    .await;
+    drop(fake);
+
+    let slow = spawn_role("fake", &["--delay-ms", "50"]).await;
+    let slow_load = Load {
+        concurrency: 1000,
+        conversations: 1000,
+        messages: 100_000 / scale,
+        batch: 1,
+    };
+    let (_, slow_delivered) = delivery_scenario(
+        "slow channel (50 ms), 1k conversations, concurrency limit 1024, durable",
+        &slow,
+        &GatewayOpts {
+            durable: true,
+            max_concurrency: 1024,
+            idle_timeout: "30s",
+        },
+        &slow_load,
+        &mut rows,
+    )
+    .await;
+    drop(slow);
+
+    let fake = spawn_role("fake", &[]).await;
+    for n in [1_000usize, 10_000, 100_000] {
+        if quick && n > 10_000 {
+            continue;
+        }
+        rss_per_conversation(&fake, n, &mut rows).await;
+    }
+    drop(fake);
+
+    let headline = durable.calls_per_s / e.calls_per_s;
+    let summary = vec![
+        format!("accept path (durable) / echo: {headline:.2}x (target >= 0.5x)"),
+        format!(
+            "accept path (in-memory) / echo: {:.2}x",
+            memory.calls_per_s / e.calls_per_s
+        ),
+        format!(
+            "delivered, 1k conversations, one Send per message: {durable_delivered:.0} msg/s (target >= 15,000)"
+        ),
+        format!(
+            "delivered, 1k conversations, SendBatch of 20: {batch_delivered:.0} msg/s (target >= 30,000)"
+        ),
+        format!(
+            "slow channel: {slow_delivered:.0} msg/s = {:.0}% of the ideal 20,000 (target >= 80%)",
+            slow_delivered / 200.0
+        ),
+    ];
+    println!();
+    for s in &summary {
+        println!("{s}");
+    }
+    let mut table = String::from("| scenario | result |\n|---|---|\n");
+    for r in &rows {
+        table.push_str(&format!("| {} | {} |\n", r.0, r.1));
+    }
+    println!("\n{table}");
+    if flag("--write-results") {
+        let date = std::process::Command::new("date")
+            .arg("-u")
+            .arg("+%Y-%m-%d")
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default();
+        let doc = format!(
+            "# Benchmark results\n\nCommand: `cargo bench --bench gateway -- --write-results{}`\n\nMachine: {cores} cores, {mem} GiB memory. Date: {date}.\n\nThe gateway (release build) and the fake connector run as separate processes on 127.0.0.1; the load generator is this benchmark process. All three share the machine's cores.\n\n## Headline\n\n{}\n\n## All scenarios\n\n{table}",
+            if quick { " --quick" } else { "" },
+            summary
+                .iter()
+                .map(|s| format!("- {s}"))
+                .collect::<Vec<_>>()
+                .join("\n"),
+        );
+        let _ = std::fs::create_dir_all("bench");
+        std::fs::write("bench/RESULTS.md", doc).expect("write bench/RESULTS.md");
+        println!("wrote bench/RESULTS.md");
+    }
+}
