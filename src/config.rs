@@ -105,6 +105,7 @@ pub struct Config {
     pub server: ServerConfig,
     pub delivery: DeliveryConfig,
     pub outbox: OutboxConfig,
+    pub admin: AdminConfig,
     pub channels: ChannelsConfig,
     pub log: LogConfig,
 }
@@ -184,6 +185,23 @@ impl Default for DeliveryConfig {
             request_timeout: Duration::from_secs(30),
             max_pending_per_conversation: 10_000,
             max_pending_total: 1_000_000,
+        }
+    }
+}
+
+/// The admin HTTP listener: `/metrics` (Prometheus), `/healthz`, `/readyz`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    pub enabled: bool,
+    pub listen: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: "127.0.0.1:9090".into(),
         }
     }
 }
@@ -371,8 +389,18 @@ impl Config {
         })
     }
 
+    pub fn admin_addr(&self) -> Result<SocketAddr, ConfigError> {
+        self.admin.listen.parse().map_err(|e| {
+            invalid(
+                "admin.listen",
+                format!("`{}` is not host:port ({e})", self.admin.listen),
+            )
+        })
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         self.listen_addr()?;
+        self.admin_addr()?;
         let d = &self.delivery;
         if d.max_concurrency == 0 {
             return Err(invalid("delivery.max_concurrency", "must be at least 1"));

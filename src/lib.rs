@@ -6,6 +6,7 @@ pub mod api;
 pub mod channels;
 pub mod config;
 pub mod delivery;
+pub mod metrics;
 pub mod model;
 pub mod outbox;
 pub mod server;

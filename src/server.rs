@@ -16,6 +16,7 @@ use crate::channels::Channels;
 use crate::config::Config;
 use crate::config::OutboxBackend;
 use crate::delivery::Dispatcher;
+use crate::metrics::Metrics;
 use crate::outbox::{MemoryStore, RedbStore, Store, now_ms};
 
 /// Drops delivered messages past their retention and expired idempotency keys, periodically.
@@ -69,6 +70,8 @@ pub enum ServeError {
 /// A gateway serving in the background (tests, embedding).
 pub struct RunningGateway {
     pub addr: SocketAddr,
+    /// The admin HTTP listener, when enabled.
+    pub admin_addr: Option<SocketAddr>,
     pub dispatcher: Dispatcher,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<Result<(), ServeError>>,
@@ -96,8 +99,8 @@ pub async fn run(
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|source| ServeError::Bind { addr, source })?;
-    let (dispatcher, fut) = serve(config, listener, shutdown).await?;
-    drop(dispatcher);
+    let (running, fut) = serve(config, listener, shutdown).await?;
+    drop(running);
     fut.await
 }
 
@@ -111,12 +114,13 @@ pub async fn start(config: Config) -> Result<RunningGateway, ServeError> {
         .local_addr()
         .map_err(|source| ServeError::Bind { addr, source })?;
     let (tx, rx) = oneshot::channel::<()>();
-    let (dispatcher, fut) = serve(config, listener, async {
+    let ((dispatcher, admin_addr), fut) = serve(config, listener, async {
         let _ = rx.await;
     })
     .await?;
     Ok(RunningGateway {
         addr: local,
+        admin_addr,
         dispatcher,
         stop: Some(tx),
         task: tokio::spawn(fut),
@@ -127,8 +131,15 @@ async fn serve(
     config: Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(Dispatcher, impl Future<Output = Result<(), ServeError>>), ServeError> {
+) -> Result<
+    (
+        (Dispatcher, Option<SocketAddr>),
+        impl Future<Output = Result<(), ServeError>>,
+    ),
+    ServeError,
+> {
     let channels = Arc::new(Channels::from_config(&config).map_err(ServeError::Channels)?);
+    let channels_for_metrics = channels.clone();
     let store: Arc<dyn Store> = match config.outbox.backend {
         OutboxBackend::Durable => {
             let dir = &config.outbox.data_dir;
@@ -140,7 +151,13 @@ async fn serve(
             Arc::new(MemoryStore::new())
         }
     };
-    let dispatcher = Dispatcher::new(channels, store.clone(), config.delivery.clone());
+    let metrics = Arc::new(Metrics::new());
+    let dispatcher = Dispatcher::new(
+        channels.clone(),
+        store.clone(),
+        config.delivery.clone(),
+        metrics.clone(),
+    );
     dispatcher
         .resume()
         .map_err(|e| ServeError::Outbox(e.to_string()))?;
@@ -165,8 +182,45 @@ async fn serve(
     let grace = config.server.shutdown_grace;
     let drain = dispatcher.clone();
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let (admin_stop_tx, admin_stop_rx) = oneshot::channel::<()>();
+    let admin_addr = if config.admin.enabled {
+        let addr = config.admin_addr()?;
+        let l = TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServeError::Bind { addr, source })?;
+        let local = l.local_addr().ok();
+        let d = dispatcher.clone();
+        let ch = channels_for_metrics.clone();
+        let refresh: crate::metrics::Refresh = Arc::new(move |m: &Metrics| {
+            m.queue_depth.set(d.undelivered() as i64);
+            m.active_workers.set(d.active_workers() as i64);
+            if let Some(bf) = ch.botframework() {
+                m.token_refreshes
+                    .get_or_create(&crate::metrics::ChannelLabel {
+                        channel: "botframework".into(),
+                    })
+                    .set(bf.token_fetches() as i64);
+            }
+        });
+        let m = metrics.clone();
+        tokio::spawn(async move {
+            let stop = async {
+                let _ = admin_stop_rx.await;
+            };
+            if let Err(e) = crate::metrics::serve_admin(l, m, refresh, stop).await {
+                tracing::error!(error = %e, "admin listener failed");
+            }
+        });
+        tracing::info!(addr = ?local, "admin listener: /metrics /healthz /readyz");
+        local
+    } else {
+        None
+    };
+    metrics.set_ready(true);
+    let ready = metrics.clone();
     tokio::spawn(async move {
         shutdown.await;
+        ready.set_ready(false);
         // Probes see NOT_SERVING first, then new sends are refused, then queues drain.
         health
             .set_not_serving::<ChannelGatewayServer<GatewayService>>()
@@ -188,6 +242,7 @@ async fn serve(
             tracing::info!("queues drained");
         }
         let _ = stop_tx.send(());
+        let _ = admin_stop_tx.send(());
     });
 
     tracing::info!(addr = ?local, "channel-gateway serving gRPC");
@@ -207,5 +262,5 @@ async fn serve(
             .await?;
         Ok(())
     };
-    Ok((dispatcher, fut))
+    Ok(((dispatcher, admin_addr), fut))
 }

@@ -49,6 +49,7 @@ fn spawn_gateway(fake: &FakeConnector, data_dir: &std::path::Path, port: u16) ->
             PASSWORD,
         )
         .env("CHANNEL_GATEWAY__DELIVERY__BASE_RETRY_DELAY", "20ms")
+        .env("CHANNEL_GATEWAY__ADMIN__LISTEN", "127.0.0.1:0")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::null())

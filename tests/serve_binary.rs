@@ -22,11 +22,17 @@ fn free_port() -> u16 {
 #[tokio::test]
 async fn serve_with_no_config_answers_health_and_reflection_and_stops_on_sigterm() {
     let port = free_port();
+    let admin = free_port();
     let dir = tempfile::tempdir().unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_channel-gateway"))
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
         .current_dir(dir.path())
         .env_remove("CHANNEL_GATEWAY_CONFIG")
+        // Only to keep parallel test runs off the default admin port 9090.
+        .env(
+            "CHANNEL_GATEWAY__ADMIN__LISTEN",
+            format!("127.0.0.1:{admin}"),
+        )
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -84,6 +90,24 @@ async fn serve_with_no_config_answers_health_and_reflection_and_stops_on_sigterm
     assert!(
         names.contains(&"grpc.health.v1.Health".to_string()),
         "{names:?}"
+    );
+
+    // The probes for those that cannot speak gRPC.
+    let base = format!("http://127.0.0.1:{admin}");
+    let r = reqwest::get(format!("{base}/healthz")).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let r = reqwest::get(format!("{base}/readyz")).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let text = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(text.contains("channel_gateway_queue_depth"), "{text}");
+    assert!(
+        dir.path().join("channel-gateway-data/outbox.redb").exists(),
+        "durable outbox by default"
     );
 
     let status = Command::new("kill")

@@ -24,6 +24,7 @@ use crate::channels::{
     ChannelError, Channels, FailureKind, NativeReceipt, NativeRequest, Rendered,
 };
 use crate::config::DeliveryConfig;
+use crate::metrics::Metrics;
 use crate::model::{Address, Message, ProactiveOptions};
 use crate::outbox::{
     Change, DeliveryState, Durable, IdempotencyRecord, Outcome, Store, StoredMessage, now_ms,
@@ -170,6 +171,7 @@ struct Inner {
     drained: Notify,
     next_id: AtomicU64,
     events: broadcast::Sender<DeliveryEvent>,
+    metrics: Arc<Metrics>,
 }
 
 /// Handle to the ordering engine; cheap to clone.
@@ -185,7 +187,12 @@ pub struct Submission {
 }
 
 impl Dispatcher {
-    pub fn new(channels: Arc<Channels>, store: Arc<dyn Store>, config: DeliveryConfig) -> Self {
+    pub fn new(
+        channels: Arc<Channels>,
+        store: Arc<dyn Store>,
+        config: DeliveryConfig,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let (events, _) = broadcast::channel(4096);
         Self {
             inner: Arc::new(Inner {
@@ -201,6 +208,7 @@ impl Dispatcher {
                 undelivered: AtomicUsize::new(0),
                 drained: Notify::new(),
                 events,
+                metrics,
             }),
         }
     }
@@ -211,6 +219,10 @@ impl Dispatcher {
 
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.inner.store
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
     }
 
     /// State changes of every message from now on.
@@ -559,6 +571,9 @@ impl Inner {
                     },
                 )
             });
+            if !stored.is_empty() {
+                self.metrics.accepted(&key.channel_id, stored.len() as u64);
+            }
             if !stored.is_empty() || idem.is_some() {
                 durable = self.store.append(stored, idem);
                 for item in job.items_mut() {
@@ -620,6 +635,14 @@ impl Inner {
                     .update(item.id, Change::Finished(outcome.clone())),
             );
             let addr = &item.message.address;
+            let label = match outcome.state {
+                DeliveryState::Delivered => "delivered",
+                DeliveryState::Expired => "expired",
+                _ => "failed",
+            };
+            let latency =
+                (outcome.state == DeliveryState::Delivered).then(|| item.accepted_at.elapsed());
+            self.metrics.finished(&addr.channel_id, label, latency);
             let _ = self.events.send(DeliveryEvent {
                 id: item.id,
                 channel_id: addr.channel_id.clone(),
@@ -805,7 +828,12 @@ impl Worker {
         }
         let result = {
             let _permit = self.inner.permits.acquire().await;
-            self.inner.channels.execute(&self.key.channel_id, req).await
+            let started = Instant::now();
+            let r = self.inner.channels.execute(&self.key.channel_id, req).await;
+            self.inner
+                .metrics
+                .request(&self.key.channel_id, r.is_ok(), started.elapsed());
+            r
         };
         if let (Err(e), Some(limit)) = (&result, &req.rate)
             && e.http_status == Some(429)
@@ -816,6 +844,7 @@ impl Worker {
             self.inner
                 .rates
                 .pause(&limit.scope, std::time::Instant::now() + pause);
+            self.inner.metrics.rate_limit_pause(&self.key.channel_id);
         }
         result
     }
@@ -927,6 +956,7 @@ impl Worker {
                     error = %err,
                     "retrying at the head of the conversation"
                 );
+                self.inner.metrics.retried(&self.key.channel_id);
                 tokio::time::sleep(wait).await;
             }
         }

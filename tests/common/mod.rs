@@ -384,6 +384,7 @@ pub fn config_for(fake: &FakeConnector) -> Config {
         app_id: BOT.into(),
         app_password: Secret::new(PASSWORD),
     }];
+    c.admin.listen = "127.0.0.1:0".into();
     c.delivery.base_retry_delay = Duration::from_millis(20);
     c.delivery.max_retry_delay = Duration::from_secs(2);
     c.delivery.request_timeout = Duration::from_secs(10);

@@ -1,0 +1,242 @@
+//! Prometheus metrics and the admin HTTP listener (`/metrics`, `/healthz`, `/readyz`).
+//!
+//! Owns metric names, labels and the text exposition. Other modules record through `Metrics`'
+//! methods; nothing here decides anything about delivery.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ChannelLabel {
+    pub channel: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub channel: String,
+    pub outcome: String,
+}
+
+fn latency_histogram() -> Histogram {
+    // 1 ms .. ~65 s: channel calls and end-to-end delivery both fit.
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.001, 2.0, 17,
+    ))
+}
+
+pub struct Metrics {
+    registry: Registry,
+    accepted: Family<ChannelLabel, Counter>,
+    finished: Family<OutcomeLabels, Counter>,
+    retried: Family<ChannelLabel, Counter>,
+    delivery_latency: Family<ChannelLabel, Histogram, fn() -> Histogram>,
+    request_latency: Family<OutcomeLabels, Histogram, fn() -> Histogram>,
+    rate_limit_pauses: Family<ChannelLabel, Counter>,
+    pub queue_depth: Gauge,
+    pub active_workers: Gauge,
+    pub token_refreshes: Family<ChannelLabel, Gauge>,
+    ready: AtomicBool,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("channel_gateway");
+        let accepted = Family::<ChannelLabel, Counter>::default();
+        let finished = Family::<OutcomeLabels, Counter>::default();
+        let retried = Family::<ChannelLabel, Counter>::default();
+        let delivery_latency =
+            Family::<ChannelLabel, Histogram, fn() -> Histogram>::new_with_constructor(
+                latency_histogram,
+            );
+        let request_latency =
+            Family::<OutcomeLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                latency_histogram,
+            );
+        let rate_limit_pauses = Family::<ChannelLabel, Counter>::default();
+        let queue_depth = Gauge::default();
+        let active_workers = Gauge::default();
+        let token_refreshes = Family::<ChannelLabel, Gauge>::default();
+        registry.register(
+            "messages_accepted",
+            "Messages accepted, by channel",
+            accepted.clone(),
+        );
+        registry.register(
+            "messages_finished",
+            "Messages finished, by channel and outcome (delivered, failed, expired)",
+            finished.clone(),
+        );
+        registry.register(
+            "messages_retried",
+            "Channel calls retried, by channel",
+            retried.clone(),
+        );
+        registry.register(
+            "delivery_latency_seconds",
+            "From acceptance to the channel's acknowledgement, by channel",
+            delivery_latency.clone(),
+        );
+        registry.register(
+            "channel_request_duration_seconds",
+            "One channel HTTP call, by channel and outcome (ok, error)",
+            request_latency.clone(),
+        );
+        registry.register(
+            "rate_limit_pauses",
+            "Rate-limit scopes paused by a 429, by channel",
+            rate_limit_pauses.clone(),
+        );
+        registry.register(
+            "queue_depth",
+            "Messages accepted and not yet finished",
+            queue_depth.clone(),
+        );
+        registry.register(
+            "active_conversation_workers",
+            "Conversation workers alive",
+            active_workers.clone(),
+        );
+        registry.register(
+            "token_refreshes",
+            "Channel access tokens fetched, by channel",
+            token_refreshes.clone(),
+        );
+        Self {
+            registry,
+            accepted,
+            finished,
+            retried,
+            delivery_latency,
+            request_latency,
+            rate_limit_pauses,
+            queue_depth,
+            active_workers,
+            token_refreshes,
+            ready: AtomicBool::new(false),
+        }
+    }
+
+    fn ch(channel: &str) -> ChannelLabel {
+        ChannelLabel {
+            channel: channel.to_string(),
+        }
+    }
+
+    pub fn accepted(&self, channel: &str, n: u64) {
+        self.accepted.get_or_create(&Self::ch(channel)).inc_by(n);
+    }
+
+    pub fn finished(&self, channel: &str, outcome: &str, since_accept: Option<Duration>) {
+        self.finished
+            .get_or_create(&OutcomeLabels {
+                channel: channel.to_string(),
+                outcome: outcome.to_string(),
+            })
+            .inc();
+        if let Some(d) = since_accept {
+            self.delivery_latency
+                .get_or_create(&Self::ch(channel))
+                .observe(d.as_secs_f64());
+        }
+    }
+
+    pub fn retried(&self, channel: &str) {
+        self.retried.get_or_create(&Self::ch(channel)).inc();
+    }
+
+    pub fn request(&self, channel: &str, ok: bool, took: Duration) {
+        self.request_latency
+            .get_or_create(&OutcomeLabels {
+                channel: channel.to_string(),
+                outcome: if ok { "ok" } else { "error" }.to_string(),
+            })
+            .observe(took.as_secs_f64());
+    }
+
+    pub fn rate_limit_pause(&self, channel: &str) {
+        self.rate_limit_pauses
+            .get_or_create(&Self::ch(channel))
+            .inc();
+    }
+
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::SeqCst);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Something that refreshes gauges just before a scrape.
+pub type Refresh = Arc<dyn Fn(&Metrics) + Send + Sync>;
+
+/// Serves `/metrics`, `/healthz` (the process is up) and `/readyz` (serving and not draining).
+pub async fn serve_admin(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+    refresh: Refresh,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route(
+            "/metrics",
+            get(|State((m, r)): State<(Arc<Metrics>, Refresh)>| async move {
+                r(&m);
+                (
+                    [(
+                        "content-type",
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    m.encode(),
+                )
+            }),
+        )
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(|State((m, _)): State<(Arc<Metrics>, Refresh)>| async move {
+                if m.is_ready() {
+                    (StatusCode::OK, "ready").into_response()
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "not ready").into_response()
+                }
+            }),
+        )
+        .with_state((metrics, refresh));
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// The admin listener's address as configured.
+pub fn parse_listen(s: &str) -> Option<SocketAddr> {
+    s.parse().ok()
+}
