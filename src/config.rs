@@ -106,6 +106,8 @@ pub struct Config {
     pub delivery: DeliveryConfig,
     pub outbox: OutboxConfig,
     pub admin: AdminConfig,
+    pub auth: AuthConfig,
+    pub limits: LimitsConfig,
     pub channels: ChannelsConfig,
     pub log: LogConfig,
 }
@@ -185,6 +187,59 @@ impl Default for DeliveryConfig {
             request_timeout: Duration::from_secs(30),
             max_pending_per_conversation: 10_000,
             max_pending_total: 1_000_000,
+        }
+    }
+}
+
+/// Who may call the gateway and as which bots. Empty: no authentication, loopback only.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Bearer tokens, stored as their SHA-256 (`channel-gateway hash-token` prints it).
+    pub tokens: Vec<TokenIdentity>,
+    /// mTLS client certificates, by the SHA-256 of their DER encoding.
+    pub clients: Vec<CertIdentity>,
+    /// Listen beyond loopback with no authentication configured (say so explicitly).
+    pub allow_unauthenticated_remote: bool,
+}
+
+impl AuthConfig {
+    pub fn is_configured(&self) -> bool {
+        !self.tokens.is_empty() || !self.clients.is_empty()
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenIdentity {
+    pub name: String,
+    pub sha256: String,
+    /// Bot ids this caller may send as; `*` for any.
+    pub bots: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertIdentity {
+    pub name: String,
+    pub cert_sha256: String,
+    pub bots: Vec<String>,
+}
+
+/// Request limits per caller.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Calls per second per caller (0 = no limit); past it RESOURCE_EXHAUSTED.
+    pub per_caller_per_second: f64,
+    pub per_caller_burst: u32,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            per_caller_per_second: 0.0,
+            per_caller_burst: 1000,
         }
     }
 }
@@ -399,8 +454,54 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        self.listen_addr()?;
+        let listen = self.listen_addr()?;
         self.admin_addr()?;
+        if !listen.ip().is_loopback()
+            && !self.auth.is_configured()
+            && !self.auth.allow_unauthenticated_remote
+        {
+            return Err(invalid(
+                "server.listen",
+                format!(
+                    "{listen} is not loopback and no caller authentication is configured \
+                     (set auth.tokens / auth.clients, or auth.allow_unauthenticated_remote = true)"
+                ),
+            ));
+        }
+        for (i, t) in self.auth.tokens.iter().enumerate() {
+            if t.sha256.len() != 64 || !t.sha256.chars().all(|c| c.is_ascii_hexdigit()) {
+                return Err(invalid(
+                    &format!("auth.tokens[{i}].sha256"),
+                    "must be the 64 hex digits of the token's SHA-256",
+                ));
+            }
+            if t.bots.is_empty() {
+                return Err(invalid(
+                    &format!("auth.tokens[{i}].bots"),
+                    "name at least one bot id, or `*`",
+                ));
+            }
+        }
+        for (i, c) in self.auth.clients.iter().enumerate() {
+            let hex = c.cert_sha256.replace(':', "");
+            if hex.len() != 64 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+                return Err(invalid(
+                    &format!("auth.clients[{i}].cert_sha256"),
+                    "must be the 64 hex digits of the certificate's SHA-256",
+                ));
+            }
+            if c.bots.is_empty() {
+                return Err(invalid(
+                    &format!("auth.clients[{i}].bots"),
+                    "name at least one bot id, or `*`",
+                ));
+            }
+        }
+        if !(self.limits.per_caller_per_second >= 0.0
+            && self.limits.per_caller_per_second.is_finite())
+        {
+            return Err(invalid("limits.per_caller_per_second", "must be 0 or more"));
+        }
         let d = &self.delivery;
         if d.max_concurrency == 0 {
             return Err(invalid("delivery.max_concurrency", "must be at least 1"));
@@ -536,7 +637,7 @@ mod tests {
             vec![
                 (
                     "CHANNEL_GATEWAY__SERVER__LISTEN".into(),
-                    "0.0.0.0:1234".into(),
+                    "127.0.0.2:1234".into(),
                 ),
                 (
                     "CHANNEL_GATEWAY__DELIVERY__MAX_CONCURRENCY".into(),
@@ -550,7 +651,7 @@ mod tests {
             ],
         )
         .unwrap();
-        assert_eq!(c.server.listen, "0.0.0.0:1234");
+        assert_eq!(c.server.listen, "127.0.0.2:1234");
         assert_eq!(c.delivery.max_concurrency, 7);
         assert_eq!(c.delivery.auto_batch_delay, Duration::from_millis(250));
 

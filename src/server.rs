@@ -10,6 +10,7 @@ use tokio::sync::oneshot;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::ServingStatus;
 
+use crate::api::auth::Authenticator;
 use crate::api::pb::{self, channel_gateway_server::ChannelGatewayServer};
 use crate::api::service::GatewayService;
 use crate::channels::Channels;
@@ -167,6 +168,19 @@ async fn serve(
         config.server.idempotency_window,
     );
     let service = GatewayService::new(dispatcher.clone(), config.server.clone());
+    let authenticator = Authenticator::new(&config.auth, &config.limits);
+    if config.auth.is_configured() {
+        tracing::info!(
+            tokens = config.auth.tokens.len(),
+            client_certs = config.auth.clients.len(),
+            "caller authentication on"
+        );
+    } else {
+        tracing::warn!(
+            listen = %config.server.listen,
+            "no caller authentication configured: any local process may send as any bot"
+        );
+    }
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -255,7 +269,10 @@ async fn serve(
         tonic::transport::Server::builder()
             .add_service(health_service)
             .add_service(reflection)
-            .add_service(ChannelGatewayServer::new(service).max_decoding_message_size(max_bytes))
+            .add_service(tonic::service::interceptor::InterceptedService::new(
+                ChannelGatewayServer::new(service).max_decoding_message_size(max_bytes),
+                move |req| authenticator.intercept(req),
+            ))
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
                 let _ = stop_rx.await;
             })

@@ -10,6 +10,7 @@ pub mod pb {
         tonic::include_file_descriptor_set!("channelgateway_descriptor");
 }
 
+pub mod auth;
 pub mod convert;
 pub mod service;
 pub mod status;

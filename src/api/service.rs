@@ -11,7 +11,7 @@ use tonic::{Request, Response, Status};
 
 use super::convert::{self, Violations};
 use super::pb::{self, channel_gateway_server::ChannelGateway};
-use super::status;
+use super::{auth, status};
 use crate::channels::{Capabilities, NativeReceipt};
 use crate::config::ServerConfig;
 use crate::delivery::{ConversationKey, Dispatcher, Submission, Ticket};
@@ -324,6 +324,21 @@ fn idem_key(rpc: &'static str, bot: String, key: &str) -> Option<IdemKey> {
     (!key.is_empty()).then(|| (rpc, bot, key.to_string()))
 }
 
+/// Bot ids are checked only when given: a missing one is reported by validation, by field.
+#[allow(clippy::result_large_err)]
+fn authorize_bot<T>(req: &Request<T>, bot: &str) -> Result<(), Status> {
+    if bot.is_empty() {
+        return Ok(());
+    }
+    auth::authorize(req, bot)
+}
+
+fn bot_of_address(a: Option<&pb::Address>) -> String {
+    a.and_then(|a| a.bot.as_ref())
+        .map(|b| b.id.clone())
+        .unwrap_or_default()
+}
+
 fn bot_of(m: Option<&pb::Message>) -> String {
     m.and_then(|m| m.address.as_ref())
         .and_then(|a| a.bot.as_ref())
@@ -337,6 +352,7 @@ impl ChannelGateway for GatewayService {
         &self,
         req: Request<pb::SendRequest>,
     ) -> Result<Response<pb::SendResponse>, Status> {
+        authorize_bot(&req, &bot_of(req.get_ref().message.as_ref()))?;
         let req = req.into_inner();
         let key = idem_key("send", bot_of(req.message.as_ref()), &req.idempotency_key);
         let replay = |found: Vec<StoredMessage>| {
@@ -397,6 +413,9 @@ impl ChannelGateway for GatewayService {
         &self,
         req: Request<pb::SendBatchRequest>,
     ) -> Result<Response<pb::SendBatchResponse>, Status> {
+        for m in &req.get_ref().messages {
+            authorize_bot(&req, &bot_of(Some(m)))?;
+        }
         let req = req.into_inner();
         let key = idem_key(
             "send_batch",
@@ -458,6 +477,7 @@ impl ChannelGateway for GatewayService {
         &self,
         req: Request<pb::SendTypingRequest>,
     ) -> Result<Response<pb::SendTypingResponse>, Status> {
+        authorize_bot(&req, &bot_of_address(req.get_ref().address.as_ref()))?;
         let req = req.into_inner();
         let keep_alive = match req.keep_alive {
             Some(d) => Some(Duration::try_from(d).map_err(|_| {
@@ -503,6 +523,7 @@ impl ChannelGateway for GatewayService {
         &self,
         req: Request<pb::SendProactiveRequest>,
     ) -> Result<Response<pb::SendProactiveResponse>, Status> {
+        authorize_bot(&req, &bot_of_address(req.get_ref().address.as_ref()))?;
         let req = req.into_inner();
         let bot = req
             .address
@@ -590,12 +611,13 @@ impl ChannelGateway for GatewayService {
         &self,
         req: Request<pb::GetDeliveryRequest>,
     ) -> Result<Response<pb::GetDeliveryResponse>, Status> {
-        let id = parse_id("message_id", &req.into_inner().message_id)?;
+        let id = parse_id("message_id", &req.get_ref().message_id)?;
         let m = self.dispatcher.store().get(id).ok_or_else(|| {
             Status::not_found(format!(
                 "message {id} is not in the outbox (unknown, or delivered and compacted)"
             ))
         })?;
+        auth::authorize(&req, m.message.address.bot_id())?;
         Ok(Response::new(pb::GetDeliveryResponse {
             delivery: Some(delivery_pb(&m)),
         }))
@@ -608,6 +630,10 @@ impl ChannelGateway for GatewayService {
         &self,
         req: Request<pb::WatchDeliveriesRequest>,
     ) -> Result<Response<Self::WatchDeliveriesStream>, Status> {
+        match req.get_ref().bot_id.as_str() {
+            "" => auth::authorize_all(&req, "one of your bots")?,
+            bot => auth::authorize(&req, bot)?,
+        }
         let f = req.into_inner();
         let store = self.dispatcher.store().clone();
         let rx = self.dispatcher.subscribe();
@@ -643,6 +669,10 @@ impl ChannelGateway for GatewayService {
         &self,
         req: Request<pb::ListFailedRequest>,
     ) -> Result<Response<pb::ListFailedResponse>, Status> {
+        match req.get_ref().bot_id.as_str() {
+            "" => auth::authorize_all(&req, "one of your bots")?,
+            bot => auth::authorize(&req, bot)?,
+        }
         let req = req.into_inner();
         let size = match req.page_size {
             0 => 100,
@@ -684,7 +714,7 @@ impl ChannelGateway for GatewayService {
         &self,
         req: Request<pb::RedeliverRequest>,
     ) -> Result<Response<pb::RedeliverResponse>, Status> {
-        let ids_s = req.into_inner().message_ids;
+        let ids_s = req.get_ref().message_ids.clone();
         if ids_s.is_empty() {
             return Err(status::invalid_field(
                 "message_ids",
@@ -693,7 +723,11 @@ impl ChannelGateway for GatewayService {
         }
         let mut ids = Vec::with_capacity(ids_s.len());
         for (i, s) in ids_s.iter().enumerate() {
-            ids.push(parse_id(&format!("message_ids[{i}]"), s)?);
+            let id = parse_id(&format!("message_ids[{i}]"), s)?;
+            if let Some(m) = self.dispatcher.store().get(id) {
+                auth::authorize(&req, m.message.address.bot_id())?;
+            }
+            ids.push(id);
         }
         self.dispatcher.redeliver(&ids).map_err(status::submit)?;
         Ok(Response::new(pb::RedeliverResponse { message_ids: ids_s }))

@@ -59,6 +59,26 @@ impl RateLimiter {
         wait.max(pause)
     }
 
+    /// Takes a token only if one is available now (for refusing rather than waiting).
+    pub fn try_take(&self, limit: &RateLimit, now: Instant) -> bool {
+        let mut map = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let burst = f64::from(limit.burst.max(1));
+        let b = map.entry(limit.scope.clone()).or_insert(Bucket {
+            tokens: burst,
+            last: now,
+            paused_until: None,
+        });
+        let elapsed = now.saturating_duration_since(b.last).as_secs_f64();
+        b.tokens = (b.tokens + elapsed * limit.per_second).min(burst);
+        b.last = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
     /// Pauses the whole scope until `until` (a channel's 429 with Retry-After).
     pub fn pause(&self, scope: &str, until: Instant) {
         let mut map = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
