@@ -127,6 +127,26 @@ pub struct ServerConfig {
     /// How long an idempotency key returns the first call's result.
     #[serde(deserialize_with = "de_duration")]
     pub idempotency_window: Duration,
+    /// TLS for the gRPC listener (mTLS with `client_ca_file`).
+    pub tls: Option<TlsConfig>,
+    /// Also serve on this Unix domain socket (for sidecars).
+    pub unix_socket: Option<std::path::PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert_file: std::path::PathBuf,
+    pub key_file: std::path::PathBuf,
+    /// When set, clients must present a certificate signed by one of these CAs.
+    pub client_ca_file: Option<std::path::PathBuf>,
+    /// How often the files are checked for changes (SIGHUP reloads at once).
+    #[serde(default = "default_reload", deserialize_with = "de_duration")]
+    pub reload_interval: Duration,
+}
+
+fn default_reload() -> Duration {
+    Duration::from_secs(10)
 }
 
 impl Default for ServerConfig {
@@ -137,6 +157,8 @@ impl Default for ServerConfig {
             max_message_bytes: 256 * 1024,
             max_batch_len: 100,
             idempotency_window: Duration::from_secs(24 * 3600),
+            tls: None,
+            unix_socket: None,
         }
     }
 }
