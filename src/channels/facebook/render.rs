@@ -294,88 +294,94 @@ fn message_requests(
     ctx: &mut Ctx,
 ) -> Result<Vec<(Value, bool)>, RenderError> {
     let native = source_event(msg)?;
-    let mut parts = match msg.kind {
-        MessageType::Message => {
-            let mut parts = text_parts(msg, ctx);
-            parts.extend(attachment_parts(msg, ctx)?);
-            parts
-        }
-        _ => Vec::new(),
+    let (mut message_keys, mut request_keys) = match &native {
+        Some((obj, _)) => split_native(obj),
+        None => (Map::new(), Map::new()),
     };
-    let mut quick_replies = match &msg.suggested_actions {
-        Some(sa) if !sa.actions.is_empty() => Some(Value::Array(quick_replies(sa, ctx)?)),
-        _ => None,
-    };
-    let mut request_keys = Map::new();
-    let mut metadata = None;
-    if let Some((obj, path)) = &native {
-        let (message_keys, req) = split_native(obj);
-        request_keys = req;
-        let mut message_keys = message_keys;
-        if let Some(att) = message_keys
-            .remove("attachment")
-            .or_else(|| message_keys.remove("attachments"))
-        {
-            let replaced = parts
-                .iter()
-                .filter(|p| p.origin == Origin::Attachment)
-                .count();
-            if replaced > 0 {
-                ctx.warn(
-                    "attachments_replaced",
-                    "message.attachments",
-                    format!(
-                        "{path}.attachment replaces what the attachments would have sent ({replaced} request{})",
-                        plural(replaced)
-                    ),
-                );
+    let path = native.as_ref().map(|(_, p)| p.as_str()).unwrap_or_default();
+    // Native content replaces what the gateway would generate for it, which is then not
+    // rendered at all (a card Messenger could not take must not fail a native override).
+    let native_text = message_keys.remove("text");
+    let native_attachment = message_keys
+        .remove("attachment")
+        .or_else(|| message_keys.remove("attachments"));
+    let mut parts = Vec::new();
+    if msg.kind == MessageType::Message {
+        match native_text {
+            Some(text) => {
+                if msg.text.as_deref().is_some_and(|t| !t.trim().is_empty()) {
+                    ctx.warn(
+                        "text_replaced",
+                        "message.text",
+                        format!("{path}.text replaces the message text"),
+                    );
+                }
+                let mut part = Part::text("");
+                part.message.insert("text".into(), text);
+                parts.push(part);
             }
-            parts.retain(|p| p.origin != Origin::Attachment);
-            parts.push(Part::attachment(att));
+            None => parts.extend(text_parts(msg, ctx)),
         }
-        if let Some(text) = message_keys.remove("text") {
-            if parts.iter().any(|p| p.origin == Origin::Text) {
-                ctx.warn(
-                    "text_replaced",
-                    "message.text",
-                    format!("{path}.text replaces the message text"),
-                );
+        match native_attachment {
+            Some(att) => {
+                let n = msg.attachments.len();
+                if n > 0 {
+                    ctx.warn(
+                        "attachments_replaced",
+                        "message.attachments",
+                        format!(
+                            "{path}.attachment replaces the message's {n} attachment{}",
+                            plural(n)
+                        ),
+                    );
+                }
+                parts.push(Part::attachment(att));
             }
-            parts.retain(|p| p.origin != Origin::Text);
+            None => parts.extend(attachment_parts(msg, ctx)?),
+        }
+    } else {
+        if let Some(text) = native_text {
             let mut part = Part::text("");
             part.message.insert("text".into(), text);
-            parts.insert(0, part);
+            parts.push(part);
         }
-        if let Some(q) = message_keys.remove("quick_replies") {
-            quick_replies = Some(q);
+        if let Some(att) = native_attachment {
+            parts.push(Part::attachment(att));
         }
-        metadata = message_keys.remove("metadata");
-        if !message_keys.is_empty() {
-            // Other native message fields (a sticker, say): on the last message, or on their own.
-            match parts.last_mut() {
-                Some(last) => last.message.extend(message_keys),
-                None => parts.push(Part {
-                    message: message_keys,
-                    origin: Origin::Attachment,
-                    media: false,
-                }),
-            }
+    }
+    let quick_replies = match message_keys.remove("quick_replies") {
+        Some(q) => Some(q),
+        None => match &msg.suggested_actions {
+            Some(sa) if !sa.actions.is_empty() => Some(Value::Array(quick_replies(sa, ctx)?)),
+            _ => None,
+        },
+    };
+    let metadata = message_keys.remove("metadata");
+    if !message_keys.is_empty() {
+        // Other native message fields (a sticker, say): on the last message, or on their own.
+        match parts.last_mut() {
+            Some(last) => last.message.extend(message_keys),
+            None => parts.push(Part {
+                message: message_keys,
+                origin: Origin::Attachment,
+                media: false,
+            }),
         }
-        if let Some(action) = request_keys.remove("sender_action") {
-            if !parts.is_empty() {
-                return Err(RenderError::invalid(
-                    format!("{path}.sender_action"),
-                    "Messenger refuses a sender action in the same request as a message: send it in a message of its own",
-                ));
-            }
-            let recipient = request_keys
-                .remove("recipient")
-                .unwrap_or_else(|| json!({"id": psid}));
-            return Ok(vec![(
-                json!({"recipient": recipient, "sender_action": action}),
-                false,
-            )]);
+    }
+    if let Some(action) = request_keys.remove("sender_action") {
+        if !parts.is_empty() {
+            return Err(RenderError::invalid(
+                format!("{path}.sender_action"),
+                "Messenger refuses a sender action in the same request as a message: send it in a message of its own",
+            ));
         }
+        let recipient = request_keys
+            .remove("recipient")
+            .unwrap_or_else(|| json!({"id": psid}));
+        return Ok(vec![(
+            json!({"recipient": recipient, "sender_action": action}),
+            false,
+        )]);
     }
     if let Some(q) = quick_replies.filter(|q| q.as_array().is_none_or(|a| !a.is_empty())) {
         match parts.last_mut() {
@@ -1034,10 +1040,10 @@ fn adaptive(card: &Value, path: &str, ctx: &mut Ctx) -> Vec<Part> {
         .get("actions")
         .and_then(Value::as_array)
         .map_or(0, Vec::len);
-    let dropped = if actions > 0 {
-        format!("; its {actions} action{} are not shown", plural(actions))
-    } else {
-        String::new()
+    let dropped = match actions {
+        0 => String::new(),
+        1 => "; its action is not shown".to_string(),
+        n => format!("; its {n} actions are not shown"),
     };
     let text_all = lines.join("\n");
     if text_all.trim().is_empty() {
@@ -1130,11 +1136,10 @@ fn receipt(card: &ReceiptCard, path: &str, ctx: &mut Ctx) -> Result<Vec<Part>, R
                 ctx.warn(
                     "buttons_split",
                     format!("{path}.buttons"),
-                    format!(
-                        "Messenger receipts have no buttons: the {} button{} follow in a button template right after it",
-                        card.buttons.len(),
-                        plural(card.buttons.len())
-                    ),
+                    match card.buttons.len() {
+                        1 => "Messenger receipts have no buttons: its button follows in a button template right after it".to_string(),
+                        n => format!("Messenger receipts have no buttons: its {n} buttons follow in button templates right after it"),
+                    },
                 );
                 parts.extend(button_templates(
                     &title,
@@ -1151,7 +1156,9 @@ fn receipt(card: &ReceiptCard, path: &str, ctx: &mut Ctx) -> Result<Vec<Part>, R
             ctx.warn(
                 "receipt_as_generic",
                 path,
-                format!("sent as a generic card: {reason}"),
+                format!(
+                    "sent as a generic card (title, facts and totals; items not shown) because {reason}"
+                ),
             );
             let mut lines: Vec<String> = card
                 .facts
@@ -1284,16 +1291,16 @@ fn receipt_template(
             }
         }
     }
-    let order_number =
-        order_number.ok_or("no \"Order Number\" fact for the receipt's order_number")?;
-    let payment_method =
-        payment_method.ok_or("no \"Payment Method\" fact for the receipt's payment_method")?;
+    let order_number = order_number
+        .ok_or("the card has no \"Order Number\" fact for the receipt's order_number")?;
+    let payment_method = payment_method
+        .ok_or("the card has no \"Payment Method\" fact for the receipt's payment_method")?;
     let total_text = card
         .total
         .as_deref()
-        .ok_or("no total for the receipt's summary.total_cost")?;
+        .ok_or("the card has no total for the receipt's summary.total_cost")?;
     let total = amount(total_text, format!("{path}.total"))
-        .ok_or_else(|| format!("total `{total_text}` is not an amount"))?;
+        .ok_or_else(|| format!("its total `{total_text}` is not an amount"))?;
     let mut tax: Option<Decimal> = None;
     for (name, v) in [("tax", &card.tax), ("vat", &card.vat)] {
         let Some(v) = v else { continue };

@@ -110,7 +110,8 @@ fn boundary(s: &str, end: usize) -> Option<usize> {
 }
 
 /// Markdown as plain text: emphasis and code markers removed, links as "text (url)", headings
-/// and block quotes without their markers, bullets as "•", fenced code kept without its fences.
+/// and block quotes without their markers, bullets as "•", fenced code kept without its fences,
+/// strikethrough as `~text~` (the chat convention).
 pub fn markdown_to_plain(s: &str) -> String {
     let mut out = Vec::new();
     let mut fence: Option<String> = None;
@@ -232,7 +233,14 @@ fn inline(s: &str) -> String {
                 match emphasis(&chars, i, n) {
                     Some(close) => {
                         let inner: String = chars[i + n..close].iter().collect();
-                        out.push_str(&inline(&inner));
+                        // Struck text is not emphasis: dropping its marks would assert it.
+                        if c == '~' {
+                            out.push('~');
+                            out.push_str(&inline(&inner));
+                            out.push('~');
+                        } else {
+                            out.push_str(&inline(&inner));
+                        }
                         i = close + n;
                     }
                     None => {
@@ -481,7 +489,7 @@ mod tests {
                   ![logo](https://example.com/l.png) [https://example.com](https://example.com) \\*lit\\*";
         assert_eq!(
             markdown_to_plain(md),
-            "Hello\nBold and it and b and i and gone and co*de*.\n\
+            "Hello\nBold and it and b and i and ~gone~ and co*de*.\n\
              See the docs (https://example.com/docs) or https://x.io.\n\
              quoted text\n• one\n• two\n———\nlet a = *b*;\nsnake_case_name 2 * 3 * 4 a*b\n\
              logo (https://example.com/l.png) https://example.com *lit*"
