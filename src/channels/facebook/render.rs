@@ -234,27 +234,24 @@ impl<'a> Ctx<'a> {
 // ---------------------------------------------------------------------------------------------
 // Parts: the `message` objects of a send, in order
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Origin {
-    Text,
-    Attachment,
-}
-
 #[derive(Debug, Clone)]
 struct Part {
     message: Map<String, Value>,
-    origin: Origin,
     /// Audio and video count against the page's lower media quota.
     media: bool,
 }
 
 impl Part {
     fn text(s: impl Into<String>) -> Self {
+        Self::native_text(Value::String(s.into()))
+    }
+
+    /// A text as the bot gave it in its native extra (sent as is, not split).
+    fn native_text(text: Value) -> Self {
         let mut message = Map::new();
-        message.insert("text".into(), Value::String(s.into()));
+        message.insert("text".into(), text);
         Self {
             message,
-            origin: Origin::Text,
             media: false,
         }
     }
@@ -266,23 +263,11 @@ impl Part {
         );
         let mut message = Map::new();
         message.insert("attachment".into(), attachment);
-        Self {
-            message,
-            origin: Origin::Attachment,
-            media,
-        }
+        Self { message, media }
     }
 
     fn template(payload: Value) -> Self {
         Self::attachment(json!({"type": "template", "payload": payload}))
-    }
-
-    /// A text that belongs to an attachment (a card shown as text): it stays with attachments.
-    fn attachment_text(s: impl Into<String>) -> Self {
-        Self {
-            origin: Origin::Attachment,
-            ..Self::text(s)
-        }
     }
 }
 
@@ -316,9 +301,7 @@ fn message_requests(
                         format!("{path}.text replaces the message text"),
                     );
                 }
-                let mut part = Part::text("");
-                part.message.insert("text".into(), text);
-                parts.push(part);
+                parts.push(Part::native_text(text));
             }
             None => parts.extend(text_parts(msg, ctx)),
         }
@@ -341,9 +324,7 @@ fn message_requests(
         }
     } else {
         if let Some(text) = native_text {
-            let mut part = Part::text("");
-            part.message.insert("text".into(), text);
-            parts.push(part);
+            parts.push(Part::native_text(text));
         }
         if let Some(att) = native_attachment {
             parts.push(Part::attachment(att));
@@ -363,7 +344,6 @@ fn message_requests(
             Some(last) => last.message.extend(message_keys),
             None => parts.push(Part {
                 message: message_keys,
-                origin: Origin::Attachment,
                 media: false,
             }),
         }
@@ -750,11 +730,7 @@ fn hero_card(card: &HeroCard, path: &str, ctx: &mut Ctx) -> Result<CardOut, Rend
             return Ok(CardOut::Parts(
                 card.images
                     .iter()
-                    .map(|i| {
-                        let mut p = media_attachment("image", &i.url, ctx);
-                        p.origin = Origin::Attachment;
-                        p
-                    })
+                    .map(|i| media_attachment("image", &i.url, ctx))
                     .collect(),
             ));
         }
@@ -805,7 +781,7 @@ fn hero_card(card: &HeroCard, path: &str, ctx: &mut Ctx) -> Result<CardOut, Rend
         return Ok(CardOut::Parts(
             text::split(&title, MAX_TEXT)
                 .into_iter()
-                .map(Part::attachment_text)
+                .map(Part::text)
                 .collect(),
         ));
     }
@@ -1063,7 +1039,7 @@ fn adaptive(card: &Value, path: &str, ctx: &mut Ctx) -> Vec<Part> {
     );
     text::split(&text_all, MAX_TEXT)
         .into_iter()
-        .map(Part::attachment_text)
+        .map(Part::text)
         .collect()
 }
 
