@@ -213,7 +213,11 @@ fn parse_number(s: &str) -> Option<Decimal> {
     if int_digits.is_empty() && frac.is_empty() {
         return None;
     }
-    let scale = u32::try_from(frac.len()).ok().filter(|&s| s <= 18)?;
+    // Eighteen digits are more than any price has, and keep rescaled sums far inside i128.
+    if int_digits.len() + frac.len() > 18 {
+        return None;
+    }
+    let scale = u32::try_from(frac.len()).ok()?;
     let units: i128 = format!(
         "{}{frac}",
         if int_digits.is_empty() {
@@ -282,6 +286,7 @@ mod tests {
         assert_eq!(p("free"), None);
         assert_eq!(p("1,23,4"), None);
         assert_eq!(p(""), None);
+        assert_eq!(p(&"9".repeat(40)), None);
         assert_eq!(p("$"), None);
     }
 
@@ -315,5 +320,24 @@ mod tests {
         assert_eq!(parse_quantity("368"), Some(serde_json::json!(368)));
         assert_eq!(parse_quantity("2.5"), Some(serde_json::json!(2.5)));
         assert_eq!(parse_quantity("two"), None);
+    }
+
+    #[test]
+    fn arbitrary_input_never_panics() {
+        const ALPHABET: &[&str] = &[
+            "$", "€", "US$", "Rs.", "kr", "1", "22", ".", ",", " ", "-", "EUR", "'", "é", "😀", "%",
+        ];
+        let mut seed: u64 = 42;
+        for _ in 0..5000 {
+            let mut s = String::new();
+            for _ in 0..(seed % 9) {
+                seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                s.push_str(ALPHABET[(seed >> 33) as usize % ALPHABET.len()]);
+            }
+            if let Some(m) = parse_price(&s, "USD") {
+                let _ = m.amount.to_json();
+            }
+            let _ = parse_quantity(&s);
+        }
     }
 }

@@ -39,8 +39,14 @@ pub fn split(s: &str, limit: usize) -> Vec<String> {
     let mut out = Vec::new();
     let mut rest = s.trim();
     while len16(rest) > limit {
-        let window_end = fit_prefix(rest, limit);
-        let cut = boundary(rest, window_end).unwrap_or(window_end);
+        // At least one character per piece, even under a limit smaller than it.
+        let window_end = match fit_prefix(rest, limit) {
+            0 => rest.chars().next().map_or(rest.len(), char::len_utf8),
+            n => n,
+        };
+        let cut = boundary(rest, window_end)
+            .filter(|&c| c > 0)
+            .unwrap_or(window_end);
         let piece = rest[..cut].trim_end();
         out.push(piece.to_string());
         rest = rest[cut..].trim_start();
@@ -545,5 +551,54 @@ mod tests {
         assert_eq!(t, "A very long button …".replace("button …", "button…"));
         assert_eq!(len16(&t), 19);
         assert!(len16(&truncate(&"é".repeat(30), 20).unwrap()) <= 20);
+    }
+
+    #[test]
+    fn arbitrary_input_never_panics_and_splits_within_the_limit() {
+        const ALPHABET: &[&str] = &[
+            "*",
+            "**",
+            "_",
+            "~~",
+            "`",
+            "[",
+            "]",
+            "(",
+            ")",
+            "!",
+            "<",
+            ">",
+            "&",
+            ";",
+            "#",
+            "\\",
+            "\n",
+            "\n\n",
+            " ",
+            ".",
+            "a",
+            "é",
+            "😀",
+            "。",
+            "<a href=\"",
+            "&#x",
+            "http://x",
+        ];
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        for _ in 0..2000 {
+            let mut s = String::new();
+            for _ in 0..(seed % 40) {
+                seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                s.push_str(ALPHABET[(seed >> 33) as usize % ALPHABET.len()]);
+            }
+            let _ = xml_to_plain(&s);
+            let plain = markdown_to_plain(&s);
+            for limit in [1, 2, 7] {
+                for piece in split(&plain, limit) {
+                    assert!(len16(&piece) <= limit.max(2), "{piece:?} over {limit}");
+                }
+            }
+            let _ = truncate(&s, 5);
+        }
     }
 }
