@@ -1,0 +1,604 @@
+//! Text for Messenger, which shows plain text only: markdown and Skype-style XML turned into
+//! plain text that reads well, long text split at natural boundaries, and titles cut to a limit.
+//!
+//! Lengths are counted in UTF-16 code units: never more than Messenger's count, whichever way it
+//! counts characters, so a piece that fits here fits there.
+
+/// Length as the limits here count it.
+pub fn len16(s: &str) -> usize {
+    s.encode_utf16().count()
+}
+
+/// The byte index of the longest prefix of `s` that fits in `limit` UTF-16 units.
+fn fit_prefix(s: &str, limit: usize) -> usize {
+    let mut units = 0;
+    for (i, c) in s.char_indices() {
+        units += c.len_utf16();
+        if units > limit {
+            return i;
+        }
+    }
+    s.len()
+}
+
+/// `s` cut to `max` units with an ellipsis, or `None` when it already fits.
+pub fn truncate(s: &str, max: usize) -> Option<String> {
+    if len16(s) <= max {
+        return None;
+    }
+    let keep = fit_prefix(s, max.saturating_sub(1));
+    let mut out = s[..keep].trim_end().to_string();
+    out.push('…');
+    Some(out)
+}
+
+/// Splits `s` into pieces of at most `limit` units, preferring paragraph breaks, then line
+/// breaks, then sentence ends, then spaces; a single word longer than the limit is cut.
+/// Whitespace at the cuts is dropped; the pieces keep their order.
+pub fn split(s: &str, limit: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = s.trim();
+    while len16(rest) > limit {
+        // At least one character per piece, even under a limit smaller than it.
+        let window_end = match fit_prefix(rest, limit) {
+            0 => rest.chars().next().map_or(rest.len(), char::len_utf8),
+            n => n,
+        };
+        let cut = boundary(rest, window_end)
+            .filter(|&c| c > 0)
+            .unwrap_or(window_end);
+        let piece = rest[..cut].trim_end();
+        out.push(piece.to_string());
+        rest = rest[cut..].trim_start();
+    }
+    if !rest.is_empty() {
+        out.push(rest.to_string());
+    }
+    out
+}
+
+/// The best place to cut `s` at or before `end` (a byte index); `None` when there is none.
+fn boundary(s: &str, end: usize) -> Option<usize> {
+    let window = &s[..end];
+    let next_is_space = s[end..].starts_with(char::is_whitespace);
+    let nonempty = |cut: usize| !window[..cut].trim().is_empty();
+
+    // Paragraph: a line break followed by a blank line.
+    let mut best = None;
+    for (i, _) in window.match_indices('\n') {
+        let after = &window[i + 1..];
+        let blank = after.find('\n').is_some_and(|j| {
+            after[..j]
+                .chars()
+                .all(|c| c == ' ' || c == '\t' || c == '\r')
+        });
+        if blank && nonempty(i) {
+            best = Some(i);
+        }
+    }
+    if best.is_some() {
+        return best;
+    }
+    if let Some(i) = window.rfind('\n').filter(|&i| nonempty(i)) {
+        return Some(i);
+    }
+    // Sentence: terminal punctuation (and closing quotes or brackets) followed by a space.
+    let chars: Vec<(usize, char)> = window.char_indices().collect();
+    for k in (0..chars.len()).rev() {
+        let (i, c) = chars[k];
+        if !matches!(c, '.' | '!' | '?' | '…' | '。' | '！' | '？') {
+            continue;
+        }
+        let mut m = k + 1;
+        while m < chars.len() && matches!(chars[m].1, '"' | '\'' | '”' | '’' | ')' | ']' | '»')
+        {
+            m += 1;
+        }
+        let followed_by_space = match chars.get(m) {
+            Some((_, c)) => c.is_whitespace(),
+            None => next_is_space,
+        };
+        let cut = chars.get(m).map(|(j, _)| *j).unwrap_or(end);
+        let cjk = matches!(c, '。' | '！' | '？');
+        if (followed_by_space || cjk) && nonempty(cut) && i > 0 {
+            return Some(cut);
+        }
+    }
+    // Word: the last whitespace (or the window's end when a space follows it).
+    if next_is_space {
+        return Some(end);
+    }
+    window
+        .char_indices()
+        .rev()
+        .find(|(i, c)| c.is_whitespace() && nonempty(*i))
+        .map(|(i, _)| i)
+}
+
+/// Markdown as plain text: emphasis and code markers removed, links as "text (url)", headings
+/// and block quotes without their markers, bullets as "•", fenced code kept without its fences,
+/// strikethrough as `~text~` (the chat convention).
+pub fn markdown_to_plain(s: &str) -> String {
+    let mut out = Vec::new();
+    let mut fence: Option<String> = None;
+    for line in s.split('\n') {
+        let line = line.strip_suffix('\r').unwrap_or(line);
+        let trimmed = line.trim_start();
+        let indent = line.len() - trimmed.len();
+        if indent <= 3 && (trimmed.starts_with("```") || trimmed.starts_with("~~~")) {
+            let marker: String = trimmed.chars().take(3).collect();
+            match &fence {
+                Some(open) if *open == marker => fence = None,
+                Some(_) => out.push(line.to_string()),
+                None => fence = Some(marker),
+            }
+            continue;
+        }
+        if fence.is_some() {
+            out.push(line.to_string());
+            continue;
+        }
+        out.push(markdown_line(line));
+    }
+    out.join("\n")
+}
+
+fn markdown_line(line: &str) -> String {
+    let trimmed = line.trim_start();
+    let indent = &line[..line.len() - trimmed.len()];
+    let mut body = trimmed.trim_end();
+    // Block quotes, nested or not.
+    let mut quoted = false;
+    while let Some(rest) = body.strip_prefix('>') {
+        body = rest.strip_prefix(' ').unwrap_or(rest);
+        quoted = true;
+    }
+    if quoted {
+        return markdown_line(body);
+    }
+    let hashes = body.chars().take_while(|&c| c == '#').count();
+    if (1..=6).contains(&hashes) && body[hashes..].starts_with([' ', '\t']) {
+        let text = body[hashes..].trim().trim_end_matches('#').trim_end();
+        return inline(text);
+    }
+    let marks: Vec<char> = body.chars().filter(|c| !c.is_whitespace()).collect();
+    if marks.len() >= 3
+        && marks.iter().all(|&c| c == marks[0])
+        && matches!(marks[0], '-' | '*' | '_')
+    {
+        return "———".to_string();
+    }
+    for bullet in ["- ", "* ", "+ "] {
+        if let Some(rest) = body.strip_prefix(bullet) {
+            return format!("{indent}• {}", inline(rest.trim_start()));
+        }
+    }
+    format!("{indent}{}", inline(body))
+}
+
+const ESCAPABLE: &str = "\\`*_{}[]()#+-.!~>|<\"'";
+
+/// Inline markdown of one line as plain text.
+fn inline(s: &str) -> String {
+    let chars: Vec<char> = s.chars().collect();
+    let mut out = String::with_capacity(s.len());
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        match c {
+            '\\' if chars.get(i + 1).is_some_and(|n| ESCAPABLE.contains(*n)) => {
+                out.push(chars[i + 1]);
+                i += 2;
+            }
+            '`' => {
+                let n = run_len(&chars, i);
+                match find_run(&chars, i + n, '`', n) {
+                    Some(close) => {
+                        let code: String = chars[i + n..close].iter().collect();
+                        out.push_str(code.trim());
+                        i = close + n;
+                    }
+                    None => {
+                        out.extend(&chars[i..i + n]);
+                        i += n;
+                    }
+                }
+            }
+            '!' if chars.get(i + 1) == Some(&'[') => match link(&chars, i + 1) {
+                Some((text, url, next)) => {
+                    out.push_str(&link_text(&text, &url));
+                    i = next;
+                }
+                None => {
+                    out.push(c);
+                    i += 1;
+                }
+            },
+            '[' => match link(&chars, i) {
+                Some((text, url, next)) => {
+                    out.push_str(&link_text(&text, &url));
+                    i = next;
+                }
+                None => {
+                    out.push(c);
+                    i += 1;
+                }
+            },
+            '<' => match autolink(&chars, i) {
+                Some((url, next)) => {
+                    out.push_str(&url);
+                    i = next;
+                }
+                None => {
+                    out.push(c);
+                    i += 1;
+                }
+            },
+            '*' | '_' | '~' => {
+                let n = run_len(&chars, i);
+                match emphasis(&chars, i, n) {
+                    Some(close) => {
+                        let inner: String = chars[i + n..close].iter().collect();
+                        // Struck text is not emphasis: dropping its marks would assert it.
+                        if c == '~' {
+                            out.push('~');
+                            out.push_str(&inline(&inner));
+                            out.push('~');
+                        } else {
+                            out.push_str(&inline(&inner));
+                        }
+                        i = close + n;
+                    }
+                    None => {
+                        out.extend(&chars[i..i + n]);
+                        i += n;
+                    }
+                }
+            }
+            _ => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
+fn run_len(chars: &[char], i: usize) -> usize {
+    chars[i..].iter().take_while(|&&c| c == chars[i]).count()
+}
+
+/// The start of the next run of exactly `n` `c`s at or after `from`.
+fn find_run(chars: &[char], from: usize, c: char, n: usize) -> Option<usize> {
+    let mut j = from;
+    while j < chars.len() {
+        if chars[j] == c {
+            let len = run_len(chars, j);
+            if len == n {
+                return Some(j);
+            }
+            j += len;
+        } else {
+            j += 1;
+        }
+    }
+    None
+}
+
+/// The closing run for an emphasis opener of `n` markers at `i`, following the flanking rules
+/// that keep `snake_case`, `2 * 3` and lone markers literal.
+fn emphasis(chars: &[char], i: usize, n: usize) -> Option<usize> {
+    let c = chars[i];
+    let valid_len = match c {
+        '*' => (1..=3).contains(&n),
+        '_' => (1..=3).contains(&n),
+        _ => n == 2,
+    };
+    if !valid_len {
+        return None;
+    }
+    let after = chars.get(i + n)?;
+    if after.is_whitespace() {
+        return None;
+    }
+    if c == '_' && i > 0 && chars[i - 1].is_alphanumeric() {
+        return None;
+    }
+    let mut j = i + n;
+    while let Some(close) = find_run(chars, j, c, n) {
+        let before_ok = !chars[close - 1].is_whitespace() && close > i + n;
+        let after_ok = c != '_' || !chars.get(close + n).is_some_and(|a| a.is_alphanumeric());
+        if before_ok && after_ok {
+            return Some(close);
+        }
+        j = close + n;
+    }
+    None
+}
+
+/// `[text](url "title")` starting at `i` (the `[`): the text, the url and the index after it.
+fn link(chars: &[char], i: usize) -> Option<(String, String, usize)> {
+    let mut depth = 0;
+    let mut j = i;
+    let close = loop {
+        match chars.get(j)? {
+            '\\' => j += 1,
+            '[' => depth += 1,
+            ']' => {
+                depth -= 1;
+                if depth == 0 {
+                    break j;
+                }
+            }
+            _ => {}
+        }
+        j += 1;
+    };
+    if chars.get(close + 1) != Some(&'(') {
+        return None;
+    }
+    let end = (close + 2..chars.len()).find(|&k| chars[k] == ')')?;
+    let target: String = chars[close + 2..end].iter().collect();
+    let url = target.split_whitespace().next().unwrap_or_default();
+    let url = url
+        .trim_start_matches('<')
+        .trim_end_matches('>')
+        .to_string();
+    let text: String = chars[i + 1..close].iter().collect();
+    Some((inline(&text), url, end + 1))
+}
+
+fn link_text(text: &str, url: &str) -> String {
+    let bare = |u: &str| {
+        u.trim_start_matches("mailto:")
+            .trim_start_matches("https://")
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .to_string()
+    };
+    if url.is_empty() {
+        text.to_string()
+    } else if text.trim().is_empty() || bare(text) == bare(url) {
+        url.to_string()
+    } else {
+        format!("{text} ({url})")
+    }
+}
+
+/// `<https://...>` or `<a@b.c>` at `i`: the address and the index after it.
+fn autolink(chars: &[char], i: usize) -> Option<(String, usize)> {
+    let end = (i + 1..chars.len()).find(|&k| chars[k] == '>')?;
+    let inner: String = chars[i + 1..end].iter().collect();
+    let is_url = inner.contains("://") && !inner.contains(char::is_whitespace);
+    let is_mail =
+        inner.contains('@') && !inner.contains(char::is_whitespace) && !inner.contains('<');
+    (is_url || is_mail).then_some((inner, end + 1))
+}
+
+/// Skype-style XML (`<b>`, `<i>`, `<a href>`, `<br/>`, `<ss>`...) as plain text: tags dropped,
+/// links as "text (url)", line breaks kept, entities decoded.
+pub fn xml_to_plain(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut link: Option<(String, usize)> = None;
+    let mut rest = s;
+    while let Some(lt) = rest.find('<') {
+        out.push_str(&decode_entities(&rest[..lt]));
+        let after = &rest[lt..];
+        let Some(gt) = after.find('>') else {
+            out.push_str(&decode_entities(after));
+            rest = "";
+            break;
+        };
+        let tag = &after[1..gt];
+        let name: String = tag
+            .trim_start_matches('/')
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric())
+            .collect::<String>()
+            .to_ascii_lowercase();
+        if name.is_empty() {
+            // Not a tag ("a < b"): keep the text.
+            out.push('<');
+            rest = &after[1..];
+            continue;
+        }
+        let closing = tag.starts_with('/');
+        match name.as_str() {
+            "br" => out.push('\n'),
+            "p" | "div" if closing => out.push('\n'),
+            "a" if !closing => {
+                link = attribute(tag, "href").map(|h| (decode_entities(&h), out.len()));
+            }
+            "a" => {
+                if let Some((href, start)) = link.take() {
+                    let text = out[start..].to_string();
+                    out.truncate(start);
+                    out.push_str(&link_text(&text, &href));
+                }
+            }
+            _ => {}
+        }
+        rest = &after[gt + 1..];
+    }
+    out.push_str(&decode_entities(rest));
+    out
+}
+
+fn attribute(tag: &str, name: &str) -> Option<String> {
+    let lower = tag.to_ascii_lowercase();
+    let at = lower.find(&format!("{name}="))? + name.len() + 1;
+    let v = &tag[at..];
+    let quote = v.chars().next()?;
+    if quote == '"' || quote == '\'' {
+        let end = v[1..].find(quote)?;
+        Some(v[1..1 + end].to_string())
+    } else {
+        Some(
+            v.split_whitespace()
+                .next()?
+                .trim_end_matches('/')
+                .to_string(),
+        )
+    }
+}
+
+fn decode_entities(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(amp) = rest.find('&') {
+        out.push_str(&rest[..amp]);
+        let after = &rest[amp..];
+        let decoded = after.find(';').filter(|&semi| semi <= 10).and_then(|semi| {
+            let name = &after[1..semi];
+            let c = match name {
+                "amp" => Some('&'),
+                "lt" => Some('<'),
+                "gt" => Some('>'),
+                "quot" => Some('"'),
+                "apos" => Some('\''),
+                "nbsp" => Some(' '),
+                _ => {
+                    let num = name.strip_prefix('#')?;
+                    let code = match num.strip_prefix(['x', 'X']) {
+                        Some(hex) => u32::from_str_radix(hex, 16).ok()?,
+                        None => num.parse().ok()?,
+                    };
+                    char::from_u32(code)
+                }
+            }?;
+            Some((c, semi + 1))
+        });
+        match decoded {
+            Some((c, len)) => {
+                out.push(c);
+                rest = &after[len..];
+            }
+            None => {
+                out.push('&');
+                rest = &after[1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn markdown_emphasis_links_and_blocks() {
+        let md = "# Hello\n**Bold** and *it* and __b__ and _i_ and ~~gone~~ and `co*de*`.\n\
+                  See [the docs](https://example.com/docs \"Docs\") or <https://x.io>.\n\
+                  > quoted *text*\n* one\n- two\n---\n```\nlet a = *b*;\n```\nsnake_case_name 2 * 3 * 4 a*b\n\
+                  ![logo](https://example.com/l.png) [https://example.com](https://example.com) \\*lit\\*";
+        assert_eq!(
+            markdown_to_plain(md),
+            "Hello\nBold and it and b and i and ~gone~ and co*de*.\n\
+             See the docs (https://example.com/docs) or https://x.io.\n\
+             quoted text\n• one\n• two\n———\nlet a = *b*;\nsnake_case_name 2 * 3 * 4 a*b\n\
+             logo (https://example.com/l.png) https://example.com *lit*"
+        );
+        assert_eq!(markdown_to_plain("***both*** **a *b* c**"), "both a b c");
+        assert_eq!(
+            markdown_to_plain("an *unclosed emphasis"),
+            "an *unclosed emphasis"
+        );
+    }
+
+    #[test]
+    fn xml_tags_links_and_entities() {
+        let xml = "<b>Bold</b> <i>it</i><br/>line &amp; more &lt;3 &#x1F600; \
+                   <a href=\"https://example.com\">site</a> <ss type=\"smile\">:)</ss> a < b";
+        assert_eq!(
+            xml_to_plain(xml),
+            "Bold it\nline & more <3 😀 site (https://example.com) :) a < b"
+        );
+    }
+
+    #[test]
+    fn split_prefers_paragraphs_then_sentences_then_words() {
+        let p1 = "a".repeat(30);
+        let p2 = format!("{}. {}", "b".repeat(20), "c".repeat(20));
+        let s = format!("{p1}\n\n{p2}");
+        assert_eq!(split(&s, 50), [p1.clone(), p2.clone()]);
+        assert_eq!(
+            split(&p2, 30),
+            [format!("{}.", "b".repeat(20)), "c".repeat(20)]
+        );
+        assert_eq!(split("one two three four", 9), ["one two", "three", "four"]);
+        assert_eq!(
+            split(&"x".repeat(25), 10),
+            ["x".repeat(10), "x".repeat(10), "x".repeat(5)]
+        );
+        assert_eq!(split("short", 10), ["short"]);
+        assert!(split("  ", 10).is_empty());
+    }
+
+    #[test]
+    fn split_counts_utf16_and_never_cuts_a_character() {
+        let s = "😀".repeat(5);
+        let parts = split(&s, 4);
+        assert_eq!(parts, ["😀😀", "😀😀", "😀"]);
+        assert!(parts.iter().all(|p| len16(p) <= 4));
+    }
+
+    #[test]
+    fn truncation_adds_an_ellipsis_within_the_limit() {
+        assert_eq!(truncate("short", 20), None);
+        let t = truncate("A very long button title", 20).unwrap();
+        assert_eq!(t, "A very long button …".replace("button …", "button…"));
+        assert_eq!(len16(&t), 19);
+        assert!(len16(&truncate(&"é".repeat(30), 20).unwrap()) <= 20);
+    }
+
+    #[test]
+    fn arbitrary_input_never_panics_and_splits_within_the_limit() {
+        const ALPHABET: &[&str] = &[
+            "*",
+            "**",
+            "_",
+            "~~",
+            "`",
+            "[",
+            "]",
+            "(",
+            ")",
+            "!",
+            "<",
+            ">",
+            "&",
+            ";",
+            "#",
+            "\\",
+            "\n",
+            "\n\n",
+            " ",
+            ".",
+            "a",
+            "é",
+            "😀",
+            "。",
+            "<a href=\"",
+            "&#x",
+            "http://x",
+        ];
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        for _ in 0..2000 {
+            let mut s = String::new();
+            for _ in 0..(seed % 40) {
+                seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                s.push_str(ALPHABET[(seed >> 33) as usize % ALPHABET.len()]);
+            }
+            let _ = xml_to_plain(&s);
+            let plain = markdown_to_plain(&s);
+            for limit in [1, 2, 7] {
+                for piece in split(&plain, limit) {
+                    assert!(len16(&piece) <= limit.max(2), "{piece:?} over {limit}");
+                }
+            }
+            let _ = truncate(&s, 5);
+        }
+    }
+}
