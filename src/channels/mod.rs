@@ -131,10 +131,11 @@ impl Channels {
                 caps.typing_interval = self.config.channels.botframework.typing_interval;
                 (caps, self.botframework.is_some())
             }
-            Implementation::Facebook => (
-                facebook::render::capabilities(channel_id),
-                self.facebook.is_some(),
-            ),
+            Implementation::Facebook => {
+                let mut caps = facebook::render::capabilities(channel_id);
+                caps.typing_interval = self.config.channels.facebook.typing_interval;
+                (caps, self.facebook.is_some())
+            }
             Implementation::Slack => (
                 slack::render::capabilities(channel_id),
                 self.slack.is_some(),
