@@ -62,6 +62,13 @@ pub enum ServeError {
     Channels(String),
     #[error("outbox: {0}")]
     Outbox(String),
+    #[error("{0}")]
+    Tls(String),
+    #[error("cannot listen on unix socket {path}: {source}")]
+    Unix {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("reflection: {0}")]
     Reflection(String),
     #[error("gRPC server: {0}")]
@@ -259,24 +266,89 @@ async fn serve(
         let _ = admin_stop_tx.send(());
     });
 
-    tracing::info!(addr = ?local, "channel-gateway serving gRPC");
+    tracing::info!(addr = ?local, tls = config.server.tls.is_some(), "channel-gateway serving gRPC");
     let max_bytes = config
         .server
         .max_message_bytes
         .saturating_mul(config.server.max_batch_len)
         .max(4 << 20);
-    let fut = async move {
+    let service = Arc::new(service);
+    // One router per listener (TCP, TLS, Unix socket), all sharing one service.
+    let router = move || {
+        let auth = authenticator.clone();
         tonic::transport::Server::builder()
-            .add_service(health_service)
-            .add_service(reflection)
+            .add_service(health_service.clone())
+            .add_service(reflection.clone())
             .add_service(tonic::service::interceptor::InterceptedService::new(
-                ChannelGatewayServer::new(service).max_decoding_message_size(max_bytes),
-                move |req| authenticator.intercept(req),
+                ChannelGatewayServer::from_arc(service.clone())
+                    .max_decoding_message_size(max_bytes),
+                move |req| auth.intercept(req),
             ))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
-                let _ = stop_rx.await;
-            })
-            .await?;
+    };
+    let (stop_all, stopped) = tokio::sync::watch::channel(false);
+    let until_stopped = move || {
+        let mut rx = stopped.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let tcp: std::pin::Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> =
+        match &config.server.tls {
+            Some(tls_cfg) => {
+                let tls = crate::tls::Reloadable::new(tls_cfg)
+                    .map_err(|e| ServeError::Tls(e.to_string()))?;
+                tls.watch(tls_cfg.clone(), tls_cfg.reload_interval);
+                Box::pin(router().serve_with_incoming_shutdown(
+                    crate::tls::incoming(listener, tls),
+                    until_stopped(),
+                ))
+            }
+            None => {
+                Box::pin(router().serve_with_incoming_shutdown(
+                    TcpListenerStream::new(listener),
+                    until_stopped(),
+                ))
+            }
+        };
+    let unix: Option<
+        std::pin::Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>>,
+    > = match &config.server.unix_socket {
+        #[cfg(unix)]
+        Some(path) => {
+            // A stale socket file from a previous run would make bind fail.
+            let _ = std::fs::remove_file(path);
+            let l = tokio::net::UnixListener::bind(path).map_err(|e| ServeError::Unix {
+                path: path.display().to_string(),
+                source: e,
+            })?;
+            tracing::info!(path = %path.display(), "also serving gRPC on a Unix socket");
+            Some(Box::pin(router().serve_with_incoming_shutdown(
+                tokio_stream::wrappers::UnixListenerStream::new(l),
+                until_stopped(),
+            )))
+        }
+        #[cfg(not(unix))]
+        Some(_) => {
+            return Err(ServeError::Unix {
+                path: "unix_socket".into(),
+                source: std::io::Error::other("not supported on this platform"),
+            });
+        }
+        None => None,
+    };
+    let fut = async move {
+        tokio::spawn(async move {
+            let _ = stop_rx.await;
+            let _ = stop_all.send(true);
+        });
+        match unix {
+            Some(u) => {
+                let (a, b) = tokio::join!(tcp, u);
+                a?;
+                b?;
+            }
+            None => tcp.await?,
+        }
         Ok(())
     };
     Ok(((dispatcher, admin_addr), fut))

@@ -111,9 +111,13 @@ impl Authenticator {
     pub fn intercept(&self, mut req: Request<()>) -> Result<Request<()>, Status> {
         let a = &self.inner;
         let caller = if !a.enabled {
+            let remote = req.remote_addr().or_else(|| {
+                req.extensions()
+                    .get::<crate::tls::PeerInfo>()
+                    .and_then(|p| p.remote)
+            });
             Caller {
-                name: req
-                    .remote_addr()
+                name: remote
                     .map(|r| r.ip().to_string())
                     .unwrap_or_else(|| "local".into()),
                 bots: None,
@@ -128,7 +132,10 @@ impl Authenticator {
                         .or_else(|| v.strip_prefix("bearer "))
                 })
                 .map(str::trim);
-            let cert = req.extensions().get::<ClientCertFingerprint>().cloned();
+            let cert = req
+                .extensions()
+                .get::<crate::tls::PeerInfo>()
+                .and_then(|p| p.client_cert.clone());
             let found = match (bearer, &cert) {
                 (Some(t), _) => a.tokens.get(&sha256_hex(t.as_bytes())),
                 (None, Some(c)) => a.certs.get(&c.0),
