@@ -75,6 +75,10 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
 }
 
+/// One listener's server, boxed so TCP, TLS and Unix-socket servers can be held alike.
+type ServeFuture =
+    std::pin::Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>>;
+
 /// A gateway serving in the background (tests, embedding).
 pub struct RunningGateway {
     pub addr: SocketAddr,
@@ -292,27 +296,24 @@ async fn serve(
             let _ = rx.wait_for(|s| *s).await;
         }
     };
-    let tcp: std::pin::Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> =
-        match &config.server.tls {
-            Some(tls_cfg) => {
-                let tls = crate::tls::Reloadable::new(tls_cfg)
-                    .map_err(|e| ServeError::Tls(e.to_string()))?;
-                tls.watch(tls_cfg.clone(), tls_cfg.reload_interval);
-                Box::pin(router().serve_with_incoming_shutdown(
+    let tcp: ServeFuture = match &config.server.tls {
+        Some(tls_cfg) => {
+            let tls =
+                crate::tls::Reloadable::new(tls_cfg).map_err(|e| ServeError::Tls(e.to_string()))?;
+            tls.watch(tls_cfg.clone(), tls_cfg.reload_interval);
+            Box::pin(
+                router().serve_with_incoming_shutdown(
                     crate::tls::incoming(listener, tls),
                     until_stopped(),
-                ))
-            }
-            None => {
-                Box::pin(router().serve_with_incoming_shutdown(
-                    TcpListenerStream::new(listener),
-                    until_stopped(),
-                ))
-            }
-        };
-    let unix: Option<
-        std::pin::Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>>,
-    > = match &config.server.unix_socket {
+                ),
+            )
+        }
+        None => Box::pin(
+            router()
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), until_stopped()),
+        ),
+    };
+    let unix: Option<ServeFuture> = match &config.server.unix_socket {
         #[cfg(unix)]
         Some(path) => {
             // A stale socket file from a previous run would make bind fail.
