@@ -225,6 +225,7 @@ impl GatewayService {
         path: &str,
         m: Option<pb::Message>,
         proactive: Option<&ProactiveOptions>,
+        traceparent: Option<String>,
     ) -> Result<Submission, Status> {
         let mut v = Violations::default();
         let Some(m) = m else {
@@ -252,6 +253,7 @@ impl GatewayService {
         Ok(Submission {
             message: msg,
             rendered,
+            traceparent,
         })
     }
 
@@ -324,6 +326,20 @@ fn idem_key(rpc: &'static str, bot: String, key: &str) -> Option<IdemKey> {
     (!key.is_empty()).then(|| (rpc, bot, key.to_string()))
 }
 
+/// The caller's W3C trace context, when well formed (`00-<32 hex>-<16 hex>-<2 hex>`).
+fn traceparent<T>(req: &Request<T>) -> Option<String> {
+    let v = req.metadata().get("traceparent")?.to_str().ok()?.trim();
+    let parts: Vec<&str> = v.split('-').collect();
+    let hex = |s: &str, n: usize| s.len() == n && s.chars().all(|c| c.is_ascii_hexdigit());
+    let ok = parts.len() == 4
+        && hex(parts[0], 2)
+        && hex(parts[1], 32)
+        && hex(parts[2], 16)
+        && hex(parts[3], 2)
+        && parts[1] != "00000000000000000000000000000000";
+    ok.then(|| v.to_ascii_lowercase())
+}
+
 /// Bot ids are checked only when given: a missing one is reported by validation, by field.
 #[allow(clippy::result_large_err)]
 fn authorize_bot<T>(req: &Request<T>, bot: &str) -> Result<(), Status> {
@@ -353,6 +369,7 @@ impl ChannelGateway for GatewayService {
         req: Request<pb::SendRequest>,
     ) -> Result<Response<pb::SendResponse>, Status> {
         authorize_bot(&req, &bot_of(req.get_ref().message.as_ref()))?;
+        let tp = traceparent(&req);
         let req = req.into_inner();
         let key = idem_key("send", bot_of(req.message.as_ref()), &req.idempotency_key);
         let replay = |found: Vec<StoredMessage>| {
@@ -366,7 +383,7 @@ impl ChannelGateway for GatewayService {
         };
         let cached = self
             .idempotent(key, replay, |key| async move {
-                let prepared = self.prepare("message", req.message, None)?;
+                let prepared = self.prepare("message", req.message, None, tp)?;
                 let warnings = prepared.rendered.warnings.clone();
                 let accepted = self
                     .dispatcher
@@ -416,6 +433,7 @@ impl ChannelGateway for GatewayService {
         for m in &req.get_ref().messages {
             authorize_bot(&req, &bot_of(Some(m)))?;
         }
+        let tp = traceparent(&req);
         let req = req.into_inner();
         let key = idem_key(
             "send_batch",
@@ -444,7 +462,12 @@ impl ChannelGateway for GatewayService {
                 }
                 let mut prepared = Vec::with_capacity(req.messages.len());
                 for (i, m) in req.messages.into_iter().enumerate() {
-                    prepared.push(self.prepare(&format!("messages[{i}]"), Some(m), None)?);
+                    prepared.push(self.prepare(
+                        &format!("messages[{i}]"),
+                        Some(m),
+                        None,
+                        tp.clone(),
+                    )?);
                 }
                 let first = ConversationKey::of(&prepared[0].message.address);
                 let mut v = Violations::default();
@@ -512,6 +535,7 @@ impl ChannelGateway for GatewayService {
                 Submission {
                     message: msg,
                     rendered,
+                    traceparent: None,
                 },
                 keep_alive,
             )
@@ -524,6 +548,7 @@ impl ChannelGateway for GatewayService {
         req: Request<pb::SendProactiveRequest>,
     ) -> Result<Response<pb::SendProactiveResponse>, Status> {
         authorize_bot(&req, &bot_of_address(req.get_ref().address.as_ref()))?;
+        let tp = traceparent(&req);
         let req = req.into_inner();
         let bot = req
             .address
@@ -543,7 +568,7 @@ impl ChannelGateway for GatewayService {
             }))
         };
         let cached = self
-            .idempotent(key, replay, |key| self.proactive(req, key))
+            .idempotent(key, replay, |key| self.proactive(req, key, tp))
             .await?;
         match cached {
             Cached::Proactive(r) => Ok(Response::new(*r)),
@@ -739,6 +764,7 @@ impl GatewayService {
         &self,
         req: pb::SendProactiveRequest,
         key: Option<IdemKey>,
+        tp: Option<String>,
     ) -> Result<Cached, Status> {
         let mut v = Violations::default();
         let address = convert::address(&mut v, "address", req.address.clone());
@@ -784,7 +810,7 @@ impl GatewayService {
         for (i, mut m) in req.messages.into_iter().enumerate() {
             m.address = Some(convert::address_pb(&stand_in));
             let path = format!("messages[{i}]");
-            prepared.push(self.prepare(&path, Some(m), Some(&options))?);
+            prepared.push(self.prepare(&path, Some(m), Some(&options), tp.clone())?);
         }
         if has_conversation {
             let results = if prepared.is_empty() {

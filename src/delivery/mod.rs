@@ -73,6 +73,7 @@ struct Item {
     possible_duplicate: bool,
     /// Typing indicators are not kept in the outbox.
     ephemeral: bool,
+    traceparent: Option<String>,
     done: Option<oneshot::Sender<Outcome>>,
 }
 
@@ -184,6 +185,8 @@ pub struct Dispatcher {
 pub struct Submission {
     pub message: Message,
     pub rendered: Rendered,
+    /// The caller's W3C `traceparent`, carried into the delivery span.
+    pub traceparent: Option<String>,
 }
 
 impl Dispatcher {
@@ -389,6 +392,7 @@ impl Dispatcher {
                 durable: ready_durable(),
                 possible_duplicate: m.state == DeliveryState::Delivering || m.possible_duplicate,
                 ephemeral: false,
+                traceparent: None,
                 done: None,
             };
             match render_error {
@@ -466,6 +470,7 @@ fn new_items(
                     durable: ready_durable(),
                     possible_duplicate: false,
                     ephemeral: false,
+                    traceparent: s.traceparent,
                     done: tx,
                 },
                 rx,
@@ -856,7 +861,18 @@ impl Worker {
     }
 
     async fn deliver(&self, item: Item) {
-        let outcome = self.attempt_all(&item).await;
+        // The caller's trace continues here: its trace id and parent span on every line.
+        let (trace_id, parent_id) = item
+            .traceparent
+            .as_deref()
+            .and_then(|t| {
+                let mut p = t.split('-').skip(1);
+                Some((p.next()?.to_string(), p.next()?.to_string()))
+            })
+            .unwrap_or_default();
+        let span = tracing::info_span!("deliver", message_id = item.id, trace_id = %trace_id, parent_span_id = %parent_id);
+        let outcome = self.attempt_all(&item).instrument(span.clone()).await;
+        let _entered = span.enter();
         match outcome.state {
             DeliveryState::Delivered => {
                 tracing::debug!(message_id = %item.id, attempts = outcome.attempts, "delivered")

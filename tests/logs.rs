@@ -1,0 +1,166 @@
+//! What the real binary writes to its logs: JSON lines carrying the caller's W3C trace into the
+//! delivery spans, and never a configured secret or a channel token.
+
+mod common;
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use channel_gateway::api::pb::{self, channel_gateway_client::ChannelGatewayClient};
+use common::*;
+use serde_json::json;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_carry_the_trace_and_never_a_secret() {
+    let fake = FakeConnector::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_channel-gateway"))
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .env(
+            "CHANNEL_GATEWAY__CHANNELS__BOTFRAMEWORK__ALLOWED_SERVICE_HOSTS",
+            "[\"127.0.0.1\"]",
+        )
+        .env(
+            "CHANNEL_GATEWAY__CHANNELS__BOTFRAMEWORK__TOKEN_URL",
+            format!("http://127.0.0.1:{}/token", fake.addr.port()),
+        )
+        .env("CHANNEL_GATEWAY__CHANNELS__BOTFRAMEWORK__APP_ID", BOT)
+        .env(
+            "CHANNEL_GATEWAY__CHANNELS__BOTFRAMEWORK__APP_PASSWORD",
+            PASSWORD,
+        )
+        .env("CHANNEL_GATEWAY__ADMIN__LISTEN", "127.0.0.1:0")
+        .env("CHANNEL_GATEWAY__LOG__FORMAT", "json")
+        .env("CHANNEL_GATEWAY__DELIVERY__BASE_RETRY_DELAY", "10ms")
+        .env("RUST_LOG", "debug")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut client = loop {
+        match ChannelGatewayClient::connect(format!("http://127.0.0.1:{port}")).await {
+            Ok(c) => break c,
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(25)).await
+            }
+            Err(e) => panic!("gateway did not start: {e}"),
+        }
+    };
+    let message = |conv: &str| pb::Message {
+        address: Some(pb::Address {
+            channel_id: "msteams".into(),
+            user: Some(pb::Identity {
+                id: "29:u".into(),
+                ..Default::default()
+            }),
+            bot: Some(pb::Identity {
+                id: BOT.into(),
+                ..Default::default()
+            }),
+            conversation: Some(pb::ConversationAccount {
+                id: conv.into(),
+                ..Default::default()
+            }),
+            service_url: fake.service_url(),
+            ..Default::default()
+        }),
+        text: "hello".into(),
+        ..Default::default()
+    };
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let mut req = tonic::Request::new(pb::SendRequest {
+        message: Some(message("traced")),
+        wait: pb::WaitMode::Delivered as i32,
+        ..Default::default()
+    });
+    req.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace_id}-00f067aa0ba902b7-01")
+            .parse()
+            .unwrap(),
+    );
+    client.send(req).await.unwrap();
+
+    // A refusal, a revoked token (refresh and retry) and a retry: the paths that handle secrets.
+    fake.script(
+        "refused",
+        vec![Scripted {
+            status: 403,
+            body: json!({"error": {"code": "Forbidden", "message": "no"}}),
+            retry_after: None,
+        }],
+    );
+    fake.script(
+        "revoked",
+        vec![
+            Scripted {
+                status: 401,
+                body: json!({"error": {"code": "Unauthorized", "message": "expired"}}),
+                retry_after: None,
+            },
+            Scripted {
+                status: 500,
+                body: json!({}),
+                retry_after: None,
+            },
+        ],
+    );
+    for conv in ["refused", "revoked"] {
+        let _ = client
+            .send(pb::SendRequest {
+                message: Some(message(conv)),
+                wait: pb::WaitMode::Delivered as i32,
+                ..Default::default()
+            })
+            .await;
+    }
+    assert!(fake.token_requests() >= 2, "the token was not refreshed");
+
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let mut logs = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut logs)
+        .unwrap();
+    let _ = child.wait();
+
+    assert!(
+        logs.lines().count() > 5,
+        "too few log lines to judge: {logs}"
+    );
+    for line in logs.lines() {
+        serde_json::from_str::<serde_json::Value>(line)
+            .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+    }
+    for secret in [PASSWORD, "tok-1", "tok-2", "tok-3"] {
+        assert!(!logs.contains(secret), "`{secret}` appears in the logs");
+    }
+    let traced: Vec<&str> = logs.lines().filter(|l| l.contains(trace_id)).collect();
+    assert!(
+        traced
+            .iter()
+            .any(|l| l.contains("\"deliver\"") && l.contains("delivered")),
+        "no delivery log line carries the trace id: {traced:?}"
+    );
+}
