@@ -412,6 +412,9 @@ pub struct LogConfig {
     pub format: String,
     /// An `EnvFilter` directive; `RUST_LOG` wins when set.
     pub level: String,
+    /// OTLP/gRPC collector for trace export, e.g. `http://127.0.0.1:4317` (needs the `otlp`
+    /// cargo feature).
+    pub otlp_endpoint: Option<String>,
 }
 
 impl Default for LogConfig {
@@ -419,6 +422,7 @@ impl Default for LogConfig {
         Self {
             format: "human".into(),
             level: "info".into(),
+            otlp_endpoint: None,
         }
     }
 }
@@ -554,6 +558,12 @@ impl Config {
         }
         if self.server.max_batch_len == 0 {
             return Err(invalid("server.max_batch_len", "must be at least 1"));
+        }
+        if self.log.otlp_endpoint.is_some() && !cfg!(feature = "otlp") {
+            return Err(invalid(
+                "log.otlp_endpoint",
+                "this build has no OTLP export: build with `--features otlp`",
+            ));
         }
         if !matches!(self.log.format.as_str(), "human" | "json") {
             return Err(invalid("log.format", "must be `human` or `json`"));

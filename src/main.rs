@@ -156,16 +156,55 @@ fn toml_string(s: &str) -> String {
 }
 
 fn init_logging(config: &Config) {
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if config.log.format == "json" {
-        builder.json().init();
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = if config.log.format == "json" {
+        fmt.json().boxed()
     } else {
-        builder.init();
+        fmt.boxed()
+    };
+    let registry = tracing_subscriber::registry().with(filter).with(fmt);
+    #[cfg(feature = "otlp")]
+    if let Some(endpoint) = &config.log.otlp_endpoint {
+        match otlp_layer(endpoint) {
+            Ok(layer) => {
+                registry.with(layer).init();
+                tracing::info!(endpoint, "exporting traces over OTLP");
+                return;
+            }
+            Err(e) => eprintln!("warning: OTLP export disabled: {e}"),
+        }
     }
+    registry.init();
+}
+
+#[cfg(feature = "otlp")]
+fn otlp_layer<S>(endpoint: &str) -> Result<impl tracing_subscriber::Layer<S>, String>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    use opentelemetry::trace::TracerProvider as _;
+    use opentelemetry_otlp::WithExportConfig;
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .with_endpoint(endpoint)
+        .build()
+        .map_err(|e| e.to_string())?;
+    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(
+            opentelemetry_sdk::Resource::builder()
+                .with_service_name("channel-gateway")
+                .build(),
+        )
+        .build();
+    let tracer = provider.tracer("channel-gateway");
+    opentelemetry::global::set_tracer_provider(provider);
+    Ok(tracing_opentelemetry::layer().with_tracer(tracer))
 }
 
 async fn shutdown_signal() {

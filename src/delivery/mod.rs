@@ -871,6 +871,15 @@ impl Worker {
             })
             .unwrap_or_default();
         let span = tracing::info_span!("deliver", message_id = item.id, trace_id = %trace_id, parent_span_id = %parent_id);
+        #[cfg(feature = "otlp")]
+        if let Some(tp) = &item.traceparent {
+            use opentelemetry::propagation::TextMapPropagator;
+            use tracing_opentelemetry::OpenTelemetrySpanExt;
+            let carrier: HashMap<String, String> = [("traceparent".to_string(), tp.clone())].into();
+            let cx =
+                opentelemetry_sdk::propagation::TraceContextPropagator::new().extract(&carrier);
+            let _ = span.set_parent(cx);
+        }
         let outcome = self.attempt_all(&item).instrument(span.clone()).await;
         let _entered = span.enter();
         match outcome.state {
