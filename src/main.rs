@@ -42,6 +42,8 @@ enum Command {
     Send(SendArgs),
     /// Show the native requests a message becomes, without sending.
     Render(MessageArgs),
+    /// Print the SHA-256 of a caller token read from standard input, for `auth.tokens`.
+    HashToken,
 }
 
 #[derive(Args)]
@@ -49,6 +51,9 @@ struct MessageArgs {
     /// Gateway address.
     #[arg(long, default_value = "http://127.0.0.1:50051")]
     gateway: String,
+    /// Caller token, sent as `authorization: Bearer`.
+    #[arg(long, env = "CHANNEL_GATEWAY_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     /// A JSON file with the message (the model's JSON form, same field names as the proto),
     /// or a JSON array of messages for one conversation. `-` reads standard input.
     #[arg(long)]
@@ -147,6 +152,18 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         }
         Command::Send(args) => send(args).await,
         Command::Render(args) => render(args).await,
+        Command::HashToken => {
+            let mut token = String::new();
+            std::io::stdin()
+                .read_line(&mut token)
+                .map_err(|e| CliError::Usage(format!("cannot read standard input: {e}")))?;
+            let token = token.trim_end_matches(['\r', '\n']);
+            if token.is_empty() {
+                return Err(CliError::Usage("no token on standard input".into()));
+            }
+            println!("{}", channel_gateway::api::auth::sha256_hex(token.as_bytes()));
+            Ok(())
+        }
     }
 }
 
@@ -324,9 +341,42 @@ fn print(v: &Value) {
     );
 }
 
+type Client = ChannelGatewayClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, BearerToken>,
+>;
+
+/// Adds the caller token to every call.
+#[derive(Clone)]
+struct BearerToken(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for BearerToken {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+async fn client(args: &MessageArgs) -> Result<Client, CliError> {
+    let channel = tonic::transport::Endpoint::from_shared(args.gateway.clone())
+        .map_err(|e| CliError::Usage(format!("--gateway `{}`: {e}", args.gateway)))?
+        .connect()
+        .await?;
+    let token = match &args.token {
+        Some(t) => Some(
+            format!("Bearer {t}")
+                .parse()
+                .map_err(|_| CliError::Usage("--token has characters a header cannot carry".into()))?,
+        ),
+        None => None,
+    };
+    Ok(ChannelGatewayClient::with_interceptor(channel, BearerToken(token)))
+}
+
 async fn send(args: SendArgs) -> Result<(), CliError> {
     let messages = messages_from(&args.message)?;
-    let mut client = ChannelGatewayClient::connect(args.message.gateway.clone()).await?;
+    let mut client = client(&args.message).await?;
     let wait = if args.wait_delivered {
         pb::WaitMode::Delivered
     } else {
@@ -392,7 +442,7 @@ async fn send(args: SendArgs) -> Result<(), CliError> {
 
 async fn render(args: MessageArgs) -> Result<(), CliError> {
     let messages = messages_from(&args)?;
-    let mut client = ChannelGatewayClient::connect(args.gateway.clone()).await?;
+    let mut client = client(&args).await?;
     let mut out = Vec::new();
     for m in &messages {
         let r = client
