@@ -161,7 +161,10 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             if token.is_empty() {
                 return Err(CliError::Usage("no token on standard input".into()));
             }
-            println!("{}", channel_gateway::api::auth::sha256_hex(token.as_bytes()));
+            println!(
+                "{}",
+                channel_gateway::api::auth::sha256_hex(token.as_bytes())
+            );
             Ok(())
         }
     }
@@ -363,15 +366,17 @@ async fn client(args: &MessageArgs) -> Result<Client, CliError> {
         .map_err(|e| CliError::Usage(format!("--gateway `{}`: {e}", args.gateway)))?
         .connect()
         .await?;
-    let token = match &args.token {
-        Some(t) => Some(
-            format!("Bearer {t}")
-                .parse()
-                .map_err(|_| CliError::Usage("--token has characters a header cannot carry".into()))?,
-        ),
-        None => None,
-    };
-    Ok(ChannelGatewayClient::with_interceptor(channel, BearerToken(token)))
+    let token =
+        match &args.token {
+            Some(t) => Some(format!("Bearer {t}").parse().map_err(|_| {
+                CliError::Usage("--token has characters a header cannot carry".into())
+            })?),
+            None => None,
+        };
+    Ok(ChannelGatewayClient::with_interceptor(
+        channel,
+        BearerToken(token),
+    ))
 }
 
 async fn send(args: SendArgs) -> Result<(), CliError> {
