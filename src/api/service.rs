@@ -53,6 +53,13 @@ impl Idempotency {
         }
         entry.1.clone()
     }
+
+    fn release(&self, key: &IdemKey, slot: &Slot) {
+        let mut map = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        if map.get(key).is_some_and(|(_, s)| Arc::ptr_eq(s, slot)) {
+            map.remove(key);
+        }
+    }
 }
 
 fn idem_store_key(k: &IdemKey) -> String {
@@ -304,21 +311,27 @@ impl GatewayService {
         let slot = self.idempotency.slot(&key);
         let store = self.dispatcher.store().clone();
         let window = self.config.idempotency_window;
-        slot.get_or_try_init(|| async move {
-            if let Some(rec) = store.idempotency_get(&idem_store_key(&key))
-                && now_ms().saturating_sub(rec.created_at_ms) < window.as_millis() as u64
-            {
-                let found = rec
-                    .message_ids
-                    .iter()
-                    .filter_map(|id| store.get(*id))
-                    .collect();
-                return Ok(replay(found));
-            }
-            f(Some(key)).await
-        })
-        .await
-        .cloned()
+        let map_key = key.clone();
+        let result = slot
+            .get_or_try_init(|| async move {
+                if let Some(rec) = store.idempotency_get(&idem_store_key(&key))
+                    && now_ms().saturating_sub(rec.created_at_ms) < window.as_millis() as u64
+                {
+                    let found = rec
+                        .message_ids
+                        .iter()
+                        .filter_map(|id| store.get(*id))
+                        .collect();
+                    return Ok(replay(found));
+                }
+                f(Some(key)).await
+            })
+            .await
+            .cloned();
+        // The slot only makes concurrent retries wait for the first call; once it is done the
+        // outbox answers retries, so the slot goes (memory stays bounded by calls in flight).
+        self.idempotency.release(&map_key, &slot);
+        result
     }
 }
 
