@@ -93,6 +93,11 @@ impl Ctx<'_> {
     }
 }
 
+/// `1 more message`, `2 more messages`.
+pub fn more(n: usize, one: &str, many: &str) -> String {
+    format!("{n} more {}", if n == 1 { one } else { many })
+}
+
 pub fn mrkdwn_text(text: &str) -> Value {
     json!({"type": "mrkdwn", "text": text})
 }
@@ -304,7 +309,7 @@ fn json_content(
         }
         ctx.warn(
             "attachment_not_supported",
-            format!("{field}.content"),
+            format!("{field}.json"),
             format!(
                 "content type `{}` has no Slack form and no content_url: left out",
                 a.content_type
@@ -315,7 +320,7 @@ fn json_content(
     let text = adaptive_text(v);
     ctx.warn(
         "adaptive_card_as_text",
-        format!("{field}.content"),
+        format!("{field}.json"),
         if text.is_empty() {
             "Slack cannot show adaptive cards and this one has no text: left out".to_string()
         } else {
@@ -329,7 +334,7 @@ fn json_content(
     let text = ctx.fit(
         mrkdwn::from_markdown(&text),
         SECTION_TEXT_MAX,
-        &format!("{field}.content"),
+        &format!("{field}.json"),
     );
     Ok(vec![section(mrkdwn_text(&text))])
 }
@@ -794,9 +799,9 @@ pub fn buttons(
             "buttons_split",
             field,
             format!(
-                "{} buttons; a Slack actions block holds at most {ACTIONS_MAX}: continued in {} more actions blocks right after it",
+                "{} buttons; a Slack actions block holds at most {ACTIONS_MAX}: continued in {} right after it",
                 elements.len(),
-                elements.len().div_ceil(ACTIONS_MAX) - 1
+                more(elements.len().div_ceil(ACTIONS_MAX) - 1, "actions block", "actions blocks")
             ),
         );
     }

@@ -438,9 +438,9 @@ fn content_bodies(
                 "text_split",
                 "message.text",
                 format!(
-                    "{} characters; Slack truncates a message past {MAX_TEXT_CHARS}: continued in {} more messages",
+                    "{} characters; Slack truncates a message past {MAX_TEXT_CHARS}: continued in {}",
                     text.chars().count(),
-                    parts.len() - 1
+                    blocks::more(parts.len() - 1, "message", "messages")
                 ),
             ));
         }
@@ -466,8 +466,8 @@ fn content_bodies(
             "message_split",
             "message",
             format!(
-                "{total} blocks; a Slack message holds at most {MAX_BLOCKS} blocks and about {MAX_BLOCK_CHARS} characters of them: continued in {} more messages, in order",
-                messages.len() - 1
+                "{total} blocks; a Slack message holds at most {MAX_BLOCKS} blocks and about {MAX_BLOCK_CHARS} characters of them: continued in {}, in order",
+                blocks::more(messages.len() - 1, "message", "messages")
             ),
         ));
     }
@@ -568,43 +568,62 @@ fn measure(v: &Value) -> usize {
     }
 }
 
-/// A `text` fallback for a message made of `blocks` alone: their texts, one per line.
+/// A `text` fallback for a message made of `blocks` alone: the text of each section and header,
+/// one per line; image titles when there is no text; button labels when there is nothing else.
 fn fallback_from(blocks: &[Value]) -> String {
-    fn texts(v: &Value, out: &mut Vec<String>) {
-        match v {
-            Value::Object(o) => {
-                match (o.get("type").and_then(Value::as_str), o.get("text")) {
-                    (Some("mrkdwn"), Some(Value::String(t))) => out.push(t.clone()),
-                    (Some("plain_text"), Some(Value::String(t))) => out.push(mrkdwn::escape(t)),
-                    _ => {}
+    fn text_of(t: &Value) -> Option<String> {
+        let s = t.get("text")?.as_str()?;
+        Some(match t.get("type").and_then(Value::as_str) {
+            Some("plain_text") => mrkdwn::escape(s),
+            _ => s.to_string(),
+        })
+    }
+    let mut lines = Vec::new();
+    let mut images = Vec::new();
+    let mut labels = Vec::new();
+    for b in blocks {
+        match b.get("type").and_then(Value::as_str) {
+            Some("section") => {
+                if let Some(t) = b.get("text").and_then(text_of) {
+                    lines.push(t);
                 }
-                if o.get("type").and_then(Value::as_str) == Some("image")
-                    && o.contains_key("image_url")
-                    && !o.contains_key("title")
-                    && let Some(alt) = o.get("alt_text").and_then(Value::as_str)
-                {
-                    out.push(mrkdwn::escape(alt));
-                }
-                for (k, child) in o {
-                    if k != "text" || !child.is_string() {
-                        texts(child, out);
-                    }
+                if let Some(fields) = b.get("fields").and_then(Value::as_array) {
+                    let row: Vec<String> = fields.iter().filter_map(text_of).collect();
+                    lines.push(row.join(" "));
                 }
             }
-            Value::Array(a) => a.iter().for_each(|x| texts(x, out)),
+            Some("image") => {
+                let t = b.get("title").and_then(text_of).or_else(|| {
+                    b.get("alt_text")
+                        .and_then(Value::as_str)
+                        .map(mrkdwn::escape)
+                });
+                images.extend(t);
+            }
+            Some("header") => lines.extend(b.get("text").and_then(text_of)),
+            Some("actions") => {
+                for e in b
+                    .get("elements")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
+                    labels.extend(e.get("text").and_then(text_of));
+                }
+            }
             _ => {}
         }
     }
-    let mut out = Vec::new();
-    for b in blocks {
-        texts(b, &mut out);
+    lines.retain(|l| !l.trim().is_empty());
+    // Images speak for themselves when there is text; without any, their names stand in.
+    if lines.is_empty() {
+        lines = images;
     }
-    let joined = out
-        .into_iter()
-        .filter(|t| !t.trim().is_empty())
-        .collect::<Vec<_>>()
-        .join("\n");
-    if joined.is_empty() {
+    if lines.is_empty() {
+        lines.push(labels.join(" | "));
+    }
+    let joined = lines.join("\n");
+    if joined.trim().is_empty() {
         "(message)".to_string()
     } else {
         joined
