@@ -1,24 +1,218 @@
-//! The `channels.slack` config section.
+//! The `[channels.slack]` config section: the Web API base URL, one bot token per workspace
+//! installation, the per-channel rate limit, and link-unfurling defaults.
+//!
+//! Tokens are `Secret`s: their `Debug` prints `<redacted>`, and nothing here ever formats one.
+
+use std::collections::BTreeSet;
 
 use serde::Deserialize;
 
-use crate::config::ConfigError;
+use crate::config::{ConfigError, Secret, invalid};
+
+/// The public Slack Web API.
+pub const DEFAULT_API_BASE_URL: &str = "https://slack.com/api";
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SlackConfig {
     pub enabled: bool,
+    /// Where the Web API methods live (`{api_base_url}/chat.postMessage`). Bot tokens are only
+    /// ever sent to URLs under it.
+    pub api_base_url: String,
+    /// One entry per workspace the bot is installed in; `address.bot.id` selects the token.
+    pub workspaces: Vec<SlackWorkspace>,
+    /// Messages per second to one Slack channel (Slack allows about one, with short bursts).
+    pub rate_per_second: f64,
+    /// Messages that may go to one Slack channel at once before the rate applies.
+    pub rate_burst: u32,
+    /// `unfurl_links` on every message, unless `source_event` sets it. Unset: Slack's default.
+    pub unfurl_links: Option<bool>,
+    /// `unfurl_media` on every message, unless `source_event` sets it. Unset: Slack's default.
+    pub unfurl_media: Option<bool>,
+}
+
+/// A bot's installation in one workspace.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlackWorkspace {
+    /// The bot id as it appears in `address.bot.id` (Slack bot ids are per workspace).
+    pub bot_id: String,
+    /// The bot token (`xoxb-...`), sent as `Authorization: Bearer`.
+    pub token: Secret,
 }
 
 impl Default for SlackConfig {
     fn default() -> Self {
-        Self { enabled: true }
+        Self {
+            enabled: true,
+            api_base_url: DEFAULT_API_BASE_URL.into(),
+            workspaces: Vec::new(),
+            rate_per_second: 1.0,
+            rate_burst: 3,
+            unfurl_links: None,
+            unfurl_media: None,
+        }
     }
 }
 
 impl SlackConfig {
     /// Checks the section; errors name the key as `channels.slack.KEY`.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        let url = url::Url::parse(&self.api_base_url).map_err(|e| {
+            invalid(
+                "channels.slack.api_base_url",
+                format!("`{}` is not a URL: {e}", self.api_base_url),
+            )
+        })?;
+        if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+            return Err(invalid(
+                "channels.slack.api_base_url",
+                format!("`{}` must be an http(s) URL", self.api_base_url),
+            ));
+        }
+        if url.query().is_some() || url.fragment().is_some() {
+            return Err(invalid(
+                "channels.slack.api_base_url",
+                "must not have a query or fragment: method names are appended to it",
+            ));
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(invalid(
+                "channels.slack.api_base_url",
+                "must not carry credentials",
+            ));
+        }
+        if !(self.rate_per_second.is_finite() && self.rate_per_second > 0.0) {
+            return Err(invalid(
+                "channels.slack.rate_per_second",
+                "must be a number above 0",
+            ));
+        }
+        if self.rate_burst == 0 {
+            return Err(invalid("channels.slack.rate_burst", "must be at least 1"));
+        }
+        let mut seen = BTreeSet::new();
+        for (i, w) in self.workspaces.iter().enumerate() {
+            if w.bot_id.is_empty() {
+                return Err(invalid(
+                    &format!("channels.slack.workspaces[{i}].bot_id"),
+                    "must not be empty",
+                ));
+            }
+            if !seen.insert(w.bot_id.as_str()) {
+                return Err(invalid(
+                    &format!("channels.slack.workspaces[{i}].bot_id"),
+                    format!("`{}` is configured twice", w.bot_id),
+                ));
+            }
+            let token = w.token.expose();
+            if token.is_empty() {
+                return Err(invalid(
+                    &format!("channels.slack.workspaces[{i}].token"),
+                    "must not be empty",
+                ));
+            }
+            // Checked here because an HTTP header cannot carry them; the token itself is never shown.
+            if token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(invalid(
+                    &format!("channels.slack.workspaces[{i}].token"),
+                    "must not contain spaces, line breaks or control characters",
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// `api_base_url` without its trailing slashes, ready for `/{method}`.
+    pub fn method_url(&self, method: &str) -> String {
+        format!("{}/{method}", self.api_base_url.trim_end_matches('/'))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn load(env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        Config::load(
+            None,
+            env.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<Vec<_>>(),
+        )
+    }
+
+    #[test]
+    fn defaults() {
+        let c = SlackConfig::default();
+        assert!(c.enabled);
+        assert_eq!(c.api_base_url, "https://slack.com/api");
+        assert_eq!(c.rate_per_second, 1.0);
+        assert_eq!(c.rate_burst, 3);
+        assert!(c.workspaces.is_empty());
+        assert_eq!(c.unfurl_links, None);
+        assert_eq!(
+            c.method_url("chat.postMessage"),
+            "https://slack.com/api/chat.postMessage"
+        );
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn workspaces_from_the_environment() {
+        let c = load(&[(
+            "CHANNEL_GATEWAY__CHANNELS__SLACK__WORKSPACES",
+            r#"[{bot_id = "B01", token = "xoxb-1"}, {bot_id = "B02", token = "xoxb-2"}]"#,
+        )])
+        .unwrap();
+        let s = &c.channels.slack;
+        assert_eq!(s.workspaces.len(), 2);
+        assert_eq!(s.workspaces[1].token.expose(), "xoxb-2");
+        assert!(!format!("{s:?}").contains("xoxb-"), "token in Debug");
+    }
+
+    #[test]
+    fn bad_keys_are_named() {
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                "API_BASE_URL",
+                "\"slack.com\"",
+                "channels.slack.api_base_url",
+            ),
+            (
+                "API_BASE_URL",
+                "\"https://slack.com/api?x=1\"",
+                "channels.slack.api_base_url",
+            ),
+            ("RATE_PER_SECOND", "0", "channels.slack.rate_per_second"),
+            ("RATE_BURST", "0", "channels.slack.rate_burst"),
+            (
+                "WORKSPACES",
+                r#"[{bot_id = "", token = "x"}]"#,
+                "channels.slack.workspaces[0].bot_id",
+            ),
+            (
+                "WORKSPACES",
+                r#"[{bot_id = "B1", token = "x"}, {bot_id = "B1", token = "y"}]"#,
+                "channels.slack.workspaces[1].bot_id",
+            ),
+            (
+                "WORKSPACES",
+                r#"[{bot_id = "B1", token = "xoxb-secret value"}]"#,
+                "channels.slack.workspaces[0].token",
+            ),
+        ];
+        for (key, value, expected) in cases {
+            let err = load(&[(&format!("CHANNEL_GATEWAY__CHANNELS__SLACK__{key}"), value)])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(expected), "{key}={value}: {err}");
+            assert!(!err.contains("secret value"), "token in error: {err}");
+        }
+        let err = load(&[("CHANNEL_GATEWAY__CHANNELS__SLACK__TOKEN", "\"x\"")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("token"), "{err}");
     }
 }

@@ -1,0 +1,341 @@
+//! Test harness for the Slack channel: a fake Slack Web API on 127.0.0.1 that records every
+//! request (path, headers, body) and answers as scripted, and an in-process gateway pointed at it
+//! and reached by a real gRPC client over TCP.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use serde_json::{Value, json};
+
+use channel_gateway::api::pb::{self, channel_gateway_client::ChannelGatewayClient};
+use channel_gateway::channels::slack::config::SlackWorkspace;
+use channel_gateway::config::{Config, Secret};
+use channel_gateway::server::RunningGateway;
+
+pub const BOT: &str = "B0TESTBOT";
+pub const TOKEN: &str = "xoxb-1111-2222-test-token-never-shown";
+pub const USER: &str = "U0TESTUSER";
+
+/// One request the fake received, and how it answered.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub at: Instant,
+    /// `/api/chat.postMessage`, `/api/conversations.open`.
+    pub path: String,
+    pub authorization: Option<String>,
+    pub content_type: Option<String>,
+    pub body: Value,
+    /// The HTTP status answered and whether the answer was `ok: true`.
+    pub status: u16,
+    pub ok: bool,
+}
+
+impl Received {
+    pub fn channel(&self) -> &str {
+        self.body
+            .get("channel")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+    }
+    pub fn text(&self) -> &str {
+        self.body.get("text").and_then(Value::as_str).unwrap_or("")
+    }
+    pub fn is_post(&self) -> bool {
+        self.path.ends_with("/chat.postMessage")
+    }
+}
+
+/// A scripted answer for the next request to a Slack channel.
+#[derive(Debug, Clone)]
+pub struct Scripted {
+    pub status: u16,
+    pub body: Value,
+    pub retry_after: Option<u64>,
+}
+
+impl Scripted {
+    /// HTTP 200 with `{"ok": false, "error": code}`, as Slack refuses.
+    pub fn refuse(code: &str) -> Self {
+        Self {
+            status: 200,
+            body: json!({"ok": false, "error": code}),
+            retry_after: None,
+        }
+    }
+    pub fn rate_limited(secs: u64) -> Self {
+        Self {
+            status: 429,
+            body: json!({"ok": false, "error": "ratelimited"}),
+            retry_after: Some(secs),
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct FakeState {
+    pub received: Mutex<Vec<Received>>,
+    /// Slack channel id -> answers to give before answering normally.
+    pub script: Mutex<HashMap<String, Vec<Scripted>>>,
+    /// Slack channel id -> latency of each answer.
+    pub latency: Mutex<HashMap<String, Duration>>,
+    /// Requests in flight per Slack channel now, and the most ever seen.
+    pub in_flight: Mutex<HashMap<String, (u32, u32)>>,
+    pub next_ts: AtomicU64,
+    pub opened: AtomicU64,
+}
+
+#[derive(Clone)]
+pub struct FakeSlack {
+    pub addr: SocketAddr,
+    pub state: Arc<FakeState>,
+}
+
+impl FakeSlack {
+    pub async fn start() -> Self {
+        let state = Arc::new(FakeState::default());
+        let app = Router::new()
+            .route("/api/{method}", post(method))
+            .with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        Self { addr, state }
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://127.0.0.1:{}/api", self.addr.port())
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.state.received.lock().unwrap().clone()
+    }
+
+    /// Messages Slack accepted in one channel, in arrival order.
+    pub fn posted(&self, channel: &str) -> Vec<Received> {
+        self.received()
+            .into_iter()
+            .filter(|r| r.is_post() && r.ok && r.channel() == channel)
+            .collect()
+    }
+
+    pub fn script(&self, channel: &str, answers: Vec<Scripted>) {
+        self.state
+            .script
+            .lock()
+            .unwrap()
+            .insert(channel.into(), answers);
+    }
+
+    pub fn set_latency(&self, channel: &str, d: Duration) {
+        self.state.latency.lock().unwrap().insert(channel.into(), d);
+    }
+
+    pub fn max_in_flight(&self, channel: &str) -> u32 {
+        self.state
+            .in_flight
+            .lock()
+            .unwrap()
+            .get(channel)
+            .map_or(0, |x| x.1)
+    }
+
+    /// Waits until `pred` holds for what was received, or panics after `within`.
+    pub async fn wait_for(&self, within: Duration, what: &str, pred: impl Fn(&[Received]) -> bool) {
+        let deadline = Instant::now() + within;
+        loop {
+            if pred(&self.received()) {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "timed out waiting for {what}; received {:#?}",
+                    self.received()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+fn header(h: &HeaderMap, name: &str) -> Option<String> {
+    h.get(name).and_then(|v| v.to_str().ok()).map(String::from)
+}
+
+async fn method(
+    State(s): State<Arc<FakeState>>,
+    Path(method): Path<String>,
+    headers: HeaderMap,
+    body: String,
+) -> Response {
+    let body: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+    let channel = match method.as_str() {
+        "conversations.open" => "conversations.open".to_string(),
+        _ => body
+            .get("channel")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string(),
+    };
+    {
+        let mut f = s.in_flight.lock().unwrap();
+        let e = f.entry(channel.clone()).or_insert((0, 0));
+        e.0 += 1;
+        e.1 = e.1.max(e.0);
+    }
+    let latency = s.latency.lock().unwrap().get(&channel).copied();
+    if let Some(d) = latency {
+        tokio::time::sleep(d).await;
+    }
+    let scripted = {
+        let mut sc = s.script.lock().unwrap();
+        sc.get_mut(&channel)
+            .and_then(|v| (!v.is_empty()).then(|| v.remove(0)))
+    };
+    let (status, answer, retry_after) = match (scripted, method.as_str()) {
+        (Some(sc), _) => (sc.status, sc.body, sc.retry_after),
+        (None, "conversations.open") => {
+            let n = s.opened.fetch_add(1, Ordering::SeqCst) + 1;
+            (
+                200,
+                json!({"ok": true, "channel": {"id": format!("D0OPENED{n}")}}),
+                None,
+            )
+        }
+        (None, "chat.postMessage") => {
+            let n = s.next_ts.fetch_add(1, Ordering::SeqCst) + 1;
+            let ts = format!("1700000000.{n:06}");
+            (
+                200,
+                json!({"ok": true, "channel": channel, "ts": ts, "message": {"ts": ts, "text": body.get("text")}}),
+                None,
+            )
+        }
+        (None, _) => (200, json!({"ok": false, "error": "unknown_method"}), None),
+    };
+    let ok = status == 200 && answer.get("ok") == Some(&Value::Bool(true));
+    s.received.lock().unwrap().push(Received {
+        at: Instant::now(),
+        path: format!("/api/{method}"),
+        authorization: header(&headers, "authorization"),
+        content_type: header(&headers, "content-type"),
+        body,
+        status,
+        ok,
+    });
+    let mut resp = (StatusCode::from_u16(status).unwrap(), Json(answer)).into_response();
+    if let Some(secs) = retry_after {
+        resp.headers_mut()
+            .insert("retry-after", secs.to_string().parse().unwrap());
+    }
+    {
+        let mut f = s.in_flight.lock().unwrap();
+        if let Some(e) = f.get_mut(&channel) {
+            e.0 -= 1;
+        }
+    }
+    resp
+}
+
+/// A gateway config pointing at the fake: one workspace with a bot token, a rate high enough
+/// not to slow tests that are not about it, short retry delays.
+pub fn config_for(fake: &FakeSlack) -> Config {
+    let mut c = Config::load(
+        None,
+        vec![(
+            "CHANNEL_GATEWAY__SERVER__LISTEN".into(),
+            "\"127.0.0.1:0\"".into(),
+        )],
+    )
+    .unwrap();
+    let s = &mut c.channels.slack;
+    s.api_base_url = fake.base_url();
+    s.workspaces = vec![SlackWorkspace {
+        bot_id: BOT.into(),
+        token: Secret::new(TOKEN),
+    }];
+    s.rate_per_second = 1000.0;
+    s.rate_burst = 1000;
+    c.delivery.base_retry_delay = Duration::from_millis(20);
+    c.delivery.max_retry_delay = Duration::from_secs(5);
+    c.delivery.request_timeout = Duration::from_secs(10);
+    c
+}
+
+pub struct Harness {
+    pub fake: FakeSlack,
+    pub gateway: RunningGateway,
+    pub client: ChannelGatewayClient<tonic::transport::Channel>,
+}
+
+pub async fn start() -> Harness {
+    let fake = FakeSlack::start().await;
+    let gateway = channel_gateway::server::start(config_for(&fake))
+        .await
+        .unwrap();
+    let client = ChannelGatewayClient::connect(format!("http://{}", gateway.addr))
+        .await
+        .unwrap();
+    Harness {
+        fake,
+        gateway,
+        client,
+    }
+}
+
+impl Harness {
+    pub fn address(&self, channel: &str) -> pb::Address {
+        pb::Address {
+            channel_id: "slack".into(),
+            user: Some(pb::Identity {
+                id: USER.into(),
+                name: "Ada".into(),
+                ..Default::default()
+            }),
+            bot: Some(pb::Identity {
+                id: BOT.into(),
+                name: "helper".into(),
+                ..Default::default()
+            }),
+            conversation: (!channel.is_empty()).then(|| pb::ConversationAccount {
+                id: channel.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    pub fn text(&self, channel: &str, text: &str) -> pb::Message {
+        pb::Message {
+            address: Some(self.address(channel)),
+            text: text.into(),
+            ..Default::default()
+        }
+    }
+
+    pub async fn send(
+        &self,
+        message: pb::Message,
+        wait: pb::WaitMode,
+    ) -> Result<pb::SendResponse, tonic::Status> {
+        self.client
+            .clone()
+            .send(pb::SendRequest {
+                message: Some(message),
+                wait: wait as i32,
+                ..Default::default()
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+}
