@@ -542,7 +542,14 @@ impl ChannelGateway for GatewayService {
         let rendered = channels
             .render_send(&msg, None)
             .map_err(|e| status::render(e, "", "address.channel_id"))?;
-        let warnings = warnings_pb(&rendered.warnings);
+        // Renderers name fields under `message`; this request only has `address`.
+        let mut warnings = warnings_pb(&rendered.warnings);
+        for w in &mut warnings {
+            w.field = match w.field.strip_prefix("message.") {
+                Some(rest) if rest.starts_with("address") => rest.to_string(),
+                _ => "address.channel_id".to_string(),
+            };
+        }
         self.dispatcher
             .submit_typing(
                 Submission {

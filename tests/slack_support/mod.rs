@@ -269,6 +269,9 @@ pub fn config_for(fake: &FakeSlack) -> Config {
     c.delivery.base_retry_delay = Duration::from_millis(20);
     c.delivery.max_retry_delay = Duration::from_secs(5);
     c.delivery.request_timeout = Duration::from_secs(10);
+    // Tests run in parallel: no fixed admin port, no shared outbox file.
+    c.admin.listen = "127.0.0.1:0".into();
+    c.outbox.backend = channel_gateway::config::OutboxBackend::Memory;
     c
 }
 
