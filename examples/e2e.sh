@@ -139,6 +139,7 @@ start_gateway CHANNEL_GATEWAY__ADMIN__LISTEN="127.0.0.1:$admin_port"
 if ! wait_for_port "$grpc_port" "$gateway_pid" "the gateway"; then
   wait "$gateway_pid" 2>/dev/null || true
   gateway_pid=""
+  # shellcheck disable=SC2016 # the backticks are literal: serde's words for an unknown key
   if grep -q 'unknown field `admin`' "$work/gateway.log"; then
     log "this gateway has no admin listener (config key admin.listen refused); starting it without"
     admin_port=""
