@@ -1,0 +1,285 @@
+#!/usr/bin/env bash
+# End-to-end check of the example bots (CI runs it):
+#   a fake Bot Framework connector (examples/fake_connector.py) and the real gateway binary on
+#   127.0.0.1, then the Python bot and the Node bot through the gateway, then a check of what the
+#   fake received: each bot's typing, text and 3-card hero carousel in its conversation, in that
+#   order; a create-conversation call and the proactive message in the conversation it created.
+#
+# Needs python3 (3.11+) with venv, node 20+ with npm, and cargo (unless CHANNEL_GATEWAY_BIN names
+# a built gateway). Installs the examples' pinned dependencies (a venv in a temp dir; `npm ci` in
+# examples/node). Talks to nothing but 127.0.0.1 and the package registries.
+#
+#   examples/e2e.sh                                   # builds the gateway with cargo --release
+#   CHANNEL_GATEWAY_BIN=target/release/channel-gateway examples/e2e.sh
+set -euo pipefail
+
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$repo"
+python="${PYTHON:-python3}"
+
+work="$(mktemp -d "${TMPDIR:-/tmp}/channel-gateway-e2e.XXXXXX")"
+fake_pid=""
+gateway_pid=""
+
+log() { printf 'e2e: %s\n' "$*" >&2; }
+fail() { printf 'e2e: FAILED: %s\n' "$*" >&2; exit 1; }
+
+# Stops one process we started: SIGTERM, up to 15 s to exit, then SIGKILL.
+stop() {
+  local pid="$1"
+  [[ -n "$pid" ]] || return 0
+  kill -TERM "$pid" 2>/dev/null || return 0
+  for _ in $(seq 1 150); do
+    kill -0 "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null || true; return 0; }
+    sleep 0.1
+  done
+  log "pid $pid did not stop in 15 s; killing it"
+  kill -KILL "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+}
+
+cleanup() {
+  local status=$?
+  stop "$gateway_pid"
+  stop "$fake_pid"
+  if [[ $status -ne 0 ]]; then
+    for f in gateway.log fake.log; do
+      if [[ -s "$work/$f" ]]; then
+        log "last lines of $f:"
+        tail -n 40 "$work/$f" >&2 || true
+      fi
+    done
+  fi
+  rm -rf "$work"
+  exit "$status"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# A free TCP port on 127.0.0.1 (the kernel picks it; a small race until we bind it is accepted).
+free_port() {
+  "$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
+}
+
+# Waits until something accepts TCP connections on 127.0.0.1:$1, while process $2 lives.
+wait_for_port() {
+  local port="$1" pid="$2" what="$3"
+  for _ in $(seq 1 300); do
+    kill -0 "$pid" 2>/dev/null || return 1
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+      return 0
+    fi
+    sleep 0.1
+  done
+  fail "$what did not listen on 127.0.0.1:$port within 30 s"
+}
+
+# --- tools ------------------------------------------------------------------------------------
+command -v "$python" >/dev/null || fail "$python not found (Python 3.11+ is needed)"
+"$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || fail "Python 3.11+ is needed, $python is $("$python" -V 2>&1)"
+command -v node >/dev/null || fail "node not found (Node 20+ is needed)"
+node -e 'process.exit(Number(process.versions.node.split(".")[0]) >= 20 ? 0 : 1)' || fail "Node 20+ is needed, found $(node --version)"
+command -v npm >/dev/null || fail "npm not found"
+
+# --- the gateway binary -----------------------------------------------------------------------
+if [[ -n "${CHANNEL_GATEWAY_BIN:-}" ]]; then
+  gateway_bin="$CHANNEL_GATEWAY_BIN"
+else
+  log "building the gateway (cargo build --release; nothing to do when it is up to date)"
+  cargo build --release --locked --bin channel-gateway
+  gateway_bin="$repo/target/release/channel-gateway"
+fi
+[[ -x "$gateway_bin" ]] || fail "no gateway binary at $gateway_bin"
+
+# --- the examples' dependencies ---------------------------------------------------------------
+log "installing the Python example's requirements into a venv in $work"
+"$python" -m venv "$work/venv"
+"$work/venv/bin/python" -m pip install --quiet --disable-pip-version-check -r examples/python/requirements.txt
+PYTHON="$work/venv/bin/python" examples/python/build.sh
+
+log "installing the Node example's packages (npm ci)"
+(cd examples/node && npm ci --no-audit --no-fund --loglevel=error)
+
+# --- the fake connector -----------------------------------------------------------------------
+record="$work/requests.jsonl"
+"$python" examples/fake_connector.py --host 127.0.0.1 --port 0 --port-file "$work/fake.port" \
+  --record "$record" >"$work/fake.log" 2>&1 &
+fake_pid=$!
+for _ in $(seq 1 100); do
+  [[ -s "$work/fake.port" ]] && break
+  kill -0 "$fake_pid" 2>/dev/null || fail "the fake connector exited at start"
+  sleep 0.1
+done
+[[ -s "$work/fake.port" ]] || fail "the fake connector did not report its port"
+fake_port="$(cat "$work/fake.port")"
+service_url="http://127.0.0.1:$fake_port/"
+log "fake connector on $service_url"
+
+# --- the gateway ------------------------------------------------------------------------------
+bot_id="e2e-bot-app-id"
+grpc_port="$(free_port)"
+start_gateway() {
+  # Configuration by environment only, exactly as a deployment would set it.
+  env \
+    CHANNEL_GATEWAY__CHANNELS__BOTFRAMEWORK__ALLOWED_SERVICE_HOSTS='["127.0.0.1"]' \
+    CHANNEL_GATEWAY__CHANNELS__BOTFRAMEWORK__TOKEN_URL="${service_url}token" \
+    CHANNEL_GATEWAY__CHANNELS__BOTFRAMEWORK__APP_ID="$bot_id" \
+    CHANNEL_GATEWAY__CHANNELS__BOTFRAMEWORK__APP_PASSWORD="e2e-password-not-a-secret" \
+    CHANNEL_GATEWAY__OUTBOX__BACKEND=memory \
+    "$@" \
+    "$gateway_bin" serve --listen "127.0.0.1:$grpc_port" --data-dir "$work/data" >"$work/gateway.log" 2>&1 &
+  gateway_pid=$!
+}
+
+# The admin listener (/healthz, /readyz) is moved off its default port so runs never collide.
+# A gateway that predates the admin listener refuses the unknown key; it then runs without it.
+admin_port="$(free_port)"
+start_gateway CHANNEL_GATEWAY__ADMIN__LISTEN="127.0.0.1:$admin_port"
+if ! wait_for_port "$grpc_port" "$gateway_pid" "the gateway"; then
+  wait "$gateway_pid" 2>/dev/null || true
+  gateway_pid=""
+  # shellcheck disable=SC2016 # the backticks are literal: serde's words for an unknown key
+  if grep -q 'unknown field `admin`' "$work/gateway.log"; then
+    log "this gateway has no admin listener (config key admin.listen refused); starting it without"
+    admin_port=""
+    start_gateway
+    wait_for_port "$grpc_port" "$gateway_pid" "the gateway" || fail "the gateway exited at start"
+  else
+    fail "the gateway exited at start"
+  fi
+fi
+log "gateway on 127.0.0.1:$grpc_port (pid $gateway_pid)"
+
+if [[ -n "$admin_port" ]]; then
+  wait_for_port "$admin_port" "$gateway_pid" "the admin listener" || fail "the gateway exited"
+  for probe in healthz readyz; do
+    "$python" - "http://127.0.0.1:$admin_port/$probe" <<'PY' || fail "admin probe /$probe did not answer 200"
+import sys, time, urllib.request
+for _ in range(50):
+    try:
+        with urllib.request.urlopen(sys.argv[1], timeout=2) as r:
+            if r.status == 200:
+                sys.exit(0)
+    except OSError:
+        pass
+    time.sleep(0.1)
+sys.exit(1)
+PY
+  done
+  log "admin probes /healthz and /readyz answer 200 on 127.0.0.1:$admin_port"
+fi
+
+# --- the bots ---------------------------------------------------------------------------------
+run_bot() {
+  local name="$1"; shift
+  log "running the $name bot"
+  if ! GATEWAY_ADDRESS="127.0.0.1:$grpc_port" CHANNEL_ID=msteams SERVICE_URL="$service_url" \
+    BOT_ID="$bot_id" TENANT_ID="e2e-tenant" \
+    timeout 120 "$@" >"$work/$name.out" 2>"$work/$name.err"; then
+    cat "$work/$name.out" "$work/$name.err" >&2
+    fail "the $name bot failed"
+  fi
+  cat "$work/$name.out"
+}
+run_bot python "$work/venv/bin/python" examples/python/bot.py \
+  --user-id "29:python-user" --conversation-id "a:python-conversation"
+run_bot node node examples/node/bot.js \
+  --user-id "29:node-user" --conversation-id "a:node-conversation"
+
+# --- what the fake connector received ---------------------------------------------------------
+log "checking what the fake connector received"
+"$python" - "$record" "$work/python.out" "$work/node.out" <<'PY'
+"""Polls the fake's record until every expectation holds (up to 20 s), else names what is missing."""
+import json
+import sys
+import time
+
+record, outputs = sys.argv[1], {"Python": sys.argv[2], "Node": sys.argv[3]}
+BOTS = {
+    "Python": ("29:python-user", "a:python-conversation"),
+    "Node": ("29:node-user", "a:node-conversation"),
+}
+HERO = "application/vnd.microsoft.card.hero"
+
+
+def load(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def proactive_reply(name):
+    for line in load(outputs[name]):
+        if line.get("call") == "SendProactive":
+            return line["reply"]
+    return None
+
+
+def problems(entries):
+    out = []
+    acts = [e for e in entries if e["kind"] == "activity"]
+    creates = [e for e in entries if e["kind"] == "create_conversation"]
+    for e in entries:
+        if e["kind"] in ("unknown", "bad_json"):
+            out.append(f"unexpected request {e['path']}: {e['body']!r}")
+        if e["kind"] in ("activity", "create_conversation") and e.get("authorization") != "Bearer fake-token":
+            out.append(f"{e['path']} arrived without the bearer token from /token")
+    if not any(e["kind"] == "token" for e in entries):
+        out.append("no token request reached /token")
+    for name, (user, conv) in BOTS.items():
+        mine = [a for a in acts if a["conversation"] == conv]
+        def index(pred, what):
+            for i, a in enumerate(mine):
+                if pred(a["body"]):
+                    return i
+            out.append(f"{name} bot: no {what} in conversation {conv}")
+            return None
+        typing = index(lambda b: b.get("type") == "typing", "typing activity")
+        text = index(lambda b: b.get("type") == "message" and b.get("text") == f"Hello from the {name} bot",
+                     f"text 'Hello from the {name} bot'")
+        carousel = index(
+            lambda b: b.get("attachmentLayout") == "carousel"
+            and len(b.get("attachments", [])) == 3
+            and all(a.get("contentType") == HERO and a.get("content", {}).get("buttons") for a in b["attachments"]),
+            "carousel (attachmentLayout carousel, 3 hero cards with buttons)",
+        )
+        if None not in (typing, text, carousel) and not typing < text < carousel:
+            out.append(f"{name} bot: order in {conv} is not typing, text, carousel")
+        made = [c for c in creates if any(m.get("id") == user for m in c["body"].get("members", []))]
+        if not made:
+            out.append(f"{name} bot: no create-conversation call with member {user}")
+            continue
+        new_id = made[-1]["response_id"]
+        if not any(a["conversation"] == new_id and a["body"].get("text") == f"Proactive hello from the {name} bot"
+                   for a in acts):
+            out.append(f"{name} bot: the proactive message did not reach the new conversation {new_id}")
+        reply = proactive_reply(name)
+        got = (reply or {}).get("address", {}).get("conversation", {}).get("id")
+        if got != new_id:
+            out.append(f"{name} bot: SendProactive answered conversation {got!r}, the fake created {new_id!r}")
+    return out
+
+
+deadline = time.monotonic() + 20
+while True:
+    entries = load(record)
+    found = problems(entries)
+    if not found:
+        break
+    if time.monotonic() > deadline:
+        print("e2e: FAILED: the fake connector did not receive what the bots sent:", file=sys.stderr)
+        for p in found:
+            print(f"  - {p}", file=sys.stderr)
+        print(f"e2e: the fake received {len(entries)} requests:", file=sys.stderr)
+        for e in entries:
+            print("  " + json.dumps(e, sort_keys=True)[:400], file=sys.stderr)
+        sys.exit(1)
+    time.sleep(0.2)
+
+kinds = {}
+for e in entries:
+    kinds[e["kind"]] = kinds.get(e["kind"], 0) + 1
+print(f"e2e: the fake received {len(entries)} requests {kinds}: every expectation holds")
+PY
+
+log "OK: the Python and Node bots sent text, carousel, typing and a proactive message through the gateway"
