@@ -31,7 +31,7 @@ async fn ok_false_on_http_200_is_a_failure_with_slacks_code_and_the_next_message
         .send(h.text("C0GONE", "first"), pb::WaitMode::Delivered)
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
+    assert_eq!(err.code(), Code::NotFound, "{}", err.message());
     assert!(
         err.message().contains("channel_not_found"),
         "{}",

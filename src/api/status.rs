@@ -109,7 +109,11 @@ pub fn outbox(e: crate::outbox::StoreError) -> Status {
 
 /// The channel's refusal as a status: its code and text in the message and in ErrorInfo.
 pub fn channel(e: &ChannelError, attempts: u32, possible_duplicate: bool) -> Status {
+    use crate::channels::ErrorCategory as C;
     let code = match (e.code.as_deref(), e.http_status) {
+        _ if e.category == Some(C::NotFound) => Code::NotFound,
+        _ if e.category == Some(C::InvalidRequest) => Code::InvalidArgument,
+        _ if matches!(e.category, Some(C::Unauthorized | C::Refused)) => Code::FailedPrecondition,
         (Some("expired"), _) => Code::DeadlineExceeded,
         (Some("service_url_not_allowed"), _) => Code::PermissionDenied,
         (Some("no_credentials"), _) => Code::FailedPrecondition,

@@ -110,6 +110,21 @@ pub enum FailureKind {
     Permanent,
 }
 
+/// What kind of refusal a channel's own code means, for channels whose HTTP status does not say
+/// (Slack answers 200 with `ok:false`). `None` on an error: judge by the HTTP status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCategory {
+    /// The conversation, user or thread does not exist (or the bot cannot see it).
+    NotFound,
+    /// The message itself was refused (too long, bad blocks, bad arguments).
+    InvalidRequest,
+    /// The gateway's credentials or the bot's permissions are wrong.
+    Unauthorized,
+    /// The channel refuses this action in this state (archived, not in channel).
+    Refused,
+}
+
 /// A channel's answer that is not a success, with the channel's own words.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 #[error("{channel} {kind:?}: {}{}", self.code.as_deref().map(|c| format!("{c}: ")).unwrap_or_default(), self.message)]
@@ -123,6 +138,8 @@ pub struct ChannelError {
     pub message: String,
     #[serde(skip, default)]
     pub retry_after: Option<Duration>,
+    #[serde(default)]
+    pub category: Option<ErrorCategory>,
 }
 
 impl ChannelError {
@@ -134,6 +151,7 @@ impl ChannelError {
             code: None,
             message: message.into(),
             retry_after: None,
+            category: None,
         }
     }
 }

@@ -734,7 +734,9 @@ impl Worker {
                             possible_duplicate: false,
                         },
                     );
-                    self.typing = keep_alive.filter(|d| !d.is_zero()).map(|d| {
+                    // A channel without a typing indicator renders nothing: nothing to repeat.
+                    let repeatable = !requests.requests.is_empty();
+                    self.typing = keep_alive.filter(|d| !d.is_zero() && repeatable).map(|d| {
                         let interval = self.inner.channels.typing_interval(&self.key.channel_id);
                         let now = tokio::time::Instant::now();
                         TypingKeepAlive {

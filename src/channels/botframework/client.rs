@@ -391,6 +391,7 @@ pub fn classify(status: u16, headers: &reqwest::header::HeaderMap, body: &str) -
         } else {
             None
         },
+        category: None,
     }
 }
 

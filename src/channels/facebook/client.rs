@@ -288,6 +288,8 @@ pub fn classify(status: u16, headers: &reqwest::header::HeaderMap, body: &str) -
         code,
         message,
         retry_after: retry_after(headers),
+        // Graph's HTTP statuses already say what kind of refusal it is.
+        category: None,
     }
 }
 

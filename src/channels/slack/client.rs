@@ -13,7 +13,9 @@ use serde_json::Value;
 use super::config::SlackConfig;
 use super::render::{open_request, opened_address};
 use crate::channels::botframework::client::retry_after;
-use crate::channels::{ChannelError, FailureKind, HttpMethod, NativeReceipt, NativeRequest};
+use crate::channels::{
+    ChannelError, ErrorCategory, FailureKind, HttpMethod, NativeReceipt, NativeRequest,
+};
 use crate::config::Secret;
 use crate::model::{Address, ProactiveOptions};
 
@@ -223,6 +225,7 @@ pub fn check_answer(
         && matches!(code.as_str(), "ratelimited" | "rate_limited")
         || status == 429)
         .then(|| retry_after(headers).unwrap_or(DEFAULT_RATE_LIMIT_WAIT));
+    let category = category(&code);
     Err(ChannelError {
         channel: CHANNEL.into(),
         kind,
@@ -230,6 +233,35 @@ pub fn check_answer(
         code: Some(code),
         message,
         retry_after: wait.or_else(|| (status == 503).then(|| retry_after(headers)).flatten()),
+        category,
+    })
+}
+
+/// Slack answers refusals with HTTP 200; its code says what kind they are.
+fn category(code: &str) -> Option<ErrorCategory> {
+    Some(match code {
+        "channel_not_found" | "user_not_found" | "users_not_found" | "thread_not_found"
+        | "message_not_found" => ErrorCategory::NotFound,
+        "invalid_blocks"
+        | "invalid_blocks_format"
+        | "invalid_arguments"
+        | "msg_too_long"
+        | "msg_blocks_too_long"
+        | "no_text"
+        | "too_many_attachments"
+        | "invalid_attachments"
+        | "invalid_metadata_format"
+        | "markdown_text_conflict" => ErrorCategory::InvalidRequest,
+        "invalid_auth" | "not_authed" | "token_revoked" | "token_expired" | "account_inactive"
+        | "missing_scope" | "no_permission" | "ekm_access_denied" => ErrorCategory::Unauthorized,
+        "not_in_channel"
+        | "is_archived"
+        | "channel_is_archived"
+        | "restricted_action"
+        | "cannot_dm_bot"
+        | "user_is_bot"
+        | "team_access_not_granted" => ErrorCategory::Refused,
+        _ => return None,
     })
 }
 
