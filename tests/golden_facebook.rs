@@ -1,72 +1,16 @@
-//! Golden tests for the Facebook Messenger renderer.
-//!
-//! Each `tests/golden/facebook/NAME.input.json` is a serialized `model::Message` rendered with
-//! `render_send` (as a reply, `proactive` unset), or, for `proactive_*` cases,
-//! `{"messages": [...], "options": {...}}` rendered with `render_proactive`. An optional
-//! `NAME.config.json` holds `[channels.facebook]` keys for that case (defaults otherwise). The result, `{"requests": [{method, url, body}], "warnings": [...]}` (or
-//! `{"error": {kind, field, reason}}` when rendering fails), is compared as parsed JSON with
-//! `NAME.json`. `UPDATE_GOLDEN=1` writes the expected files instead: review every change by hand.
-//! Inputs must be in canonical form (what the model serializes back to: `"type"` and
-//! `"content_type"` always present), so that a misspelt field cannot go unnoticed.
+//! Golden tests for the Facebook Messenger renderer (see `golden_support` for the case format).
+//! An optional `NAME.config.json` holds `[channels.facebook]` keys for that case (defaults
+//! otherwise); no rendered URL may carry a query string (tokens are the client's to add).
+
+#[path = "golden_support/mod.rs"]
+mod golden_support;
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use channel_gateway::channels::RenderError;
 use channel_gateway::channels::facebook::config::FacebookConfig;
 use channel_gateway::channels::facebook::render::{render_proactive, render_send};
-use channel_gateway::model::{Message, ProactiveOptions};
-use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
-
-const INPUT_SUFFIX: &str = ".input.json";
-const CONFIG_SUFFIX: &str = ".config.json";
-
-#[derive(Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-struct ProactiveInput {
-    messages: Vec<Message>,
-    #[serde(default)]
-    options: ProactiveOptions,
-}
-
-/// `input` parsed as `T`, refusing input that does not serialize back to itself: the model
-/// ignores unknown fields, so a misspelt field would otherwise silently test nothing.
-fn parse_canonical<T: serde::de::DeserializeOwned + Serialize>(input: &str) -> Result<T, String> {
-    let raw: Value = serde_json::from_str(input).map_err(|e| format!("not JSON: {e}"))?;
-    let parsed: T = serde_json::from_value(raw.clone()).map_err(|e| format!("bad input: {e}"))?;
-    let back = serde_json::to_value(&parsed).map_err(|e| e.to_string())?;
-    if back != raw {
-        return Err(format!(
-            "input is not in canonical form (a misspelt or defaulted field?); it parses as\n{}",
-            pretty(&back)
-        ));
-    }
-    Ok(parsed)
-}
-
-fn golden_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/facebook")
-}
-
-/// Case names (file name without `.input.json`), sorted.
-fn cases(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = fs::read_dir(dir)
-        .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter_map(|n| n.strip_suffix(INPUT_SUFFIX).map(String::from))
-        .collect();
-    names.sort();
-    names
-}
-
-fn error_json(e: &RenderError) -> Value {
-    let (kind, field, reason) = match e {
-        RenderError::InvalidArgument { field, reason } => ("invalid_argument", field, reason),
-        RenderError::PermissionDenied { field, reason } => ("permission_denied", field, reason),
-    };
-    json!({"error": {"kind": kind, "field": field, "reason": reason}})
-}
+use golden_support::{CONFIG_SUFFIX, Case};
 
 fn config_for(dir: &Path, name: &str) -> Result<FacebookConfig, String> {
     let path = dir.join(format!("{name}{CONFIG_SUFFIX}"));
@@ -78,132 +22,22 @@ fn config_for(dir: &Path, name: &str) -> Result<FacebookConfig, String> {
     Ok(config)
 }
 
-fn render_case(dir: &Path, name: &str, input: &str) -> Result<Value, String> {
-    let config = config_for(dir, name)?;
-    let rendered = if name.starts_with("proactive_") {
-        let p: ProactiveInput = parse_canonical(input)?;
-        render_proactive(&p.messages, &p.options, &config)
-    } else {
-        let m: Message = parse_canonical(input)?;
-        render_send(&m, None, &config)
-    };
-    Ok(match rendered {
-        Ok(r) => {
-            if let Some(q) = r.requests.iter().find(|q| q.url.contains('?')) {
-                return Err(format!(
-                    "a request URL has a query (tokens are the client's): {}",
-                    q.url
-                ));
-            }
-            serde_json::to_value(&r).map_err(|e| e.to_string())?
-        }
-        Err(e) => error_json(&e),
-    })
-}
-
-/// The JSON path of the first place `a` and `b` differ.
-fn first_difference(a: &Value, b: &Value, path: &str) -> String {
-    match (a, b) {
-        (Value::Object(x), Value::Object(y)) => {
-            let mut keys: Vec<&String> = x.keys().chain(y.keys()).collect();
-            keys.sort();
-            keys.dedup();
-            keys.into_iter()
-                .find(|k| x.get(*k) != y.get(*k))
-                .map(|k| match (x.get(k), y.get(k)) {
-                    (Some(xv), Some(yv)) => first_difference(xv, yv, &format!("{path}.{k}")),
-                    _ => format!("{path}.{k}"),
-                })
-                .unwrap_or_else(|| path.to_string())
-        }
-        (Value::Array(x), Value::Array(y)) if x.len() == y.len() => x
-            .iter()
-            .zip(y)
-            .position(|(xv, yv)| xv != yv)
-            .map(|i| first_difference(&x[i], &y[i], &format!("{path}[{i}]")))
-            .unwrap_or_else(|| path.to_string()),
-        _ => path.to_string(),
-    }
-}
-
-fn pretty(v: &Value) -> String {
-    serde_json::to_string_pretty(v).unwrap()
-}
-
 #[test]
 fn golden_facebook() {
-    let dir = golden_dir();
-    let update = std::env::var("UPDATE_GOLDEN").is_ok_and(|v| v == "1");
-    let names = cases(&dir);
-    assert!(
-        names.len() >= 20,
-        "expected the golden cases in {}, found {}",
-        dir.display(),
-        names.len()
-    );
-
-    let mut failures = Vec::new();
-    for name in &names {
-        let input_path = dir.join(format!("{name}{INPUT_SUFFIX}"));
-        let expected_path = dir.join(format!("{name}.json"));
-        let input = fs::read_to_string(&input_path).unwrap();
-        let actual = match render_case(&dir, name, &input) {
-            Ok(v) => v,
-            Err(e) => {
-                failures.push(format!("case `{name}`: {e}"));
-                continue;
-            }
+    golden_support::run("facebook", 20, |dir, name, case| {
+        let config = config_for(dir, name)?;
+        let rendered = match case {
+            Case::Send(m) => render_send(&m, None, &config),
+            Case::Proactive(ms, o) => render_proactive(&ms, &o, &config),
         };
-        if update {
-            fs::write(&expected_path, pretty(&actual) + "\n").unwrap();
-            continue;
-        }
-        let expected: Value = match fs::read_to_string(&expected_path) {
-            Ok(s) => match serde_json::from_str(&s) {
-                Ok(v) => v,
-                Err(e) => {
-                    failures.push(format!("case `{name}`: {}: {e}", expected_path.display()));
-                    continue;
-                }
-            },
-            Err(e) => {
-                failures.push(format!(
-                    "case `{name}`: {}: {e} (UPDATE_GOLDEN=1 writes it; review it by hand)",
-                    expected_path.display()
-                ));
-                continue;
-            }
-        };
-        if actual != expected {
-            failures.push(format!(
-                "case `{name}` differs from {} (first at {})\n--- expected\n{}\n--- actual\n{}",
-                expected_path.display(),
-                first_difference(&expected, &actual, "$"),
-                pretty(&expected),
-                pretty(&actual)
+        if let Ok(r) = &rendered
+            && let Some(q) = r.requests.iter().find(|q| q.url.contains('?'))
+        {
+            return Err(format!(
+                "a request URL has a query (tokens are the client's): {}",
+                q.url
             ));
         }
-    }
-
-    // An expected file (or a config) without its input is a case that silently stopped running.
-    for entry in fs::read_dir(&dir).unwrap() {
-        let file = entry.unwrap().file_name().to_string_lossy().into_owned();
-        let name = file
-            .strip_suffix(CONFIG_SUFFIX)
-            .or_else(|| file.strip_suffix(".json"));
-        if let Some(name) = name
-            && !file.ends_with(INPUT_SUFFIX)
-            && !names.iter().any(|n| n == name)
-        {
-            failures.push(format!("{file} has no {name}{INPUT_SUFFIX}"));
-        }
-    }
-
-    assert!(
-        failures.is_empty(),
-        "{} of {} golden cases failed:\n\n{}",
-        failures.len(),
-        names.len(),
-        failures.join("\n\n")
-    );
+        Ok(rendered)
+    });
 }
