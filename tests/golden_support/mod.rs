@@ -22,7 +22,7 @@ pub const CONFIG_SUFFIX: &str = ".config.json";
 
 /// One case's input, as the channel's renderer takes it.
 pub enum Case {
-    Send(Message),
+    Send(Box<Message>),
     Proactive(Vec<Message>, ProactiveOptions),
 }
 
@@ -54,7 +54,7 @@ fn parse_case(name: &str, input: &str) -> Result<Case, String> {
         let p: ProactiveInput = parse_canonical(input)?;
         Ok(Case::Proactive(p.messages, p.options))
     } else {
-        Ok(Case::Send(parse_canonical(input)?))
+        Ok(Case::Send(Box::new(parse_canonical(input)?)))
     }
 }
 
