@@ -151,7 +151,6 @@ async fn serve(
     ServeError,
 > {
     let channels = Arc::new(Channels::from_config(&config).map_err(ServeError::Channels)?);
-    let channels_for_metrics = channels.clone();
     let store: Arc<dyn Store> = match config.outbox.backend {
         OutboxBackend::Durable => {
             let dir = &config.outbox.data_dir;
@@ -215,7 +214,7 @@ async fn serve(
             .map_err(|source| ServeError::Bind { addr, source })?;
         let local = l.local_addr().ok();
         let d = dispatcher.clone();
-        let ch = channels_for_metrics.clone();
+        let ch = channels.clone();
         let refresh: crate::metrics::Refresh = Arc::new(move |m: &Metrics| {
             m.queue_depth.set(d.undelivered() as i64);
             m.active_workers.set(d.active_workers() as i64);

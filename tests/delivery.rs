@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::time::Duration;
 
 use common::*;
@@ -531,9 +531,8 @@ async fn retryable_answers_are_retried_in_place_honouring_retry_after() {
         ],
     );
     let first = tokio::time::Instant::now();
-    let mut tasks = Vec::new();
     for i in 0..3 {
-        tasks.push(h.send("busy", &format!("m{i}")).await.unwrap());
+        h.send("busy", &format!("m{i}")).await.unwrap();
     }
     h.fake
         .wait_for(Duration::from_secs(20), "3 delivered", |r| r.len() == 3)
@@ -553,7 +552,6 @@ async fn retryable_answers_are_retried_in_place_honouring_retry_after() {
         first.elapsed() >= Duration::from_secs(1),
         "Retry-After was honoured"
     );
-    let _ = tasks;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -712,7 +710,6 @@ async fn replies_go_to_the_incoming_activity() {
     assert_eq!(got[0].body["replyToId"], "incoming-7");
     let ids: HashSet<_> = got.iter().map(|r| r.path.clone()).collect();
     assert_eq!(ids.len(), 1);
-    let _unused: HashMap<(), ()> = HashMap::new();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
