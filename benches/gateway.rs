@@ -537,6 +537,11 @@ fn ms(d: Duration) -> String {
 
 struct Row(String, String);
 
+/// `--only <text>` runs just the scenarios whose name contains it (for profiling one path).
+fn selected(name: &str) -> bool {
+    arg("--only").is_none_or(|o| name.contains(&o))
+}
+
 async fn delivery_scenario(
     name: &str,
     fake: &Proc,
@@ -544,6 +549,18 @@ async fn delivery_scenario(
     load: &Load,
     rows: &mut Vec<Row>,
 ) -> (LoadResult, f64) {
+    if !selected(name) {
+        return (
+            LoadResult {
+                calls_per_s: 0.0,
+                messages: 0,
+                p50: Duration::ZERO,
+                p99: Duration::ZERO,
+                p999: Duration::ZERO,
+            },
+            0.0,
+        );
+    }
     fake_reset(fake.port).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let gw = spawn_gateway(fake.port, dir.path(), gw_opts);
@@ -581,6 +598,9 @@ async fn delivery_scenario(
 }
 
 async fn rss_per_conversation(fake: &Proc, n: usize, rows: &mut Vec<Row>) {
+    if !selected("RSS") {
+        return;
+    }
     fake_reset(fake.port).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let opts = GatewayOpts {

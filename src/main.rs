@@ -13,6 +13,11 @@ use channel_gateway::api::pb::{self, channel_gateway_client::ChannelGatewayClien
 use channel_gateway::config::Config;
 use channel_gateway::model::{self, Address, Conversation, Identity, Message, ProactiveOptions};
 
+// The hot path makes many small, short-lived allocations on both runtime threads; glibc's
+// malloc took about a fifth of the gateway's CPU in the benchmark profile (bench/RESULTS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "channel-gateway",

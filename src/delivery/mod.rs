@@ -648,13 +648,16 @@ impl Inner {
             let latency =
                 (outcome.state == DeliveryState::Delivered).then(|| item.accepted_at.elapsed());
             self.metrics.finished(&addr.channel_id, label, latency);
-            let _ = self.events.send(DeliveryEvent {
-                id: item.id,
-                channel_id: addr.channel_id.clone(),
-                bot_id: addr.bot_id().to_string(),
-                conversation_id: addr.conversation_id().unwrap_or_default().to_string(),
-                outcome: outcome.clone(),
-            });
+            // Built only when someone watches: most gateways have no watcher.
+            if self.events.receiver_count() > 0 {
+                let _ = self.events.send(DeliveryEvent {
+                    id: item.id,
+                    channel_id: addr.channel_id.clone(),
+                    bot_id: addr.bot_id().to_string(),
+                    conversation_id: addr.conversation_id().unwrap_or_default().to_string(),
+                    outcome: outcome.clone(),
+                });
+            }
         }
         if let Some(tx) = item.done {
             // The caller may have stopped waiting; the outcome stays in the store.

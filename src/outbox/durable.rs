@@ -15,7 +15,8 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::oneshot;
 
 use super::{
-    Change, DeliveryState, Durable, IdempotencyRecord, Store, StoreError, StoredMessage, apply,
+    Change, DeliveryState, Durable, IdempotencyRecord, StateRecord, Store, StoreError,
+    StoredMessage, apply, apply_state,
 };
 
 /// What does not change after acceptance (or a proactive move): the message itself.
@@ -52,26 +53,6 @@ struct Body {
     warnings: Vec<crate::model::Warning>,
 }
 
-#[derive(serde::Serialize)]
-struct StateRef<'a> {
-    state: DeliveryState,
-    attempts: u32,
-    receipts: &'a [crate::channels::NativeReceipt],
-    error: &'a Option<crate::channels::ChannelError>,
-    possible_duplicate: bool,
-    updated_at_ms: u64,
-}
-
-#[derive(serde::Deserialize)]
-struct State {
-    state: DeliveryState,
-    attempts: u32,
-    receipts: Vec<crate::channels::NativeReceipt>,
-    error: Option<crate::channels::ChannelError>,
-    possible_duplicate: bool,
-    updated_at_ms: u64,
-}
-
 fn encode_body(m: &StoredMessage) -> Result<Vec<u8>, StoreError> {
     serde_json::to_vec(&BodyRef {
         conversation: &m.conversation,
@@ -83,21 +64,13 @@ fn encode_body(m: &StoredMessage) -> Result<Vec<u8>, StoreError> {
     .map_err(storage)
 }
 
-fn encode_state(m: &StoredMessage) -> Result<Vec<u8>, StoreError> {
-    serde_json::to_vec(&StateRef {
-        state: m.state,
-        attempts: m.attempts,
-        receipts: &m.receipts,
-        error: &m.error,
-        possible_duplicate: m.possible_duplicate,
-        updated_at_ms: m.updated_at_ms,
-    })
-    .map_err(storage)
+fn encode_state(s: &StateRecord) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(s).map_err(storage)
 }
 
 fn decode(id: u64, body: &[u8], state: &[u8]) -> Result<StoredMessage, StoreError> {
     let b: Body = serde_json::from_slice(body).map_err(storage)?;
-    let s: State = serde_json::from_slice(state).map_err(storage)?;
+    let s: StateRecord = serde_json::from_slice(state).map_err(storage)?;
     Ok(StoredMessage {
         id,
         conversation: b.conversation,
@@ -129,11 +102,19 @@ fn load(
     decode(id, b.value(), s.value()).map(Some)
 }
 
+/// A new version of one message: its state, and its body when that is new too (an append or
+/// a proactive move). State changes never carry the body, so they cost a few bytes.
+struct Entry {
+    version: u64,
+    id: u64,
+    body: Option<Arc<StoredMessage>>,
+    state: StateRecord,
+}
+
 enum Cmd {
     /// New versions of messages (and the idempotency key that accepted them), committed together.
-    /// The bool says whether the message body changed too (or only its state).
     Put {
-        entries: Vec<(u64, StoredMessage, bool)>,
+        entries: Vec<Entry>,
         idempotency: Option<(String, IdempotencyRecord)>,
         ack: Ack,
     },
@@ -144,9 +125,28 @@ enum Cmd {
     },
 }
 
+/// What readers must see before the writer has committed it.
+#[derive(Default)]
 struct Overlay {
     version: u64,
-    messages: HashMap<u64, (u64, StoredMessage)>,
+    /// Bodies appended or moved and not yet committed (their state as of that moment inside).
+    bodies: HashMap<u64, (u64, Arc<StoredMessage>)>,
+    /// The newest state of a message, until the writer committed that very version.
+    states: HashMap<u64, (u64, StateRecord)>,
+}
+
+impl Overlay {
+    fn state(&self, id: u64) -> Option<StateRecord> {
+        match self.states.get(&id) {
+            Some((_, s)) => Some(s.clone()),
+            None => self.bodies.get(&id).map(|(_, m)| m.state_record()),
+        }
+    }
+
+    fn next_version(&mut self) -> u64 {
+        self.version += 1;
+        self.version
+    }
 }
 
 pub struct RedbStore {
@@ -193,10 +193,7 @@ impl RedbStore {
         };
         txn.commit().map_err(storage)?;
         let db = Arc::new(db);
-        let overlay = Arc::new(Mutex::new(Overlay {
-            version: 0,
-            messages: HashMap::new(),
-        }));
+        let overlay = Arc::new(Mutex::new(Overlay::default()));
         let (tx, rx) = mpsc::channel();
         let (wdb, wov) = (db.clone(), overlay.clone());
         let handle = std::thread::Builder::new()
@@ -212,6 +209,12 @@ impl RedbStore {
         })
     }
 
+    fn overlay(&self) -> std::sync::MutexGuard<'_, Overlay> {
+        // Every overlay change is a single insert or remove: a panic cannot leave it half done.
+        self.overlay.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues a command; called under the overlay lock so versions reach the writer in order.
     fn send(&self, cmd: Cmd) {
         let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
         // A send only fails once the writer is gone; the dropped ack then reports Closed.
@@ -227,26 +230,76 @@ impl RedbStore {
         load(&messages, &states, id)
     }
 
-    /// Queues new versions of messages; under the overlay lock so versions reach the writer in
-    /// order.
-    fn put(
+    fn read_state(&self, id: u64) -> Result<Option<StateRecord>, StoreError> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        let states = txn.open_table(STATES).map_err(storage)?;
+        match states.get(id).map_err(storage)? {
+            Some(v) => serde_json::from_slice(v.value()).map(Some).map_err(storage),
+            None => Ok(None),
+        }
+    }
+
+    /// Queues whole messages (body and state).
+    fn put_bodies(
         &self,
         messages: Vec<StoredMessage>,
-        body_changed: bool,
         idempotency: Option<(String, IdempotencyRecord)>,
     ) -> Durable {
         let (ack, rx) = oneshot::channel();
-        let mut ov = self.overlay.lock().unwrap_or_else(|p| p.into_inner());
+        let mut ov = self.overlay();
         let mut entries = Vec::with_capacity(messages.len());
         for m in messages {
-            ov.version += 1;
-            let version = ov.version;
-            ov.messages.insert(m.id, (version, m.clone()));
-            entries.push((version, m, body_changed));
+            let version = ov.next_version();
+            let state = m.state_record();
+            let m = Arc::new(m);
+            ov.states.remove(&m.id);
+            ov.bodies.insert(m.id, (version, m.clone()));
+            entries.push(Entry {
+                version,
+                id: m.id,
+                body: Some(m),
+                state,
+            });
         }
         self.send(Cmd::Put {
             entries,
             idempotency,
+            ack,
+        });
+        drop(ov);
+        durable(rx)
+    }
+
+    /// Applies a state change to the newest known state and queues it.
+    fn put_state(&self, id: u64, change: Change) -> Durable {
+        let mut ov = self.overlay();
+        let current = match ov.state(id) {
+            Some(s) => s,
+            None => {
+                // Committed and out of the overlay: read its state (never its body) from disk,
+                // outside the lock. Only this message's own worker changes its state, so nothing
+                // newer can arrive meanwhile.
+                drop(ov);
+                let Some(s) = self.read_state(id).ok().flatten() else {
+                    return super::ready_durable();
+                };
+                ov = self.overlay();
+                ov.state(id).unwrap_or(s)
+            }
+        };
+        let mut state = current;
+        apply_state(&mut state, change);
+        let (ack, rx) = oneshot::channel();
+        let version = ov.next_version();
+        ov.states.insert(id, (version, state.clone()));
+        self.send(Cmd::Put {
+            entries: vec![Entry {
+                version,
+                id,
+                body: None,
+                state,
+            }],
+            idempotency: None,
             ack,
         });
         drop(ov);
@@ -269,42 +322,45 @@ impl Store for RedbStore {
         messages: Vec<StoredMessage>,
         idempotency: Option<(String, IdempotencyRecord)>,
     ) -> Durable {
-        self.put(messages, true, idempotency)
+        self.put_bodies(messages, idempotency)
     }
 
     fn update(&self, id: u64, change: Change) -> Durable {
-        let current = {
-            let ov = self.overlay.lock().unwrap_or_else(|p| p.into_inner());
-            ov.messages.get(&id).map(|(_, m)| m.clone())
-        };
-        let current = match current {
-            Some(m) => Some(m),
-            None => self.read(id).ok().flatten(),
-        };
-        match current {
+        if !matches!(change, Change::Moved { .. }) {
+            return self.put_state(id, change);
+        }
+        match self.get(id) {
             Some(mut m) => {
-                let body_changed = matches!(change, Change::Moved { .. });
                 apply(&mut m, change);
-                self.put(vec![m], body_changed, None)
+                self.put_bodies(vec![m], None)
             }
             None => super::ready_durable(),
         }
     }
 
     fn get(&self, id: u64) -> Option<StoredMessage> {
-        {
-            let ov = self.overlay.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some((_, m)) = ov.messages.get(&id) {
-                return Some(m.clone());
-            }
+        let (body, state) = {
+            let ov = self.overlay();
+            (
+                ov.bodies.get(&id).map(|(_, m)| m.clone()),
+                ov.states.get(&id).map(|(_, s)| s.clone()),
+            )
+        };
+        let mut m = match body {
+            Some(m) => Arc::unwrap_or_clone(m),
+            None => match self.read(id) {
+                Ok(Some(m)) => m,
+                Ok(None) => return None,
+                Err(e) => {
+                    tracing::error!(error = %e, message_id = id, "outbox read failed");
+                    return None;
+                }
+            },
+        };
+        if let Some(s) = state {
+            m.set_state(s);
         }
-        match self.read(id) {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::error!(error = %e, message_id = id, "outbox read failed");
-                None
-            }
-        }
+        Some(m)
     }
 
     fn pending(&self) -> Result<Vec<StoredMessage>, StoreError> {
@@ -326,20 +382,17 @@ impl Store for RedbStore {
         let run = || -> Result<Vec<StoredMessage>, StoreError> {
             let txn = self.db.begin_read().map_err(storage)?;
             let failed = txn.open_table(FAILED).map_err(storage)?;
-            let messages = txn.open_table(MESSAGES).map_err(storage)?;
             let mut out = Vec::new();
             for entry in failed
                 .range(after_id.saturating_add(1)..)
                 .map_err(storage)?
             {
                 let (id, _) = entry.map_err(storage)?;
-                if let Some(m) = self.get(id.value()) {
-                    // The overlay may already say it was redelivered.
-                    if matches!(m.state, DeliveryState::Failed | DeliveryState::Expired) {
-                        out.push(m);
-                    }
-                } else if let Some(v) = messages.get(id.value()).map_err(storage)? {
-                    out.push(serde_json::from_slice(v.value()).map_err(storage)?);
+                // The overlay may already say it was redelivered.
+                if let Some(m) = self.get(id.value())
+                    && matches!(m.state, DeliveryState::Failed | DeliveryState::Expired)
+                {
+                    out.push(m);
                 }
                 if out.len() >= limit {
                     break;
@@ -402,7 +455,11 @@ fn writer(db: Arc<Database>, overlay: Arc<Mutex<Overlay>>, rx: mpsc::Receiver<Cm
         for cmd in batch {
             match cmd {
                 Cmd::Put { entries, ack, .. } => {
-                    committed.extend(entries.into_iter().map(|(v, m, _)| (m.id, v)));
+                    committed.extend(
+                        entries
+                            .into_iter()
+                            .map(|e| (e.id, e.version, e.body.is_some())),
+                    );
                     let _ = ack.send(result.clone());
                 }
                 Cmd::Compact { done, .. } => {
@@ -412,10 +469,13 @@ fn writer(db: Arc<Database>, overlay: Arc<Mutex<Overlay>>, rx: mpsc::Receiver<Cm
         }
         if result.is_ok() {
             let mut ov = overlay.lock().unwrap_or_else(|p| p.into_inner());
-            for (id, version) in committed {
+            for (id, version, body) in committed {
                 // Keep a newer version that is still on its way to disk.
-                if ov.messages.get(&id).is_some_and(|(v, _)| *v == version) {
-                    ov.messages.remove(&id);
+                if body && ov.bodies.get(&id).is_some_and(|(v, _)| *v == version) {
+                    ov.bodies.remove(&id);
+                }
+                if ov.states.get(&id).is_some_and(|(v, _)| *v == version) {
+                    ov.states.remove(&id);
                 }
             }
         }
@@ -449,33 +509,36 @@ fn commit(db: &Database, batch: &[Cmd], compacted: &mut usize) -> Result<(), Sto
                         idem.insert(key.as_str(), bytes.as_slice())
                             .map_err(storage)?;
                     }
-                    for (_, m, body_changed) in entries {
-                        if *body_changed {
+                    for e in entries {
+                        if let Some(m) = &e.body {
                             messages
-                                .insert(m.id, encode_body(m)?.as_slice())
+                                .insert(e.id, encode_body(m)?.as_slice())
                                 .map_err(storage)?;
+                            next_id = next_id.max(e.id + 1);
                         }
                         states
-                            .insert(m.id, encode_state(m)?.as_slice())
+                            .insert(e.id, encode_state(&e.state)?.as_slice())
                             .map_err(storage)?;
-                        next_id = next_id.max(m.id + 1);
-                        if m.state.is_terminal() {
-                            pending.remove(m.id).map_err(storage)?;
-                        } else {
-                            pending.insert(m.id, 0).map_err(storage)?;
-                        }
-                        match m.state {
+                        // Only the changes that move a message in or out of a list touch it.
+                        match e.state.state {
+                            DeliveryState::Accepted => {
+                                pending.insert(e.id, 0).map_err(storage)?;
+                                if e.body.is_none() {
+                                    // Redelivered: it leaves the failed list.
+                                    failed.remove(e.id).map_err(storage)?;
+                                }
+                            }
+                            DeliveryState::Delivering => {}
+                            DeliveryState::Delivered => {
+                                pending.remove(e.id).map_err(storage)?;
+                                delivered
+                                    .insert((e.state.updated_at_ms, e.id), 0)
+                                    .map_err(storage)?;
+                            }
                             DeliveryState::Failed | DeliveryState::Expired => {
-                                failed.insert(m.id, 0).map_err(storage)?;
+                                pending.remove(e.id).map_err(storage)?;
+                                failed.insert(e.id, 0).map_err(storage)?;
                             }
-                            _ => {
-                                failed.remove(m.id).map_err(storage)?;
-                            }
-                        }
-                        if m.state == DeliveryState::Delivered {
-                            delivered
-                                .insert((m.updated_at_ms, m.id), 0)
-                                .map_err(storage)?;
                         }
                     }
                 }

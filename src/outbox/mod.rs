@@ -155,31 +155,79 @@ pub fn now_ms() -> u64 {
         .unwrap_or_default()
 }
 
-/// Apply a change to a record: shared by both backends so they cannot drift.
-pub(crate) fn apply(m: &mut StoredMessage, change: Change) {
-    m.updated_at_ms = now_ms();
+/// The part of a record that changes on every attempt; kept apart from the message body so a
+/// state change never has to read or rewrite the body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct StateRecord {
+    pub state: DeliveryState,
+    pub attempts: u32,
+    pub receipts: Vec<NativeReceipt>,
+    pub error: Option<ChannelError>,
+    pub possible_duplicate: bool,
+    pub updated_at_ms: u64,
+}
+
+impl StoredMessage {
+    pub(crate) fn state_record(&self) -> StateRecord {
+        StateRecord {
+            state: self.state,
+            attempts: self.attempts,
+            receipts: self.receipts.clone(),
+            error: self.error.clone(),
+            possible_duplicate: self.possible_duplicate,
+            updated_at_ms: self.updated_at_ms,
+        }
+    }
+
+    pub(crate) fn set_state(&mut self, s: StateRecord) {
+        self.state = s.state;
+        self.attempts = s.attempts;
+        self.receipts = s.receipts;
+        self.error = s.error;
+        self.possible_duplicate = s.possible_duplicate;
+        self.updated_at_ms = s.updated_at_ms;
+    }
+}
+
+/// Applies a change that touches only the state (every change but `Moved`, which is ignored
+/// here): shared by both backends so they cannot drift.
+pub(crate) fn apply_state(s: &mut StateRecord, change: Change) {
+    s.updated_at_ms = now_ms();
     match change {
         Change::Delivering { attempts } => {
-            m.state = DeliveryState::Delivering;
-            m.attempts = attempts;
+            s.state = DeliveryState::Delivering;
+            s.attempts = attempts;
         }
         Change::Finished(o) => {
-            m.state = o.state;
-            m.attempts = o.attempts;
-            m.receipts = o.receipts;
-            m.error = o.error;
-            m.possible_duplicate |= o.possible_duplicate;
+            s.state = o.state;
+            s.attempts = o.attempts;
+            s.receipts = o.receipts;
+            s.error = o.error;
+            s.possible_duplicate |= o.possible_duplicate;
         }
+        Change::Requeued => {
+            s.state = DeliveryState::Accepted;
+            s.error = None;
+        }
+        Change::Moved { .. } => {}
+    }
+}
+
+/// Applies any change to a whole record.
+pub(crate) fn apply(m: &mut StoredMessage, change: Change) {
+    match change {
         Change::Moved {
             conversation,
             message,
         } => {
+            m.updated_at_ms = now_ms();
             m.conversation = conversation;
             m.message = *message;
         }
-        Change::Requeued => {
-            m.state = DeliveryState::Accepted;
-            m.error = None;
+        other => {
+            let mut s = m.state_record();
+            apply_state(&mut s, other);
+            m.set_state(s);
         }
     }
 }

@@ -42,11 +42,15 @@ fn is_loopback(host: &str) -> bool {
 
 /// Why a service URL may not receive a token, or `None` when it may.
 pub fn service_url_refusal(patterns: &[String], service_url: &str) -> Option<String> {
-    let url = match url::Url::parse(service_url) {
-        Ok(u) => u,
-        Err(e) => return Some(format!("`{service_url}` is not a URL: {e}")),
-    };
+    match url::Url::parse(service_url) {
+        Ok(u) => url_refusal(patterns, &u),
+        Err(e) => Some(format!("`{service_url}` is not a URL: {e}")),
+    }
+}
+
+fn url_refusal(patterns: &[String], url: &url::Url) -> Option<String> {
     let Some(host) = url.host_str() else {
+        let service_url = url.as_str();
         return Some(format!("`{service_url}` has no host"));
     };
     if !host_allowed(patterns, host) {
@@ -84,12 +88,30 @@ pub struct CreatedConversation {
     pub activity_id: Option<String>,
 }
 
+/// One bot's token: read on every call without waiting, refreshed under an async lock.
+#[derive(Default)]
+struct TokenSlot {
+    current: std::sync::RwLock<Option<CachedToken>>,
+    // Held across the refresh so one refresh is in flight per bot.
+    refresh: Mutex<()>,
+}
+
+impl TokenSlot {
+    /// The cached token if it is fresh and not the one the connector just refused.
+    fn usable(&self, stale: Option<&str>) -> Option<Secret> {
+        // The slot holds one assignment at a time: a poisoned lock still holds a whole value.
+        let guard = self.current.read().unwrap_or_else(|p| p.into_inner());
+        let t = guard.as_ref()?;
+        let rejected = stale.is_some_and(|s| s == t.value.expose());
+        (!rejected && Instant::now() < t.refresh_at).then(|| t.value.clone())
+    }
+}
+
 pub struct BotFrameworkClient {
     http: reqwest::Client,
     config: BotFrameworkConfig,
     credentials: HashMap<String, Secret>,
-    // One async mutex per bot: holding it across the refresh keeps one refresh in flight.
-    tokens: HashMap<String, Arc<Mutex<Option<CachedToken>>>>,
+    tokens: HashMap<String, Arc<TokenSlot>>,
     token_fetches: std::sync::atomic::AtomicU64,
 }
 
@@ -104,7 +126,7 @@ impl BotFrameworkClient {
         let credentials: HashMap<String, Secret> = config.credentials().into_iter().collect();
         let tokens = credentials
             .keys()
-            .map(|k| (k.clone(), Arc::new(Mutex::new(None))))
+            .map(|k| (k.clone(), Arc::new(TokenSlot::default())))
             .collect();
         Ok(Self {
             http,
@@ -148,16 +170,17 @@ impl BotFrameworkClient {
                 )
             });
         };
-        let mut guard = slot.lock().await;
-        if let Some(t) = guard.as_ref() {
-            let rejected = stale.is_some_and(|s| s == t.value.expose());
-            if !rejected && Instant::now() < t.refresh_at {
-                return Ok(Some(t.value.clone()));
-            }
+        if let Some(t) = slot.usable(stale) {
+            return Ok(Some(t));
+        }
+        let _refreshing = slot.refresh.lock().await;
+        // Someone else may have refreshed while this call waited for the lock.
+        if let Some(t) = slot.usable(stale) {
+            return Ok(Some(t));
         }
         let fresh = self.fetch_token(bot_id, password).await?;
         let value = fresh.value.clone();
-        *guard = Some(fresh);
+        *slot.current.write().unwrap_or_else(|p| p.into_inner()) = Some(fresh);
         Ok(Some(value))
     }
 
@@ -218,20 +241,25 @@ impl BotFrameworkClient {
     }
 
     async fn call(&self, req: &NativeRequest) -> Result<Value, ChannelError> {
-        if let Some(reason) = service_url_refusal(&self.config.allowed_service_hosts, &req.url) {
-            return Err(ChannelError {
+        // Parsed once: the allow-list decides on the very URL the request goes to.
+        let url = url::Url::parse(&req.url)
+            .map_err(|e| format!("`{}` is not a URL: {e}", req.url))
+            .and_then(|u| match url_refusal(&self.config.allowed_service_hosts, &u) {
+                Some(reason) => Err(reason),
+                None => Ok(u),
+            })
+            .map_err(|reason| ChannelError {
                 code: Some("service_url_not_allowed".into()),
                 ..ChannelError::new(CHANNEL, FailureKind::Permanent, reason)
-            });
-        }
+            })?;
         let mut token = self.token(&req.credential, None).await?;
         let mut retried_401 = false;
         loop {
             let mut builder = match req.method {
-                HttpMethod::Get => self.http.get(&req.url),
-                HttpMethod::Post => self.http.post(&req.url).json(&req.body),
-                HttpMethod::Put => self.http.put(&req.url).json(&req.body),
-                HttpMethod::Delete => self.http.delete(&req.url),
+                HttpMethod::Get => self.http.get(url.clone()),
+                HttpMethod::Post => self.http.post(url.clone()).json(&req.body),
+                HttpMethod::Put => self.http.put(url.clone()).json(&req.body),
+                HttpMethod::Delete => self.http.delete(url.clone()),
             };
             if let Some(t) = &token {
                 builder = builder.bearer_auth(t.expose());
@@ -248,11 +276,12 @@ impl BotFrameworkClient {
                 token = self.token(&req.credential, stale.as_deref()).await?;
                 continue;
             }
-            let headers = resp.headers().clone();
-            let text = resp.text().await.map_err(|e| transport_error(&e, true))?;
             if !(200..300).contains(&status) {
+                let headers = resp.headers().clone();
+                let text = resp.text().await.map_err(|e| transport_error(&e, true))?;
                 return Err(classify(status, &headers, &text));
             }
+            let text = resp.text().await.map_err(|e| transport_error(&e, true))?;
             if text.trim().is_empty() {
                 return Ok(Value::Null);
             }
