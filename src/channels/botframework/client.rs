@@ -118,6 +118,9 @@ pub struct BotFrameworkClient {
 impl BotFrameworkClient {
     pub fn new(config: BotFrameworkConfig, request_timeout: Duration) -> Result<Self, String> {
         let http = reqwest::Client::builder()
+            // Channel APIs answer, they do not redirect: a redirect is refused, not followed with
+            // the token, and the policy layer costs nothing per call.
+            .redirect(reqwest::redirect::Policy::none())
             .timeout(request_timeout)
             .pool_idle_timeout(Duration::from_secs(90))
             .user_agent(concat!("channel-gateway/", env!("CARGO_PKG_VERSION")))

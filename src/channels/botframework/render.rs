@@ -189,10 +189,13 @@ fn proactive_supported(channel_id: &str) -> bool {
 
 fn send_request(
     msg: &Message,
-    base: &str,
+    base: &ServiceBase,
     conversation_segment: &str,
 ) -> Result<Rendered, RenderError> {
-    let mut url = format!("{base}/v3/conversations/{conversation_segment}/activities");
+    let mut url = format!(
+        "{}/v3/conversations/{conversation_segment}/activities",
+        base.url
+    );
     if msg.address.channel_id != SKYPE
         && let Some(target) = msg.reply_target()
     {
@@ -206,7 +209,7 @@ fn send_request(
             url,
             body,
             credential: msg.address.bot_id().to_string(),
-            rate: Some(host_scope(base)),
+            rate: Some(host_scope(&base.host)),
         }],
         warnings,
     })
@@ -214,11 +217,7 @@ fn send_request(
 
 /// The connector publishes no quota, so the scope (the service host) has none: only a 429
 /// pauses it, for every conversation served from that host.
-fn host_scope(url: &str) -> RateLimit {
-    let host = url::Url::parse(url)
-        .ok()
-        .and_then(|u| u.host_str().map(str::to_string))
-        .unwrap_or_default();
+fn host_scope(host: &str) -> RateLimit {
     RateLimit {
         scope: format!("botframework:{host}"),
         per_second: 0.0,
@@ -282,16 +281,22 @@ fn create_request(
     o.put_opt("tenantId", tenant_id);
     Ok(NativeRequest {
         method: HttpMethod::Post,
-        url: format!("{base}/v3/conversations"),
+        url: format!("{}/v3/conversations", base.url),
         body: o.into_value(),
         credential: address.bot_id().to_string(),
-        rate: Some(host_scope(&base)),
+        rate: Some(host_scope(&base.host)),
     })
 }
 
-/// The service URL without trailing slashes, checked to be an absolute http(s) URL that a path can
-/// be appended to.
-fn service_base(address: &Address, prefix: &str) -> Result<String, RenderError> {
+/// A checked service URL: parsed once per message, it gives both the request URL and the rate scope.
+struct ServiceBase {
+    /// Without trailing slashes, so a path can be appended.
+    url: String,
+    host: String,
+}
+
+/// The service URL, checked to be an absolute http(s) URL that a path can be appended to.
+fn service_base(address: &Address, prefix: &str) -> Result<ServiceBase, RenderError> {
     let field = format!("{prefix}.service_url");
     let raw = address
         .service_url
@@ -315,7 +320,10 @@ fn service_base(address: &Address, prefix: &str) -> Result<String, RenderError> 
             "must not have a query or fragment",
         ));
     }
-    Ok(parsed.as_str().trim_end_matches('/').to_string())
+    Ok(ServiceBase {
+        url: parsed.as_str().trim_end_matches('/').to_string(),
+        host: parsed.host_str().unwrap_or_default().to_string(),
+    })
 }
 
 /// `id` percent-encoded as one path segment: everything but the unreserved characters

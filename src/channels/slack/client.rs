@@ -312,6 +312,9 @@ pub struct SlackClient {
 impl SlackClient {
     pub fn new(config: SlackConfig, request_timeout: Duration) -> Result<Self, String> {
         let http = reqwest::Client::builder()
+            // Channel APIs answer, they do not redirect: a redirect is refused, not followed with
+            // the token, and the policy layer costs nothing per call.
+            .redirect(reqwest::redirect::Policy::none())
             .timeout(request_timeout)
             .pool_idle_timeout(Duration::from_secs(90))
             .user_agent(concat!("channel-gateway/", env!("CARGO_PKG_VERSION")))
