@@ -303,6 +303,9 @@ pub struct OutboxConfig {
     pub retention: Duration,
     #[serde(deserialize_with = "de_duration")]
     pub compact_interval: Duration,
+    /// Memory the durable outbox may use to cache its pages, in MiB. The file is written at the
+    /// end and read back only after a restart, so a small cache costs little speed.
+    pub cache_mib: usize,
 }
 
 impl Default for OutboxConfig {
@@ -312,6 +315,7 @@ impl Default for OutboxConfig {
             data_dir: "channel-gateway-data".into(),
             retention: Duration::from_secs(3600),
             compact_interval: Duration::from_secs(60),
+            cache_mib: 16,
         }
     }
 }
@@ -553,6 +557,9 @@ impl Config {
         if self.outbox.compact_interval.is_zero() {
             return Err(invalid("outbox.compact_interval", "must be more than 0"));
         }
+        if self.outbox.cache_mib == 0 {
+            return Err(invalid("outbox.cache_mib", "must be at least 1"));
+        }
         if self.outbox.data_dir.as_os_str().is_empty() {
             return Err(invalid("outbox.data_dir", "must not be empty"));
         }
@@ -721,6 +728,9 @@ mod tests {
         .unwrap();
         let err = Config::load(Some(&p), Vec::new()).unwrap_err().to_string();
         assert!(err.contains("allowed_service_hosts[0]"), "{err}");
+        std::fs::write(&p, "[outbox]\ncache_mib = 0\n").unwrap();
+        let err = Config::load(Some(&p), Vec::new()).unwrap_err().to_string();
+        assert!(err.contains("outbox.cache_mib"), "{err}");
     }
 
     #[test]

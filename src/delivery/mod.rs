@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{Notify, Semaphore, broadcast, mpsc, oneshot};
+use tokio::sync::{Notify, Semaphore, broadcast, oneshot};
 use tracing::Instrument;
 
 use crate::channels::{
@@ -150,12 +150,47 @@ pub struct DeliveryEvent {
     pub outcome: Outcome,
 }
 
-struct Entry {
-    // Boxed: the channel allocates slots in blocks of 32, and an idle conversation should
-    // cost bytes, not kilobytes.
-    tx: mpsc::UnboundedSender<Box<Job>>,
+/// One conversation's line, shared by its senders and its worker. Deliberately small: an active
+/// conversation should cost hundreds of bytes, and an empty `VecDeque` allocates nothing.
+struct Line {
+    /// Pushed only under the registry shard's lock, so the worker's eviction check (made under
+    /// that lock) sees every job.
+    jobs: Mutex<VecDeque<Box<Job>>>,
+    /// Wakes the worker; a notification sent while it is busy is kept for its next wait.
+    ready: Notify,
     /// Messages queued or in delivery for this conversation (backpressure).
-    queued: Arc<AtomicUsize>,
+    queued: AtomicUsize,
+    /// Cleared when the worker ends (evicted, or panicked): a sender then starts a new one.
+    alive: AtomicBool,
+}
+
+impl Line {
+    fn new(queued: usize) -> Self {
+        Self {
+            jobs: Mutex::new(VecDeque::new()),
+            ready: Notify::new(),
+            queued: AtomicUsize::new(queued),
+            alive: AtomicBool::new(true),
+        }
+    }
+
+    fn jobs(&self) -> MutexGuard<'_, VecDeque<Box<Job>>> {
+        // Push and pop are single steps: a panic cannot leave the queue half changed.
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn push(&self, job: Box<Job>) {
+        self.jobs().push_back(job);
+        self.ready.notify_one();
+    }
+
+    fn pop(&self) -> Option<Job> {
+        self.jobs().pop_front().map(|j| *j)
+    }
+}
+
+struct Entry {
+    line: Arc<Line>,
 }
 
 struct Inner {
@@ -519,9 +554,10 @@ impl Inner {
         }
         let n = job.items().len();
         let mut shard = self.shard(key);
-        let queued = shard.get(key).map(|e| e.queued.clone());
         if fresh {
-            let in_conversation = queued.as_ref().map_or(0, |q| q.load(Ordering::SeqCst));
+            let in_conversation = shard
+                .get(key)
+                .map_or(0, |e| e.line.queued.load(Ordering::SeqCst));
             if in_conversation + n > self.config.max_pending_per_conversation {
                 return Err(SubmitError::Backpressure {
                     bound: "delivery.max_pending_per_conversation",
@@ -598,33 +634,32 @@ impl Inner {
             )
             .map(|(&id, outcome)| Ticket { id, outcome })
             .collect();
-        let job = match shard.get(key) {
-            Some(entry) => {
-                entry.queued.fetch_add(n, Ordering::SeqCst);
-                match entry.tx.send(Box::new(job)) {
-                    Ok(()) => return Ok(Accepted { tickets, durable }),
-                    // The worker is gone without deregistering (it panicked): replace it.
-                    Err(mpsc::error::SendError(job)) => *job,
-                }
+        // A worker that ended without deregistering (it panicked) leaves its line behind:
+        // its jobs move to a new worker, so nothing accepted is lost.
+        let mut leftover = VecDeque::new();
+        let mut carried = 0;
+        if let Some(entry) = shard.get(key) {
+            let line = &entry.line;
+            line.queued.fetch_add(n, Ordering::SeqCst);
+            if line.alive.load(Ordering::SeqCst) {
+                line.push(Box::new(job));
+                return Ok(Accepted { tickets, durable });
             }
-            None => job,
-        };
-        let (tx, rx) = mpsc::unbounded_channel();
-        // A fresh channel with its receiver in hand cannot refuse the job.
-        let _ = tx.send(Box::new(job));
-        let queued = Arc::new(AtomicUsize::new(n));
-        shard.insert(
-            key.clone(),
-            Entry {
-                tx,
-                queued: queued.clone(),
-            },
-        );
+            leftover = std::mem::take(&mut *line.jobs());
+            carried = leftover.iter().map(|j| j.items().len()).sum();
+        }
+        let line = Arc::new(Line::new(n + carried));
+        {
+            let mut jobs = line.jobs();
+            *jobs = leftover;
+            jobs.push_back(Box::new(job));
+        }
+        shard.insert(key.clone(), Entry { line: line.clone() });
         drop(shard);
         self.workers.fetch_add(1, Ordering::Relaxed);
         let span = tracing::info_span!("conversation", key = %key.label());
         tokio::spawn(
-            Worker::new(self.clone(), key.clone(), rx, queued)
+            Worker::new(self.clone(), key.clone(), line)
                 .run()
                 .instrument(span),
         );
@@ -682,83 +717,87 @@ struct TypingKeepAlive {
 struct Worker {
     inner: Arc<Inner>,
     key: ConversationKey,
-    rx: mpsc::UnboundedReceiver<Box<Job>>,
-    queued: Arc<AtomicUsize>,
+    line: Arc<Line>,
     backlog: VecDeque<Job>,
     typing: Option<TypingKeepAlive>,
 }
 
+impl Drop for Worker {
+    fn drop(&mut self) {
+        // Also on a panic: the next sender then replaces this worker.
+        self.line.alive.store(false, Ordering::SeqCst);
+    }
+}
+
 impl Worker {
-    fn new(
-        inner: Arc<Inner>,
-        key: ConversationKey,
-        rx: mpsc::UnboundedReceiver<Box<Job>>,
-        queued: Arc<AtomicUsize>,
-    ) -> Self {
+    fn new(inner: Arc<Inner>, key: ConversationKey, line: Arc<Line>) -> Self {
         Self {
             inner,
             key,
-            rx,
-            queued,
+            line,
             backlog: VecDeque::new(),
             typing: None,
         }
     }
 
     fn finish(&self, item: Item, outcome: Outcome) {
-        self.inner.finish(item, outcome, Some(&self.queued));
+        self.inner.finish(item, outcome, Some(&self.line.queued));
     }
 
     async fn run(mut self) {
         while let Some(job) = self.next_job().await {
-            match job {
-                Job::Deliver { items, flush } => {
-                    self.typing = None;
-                    let items = if flush || self.inner.config.auto_batch_delay.is_zero() {
-                        items
-                    } else {
-                        self.gather_auto_batch(items).await
-                    };
-                    for item in items {
-                        // Boxed so an idle worker's future stays small.
-                        Box::pin(self.deliver(item)).await;
-                    }
-                }
-                Job::Typing { item, keep_alive } => {
-                    let requests = item.rendered.clone();
-                    self.send_typing(&requests).await;
-                    self.finish(
-                        *item,
-                        Outcome {
-                            state: DeliveryState::Delivered,
-                            receipts: Vec::new(),
-                            error: None,
-                            attempts: 1,
-                            possible_duplicate: false,
-                        },
-                    );
-                    // A channel without a typing indicator renders nothing: nothing to repeat.
-                    let repeatable = !requests.requests.is_empty();
-                    self.typing = keep_alive.filter(|d| !d.is_zero() && repeatable).map(|d| {
-                        let interval = self.inner.channels.typing_interval(&self.key.channel_id);
-                        let now = tokio::time::Instant::now();
-                        TypingKeepAlive {
-                            item_requests: requests,
-                            until: now + d,
-                            next: now + interval,
-                            interval,
-                        }
-                    });
-                }
-                Job::Proactive {
-                    address,
-                    options,
-                    items,
-                    created,
-                } => Box::pin(self.proactive(*address, options, items, created)).await,
-            }
+            // Boxed: the worker's own future is then just its idle wait, whatever a job needs.
+            Box::pin(self.handle(job)).await;
         }
         self.inner.workers.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    async fn handle(&mut self, job: Job) {
+        match job {
+            Job::Deliver { items, flush } => {
+                self.typing = None;
+                let items = if flush || self.inner.config.auto_batch_delay.is_zero() {
+                    items
+                } else {
+                    self.gather_auto_batch(items).await
+                };
+                for item in items {
+                    self.deliver(item).await;
+                }
+            }
+            Job::Typing { item, keep_alive } => {
+                let requests = item.rendered.clone();
+                self.send_typing(&requests).await;
+                self.finish(
+                    *item,
+                    Outcome {
+                        state: DeliveryState::Delivered,
+                        receipts: Vec::new(),
+                        error: None,
+                        attempts: 1,
+                        possible_duplicate: false,
+                    },
+                );
+                // A channel without a typing indicator renders nothing: nothing to repeat.
+                let repeatable = !requests.requests.is_empty();
+                self.typing = keep_alive.filter(|d| !d.is_zero() && repeatable).map(|d| {
+                    let interval = self.inner.channels.typing_interval(&self.key.channel_id);
+                    let now = tokio::time::Instant::now();
+                    TypingKeepAlive {
+                        item_requests: requests,
+                        until: now + d,
+                        next: now + interval,
+                        interval,
+                    }
+                });
+            }
+            Job::Proactive {
+                address,
+                options,
+                items,
+                created,
+            } => self.proactive(*address, options, items, created).await,
+        }
     }
 
     /// The next job, repeating typing while idle; `None` once the worker evicted itself.
@@ -768,13 +807,16 @@ impl Worker {
         }
         let mut idle_deadline = tokio::time::Instant::now() + self.inner.config.idle_timeout;
         loop {
+            if let Some(job) = self.line.pop() {
+                return Some(job);
+            }
             let wake = match &self.typing {
                 Some(t) => t.next.min(t.until),
                 None => idle_deadline,
             };
             tokio::select! {
                 biased;
-                job = self.rx.recv() => return job.map(|j| *j),
+                _ = self.line.ready.notified() => continue,
                 _ = tokio::time::sleep_until(wake) => {}
             }
             let now = tokio::time::Instant::now();
@@ -785,14 +827,15 @@ impl Worker {
                 } else if now >= t.next {
                     t.next = now + t.interval;
                     let requests = t.item_requests.clone();
-                    self.send_typing(&requests).await;
+                    // Boxed: the idle wait must not carry a channel call's state.
+                    Box::pin(self.send_typing(&requests)).await;
                 }
                 continue;
             }
             if now >= idle_deadline {
                 let mut shard = self.inner.shard(&self.key);
                 // Decided under the lock senders hold while enqueuing: nothing can slip in.
-                if self.rx.is_empty() {
+                if self.line.jobs().is_empty() {
                     shard.remove(&self.key);
                     tracing::debug!("conversation worker evicted after idle period");
                     return None;
@@ -805,14 +848,20 @@ impl Worker {
     async fn gather_auto_batch(&mut self, mut items: Vec<Item>) -> Vec<Item> {
         let deadline = tokio::time::Instant::now() + self.inner.config.auto_batch_delay;
         loop {
-            tokio::select! {
-                biased;
-                job = self.rx.recv() => match job.map(|j| *j) {
-                    Some(Job::Deliver { items: more, flush: false }) => items.extend(more),
-                    Some(other) => { self.backlog.push_back(other); return items; }
-                    None => return items,
+            match self.line.pop() {
+                Some(Job::Deliver {
+                    items: more,
+                    flush: false,
+                }) => items.extend(more),
+                Some(other) => {
+                    self.backlog.push_back(other);
+                    return items;
+                }
+                None => tokio::select! {
+                    biased;
+                    _ = self.line.ready.notified() => {}
+                    _ = tokio::time::sleep_until(deadline) => return items,
                 },
-                _ = tokio::time::sleep_until(deadline) => return items,
             }
         }
     }
@@ -1087,7 +1136,7 @@ impl Worker {
                 if !ready.is_empty() {
                     // They leave this queue for the new conversation's, where they count again.
                     let n = ready.len();
-                    self.queued.fetch_sub(n, Ordering::SeqCst);
+                    self.line.queued.fetch_sub(n, Ordering::SeqCst);
                     self.inner.undelivered.fetch_sub(n, Ordering::SeqCst);
                     let job = Job::Deliver {
                         items: ready,
@@ -1118,5 +1167,41 @@ impl Worker {
 
     fn fail(&self, item: Item, error: ChannelError, attempts: u32) {
         self.finish(item, failed(error, attempts));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    /// What an active conversation holds while idle: its registry entry, its line and its
+    /// worker's task. Bounded so a change that bloats them fails here, not in a benchmark.
+    #[tokio::test]
+    async fn an_idle_conversation_stays_small() {
+        let config = Config::default();
+        let channels = Arc::new(Channels::from_config(&config).expect("channels"));
+        let store: Arc<dyn Store> = Arc::new(crate::outbox::MemoryStore::new());
+        let d = Dispatcher::new(
+            channels,
+            store,
+            config.delivery.clone(),
+            Arc::new(Metrics::new()),
+        );
+        let key = ConversationKey {
+            channel_id: "webchat".into(),
+            bot_id: "bot".into(),
+            conversation: "c1".into(),
+        };
+        let worker = Worker::new(d.inner.clone(), key, Arc::new(Line::new(0)));
+        let run = worker.run();
+        let sizes = [
+            ("worker future", std::mem::size_of_val(&run)),
+            ("line", std::mem::size_of::<Line>()),
+            ("entry", std::mem::size_of::<(ConversationKey, Entry)>()),
+        ];
+        eprintln!("{sizes:?}");
+        assert!(sizes[0].1 <= 1024, "{sizes:?}");
+        assert!(sizes[1].1 <= 256, "{sizes:?}");
     }
 }

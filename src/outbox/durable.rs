@@ -169,12 +169,20 @@ fn durable(rx: oneshot::Receiver<Result<(), StoreError>>) -> Durable {
 }
 
 impl RedbStore {
-    /// Opens (or creates) `dir/outbox.redb`. An interrupted previous run is repaired by redb.
+    /// Opens (or creates) `dir/outbox.redb` with a 16 MiB page cache.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        Self::open_with_cache(dir, 16 << 20)
+    }
+
+    /// Opens (or creates) `dir/outbox.redb`. An interrupted previous run is repaired by redb.
+    /// redb's own default cache is 1 GiB: too much for a sidecar, so the caller bounds it.
+    pub fn open_with_cache(dir: &Path, cache_bytes: usize) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| storage(format!("cannot create {}: {e}", dir.display())))?;
         let path = dir.join("outbox.redb");
-        let db = Database::create(&path)
+        let db = redb::Builder::new()
+            .set_cache_size(cache_bytes)
+            .create(&path)
             .map_err(|e| storage(format!("cannot open {}: {e}", path.display())))?;
         let txn = db.begin_write().map_err(storage)?;
         let next_id = {

@@ -247,10 +247,12 @@ impl BotFrameworkClient {
         // Parsed once: the allow-list decides on the very URL the request goes to.
         let url = url::Url::parse(&req.url)
             .map_err(|e| format!("`{}` is not a URL: {e}", req.url))
-            .and_then(|u| match url_refusal(&self.config.allowed_service_hosts, &u) {
-                Some(reason) => Err(reason),
-                None => Ok(u),
-            })
+            .and_then(
+                |u| match url_refusal(&self.config.allowed_service_hosts, &u) {
+                    Some(reason) => Err(reason),
+                    None => Ok(u),
+                },
+            )
             .map_err(|reason| ChannelError {
                 code: Some("service_url_not_allowed".into()),
                 ..ChannelError::new(CHANNEL, FailureKind::Permanent, reason)
