@@ -261,6 +261,8 @@ async fn echo_server() {
 struct Proc {
     child: Child,
     port: u16,
+    /// The gateway's admin listener (metrics); 0 for the other roles.
+    admin: u16,
 }
 
 impl Drop for Proc {
@@ -304,7 +306,11 @@ async fn spawn_role(role: &str, extra: &[&str]) -> Proc {
         .read_line(&mut line)
         .expect("role output");
     let port: u16 = line.trim().parse().expect("role printed no port");
-    Proc { child, port }
+    Proc {
+        child,
+        port,
+        admin: 0,
+    }
 }
 
 fn free_port() -> u16 {
@@ -322,6 +328,7 @@ struct GatewayOpts {
 
 fn spawn_gateway(fake_port: u16, data_dir: &std::path::Path, o: &GatewayOpts) -> Proc {
     let port = free_port();
+    let admin = free_port();
     let exe = env!("CARGO_BIN_EXE_channel-gateway");
     let child = Command::new(exe)
         .args([
@@ -362,11 +369,12 @@ fn spawn_gateway(fake_port: u16, data_dir: &std::path::Path, o: &GatewayOpts) ->
         )
         .env("CHANNEL_GATEWAY__SERVER__MAX_BATCH_LEN", "100")
         .env("RUST_LOG", "error")
+        .env("CHANNEL_GATEWAY__ADMIN__LISTEN", format!("127.0.0.1:{admin}"))
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
         .expect("spawn gateway (build it with `cargo build --release` first)");
-    Proc { child, port }
+    Proc { child, port, admin }
 }
 
 async fn connect(port: u16) -> Client {
@@ -419,6 +427,8 @@ struct Load {
     conversations: usize,
     messages: usize,
     batch: usize,
+    /// Conversation ids start here (a later wave of new conversations).
+    first_conversation: usize,
     /// Each call returns once its message is delivered: no backlog builds up in the gateway.
     wait_delivered: bool,
 }
@@ -447,6 +457,7 @@ async fn drive(
         let convs: Vec<usize> = (t..load.conversations).step_by(load.concurrency).collect();
         let seqs = seq_base.clone();
         let batch = load.batch;
+        let first = load.first_conversation;
         let wait = if load.wait_delivered {
             pb::WaitMode::Delivered as i32
         } else {
@@ -457,7 +468,10 @@ async fn drive(
             if convs.is_empty() {
                 return lat;
             }
-            let addrs: Vec<pb::Address> = convs.iter().map(|c| address(fake_port, *c)).collect();
+            let addrs: Vec<pb::Address> = convs
+                .iter()
+                .map(|c| address(fake_port, first + *c))
+                .collect();
             let mut sent = 0;
             let mut k = 0;
             while sent < per_task {
@@ -625,6 +639,7 @@ async fn rss_per_conversation(fake: &Proc, n: usize, rows: &mut Vec<Row>) {
         conversations: 1,
         messages: 1,
         batch: 1,
+        first_conversation: 0,
         wait_delivered: false,
     };
     let seqs = Arc::new(Mutex::new(vec![0u64; n.max(1)]));
@@ -639,6 +654,7 @@ async fn rss_per_conversation(fake: &Proc, n: usize, rows: &mut Vec<Row>) {
         conversations: n,
         messages: n,
         batch: 1,
+        first_conversation: 0,
         // Otherwise the backlog of accepted messages, freed once delivered but kept by the
         // allocator, would be counted as conversation state.
         wait_delivered: true,
@@ -656,6 +672,90 @@ async fn rss_per_conversation(fake: &Proc, n: usize, rows: &mut Vec<Row>) {
             base / 1024,
             after / 1024,
             per
+        ),
+    ));
+    println!(
+        "{}: {}",
+        rows.last().map(|r| r.0.as_str()).unwrap_or(""),
+        rows.last().map(|r| r.1.as_str()).unwrap_or("")
+    );
+}
+
+async fn active_workers(admin: u16) -> Option<u64> {
+    let text = reqwest::get(format!("http://127.0.0.1:{admin}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find(|l| l.starts_with("channel_gateway_active_conversation_workers"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+}
+
+async fn wait_evicted(admin: u16) -> Duration {
+    let start = Instant::now();
+    loop {
+        if active_workers(admin).await == Some(0) {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "workers not evicted: {:?}",
+            active_workers(admin).await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// An evicted conversation must cost nothing: after a wave of `n` conversations is evicted, a
+/// second wave of `n` new ones must fit in the memory the first one left behind.
+async fn rss_after_eviction(fake: &Proc, n: usize, rows: &mut Vec<Row>) {
+    if !selected("RSS") {
+        return;
+    }
+    fake_reset(fake.port).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let opts = GatewayOpts {
+        durable: true,
+        max_concurrency: 512,
+        idle_timeout: "2s",
+    };
+    let gw = spawn_gateway(fake.port, dir.path(), &opts);
+    let client = connect(gw.port).await;
+    let (base, _) = gw.rss_kib();
+    let mut after = Vec::new();
+    for wave in 0..2 {
+        fake_reset(fake.port).await;
+        let seqs = Arc::new(Mutex::new(vec![0u64; n]));
+        let load = Load {
+            concurrency: 64,
+            conversations: n,
+            messages: n,
+            batch: 1,
+            first_conversation: wave * n,
+            wait_delivered: true,
+        };
+        let r = drive(&client, fake.port, &load, &seqs).await;
+        wait_delivered(fake.port, r.messages as u64, Duration::from_secs(600)).await;
+        let (active, _) = gw.rss_kib();
+        wait_evicted(gw.admin).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (evicted, _) = gw.rss_kib();
+        after.push((active, evicted));
+    }
+    let grew = after[1].1.saturating_sub(after[0].1);
+    rows.push(Row(
+        format!("RSS, {n} conversations evicted, then {n} new ones"),
+        format!(
+            "{} MiB at start; wave 1: {} MiB active, {} MiB once evicted (0 workers); wave 2 of new conversations: {} MiB active, {} MiB once evicted: {:.0} bytes per evicted conversation",
+            base / 1024,
+            after[0].0 / 1024,
+            after[0].1 / 1024,
+            after[1].0 / 1024,
+            after[1].1 / 1024,
+            grew as f64 * 1024.0 / n as f64
         ),
     ));
     println!(
@@ -693,6 +793,7 @@ async fn driver() {
         conversations: 1000,
         messages: 100_000 / scale,
         batch: 1,
+        first_conversation: 0,
         wait_delivered: false,
     };
     let e = drive(&echo_client, 1, &echo_load, &seqs).await;
@@ -715,6 +816,7 @@ async fn driver() {
         conversations: 1000,
         messages: 100_000 / scale,
         batch: 1,
+        first_conversation: 0,
         wait_delivered: false,
     };
     let (durable, durable_delivered) = delivery_scenario(
@@ -746,6 +848,7 @@ async fn driver() {
         conversations: 1000,
         messages: 200_000 / scale,
         batch: 20,
+        first_conversation: 0,
         wait_delivered: false,
     };
     let (_, batch_delivered) = delivery_scenario(
@@ -765,6 +868,7 @@ async fn driver() {
         conversations: 1,
         messages: 5_000 / scale,
         batch: 1,
+        first_conversation: 0,
         wait_delivered: false,
     };
     delivery_scenario(
@@ -787,6 +891,7 @@ async fn driver() {
         conversations: 1000,
         messages: 100_000 / scale,
         batch: 1,
+        first_conversation: 0,
         wait_delivered: false,
     };
     let (_, slow_delivered) = delivery_scenario(
@@ -810,6 +915,7 @@ async fn driver() {
         }
         rss_per_conversation(&fake, n, &mut rows).await;
     }
+    rss_after_eviction(&fake, if quick { 10_000 } else { 50_000 }, &mut rows).await;
     drop(fake);
 
     let headline = durable.calls_per_s / e.calls_per_s;
