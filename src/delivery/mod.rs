@@ -71,6 +71,8 @@ struct Item {
     durable: Durable,
     /// A previous run may already have sent it (it was being delivered at a crash).
     possible_duplicate: bool,
+    /// Appended to the outbox already marked as being delivered (see `enqueue`).
+    marked_delivering: bool,
     /// Typing indicators are not kept in the outbox.
     ephemeral: bool,
     traceparent: Option<String>,
@@ -426,6 +428,7 @@ impl Dispatcher {
                 accepted_at: Instant::now(),
                 durable: ready_durable(),
                 possible_duplicate: m.state == DeliveryState::Delivering || m.possible_duplicate,
+                marked_delivering: false,
                 ephemeral: false,
                 traceparent: None,
                 done: None,
@@ -504,6 +507,7 @@ fn new_items(
                     accepted_at: now,
                     durable: ready_durable(),
                     possible_duplicate: false,
+                    marked_delivering: false,
                     ephemeral: false,
                     traceparent: s.traceparent,
                     done: tx,
@@ -582,19 +586,34 @@ impl Inner {
             let label = key.label();
             let now = now_ms();
             let mut stored = Vec::with_capacity(n);
+            // When nothing is queued or in delivery for this conversation, the first message
+            // goes out next: it is appended already marked as being delivered, which saves the
+            // worker a second durable write before its call. A crash in between only flags it as
+            // a possible duplicate, which is what that mark means.
+            let mut head = matches!(job, Job::Deliver { .. })
+                && shard
+                    .get(key)
+                    .is_none_or(|e| e.line.queued.load(Ordering::SeqCst) == 0);
             for item in job.items_mut() {
                 item.id = self.next_id.fetch_add(1, Ordering::SeqCst);
                 ids.push(item.id);
                 if item.ephemeral {
                     continue;
                 }
+                let state = if head && !item.rendered.requests.is_empty() {
+                    item.marked_delivering = true;
+                    DeliveryState::Delivering
+                } else {
+                    DeliveryState::Accepted
+                };
+                head = false;
                 stored.push(StoredMessage {
                     id: item.id,
                     conversation: label.clone(),
                     message: item.message.clone(),
                     proactive: item.proactive.clone(),
                     accepted_at_ms: now,
-                    state: DeliveryState::Accepted,
+                    state,
                     attempts: 0,
                     receipts: Vec::new(),
                     error: None,
@@ -964,7 +983,11 @@ impl Worker {
         // Nothing goes out before it is in the outbox, and the outbox knows it may have gone
         // out before the first call: after a crash it is then resent flagged as a possible duplicate.
         let mut ready = item.durable.clone().await;
-        if ready.is_ok() && !item.ephemeral && !item.rendered.requests.is_empty() {
+        if ready.is_ok()
+            && !item.ephemeral
+            && !item.marked_delivering
+            && !item.rendered.requests.is_empty()
+        {
             ready = self
                 .inner
                 .store

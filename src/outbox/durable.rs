@@ -536,6 +536,10 @@ fn commit(db: &Database, batch: &[Cmd], compacted: &mut usize) -> Result<(), Sto
                                     failed.remove(e.id).map_err(storage)?;
                                 }
                             }
+                            // Appended as the conversation's next message: pending from the start.
+                            DeliveryState::Delivering if e.body.is_some() => {
+                                pending.insert(e.id, 0).map_err(storage)?;
+                            }
                             DeliveryState::Delivering => {}
                             DeliveryState::Delivered => {
                                 pending.remove(e.id).map_err(storage)?;
@@ -648,6 +652,34 @@ mod tests {
         assert_eq!(s.idempotency_get("k").unwrap().message_ids, vec![1, 2, 3]);
         assert_eq!(s.compact(u64::MAX, 6), 0, "nothing delivered yet");
         assert!(s.idempotency_get("k").is_none(), "old key compacted");
+    }
+
+    #[tokio::test]
+    async fn appended_as_delivering_is_pending_and_redelivered_leaves_failed() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = RedbStore::open(dir.path()).unwrap();
+            let mut head = msg(1);
+            head.state = DeliveryState::Delivering;
+            s.append(vec![head, msg(2)], None).await.unwrap();
+            let failed = Outcome {
+                state: DeliveryState::Failed,
+                receipts: vec![],
+                error: None,
+                attempts: 1,
+                possible_duplicate: false,
+            };
+            s.update(2, Change::Finished(failed)).await.unwrap();
+            s.update(2, Change::Requeued).await.unwrap();
+        }
+        let s = RedbStore::open(dir.path()).unwrap();
+        let pending: Vec<(u64, DeliveryState)> =
+            s.pending().unwrap().iter().map(|m| (m.id, m.state)).collect();
+        assert_eq!(
+            pending,
+            vec![(1, DeliveryState::Delivering), (2, DeliveryState::Accepted)]
+        );
+        assert!(s.failed(0, 10).is_empty(), "requeued left the failed list");
     }
 
     #[tokio::test]
