@@ -283,6 +283,16 @@ impl RedbStore {
         let mut ov = self.overlay();
         let current = match ov.state(id) {
             Some(s) => s,
+            // A final outcome replaces every field but the duplicate flag, and the dispatcher
+            // has already folded the message's own flag into it: nothing to read back.
+            None if matches!(change, Change::Finished(_)) => StateRecord {
+                state: DeliveryState::Accepted,
+                attempts: 0,
+                receipts: Vec::new(),
+                error: None,
+                possible_duplicate: false,
+                updated_at_ms: 0,
+            },
             None => {
                 // Committed and out of the overlay: read its state (never its body) from disk,
                 // outside the lock. Only this message's own worker changes its state, so nothing
