@@ -377,7 +377,10 @@ fn spawn_gateway(fake_port: u16, data_dir: &std::path::Path, o: &GatewayOpts) ->
         )
         .env("CHANNEL_GATEWAY__SERVER__MAX_BATCH_LEN", "100")
         .env("RUST_LOG", "error")
-        .env("CHANNEL_GATEWAY__ADMIN__LISTEN", format!("127.0.0.1:{admin}"))
+        .env(
+            "CHANNEL_GATEWAY__ADMIN__LISTEN",
+            format!("127.0.0.1:{admin}"),
+        )
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
@@ -903,7 +906,7 @@ async fn driver() {
         wait_delivered: false,
     };
     let (_, slow_delivered) = delivery_scenario(
-        "slow channel (50 ms), 1k conversations, concurrency limit 1024, durable",
+        "slow channel (50 ms), 1k conversations, Send, concurrency limit 1024, durable",
         &slow,
         &GatewayOpts {
             durable: true,
@@ -911,6 +914,28 @@ async fn driver() {
             idle_timeout: "30s",
         },
         &slow_load,
+        &mut rows,
+    )
+    .await;
+    // The same channel fed by SendBatch: acceptance is then cheap, so the figure shows what
+    // the delivery engine draws from parallel conversations alone.
+    let slow_batches = Load {
+        concurrency: 200,
+        conversations: 1000,
+        messages: 200_000 / scale,
+        batch: 20,
+        first_conversation: 0,
+        wait_delivered: false,
+    };
+    let (_, slow_batch_delivered) = delivery_scenario(
+        "slow channel (50 ms), 1k conversations, SendBatch of 20, concurrency limit 1024, durable",
+        &slow,
+        &GatewayOpts {
+            durable: true,
+            max_concurrency: 1024,
+            idle_timeout: "30s",
+        },
+        &slow_batches,
         &mut rows,
     )
     .await;
@@ -940,8 +965,12 @@ async fn driver() {
             "delivered, 1k conversations, SendBatch of 20: {batch_delivered:.0} msg/s (target >= 30,000)"
         ),
         format!(
-            "slow channel: {slow_delivered:.0} msg/s = {:.0}% of the ideal 20,000 (target >= 80%)",
+            "slow channel (50 ms), Send: {slow_delivered:.0} msg/s = {:.0}% of the ideal 20,000 (target >= 80%)",
             slow_delivered / 200.0
+        ),
+        format!(
+            "slow channel (50 ms), SendBatch of 20: {slow_batch_delivered:.0} msg/s = {:.0}% of the ideal 20,000",
+            slow_batch_delivered / 200.0
         ),
     ];
     println!();

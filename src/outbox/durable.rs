@@ -699,8 +699,12 @@ mod tests {
             s.update(2, Change::Requeued).await.unwrap();
         }
         let s = RedbStore::open(dir.path()).unwrap();
-        let pending: Vec<(u64, DeliveryState)> =
-            s.pending().unwrap().iter().map(|m| (m.id, m.state)).collect();
+        let pending: Vec<(u64, DeliveryState)> = s
+            .pending()
+            .unwrap()
+            .iter()
+            .map(|m| (m.id, m.state))
+            .collect();
         assert_eq!(
             pending,
             vec![(1, DeliveryState::Delivering), (2, DeliveryState::Accepted)]
