@@ -991,7 +991,7 @@ async fn driver() {
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
             .unwrap_or_default();
         let doc = format!(
-            "# Benchmark results\n\nCommand: `cargo bench --bench gateway -- --write-results{}`\n\nMachine: {cores} cores, {mem} GiB memory. Date: {date}.\n\nThe gateway (release build) and the fake connector run as separate processes on 127.0.0.1; the load generator is this benchmark process. All three share the machine's cores.\n\n## Headline\n\n{}\n\n## All scenarios\n\n{table}",
+            "# Benchmark results\n\nCommand: `cargo bench --bench gateway -- --write-results{}`\n\nMachine: {cores} cores, {mem} GiB memory. Date: {date}.\n\nThe gateway (release build) and the fake connector run as separate processes on 127.0.0.1; the load generator is this benchmark process. All three share the machine's cores. The profile, what it led to change and how to read these figures: bench/PROFILE.md.\n\n## Headline\n\n{}\n\n## All scenarios\n\n{table}",
             if quick { " --quick" } else { "" },
             summary
                 .iter()
