@@ -1,6 +1,8 @@
 //! Test harness: a fake Bot Framework Connector (and token endpoint) on 127.0.0.1 that records
 //! what it receives, and an in-process gateway reached by a real gRPC client over TCP.
 #![allow(dead_code)]
+#[path = "../fake_http/mod.rs"]
+mod fake_http;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -61,7 +63,7 @@ pub struct FakeState {
     /// Conversation id -> answers to give before answering normally.
     pub script: Mutex<HashMap<String, Vec<Scripted>>>,
     /// Activities in flight per conversation now, and the most ever seen.
-    pub in_flight: Mutex<HashMap<String, (u32, u32)>>,
+    pub in_flight: fake_http::InFlight,
     pub token_requests: Mutex<Vec<String>>,
     /// Scripted refusals given: when, and to which conversation.
     pub refused: Mutex<Vec<(Instant, String)>>,
@@ -94,11 +96,7 @@ impl FakeConnector {
             .route("/v3/conversations/{conv}/activities", post(activity))
             .route("/v3/conversations/{conv}/activities/{reply}", post(reply))
             .with_state(state.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            axum::serve(listener, app).await.unwrap();
-        });
+        let addr = fake_http::serve(app).await;
         Self { addr, state }
     }
 
@@ -135,13 +133,7 @@ impl FakeConnector {
     }
 
     pub fn max_in_flight(&self, conv: &str) -> u32 {
-        self.state
-            .in_flight
-            .lock()
-            .unwrap()
-            .get(conv)
-            .map(|x| x.1)
-            .unwrap_or(0)
+        self.state.in_flight.max(conv)
     }
 
     pub fn token_requests(&self) -> usize {
@@ -150,19 +142,7 @@ impl FakeConnector {
 
     /// Waits until `pred` holds for what was received, or panics after `within`.
     pub async fn wait_for(&self, within: Duration, what: &str, pred: impl Fn(&[Received]) -> bool) {
-        let deadline = Instant::now() + within;
-        loop {
-            if pred(&self.received()) {
-                return;
-            }
-            if Instant::now() > deadline {
-                panic!(
-                    "timed out waiting for {what}; received {}",
-                    self.received().len()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        fake_http::wait_for(within, what, || self.received(), pred).await;
     }
 }
 
@@ -230,12 +210,7 @@ async fn handle(
     if rate > 0.0 && rand::random::<f64>() < rate {
         return fault(&s, conv, reply_to, headers, body).await;
     }
-    {
-        let mut f = s.in_flight.lock().unwrap();
-        let e = f.entry(conv.clone()).or_insert((0, 0));
-        e.0 += 1;
-        e.1 = e.1.max(e.0);
-    }
+    s.in_flight.enter(&conv);
     let latency = s.latency.lock().unwrap().get(&conv).copied();
     let jitter = *s.jitter_max.lock().unwrap();
     let wait = latency.unwrap_or_else(|| {
@@ -294,12 +269,7 @@ async fn handle(
                 .into_response()
         }
     };
-    {
-        let mut f = s.in_flight.lock().unwrap();
-        if let Some(e) = f.get_mut(&conv) {
-            e.0 -= 1;
-        }
-    }
+    s.in_flight.leave(&conv);
     resp
 }
 

@@ -3,6 +3,8 @@
 //! refuses what Graph refuses (no token; a sender action together with a message). Plus an
 //! in-process gateway configured with two pages, reached by a real gRPC client over TCP.
 #![allow(dead_code)]
+#[path = "../fake_http/mod.rs"]
+mod fake_http;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -130,7 +132,7 @@ pub struct FakeState {
     /// Random latency in [0, max] for every answer.
     pub jitter_max: Mutex<Duration>,
     /// Calls in flight per PSID now, and the most ever seen.
-    pub in_flight: Mutex<HashMap<String, (u32, u32)>>,
+    pub in_flight: fake_http::InFlight,
     pub next_id: AtomicU64,
 }
 
@@ -146,11 +148,7 @@ impl FakeGraph {
         let app = Router::new()
             .route("/{version}/{node}/messages", post(send))
             .with_state(state.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            axum::serve(listener, app).await.unwrap();
-        });
+        let addr = fake_http::serve(app).await;
         Self { addr, state }
     }
 
@@ -191,30 +189,13 @@ impl FakeGraph {
     }
 
     pub fn max_in_flight(&self, psid: &str) -> u32 {
-        self.state
-            .in_flight
-            .lock()
-            .unwrap()
-            .get(psid)
-            .map_or(0, |x| x.1)
+        self.state.in_flight.max(psid)
     }
 
     /// Waits until `pred` holds for what was received, or panics after `within` (a generous
     /// bound for a busy machine, never an assertion on speed).
     pub async fn wait_for(&self, within: Duration, what: &str, pred: impl Fn(&[Received]) -> bool) {
-        let deadline = Instant::now() + within;
-        loop {
-            if pred(&self.received()) {
-                return;
-            }
-            if Instant::now() > deadline {
-                panic!(
-                    "timed out waiting for {what}; received {}",
-                    self.received().len()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        fake_http::wait_for(within, what, || self.received(), pred).await;
     }
 
     /// Messenger's own rule, checked on everything the gateway ever sent.
@@ -252,12 +233,7 @@ async fn send(
         .and_then(Value::as_str)
         .unwrap_or_default()
         .to_string();
-    {
-        let mut f = s.in_flight.lock().unwrap();
-        let e = f.entry(psid.clone()).or_insert((0, 0));
-        e.0 += 1;
-        e.1 = e.1.max(e.0);
-    }
+    s.in_flight.enter(&psid);
     let jitter = *s.jitter_max.lock().unwrap();
     if !jitter.is_zero() {
         tokio::time::sleep(jitter.mul_f64(rand::random::<f64>())).await;
@@ -297,12 +273,7 @@ async fn send(
         body,
         status,
     });
-    {
-        let mut f = s.in_flight.lock().unwrap();
-        if let Some(e) = f.get_mut(&psid) {
-            e.0 -= 1;
-        }
-    }
+    s.in_flight.leave(&psid);
     answer(status, reply)
 }
 

@@ -2,6 +2,8 @@
 //! request (path, headers, body) and answers as scripted, and an in-process gateway pointed at it
 //! and reached by a real gRPC client over TCP.
 #![allow(dead_code)]
+#[path = "../fake_http/mod.rs"]
+mod fake_http;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -88,7 +90,7 @@ pub struct FakeState {
     /// Slack channel id -> latency of each answer.
     pub latency: Mutex<HashMap<String, Duration>>,
     /// Requests in flight per Slack channel now, and the most ever seen.
-    pub in_flight: Mutex<HashMap<String, (u32, u32)>>,
+    pub in_flight: fake_http::InFlight,
     pub next_ts: AtomicU64,
     pub opened: AtomicU64,
 }
@@ -105,11 +107,7 @@ impl FakeSlack {
         let app = Router::new()
             .route("/api/{method}", post(method))
             .with_state(state.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            axum::serve(listener, app).await.unwrap();
-        });
+        let addr = fake_http::serve(app).await;
         Self { addr, state }
     }
 
@@ -142,29 +140,12 @@ impl FakeSlack {
     }
 
     pub fn max_in_flight(&self, channel: &str) -> u32 {
-        self.state
-            .in_flight
-            .lock()
-            .unwrap()
-            .get(channel)
-            .map_or(0, |x| x.1)
+        self.state.in_flight.max(channel)
     }
 
     /// Waits until `pred` holds for what was received, or panics after `within`.
     pub async fn wait_for(&self, within: Duration, what: &str, pred: impl Fn(&[Received]) -> bool) {
-        let deadline = Instant::now() + within;
-        loop {
-            if pred(&self.received()) {
-                return;
-            }
-            if Instant::now() > deadline {
-                panic!(
-                    "timed out waiting for {what}; received {:#?}",
-                    self.received()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        fake_http::wait_for(within, what, || self.received(), pred).await;
     }
 }
 
@@ -187,12 +168,7 @@ async fn method(
             .unwrap_or_default()
             .to_string(),
     };
-    {
-        let mut f = s.in_flight.lock().unwrap();
-        let e = f.entry(channel.clone()).or_insert((0, 0));
-        e.0 += 1;
-        e.1 = e.1.max(e.0);
-    }
+    s.in_flight.enter(&channel);
     let latency = s.latency.lock().unwrap().get(&channel).copied();
     if let Some(d) = latency {
         tokio::time::sleep(d).await;
@@ -238,12 +214,7 @@ async fn method(
         resp.headers_mut()
             .insert("retry-after", secs.to_string().parse().unwrap());
     }
-    {
-        let mut f = s.in_flight.lock().unwrap();
-        if let Some(e) = f.get_mut(&channel) {
-            e.0 -= 1;
-        }
-    }
+    s.in_flight.leave(&channel);
     resp
 }
 
