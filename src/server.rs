@@ -156,10 +156,7 @@ async fn serve(
             let dir = &config.outbox.data_dir;
             tracing::info!(data_dir = %dir.display(), "durable outbox");
             let cache = config.outbox.cache_mib.saturating_mul(1 << 20);
-            Arc::new(
-                RedbStore::open_with_cache(dir, cache)
-                    .map_err(|e| ServeError::Outbox(e.to_string()))?,
-            )
+            Arc::new(RedbStore::open(dir, cache).map_err(|e| ServeError::Outbox(e.to_string()))?)
         }
         OutboxBackend::Memory => {
             tracing::warn!("in-memory outbox: accepted messages are lost on a crash or restart");

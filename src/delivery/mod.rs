@@ -71,10 +71,10 @@ struct Item {
     durable: Durable,
     /// A previous run may already have sent it (it was being delivered at a crash).
     possible_duplicate: bool,
-    /// Appended to the outbox already marked as being delivered (see `enqueue`).
-    marked_delivering: bool,
-    /// Marked as being delivered while the message before it was on its way (see `premark`).
-    premarked: Option<Durable>,
+    /// Set once the outbox was told it is being delivered, ahead of the worker: at append when
+    /// it is next in line (see `enqueue`), or while the message before it was on its way (see
+    /// `premark`). Resolves when that mark is durable.
+    delivering: Option<Durable>,
     /// Typing indicators are not kept in the outbox.
     ephemeral: bool,
     traceparent: Option<String>,
@@ -430,8 +430,7 @@ impl Dispatcher {
                 accepted_at: Instant::now(),
                 durable: ready_durable(),
                 possible_duplicate: m.state == DeliveryState::Delivering || m.possible_duplicate,
-                marked_delivering: false,
-                premarked: None,
+                delivering: None,
                 ephemeral: false,
                 traceparent: None,
                 done: None,
@@ -510,8 +509,7 @@ fn new_items(
                     accepted_at: now,
                     durable: ready_durable(),
                     possible_duplicate: false,
-                    marked_delivering: false,
-                    premarked: None,
+                    delivering: None,
                     ephemeral: false,
                     traceparent: s.traceparent,
                     done: tx,
@@ -605,7 +603,8 @@ impl Inner {
                     continue;
                 }
                 let state = if head && !item.rendered.requests.is_empty() {
-                    item.marked_delivering = true;
+                    // Durable with the append itself, which `durable` already stands for.
+                    item.delivering = Some(ready_durable());
                     DeliveryState::Delivering
                 } else {
                     DeliveryState::Accepted
@@ -877,11 +876,10 @@ impl Worker {
     /// A crash during the current call flags at most this one message more as a possible
     /// duplicate, which stays true to that flag's meaning.
     fn premark(&self, next: &mut Item) {
-        if next.ephemeral || next.marked_delivering || next.rendered.requests.is_empty() {
+        if next.ephemeral || next.delivering.is_some() || next.rendered.requests.is_empty() {
             return;
         }
-        next.marked_delivering = true;
-        next.premarked = Some(
+        next.delivering = Some(
             self.inner
                 .store
                 .update(next.id, Change::Delivering { attempts: 0 }),
@@ -1019,19 +1017,13 @@ impl Worker {
         // Nothing goes out before it is in the outbox, and the outbox knows it may have gone
         // out before the first call: after a crash it is then resent flagged as a possible duplicate.
         let mut ready = item.durable.clone().await;
-        if let (Ok(()), Some(mark)) = (&ready, &item.premarked) {
-            ready = mark.clone().await;
-        }
-        if ready.is_ok()
-            && !item.ephemeral
-            && !item.marked_delivering
-            && !item.rendered.requests.is_empty()
-        {
-            ready = self
-                .inner
-                .store
-                .update(item.id, Change::Delivering { attempts: 0 })
-                .await;
+        if ready.is_ok() && !item.ephemeral && !item.rendered.requests.is_empty() {
+            let mark = item.delivering.clone().unwrap_or_else(|| {
+                self.inner
+                    .store
+                    .update(item.id, Change::Delivering { attempts: 0 })
+            });
+            ready = mark.await;
         }
         if let Err(e) = ready {
             out.state = DeliveryState::Failed;

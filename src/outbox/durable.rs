@@ -169,14 +169,10 @@ fn durable(rx: oneshot::Receiver<Result<(), StoreError>>) -> Durable {
 }
 
 impl RedbStore {
-    /// Opens (or creates) `dir/outbox.redb` with a 16 MiB page cache.
-    pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        Self::open_with_cache(dir, 16 << 20)
-    }
-
     /// Opens (or creates) `dir/outbox.redb`. An interrupted previous run is repaired by redb.
-    /// redb's own default cache is 1 GiB: too much for a sidecar, so the caller bounds it.
-    pub fn open_with_cache(dir: &Path, cache_bytes: usize) -> Result<Self, StoreError> {
+    /// redb's own default cache is 1 GiB: too much for a sidecar, so the caller bounds it
+    /// (`outbox.cache_mib`).
+    pub fn open(dir: &Path, cache_bytes: usize) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| storage(format!("cannot create {}: {e}", dir.display())))?;
         let path = dir.join("outbox.redb");
@@ -642,7 +638,7 @@ mod tests {
     async fn survives_reopen_and_tracks_states() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let s = RedbStore::open(dir.path()).unwrap();
+            let s = RedbStore::open(dir.path(), 1 << 20).unwrap();
             assert_eq!(s.next_id(), 1);
             s.append(
                 vec![msg(1), msg(2), msg(3)],
@@ -668,7 +664,7 @@ mod tests {
             };
             s.update(2, Change::Finished(failed)).await.unwrap();
         }
-        let s = RedbStore::open(dir.path()).unwrap();
+        let s = RedbStore::open(dir.path(), 1 << 20).unwrap();
         assert_eq!(s.next_id(), 4);
         let pending: Vec<u64> = s.pending().unwrap().iter().map(|m| m.id).collect();
         assert_eq!(pending, vec![1, 3]);
@@ -684,7 +680,7 @@ mod tests {
     async fn appended_as_delivering_is_pending_and_redelivered_leaves_failed() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let s = RedbStore::open(dir.path()).unwrap();
+            let s = RedbStore::open(dir.path(), 1 << 20).unwrap();
             let mut head = msg(1);
             head.state = DeliveryState::Delivering;
             s.append(vec![head, msg(2)], None).await.unwrap();
@@ -698,7 +694,7 @@ mod tests {
             s.update(2, Change::Finished(failed)).await.unwrap();
             s.update(2, Change::Requeued).await.unwrap();
         }
-        let s = RedbStore::open(dir.path()).unwrap();
+        let s = RedbStore::open(dir.path(), 1 << 20).unwrap();
         let pending: Vec<(u64, DeliveryState)> = s
             .pending()
             .unwrap()
@@ -715,7 +711,7 @@ mod tests {
     #[tokio::test]
     async fn delivered_messages_are_compacted_after_retention() {
         let dir = tempfile::tempdir().unwrap();
-        let s = RedbStore::open(dir.path()).unwrap();
+        let s = RedbStore::open(dir.path(), 1 << 20).unwrap();
         s.append(vec![msg(1), msg(2)], None).await.unwrap();
         let done = Outcome {
             state: DeliveryState::Delivered,

@@ -42,29 +42,32 @@ fn is_loopback(host: &str) -> bool {
 
 /// Why a service URL may not receive a token, or `None` when it may.
 pub fn service_url_refusal(patterns: &[String], service_url: &str) -> Option<String> {
-    match url::Url::parse(service_url) {
-        Ok(u) => url_refusal(patterns, &u),
-        Err(e) => Some(format!("`{service_url}` is not a URL: {e}")),
-    }
+    allowed_url(patterns, service_url).err()
 }
 
-fn url_refusal(patterns: &[String], url: &url::Url) -> Option<String> {
+/// The URL parsed once, if it may receive a token: the allow-list decides on the very URL the
+/// request then goes to.
+fn allowed_url(patterns: &[String], service_url: &str) -> Result<url::Url, String> {
+    let url =
+        url::Url::parse(service_url).map_err(|e| format!("`{service_url}` is not a URL: {e}"))?;
     let Some(host) = url.host_str() else {
-        let service_url = url.as_str();
-        return Some(format!("`{service_url}` has no host"));
+        return Err(format!("`{service_url}` has no host"));
     };
     if !host_allowed(patterns, host) {
-        return Some(format!(
+        return Err(format!(
             "host `{host}` is not in channels.botframework.allowed_service_hosts"
         ));
     }
     match url.scheme() {
-        "https" => None,
-        "http" if is_loopback(host) => None,
-        s => Some(format!(
-            "scheme `{s}` is not allowed for `{host}`: only https (http for loopback hosts)"
-        )),
+        "https" => {}
+        "http" if is_loopback(host) => {}
+        s => {
+            return Err(format!(
+                "scheme `{s}` is not allowed for `{host}`: only https (http for loopback hosts)"
+            ));
+        }
     }
+    Ok(url)
 }
 
 struct CachedToken {
@@ -244,19 +247,12 @@ impl BotFrameworkClient {
     }
 
     async fn call(&self, req: &NativeRequest) -> Result<Value, ChannelError> {
-        // Parsed once: the allow-list decides on the very URL the request goes to.
-        let url = url::Url::parse(&req.url)
-            .map_err(|e| format!("`{}` is not a URL: {e}", req.url))
-            .and_then(
-                |u| match url_refusal(&self.config.allowed_service_hosts, &u) {
-                    Some(reason) => Err(reason),
-                    None => Ok(u),
-                },
-            )
-            .map_err(|reason| ChannelError {
+        let url = allowed_url(&self.config.allowed_service_hosts, &req.url).map_err(|reason| {
+            ChannelError {
                 code: Some("service_url_not_allowed".into()),
                 ..ChannelError::new(CHANNEL, FailureKind::Permanent, reason)
-            })?;
+            }
+        })?;
         let mut token = self.token(&req.credential, None).await?;
         let mut retried_401 = false;
         loop {
