@@ -27,15 +27,7 @@ async fn fifty_conversations_of_two_hundred_keep_order_under_concurrency() {
             tasks.push(tokio::spawn(async move {
                 let mut client = client;
                 for i in 0..100 {
-                    client
-                        .send(pb::SendRequest {
-                            message: Some(pb::Message {
-                                address: Some(address.clone()),
-                                text: format!("s{s}-{i}"),
-                                ..Default::default()
-                            }),
-                            ..Default::default()
-                        })
+                    send_text(&mut client, &address, format!("s{s}-{i}"))
                         .await
                         .unwrap();
                 }
@@ -145,15 +137,7 @@ async fn a_batch_is_contiguous_while_other_sends_race_it() {
         let address = h.address("shared");
         tokio::spawn(async move {
             for i in 0..150 {
-                client
-                    .send(pb::SendRequest {
-                        message: Some(pb::Message {
-                            address: Some(address.clone()),
-                            text: format!("single-{i}"),
-                            ..Default::default()
-                        }),
-                        ..Default::default()
-                    })
+                send_text(&mut client, &address, format!("single-{i}"))
                     .await
                     .unwrap();
             }
@@ -723,15 +707,7 @@ async fn idle_workers_are_evicted_without_losing_messages() {
         let address = h.address(&format!("idle-{c}"));
         tasks.push(tokio::spawn(async move {
             for i in 0..60u64 {
-                client
-                    .send(pb::SendRequest {
-                        message: Some(pb::Message {
-                            address: Some(address.clone()),
-                            text: format!("m{i}"),
-                            ..Default::default()
-                        }),
-                        ..Default::default()
-                    })
+                send_text(&mut client, &address, format!("m{i}"))
                     .await
                     .unwrap();
                 tokio::time::sleep(Duration::from_micros(rand::random::<u64>() % 1500)).await;

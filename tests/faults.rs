@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use common::*;
 
-use channel_gateway::api::pb;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn everything_arrives_in_order_through_random_faults() {
@@ -32,15 +31,7 @@ async fn everything_arrives_in_order_through_random_faults() {
         let address = h.address(&format!("f-{c}"));
         tasks.push(tokio::spawn(async move {
             for i in 0..PER {
-                client
-                    .send(pb::SendRequest {
-                        message: Some(pb::Message {
-                            address: Some(address.clone()),
-                            text: format!("{i}"),
-                            ..Default::default()
-                        }),
-                        ..Default::default()
-                    })
+                send_text(&mut client, &address, format!("{i}"))
                     .await
                     .unwrap();
             }

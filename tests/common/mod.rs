@@ -424,15 +424,27 @@ impl Harness {
     }
 
     pub async fn send(&self, conv: &str, text: &str) -> Result<pb::SendResponse, tonic::Status> {
-        self.client
-            .clone()
-            .send(pb::SendRequest {
-                message: Some(self.text(conv, text)),
-                ..Default::default()
-            })
-            .await
-            .map(|r| r.into_inner())
+        send_text(&mut self.client.clone(), &self.address(conv), text.into()).await
     }
+}
+
+/// One Send of `text` to `address`, for a task that owns its client.
+pub async fn send_text(
+    client: &mut ChannelGatewayClient<tonic::transport::Channel>,
+    address: &pb::Address,
+    text: String,
+) -> Result<pb::SendResponse, tonic::Status> {
+    client
+        .send(pb::SendRequest {
+            message: Some(pb::Message {
+                address: Some(address.clone()),
+                text,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .map(|r| r.into_inner())
 }
 
 /// The BadRequest field paths of an INVALID_ARGUMENT status.
