@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use common::*;
 
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn everything_arrives_in_order_through_random_faults() {
     let h = start_with(|c| {

@@ -274,3 +274,70 @@ fn text(fake: &FakeConnector, conv: &str, text: &str) -> pb::Message {
         ..Default::default()
     }
 }
+
+/// The delivering mark runs at most one message ahead of the channel, so a crash can flag only
+/// the message in flight and the next one of its conversation as possible duplicates (README,
+/// outbox): while the first of three is on its way, the second is marked and the third is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_next_message_is_marked_ahead_of_the_call() {
+    let h = start().await;
+    let mut c = h.client.clone();
+    h.fake.set_latency("ahead", Duration::from_millis(1500));
+    let ids: Vec<String> = c
+        .send_batch(pb::SendBatchRequest {
+            messages: ["one", "two", "three"]
+                .iter()
+                .map(|t| h.text("ahead", t))
+                .collect(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .results
+        .into_iter()
+        .map(|r| r.message_id)
+        .collect();
+    let state = |id: String| {
+        let mut c = h.client.clone();
+        async move {
+            c.get_delivery(pb::GetDeliveryRequest { message_id: id })
+                .await
+                .unwrap()
+                .into_inner()
+                .delivery
+                .unwrap()
+                .state
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while state(ids[1].clone()).await != pb::DeliveryState::Delivering as i32 {
+        assert!(
+            Instant::now() < deadline,
+            "the second message was never marked"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        state(ids[0].clone()).await,
+        pb::DeliveryState::Delivering as i32,
+        "the first is still on its way"
+    );
+    assert_eq!(
+        state(ids[2].clone()).await,
+        pb::DeliveryState::Accepted as i32,
+        "the third is not marked before the second goes out"
+    );
+    h.fake
+        .wait_for(Duration::from_secs(30), "all three", |r| {
+            r.iter().filter(|x| x.conversation == "ahead").count() == 3
+        })
+        .await;
+    let texts: Vec<String> = h
+        .fake
+        .for_conversation("ahead")
+        .iter()
+        .map(|r| r.text().to_string())
+        .collect();
+    assert_eq!(texts, ["one", "two", "three"]);
+}
