@@ -571,6 +571,28 @@ fn ms(d: Duration) -> String {
 
 struct Row(String, String);
 
+/// Adds a row to the table and prints it at once (a long run shows progress).
+fn report(rows: &mut Vec<Row>, name: String, result: String) {
+    println!("{name}: {result}");
+    rows.push(Row(name, result));
+}
+
+/// One message to each of `n` conversations numbered from `first`, each call waiting until its
+/// message is delivered (no backlog builds up in the gateway); returns once the fake has them all.
+async fn wave(client: &Client, fake_port: u16, n: usize, first: usize) {
+    let seqs = Arc::new(Mutex::new(vec![0u64; n]));
+    let load = Load {
+        concurrency: 64.min(n),
+        conversations: n,
+        messages: n,
+        batch: 1,
+        first_conversation: first,
+        wait_delivered: true,
+    };
+    let r = drive(client, fake_port, &load, &seqs).await;
+    wait_delivered(fake_port, r.messages as u64, Duration::from_secs(600)).await;
+}
+
 /// `--only <text>` runs just the scenarios whose name contains it (for profiling one path).
 fn selected(name: &str) -> bool {
     arg("--only").is_none_or(|o| name.contains(&o))
@@ -608,7 +630,8 @@ async fn delivery_scenario(
     let violations = stats["violations"].as_u64().unwrap_or(0);
     assert_eq!(violations, 0, "{name}: ORDER VIOLATED at the fake channel");
     let (_, peak) = gw.rss_kib();
-    rows.push(Row(
+    report(
+        rows,
         name.to_string(),
         format!(
             "accepted {:.0} calls/s (p50 {} ms, p99 {} ms, p99.9 {} ms); delivered {:.0} msg/s; end-to-end p50 {:.2} ms, p99 {:.2} ms; order OK ({} msgs, {} dup); gateway peak RSS {} MiB",
@@ -623,10 +646,6 @@ async fn delivery_scenario(
             stats["duplicates"],
             peak / 1024
         ),
-    ));
-    println!(
-        "{name}: {}",
-        rows.last().map(|r| r.1.as_str()).unwrap_or("")
     );
     (r, delivered_per_s)
 }
@@ -645,38 +664,18 @@ async fn rss_per_conversation(fake: &Proc, n: usize, rows: &mut Vec<Row>) {
     let gw = spawn_gateway(fake.port, dir.path(), &opts);
     let client = connect(gw.port).await;
     // Warm up the paths once so the baseline includes code, pools and the token.
-    let warm = Load {
-        concurrency: 1,
-        conversations: 1,
-        messages: 1,
-        batch: 1,
-        first_conversation: 0,
-        wait_delivered: false,
-    };
-    let seqs = Arc::new(Mutex::new(vec![0u64; n.max(1)]));
-    drive(&client, fake.port, &warm, &seqs).await;
-    wait_delivered(fake.port, 1, Duration::from_secs(30)).await;
+    wave(&client, fake.port, 1, n).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (base, _) = gw.rss_kib();
     fake_reset(fake.port).await;
-    let seqs = Arc::new(Mutex::new(vec![0u64; n]));
-    let load = Load {
-        concurrency: 64.min(n),
-        conversations: n,
-        messages: n,
-        batch: 1,
-        first_conversation: 0,
-        // Otherwise the backlog of accepted messages, freed once delivered but kept by the
-        // allocator, would be counted as conversation state.
-        wait_delivered: true,
-    };
-    // Conversation c0 already had message 0: it now starts at 1 at the fake, which resets.
-    let r = drive(&client, fake.port, &load, &seqs).await;
-    wait_delivered(fake.port, r.messages as u64, Duration::from_secs(600)).await;
+    // Waiting for each delivery: a backlog of accepted messages, freed once delivered but kept
+    // by the allocator, would otherwise be counted as conversation state.
+    wave(&client, fake.port, n, 0).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (after, _) = gw.rss_kib();
     let per = (after.saturating_sub(base) as f64 * 1024.0) / n as f64;
-    rows.push(Row(
+    report(
+        rows,
         format!("RSS, {n} active conversations"),
         format!(
             "{} MiB -> {} MiB: {:.0} bytes per active conversation",
@@ -684,11 +683,6 @@ async fn rss_per_conversation(fake: &Proc, n: usize, rows: &mut Vec<Row>) {
             after / 1024,
             per
         ),
-    ));
-    println!(
-        "{}: {}",
-        rows.last().map(|r| r.0.as_str()).unwrap_or(""),
-        rows.last().map(|r| r.1.as_str()).unwrap_or("")
     );
 }
 
@@ -737,19 +731,9 @@ async fn rss_after_eviction(fake: &Proc, n: usize, rows: &mut Vec<Row>) {
     let client = connect(gw.port).await;
     let (base, _) = gw.rss_kib();
     let mut after = Vec::new();
-    for wave in 0..2 {
+    for i in 0..2 {
         fake_reset(fake.port).await;
-        let seqs = Arc::new(Mutex::new(vec![0u64; n]));
-        let load = Load {
-            concurrency: 64,
-            conversations: n,
-            messages: n,
-            batch: 1,
-            first_conversation: wave * n,
-            wait_delivered: true,
-        };
-        let r = drive(&client, fake.port, &load, &seqs).await;
-        wait_delivered(fake.port, r.messages as u64, Duration::from_secs(600)).await;
+        wave(&client, fake.port, n, i * n).await;
         let (active, _) = gw.rss_kib();
         wait_evicted(gw.admin).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -757,7 +741,8 @@ async fn rss_after_eviction(fake: &Proc, n: usize, rows: &mut Vec<Row>) {
         after.push((active, evicted));
     }
     let grew = after[1].1.saturating_sub(after[0].1);
-    rows.push(Row(
+    report(
+        rows,
         format!("RSS, {n} conversations evicted, then {n} new ones"),
         format!(
             "{} MiB at start; wave 1: {} MiB active, {} MiB once evicted (0 workers); wave 2 of new conversations: {} MiB active, {} MiB once evicted: {:.0} bytes per evicted conversation",
@@ -768,11 +753,6 @@ async fn rss_after_eviction(fake: &Proc, n: usize, rows: &mut Vec<Row>) {
             after[1].1 / 1024,
             grew as f64 * 1024.0 / n as f64
         ),
-    ));
-    println!(
-        "{}: {}",
-        rows.last().map(|r| r.0.as_str()).unwrap_or(""),
-        rows.last().map(|r| r.1.as_str()).unwrap_or("")
     );
 }
 
@@ -809,7 +789,8 @@ async fn driver() {
     };
     let e = drive(&echo_client, 1, &echo_load, &seqs).await;
     drop(echo);
-    rows.push(Row(
+    report(
+        &mut rows,
         "echo server (baseline)".into(),
         format!(
             "{:.0} calls/s (p50 {} ms, p99 {} ms, p99.9 {} ms)",
@@ -818,8 +799,7 @@ async fn driver() {
             ms(e.p99),
             ms(e.p999)
         ),
-    ));
-    println!("echo: {:.0} calls/s", e.calls_per_s);
+    );
 
     let fake = spawn_role("fake", &[]).await;
     let sends = Load {
