@@ -279,8 +279,8 @@ impl RedbStore {
         let mut ov = self.overlay();
         let current = match ov.state(id) {
             Some(s) => s,
-            // A final outcome replaces every field but the duplicate flag, and the dispatcher
-            // has already folded the message's own flag into it: nothing to read back.
+            // A final outcome replaces the whole state (see `Change::Finished`): nothing to read
+            // back, whatever this placeholder says.
             None if matches!(change, Change::Finished(_)) => StateRecord {
                 state: DeliveryState::Accepted,
                 attempts: 0,

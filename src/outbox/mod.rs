@@ -86,9 +86,10 @@ impl StoredMessage {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Change {
     /// About to call the channel (from now on a crash may leave a duplicate).
-    Delivering {
-        attempts: u32,
-    },
+    Delivering { attempts: u32 },
+    /// The final outcome. It replaces the whole state: its `possible_duplicate` is the message's
+    /// whole flag (the dispatcher folds in what the record said before), so a backend never
+    /// needs to read the previous state to record it.
     Finished(Outcome),
     /// A proactive start created its conversation: the message now belongs to it.
     Moved {
@@ -203,7 +204,7 @@ pub(crate) fn apply_state(s: &mut StateRecord, change: Change) {
             s.attempts = o.attempts;
             s.receipts = o.receipts;
             s.error = o.error;
-            s.possible_duplicate |= o.possible_duplicate;
+            s.possible_duplicate = o.possible_duplicate;
         }
         Change::Requeued => {
             s.state = DeliveryState::Accepted;
