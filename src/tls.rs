@@ -242,6 +242,8 @@ pub fn incoming(
             if tx.is_closed() {
                 return;
             }
+            // Same reason as the plain listener's: see `server::no_delay`.
+            let _ = tcp.set_nodelay(true);
             let acceptor = tls.acceptor();
             let tx = tx.clone();
             tokio::spawn(async move {
