@@ -103,12 +103,15 @@ fn load(
 }
 
 /// A new version of one message: its state, and its body when that is new too (an append or
-/// a proactive move). State changes never carry the body, so they cost a few bytes.
+/// a proactive move). State changes never carry the body, so they cost a few bytes. Both come
+/// encoded by the caller: the writer is the one serial step every acceptance waits for, so it
+/// only inserts bytes.
 struct Entry {
     version: u64,
     id: u64,
-    body: Option<Arc<StoredMessage>>,
+    body: Option<Vec<u8>>,
     state: StateRecord,
+    state_bytes: Vec<u8>,
 }
 
 enum Cmd {
@@ -162,6 +165,12 @@ fn storage(e: impl std::fmt::Display) -> StoreError {
     StoreError::Storage(e.to_string())
 }
 
+fn failed_durable(e: StoreError) -> Durable {
+    let f: std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), StoreError>> + Send>> =
+        Box::pin(async move { Err(e) });
+    f.shared()
+}
+
 fn durable(rx: oneshot::Receiver<Result<(), StoreError>>) -> Durable {
     let f: std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), StoreError>> + Send>> =
         Box::pin(rx.map(|r| r.unwrap_or(Err(StoreError::Closed))));
@@ -189,11 +198,9 @@ impl RedbStore {
             txn.open_table(FAILED).map_err(storage)?;
             txn.open_table(DELIVERED).map_err(storage)?;
             txn.open_table(IDEMPOTENCY).map_err(storage)?;
+            let messages = txn.open_table(MESSAGES).map_err(storage)?;
             let meta = txn.open_table(META).map_err(storage)?;
-            meta.get("next_id")
-                .map_err(storage)?
-                .map(|v| v.value())
-                .unwrap_or(1)
+            next_id_after(&messages, &meta)?
         };
         txn.commit().map_err(storage)?;
         let db = Arc::new(db);
@@ -249,20 +256,27 @@ impl RedbStore {
         messages: Vec<StoredMessage>,
         idempotency: Option<(String, IdempotencyRecord)>,
     ) -> Durable {
+        let mut encoded = Vec::with_capacity(messages.len());
+        for m in messages {
+            let state = m.state_record();
+            match (encode_body(&m), encode_state(&state)) {
+                (Ok(body), Ok(state_bytes)) => encoded.push((Arc::new(m), body, state, state_bytes)),
+                (Err(e), _) | (_, Err(e)) => return failed_durable(e),
+            }
+        }
         let (ack, rx) = oneshot::channel();
         let mut ov = self.overlay();
-        let mut entries = Vec::with_capacity(messages.len());
-        for m in messages {
+        let mut entries = Vec::with_capacity(encoded.len());
+        for (m, body, state, state_bytes) in encoded {
             let version = ov.next_version();
-            let state = m.state_record();
-            let m = Arc::new(m);
             ov.states.remove(&m.id);
             ov.bodies.insert(m.id, (version, m.clone()));
             entries.push(Entry {
                 version,
                 id: m.id,
-                body: Some(m),
+                body: Some(body),
                 state,
+                state_bytes,
             });
         }
         self.send(Cmd::Put {
@@ -303,6 +317,10 @@ impl RedbStore {
         };
         let mut state = current;
         apply_state(&mut state, change);
+        let state_bytes = match encode_state(&state) {
+            Ok(b) => b,
+            Err(e) => return failed_durable(e),
+        };
         let (ack, rx) = oneshot::channel();
         let version = ov.next_version();
         ov.states.insert(id, (version, state.clone()));
@@ -312,6 +330,7 @@ impl RedbStore {
                 id,
                 body: None,
                 state,
+                state_bytes,
             }],
             idempotency: None,
             ack,
@@ -522,11 +541,6 @@ fn commit(db: &Database, batch: &[Cmd], compacted: &mut usize) -> Result<(), Sto
         let mut delivered = txn.open_table(DELIVERED).map_err(storage)?;
         let mut idem = txn.open_table(IDEMPOTENCY).map_err(storage)?;
         let mut meta = txn.open_table(META).map_err(storage)?;
-        let mut next_id = meta
-            .get("next_id")
-            .map_err(storage)?
-            .map(|v| v.value())
-            .unwrap_or(1);
         for cmd in batch {
             match cmd {
                 Cmd::Put {
@@ -540,14 +554,11 @@ fn commit(db: &Database, batch: &[Cmd], compacted: &mut usize) -> Result<(), Sto
                             .map_err(storage)?;
                     }
                     for e in entries {
-                        if let Some(m) = &e.body {
-                            messages
-                                .insert(e.id, encode_body(m)?.as_slice())
-                                .map_err(storage)?;
-                            next_id = next_id.max(e.id + 1);
+                        if let Some(body) = &e.body {
+                            messages.insert(e.id, body.as_slice()).map_err(storage)?;
                         }
                         states
-                            .insert(e.id, encode_state(&e.state)?.as_slice())
+                            .insert(e.id, e.state_bytes.as_slice())
                             .map_err(storage)?;
                         // Only the changes that move a message in or out of a list touch it.
                         match e.state.state {
@@ -581,6 +592,9 @@ fn commit(db: &Database, batch: &[Cmd], compacted: &mut usize) -> Result<(), Sto
                     idem_cutoff_ms,
                     ..
                 } => {
+                    // Compaction may remove the newest message: record the bound first.
+                    let next_id = next_id_after(&messages, &meta)?;
+                    meta.insert("next_id", next_id).map_err(storage)?;
                     let old: Vec<(u64, u64)> = delivered
                         .range(..(*cutoff_ms, 0))
                         .map_err(storage)?
@@ -607,9 +621,27 @@ fn commit(db: &Database, batch: &[Cmd], compacted: &mut usize) -> Result<(), Sto
                 }
             }
         }
-        meta.insert("next_id", next_id).map_err(storage)?;
     }
     txn.commit().map_err(storage)
+}
+
+/// The next message id: past the newest message kept, and past the bound compaction recorded
+/// when it removed messages. Appends don't write the bound, so a commit touches one table less.
+fn next_id_after(
+    messages: &impl ReadableTable<u64, &'static [u8]>,
+    meta: &impl ReadableTable<&'static str, u64>,
+) -> Result<u64, StoreError> {
+    let newest = messages
+        .last()
+        .map_err(storage)?
+        .map(|(k, _)| k.value() + 1)
+        .unwrap_or(1);
+    let recorded = meta
+        .get("next_id")
+        .map_err(storage)?
+        .map(|v| v.value())
+        .unwrap_or(1);
+    Ok(newest.max(recorded))
 }
 
 #[cfg(test)]
@@ -725,5 +757,27 @@ mod tests {
         assert_eq!(s.compact(u64::MAX, 0), 1);
         assert!(s.get(1).is_none());
         assert!(s.get(2).is_some(), "undelivered kept");
+    }
+
+    #[tokio::test]
+    async fn ids_are_not_reused_after_the_newest_message_is_compacted() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = RedbStore::open(dir.path(), 1 << 20).unwrap();
+            s.append(vec![msg(1), msg(2)], None).await.unwrap();
+            let done = Outcome {
+                state: DeliveryState::Delivered,
+                receipts: vec![],
+                error: None,
+                attempts: 1,
+                possible_duplicate: false,
+            };
+            for id in [1, 2] {
+                s.update(id, Change::Finished(done.clone())).await.unwrap();
+            }
+            assert_eq!(s.compact(u64::MAX, 0), 2);
+        }
+        let s = RedbStore::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(s.next_id(), 3, "the bound compaction recorded survives");
     }
 }
