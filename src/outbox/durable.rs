@@ -260,7 +260,9 @@ impl RedbStore {
         for m in messages {
             let state = m.state_record();
             match (encode_body(&m), encode_state(&state)) {
-                (Ok(body), Ok(state_bytes)) => encoded.push((Arc::new(m), body, state, state_bytes)),
+                (Ok(body), Ok(state_bytes)) => {
+                    encoded.push((Arc::new(m), body, state, state_bytes))
+                }
                 (Err(e), _) | (_, Err(e)) => return failed_durable(e),
             }
         }
