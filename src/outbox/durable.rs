@@ -668,6 +668,16 @@ mod tests {
         }
     }
 
+    fn finished(state: DeliveryState, attempts: u32) -> Outcome {
+        Outcome {
+            state,
+            receipts: vec![],
+            error: None,
+            attempts,
+            possible_duplicate: false,
+        }
+    }
+
     #[tokio::test]
     async fn survives_reopen_and_tracks_states() {
         let dir = tempfile::tempdir().unwrap();
@@ -689,13 +699,7 @@ mod tests {
             s.update(1, Change::Delivering { attempts: 1 })
                 .await
                 .unwrap();
-            let failed = Outcome {
-                state: DeliveryState::Failed,
-                receipts: vec![],
-                error: None,
-                attempts: 2,
-                possible_duplicate: false,
-            };
+            let failed = finished(DeliveryState::Failed, 2);
             s.update(2, Change::Finished(failed)).await.unwrap();
         }
         let s = RedbStore::open(dir.path(), 1 << 20).unwrap();
@@ -718,13 +722,7 @@ mod tests {
             let mut head = msg(1);
             head.state = DeliveryState::Delivering;
             s.append(vec![head, msg(2)], None).await.unwrap();
-            let failed = Outcome {
-                state: DeliveryState::Failed,
-                receipts: vec![],
-                error: None,
-                attempts: 1,
-                possible_duplicate: false,
-            };
+            let failed = finished(DeliveryState::Failed, 1);
             s.update(2, Change::Finished(failed)).await.unwrap();
             s.update(2, Change::Requeued).await.unwrap();
         }
@@ -747,13 +745,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = RedbStore::open(dir.path(), 1 << 20).unwrap();
         s.append(vec![msg(1), msg(2)], None).await.unwrap();
-        let done = Outcome {
-            state: DeliveryState::Delivered,
-            receipts: vec![],
-            error: None,
-            attempts: 1,
-            possible_duplicate: false,
-        };
+        let done = finished(DeliveryState::Delivered, 1);
         s.update(1, Change::Finished(done)).await.unwrap();
         assert_eq!(s.compact(0, 0), 0, "not old enough");
         assert_eq!(s.compact(u64::MAX, 0), 1);
@@ -767,13 +759,7 @@ mod tests {
         {
             let s = RedbStore::open(dir.path(), 1 << 20).unwrap();
             s.append(vec![msg(1), msg(2)], None).await.unwrap();
-            let done = Outcome {
-                state: DeliveryState::Delivered,
-                receipts: vec![],
-                error: None,
-                attempts: 1,
-                possible_duplicate: false,
-            };
+            let done = finished(DeliveryState::Delivered, 1);
             for id in [1, 2] {
                 s.update(id, Change::Finished(done.clone())).await.unwrap();
             }
