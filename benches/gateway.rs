@@ -628,9 +628,13 @@ async fn wave(client: &Client, fake_port: u16, n: usize, first: usize) {
     wait_delivered(fake_port, r.messages as u64, Duration::from_secs(600)).await;
 }
 
-/// `--only <text>` runs just the scenarios whose name contains it (for profiling one path).
+/// `--only <text>` runs just the scenarios whose name contains it (for profiling one path);
+/// `--only =<name>` the one scenario with exactly that name.
 fn selected(name: &str) -> bool {
-    arg("--only").is_none_or(|o| name.contains(&o))
+    arg("--only").is_none_or(|o| match o.strip_prefix('=') {
+        Some(exact) => name == exact,
+        None => name.contains(&o),
+    })
 }
 
 async fn delivery_scenario(
