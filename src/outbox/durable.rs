@@ -473,28 +473,15 @@ impl Store for RedbStore {
 
 fn writer(db: Arc<Database>, overlay: Arc<Mutex<Overlay>>, rx: mpsc::Receiver<Cmd>) {
     const MAX_BATCH: usize = 8192;
-    const GATHER_FROM: usize = 8;
-    const GATHER_BELOW: usize = 64;
-    const GATHER_FOR: std::time::Duration = std::time::Duration::from_micros(300);
+    // Group commit: everything that queued up during the previous commit goes in the next one.
+    // Waiting on purpose to gather more (up to 300 µs once 8 commands were waiting) was tried:
+    // in interleaved runs it was not faster, and it delays every acknowledgement it holds.
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
                 Ok(c) => batch.push(c),
                 Err(_) => break,
-            }
-        }
-        // Under broad load (many commands already waiting), a short wait gathers more into one
-        // commit: each commit costs an fsync and rewrites the tree's upper pages whatever it
-        // carries. A lone or serial writer (one hot conversation) never waits.
-        if (GATHER_FROM..GATHER_BELOW).contains(&batch.len()) {
-            let until = std::time::Instant::now() + GATHER_FOR;
-            while batch.len() < MAX_BATCH {
-                let left = until.saturating_duration_since(std::time::Instant::now());
-                match rx.recv_timeout(left) {
-                    Ok(c) => batch.push(c),
-                    Err(_) => break,
-                }
             }
         }
         let mut compacted = 0;
