@@ -364,7 +364,10 @@ struct GatewayOpts {
 fn spawn_gateway(fake_port: u16, data_dir: &std::path::Path, o: &GatewayOpts) -> Proc {
     let port = free_port();
     let admin = free_port();
-    let exe = env!("CARGO_BIN_EXE_channel-gateway");
+    // Another build of the gateway can be measured against this one with the same benchmark
+    // binary (A/B runs, bench/PROFILE.md).
+    let exe = std::env::var("BENCH_GATEWAY_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_channel-gateway").to_string());
     let child = Command::new(exe)
         .args([
             "serve",
