@@ -872,3 +872,37 @@ async fn a_429_pauses_every_conversation_of_the_same_host() {
         b.duration_since(refused_at)
     );
 }
+
+/// A message far back in its line keeps its requests without their bodies until its turn
+/// (`delivery::SHED_AFTER`), then is rendered again: it must reach the channel exactly as the
+/// ones that kept their bodies, and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_far_back_in_a_long_line_go_out_rendered_again_and_in_order() {
+    let h = common::start().await;
+    h.fake.set_latency("deep", Duration::from_secs(2));
+    let address = h.address("deep");
+    let mut client = h.client.clone();
+    for i in 0..60 {
+        common::send_text(&mut client, &address, format!("m{i}"))
+            .await
+            .unwrap();
+    }
+    h.fake.set_latency("deep", Duration::ZERO);
+    h.fake
+        .wait_for(Duration::from_secs(20), "60 activities", |r| {
+            r.iter().filter(|x| x.conversation == "deep").count() == 60
+        })
+        .await;
+    let got = h.fake.for_conversation("deep");
+    let texts: Vec<&str> = got.iter().map(|r| r.text()).collect();
+    let want: Vec<String> = (0..60).map(|i| format!("m{i}")).collect();
+    assert_eq!(texts, want);
+    let without_text = |r: &common::Received| {
+        let mut b = r.body.clone();
+        b.as_object_mut().unwrap().remove("text");
+        b
+    };
+    for r in &got[1..] {
+        assert_eq!(without_text(r), without_text(&got[0]), "{}", r.text());
+    }
+}

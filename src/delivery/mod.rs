@@ -79,6 +79,27 @@ struct Item {
     ephemeral: bool,
     traceparent: Option<String>,
     done: Option<oneshot::Sender<Outcome>>,
+    /// Its request bodies were dropped while it waited far back in its line (`SHED_AFTER`); it
+    /// is rendered again when its turn comes.
+    shed: bool,
+}
+
+/// A message with this many ahead of it in its conversation keeps its requests without their
+/// bodies until its turn. A rendered body is a JSON tree several times the size of the message
+/// (about 2.5 KB for a short text), and a backlog would hold one per message: rendering again
+/// costs a few microseconds per message once a backlog forms, and nothing before.
+const SHED_AFTER: usize = 32;
+
+impl Item {
+    fn shed_bodies(&mut self) {
+        if self.ephemeral || self.rendered.requests.is_empty() {
+            return;
+        }
+        for r in &mut self.rendered.requests {
+            r.body = serde_json::Value::Null;
+        }
+        self.shed = true;
+    }
 }
 
 enum Job {
@@ -434,6 +455,7 @@ impl Dispatcher {
                 ephemeral: false,
                 traceparent: None,
                 done: None,
+                shed: false,
             };
             match render_error {
                 Some(reason) => {
@@ -513,6 +535,7 @@ fn new_items(
                     ephemeral: false,
                     traceparent: s.traceparent,
                     done: tx,
+                    shed: false,
                 },
                 rx,
             )
@@ -645,6 +668,14 @@ impl Inner {
             }
         } else {
             ids = job.items().iter().map(|i| i.id).collect();
+        }
+        if let Job::Deliver { items, .. } = &mut job {
+            let ahead = shard
+                .get(key)
+                .map_or(0, |e| e.line.queued.load(Ordering::SeqCst));
+            for item in items.iter_mut().skip(SHED_AFTER.saturating_sub(ahead)) {
+                item.shed_bodies();
+            }
         }
         self.undelivered.fetch_add(n, Ordering::SeqCst);
         let tickets = ids
@@ -967,7 +998,32 @@ impl Worker {
             .is_some_and(|exp| exp <= time::OffsetDateTime::now_utc())
     }
 
-    async fn deliver(&self, item: Item) {
+    /// A message that can no longer be rendered (its channel's configuration changed since).
+    fn render_failure(&self, e: &impl std::fmt::Display) -> ChannelError {
+        ChannelError {
+            code: Some("render".into()),
+            ..ChannelError::new(&self.key.channel_id, FailureKind::Permanent, e.to_string())
+        }
+    }
+
+    async fn deliver(&self, mut item: Item) {
+        if item.shed {
+            match self
+                .inner
+                .channels
+                .render_send(&item.message, item.proactive.as_ref())
+            {
+                Ok(r) => {
+                    item.rendered.requests = r.requests;
+                    item.shed = false;
+                }
+                Err(e) => {
+                    let err = self.render_failure(&e);
+                    self.fail(item, err, 0);
+                    return;
+                }
+            }
+        }
         // The caller's trace continues here: its trace id and parent span on every line.
         let (trace_id, parent_id) = item
             .traceparent
@@ -1175,14 +1231,7 @@ impl Worker {
                             ready.push(item);
                         }
                         Err(e) => {
-                            let err = ChannelError {
-                                code: Some("render".into()),
-                                ..ChannelError::new(
-                                    &self.key.channel_id,
-                                    FailureKind::Permanent,
-                                    e.to_string(),
-                                )
-                            };
+                            let err = self.render_failure(&e);
                             self.fail(item, err, 0);
                         }
                     }
