@@ -192,7 +192,6 @@ impl RedbStore {
         let txn = db.begin_write().map_err(storage)?;
         let next_id = {
             // Create every table up front so readers never meet a missing one.
-            txn.open_table(MESSAGES).map_err(storage)?;
             txn.open_table(STATES).map_err(storage)?;
             txn.open_table(PENDING).map_err(storage)?;
             txn.open_table(FAILED).map_err(storage)?;
