@@ -418,6 +418,26 @@ fn spawn_gateway(fake_port: u16, data_dir: &std::path::Path, o: &GatewayOpts) ->
     Proc { child, port, admin }
 }
 
+/// A gateway for one scenario: on a fresh data directory, with a client connected, and the
+/// fake's records cleared. Dropped in field order: the process goes before its directory.
+struct Started {
+    gw: Proc,
+    client: Client,
+    _dir: tempfile::TempDir,
+}
+
+async fn start_gateway(fake: &Proc, opts: &GatewayOpts) -> Started {
+    fake_reset(fake.port).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gw = spawn_gateway(fake.port, dir.path(), opts);
+    let client = connect(gw.port).await;
+    Started {
+        gw,
+        client,
+        _dir: dir,
+    }
+}
+
 async fn connect(port: u16) -> Client {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -659,13 +679,11 @@ async fn delivery_scenario(
             0.0,
         );
     }
-    fake_reset(fake.port).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let gw = spawn_gateway(fake.port, dir.path(), gw_opts);
-    let client = connect(gw.port).await;
+    let started = start_gateway(fake, gw_opts).await;
+    let (gw, client) = (&started.gw, &started.client);
     let seqs = Arc::new(Mutex::new(vec![0u64; load.conversations]));
     let start = Instant::now();
-    let r = drive(&client, fake.port, load, &seqs).await;
+    let r = drive(client, fake.port, load, &seqs).await;
     let (stats, _) = wait_delivered(fake.port, r.messages as u64, Duration::from_secs(600)).await;
     let total = start.elapsed();
     let delivered_per_s = r.messages as f64 / total.as_secs_f64();
@@ -710,18 +728,16 @@ async fn accept_scenario(
     if !selected(name) {
         return None;
     }
-    fake_reset(fake.port).await;
+    let started = start_gateway(fake, gw_opts).await;
     fake_hold(fake.port, true).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let gw = spawn_gateway(fake.port, dir.path(), gw_opts);
-    let client = connect(gw.port).await;
+    let (gw, client) = (&started.gw, &started.client);
     let seqs = Arc::new(Mutex::new(vec![0u64; load.conversations]));
     let echo_seqs = Arc::new(Mutex::new(vec![0u64; load.conversations]));
     let mut turns = Vec::new();
     let mut messages = 0;
     for _ in 0..rounds {
         let e = drive(echo, 1, load, &echo_seqs).await;
-        let g = drive(&client, fake.port, load, &seqs).await;
+        let g = drive(client, fake.port, load, &seqs).await;
         messages += g.messages;
         turns.push((g, e));
     }
@@ -770,23 +786,21 @@ async fn rss_per_conversation(fake: &Proc, n: usize, rows: &mut Vec<Row>) {
     if !selected("RSS") {
         return;
     }
-    fake_reset(fake.port).await;
-    let dir = tempfile::tempdir().expect("tempdir");
     let opts = GatewayOpts {
         durable: true,
         max_concurrency: 512,
         idle_timeout: "10m",
     };
-    let gw = spawn_gateway(fake.port, dir.path(), &opts);
-    let client = connect(gw.port).await;
+    let started = start_gateway(fake, &opts).await;
+    let (gw, client) = (&started.gw, &started.client);
     // Warm up the paths once so the baseline includes code, pools and the token.
-    wave(&client, fake.port, 1, n).await;
+    wave(client, fake.port, 1, n).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (base, _) = gw.rss_kib();
     fake_reset(fake.port).await;
     // Waiting for each delivery: a backlog of accepted messages, freed once delivered but kept
     // by the allocator, would otherwise be counted as conversation state.
-    wave(&client, fake.port, n, 0).await;
+    wave(client, fake.port, n, 0).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (after, _) = gw.rss_kib();
     let per = (after.saturating_sub(base) as f64 * 1024.0) / n as f64;
@@ -836,20 +850,18 @@ async fn rss_after_eviction(fake: &Proc, n: usize, rows: &mut Vec<Row>) {
     if !selected("RSS") {
         return;
     }
-    fake_reset(fake.port).await;
-    let dir = tempfile::tempdir().expect("tempdir");
     let opts = GatewayOpts {
         durable: true,
         max_concurrency: 512,
         idle_timeout: "2s",
     };
-    let gw = spawn_gateway(fake.port, dir.path(), &opts);
-    let client = connect(gw.port).await;
+    let started = start_gateway(fake, &opts).await;
+    let (gw, client) = (&started.gw, &started.client);
     let (base, _) = gw.rss_kib();
     let mut after = Vec::new();
     for i in 0..2 {
         fake_reset(fake.port).await;
-        wave(&client, fake.port, n, i * n).await;
+        wave(client, fake.port, n, i * n).await;
         let (active, _) = gw.rss_kib();
         wait_evicted(gw.admin).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
