@@ -123,19 +123,20 @@ fn timestamp_ms(ms: u64) -> prost_types::Timestamp {
 
 fn delivery_pb(m: &StoredMessage) -> pb::Delivery {
     let o = m.outcome();
+    let r = &m.record;
     let addr = &m.message.address;
     pb::Delivery {
         message_id: m.id.to_string(),
-        state: state_pb(m.state) as i32,
-        attempts: m.attempts,
-        error: m.error.clone().map(|e| error_pb(e, &o)),
-        receipts: receipts_pb(&m.receipts),
-        possible_duplicate: m.possible_duplicate,
+        state: state_pb(r.state) as i32,
+        attempts: r.attempts,
+        error: r.error.clone().map(|e| error_pb(e, &o)),
+        receipts: receipts_pb(&r.receipts),
+        possible_duplicate: r.possible_duplicate,
         channel_id: addr.channel_id.clone(),
         bot_id: addr.bot_id().to_string(),
         conversation_id: addr.conversation_id().unwrap_or_default().to_string(),
         accepted_at: Some(timestamp_ms(m.accepted_at_ms)),
-        updated_at: Some(timestamp_ms(m.updated_at_ms)),
+        updated_at: Some(timestamp_ms(r.updated_at_ms)),
         warnings: warnings_pb(&m.warnings),
     }
 }
@@ -143,8 +144,8 @@ fn delivery_pb(m: &StoredMessage) -> pb::Delivery {
 /// A result rebuilt from the outbox (an idempotent retry after a restart).
 fn stored_result_pb(m: &StoredMessage) -> pb::SendResult {
     let mut r = result_pb(m.id, &m.warnings, Some(m.outcome()));
-    if !m.state.is_terminal() {
-        r.state = state_pb(m.state) as i32;
+    if !m.record.state.is_terminal() {
+        r.state = state_pb(m.record.state) as i32;
         r.error = None;
     }
     r

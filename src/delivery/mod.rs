@@ -27,8 +27,8 @@ use crate::config::DeliveryConfig;
 use crate::metrics::Metrics;
 use crate::model::{Address, Message, ProactiveOptions};
 use crate::outbox::{
-    Change, DeliveryState, Durable, IdempotencyRecord, Outcome, Store, StoredMessage, now_ms,
-    ready_durable,
+    Change, DeliveryState, Durable, IdempotencyRecord, Outcome, StateRecord, Store, StoredMessage,
+    now_ms, ready_durable,
 };
 
 const SHARDS: usize = 64;
@@ -410,7 +410,10 @@ impl Dispatcher {
         let mut found = Vec::with_capacity(ids.len());
         for &id in ids {
             let m = self.inner.store.get(id).ok_or(SubmitError::NotFound(id))?;
-            if !matches!(m.state, DeliveryState::Failed | DeliveryState::Expired) {
+            if !matches!(
+                m.record.state,
+                DeliveryState::Failed | DeliveryState::Expired
+            ) {
                 return Err(SubmitError::NotFailed(id));
             }
             found.push(m);
@@ -418,7 +421,7 @@ impl Dispatcher {
         for mut m in found {
             // Not awaited: the requeued item is delivered from memory either way.
             drop(self.inner.store.update(m.id, Change::Requeued));
-            m.state = DeliveryState::Accepted;
+            m.record.state = DeliveryState::Accepted;
             let key = ConversationKey::of(&m.message.address);
             let starts = m.proactive.is_some() && m.message.address.conversation_id().is_none();
             self.requeue(key, starts, vec![m]);
@@ -450,7 +453,8 @@ impl Dispatcher {
                 proactive: m.proactive,
                 accepted_at: Instant::now(),
                 durable: ready_durable(),
-                possible_duplicate: m.state == DeliveryState::Delivering || m.possible_duplicate,
+                possible_duplicate: m.record.state == DeliveryState::Delivering
+                    || m.record.possible_duplicate,
                 delivering: None,
                 ephemeral: false,
                 traceparent: None,
@@ -639,12 +643,7 @@ impl Inner {
                     message: item.message.clone(),
                     proactive: item.proactive.clone(),
                     accepted_at_ms: now,
-                    state,
-                    attempts: 0,
-                    receipts: Vec::new(),
-                    error: None,
-                    possible_duplicate: false,
-                    updated_at_ms: now,
+                    record: StateRecord::new(state, now),
                     warnings: item.rendered.warnings.clone(),
                 });
             }

@@ -70,19 +70,13 @@ fn encode_state(s: &StateRecord) -> Result<Vec<u8>, StoreError> {
 
 fn decode(id: u64, body: &[u8], state: &[u8]) -> Result<StoredMessage, StoreError> {
     let b: Body = serde_json::from_slice(body).map_err(storage)?;
-    let s: StateRecord = serde_json::from_slice(state).map_err(storage)?;
     Ok(StoredMessage {
         id,
         conversation: b.conversation,
         message: b.message,
         proactive: b.proactive,
         accepted_at_ms: b.accepted_at_ms,
-        state: s.state,
-        attempts: s.attempts,
-        receipts: s.receipts,
-        error: s.error,
-        possible_duplicate: s.possible_duplicate,
-        updated_at_ms: s.updated_at_ms,
+        record: serde_json::from_slice(state).map_err(storage)?,
         warnings: b.warnings,
     })
 }
@@ -142,7 +136,7 @@ impl Overlay {
     fn state(&self, id: u64) -> Option<StateRecord> {
         match self.states.get(&id) {
             Some((_, s)) => Some(s.clone()),
-            None => self.bodies.get(&id).map(|(_, m)| m.state_record()),
+            None => self.bodies.get(&id).map(|(_, m)| m.record.clone()),
         }
     }
 
@@ -257,7 +251,7 @@ impl RedbStore {
     ) -> Durable {
         let mut encoded = Vec::with_capacity(messages.len());
         for m in messages {
-            let state = m.state_record();
+            let state = m.record.clone();
             match (encode_body(&m), encode_state(&state)) {
                 (Ok(body), Ok(state_bytes)) => {
                     encoded.push((Arc::new(m), body, state, state_bytes))
@@ -392,7 +386,7 @@ impl Store for RedbStore {
             },
         };
         if let Some(s) = state {
-            m.set_state(s);
+            m.record = s;
         }
         Some(m)
     }
@@ -424,7 +418,10 @@ impl Store for RedbStore {
                 let (id, _) = entry.map_err(storage)?;
                 // The overlay may already say it was redelivered.
                 if let Some(m) = self.get(id.value())
-                    && matches!(m.state, DeliveryState::Failed | DeliveryState::Expired)
+                    && matches!(
+                        m.record.state,
+                        DeliveryState::Failed | DeliveryState::Expired
+                    )
                 {
                     out.push(m);
                 }
@@ -644,12 +641,7 @@ mod tests {
             message: Default::default(),
             proactive: None,
             accepted_at_ms: now_ms(),
-            state: DeliveryState::Accepted,
-            attempts: 0,
-            receipts: vec![],
-            error: None,
-            possible_duplicate: false,
-            updated_at_ms: now_ms(),
+            record: StateRecord::new(DeliveryState::Accepted, now_ms()),
             warnings: vec![],
         }
     }
@@ -692,7 +684,7 @@ mod tests {
         assert_eq!(s.next_id(), 4);
         let pending: Vec<u64> = s.pending().unwrap().iter().map(|m| m.id).collect();
         assert_eq!(pending, vec![1, 3]);
-        assert_eq!(s.get(1).unwrap().state, DeliveryState::Delivering);
+        assert_eq!(s.get(1).unwrap().record.state, DeliveryState::Delivering);
         let failed: Vec<u64> = s.failed(0, 10).iter().map(|m| m.id).collect();
         assert_eq!(failed, vec![2]);
         assert_eq!(s.idempotency_get("k").unwrap().message_ids, vec![1, 2, 3]);
@@ -706,7 +698,7 @@ mod tests {
         {
             let s = RedbStore::open(dir.path(), 1 << 20).unwrap();
             let mut head = msg(1);
-            head.state = DeliveryState::Delivering;
+            head.record.state = DeliveryState::Delivering;
             s.append(vec![head, msg(2)], None).await.unwrap();
             let failed = finished(DeliveryState::Failed, 1);
             s.update(2, Change::Finished(failed)).await.unwrap();
@@ -717,7 +709,7 @@ mod tests {
             .pending()
             .unwrap()
             .iter()
-            .map(|m| (m.id, m.state))
+            .map(|m| (m.id, m.record.state))
             .collect();
         assert_eq!(
             pending,

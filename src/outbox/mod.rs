@@ -59,12 +59,9 @@ pub struct StoredMessage {
     pub proactive: Option<ProactiveOptions>,
     /// Unix milliseconds.
     pub accepted_at_ms: u64,
-    pub state: DeliveryState,
-    pub attempts: u32,
-    pub receipts: Vec<NativeReceipt>,
-    pub error: Option<ChannelError>,
-    pub possible_duplicate: bool,
-    pub updated_at_ms: u64,
+    /// Where its delivery stands: the part that changes on every attempt.
+    #[serde(flatten)]
+    pub record: StateRecord,
     /// Adaptations made when it was rendered at acceptance.
     #[serde(default)]
     pub warnings: Vec<crate::model::Warning>,
@@ -72,12 +69,13 @@ pub struct StoredMessage {
 
 impl StoredMessage {
     pub fn outcome(&self) -> Outcome {
+        let r = &self.record;
         Outcome {
-            state: self.state,
-            receipts: self.receipts.clone(),
-            error: self.error.clone(),
-            attempts: self.attempts,
-            possible_duplicate: self.possible_duplicate,
+            state: r.state,
+            receipts: r.receipts.clone(),
+            error: r.error.clone(),
+            attempts: r.attempts,
+            possible_duplicate: r.possible_duplicate,
         }
     }
 }
@@ -156,10 +154,10 @@ pub fn now_ms() -> u64 {
         .unwrap_or_default()
 }
 
-/// The part of a record that changes on every attempt; kept apart from the message body so a
-/// state change never has to read or rewrite the body.
+/// The part of a record that changes on every attempt; the durable store keeps it apart from
+/// the message body so a state change never has to read or rewrite the body.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) struct StateRecord {
+pub struct StateRecord {
     pub state: DeliveryState,
     pub attempts: u32,
     pub receipts: Vec<NativeReceipt>,
@@ -168,25 +166,17 @@ pub(crate) struct StateRecord {
     pub updated_at_ms: u64,
 }
 
-impl StoredMessage {
-    pub(crate) fn state_record(&self) -> StateRecord {
-        StateRecord {
-            state: self.state,
-            attempts: self.attempts,
-            receipts: self.receipts.clone(),
-            error: self.error.clone(),
-            possible_duplicate: self.possible_duplicate,
-            updated_at_ms: self.updated_at_ms,
+impl StateRecord {
+    /// A message just accepted (or, `Delivering`, accepted as next in its line).
+    pub fn new(state: DeliveryState, at_ms: u64) -> Self {
+        Self {
+            state,
+            attempts: 0,
+            receipts: Vec::new(),
+            error: None,
+            possible_duplicate: false,
+            updated_at_ms: at_ms,
         }
-    }
-
-    pub(crate) fn set_state(&mut self, s: StateRecord) {
-        self.state = s.state;
-        self.attempts = s.attempts;
-        self.receipts = s.receipts;
-        self.error = s.error;
-        self.possible_duplicate = s.possible_duplicate;
-        self.updated_at_ms = s.updated_at_ms;
     }
 }
 
@@ -221,15 +211,11 @@ pub(crate) fn apply(m: &mut StoredMessage, change: Change) {
             conversation,
             message,
         } => {
-            m.updated_at_ms = now_ms();
+            m.record.updated_at_ms = now_ms();
             m.conversation = conversation;
             m.message = *message;
         }
-        other => {
-            let mut s = m.state_record();
-            apply_state(&mut s, other);
-            m.set_state(s);
-        }
+        other => apply_state(&mut m.record, other),
     }
 }
 
@@ -299,7 +285,7 @@ impl Store for MemoryStore {
         Ok(self.with(|s| {
             s.messages
                 .values()
-                .filter(|m| !m.state.is_terminal())
+                .filter(|m| !m.record.state.is_terminal())
                 .cloned()
                 .collect()
         }))
@@ -310,7 +296,12 @@ impl Store for MemoryStore {
             s.messages
                 .range(after_id.saturating_add(1)..)
                 .map(|(_, m)| m)
-                .filter(|m| matches!(m.state, DeliveryState::Failed | DeliveryState::Expired))
+                .filter(|m| {
+                    matches!(
+                        m.record.state,
+                        DeliveryState::Failed | DeliveryState::Expired
+                    )
+                })
                 .take(limit)
                 .cloned()
                 .collect()
@@ -336,7 +327,8 @@ impl Store for MemoryStore {
         self.with(|s| {
             let before = s.messages.len();
             s.messages.retain(|_, m| {
-                !(m.state == DeliveryState::Delivered && m.updated_at_ms < cutoff_ms)
+                let r = &m.record;
+                !(r.state == DeliveryState::Delivered && r.updated_at_ms < cutoff_ms)
             });
             s.idempotency
                 .retain(|_, r| r.created_at_ms >= idem_cutoff_ms);
