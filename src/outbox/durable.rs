@@ -159,12 +159,6 @@ fn storage(e: impl std::fmt::Display) -> StoreError {
     StoreError::Storage(e.to_string())
 }
 
-fn failed_durable(e: StoreError) -> Durable {
-    let f: std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), StoreError>> + Send>> =
-        Box::pin(async move { Err(e) });
-    f.shared()
-}
-
 fn durable(rx: oneshot::Receiver<Result<(), StoreError>>) -> Durable {
     let f: std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), StoreError>> + Send>> =
         Box::pin(rx.map(|r| r.unwrap_or(Err(StoreError::Closed))));
@@ -256,7 +250,7 @@ impl RedbStore {
                 (Ok(body), Ok(state_bytes)) => {
                     encoded.push((Arc::new(m), body, state, state_bytes))
                 }
-                (Err(e), _) | (_, Err(e)) => return failed_durable(e),
+                (Err(e), _) | (_, Err(e)) => return super::settled(Err(e)),
             }
         }
         let (ack, rx) = oneshot::channel();
@@ -314,7 +308,7 @@ impl RedbStore {
         apply_state(&mut state, change);
         let state_bytes = match encode_state(&state) {
             Ok(b) => b,
-            Err(e) => return failed_durable(e),
+            Err(e) => return super::settled(Err(e)),
         };
         let (ack, rx) = oneshot::channel();
         let version = ov.next_version();

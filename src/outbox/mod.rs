@@ -110,8 +110,13 @@ pub enum StoreError {
 pub type Durable = Shared<Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>>>;
 
 pub fn ready_durable() -> Durable {
+    settled(Ok(()))
+}
+
+/// A `Durable` whose result is already known (nothing to wait for, or a failure found first).
+pub(crate) fn settled(result: Result<(), StoreError>) -> Durable {
     let f: Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>> =
-        Box::pin(async { Ok(()) });
+        Box::pin(async move { result });
     f.shared()
 }
 
