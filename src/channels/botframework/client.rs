@@ -18,16 +18,18 @@ use crate::config::{BotFrameworkConfig, Secret};
 const CHANNEL: &str = "botframework";
 
 /// Is `host` allowed by one of `patterns` (`*.domain` matches strict subdomains)?
+/// Runs twice per message (accept and send), so it compares in place instead of lowering copies.
 pub fn host_allowed(patterns: &[String], host: &str) -> bool {
-    let host = host.trim_end_matches('.').to_ascii_lowercase();
-    patterns.iter().any(|p| {
-        let p = p.to_ascii_lowercase();
-        match p.strip_prefix("*.") {
-            Some(domain) => host
-                .strip_suffix(domain)
-                .is_some_and(|prefix| prefix.len() > 1 && prefix.ends_with('.')),
-            None => host == p,
+    let host = host.trim_end_matches('.').as_bytes();
+    patterns.iter().any(|p| match p.strip_prefix("*.") {
+        Some(domain) => {
+            let domain = domain.as_bytes();
+            // `x.domain`: at least one character and a dot before the domain.
+            host.len() > domain.len() + 1
+                && host[host.len() - domain.len()..].eq_ignore_ascii_case(domain)
+                && host[host.len() - domain.len() - 1] == b'.'
         }
+        None => host.eq_ignore_ascii_case(p.as_bytes()),
     })
 }
 
@@ -308,7 +310,8 @@ impl BotFrameworkClient {
                 .to_string(),
             conversation_id: req
                 .body
-                .pointer("/conversation/id")
+                .get("conversation")
+                .and_then(|c| c.get("id"))
                 .and_then(Value::as_str)
                 .unwrap_or_default()
                 .to_string(),
@@ -442,6 +445,14 @@ mod tests {
         assert!(!host_allowed(&p, "botframework.com.evil.io"));
         assert!(host_allowed(&p, "SMBA.trafficmanager.net"));
         assert!(host_allowed(&p, "127.0.0.1"));
+        // Case and a trailing dot do not matter on either side; a bare dot is not a subdomain.
+        assert!(host_allowed(&p, "Teams.BotFramework.com."));
+        assert!(host_allowed(
+            &pats(&["*.BotFramework.COM"]),
+            "x.botframework.com"
+        ));
+        assert!(!host_allowed(&p, ".botframework.com"));
+        assert!(!host_allowed(&p, "xbotframework.com"));
         assert!(service_url_refusal(&p, "https://smba.trafficmanager.net/amer/").is_none());
         assert!(service_url_refusal(&p, "http://smba.trafficmanager.net/amer/").is_some());
         assert!(service_url_refusal(&p, "http://127.0.0.1:3978/").is_none());

@@ -167,7 +167,8 @@ impl FacebookClient {
         let field = |k: &str| body.get(k).and_then(Value::as_str).map(String::from);
         let recipient = field("recipient_id").unwrap_or_else(|| {
             req.body
-                .pointer("/recipient/id")
+                .get("recipient")
+                .and_then(|r| r.get("id"))
                 .and_then(Value::as_str)
                 .unwrap_or_default()
                 .to_string()
