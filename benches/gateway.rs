@@ -5,6 +5,12 @@
 //!
 //!     cargo bench --bench gateway                 # full run
 //!     cargo bench --bench gateway -- --quick      # smaller counts, a smoke run
+//!     cargo bench --bench gateway -- --concurrency 256 --conversations 1000 --messages 100000
+//!
+//! `--concurrency` is the number of concurrent callers (default 64, the echo baseline's too;
+//! the slow-channel scenarios keep one caller per conversation), `--conversations` the
+//! broadcast's width (default 1000) and `--messages` the Send scenarios' count (SendBatch
+//! sends twice as many).
 //!
 //! Roles: the same executable also serves as the fake channel (`--role fake`) and the echo
 //! server (`--role echo`), so each side is its own process.
@@ -884,9 +890,37 @@ async fn rss_after_eviction(fake: &Proc, n: usize, rows: &mut Vec<Row>) {
     );
 }
 
+/// A positive count given on the command line, or the default.
+fn count(name: &str, default: usize) -> usize {
+    match arg(name) {
+        None => default,
+        Some(v) => match v.parse::<usize>() {
+            Ok(n) if n > 0 => n,
+            _ => panic!("{name} must be a positive whole number, got `{v}`"),
+        },
+    }
+}
+
 async fn driver() {
     let quick = flag("--quick");
     let scale = if quick { 10 } else { 1 };
+    let concurrency = count("--concurrency", 64);
+    let conversations = count("--conversations", 1000);
+    let messages = count("--messages", 100_000 / scale);
+    // Scenario names carry the load's shape, so `--only` and the table say what was run.
+    let convs = if conversations % 1000 == 0 {
+        format!("{}k conversations", conversations / 1000)
+    } else {
+        format!("{conversations} conversations")
+    };
+    let callers = if concurrency == 64 {
+        String::new()
+    } else {
+        format!(", {concurrency} callers")
+    };
+    // One call in flight per conversation needs a limit at least that wide.
+    let slow_limit = conversations.max(1024);
+    let ideal = conversations as f64 * 20.0;
     let mut rows: Vec<Row> = Vec::new();
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -906,11 +940,11 @@ async fn driver() {
     // 1. The machine's baseline: a minimal tonic server answering the same Send.
     let echo = spawn_role("echo", &[]).await;
     let echo_client = connect(echo.port).await;
-    let seqs = Arc::new(Mutex::new(vec![0u64; 1000]));
+    let seqs = Arc::new(Mutex::new(vec![0u64; conversations]));
     let echo_load = Load {
-        concurrency: 64,
-        conversations: 1000,
-        messages: 100_000 / scale,
+        concurrency,
+        conversations,
+        messages,
         batch: 1,
         first_conversation: 0,
         wait_delivered: false,
@@ -930,20 +964,20 @@ async fn driver() {
 
     let fake = spawn_role("fake", &[]).await;
     let sends = Load {
-        concurrency: 64,
-        conversations: 1000,
-        messages: 100_000 / scale,
+        concurrency,
+        conversations,
+        messages,
         batch: 1,
         first_conversation: 0,
         wait_delivered: false,
     };
     // The accept path in rounds against the echo server (still running for these).
     let rounds = Load {
-        messages: 20_000 / scale,
+        messages: messages / 5,
         ..sends
     };
     let held_durable = accept_scenario(
-        "accept path: 1k conversations, Send, durable outbox, deliveries held",
+        &format!("accept path: {convs}, Send, durable outbox, deliveries held{callers}"),
         &fake,
         &echo_client,
         &GatewayOpts {
@@ -957,7 +991,7 @@ async fn driver() {
     )
     .await;
     let held_memory = accept_scenario(
-        "accept path: 1k conversations, Send, in-memory outbox, deliveries held",
+        &format!("accept path: {convs}, Send, in-memory outbox, deliveries held{callers}"),
         &fake,
         &echo_client,
         &GatewayOpts {
@@ -972,7 +1006,7 @@ async fn driver() {
     .await;
     drop(echo);
     let (durable, durable_delivered) = delivery_scenario(
-        "1k conversations, Send, durable outbox",
+        &format!("{convs}, Send, durable outbox{callers}"),
         &fake,
         &GatewayOpts {
             durable: true,
@@ -984,7 +1018,7 @@ async fn driver() {
     )
     .await;
     let (memory, _) = delivery_scenario(
-        "1k conversations, Send, in-memory outbox",
+        &format!("{convs}, Send, in-memory outbox{callers}"),
         &fake,
         &GatewayOpts {
             durable: false,
@@ -996,15 +1030,15 @@ async fn driver() {
     )
     .await;
     let batches = Load {
-        concurrency: 64,
-        conversations: 1000,
-        messages: 200_000 / scale,
+        concurrency,
+        conversations,
+        messages: 2 * messages,
         batch: 20,
         first_conversation: 0,
         wait_delivered: false,
     };
     let (_, batch_delivered) = delivery_scenario(
-        "1k conversations, SendBatch of 20, durable",
+        &format!("{convs}, SendBatch of 20, durable{callers}"),
         &fake,
         &GatewayOpts {
             durable: true,
@@ -1039,19 +1073,19 @@ async fn driver() {
 
     let slow = spawn_role("fake", &["--delay-ms", "50"]).await;
     let slow_load = Load {
-        concurrency: 1000,
-        conversations: 1000,
-        messages: 100_000 / scale,
+        concurrency: conversations,
+        conversations,
+        messages,
         batch: 1,
         first_conversation: 0,
         wait_delivered: false,
     };
     let (_, slow_delivered) = delivery_scenario(
-        "slow channel (50 ms), 1k conversations, Send, concurrency limit 1024, durable",
+        &format!("slow channel (50 ms), {convs}, Send, concurrency limit {slow_limit}, durable"),
         &slow,
         &GatewayOpts {
             durable: true,
-            max_concurrency: 1024,
+            max_concurrency: slow_limit,
             idle_timeout: "30s",
         },
         &slow_load,
@@ -1061,19 +1095,19 @@ async fn driver() {
     // The same channel fed by SendBatch: acceptance is then cheap, so the figure shows what
     // the delivery engine draws from parallel conversations alone.
     let slow_batches = Load {
-        concurrency: 200,
-        conversations: 1000,
-        messages: 200_000 / scale,
+        concurrency: conversations.div_ceil(5),
+        conversations,
+        messages: 2 * messages,
         batch: 20,
         first_conversation: 0,
         wait_delivered: false,
     };
     let (_, slow_batch_delivered) = delivery_scenario(
-        "slow channel (50 ms), 1k conversations, SendBatch of 20, concurrency limit 1024, durable",
+        &format!("slow channel (50 ms), {convs}, SendBatch of 20, concurrency limit {slow_limit}, durable"),
         &slow,
         &GatewayOpts {
             durable: true,
-            max_concurrency: 1024,
+            max_concurrency: slow_limit,
             idle_timeout: "30s",
         },
         &slow_batches,
@@ -1105,18 +1139,18 @@ async fn driver() {
             ratio(&memory)
         ),
         format!(
-            "delivered, 1k conversations, one Send per message: {durable_delivered:.0} msg/s (target >= 15,000)"
+            "delivered, {convs}, one Send per message: {durable_delivered:.0} msg/s (target >= 15,000)"
         ),
         format!(
-            "delivered, 1k conversations, SendBatch of 20: {batch_delivered:.0} msg/s (target >= 30,000)"
+            "delivered, {convs}, SendBatch of 20: {batch_delivered:.0} msg/s (target >= 30,000)"
         ),
         format!(
-            "slow channel (50 ms), Send: {slow_delivered:.0} msg/s = {:.0}% of the ideal 20,000 (target >= 80%)",
-            slow_delivered / 200.0
+            "slow channel (50 ms), Send: {slow_delivered:.0} msg/s = {:.0}% of the ideal {ideal:.0} (target >= 80%)",
+            100.0 * slow_delivered / ideal
         ),
         format!(
-            "slow channel (50 ms), SendBatch of 20: {slow_batch_delivered:.0} msg/s = {:.0}% of the ideal 20,000",
-            slow_batch_delivered / 200.0
+            "slow channel (50 ms), SendBatch of 20: {slow_batch_delivered:.0} msg/s = {:.0}% of the ideal {ideal:.0}",
+            100.0 * slow_batch_delivered / ideal
         ),
     ];
     println!();
@@ -1137,8 +1171,12 @@ async fn driver() {
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
             .unwrap_or_default();
         let doc = format!(
-            "# Benchmark results\n\nCommand: `cargo bench --bench gateway -- --write-results{}`\n\nMachine: {cores} cores, {mem} GiB memory. Date: {date}.\n\nThe gateway (release build) and the fake connector run as separate processes on 127.0.0.1; the load generator is this benchmark process. All three share the machine's cores. The profile, what it led to change and how to read these figures: bench/PROFILE.md.\n\n## Headline\n\n{}\n\n## All scenarios\n\n{table}",
-            if quick { " --quick" } else { "" },
+            "# Benchmark results\n\nCommand: `cargo bench --bench gateway -- {}`\n\nMachine: {cores} cores, {mem} GiB memory. Date: {date}.\n\nLoad: {concurrency} concurrent callers (one per conversation on the slow channel), {conversations} conversations, {messages} messages per Send scenario (twice as many with SendBatch).\n\nThe gateway (release build) and the fake connector run as separate processes on 127.0.0.1; the load generator is this benchmark process. All three share the machine's cores. The profile, what it led to change and how to read these figures: bench/PROFILE.md.\n\n## Headline\n\n{}\n\n## All scenarios\n\n{table}",
+            std::env::args()
+                .skip(1)
+                .filter(|a| a != "--bench")
+                .collect::<Vec<_>>()
+                .join(" "),
             summary
                 .iter()
                 .map(|s| format!("- {s}"))
