@@ -439,7 +439,7 @@ async fn the_page_token_goes_only_on_the_wire() {
     leaks("a Graph error", &shown);
     assert!(err.message().contains("<redacted>"), "{}", err.message());
 
-    // A transport failure (nothing listens there): reqwest's error would name the URL.
+    // A transport failure (nothing listens there): its error must not name the URL either.
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = closed.local_addr().unwrap().port();
     drop(closed);

@@ -5,6 +5,7 @@
 
 pub mod botframework;
 pub mod facebook;
+pub mod http;
 pub mod slack;
 mod types;
 

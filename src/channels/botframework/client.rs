@@ -12,6 +12,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use tokio::sync::Mutex;
 
+use crate::channels::http::{Http, Payload, TransportError};
 use crate::channels::{ChannelError, FailureKind, HttpMethod, NativeReceipt, NativeRequest};
 use crate::config::{BotFrameworkConfig, Secret};
 
@@ -113,7 +114,7 @@ impl TokenSlot {
 }
 
 pub struct BotFrameworkClient {
-    http: reqwest::Client,
+    http: Http,
     config: BotFrameworkConfig,
     credentials: HashMap<String, Secret>,
     tokens: HashMap<String, Arc<TokenSlot>>,
@@ -122,15 +123,7 @@ pub struct BotFrameworkClient {
 
 impl BotFrameworkClient {
     pub fn new(config: BotFrameworkConfig, request_timeout: Duration) -> Result<Self, String> {
-        let http = reqwest::Client::builder()
-            // Channel APIs answer, they do not redirect: a redirect is refused, not followed with
-            // the token, and the policy layer costs nothing per call.
-            .redirect(reqwest::redirect::Policy::none())
-            .timeout(request_timeout)
-            .pool_idle_timeout(Duration::from_secs(90))
-            .user_agent(concat!("channel-gateway/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+        let http = Http::new(request_timeout)?;
         let credentials: HashMap<String, Secret> = config.credentials().into_iter().collect();
         let tokens = credentials
             .keys()
@@ -211,24 +204,30 @@ impl BotFrameworkClient {
             .map(|(k, v)| format!("{k}={}", urlencode(v)))
             .collect::<Vec<_>>()
             .join("&");
+        let payload = Payload {
+            content_type: "application/x-www-form-urlencoded",
+            bytes: body.into_bytes(),
+        };
         let resp = self
             .http
-            .post(&self.config.token_url)
-            .header("content-type", "application/x-www-form-urlencoded")
-            .body(body)
-            .send()
+            .send(
+                http::Method::POST,
+                &self.config.token_url,
+                None,
+                Some(payload),
+            )
             .await
-            .map_err(|e| transport_error(&e, false))?;
-        let status = resp.status();
-        if !status.is_success() {
-            let headers = resp.headers().clone();
-            let text = resp.text().await.unwrap_or_default();
-            let mut err = classify(status.as_u16(), &headers, &text);
+            .map_err(|e| transport_error(&e, true))?;
+        let status = resp.status;
+        if !(200..300).contains(&status) {
+            let headers = &resp.headers;
+            let text = resp.text();
+            let mut err = classify(status, headers, &text);
             err.code = Some(format!("token_{}", err.code.as_deref().unwrap_or("error")));
             err.message = format!("token request failed: {}", err.message);
             return Err(err);
         }
-        let parsed: TokenResponse = resp.json().await.map_err(|e| {
+        let parsed: TokenResponse = serde_json::from_slice(&resp.body).map_err(|e| {
             ChannelError::new(
                 CHANNEL,
                 FailureKind::Retryable,
@@ -257,21 +256,30 @@ impl BotFrameworkClient {
         })?;
         let mut token = self.token(&req.credential, None).await?;
         let mut retried_401 = false;
+        let method = match req.method {
+            HttpMethod::Get => http::Method::GET,
+            HttpMethod::Post => http::Method::POST,
+            HttpMethod::Put => http::Method::PUT,
+            HttpMethod::Delete => http::Method::DELETE,
+        };
         loop {
-            let mut builder = match req.method {
-                HttpMethod::Get => self.http.get(url.clone()),
-                HttpMethod::Post => self.http.post(url.clone()).json(&req.body),
-                HttpMethod::Put => self.http.put(url.clone()).json(&req.body),
-                HttpMethod::Delete => self.http.delete(url.clone()),
+            let payload = match req.method {
+                HttpMethod::Post | HttpMethod::Put => {
+                    Some(Payload::json(&req.body).map_err(|e| transport_error(&e, true))?)
+                }
+                HttpMethod::Get | HttpMethod::Delete => None,
             };
-            if let Some(t) = &token {
-                builder = builder.bearer_auth(t.expose());
-            }
-            let resp = builder
-                .send()
+            let resp = self
+                .http
+                .send(
+                    method.clone(),
+                    url.as_str(),
+                    token.as_ref().map(|t| t.expose()),
+                    payload,
+                )
                 .await
-                .map_err(|e| transport_error(&e, req.method != HttpMethod::Get))?;
-            let status = resp.status().as_u16();
+                .map_err(|e| transport_error(&e, req.method == HttpMethod::Get))?;
+            let status = resp.status;
             if status == 401 && token.is_some() && !retried_401 {
                 // The connector may have revoked a token we still thought fresh: refresh once.
                 retried_401 = true;
@@ -279,12 +287,10 @@ impl BotFrameworkClient {
                 token = self.token(&req.credential, stale.as_deref()).await?;
                 continue;
             }
+            let text = resp.text();
             if !(200..300).contains(&status) {
-                let headers = resp.headers().clone();
-                let text = resp.text().await.map_err(|e| transport_error(&e, true))?;
-                return Err(classify(status, &headers, &text));
+                return Err(classify(status, &resp.headers, &text));
             }
-            let text = resp.text().await.map_err(|e| transport_error(&e, true))?;
             if text.trim().is_empty() {
                 return Ok(Value::Null);
             }
@@ -349,34 +355,14 @@ fn urlencode(s: &str) -> String {
     url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
-fn transport_error(e: &reqwest::Error, may_have_reached: bool) -> ChannelError {
-    // A connect failure never reached the channel; a timeout or reset after sending might have.
-    let kind = if e.is_connect() || !may_have_reached {
-        FailureKind::Retryable
-    } else {
-        FailureKind::Ambiguous
-    };
-    let what = if e.is_timeout() {
-        "timeout"
-    } else if e.is_connect() {
-        "connect"
-    } else {
-        "transport"
-    };
-    ChannelError {
-        code: Some(what.into()),
-        ..ChannelError::new(
-            CHANNEL,
-            kind,
-            format!("{what} error calling the connector: {e}"),
-        )
-    }
+fn transport_error(e: &TransportError, idempotent: bool) -> ChannelError {
+    e.to_channel_error(CHANNEL, "the connector", idempotent)
 }
 
 /// Parses `Retry-After` in seconds or as an HTTP date.
-pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+pub fn retry_after(headers: &http::header::HeaderMap) -> Option<Duration> {
     let v = headers
-        .get(reqwest::header::RETRY_AFTER)?
+        .get(http::header::RETRY_AFTER)?
         .to_str()
         .ok()?
         .trim();
@@ -390,7 +376,7 @@ pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
 }
 
 /// Turns a non-success answer into a typed error with the connector's own code and text.
-pub fn classify(status: u16, headers: &reqwest::header::HeaderMap, body: &str) -> ChannelError {
+pub fn classify(status: u16, headers: &http::header::HeaderMap, body: &str) -> ChannelError {
     let parsed: Option<Value> = serde_json::from_str(body).ok();
     let field = |k: &str| {
         parsed
@@ -461,7 +447,7 @@ mod tests {
 
     #[test]
     fn classification_keeps_the_channel_words() {
-        let mut h = reqwest::header::HeaderMap::new();
+        let mut h = http::header::HeaderMap::new();
         h.insert("retry-after", "7".parse().unwrap());
         let e = classify(
             429,
@@ -485,7 +471,7 @@ mod tests {
 
     #[test]
     fn retry_after_http_date() {
-        let mut h = reqwest::header::HeaderMap::new();
+        let mut h = http::header::HeaderMap::new();
         let later = time::OffsetDateTime::now_utc() + time::Duration::seconds(30);
         let s = later
             .format(&time::format_description::well_known::Rfc2822)
@@ -496,7 +482,7 @@ mod tests {
             d <= Duration::from_secs(31) && d >= Duration::from_secs(28),
             "{d:?}"
         );
-        let mut h = reqwest::header::HeaderMap::new();
+        let mut h = http::header::HeaderMap::new();
         h.insert(
             "retry-after",
             "Sun, 06 Nov 1994 08:49:37 GMT".parse().unwrap(),

@@ -2,8 +2,8 @@
 //! time, and the Graph API's answers classified into delivered, retry later, or refused for good.
 //!
 //! The only place that talks HTTP to Graph. The page token travels in the query string, so
-//! nothing here may log, format or return a URL with its query, nor a reqwest error that still
-//! carries one; every error message is also scrubbed of the token as a last line of defence.
+//! nothing here may log, format or return a URL with its query (the shared transport's errors
+//! never carry one); every error message is also scrubbed of the token as a last line of defence.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -14,6 +14,7 @@ use sha2::Sha256;
 
 use super::config::FacebookConfig;
 use crate::channels::botframework::client::retry_after;
+use crate::channels::http::{Http, Payload, TransportError};
 use crate::channels::{ChannelError, FailureKind, NativeReceipt, NativeRequest};
 use crate::config::Secret;
 use crate::model::{Address, ProactiveOptions};
@@ -48,22 +49,14 @@ struct PageAuth {
 }
 
 pub struct FacebookClient {
-    http: reqwest::Client,
+    http: Http,
     config: FacebookConfig,
     pages: HashMap<String, PageAuth>,
 }
 
 impl FacebookClient {
     pub fn new(config: FacebookConfig, request_timeout: Duration) -> Result<Self, String> {
-        let http = reqwest::Client::builder()
-            // Channel APIs answer, they do not redirect: a redirect is refused, not followed with
-            // the token, and the policy layer costs nothing per call.
-            .redirect(reqwest::redirect::Policy::none())
-            .timeout(request_timeout)
-            .pool_idle_timeout(Duration::from_secs(90))
-            .user_agent(concat!("channel-gateway/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| format!("cannot build the HTTP client: {}", e.without_url()))?;
+        let http = Http::new(request_timeout)?;
         let pages = config
             .all_pages()
             .into_iter()
@@ -129,20 +122,18 @@ impl FacebookClient {
                 q.append_pair("appsecret_proof", proof.expose());
             }
         }
+        let payload = Payload::json(&req.body).map_err(|e| transport_error(&e, &scrub))?;
         let resp = self
             .http
-            .post(url)
-            .json(&req.body)
-            .send()
+            .send(http::Method::POST, url.as_str(), None, Some(payload))
             .await
-            .map_err(|e| transport_error(e, &scrub))?;
-        let status = resp.status().as_u16();
-        let headers = resp.headers().clone();
-        let text = resp.text().await.map_err(|e| transport_error(e, &scrub))?;
+            .map_err(|e| transport_error(&e, &scrub))?;
+        let (status, headers) = (resp.status, &resp.headers);
+        let text = resp.text();
         let parsed: Option<Value> = serde_json::from_str(&text).ok();
         let graph_error = parsed.as_ref().and_then(|v| v.get("error"));
         if !(200..300).contains(&status) || graph_error.is_some() {
-            let mut err = classify(status, &headers, &text);
+            let mut err = classify(status, headers, &text);
             err.message = scrub(err.message);
             tracing::debug!(
                 page_id,
@@ -219,32 +210,15 @@ fn scrub(s: String, auth: &PageAuth) -> String {
 
 /// A failure to get an answer. A connect error never reached Graph; anything after the request
 /// was written (a timeout, a reset, an unreadable body) may have sent the message.
-fn transport_error(e: reqwest::Error, scrub: &impl Fn(String) -> String) -> ChannelError {
-    let e = e.without_url();
-    let (kind, what) = if e.is_builder() {
-        (FailureKind::Permanent, "request")
-    } else if e.is_connect() {
-        (FailureKind::Retryable, "connect")
-    } else if e.is_timeout() {
-        (FailureKind::Ambiguous, "timeout")
-    } else {
-        (FailureKind::Ambiguous, "transport")
-    };
-    let mut message = format!("{what} error calling the Graph API: {e}");
-    let mut source = std::error::Error::source(&e);
-    while let Some(s) = source {
-        message.push_str(&format!(": {s}"));
-        source = s.source();
-    }
-    ChannelError {
-        code: Some(what.into()),
-        ..ChannelError::new(CHANNEL, kind, scrub(message))
-    }
+fn transport_error(e: &TransportError, scrub: &impl Fn(String) -> String) -> ChannelError {
+    let mut err = e.to_channel_error(CHANNEL, "the Graph API", false);
+    err.message = scrub(err.message);
+    err
 }
 
 /// Turns a Graph error answer (`{"error": {message, type, code, error_subcode, fbtrace_id}}`)
 /// into a typed failure with Graph's own code (`"100/2018001"` with a subcode) and text.
-pub fn classify(status: u16, headers: &reqwest::header::HeaderMap, body: &str) -> ChannelError {
+pub fn classify(status: u16, headers: &http::header::HeaderMap, body: &str) -> ChannelError {
     let parsed: Option<Value> = serde_json::from_str(body).ok();
     let error = parsed.as_ref().and_then(|v| v.get("error"));
     let get = |k: &str| error.and_then(|e| e.get(k));
@@ -300,7 +274,7 @@ pub fn classify(status: u16, headers: &reqwest::header::HeaderMap, body: &str) -
 #[cfg(test)]
 mod tests {
     use super::*;
-    use reqwest::header::HeaderMap;
+    use http::header::HeaderMap;
 
     #[test]
     fn appsecret_proof_is_hex_hmac_sha256() {

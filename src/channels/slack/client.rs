@@ -13,6 +13,7 @@ use serde_json::Value;
 use super::config::SlackConfig;
 use super::render::{open_request, opened_address};
 use crate::channels::botframework::client::retry_after;
+use crate::channels::http::{Http, Payload, TransportError};
 use crate::channels::{
     ChannelError, ErrorCategory, FailureKind, HttpMethod, NativeReceipt, NativeRequest,
 };
@@ -149,7 +150,7 @@ pub fn classify_code(code: &str) -> (FailureKind, &'static str) {
 /// Slack's answer `body` (HTTP `status`, `headers`) as a success value or a typed error.
 pub fn check_answer(
     status: u16,
-    headers: &reqwest::header::HeaderMap,
+    headers: &http::header::HeaderMap,
     body: &str,
 ) -> Result<Value, ChannelError> {
     let parsed: Option<Value> = serde_json::from_str(body).ok();
@@ -277,49 +278,20 @@ fn unreadable(status: u16) -> ChannelError {
     }
 }
 
-fn transport_error(e: reqwest::Error) -> ChannelError {
-    // The URL is only the API base, but nothing from the request goes into an error.
-    let e = e.without_url();
+fn transport_error(e: &TransportError) -> ChannelError {
     // A connect failure never reached Slack; a timeout or reset after sending might have.
-    let (kind, what) = if e.is_connect() {
-        (FailureKind::Retryable, "connect")
-    } else if e.is_timeout() {
-        (FailureKind::Ambiguous, "timeout")
-    } else if e.is_builder() {
-        (FailureKind::Permanent, "request")
-    } else {
-        (FailureKind::Ambiguous, "transport")
-    };
-    let mut text = e.to_string();
-    let mut source = std::error::Error::source(&e);
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    ChannelError {
-        code: Some(what.into()),
-        ..ChannelError::new(CHANNEL, kind, format!("{what} error calling Slack: {text}"))
-    }
+    e.to_channel_error(CHANNEL, "Slack", false)
 }
 
 pub struct SlackClient {
-    http: reqwest::Client,
+    http: Http,
     config: SlackConfig,
     tokens: HashMap<String, Secret>,
 }
 
 impl SlackClient {
     pub fn new(config: SlackConfig, request_timeout: Duration) -> Result<Self, String> {
-        let http = reqwest::Client::builder()
-            // Channel APIs answer, they do not redirect: a redirect is refused, not followed with
-            // the token, and the policy layer costs nothing per call.
-            .redirect(reqwest::redirect::Policy::none())
-            .timeout(request_timeout)
-            .pool_idle_timeout(Duration::from_secs(90))
-            .user_agent(concat!("channel-gateway/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+        let http = Http::new(request_timeout)?;
         let tokens = config
             .workspaces
             .iter()
@@ -377,26 +349,26 @@ impl SlackClient {
             )
         })?;
         let method = req.url.rsplit('/').next().unwrap_or_default();
+        let payload = Payload {
+            content_type: "application/json; charset=utf-8",
+            bytes: body,
+        };
         let resp = self
             .http
-            .post(&req.url)
-            .bearer_auth(token.expose())
-            .header(
-                reqwest::header::CONTENT_TYPE,
-                "application/json; charset=utf-8",
+            .send(
+                http::Method::POST,
+                &req.url,
+                Some(token.expose()),
+                Some(payload),
             )
-            .body(body)
-            .send()
             .await
             .map_err(|e| {
-                let err = transport_error(e);
+                let err = transport_error(&e);
                 tracing::debug!(method, error = %err, "slack call failed");
                 err
             })?;
-        let status = resp.status().as_u16();
-        let headers = resp.headers().clone();
-        let text = resp.text().await.map_err(transport_error)?;
-        check_answer(status, &headers, &text).inspect_err(|e| {
+        let status = resp.status;
+        check_answer(status, &resp.headers, &resp.text()).inspect_err(|e| {
             tracing::debug!(method, status, code = e.code.as_deref().unwrap_or_default(), kind = ?e.kind, "slack refused the request");
         })
     }
@@ -451,7 +423,7 @@ impl SlackClient {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use reqwest::header::HeaderMap;
+    use http::header::HeaderMap;
 
     fn headers(retry: Option<&str>) -> HeaderMap {
         let mut h = HeaderMap::new();
