@@ -327,6 +327,26 @@ impl Proc {
         };
         (field("VmRSS:"), field("VmHWM:"))
     }
+
+    /// CPU time the process has used so far (user + system). Per message it is a steadier
+    /// figure than throughput on a shared machine: waiting for a core costs no CPU.
+    fn cpu(&self) -> Duration {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        // Fields after the command name, which is in parentheses and may contain spaces.
+        let ticks: u64 = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| {
+                rest.split_whitespace()
+                    .skip(11)
+                    .take(2)
+                    .filter_map(|v| v.parse::<u64>().ok())
+                    .sum()
+            })
+            .unwrap_or(0);
+        // The kernel reports clock ticks; USER_HZ is 100 on every Linux this runs on.
+        Duration::from_millis(ticks * 10)
+    }
 }
 
 /// Starts this executable in another role and reads the port it prints.
@@ -688,10 +708,13 @@ async fn delivery_scenario(
     let started = start_gateway(fake, gw_opts).await;
     let (gw, client) = (&started.gw, &started.client);
     let seqs = Arc::new(Mutex::new(vec![0u64; load.conversations]));
+    let (cpu0, fake_cpu0) = (gw.cpu(), fake.cpu());
     let start = Instant::now();
     let r = drive(client, fake.port, load, &seqs).await;
     let (stats, _) = wait_delivered(fake.port, r.messages as u64, Duration::from_secs(600)).await;
     let total = start.elapsed();
+    let per_msg = |d: Duration| d.as_secs_f64() * 1e6 / r.messages.max(1) as f64;
+    let (gw_us, fake_us) = (per_msg(gw.cpu() - cpu0), per_msg(fake.cpu() - fake_cpu0));
     let delivered_per_s = r.messages as f64 / total.as_secs_f64();
     let violations = stats["violations"].as_u64().unwrap_or(0);
     assert_eq!(violations, 0, "{name}: ORDER VIOLATED at the fake channel");
@@ -700,7 +723,7 @@ async fn delivery_scenario(
         rows,
         name.to_string(),
         format!(
-            "accepted {:.0} calls/s (p50 {} ms, p99 {} ms, p99.9 {} ms); delivered {:.0} msg/s; end-to-end p50 {:.2} ms, p99 {:.2} ms; order OK ({} msgs, {} dup); gateway peak RSS {} MiB",
+            "accepted {:.0} calls/s (p50 {} ms, p99 {} ms, p99.9 {} ms); delivered {:.0} msg/s; end-to-end p50 {:.2} ms, p99 {:.2} ms; order OK ({} msgs, {} dup); gateway CPU {:.0} µs per message (fake channel {:.0} µs); gateway peak RSS {} MiB",
             r.calls_per_s,
             ms(r.p50),
             ms(r.p99),
@@ -710,6 +733,8 @@ async fn delivery_scenario(
             stats["p99_us"].as_f64().unwrap_or(0.0) / 1000.0,
             r.messages,
             stats["duplicates"],
+            gw_us,
+            fake_us,
             peak / 1024
         ),
     );
@@ -908,7 +933,7 @@ async fn driver() {
     let conversations = count("--conversations", 1000);
     let messages = count("--messages", 100_000 / scale);
     // Scenario names carry the load's shape, so `--only` and the table say what was run.
-    let convs = if conversations % 1000 == 0 {
+    let convs = if conversations.is_multiple_of(1000) {
         format!("{}k conversations", conversations / 1000)
     } else {
         format!("{conversations} conversations")
