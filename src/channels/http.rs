@@ -173,13 +173,10 @@ impl Http {
     pub async fn send(
         &self,
         method: Method,
-        url: &str,
+        uri: Uri,
         bearer: Option<&str>,
         payload: Option<Payload>,
     ) -> Result<Answer, TransportError> {
-        let uri: Uri = url
-            .parse()
-            .map_err(|e| TransportError::Request(format!("not a valid request URL: {e}")))?;
         let mut req = Request::builder().method(method).uri(uri);
         let headers = req
             .headers_mut()
@@ -226,6 +223,13 @@ impl Http {
             .await
             .map_err(|_| TransportError::Timeout(self.timeout))?
     }
+}
+
+/// A request URL as the transport takes it. Its text is left out of the error: a URL may carry
+/// a credential in its query.
+pub fn parse_uri(url: &str) -> Result<Uri, TransportError> {
+    url.parse()
+        .map_err(|e| TransportError::Request(format!("not a valid request URL: {e}")))
 }
 
 /// An error and its causes on one line: hyper's own text alone ("client error (Connect)")
@@ -330,7 +334,7 @@ mod tests {
         let answer = http
             .send(
                 Method::POST,
-                &format!("{base}/v3/x?y=1"),
+                parse_uri(&format!("{base}/v3/x?y=1")).unwrap(),
                 Some("tok"),
                 Some(Payload::json(&serde_json::json!({"text": "hi"})).unwrap()),
             )
@@ -358,7 +362,12 @@ mod tests {
         .await;
         let http = Http::new(Duration::from_secs(5)).unwrap();
         let answer = http
-            .send(Method::GET, &format!("{base}/"), Some("tok"), None)
+            .send(
+                Method::GET,
+                parse_uri(&format!("{base}/")).unwrap(),
+                Some("tok"),
+                None,
+            )
             .await
             .unwrap();
         assert_eq!(answer.status, 302);
@@ -376,7 +385,7 @@ mod tests {
         let e = http
             .send(
                 Method::POST,
-                &format!("http://127.0.0.1:{port}/"),
+                parse_uri(&format!("http://127.0.0.1:{port}/")).unwrap(),
                 None,
                 None,
             )
@@ -394,7 +403,12 @@ mod tests {
             while s.read(&mut buf).await.unwrap_or(0) > 0 {}
         });
         let e = http
-            .send(Method::POST, &format!("http://{addr}/"), None, None)
+            .send(
+                Method::POST,
+                parse_uri(&format!("http://{addr}/")).unwrap(),
+                None,
+                None,
+            )
             .await
             .unwrap_err();
         assert!(matches!(e, TransportError::Timeout(_)), "{e:?}");
@@ -404,17 +418,20 @@ mod tests {
         let (base, server) =
             serve_once(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n{\"partial\"").await;
         let e = http
-            .send(Method::POST, &format!("{base}/"), None, None)
+            .send(
+                Method::POST,
+                parse_uri(&format!("{base}/")).unwrap(),
+                None,
+                None,
+            )
             .await
             .unwrap_err();
         assert!(matches!(e, TransportError::Transport(_)), "{e:?}");
         server.await.unwrap();
 
-        let e = http
-            .send(Method::POST, "http://exa mple/", None, None)
-            .await
-            .unwrap_err();
+        let e = parse_uri("http://exa mple/?access_token=secret").unwrap_err();
         assert!(matches!(e, TransportError::Request(_)), "{e:?}");
+        assert!(!e.to_string().contains("secret"), "{e}");
     }
 
     #[tokio::test]
@@ -431,7 +448,12 @@ mod tests {
         let (base, server) = serve_once(BIG.as_slice()).await;
         let http = Http::new(Duration::from_secs(10)).unwrap();
         let e = http
-            .send(Method::GET, &format!("{base}/"), None, None)
+            .send(
+                Method::GET,
+                parse_uri(&format!("{base}/")).unwrap(),
+                None,
+                None,
+            )
             .await
             .unwrap_err();
         assert!(matches!(e, TransportError::Transport(_)), "{e:?}");
@@ -451,7 +473,7 @@ mod tests {
         let e = http
             .send(
                 Method::POST,
-                "https://graph.example:443/v1/me/messages",
+                parse_uri("https://graph.example:443/v1/me/messages").unwrap(),
                 None,
                 None,
             )
@@ -476,7 +498,12 @@ mod tests {
             .build();
         let http = Http::with_proxy(Duration::from_secs(5), matcher).unwrap();
         let answer = http
-            .send(Method::GET, &format!("{base}/"), None, None)
+            .send(
+                Method::GET,
+                parse_uri(&format!("{base}/")).unwrap(),
+                None,
+                None,
+            )
             .await
             .unwrap();
         assert_eq!(answer.status, 204);

@@ -12,7 +12,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use tokio::sync::Mutex;
 
-use crate::channels::http::{Http, Payload, TransportError};
+use crate::channels::http::{Http, Payload, TransportError, parse_uri};
 use crate::channels::{ChannelError, FailureKind, HttpMethod, NativeReceipt, NativeRequest};
 use crate::config::{BotFrameworkConfig, Secret};
 
@@ -48,12 +48,13 @@ pub fn service_url_refusal(patterns: &[String], service_url: &str) -> Option<Str
     allowed_url(patterns, service_url).err()
 }
 
-/// The URL parsed once, if it may receive a token: the allow-list decides on the very URL the
-/// request then goes to.
-fn allowed_url(patterns: &[String], service_url: &str) -> Result<url::Url, String> {
-    let url =
-        url::Url::parse(service_url).map_err(|e| format!("`{service_url}` is not a URL: {e}"))?;
-    let Some(host) = url.host_str() else {
+/// The URL parsed once, if it may receive a token. It is parsed as the transport's own `Uri`
+/// and that very value is sent: the allow-list decides on the host the connection goes to.
+fn allowed_url(patterns: &[String], service_url: &str) -> Result<http::Uri, String> {
+    let uri: http::Uri = service_url
+        .parse()
+        .map_err(|e| format!("`{service_url}` is not a URL: {e}"))?;
+    let Some(host) = uri.host().filter(|h| !h.is_empty()) else {
         return Err(format!("`{service_url}` has no host"));
     };
     if !host_allowed(patterns, host) {
@@ -61,16 +62,17 @@ fn allowed_url(patterns: &[String], service_url: &str) -> Result<url::Url, Strin
             "host `{host}` is not in channels.botframework.allowed_service_hosts"
         ));
     }
-    match url.scheme() {
-        "https" => {}
-        "http" if is_loopback(host) => {}
+    match uri.scheme_str() {
+        Some("https") => {}
+        Some("http") if is_loopback(host) => {}
         s => {
             return Err(format!(
-                "scheme `{s}` is not allowed for `{host}`: only https (http for loopback hosts)"
+                "scheme `{}` is not allowed for `{host}`: only https (http for loopback hosts)",
+                s.unwrap_or_default()
             ));
         }
     }
-    Ok(url)
+    Ok(uri)
 }
 
 struct CachedToken {
@@ -212,7 +214,7 @@ impl BotFrameworkClient {
             .http
             .send(
                 http::Method::POST,
-                &self.config.token_url,
+                parse_uri(&self.config.token_url).map_err(|e| transport_error(&e, true))?,
                 None,
                 Some(payload),
             )
@@ -273,7 +275,7 @@ impl BotFrameworkClient {
                 .http
                 .send(
                     method.clone(),
-                    url.as_str(),
+                    url.clone(),
                     token.as_ref().map(|t| t.expose()),
                     payload,
                 )
@@ -443,6 +445,13 @@ mod tests {
         assert!(service_url_refusal(&p, "http://smba.trafficmanager.net/amer/").is_some());
         assert!(service_url_refusal(&p, "http://127.0.0.1:3978/").is_none());
         assert!(service_url_refusal(&p, "https://attacker.example/").is_some());
+        // The host the connection would go to decides, not text before an `@`.
+        assert!(
+            service_url_refusal(&p, "https://smba.trafficmanager.net@attacker.example/").is_some()
+        );
+        assert!(service_url_refusal(&p, "https://x.botframework.com:8443/v3/").is_none());
+        assert!(service_url_refusal(&p, "ftp://x.botframework.com/").is_some());
+        assert!(service_url_refusal(&p, "/relative/only").is_some());
     }
 
     #[test]

@@ -14,7 +14,7 @@ use sha2::Sha256;
 
 use super::config::FacebookConfig;
 use crate::channels::botframework::client::retry_after;
-use crate::channels::http::{Http, Payload, TransportError};
+use crate::channels::http::{Http, Payload, TransportError, parse_uri};
 use crate::channels::{ChannelError, FailureKind, NativeReceipt, NativeRequest};
 use crate::config::Secret;
 use crate::model::{Address, ProactiveOptions};
@@ -125,7 +125,12 @@ impl FacebookClient {
         let payload = Payload::json(&req.body).map_err(|e| transport_error(&e, &scrub))?;
         let resp = self
             .http
-            .send(http::Method::POST, url.as_str(), None, Some(payload))
+            .send(
+                http::Method::POST,
+                parse_uri(url.as_str()).map_err(|e| transport_error(&e, &scrub))?,
+                None,
+                Some(payload),
+            )
             .await
             .map_err(|e| transport_error(&e, &scrub))?;
         let (status, headers) = (resp.status, &resp.headers);

@@ -13,7 +13,7 @@ use serde_json::Value;
 use super::config::SlackConfig;
 use super::render::{open_request, opened_address};
 use crate::channels::botframework::client::retry_after;
-use crate::channels::http::{Http, Payload, TransportError};
+use crate::channels::http::{Http, Payload, TransportError, parse_uri};
 use crate::channels::{
     ChannelError, ErrorCategory, FailureKind, HttpMethod, NativeReceipt, NativeRequest,
 };
@@ -357,7 +357,7 @@ impl SlackClient {
             .http
             .send(
                 http::Method::POST,
-                &req.url,
+                parse_uri(&req.url).map_err(|e| transport_error(&e))?,
                 Some(token.expose()),
                 Some(payload),
             )
