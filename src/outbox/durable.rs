@@ -53,19 +53,28 @@ struct Body {
     warnings: Vec<crate::model::Warning>,
 }
 
+// Both encoders start with room for a typical record: serde_json's to_vec starts at 128 bytes,
+// so a message body was reallocated as it grew, on the accept path.
 fn encode_body(m: &StoredMessage) -> Result<Vec<u8>, StoreError> {
-    serde_json::to_vec(&BodyRef {
-        conversation: &m.conversation,
-        message: &m.message,
-        proactive: &m.proactive,
-        accepted_at_ms: m.accepted_at_ms,
-        warnings: &m.warnings,
-    })
-    .map_err(storage)
+    let mut out = Vec::with_capacity(1024);
+    serde_json::to_writer(
+        &mut out,
+        &BodyRef {
+            conversation: &m.conversation,
+            message: &m.message,
+            proactive: &m.proactive,
+            accepted_at_ms: m.accepted_at_ms,
+            warnings: &m.warnings,
+        },
+    )
+    .map_err(storage)?;
+    Ok(out)
 }
 
 fn encode_state(s: &StateRecord) -> Result<Vec<u8>, StoreError> {
-    serde_json::to_vec(s).map_err(storage)
+    let mut out = Vec::with_capacity(192);
+    serde_json::to_writer(&mut out, s).map_err(storage)?;
+    Ok(out)
 }
 
 fn decode(id: u64, body: &[u8], state: &[u8]) -> Result<StoredMessage, StoreError> {
