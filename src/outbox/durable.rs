@@ -113,7 +113,10 @@ struct Entry {
     version: u64,
     id: u64,
     body: Option<Vec<u8>>,
-    state: StateRecord,
+    /// What the list tables need (pending, failed, delivered by time); the whole state travels
+    /// encoded in `state_bytes`.
+    state: DeliveryState,
+    updated_at_ms: u64,
     state_bytes: Vec<u8>,
 }
 
@@ -254,18 +257,15 @@ impl RedbStore {
     ) -> Durable {
         let mut encoded = Vec::with_capacity(messages.len());
         for m in messages {
-            let state = m.record.clone();
-            match (encode_body(&m), encode_state(&state)) {
-                (Ok(body), Ok(state_bytes)) => {
-                    encoded.push((Arc::new(m), body, state, state_bytes))
-                }
+            match (encode_body(&m), encode_state(&m.record)) {
+                (Ok(body), Ok(state_bytes)) => encoded.push((Arc::new(m), body, state_bytes)),
                 (Err(e), _) | (_, Err(e)) => return super::settled(Err(e)),
             }
         }
         let (ack, rx) = oneshot::channel();
         let mut ov = self.overlay();
         let mut entries = Vec::with_capacity(encoded.len());
-        for (m, body, state, state_bytes) in encoded {
+        for (m, body, state_bytes) in encoded {
             let version = ov.next_version();
             ov.states.remove(&m.id);
             ov.bodies.insert(m.id, (version, m.clone()));
@@ -273,7 +273,8 @@ impl RedbStore {
                 version,
                 id: m.id,
                 body: Some(body),
-                state,
+                state: m.record.state,
+                updated_at_ms: m.record.updated_at_ms,
                 state_bytes,
             });
         }
@@ -289,29 +290,22 @@ impl RedbStore {
     /// Applies a state change to the newest known state and queues it.
     fn put_state(&self, id: u64, change: Change) -> Durable {
         let mut ov = self.overlay();
-        let current = match ov.state(id) {
-            Some(s) => s,
+        let current = if matches!(change, Change::Finished(_)) {
             // A final outcome replaces the whole state (see `Change::Finished`): nothing to read
-            // back, whatever this placeholder says.
-            None if matches!(change, Change::Finished(_)) => StateRecord {
-                state: DeliveryState::Accepted,
-                attempts: 0,
-                receipts: Vec::new(),
-                error: None,
-                possible_duplicate: false,
-                updated_at_ms: 0,
-            },
-            None => {
-                // Committed and out of the overlay: read its state (never its body) from disk,
-                // outside the lock. Only this message's own worker changes its state, so nothing
-                // newer can arrive meanwhile.
-                drop(ov);
-                let Some(s) = self.read_state(id).ok().flatten() else {
-                    return super::ready_durable();
-                };
-                ov = self.overlay();
-                ov.state(id).unwrap_or(s)
-            }
+            // back or copy, whatever this placeholder says.
+            StateRecord::new(DeliveryState::Accepted, 0)
+        } else if let Some(s) = ov.state(id) {
+            s
+        } else {
+            // Committed and out of the overlay: read its state (never its body) from disk,
+            // outside the lock. Only this message's own worker changes its state, so nothing
+            // newer can arrive meanwhile.
+            drop(ov);
+            let Some(s) = self.read_state(id).ok().flatten() else {
+                return super::ready_durable();
+            };
+            ov = self.overlay();
+            ov.state(id).unwrap_or(s)
         };
         let mut state = current;
         apply_state(&mut state, change);
@@ -321,15 +315,17 @@ impl RedbStore {
         };
         let (ack, rx) = oneshot::channel();
         let version = ov.next_version();
-        ov.states.insert(id, (version, state.clone()));
+        let entry = Entry {
+            version,
+            id,
+            body: None,
+            state: state.state,
+            updated_at_ms: state.updated_at_ms,
+            state_bytes,
+        };
+        ov.states.insert(id, (version, state));
         self.send(Cmd::Put {
-            entries: vec![Entry {
-                version,
-                id,
-                body: None,
-                state,
-                state_bytes,
-            }],
+            entries: vec![entry],
             idempotency: None,
             ack,
         });
@@ -549,7 +545,7 @@ fn commit(db: &Database, batch: &[Cmd], compacted: &mut usize) -> Result<(), Sto
                             .insert(e.id, e.state_bytes.as_slice())
                             .map_err(storage)?;
                         // Only the changes that move a message in or out of a list touch it.
-                        match e.state.state {
+                        match e.state {
                             DeliveryState::Accepted => {
                                 pending.insert(e.id, 0).map_err(storage)?;
                                 if e.body.is_none() {
@@ -565,7 +561,7 @@ fn commit(db: &Database, batch: &[Cmd], compacted: &mut usize) -> Result<(), Sto
                             DeliveryState::Delivered => {
                                 pending.remove(e.id).map_err(storage)?;
                                 delivered
-                                    .insert((e.state.updated_at_ms, e.id), 0)
+                                    .insert((e.updated_at_ms, e.id), 0)
                                     .map_err(storage)?;
                             }
                             DeliveryState::Failed | DeliveryState::Expired => {
