@@ -1226,7 +1226,7 @@ async fn driver() {
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
             .unwrap_or_default();
         let doc = format!(
-            "# Benchmark results\n\nCommand: `cargo bench --bench gateway -- {}`\n\nMachine: {cores} cores, {mem} GiB memory. Date: {date}.\n\nLoad: {concurrency} concurrent callers (one per conversation on the slow channel), {conversations} conversations, {messages} messages per Send scenario (twice as many with SendBatch).\n\nThe gateway (release build) and the fake connector run as separate processes on 127.0.0.1; the load generator is this benchmark process. All three share the machine's cores. The profile, what it led to change and how to read these figures: bench/PROFILE.md.\n\n## Headline\n\n{}\n\n## All scenarios\n\n{table}",
+            "# Benchmark results\n\nCommand: `cargo bench --bench gateway -- {}`\n\nMachine: {cores} cores, {mem} GiB memory. Date: {date}.\n\nLoad: {concurrency} concurrent callers (on the slow channel: one per conversation with Send, one per five with SendBatch), {conversations} conversations, {messages} messages per Send scenario (twice as many with SendBatch).\n\nThe gateway (release build) and the fake connector run as separate processes on 127.0.0.1; the load generator is this benchmark process. All three share the machine's cores. The profile, what it led to change and how to read these figures: bench/PROFILE.md.\n\n## Headline\n\n{}\n\n## All scenarios\n\n{table}",
             std::env::args()
                 .skip(1)
                 .filter(|a| a != "--bench")
