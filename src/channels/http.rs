@@ -33,7 +33,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tower::Service;
 
-use super::{ChannelError, FailureKind};
+use super::{ChannelError, FailureKind, HttpMethod};
 
 /// Channel answers are small JSON documents; anything bigger is not one.
 pub const MAX_ANSWER_BYTES: usize = 4 << 20;
@@ -106,6 +106,17 @@ impl Answer {
     /// The body as text; bytes that are not UTF-8 are replaced, never an error.
     pub fn text(&self) -> std::borrow::Cow<'_, str> {
         String::from_utf8_lossy(&self.body)
+    }
+}
+
+impl From<HttpMethod> for Method {
+    fn from(m: HttpMethod) -> Self {
+        match m {
+            HttpMethod::Get => Method::GET,
+            HttpMethod::Post => Method::POST,
+            HttpMethod::Put => Method::PUT,
+            HttpMethod::Delete => Method::DELETE,
+        }
     }
 }
 

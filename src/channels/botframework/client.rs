@@ -258,12 +258,6 @@ impl BotFrameworkClient {
         })?;
         let mut token = self.token(&req.credential, None).await?;
         let mut retried_401 = false;
-        let method = match req.method {
-            HttpMethod::Get => http::Method::GET,
-            HttpMethod::Post => http::Method::POST,
-            HttpMethod::Put => http::Method::PUT,
-            HttpMethod::Delete => http::Method::DELETE,
-        };
         loop {
             let payload = match req.method {
                 HttpMethod::Post | HttpMethod::Put => {
@@ -274,7 +268,7 @@ impl BotFrameworkClient {
             let resp = self
                 .http
                 .send(
-                    method.clone(),
+                    req.method.into(),
                     url.clone(),
                     token.as_ref().map(|t| t.expose()),
                     payload,
