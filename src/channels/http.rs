@@ -501,9 +501,9 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn plain_http_and_no_proxy_hosts_go_direct() {
+    async fn plain_http_is_never_proxied() {
         let (base, server) = serve_once(b"HTTP/1.1 204 No Content\r\n\r\n").await;
-        // The proxy would refuse everything: reaching the server proves it was bypassed.
+        // Nothing listens at the proxy: reaching the server proves it was bypassed.
         let matcher = Matcher::builder()
             .all("http://127.0.0.1:1".to_string())
             .build();
@@ -519,5 +519,37 @@ mod tests {
             .unwrap();
         assert_eq!(answer.status, 204);
         server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn https_to_a_no_proxy_host_goes_direct() {
+        // Stands in for the channel host: records the first bytes a client sends, then hangs up.
+        let direct = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = direct.local_addr().unwrap().port();
+        let first_bytes = tokio::spawn(async move {
+            let (mut s, _) = direct.accept().await.unwrap();
+            let mut buf = [0u8; 16];
+            let n = s.read(&mut buf).await.unwrap();
+            buf[..n].to_vec()
+        });
+        let (proxy, _unused) = serve_once(b"HTTP/1.1 403 Forbidden\r\n\r\n").await;
+        let matcher = Matcher::builder().https(proxy).no("127.0.0.1").build();
+        let http = Http::with_proxy(Duration::from_secs(5), matcher).unwrap();
+        let e = http
+            .send(
+                Method::GET,
+                parse_uri(&format!("https://127.0.0.1:{port}/")).unwrap(),
+                None,
+                None,
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(e, TransportError::Connect(_)), "{e:?}");
+        // A TLS handshake record (0x16), not a CONNECT line: the proxy was not used.
+        let got = tokio::time::timeout(Duration::from_secs(5), first_bytes)
+            .await
+            .expect("the channel host saw no connection: the call went through the proxy")
+            .unwrap();
+        assert_eq!(got.first(), Some(&0x16), "{got:?}");
     }
 }
