@@ -282,6 +282,13 @@ impl Service<Uri> for Connect {
             .then(|| self.proxy.intercept(&dst))
             .flatten();
         match intercept {
+            // The tunnel speaks plain HTTP to the proxy: say so rather than fail its handshake.
+            Some(via) if via.uri().scheme_str() == Some("https") => Box::pin(async {
+                Err(
+                    "an https:// proxy is not supported: give HTTPS_PROXY as http://host:port"
+                        .into(),
+                )
+            }),
             Some(via) => {
                 let mut tunnel = Tunnel::new(via.uri().clone(), tcp);
                 if let Some(auth) = via.basic_auth() {
@@ -498,6 +505,28 @@ mod tests {
         );
         // Nothing of the request itself (path, body, token) is shown to the proxy.
         assert!(!seen.contains("/v1/me/messages"), "{seen}");
+    }
+
+    #[tokio::test]
+    async fn an_https_proxy_is_refused_with_a_reason() {
+        let matcher = Matcher::builder()
+            .https("https://127.0.0.1:1".to_string())
+            .build();
+        let http = Http::with_proxy(Duration::from_secs(5), matcher).unwrap();
+        let e = http
+            .send(
+                Method::GET,
+                parse_uri("https://graph.example/").unwrap(),
+                None,
+                None,
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(e, TransportError::Connect(_)), "{e:?}");
+        assert!(
+            e.to_string().contains("https:// proxy is not supported"),
+            "{e}"
+        );
     }
 
     #[tokio::test]
