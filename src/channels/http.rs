@@ -310,6 +310,11 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
+    /// One call without a token or a body.
+    async fn call(http: &Http, method: Method, url: &str) -> Result<Answer, TransportError> {
+        http.send(method, parse_uri(url).unwrap(), None, None).await
+    }
+
     /// A one-shot HTTP server: returns the request it read and answers with `answer`.
     async fn serve_once(answer: &'static [u8]) -> (String, tokio::task::JoinHandle<String>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -400,13 +405,7 @@ mod tests {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().port()
         };
-        let e = http
-            .send(
-                Method::POST,
-                parse_uri(&format!("http://127.0.0.1:{port}/")).unwrap(),
-                None,
-                None,
-            )
+        let e = call(&http, Method::POST, &format!("http://127.0.0.1:{port}/"))
             .await
             .unwrap_err();
         assert!(matches!(e, TransportError::Connect(_)), "{e:?}");
@@ -420,13 +419,7 @@ mod tests {
             let mut buf = [0u8; 1024];
             while s.read(&mut buf).await.unwrap_or(0) > 0 {}
         });
-        let e = http
-            .send(
-                Method::POST,
-                parse_uri(&format!("http://{addr}/")).unwrap(),
-                None,
-                None,
-            )
+        let e = call(&http, Method::POST, &format!("http://{addr}/"))
             .await
             .unwrap_err();
         assert!(matches!(e, TransportError::Timeout(_)), "{e:?}");
@@ -435,13 +428,7 @@ mod tests {
         // An answer cut short after the request went out.
         let (base, server) =
             serve_once(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n{\"partial\"").await;
-        let e = http
-            .send(
-                Method::POST,
-                parse_uri(&format!("{base}/")).unwrap(),
-                None,
-                None,
-            )
+        let e = call(&http, Method::POST, &format!("{base}/"))
             .await
             .unwrap_err();
         assert!(matches!(e, TransportError::Transport(_)), "{e:?}");
@@ -465,13 +452,7 @@ mod tests {
         });
         let (base, server) = serve_once(BIG.as_slice()).await;
         let http = Http::new(Duration::from_secs(10)).unwrap();
-        let e = http
-            .send(
-                Method::GET,
-                parse_uri(&format!("{base}/")).unwrap(),
-                None,
-                None,
-            )
+        let e = call(&http, Method::GET, &format!("{base}/"))
             .await
             .unwrap_err();
         assert!(matches!(e, TransportError::Transport(_)), "{e:?}");
@@ -488,15 +469,13 @@ mod tests {
             .no("skip.example")
             .build();
         let http = Http::with_proxy(Duration::from_secs(5), matcher).unwrap();
-        let e = http
-            .send(
-                Method::POST,
-                parse_uri("https://graph.example:443/v1/me/messages").unwrap(),
-                None,
-                None,
-            )
-            .await
-            .unwrap_err();
+        let e = call(
+            &http,
+            Method::POST,
+            "https://graph.example:443/v1/me/messages",
+        )
+        .await
+        .unwrap_err();
         assert!(matches!(e, TransportError::Connect(_)), "{e:?}");
         let seen = seen.await.unwrap();
         assert!(
@@ -513,13 +492,7 @@ mod tests {
             .https("https://127.0.0.1:1".to_string())
             .build();
         let http = Http::with_proxy(Duration::from_secs(5), matcher).unwrap();
-        let e = http
-            .send(
-                Method::GET,
-                parse_uri("https://graph.example/").unwrap(),
-                None,
-                None,
-            )
+        let e = call(&http, Method::GET, "https://graph.example/")
             .await
             .unwrap_err();
         assert!(matches!(e, TransportError::Connect(_)), "{e:?}");
@@ -537,15 +510,7 @@ mod tests {
             .all("http://127.0.0.1:1".to_string())
             .build();
         let http = Http::with_proxy(Duration::from_secs(5), matcher).unwrap();
-        let answer = http
-            .send(
-                Method::GET,
-                parse_uri(&format!("{base}/")).unwrap(),
-                None,
-                None,
-            )
-            .await
-            .unwrap();
+        let answer = call(&http, Method::GET, &format!("{base}/")).await.unwrap();
         assert_eq!(answer.status, 204);
         server.await.unwrap();
     }
@@ -564,13 +529,7 @@ mod tests {
         let (proxy, _unused) = serve_once(b"HTTP/1.1 403 Forbidden\r\n\r\n").await;
         let matcher = Matcher::builder().https(proxy).no("127.0.0.1").build();
         let http = Http::with_proxy(Duration::from_secs(5), matcher).unwrap();
-        let e = http
-            .send(
-                Method::GET,
-                parse_uri(&format!("https://127.0.0.1:{port}/")).unwrap(),
-                None,
-                None,
-            )
+        let e = call(&http, Method::GET, &format!("https://127.0.0.1:{port}/"))
             .await
             .unwrap_err();
         assert!(matches!(e, TransportError::Connect(_)), "{e:?}");
