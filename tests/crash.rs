@@ -8,7 +8,7 @@ mod common;
 use std::collections::{HashMap, HashSet};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 
@@ -17,14 +17,6 @@ use channel_gateway::api::pb::{self, channel_gateway_client::ChannelGatewayClien
 const CONVERSATIONS: usize = 24;
 const CLIENTS: usize = 8;
 const ROUNDS: usize = 3;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn spawn_gateway(fake: &FakeConnector, data_dir: &std::path::Path, port: u16) -> Child {
     Command::new(env!("CARGO_BIN_EXE_channel-gateway"))
@@ -58,14 +50,7 @@ fn spawn_gateway(fake: &FakeConnector, data_dir: &std::path::Path, port: u16) ->
 }
 
 async fn connect(port: u16) -> ChannelGatewayClient<tonic::transport::Channel> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        match ChannelGatewayClient::connect(format!("http://127.0.0.1:{port}")).await {
-            Ok(c) => return c,
-            Err(e) if Instant::now() > deadline => panic!("gateway did not start: {e}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(25)).await,
-        }
-    }
+    ChannelGatewayClient::new(binary_channel(port).await)
 }
 
 fn address(fake: &FakeConnector, conv: usize) -> pb::Address {

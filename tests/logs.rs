@@ -5,19 +5,10 @@ mod common;
 
 use std::io::Read;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use channel_gateway::api::pb::{self, channel_gateway_client::ChannelGatewayClient};
 use common::*;
 use serde_json::json;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logs_carry_the_trace_and_never_a_secret() {
@@ -53,16 +44,7 @@ async fn logs_carry_the_trace_and_never_a_secret() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut client = loop {
-        match ChannelGatewayClient::connect(format!("http://127.0.0.1:{port}")).await {
-            Ok(c) => break c,
-            Err(_) if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(25)).await
-            }
-            Err(e) => panic!("gateway did not start: {e}"),
-        }
-    };
+    let mut client = ChannelGatewayClient::new(binary_channel(port).await);
     let message = |conv: &str| pb::Message {
         address: Some(pb::Address {
             channel_id: "msteams".into(),

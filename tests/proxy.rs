@@ -2,21 +2,16 @@
 //! through a CONNECT tunnel. The proxy here is a fake on 127.0.0.1 that records what it is
 //! asked and refuses it, so nothing leaves the machine.
 
+mod common;
+
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use channel_gateway::api::pb::{self, channel_gateway_client::ChannelGatewayClient};
+use common::{binary_channel, free_port};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// Accepts connections, reports each request head, and answers 403 to all of them.
 async fn refusing_proxy() -> (u16, mpsc::UnboundedReceiver<String>) {
@@ -72,22 +67,7 @@ async fn channel_calls_go_through_the_https_proxy_of_the_environment() {
         .spawn()
         .unwrap();
 
-    let url = format!("http://127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let channel = loop {
-        match tonic::transport::Endpoint::from_shared(url.clone())
-            .unwrap()
-            .connect()
-            .await
-        {
-            Ok(c) => break c,
-            Err(_) if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(50)).await
-            }
-            Err(e) => panic!("gateway did not start: {e}"),
-        }
-    };
-    let mut client = ChannelGatewayClient::new(channel);
+    let mut client = ChannelGatewayClient::new(binary_channel(port).await);
     let address = pb::Address {
         channel_id: "msteams".into(),
         bot: Some(pb::Identity {

@@ -1,5 +1,7 @@
 //! The real binary: starts with no config, answers health and reflection, stops on SIGTERM.
 
+mod common;
+
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -11,18 +13,10 @@ use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
 use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
 use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[tokio::test]
 async fn serve_with_no_config_answers_health_and_reflection_and_stops_on_sigterm() {
-    let port = free_port();
-    let admin = free_port();
+    let port = common::free_port();
+    let admin = common::free_port();
     let dir = tempfile::tempdir().unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_channel-gateway"))
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
@@ -37,21 +31,7 @@ async fn serve_with_no_config_answers_health_and_reflection_and_stops_on_sigterm
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let url = format!("http://127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let channel = loop {
-        match tonic::transport::Endpoint::from_shared(url.clone())
-            .unwrap()
-            .connect()
-            .await
-        {
-            Ok(c) => break c,
-            Err(_) if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(50)).await
-            }
-            Err(e) => panic!("gateway did not start: {e}"),
-        }
-    };
+    let channel = common::binary_channel(port).await;
     let mut health = HealthClient::new(channel.clone());
     for service in ["", "channelgateway.v1.ChannelGateway"] {
         let r = health
