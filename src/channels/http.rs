@@ -259,8 +259,9 @@ fn chain(e: &dyn std::error::Error) -> String {
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// TCP to the destination, or through an HTTP CONNECT tunnel when the proxy settings cover it.
-/// Only https destinations are tunnelled: plain http is allowed for loopback channel URLs
-/// (tests, local fakes), which must not leave the machine through a proxy.
+/// Only https destinations are tunnelled. Plain http is what loopback fakes and test setups
+/// use (Bot Framework and Messenger allow it for loopback hosts only), and it goes direct:
+/// `HTTP_PROXY` is not honoured, so a plain-http call never hands its request to a proxy.
 #[derive(Clone)]
 struct Connect {
     tcp: HttpConnector,
