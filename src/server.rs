@@ -102,7 +102,6 @@ impl RunningGateway {
     }
 }
 
-/// Binds the configured address and serves until `shutdown` resolves.
 /// Accepted gRPC connections with Nagle's algorithm off. tonic applies its `tcp_nodelay` only
 /// to listeners it binds itself; on ours, a response written in two segments (headers, then
 /// data and trailers) waited for the client's delayed ACK, and about one call in a hundred
@@ -118,6 +117,7 @@ pub fn no_delay(
     })
 }
 
+/// Binds the configured address and serves until `shutdown` resolves.
 pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -311,21 +311,20 @@ async fn serve(
             let _ = rx.wait_for(|s| *s).await;
         }
     };
-    let tcp: ServeFuture =
-        match &config.server.tls {
-            Some(tls_cfg) => {
-                let tls = crate::tls::Reloadable::new(tls_cfg)
-                    .map_err(|e| ServeError::Tls(e.to_string()))?;
-                tls.watch(tls_cfg.clone(), tls_cfg.reload_interval);
-                Box::pin(router().serve_with_incoming_shutdown(
-                    crate::tls::incoming(listener, tls),
-                    until_stopped(),
-                ))
-            }
-            None => {
-                Box::pin(router().serve_with_incoming_shutdown(no_delay(listener), until_stopped()))
-            }
-        };
+    let tcp: ServeFuture = match &config.server.tls {
+        Some(tls_cfg) => {
+            let tls =
+                crate::tls::Reloadable::new(tls_cfg).map_err(|e| ServeError::Tls(e.to_string()))?;
+            tls.watch(tls_cfg.clone(), tls_cfg.reload_interval);
+            Box::pin(router().serve_with_incoming_shutdown(
+                crate::tls::incoming(no_delay(listener), tls),
+                until_stopped(),
+            ))
+        }
+        None => {
+            Box::pin(router().serve_with_incoming_shutdown(no_delay(listener), until_stopped()))
+        }
+    };
     let unix: Option<ServeFuture> = match &config.server.unix_socket {
         #[cfg(unix)]
         Some(path) => {

@@ -15,7 +15,7 @@ use rustls::server::WebPkiClientVerifier;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
@@ -222,17 +222,19 @@ impl Reloadable {
     }
 }
 
-/// Accepts TCP connections and hands TLS-established ones to the server. Handshakes run in
-/// their own tasks so a slow client cannot hold up the others.
+/// Takes accepted TCP connections (`server::no_delay`) and hands TLS-established ones to the
+/// server. Handshakes run in their own tasks so a slow client cannot hold up the others.
 pub fn incoming(
-    listener: TcpListener,
+    accepted: impl tokio_stream::Stream<Item = std::io::Result<TcpStream>> + Send + 'static,
     tls: Reloadable,
 ) -> tokio_stream::wrappers::ReceiverStream<Result<TlsConn, std::io::Error>> {
+    use tokio_stream::StreamExt;
     let (tx, rx) = mpsc::channel(128);
     tokio::spawn(async move {
-        loop {
-            let (tcp, remote) = match listener.accept().await {
-                Ok(x) => x,
+        tokio::pin!(accepted);
+        while let Some(conn) = accepted.next().await {
+            let tcp = match conn {
+                Ok(tcp) => tcp,
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -242,8 +244,10 @@ pub fn incoming(
             if tx.is_closed() {
                 return;
             }
-            // Same reason as the plain listener's: see `server::no_delay`.
-            let _ = tcp.set_nodelay(true);
+            let Ok(remote) = tcp.peer_addr() else {
+                // Gone before its handshake started.
+                continue;
+            };
             let acceptor = tls.acceptor();
             let tx = tx.clone();
             tokio::spawn(async move {
