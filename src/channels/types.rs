@@ -61,6 +61,16 @@ pub struct Rendered {
     pub warnings: Vec<Warning>,
 }
 
+impl Rendered {
+    /// Drops the requests' bodies and keeps their routes (method, URL, credential, rate scope),
+    /// for a message that waits long: `Channels::render_send` renders the bodies again.
+    pub fn drop_bodies(&mut self) {
+        for r in &mut self.requests {
+            r.body = Value::Null;
+        }
+    }
+}
+
 /// A message the channel cannot take as given, found before any call is made.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RenderError {

@@ -95,9 +95,7 @@ impl Item {
         if self.ephemeral || self.rendered.requests.is_empty() {
             return;
         }
-        for r in &mut self.rendered.requests {
-            r.body = serde_json::Value::Null;
-        }
+        self.rendered.drop_bodies();
         self.shed = true;
     }
 }
