@@ -516,17 +516,99 @@ mod tests {
         server.await.unwrap();
     }
 
+    /// Stands in for an https channel host: returns the first TLS record a client sends (its
+    /// ClientHello), then hangs up.
+    async fn first_record() -> (u16, tokio::task::JoinHandle<Vec<u8>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let task = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            // A record: type, version (2 bytes), length (2 bytes), then that many bytes.
+            while got.len() < 5 || got.len() < 5 + u16::from_be_bytes([got[3], got[4]]) as usize {
+                let n = s.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&buf[..n]);
+            }
+            got
+        });
+        (port, task)
+    }
+
+    #[tokio::test]
+    async fn tls_offers_http_1_1_only() {
+        // The check below must be able to see an offer: a client that does offer h2.
+        let (port, hello) = first_record().await;
+        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let name = rustls_pki_types::ServerName::try_from("channel.example").unwrap();
+        let _ = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await;
+        assert_eq!(
+            alpn(&hello.await.unwrap()),
+            vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+        );
+
+        let (port, hello) = first_record().await;
+        let http = Http::with_proxy(Duration::from_secs(5), Matcher::builder().build()).unwrap();
+        let e = call(&http, Method::GET, &format!("https://127.0.0.1:{port}/"))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, TransportError::Connect(_)), "{e:?}");
+        let hello = tokio::time::timeout(Duration::from_secs(5), hello)
+            .await
+            .expect("no TLS hello")
+            .unwrap();
+        // Without ALPN a server speaks HTTP/1.1; offering "h2" would let it pick HTTP/2.
+        let offered = alpn(&hello);
+        assert!(
+            !offered.iter().any(|p| p == b"h2"),
+            "HTTP/2 offered: {offered:?}"
+        );
+    }
+
+    /// The protocols a TLS ClientHello record offers in its ALPN extension (none if absent).
+    fn alpn(record: &[u8]) -> Vec<Vec<u8>> {
+        let at = |i: usize| *record.get(i).expect("a whole ClientHello") as usize;
+        let u16_at = |i: usize| (at(i) << 8) | at(i + 1);
+        // Record header (5), handshake header (4), version (2), random (32).
+        let mut i = 5 + 4 + 2 + 32;
+        i += 1 + at(i); // session id
+        i += 2 + u16_at(i); // cipher suites
+        i += 1 + at(i); // compression methods
+        let end = i + 2 + u16_at(i);
+        i += 2;
+        while i + 4 <= end {
+            let (kind, len) = (u16_at(i), u16_at(i + 2));
+            if kind == 16 {
+                // A list length (2), then length-prefixed names.
+                let (mut j, stop) = (i + 6, i + 4 + len);
+                let mut names = Vec::new();
+                while j < stop {
+                    names.push(record[j + 1..j + 1 + at(j)].to_vec());
+                    j += 1 + at(j);
+                }
+                return names;
+            }
+            i += 4 + len;
+        }
+        Vec::new()
+    }
+
     #[tokio::test]
     async fn https_to_a_no_proxy_host_goes_direct() {
-        // Stands in for the channel host: records the first bytes a client sends, then hangs up.
-        let direct = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = direct.local_addr().unwrap().port();
-        let first_bytes = tokio::spawn(async move {
-            let (mut s, _) = direct.accept().await.unwrap();
-            let mut buf = [0u8; 16];
-            let n = s.read(&mut buf).await.unwrap();
-            buf[..n].to_vec()
-        });
+        let (port, first_bytes) = first_record().await;
         let (proxy, _unused) = serve_once(b"HTTP/1.1 403 Forbidden\r\n\r\n").await;
         let matcher = Matcher::builder().https(proxy).no("127.0.0.1").build();
         let http = Http::with_proxy(Duration::from_secs(5), matcher).unwrap();
