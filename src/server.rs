@@ -18,7 +18,7 @@ use crate::config::Config;
 use crate::config::OutboxBackend;
 use crate::delivery::Dispatcher;
 use crate::metrics::Metrics;
-use crate::outbox::{MemoryStore, RedbStore, Store, now_ms};
+use crate::outbox::{LogStore, MemoryStore, Store, now_ms};
 
 /// Drops delivered messages past their retention and expired idempotency keys, periodically.
 fn spawn_compaction(
@@ -30,8 +30,9 @@ fn spawn_compaction(
     // gateway that owns it is gone.
     let store = Arc::downgrade(&store);
     tokio::spawn(async move {
+        // The first tick is immediate: at start it drops what replay brought back of messages
+        // compacted before (see outbox::log).
         let mut tick = tokio::time::interval(cfg.compact_interval);
-        tick.tick().await;
         loop {
             tick.tick().await;
             let Some(store) = store.upgrade() else {
@@ -170,8 +171,7 @@ async fn serve(
         OutboxBackend::Durable => {
             let dir = &config.outbox.data_dir;
             tracing::info!(data_dir = %dir.display(), "durable outbox");
-            let cache = config.outbox.cache_mib.saturating_mul(1 << 20);
-            Arc::new(RedbStore::open(dir, cache).map_err(|e| ServeError::Outbox(e.to_string()))?)
+            Arc::new(LogStore::open(dir).map_err(|e| ServeError::Outbox(e.to_string()))?)
         }
         OutboxBackend::Memory => {
             tracing::warn!("in-memory outbox: accepted messages are lost on a crash or restart");

@@ -86,7 +86,9 @@ async fn serve_with_no_config_answers_health_and_reflection_and_stops_on_sigterm
         .unwrap();
     assert!(text.contains("channel_gateway_queue_depth"), "{text}");
     assert!(
-        dir.path().join("channel-gateway-data/outbox.redb").exists(),
+        dir.path()
+            .join("channel-gateway-data/log/0000000001.seg")
+            .exists(),
         "durable outbox by default"
     );
 

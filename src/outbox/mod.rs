@@ -5,7 +5,8 @@
 //! its state, attempts, receipts and last error, and idempotency keys. Knows nothing of gRPC
 //! or any channel's JSON; never decides ordering (the dispatcher does).
 
-mod durable;
+mod log;
+mod redb_import;
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -16,7 +17,7 @@ use futures::FutureExt;
 use futures::future::Shared;
 use serde::{Deserialize, Serialize};
 
-pub use durable::RedbStore;
+pub use log::LogStore;
 
 use crate::channels::{ChannelError, NativeReceipt};
 use crate::model::{Message, ProactiveOptions};
