@@ -286,7 +286,7 @@ impl Default for AdminConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OutboxBackend {
-    /// redb in `data_dir`: accepted messages survive a crash.
+    /// An append-only log in `data_dir`: accepted messages survive a crash.
     Durable,
     /// Lost on a crash or restart; for tests and throwaway deployments.
     Memory,
@@ -303,8 +303,8 @@ pub struct OutboxConfig {
     pub retention: Duration,
     #[serde(deserialize_with = "de_duration")]
     pub compact_interval: Duration,
-    /// Memory the durable outbox may use to cache its pages, in MiB. The file is written at the
-    /// end and read back only after a restart, so a small cache costs little speed.
+    /// Memory for reading an outbox written by an earlier version (redb), imported once at the
+    /// first start, in MiB.
     pub cache_mib: usize,
 }
 

@@ -171,7 +171,10 @@ async fn serve(
         OutboxBackend::Durable => {
             let dir = &config.outbox.data_dir;
             tracing::info!(data_dir = %dir.display(), "durable outbox");
-            Arc::new(LogStore::open(dir).map_err(|e| ServeError::Outbox(e.to_string()))?)
+            let import_cache = config.outbox.cache_mib.saturating_mul(1 << 20);
+            Arc::new(
+                LogStore::open(dir, import_cache).map_err(|e| ServeError::Outbox(e.to_string()))?,
+            )
         }
         OutboxBackend::Memory => {
             tracing::warn!("in-memory outbox: accepted messages are lost on a crash or restart");

@@ -303,12 +303,17 @@ pub struct LogStore {
 impl LogStore {
     /// Opens (or creates) the log in `dir`, replaying every segment into the index. An outbox
     /// of an earlier version found there (`outbox.redb`) is imported first.
-    pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        Self::open_with(dir, SEGMENT_BYTES)
+    /// `import_cache_bytes` bounds the memory redb may use while that file is read.
+    pub fn open(dir: &Path, import_cache_bytes: usize) -> Result<Self, StoreError> {
+        Self::open_with(dir, SEGMENT_BYTES, import_cache_bytes)
     }
 
     /// `open` with another segment size (tests roll and free segments with small ones).
-    pub(crate) fn open_with(dir: &Path, segment_bytes: u64) -> Result<Self, StoreError> {
+    pub(crate) fn open_with(
+        dir: &Path,
+        segment_bytes: u64,
+        import_cache_bytes: usize,
+    ) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| storage(format!("cannot create {}: {e}", dir.display())))?;
         let lock_path = dir.join("outbox.lock");
@@ -325,7 +330,7 @@ impl LogStore {
             ))
         })?;
         let log_dir = dir.join("log");
-        import_old(dir, &log_dir, segment_bytes)?;
+        import_old(dir, &log_dir, segment_bytes, import_cache_bytes)?;
         std::fs::create_dir_all(&log_dir)
             .map_err(|e| storage(format!("cannot create {}: {e}", log_dir.display())))?;
         let (index, next_id, last_seg) = replay(&log_dir)?;
@@ -1091,7 +1096,12 @@ fn sync_dir(dir: &Path) -> Result<(), StoreError> {
 /// built in `log.importing/` and renamed into place once durable, and only then is the old
 /// file renamed to `outbox.redb.imported`: a crash at any point leaves either the old file to
 /// import again or a complete log.
-fn import_old(dir: &Path, log_dir: &Path, segment_bytes: u64) -> Result<(), StoreError> {
+fn import_old(
+    dir: &Path,
+    log_dir: &Path,
+    segment_bytes: u64,
+    cache_bytes: usize,
+) -> Result<(), StoreError> {
     let old = dir.join("outbox.redb");
     if !old.exists() {
         return Ok(());
@@ -1105,7 +1115,7 @@ fn import_old(dir: &Path, log_dir: &Path, segment_bytes: u64) -> Result<(), Stor
         }
         std::fs::create_dir_all(&tmp)
             .map_err(|e| storage(format!("cannot create {}: {e}", tmp.display())))?;
-        let imported = super::redb_import::read(&old)?;
+        let imported = super::redb_import::read(&old, cache_bytes)?;
         let index = Arc::new(Mutex::new(Index::default()));
         let head = Head::create(&tmp, 1, imported.next_id, &index)?;
         let mut w = Writer {
@@ -1362,7 +1372,7 @@ mod tests {
     async fn survives_reopen_and_tracks_states() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let s = LogStore::open(dir.path()).unwrap();
+            let s = LogStore::open(dir.path(), 1 << 20).unwrap();
             assert_eq!(s.next_id(), 1);
             s.append(
                 vec![msg(1), msg(2), msg(3)],
@@ -1382,7 +1392,7 @@ mod tests {
             let failed = finished(DeliveryState::Failed, 2);
             s.update(2, Change::Finished(failed)).await.unwrap();
         }
-        let s = LogStore::open(dir.path()).unwrap();
+        let s = LogStore::open(dir.path(), 1 << 20).unwrap();
         assert_eq!(s.next_id(), 4);
         let pending: Vec<u64> = s.pending().unwrap().iter().map(|m| m.id).collect();
         assert_eq!(pending, vec![1, 3]);
@@ -1398,7 +1408,7 @@ mod tests {
     async fn appended_as_delivering_is_pending_and_redelivered_leaves_failed() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let s = LogStore::open(dir.path()).unwrap();
+            let s = LogStore::open(dir.path(), 1 << 20).unwrap();
             let mut head = msg(1);
             head.record.state = DeliveryState::Delivering;
             s.append(vec![head, msg(2)], None).await.unwrap();
@@ -1406,7 +1416,7 @@ mod tests {
             s.update(2, Change::Finished(failed)).await.unwrap();
             s.update(2, Change::Requeued).await.unwrap();
         }
-        let s = LogStore::open(dir.path()).unwrap();
+        let s = LogStore::open(dir.path(), 1 << 20).unwrap();
         let pending: Vec<(u64, DeliveryState)> = s
             .pending()
             .unwrap()
@@ -1423,7 +1433,7 @@ mod tests {
     #[tokio::test]
     async fn delivered_messages_are_compacted_after_retention() {
         let dir = tempfile::tempdir().unwrap();
-        let s = LogStore::open(dir.path()).unwrap();
+        let s = LogStore::open(dir.path(), 1 << 20).unwrap();
         s.append(vec![msg(1), msg(2)], None).await.unwrap();
         let done = finished(DeliveryState::Delivered, 1);
         s.update(1, Change::Finished(done)).await.unwrap();
@@ -1437,7 +1447,7 @@ mod tests {
     async fn ids_are_not_reused_after_the_newest_message_is_compacted() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let s = LogStore::open(dir.path()).unwrap();
+            let s = LogStore::open(dir.path(), 1 << 20).unwrap();
             s.append(vec![msg(1), msg(2)], None).await.unwrap();
             let done = finished(DeliveryState::Delivered, 1);
             for id in [1, 2] {
@@ -1445,7 +1455,7 @@ mod tests {
             }
             assert_eq!(s.compact(u64::MAX, 0), 2);
         }
-        let s = LogStore::open(dir.path()).unwrap();
+        let s = LogStore::open(dir.path(), 1 << 20).unwrap();
         assert_eq!(s.next_id(), 3, "the bound compaction recorded survives");
     }
 
@@ -1468,7 +1478,7 @@ mod tests {
     async fn a_torn_last_write_is_ignored_and_never_written_after() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let s = LogStore::open(dir.path()).unwrap();
+            let s = LogStore::open(dir.path(), 1 << 20).unwrap();
             s.append(vec![msg(1), msg(2)], None).await.unwrap();
             s.append(vec![msg(3)], None).await.unwrap();
         }
@@ -1480,7 +1490,7 @@ mod tests {
         torn.resize(data.len(), 0xAB);
         std::fs::write(&seg, torn).unwrap();
         {
-            let s = LogStore::open(dir.path()).unwrap();
+            let s = LogStore::open(dir.path(), 1 << 20).unwrap();
             let ids: Vec<u64> = s.pending().unwrap().iter().map(|m| m.id).collect();
             assert_eq!(ids, vec![1, 2], "the torn message is not brought back");
             assert_eq!(s.next_id(), 3);
@@ -1491,7 +1501,7 @@ mod tests {
             2,
             "each start writes a new segment"
         );
-        let s = LogStore::open(dir.path()).unwrap();
+        let s = LogStore::open(dir.path(), 1 << 20).unwrap();
         let ids: Vec<u64> = s.pending().unwrap().iter().map(|m| m.id).collect();
         assert_eq!(ids, vec![1, 2, 3]);
     }
@@ -1500,7 +1510,7 @@ mod tests {
     async fn a_corrupt_frame_ends_its_segment_but_not_the_log() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let s = LogStore::open(dir.path()).unwrap();
+            let s = LogStore::open(dir.path(), 1 << 20).unwrap();
             s.append(vec![big(1, 100)], None).await.unwrap();
             s.append(vec![big(2, 100)], None).await.unwrap();
         }
@@ -1513,7 +1523,7 @@ mod tests {
             .unwrap();
         data[at] = b'y';
         std::fs::write(&seg, data).unwrap();
-        let s = LogStore::open(dir.path()).unwrap();
+        let s = LogStore::open(dir.path(), 1 << 20).unwrap();
         let ids: Vec<u64> = s.pending().unwrap().iter().map(|m| m.id).collect();
         assert_eq!(ids, vec![1]);
         assert_eq!(s.get(1).unwrap().message.text.unwrap().len(), 100);
@@ -1522,8 +1532,8 @@ mod tests {
     #[tokio::test]
     async fn a_second_store_on_the_same_directory_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let _s = LogStore::open(dir.path()).unwrap();
-        let err = match LogStore::open(dir.path()) {
+        let _s = LogStore::open(dir.path(), 1 << 20).unwrap();
+        let err = match LogStore::open(dir.path(), 1 << 20) {
             Err(e) => e.to_string(),
             Ok(_) => panic!("opened twice"),
         };
@@ -1535,7 +1545,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let delivered = finished(DeliveryState::Delivered, 1);
         {
-            let s = LogStore::open_with(dir.path(), 4096).unwrap();
+            let s = LogStore::open_with(dir.path(), 4096, 1 << 20).unwrap();
             // 1 stays failed; everything after it is delivered, over many small segments.
             s.append(vec![big(1, 300)], None).await.unwrap();
             s.update(1, Change::Finished(finished(DeliveryState::Failed, 3)))
@@ -1561,7 +1571,7 @@ mod tests {
             assert_eq!(kept.message.text.as_deref().map(str::len), Some(300));
             assert!(s.get(2).is_none());
         }
-        let s = LogStore::open_with(dir.path(), 4096).unwrap();
+        let s = LogStore::open_with(dir.path(), 4096, 1 << 20).unwrap();
         let failed: Vec<u64> = s.failed(0, 10).iter().map(|m| m.id).collect();
         assert_eq!(failed, vec![1], "the copy survives a restart");
         assert_eq!(s.get(1).unwrap().record.attempts, 3);
@@ -1573,7 +1583,7 @@ mod tests {
     async fn replay_takes_the_newest_state_when_older_segments_stay() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let s = LogStore::open_with(dir.path(), 2048).unwrap();
+            let s = LogStore::open_with(dir.path(), 2048, 1 << 20).unwrap();
             // 1 stays pending and fills most of the first segment, so it is never freed.
             s.append(vec![big(1, 1500), msg(2)], None).await.unwrap();
             // 2's final state lands in a later segment.
@@ -1588,7 +1598,7 @@ mod tests {
             assert_eq!(s.compact(u64::MAX, 0), 1);
             assert!(segments(dir.path()).contains(&format!("{:010}.seg", 1)));
         }
-        let s = LogStore::open_with(dir.path(), 2048).unwrap();
+        let s = LogStore::open_with(dir.path(), 2048, 1 << 20).unwrap();
         let pending: Vec<u64> = s.pending().unwrap().iter().map(|m| m.id).collect();
         assert!(
             !pending.contains(&2),
@@ -1627,7 +1637,7 @@ mod tests {
             Some(20),
         );
         {
-            let s = LogStore::open(dir.path()).unwrap();
+            let s = LogStore::open(dir.path(), 1 << 20).unwrap();
             assert_eq!(s.next_id(), 20, "past the old store's recorded bound");
             let pending: Vec<u64> = s.pending().unwrap().iter().map(|m| m.id).collect();
             assert_eq!(pending, vec![5]);
@@ -1644,7 +1654,7 @@ mod tests {
         assert!(!dir.path().join("outbox.redb").exists());
         assert!(dir.path().join("outbox.redb.imported").exists());
         // A second start reads the log only.
-        let s = LogStore::open(dir.path()).unwrap();
+        let s = LogStore::open(dir.path(), 1 << 20).unwrap();
         assert_eq!(s.get(5).unwrap().record.state, DeliveryState::Delivering);
         assert_eq!(s.failed(0, 10).len(), 1);
     }

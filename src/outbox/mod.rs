@@ -1,5 +1,5 @@
 //! The outbox: accepted messages and their delivery records, behind a trait with a durable
-//! embedded backend (redb, group commit) and an in-memory one.
+//! backend (an append-only log with group commit, `log`) and an in-memory one.
 //!
 //! Owns what must survive a restart: each accepted message with its conversation and sequence,
 //! its state, attempts, receipts and last error, and idempotency keys. Knows nothing of gRPC

@@ -28,10 +28,9 @@ fn err(path: &Path, e: impl std::fmt::Display) -> StoreError {
 
 /// Reads every message (with its state) and idempotency key of the old file. Bodies and
 /// states were stored as the same JSON the log keeps, so they decode alike.
-pub(super) fn read(path: &Path) -> Result<Imported, StoreError> {
-    // Read once, front to back: a small cache is enough.
+pub(super) fn read(path: &Path, cache_bytes: usize) -> Result<Imported, StoreError> {
     let db = redb::Builder::new()
-        .set_cache_size(16 << 20)
+        .set_cache_size(cache_bytes)
         .open(path)
         .map_err(|e| err(path, e))?;
     let txn = db.begin_read().map_err(|e| err(path, e))?;
