@@ -242,6 +242,9 @@ struct Entry {
     state_bytes: Vec<u8>,
 }
 
+/// A `Cmd::Put` taken apart by the writer.
+type QueuedPut = (Vec<Entry>, Option<(String, IdempotencyRecord)>, Ack);
+
 enum Cmd {
     Put {
         entries: Vec<Entry>,
@@ -330,10 +333,19 @@ impl LogStore {
             ))
         })?;
         let log_dir = dir.join("log");
-        import_old(dir, &log_dir, segment_bytes, import_cache_bytes)?;
         std::fs::create_dir_all(&log_dir)
             .map_err(|e| storage(format!("cannot create {}: {e}", log_dir.display())))?;
-        let (index, next_id, last_seg) = replay(&log_dir)?;
+        let (index, mut next_id, last_seg) = replay(&log_dir)?;
+        let old = dir.join("outbox.redb");
+        let imported = if old.exists() {
+            let imported = super::redb_import::read(&old, import_cache_bytes)?;
+            // Past every id the old store gave out, even those it had compacted away: the
+            // new head's header records it.
+            next_id = next_id.max(imported.next_id);
+            Some(imported)
+        } else {
+            None
+        };
         let index = Arc::new(Mutex::new(index));
         let head = Head::create(&log_dir, last_seg + 1, next_id, &index)?;
         let overlay = Arc::new(Mutex::new(Overlay::default()));
@@ -347,6 +359,9 @@ impl LogStore {
             max_id: next_id.saturating_sub(1),
             segment_bytes,
         };
+        if let Some(imported) = imported {
+            w.import(imported, &old)?;
+        }
         let handle = std::thread::Builder::new()
             .name("outbox-writer".into())
             .spawn(move || w.run(rx))
@@ -841,8 +856,7 @@ impl Writer {
         }
     }
 
-    #[allow(clippy::type_complexity)]
-    fn put(&mut self, puts: Vec<(Vec<Entry>, Option<(String, IdempotencyRecord)>, Ack)>) {
+    fn put(&mut self, puts: Vec<QueuedPut>) {
         if puts.is_empty() {
             return;
         }
@@ -988,6 +1002,52 @@ impl Writer {
         }
     }
 
+    /// Takes over the outbox of an earlier version (`outbox.redb`, see `redb_import`), then
+    /// renames it `outbox.redb.imported`. Whatever the log already holds is skipped, so a crash
+    /// before the rename only repeats the import, and a file written again by an older version
+    /// after an upgrade (a downgrade, then an upgrade) adds only what that version accepted.
+    fn import(&mut self, old: super::redb_import::Imported, path: &Path) -> Result<(), StoreError> {
+        let (messages, keys): (Vec<_>, Vec<_>) = {
+            let ix = lock(&self.index);
+            (
+                old.messages
+                    .into_iter()
+                    .filter(|m| !ix.messages.contains_key(&m.id))
+                    .collect(),
+                old.idempotency
+                    .into_iter()
+                    .filter(|(k, _)| !ix.idempotency.contains_key(k))
+                    .collect(),
+            )
+        };
+        for chunk in messages.chunks(4096) {
+            let mut batch = Batch::default();
+            for m in chunk {
+                let (body, state) = (encode_body(m)?, encode_state(&m.record)?);
+                batch.message(m.id, &body, &state, m.record.state, m.record.updated_at_ms);
+            }
+            self.commit(batch)?;
+        }
+        let mut batch = Batch::default();
+        for (key, r) in &keys {
+            let bytes = serde_json::to_vec(r).map_err(storage)?;
+            batch.idempotency(key, &bytes, r.created_at_ms);
+        }
+        self.commit(batch)?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let done = dir.join("outbox.redb.imported");
+        std::fs::rename(path, &done)
+            .map_err(|e| storage(format!("cannot rename {}: {e}", path.display())))?;
+        sync_dir(dir)?;
+        tracing::info!(
+            messages = messages.len(),
+            idempotency_keys = keys.len(),
+            file = %done.display(),
+            "imported the outbox of an earlier version"
+        );
+        Ok(())
+    }
+
     /// Drops old delivered messages and idempotency keys, then frees the oldest segments.
     fn compact(&mut self, cutoff_ms: u64, idem_cutoff_ms: u64) -> usize {
         let dropped = {
@@ -1090,77 +1150,6 @@ fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| storage(format!("cannot sync {}: {e}", dir.display())))
-}
-
-/// Takes over the outbox of an earlier version (`outbox.redb`, see `redb_import`). The log is
-/// built in `log.importing/` and renamed into place once durable, and only then is the old
-/// file renamed to `outbox.redb.imported`: a crash at any point leaves either the old file to
-/// import again or a complete log.
-fn import_old(
-    dir: &Path,
-    log_dir: &Path,
-    segment_bytes: u64,
-    cache_bytes: usize,
-) -> Result<(), StoreError> {
-    let old = dir.join("outbox.redb");
-    if !old.exists() {
-        return Ok(());
-    }
-    if !log_dir.exists() {
-        let tmp = dir.join("log.importing");
-        if tmp.exists() {
-            // An import cut short: start it over.
-            std::fs::remove_dir_all(&tmp)
-                .map_err(|e| storage(format!("cannot remove {}: {e}", tmp.display())))?;
-        }
-        std::fs::create_dir_all(&tmp)
-            .map_err(|e| storage(format!("cannot create {}: {e}", tmp.display())))?;
-        let imported = super::redb_import::read(&old, cache_bytes)?;
-        let index = Arc::new(Mutex::new(Index::default()));
-        let head = Head::create(&tmp, 1, imported.next_id, &index)?;
-        let mut w = Writer {
-            dir: tmp.clone(),
-            head,
-            index,
-            overlay: Arc::default(),
-            broken: None,
-            max_id: imported.next_id.saturating_sub(1),
-            segment_bytes,
-        };
-        for chunk in imported.messages.chunks(4096) {
-            let mut batch = Batch::default();
-            for m in chunk {
-                let (body, state) = (encode_body(m)?, encode_state(&m.record)?);
-                batch.message(m.id, &body, &state, m.record.state, m.record.updated_at_ms);
-            }
-            w.commit(batch)?;
-        }
-        let mut batch = Batch::default();
-        for (key, r) in &imported.idempotency {
-            let bytes = serde_json::to_vec(r).map_err(storage)?;
-            batch.idempotency(key, &bytes, r.created_at_ms);
-        }
-        w.commit(batch)?;
-        drop(w);
-        std::fs::rename(&tmp, log_dir).map_err(|e| {
-            storage(format!(
-                "cannot rename {} to {}: {e}",
-                tmp.display(),
-                log_dir.display()
-            ))
-        })?;
-        sync_dir(dir)?;
-        tracing::info!(
-            messages = imported.messages.len(),
-            idempotency_keys = imported.idempotency.len(),
-            file = %old.display(),
-            "imported the outbox of an earlier version"
-        );
-    }
-    let done = dir.join("outbox.redb.imported");
-    std::fs::rename(&old, &done)
-        .map_err(|e| storage(format!("cannot rename {}: {e}", old.display())))?;
-    sync_dir(dir)
 }
 
 /// What replay learns about one message before it knows both halves.
@@ -1654,8 +1643,35 @@ mod tests {
         assert!(!dir.path().join("outbox.redb").exists());
         assert!(dir.path().join("outbox.redb.imported").exists());
         // A second start reads the log only.
+        {
+            let s = LogStore::open(dir.path(), 1 << 20).unwrap();
+            assert_eq!(s.get(5).unwrap().record.state, DeliveryState::Delivering);
+            assert_eq!(s.failed(0, 10).len(), 1);
+        }
+        // An older version ran again on this directory (a downgrade) and wrote a new file: what
+        // it accepted is added, and what the log already holds is left as the log says.
+        let again: Vec<(u64, serde_json::Value, serde_json::Value)> = [big(5, 10), big(30, 3)]
+            .iter()
+            .map(|m| {
+                (
+                    m.id,
+                    serde_json::from_slice(&encode_body(m).unwrap()).unwrap(),
+                    serde_json::to_value(&m.record).unwrap(),
+                )
+            })
+            .collect();
+        super::super::redb_import::tests::write_old(
+            &dir.path().join("outbox.redb"),
+            &again,
+            &[],
+            None,
+        );
         let s = LogStore::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(s.next_id(), 31);
         assert_eq!(s.get(5).unwrap().record.state, DeliveryState::Delivering);
-        assert_eq!(s.failed(0, 10).len(), 1);
+        let pending: Vec<u64> = s.pending().unwrap().iter().map(|m| m.id).collect();
+        assert_eq!(pending, vec![5, 30]);
+        assert_eq!(s.idempotency_get("bot/k").unwrap().message_ids, vec![5, 7]);
+        assert!(!dir.path().join("outbox.redb").exists());
     }
 }
