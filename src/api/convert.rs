@@ -30,8 +30,18 @@ fn opt(s: String) -> Option<String> {
 }
 
 fn check_url(v: &mut Violations, field: &str, s: &str) {
+    // The same URLs come again and again (a bot's service URL, its image host): each thread
+    // remembers the last one that passed, so it is not parsed for every message.
+    thread_local! {
+        static LAST_OK: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+    }
+    if !s.is_empty() && LAST_OK.with_borrow(|last| last == s) {
+        return;
+    }
     match url::Url::parse(s) {
-        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host_str().is_some() => {}
+        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host_str().is_some() => {
+            LAST_OK.with_borrow_mut(|last| s.clone_into(last));
+        }
         Ok(u) => v.add(
             field,
             format!("`{s}` must be an http(s) URL, not {}", u.scheme()),
@@ -865,5 +875,26 @@ pub fn options_pb(o: &ProactiveOptions) -> pb::ProactiveOptions {
             .filter_map(|m| identity_pb(&Some(m.clone())))
             .collect(),
         message_tag: s(&o.message_tag),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_remembered_url_lets_no_other_through() {
+        let check = |s: &str| {
+            let mut v = Violations::default();
+            check_url(&mut v, "f", s);
+            v.is_empty()
+        };
+        assert!(check("https://img.example/a.png"));
+        assert!(check("https://img.example/a.png"), "the same one again");
+        assert!(!check("ftp://img.example/a.png"));
+        assert!(!check("not a url"));
+        assert!(!check(""));
+        assert!(check("https://img.example/b.png"));
+        assert!(!check("https://"), "no host");
     }
 }

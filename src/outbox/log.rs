@@ -264,7 +264,8 @@ struct Overlay {
     version: u64,
     /// Bodies appended or moved and not yet committed (their state as of that moment inside).
     bodies: HashMap<u64, (u64, Arc<StoredMessage>)>,
-    /// The newest state of a message, until the writer committed that very version.
+    /// The newest state of a message, until the writer committed that very version and, for
+    /// an unfinished message, until it finishes.
     states: HashMap<u64, (u64, StateRecord)>,
 }
 
@@ -901,10 +902,22 @@ impl Writer {
             let mut ov = lock(&self.overlay);
             for (id, version, body) in committed {
                 // Keep a newer version that is still on its way to disk.
-                if body && ov.bodies.get(&id).is_some_and(|(v, _)| *v == version) {
-                    ov.bodies.remove(&id);
+                if body
+                    && ov.bodies.get(&id).is_some_and(|(v, _)| *v == version)
+                    && let Some((_, m)) = ov.bodies.remove(&id)
+                    && !m.record.state.is_terminal()
+                    && !ov.states.contains_key(&id)
+                {
+                    ov.states.insert(id, (version, m.record.clone()));
                 }
-                if ov.states.get(&id).is_some_and(|(v, _)| *v == version) {
+                // The state of an unfinished message stays: its next change (the mark before
+                // its delivery) needs it, and reading it back from the file cost a syscall and
+                // a decode per message. Finished ones go; compaction only drops those.
+                if ov
+                    .states
+                    .get(&id)
+                    .is_some_and(|(v, s)| *v == version && s.state.is_terminal())
+                {
                     ov.states.remove(&id);
                 }
             }
@@ -1673,5 +1686,28 @@ mod tests {
         assert_eq!(pending, vec![5, 30]);
         assert_eq!(s.idempotency_get("bot/k").unwrap().message_ids, vec![5, 7]);
         assert!(!dir.path().join("outbox.redb").exists());
+    }
+
+    #[tokio::test]
+    async fn the_mark_before_delivery_needs_no_read_of_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = LogStore::open(dir.path(), 1 << 20).unwrap();
+        s.append(vec![msg(1)], None).await.unwrap();
+        // Were its state read back, it would come from this (now empty) file.
+        let seg = dir.path().join("log").join(&segments(dir.path())[0]);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&seg)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+        s.update(1, Change::Delivering { attempts: 1 })
+            .await
+            .unwrap();
+        let state = lock(&s.overlay).state(1).unwrap();
+        assert_eq!(
+            (state.state, state.attempts),
+            (DeliveryState::Delivering, 1)
+        );
     }
 }
