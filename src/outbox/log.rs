@@ -359,6 +359,7 @@ impl LogStore {
             broken: None,
             max_id: next_id.saturating_sub(1),
             segment_bytes,
+            scratch: Batch::default(),
         };
         if let Some(imported) = imported {
             w.import(imported, &old)?;
@@ -817,7 +818,12 @@ struct Writer {
     broken: Option<String>,
     max_id: u64,
     segment_bytes: u64,
+    /// The buffers of the last commit, kept for the next.
+    scratch: Batch,
 }
+
+/// A commit buffer larger than this (after a burst) is let go rather than kept.
+const SCRATCH_KEEP: usize = 4 << 20;
 
 impl Writer {
     fn run(&mut self, rx: mpsc::Receiver<Cmd>) {
@@ -861,10 +867,11 @@ impl Writer {
         if puts.is_empty() {
             return;
         }
-        let mut batch = Batch {
-            buf: Vec::with_capacity(puts.len() * 512),
-            pending: Vec::with_capacity(puts.len()),
-        };
+        // One buffer serves every commit: a fresh one of a few hundred KB per commit was paid
+        // for again in allocation and page faults.
+        let mut batch = std::mem::take(&mut self.scratch);
+        batch.buf.clear();
+        batch.pending.clear();
         let mut result = Ok(());
         for (entries, idempotency, _) in &puts {
             if let Some((key, record)) = idempotency {
@@ -884,7 +891,10 @@ impl Writer {
             }
         }
         if result.is_ok() {
-            result = self.commit(batch);
+            result = self.commit(&mut batch);
+        }
+        if batch.buf.capacity() <= SCRATCH_KEEP {
+            self.scratch = batch;
         }
         if let Err(e) = &result {
             tracing::error!(error = %e, commands = puts.len(), "outbox commit failed");
@@ -925,7 +935,7 @@ impl Writer {
     }
 
     /// Writes a batch, makes it durable, then applies its index changes.
-    fn commit(&mut self, batch: Batch) -> Result<(), StoreError> {
+    fn commit(&mut self, batch: &mut Batch) -> Result<(), StoreError> {
         if let Some(reason) = &self.broken {
             return Err(storage(format!(
                 "an earlier write failed ({reason}); restart the gateway"
@@ -961,7 +971,7 @@ impl Writer {
         if let Some(s) = ix.segments.get_mut(&seg) {
             s.size = self.head.pos;
         }
-        for p in batch.pending {
+        for p in batch.pending.drain(..) {
             match p {
                 Pending::Message {
                     id,
@@ -1039,14 +1049,14 @@ impl Writer {
                 let (body, state) = (encode_body(m)?, encode_state(&m.record)?);
                 batch.message(m.id, &body, &state, m.record.state, m.record.updated_at_ms);
             }
-            self.commit(batch)?;
+            self.commit(&mut batch)?;
         }
         let mut batch = Batch::default();
         for (key, r) in &keys {
             let bytes = serde_json::to_vec(r).map_err(storage)?;
             batch.idempotency(key, &bytes, r.created_at_ms);
         }
-        self.commit(batch)?;
+        self.commit(&mut batch)?;
         let dir = path.parent().unwrap_or(Path::new("."));
         let done = dir.join("outbox.redb.imported");
         std::fs::rename(path, &done)
@@ -1155,7 +1165,7 @@ impl Writer {
         for (key, s) in keys {
             batch.idempotency(&key, &read_at(&file, s.loc)?, s.created_at_ms);
         }
-        self.commit(batch)
+        self.commit(&mut batch)
     }
 }
 
