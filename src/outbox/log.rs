@@ -297,8 +297,10 @@ pub struct LogStore {
     index: Arc<Mutex<Index>>,
     overlay: Arc<Mutex<Overlay>>,
     /// Taken on drop so the writer finishes its queue and lets go of the files.
-    tx: Mutex<Option<mpsc::Sender<Cmd>>>,
-    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// No lock around it: `Sender` is shared by reference, and only `drop` (with `&mut self`)
+    /// takes it.
+    tx: Option<mpsc::Sender<Cmd>>,
+    writer: Option<std::thread::JoinHandle<()>>,
     next_id: u64,
     /// Held for the store's life: a second gateway on the same directory is refused.
     _lock: File,
@@ -371,8 +373,8 @@ impl LogStore {
         Ok(Self {
             index,
             overlay,
-            tx: Mutex::new(Some(tx)),
-            writer: Mutex::new(Some(handle)),
+            tx: Some(tx),
+            writer: Some(handle),
             next_id,
             _lock: lock_file,
         })
@@ -381,7 +383,7 @@ impl LogStore {
     /// Queues a command; called under the overlay lock so versions reach the writer in order.
     fn send(&self, cmd: Cmd) {
         // A send only fails once the writer is gone; the dropped ack then reports Closed.
-        if let Some(tx) = lock(&self.tx).as_ref() {
+        if let Some(tx) = &self.tx {
             let _ = tx.send(cmd);
         }
     }
@@ -507,8 +509,8 @@ fn durable(rx: oneshot::Receiver<Result<(), StoreError>>) -> Durable {
 
 impl Drop for LogStore {
     fn drop(&mut self) {
-        lock(&self.tx).take();
-        if let Some(h) = lock(&self.writer).take() {
+        self.tx.take();
+        if let Some(h) = self.writer.take() {
             let _ = h.join();
         }
     }
