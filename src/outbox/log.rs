@@ -320,8 +320,7 @@ impl LogStore {
         segment_bytes: u64,
         import_cache_bytes: usize,
     ) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| storage(format!("cannot create {}: {e}", dir.display())))?;
+        create_dir_durably(dir)?;
         let lock_path = dir.join("outbox.lock");
         let lock_file = File::options()
             .create(true)
@@ -336,8 +335,7 @@ impl LogStore {
             ))
         })?;
         let log_dir = dir.join("log");
-        std::fs::create_dir_all(&log_dir)
-            .map_err(|e| storage(format!("cannot create {}: {e}", log_dir.display())))?;
+        create_dir_durably(&log_dir)?;
         let (index, mut next_id, last_seg) = replay(&log_dir)?;
         let old = dir.join("outbox.redb");
         let imported = if old.exists() {
@@ -1171,6 +1169,28 @@ impl Writer {
     }
 }
 
+/// Creates `dir` (and its parents) so that it survives a crash: a segment acknowledged inside
+/// a directory whose own entry was never synced could vanish with it.
+fn create_dir_durably(dir: &Path) -> Result<(), StoreError> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        create_dir_durably(parent)?;
+    }
+    std::fs::create_dir(dir)
+        .or_else(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => Ok(()),
+            _ => Err(e),
+        })
+        .map_err(|e| storage(format!("cannot create {}: {e}", dir.display())))?;
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    sync_dir(parent)
+}
+
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
@@ -1721,5 +1741,17 @@ mod tests {
             (state.state, state.attempts),
             (DeliveryState::Delivering, 1)
         );
+    }
+
+    #[tokio::test]
+    async fn a_missing_data_directory_is_created_with_its_parents() {
+        let dir = tempfile::tempdir().unwrap();
+        let nested = dir.path().join("a").join("b");
+        {
+            let s = LogStore::open(&nested, 1 << 20).unwrap();
+            s.append(vec![msg(1)], None).await.unwrap();
+        }
+        let s = LogStore::open(&nested, 1 << 20).unwrap();
+        assert_eq!(s.pending().unwrap().len(), 1);
     }
 }
