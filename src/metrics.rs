@@ -50,6 +50,8 @@ pub struct Metrics {
     pub active_workers: Gauge,
     pub token_refreshes: Family<ChannelLabel, Gauge>,
     ready: AtomicBool,
+    /// Set once the outbox refused writes for good: not ready until a restart.
+    outbox_failed: AtomicBool,
 }
 
 impl Default for Metrics {
@@ -133,6 +135,7 @@ impl Metrics {
             active_workers,
             token_refreshes,
             ready: AtomicBool::new(false),
+            outbox_failed: AtomicBool::new(false),
         }
     }
 
@@ -184,7 +187,11 @@ impl Metrics {
     }
 
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst)
+        self.ready.load(Ordering::SeqCst) && !self.outbox_failed.load(Ordering::SeqCst)
+    }
+
+    pub fn set_outbox_failed(&self) {
+        self.outbox_failed.store(true, Ordering::SeqCst);
     }
 
     pub fn encode(&self) -> String {
@@ -198,7 +205,8 @@ impl Metrics {
 /// Something that refreshes gauges just before a scrape.
 pub type Refresh = Arc<dyn Fn(&Metrics) + Send + Sync>;
 
-/// Serves `/metrics`, `/healthz` (the process is up) and `/readyz` (serving and not draining).
+/// Serves `/metrics`, `/healthz` (the process is up) and `/readyz` (serving, not draining, and
+/// the outbox still taking writes).
 pub async fn serve_admin(
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
@@ -222,7 +230,9 @@ pub async fn serve_admin(
         .route("/healthz", get(|| async { "ok" }))
         .route(
             "/readyz",
-            get(|State((m, _)): State<(Arc<Metrics>, Refresh)>| async move {
+            get(|State((m, r)): State<(Arc<Metrics>, Refresh)>| async move {
+                // The refresh also learns whether the outbox still takes writes.
+                r(&m);
                 if m.is_ready() {
                     (StatusCode::OK, "ready").into_response()
                 } else {
@@ -239,4 +249,21 @@ pub async fn serve_admin(
 /// The admin listener's address as configured.
 pub fn parse_listen(s: &str) -> Option<SocketAddr> {
     s.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_outbox_makes_the_gateway_not_ready_for_good() {
+        let m = Metrics::new();
+        assert!(!m.is_ready(), "not ready before serving");
+        m.set_ready(true);
+        assert!(m.is_ready());
+        m.set_outbox_failed();
+        assert!(!m.is_ready());
+        m.set_ready(true);
+        assert!(!m.is_ready(), "serving again does not clear it");
+    }
 }

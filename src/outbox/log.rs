@@ -25,7 +25,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use futures::FutureExt;
 use tokio::sync::oneshot;
@@ -301,6 +301,10 @@ pub struct LogStore {
     /// takes it.
     tx: Option<mpsc::Sender<Cmd>>,
     writer: Option<std::thread::JoinHandle<()>>,
+    /// Why the writer stopped, once a write failed.
+    broken: Arc<OnceLock<String>>,
+    #[cfg(test)]
+    fail_next: Arc<std::sync::atomic::AtomicBool>,
     next_id: u64,
     /// Held for the store's life: a second gateway on the same directory is refused.
     _lock: File,
@@ -350,13 +354,18 @@ impl LogStore {
         let index = Arc::new(Mutex::new(index));
         let head = Head::create(&log_dir, last_seg + 1, next_id, &index)?;
         let overlay = Arc::new(Mutex::new(Overlay::default()));
+        let broken = Arc::new(OnceLock::new());
+        #[cfg(test)]
+        let fail_next = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (tx, rx) = mpsc::channel();
         let mut w = Writer {
             dir: log_dir,
             head,
             index: index.clone(),
             overlay: overlay.clone(),
-            broken: None,
+            broken: broken.clone(),
+            #[cfg(test)]
+            fail_next: fail_next.clone(),
             max_id: next_id.saturating_sub(1),
             segment_bytes,
             scratch: Batch::default(),
@@ -373,6 +382,9 @@ impl LogStore {
             overlay,
             tx: Some(tx),
             writer: Some(handle),
+            broken,
+            #[cfg(test)]
+            fail_next,
             next_id,
             _lock: lock_file,
         })
@@ -623,6 +635,10 @@ impl Store for LogStore {
         })
     }
 
+    fn failure(&self) -> Option<String> {
+        self.broken.get().cloned()
+    }
+
     fn compact(&self, cutoff_ms: u64, idem_cutoff_ms: u64) -> usize {
         let (done, rx) = mpsc::channel();
         self.send(Cmd::Compact {
@@ -814,8 +830,12 @@ struct Writer {
     index: Arc<Mutex<Index>>,
     overlay: Arc<Mutex<Overlay>>,
     /// Set by a failed write or sync: what is on disk is then unknown, so every later change
-    /// is refused rather than acknowledged on top of it.
-    broken: Option<String>,
+    /// is refused rather than acknowledged on top of it. Shared with the store, which reports
+    /// it (readiness).
+    broken: Arc<OnceLock<String>>,
+    /// Tests make the next write fail as a full disk would.
+    #[cfg(test)]
+    fail_next: Arc<std::sync::atomic::AtomicBool>,
     max_id: u64,
     segment_bytes: u64,
     /// The buffers of the last commit, kept for the next.
@@ -936,7 +956,7 @@ impl Writer {
 
     /// Writes a batch, makes it durable, then applies its index changes.
     fn commit(&mut self, batch: &mut Batch) -> Result<(), StoreError> {
-        if let Some(reason) = &self.broken {
+        if let Some(reason) = self.broken.get() {
             return Err(storage(format!(
                 "an earlier write failed ({reason}); restart the gateway"
             )));
@@ -953,12 +973,21 @@ impl Writer {
         if base + batch.buf.len() as u64 > u64::from(u32::MAX) {
             return Err(storage("one commit too large for a segment"));
         }
+        #[cfg(test)]
+        if self
+            .fail_next
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            let e = storage("No space left on device (os error 28)");
+            let _ = self.broken.set(e.to_string());
+            return Err(e);
+        }
         let written = self
             .head
             .write(&batch.buf)
             .and_then(|()| self.head.file.sync_data().map_err(storage));
         if let Err(e) = written {
-            self.broken = Some(e.to_string());
+            let _ = self.broken.set(e.to_string());
             return Err(e);
         }
         let seg = self.head.seg;
@@ -1019,7 +1048,7 @@ impl Writer {
                 Ok(())
             }
             Err(e) => {
-                self.broken = Some(e.to_string());
+                let _ = self.broken.set(e.to_string());
                 Err(e)
             }
         }
@@ -1753,5 +1782,26 @@ mod tests {
         }
         let s = LogStore::open(&nested, 1 << 20).unwrap();
         assert_eq!(s.pending().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn after_a_failed_write_nothing_more_is_acknowledged_and_the_reason_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = LogStore::open(dir.path(), 1 << 20).unwrap();
+            s.append(vec![msg(1)], None).await.unwrap();
+            assert!(s.failure().is_none());
+            s.fail_next.store(true, std::sync::atomic::Ordering::SeqCst);
+            let err = s.append(vec![msg(2)], None).await.unwrap_err().to_string();
+            assert!(err.contains("No space left"), "{err}");
+            // The next write would succeed on its own: it is refused all the same.
+            let err = s.append(vec![msg(3)], None).await.unwrap_err().to_string();
+            assert!(err.contains("restart the gateway"), "{err}");
+            assert!(s.failure().unwrap().contains("No space left"));
+        }
+        let s = LogStore::open(dir.path(), 1 << 20).unwrap();
+        assert!(s.failure().is_none(), "a restart starts afresh");
+        let ids: Vec<u64> = s.pending().unwrap().iter().map(|m| m.id).collect();
+        assert_eq!(ids, vec![1], "only what was acknowledged");
     }
 }

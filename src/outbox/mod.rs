@@ -148,6 +148,11 @@ pub trait Store: Send + Sync + 'static {
     /// The smallest id never used.
     fn next_id(&self) -> u64;
     fn idempotency_get(&self, key: &str) -> Option<IdempotencyRecord>;
+    /// Why the store stopped taking writes, once it did (a failed write leaves what is on disk
+    /// unknown, so nothing more is acknowledged until a restart).
+    fn failure(&self) -> Option<String> {
+        None
+    }
     /// Drops delivered messages finished before `cutoff_ms` and idempotency keys created before
     /// `idem_cutoff_ms`; returns how many messages went.
     fn compact(&self, cutoff_ms: u64, idem_cutoff_ms: u64) -> usize;
