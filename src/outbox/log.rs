@@ -1226,6 +1226,11 @@ fn sync_dir(dir: &Path) -> Result<(), StoreError> {
         .map_err(|e| storage(format!("cannot sync {}: {e}", dir.display())))
 }
 
+/// `N` bytes of `b` from `at`, if it has that many.
+fn bytes_at<const N: usize>(b: &[u8], at: usize) -> Option<[u8; N]> {
+    b.get(at..at.checked_add(N)?)?.try_into().ok()
+}
+
 /// What replay learns about one message before it knows both halves.
 #[derive(Default)]
 struct Partial {
@@ -1267,11 +1272,14 @@ fn replay(dir: &Path) -> Result<(Index, u64, u32), StoreError> {
         let mut off = 0usize;
         let mut first = true;
         while off + FRAME_HEADER <= data.len() {
-            let len = u32::from_le_bytes([data[off], data[off + 1], data[off + 2], data[off + 3]])
-                as usize;
-            let crc =
-                u32::from_le_bytes([data[off + 4], data[off + 5], data[off + 6], data[off + 7]]);
-            let kind = data[off + 8];
+            let (Some(len), Some(crc), Some([kind])) = (
+                bytes_at(&data, off).map(u32::from_le_bytes),
+                bytes_at(&data, off + 4).map(u32::from_le_bytes),
+                bytes_at::<1>(&data, off + 8),
+            ) else {
+                break;
+            };
+            let len = len as usize;
             let start = off + FRAME_HEADER;
             if kind == 0 || start + len > data.len() {
                 break;
@@ -1297,13 +1305,7 @@ fn replay(dir: &Path) -> Result<(Index, u64, u32), StoreError> {
                 len: (to - from) as u32,
             };
             let bad = || storage(format!("{}: bad frame at {off}", path.display()));
-            let id = || -> Result<u64, StoreError> {
-                payload
-                    .get(..8)
-                    .and_then(|b| b.try_into().ok())
-                    .map(u64::from_le_bytes)
-                    .ok_or_else(bad)
-            };
+            let id = || bytes_at(payload, 0).map(u64::from_le_bytes).ok_or_else(bad);
             match kind {
                 KIND_HEADER => {
                     if payload.get(..8) != Some(&MAGIC[..]) {
@@ -1312,18 +1314,14 @@ fn replay(dir: &Path) -> Result<(Index, u64, u32), StoreError> {
                             path.display()
                         )));
                     }
-                    let n = payload
-                        .get(8..16)
-                        .and_then(|b| b.try_into().ok())
+                    let n = bytes_at(payload, 8)
                         .map(u64::from_le_bytes)
                         .ok_or_else(bad)?;
                     next_id = next_id.max(n);
                 }
                 KIND_MESSAGE => {
                     let id = id()?;
-                    let slen = payload
-                        .get(8..12)
-                        .and_then(|b| b.try_into().ok())
+                    let slen = bytes_at(payload, 8)
                         .map(u32::from_le_bytes)
                         .ok_or_else(bad)? as usize;
                     let state_end = 12 + slen;
@@ -1347,9 +1345,7 @@ fn replay(dir: &Path) -> Result<(Index, u64, u32), StoreError> {
                     next_id = next_id.max(id + 1);
                 }
                 KIND_IDEMPOTENCY => {
-                    let klen = payload
-                        .get(..4)
-                        .and_then(|b| b.try_into().ok())
+                    let klen = bytes_at(payload, 0)
                         .map(u32::from_le_bytes)
                         .ok_or_else(bad)? as usize;
                     let key = payload
