@@ -1666,6 +1666,26 @@ mod tests {
         assert_eq!(pending, (1..10).filter(|i| *i != 2).collect::<Vec<_>>());
     }
 
+    /// An `outbox.redb` in `dir` as earlier versions wrote it, holding `messages`.
+    fn write_old(
+        dir: &Path,
+        messages: &[StoredMessage],
+        keys: &[(&str, serde_json::Value)],
+        next_id: Option<u64>,
+    ) {
+        let rows: Vec<(u64, serde_json::Value, serde_json::Value)> = messages
+            .iter()
+            .map(|m| {
+                (
+                    m.id,
+                    serde_json::from_slice(&encode_body(m).unwrap()).unwrap(),
+                    serde_json::to_value(&m.record).unwrap(),
+                )
+            })
+            .collect();
+        super::super::redb_import::tests::write_old(&dir.join("outbox.redb"), &rows, keys, next_id);
+    }
+
     #[tokio::test]
     async fn an_outbox_of_an_earlier_version_is_imported_once() {
         let dir = tempfile::tempdir().unwrap();
@@ -1678,20 +1698,10 @@ mod tests {
             possible_duplicate: true,
             updated_at_ms: 11,
         };
-        let rows: Vec<(u64, serde_json::Value, serde_json::Value)> = [big(5, 10), failed_msg]
-            .iter()
-            .map(|m| {
-                (
-                    m.id,
-                    serde_json::from_slice(&encode_body(m).unwrap()).unwrap(),
-                    serde_json::to_value(&m.record).unwrap(),
-                )
-            })
-            .collect();
         let key = serde_json::json!({"created_at_ms": 9, "message_ids": [5, 7]});
-        super::super::redb_import::tests::write_old(
-            &dir.path().join("outbox.redb"),
-            &rows,
+        write_old(
+            dir.path(),
+            &[big(5, 10), failed_msg],
             &[("bot/k", key)],
             Some(20),
         );
@@ -1720,22 +1730,7 @@ mod tests {
         }
         // An older version ran again on this directory (a downgrade) and wrote a new file: what
         // it accepted is added, and what the log already holds is left as the log says.
-        let again: Vec<(u64, serde_json::Value, serde_json::Value)> = [big(5, 10), big(30, 3)]
-            .iter()
-            .map(|m| {
-                (
-                    m.id,
-                    serde_json::from_slice(&encode_body(m).unwrap()).unwrap(),
-                    serde_json::to_value(&m.record).unwrap(),
-                )
-            })
-            .collect();
-        super::super::redb_import::tests::write_old(
-            &dir.path().join("outbox.redb"),
-            &again,
-            &[],
-            None,
-        );
+        write_old(dir.path(), &[big(5, 10), big(30, 3)], &[], None);
         let s = LogStore::open(dir.path(), 1 << 20).unwrap();
         assert_eq!(s.next_id(), 31);
         assert_eq!(s.get(5).unwrap().record.state, DeliveryState::Delivering);
