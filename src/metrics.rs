@@ -190,8 +190,12 @@ impl Metrics {
         self.ready.load(Ordering::SeqCst) && !self.outbox_failed.load(Ordering::SeqCst)
     }
 
-    pub fn set_outbox_failed(&self) {
-        self.outbox_failed.store(true, Ordering::SeqCst);
+    /// Takes in whether the outbox still takes writes: once it stopped, the gateway is not
+    /// ready until a restart.
+    pub fn note_outbox(&self, store: &dyn crate::outbox::Store) {
+        if store.failure().is_some() {
+            self.outbox_failed.store(true, Ordering::SeqCst);
+        }
     }
 
     pub fn encode(&self) -> String {
@@ -254,14 +258,30 @@ pub fn parse_listen(s: &str) -> Option<SocketAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::outbox::Store;
 
-    #[test]
-    fn a_failed_outbox_makes_the_gateway_not_ready_for_good() {
+    #[tokio::test]
+    async fn a_failed_outbox_makes_the_gateway_not_ready_for_good() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::outbox::LogStore::open(dir.path(), 1 << 20).unwrap();
         let m = Metrics::new();
         assert!(!m.is_ready(), "not ready before serving");
         m.set_ready(true);
-        assert!(m.is_ready());
-        m.set_outbox_failed();
+        m.note_outbox(&store);
+        assert!(m.is_ready(), "a working outbox");
+        store.fail_next_write();
+        let now = crate::outbox::now_ms();
+        let message = crate::outbox::StoredMessage {
+            id: 1,
+            conversation: "c".into(),
+            message: Default::default(),
+            proactive: None,
+            accepted_at_ms: now,
+            record: crate::outbox::StateRecord::new(crate::outbox::DeliveryState::Accepted, now),
+            warnings: vec![],
+        };
+        assert!(store.append(vec![message], None).await.is_err());
+        m.note_outbox(&store);
         assert!(!m.is_ready());
         m.set_ready(true);
         assert!(!m.is_ready(), "serving again does not clear it");

@@ -235,9 +235,7 @@ async fn serve(
         let d = dispatcher.clone();
         let ch = channels.clone();
         let refresh: crate::metrics::Refresh = Arc::new(move |m: &Metrics| {
-            if d.store().failure().is_some() {
-                m.set_outbox_failed();
-            }
+            m.note_outbox(d.store().as_ref());
             m.queue_depth.set(d.undelivered() as i64);
             m.active_workers.set(d.active_workers() as i64);
             if let Some(bf) = ch.botframework() {

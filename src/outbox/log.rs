@@ -1,6 +1,7 @@
 //! The durable outbox as an append-only log of segment files, with its index in memory.
 //!
-//! Owns the files under `data_dir/log/` and the lock file `data_dir/outbox.lock`. One writer
+//! Owns the files under `data_dir/log/` and the lock file `data_dir/outbox.lock`, and renames
+//! an imported `outbox.redb` once its contents are durable in the log. One writer
 //! thread turns every change waiting in its queue into frames, writes them to the head segment
 //! with one `pwrite` and makes them durable with one `fdatasync` (group commit). A B-tree store
 //! wrote ~16 pages per commit and spent most of its CPU on the tree; a log writes only the
@@ -258,7 +259,8 @@ enum Cmd {
     },
 }
 
-/// What readers must see before the writer has committed it.
+/// What readers must see before the writer has committed it, and the state of each unfinished
+/// message the writer has committed (its next change starts from it).
 #[derive(Default)]
 struct Overlay {
     version: u64,
@@ -396,6 +398,13 @@ impl LogStore {
         if let Some(tx) = &self.tx {
             let _ = tx.send(cmd);
         }
+    }
+
+    /// Makes the next write fail as a full disk would.
+    #[cfg(test)]
+    pub(crate) fn fail_next_write(&self) {
+        self.fail_next
+            .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     fn read(&self, id: u64) -> Result<Option<StoredMessage>, StoreError> {
@@ -1782,7 +1791,7 @@ mod tests {
             let s = LogStore::open(dir.path(), 1 << 20).unwrap();
             s.append(vec![msg(1)], None).await.unwrap();
             assert!(s.failure().is_none());
-            s.fail_next.store(true, std::sync::atomic::Ordering::SeqCst);
+            s.fail_next_write();
             let err = s.append(vec![msg(2)], None).await.unwrap_err().to_string();
             assert!(err.contains("No space left"), "{err}");
             // The next write would succeed on its own: it is refused all the same.
