@@ -50,6 +50,45 @@ fn spawn_compaction(
     });
 }
 
+/// How often gRPC health looks at the outbox.
+const OUTBOX_WATCH_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Turns gRPC health to NOT_SERVING for good once the outbox stops taking writes (a full disk,
+/// say), as `/readyz` does: a mesh that health-checks over gRPC then sends elsewhere, where
+/// every Send here would be refused.
+async fn watch_outbox(
+    store: std::sync::Weak<dyn Store>,
+    health: tonic_health::server::HealthReporter,
+    every: std::time::Duration,
+) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        // A weak handle, as for compaction: the outbox's file lock goes with its gateway.
+        let Some(store) = store.upgrade() else {
+            return;
+        };
+        if let Some(reason) = store.failure() {
+            tracing::error!(
+                %reason,
+                "outbox stopped taking writes: gRPC health is NOT_SERVING until a restart"
+            );
+            not_serving(&health).await;
+            return;
+        }
+    }
+}
+
+/// NOT_SERVING for the gateway's service and for the server as a whole (`""`).
+async fn not_serving(health: &tonic_health::server::HealthReporter) {
+    health
+        .set_not_serving::<ChannelGatewayServer<GatewayService>>()
+        .await;
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error(transparent)]
@@ -191,6 +230,7 @@ async fn serve(
     dispatcher
         .resume()
         .map_err(|e| ServeError::Outbox(e.to_string()))?;
+    let watched = Arc::downgrade(&store);
     spawn_compaction(
         store,
         config.outbox.clone(),
@@ -215,6 +255,7 @@ async fn serve(
     health
         .set_serving::<ChannelGatewayServer<GatewayService>>()
         .await;
+    tokio::spawn(watch_outbox(watched, health.clone(), OUTBOX_WATCH_EVERY));
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -266,12 +307,7 @@ async fn serve(
         shutdown.await;
         ready.set_ready(false);
         // Probes see NOT_SERVING first, then new sends are refused, then queues drain.
-        health
-            .set_not_serving::<ChannelGatewayServer<GatewayService>>()
-            .await;
-        health
-            .set_service_status("", ServingStatus::NotServing)
-            .await;
+        not_serving(&health).await;
         tracing::info!(
             grace_s = grace.as_secs_f64(),
             "shutting down: draining queues"
@@ -384,5 +420,69 @@ mod tests {
         let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
         let accepted = incoming.next().await.unwrap().unwrap();
         assert!(accepted.nodelay().unwrap());
+    }
+
+    /// The health a mesh would see for the server (`""`) and for the gateway's service.
+    async fn statuses(health: &tonic_health::server::HealthReporter) -> Vec<i32> {
+        use tonic_health::pb::HealthCheckRequest;
+        use tonic_health::pb::health_server::Health;
+        let svc = tonic_health::server::HealthService::from_health_reporter(health.clone());
+        let mut out = Vec::new();
+        let gateway = <super::ChannelGatewayServer<super::GatewayService> as tonic::server::NamedService>::NAME;
+        for service in ["", gateway] {
+            let r = svc
+                .check(tonic::Request::new(HealthCheckRequest {
+                    service: service.into(),
+                }))
+                .await
+                .unwrap();
+            out.push(r.into_inner().status);
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn grpc_health_turns_not_serving_when_the_outbox_stops_taking_writes() {
+        use crate::outbox::Store;
+        use tonic_health::pb::health_check_response::ServingStatus as S;
+        let dir = tempfile::tempdir().unwrap();
+        let log = std::sync::Arc::new(crate::outbox::LogStore::open(dir.path(), 1 << 20).unwrap());
+        let store: std::sync::Arc<dyn Store> = log.clone();
+        let health = tonic_health::server::HealthReporter::new();
+        health
+            .set_serving::<super::ChannelGatewayServer<super::GatewayService>>()
+            .await;
+        let every = std::time::Duration::from_millis(10);
+        let watch = tokio::spawn(super::watch_outbox(
+            std::sync::Arc::downgrade(&store),
+            health.clone(),
+            every,
+        ));
+        tokio::time::sleep(every * 5).await;
+        let serving = S::Serving as i32;
+        assert_eq!(
+            statuses(&health).await,
+            vec![serving, serving],
+            "a working outbox"
+        );
+
+        log.fail_next_write();
+        let now = crate::outbox::now_ms();
+        let message = crate::outbox::StoredMessage {
+            id: 1,
+            conversation: "c".into(),
+            message: Default::default(),
+            proactive: None,
+            accepted_at_ms: now,
+            record: crate::outbox::StateRecord::new(crate::outbox::DeliveryState::Accepted, now),
+            warnings: vec![],
+        };
+        assert!(store.append(vec![message], None).await.is_err());
+        tokio::time::timeout(std::time::Duration::from_secs(5), watch)
+            .await
+            .expect("the watch ends once it has seen the failure")
+            .unwrap();
+        let down = S::NotServing as i32;
+        assert_eq!(statuses(&health).await, vec![down, down]);
     }
 }
