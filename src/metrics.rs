@@ -282,7 +282,6 @@ pub fn parse_listen(s: &str) -> Option<SocketAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::outbox::Store;
 
     #[test]
     fn built_in_channel_labels_are_not_copied_and_others_are_kept_whole() {
@@ -316,18 +315,7 @@ mod tests {
         m.set_ready(true);
         m.note_outbox(&store);
         assert!(m.is_ready(), "a working outbox");
-        store.fail_next_write();
-        let now = crate::outbox::now_ms();
-        let message = crate::outbox::StoredMessage {
-            id: 1,
-            conversation: "c".into(),
-            message: Default::default(),
-            proactive: None,
-            accepted_at_ms: now,
-            record: crate::outbox::StateRecord::new(crate::outbox::DeliveryState::Accepted, now),
-            warnings: vec![],
-        };
-        assert!(store.append(vec![message], None).await.is_err());
+        store.break_with_a_failed_write().await;
         m.note_outbox(&store);
         assert!(!m.is_ready());
         m.set_ready(true);

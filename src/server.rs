@@ -466,18 +466,7 @@ mod tests {
             "a working outbox"
         );
 
-        log.fail_next_write();
-        let now = crate::outbox::now_ms();
-        let message = crate::outbox::StoredMessage {
-            id: 1,
-            conversation: "c".into(),
-            message: Default::default(),
-            proactive: None,
-            accepted_at_ms: now,
-            record: crate::outbox::StateRecord::new(crate::outbox::DeliveryState::Accepted, now),
-            warnings: vec![],
-        };
-        assert!(store.append(vec![message], None).await.is_err());
+        log.break_with_a_failed_write().await;
         tokio::time::timeout(std::time::Duration::from_secs(5), watch)
             .await
             .expect("the watch ends once it has seen the failure")

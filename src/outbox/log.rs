@@ -408,6 +408,23 @@ impl LogStore {
             .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
+    /// Breaks the store the way a full disk does: a write fails, and with it every later one.
+    #[cfg(test)]
+    pub(crate) async fn break_with_a_failed_write(&self) {
+        self.fail_next_write();
+        let now = super::now_ms();
+        let message = StoredMessage {
+            id: 1,
+            conversation: "c".into(),
+            message: Default::default(),
+            proactive: None,
+            accepted_at_ms: now,
+            record: StateRecord::new(DeliveryState::Accepted, now),
+            warnings: vec![],
+        };
+        assert!(self.append(vec![message], None).await.is_err());
+    }
+
     fn read(&self, id: u64) -> Result<Option<StoredMessage>, StoreError> {
         let (slot, body_file, state_file) = {
             let ix = lock(&self.index);
