@@ -328,6 +328,10 @@ pub struct ChannelsConfig {
     pub slack: crate::channels::slack::config::SlackConfig,
 }
 
+/// The channel ids served through the Bot Framework Connector unless configured otherwise.
+pub const DEFAULT_BOTFRAMEWORK_CHANNEL_IDS: [&str; 5] =
+    ["skype", "msteams", "webchat", "directline", "emulator"];
+
 /// Hosts the Bot Framework serves conversations from; a token is only ever sent to these.
 pub const DEFAULT_BOTFRAMEWORK_HOSTS: &[&str] = &[
     "*.botframework.com",
@@ -374,9 +378,7 @@ impl Default for BotFrameworkConfig {
     fn default() -> Self {
         Self {
             enabled: true,
-            channel_ids: ["skype", "msteams", "webchat", "directline", "emulator"]
-                .map(String::from)
-                .to_vec(),
+            channel_ids: DEFAULT_BOTFRAMEWORK_CHANNEL_IDS.map(String::from).to_vec(),
             token_url: "https://login.microsoftonline.com/botframework.com/oauth2/v2.0/token"
                 .into(),
             scope: "https://api.botframework.com/.default".into(),

@@ -27,18 +27,17 @@ use prometheus_client::registry::Registry;
 pub type LabelValue = Cow<'static, str>;
 
 /// The channel ids of the default configuration.
-const KNOWN_CHANNELS: [&str; 7] = [
-    "skype",
-    "msteams",
-    "webchat",
-    "directline",
-    "emulator",
-    "facebook",
-    "slack",
-];
+fn known_channels() -> impl Iterator<Item = &'static str> {
+    crate::config::DEFAULT_BOTFRAMEWORK_CHANNEL_IDS
+        .into_iter()
+        .chain([
+            crate::channels::facebook::render::CHANNEL,
+            crate::channels::slack::render::CHANNEL_ID,
+        ])
+}
 
 pub fn channel_label(channel: &str) -> LabelValue {
-    match KNOWN_CHANNELS.iter().find(|k| **k == channel) {
+    match known_channels().find(|k| *k == channel) {
         Some(k) => Cow::Borrowed(k),
         None => Cow::Owned(channel.to_string()),
     }
@@ -285,7 +284,7 @@ mod tests {
 
     #[test]
     fn built_in_channel_labels_are_not_copied_and_others_are_kept_whole() {
-        for id in KNOWN_CHANNELS {
+        for id in known_channels() {
             assert!(matches!(channel_label(id), Cow::Borrowed(b) if b == id));
         }
         let added = channel_label("line");
