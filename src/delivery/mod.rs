@@ -63,7 +63,8 @@ impl ConversationKey {
 /// One accepted message on its way.
 struct Item {
     id: u64,
-    message: Message,
+    /// Shared with the outbox's copy of the message until both are done with it.
+    message: Arc<Message>,
     rendered: Rendered,
     proactive: Option<ProactiveOptions>,
     accepted_at: Instant,
@@ -527,7 +528,7 @@ fn new_items(
             (
                 Item {
                     id: 0,
-                    message: s.message,
+                    message: Arc::new(s.message),
                     rendered: s.rendered,
                     proactive: proactive.cloned(),
                     accepted_at: now,
@@ -718,33 +719,35 @@ impl Inner {
 
     fn finish(&self, item: Item, mut outcome: Outcome, queued: Option<&AtomicUsize>) {
         outcome.possible_duplicate |= item.possible_duplicate;
-        if !item.ephemeral {
-            // Not awaited: a lost final state only means a flagged redelivery after a crash.
-            drop(
-                self.store
-                    .update(item.id, Change::Finished(outcome.clone())),
-            );
+        let for_caller = if item.ephemeral {
+            Some(outcome)
+        } else {
             let addr = &item.message.address;
-            let label = match outcome.state {
-                DeliveryState::Delivered => "delivered",
-                DeliveryState::Expired => "expired",
-                _ => "failed",
+            let (label, latency) = match outcome.state {
+                DeliveryState::Delivered => ("delivered", Some(item.accepted_at.elapsed())),
+                DeliveryState::Expired => ("expired", None),
+                _ => ("failed", None),
             };
-            let latency =
-                (outcome.state == DeliveryState::Delivered).then(|| item.accepted_at.elapsed());
-            self.metrics.finished(&addr.channel_id, label, latency);
             // Built only when someone watches: most gateways have no watcher.
-            if self.events.receiver_count() > 0 {
-                let _ = self.events.send(DeliveryEvent {
-                    id: item.id,
-                    channel_id: addr.channel_id.clone(),
-                    bot_id: addr.bot_id().to_string(),
-                    conversation_id: addr.conversation_id().unwrap_or_default().to_string(),
-                    outcome: outcome.clone(),
-                });
+            let event = (self.events.receiver_count() > 0).then(|| DeliveryEvent {
+                id: item.id,
+                channel_id: addr.channel_id.clone(),
+                bot_id: addr.bot_id().to_string(),
+                conversation_id: addr.conversation_id().unwrap_or_default().to_string(),
+                outcome: outcome.clone(),
+            });
+            // Most callers do not wait for the outcome: then it moves into the outbox.
+            let kept = item.done.is_some().then(|| outcome.clone());
+            // Recorded before anyone hears of it, so a status asked on hearing is final. Not
+            // awaited: a lost final state only means a flagged redelivery after a crash.
+            self.store.record(item.id, Change::Finished(outcome));
+            self.metrics.finished(&addr.channel_id, label, latency);
+            if let Some(event) = event {
+                let _ = self.events.send(event);
             }
-        }
-        if let Some(tx) = item.done {
+            kept
+        };
+        if let (Some(tx), Some(outcome)) = (item.done, for_caller) {
             // The caller may have stopped waiting; the outcome stays in the store.
             let _ = tx.send(outcome);
         }
@@ -1201,7 +1204,7 @@ impl Worker {
                 let label = key.label();
                 let mut ready = Vec::with_capacity(items.len());
                 for mut item in items {
-                    item.message.address = new_address.clone();
+                    Arc::make_mut(&mut item.message).address = new_address.clone();
                     // The outbox must know the conversation exists before anything else
                     // happens, or a restart would start a second one.
                     let moved = self
@@ -1211,7 +1214,7 @@ impl Worker {
                             item.id,
                             Change::Moved {
                                 conversation: label.clone(),
-                                message: Box::new(item.message.clone()),
+                                message: item.message.clone(),
                             },
                         )
                         .await;

@@ -111,7 +111,7 @@ pub(super) fn decode(id: u64, body: &[u8], state: &[u8]) -> Result<StoredMessage
     Ok(StoredMessage {
         id,
         conversation: b.conversation,
-        message: b.message,
+        message: Arc::new(b.message),
         proactive: b.proactive,
         accepted_at_ms: b.accepted_at_ms,
         record: serde_json::from_slice(state).map_err(storage)?,
@@ -245,13 +245,14 @@ struct Entry {
 }
 
 /// A `Cmd::Put` taken apart by the writer.
-type QueuedPut = (Vec<Entry>, Option<(String, IdempotencyRecord)>, Ack);
+type QueuedPut = (Vec<Entry>, Option<(String, IdempotencyRecord)>, Option<Ack>);
 
 enum Cmd {
     Put {
         entries: Vec<Entry>,
         idempotency: Option<(String, IdempotencyRecord)>,
-        ack: Ack,
+        /// None when nobody waits for it (`Store::record`).
+        ack: Option<Ack>,
     },
     Compact {
         cutoff_ms: u64,
@@ -483,14 +484,16 @@ impl LogStore {
         self.send(Cmd::Put {
             entries,
             idempotency,
-            ack,
+            ack: Some(ack),
         });
         drop(ov);
         durable(rx)
     }
 
-    /// Applies a state change to the newest known state and queues it.
-    fn put_state(&self, id: u64, change: Change) -> Durable {
+    /// Applies a state change to the newest known state and queues it. Without `wait`, nobody
+    /// is told when it is durable: the acknowledgement (a channel and a shared future, several
+    /// allocations) is not even built.
+    fn put_state(&self, id: u64, change: Change, wait: bool) -> Option<Durable> {
         let mut ov = lock(&self.overlay);
         let current = if matches!(change, Change::Finished(_)) {
             // A final outcome replaces the whole state (see `Change::Finished`): nothing to read
@@ -505,8 +508,8 @@ impl LogStore {
             drop(ov);
             let s = match self.read_state(id) {
                 Ok(Some(s)) => s,
-                Ok(None) => return super::ready_durable(),
-                Err(e) => return super::settled(Err(e)),
+                Ok(None) => return wait.then(super::ready_durable),
+                Err(e) => return wait.then(|| super::settled(Err(e))),
             };
             ov = lock(&self.overlay);
             ov.state(id).unwrap_or(s)
@@ -515,9 +518,14 @@ impl LogStore {
         apply_state(&mut state, change);
         let state_bytes = match encode_state(&state) {
             Ok(b) => b,
-            Err(e) => return super::settled(Err(e)),
+            Err(e) => return wait.then(|| super::settled(Err(e))),
         };
-        let (ack, rx) = oneshot::channel();
+        let (ack, rx) = if wait {
+            let (ack, rx) = oneshot::channel();
+            (Some(ack), Some(rx))
+        } else {
+            (None, None)
+        };
         let version = ov.next_version();
         let entry = Entry {
             version,
@@ -534,7 +542,7 @@ impl LogStore {
             ack,
         });
         drop(ov);
-        durable(rx)
+        rx.map(durable)
     }
 }
 
@@ -564,7 +572,9 @@ impl Store for LogStore {
 
     fn update(&self, id: u64, change: Change) -> Durable {
         if !matches!(change, Change::Moved { .. }) {
-            return self.put_state(id, change);
+            return self
+                .put_state(id, change, true)
+                .unwrap_or_else(super::ready_durable);
         }
         match self.get(id) {
             Some(mut m) => {
@@ -572,6 +582,14 @@ impl Store for LogStore {
                 self.put_bodies(vec![m], None)
             }
             None => super::ready_durable(),
+        }
+    }
+
+    fn record(&self, id: u64, change: Change) {
+        if matches!(change, Change::Moved { .. }) {
+            drop(self.update(id, change));
+        } else {
+            self.put_state(id, change, false);
         }
     }
 
@@ -966,7 +984,9 @@ impl Writer {
                     .into_iter()
                     .map(|e| (e.id, e.version, e.body.is_some())),
             );
-            let _ = ack.send(result.clone());
+            if let Some(ack) = ack {
+                let _ = ack.send(result.clone());
+            }
         }
         if result.is_ok() {
             let mut ov = lock(&self.overlay);
@@ -1440,6 +1460,7 @@ fn replay(dir: &Path) -> Result<(Index, u64, u32), StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::channels::NativeReceipt;
     use crate::outbox::{Outcome, now_ms};
 
     fn msg(id: u64) -> StoredMessage {
@@ -1498,6 +1519,31 @@ mod tests {
         assert_eq!(s.idempotency_get("k").unwrap().message_ids, vec![1, 2, 3]);
         assert_eq!(s.compact(u64::MAX, 6), 0, "nothing delivered yet");
         assert!(s.idempotency_get("k").is_none(), "old key compacted");
+    }
+
+    #[tokio::test]
+    async fn a_recorded_outcome_nobody_waits_for_is_seen_at_once_and_written() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = LogStore::open(dir.path(), 1 << 20).unwrap();
+            s.append(vec![msg(1), msg(2)], None).await.unwrap();
+            let mut delivered = finished(DeliveryState::Delivered, 1);
+            delivered.receipts.push(NativeReceipt {
+                native_id: "a1".into(),
+                conversation_id: "c".into(),
+            });
+            s.record(1, Change::Finished(delivered.clone()));
+            assert_eq!(s.get(1).unwrap().outcome(), delivered, "seen before it is on disk");
+            s.record(2, Change::Delivering { attempts: 1 });
+            assert_eq!(s.get(2).unwrap().record.state, DeliveryState::Delivering);
+            // Dropping the store lets the writer finish what was queued.
+        }
+        let s = LogStore::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(s.get(1).unwrap().outcome().receipts[0].native_id, "a1");
+        assert_eq!(s.get(1).unwrap().record.state, DeliveryState::Delivered);
+        assert_eq!(s.get(2).unwrap().record.state, DeliveryState::Delivering);
+        let pending: Vec<u64> = s.pending().unwrap().iter().map(|m| m.id).collect();
+        assert_eq!(pending, vec![2]);
     }
 
     #[tokio::test]
@@ -1566,7 +1612,7 @@ mod tests {
 
     fn big(id: u64, text_len: usize) -> StoredMessage {
         let mut m = msg(id);
-        m.message.text = Some("x".repeat(text_len));
+        Arc::make_mut(&mut m.message).text = Some("x".repeat(text_len));
         m
     }
 
@@ -1622,7 +1668,7 @@ mod tests {
         let s = LogStore::open(dir.path(), 1 << 20).unwrap();
         let ids: Vec<u64> = s.pending().unwrap().iter().map(|m| m.id).collect();
         assert_eq!(ids, vec![1]);
-        assert_eq!(s.get(1).unwrap().message.text.unwrap().len(), 100);
+        assert_eq!(s.get(1).unwrap().message.text.as_ref().unwrap().len(), 100);
     }
 
     #[tokio::test]
@@ -1747,7 +1793,7 @@ mod tests {
             assert_eq!(s.next_id(), 20, "past the old store's recorded bound");
             let pending: Vec<u64> = s.pending().unwrap().iter().map(|m| m.id).collect();
             assert_eq!(pending, vec![5]);
-            assert_eq!(s.get(5).unwrap().message.text.unwrap().len(), 10);
+            assert_eq!(s.get(5).unwrap().message.text.as_ref().unwrap().len(), 10);
             let failed = s.failed(0, 10);
             assert_eq!(failed.len(), 1);
             assert_eq!(failed[0].record.attempts, 4);

@@ -11,7 +11,7 @@ mod redb_import;
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use futures::FutureExt;
 use futures::future::Shared;
@@ -55,7 +55,8 @@ pub struct StoredMessage {
     pub id: u64,
     /// `channel/bot/conversation`, as the dispatcher keys it.
     pub conversation: String,
-    pub message: Message,
+    /// Shared with the dispatcher's copy: appending a message does not copy it.
+    pub message: Arc<Message>,
     /// Set for SendProactive; with no conversation in the address, one is started first.
     pub proactive: Option<ProactiveOptions>,
     /// Unix milliseconds.
@@ -93,7 +94,7 @@ pub enum Change {
     /// A proactive start created its conversation: the message now belongs to it.
     Moved {
         conversation: String,
-        message: Box<Message>,
+        message: Arc<Message>,
     },
     /// Redeliver: back in line as accepted.
     Requeued,
@@ -140,6 +141,11 @@ pub trait Store: Send + Sync + 'static {
     ) -> Durable;
     /// Records a change; the future resolves once it is on disk.
     fn update(&self, id: u64, change: Change) -> Durable;
+    /// Records a change nobody waits for (a final outcome: losing it in a crash only means a
+    /// flagged redelivery). A store may then skip building the acknowledgement.
+    fn record(&self, id: u64, change: Change) {
+        drop(self.update(id, change));
+    }
     fn get(&self, id: u64) -> Option<StoredMessage>;
     /// Messages not finished, in acceptance order (for resuming after a restart).
     fn pending(&self) -> Result<Vec<StoredMessage>, StoreError>;
@@ -224,7 +230,7 @@ pub(crate) fn apply(m: &mut StoredMessage, change: Change) {
         } => {
             m.record.updated_at_ms = now_ms();
             m.conversation = conversation;
-            m.message = *message;
+            m.message = message;
         }
         other => apply_state(&mut m.record, other),
     }

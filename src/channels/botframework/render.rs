@@ -56,9 +56,8 @@ pub fn activity(msg: &Message) -> Result<(Value, Vec<Warning>), RenderError> {
     o.put_opt("channelData", msg.source_event_for(channel).cloned());
 
     let body = o.into_value();
-    let len = serde_json::to_vec(&body)
-        .map_err(|e| RenderError::invalid("message", format!("cannot be serialized: {e}")))?
-        .len();
+    let len = serialized_len(&body)
+        .map_err(|e| RenderError::invalid("message", format!("cannot be serialized: {e}")))?;
     if len > MAX_ACTIVITY_BYTES {
         return Err(RenderError::invalid(
             "message",
@@ -66,6 +65,24 @@ pub fn activity(msg: &Message) -> Result<(Value, Vec<Warning>), RenderError> {
         ));
     }
     Ok((body, warnings))
+}
+
+/// The size of `v` as JSON, counted without keeping the bytes (the client serializes it
+/// again when it sends).
+fn serialized_len(v: &Value) -> serde_json::Result<usize> {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    serde_json::to_writer(&mut count, v)?;
+    Ok(count.0)
 }
 
 /// `POST {service_url}/v3/conversations/{conversationId}/activities`, or
