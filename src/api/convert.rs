@@ -3,6 +3,7 @@
 //! reports all that is wrong. Model to proto serves the CLI, which reads the model's JSON form.
 
 use std::collections::BTreeMap;
+use std::fmt::{self, Display};
 
 use prost_types::value::Kind;
 use serde_json::{Map, Number, Value};
@@ -25,11 +26,21 @@ impl Violations {
     }
 }
 
+/// A field path under `path`, written out only when a violation names it: formatting every
+/// path of a message up front cost several allocations per message on the accept path.
+struct Field<'a>(&'a dyn Display, &'static str);
+
+impl Display for Field<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.0, self.1)
+    }
+}
+
 fn opt(s: String) -> Option<String> {
     if s.is_empty() { None } else { Some(s) }
 }
 
-fn check_url(v: &mut Violations, field: &str, s: &str) {
+fn check_url(v: &mut Violations, field: &dyn Display, s: &str) {
     // The same URLs come again and again (a bot's service URL, its image host): each thread
     // remembers the last one that passed, so it is not parsed for every message.
     thread_local! {
@@ -43,14 +54,17 @@ fn check_url(v: &mut Violations, field: &str, s: &str) {
             LAST_OK.with_borrow_mut(|last| s.clone_into(last));
         }
         Ok(u) => v.add(
-            field,
+            field.to_string(),
             format!("`{s}` must be an http(s) URL, not {}", u.scheme()),
         ),
-        Err(e) => v.add(field, format!("`{s}` is not an absolute URL: {e}")),
+        Err(e) => v.add(
+            field.to_string(),
+            format!("`{s}` is not an absolute URL: {e}"),
+        ),
     }
 }
 
-fn opt_url(v: &mut Violations, field: &str, s: String) -> Option<String> {
+fn opt_url(v: &mut Violations, field: &dyn Display, s: String) -> Option<String> {
     let s = opt(s)?;
     check_url(v, field, &s);
     Some(s)
@@ -113,12 +127,16 @@ pub fn json_to_struct(v: &Value) -> prost_types::Struct {
     }
 }
 
-fn timestamp(v: &mut Violations, field: &str, t: prost_types::Timestamp) -> Option<OffsetDateTime> {
+fn timestamp(
+    v: &mut Violations,
+    field: &dyn Display,
+    t: prost_types::Timestamp,
+) -> Option<OffsetDateTime> {
     let nanos = i128::from(t.seconds) * 1_000_000_000 + i128::from(t.nanos);
     match OffsetDateTime::from_unix_timestamp_nanos(nanos) {
         Ok(t) => Some(t),
         Err(e) => {
-            v.add(field, format!("timestamp out of range: {e}"));
+            v.add(field.to_string(), format!("timestamp out of range: {e}"));
             None
         }
     }
@@ -137,9 +155,9 @@ fn identity(i: Option<pb::Identity>) -> Option<Identity> {
 }
 
 /// Converts an address; `channel_id` and `bot.id` are required everywhere.
-pub fn address(v: &mut Violations, path: &str, a: Option<pb::Address>) -> Address {
+pub fn address(v: &mut Violations, path: &dyn Display, a: Option<pb::Address>) -> Address {
     let Some(a) = a else {
-        v.add(path, "required");
+        v.add(path.to_string(), "required");
         return Address::default();
     };
     if a.channel_id.is_empty() {
@@ -167,7 +185,7 @@ pub fn address(v: &mut Violations, path: &str, a: Option<pb::Address>) -> Addres
         user: identity(a.user),
         bot,
         conversation,
-        service_url: opt_url(v, &format!("{path}.service_url"), a.service_url),
+        service_url: opt_url(v, &Field(path, "service_url"), a.service_url),
         id: opt(a.id),
         thread_id: opt(a.thread_id),
     }
@@ -191,7 +209,7 @@ fn action_type(t: i32) -> Option<ActionType> {
     })
 }
 
-fn action(v: &mut Violations, path: &str, a: pb::CardAction) -> CardAction {
+fn action(v: &mut Violations, path: &dyn Display, a: pb::CardAction) -> CardAction {
     let kind = action_type(a.r#type).unwrap_or_else(|| {
         v.add(
             format!("{path}.type"),
@@ -211,18 +229,18 @@ fn action(v: &mut Violations, path: &str, a: pb::CardAction) -> CardAction {
         (false, None) => Some(Value::String(a.value.clone())),
         (true, None) => None,
     };
-    let vpath = format!("{path}.value");
+    let vpath = Field(path, "value");
     if kind.takes_url() {
         match &value {
             Some(Value::String(s)) => check_url(v, &vpath, s),
-            _ => v.add(vpath, "required: a URL for this action type"),
+            _ => v.add(vpath.to_string(), "required: a URL for this action type"),
         }
     } else if matches!(
         kind,
         ActionType::ImBack | ActionType::PostBack | ActionType::Call
     ) && value.is_none()
     {
-        v.add(vpath, "required for this action type");
+        v.add(vpath.to_string(), "required for this action type");
     }
     if kind == ActionType::DialogAction && a.dialog_name.is_empty() {
         v.add(format!("{path}.dialog_name"), "required for dialog_action");
@@ -231,7 +249,7 @@ fn action(v: &mut Violations, path: &str, a: pb::CardAction) -> CardAction {
         kind,
         title: opt(a.title),
         value,
-        image: opt_url(v, &format!("{path}.image"), a.image),
+        image: opt_url(v, &Field(path, "image"), a.image),
         text: opt(a.text),
         display_text: opt(a.display_text),
         channel_data: a.channel_data.map(struct_to_json),
@@ -240,22 +258,22 @@ fn action(v: &mut Violations, path: &str, a: pb::CardAction) -> CardAction {
     }
 }
 
-fn actions(v: &mut Violations, path: &str, list: Vec<pb::CardAction>) -> Vec<CardAction> {
+fn actions(v: &mut Violations, path: &dyn Display, list: Vec<pb::CardAction>) -> Vec<CardAction> {
     list.into_iter()
         .enumerate()
         .map(|(i, a)| action(v, &format!("{path}[{i}]"), a))
         .collect()
 }
 
-fn tap(v: &mut Violations, path: &str, a: Option<pb::CardAction>) -> Option<CardAction> {
-    a.map(|a| action(v, &format!("{path}.tap"), a))
+fn tap(v: &mut Violations, path: &dyn Display, a: Option<pb::CardAction>) -> Option<CardAction> {
+    a.map(|a| action(v, &Field(path, "tap"), a))
 }
 
-fn image(v: &mut Violations, path: &str, i: pb::CardImage) -> CardImage {
+fn image(v: &mut Violations, path: &dyn Display, i: pb::CardImage) -> CardImage {
     if i.url.is_empty() {
         v.add(format!("{path}.url"), "required");
     } else {
-        check_url(v, &format!("{path}.url"), &i.url);
+        check_url(v, &Field(path, "url"), &i.url);
     }
     CardImage {
         url: i.url,
@@ -264,7 +282,7 @@ fn image(v: &mut Violations, path: &str, i: pb::CardImage) -> CardImage {
     }
 }
 
-fn hero(v: &mut Violations, path: &str, c: pb::HeroCard) -> HeroCard {
+fn hero(v: &mut Violations, path: &dyn Display, c: pb::HeroCard) -> HeroCard {
     HeroCard {
         title: opt(c.title),
         subtitle: opt(c.subtitle),
@@ -275,12 +293,12 @@ fn hero(v: &mut Violations, path: &str, c: pb::HeroCard) -> HeroCard {
             .enumerate()
             .map(|(i, im)| image(v, &format!("{path}.images[{i}]"), im))
             .collect(),
-        buttons: actions(v, &format!("{path}.buttons"), c.buttons),
+        buttons: actions(v, &Field(path, "buttons"), c.buttons),
         tap: tap(v, path, c.tap),
     }
 }
 
-fn media(v: &mut Violations, path: &str, c: pb::MediaCard) -> MediaCard {
+fn media(v: &mut Violations, path: &dyn Display, c: pb::MediaCard) -> MediaCard {
     if c.media.is_empty() {
         v.add(
             format!("{path}.media"),
@@ -293,7 +311,7 @@ fn media(v: &mut Violations, path: &str, c: pb::MediaCard) -> MediaCard {
         text: opt(c.text),
         image: c.image.map(|i| ThumbnailUrl {
             url: {
-                check_url(v, &format!("{path}.image.url"), &i.url);
+                check_url(v, &Field(path, "image.url"), &i.url);
                 i.url
             },
             alt: opt(i.alt),
@@ -310,7 +328,7 @@ fn media(v: &mut Violations, path: &str, c: pb::MediaCard) -> MediaCard {
                 }
             })
             .collect(),
-        buttons: actions(v, &format!("{path}.buttons"), c.buttons),
+        buttons: actions(v, &Field(path, "buttons"), c.buttons),
         shareable: c.shareable,
         autoloop: c.autoloop,
         autostart: c.autostart,
@@ -320,13 +338,13 @@ fn media(v: &mut Violations, path: &str, c: pb::MediaCard) -> MediaCard {
     }
 }
 
-fn attachment(v: &mut Violations, path: &str, a: pb::Attachment) -> Attachment {
+fn attachment(v: &mut Violations, path: &dyn Display, a: pb::Attachment) -> Attachment {
     use pb::attachment::Content as C;
     let content = a.content.map(|c| match c {
-        C::Hero(c) => AttachmentContent::Hero(hero(v, &format!("{path}.hero"), c)),
-        C::Thumbnail(c) => AttachmentContent::Thumbnail(hero(v, &format!("{path}.thumbnail"), c)),
+        C::Hero(c) => AttachmentContent::Hero(hero(v, &Field(path, "hero"), c)),
+        C::Thumbnail(c) => AttachmentContent::Thumbnail(hero(v, &Field(path, "thumbnail"), c)),
         C::Receipt(c) => {
-            let p = format!("{path}.receipt");
+            let p = Field(path, "receipt");
             AttachmentContent::Receipt(ReceiptCard {
                 title: opt(c.title),
                 facts: c
@@ -347,7 +365,7 @@ fn attachment(v: &mut Violations, path: &str, a: pb::Attachment) -> Attachment {
                             title: opt(it.title),
                             subtitle: opt(it.subtitle),
                             text: opt(it.text),
-                            image: it.image.map(|im| image(v, &format!("{ip}.image"), im)),
+                            image: it.image.map(|im| image(v, &Field(&ip, "image"), im)),
                             price: opt(it.price),
                             quantity: opt(it.quantity),
                             tap: tap(v, &ip, it.tap),
@@ -358,11 +376,11 @@ fn attachment(v: &mut Violations, path: &str, a: pb::Attachment) -> Attachment {
                 total: opt(c.total),
                 tax: opt(c.tax),
                 vat: opt(c.vat),
-                buttons: actions(v, &format!("{p}.buttons"), c.buttons),
+                buttons: actions(v, &Field(&p, "buttons"), c.buttons),
             })
         }
         C::Signin(c) => {
-            let p = format!("{path}.signin");
+            let p = Field(path, "signin");
             if c.buttons.is_empty() {
                 v.add(
                     format!("{p}.buttons"),
@@ -371,23 +389,23 @@ fn attachment(v: &mut Violations, path: &str, a: pb::Attachment) -> Attachment {
             }
             AttachmentContent::Signin(SigninCard {
                 text: opt(c.text),
-                buttons: actions(v, &format!("{p}.buttons"), c.buttons),
+                buttons: actions(v, &Field(&p, "buttons"), c.buttons),
             })
         }
         C::Oauth(c) => {
-            let p = format!("{path}.oauth");
+            let p = Field(path, "oauth");
             if c.connection_name.is_empty() {
                 v.add(format!("{p}.connection_name"), "required");
             }
             AttachmentContent::Oauth(OAuthCard {
                 text: opt(c.text),
                 connection_name: c.connection_name,
-                buttons: actions(v, &format!("{p}.buttons"), c.buttons),
+                buttons: actions(v, &Field(&p, "buttons"), c.buttons),
             })
         }
-        C::Animation(c) => AttachmentContent::Animation(media(v, &format!("{path}.animation"), c)),
-        C::Audio(c) => AttachmentContent::Audio(media(v, &format!("{path}.audio"), c)),
-        C::Video(c) => AttachmentContent::Video(media(v, &format!("{path}.video"), c)),
+        C::Animation(c) => AttachmentContent::Animation(media(v, &Field(path, "animation"), c)),
+        C::Audio(c) => AttachmentContent::Audio(media(v, &Field(path, "audio"), c)),
+        C::Video(c) => AttachmentContent::Video(media(v, &Field(path, "video"), c)),
         C::Json(s) => AttachmentContent::Json(struct_to_json(s)),
     });
     let implied = content
@@ -414,41 +432,41 @@ fn attachment(v: &mut Violations, path: &str, a: pb::Attachment) -> Attachment {
         }
         _ => a.content_type,
     };
-    let content_url = opt_url(v, &format!("{path}.content_url"), a.content_url);
+    let content_url = opt_url(v, &Field(path, "content_url"), a.content_url);
     if content.is_none() && content_url.is_none() {
-        v.add(path, "needs content_url or a card");
+        v.add(path.to_string(), "needs content_url or a card");
     }
     Attachment {
         content_type,
         content_url,
         name: opt(a.name),
-        thumbnail_url: opt_url(v, &format!("{path}.thumbnail_url"), a.thumbnail_url),
+        thumbnail_url: opt_url(v, &Field(path, "thumbnail_url"), a.thumbnail_url),
         content,
     }
 }
 
 fn enum_or<T, P: TryFrom<i32>>(
     v: &mut Violations,
-    field: &str,
+    field: &dyn Display,
     raw: i32,
     f: impl FnOnce(P) -> Option<T>,
 ) -> Option<T> {
     match P::try_from(raw) {
         Ok(p) => f(p),
         Err(_) => {
-            v.add(field, format!("unknown enum value {raw}"));
+            v.add(field.to_string(), format!("unknown enum value {raw}"));
             None
         }
     }
 }
 
 /// Converts and validates one message at `path`.
-pub fn message(v: &mut Violations, path: &str, m: pb::Message) -> Message {
+pub fn message(v: &mut Violations, path: &dyn Display, m: pb::Message) -> Message {
     use pb::{
         AttachmentLayout as L, DeliveryMode as D, Importance as I, InputHint as H,
         MessageType as T, TextFormat as F,
     };
-    let kind = enum_or(v, &format!("{path}.type"), m.r#type, |t: T| {
+    let kind = enum_or(v, &Field(path, "type"), m.r#type, |t: T| {
         Some(match t {
             T::Unspecified | T::Message => MessageType::Message,
             T::Typing => MessageType::Typing,
@@ -479,11 +497,11 @@ pub fn message(v: &mut Violations, path: &str, m: pb::Message) -> Message {
     }
     let out = Message {
         kind,
-        address: address(v, &format!("{path}.address"), m.address),
+        address: address(v, &Field(path, "address"), m.address),
         text: opt(m.text),
         text_format: enum_or(
             v,
-            &format!("{path}.text_format"),
+            &Field(path, "text_format"),
             m.text_format,
             |f: F| match f {
                 F::Unspecified => None,
@@ -501,7 +519,7 @@ pub fn message(v: &mut Violations, path: &str, m: pb::Message) -> Message {
             .collect(),
         attachment_layout: enum_or(
             v,
-            &format!("{path}.attachment_layout"),
+            &Field(path, "attachment_layout"),
             m.attachment_layout,
             |l: L| match l {
                 L::Unspecified => None,
@@ -511,13 +529,13 @@ pub fn message(v: &mut Violations, path: &str, m: pb::Message) -> Message {
         ),
         suggested_actions: m.suggested_actions.map(|s| SuggestedActions {
             to: s.to,
-            actions: actions(v, &format!("{path}.suggested_actions.actions"), s.actions),
+            actions: actions(v, &Field(path, "suggested_actions.actions"), s.actions),
         }),
         summary: opt(m.summary),
         speak: opt(m.speak),
         input_hint: enum_or(
             v,
-            &format!("{path}.input_hint"),
+            &Field(path, "input_hint"),
             m.input_hint,
             |h: H| match h {
                 H::Unspecified => None,
@@ -534,7 +552,7 @@ pub fn message(v: &mut Violations, path: &str, m: pb::Message) -> Message {
         code: opt(m.code),
         importance: enum_or(
             v,
-            &format!("{path}.importance"),
+            &Field(path, "importance"),
             m.importance,
             |i: I| match i {
                 I::Unspecified => None,
@@ -545,7 +563,7 @@ pub fn message(v: &mut Violations, path: &str, m: pb::Message) -> Message {
         ),
         delivery_mode: enum_or(
             v,
-            &format!("{path}.delivery_mode"),
+            &Field(path, "delivery_mode"),
             m.delivery_mode,
             |d: D| match d {
                 D::Unspecified => None,
@@ -557,7 +575,7 @@ pub fn message(v: &mut Violations, path: &str, m: pb::Message) -> Message {
         ),
         expiration: m
             .expiration
-            .and_then(|t| timestamp(v, &format!("{path}.expiration"), t)),
+            .and_then(|t| timestamp(v, &Field(path, "expiration"), t)),
         reply_to_id: opt(m.reply_to_id),
         label: opt(m.label),
         local_timestamp,
@@ -582,7 +600,7 @@ pub fn message(v: &mut Violations, path: &str, m: pb::Message) -> Message {
         && out.source_event_for(&out.address.channel_id).is_none()
     {
         v.add(
-            path,
+            path.to_string(),
             "empty message: set text, attachments, suggested_actions or a source_event for the channel",
         );
     }
@@ -886,7 +904,7 @@ mod tests {
     fn the_remembered_url_lets_no_other_through() {
         let check = |s: &str| {
             let mut v = Violations::default();
-            check_url(&mut v, "f", s);
+            check_url(&mut v, &"f", s);
             v.is_empty()
         };
         assert!(check("https://img.example/a.png"));

@@ -240,7 +240,7 @@ impl GatewayService {
             return Err(status::invalid_field(path, "required"));
         };
         self.check_size(&mut v, path, &m);
-        let msg = convert::message(&mut v, path, m);
+        let msg = convert::message(&mut v, &path, m);
         if msg.address.conversation_id().is_none() && !msg.address.channel_id.is_empty() {
             v.add(
                 format!("{path}.address.conversation.id"),
@@ -523,7 +523,7 @@ impl ChannelGateway for GatewayService {
             None => None,
         };
         let mut v = Violations::default();
-        let address = convert::address(&mut v, "address", req.address);
+        let address = convert::address(&mut v, &"address", req.address);
         if address.conversation_id().is_none() && !address.channel_id.is_empty() {
             v.add("address.conversation.id", "required");
         }
@@ -609,7 +609,7 @@ impl ChannelGateway for GatewayService {
             return Err(status::invalid_field("message", "required"));
         };
         self.check_size(&mut v, "message", &m);
-        let msg = convert::message(&mut v, "message", m);
+        let msg = convert::message(&mut v, &"message", m);
         if !v.is_empty() {
             return Err(status::invalid(v));
         }
@@ -788,7 +788,7 @@ impl GatewayService {
         tp: Option<String>,
     ) -> Result<Cached, Status> {
         let mut v = Violations::default();
-        let address = convert::address(&mut v, "address", req.address.clone());
+        let address = convert::address(&mut v, &"address", req.address.clone());
         if address.conversation_id().is_none() && address.user_id().is_empty() {
             v.add("address.user.id", "required to start a conversation");
         }

@@ -1533,7 +1533,11 @@ mod tests {
                 conversation_id: "c".into(),
             });
             s.record(1, Change::Finished(delivered.clone()));
-            assert_eq!(s.get(1).unwrap().outcome(), delivered, "seen before it is on disk");
+            assert_eq!(
+                s.get(1).unwrap().outcome(),
+                delivered,
+                "seen before it is on disk"
+            );
             s.record(2, Change::Delivering { attempts: 1 });
             assert_eq!(s.get(2).unwrap().record.state, DeliveryState::Delivering);
             // Dropping the store lets the writer finish what was queued.

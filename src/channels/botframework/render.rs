@@ -4,6 +4,7 @@
 //! to a channel's documented limits (reported as warnings). No I/O: the client sends what this
 //! returns, attaching the credential named by `NativeRequest::credential`.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Map, Value};
@@ -314,17 +315,18 @@ struct ServiceBase {
 }
 
 /// The service URL, checked to be an absolute http(s) URL that a path can be appended to.
-fn service_base(address: &Address, prefix: &str) -> Result<ServiceBase, RenderError> {
-    let field = format!("{prefix}.service_url");
+fn service_base(address: &Address, prefix: &str) -> Result<Arc<ServiceBase>, RenderError> {
+    // Named only when something is wrong: this runs for every message.
+    let field = || format!("{prefix}.service_url");
     let raw = address
         .service_url
         .as_deref()
         .filter(|s| !s.is_empty())
-        .ok_or_else(|| RenderError::invalid(&field, "required"))?;
+        .ok_or_else(|| RenderError::invalid(field(), "required"))?;
     // A bot talks to a handful of service URLs (one per region or channel), so each thread
     // keeps the last one it checked: parsing it was ~1% of the gateway's CPU.
     thread_local! {
-        static LAST: std::cell::RefCell<Option<(String, ServiceBase)>> =
+        static LAST: std::cell::RefCell<Option<(String, Arc<ServiceBase>)>> =
             const { std::cell::RefCell::new(None) };
     }
     let hit = LAST.with_borrow(|last| {
@@ -335,7 +337,7 @@ fn service_base(address: &Address, prefix: &str) -> Result<ServiceBase, RenderEr
     if let Some(base) = hit {
         return Ok(base);
     }
-    let base = check_service_url(raw, &field)?;
+    let base = Arc::new(check_service_url(raw, &field())?);
     LAST.with_borrow_mut(|last| *last = Some((raw.to_string(), base.clone())));
     Ok(base)
 }
