@@ -509,7 +509,7 @@ impl LogStore {
             let s = match self.read_state(id) {
                 Ok(Some(s)) => s,
                 Ok(None) => return wait.then(super::ready_durable),
-                Err(e) => return wait.then(|| super::settled(Err(e))),
+                Err(e) => return not_recorded(id, e, wait),
             };
             ov = lock(&self.overlay);
             ov.state(id).unwrap_or(s)
@@ -518,7 +518,7 @@ impl LogStore {
         apply_state(&mut state, change);
         let state_bytes = match encode_state(&state) {
             Ok(b) => b,
-            Err(e) => return wait.then(|| super::settled(Err(e))),
+            Err(e) => return not_recorded(id, e, wait),
         };
         let (ack, rx) = if wait {
             let (ack, rx) = oneshot::channel();
@@ -544,6 +544,15 @@ impl LogStore {
         drop(ov);
         rx.map(durable)
     }
+}
+
+/// A state change that could not be queued: the waiter hears why; with no waiter, the log does.
+fn not_recorded(id: u64, e: StoreError, wait: bool) -> Option<Durable> {
+    if wait {
+        return Some(super::settled(Err(e)));
+    }
+    tracing::error!(error = %e, message_id = id, "outbox state change not recorded");
+    None
 }
 
 fn durable(rx: oneshot::Receiver<Result<(), StoreError>>) -> Durable {
