@@ -9,29 +9,37 @@
 //!
 //! Why not a general-purpose client (reqwest, which this replaced): per message it parsed the
 //! URL twice more, ran redirect and retry layers we switch off, and copied headers; the
-//! benchmark measured ~25% less gateway CPU per delivered message without it. Why HTTP/1.1
+//! benchmark measured ~25% less gateway CPU per delivered message without it. Why its own pool
+//! rather than hyper-util's: that pool hashed its key byte by byte, formatted the `Host` header
+//! and boxed and moved several futures per call, ~10% of the gateway's instructions per
+//! delivered message (bench/PROFILE.md); HTTP/1.1 keep-alive needs little more than a list of
+//! idle connections per origin. Why HTTP/1.1
 //! only: a pool of connections lets one busy channel host take as many parallel calls as
 //! `delivery.max_concurrency` allows, where HTTP/2 would put them all on one connection under
 //! the server's stream limit (measured slower here too, bench/PROFILE.md).
 
+use std::collections::HashMap;
 use std::future::Future;
+use std::hash::{Hash, Hasher};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue, USER_AGENT};
-use http::{HeaderMap, Method, Request, Uri};
+use http::header::{AUTHORIZATION, CONTENT_TYPE, HOST, HeaderValue, USER_AGENT};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{HeaderMap, Method, Request, Response, Uri};
 use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
 use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::connect::proxy::Tunnel;
 use hyper_util::client::proxy::matcher::Matcher;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
-use tower::Service;
+use tower::{Service, ServiceExt};
 
 use super::{ChannelError, FailureKind, HttpMethod};
 
@@ -137,9 +145,105 @@ impl Payload {
 }
 
 pub struct Http {
-    client: Client<HttpsConnector<Connect>, Full<Bytes>>,
+    connector: HttpsConnector<Connect>,
+    pool: Pool,
     timeout: Duration,
     user_agent: HeaderValue,
+}
+
+type Sender = http1::SendRequest<Full<Bytes>>;
+
+/// Where a connection goes: calls to the same origin may share it.
+#[derive(Clone)]
+struct Origin {
+    scheme: Scheme,
+    authority: Authority,
+}
+
+impl Origin {
+    fn of(uri: &Uri) -> Result<Self, TransportError> {
+        match (uri.scheme(), uri.authority()) {
+            (Some(scheme), Some(authority)) => Ok(Self {
+                scheme: scheme.clone(),
+                authority: authority.clone(),
+            }),
+            _ => Err(TransportError::Request(
+                "the request URL has no scheme or host".into(),
+            )),
+        }
+    }
+}
+
+impl PartialEq for Origin {
+    fn eq(&self, other: &Self) -> bool {
+        // Both compare ASCII case-insensitively, as hosts and schemes do.
+        self.scheme == other.scheme && self.authority == other.authority
+    }
+}
+
+impl Eq for Origin {}
+
+impl Hash for Origin {
+    /// One write of the lowercased text: `Authority`'s own `Hash` writes it a byte at a time.
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        for part in [self.scheme.as_str(), self.authority.as_str()] {
+            if part.bytes().any(|b| b.is_ascii_uppercase()) {
+                state.write(part.to_ascii_lowercase().as_bytes());
+            } else {
+                state.write(part.as_bytes());
+            }
+            state.write_u8(0xff);
+        }
+    }
+}
+
+/// Idle keep-alive connections by origin. HTTP/1.1 carries one exchange at a time, so a call
+/// takes a connection out and puts it back once it has read the whole answer; the most recently
+/// used is taken first, so the oldest age out.
+#[derive(Default)]
+struct Pool {
+    idle: Mutex<HashMap<Origin, Vec<Idle>>>,
+}
+
+struct Idle {
+    tx: Sender,
+    since: Instant,
+}
+
+impl Pool {
+    fn lock(&self) -> MutexGuard<'_, HashMap<Origin, Vec<Idle>>> {
+        // Every change under the lock is a single push, pop or drain: a panic elsewhere
+        // cannot leave the map half-changed.
+        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn take(&self, origin: &Origin) -> Option<Sender> {
+        let mut idle = self.lock();
+        let list = idle.get_mut(origin)?;
+        while let Some(c) = list.pop() {
+            if !c.tx.is_closed() && c.since.elapsed() < IDLE_TIMEOUT {
+                return Some(c.tx);
+            }
+        }
+        None
+    }
+
+    fn put(&self, origin: Origin, tx: Sender) {
+        if tx.is_closed() {
+            return;
+        }
+        let now = Instant::now();
+        let mut idle = self.lock();
+        let list = idle.entry(origin).or_default();
+        // The oldest come first: those idle too long go, since their server may close them
+        // at any moment (dropping the sender ends the connection's task).
+        let stale = list
+            .iter()
+            .take_while(|c| now.duration_since(c.since) >= IDLE_TIMEOUT)
+            .count();
+        list.drain(..stale);
+        list.push(Idle { tx, since: now });
+    }
 }
 
 impl Http {
@@ -165,12 +269,9 @@ impl Http {
             .https_or_http()
             .enable_http1()
             .wrap_connector(connect);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(IDLE_TIMEOUT)
-            .pool_timer(TokioTimer::new())
-            .build(https);
         Ok(Self {
-            client,
+            connector: https,
+            pool: Pool::default(),
             timeout,
             user_agent: HeaderValue::from_static(concat!(
                 "channel-gateway/",
@@ -188,10 +289,22 @@ impl Http {
         bearer: Option<&str>,
         payload: Option<Payload>,
     ) -> Result<Answer, TransportError> {
-        let mut req = Request::builder().method(method).uri(uri);
+        let origin = Origin::of(&uri)?;
+        // On a connection of its own, a request names only its path; the host goes in `Host`
+        // (without any user info, which is no business of the server's).
+        let host = origin.authority.as_str();
+        let host = host.rsplit_once('@').map_or(host, |(_, h)| h);
+        let host = HeaderValue::from_str(host)
+            .map_err(|_| TransportError::Request("the host is not a valid header".into()))?;
+        let path = uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let mut req = Request::builder().method(method).uri(Uri::from(path));
         let headers = req
             .headers_mut()
             .ok_or_else(|| TransportError::Request("request could not be built".into()))?;
+        headers.insert(HOST, host);
         headers.insert(USER_AGENT, self.user_agent.clone());
         if let Some(token) = bearer {
             let mut value = HeaderValue::try_from(format!("Bearer {token}"))
@@ -210,20 +323,15 @@ impl Http {
             .body(Full::new(body))
             .map_err(|e| TransportError::Request(e.to_string()))?;
         let call = async {
-            let resp = self.client.request(req).await.map_err(|e| {
-                let text = chain(&e);
-                if e.is_connect() {
-                    TransportError::Connect(text)
-                } else {
-                    TransportError::Transport(text)
-                }
-            })?;
+            let (resp, tx) = self.exchange(&origin, &uri, req).await?;
             let (parts, body) = resp.into_parts();
             let body = Limited::new(body, MAX_ANSWER_BYTES)
                 .collect()
                 .await
                 .map_err(|e| TransportError::Transport(format!("reading the answer: {e}")))?
                 .to_bytes();
+            // Only a connection whose answer was read to the end can carry the next call.
+            self.pool.put(origin, tx);
             Ok(Answer {
                 status: parts.status.as_u16(),
                 headers: parts.headers,
@@ -233,6 +341,55 @@ impl Http {
         tokio::time::timeout(self.timeout, call)
             .await
             .map_err(|_| TransportError::Timeout(self.timeout))?
+    }
+
+    /// Sends the request on an idle connection to its origin, or a new one. A request that an
+    /// idle connection could not take (its server closed it meanwhile) never left, and goes on
+    /// the next connection; the loop ends at the latest with a new connection.
+    async fn exchange(
+        &self,
+        origin: &Origin,
+        uri: &Uri,
+        mut req: Request<Full<Bytes>>,
+    ) -> Result<(Response<Incoming>, Sender), TransportError> {
+        loop {
+            let (mut tx, pooled) = match self.pool.take(origin) {
+                Some(tx) => (tx, true),
+                None => (self.connect(uri).await?, false),
+            };
+            if let Err(e) = tx.ready().await {
+                if pooled {
+                    continue;
+                }
+                return Err(TransportError::Connect(chain(&e)));
+            }
+            match tx.try_send_request(req).await {
+                Ok(resp) => return Ok((resp, tx)),
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) if pooled => req = unsent,
+                    Some(_) => return Err(TransportError::Connect(chain(e.error()))),
+                    None => return Err(TransportError::Transport(chain(e.error()))),
+                },
+            }
+        }
+    }
+
+    /// A new connection (TCP, a proxy tunnel, TLS), its HTTP/1.1 task spawned. Its errors show
+    /// on the calls it carries, so the task's own result is dropped.
+    async fn connect(&self, uri: &Uri) -> Result<Sender, TransportError> {
+        let io = self
+            .connector
+            .clone()
+            .oneshot(uri.clone())
+            .await
+            .map_err(|e| TransportError::Connect(chain(&*e)))?;
+        let (tx, conn) = http1::handshake(io)
+            .await
+            .map_err(|e| TransportError::Connect(chain(&e)))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(tx)
     }
 }
 
@@ -622,5 +779,119 @@ mod tests {
             .expect("the channel host saw no connection: the call went through the proxy")
             .unwrap();
         assert_eq!(got.first(), Some(&0x16), "{got:?}");
+    }
+
+    /// A keep-alive server: answers `per_connection` requests on each connection it accepts,
+    /// then closes it. Returns its base URL, the number of connections accepted so far and the
+    /// request heads it read, in order.
+    async fn keep_alive_server(
+        per_connection: usize,
+    ) -> (
+        String,
+        Arc<std::sync::atomic::AtomicUsize>,
+        Arc<Mutex<Vec<String>>>,
+    ) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let heads = Arc::new(Mutex::new(Vec::new()));
+        let (count, seen) = (accepted.clone(), heads.clone());
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = listener.accept().await.unwrap();
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    let mut got = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    for _ in 0..per_connection {
+                        let head = loop {
+                            if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                                let head = String::from_utf8_lossy(&got[..end]).to_string();
+                                got.drain(..end + 4);
+                                break head;
+                            }
+                            let n = s.read(&mut buf).await.unwrap_or(0);
+                            if n == 0 {
+                                return;
+                            }
+                            got.extend_from_slice(&buf[..n]);
+                        };
+                        seen.lock().unwrap().push(head);
+                        s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                            .await
+                            .unwrap();
+                    }
+                });
+            }
+        });
+        (format!("http://{addr}"), accepted, heads)
+    }
+
+    #[tokio::test]
+    async fn calls_in_turn_share_one_connection_and_name_their_host() {
+        let (base, accepted, heads) = keep_alive_server(usize::MAX).await;
+        let http = Http::new(Duration::from_secs(5)).unwrap();
+        for i in 0..3 {
+            let answer = call(&http, Method::GET, &format!("{base}/n/{i}?q=1"))
+                .await
+                .unwrap();
+            assert_eq!((answer.status, answer.text().as_ref()), (200, "ok"));
+        }
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+        let heads = heads.lock().unwrap().clone();
+        assert_eq!(heads.len(), 3);
+        let host = base.trim_start_matches("http://");
+        for (i, head) in heads.iter().enumerate() {
+            assert!(
+                head.starts_with(&format!("GET /n/{i}?q=1 HTTP/1.1\r\n")),
+                "{head}"
+            );
+            assert!(head.contains(&format!("host: {host}\r\n")), "{head}");
+        }
+    }
+
+    #[tokio::test]
+    async fn calls_at_once_each_get_a_connection() {
+        let (base, accepted, _) = keep_alive_server(usize::MAX).await;
+        let http = Http::new(Duration::from_secs(5)).unwrap();
+        let url = format!("{base}/");
+        let (a, b) = tokio::join!(
+            call(&http, Method::GET, &url),
+            call(&http, Method::GET, &url)
+        );
+        assert_eq!((a.unwrap().status, b.unwrap().status), (200, 200));
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+        // Both are idle now: the next two calls reuse them.
+        let (a, b) = tokio::join!(
+            call(&http, Method::GET, &url),
+            call(&http, Method::GET, &url)
+        );
+        assert_eq!((a.unwrap().status, b.unwrap().status), (200, 200));
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_server_closed_while_idle_is_replaced_not_failed() {
+        let (base, accepted, heads) = keep_alive_server(1).await;
+        let http = Http::new(Duration::from_secs(5)).unwrap();
+        let url = format!("{base}/");
+        call(&http, Method::POST, &url).await.unwrap();
+        // Let the connection's task see the server's close.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let answer = call(&http, Method::POST, &url).await.unwrap();
+        assert_eq!(answer.status, 200);
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+        assert_eq!(heads.lock().unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_url_without_a_host_is_refused_before_sending() {
+        let http = Http::new(Duration::from_secs(5)).unwrap();
+        let e = http
+            .send(Method::GET, Uri::from_static("/only/a/path"), None, None)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, TransportError::Request(_)), "{e:?}");
     }
 }
