@@ -9,7 +9,6 @@ pub mod http;
 pub mod slack;
 mod types;
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -67,7 +66,9 @@ impl Implementation {
 /// Every channel implementation, routed by channel id.
 pub struct Channels {
     botframework: Option<Arc<BotFrameworkClient>>,
-    botframework_ids: HashSet<String>,
+    /// A handful of ids, looked up several times per message: a scan of short strings costs
+    /// less than hashing one.
+    botframework_ids: Vec<String>,
     facebook: Option<Arc<FacebookClient>>,
     slack: Option<Arc<SlackClient>>,
     /// Kept for rendering, which needs no client (and no credentials).
@@ -86,7 +87,7 @@ impl Channels {
                 )?)),
                 false => None,
             },
-            botframework_ids: c.botframework.channel_ids.iter().cloned().collect(),
+            botframework_ids: c.botframework.channel_ids.clone(),
             facebook: match c.facebook.enabled {
                 true => Some(Arc::new(FacebookClient::new(c.facebook.clone(), timeout)?)),
                 false => None,
@@ -107,7 +108,7 @@ impl Channels {
         match channel_id {
             "facebook" => Ok(Implementation::Facebook),
             "slack" => Ok(Implementation::Slack),
-            id if self.botframework_ids.contains(id) => Ok(Implementation::BotFramework),
+            id if self.botframework_ids.iter().any(|b| b == id) => Ok(Implementation::BotFramework),
             id if PLANNED_CHANNELS.contains(&id) => Err(RouteError::NotConfigured {
                 channel_id: id.into(),
                 reason: "this gateway has no client for it yet".into(),

@@ -586,10 +586,13 @@ impl Inner {
         }
         let n = job.items().len();
         let mut shard = self.shard(key);
+        // Looked up once: the entry cannot change while the shard's lock is held, and each
+        // lookup hashes the whole key.
+        let existing = shard.get(key).map(|e| e.line.clone());
         if fresh {
-            let in_conversation = shard
-                .get(key)
-                .map_or(0, |e| e.line.queued.load(Ordering::SeqCst));
+            let in_conversation = existing
+                .as_ref()
+                .map_or(0, |line| line.queued.load(Ordering::SeqCst));
             if in_conversation + n > self.config.max_pending_per_conversation {
                 return Err(SubmitError::Backpressure {
                     bound: "delivery.max_pending_per_conversation",
@@ -619,9 +622,9 @@ impl Inner {
             // worker a second durable write before its call. A crash in between only flags it as
             // a possible duplicate, which is what that mark means.
             let mut head = matches!(job, Job::Deliver { .. })
-                && shard
-                    .get(key)
-                    .is_none_or(|e| e.line.queued.load(Ordering::SeqCst) == 0);
+                && existing
+                    .as_ref()
+                    .is_none_or(|line| line.queued.load(Ordering::SeqCst) == 0);
             for item in job.items_mut() {
                 item.id = self.next_id.fetch_add(1, Ordering::SeqCst);
                 ids.push(item.id);
@@ -668,9 +671,9 @@ impl Inner {
             ids = job.items().iter().map(|i| i.id).collect();
         }
         if let Job::Deliver { items, .. } = &mut job {
-            let ahead = shard
-                .get(key)
-                .map_or(0, |e| e.line.queued.load(Ordering::SeqCst));
+            let ahead = existing
+                .as_ref()
+                .map_or(0, |line| line.queued.load(Ordering::SeqCst));
             for item in items.iter_mut().skip(SHED_AFTER.saturating_sub(ahead)) {
                 item.shed_bodies();
             }
@@ -689,8 +692,7 @@ impl Inner {
         // its jobs move to a new worker, so nothing accepted is lost.
         let mut leftover = VecDeque::new();
         let mut carried = 0;
-        if let Some(entry) = shard.get(key) {
-            let line = &entry.line;
+        if let Some(line) = &existing {
             line.queued.fetch_add(n, Ordering::SeqCst);
             if line.alive.load(Ordering::SeqCst) {
                 line.push(Box::new(job));
