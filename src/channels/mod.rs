@@ -16,7 +16,7 @@ pub use types::*;
 
 use crate::config::Config;
 use crate::model::{Address, Message, ProactiveOptions};
-use botframework::client::{BotFrameworkClient, service_url_refusal};
+use botframework::client::BotFrameworkClient;
 use facebook::client::FacebookClient;
 use slack::client::SlackClient;
 
@@ -164,9 +164,7 @@ impl Channels {
                         reason: "required for Bot Framework channels".into(),
                     });
                 }
-                if let Some(reason) =
-                    service_url_refusal(&c.config().allowed_service_hosts, service_url)
-                {
+                if let Some(reason) = c.refusal(service_url) {
                     return Err(RouteError::PermissionDenied {
                         field: format!("{field}.service_url"),
                         reason,

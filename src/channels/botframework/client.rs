@@ -121,7 +121,14 @@ pub struct BotFrameworkClient {
     credentials: HashMap<String, Secret>,
     tokens: HashMap<String, Arc<TokenSlot>>,
     token_fetches: std::sync::atomic::AtomicU64,
+    /// Service URLs already found allowed. A bot talks to a handful of them, and the accept
+    /// path checked every message's by parsing it (~2% of the instructions per message).
+    /// Bounded: emptied when full. Only allowed URLs are kept, so a refusal is always fresh.
+    allowed_seen: std::sync::Mutex<std::collections::HashSet<String>>,
 }
+
+/// How many allowed service URLs a client remembers before it starts over.
+const ALLOWED_SEEN_MAX: usize = 1024;
 
 impl BotFrameworkClient {
     pub fn new(config: BotFrameworkConfig, request_timeout: Duration) -> Result<Self, String> {
@@ -137,7 +144,31 @@ impl BotFrameworkClient {
             credentials,
             tokens,
             token_fetches: Default::default(),
+            allowed_seen: Default::default(),
         })
+    }
+
+    /// Why a service URL may not receive a token, or `None` when it may (see
+    /// `service_url_refusal`), remembering the URLs it allowed.
+    pub fn refusal(&self, service_url: &str) -> Option<String> {
+        if self.allowed_seen().contains(service_url) {
+            return None;
+        }
+        let refusal = service_url_refusal(&self.config.allowed_service_hosts, service_url);
+        if refusal.is_none() {
+            let mut seen = self.allowed_seen();
+            if seen.len() >= ALLOWED_SEEN_MAX {
+                seen.clear();
+            }
+            seen.insert(service_url.to_string());
+        }
+        refusal
+    }
+
+    fn allowed_seen(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+        // The set only gains or loses whole entries: a panic elsewhere cannot leave it
+        // half-changed, so recover the guard.
+        self.allowed_seen.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn has_credentials(&self, bot_id: &str) -> bool {
@@ -416,6 +447,26 @@ mod tests {
 
     fn pats(p: &[&str]) -> Vec<String> {
         p.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn the_client_remembers_only_allowed_service_urls_and_only_so_many() {
+        let config = BotFrameworkConfig {
+            allowed_service_hosts: pats(&["*.botframework.com", "127.0.0.1"]),
+            ..Default::default()
+        };
+        let client = BotFrameworkClient::new(config, Duration::from_secs(5)).unwrap();
+        for _ in 0..2 {
+            assert!(client.refusal("https://x.botframework.com/v3/").is_none());
+            assert!(client.refusal("https://attacker.example/").is_some());
+            assert!(client.refusal("http://x.botframework.com/").is_some());
+        }
+        assert_eq!(client.allowed_seen().len(), 1);
+        for i in 0..ALLOWED_SEEN_MAX + 10 {
+            assert!(client.refusal(&format!("http://127.0.0.1:{i}/")).is_none());
+        }
+        assert!(client.allowed_seen().len() <= ALLOWED_SEEN_MAX);
+        assert!(client.refusal("https://attacker.example/").is_some());
     }
 
     #[test]
