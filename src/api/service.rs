@@ -388,7 +388,6 @@ struct SendStart {
 }
 
 impl SendStart {
-    #[allow(clippy::result_large_err)]
     fn of(req: Request<pb::SendRequest>) -> Result<Self, Status> {
         authorize_bot(&req, &bot_of(req.get_ref().message.as_ref()))?;
         let traceparent = traceparent(&req);
