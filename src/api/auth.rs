@@ -5,6 +5,8 @@
 //! as hashes and never logged.
 
 use std::collections::HashMap;
+use std::fmt;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -15,31 +17,50 @@ use crate::channels::RateLimit;
 use crate::config::{AuthConfig, LimitsConfig};
 use crate::delivery::rate::RateLimiter;
 
-/// Lowercase hex SHA-256.
+/// Lowercase hex SHA-256. Every authenticated call hashes its token: the digits come from a
+/// table rather than a `format!` per byte.
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(64);
+    for b in Sha256::digest(bytes) {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    }
+    out
 }
 
-/// Who is calling, once authenticated.
+/// Who is calling, once authenticated. Made for every call, so it shares the configured
+/// identity instead of copying its name and bot list, and an unauthenticated caller's address
+/// is written out only when a message names it.
 #[derive(Debug, Clone)]
 pub struct Caller {
-    pub name: String,
-    /// `None`: any bot.
-    bots: Option<Vec<String>>,
+    /// `None` when authentication is off: any bot, named by its address.
+    identity: Option<Arc<Identity>>,
+    remote: Option<IpAddr>,
 }
 
 impl Caller {
     pub fn may_send_as(&self, bot_id: &str) -> bool {
-        self.bots
-            .as_ref()
-            .is_none_or(|b| b.iter().any(|x| x == bot_id))
+        self.bots().is_none_or(|b| b.iter().any(|x| x == bot_id))
     }
 
     pub fn any_bot(&self) -> bool {
-        self.bots.is_none()
+        self.bots().is_none()
+    }
+
+    /// `None`: any bot.
+    fn bots(&self) -> Option<&[String]> {
+        self.identity.as_ref().and_then(|i| i.bots.as_deref())
+    }
+}
+
+impl fmt::Display for Caller {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (&self.identity, self.remote) {
+            (Some(i), _) => f.write_str(&i.name),
+            (None, Some(ip)) => write!(f, "{ip}"),
+            (None, None) => f.write_str("local"),
+        }
     }
 }
 
@@ -47,20 +68,21 @@ impl Caller {
 #[derive(Debug, Clone)]
 pub struct ClientCertFingerprint(pub String);
 
+#[derive(Debug)]
 struct Identity {
     name: String,
     bots: Option<Vec<String>>,
 }
 
-fn identity(name: &str, bots: &[String]) -> Identity {
-    Identity {
+fn identity(name: &str, bots: &[String]) -> Arc<Identity> {
+    Arc::new(Identity {
         name: name.to_string(),
         bots: if bots.iter().any(|b| b == "*") {
             None
         } else {
             Some(bots.to_vec())
         },
-    }
+    })
 }
 
 /// Authenticates calls and applies the per-caller rate limit.
@@ -71,8 +93,8 @@ pub struct Authenticator {
 
 struct AuthInner {
     enabled: bool,
-    tokens: HashMap<String, Identity>,
-    certs: HashMap<String, Identity>,
+    tokens: HashMap<String, Arc<Identity>>,
+    certs: HashMap<String, Arc<Identity>>,
     limits: LimitsConfig,
     rates: RateLimiter,
 }
@@ -117,10 +139,8 @@ impl Authenticator {
                     .and_then(|p| p.remote)
             });
             Caller {
-                name: remote
-                    .map(|r| r.ip().to_string())
-                    .unwrap_or_else(|| "local".into()),
-                bots: None,
+                identity: None,
+                remote: remote.map(|r| r.ip()),
             }
         } else {
             let bearer = req
@@ -147,8 +167,8 @@ impl Authenticator {
             };
             match found {
                 Some(id) => Caller {
-                    name: id.name.clone(),
-                    bots: id.bots.clone(),
+                    identity: Some(id.clone()),
+                    remote: None,
                 },
                 None => {
                     tracing::warn!(
@@ -162,14 +182,14 @@ impl Authenticator {
         };
         if a.limits.per_caller_per_second > 0.0 {
             let limit = RateLimit {
-                scope: format!("caller:{}", caller.name),
+                scope: format!("caller:{caller}"),
                 per_second: a.limits.per_caller_per_second,
                 burst: a.limits.per_caller_burst,
             };
             if !a.rates.try_take(&limit, Instant::now()) {
                 return Err(Status::resource_exhausted(format!(
-                    "caller `{}` is over limits.per_caller_per_second ({})",
-                    caller.name, a.limits.per_caller_per_second
+                    "caller `{caller}` is over limits.per_caller_per_second ({})",
+                    a.limits.per_caller_per_second
                 )));
             }
         }
@@ -184,8 +204,7 @@ pub fn authorize<T>(req: &Request<T>, bot_id: &str) -> Result<(), Status> {
     match req.extensions().get::<Caller>() {
         Some(c) if c.may_send_as(bot_id) => Ok(()),
         Some(c) => Err(Status::permission_denied(format!(
-            "caller `{}` may not act as bot `{bot_id}`",
-            c.name
+            "caller `{c}` may not act as bot `{bot_id}`"
         ))),
         // The interceptor always runs before the service; no caller means it was bypassed.
         None => Err(Status::unauthenticated("no caller identity")),
@@ -198,8 +217,7 @@ pub fn authorize_all<T>(req: &Request<T>, what: &str) -> Result<(), Status> {
     match req.extensions().get::<Caller>() {
         Some(c) if c.any_bot() => Ok(()),
         Some(c) => Err(Status::permission_denied(format!(
-            "caller `{}` may only act as some bots: set bot_id to {what}",
-            c.name
+            "caller `{c}` may only act as some bots: set bot_id to {what}"
         ))),
         None => Err(Status::unauthenticated("no caller identity")),
     }
