@@ -578,8 +578,12 @@ impl Config {
             return Err(invalid("log.format", "must be `human` or `json`"));
         }
         let bf = &self.channels.botframework;
-        url::Url::parse(&bf.token_url)
+        let token_url = url::Url::parse(&bf.token_url)
             .map_err(|e| invalid("channels.botframework.token_url", format!("not a URL: {e}")))?;
+        // The bot's app password is posted to it.
+        if let Some(reason) = crate::channels::clear_text_refusal(&token_url) {
+            return Err(invalid("channels.botframework.token_url", reason));
+        }
         for (i, host) in bf.allowed_service_hosts.iter().enumerate() {
             let bare = host.strip_prefix("*.").unwrap_or(host);
             if bare.is_empty() || bare.contains(['/', ':', '*']) {
@@ -730,6 +734,20 @@ mod tests {
         .unwrap();
         let err = Config::load(Some(&p), Vec::new()).unwrap_err().to_string();
         assert!(err.contains("allowed_service_hosts[0]"), "{err}");
+        std::fs::write(
+            &p,
+            "[channels.botframework]\ntoken_url = \"http://login.example/token\"\n",
+        )
+        .unwrap();
+        let err = Config::load(Some(&p), Vec::new()).unwrap_err().to_string();
+        assert!(err.contains("channels.botframework.token_url"), "{err}");
+        assert!(err.contains("only https"), "{err}");
+        std::fs::write(
+            &p,
+            "[channels.botframework]\ntoken_url = \"http://127.0.0.1:9/token\"\n",
+        )
+        .unwrap();
+        assert!(Config::load(Some(&p), Vec::new()).is_ok());
         std::fs::write(&p, "[outbox]\ncache_mib = 0\n").unwrap();
         let err = Config::load(Some(&p), Vec::new()).unwrap_err().to_string();
         assert!(err.contains("outbox.cache_mib"), "{err}");

@@ -14,6 +14,28 @@ use std::time::Duration;
 
 pub use types::*;
 
+/// Whether `host` is this machine: the only place a credential may travel in clear text.
+pub(crate) fn is_loopback(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Why a configured URL that will receive a credential (a token endpoint, an API base) may not:
+/// only https, or plain http to a loopback host (local fakes and tests). `None` when it may.
+pub(crate) fn clear_text_refusal(url: &url::Url) -> Option<String> {
+    match url.scheme() {
+        "https" => None,
+        "http" if is_loopback(url.host_str().unwrap_or_default()) => None,
+        s => Some(format!(
+            "scheme `{s}` is not allowed: only https (http for loopback hosts), since credentials travel to it"
+        )),
+    }
+}
+
 use crate::config::Config;
 use crate::model::{Address, Message, ProactiveOptions};
 use botframework::client::BotFrameworkClient;

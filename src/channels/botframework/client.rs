@@ -34,15 +34,6 @@ pub fn host_allowed(patterns: &[String], host: &str) -> bool {
     })
 }
 
-fn is_loopback(host: &str) -> bool {
-    host == "localhost"
-        || host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
-}
-
 /// Why a service URL may not receive a token, or `None` when it may.
 pub fn service_url_refusal(patterns: &[String], service_url: &str) -> Option<String> {
     allowed_url(patterns, service_url).err()
@@ -64,7 +55,7 @@ fn allowed_url(patterns: &[String], service_url: &str) -> Result<http::Uri, Stri
     }
     match uri.scheme_str() {
         Some("https") => {}
-        Some("http") if is_loopback(host) => {}
+        Some("http") if crate::channels::is_loopback(host) => {}
         s => {
             return Err(format!(
                 "scheme `{}` is not allowed for `{host}`: only https (http for loopback hosts)",

@@ -137,15 +137,6 @@ fn key(k: &str) -> String {
     format!("{SECTION}.{k}")
 }
 
-fn is_loopback(host: &str) -> bool {
-    host == "localhost"
-        || host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
-}
-
 impl FacebookConfig {
     /// Every configured page, the single-page shortcut included (it wins over a duplicate).
     pub fn all_pages(&self) -> Vec<PageCredentials> {
@@ -178,17 +169,9 @@ impl FacebookConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let url = url::Url::parse(&self.graph_base_url)
             .map_err(|e| invalid(&key("graph_base_url"), format!("not a URL: {e}")))?;
-        let host = url.host_str().unwrap_or_default();
         // Page tokens travel in the query string: never in clear text off this machine.
-        match url.scheme() {
-            "https" => {}
-            "http" if is_loopback(host) => {}
-            s => {
-                return Err(invalid(
-                    &key("graph_base_url"),
-                    format!("scheme `{s}` is not allowed: only https (http for loopback hosts)"),
-                ));
-            }
+        if let Some(reason) = crate::channels::clear_text_refusal(&url) {
+            return Err(invalid(&key("graph_base_url"), reason));
         }
         if url.query().is_some() || url.fragment().is_some() {
             return Err(invalid(

@@ -70,6 +70,10 @@ impl SlackConfig {
                 format!("`{}` must be an http(s) URL", self.api_base_url),
             ));
         }
+        // Bot tokens go in the Authorization header of every call to it.
+        if let Some(reason) = crate::channels::clear_text_refusal(&url) {
+            return Err(invalid("channels.slack.api_base_url", reason));
+        }
         if url.query().is_some() || url.fragment().is_some() {
             return Err(invalid(
                 "channels.slack.api_base_url",
@@ -183,6 +187,11 @@ mod tests {
             (
                 "API_BASE_URL",
                 "\"https://slack.com/api?x=1\"",
+                "channels.slack.api_base_url",
+            ),
+            (
+                "API_BASE_URL",
+                "\"http://slack.example/api\"",
                 "channels.slack.api_base_url",
             ),
             ("RATE_PER_SECOND", "0", "channels.slack.rate_per_second"),
