@@ -724,32 +724,27 @@ mod tests {
     fn file_errors_name_the_key() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("c.toml");
-        std::fs::write(&p, "[delivery]\nidle_timeout = \"5 parsecs\"\n").unwrap();
-        let err = Config::load(Some(&p), Vec::new()).unwrap_err().to_string();
+        let load = |text: &str| {
+            std::fs::write(&p, text).unwrap();
+            Config::load(Some(&p), Vec::new())
+        };
+        let err = load("[delivery]\nidle_timeout = \"5 parsecs\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("idle_timeout"), "{err}");
-        std::fs::write(
-            &p,
-            "[channels.botframework]\nallowed_service_hosts = [\"https://x/\"]\n",
-        )
-        .unwrap();
-        let err = Config::load(Some(&p), Vec::new()).unwrap_err().to_string();
+        let err = load("[channels.botframework]\nallowed_service_hosts = [\"https://x/\"]\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("allowed_service_hosts[0]"), "{err}");
-        std::fs::write(
-            &p,
-            "[channels.botframework]\ntoken_url = \"http://login.example/token\"\n",
-        )
-        .unwrap();
-        let err = Config::load(Some(&p), Vec::new()).unwrap_err().to_string();
+        let err = load("[channels.botframework]\ntoken_url = \"http://login.example/token\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("channels.botframework.token_url"), "{err}");
         assert!(err.contains("only https"), "{err}");
-        std::fs::write(
-            &p,
-            "[channels.botframework]\ntoken_url = \"http://127.0.0.1:9/token\"\n",
-        )
-        .unwrap();
-        assert!(Config::load(Some(&p), Vec::new()).is_ok());
-        std::fs::write(&p, "[outbox]\ncache_mib = 0\n").unwrap();
-        let err = Config::load(Some(&p), Vec::new()).unwrap_err().to_string();
+        assert!(
+            load("[channels.botframework]\ntoken_url = \"http://127.0.0.1:9/token\"\n").is_ok()
+        );
+        let err = load("[outbox]\ncache_mib = 0\n").unwrap_err().to_string();
         assert!(err.contains("outbox.cache_mib"), "{err}");
     }
 
