@@ -355,7 +355,10 @@ impl Http {
         loop {
             let (mut tx, pooled) = match self.pool.take(origin) {
                 Some(tx) => (tx, true),
-                None => (self.connect(uri).await?, false),
+                // Boxed: a new connection is the rare case, and its state (TCP, proxy, TLS,
+                // handshake: ~2.4 KB) would otherwise be part of every call's future, which
+                // each caller up to the delivery worker moves by value.
+                None => (Box::pin(self.connect(uri)).await?, false),
             };
             if let Err(e) = tx.ready().await {
                 if pooled {

@@ -827,7 +827,9 @@ impl Worker {
             }
             Job::Typing { item, keep_alive } => {
                 let requests = item.rendered.clone();
-                self.send_typing(&requests).await;
+                // Boxed, like the proactive path below: `handle`'s future is as large as its
+                // largest path, and it is built and moved for every job.
+                Box::pin(self.send_typing(&requests)).await;
                 self.finish(
                     *item,
                     Outcome {
@@ -856,7 +858,9 @@ impl Worker {
                 options,
                 items,
                 created,
-            } => self.proactive(*address, options, items, created).await,
+            } => {
+                Box::pin(self.proactive(*address, options, items, created)).await;
+            }
         }
     }
 
@@ -1308,5 +1312,43 @@ mod tests {
         eprintln!("{sizes:?}");
         assert!(sizes[0].1 <= 1024, "{sizes:?}");
         assert!(sizes[1].1 <= 256, "{sizes:?}");
+    }
+
+    /// A job's future is built and moved for every message, and each level of the call down
+    /// to the HTTP transport moves its callee's future by value: its size is memory written
+    /// per message. Rare paths (a token refresh, a new connection, typing, proactive) are
+    /// boxed so they do not count; a change that inlines one again fails here.
+    #[tokio::test]
+    async fn a_delivery_job_future_stays_small() {
+        let config = Config::default();
+        let channels = Arc::new(Channels::from_config(&config).expect("channels"));
+        let store: Arc<dyn Store> = Arc::new(crate::outbox::MemoryStore::new());
+        let d = Dispatcher::new(
+            channels.clone(),
+            store,
+            config.delivery.clone(),
+            Arc::new(Metrics::new()),
+        );
+        let key = ConversationKey {
+            channel_id: "webchat".into(),
+            bot_id: "bot".into(),
+            conversation: "c1".into(),
+        };
+        let mut worker = Worker::new(d.inner.clone(), key, Arc::new(Line::new(0)));
+        let req = NativeRequest {
+            method: crate::channels::HttpMethod::Post,
+            url: "http://127.0.0.1:1/v3/conversations/c1/activities".into(),
+            body: serde_json::Value::Null,
+            credential: "bot".into(),
+            rate: None,
+        };
+        let call = std::mem::size_of_val(&channels.execute("webchat", &req));
+        let job = std::mem::size_of_val(&worker.handle(Job::Deliver {
+            items: Vec::new(),
+            flush: true,
+        }));
+        eprintln!("channel call {call} B, job {job} B");
+        assert!(call <= 3072, "channel call future {call} B");
+        assert!(job <= 5120, "job future {job} B");
     }
 }
