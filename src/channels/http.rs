@@ -1,4 +1,4 @@
-//! The HTTP transport the channel clients share: a pooled HTTP/1.1 client (hyper) with HTTPS
+//! The HTTP transport the channel clients share: a pooled HTTP/1.1 client with HTTPS
 //! on the webpki roots, an `HTTPS_PROXY`/`ALL_PROXY` tunnel that honours `NO_PROXY`, one
 //! timeout for the whole call, a bound on the answer's size, and no redirects.
 //!
@@ -9,11 +9,16 @@
 //!
 //! Why not a general-purpose client (reqwest, which this replaced): per message it parsed the
 //! URL twice more, ran redirect and retry layers we switch off, and copied headers; the
-//! benchmark measured ~25% less gateway CPU per delivered message without it. Why its own pool
-//! rather than hyper-util's: that pool hashed its key byte by byte, formatted the `Host` header
-//! and boxed and moved several futures per call, ~10% of the gateway's instructions per
-//! delivered message (bench/PROFILE.md); HTTP/1.1 keep-alive needs little more than a list of
-//! idle connections per origin. Why HTTP/1.1
+//! benchmark measured ~25% less gateway CPU per delivered message without it. Why its own
+//! exchange rather than hyper's client connection: a call here is one request with a small
+//! body and one small answer, and hyper's connection ran as a task of its own, reached through
+//! a channel and answering through another, with a header map built for the request and
+//! futures boxed and moved per call: with the pool it was ~29% of the gateway's instructions
+//! per delivered message (bench/PROFILE.md). Here the call that holds a connection drives it
+//! in its own task: it writes the request in one write and parses the answer's head with
+//! `httparse` (the parser hyper uses); the body is framed by content-length, chunked coding
+//! or the connection's end (RFC 9112), and a connection is kept only after an answer read
+//! whole, with nothing after it, from a server that did not say it closes. Why HTTP/1.1
 //! only: a pool of connections lets one busy channel host take as many parallel calls as
 //! `delivery.max_concurrency` allows, where HTTP/2 would put them all on one connection under
 //! the server's stream limit (measured slower here too, bench/PROFILE.md).
@@ -27,17 +32,15 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{AUTHORIZATION, CONTENT_TYPE, HOST, HeaderValue, USER_AGENT};
-use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{HeaderMap, Method, Request, Response, Uri};
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
-use hyper::client::conn::http1;
-use hyper_rustls::HttpsConnector;
+use http::header::{CONNECTION, CONTENT_LENGTH, HeaderName, HeaderValue, TRANSFER_ENCODING};
+use http::uri::{Authority, Scheme};
+use http::{HeaderMap, Method, Uri};
+use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::connect::proxy::Tunnel;
 use hyper_util::client::proxy::matcher::Matcher;
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tower::{Service, ServiceExt};
 
@@ -148,10 +151,28 @@ pub struct Http {
     connector: HttpsConnector<Connect>,
     pool: Pool,
     timeout: Duration,
-    user_agent: HeaderValue,
 }
 
-type Sender = http1::SendRequest<Full<Bytes>>;
+const USER_AGENT: &str = concat!("channel-gateway/", env!("CARGO_PKG_VERSION"));
+
+/// An answer's status line and headers may take this much; channels send a few hundred bytes.
+const MAX_HEAD_BYTES: usize = 64 << 10;
+
+/// A chunk-size line (with its extensions) may take this much.
+const MAX_LINE_BYTES: usize = 4 << 10;
+
+type Stream = TokioIo<MaybeHttpsStream<TokioIo<TcpStream>>>;
+
+/// One HTTP/1.1 connection and its buffers, kept between calls. It is driven by the call that
+/// holds it, in that call's task: no task of its own, no channel between the caller and the
+/// connection, so an exchange costs one write, the reads of its answer and one wake-up.
+struct Conn {
+    io: Stream,
+    /// Bytes read from the server and not yet consumed.
+    buf: Vec<u8>,
+    /// The request being written.
+    out: Vec<u8>,
+}
 
 /// Where a connection goes: calls to the same origin may share it.
 #[derive(Clone)]
@@ -206,7 +227,7 @@ struct Pool {
 }
 
 struct Idle {
-    tx: Sender,
+    conn: Box<Conn>,
     since: Instant,
 }
 
@@ -217,32 +238,38 @@ impl Pool {
         self.idle.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn take(&self, origin: &Origin) -> Option<Sender> {
-        let mut idle = self.lock();
-        let list = idle.get_mut(origin)?;
-        while let Some(c) = list.pop() {
-            if !c.tx.is_closed() && c.since.elapsed() < IDLE_TIMEOUT {
-                return Some(c.tx);
+    /// The most recently used idle connection to `origin` that its server has not closed.
+    fn take(&self, origin: &Origin) -> Option<Box<Conn>> {
+        loop {
+            let mut conn = {
+                let mut idle = self.lock();
+                let list = idle.get_mut(origin)?;
+                loop {
+                    let c = list.pop()?;
+                    if c.since.elapsed() < IDLE_TIMEOUT {
+                        break c.conn;
+                    }
+                }
+            };
+            // Checked outside the lock; a closed one is dropped and the next one tried.
+            if !conn.closed_while_idle() {
+                return Some(conn);
             }
         }
-        None
     }
 
-    fn put(&self, origin: Origin, tx: Sender) {
-        if tx.is_closed() {
-            return;
-        }
+    fn put(&self, origin: Origin, conn: Box<Conn>) {
         let now = Instant::now();
         let mut idle = self.lock();
         let list = idle.entry(origin).or_default();
         // The oldest come first: those idle too long go, since their server may close them
-        // at any moment (dropping the sender ends the connection's task).
+        // at any moment.
         let stale = list
             .iter()
             .take_while(|c| now.duration_since(c.since) >= IDLE_TIMEOUT)
             .count();
         list.drain(..stale);
-        list.push(Idle { tx, since: now });
+        list.push(Idle { conn, since: now });
     }
 }
 
@@ -273,10 +300,6 @@ impl Http {
             connector: https,
             pool: Pool::default(),
             timeout,
-            user_agent: HeaderValue::from_static(concat!(
-                "channel-gateway/",
-                env!("CARGO_PKG_VERSION")
-            )),
         })
     }
 
@@ -292,108 +315,361 @@ impl Http {
         let origin = Origin::of(&uri)?;
         // On a connection of its own, a request names only its path; the host goes in `Host`
         // (without any user info, which is no business of the server's).
-        let host = origin.authority.as_str();
+        let host = uri.authority().map_or("", |a| a.as_str());
         let host = host.rsplit_once('@').map_or(host, |(_, h)| h);
-        let host = HeaderValue::from_str(host)
-            .map_err(|_| TransportError::Request("the host is not a valid header".into()))?;
-        let path = uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        let mut req = Request::builder().method(method).uri(Uri::from(path));
-        let headers = req
-            .headers_mut()
-            .ok_or_else(|| TransportError::Request("request could not be built".into()))?;
-        headers.insert(HOST, host);
-        headers.insert(USER_AGENT, self.user_agent.clone());
-        if let Some(token) = bearer {
-            let mut value = HeaderValue::try_from(format!("Bearer {token}"))
-                .map_err(|_| TransportError::Request("the token is not a valid header".into()))?;
-            value.set_sensitive(true);
-            headers.insert(AUTHORIZATION, value);
+        if let Some(token) = bearer
+            && !is_header_value(token.as_bytes())
+        {
+            return Err(TransportError::Request(
+                "the token is not a valid header".into(),
+            ));
         }
-        let body = match payload {
-            Some(p) => {
-                headers.insert(CONTENT_TYPE, HeaderValue::from_static(p.content_type));
-                Bytes::from(p.bytes)
-            }
-            None => Bytes::new(),
-        };
-        let req = req
-            .body(Full::new(body))
-            .map_err(|e| TransportError::Request(e.to_string()))?;
+        let path = uri.path_and_query().map_or("/", |p| p.as_str());
         let call = async {
-            let (resp, tx) = self.exchange(&origin, &uri, req).await?;
-            let (parts, body) = resp.into_parts();
-            let body = Limited::new(body, MAX_ANSWER_BYTES)
-                .collect()
-                .await
-                .map_err(|e| TransportError::Transport(format!("reading the answer: {e}")))?
-                .to_bytes();
+            let mut conn = match self.pool.take(&origin) {
+                Some(conn) => conn,
+                // Boxed: a new connection is the rare case, and its state (TCP, proxy, TLS:
+                // ~2.4 KB) would otherwise be part of every call's future, which each caller
+                // up to the delivery worker moves by value.
+                None => Box::pin(self.connect(&uri)).await?,
+            };
+            let out = &mut conn.out;
+            out.clear();
+            for part in [method.as_str(), " "] {
+                out.extend_from_slice(part.as_bytes());
+            }
+            if !path.starts_with('/') {
+                out.push(b'/');
+            }
+            for part in [
+                path,
+                " HTTP/1.1\r\nhost: ",
+                host,
+                "\r\nuser-agent: ",
+                USER_AGENT,
+            ] {
+                out.extend_from_slice(part.as_bytes());
+            }
+            if let Some(token) = bearer {
+                for part in ["\r\nauthorization: Bearer ", token] {
+                    out.extend_from_slice(part.as_bytes());
+                }
+            }
+            let body = payload.as_ref().map_or(&[][..], |p| &p.bytes[..]);
+            if let Some(p) = &payload {
+                for part in ["\r\ncontent-type: ", p.content_type] {
+                    out.extend_from_slice(part.as_bytes());
+                }
+            }
+            if payload.is_some() || matches!(method, Method::POST | Method::PUT) {
+                out.extend_from_slice(b"\r\ncontent-length: ");
+                push_decimal(out, body.len());
+            }
+            out.extend_from_slice(b"\r\n\r\n");
+            out.extend_from_slice(body);
+            let (answer, reusable) = conn.exchange().await?;
             // Only a connection whose answer was read to the end can carry the next call.
-            self.pool.put(origin, tx);
-            Ok(Answer {
-                status: parts.status.as_u16(),
-                headers: parts.headers,
-                body,
-            })
+            if reusable {
+                self.pool.put(origin, conn);
+            }
+            Ok(answer)
         };
         tokio::time::timeout(self.timeout, call)
             .await
             .map_err(|_| TransportError::Timeout(self.timeout))?
     }
 
-    /// Sends the request on an idle connection to its origin, or a new one. A request that an
-    /// idle connection could not take (its server closed it meanwhile) never left, and goes on
-    /// the next connection; the loop ends at the latest with a new connection.
-    async fn exchange(
-        &self,
-        origin: &Origin,
-        uri: &Uri,
-        mut req: Request<Full<Bytes>>,
-    ) -> Result<(Response<Incoming>, Sender), TransportError> {
-        loop {
-            let (mut tx, pooled) = match self.pool.take(origin) {
-                Some(tx) => (tx, true),
-                // Boxed: a new connection is the rare case, and its state (TCP, proxy, TLS,
-                // handshake: ~2.4 KB) would otherwise be part of every call's future, which
-                // each caller up to the delivery worker moves by value.
-                None => (Box::pin(self.connect(uri)).await?, false),
-            };
-            if let Err(e) = tx.ready().await {
-                if pooled {
-                    continue;
-                }
-                return Err(TransportError::Connect(chain(&e)));
-            }
-            match tx.try_send_request(req).await {
-                Ok(resp) => return Ok((resp, tx)),
-                Err(mut e) => match e.take_message() {
-                    Some(unsent) if pooled => req = unsent,
-                    Some(_) => return Err(TransportError::Connect(chain(e.error()))),
-                    None => return Err(TransportError::Transport(chain(e.error()))),
-                },
-            }
-        }
-    }
-
-    /// A new connection (TCP, a proxy tunnel, TLS), its HTTP/1.1 task spawned. Its errors show
-    /// on the calls it carries, so the task's own result is dropped.
-    async fn connect(&self, uri: &Uri) -> Result<Sender, TransportError> {
+    /// A new connection (TCP, a proxy tunnel, TLS).
+    async fn connect(&self, uri: &Uri) -> Result<Box<Conn>, TransportError> {
         let io = self
             .connector
             .clone()
             .oneshot(uri.clone())
             .await
             .map_err(|e| TransportError::Connect(chain(&*e)))?;
-        let (tx, conn) = http1::handshake(io)
-            .await
-            .map_err(|e| TransportError::Connect(chain(&e)))?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        Ok(tx)
+        Ok(Box::new(Conn {
+            io: TokioIo::new(io),
+            buf: Vec::with_capacity(READ_CHUNK),
+            out: Vec::new(),
+        }))
     }
+}
+
+/// What a read asks the socket for at least: an answer from a channel fits in one.
+const READ_CHUNK: usize = 4 << 10;
+
+/// How an answer's body ends (RFC 9112, section 6.3).
+enum Framing {
+    None,
+    Length(usize),
+    Chunked,
+    /// Until the server closes the connection, which then carries nothing more.
+    Close,
+}
+
+/// An answer's status line and headers, parsed.
+struct Head {
+    /// The bytes it took.
+    len: usize,
+    status: u16,
+    headers: HeaderMap,
+    framing: Framing,
+    /// The server keeps the connection open after this answer.
+    keep_alive: bool,
+}
+
+fn broken(what: &str) -> TransportError {
+    TransportError::Transport(format!("the answer is not valid HTTP/1.1: {what}"))
+}
+
+impl Conn {
+    /// Whether the server closed this idle connection (or sent something unasked). Polled once
+    /// with a waker that does nothing: a connection still open has nothing to read.
+    fn closed_while_idle(&mut self) -> bool {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut byte = [0u8; 1];
+        let mut read = tokio::io::ReadBuf::new(&mut byte);
+        !matches!(
+            Pin::new(&mut self.io).poll_read(&mut cx, &mut read),
+            Poll::Pending
+        )
+    }
+
+    /// Reads more of the answer; 0 when the server closed the connection.
+    async fn fill(&mut self) -> Result<usize, TransportError> {
+        if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
+            self.buf.reserve(READ_CHUNK);
+        }
+        self.io
+            .read_buf(&mut self.buf)
+            .await
+            .map_err(|e| TransportError::Transport(format!("reading the answer: {e}")))
+    }
+
+    /// Like `fill`, where the answer cannot end yet.
+    async fn more(&mut self, what: &str) -> Result<(), TransportError> {
+        if self.fill().await? == 0 {
+            return Err(TransportError::Transport(format!(
+                "the connection closed before {what}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Writes the request in `out` and reads its whole answer; also says whether the
+    /// connection can carry another call.
+    async fn exchange(&mut self) -> Result<(Answer, bool), TransportError> {
+        self.io
+            .write_all(&self.out)
+            .await
+            .map_err(|e| TransportError::Transport(format!("writing the request: {e}")))?;
+        self.io
+            .flush()
+            .await
+            .map_err(|e| TransportError::Transport(format!("writing the request: {e}")))?;
+        self.buf.clear();
+        let head = loop {
+            match parse_head(&self.buf)? {
+                // An interim answer (100 Continue, 103 Early Hints): the real one follows.
+                Some(head) if (100..200).contains(&head.status) && head.status != 101 => {
+                    self.buf.drain(..head.len);
+                }
+                Some(head) => break head,
+                None if self.buf.len() > MAX_HEAD_BYTES => {
+                    return Err(broken("its head is over 64 KiB"));
+                }
+                None => self.more("an answer came").await?,
+            }
+        };
+        if head.status == 101 {
+            return Err(broken("it switches protocols, which was not asked for"));
+        }
+        let mut at = head.len;
+        let mut keep_alive = head.keep_alive;
+        let body = match head.framing {
+            Framing::None => Bytes::new(),
+            Framing::Length(n) => {
+                if n > MAX_ANSWER_BYTES {
+                    return Err(too_big());
+                }
+                while self.buf.len() < at + n {
+                    self.more("the whole answer came").await?;
+                }
+                at += n;
+                Bytes::copy_from_slice(&self.buf[head.len..at])
+            }
+            Framing::Close => {
+                keep_alive = false;
+                while self.fill().await? > 0 {
+                    if self.buf.len() - at > MAX_ANSWER_BYTES {
+                        return Err(too_big());
+                    }
+                }
+                let body = Bytes::copy_from_slice(&self.buf[at..]);
+                at = self.buf.len();
+                body
+            }
+            Framing::Chunked => self.chunked(&mut at).await?,
+        };
+        // Bytes after the answer were never asked for: the connection is out of step.
+        let reusable = keep_alive && self.buf.len() == at;
+        self.buf.clear();
+        Ok((
+            Answer {
+                status: head.status,
+                headers: head.headers,
+                body,
+            },
+            reusable,
+        ))
+    }
+
+    /// A chunked body from `at`, decoded; `at` ends after its trailers.
+    async fn chunked(&mut self, at: &mut usize) -> Result<Bytes, TransportError> {
+        let mut body = Vec::new();
+        loop {
+            let end = self.line(*at).await?;
+            let size = chunk_size(&self.buf[*at..end])?;
+            *at = end + 2;
+            if size == 0 {
+                // Trailers, which nothing here reads, up to an empty line.
+                loop {
+                    let end = self.line(*at).await?;
+                    let empty = end == *at;
+                    *at = end + 2;
+                    if empty {
+                        return Ok(Bytes::from(body));
+                    }
+                }
+            }
+            if body.len() + size > MAX_ANSWER_BYTES {
+                return Err(too_big());
+            }
+            while self.buf.len() < *at + size + 2 {
+                self.more("the whole answer came").await?;
+            }
+            body.extend_from_slice(&self.buf[*at..*at + size]);
+            if self.buf[*at + size..*at + size + 2] != *b"\r\n" {
+                return Err(broken("a chunk does not end where its size says"));
+            }
+            *at += size + 2;
+        }
+    }
+
+    /// Where the line that starts at `at` ends (its CRLF), reading as needed.
+    async fn line(&mut self, at: usize) -> Result<usize, TransportError> {
+        loop {
+            if let Some(i) = self.buf[at..].windows(2).position(|w| w == b"\r\n") {
+                return Ok(at + i);
+            }
+            if self.buf.len() - at > MAX_LINE_BYTES {
+                return Err(broken("a chunk line is over 4 KiB"));
+            }
+            self.more("the whole answer came").await?;
+        }
+    }
+}
+
+fn too_big() -> TransportError {
+    TransportError::Transport(format!(
+        "reading the answer: it is over {MAX_ANSWER_BYTES} bytes"
+    ))
+}
+
+/// A chunk-size line's size (hex digits, then optional `;` extensions).
+fn chunk_size(line: &[u8]) -> Result<usize, TransportError> {
+    let digits = line.split(|&b| b == b';').next().unwrap_or_default();
+    let digits = digits.trim_ascii();
+    if digits.is_empty() || digits.len() > 15 || !digits.iter().all(u8::is_ascii_hexdigit) {
+        return Err(broken("a chunk size is not a hex number"));
+    }
+    // Checked above: up to 15 hex digits, which fit.
+    Ok(digits.iter().fold(0usize, |n, &d| {
+        (n << 4) | (d as char).to_digit(16).unwrap_or(0) as usize
+    }))
+}
+
+/// The head at the start of `buf`, or `None` while it is incomplete.
+fn parse_head(buf: &[u8]) -> Result<Option<Head>, TransportError> {
+    let mut slots = [httparse::EMPTY_HEADER; 64];
+    let mut parsed = httparse::Response::new(&mut slots);
+    let len = match parsed.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(broken(&e.to_string())),
+    };
+    let status = parsed.code.unwrap_or_default();
+    let mut headers = HeaderMap::with_capacity(parsed.headers.len());
+    let mut length: Option<usize> = None;
+    let mut chunked = None;
+    let mut close = parsed.version != Some(1);
+    for h in parsed.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes())
+            .map_err(|_| broken("a header name is not valid"))?;
+        let value =
+            HeaderValue::from_bytes(h.value).map_err(|_| broken("a header value is not valid"))?;
+        if name == CONTENT_LENGTH {
+            let n = std::str::from_utf8(h.value)
+                .ok()
+                .map(str::trim)
+                .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|v| v.parse::<usize>().ok())
+                .ok_or_else(|| broken("its content-length is not a number"))?;
+            if length.is_some_and(|l| l != n) {
+                return Err(broken("it has two different content-lengths"));
+            }
+            length = Some(n);
+        } else if name == TRANSFER_ENCODING {
+            // Only the last coding says how the body ends.
+            let last = h.value.rsplit(|&b| b == b',').next().unwrap_or_default();
+            chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        } else if name == CONNECTION {
+            close |= h
+                .value
+                .split(|&b| b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
+        }
+        headers.append(name, value);
+    }
+    let framing = if status == 204 || status == 304 || (100..200).contains(&status) {
+        Framing::None
+    } else {
+        match (chunked, length) {
+            (Some(true), _) => Framing::Chunked,
+            // A coding that is not chunked last: the body runs to the connection's end.
+            (Some(false), _) => Framing::Close,
+            (None, Some(0)) => Framing::None,
+            (None, Some(n)) => Framing::Length(n),
+            (None, None) => Framing::Close,
+        }
+    };
+    Ok(Some(Head {
+        len,
+        status,
+        headers,
+        framing,
+        keep_alive: !close,
+    }))
+}
+
+/// A header value's bytes as RFC 9110 allows them: visible characters, spaces and tabs (no
+/// line breaks, which would end the header early).
+fn is_header_value(v: &[u8]) -> bool {
+    v.iter().all(|&b| (b >= 0x20 && b != 0x7f) || b == b'\t')
+}
+
+fn push_decimal(out: &mut Vec<u8>, mut n: usize) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
 }
 
 /// A request URL as the transport takes it. Its text is left out of the error: a URL may carry
@@ -893,6 +1169,155 @@ mod tests {
         let http = Http::new(Duration::from_secs(5)).unwrap();
         let e = http
             .send(Method::GET, Uri::from_static("/only/a/path"), None, None)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, TransportError::Request(_)), "{e:?}");
+    }
+
+    /// A server that answers each request it reads with the next of `script`, across the
+    /// connections it accepts; an entry marked `true` closes its connection after its answer.
+    /// Returns its base URL and the number of connections accepted so far.
+    async fn scripted_server(
+        script: Vec<(&'static [u8], bool)>,
+    ) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let script = Arc::new(Mutex::new(std::collections::VecDeque::from(script)));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = listener.accept().await.unwrap();
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let script = script.clone();
+                tokio::spawn(async move {
+                    let mut got = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    loop {
+                        // A whole request: its head, then as many bytes as it says.
+                        let end = loop {
+                            let text = String::from_utf8_lossy(&got).to_string();
+                            if let Some(head) = text.find("\r\n\r\n") {
+                                let len = text[..head]
+                                    .lines()
+                                    .find_map(|l| l.strip_prefix("content-length: "))
+                                    .map_or(0, |v| v.trim().parse::<usize>().unwrap());
+                                if got.len() >= head + 4 + len {
+                                    break head + 4 + len;
+                                }
+                            }
+                            let n = s.read(&mut buf).await.unwrap_or(0);
+                            if n == 0 {
+                                return;
+                            }
+                            got.extend_from_slice(&buf[..n]);
+                        };
+                        got.drain(..end);
+                        let next = script.lock().unwrap().pop_front();
+                        let Some((answer, close)) = next else { return };
+                        s.write_all(answer).await.unwrap();
+                        if close {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (format!("http://{addr}"), accepted)
+    }
+
+    #[tokio::test]
+    async fn interim_and_chunked_answers_are_read_whole_and_keep_the_connection() {
+        let (base, accepted) = scripted_server(vec![
+            (
+                b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n4;x=1\r\n{\"id\r\n6\r\n\":\"a\"}\r\n0\r\nx-trailer: 1\r\n\r\n",
+                false,
+            ),
+            (b"HTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\nok", false),
+        ])
+        .await;
+        let http = Http::new(Duration::from_secs(5)).unwrap();
+        let url = format!("{base}/");
+        let first = call(&http, Method::POST, &url).await.unwrap();
+        assert_eq!(
+            (first.status, first.text().as_ref()),
+            (200, "{\"id\":\"a\"}")
+        );
+        let second = call(&http, Method::POST, &url).await.unwrap();
+        assert_eq!((second.status, second.text().as_ref()), (201, "ok"));
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_not_reused_after_close_extra_bytes_or_a_body_to_the_end() {
+        let (base, accepted) = scripted_server(vec![
+            // The server says it closes (and keeps the socket open: the header decides).
+            (
+                b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 1\r\n\r\na",
+                false,
+            ),
+            // Bytes after the answer: the connection is out of step.
+            (b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\nbEXTRA", false),
+            // No length: the body runs to the connection's end.
+            (b"HTTP/1.1 200 OK\r\n\r\nuntil the end", true),
+            (b"HTTP/1.0 200 OK\r\ncontent-length: 1\r\n\r\nd", false),
+            (b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\ne", false),
+        ])
+        .await;
+        let http = Http::new(Duration::from_secs(5)).unwrap();
+        let url = format!("{base}/");
+        let mut bodies = Vec::new();
+        for _ in 0..5 {
+            bodies.push(
+                call(&http, Method::GET, &url)
+                    .await
+                    .unwrap()
+                    .text()
+                    .to_string(),
+            );
+        }
+        assert_eq!(bodies, ["a", "b", "until the end", "d", "e"]);
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 5);
+    }
+
+    #[tokio::test]
+    async fn a_malformed_answer_is_a_transport_error_that_may_have_arrived() {
+        for answer in [
+            &b"HTTP/1.1 200 OK\r\ncontent-length: 1x\r\n\r\na"[..],
+            b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\nab",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nabc\r\n0\r\n\r\n",
+            b"HTTP/1.1 101 Switching Protocols\r\nupgrade: h2c\r\n\r\n",
+            b"NOT HTTP\r\n\r\n",
+        ] {
+            let (base, server) = serve_once(answer).await;
+            let http = Http::new(Duration::from_secs(5)).unwrap();
+            let e = call(&http, Method::POST, &format!("{base}/"))
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(e, TransportError::Transport(_)) && e.may_have_reached(),
+                "{answer:?}: {e:?}"
+            );
+            server.await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_token_that_would_break_the_header_is_refused_before_connecting() {
+        // Nothing listens there: a connection attempt would fail as `Connect`.
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let http = Http::new(Duration::from_secs(5)).unwrap();
+        let e = http
+            .send(
+                Method::POST,
+                parse_uri(&format!("http://127.0.0.1:{port}/")).unwrap(),
+                Some("tok\r\nx-injected: 1"),
+                None,
+            )
             .await
             .unwrap_err();
         assert!(matches!(e, TransportError::Request(_)), "{e:?}");
