@@ -109,13 +109,15 @@ impl TokenSlot {
 pub struct BotFrameworkClient {
     http: Http,
     config: BotFrameworkConfig,
-    credentials: HashMap<String, Secret>,
-    tokens: HashMap<String, Arc<TokenSlot>>,
+    // foldhash (seeded per process) for these keys from the configuration: every activity
+    // call looked its bot up in both with SipHash.
+    credentials: HashMap<String, Secret, foldhash::fast::RandomState>,
+    tokens: HashMap<String, Arc<TokenSlot>, foldhash::fast::RandomState>,
     token_fetches: std::sync::atomic::AtomicU64,
     /// Service URLs already found allowed. A bot talks to a handful of them, and the accept
     /// path checked every message's by parsing it (~2% of the instructions per message).
     /// Bounded: emptied when full. Only allowed URLs are kept, so a refusal is always fresh.
-    allowed_seen: std::sync::Mutex<std::collections::HashSet<String>>,
+    allowed_seen: std::sync::Mutex<std::collections::HashSet<String, foldhash::fast::RandomState>>,
 }
 
 /// How many allowed service URLs a client remembers before it starts over.
@@ -124,7 +126,7 @@ const ALLOWED_SEEN_MAX: usize = 1024;
 impl BotFrameworkClient {
     pub fn new(config: BotFrameworkConfig, request_timeout: Duration) -> Result<Self, String> {
         let http = Http::new(request_timeout)?;
-        let credentials: HashMap<String, Secret> = config.credentials().into_iter().collect();
+        let credentials: HashMap<String, Secret, _> = config.credentials().into_iter().collect();
         let tokens = credentials
             .keys()
             .map(|k| (k.clone(), Arc::new(TokenSlot::default())))
@@ -156,7 +158,10 @@ impl BotFrameworkClient {
         refusal
     }
 
-    fn allowed_seen(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+    fn allowed_seen(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashSet<String, foldhash::fast::RandomState>>
+    {
         // The set only gains or loses whole entries: a panic elsewhere cannot leave it
         // half-changed, so recover the guard.
         self.allowed_seen.lock().unwrap_or_else(|p| p.into_inner())
