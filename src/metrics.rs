@@ -75,6 +75,20 @@ pub struct Metrics {
     ready: AtomicBool,
     /// Set once the outbox refused writes for good: not ready until a restart.
     outbox_failed: AtomicBool,
+    /// The series every delivered message touches, for each built-in channel id (in
+    /// `known_channels` order), taken from the families on first use: `get_or_create` takes a
+    /// lock and hashes its label set with SipHash, three times per message (~1% of the
+    /// instructions per delivered message). A metric's clone shares its value. Ids added in
+    /// configuration go through the families.
+    hot: Box<[std::sync::OnceLock<Hot>]>,
+}
+
+#[derive(Clone)]
+struct Hot {
+    accepted: Counter,
+    delivered: Counter,
+    delivery_latency: Histogram,
+    request_ok: Histogram,
 }
 
 impl Default for Metrics {
@@ -159,7 +173,32 @@ impl Metrics {
             token_refreshes,
             ready: AtomicBool::new(false),
             outbox_failed: AtomicBool::new(false),
+            hot: known_channels().map(|_| Default::default()).collect(),
         }
+    }
+
+    /// Runs `f` on the hot series of `channel` if it is a built-in id; false otherwise.
+    fn with_hot(&self, channel: &str, f: impl FnOnce(&Hot)) -> bool {
+        let Some(i) = known_channels().position(|k| k == channel) else {
+            return false;
+        };
+        let Some(slot) = self.hot.get(i) else {
+            return false;
+        };
+        f(slot.get_or_init(|| {
+            let outcome = |o: &'static str| OutcomeLabels {
+                channel: channel_label(channel),
+                outcome: Cow::Borrowed(o),
+            };
+            let ch = Self::ch(channel);
+            Hot {
+                accepted: self.accepted.get_or_create(&ch).clone(),
+                delivered: self.finished.get_or_create(&outcome("delivered")).clone(),
+                delivery_latency: self.delivery_latency.get_or_create(&ch).clone(),
+                request_ok: self.request_latency.get_or_create(&outcome("ok")).clone(),
+            }
+        }));
+        true
     }
 
     fn ch(channel: &str) -> ChannelLabel {
@@ -169,10 +208,24 @@ impl Metrics {
     }
 
     pub fn accepted(&self, channel: &str, n: u64) {
-        self.accepted.get_or_create(&Self::ch(channel)).inc_by(n);
+        if !self.with_hot(channel, |h| {
+            h.accepted.inc_by(n);
+        }) {
+            self.accepted.get_or_create(&Self::ch(channel)).inc_by(n);
+        }
     }
 
     pub fn finished(&self, channel: &str, outcome: &'static str, since_accept: Option<Duration>) {
+        if outcome == "delivered"
+            && self.with_hot(channel, |h| {
+                h.delivered.inc();
+                if let Some(d) = since_accept {
+                    h.delivery_latency.observe(d.as_secs_f64());
+                }
+            })
+        {
+            return;
+        }
         self.finished
             .get_or_create(&OutcomeLabels {
                 channel: channel_label(channel),
@@ -191,6 +244,13 @@ impl Metrics {
     }
 
     pub fn request(&self, channel: &str, ok: bool, took: Duration) {
+        if ok
+            && self.with_hot(channel, |h| {
+                h.request_ok.observe(took.as_secs_f64());
+            })
+        {
+            return;
+        }
         self.request_latency
             .get_or_create(&OutcomeLabels {
                 channel: channel_label(channel),
@@ -303,6 +363,41 @@ mod tests {
             text.contains(r#"channel="line",outcome="delivered"} 2"#),
             "{text}"
         );
+    }
+
+    /// Built-in ids count through the cached series, configured ones through the families:
+    /// both must land in the same exposed series.
+    #[test]
+    fn cached_and_family_series_expose_the_same_counts() {
+        let m = Metrics::new();
+        for channel in ["msteams", "line"] {
+            m.accepted(channel, 3);
+            m.finished(channel, "delivered", Some(Duration::from_millis(5)));
+            m.finished(channel, "delivered", None);
+            m.finished(channel, "failed", None);
+            m.request(channel, true, Duration::from_millis(2));
+            m.request(channel, true, Duration::from_millis(2));
+            m.request(channel, false, Duration::from_millis(2));
+        }
+        let text = m.encode();
+        for channel in ["msteams", "line"] {
+            for line in [
+                format!(r#"channel_gateway_messages_accepted_total{{channel="{channel}"}} 3"#),
+                format!(r#"{{channel="{channel}",outcome="delivered"}} 2"#),
+                format!(r#"{{channel="{channel}",outcome="failed"}} 1"#),
+                format!(
+                    r#"channel_gateway_delivery_latency_seconds_count{{channel="{channel}"}} 1"#
+                ),
+                format!(
+                    r#"channel_gateway_channel_request_duration_seconds_count{{channel="{channel}",outcome="ok"}} 2"#
+                ),
+                format!(
+                    r#"channel_gateway_channel_request_duration_seconds_count{{channel="{channel}",outcome="error"}} 1"#
+                ),
+            ] {
+                assert!(text.contains(&line), "{line} missing in\n{text}");
+            }
+        }
     }
 
     #[tokio::test]
