@@ -147,18 +147,9 @@ fn encode_state(s: &StateRecord) -> Result<Vec<u8>, StoreError> {
     Ok(out)
 }
 
-fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[i..]);
+fn push_decimal(out: &mut Vec<u8>, n: u64) {
+    // itoa writes two digits per step from a table, as serde_json does.
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
 }
 
 pub(super) fn decode(id: u64, body: &[u8], state: &[u8]) -> Result<StoredMessage, StoreError> {
