@@ -1284,15 +1284,14 @@ mod tests {
     use super::*;
     use crate::config::Config;
 
-    /// What an active conversation holds while idle: its registry entry, its line and its
-    /// worker's task. Bounded so a change that bloats them fails here, not in a benchmark.
-    #[tokio::test]
-    async fn an_idle_conversation_stays_small() {
+    /// A worker for one webchat conversation of a dispatcher on the default configuration,
+    /// never started, and the dispatcher's channels.
+    fn idle_worker() -> (Arc<Channels>, Worker) {
         let config = Config::default();
         let channels = Arc::new(Channels::from_config(&config).expect("channels"));
         let store: Arc<dyn Store> = Arc::new(crate::outbox::MemoryStore::new());
         let d = Dispatcher::new(
-            channels,
+            channels.clone(),
             store,
             config.delivery.clone(),
             Arc::new(Metrics::new()),
@@ -1303,6 +1302,14 @@ mod tests {
             conversation: "c1".into(),
         };
         let worker = Worker::new(d.inner.clone(), key, Arc::new(Line::new(0)));
+        (channels, worker)
+    }
+
+    /// What an active conversation holds while idle: its registry entry, its line and its
+    /// worker's task. Bounded so a change that bloats them fails here, not in a benchmark.
+    #[tokio::test]
+    async fn an_idle_conversation_stays_small() {
+        let (_, worker) = idle_worker();
         let run = worker.run();
         let sizes = [
             ("worker future", std::mem::size_of_val(&run)),
@@ -1320,21 +1327,7 @@ mod tests {
     /// boxed so they do not count; a change that inlines one again fails here.
     #[tokio::test]
     async fn a_delivery_job_future_stays_small() {
-        let config = Config::default();
-        let channels = Arc::new(Channels::from_config(&config).expect("channels"));
-        let store: Arc<dyn Store> = Arc::new(crate::outbox::MemoryStore::new());
-        let d = Dispatcher::new(
-            channels.clone(),
-            store,
-            config.delivery.clone(),
-            Arc::new(Metrics::new()),
-        );
-        let key = ConversationKey {
-            channel_id: "webchat".into(),
-            bot_id: "bot".into(),
-            conversation: "c1".into(),
-        };
-        let mut worker = Worker::new(d.inner.clone(), key, Arc::new(Line::new(0)));
+        let (channels, mut worker) = idle_worker();
         let req = NativeRequest {
             method: crate::channels::HttpMethod::Post,
             url: "http://127.0.0.1:1/v3/conversations/c1/activities".into(),
