@@ -374,7 +374,7 @@ impl Http {
             }
             out.extend_from_slice(b"\r\n\r\n");
             out.extend_from_slice(body);
-            let (answer, reusable) = conn.exchange().await?;
+            let (answer, reusable) = conn.exchange(method == Method::HEAD).await?;
             // Only a connection whose answer was read to the end can carry the next call.
             if reusable {
                 self.pool.put(origin, conn);
@@ -463,9 +463,9 @@ impl Conn {
         Ok(())
     }
 
-    /// Writes the request in `out` and reads its whole answer; also says whether the
-    /// connection can carry another call.
-    async fn exchange(&mut self) -> Result<(Answer, bool), TransportError> {
+    /// Writes the request in `out` and reads its whole answer (`head_only` for a HEAD
+    /// request); also says whether the connection can carry another call.
+    async fn exchange(&mut self, head_only: bool) -> Result<(Answer, bool), TransportError> {
         self.io
             .write_all(&self.out)
             .await
@@ -493,7 +493,13 @@ impl Conn {
         }
         let mut at = head.len;
         let mut keep_alive = head.keep_alive;
-        let body = match head.framing {
+        // The answer to HEAD has no body, whatever its length headers say.
+        let framing = if head_only {
+            Framing::None
+        } else {
+            head.framing
+        };
+        let body = match framing {
             Framing::None => Bytes::new(),
             Framing::Length(n) => {
                 if n > MAX_ANSWER_BYTES {
@@ -1053,6 +1059,30 @@ mod tests {
         assert_eq!(got.first(), Some(&0x16), "{got:?}");
     }
 
+    /// Reads one whole request from `s` (its head, then as many bytes as its content-length
+    /// says), keeping what follows in `got`; its head, or `None` once the client closed.
+    async fn read_request(s: &mut TcpStream, got: &mut Vec<u8>) -> Option<String> {
+        let mut buf = [0u8; 4096];
+        loop {
+            if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&got[..end]).to_string();
+                let len = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length: "))
+                    .map_or(0, |v| v.trim().parse::<usize>().unwrap());
+                if got.len() >= end + 4 + len {
+                    got.drain(..end + 4 + len);
+                    return Some(head);
+                }
+            }
+            let n = s.read(&mut buf).await.unwrap_or(0);
+            if n == 0 {
+                return None;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+    }
+
     /// A keep-alive server: answers `per_connection` requests on each connection it accepts,
     /// then closes it. Returns its base URL, the number of connections accepted so far and the
     /// request heads it read, in order.
@@ -1075,19 +1105,9 @@ mod tests {
                 let seen = seen.clone();
                 tokio::spawn(async move {
                     let mut got = Vec::new();
-                    let mut buf = [0u8; 4096];
                     for _ in 0..per_connection {
-                        let head = loop {
-                            if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
-                                let head = String::from_utf8_lossy(&got[..end]).to_string();
-                                got.drain(..end + 4);
-                                break head;
-                            }
-                            let n = s.read(&mut buf).await.unwrap_or(0);
-                            if n == 0 {
-                                return;
-                            }
-                            got.extend_from_slice(&buf[..n]);
+                        let Some(head) = read_request(&mut s, &mut got).await else {
+                            return;
                         };
                         seen.lock().unwrap().push(head);
                         s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
@@ -1185,27 +1205,7 @@ mod tests {
                 let script = script.clone();
                 tokio::spawn(async move {
                     let mut got = Vec::new();
-                    let mut buf = [0u8; 4096];
-                    loop {
-                        // A whole request: its head, then as many bytes as it says.
-                        let end = loop {
-                            let text = String::from_utf8_lossy(&got).to_string();
-                            if let Some(head) = text.find("\r\n\r\n") {
-                                let len = text[..head]
-                                    .lines()
-                                    .find_map(|l| l.strip_prefix("content-length: "))
-                                    .map_or(0, |v| v.trim().parse::<usize>().unwrap());
-                                if got.len() >= head + 4 + len {
-                                    break head + 4 + len;
-                                }
-                            }
-                            let n = s.read(&mut buf).await.unwrap_or(0);
-                            if n == 0 {
-                                return;
-                            }
-                            got.extend_from_slice(&buf[..n]);
-                        };
-                        got.drain(..end);
+                    while read_request(&mut s, &mut got).await.is_some() {
                         let next = script.lock().unwrap().pop_front();
                         let Some((answer, close)) = next else { return };
                         s.write_all(answer).await.unwrap();
@@ -1227,6 +1227,9 @@ mod tests {
                 false,
             ),
             (b"HTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\nok", false),
+            // The answer to HEAD names a length and has no body.
+            (b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n", false),
+            (b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nlast", false),
         ])
         .await;
         let http = Http::new(Duration::from_secs(5)).unwrap();
@@ -1238,6 +1241,10 @@ mod tests {
         );
         let second = call(&http, Method::POST, &url).await.unwrap();
         assert_eq!((second.status, second.text().as_ref()), (201, "ok"));
+        let head = call(&http, Method::HEAD, &url).await.unwrap();
+        assert_eq!((head.status, head.text().as_ref()), (200, ""));
+        let last = call(&http, Method::GET, &url).await.unwrap();
+        assert_eq!(last.text(), "last");
         assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 
