@@ -748,7 +748,48 @@ mod tests {
 
     /// One call without a token or a body.
     async fn call(http: &Http, method: Method, url: &str) -> Result<Answer, TransportError> {
-        http.send(method, parse_uri(url).unwrap(), None, None).await
+        call_with_token(http, method, url, None).await
+    }
+
+    /// One call without a body, with a bearer token if given.
+    async fn call_with_token(
+        http: &Http,
+        method: Method,
+        url: &str,
+        token: Option<&str>,
+    ) -> Result<Answer, TransportError> {
+        http.send(method, parse_uri(url).unwrap(), token, None)
+            .await
+    }
+
+    /// A port on this machine that nothing listens on: it was bound and released.
+    fn unused_port() -> u16 {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    }
+
+    /// Reads one whole request from `s` (its head, then as many bytes as its content-length
+    /// says), keeping what follows in `got`; the request as text, or `None` once the client
+    /// closed before sending a whole one.
+    async fn read_request(s: &mut TcpStream, got: &mut Vec<u8>) -> Option<String> {
+        let mut buf = [0u8; 4096];
+        loop {
+            if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                let len = String::from_utf8_lossy(&got[..end])
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length: ").map(str::to_string))
+                    .map_or(0, |v| v.trim().parse::<usize>().unwrap());
+                if got.len() >= end + 4 + len {
+                    let request: Vec<u8> = got.drain(..end + 4 + len).collect();
+                    return Some(String::from_utf8_lossy(&request).to_string());
+                }
+            }
+            let n = s.read(&mut buf).await.unwrap_or(0);
+            if n == 0 {
+                return None;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
     }
 
     /// A one-shot HTTP server: returns the request it read and answers with `answer`.
@@ -757,28 +798,9 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let task = tokio::spawn(async move {
             let (mut s, _) = listener.accept().await.unwrap();
-            let mut buf = vec![0u8; 65536];
-            let mut got = Vec::new();
-            loop {
-                let n = s.read(&mut buf).await.unwrap();
-                got.extend_from_slice(&buf[..n]);
-                let text = String::from_utf8_lossy(&got).to_string();
-                if let Some(head_end) = text.find("\r\n\r\n") {
-                    let len = text
-                        .lines()
-                        .find_map(|l| l.strip_prefix("content-length: "))
-                        .and_then(|v| v.trim().parse::<usize>().ok())
-                        .unwrap_or(0);
-                    if got.len() >= head_end + 4 + len {
-                        break;
-                    }
-                }
-                if n == 0 {
-                    break;
-                }
-            }
+            let seen = read_request(&mut s, &mut Vec::new()).await;
             s.write_all(answer).await.unwrap();
-            String::from_utf8_lossy(&got).to_string()
+            seen.unwrap_or_default()
         });
         (format!("http://{addr}"), task)
     }
@@ -820,13 +842,7 @@ mod tests {
         )
         .await;
         let http = Http::new(Duration::from_secs(5)).unwrap();
-        let answer = http
-            .send(
-                Method::GET,
-                parse_uri(&format!("{base}/")).unwrap(),
-                Some("tok"),
-                None,
-            )
+        let answer = call_with_token(&http, Method::GET, &format!("{base}/"), Some("tok"))
             .await
             .unwrap();
         assert_eq!(answer.status, 302);
@@ -837,10 +853,7 @@ mod tests {
     async fn failures_say_whether_the_request_can_have_arrived() {
         let http = Http::new(Duration::from_millis(300)).unwrap();
         // Nothing listens on a port just released: the request never left.
-        let port = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap().port()
-        };
+        let port = unused_port();
         let e = call(&http, Method::POST, &format!("http://127.0.0.1:{port}/"))
             .await
             .unwrap_err();
@@ -1059,33 +1072,9 @@ mod tests {
         assert_eq!(got.first(), Some(&0x16), "{got:?}");
     }
 
-    /// Reads one whole request from `s` (its head, then as many bytes as its content-length
-    /// says), keeping what follows in `got`; its head, or `None` once the client closed.
-    async fn read_request(s: &mut TcpStream, got: &mut Vec<u8>) -> Option<String> {
-        let mut buf = [0u8; 4096];
-        loop {
-            if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
-                let head = String::from_utf8_lossy(&got[..end]).to_string();
-                let len = head
-                    .lines()
-                    .find_map(|l| l.strip_prefix("content-length: "))
-                    .map_or(0, |v| v.trim().parse::<usize>().unwrap());
-                if got.len() >= end + 4 + len {
-                    got.drain(..end + 4 + len);
-                    return Some(head);
-                }
-            }
-            let n = s.read(&mut buf).await.unwrap_or(0);
-            if n == 0 {
-                return None;
-            }
-            got.extend_from_slice(&buf[..n]);
-        }
-    }
-
     /// A keep-alive server: answers `per_connection` requests on each connection it accepts,
     /// then closes it. Returns its base URL, the number of connections accepted so far and the
-    /// request heads it read, in order.
+    /// requests it read, in order.
     async fn keep_alive_server(
         per_connection: usize,
     ) -> (
@@ -1306,20 +1295,16 @@ mod tests {
     #[tokio::test]
     async fn a_token_that_would_break_the_header_is_refused_before_connecting() {
         // Nothing listens there: a connection attempt would fail as `Connect`.
-        let port = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap().port()
-        };
+        let port = unused_port();
         let http = Http::new(Duration::from_secs(5)).unwrap();
-        let e = http
-            .send(
-                Method::POST,
-                parse_uri(&format!("http://127.0.0.1:{port}/")).unwrap(),
-                Some("tok\r\nx-injected: 1"),
-                None,
-            )
-            .await
-            .unwrap_err();
+        let e = call_with_token(
+            &http,
+            Method::POST,
+            &format!("http://127.0.0.1:{port}/"),
+            Some("tok\r\nx-injected: 1"),
+        )
+        .await
+        .unwrap_err();
         assert!(matches!(e, TransportError::Request(_)), "{e:?}");
     }
 }
