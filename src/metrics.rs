@@ -83,7 +83,6 @@ pub struct Metrics {
     hot: Box<[std::sync::OnceLock<Hot>]>,
 }
 
-#[derive(Clone)]
 struct Hot {
     accepted: Counter,
     delivered: Counter,
