@@ -26,13 +26,14 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::hash::{Hash, Hasher};
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{CONNECTION, CONTENT_LENGTH, HeaderName, HeaderValue, TRANSFER_ENCODING};
+use http::header::{HeaderName, HeaderValue};
 use http::uri::{Authority, Scheme};
 use http::{HeaderMap, Method, Uri};
 use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
@@ -105,11 +106,15 @@ impl TransportError {
     }
 }
 
-/// A complete answer: status, headers and the whole body.
+/// A complete answer: status, head and the whole body.
 #[derive(Debug)]
 pub struct Answer {
     pub status: u16,
-    pub headers: HeaderMap,
+    /// The status line and headers as they came, already checked by the parser. Kept raw:
+    /// clients read headers only to classify a refusal (Retry-After), and building a
+    /// `HeaderMap` for every delivered message's answer cost about a twentieth of a message's
+    /// instructions.
+    head: Bytes,
     pub body: Bytes,
 }
 
@@ -117,6 +122,28 @@ impl Answer {
     /// The body as text; bytes that are not UTF-8 are replaced, never an error.
     pub fn text(&self) -> std::borrow::Cow<'_, str> {
         String::from_utf8_lossy(&self.body)
+    }
+
+    /// The answer's headers, in order, repeated names kept.
+    pub fn headers(&self) -> HeaderMap {
+        let mut slots = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+        let mut parsed = httparse::Response::new(&mut []);
+        let mut headers = HeaderMap::new();
+        // The head parsed once already, when it was read: it parses the same way again.
+        if httparse::ParserConfig::default()
+            .parse_response_with_uninit_headers(&mut parsed, &self.head, &mut slots)
+            .is_ok()
+        {
+            for h in parsed.headers.iter() {
+                if let (Ok(name), Ok(value)) = (
+                    HeaderName::from_bytes(h.name.as_bytes()),
+                    HeaderValue::from_bytes(h.value),
+                ) {
+                    headers.append(name, value);
+                }
+            }
+        }
+        headers
     }
 }
 
@@ -157,6 +184,8 @@ const USER_AGENT: &str = concat!("channel-gateway/", env!("CARGO_PKG_VERSION"));
 
 /// An answer's status line and headers may take this much; channels send a few hundred bytes.
 const MAX_HEAD_BYTES: usize = 64 << 10;
+/// Headers an answer may have; channels send about a dozen.
+const MAX_HEADERS: usize = 64;
 
 /// A chunk-size line (with its extensions) may take this much.
 const MAX_LINE_BYTES: usize = 4 << 10;
@@ -419,7 +448,6 @@ struct Head {
     /// The bytes it took.
     len: usize,
     status: u16,
-    headers: HeaderMap,
     framing: Framing,
     /// The server keeps the connection open after this answer.
     keep_alive: bool,
@@ -491,6 +519,7 @@ impl Conn {
         if head.status == 101 {
             return Err(broken("it switches protocols, which was not asked for"));
         }
+        let head_bytes = Bytes::copy_from_slice(&self.buf[..head.len]);
         let mut at = head.len;
         let mut keep_alive = head.keep_alive;
         // The answer to HEAD has no body, whatever its length headers say.
@@ -530,7 +559,7 @@ impl Conn {
         Ok((
             Answer {
                 status: head.status,
-                headers: head.headers,
+                head: head_bytes,
                 body,
             },
             reusable,
@@ -604,24 +633,30 @@ fn chunk_size(line: &[u8]) -> Result<usize, TransportError> {
 
 /// The head at the start of `buf`, or `None` while it is incomplete.
 fn parse_head(buf: &[u8]) -> Result<Option<Head>, TransportError> {
-    let mut slots = [httparse::EMPTY_HEADER; 64];
-    let mut parsed = httparse::Response::new(&mut slots);
-    let len = match parsed.parse(buf) {
+    if buf.is_empty() {
+        return Ok(None);
+    }
+    // Uninitialised slots: the parser writes only those it fills, where 64 empty headers
+    // would be written out on every call.
+    let mut slots = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut parsed = httparse::Response::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut parsed,
+        buf,
+        &mut slots,
+    ) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(e) => return Err(broken(&e.to_string())),
     };
     let status = parsed.code.unwrap_or_default();
-    let mut headers = HeaderMap::with_capacity(parsed.headers.len());
     let mut length: Option<usize> = None;
     let mut chunked = None;
     let mut close = parsed.version != Some(1);
     for h in parsed.headers.iter() {
-        let name = HeaderName::from_bytes(h.name.as_bytes())
-            .map_err(|_| broken("a header name is not valid"))?;
-        let value =
-            HeaderValue::from_bytes(h.value).map_err(|_| broken("a header value is not valid"))?;
-        if name == CONTENT_LENGTH {
+        // The parser checked names as tokens and values as field bytes (RFC 9110), what
+        // `HeaderName` and `HeaderValue` would check again when `Answer::headers` builds them.
+        if h.name.eq_ignore_ascii_case("content-length") {
             let n = std::str::from_utf8(h.value)
                 .ok()
                 .map(str::trim)
@@ -632,17 +667,16 @@ fn parse_head(buf: &[u8]) -> Result<Option<Head>, TransportError> {
                 return Err(broken("it has two different content-lengths"));
             }
             length = Some(n);
-        } else if name == TRANSFER_ENCODING {
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
             // Only the last coding says how the body ends.
             let last = h.value.rsplit(|&b| b == b',').next().unwrap_or_default();
             chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-        } else if name == CONNECTION {
+        } else if h.name.eq_ignore_ascii_case("connection") {
             close |= h
                 .value
                 .split(|&b| b == b',')
                 .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
         }
-        headers.append(name, value);
     }
     let framing = if status == 204 || status == 304 || (100..200).contains(&status) {
         Framing::None
@@ -659,7 +693,6 @@ fn parse_head(buf: &[u8]) -> Result<Option<Head>, TransportError> {
     Ok(Some(Head {
         len,
         status,
-        headers,
         framing,
         keep_alive: !close,
     }))
@@ -823,7 +856,7 @@ mod tests {
             .unwrap();
         assert_eq!(answer.status, 201);
         assert_eq!(answer.text(), "{\"id\":\"a\"}\n");
-        assert_eq!(answer.headers["retry-after"], "3");
+        assert_eq!(answer.headers()["retry-after"], "3");
         let seen = server.await.unwrap();
         assert!(seen.starts_with("POST /v3/x?y=1 HTTP/1.1\r\n"), "{seen}");
         assert!(seen.contains("authorization: Bearer tok\r\n"), "{seen}");

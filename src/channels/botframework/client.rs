@@ -251,9 +251,8 @@ impl BotFrameworkClient {
             .map_err(|e| transport_error(&e, true))?;
         let status = resp.status;
         if !(200..300).contains(&status) {
-            let headers = &resp.headers;
             let text = resp.text();
-            let mut err = classify(status, headers, &text);
+            let mut err = classify(status, &resp.headers(), &text);
             err.code = Some(format!("token_{}", err.code.as_deref().unwrap_or("error")));
             err.message = format!("token request failed: {}", err.message);
             return Err(err);
@@ -314,7 +313,7 @@ impl BotFrameworkClient {
             }
             let text = resp.text();
             if !(200..300).contains(&status) {
-                return Err(classify(status, &resp.headers, &text));
+                return Err(classify(status, &resp.headers(), &text));
             }
             if text.trim().is_empty() {
                 return Ok(Value::Null);

@@ -133,12 +133,12 @@ impl FacebookClient {
             )
             .await
             .map_err(|e| transport_error(&e, &scrub))?;
-        let (status, headers) = (resp.status, &resp.headers);
+        let status = resp.status;
         let text = resp.text();
         let parsed: Option<Value> = serde_json::from_str(&text).ok();
         let graph_error = parsed.as_ref().and_then(|v| v.get("error"));
         if !(200..300).contains(&status) || graph_error.is_some() {
-            let mut err = classify(status, headers, &text);
+            let mut err = classify(status, &resp.headers(), &text);
             err.message = scrub(err.message);
             tracing::debug!(
                 page_id,

@@ -148,9 +148,10 @@ pub fn classify_code(code: &str) -> (FailureKind, &'static str) {
 }
 
 /// Slack's answer `body` (HTTP `status`, `headers`) as a success value or a typed error.
+/// `headers` is called only for a refusal: a success needs none.
 pub fn check_answer(
     status: u16,
-    headers: &http::header::HeaderMap,
+    headers: impl FnOnce() -> http::header::HeaderMap,
     body: &str,
 ) -> Result<Value, ChannelError> {
     let parsed: Option<Value> = serde_json::from_str(body).ok();
@@ -180,6 +181,7 @@ pub fn check_answer(
         // The request reached Slack and was answered: it may have been posted.
         return Err(unreadable(status));
     }
+    let headers = &headers();
     let (kind, why, code) = match (status, code) {
         (429, code) => (
             FailureKind::Retryable,
@@ -368,7 +370,7 @@ impl SlackClient {
                 err
             })?;
         let status = resp.status;
-        check_answer(status, &resp.headers, &resp.text()).inspect_err(|e| {
+        check_answer(status, || resp.headers(), &resp.text()).inspect_err(|e| {
             tracing::debug!(method, status, code = e.code.as_deref().unwrap_or_default(), kind = ?e.kind, "slack refused the request");
         })
     }
@@ -437,7 +439,7 @@ mod tests {
     fn ok_false_on_http_200_is_a_failure_with_the_code() {
         let e = check_answer(
             200,
-            &headers(None),
+            || headers(None),
             r#"{"ok":false,"error":"channel_not_found"}"#,
         )
         .unwrap_err();
@@ -451,12 +453,12 @@ mod tests {
     fn success_needs_ok_true() {
         let v = check_answer(
             200,
-            &headers(None),
+            || headers(None),
             r#"{"ok":true,"channel":"C1","ts":"1.2","warning":"missing_charset"}"#,
         )
         .unwrap();
         assert_eq!(v["ts"], "1.2");
-        let e = check_answer(200, &headers(None), "<html>proxy</html>").unwrap_err();
+        let e = check_answer(200, || headers(None), "<html>proxy</html>").unwrap_err();
         assert_eq!(e.kind, FailureKind::Ambiguous);
         assert_eq!(e.code.as_deref(), Some("unreadable_answer"));
     }
@@ -465,18 +467,18 @@ mod tests {
     fn rate_limits_honour_retry_after() {
         let e = check_answer(
             429,
-            &headers(Some("7")),
+            || headers(Some("7")),
             r#"{"ok":false,"error":"ratelimited"}"#,
         )
         .unwrap_err();
         assert_eq!(e.kind, FailureKind::Retryable);
         assert_eq!(e.retry_after, Some(Duration::from_secs(7)));
         assert_eq!(e.code.as_deref(), Some("ratelimited"));
-        let e = check_answer(429, &headers(None), "").unwrap_err();
+        let e = check_answer(429, || headers(None), "").unwrap_err();
         assert_eq!(e.retry_after, Some(DEFAULT_RATE_LIMIT_WAIT));
         let e = check_answer(
             200,
-            &headers(Some("2")),
+            || headers(Some("2")),
             r#"{"ok":false,"error":"ratelimited"}"#,
         )
         .unwrap_err();
@@ -511,18 +513,18 @@ mod tests {
     #[test]
     fn http_errors_without_a_slack_answer() {
         assert_eq!(
-            check_answer(503, &headers(Some("3")), "")
+            check_answer(503, || headers(Some("3")), "")
                 .unwrap_err()
                 .retry_after,
             Some(Duration::from_secs(3))
         );
         assert_eq!(
-            check_answer(502, &headers(None), "bad gateway")
+            check_answer(502, || headers(None), "bad gateway")
                 .unwrap_err()
                 .kind,
             FailureKind::Ambiguous
         );
-        let e = check_answer(404, &headers(None), "not found").unwrap_err();
+        let e = check_answer(404, || headers(None), "not found").unwrap_err();
         assert_eq!(e.kind, FailureKind::Permanent);
         assert_eq!(e.code.as_deref(), Some("http_404"));
     }
@@ -531,7 +533,7 @@ mod tests {
     fn invalid_blocks_detail_is_kept() {
         let e = check_answer(
             200,
-            &headers(None),
+            || headers(None),
             r#"{"ok":false,"error":"invalid_blocks","response_metadata":{"messages":["[ERROR] must be less than 76 characters [json-pointer:/blocks/1/elements/0/text/text]"]}}"#,
         )
         .unwrap_err();
