@@ -107,7 +107,7 @@ async fn sigkill_mid_stream_loses_nothing_accepted_and_keeps_order() {
                         let r = client
                             .send(pb::SendRequest {
                                 message: Some(pb::Message {
-                                    address: Some(addr.clone()),
+                                    address: Some(Box::new(addr.clone())),
                                     text: format!("{seq}"),
                                     ..Default::default()
                                 }),

@@ -310,7 +310,7 @@ async fn proactive_start_returns_the_new_address_and_messages_follow_it() {
         .clone()
         .send(pb::SendRequest {
             message: Some(pb::Message {
-                address: Some(new),
+                address: Some(Box::new(new)),
                 text: "later".into(),
                 ..Default::default()
             }),

@@ -27,7 +27,7 @@ fn send_req(m: pb::Message, wait: pb::WaitMode) -> pb::SendRequest {
 fn typing_msg(psid: &str) -> pb::Message {
     pb::Message {
         r#type: pb::MessageType::Typing as i32,
-        address: Some(address(psid)),
+        address: Some(Box::new(address(psid))),
         ..Default::default()
     }
 }
@@ -381,7 +381,7 @@ async fn the_page_token_goes_only_on_the_wire() {
         .into_inner();
     leaks("a Send response", &format!("{ok:?}"));
     let mut other_page = text("psid-t2", "hello");
-    other_page.address = Some(address_as(PAGE2, "psid-t2"));
+    other_page.address = Some(Box::new(address_as(PAGE2, "psid-t2")));
     c.send(send_req(other_page, pb::WaitMode::Delivered))
         .await
         .unwrap();
@@ -498,7 +498,7 @@ async fn a_proactive_start_needs_no_conversation_creation() {
         .clone()
         .send(send_req(
             pb::Message {
-                address: r.address.clone(),
+                address: r.address.clone().map(Box::new),
                 text: "Reply".into(),
                 ..Default::default()
             },
@@ -609,7 +609,7 @@ async fn capabilities_and_render_answer_for_facebook() {
     let err = c
         .send(send_req(
             pb::Message {
-                address: Some(address_as("999", "psid-render")),
+                address: Some(Box::new(address_as("999", "psid-render"))),
                 text: "x".into(),
                 ..Default::default()
             },

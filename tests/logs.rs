@@ -46,7 +46,7 @@ async fn logs_carry_the_trace_and_never_a_secret() {
         .unwrap();
     let mut client = ChannelGatewayClient::new(binary_channel(port).await);
     let message = |conv: &str| pb::Message {
-        address: Some(pb::Address {
+        address: Some(Box::new(pb::Address {
             channel_id: "msteams".into(),
             user: Some(pb::Identity {
                 id: "29:u".into(),
@@ -62,7 +62,7 @@ async fn logs_carry_the_trace_and_never_a_secret() {
             }),
             service_url: fake.service_url(),
             ..Default::default()
-        }),
+        })),
         text: "hello".into(),
         ..Default::default()
     };

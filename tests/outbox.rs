@@ -253,7 +253,7 @@ impl HarnessLite {
 
 fn text(fake: &FakeConnector, conv: &str, text: &str) -> pb::Message {
     pb::Message {
-        address: Some(pb::Address {
+        address: Some(Box::new(pb::Address {
             channel_id: "msteams".into(),
             user: Some(pb::Identity {
                 id: "29:u".into(),
@@ -269,7 +269,7 @@ fn text(fake: &FakeConnector, conv: &str, text: &str) -> pb::Message {
             }),
             service_url: fake.service_url(),
             ..Default::default()
-        }),
+        })),
         text: text.into(),
         ..Default::default()
     }

@@ -88,7 +88,7 @@ async fn channel_calls_go_through_the_https_proxy_of_the_environment() {
     client
         .send(pb::SendRequest {
             message: Some(pb::Message {
-                address: Some(address),
+                address: Some(Box::new(address)),
                 text: "through the proxy".into(),
                 ..Default::default()
             }),

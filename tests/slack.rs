@@ -165,7 +165,7 @@ async fn proactive_dm_opens_then_posts_and_returns_the_new_address() {
     // The returned address is what the bot uses from now on.
     h.send(
         pb::Message {
-            address: Some(new),
+            address: Some(Box::new(new)),
             text: "later".into(),
             ..Default::default()
         },
@@ -205,7 +205,7 @@ fn big_carousel(h: &Harness, channel: &str, tag: &str) -> pb::Message {
         ..Default::default()
     };
     pb::Message {
-        address: Some(h.address(channel)),
+        address: Some(Box::new(h.address(channel))),
         text: tag.into(),
         attachment_layout: pb::AttachmentLayout::Carousel as i32,
         attachments: (0..15).map(card).collect(),

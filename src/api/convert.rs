@@ -497,7 +497,7 @@ pub fn message(v: &mut Violations, path: &dyn Display, m: pb::Message) -> Messag
     }
     let out = Message {
         kind,
-        address: address(v, &Field(path, "address"), m.address),
+        address: address(v, &Field(path, "address"), m.address.map(|a| *a)),
         text: opt(m.text),
         text_format: enum_or(
             v,
@@ -810,7 +810,7 @@ pub fn message_pb(m: &Message) -> pb::Message {
             MessageType::EndOfConversation => T::EndOfConversation,
             MessageType::Event => T::Event,
         } as i32,
-        address: Some(address_pb(&m.address)),
+        address: Some(Box::new(address_pb(&m.address))),
         text: s(&m.text),
         text_format: match m.text_format {
             None => F::Unspecified,

@@ -881,7 +881,7 @@ impl GatewayService {
         }
         let mut prepared = Vec::with_capacity(req.messages.len());
         for (i, mut m) in req.messages.into_iter().enumerate() {
-            m.address = Some(convert::address_pb(&stand_in));
+            m.address = Some(Box::new(convert::address_pb(&stand_in)));
             let path = format!("messages[{i}]");
             prepared.push(self.prepare(&path, Some(m), Some(&options), tp.clone())?);
         }

@@ -417,7 +417,7 @@ impl Harness {
 
     pub fn text(&self, conv: &str, text: &str) -> pb::Message {
         pb::Message {
-            address: Some(self.address(conv)),
+            address: Some(Box::new(self.address(conv))),
             text: text.into(),
             ..Default::default()
         }
@@ -437,7 +437,7 @@ pub async fn send_text(
     client
         .send(pb::SendRequest {
             message: Some(pb::Message {
-                address: Some(address.clone()),
+                address: Some(Box::new(address.clone())),
                 text,
                 ..Default::default()
             }),

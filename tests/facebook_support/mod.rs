@@ -363,7 +363,7 @@ pub fn address(psid: &str) -> pb::Address {
 
 pub fn text(psid: &str, text: &str) -> pb::Message {
     pb::Message {
-        address: Some(address(psid)),
+        address: Some(Box::new(address(psid))),
         text: text.into(),
         ..Default::default()
     }
@@ -400,7 +400,7 @@ pub fn carousel(psid: &str, cards: usize, buttons: usize) -> pb::Message {
         })
         .collect();
     pb::Message {
-        address: Some(address(psid)),
+        address: Some(Box::new(address(psid))),
         attachments,
         attachment_layout: pb::AttachmentLayout::Carousel as i32,
         ..Default::default()

@@ -291,7 +291,7 @@ impl Harness {
 
     pub fn text(&self, channel: &str, text: &str) -> pb::Message {
         pb::Message {
-            address: Some(self.address(channel)),
+            address: Some(Box::new(self.address(channel))),
             text: text.into(),
             ..Default::default()
         }
