@@ -12,7 +12,9 @@
 //! `--concurrency` is the number of concurrent callers (default 64, the echo baseline's too;
 //! the slow-channel scenarios keep one caller per conversation), `--conversations` the
 //! broadcast's width (default 1000) and `--messages` the Send scenarios' count (SendBatch
-//! sends twice as many).
+//! sends twice as many). `--slow-callers` sets the callers of the slow channel's Send scenario
+//! (default: one per conversation), to tell the cost of many callers from that of many
+//! conversations waiting on the channel.
 //!
 //! Roles: the same executable also serves as the fake channel (`--role fake`) and the echo
 //! server (`--role echo`), so each side is its own process.
@@ -601,7 +603,7 @@ async fn drive(
                             s[conv] - 1
                         };
                         pb::Message {
-                            address: Some(addrs[i].clone()),
+                            address: Some(Box::new(addrs[i].clone())),
                             text: format!("{seq} {}", unix_nanos()),
                             ..Default::default()
                         }
@@ -1158,7 +1160,7 @@ async fn driver() {
 
     let slow = spawn_role("fake", &["--delay-ms", "50"]).await;
     let slow_load = Load {
-        concurrency: conversations,
+        concurrency: count("--slow-callers", conversations),
         conversations,
         messages,
         batch: 1,
