@@ -23,6 +23,7 @@
 //! `delivery.max_concurrency` allows, where HTTP/2 would put them all on one connection under
 //! the server's stream limit (measured slower here too, bench/PROFILE.md).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::future::Future;
 use std::hash::{Hash, Hasher};
@@ -45,7 +46,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tower::{Service, ServiceExt};
 
-use super::{ChannelError, FailureKind, HttpMethod};
+use super::{Body, ChannelError, FailureKind, HttpMethod};
 
 /// Channel answers are small JSON documents; anything bigger is not one.
 pub const MAX_ANSWER_BYTES: usize = 4 << 20;
@@ -159,18 +160,18 @@ impl From<HttpMethod> for Method {
 }
 
 /// A request body with its media type.
-pub struct Payload {
+pub struct Payload<'a> {
     pub content_type: &'static str,
-    pub bytes: Vec<u8>,
+    pub bytes: Cow<'a, [u8]>,
 }
 
-impl Payload {
-    pub fn json(value: &impl serde::Serialize) -> Result<Self, TransportError> {
-        Ok(Self {
+impl<'a> Payload<'a> {
+    /// A rendered JSON body, sent as it is.
+    pub fn json(body: &'a Body) -> Self {
+        Self {
             content_type: "application/json",
-            bytes: serde_json::to_vec(value)
-                .map_err(|e| TransportError::Request(format!("body cannot be encoded: {e}")))?,
-        })
+            bytes: Cow::Borrowed(body.as_bytes()),
+        }
     }
 }
 
@@ -346,7 +347,7 @@ impl Http {
         method: Method,
         uri: Uri,
         bearer: Option<&str>,
-        payload: Option<Payload>,
+        payload: Option<Payload<'_>>,
     ) -> Result<Answer, TransportError> {
         let origin = Origin::of(&uri)?;
         // On a connection of its own, a request names only its path; the host goes in `Host`
@@ -850,7 +851,9 @@ mod tests {
                 Method::POST,
                 parse_uri(&format!("{base}/v3/x?y=1")).unwrap(),
                 Some("tok"),
-                Some(Payload::json(&serde_json::json!({"text": "hi"})).unwrap()),
+                Some(Payload::json(
+                    &Body::json(&serde_json::json!({"text": "hi"})).unwrap(),
+                )),
             )
             .await
             .unwrap();

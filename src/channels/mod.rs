@@ -3,6 +3,7 @@
 //!
 //! Owns everything channel-specific. Must not know about gRPC, sequencing or retries.
 
+mod body;
 pub mod botframework;
 pub mod facebook;
 pub mod http;
@@ -12,6 +13,7 @@ mod types;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use body::{Body, ObjWriter};
 pub use types::*;
 
 /// Whether `host` is this machine: the only place a credential may travel in clear text.

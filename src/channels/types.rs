@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
+use super::Body;
 use crate::model::Warning;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -36,7 +36,7 @@ impl HttpMethod {
 pub struct NativeRequest {
     pub method: HttpMethod,
     pub url: String,
-    pub body: Value,
+    pub body: Body,
     #[serde(skip)]
     pub credential: String,
     /// The channel's rate limit this request counts against, if any.
@@ -66,7 +66,7 @@ impl Rendered {
     /// for a message that waits long: `Channels::render_send` renders the bodies again.
     pub fn drop_bodies(&mut self) {
         for r in &mut self.requests {
-            r.body = Value::Null;
+            r.body = Body::default();
         }
     }
 }

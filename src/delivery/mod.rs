@@ -1331,7 +1331,7 @@ mod tests {
         let req = NativeRequest {
             method: crate::channels::HttpMethod::Post,
             url: "http://127.0.0.1:1/v3/conversations/c1/activities".into(),
-            body: serde_json::Value::Null,
+            body: crate::channels::Body::default(),
             credential: "bot".into(),
             rate: None,
         };

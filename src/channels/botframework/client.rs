@@ -237,7 +237,7 @@ impl BotFrameworkClient {
             .join("&");
         let payload = Payload {
             content_type: "application/x-www-form-urlencoded",
-            bytes: body.into_bytes(),
+            bytes: body.into_bytes().into(),
         };
         let resp = self
             .http
@@ -288,9 +288,7 @@ impl BotFrameworkClient {
         let mut retried_401 = false;
         loop {
             let payload = match req.method {
-                HttpMethod::Post | HttpMethod::Put => {
-                    Some(Payload::json(&req.body).map_err(|e| transport_error(&e, true))?)
-                }
+                HttpMethod::Post | HttpMethod::Put => Some(Payload::json(&req.body)),
                 HttpMethod::Get | HttpMethod::Delete => None,
             };
             let resp = self
@@ -338,13 +336,7 @@ impl BotFrameworkClient {
                 .and_then(Value::as_str)
                 .unwrap_or_default()
                 .to_string(),
-            conversation_id: req
-                .body
-                .get("conversation")
-                .and_then(|c| c.get("id"))
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_string(),
+            conversation_id: super::render::conversation_in_url(&req.url).unwrap_or_default(),
         })
     }
 

@@ -122,7 +122,7 @@ impl FacebookClient {
                 q.append_pair("appsecret_proof", proof.expose());
             }
         }
-        let payload = Payload::json(&req.body).map_err(|e| transport_error(&e, &scrub))?;
+        let payload = Payload::json(&req.body);
         let resp = self
             .http
             .send(
@@ -163,6 +163,7 @@ impl FacebookClient {
         let field = |k: &str| body.get(k).and_then(Value::as_str).map(String::from);
         let recipient = field("recipient_id").unwrap_or_else(|| {
             req.body
+                .value()
                 .get("recipient")
                 .and_then(|r| r.get("id"))
                 .and_then(Value::as_str)

@@ -17,7 +17,9 @@ use serde_json::{Map, Value, json};
 use super::config::{FacebookConfig, SendEndpoint};
 use super::money::{self, Decimal};
 use super::text;
-use crate::channels::{Capabilities, HttpMethod, NativeRequest, RateLimit, RenderError, Rendered};
+use crate::channels::{
+    Body, Capabilities, HttpMethod, NativeRequest, RateLimit, RenderError, Rendered,
+};
 use crate::model::{
     ActionType, Attachment, AttachmentContent, AttachmentLayout, CONTENT_TYPE_ADAPTIVE, CardAction,
     CardImage, HeroCard, MediaCard, Message, MessageType, ProactiveOptions, ReceiptCard,
@@ -127,14 +129,16 @@ pub fn render_send(
     Ok(Rendered {
         requests: bodies
             .into_iter()
-            .map(|(body, media)| NativeRequest {
-                method: HttpMethod::Post,
-                url: url.clone(),
-                body,
-                credential: page_id.to_string(),
-                rate: rate(media),
+            .map(|(body, media)| {
+                Ok(NativeRequest {
+                    method: HttpMethod::Post,
+                    url: url.clone(),
+                    body: Body::json(&body)?,
+                    credential: page_id.to_string(),
+                    rate: rate(media),
+                })
             })
-            .collect(),
+            .collect::<Result<_, RenderError>>()?,
         warnings: ctx.warnings,
     })
 }
@@ -1631,8 +1635,8 @@ mod tests {
         }
     }
 
-    fn bodies(r: &Rendered) -> Vec<&Value> {
-        r.requests.iter().map(|q| &q.body).collect()
+    fn bodies(r: &Rendered) -> Vec<Value> {
+        r.requests.iter().map(|q| q.body.value()).collect()
     }
 
     #[test]
@@ -1646,7 +1650,7 @@ mod tests {
         assert_eq!(q.credential, "page-1");
         assert_eq!(q.rate.as_ref().unwrap().scope, "facebook:page-1");
         assert_eq!(
-            q.body,
+            q.body.value(),
             json!({"recipient": {"id": "psid-1"}, "messaging_type": "RESPONSE", "message": {"text": "hi"}})
         );
         let mut c = config();
@@ -1666,7 +1670,7 @@ mod tests {
         let r = render_send(&m, None, &config()).unwrap();
         assert_eq!(
             bodies(&r),
-            [&json!({"recipient": {"id": "psid-1"}, "sender_action": "typing_on"})]
+            [json!({"recipient": {"id": "psid-1"}, "sender_action": "typing_on"})]
         );
     }
 
@@ -1686,7 +1690,7 @@ mod tests {
         );
         m.text = Some("x".into());
         let r = render_send(&m, Some(&ProactiveOptions::default()), &config()).unwrap();
-        assert_eq!(r.requests[0].body["messaging_type"], "UPDATE");
+        assert_eq!(r.requests[0].body.value()["messaging_type"], "UPDATE");
     }
 
     #[test]

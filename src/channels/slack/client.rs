@@ -343,17 +343,10 @@ impl SlackClient {
                     ),
                 )
             })?;
-        let body = serde_json::to_vec(&req.body).map_err(|e| {
-            ChannelError::new(
-                CHANNEL,
-                FailureKind::Permanent,
-                format!("request body cannot be encoded: {e}"),
-            )
-        })?;
         let method = req.url.rsplit('/').next().unwrap_or_default();
         let payload = Payload {
             content_type: "application/json; charset=utf-8",
-            bytes: body,
+            bytes: req.body.as_bytes().into(),
         };
         let resp = self
             .http
@@ -384,6 +377,7 @@ impl SlackClient {
             conversation_id: text("channel")
                 .or_else(|| {
                     req.body
+                        .value()
                         .get("channel")
                         .and_then(Value::as_str)
                         .map(String::from)
@@ -558,7 +552,7 @@ mod tests {
         let mut req = NativeRequest {
             method: HttpMethod::Post,
             url: "https://attacker.test/api/chat.postMessage".into(),
-            body: serde_json::json!({}),
+            body: crate::channels::Body::json(&serde_json::json!({})).unwrap(),
             credential: "B1".into(),
             rate: None,
         };

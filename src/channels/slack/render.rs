@@ -13,7 +13,9 @@ use serde_json::{Map, Value, json};
 use super::blocks::{self, Ctx, Group};
 use super::config::SlackConfig;
 use super::mrkdwn;
-use crate::channels::{Capabilities, HttpMethod, NativeRequest, RateLimit, RenderError, Rendered};
+use crate::channels::{
+    Body, Capabilities, HttpMethod, NativeRequest, RateLimit, RenderError, Rendered,
+};
 use crate::model::{
     Address, AttachmentLayout, Conversation, DeliveryMode, Message, MessageType, ProactiveOptions,
     TextFormat, Warning,
@@ -116,7 +118,7 @@ pub fn render_send(
             }
             post_message(config, &msg.address, channel, Value::Object(body))
         })
-        .collect();
+        .collect::<Result<_, _>>()?;
     Ok(Rendered { requests, warnings })
 }
 
@@ -215,7 +217,7 @@ pub fn open_request(
     Ok(NativeRequest {
         method: HttpMethod::Post,
         url: config.method_url("conversations.open"),
-        body: json!({"users": users.join(",")}),
+        body: Body::json(&json!({"users": users.join(",")}))?,
         credential: address.bot_id().to_string(),
         // conversations.open has its own, workspace-wide quota: only Slack's 429s slow it.
         rate: None,
@@ -263,19 +265,19 @@ fn post_message(
     address: &Address,
     channel: &str,
     body: Value,
-) -> NativeRequest {
+) -> Result<NativeRequest, RenderError> {
     let bot = address.bot_id();
-    NativeRequest {
+    Ok(NativeRequest {
         method: HttpMethod::Post,
         url: config.method_url("chat.postMessage"),
-        body,
+        body: Body::json(&body)?,
         credential: bot.to_string(),
         rate: Some(RateLimit {
             scope: format!("slack:{bot}:{channel}"),
             per_second: config.rate_per_second,
             burst: config.rate_burst,
         }),
-    }
+    })
 }
 
 /// The fields every request of a message carries: channel, thread, formatting and unfurling.
@@ -679,7 +681,7 @@ mod tests {
             })
         );
         assert_eq!(
-            req.body,
+            req.body.value(),
             json!({"channel": "C01", "text": "*hi* &lt;you&gt;", "unfurl_links": false})
         );
     }
@@ -694,12 +696,12 @@ mod tests {
         let joined: String = r
             .requests
             .iter()
-            .map(|q| q.body["text"].as_str().unwrap().to_string())
+            .map(|q| q.body.value()["text"].as_str().unwrap().to_string())
             .collect::<Vec<_>>()
             .join("\n\n");
         assert_eq!(joined.split_whitespace().count(), 9000);
         for q in &r.requests {
-            assert!(q.body["text"].as_str().unwrap().chars().count() <= MAX_TEXT_CHARS);
+            assert!(q.body.value()["text"].as_str().unwrap().chars().count() <= MAX_TEXT_CHARS);
         }
     }
 
@@ -718,11 +720,13 @@ mod tests {
         let r = render_send(&m, None, &SlackConfig::default()).unwrap();
         assert_eq!(r.requests.len(), 2, "{:?}", r.warnings);
         for q in &r.requests {
-            let blocks = q.body["blocks"].as_array().unwrap();
+            let body = q.body.value();
+            let blocks = body["blocks"].as_array().unwrap();
             assert!(blocks.iter().map(measure).sum::<usize>() <= MAX_BLOCK_CHARS);
-            assert!(!q.body["text"].as_str().unwrap().is_empty());
+            assert!(!q.body.value()["text"].as_str().unwrap().is_empty());
         }
-        let last = r.requests[1].body["blocks"].as_array().unwrap();
+        let body = r.requests[1].body.value();
+        let last = body["blocks"].as_array().unwrap();
         assert_eq!(last.last().unwrap()["type"], "actions");
     }
 
@@ -744,7 +748,7 @@ mod tests {
         m.address.thread_id = Some("1.2".into());
         let r = render_send(&m, None, &SlackConfig::default()).unwrap();
         assert_eq!(
-            r.requests[0].body,
+            r.requests[0].body.value(),
             json!({"channel": "C01", "text": "hi", "unfurl_media": false})
         );
     }
@@ -765,7 +769,7 @@ mod tests {
         let c = SlackConfig::default();
         let req = open_request(&m.address, &ProactiveOptions::default(), &c, "address").unwrap();
         assert_eq!(req.url, "https://slack.com/api/conversations.open");
-        assert_eq!(req.body, json!({"users": "U01"}));
+        assert_eq!(req.body.value(), json!({"users": "U01"}));
         let members = (2..=9)
             .map(|i| crate::model::Identity {
                 id: format!("U0{i}"),
@@ -778,7 +782,7 @@ mod tests {
             ..Default::default()
         };
         let req = open_request(&m.address, &opts, &c, "address").unwrap();
-        assert_eq!(req.body, json!({"users": "U01,U02,U03"}));
+        assert_eq!(req.body.value(), json!({"users": "U01,U02,U03"}));
         opts.members = members;
         assert!(open_request(&m.address, &opts, &c, "address").is_err());
         m.address.user = None;
