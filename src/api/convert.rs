@@ -28,11 +28,20 @@ impl Violations {
 
 /// A field path under `path`, written out only when a violation names it: formatting every
 /// path of a message up front cost several allocations per message on the accept path.
-struct Field<'a>(&'a dyn Display, &'static str);
+pub(crate) struct Field<'a>(pub &'a dyn Display, pub &'static str);
 
 impl Display for Field<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}.{}", self.0, self.1)
+    }
+}
+
+/// An item's path in a list (`messages[3]`), written out only when a violation names it.
+pub(crate) struct Item(pub &'static str, pub usize);
+
+impl Display for Item {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}[{}]", self.0, self.1)
     }
 }
 

@@ -2,6 +2,7 @@
 //! hand to the dispatcher, and answer per the wait mode.
 
 use std::collections::HashMap;
+use std::fmt::Display;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -215,11 +216,11 @@ impl GatewayService {
         }
     }
 
-    fn check_size(&self, v: &mut Violations, path: &str, m: &pb::Message) {
+    fn check_size(&self, v: &mut Violations, path: &dyn Display, m: &pb::Message) {
         let len = m.encoded_len();
         if len > self.config.max_message_bytes {
             v.add(
-                path,
+                path.to_string(),
                 format!(
                     "message is {len} bytes; server.max_message_bytes is {}",
                     self.config.max_message_bytes
@@ -232,17 +233,17 @@ impl GatewayService {
     /// and renders it.
     fn prepare(
         &self,
-        path: &str,
+        path: &dyn Display,
         m: Option<pb::Message>,
         proactive: Option<&ProactiveOptions>,
         traceparent: Option<String>,
     ) -> Result<Submission, Status> {
         let mut v = Violations::default();
         let Some(m) = m else {
-            return Err(status::invalid_field(path, "required"));
+            return Err(status::invalid_field(path.to_string(), "required"));
         };
         self.check_size(&mut v, path, &m);
-        let msg = convert::message(&mut v, &path, m);
+        let msg = convert::message(&mut v, path, m);
         if msg.address.conversation_id().is_none() && !msg.address.channel_id.is_empty() {
             v.add(
                 format!("{path}.address.conversation.id"),
@@ -252,14 +253,14 @@ impl GatewayService {
         if !v.is_empty() {
             return Err(status::invalid(v));
         }
-        let addr_path = format!("{path}.address");
+        let addr_path = convert::Field(&path, "address");
         let channels = self.dispatcher.channels();
         channels
             .check_address(&msg.address, &addr_path)
             .map_err(|e| status::route(e, &format!("{addr_path}.channel_id")))?;
-        let rendered = channels
-            .render_send(&msg, proactive)
-            .map_err(|e| status::render(e, path, &format!("{addr_path}.channel_id")))?;
+        let rendered = channels.render_send(&msg, proactive).map_err(|e| {
+            status::render(e, &path.to_string(), &format!("{addr_path}.channel_id"))
+        })?;
         Ok(Submission {
             message: msg,
             rendered,
@@ -427,7 +428,7 @@ impl GatewayService {
                 // Scoped so that neither the submission nor its message outlives the submit:
                 // what is in scope at an await is kept in the future.
                 let (warnings, accepted) = {
-                    let prepared = self.prepare("message", message.map(|m| *m), None, tp)?;
+                    let prepared = self.prepare(&"message", message.map(|m| *m), None, tp)?;
                     let warnings = prepared.rendered.warnings.clone();
                     let accepted = self
                         .dispatcher
@@ -529,7 +530,7 @@ impl ChannelGateway for GatewayService {
                 let mut prepared = Vec::with_capacity(req.messages.len());
                 for (i, m) in req.messages.into_iter().enumerate() {
                     prepared.push(self.prepare(
-                        &format!("messages[{i}]"),
+                        &convert::Item("messages", i),
                         Some(m),
                         None,
                         tp.clone(),
@@ -584,7 +585,7 @@ impl ChannelGateway for GatewayService {
         }
         let channels = self.dispatcher.channels();
         channels
-            .check_address(&address, "address")
+            .check_address(&address, &"address")
             .map_err(|e| status::route(e, "address.channel_id"))?;
         let msg = Message {
             kind: MessageType::Typing,
@@ -660,7 +661,7 @@ impl ChannelGateway for GatewayService {
         let Some(m) = req.message else {
             return Err(status::invalid_field("message", "required"));
         };
-        self.check_size(&mut v, "message", &m);
+        self.check_size(&mut v, &"message", &m);
         let msg = convert::message(&mut v, &"message", m);
         if !v.is_empty() {
             return Err(status::invalid(v));
@@ -867,7 +868,7 @@ impl GatewayService {
         }
         let channels = self.dispatcher.channels();
         channels
-            .check_address(&address, "address")
+            .check_address(&address, &"address")
             .map_err(|e| status::route(e, "address.channel_id"))?;
         let options = convert::proactive_options(req.options);
         let has_conversation = address.conversation_id().is_some();
@@ -882,7 +883,7 @@ impl GatewayService {
         let mut prepared = Vec::with_capacity(req.messages.len());
         for (i, mut m) in req.messages.into_iter().enumerate() {
             m.address = Some(Box::new(convert::address_pb(&stand_in)));
-            let path = format!("messages[{i}]");
+            let path = convert::Item("messages", i);
             prepared.push(self.prepare(&path, Some(m), Some(&options), tp.clone())?);
         }
         if has_conversation {

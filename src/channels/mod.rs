@@ -171,7 +171,11 @@ impl Channels {
 
     /// Checks, before accepting, that the address can be served with the configured credentials.
     /// `field` is the path of the address in the request.
-    pub fn check_address(&self, addr: &Address, field: &str) -> Result<(), RouteError> {
+    pub fn check_address(
+        &self,
+        addr: &Address,
+        field: &dyn std::fmt::Display,
+    ) -> Result<(), RouteError> {
         let id = addr.channel_id.as_str();
         let imp = self.implementation(id)?;
         let bot = addr.bot_id();

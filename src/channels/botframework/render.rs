@@ -205,10 +205,12 @@ fn send_request(
     base: &ServiceBase,
     conversation_segment: &str,
 ) -> Result<Rendered, RenderError> {
-    let mut url = format!(
-        "{}/v3/conversations/{conversation_segment}/activities",
-        base.url
-    );
+    // Pushed rather than formatted: this runs for every message.
+    let mut url = String::with_capacity(base.url.len() + conversation_segment.len() + 64);
+    url.push_str(&base.url);
+    url.push_str("/v3/conversations/");
+    url.push_str(conversation_segment);
+    url.push_str("/activities");
     if msg.address.channel_id != SKYPE
         && let Some(target) = msg.reply_target()
     {
@@ -222,7 +224,7 @@ fn send_request(
             url,
             body,
             credential: msg.address.bot_id().to_string(),
-            rate: Some(host_scope(&base.host)),
+            rate: Some(host_scope(base)),
         }],
         warnings,
     })
@@ -230,9 +232,9 @@ fn send_request(
 
 /// The connector publishes no quota, so the scope (the service host) has none: only a 429
 /// pauses it, for every conversation served from that host.
-fn host_scope(host: &str) -> RateLimit {
+fn host_scope(base: &ServiceBase) -> RateLimit {
     RateLimit {
-        scope: format!("botframework:{host}"),
+        scope: base.scope.clone(),
         per_second: 0.0,
         burst: 0,
     }
@@ -299,7 +301,7 @@ fn create_request(
         url: format!("{}/v3/conversations", base.url),
         body: o.finish()?,
         credential: address.bot_id().to_string(),
-        rate: Some(host_scope(&base.host)),
+        rate: Some(host_scope(&base)),
     })
 }
 
@@ -308,7 +310,8 @@ fn create_request(
 struct ServiceBase {
     /// Without trailing slashes, so a path can be appended.
     url: String,
-    host: String,
+    /// The rate scope of its host, `botframework:{host}`.
+    scope: String,
 }
 
 /// The service URL, checked to be an absolute http(s) URL that a path can be appended to.
@@ -359,7 +362,7 @@ fn check_service_url(raw: &str, field: &str) -> Result<ServiceBase, RenderError>
     }
     Ok(ServiceBase {
         url: parsed.as_str().trim_end_matches('/').to_string(),
-        host: parsed.host_str().unwrap_or_default().to_string(),
+        scope: format!("botframework:{}", parsed.host_str().unwrap_or_default()),
     })
 }
 
@@ -391,13 +394,20 @@ fn percent_encode(s: &str) -> String {
     out
 }
 
-/// The conversation id an activities URL (`.../v3/conversations/{id}/activities...`) posts
-/// into, decoded: the receipt reports it without reading the body back. The id is the last
-/// such segment, since encoded segments hold no `/`.
+/// The conversation id an activities URL (`.../conversations/{id}/activities[/{reply}]`)
+/// posts into, decoded: the receipt reports it without reading the body back. Read from the
+/// end, since the service URL before it may hold anything and encoded segments hold no `/`.
 pub fn conversation_in_url(url: &str) -> Option<String> {
-    const PREFIX: &str = "/v3/conversations/";
-    let rest = &url[url.rfind(PREFIX)? + PREFIX.len()..];
-    let encoded = rest.split('/').next().unwrap_or_default().as_bytes();
+    let (mut next, mut after_next) = ("", "");
+    let mut found = None;
+    for s in url.rsplit('/') {
+        if s == "conversations" && after_next == "activities" {
+            found = Some(next);
+            break;
+        }
+        (next, after_next) = (s, next);
+    }
+    let encoded = found?.as_bytes();
     let mut out = Vec::with_capacity(encoded.len());
     let mut i = 0;
     while i < encoded.len() {
@@ -854,13 +864,13 @@ mod tests {
         };
         let a = service_base(&with("https://a.example/amer/"), "m").unwrap();
         assert_eq!(
-            (a.url.as_str(), a.host.as_str()),
-            ("https://a.example/amer", "a.example")
+            (a.url.as_str(), a.scope.as_str()),
+            ("https://a.example/amer", "botframework:a.example")
         );
         let b = service_base(&with("https://b.example/emea"), "m").unwrap();
         assert_eq!(
-            (b.url.as_str(), b.host.as_str()),
-            ("https://b.example/emea", "b.example")
+            (b.url.as_str(), b.scope.as_str()),
+            ("https://b.example/emea", "botframework:b.example")
         );
         let err = service_base(&with("https://u:p@a.example/amer/"), "m").err();
         assert!(err.is_some(), "credentials refused after a good URL");
