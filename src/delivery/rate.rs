@@ -33,20 +33,27 @@ impl RateLimiter {
         if map.len() > PRUNE_ABOVE {
             map.retain(|_, b| b.tokens < 0.0 || b.paused_until.is_some_and(|p| p > now));
         }
+        let pause_of = |b: &Bucket| {
+            b.paused_until
+                .filter(|p| *p > now)
+                .map(|p| p - now)
+                .unwrap_or_default()
+        };
+        if limit.per_second <= 0.0 || !limit.per_second.is_finite() {
+            // No quota: only a pause applies, and a scope never paused needs no bucket (nor
+            // its key copied for every message, as the Bot Framework's scopes were).
+            return map
+                .get(limit.scope.as_str())
+                .map(pause_of)
+                .unwrap_or_default();
+        }
         let burst = f64::from(limit.burst.max(1));
         let b = map.entry(limit.scope.clone()).or_insert(Bucket {
             tokens: burst,
             last: now,
             paused_until: None,
         });
-        let pause = b
-            .paused_until
-            .filter(|p| *p > now)
-            .map(|p| p - now)
-            .unwrap_or_default();
-        if limit.per_second <= 0.0 || !limit.per_second.is_finite() {
-            return pause;
-        }
+        let pause = pause_of(b);
         let elapsed = now.saturating_duration_since(b.last).as_secs_f64();
         b.tokens = (b.tokens + elapsed * limit.per_second).min(burst);
         b.last = now;
