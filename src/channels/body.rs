@@ -70,6 +70,17 @@ impl Serialize for Body {
     }
 }
 
+/// What renders leave out of a request: `null`, `""`, `[]` and `{}`.
+pub fn is_empty(v: &Value) -> bool {
+    match v {
+        Value::Null => true,
+        Value::String(s) => s.is_empty(),
+        Value::Array(a) => a.is_empty(),
+        Value::Object(o) => o.is_empty(),
+        Value::Bool(_) | Value::Number(_) => false,
+    }
+}
+
 /// A JSON object written as it is built. Like the value trees renders build, it leaves out
 /// what is empty (`null`, `""`, `[]`, `{}`), so an absent field and an empty one read the
 /// same to the channel. Keys are written in the order they are put, each once: the caller
@@ -132,14 +143,7 @@ impl ObjWriter {
 
     /// A value, left out when empty.
     pub fn value(&mut self, key: &str, v: &Value) {
-        let empty = match v {
-            Value::Null => true,
-            Value::String(s) => s.is_empty(),
-            Value::Array(a) => a.is_empty(),
-            Value::Object(o) => o.is_empty(),
-            Value::Bool(_) | Value::Number(_) => false,
-        };
-        if !empty {
+        if !is_empty(v) {
             self.key(key);
             self.write(v);
         }

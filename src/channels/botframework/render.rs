@@ -817,14 +817,7 @@ struct Obj(Map<String, Value>);
 impl Obj {
     fn put(&mut self, key: &str, v: impl Into<Value>) {
         let v = v.into();
-        let empty = match &v {
-            Value::Null => true,
-            Value::String(s) => s.is_empty(),
-            Value::Array(a) => a.is_empty(),
-            Value::Object(o) => o.is_empty(),
-            Value::Bool(_) | Value::Number(_) => false,
-        };
-        if !empty {
+        if !crate::channels::body::is_empty(&v) {
             self.0.insert(key.to_string(), v);
         }
     }
