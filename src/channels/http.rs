@@ -128,13 +128,9 @@ impl Answer {
     /// The answer's headers, in order, repeated names kept.
     pub fn headers(&self) -> HeaderMap {
         let mut slots = [const { MaybeUninit::uninit() }; MAX_HEADERS];
-        let mut parsed = httparse::Response::new(&mut []);
         let mut headers = HeaderMap::new();
         // The head parsed once already, when it was read: it parses the same way again.
-        if httparse::ParserConfig::default()
-            .parse_response_with_uninit_headers(&mut parsed, &self.head, &mut slots)
-            .is_ok()
-        {
+        if let (Ok(_), parsed) = parse_raw(&self.head, &mut slots) {
             for h in parsed.headers.iter() {
                 if let (Ok(name), Ok(value)) = (
                     HeaderName::from_bytes(h.name.as_bytes()),
@@ -632,20 +628,30 @@ fn chunk_size(line: &[u8]) -> Result<usize, TransportError> {
     }))
 }
 
+/// `buf` parsed as an answer's head into `slots`: the one parser setup that reading an answer
+/// and `Answer::headers` share. The slots start uninitialised: the parser writes only those it
+/// fills, where 64 empty headers would be written out on every call.
+fn parse_raw<'h, 'b>(
+    buf: &'b [u8],
+    slots: &'h mut [MaybeUninit<httparse::Header<'b>>],
+) -> (httparse::Result<usize>, httparse::Response<'h, 'b>) {
+    let mut parsed = httparse::Response::new(&mut []);
+    let status = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut parsed,
+        buf,
+        slots,
+    );
+    (status, parsed)
+}
+
 /// The head at the start of `buf`, or `None` while it is incomplete.
 fn parse_head(buf: &[u8]) -> Result<Option<Head>, TransportError> {
     if buf.is_empty() {
         return Ok(None);
     }
-    // Uninitialised slots: the parser writes only those it fills, where 64 empty headers
-    // would be written out on every call.
     let mut slots = [const { MaybeUninit::uninit() }; MAX_HEADERS];
-    let mut parsed = httparse::Response::new(&mut []);
-    let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
-        &mut parsed,
-        buf,
-        &mut slots,
-    ) {
+    let (status, parsed) = parse_raw(buf, &mut slots);
+    let len = match status {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(e) => return Err(broken(&e.to_string())),
