@@ -22,7 +22,7 @@ impl Body {
     pub fn json(value: &impl Serialize) -> Result<Self, RenderError> {
         serde_json::to_vec(value)
             .map(|v| Self(Bytes::from(v)))
-            .map_err(|e| RenderError::invalid("message", format!("cannot be serialized: {e}")))
+            .map_err(unserializable)
     }
 
     pub fn as_bytes(&self) -> &[u8] {
@@ -60,6 +60,10 @@ impl fmt::Debug for Body {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Display::fmt(self, f)
     }
+}
+
+fn unserializable(e: serde_json::Error) -> RenderError {
+    RenderError::invalid("message", format!("cannot be serialized: {e}"))
 }
 
 /// Serialized as the JSON it holds, so a rendered request reads the same whichever way its
@@ -191,10 +195,7 @@ impl ObjWriter {
 
     pub fn finish(mut self) -> Result<Body, RenderError> {
         if let Some(e) = self.error {
-            return Err(RenderError::invalid(
-                "message",
-                format!("cannot be serialized: {e}"),
-            ));
+            return Err(unserializable(e));
         }
         self.out.push(b'}');
         Ok(Body(Bytes::from(self.out)))
