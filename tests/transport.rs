@@ -62,9 +62,23 @@ async fn tls_client(
     let channel = Endpoint::from_shared(format!("https://localhost:{}", addr.port()))
         .unwrap()
         .tls_config(tls)?
+        .connect_timeout(CALL_BOUND)
+        .timeout(CALL_BOUND)
         .connect()
         .await?;
     Ok(ChannelGatewayClient::new(channel))
+}
+
+/// Every client call in these tests is bounded. Under TLS 1.3 a client learns that the server
+/// refused its certificate only when it next reads, after its own handshake has finished; an
+/// unbounded call on such a connection once hung CI for its whole budget. A refused client that
+/// times out has still been refused: the server never answered it.
+const CALL_BOUND: Duration = Duration::from_secs(5);
+
+/// Runs one client step within `CALL_BOUND` however tonic queues it (its own timeout starts only
+/// once a request reaches a connection); `None` when it did not finish.
+async fn bounded<T>(step: impl std::future::Future<Output = T>) -> Option<T> {
+    tokio::time::timeout(CALL_BOUND, step).await.ok()
 }
 
 fn caps() -> pb::GetCapabilitiesRequest {
@@ -89,17 +103,33 @@ async fn tls_serves_and_reloads_its_certificate() {
         })
     })
     .await;
-    let mut client = tls_client(h.gateway.addr, &pki.ca_pem, None).await.unwrap();
-    client.get_capabilities(caps()).await.unwrap();
+    bounded(async {
+        let mut client = tls_client(h.gateway.addr, &pki.ca_pem, None).await?;
+        client.get_capabilities(caps()).await?;
+        Ok::<_, Box<dyn std::error::Error>>(())
+    })
+    .await
+    .expect("a TLS client is answered in time")
+    .expect("a TLS client is served");
 
     // A plaintext client cannot talk to the TLS listener.
-    let plain = ChannelGatewayClient::connect(format!("http://{}", h.gateway.addr)).await;
-    if let Ok(mut p) = plain {
-        assert!(
-            p.get_capabilities(caps()).await.is_err(),
-            "plaintext accepted on a TLS port"
-        );
-    }
+    let served = bounded(async {
+        let channel = Endpoint::from_shared(format!("http://{}", h.gateway.addr))
+            .unwrap()
+            .connect_timeout(CALL_BOUND)
+            .timeout(CALL_BOUND)
+            .connect()
+            .await?;
+        ChannelGatewayClient::new(channel)
+            .get_capabilities(caps())
+            .await?;
+        Ok::<_, Box<dyn std::error::Error>>(())
+    })
+    .await;
+    assert!(
+        !matches!(served, Some(Ok(()))),
+        "plaintext accepted on a TLS port"
+    );
 
     // Replace the certificate with one from another CA: new connections must present it.
     let other = Pki::new("rotated CA");
@@ -108,9 +138,13 @@ async fn tls_serves_and_reloads_its_certificate() {
     std::fs::write(&cert_file, cert2).unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        if let Ok(mut c) = tls_client(h.gateway.addr, &other.ca_pem, None).await
-            && c.get_capabilities(caps()).await.is_ok()
-        {
+        let served = bounded(async {
+            let mut c = tls_client(h.gateway.addr, &other.ca_pem, None).await?;
+            c.get_capabilities(caps()).await?;
+            Ok::<_, Box<dyn std::error::Error>>(())
+        })
+        .await;
+        if let Some(Ok(())) = served {
             break;
         }
         assert!(
@@ -148,39 +182,56 @@ async fn mtls_maps_client_certificates_to_bots_and_refuses_strangers() {
     })
     .await;
 
-    let mut good = tls_client(h.gateway.addr, &pki.ca_pem, Some((&bot_cert, &bot_key)))
-        .await
-        .unwrap();
-    good.send(pb::SendRequest {
+    let mut good = bounded(tls_client(
+        h.gateway.addr,
+        &pki.ca_pem,
+        Some((&bot_cert, &bot_key)),
+    ))
+    .await
+    .expect("a listed client connects in time")
+    .unwrap();
+    bounded(good.send(pb::SendRequest {
         message: Some(h.text("mtls", "hello")),
         ..Default::default()
-    })
+    }))
     .await
+    .expect("a listed client is answered in time")
     .expect("a listed client certificate sends as its bot");
     let mut other_bot = h.text("mtls", "as someone else");
     other_bot.address.as_mut().unwrap().bot.as_mut().unwrap().id = "another-bot".into();
-    let e = good
-        .send(pb::SendRequest {
-            message: Some(other_bot),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
+    let e = bounded(good.send(pb::SendRequest {
+        message: Some(other_bot),
+        ..Default::default()
+    }))
+    .await
+    .expect("a send for another bot is answered in time")
+    .unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied);
 
     // Signed by the right CA but not listed: authenticated TLS, unknown caller.
-    let mut unlisted = tls_client(h.gateway.addr, &pki.ca_pem, Some((&other_cert, &other_key)))
+    let mut unlisted = bounded(tls_client(
+        h.gateway.addr,
+        &pki.ca_pem,
+        Some((&other_cert, &other_key)),
+    ))
+    .await
+    .expect("an unlisted client connects in time")
+    .unwrap();
+    let e = bounded(unlisted.get_capabilities(caps()))
         .await
-        .unwrap();
-    let e = unlisted.get_capabilities(caps()).await.unwrap_err();
+        .expect("an unlisted client is answered in time")
+        .unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unauthenticated);
 
     // A certificate from another CA, or none, does not get through the handshake.
     for identity in [Some((bad_cert.as_str(), bad_key.as_str())), None] {
-        let refused = match tls_client(h.gateway.addr, &pki.ca_pem, identity).await {
-            Err(_) => true,
-            Ok(mut c) => c.get_capabilities(caps()).await.is_err(),
-        };
+        let served = bounded(async {
+            let mut c = tls_client(h.gateway.addr, &pki.ca_pem, identity).await?;
+            c.get_capabilities(caps()).await?;
+            Ok::<_, Box<dyn std::error::Error>>(())
+        })
+        .await;
+        let refused = !matches!(served, Some(Ok(())));
         assert!(
             refused,
             "handshake accepted a client without a trusted certificate"
