@@ -367,6 +367,44 @@ pub struct Harness {
     pub client: ChannelGatewayClient<tonic::transport::Channel>,
     /// The durable outbox's directory, removed when the harness goes.
     pub data_dir: tempfile::TempDir,
+    _watchdog: Watchdog,
+}
+
+/// How long one test may hold a harness. The slowest test takes ~16 s on a loaded 2-core machine;
+/// a hung one once used all of CI's 90 minutes and hid every other result.
+const TEST_BOUND: std::time::Duration = std::time::Duration::from_secs(240);
+
+/// Ends the test process, naming the test, if the harness outlives `TEST_BOUND`: a hang then
+/// fails within minutes, with its name, instead of running until CI's budget is gone.
+pub struct Watchdog(Option<std::sync::mpsc::Sender<()>>);
+
+impl Watchdog {
+    pub fn start() -> Self {
+        use std::io::Write;
+        let test = std::thread::current()
+            .name()
+            .unwrap_or("a test")
+            .to_string();
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        std::thread::spawn(move || {
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(TEST_BOUND) {
+                // Straight to stderr: the test harness captures `eprintln!` and would lose it.
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "{test} has run for more than {TEST_BOUND:?}: it hangs; aborting"
+                );
+                std::process::exit(101);
+            }
+        });
+        Watchdog(Some(tx))
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        // Dropping the sender wakes the thread with `Disconnected`, which ends it quietly.
+        self.0.take();
+    }
 }
 
 pub async fn start() -> Harness {
@@ -374,6 +412,7 @@ pub async fn start() -> Harness {
 }
 
 pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> Harness {
+    let watchdog = Watchdog::start();
     let fake = FakeConnector::start().await;
     let data_dir = tempfile::tempdir().unwrap();
     let mut config = config_for(&fake);
@@ -388,6 +427,7 @@ pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> Harness {
         gateway,
         client,
         data_dir,
+        _watchdog: watchdog,
     }
 }
 
