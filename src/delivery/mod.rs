@@ -28,7 +28,7 @@ use crate::metrics::Metrics;
 use crate::model::{Address, Message, ProactiveOptions};
 use crate::outbox::{
     Change, DeliveryState, Durable, IdempotencyRecord, Outcome, StateRecord, Store, StoredMessage,
-    now_ms, ready_durable,
+    now_ms,
 };
 
 const SHARDS: usize = 64;
@@ -314,7 +314,7 @@ impl Dispatcher {
         let Some(first) = messages.first() else {
             return Ok(Accepted {
                 tickets: Vec::new(),
-                durable: ready_durable(),
+                durable: Durable::ready(),
             });
         };
         let key = ConversationKey::of(&first.message.address);
@@ -451,7 +451,7 @@ impl Dispatcher {
                 rendered,
                 proactive: m.proactive,
                 accepted_at: Instant::now(),
-                durable: ready_durable(),
+                durable: Durable::ready(),
                 possible_duplicate: m.record.state == DeliveryState::Delivering
                     || m.record.possible_duplicate,
                 delivering: None,
@@ -532,7 +532,7 @@ fn new_items(
                     rendered: s.rendered,
                     proactive: proactive.cloned(),
                     accepted_at: now,
-                    durable: ready_durable(),
+                    durable: Durable::ready(),
                     possible_duplicate: false,
                     delivering: None,
                     ephemeral: false,
@@ -611,7 +611,7 @@ impl Inner {
         }
         // Ids and the outbox append happen under the shard lock: acceptance order is both
         // delivery order and the order a restart resumes in.
-        let mut durable = ready_durable();
+        let mut durable = Durable::ready();
         let mut ids = Vec::with_capacity(n);
         if let Admission::New(idem) = admission {
             let label = key.label();
@@ -633,7 +633,7 @@ impl Inner {
                 }
                 let state = if head && !item.rendered.requests.is_empty() {
                     // Durable with the append itself, which `durable` already stands for.
-                    item.delivering = Some(ready_durable());
+                    item.delivering = Some(Durable::ready());
                     DeliveryState::Delivering
                 } else {
                     DeliveryState::Accepted

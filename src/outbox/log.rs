@@ -30,11 +30,8 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
-use futures::FutureExt;
-use tokio::sync::oneshot;
-
 use super::{
-    Change, DeliveryState, Durable, IdempotencyRecord, StateRecord, Store, StoreError,
+    Change, Commits, DeliveryState, Durable, IdempotencyRecord, StateRecord, Store, StoreError,
     StoredMessage, apply, apply_state,
 };
 
@@ -57,8 +54,6 @@ const KIND_BODY: u8 = 3;
 const KIND_STATE: u8 = 4;
 /// key length, key, record.
 const KIND_IDEMPOTENCY: u8 = 5;
-
-type Ack = oneshot::Sender<Result<(), StoreError>>;
 
 fn storage(e: impl std::fmt::Display) -> StoreError {
     StoreError::Storage(e.to_string())
@@ -291,14 +286,15 @@ struct Entry {
 }
 
 /// A `Cmd::Put` taken apart by the writer.
-type QueuedPut = (Vec<Entry>, Option<(String, IdempotencyRecord)>, Option<Ack>);
+type QueuedPut = (Vec<Entry>, Option<(String, IdempotencyRecord)>, u64);
 
 enum Cmd {
     Put {
         entries: Vec<Entry>,
         idempotency: Option<(String, IdempotencyRecord)>,
-        /// None when nobody waits for it (`Store::record`).
-        ack: Option<Ack>,
+        /// The put's last version: settled in `Commits` once its commit is done, whether or not
+        /// anybody waits for it.
+        version: u64,
     },
     Compact {
         cutoff_ms: u64,
@@ -379,6 +375,8 @@ pub struct LogStore {
     writer: Option<std::thread::JoinHandle<()>>,
     /// Why the writer stopped, once a write failed.
     broken: Arc<OnceLock<String>>,
+    /// How far the writer got: what each `Durable` handed out waits on.
+    commits: Arc<Commits>,
     #[cfg(test)]
     fail_next: Arc<std::sync::atomic::AtomicBool>,
     next_id: u64,
@@ -431,6 +429,7 @@ impl LogStore {
         let head = Head::create(&log_dir, last_seg + 1, next_id, &index)?;
         let overlay = Arc::new(Mutex::new(Overlay::default()));
         let broken = Arc::new(OnceLock::new());
+        let commits = Arc::new(Commits::default());
         #[cfg(test)]
         let fail_next = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (tx, rx) = mpsc::channel();
@@ -440,6 +439,7 @@ impl LogStore {
             index: index.clone(),
             overlay: overlay.clone(),
             broken: broken.clone(),
+            commits: commits.clone(),
             #[cfg(test)]
             fail_next: fail_next.clone(),
             max_id: next_id.saturating_sub(1),
@@ -451,7 +451,18 @@ impl LogStore {
         }
         let handle = std::thread::Builder::new()
             .name("outbox-writer".into())
-            .spawn(move || w.run(rx))
+            .spawn(move || {
+                // However the writer ends (its queue closed, or a panic), what it had not
+                // settled fails as Closed instead of waiting for ever.
+                struct CloseOnExit(Arc<Commits>);
+                impl Drop for CloseOnExit {
+                    fn drop(&mut self) {
+                        self.0.close();
+                    }
+                }
+                let _close = CloseOnExit(w.commits.clone());
+                w.run(rx)
+            })
             .map_err(|e| storage(format!("cannot start the writer thread: {e}")))?;
         Ok(Self {
             index,
@@ -459,6 +470,7 @@ impl LogStore {
             tx: Some(tx),
             writer: Some(handle),
             broken,
+            commits,
             #[cfg(test)]
             fail_next,
             next_id,
@@ -468,7 +480,8 @@ impl LogStore {
 
     /// Queues a command; called under the overlay lock so versions reach the writer in order.
     fn send(&self, cmd: Cmd) {
-        // A send only fails once the writer is gone; the dropped ack then reports Closed.
+        // A send only fails once the writer is gone, which closed `commits`: waiters then hear
+        // Closed.
         if let Some(tx) = &self.tx {
             let _ = tx.send(cmd);
         }
@@ -534,10 +547,9 @@ impl LogStore {
         for m in messages {
             match (encode_body(&m), encode_state(&m.record)) {
                 (Ok(body), Ok(state_bytes)) => encoded.push((Arc::new(m), body, state_bytes)),
-                (Err(e), _) | (_, Err(e)) => return super::settled(Err(e)),
+                (Err(e), _) | (_, Err(e)) => return Durable::settled(Err(e)),
             }
         }
-        let (ack, rx) = oneshot::channel();
         let mut ov = lock(&self.overlay);
         let mut entries = Vec::with_capacity(encoded.len());
         for (m, body, state_bytes) in encoded {
@@ -553,18 +565,22 @@ impl LogStore {
                 state_bytes,
             });
         }
+        // A put of an idempotency key alone still needs a version of its own to wait on.
+        let version = match entries.last() {
+            Some(e) => e.version,
+            None => ov.next_version(),
+        };
         self.send(Cmd::Put {
             entries,
             idempotency,
-            ack: Some(ack),
+            version,
         });
         drop(ov);
-        durable(rx)
+        Durable::of(&self.commits, version)
     }
 
     /// Applies a state change to the newest known state and queues it. Without `wait`, nobody
-    /// is told when it is durable: the acknowledgement (a channel and a shared future, several
-    /// allocations) is not even built.
+    /// is handed a `Durable` for it.
     fn put_state(&self, id: u64, change: Change, wait: bool) -> Option<Durable> {
         let mut ov = lock(&self.overlay);
         let current = if matches!(change, Change::Finished(_)) {
@@ -580,7 +596,7 @@ impl LogStore {
             drop(ov);
             let s = match self.read_state(id) {
                 Ok(Some(s)) => s,
-                Ok(None) => return wait.then(super::ready_durable),
+                Ok(None) => return wait.then(Durable::ready),
                 Err(e) => return not_recorded(id, e, wait),
             };
             ov = lock(&self.overlay);
@@ -591,12 +607,6 @@ impl LogStore {
         let state_bytes = match encode_state(&state) {
             Ok(b) => b,
             Err(e) => return not_recorded(id, e, wait),
-        };
-        let (ack, rx) = if wait {
-            let (ack, rx) = oneshot::channel();
-            (Some(ack), Some(rx))
-        } else {
-            (None, None)
         };
         let version = ov.next_version();
         let entry = Entry {
@@ -611,26 +621,20 @@ impl LogStore {
         self.send(Cmd::Put {
             entries: vec![entry],
             idempotency: None,
-            ack,
+            version,
         });
         drop(ov);
-        rx.map(durable)
+        wait.then(|| Durable::of(&self.commits, version))
     }
 }
 
 /// A state change that could not be queued: the waiter hears why; with no waiter, the log does.
 fn not_recorded(id: u64, e: StoreError, wait: bool) -> Option<Durable> {
     if wait {
-        return Some(super::settled(Err(e)));
+        return Some(Durable::settled(Err(e)));
     }
     tracing::error!(error = %e, message_id = id, "outbox state change not recorded");
     None
-}
-
-fn durable(rx: oneshot::Receiver<Result<(), StoreError>>) -> Durable {
-    let f: std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), StoreError>> + Send>> =
-        Box::pin(rx.map(|r| r.unwrap_or(Err(StoreError::Closed))));
-    f.shared()
 }
 
 impl Drop for LogStore {
@@ -655,14 +659,14 @@ impl Store for LogStore {
         if !matches!(change, Change::Moved { .. }) {
             return self
                 .put_state(id, change, true)
-                .unwrap_or_else(super::ready_durable);
+                .unwrap_or_else(Durable::ready);
         }
         match self.get(id) {
             Some(mut m) => {
                 apply(&mut m, change);
                 self.put_bodies(vec![m], None)
             }
-            None => super::ready_durable(),
+            None => Durable::ready(),
         }
     }
 
@@ -972,6 +976,8 @@ struct Writer {
     /// is refused rather than acknowledged on top of it. Shared with the store, which reports
     /// it (readiness).
     broken: Arc<OnceLock<String>>,
+    /// Settled after each commit, in version order.
+    commits: Arc<Commits>,
     /// Tests make the next write fail as a full disk would.
     #[cfg(test)]
     fail_next: Arc<std::sync::atomic::AtomicBool>,
@@ -1004,8 +1010,8 @@ impl Writer {
                     Cmd::Put {
                         entries,
                         idempotency,
-                        ack,
-                    } => puts.push((entries, idempotency, ack)),
+                        version,
+                    } => puts.push((entries, idempotency, version)),
                     Cmd::Compact {
                         cutoff_ms,
                         idem_cutoff_ms,
@@ -1058,16 +1064,17 @@ impl Writer {
         if let Err(e) = &result {
             tracing::error!(error = %e, commands = puts.len(), "outbox commit failed");
         }
+        // Puts arrive in version order, so the last one's version settles them all.
+        if let Some((_, _, up_to)) = puts.last() {
+            self.commits.settle(*up_to, &result);
+        }
         let mut committed = Vec::new();
-        for (entries, _, ack) in puts {
+        for (entries, _, _) in puts {
             committed.extend(
                 entries
                     .into_iter()
                     .map(|e| (e.id, e.version, e.body.is_some())),
             );
-            if let Some(ack) = ack {
-                let _ = ack.send(result.clone());
-            }
         }
         if result.is_ok() {
             let mut ov = lock(&self.overlay);

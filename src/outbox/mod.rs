@@ -5,18 +5,16 @@
 //! its state, attempts, receipts and last error, and idempotency keys. Knows nothing of gRPC
 //! or any channel's JSON; never decides ordering (the dispatcher does).
 
+mod durable;
 mod log;
 mod redb_import;
 
 use std::collections::{BTreeMap, HashMap};
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
-use futures::FutureExt;
-use futures::future::Shared;
 use serde::{Deserialize, Serialize};
 
+pub use durable::{Commits, Durable};
 pub use log::LogStore;
 
 use crate::channels::{ChannelError, NativeReceipt};
@@ -100,26 +98,12 @@ pub enum Change {
     Requeued,
 }
 
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum StoreError {
     #[error("outbox storage: {0}")]
     Storage(String),
     #[error("outbox is closed")]
     Closed,
-}
-
-/// Resolves once what it stands for is durable.
-pub type Durable = Shared<Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>>>;
-
-pub fn ready_durable() -> Durable {
-    settled(Ok(()))
-}
-
-/// A `Durable` whose result is already known (nothing to wait for, or a failure found first).
-pub(crate) fn settled(result: Result<(), StoreError>) -> Durable {
-    let f: Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>> =
-        Box::pin(async move { result });
-    f.shared()
 }
 
 /// What an idempotency key accepted the first time: its messages, whose current records make
@@ -282,7 +266,7 @@ impl Store for MemoryStore {
                 s.idempotency.insert(k, r);
             }
         });
-        ready_durable()
+        Durable::ready()
     }
 
     fn update(&self, id: u64, change: Change) -> Durable {
@@ -291,7 +275,7 @@ impl Store for MemoryStore {
                 apply(m, change);
             }
         });
-        ready_durable()
+        Durable::ready()
     }
 
     fn get(&self, id: u64) -> Option<StoredMessage> {
