@@ -641,13 +641,20 @@ impl Inner {
                 head = false;
                 stored.push(StoredMessage {
                     id: item.id,
-                    conversation: label.clone(),
+                    // Named below: the last one takes the label itself.
+                    conversation: String::new(),
                     message: item.message.clone(),
                     proactive: item.proactive.clone(),
                     accepted_at_ms: now,
                     record: StateRecord::new(state, now),
                     warnings: item.rendered.warnings.clone(),
                 });
+            }
+            if let Some((last, rest)) = stored.split_last_mut() {
+                for m in rest {
+                    m.conversation.clone_from(&label);
+                }
+                last.conversation = label;
             }
             let idem = idem.map(|k| {
                 (
