@@ -52,21 +52,33 @@ async fn tls_client(
     addr: std::net::SocketAddr,
     ca_pem: &str,
     identity: Option<(&str, &str)>,
-) -> Result<ChannelGatewayClient<tonic::transport::Channel>, tonic::transport::Error> {
+) -> Result<ChannelGatewayClient<tonic::transport::Channel>, Box<dyn std::error::Error>> {
     let mut tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(ca_pem))
         .domain_name("localhost");
     if let Some((cert, key)) = identity {
         tls = tls.identity(Identity::from_pem(cert, key));
     }
-    let channel = Endpoint::from_shared(format!("https://localhost:{}", addr.port()))
-        .unwrap()
+    let endpoint = Endpoint::from_shared(format!("https://localhost:{}", addr.port()))?
         .tls_config(tls)?
         .connect_timeout(CALL_BOUND)
-        .timeout(CALL_BOUND)
-        .connect()
-        .await?;
+        .timeout(CALL_BOUND);
+    let channel = bounded(endpoint.connect())
+        .await
+        .ok_or("no connection within the bound")??;
     Ok(ChannelGatewayClient::new(channel))
+}
+
+/// Whether a TLS client with this identity, trusting `ca_pem`, connects and is answered within
+/// the bound.
+async fn served(addr: std::net::SocketAddr, ca_pem: &str, identity: Option<(&str, &str)>) -> bool {
+    let answered = bounded(async {
+        let mut c = tls_client(addr, ca_pem, identity).await?;
+        c.get_capabilities(caps()).await?;
+        Ok::<_, Box<dyn std::error::Error>>(())
+    })
+    .await;
+    matches!(answered, Some(Ok(())))
 }
 
 /// Every client call in these tests is bounded. Under TLS 1.3 a client learns that the server
@@ -103,17 +115,13 @@ async fn tls_serves_and_reloads_its_certificate() {
         })
     })
     .await;
-    bounded(async {
-        let mut client = tls_client(h.gateway.addr, &pki.ca_pem, None).await?;
-        client.get_capabilities(caps()).await?;
-        Ok::<_, Box<dyn std::error::Error>>(())
-    })
-    .await
-    .expect("a TLS client is answered in time")
-    .expect("a TLS client is served");
+    assert!(
+        served(h.gateway.addr, &pki.ca_pem, None).await,
+        "a TLS client is served"
+    );
 
     // A plaintext client cannot talk to the TLS listener.
-    let served = bounded(async {
+    let plain = bounded(async {
         let channel = Endpoint::from_shared(format!("http://{}", h.gateway.addr))
             .unwrap()
             .connect_timeout(CALL_BOUND)
@@ -127,7 +135,7 @@ async fn tls_serves_and_reloads_its_certificate() {
     })
     .await;
     assert!(
-        !matches!(served, Some(Ok(()))),
+        !matches!(plain, Some(Ok(()))),
         "plaintext accepted on a TLS port"
     );
 
@@ -138,13 +146,7 @@ async fn tls_serves_and_reloads_its_certificate() {
     std::fs::write(&cert_file, cert2).unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let served = bounded(async {
-            let mut c = tls_client(h.gateway.addr, &other.ca_pem, None).await?;
-            c.get_capabilities(caps()).await?;
-            Ok::<_, Box<dyn std::error::Error>>(())
-        })
-        .await;
-        if let Some(Ok(())) = served {
+        if served(h.gateway.addr, &other.ca_pem, None).await {
             break;
         }
         assert!(
@@ -182,14 +184,9 @@ async fn mtls_maps_client_certificates_to_bots_and_refuses_strangers() {
     })
     .await;
 
-    let mut good = bounded(tls_client(
-        h.gateway.addr,
-        &pki.ca_pem,
-        Some((&bot_cert, &bot_key)),
-    ))
-    .await
-    .expect("a listed client connects in time")
-    .unwrap();
+    let mut good = tls_client(h.gateway.addr, &pki.ca_pem, Some((&bot_cert, &bot_key)))
+        .await
+        .expect("a listed client connects");
     bounded(good.send(pb::SendRequest {
         message: Some(h.text("mtls", "hello")),
         ..Default::default()
@@ -209,14 +206,9 @@ async fn mtls_maps_client_certificates_to_bots_and_refuses_strangers() {
     assert_eq!(e.code(), tonic::Code::PermissionDenied);
 
     // Signed by the right CA but not listed: authenticated TLS, unknown caller.
-    let mut unlisted = bounded(tls_client(
-        h.gateway.addr,
-        &pki.ca_pem,
-        Some((&other_cert, &other_key)),
-    ))
-    .await
-    .expect("an unlisted client connects in time")
-    .unwrap();
+    let mut unlisted = tls_client(h.gateway.addr, &pki.ca_pem, Some((&other_cert, &other_key)))
+        .await
+        .expect("an unlisted client connects");
     let e = bounded(unlisted.get_capabilities(caps()))
         .await
         .expect("an unlisted client is answered in time")
@@ -225,15 +217,8 @@ async fn mtls_maps_client_certificates_to_bots_and_refuses_strangers() {
 
     // A certificate from another CA, or none, does not get through the handshake.
     for identity in [Some((bad_cert.as_str(), bad_key.as_str())), None] {
-        let served = bounded(async {
-            let mut c = tls_client(h.gateway.addr, &pki.ca_pem, identity).await?;
-            c.get_capabilities(caps()).await?;
-            Ok::<_, Box<dyn std::error::Error>>(())
-        })
-        .await;
-        let refused = !matches!(served, Some(Ok(())));
         assert!(
-            refused,
+            !served(h.gateway.addr, &pki.ca_pem, identity).await,
             "handshake accepted a client without a trusted certificate"
         );
     }
