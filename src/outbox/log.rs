@@ -480,8 +480,8 @@ impl LogStore {
 
     /// Queues a command; called under the overlay lock so versions reach the writer in order.
     fn send(&self, cmd: Cmd) {
-        // A send only fails once the writer is gone, which closed `commits`: waiters then hear
-        // Closed.
+        // A send only fails once the writer is gone; its exit closes `commits`, so whoever
+        // waits on this change then hears Closed.
         if let Some(tx) = &self.tx {
             let _ = tx.send(cmd);
         }

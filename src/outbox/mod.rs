@@ -14,7 +14,8 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
-pub use durable::{Commits, Durable};
+pub(crate) use durable::Commits;
+pub use durable::Durable;
 pub use log::LogStore;
 
 use crate::channels::{ChannelError, NativeReceipt};
