@@ -75,6 +75,8 @@ fn address(fake: &FakeConnector, conv: usize) -> pb::Address {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigkill_mid_stream_loses_nothing_accepted_and_keeps_order() {
+    // No harness here: the test runs its own gateway process, so it starts its own watchdog.
+    let _watchdog = common::Watchdog::start();
     let fake = FakeConnector::start().await;
     fake.set_jitter(Duration::from_millis(3));
     let dir = tempfile::tempdir().unwrap();

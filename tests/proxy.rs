@@ -42,6 +42,8 @@ async fn refusing_proxy() -> (u16, mpsc::UnboundedReceiver<String>) {
 
 #[tokio::test]
 async fn channel_calls_go_through_the_https_proxy_of_the_environment() {
+    // No harness here: the test runs its own gateway process, so it starts its own watchdog.
+    let _watchdog = common::Watchdog::start();
     let (proxy_port, mut seen) = refusing_proxy().await;
     let port = free_port();
     let admin = free_port();

@@ -15,6 +15,8 @@ use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 
 #[tokio::test]
 async fn serve_with_no_config_answers_health_and_reflection_and_stops_on_sigterm() {
+    // No harness here: the test runs its own gateway process, so it starts its own watchdog.
+    let _watchdog = common::Watchdog::start();
     let port = common::free_port();
     let admin = common::free_port();
     let dir = tempfile::tempdir().unwrap();

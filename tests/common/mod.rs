@@ -370,11 +370,11 @@ pub struct Harness {
     _watchdog: Watchdog,
 }
 
-/// How long one test may hold a harness. The slowest test takes ~16 s on a loaded 2-core machine;
+/// How long one test may run (from its harness, or its own watchdog, to their drop). The slowest test takes ~16 s on a loaded 2-core machine;
 /// a hung one once used all of CI's 90 minutes and hid every other result.
 const TEST_BOUND: std::time::Duration = std::time::Duration::from_secs(240);
 
-/// Ends the test process, naming the test, if the harness outlives `TEST_BOUND`: a hang then
+/// Ends the test process, naming the test, if it is still alive after `TEST_BOUND`: a hang then
 /// fails within minutes, with its name, instead of running until CI's budget is gone.
 pub struct Watchdog(Option<std::sync::mpsc::Sender<()>>);
 
