@@ -370,8 +370,9 @@ pub struct Harness {
     _watchdog: Watchdog,
 }
 
-/// How long one test may run (from its harness, or its own watchdog, to their drop). The slowest test takes ~16 s on a loaded 2-core machine;
-/// a hung one once used all of CI's 90 minutes and hid every other result.
+/// How long one test may run (from its harness, or its own watchdog, to their drop). The
+/// slowest test takes ~16 s on a loaded 2-core machine; a hung one once used all of CI's 90
+/// minutes and hid every other result.
 const TEST_BOUND: std::time::Duration = std::time::Duration::from_secs(240);
 
 /// Ends the test process, naming the test, if it is still alive after `TEST_BOUND`: a hang then
