@@ -451,18 +451,7 @@ impl LogStore {
         }
         let handle = std::thread::Builder::new()
             .name("outbox-writer".into())
-            .spawn(move || {
-                // However the writer ends (its queue closed, or a panic), what it had not
-                // settled fails as Closed instead of waiting for ever.
-                struct CloseOnExit(Arc<Commits>);
-                impl Drop for CloseOnExit {
-                    fn drop(&mut self) {
-                        self.0.close();
-                    }
-                }
-                let _close = CloseOnExit(w.commits.clone());
-                w.run(rx)
-            })
+            .spawn(move || w.run(rx))
             .map_err(|e| storage(format!("cannot start the writer thread: {e}")))?;
         Ok(Self {
             index,
@@ -985,6 +974,14 @@ struct Writer {
     segment_bytes: u64,
     /// The buffers of the last commit, kept for the next.
     scratch: Batch,
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        // However the writer ends (its queue closed, or a panic on its thread), what it had not
+        // settled fails as Closed instead of waiting for ever.
+        self.commits.close();
+    }
 }
 
 /// A commit buffer larger than this (after a burst) is let go rather than kept.
