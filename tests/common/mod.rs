@@ -377,7 +377,10 @@ const TEST_BOUND: std::time::Duration = std::time::Duration::from_secs(240);
 
 /// Ends the test process, naming the test, if it is still alive after `TEST_BOUND`: a hang then
 /// fails within minutes, with its name, instead of running until CI's budget is gone.
-pub struct Watchdog(Option<std::sync::mpsc::Sender<()>>);
+pub struct Watchdog {
+    /// Dropped with the watchdog, which wakes its thread with `Disconnected`: it ends quietly.
+    _alive: std::sync::mpsc::Sender<()>,
+}
 
 impl Watchdog {
     pub fn start() -> Self {
@@ -397,14 +400,7 @@ impl Watchdog {
                 std::process::exit(101);
             }
         });
-        Watchdog(Some(tx))
-    }
-}
-
-impl Drop for Watchdog {
-    fn drop(&mut self) {
-        // Dropping the sender wakes the thread with `Disconnected`, which ends it quietly.
-        self.0.take();
+        Watchdog { _alive: tx }
     }
 }
 
