@@ -25,9 +25,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use axum::extract::{Path, RawQuery, State};
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use serde_json::{Value, json};
 use tonic::{Request, Response, Status};
 
@@ -88,9 +85,9 @@ fn main() {
 /// The fake reads only the text: a real channel runs on other machines, so its cost here
 /// should stay small next to the gateway's.
 #[derive(serde::Deserialize)]
-struct Activity {
-    #[serde(default)]
-    text: String,
+struct Activity<'a> {
+    #[serde(default, borrow)]
+    text: std::borrow::Cow<'a, str>,
 }
 
 #[derive(Default)]
@@ -98,119 +95,257 @@ struct FakeStats {
     received: AtomicU64,
     violations: AtomicU64,
     duplicates: AtomicU64,
-    last: Mutex<HashMap<String, u64>>,
+    /// Each conversation's last sequence number, and when the fake answered that call.
+    last: Mutex<HashMap<String, (u64, Instant)>>,
+    /// From the fake's answer to a conversation's call to that conversation's next call, in µs,
+    /// summed over `gaps` such pairs. On the slow channel a conversation's throughput is one call
+    /// per delay + lateness + gap, so this says where the rest of its time went.
+    gap_us: AtomicU64,
+    gaps: AtomicU64,
+    /// How much later than its delay the fake answered, in µs, summed over every call: its own
+    /// timer and scheduling, which the gateway cannot help.
+    late_us: AtomicU64,
     latencies_us: Mutex<Vec<u32>>,
     /// While true, activity calls wait: the gateway then only accepts (its deliveries queue
     /// up behind the calls held here), which isolates the accept path.
     hold: tokio::sync::watch::Sender<bool>,
 }
 
+/// The fake speaks HTTP/1.1 itself (with `httparse`, as the gateway's client does) rather than
+/// through a web framework: it shares the two cores with the gateway it measures, and a
+/// router, extractors and a JSON tree per call made it cost ~28 µs of CPU per message on the
+/// slow channel, a fifth of the machine's whole budget there.
 async fn fake_channel() {
     let delay = Duration::from_millis(arg("--delay-ms").and_then(|s| s.parse().ok()).unwrap_or(0));
     let stats = Arc::new(FakeStats::default());
-    let app = Router::new()
-        .route(
-            "/token",
-            post(|| async { Json(json!({"access_token": "bench-token", "expires_in": 3600})) }),
-        )
-        .route(
-            "/v3/conversations/{conv}/activities",
-            post(
-                move |State(s): State<Arc<FakeStats>>,
-                      Path(conv): Path<String>,
-                      Json(body): Json<Activity>| async move {
-                    let mut held = s.hold.subscribe();
-                    let _ = held.wait_for(|h| !*h).await;
-                    if !delay.is_zero() {
-                        tokio::time::sleep(delay).await;
-                    }
-                    let text = body.text.as_str();
-                    let mut parts = text.split(' ');
-                    let seq: u64 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
-                    let sent: u128 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
-                    let now = unix_nanos();
-                    {
-                        let mut last = s.last.lock().unwrap_or_else(|p| p.into_inner());
-                        let prev = last.get(&conv).copied();
-                        match prev {
-                            Some(p) if seq == p => {
-                                s.duplicates.fetch_add(1, Ordering::Relaxed);
-                            }
-                            Some(p) if seq != p + 1 => {
-                                s.violations.fetch_add(1, Ordering::Relaxed);
-                            }
-                            None if seq != 0 => {
-                                s.violations.fetch_add(1, Ordering::Relaxed);
-                            }
-                            _ => {}
-                        }
-                        last.insert(conv, seq);
-                    }
-                    if sent > 0 && now > sent {
-                        let us = ((now - sent) / 1000).min(u32::MAX as u128) as u32;
-                        s.latencies_us
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .push(us);
-                    }
-                    let n = s.received.fetch_add(1, Ordering::Relaxed) + 1;
-                    Json(json!({"id": format!("a{n}")}))
-                },
-            ),
-        )
-        .route(
-            "/hold",
-            post(|State(s): State<Arc<FakeStats>>, body: String| async move {
-                s.hold.send_replace(body.trim() == "on");
-                "ok"
-            }),
-        )
-        .route(
-            "/stats",
-            get(
-                |State(s): State<Arc<FakeStats>>, RawQuery(q): RawQuery| async move {
-                    let mut stats = json!({
-                        "received": s.received.load(Ordering::Relaxed),
-                        "violations": s.violations.load(Ordering::Relaxed),
-                        "duplicates": s.duplicates.load(Ordering::Relaxed),
-                    });
-                    // Sorting every latency is asked for once, at the end of a run: the load
-                    // polls the counts every 10 ms, and sorting 200k latencies each time was
-                    // ~8% of the fake's CPU, on the cores the gateway is measured on.
-                    if q.as_deref() == Some("latency") {
-                        let mut l = s
-                            .latencies_us
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .clone();
-                        l.sort_unstable();
-                        stats["p50_us"] = pct(&l, 50.0).into();
-                        stats["p99_us"] = pct(&l, 99.0).into();
-                    }
-                    Json(stats)
-                },
-            ),
-        )
-        .route(
-            "/reset",
-            post(|State(s): State<Arc<FakeStats>>| async move {
-                s.received.store(0, Ordering::Relaxed);
-                s.violations.store(0, Ordering::Relaxed);
-                s.duplicates.store(0, Ordering::Relaxed);
-                s.last.lock().unwrap_or_else(|p| p.into_inner()).clear();
-                s.latencies_us
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .clear();
-                "ok"
-            }),
-        )
-        .with_state(stats);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     println!("{}", listener.local_addr().expect("addr").port());
-    axum::serve(listener, app).await.expect("serve");
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(fake_connection(stream, stats.clone(), delay));
+    }
+}
+
+/// One request as the fake needs it: where the body starts and ends in the read buffer.
+struct FakeRequest {
+    post: bool,
+    path: String,
+    body: std::ops::Range<usize>,
+    close: bool,
+}
+
+/// Parses one request at the start of `buf`: `Ok(None)` while it is incomplete.
+fn fake_parse(buf: &[u8]) -> Result<Option<FakeRequest>, String> {
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut req = httparse::Request::new(&mut headers);
+    let head = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(format!("bad request: {e}")),
+    };
+    let mut length = 0usize;
+    let mut close = false;
+    for h in req.headers.iter() {
+        if h.name.eq_ignore_ascii_case("content-length") {
+            length = std::str::from_utf8(h.value)
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+                .ok_or("bad content-length")?;
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            return Err("the fake reads content-length bodies only".into());
+        } else if h.name.eq_ignore_ascii_case("connection") {
+            close = h.value.eq_ignore_ascii_case(b"close");
+        }
+    }
+    if buf.len() < head + length {
+        return Ok(None);
+    }
+    Ok(Some(FakeRequest {
+        post: req.method == Some("POST"),
+        path: req.path.unwrap_or("/").to_string(),
+        body: head..head + length,
+        close,
+    }))
+}
+
+async fn fake_connection(mut stream: tokio::net::TcpStream, s: Arc<FakeStats>, delay: Duration) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf: Vec<u8> = Vec::with_capacity(4096);
+    let mut out: Vec<u8> = Vec::with_capacity(256);
+    loop {
+        let req = loop {
+            match fake_parse(&buf) {
+                Ok(Some(req)) => break req,
+                Ok(None) => {}
+                Err(e) => {
+                    let _ = stream.write_all(fake_answer(&mut out, 400, &e)).await;
+                    return;
+                }
+            }
+            if buf.capacity() - buf.len() < 1024 {
+                buf.reserve(4096);
+            }
+            match stream.read_buf(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        };
+        let (status, answer) = fake_route(&s, delay, &req, &buf[req.body.clone()]).await;
+        buf.drain(..req.body.end);
+        if stream
+            .write_all(fake_answer(&mut out, status, &answer))
+            .await
+            .is_err()
+            || req.close
+        {
+            return;
+        }
+    }
+}
+
+/// Writes a whole answer into `out` and returns it.
+fn fake_answer<'o>(out: &'o mut Vec<u8>, status: u16, body: &str) -> &'o [u8] {
+    use std::io::Write;
+    out.clear();
+    let reason = match status {
+        200 => "OK",
+        400 => "Bad Request",
+        _ => "Not Found",
+    };
+    let _ = write!(
+        out,
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    out
+}
+
+async fn fake_route(
+    s: &FakeStats,
+    delay: Duration,
+    req: &FakeRequest,
+    body: &[u8],
+) -> (u16, String) {
+    let (path, query) = req.path.split_once('?').unwrap_or((req.path.as_str(), ""));
+    if let Some(conv) = path
+        .strip_prefix("/v3/conversations/")
+        .and_then(|p| p.strip_suffix("/activities"))
+        .filter(|_| req.post)
+    {
+        let Ok(activity) = serde_json::from_slice::<Activity>(body) else {
+            return (400, r#"{"error":"the body is not an activity"}"#.into());
+        };
+        return (200, fake_activity(s, delay, conv, &activity.text).await);
+    }
+    match (req.post, path) {
+        (true, "/token") => (
+            200,
+            json!({"access_token": "bench-token", "expires_in": 3600}).to_string(),
+        ),
+        (true, "/hold") => {
+            s.hold.send_replace(body.trim_ascii() == b"on");
+            (200, "\"ok\"".into())
+        }
+        (false, "/stats") => {
+            let mut stats = json!({
+                "received": s.received.load(Ordering::Relaxed),
+                "violations": s.violations.load(Ordering::Relaxed),
+                "duplicates": s.duplicates.load(Ordering::Relaxed),
+                "late_us": s.late_us.load(Ordering::Relaxed) / s.received.load(Ordering::Relaxed).max(1),
+                "gap_us": s.gap_us.load(Ordering::Relaxed) / s.gaps.load(Ordering::Relaxed).max(1),
+            });
+            // Sorting every latency is asked for once, at the end of a run: the load polls the
+            // counts every 10 ms, and sorting 200k latencies each time was ~8% of the fake's
+            // CPU, on the cores the gateway is measured on.
+            if query == "latency" {
+                let mut l = s
+                    .latencies_us
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone();
+                l.sort_unstable();
+                stats["p50_us"] = pct(&l, 50.0).into();
+                stats["p99_us"] = pct(&l, 99.0).into();
+            }
+            (200, stats.to_string())
+        }
+        (true, "/reset") => {
+            s.received.store(0, Ordering::Relaxed);
+            s.violations.store(0, Ordering::Relaxed);
+            s.duplicates.store(0, Ordering::Relaxed);
+            s.gap_us.store(0, Ordering::Relaxed);
+            s.late_us.store(0, Ordering::Relaxed);
+            s.gaps.store(0, Ordering::Relaxed);
+            s.last.lock().unwrap_or_else(|p| p.into_inner()).clear();
+            s.latencies_us
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clear();
+            (200, "\"ok\"".into())
+        }
+        _ => (404, r#"{"error":"no such route"}"#.into()),
+    }
+}
+
+/// One activity: waits while held and for the channel's delay, then checks the conversation's
+/// order (the text is "<seq> <sent unix nanos>") and answers with the activity's id.
+async fn fake_activity(s: &FakeStats, delay: Duration, conv: &str, text: &str) -> String {
+    let arrived = Instant::now();
+    let mut held = s.hold.subscribe();
+    let _ = held.wait_for(|h| !*h).await;
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    let mut parts = text.split(' ');
+    let seq: u64 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    let sent: u128 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    let now = unix_nanos();
+    let answered = Instant::now();
+    let late = answered.saturating_duration_since(arrived + delay);
+    s.late_us
+        .fetch_add(late.as_micros() as u64, Ordering::Relaxed);
+    {
+        let mut last = s.last.lock().unwrap_or_else(|p| p.into_inner());
+        let prev = last.get_mut(conv);
+        match prev.as_deref().map(|p| p.0) {
+            Some(p) if seq == p => {
+                s.duplicates.fetch_add(1, Ordering::Relaxed);
+            }
+            Some(p) if seq != p + 1 => {
+                s.violations.fetch_add(1, Ordering::Relaxed);
+            }
+            None if seq != 0 => {
+                s.violations.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+        match prev {
+            Some(p) => {
+                let gap = arrived.saturating_duration_since(p.1);
+                s.gap_us
+                    .fetch_add(gap.as_micros() as u64, Ordering::Relaxed);
+                s.gaps.fetch_add(1, Ordering::Relaxed);
+                *p = (seq, answered);
+            }
+            None => {
+                last.insert(conv.to_string(), (seq, answered));
+            }
+        }
+    }
+    if sent > 0 && now > sent {
+        let us = ((now - sent) / 1000).min(u32::MAX as u128) as u32;
+        s.latencies_us
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(us);
+    }
+    let n = s.received.fetch_add(1, Ordering::Relaxed) + 1;
+    format!(r#"{{"id":"a{n}"}}"#)
 }
 
 fn pct(sorted: &[u32], p: f64) -> u32 {
@@ -340,25 +475,29 @@ impl Proc {
         (field("VmRSS:"), field("VmHWM:"))
     }
 
-    /// CPU time the process has used so far (user + system). Per message it is a steadier
-    /// figure than throughput on a shared machine: waiting for a core costs no CPU.
+    /// CPU time the process has used so far (user + system).
     fn cpu(&self) -> Duration {
-        let stat =
-            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
-        // Fields after the command name, which is in parentheses and may contain spaces.
-        let ticks: u64 = stat
-            .rsplit_once(')')
-            .map(|(_, rest)| {
-                rest.split_whitespace()
-                    .skip(11)
-                    .take(2)
-                    .filter_map(|v| v.parse::<u64>().ok())
-                    .sum()
-            })
-            .unwrap_or(0);
-        // The kernel reports clock ticks; USER_HZ is 100 on every Linux this runs on.
-        Duration::from_millis(ticks * 10)
+        cpu_of(self.child.id())
     }
+}
+
+/// CPU time a process has used so far (user + system). Per message it is a steadier figure than
+/// throughput on a shared machine: waiting for a core costs no CPU.
+fn cpu_of(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may contain spaces.
+    let ticks: u64 = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| {
+            rest.split_whitespace()
+                .skip(11)
+                .take(2)
+                .filter_map(|v| v.parse::<u64>().ok())
+                .sum()
+        })
+        .unwrap_or(0);
+    // The kernel reports clock ticks; USER_HZ is 100 on every Linux this runs on.
+    Duration::from_millis(ticks * 10)
 }
 
 /// Starts this executable in another role and reads the port it prints.
@@ -761,19 +900,24 @@ async fn delivery_run(
     let started = start_gateway(fake, gw_opts).await;
     let (gw, client) = (&started.gw, &started.client);
     let seqs = Arc::new(Mutex::new(vec![0u64; load.conversations]));
-    let (cpu0, fake_cpu0) = (gw.cpu(), fake.cpu());
+    let me = std::process::id();
+    let (cpu0, fake_cpu0, load_cpu0) = (gw.cpu(), fake.cpu(), cpu_of(me));
     let start = Instant::now();
     let r = drive(client, fake.port, load, &seqs).await;
     let (stats, _) = wait_delivered(fake.port, r.messages as u64, Duration::from_secs(600)).await;
     let total = start.elapsed();
     let per_msg = |d: Duration| d.as_secs_f64() * 1e6 / r.messages.max(1) as f64;
-    let (gw_us, fake_us) = (per_msg(gw.cpu() - cpu0), per_msg(fake.cpu() - fake_cpu0));
+    let (gw_us, fake_us, load_us) = (
+        per_msg(gw.cpu() - cpu0),
+        per_msg(fake.cpu() - fake_cpu0),
+        per_msg(cpu_of(me) - load_cpu0),
+    );
     let delivered_per_s = r.messages as f64 / total.as_secs_f64();
     let violations = stats["violations"].as_u64().unwrap_or(0);
     assert_eq!(violations, 0, "{name}: ORDER VIOLATED at the fake channel");
     let (_, peak) = gw.rss_kib();
     let text = format!(
-        "accepted {:.0} calls/s (p50 {} ms, p99 {} ms, p99.9 {} ms); delivered {:.0} msg/s; end-to-end p50 {:.2} ms, p99 {:.2} ms; order OK ({} msgs, {} dup); gateway CPU {:.0} µs per message (fake channel {:.0} µs); gateway peak RSS {} MiB",
+        "accepted {:.0} calls/s (p50 {} ms, p99 {} ms, p99.9 {} ms); delivered {:.0} msg/s; end-to-end p50 {:.2} ms, p99 {:.2} ms; order OK ({} msgs, {} dup); between a conversation's answer and its next call {:.2} ms (the fake answered {:.2} ms late); gateway CPU {:.0} µs per message (fake channel {:.0} µs, load generator {:.0} µs); gateway peak RSS {} MiB",
         r.calls_per_s,
         ms(r.p50),
         ms(r.p99),
@@ -783,8 +927,11 @@ async fn delivery_run(
         stats["p99_us"].as_f64().unwrap_or(0.0) / 1000.0,
         r.messages,
         stats["duplicates"],
+        stats["gap_us"].as_f64().unwrap_or(0.0) / 1000.0,
+        stats["late_us"].as_f64().unwrap_or(0.0) / 1000.0,
         gw_us,
         fake_us,
+        load_us,
         peak / 1024
     );
     println!("  run: {text}");
