@@ -35,28 +35,60 @@ const SHARDS: usize = 64;
 
 /// (channel id, bot id, conversation id); a proactive start without a conversation is keyed by
 /// the user until the channel names the new conversation.
+///
+/// Held as one string, `channel/bot/conversation` (the conversation's label in logs and in the
+/// outbox), with the lengths of the first two parts: an id may contain '/', and the lengths
+/// keep two conversations from sharing a key. Every Send builds one to find its line, so it is
+/// one allocation rather than three, and the label is not formatted again.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ConversationKey {
-    pub channel_id: String,
-    pub bot_id: String,
-    pub conversation: String,
+    label: String,
+    channel_len: usize,
+    bot_len: usize,
 }
 
 impl ConversationKey {
     pub fn of(addr: &Address) -> Self {
-        let conversation = match addr.conversation_id() {
-            Some(id) => id.to_string(),
-            None => format!("user:{}", addr.user_id()),
+        let (prefix, conversation) = match addr.conversation_id() {
+            Some(id) => ("", id),
+            None => ("user:", addr.user_id()),
         };
+        Self::new(&addr.channel_id, addr.bot_id(), prefix, conversation)
+    }
+
+    fn new(channel_id: &str, bot_id: &str, prefix: &str, conversation: &str) -> Self {
+        let mut label = String::with_capacity(
+            channel_id.len() + bot_id.len() + prefix.len() + conversation.len() + 2,
+        );
+        for part in [channel_id, "/", bot_id, "/", prefix, conversation] {
+            label.push_str(part);
+        }
         Self {
-            channel_id: addr.channel_id.clone(),
-            bot_id: addr.bot_id().to_string(),
-            conversation,
+            label,
+            channel_len: channel_id.len(),
+            bot_len: bot_id.len(),
         }
     }
 
-    fn label(&self) -> String {
-        format!("{}/{}/{}", self.channel_id, self.bot_id, self.conversation)
+    pub fn channel_id(&self) -> &str {
+        self.label.get(..self.channel_len).unwrap_or_default()
+    }
+
+    pub fn bot_id(&self) -> &str {
+        let start = self.channel_len + 1;
+        self.label
+            .get(start..start + self.bot_len)
+            .unwrap_or_default()
+    }
+
+    pub fn conversation(&self) -> &str {
+        let start = self.channel_len + self.bot_len + 2;
+        self.label.get(start..).unwrap_or_default()
+    }
+
+    /// `channel/bot/conversation`.
+    pub fn label(&self) -> &str {
+        &self.label
     }
 }
 
@@ -465,7 +497,7 @@ impl Dispatcher {
                     self.inner.undelivered.fetch_add(1, Ordering::SeqCst);
                     let err = ChannelError {
                         code: Some("render".into()),
-                        ..ChannelError::new(&key.channel_id, FailureKind::Permanent, reason)
+                        ..ChannelError::new(key.channel_id(), FailureKind::Permanent, reason)
                     };
                     self.inner.finish(item, failed(err, 0), None);
                 }
@@ -641,7 +673,7 @@ impl Inner {
                 head = false;
                 stored.push(StoredMessage {
                     id: item.id,
-                    // Named below: the last one takes the label itself.
+                    // Named below, once `stored` is sized.
                     conversation: String::new(),
                     message: item.message.clone(),
                     proactive: item.proactive.clone(),
@@ -650,11 +682,8 @@ impl Inner {
                     warnings: item.rendered.warnings.clone(),
                 });
             }
-            if let Some((last, rest)) = stored.split_last_mut() {
-                for m in rest {
-                    m.conversation.clone_from(&label);
-                }
-                last.conversation = label;
+            for m in &mut stored {
+                m.conversation = label.to_string();
             }
             let idem = idem.map(|k| {
                 (
@@ -666,7 +695,7 @@ impl Inner {
                 )
             });
             if !stored.is_empty() {
-                self.metrics.accepted(&key.channel_id, stored.len() as u64);
+                self.metrics.accepted(key.channel_id(), stored.len() as u64);
             }
             if !stored.is_empty() || idem.is_some() {
                 durable = self.store.append(stored, idem);
@@ -850,7 +879,7 @@ impl Worker {
                 // A channel without a typing indicator renders nothing: nothing to repeat.
                 let repeatable = !requests.requests.is_empty();
                 self.typing = keep_alive.filter(|d| !d.is_zero() && repeatable).map(|d| {
-                    let interval = self.inner.channels.typing_interval(&self.key.channel_id);
+                    let interval = self.inner.channels.typing_interval(self.key.channel_id());
                     let now = tokio::time::Instant::now();
                     TypingKeepAlive {
                         item_requests: requests,
@@ -985,10 +1014,14 @@ impl Worker {
         let result = {
             let _permit = self.inner.permits.acquire().await;
             let started = Instant::now();
-            let r = self.inner.channels.execute(&self.key.channel_id, req).await;
+            let r = self
+                .inner
+                .channels
+                .execute(self.key.channel_id(), req)
+                .await;
             self.inner
                 .metrics
-                .request(&self.key.channel_id, r.is_ok(), started.elapsed());
+                .request(self.key.channel_id(), r.is_ok(), started.elapsed());
             r
         };
         if let (Err(e), Some(limit)) = (&result, &req.rate)
@@ -1000,7 +1033,7 @@ impl Worker {
             self.inner
                 .rates
                 .pause(&limit.scope, std::time::Instant::now() + pause);
-            self.inner.metrics.rate_limit_pause(&self.key.channel_id);
+            self.inner.metrics.rate_limit_pause(self.key.channel_id());
         }
         result
     }
@@ -1015,7 +1048,7 @@ impl Worker {
     fn render_failure(&self, e: &impl std::fmt::Display) -> ChannelError {
         ChannelError {
             code: Some("render".into()),
-            ..ChannelError::new(&self.key.channel_id, FailureKind::Permanent, e.to_string())
+            ..ChannelError::new(self.key.channel_id(), FailureKind::Permanent, e.to_string())
         }
     }
 
@@ -1158,7 +1191,7 @@ impl Worker {
                     error = %err,
                     "retrying at the head of the conversation"
                 );
-                self.inner.metrics.retried(&self.key.channel_id);
+                self.inner.metrics.retried(self.key.channel_id());
                 tokio::time::sleep(wait).await;
             }
         }
@@ -1226,7 +1259,7 @@ impl Worker {
                         .update(
                             item.id,
                             Change::Moved {
-                                conversation: label.clone(),
+                                conversation: label.to_string(),
                                 message: item.message.clone(),
                             },
                         )
@@ -1303,13 +1336,38 @@ mod tests {
             config.delivery.clone(),
             Arc::new(Metrics::new()),
         );
-        let key = ConversationKey {
-            channel_id: "webchat".into(),
-            bot_id: "bot".into(),
-            conversation: "c1".into(),
-        };
+        let key = ConversationKey::new("webchat", "bot", "", "c1");
         let worker = Worker::new(d.inner.clone(), key, Arc::new(Line::new(0)));
         (channels, worker)
+    }
+
+    /// Ids may contain '/': the label alone would make these two conversations one line, and
+    /// one conversation's messages could then wait behind the other's.
+    #[test]
+    fn keys_with_slashes_in_their_ids_stay_apart() {
+        let a = ConversationKey::new("webchat", "a/b", "", "c");
+        let b = ConversationKey::new("webchat", "a", "", "b/c");
+        assert_eq!(a.label(), b.label());
+        assert_ne!(a, b);
+        assert_eq!(
+            (a.channel_id(), a.bot_id(), a.conversation()),
+            ("webchat", "a/b", "c")
+        );
+        assert_eq!(
+            (b.channel_id(), b.bot_id(), b.conversation()),
+            ("webchat", "a", "b/c")
+        );
+        let mut addr = Address {
+            channel_id: "slack".into(),
+            ..Default::default()
+        };
+        addr.user = Some(crate::model::Identity {
+            id: "U1".into(),
+            ..Default::default()
+        });
+        let by_user = ConversationKey::of(&addr);
+        assert_eq!(by_user.conversation(), "user:U1");
+        assert_eq!(by_user.channel_id(), "slack");
     }
 
     /// What an active conversation holds while idle: its registry entry, its line and its
