@@ -673,17 +673,13 @@ impl Inner {
                 head = false;
                 stored.push(StoredMessage {
                     id: item.id,
-                    // Named below, once `stored` is sized.
-                    conversation: String::new(),
+                    conversation: label.to_string(),
                     message: item.message.clone(),
                     proactive: item.proactive.clone(),
                     accepted_at_ms: now,
                     record: StateRecord::new(state, now),
                     warnings: item.rendered.warnings.clone(),
                 });
-            }
-            for m in &mut stored {
-                m.conversation = label.to_string();
             }
             let idem = idem.map(|k| {
                 (
