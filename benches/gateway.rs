@@ -183,7 +183,8 @@ async fn fake_connection(mut stream: tokio::net::TcpStream, s: Arc<FakeStats>, d
                 Ok(Some(req)) => break req,
                 Ok(None) => {}
                 Err(e) => {
-                    let _ = stream.write_all(fake_answer(&mut out, 400, &e)).await;
+                    let answer = json!({ "error": e }).to_string();
+                    let _ = stream.write_all(fake_answer(&mut out, 400, &answer)).await;
                     return;
                 }
             }
