@@ -95,8 +95,9 @@ struct FakeStats {
     received: AtomicU64,
     violations: AtomicU64,
     duplicates: AtomicU64,
-    /// Each conversation's last sequence number, and when the fake answered that call.
-    last: Mutex<HashMap<String, (u64, Instant)>>,
+    /// Each conversation's last sequence number, when the fake answered that call, and when
+    /// its first call arrived.
+    last: Mutex<HashMap<String, (u64, Instant, Instant)>>,
     /// From the fake's answer to a conversation's call to that conversation's next call, in µs,
     /// summed over `gaps` such pairs. On the slow channel a conversation's throughput is one call
     /// per delay + lateness + gap, so this says where the rest of its time went.
@@ -118,9 +119,16 @@ struct FakeStats {
 async fn fake_channel() {
     let delay = Duration::from_millis(arg("--delay-ms").and_then(|s| s.parse().ok()).unwrap_or(0));
     let stats = Arc::new(FakeStats::default());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
+    // A deep accept queue, as a channel's front servers have: the gateway opens a connection
+    // per busy conversation, 1,000 of them within a few ms at a run's start, and tokio's
+    // default backlog (1,024) overflowed now and then. The kernel then drops the SYN and the
+    // client retries it a second later, so one conversation started 1 s late and stretched
+    // the whole run by ~10% (`nstat`: TcpExtListenOverflows 1, TcpExtTCPSynRetrans 1).
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
         .expect("bind");
+    let listener = socket.listen(8192).expect("listen");
     println!("{}", listener.local_addr().expect("addr").port());
     loop {
         let Ok((stream, _)) = listener.accept().await else {
@@ -272,6 +280,17 @@ async fn fake_route(
                 l.sort_unstable();
                 stats["p50_us"] = pct(&l, 50.0).into();
                 stats["p99_us"] = pct(&l, 99.0).into();
+                let last = s.last.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(t0) = last.values().map(|v| v.2).min() {
+                    let since = |t: Instant| t.saturating_duration_since(t0).as_micros() as u32;
+                    let first = last.values().map(|v| since(v.2)).max().unwrap_or(0);
+                    let mut end: Vec<u32> = last.values().map(|v| since(v.1)).collect();
+                    end.sort_unstable();
+                    stats["first_max_us"] = first.into();
+                    stats["end_p10_us"] = pct(&end, 10.0).into();
+                    stats["end_p50_us"] = pct(&end, 50.0).into();
+                    stats["end_max_us"] = pct(&end, 100.0).into();
+                }
             }
             (200, stats.to_string())
         }
@@ -331,10 +350,11 @@ async fn fake_activity(s: &FakeStats, delay: Duration, conv: &str, text: &str) -
                 s.gap_us
                     .fetch_add(gap.as_micros() as u64, Ordering::Relaxed);
                 s.gaps.fetch_add(1, Ordering::Relaxed);
-                *p = (seq, answered);
+                p.0 = seq;
+                p.1 = answered;
             }
             None => {
-                last.insert(conv.to_string(), (seq, answered));
+                last.insert(conv.to_string(), (seq, answered, arrived));
             }
         }
     }
@@ -917,8 +937,11 @@ async fn delivery_run(
     let violations = stats["violations"].as_u64().unwrap_or(0);
     assert_eq!(violations, 0, "{name}: ORDER VIOLATED at the fake channel");
     let (_, peak) = gw.rss_kib();
+    // When each conversation began and ended shows stragglers: the run lasts until the last
+    // conversation's last message, so one that started or ran late stretches it.
+    let sec = |k: &str| stats[k].as_f64().unwrap_or(0.0) / 1e6;
     let text = format!(
-        "accepted {:.0} calls/s (p50 {} ms, p99 {} ms, p99.9 {} ms); delivered {:.0} msg/s; end-to-end p50 {:.2} ms, p99 {:.2} ms; order OK ({} msgs, {} dup); between a conversation's answer and its next call {:.2} ms (the fake answered {:.2} ms late); gateway CPU {:.0} µs per message (fake channel {:.0} µs, load generator {:.0} µs); gateway peak RSS {} MiB",
+        "accepted {:.0} calls/s (p50 {} ms, p99 {} ms, p99.9 {} ms); delivered {:.0} msg/s; end-to-end p50 {:.2} ms, p99 {:.2} ms; order OK ({} msgs, {} dup); between a conversation's answer and its next call {:.2} ms (the fake answered {:.2} ms late); gateway CPU {:.0} µs per message (fake channel {:.0} µs, load generator {:.0} µs); gateway peak RSS {} MiB; from the fake's first call, conversations began by {:.2} s and ended between {:.2} and {:.2} s (median {:.2} s)",
         r.calls_per_s,
         ms(r.p50),
         ms(r.p99),
@@ -933,7 +956,11 @@ async fn delivery_run(
         gw_us,
         fake_us,
         load_us,
-        peak / 1024
+        peak / 1024,
+        sec("first_max_us"),
+        sec("end_p10_us"),
+        sec("end_max_us"),
+        sec("end_p50_us"),
     );
     println!("  run: {text}");
     (r, delivered_per_s, text)
