@@ -191,6 +191,10 @@ pub struct DeliveryConfig {
     pub request_timeout: Duration,
     /// Undelivered messages one conversation may hold; past it Send is RESOURCE_EXHAUSTED.
     pub max_pending_per_conversation: usize,
+    /// How long a Send to a conversation holding `max_pending_per_conversation` waits for room
+    /// before it is refused; zero refuses at once.
+    #[serde(deserialize_with = "de_duration")]
+    pub max_wait_for_room: Duration,
     /// Undelivered messages the gateway may hold in all.
     pub max_pending_total: usize,
 }
@@ -208,6 +212,7 @@ impl Default for DeliveryConfig {
             max_ambiguous_retries: 1,
             request_timeout: Duration::from_secs(30),
             max_pending_per_conversation: 10_000,
+            max_wait_for_room: Duration::ZERO,
             max_pending_total: 1_000_000,
         }
     }

@@ -69,6 +69,7 @@ pub struct Metrics {
     delivery_latency: Family<ChannelLabel, Histogram, fn() -> Histogram>,
     request_latency: Family<OutcomeLabels, Histogram, fn() -> Histogram>,
     rate_limit_pauses: Family<ChannelLabel, Counter>,
+    room_wait: Family<ChannelLabel, Histogram, fn() -> Histogram>,
     pub queue_depth: Gauge,
     pub active_workers: Gauge,
     pub token_refreshes: Family<ChannelLabel, Gauge>,
@@ -111,6 +112,9 @@ impl Metrics {
                 latency_histogram,
             );
         let rate_limit_pauses = Family::<ChannelLabel, Counter>::default();
+        let room_wait = Family::<ChannelLabel, Histogram, fn() -> Histogram>::new_with_constructor(
+            latency_histogram,
+        );
         let queue_depth = Gauge::default();
         let active_workers = Gauge::default();
         let token_refreshes = Family::<ChannelLabel, Gauge>::default();
@@ -145,6 +149,11 @@ impl Metrics {
             rate_limit_pauses.clone(),
         );
         registry.register(
+            "room_wait_seconds",
+            "How long a Send waited for room in its conversation's full line before it was accepted (delivery.max_wait_for_room), by channel",
+            room_wait.clone(),
+        );
+        registry.register(
             "queue_depth",
             "Messages accepted and not yet finished",
             queue_depth.clone(),
@@ -167,6 +176,7 @@ impl Metrics {
             delivery_latency,
             request_latency,
             rate_limit_pauses,
+            room_wait,
             queue_depth,
             active_workers,
             token_refreshes,
@@ -262,6 +272,12 @@ impl Metrics {
         self.rate_limit_pauses
             .get_or_create(&Self::ch(channel))
             .inc();
+    }
+
+    pub fn waited_for_room(&self, channel: &str, took: Duration) {
+        self.room_wait
+            .get_or_create(&Self::ch(channel))
+            .observe(took.as_secs_f64());
     }
 
     pub fn set_ready(&self, ready: bool) {

@@ -219,6 +219,180 @@ async fn bounds_answer_resource_exhausted_and_drop_nothing() {
     h.send("full", "room again").await.unwrap();
 }
 
+/// With `delivery.max_wait_for_room`, a Send to a full conversation waits until a message of
+/// that conversation is finished instead of being refused, and order holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_line_waits_for_room_when_configured() {
+    let h = start_with(|c| {
+        c.delivery.max_pending_per_conversation = 2;
+        c.delivery.max_wait_for_room = Duration::from_secs(30);
+    })
+    .await;
+    h.fake.set_latency("paced", Duration::from_millis(100));
+    for i in 0..6 {
+        h.send("paced", &format!("m{i}")).await.unwrap();
+        // Two may be pending: so the third and later were accepted only once all but one of
+        // those before them had reached the channel.
+        let arrived = h.fake.for_conversation("paced").len();
+        assert!(
+            arrived + 1 >= i,
+            "m{i} accepted with only {arrived} delivered: it did not wait for room"
+        );
+    }
+    h.fake
+        .wait_for(Duration::from_secs(10), "all six", |r| {
+            r.iter().filter(|x| x.conversation == "paced").count() == 6
+        })
+        .await;
+    let texts: Vec<String> = h
+        .fake
+        .for_conversation("paced")
+        .iter()
+        .map(|r| r.text().to_string())
+        .collect();
+    assert_eq!(texts, ["m0", "m1", "m2", "m3", "m4", "m5"]);
+    // m2 to m5 waited: the histogram counts them.
+    let admin = h.gateway.admin_addr.expect("admin listener");
+    let metrics = reqwest::get(format!("http://{admin}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let waited = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("channel_gateway_room_wait_seconds_count{channel=\"msteams\"} ")
+        })
+        .and_then(|v| v.trim().parse::<f64>().ok());
+    assert!(
+        waited.is_some_and(|n| n >= 4.0),
+        "room waits counted: {waited:?}"
+    );
+}
+
+/// A waiting Send holds only its own conversation: others are accepted meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_waiting_for_room_holds_up_no_other_conversation() {
+    let h = start_with(|c| {
+        c.delivery.max_pending_per_conversation = 1;
+        c.delivery.max_wait_for_room = Duration::from_secs(30);
+    })
+    .await;
+    h.fake.set_latency("slow", Duration::from_secs(3));
+    h.send("slow", "first").await.unwrap();
+    let mut client = h.client.clone();
+    let address = h.address("slow");
+    let waiting =
+        tokio::spawn(async move { send_text(&mut client, &address, "second".into()).await });
+    h.send("other", "not held up").await.unwrap();
+    assert!(
+        !waiting.is_finished(),
+        "the second Send should still wait for the first to be delivered"
+    );
+    assert!(h.fake.for_conversation("slow").len() <= 1);
+    waiting.await.unwrap().unwrap();
+    h.fake
+        .wait_for(Duration::from_secs(15), "both slow messages", |r| {
+            r.iter().filter(|x| x.conversation == "slow").count() == 2
+        })
+        .await;
+    let texts: Vec<String> = h
+        .fake
+        .for_conversation("slow")
+        .iter()
+        .map(|r| r.text().to_string())
+        .collect();
+    assert_eq!(texts, ["first", "second"]);
+}
+
+/// The wait is bounded: past `max_wait_for_room` the Send is refused as without it, and a
+/// Send whose own deadline ends the wait is not accepted either. Neither is ever delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_for_room_ends_in_a_refusal_and_sends_nothing() {
+    let h = start_with(|c| {
+        c.delivery.max_pending_per_conversation = 1;
+        c.delivery.max_wait_for_room = Duration::from_millis(300);
+    })
+    .await;
+    h.fake.set_latency("stuck", Duration::from_secs(2));
+    h.send("stuck", "m0").await.unwrap();
+    let started = Instant::now();
+    let err = h.send("stuck", "refused").await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(
+        err.message()
+            .contains("delivery.max_pending_per_conversation"),
+        "{}",
+        err.message()
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "refused after {:?}, before max_wait_for_room",
+        started.elapsed()
+    );
+    // A caller's deadline shorter than the wait ends it first.
+    let mut req = tonic::Request::new(pb::SendRequest {
+        message: Some(h.text("stuck", "gave up")),
+        ..Default::default()
+    });
+    req.set_timeout(Duration::from_millis(100));
+    let err = h.client.clone().send(req).await.unwrap_err();
+    assert!(
+        matches!(err.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{err:?}"
+    );
+    h.fake
+        .wait_for(Duration::from_secs(10), "m0", |r| {
+            r.iter().any(|x| x.conversation == "stuck")
+        })
+        .await;
+    // The line is free again: the next Send is accepted and follows m0 directly.
+    h.send("stuck", "m1").await.unwrap();
+    h.fake
+        .wait_for(Duration::from_secs(10), "m1", |r| {
+            r.iter().filter(|x| x.conversation == "stuck").count() == 2
+        })
+        .await;
+    let texts: Vec<String> = h
+        .fake
+        .for_conversation("stuck")
+        .iter()
+        .map(|r| r.text().to_string())
+        .collect();
+    assert_eq!(texts, ["m0", "m1"]);
+}
+
+/// Shutdown answers a Send waiting for room at once (UNAVAILABLE, as any Send then) rather
+/// than holding its call open while the queues drain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_answers_a_send_waiting_for_room() {
+    let h = start_with(|c| {
+        c.delivery.max_pending_per_conversation = 1;
+        c.delivery.max_wait_for_room = Duration::from_secs(60);
+        c.server.shutdown_grace = Duration::from_secs(1);
+    })
+    .await;
+    // m0 outlasts the grace: nothing but shutdown itself can end the second Send's wait
+    // before the drain gives up.
+    h.fake.set_latency("draining", Duration::from_secs(20));
+    h.send("draining", "m0").await.unwrap();
+    let mut client = h.client.clone();
+    let address = h.address("draining");
+    let waiting =
+        tokio::spawn(async move { send_text(&mut client, &address, "waits".into()).await });
+    // Set-up only: a Send arriving after shutdown began is refused the same way.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let stopping = tokio::spawn(h.gateway.shutdown());
+    let err = waiting.await.unwrap().unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(
+        !stopping.is_finished(),
+        "the waiting Send was answered only once the drain had ended"
+    );
+    stopping.await.unwrap().unwrap();
+}
+
 /// A gateway on a given config, stoppable so another can open the same outbox.
 struct HarnessLite {
     gateway: channel_gateway::server::RunningGateway,

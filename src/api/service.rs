@@ -287,6 +287,7 @@ impl GatewayService {
                 wants_delivery(wait),
                 idempotency.map(idem_store_key),
             )
+            .await
             .map_err(status::submit)?;
         accepted.durable.await.map_err(status::outbox)?;
         let mut results = Vec::with_capacity(accepted.tickets.len());
@@ -427,20 +428,19 @@ impl GatewayService {
             .idempotent(key, replay, |key| async move {
                 // Scoped so that neither the submission nor its message outlives the submit:
                 // what is in scope at an await is kept in the future.
-                let (warnings, accepted) = {
+                // The submit future is awaited outside the scope for the same reason.
+                let (warnings, submitted) = {
                     let prepared = self.prepare(&"message", message.map(|m| *m), None, tp)?;
                     let warnings = prepared.rendered.warnings.clone();
-                    let accepted = self
-                        .dispatcher
-                        .submit(
-                            vec![prepared],
-                            false,
-                            wants_delivery(wait),
-                            key.as_ref().map(idem_store_key),
-                        )
-                        .map_err(status::submit)?;
-                    (warnings, accepted)
+                    let submitted = self.dispatcher.submit(
+                        vec![prepared],
+                        false,
+                        wants_delivery(wait),
+                        key.as_ref().map(idem_store_key),
+                    );
+                    (warnings, submitted)
                 };
+                let accepted = submitted.await.map_err(status::submit)?;
                 accepted.durable.await.map_err(status::outbox)?;
                 let mut tickets = accepted.tickets;
                 let ticket = tickets.pop().ok_or_else(|| Status::internal("no ticket"))?;
@@ -613,6 +613,7 @@ impl ChannelGateway for GatewayService {
                 },
                 keep_alive,
             )
+            .await
             .map_err(status::submit)?;
         Ok(Response::new(pb::SendTypingResponse { warnings }))
     }
@@ -911,6 +912,7 @@ impl GatewayService {
                 wants_delivery(req.wait),
                 key.as_ref().map(idem_store_key),
             )
+            .await
             .map_err(status::submit)?;
         accepted.durable.await.map_err(status::outbox)?;
         let tickets = accepted.tickets;

@@ -216,6 +216,8 @@ struct Line {
     ready: Notify,
     /// Messages queued or in delivery for this conversation (backpressure).
     queued: AtomicUsize,
+    /// Wakes a Send waiting for room (`delivery.max_wait_for_room`) when a message leaves.
+    room: Notify,
     /// Cleared when the worker ends (evicted, or panicked): a sender then starts a new one.
     alive: AtomicBool,
 }
@@ -226,6 +228,7 @@ impl Line {
             jobs: Mutex::new(VecDeque::new()),
             ready: Notify::new(),
             queued: AtomicUsize::new(queued),
+            room: Notify::new(),
             alive: AtomicBool::new(true),
         }
     }
@@ -243,6 +246,47 @@ impl Line {
     fn pop(&self) -> Option<Job> {
         self.jobs().pop_front().map(|j| *j)
     }
+
+    /// `n` messages left this line (finished, or moved to another line).
+    fn left(&self, n: usize, waits: bool) {
+        self.queued.fetch_sub(n, Ordering::SeqCst);
+        if waits {
+            // One waiter per freed slot; a permit kept when nobody waits only costs the next
+            // waiter a second look at the line.
+            self.room.notify_one();
+        }
+    }
+}
+
+/// A new job, accepted at once or waiting for room in its conversation's line.
+enum Submitted {
+    Accepted(Accepted),
+    // Boxed: the wait is the rare path, and every Send's future holds this value.
+    Waiting(std::pin::Pin<Box<dyn Future<Output = Result<Accepted, SubmitError>> + Send>>),
+}
+
+impl Submitted {
+    async fn accepted(self) -> Result<Accepted, SubmitError> {
+        match self {
+            Submitted::Accepted(accepted) => Ok(accepted),
+            Submitted::Waiting(wait) => wait.await,
+        }
+    }
+}
+
+/// What `enqueue` did with a job.
+enum Enqueued {
+    Done(Accepted),
+    /// The conversation's line is full and Sends wait for room: the job comes back, with the
+    /// line to wait on.
+    Full(Box<Waiting>),
+}
+
+struct Waiting {
+    job: Job,
+    admission: Admission,
+    outcome_rxs: Vec<Option<oneshot::Receiver<Outcome>>>,
+    line: Arc<Line>,
 }
 
 struct Entry {
@@ -336,31 +380,38 @@ impl Dispatcher {
 
     /// Accepts messages for one conversation (the caller checked they share it), delivered
     /// contiguously in this order. `flush` bypasses the auto-batch window (SendBatch).
+    ///
+    /// Accepted (or refused) when called; the future only waits for room in the line, when
+    /// `delivery.max_wait_for_room` allows it. Not an `async fn`: every Send's future holds this
+    /// one, and it should not carry the messages and the job while it waits.
     pub fn submit(
         &self,
         messages: Vec<Submission>,
         flush: bool,
         want_outcome: bool,
         idempotency_key: Option<String>,
-    ) -> Result<Accepted, SubmitError> {
-        let Some(first) = messages.first() else {
-            return Ok(Accepted {
+    ) -> impl Future<Output = Result<Accepted, SubmitError>> + Send + 'static {
+        let submitted = match messages.first() {
+            None => Ok(Submitted::Accepted(Accepted {
                 tickets: Vec::new(),
                 durable: Durable::ready(),
-            });
+            })),
+            Some(first) => {
+                let key = ConversationKey::of(&first.message.address);
+                let (items, rxs) = new_items(messages, None, want_outcome);
+                self.inner.admit(
+                    &key,
+                    Job::Deliver { items, flush },
+                    Admission::New(idempotency_key),
+                    rxs,
+                )
+            }
         };
-        let key = ConversationKey::of(&first.message.address);
-        let (items, rxs) = new_items(messages, None, want_outcome);
-        self.inner.enqueue(
-            &key,
-            Job::Deliver { items, flush },
-            Admission::New(idempotency_key),
-            rxs,
-        )
+        async move { submitted?.accepted().await }
     }
 
     /// Accepts a typing indicator in line with the conversation's messages.
-    pub fn submit_typing(
+    pub async fn submit_typing(
         &self,
         submission: Submission,
         keep_alive: Option<Duration>,
@@ -372,7 +423,7 @@ impl Dispatcher {
         };
         item.ephemeral = true;
         self.inner
-            .enqueue(
+            .admit(
                 &key,
                 Job::Typing {
                     item: Box::new(item),
@@ -380,14 +431,16 @@ impl Dispatcher {
                 },
                 Admission::New(None),
                 Vec::new(),
-            )
+            )?
+            .accepted()
+            .await
             .map(|_| ())
     }
 
     /// Starts a conversation, then delivers `messages` to it. The receiver yields the new
     /// address once the channel created it and the messages are queued on it, so a Send to the
     /// new address made after that can never overtake them.
-    pub fn submit_proactive(
+    pub async fn submit_proactive(
         &self,
         address: Address,
         options: ProactiveOptions,
@@ -398,17 +451,21 @@ impl Dispatcher {
         let key = ConversationKey::of(&address);
         let (items, rxs) = new_items(messages, Some(&options), want_outcome);
         let (tx, rx) = oneshot::channel();
-        let accepted = self.inner.enqueue(
-            &key,
-            Job::Proactive {
-                address: Box::new(address),
-                options,
-                items,
-                created: Some(tx),
-            },
-            Admission::New(idempotency_key),
-            rxs,
-        )?;
+        let accepted = self
+            .inner
+            .admit(
+                &key,
+                Job::Proactive {
+                    address: Box::new(address),
+                    options,
+                    items,
+                    created: Some(tx),
+                },
+                Admission::New(idempotency_key),
+                rxs,
+            )?
+            .accepted()
+            .await?;
         Ok((accepted, rx))
     }
 
@@ -528,6 +585,16 @@ impl Dispatcher {
     /// Returns how many were left undelivered.
     pub async fn shutdown(&self, grace: Duration) -> usize {
         self.inner.accepting.store(false, Ordering::SeqCst);
+        // Sends waiting for room are answered now (UNAVAILABLE, as any Send from here on)
+        // rather than holding their calls open through the drain.
+        if self.inner.waits_for_room() {
+            for shard in &self.inner.shards {
+                let shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+                for entry in shard.values() {
+                    entry.line.room.notify_waiters();
+                }
+            }
+        }
         let deadline = tokio::time::Instant::now() + grace;
         loop {
             let notified = self.inner.drained.notified();
@@ -597,6 +664,10 @@ enum Admission {
 }
 
 impl Inner {
+    fn waits_for_room(&self) -> bool {
+        !self.config.max_wait_for_room.is_zero()
+    }
+
     fn shard(&self, key: &ConversationKey) -> MutexGuard<'_, HashMap<ConversationKey, Entry>> {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         key.hash(&mut h);
@@ -611,7 +682,7 @@ impl Inner {
         mut job: Job,
         admission: Admission,
         outcome_rxs: Vec<Option<oneshot::Receiver<Outcome>>>,
-    ) -> Result<Accepted, SubmitError> {
+    ) -> Result<Enqueued, SubmitError> {
         let fresh = matches!(admission, Admission::New(_));
         if fresh && !self.accepting.load(Ordering::SeqCst) {
             return Err(SubmitError::ShuttingDown);
@@ -626,6 +697,20 @@ impl Inner {
                 .as_ref()
                 .map_or(0, |line| line.queued.load(Ordering::SeqCst));
             if in_conversation + n > self.config.max_pending_per_conversation {
+                // Only a job that could ever fit waits, and only on a line with a worker:
+                // its finished messages are what make room.
+                if let Some(line) = existing.filter(|line| {
+                    self.waits_for_room()
+                        && n <= self.config.max_pending_per_conversation
+                        && line.alive.load(Ordering::SeqCst)
+                }) {
+                    return Ok(Enqueued::Full(Box::new(Waiting {
+                        job,
+                        admission,
+                        outcome_rxs,
+                        line,
+                    })));
+                }
                 return Err(SubmitError::Backpressure {
                     bound: "delivery.max_pending_per_conversation",
                     limit: self.config.max_pending_per_conversation,
@@ -728,7 +813,7 @@ impl Inner {
             line.queued.fetch_add(n, Ordering::SeqCst);
             if line.alive.load(Ordering::SeqCst) {
                 line.push(Box::new(job));
-                return Ok(Accepted { tickets, durable });
+                return Ok(Enqueued::Done(Accepted { tickets, durable }));
             }
             leftover = std::mem::take(&mut *line.jobs());
             carried = leftover.iter().map(|j| j.items().len()).sum();
@@ -748,10 +833,87 @@ impl Inner {
                 .run()
                 .instrument(span),
         );
-        Ok(Accepted { tickets, durable })
+        Ok(Enqueued::Done(Accepted { tickets, durable }))
     }
 
-    fn finish(&self, item: Item, mut outcome: Outcome, queued: Option<&AtomicUsize>) {
+    /// `enqueue` for a new job: when its conversation's line is full and Sends may wait
+    /// (`delivery.max_wait_for_room`), waits for room rather than refusing at once. The caller's
+    /// call stays open meanwhile, which slows a bot to its channel's pace instead of letting
+    /// its backlog grow; the call's own deadline still ends the wait.
+    fn admit(
+        self: &Arc<Self>,
+        key: &ConversationKey,
+        job: Job,
+        admission: Admission,
+        outcome_rxs: Vec<Option<oneshot::Receiver<Outcome>>>,
+    ) -> Result<Submitted, SubmitError> {
+        Ok(match self.enqueue(key, job, admission, outcome_rxs)? {
+            Enqueued::Done(accepted) => Submitted::Accepted(accepted),
+            Enqueued::Full(waiting) => {
+                let (inner, key) = (self.clone(), key.clone());
+                Submitted::Waiting(Box::pin(
+                    async move { inner.wait_for_room(&key, waiting).await },
+                ))
+            }
+        })
+    }
+
+    async fn wait_for_room(
+        self: &Arc<Self>,
+        key: &ConversationKey,
+        mut waiting: Box<Waiting>,
+    ) -> Result<Accepted, SubmitError> {
+        let limit = self.config.max_pending_per_conversation;
+        let until = tokio::time::Instant::now() + self.config.max_wait_for_room;
+        let started = Instant::now();
+        loop {
+            let n = waiting.job.items().len();
+            let line = waiting.line.clone();
+            let room = line.room.notified();
+            tokio::pin!(room);
+            // Registered before the second look, so a message leaving in between still wakes
+            // this wait.
+            room.as_mut().enable();
+            // `accepting` is read after registering, and shutdown clears it before it wakes
+            // every waiter: one of the two sees the other.
+            let full = line.queued.load(Ordering::SeqCst) + n > limit;
+            if full
+                && line.alive.load(Ordering::SeqCst)
+                && self.accepting.load(Ordering::SeqCst)
+                && tokio::time::timeout_at(until, room).await.is_err()
+            {
+                let pending = line.queued.load(Ordering::SeqCst);
+                tracing::debug!(
+                    conversation = %key.label(),
+                    pending,
+                    waited_ms = started.elapsed().as_millis() as u64,
+                    "no room in the conversation's line within delivery.max_wait_for_room"
+                );
+                return Err(SubmitError::Backpressure {
+                    bound: "delivery.max_pending_per_conversation",
+                    limit,
+                    pending,
+                });
+            }
+            let Waiting {
+                job,
+                admission,
+                outcome_rxs,
+                ..
+            } = *waiting;
+            match self.enqueue(key, job, admission, outcome_rxs)? {
+                Enqueued::Done(accepted) => {
+                    self.metrics
+                        .waited_for_room(key.channel_id(), started.elapsed());
+                    return Ok(accepted);
+                }
+                // Another Send took the room first: wait for the next.
+                Enqueued::Full(again) => waiting = again,
+            }
+        }
+    }
+
+    fn finish(&self, item: Item, mut outcome: Outcome, line: Option<&Line>) {
         outcome.possible_duplicate |= item.possible_duplicate;
         let for_caller = if item.ephemeral {
             Some(outcome)
@@ -785,8 +947,8 @@ impl Inner {
             // The caller may have stopped waiting; the outcome stays in the store.
             let _ = tx.send(outcome);
         }
-        if let Some(q) = queued {
-            q.fetch_sub(1, Ordering::SeqCst);
+        if let Some(line) = line {
+            line.left(1, self.waits_for_room());
         }
         if self.undelivered.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.drained.notify_waiters();
@@ -828,7 +990,7 @@ impl Worker {
     }
 
     fn finish(&self, item: Item, outcome: Outcome) {
-        self.inner.finish(item, outcome, Some(&self.line.queued));
+        self.inner.finish(item, outcome, Some(&self.line));
     }
 
     async fn run(mut self) {
@@ -1281,7 +1443,7 @@ impl Worker {
                 if !ready.is_empty() {
                     // They leave this queue for the new conversation's, where they count again.
                     let n = ready.len();
-                    self.line.queued.fetch_sub(n, Ordering::SeqCst);
+                    self.line.left(n, self.inner.waits_for_room());
                     self.inner.undelivered.fetch_sub(n, Ordering::SeqCst);
                     let job = Job::Deliver {
                         items: ready,
