@@ -559,6 +559,9 @@ struct GatewayOpts {
     idle_timeout: &'static str,
     /// How long delivered messages stay in the outbox (the gateway's default when `None`).
     retention: Option<&'static str>,
+    /// `delivery.max_pending_per_conversation` and `delivery.max_wait_for_room`: a Send to a
+    /// full line waits for room. `None`: a bound no run reaches, so nothing waits.
+    room: Option<(usize, &'static str)>,
 }
 
 fn spawn_gateway(fake_port: u16, data_dir: &std::path::Path, o: &GatewayOpts) -> Proc {
@@ -608,7 +611,11 @@ fn spawn_gateway(fake_port: u16, data_dir: &std::path::Path, o: &GatewayOpts) ->
         .env("CHANNEL_GATEWAY__DELIVERY__IDLE_TIMEOUT", o.idle_timeout)
         .env(
             "CHANNEL_GATEWAY__DELIVERY__MAX_PENDING_PER_CONVERSATION",
-            "1000000",
+            o.room.map_or(1_000_000, |r| r.0).to_string(),
+        )
+        .env(
+            "CHANNEL_GATEWAY__DELIVERY__MAX_WAIT_FOR_ROOM",
+            o.room.map_or("0s", |r| r.1),
         )
         .env("CHANNEL_GATEWAY__SERVER__MAX_BATCH_LEN", "100")
         .env("RUST_LOG", "error")
@@ -1047,6 +1054,7 @@ async fn rss_per_conversation(fake: &Proc, n: usize, rows: &mut Vec<Row>) {
         max_concurrency: 512,
         idle_timeout: "10m",
         retention: None,
+        room: None,
     };
     let started = start_gateway(fake, &opts).await;
     let (gw, client) = (&started.gw, &started.client);
@@ -1115,6 +1123,7 @@ async fn rss_after_eviction(fake: &Proc, n: usize, rows: &mut Vec<Row>) {
         max_concurrency: 512,
         idle_timeout: "2s",
         retention: Some("1s"),
+        room: None,
     };
     let started = start_gateway(fake, &opts).await;
     let (gw, client) = (&started.gw, &started.client);
@@ -1241,6 +1250,7 @@ async fn driver() {
             max_concurrency: 512,
             idle_timeout: "30s",
             retention: None,
+            room: None,
         },
         &rounds,
         5,
@@ -1256,6 +1266,7 @@ async fn driver() {
             max_concurrency: 512,
             idle_timeout: "30s",
             retention: None,
+            room: None,
         },
         &rounds,
         5,
@@ -1271,6 +1282,7 @@ async fn driver() {
             max_concurrency: 512,
             idle_timeout: "30s",
             retention: None,
+            room: None,
         },
         &sends,
         &mut rows,
@@ -1284,6 +1296,7 @@ async fn driver() {
             max_concurrency: 512,
             idle_timeout: "30s",
             retention: None,
+            room: None,
         },
         &sends,
         &mut rows,
@@ -1305,6 +1318,7 @@ async fn driver() {
             max_concurrency: 512,
             idle_timeout: "30s",
             retention: None,
+            room: None,
         },
         &batches,
         &mut rows,
@@ -1326,6 +1340,7 @@ async fn driver() {
             max_concurrency: 512,
             idle_timeout: "30s",
             retention: None,
+            room: None,
         },
         &hot,
         &mut rows,
@@ -1350,6 +1365,26 @@ async fn driver() {
             max_concurrency: slow_limit,
             idle_timeout: "30s",
             retention: None,
+            room: None,
+        },
+        &slow_load,
+        &mut rows,
+    )
+    .await;
+    // The same callers with backpressure that waits: a Send to a conversation already holding
+    // `room` undelivered messages waits for one to finish, so each caller is held to its
+    // channel's pace instead of queueing ahead of it (the setting a bot that floods a slow
+    // channel should run with; the default refuses at 10,000 instead).
+    let room = count("--slow-room", 2);
+    let (_, slow_waiting_delivered) = delivery_scenario(
+        &format!("slow channel (50 ms), {convs}, Send waiting for room at {room} per conversation, concurrency limit {slow_limit}, durable"),
+        &slow,
+        &GatewayOpts {
+            durable: true,
+            max_concurrency: slow_limit,
+            idle_timeout: "30s",
+            retention: None,
+            room: Some((room, "60s")),
         },
         &slow_load,
         &mut rows,
@@ -1373,6 +1408,7 @@ async fn driver() {
             max_concurrency: slow_limit,
             idle_timeout: "30s",
             retention: None,
+            room: None,
         },
         &slow_batches,
         &mut rows,
@@ -1411,6 +1447,10 @@ async fn driver() {
         format!(
             "slow channel (50 ms), Send: {slow_delivered:.0} msg/s = {:.0}% of the ideal {ideal:.0} (target >= 80%)",
             100.0 * slow_delivered / ideal
+        ),
+        format!(
+            "slow channel (50 ms), Send waiting for room at {room} per conversation: {slow_waiting_delivered:.0} msg/s = {:.0}% of the ideal {ideal:.0}",
+            100.0 * slow_waiting_delivered / ideal
         ),
         format!(
             "slow channel (50 ms), SendBatch of 20: {slow_batch_delivered:.0} msg/s = {:.0}% of the ideal {ideal:.0}",
