@@ -14,7 +14,8 @@
 //! broadcast's width (default 1000) and `--messages` the Send scenarios' count (SendBatch
 //! sends twice as many). `--slow-callers` sets the callers of the slow channel's Send scenario
 //! (default: one per conversation), to tell the cost of many callers from that of many
-//! conversations waiting on the channel.
+//! conversations waiting on the channel. `--slow-room` sets where the waiting variant of that
+//! scenario (`delivery.max_wait_for_room`) holds each conversation's Sends (default 2).
 //!
 //! Roles: the same executable also serves as the fake channel (`--role fake`) and the echo
 //! server (`--role echo`), so each side is its own process.
