@@ -1358,16 +1358,17 @@ async fn driver() {
         first_conversation: 0,
         wait_delivered: false,
     };
+    let slow_opts = |room| GatewayOpts {
+        durable: true,
+        max_concurrency: slow_limit,
+        idle_timeout: "30s",
+        retention: None,
+        room,
+    };
     let (_, slow_delivered) = delivery_scenario(
         &format!("slow channel (50 ms), {convs}, Send, concurrency limit {slow_limit}, durable"),
         &slow,
-        &GatewayOpts {
-            durable: true,
-            max_concurrency: slow_limit,
-            idle_timeout: "30s",
-            retention: None,
-            room: None,
-        },
+        &slow_opts(None),
         &slow_load,
         &mut rows,
     )
@@ -1380,13 +1381,7 @@ async fn driver() {
     let (_, slow_waiting_delivered) = delivery_scenario(
         &format!("slow channel (50 ms), {convs}, Send waiting for room at {room} per conversation, concurrency limit {slow_limit}, durable"),
         &slow,
-        &GatewayOpts {
-            durable: true,
-            max_concurrency: slow_limit,
-            idle_timeout: "30s",
-            retention: None,
-            room: Some((room, "60s")),
-        },
+        &slow_opts(Some((room, "60s"))),
         &slow_load,
         &mut rows,
     )
@@ -1404,13 +1399,7 @@ async fn driver() {
     let (_, slow_batch_delivered) = delivery_scenario(
         &format!("slow channel (50 ms), {convs}, SendBatch of 20, concurrency limit {slow_limit}, durable"),
         &slow,
-        &GatewayOpts {
-            durable: true,
-            max_concurrency: slow_limit,
-            idle_timeout: "30s",
-            retention: None,
-            room: None,
-        },
+        &slow_opts(None),
         &slow_batches,
         &mut rows,
     )

@@ -119,12 +119,7 @@ async fn a_slow_conversation_does_not_delay_the_others() {
             r.iter().filter(|x| x.conversation == "slow").count() == 3
         })
         .await;
-    let slow: Vec<String> = h
-        .fake
-        .for_conversation("slow")
-        .iter()
-        .map(|r| r.text().to_string())
-        .collect();
+    let slow: Vec<String> = h.fake.texts("slow");
     assert_eq!(slow, ["slow-0", "slow-1", "slow-2"]);
 }
 
@@ -166,12 +161,7 @@ async fn a_batch_is_contiguous_while_other_sends_race_it() {
     h.fake
         .wait_for(Duration::from_secs(60), "all of shared", |r| r.len() == 250)
         .await;
-    let texts: Vec<String> = h
-        .fake
-        .for_conversation("shared")
-        .iter()
-        .map(|r| r.text().to_string())
-        .collect();
+    let texts: Vec<String> = h.fake.texts("shared");
     for b in batches {
         let start = texts
             .iter()
@@ -521,12 +511,7 @@ async fn retryable_answers_are_retried_in_place_honouring_retry_after() {
     h.fake
         .wait_for(Duration::from_secs(20), "3 delivered", |r| r.len() == 3)
         .await;
-    let texts: Vec<String> = h
-        .fake
-        .for_conversation("busy")
-        .iter()
-        .map(|r| r.text().to_string())
-        .collect();
+    let texts: Vec<String> = h.fake.texts("busy");
     assert_eq!(
         texts,
         ["m0", "m1", "m2"],
@@ -770,12 +755,7 @@ async fn graceful_shutdown_refuses_new_sends_and_drains_the_queues() {
     let refused = refused.expect("a send during shutdown was accepted");
     assert!(matches!(refused.code(), Code::Unavailable), "{refused:?}");
     stopping.await.unwrap().unwrap();
-    let texts: Vec<String> = h
-        .fake
-        .for_conversation("drain")
-        .iter()
-        .map(|r| r.text().to_string())
-        .collect();
+    let texts: Vec<String> = h.fake.texts("drain");
     assert_eq!(
         &texts[..5],
         ["m0", "m1", "m2", "m3", "m4"],
@@ -806,12 +786,7 @@ async fn expired_messages_are_not_sent_and_reported() {
     h.fake
         .wait_for(Duration::from_secs(10), "two messages", |r| r.len() == 2)
         .await;
-    let texts: Vec<String> = h
-        .fake
-        .for_conversation("exp")
-        .iter()
-        .map(|r| r.text().to_string())
-        .collect();
+    let texts: Vec<String> = h.fake.texts("exp");
     assert_eq!(texts, ["first", "third"]);
 }
 

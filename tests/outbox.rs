@@ -208,12 +208,7 @@ async fn bounds_answer_resource_exhausted_and_drop_nothing() {
             r.iter().filter(|x| x.conversation == "full").count() == 3
         })
         .await;
-    let texts: Vec<String> = h
-        .fake
-        .for_conversation("full")
-        .iter()
-        .map(|r| r.text().to_string())
-        .collect();
+    let texts: Vec<String> = h.fake.texts("full");
     assert_eq!(texts, ["m0", "m1", "m2"]);
     // Once drained, the conversation accepts again.
     h.send("full", "room again").await.unwrap();
@@ -244,12 +239,7 @@ async fn a_full_line_waits_for_room_when_configured() {
             r.iter().filter(|x| x.conversation == "paced").count() == 6
         })
         .await;
-    let texts: Vec<String> = h
-        .fake
-        .for_conversation("paced")
-        .iter()
-        .map(|r| r.text().to_string())
-        .collect();
+    let texts: Vec<String> = h.fake.texts("paced");
     assert_eq!(texts, ["m0", "m1", "m2", "m3", "m4", "m5"]);
     // m2 to m5 waited: the histogram counts them.
     let admin = h.gateway.admin_addr.expect("admin listener");
@@ -297,12 +287,7 @@ async fn a_send_waiting_for_room_holds_up_no_other_conversation() {
             r.iter().filter(|x| x.conversation == "slow").count() == 2
         })
         .await;
-    let texts: Vec<String> = h
-        .fake
-        .for_conversation("slow")
-        .iter()
-        .map(|r| r.text().to_string())
-        .collect();
+    let texts: Vec<String> = h.fake.texts("slow");
     assert_eq!(texts, ["first", "second"]);
 }
 
@@ -354,12 +339,7 @@ async fn a_wait_for_room_ends_in_a_refusal_and_sends_nothing() {
             r.iter().filter(|x| x.conversation == "stuck").count() == 2
         })
         .await;
-    let texts: Vec<String> = h
-        .fake
-        .for_conversation("stuck")
-        .iter()
-        .map(|r| r.text().to_string())
-        .collect();
+    let texts: Vec<String> = h.fake.texts("stuck");
     assert_eq!(texts, ["m0", "m1"]);
 }
 
@@ -507,11 +487,6 @@ async fn only_the_next_message_is_marked_ahead_of_the_call() {
             r.iter().filter(|x| x.conversation == "ahead").count() == 3
         })
         .await;
-    let texts: Vec<String> = h
-        .fake
-        .for_conversation("ahead")
-        .iter()
-        .map(|r| r.text().to_string())
-        .collect();
+    let texts: Vec<String> = h.fake.texts("ahead");
     assert_eq!(texts, ["one", "two", "three"]);
 }

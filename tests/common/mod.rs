@@ -116,6 +116,14 @@ impl FakeConnector {
             .collect()
     }
 
+    /// The texts received for one conversation, in arrival order.
+    pub fn texts(&self, conv: &str) -> Vec<String> {
+        self.for_conversation(conv)
+            .iter()
+            .map(|r| r.text().to_string())
+            .collect()
+    }
+
     pub fn set_latency(&self, conv: &str, d: Duration) {
         self.state.latency.lock().unwrap().insert(conv.into(), d);
     }
