@@ -253,7 +253,9 @@ impl Line {
         if waits {
             // One waiter per freed slot; a permit kept when nobody waits only costs the next
             // waiter a second look at the line.
-            self.room.notify_one();
+            for _ in 0..n {
+                self.room.notify_one();
+            }
         }
     }
 }
@@ -866,6 +868,7 @@ impl Inner {
         let limit = self.config.max_pending_per_conversation;
         let until = tokio::time::Instant::now() + self.config.max_wait_for_room;
         let started = Instant::now();
+        let mut waited = false;
         loop {
             let n = waiting.job.items().len();
             let line = waiting.line.clone();
@@ -877,11 +880,10 @@ impl Inner {
             // `accepting` is read after registering, and shutdown clears it before it wakes
             // every waiter: one of the two sees the other.
             let full = line.queued.load(Ordering::SeqCst) + n > limit;
-            if full
-                && line.alive.load(Ordering::SeqCst)
-                && self.accepting.load(Ordering::SeqCst)
-                && tokio::time::timeout_at(until, room).await.is_err()
-            {
+            let wait =
+                full && line.alive.load(Ordering::SeqCst) && self.accepting.load(Ordering::SeqCst);
+            waited |= wait;
+            if wait && tokio::time::timeout_at(until, room).await.is_err() {
                 let pending = line.queued.load(Ordering::SeqCst);
                 tracing::debug!(
                     conversation = %key.label(),
@@ -896,19 +898,31 @@ impl Inner {
                 });
             }
             let Waiting {
-                job,
+                mut job,
                 admission,
                 outcome_rxs,
                 ..
             } = *waiting;
-            match self.enqueue(key, job, admission, outcome_rxs)? {
-                Enqueued::Done(accepted) => {
-                    self.metrics
-                        .waited_for_room(key.channel_id(), started.elapsed());
+            // Accepted from now: the delivery latency and `max_retry_age` count from here.
+            let now = Instant::now();
+            for item in job.items_mut() {
+                item.accepted_at = now;
+            }
+            match self.enqueue(key, job, admission, outcome_rxs) {
+                Ok(Enqueued::Done(accepted)) => {
+                    if waited {
+                        self.metrics
+                            .waited_for_room(key.channel_id(), started.elapsed());
+                    }
                     return Ok(accepted);
                 }
                 // Another Send took the room first: wait for the next.
-                Enqueued::Full(again) => waiting = again,
+                Ok(Enqueued::Full(again)) => waiting = again,
+                Err(e) => {
+                    // The room this wait was woken for goes to the next waiter.
+                    line.room.notify_one();
+                    return Err(e);
+                }
             }
         }
     }
@@ -947,11 +961,13 @@ impl Inner {
             // The caller may have stopped waiting; the outcome stays in the store.
             let _ = tx.send(outcome);
         }
-        if let Some(line) = line {
-            line.left(1, self.waits_for_room());
-        }
+        // The total first: a Send woken by `left` must not then be refused by a count that
+        // still holds this message.
         if self.undelivered.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.drained.notify_waiters();
+        }
+        if let Some(line) = line {
+            line.left(1, self.waits_for_room());
         }
     }
 }
@@ -975,6 +991,8 @@ impl Drop for Worker {
     fn drop(&mut self) {
         // Also on a panic: the next sender then replaces this worker.
         self.line.alive.store(false, Ordering::SeqCst);
+        // Sends waiting on this line look again rather than wait out their time.
+        self.line.room.notify_waiters();
     }
 }
 
