@@ -7,29 +7,14 @@ use std::time::Duration;
 use common::*;
 use serde_json::json;
 
-fn value(text: &str, prefix: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_follow_accepted_delivered_failed_and_retried_messages() {
     let h = start().await;
     let admin = h.gateway.admin_addr.expect("admin listener");
-    let scrape = || async move {
-        reqwest::get(format!("http://{admin}/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    };
+    let scrape = || metrics_text(admin);
     let before = scrape().await;
     assert_eq!(
-        value(
+        metric_value(
             &before,
             "channel_gateway_messages_accepted_total{channel=\"msteams\"}"
         ),
@@ -63,53 +48,53 @@ async fn metrics_follow_accepted_delivered_failed_and_retried_messages() {
     tokio::time::sleep(Duration::from_millis(200)).await;
 
     let after = scrape().await;
-    let accepted = value(
+    let accepted = metric_value(
         &after,
         "channel_gateway_messages_accepted_total{channel=\"msteams\"}",
     );
     assert_eq!(accepted, 7.0, "{after}");
     assert_eq!(
-        value(
+        metric_value(
             &after,
             "channel_gateway_messages_finished_total{channel=\"msteams\",outcome=\"delivered\"}"
         ),
         6.0
     );
     assert_eq!(
-        value(
+        metric_value(
             &after,
             "channel_gateway_messages_finished_total{channel=\"msteams\",outcome=\"failed\"}"
         ),
         1.0
     );
     assert_eq!(
-        value(
+        metric_value(
             &after,
             "channel_gateway_messages_retried_total{channel=\"msteams\"}"
         ),
         1.0
     );
     assert_eq!(
-        value(
+        metric_value(
             &after,
             "channel_gateway_delivery_latency_seconds_count{channel=\"msteams\"}"
         ),
         6.0
     );
     assert_eq!(
-        value(
+        metric_value(
             &after,
             "channel_gateway_channel_request_duration_seconds_count{channel=\"msteams\",outcome=\"error\"}"
         ),
         2.0
     );
     assert_eq!(
-        value(
+        metric_value(
             &after,
             "channel_gateway_token_refreshes{channel=\"botframework\"}"
         ),
         1.0
     );
-    assert_eq!(value(&after, "channel_gateway_queue_depth"), 0.0);
-    assert!(value(&after, "channel_gateway_active_conversation_workers") >= 1.0);
+    assert_eq!(metric_value(&after, "channel_gateway_queue_depth"), 0.0);
+    assert!(metric_value(&after, "channel_gateway_active_conversation_workers") >= 1.0);
 }

@@ -244,22 +244,11 @@ async fn a_full_line_waits_for_room_when_configured() {
     assert_eq!(texts, ["m0", "m1", "m2", "m3", "m4", "m5"]);
     // m2 to m5 waited: the histogram counts them.
     let admin = h.gateway.admin_addr.expect("admin listener");
-    let metrics = reqwest::get(format!("http://{admin}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let waited = metrics
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("channel_gateway_room_wait_seconds_count{channel=\"msteams\"} ")
-        })
-        .and_then(|v| v.trim().parse::<f64>().ok());
-    assert!(
-        waited.is_some_and(|n| n >= 4.0),
-        "room waits counted: {waited:?}"
+    let waited = metric_value(
+        &metrics_text(admin).await,
+        "channel_gateway_room_wait_seconds_count{channel=\"msteams\"} ",
     );
+    assert!(waited >= 4.0, "room waits counted: {waited}");
 }
 
 /// A waiting Send holds only its own conversation: others are accepted meanwhile.
@@ -333,6 +322,37 @@ async fn a_wait_for_room_ends_in_a_refusal_and_sends_nothing() {
         .await;
     let texts: Vec<String> = h.fake.texts("stuck");
     assert_eq!(texts, ["m0", "m1"]);
+}
+
+/// A call abandoned while it waits (its deadline passed) leaves the line: the room that frees
+/// up next goes to the Send after it, and the abandoned message is never sent. Were it still
+/// waiting in the gateway, it would be woken first and delivered before m1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_abandoned_while_waiting_is_never_sent() {
+    let h = start_with(|c| {
+        c.delivery.max_pending_per_conversation = 1;
+        c.delivery.max_wait_for_room = Duration::from_secs(30);
+    })
+    .await;
+    h.fake.set_latency("deadline", Duration::from_secs(1));
+    h.send("deadline", "m0").await.unwrap();
+    let mut req = tonic::Request::new(pb::SendRequest {
+        message: Some(h.text("deadline", "gave up")),
+        ..Default::default()
+    });
+    req.set_timeout(Duration::from_millis(100));
+    let err = h.client.clone().send(req).await.unwrap_err();
+    assert!(
+        matches!(err.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{err:?}"
+    );
+    h.send("deadline", "m1").await.unwrap();
+    h.fake
+        .wait_for(Duration::from_secs(10), "two messages", |r| {
+            r.iter().filter(|x| x.conversation == "deadline").count() == 2
+        })
+        .await;
+    assert_eq!(h.fake.texts("deadline"), ["m0", "m1"]);
 }
 
 /// Shutdown answers a Send waiting for room at once (UNAVAILABLE, as any Send then) rather

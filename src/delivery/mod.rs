@@ -666,6 +666,14 @@ enum Admission {
 }
 
 impl Inner {
+    fn conversation_full(&self, pending: usize) -> SubmitError {
+        SubmitError::Backpressure {
+            bound: "delivery.max_pending_per_conversation",
+            limit: self.config.max_pending_per_conversation,
+            pending,
+        }
+    }
+
     fn waits_for_room(&self) -> bool {
         !self.config.max_wait_for_room.is_zero()
     }
@@ -713,11 +721,7 @@ impl Inner {
                         line,
                     })));
                 }
-                return Err(SubmitError::Backpressure {
-                    bound: "delivery.max_pending_per_conversation",
-                    limit: self.config.max_pending_per_conversation,
-                    pending: in_conversation,
-                });
+                return Err(self.conversation_full(in_conversation));
             }
             let total = self.undelivered.load(Ordering::SeqCst);
             if total + n > self.config.max_pending_total {
@@ -891,11 +895,7 @@ impl Inner {
                     waited_ms = started.elapsed().as_millis() as u64,
                     "no room in the conversation's line within delivery.max_wait_for_room"
                 );
-                return Err(SubmitError::Backpressure {
-                    bound: "delivery.max_pending_per_conversation",
-                    limit,
-                    pending,
-                });
+                return Err(self.conversation_full(pending));
             }
             let Waiting {
                 mut job,

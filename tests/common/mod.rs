@@ -492,6 +492,25 @@ pub async fn send_text(
         .map(|r| r.into_inner())
 }
 
+/// The gateway's Prometheus text, from its admin listener.
+pub async fn metrics_text(admin: SocketAddr) -> String {
+    reqwest::get(format!("http://{admin}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// The value of the first series starting with `prefix` (labels included), 0 when absent.
+pub fn metric_value(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// The BadRequest field paths of an INVALID_ARGUMENT status.
 pub fn bad_fields(s: &tonic::Status) -> Vec<String> {
     use tonic_types::StatusExt;
