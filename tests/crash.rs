@@ -190,9 +190,11 @@ async fn sigkill_mid_stream_loses_nothing_accepted_and_keeps_order() {
         let mut sorted = firsts.clone();
         sorted.sort_unstable();
         assert_eq!(firsts, sorted, "crash-{conv} out of order: {seq:?}");
-        // One message per conversation can be in flight at a kill.
+        // A kill can catch two messages of a conversation undone on disk: the one on its way,
+        // and the one before it, delivered but with its outcome still queued for the outbox
+        // (final states are not waited for). Both are resent, flagged (checked below).
         assert!(
-            dups.len() <= ROUNDS,
+            dups.len() <= 2 * ROUNDS,
             "crash-{conv}: {} duplicates for {ROUNDS} kills: {seq:?}",
             dups.len()
         );
