@@ -911,13 +911,7 @@ async fn delivery_scenario(
     for _ in 0..repeat {
         runs.push(delivery_run(name, fake, gw_opts, load).await);
     }
-    runs.sort_by(|a, b| a.1.total_cmp(&b.1));
-    let rates = runs
-        .iter()
-        .map(|r| format!("{:.0}", r.1))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let (r, delivered_per_s, text) = runs.swap_remove(runs.len() / 2);
+    let (rates, (r, delivered_per_s, text)) = median_by(runs, |r| r.1);
     let text = if repeat > 1 {
         format!("median of {repeat} runs (delivered msg/s: {rates}): {text}")
     } else {
@@ -925,6 +919,18 @@ async fn delivery_scenario(
     };
     report(rows, name.to_string(), text);
     (r, delivered_per_s)
+}
+
+/// The run with the median figure, and every run's figure in ascending order for the row.
+fn median_by<T>(mut runs: Vec<T>, figure: impl Fn(&T) -> f64) -> (String, T) {
+    runs.sort_by(|a, b| figure(a).total_cmp(&figure(b)));
+    let all = runs
+        .iter()
+        .map(|r| format!("{:.0}", figure(r)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let median = runs.swap_remove(runs.len() / 2);
+    (all, median)
 }
 
 /// One run on a fresh gateway: the load, then every message delivered in order.
@@ -1072,13 +1078,7 @@ async fn rss_per_conversation(fake: &Proc, n: usize, rows: &mut Vec<Row>) {
     for _ in 0..repeat {
         runs.push(rss_once(fake, n).await);
     }
-    runs.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let all = runs
-        .iter()
-        .map(|r| format!("{:.0}", r.0))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let (_, median) = &runs[runs.len() / 2];
+    let (all, (_, median)) = median_by(runs, |r| r.0);
     report(
         rows,
         name,
