@@ -856,11 +856,11 @@ fn report(rows: &mut Vec<Row>, name: String, result: String) {
     rows.push(Row(name, result));
 }
 
-/// One message to each of `n` conversations numbered from `first`, each call waiting until its
-/// message is delivered (no backlog builds up in the gateway); returns once the fake has them all.
 /// Callers of a `wave`.
 const WAVE_CALLERS: usize = 64;
 
+/// One message to each of `n` conversations numbered from `first`, each call waiting until its
+/// message is delivered (no backlog builds up in the gateway); returns once the fake has them all.
 async fn wave(client: &Client, fake_port: u16, n: usize, first: usize) {
     let seqs = Arc::new(Mutex::new(vec![0u64; n]));
     let load = Load {
