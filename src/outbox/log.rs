@@ -200,23 +200,48 @@ struct Index {
     segments: BTreeMap<u32, Segment>,
 }
 
+/// Bytes of a body's frame besides the body (header and id), counted as live with the body. A
+/// body framed with its state has 4 more (the state's length), and a state framed alone has
+/// its own header and id: both stay uncounted, so live bytes err low by at most that much,
+/// and a segment whose every record is live still counts far more than half live.
+const BODY_FRAME_OVERHEAD: u64 = FRAME_HEADER as u64 + 8;
+
+/// Bytes an idempotency record's frame takes: its header, the key's length and the key, and
+/// the record (`loc`). The key must count: keys are what fill a segment when callers send long
+/// ones, and a segment full of live keys counted as mostly dead was copied forward again and
+/// again, for ever (issue 23).
+fn idempotency_frame_bytes(key_len: usize, loc: Loc) -> u64 {
+    FRAME_HEADER as u64 + 4 + key_len as u64 + u64::from(loc.len)
+}
+
 impl Index {
-    fn live(&mut self, loc: Loc, add: bool) {
-        if let Some(s) = self.segments.get_mut(&loc.seg) {
+    fn live(&mut self, seg: u32, bytes: u64, add: bool) {
+        if let Some(s) = self.segments.get_mut(&seg) {
             if add {
-                s.live += u64::from(loc.len);
+                s.live = s.live.saturating_add(bytes);
             } else {
-                s.live = s.live.saturating_sub(u64::from(loc.len));
+                s.live = s.live.saturating_sub(bytes);
             }
         }
     }
 
+    fn live_body(&mut self, body: Loc, add: bool) {
+        self.live(body.seg, u64::from(body.len) + BODY_FRAME_OVERHEAD, add);
+    }
+
+    fn live_state(&mut self, state: Loc, add: bool) {
+        self.live(state.seg, u64::from(state.len), add);
+    }
+
+    fn live_message(&mut self, slot: &Slot, add: bool) {
+        self.live_body(slot.body, add);
+        self.live_state(slot.state, add);
+    }
+
     fn set_message(&mut self, id: u64, slot: Slot) {
-        self.live(slot.body, true);
-        self.live(slot.state, true);
+        self.live_message(&slot, true);
         if let Some(old) = self.messages.insert(id, slot) {
-            self.live(old.body, false);
-            self.live(old.state, false);
+            self.live_message(&old, false);
         }
         self.track_failed(id, slot.kind);
     }
@@ -226,8 +251,8 @@ impl Index {
             return;
         };
         let old = std::mem::replace(&mut slot.body, body);
-        self.live(old, false);
-        self.live(body, true);
+        self.live_body(old, false);
+        self.live_body(body, true);
     }
 
     fn set_state(&mut self, id: u64, state: Loc, kind: DeliveryState, updated_at_ms: u64) {
@@ -238,8 +263,8 @@ impl Index {
         let old = std::mem::replace(&mut slot.state, state);
         slot.kind = kind;
         slot.updated_at_ms = updated_at_ms;
-        self.live(old, false);
-        self.live(state, true);
+        self.live_state(old, false);
+        self.live_state(state, true);
         self.track_failed(id, kind);
     }
 
@@ -252,9 +277,24 @@ impl Index {
     }
 
     fn set_idempotency(&mut self, key: String, slot: IdemSlot) {
-        self.live(slot.loc, true);
+        let key_len = key.len();
+        self.live(
+            slot.loc.seg,
+            idempotency_frame_bytes(key_len, slot.loc),
+            true,
+        );
         if let Some(old) = self.idempotency.insert(key, slot) {
-            self.live(old.loc, false);
+            self.live(
+                old.loc.seg,
+                idempotency_frame_bytes(key_len, old.loc),
+                false,
+            );
+        }
+    }
+
+    fn remove_idempotency(&mut self, key: &str) {
+        if let Some(s) = self.idempotency.remove(key) {
+            self.live(s.loc.seg, idempotency_frame_bytes(key.len(), s.loc), false);
         }
     }
 
@@ -1254,8 +1294,7 @@ impl Writer {
                 .collect();
             for (id, s) in &old {
                 ix.messages.remove(id);
-                ix.live(s.body, false);
-                ix.live(s.state, false);
+                ix.live_message(s, false);
             }
             let stale: Vec<String> = ix
                 .idempotency
@@ -1264,9 +1303,7 @@ impl Writer {
                 .map(|(k, _)| k.clone())
                 .collect();
             for k in stale {
-                if let Some(s) = ix.idempotency.remove(&k) {
-                    ix.live(s.loc, false);
-                }
+                ix.remove_idempotency(&k);
             }
             old.len()
         };
@@ -1278,12 +1315,19 @@ impl Writer {
 
     /// Deletes closed segments from the oldest on: empty ones at once, mostly dead ones after
     /// copying their live records to the head. Oldest first only: see the module doc.
+    ///
+    /// Only segments older than the head at the start are considered: records copied forward
+    /// may fill the head and close it, and a run that went on to the segments it wrote itself
+    /// could copy the same records for ever if it ever misjudged them as mostly dead.
     fn free_segments(&mut self) -> Result<(), StoreError> {
+        let first_head = self.head.seg;
         loop {
             let (seg, size, live) = {
                 let ix = lock(&self.index);
                 match ix.segments.iter().next() {
-                    Some((&seg, s)) if seg != self.head.seg => (seg, s.size, s.live),
+                    Some((&seg, s)) if seg < first_head && seg != self.head.seg => {
+                        (seg, s.size, s.live)
+                    }
                     _ => return Ok(()),
                 }
             };
@@ -1854,6 +1898,72 @@ mod tests {
         assert_eq!(s.get(1).unwrap().record.attempts, 3);
         assert_eq!(s.next_id(), 60);
         assert!(s.pending().unwrap().is_empty());
+    }
+
+    fn disk_bytes(dir: &Path) -> u64 {
+        std::fs::read_dir(dir.join("log"))
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .sum()
+    }
+
+    /// Runs a compaction on another thread and fails the test if it does not end in time: a
+    /// compaction that never ends blocks the writer, and with it every later Send.
+    async fn compact_within(s: &Arc<LogStore>, cutoff_ms: u64, idem_cutoff_ms: u64) -> usize {
+        let s = s.clone();
+        let run = tokio::task::spawn_blocking(move || s.compact(cutoff_ms, idem_cutoff_ms));
+        tokio::time::timeout(std::time::Duration::from_secs(60), run)
+            .await
+            .expect("compaction ended")
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn compaction_of_long_idempotency_keys_terminates_and_frees_their_space() {
+        const SEGMENT: u64 = 8 << 20;
+        let dir = tempfile::tempdir().unwrap();
+        let s = Arc::new(LogStore::open_with(dir.path(), SEGMENT, 1 << 20).unwrap());
+        let delivered = finished(DeliveryState::Delivered, 1);
+        // 80 keys of 1 MiB: ten segments' worth of keys that are still within their window.
+        for id in 1..=80u64 {
+            let key = format!("{id:08}{}", "k".repeat((1 << 20) - 8));
+            let record = IdempotencyRecord {
+                created_at_ms: 1_000 + id,
+                message_ids: vec![id],
+            };
+            s.append(vec![msg(id)], Some((key, record))).await.unwrap();
+            s.update(id, Change::Finished(delivered.clone()))
+                .await
+                .unwrap();
+        }
+        let written = disk_bytes(dir.path());
+        assert!(written > 80 << 20, "{written} bytes on disk");
+        // Messages go, keys stay: their segments are live and must not be copied again and
+        // again.
+        assert_eq!(compact_within(&s, u64::MAX, 0).await, 80);
+        let kept = disk_bytes(dir.path());
+        assert!(
+            kept < written + 2 * SEGMENT,
+            "live keys were copied over and over: {written} -> {kept} bytes"
+        );
+        assert_eq!(
+            s.idempotency_get(&format!("{:08}{}", 7, "k".repeat((1 << 20) - 8)))
+                .unwrap()
+                .message_ids,
+            vec![7]
+        );
+        // The next Send is written, and a second run on live keys changes nothing.
+        s.append(vec![msg(81)], None).await.unwrap();
+        assert_eq!(compact_within(&s, 0, 0).await, 0);
+        assert!(disk_bytes(dir.path()) < written + 2 * SEGMENT);
+        // Once the keys expire, their space is given back.
+        compact_within(&s, u64::MAX, u64::MAX).await;
+        let left = disk_bytes(dir.path());
+        assert!(
+            left <= 2 * (SEGMENT + ZERO_AHEAD),
+            "{left} bytes left after every key expired"
+        );
+        assert!(s.get(81).is_some());
     }
 
     #[tokio::test]
