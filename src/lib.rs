@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod bounded;
 pub mod channels;
 pub mod config;
 pub mod delivery;

@@ -340,6 +340,10 @@ impl GatewayService {
     }
 }
 
+/// The longest a typing indicator is kept alive (`SendTypingRequest.keep_alive`): a typing
+/// indicator is for a reply being prepared, and a bot that needs longer sends another.
+pub const MAX_TYPING_KEEP_ALIVE: Duration = Duration::from_secs(600);
+
 fn idem_key(rpc: &'static str, bot: String, key: &str) -> Option<IdemKey> {
     (!key.is_empty()).then(|| (rpc, bot, key.to_string()))
 }
@@ -570,9 +574,18 @@ impl ChannelGateway for GatewayService {
         authorize_bot(&req, &bot_of_address(req.get_ref().address.as_ref()))?;
         let req = req.into_inner();
         let keep_alive = match req.keep_alive {
-            Some(d) => Some(Duration::try_from(d).map_err(|_| {
-                status::invalid_field("keep_alive", "must be a non-negative duration")
-            })?),
+            Some(d) => match Duration::try_from(d) {
+                Ok(d) if d <= MAX_TYPING_KEEP_ALIVE => Some(d),
+                _ => {
+                    return Err(status::invalid_field(
+                        "keep_alive",
+                        format!(
+                            "must be a duration from 0 to {} s",
+                            MAX_TYPING_KEEP_ALIVE.as_secs()
+                        ),
+                    ));
+                }
+            },
             None => None,
         };
         let mut v = Violations::default();

@@ -17,9 +17,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
+use std::panic::AssertUnwindSafe;
 use tokio::sync::{Notify, Semaphore, broadcast, oneshot};
 use tracing::Instrument;
 
+use crate::bounded::{later, later_tokio};
 use crate::channels::{
     ChannelError, Channels, FailureKind, NativeReceipt, NativeRequest, Rendered,
 };
@@ -597,7 +600,7 @@ impl Dispatcher {
                 }
             }
         }
-        let deadline = tokio::time::Instant::now() + grace;
+        let deadline = later_tokio(tokio::time::Instant::now(), grace);
         loop {
             let notified = self.inner.drained.notified();
             let left = self.undelivered();
@@ -645,6 +648,19 @@ fn new_items(
         rxs.push(rx);
     }
     (items, rxs)
+}
+
+/// A panic's message for the log: bounded, and without control characters (it may quote input).
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    let text = panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)");
+    text.chars()
+        .take(256)
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
 }
 
 fn failed(error: ChannelError, attempts: u32) -> Outcome {
@@ -870,7 +886,7 @@ impl Inner {
         mut waiting: Box<Waiting>,
     ) -> Result<Accepted, SubmitError> {
         let limit = self.config.max_pending_per_conversation;
-        let until = tokio::time::Instant::now() + self.config.max_wait_for_room;
+        let until = later_tokio(tokio::time::Instant::now(), self.config.max_wait_for_room);
         let started = Instant::now();
         let mut waited = false;
         loop {
@@ -1024,7 +1040,12 @@ impl Worker {
                     Some(job) => worker.handling(job),
                     None => break,
                 };
-                handling.await;
+                // The messages of a job are each guarded where they are handled (`deliver`,
+                // typing, a proactive start); this keeps the worker, and with it the rest of
+                // its line, going if something between them panics.
+                if let Err(panic) = AssertUnwindSafe(handling).catch_unwind().await {
+                    tracing::error!(panic = %panic_text(&panic), "conversation worker recovered from a panic");
+                }
             }
             worker.inner.workers.fetch_sub(1, Ordering::Relaxed);
         }
@@ -1056,7 +1077,10 @@ impl Worker {
                 let requests = item.rendered.clone();
                 // Boxed, like the proactive path below: `handle`'s future is as large as its
                 // largest path, and it is built and moved for every job.
-                Box::pin(self.send_typing(&requests)).await;
+                let typing = Box::pin(self.send_typing(&requests));
+                if let Err(panic) = AssertUnwindSafe(typing).catch_unwind().await {
+                    tracing::error!(panic = %panic_text(&panic), "typing indicator panicked");
+                }
                 self.finish(
                     *item,
                     Outcome {
@@ -1074,8 +1098,8 @@ impl Worker {
                     let now = tokio::time::Instant::now();
                     Box::new(TypingKeepAlive {
                         item_requests: requests,
-                        until: now + d,
-                        next: now + interval,
+                        until: later_tokio(now, d),
+                        next: later_tokio(now, interval),
                         interval,
                     })
                 });
@@ -1096,7 +1120,8 @@ impl Worker {
         if let Some(job) = self.backlog.pop_front() {
             return Some(job);
         }
-        let mut idle_deadline = tokio::time::Instant::now() + self.inner.config.idle_timeout;
+        let mut idle_deadline =
+            later_tokio(tokio::time::Instant::now(), self.inner.config.idle_timeout);
         loop {
             if let Some(job) = self.line.pop() {
                 return Some(job);
@@ -1114,9 +1139,9 @@ impl Worker {
             if let Some(t) = &mut self.typing {
                 if now >= t.until {
                     self.typing = None;
-                    idle_deadline = now + self.inner.config.idle_timeout;
+                    idle_deadline = later_tokio(now, self.inner.config.idle_timeout);
                 } else if now >= t.next {
-                    t.next = now + t.interval;
+                    t.next = later_tokio(now, t.interval);
                     // Boxed with its requests: the idle wait must not carry a channel call's
                     // state.
                     let requests = t.item_requests.clone();
@@ -1164,7 +1189,10 @@ impl Worker {
 
     /// v3 autoBatchDelay: consecutive Sends within the window go out back to back.
     async fn gather_auto_batch(&mut self, mut items: Vec<Item>) -> Vec<Item> {
-        let deadline = tokio::time::Instant::now() + self.inner.config.auto_batch_delay;
+        let deadline = later_tokio(
+            tokio::time::Instant::now(),
+            self.inner.config.auto_batch_delay,
+        );
         loop {
             match self.line.pop() {
                 Some(Job::Deliver {
@@ -1231,7 +1259,7 @@ impl Worker {
             tracing::warn!(scope = %limit.scope, pause_ms = pause.as_millis() as u64, "rate limited: pausing the scope");
             self.inner
                 .rates
-                .pause(&limit.scope, std::time::Instant::now() + pause);
+                .pause(&limit.scope, later(std::time::Instant::now(), pause));
             self.inner.metrics.rate_limit_pause(self.key.channel_id());
         }
         result
@@ -1251,7 +1279,41 @@ impl Worker {
         }
     }
 
+    /// Delivers one message and records its outcome. A panic while handling it (a bug in the
+    /// gateway or in a channel's code) fails this message with an internal error instead of
+    /// ending the worker: the messages behind it in the line go on.
     async fn deliver(&self, mut item: Item) {
+        let outcome = match AssertUnwindSafe(self.deliver_outcome(&mut item))
+            .catch_unwind()
+            .await
+        {
+            Ok(outcome) => outcome,
+            Err(panic) => {
+                tracing::error!(message_id = item.id, panic = %panic_text(&panic), "delivering the message panicked; it fails with an internal error");
+                failed(self.internal_failure(), 0)
+            }
+        };
+        self.finish(item, outcome);
+    }
+
+    /// The outcome a panic gives the message being handled.
+    fn internal_failure(&self) -> ChannelError {
+        ChannelError {
+            code: Some("internal".into()),
+            ..ChannelError::new(
+                self.key.channel_id(),
+                FailureKind::Permanent,
+                "the gateway failed while handling this message (an internal error, logged); \
+                 it was not delivered by this attempt and may be redelivered",
+            )
+        }
+    }
+
+    async fn deliver_outcome(&self, item: &mut Item) -> Outcome {
+        #[cfg(test)]
+        if item.message.text.as_deref() == Some(tests::PANIC_TEXT) {
+            panic!("a test's panic while delivering");
+        }
         if item.shed {
             match self
                 .inner
@@ -1262,11 +1324,7 @@ impl Worker {
                     item.rendered.requests = r.requests;
                     item.shed = false;
                 }
-                Err(e) => {
-                    let err = self.render_failure(&e);
-                    self.fail(item, err, 0);
-                    return;
-                }
+                Err(e) => return failed(self.render_failure(&e), 0),
             }
         }
         // The caller's trace continues here: its trace id and parent span on every line.
@@ -1288,7 +1346,7 @@ impl Worker {
                 opentelemetry_sdk::propagation::TraceContextPropagator::new().extract(&carrier);
             let _ = span.set_parent(cx);
         }
-        let outcome = self.attempt_all(&item).instrument(span.clone()).await;
+        let outcome = self.attempt_all(item).instrument(span.clone()).await;
         let _entered = span.enter();
         match outcome.state {
             DeliveryState::Delivered => {
@@ -1302,7 +1360,7 @@ impl Worker {
                 "message not delivered"
             ),
         }
-        self.finish(item, outcome);
+        outcome
     }
 
     /// Every request of the message in order, each retried in place until it succeeds or gives up.
@@ -1421,10 +1479,14 @@ impl Worker {
             attempt += 1;
             let r = {
                 let _permit = self.inner.permits.acquire().await;
-                self.inner
-                    .channels
-                    .create_conversation(&address, &options)
-                    .await
+                let create = self.inner.channels.create_conversation(&address, &options);
+                match AssertUnwindSafe(create).catch_unwind().await {
+                    Ok(r) => r,
+                    Err(panic) => {
+                        tracing::error!(panic = %panic_text(&panic), "starting a conversation panicked; its messages fail with an internal error");
+                        Err(self.internal_failure())
+                    }
+                }
             };
             match r {
                 Ok(a) => break Ok(a),
@@ -1466,17 +1528,23 @@ impl Worker {
                     if let Err(e) = moved {
                         tracing::error!(error = %e, message_id = item.id, "outbox update failed");
                     }
-                    match self
-                        .inner
-                        .channels
-                        .render_send(&item.message, item.proactive.as_ref())
-                    {
-                        Ok(r) => {
+                    let render = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                        self.inner
+                            .channels
+                            .render_send(&item.message, item.proactive.as_ref())
+                    }));
+                    match render {
+                        Ok(Ok(r)) => {
                             item.rendered = r;
                             ready.push(item);
                         }
-                        Err(e) => {
+                        Ok(Err(e)) => {
                             let err = self.render_failure(&e);
+                            self.fail(item, err, 0);
+                        }
+                        Err(panic) => {
+                            tracing::error!(message_id = item.id, panic = %panic_text(&panic), "rendering a proactive message panicked");
+                            let err = self.internal_failure();
                             self.fail(item, err, 0);
                         }
                     }
@@ -1522,6 +1590,83 @@ impl Worker {
 mod tests {
     use super::*;
     use crate::config::Config;
+
+    /// The text of a message whose delivery panics (see `deliver_outcome`).
+    pub(super) const PANIC_TEXT: &str = "panic while delivering this";
+
+    /// A panic while one message is handled fails that message with an internal error; the
+    /// messages behind it in its line are still handled, and nothing stays undelivered.
+    #[tokio::test]
+    async fn a_panic_fails_the_message_being_handled_and_the_line_goes_on() {
+        let config = Config::default();
+        let channels = Arc::new(Channels::from_config(&config).expect("channels"));
+        let store: Arc<dyn Store> = Arc::new(crate::outbox::MemoryStore::new());
+        let d = Dispatcher::new(
+            channels.clone(),
+            store.clone(),
+            config.delivery.clone(),
+            Arc::new(Metrics::new()),
+        );
+        let message = |text: &str| {
+            let mut m = Message::default();
+            m.address.channel_id = "webchat".into();
+            m.address.bot = Some(crate::model::Identity {
+                id: "bot".into(),
+                ..Default::default()
+            });
+            m.address.conversation = Some(crate::model::Conversation {
+                id: "c1".into(),
+                ..Default::default()
+            });
+            m.address.service_url = Some("http://127.0.0.1:9/".into());
+            m.text = Some(text.into());
+            let rendered = channels.render_send(&m, None).expect("rendered");
+            Submission {
+                message: m,
+                rendered,
+                traceparent: None,
+            }
+        };
+        let first = d
+            .submit(vec![message("before")], false, true, None)
+            .await
+            .unwrap();
+        let panicking = d
+            .submit(vec![message(PANIC_TEXT)], false, true, None)
+            .await
+            .unwrap();
+        let after = d
+            .submit(vec![message("after"), message("after 2")], true, true, None)
+            .await
+            .unwrap();
+        let mut outcomes = Vec::new();
+        for accepted in [first, panicking, after] {
+            for ticket in accepted.tickets {
+                let rx = ticket.outcome.expect("an outcome was asked for");
+                let outcome = tokio::time::timeout(Duration::from_secs(30), rx)
+                    .await
+                    .expect("every message gets its outcome")
+                    .expect("outcome sent");
+                outcomes.push((ticket.id, outcome));
+            }
+        }
+        let (id, panicked) = &outcomes[1];
+        let error = panicked.error.as_ref().expect("an error");
+        assert_eq!(panicked.state, DeliveryState::Failed);
+        assert_eq!(error.code.as_deref(), Some("internal"), "{error}");
+        assert_eq!(
+            store.get(*id).map(|m| m.record.state),
+            Some(DeliveryState::Failed)
+        );
+        // The others reached their own ends (this conversation has no credentials configured,
+        // so the channel refuses them), not the panic's.
+        for (id, o) in [&outcomes[0], &outcomes[2], &outcomes[3]] {
+            let code = o.error.as_ref().and_then(|e| e.code.as_deref());
+            assert_ne!(code, Some("internal"), "message {id}: {o:?}");
+            assert_ne!(o.state, DeliveryState::Delivering);
+        }
+        assert_eq!(d.undelivered(), 0);
+    }
 
     /// A worker for one webchat conversation of a dispatcher on the default configuration,
     /// never started, and the dispatcher's channels.

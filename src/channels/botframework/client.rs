@@ -264,8 +264,8 @@ impl BotFrameworkClient {
                 format!("token response unreadable: {e}"),
             )
         })?;
-        let lifetime = Duration::from_secs(parsed.expires_in.unwrap_or(3600));
-        let usable = lifetime.saturating_sub(self.config.token_refresh_margin);
+        let lifetime = token_lifetime(parsed.expires_in);
+        let usable = usable_for(lifetime, self.config.token_refresh_margin);
         tracing::info!(
             bot_id,
             expires_in_s = lifetime.as_secs(),
@@ -273,7 +273,7 @@ impl BotFrameworkClient {
         );
         Ok(CachedToken {
             value: Secret::new(parsed.access_token),
-            refresh_at: started + usable,
+            refresh_at: crate::bounded::later(started, usable),
         })
     }
 
@@ -367,6 +367,22 @@ impl BotFrameworkClient {
     }
 }
 
+/// A token endpoint's `expires_in` is read as a lifetime between one minute and one day. The
+/// Bot Framework's tokens live an hour; an answer of 0 would fetch a token before every message
+/// (a 401 still fetches a new one at once), and a huge one would overflow the refresh time.
+const TOKEN_LIFETIME_MIN: Duration = Duration::from_secs(60);
+const TOKEN_LIFETIME_MAX: Duration = Duration::from_secs(24 * 3600);
+
+fn token_lifetime(expires_in: Option<u64>) -> Duration {
+    Duration::from_secs(expires_in.unwrap_or(3600)).clamp(TOKEN_LIFETIME_MIN, TOKEN_LIFETIME_MAX)
+}
+
+/// How long a token is used before it is refreshed: its lifetime less the margin, but at least
+/// half of it, since a margin as long as the lifetime would refresh before every message.
+fn usable_for(lifetime: Duration, margin: Duration) -> Duration {
+    lifetime.saturating_sub(margin).max(lifetime / 2)
+}
+
 fn urlencode(s: &str) -> String {
     url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
@@ -433,6 +449,22 @@ pub fn classify(status: u16, headers: &http::header::HeaderMap, body: &str) -> C
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_token_lifetime_is_bounded_both_ways() {
+        assert_eq!(token_lifetime(None), Duration::from_secs(3600));
+        assert_eq!(token_lifetime(Some(0)), TOKEN_LIFETIME_MIN);
+        assert_eq!(token_lifetime(Some(u64::MAX)), TOKEN_LIFETIME_MAX);
+        assert_eq!(token_lifetime(Some(86_399)), Duration::from_secs(86_399));
+    }
+
+    #[test]
+    fn a_token_is_refreshed_a_margin_before_it_expires_but_used_half_its_life() {
+        let s = Duration::from_secs;
+        assert_eq!(usable_for(s(3600), s(300)), s(3300));
+        assert_eq!(usable_for(s(301), s(300)), Duration::from_millis(150_500));
+        assert_eq!(usable_for(token_lifetime(Some(0)), s(300)), s(30));
+    }
 
     fn pats(p: &[&str]) -> Vec<String> {
         p.iter().map(|s| s.to_string()).collect()
