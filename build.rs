@@ -18,6 +18,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // A message's address is 440 of its 976 bytes: boxed, decoding a batch (whose Vec
         // grows by copying every message) and each move of a message copy half as much.
         .boxed(".channelgateway.v1.Message.address")
+        // A request that does not decode is the caller's error, not an internal one.
+        .codec_path("crate::api::codec::GatewayCodec")
         .build_client(true)
         .build_server(true)
         .compile_fds(fds)?;

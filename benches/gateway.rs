@@ -596,7 +596,7 @@ fn spawn_gateway(fake_port: u16, data_dir: &std::path::Path, o: &GatewayOpts) ->
         )
         .env(
             "CHANNEL_GATEWAY__CHANNELS__BOTFRAMEWORK__ALLOWED_SERVICE_HOSTS",
-            "[\"127.0.0.1\"]",
+            "[\"127.0.0.1:*\"]",
         )
         .env(
             "CHANNEL_GATEWAY__CHANNELS__BOTFRAMEWORK__TOKEN_URL",
@@ -619,6 +619,8 @@ fn spawn_gateway(fake_port: u16, data_dir: &std::path::Path, o: &GatewayOpts) ->
             "CHANNEL_GATEWAY__DELIVERY__MAX_PENDING_PER_CONVERSATION",
             o.room.map_or(1_000_000, |r| r.0).to_string(),
         )
+        // The accept scenarios hold every message of the run, more than the default allows.
+        .env("CHANNEL_GATEWAY__DELIVERY__MAX_PENDING_TOTAL", "1000000")
         .env(
             "CHANNEL_GATEWAY__DELIVERY__MAX_WAIT_FOR_ROOM",
             o.room.map_or("0s", |r| r.1),

@@ -122,7 +122,7 @@ grpc_port="$(free_port)"
 start_gateway() {
   # Configuration by environment only, exactly as a deployment would set it.
   env \
-    CHANNEL_GATEWAY__CHANNELS__BOTFRAMEWORK__ALLOWED_SERVICE_HOSTS='["127.0.0.1"]' \
+    CHANNEL_GATEWAY__CHANNELS__BOTFRAMEWORK__ALLOWED_SERVICE_HOSTS='["127.0.0.1:*"]' \
     CHANNEL_GATEWAY__CHANNELS__BOTFRAMEWORK__TOKEN_URL="${service_url}token" \
     CHANNEL_GATEWAY__CHANNELS__BOTFRAMEWORK__APP_ID="$bot_id" \
     CHANNEL_GATEWAY__CHANNELS__BOTFRAMEWORK__APP_PASSWORD="e2e-password-not-a-secret" \

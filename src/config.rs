@@ -213,7 +213,9 @@ impl Default for DeliveryConfig {
             request_timeout: Duration::from_secs(30),
             max_pending_per_conversation: 10_000,
             max_wait_for_room: Duration::ZERO,
-            max_pending_total: 1_000_000,
+            // A pending message holds up to ~10 KB when it is alone in its conversation (its
+            // worker, line and rendered request): 100k bounds that to about 1 GB.
+            max_pending_total: 100_000,
         }
     }
 }
@@ -590,11 +592,18 @@ impl Config {
             return Err(invalid("channels.botframework.token_url", reason));
         }
         for (i, host) in bf.allowed_service_hosts.iter().enumerate() {
-            let bare = host.strip_prefix("*.").unwrap_or(host);
-            if bare.is_empty() || bare.contains(['/', ':', '*']) {
+            let (name, port) = match host.rsplit_once(':') {
+                Some((name, port)) => (name, Some(port)),
+                None => (host.as_str(), None),
+            };
+            let bare = name.strip_prefix("*.").unwrap_or(name);
+            let port_ok = port.is_none_or(|p| p == "*" || p.parse::<u16>().is_ok());
+            if bare.is_empty() || bare.contains(['/', ':', '*']) || !port_ok {
                 return Err(invalid(
                     &format!("channels.botframework.allowed_service_hosts[{i}]"),
-                    format!("`{host}` is not a host name or `*.domain` pattern"),
+                    format!(
+                        "`{host}` is not a host name or `*.domain` pattern, optionally with `:port` or `:*`"
+                    ),
                 ));
             }
         }

@@ -326,16 +326,16 @@ async fn serve(
     });
 
     tracing::info!(addr = ?local, tls = config.server.tls.is_some(), "channel-gateway serving gRPC");
-    let max_bytes = config
-        .server
-        .max_message_bytes
-        .saturating_mul(config.server.max_batch_len)
-        .max(4 << 20);
+    // Each RPC's own limit is checked as a request streams in (`api::limits`); the service's
+    // decoding limit is the largest of them.
+    let limits = crate::api::limits::RequestLimits::new(&config.server);
+    let max_bytes = limits.largest().max(4 << 20);
     let service = Arc::new(service);
     // One router per listener (TCP, TLS, Unix socket), all sharing one service.
     let router = move || {
         let auth = authenticator.clone();
         tonic::transport::Server::builder()
+            .layer(limits)
             .add_service(health_service.clone())
             .add_service(reflection.clone())
             .add_service(tonic::service::interceptor::InterceptedService::new(

@@ -29,7 +29,7 @@ fn spawn_gateway(fake: &FakeConnector, data_dir: &std::path::Path, port: u16) ->
         .arg(data_dir)
         .env(
             "CHANNEL_GATEWAY__CHANNELS__BOTFRAMEWORK__ALLOWED_SERVICE_HOSTS",
-            "[\"127.0.0.1\"]",
+            "[\"127.0.0.1:*\"]",
         )
         .env(
             "CHANNEL_GATEWAY__CHANNELS__BOTFRAMEWORK__TOKEN_URL",

@@ -25,7 +25,7 @@ async fn logs_carry_the_trace_and_never_a_secret() {
         .arg(dir.path())
         .env(
             "CHANNEL_GATEWAY__CHANNELS__BOTFRAMEWORK__ALLOWED_SERVICE_HOSTS",
-            "[\"127.0.0.1\"]",
+            "[\"127.0.0.1:*\"]",
         )
         .env(
             "CHANNEL_GATEWAY__CHANNELS__BOTFRAMEWORK__TOKEN_URL",

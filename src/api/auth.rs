@@ -204,7 +204,8 @@ pub fn authorize<T>(req: &Request<T>, bot_id: &str) -> Result<(), Status> {
     match req.extensions().get::<Caller>() {
         Some(c) if c.may_send_as(bot_id) => Ok(()),
         Some(c) => Err(Status::permission_denied(format!(
-            "caller `{c}` may not act as bot `{bot_id}`"
+            "caller `{c}` may not act as bot `{}`",
+            crate::bounded::cap(bot_id, 128)
         ))),
         // The interceptor always runs before the service; no caller means it was bypassed.
         None => Err(Status::unauthenticated("no caller identity")),

@@ -13,16 +13,44 @@ use time::format_description::well_known::Rfc3339;
 use super::pb;
 use crate::model::*;
 
-/// Field violations found in a request, in the order met.
+/// Field violations found in a request, in the order met: the first `MAX_KEPT` of them, each
+/// capped, and how many more there were. A request of 100k bad items once made a status of
+/// 29.5 MB, more than a client reads, so the caller never saw why it was refused.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Violations(pub Vec<(String, String)>);
+pub struct Violations {
+    kept: Vec<(String, String)>,
+    more: usize,
+}
 
 impl Violations {
+    pub const MAX_KEPT: usize = 20;
+    /// A field path is ours, but may carry a key from the request (`source_event["…"]`).
+    const MAX_FIELD_CHARS: usize = 256;
+
     pub fn add(&mut self, field: impl Into<String>, description: impl Into<String>) {
-        self.0.push((field.into(), description.into()));
+        if self.kept.len() >= Self::MAX_KEPT {
+            self.more += 1;
+            return;
+        }
+        let mut field = field.into();
+        let mut description = description.into();
+        crate::bounded::cap_owned(&mut field, Self::MAX_FIELD_CHARS);
+        crate::bounded::cap_owned(&mut description, crate::bounded::MAX_ECHO_CHARS);
+        self.kept.push((field, description));
     }
+
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.kept.is_empty()
+    }
+
+    /// The violations kept, in the order met.
+    pub fn kept(&self) -> &[(String, String)] {
+        &self.kept
+    }
+
+    /// How many violations were found past those kept.
+    pub fn more(&self) -> usize {
+        self.more
     }
 }
 
@@ -151,6 +179,39 @@ fn timestamp(
     }
 }
 
+/// The longest id or name in an address (channel, bot, user, conversation, tenant, message
+/// ids and display names), in bytes. Channels' ids are tens to a few hundred bytes (Teams
+/// conversation ids are the longest met); a longer one is not an id, and was accepted only to
+/// fail at delivery.
+pub const MAX_ID_BYTES: usize = 1024;
+/// The longest `service_url`, in bytes.
+pub const MAX_URL_BYTES: usize = 2048;
+/// Most members a proactive start may name besides `address.user`.
+pub const MAX_MEMBERS: usize = 100;
+
+fn check_len(v: &mut Violations, field: &dyn Display, s: &str, max: usize) {
+    if s.len() > max {
+        v.add(
+            field.to_string(),
+            format!("{} bytes; at most {max}", s.len()),
+        );
+    }
+}
+
+fn check_identity(v: &mut Violations, path: &dyn Display, i: &Identity) {
+    check_len(v, &Field(path, "id"), &i.id, MAX_ID_BYTES);
+    for (name, value) in [
+        ("name", &i.name),
+        ("role", &i.role),
+        ("aad_object_id", &i.aad_object_id),
+        ("tenant_id", &i.tenant_id),
+    ] {
+        if let Some(value) = value {
+            check_len(v, &Field(path, name), value, MAX_ID_BYTES);
+        }
+    }
+}
+
 fn identity(i: Option<pb::Identity>) -> Option<Identity> {
     let i = i?;
     let out = Identity {
@@ -189,12 +250,45 @@ pub fn address(v: &mut Violations, path: &dyn Display, a: Option<pb::Address>) -
         };
         (out != Conversation::default()).then_some(out)
     });
+    check_len(v, &Field(path, "channel_id"), &a.channel_id, MAX_ID_BYTES);
+    check_len(
+        v,
+        &Field(path, "service_url"),
+        &a.service_url,
+        MAX_URL_BYTES,
+    );
+    check_len(v, &Field(path, "id"), &a.id, MAX_ID_BYTES);
+    check_len(v, &Field(path, "thread_id"), &a.thread_id, MAX_ID_BYTES);
+    let user = identity(a.user);
+    for (field, i) in [("user", &user), ("bot", &bot)] {
+        if let Some(i) = i {
+            check_identity(v, &Field(path, field), i);
+        }
+    }
+    if let Some(c) = &conversation {
+        let at = Field(path, "conversation");
+        check_len(v, &Field(&at, "id"), &c.id, MAX_ID_BYTES);
+        for (name, value) in [
+            ("name", &c.name),
+            ("conversation_type", &c.conversation_type),
+            ("tenant_id", &c.tenant_id),
+        ] {
+            if let Some(value) = value {
+                check_len(v, &Field(&at, name), value, MAX_ID_BYTES);
+            }
+        }
+    }
+    let service_url = if a.service_url.len() > MAX_URL_BYTES {
+        None
+    } else {
+        opt_url(v, &Field(path, "service_url"), a.service_url)
+    };
     Address {
         channel_id: a.channel_id,
-        user: identity(a.user),
+        user,
         bot,
         conversation,
-        service_url: opt_url(v, &Field(path, "service_url"), a.service_url),
+        service_url,
         id: opt(a.id),
         thread_id: opt(a.thread_id),
     }
@@ -616,16 +710,30 @@ pub fn message(v: &mut Violations, path: &dyn Display, m: pb::Message) -> Messag
     out
 }
 
-pub fn proactive_options(o: Option<pb::ProactiveOptions>) -> ProactiveOptions {
+/// A proactive start's options, bounded: they travel with each of its messages to the outbox.
+pub fn proactive_options(v: &mut Violations, o: Option<pb::ProactiveOptions>) -> ProactiveOptions {
     let o = o.unwrap_or_default();
+    check_len(v, &"options.topic_name", &o.topic_name, MAX_ID_BYTES);
+    check_len(v, &"options.message_tag", &o.message_tag, MAX_ID_BYTES);
+    if o.members.len() > MAX_MEMBERS {
+        v.add(
+            "options.members",
+            format!("{} members; at most {MAX_MEMBERS}", o.members.len()),
+        );
+        return ProactiveOptions::default();
+    }
+    let members: Vec<Identity> = o
+        .members
+        .into_iter()
+        .filter_map(|i| identity(Some(i)))
+        .collect();
+    for (i, m) in members.iter().enumerate() {
+        check_identity(v, &Item("options.members", i), m);
+    }
     ProactiveOptions {
         topic_name: opt(o.topic_name),
         is_group: o.is_group,
-        members: o
-            .members
-            .into_iter()
-            .filter_map(|i| identity(Some(i)))
-            .collect(),
+        members,
         message_tag: opt(o.message_tag),
     }
 }

@@ -11,6 +11,8 @@ pub mod pb {
 }
 
 pub mod auth;
+pub mod codec;
 pub mod convert;
+pub mod limits;
 pub mod service;
 pub mod status;

@@ -155,9 +155,33 @@ fn stored_result_pb(m: &StoredMessage) -> pb::SendResult {
 }
 
 fn parse_id(field: &str, s: &str) -> Result<u64, Status> {
-    s.parse()
-        .map_err(|_| status::invalid_field(field, format!("`{s}` is not a message id")))
+    s.parse().map_err(|_| {
+        status::invalid_field(
+            field,
+            format!("`{}` is not a message id", crate::bounded::cap(s, 32)),
+        )
+    })
 }
+
+/// The answer for a message the caller may not see, the same as for one that does not exist:
+/// answering PERMISSION_DENIED for another bot's message let a caller count its traffic.
+fn unknown_message(id: u64) -> Status {
+    Status::not_found(format!(
+        "message {id} is not in the outbox (unknown, not one of your bots', or delivered and compacted)"
+    ))
+}
+
+/// Whether the caller of `req` may see `m` (it may act as the message's bot).
+fn visible<T>(req: &Request<T>, m: &StoredMessage) -> bool {
+    auth::authorize(req, m.message.address.bot_id()).is_ok()
+}
+
+/// Most ids one Redeliver takes (a page of ListFailed).
+const MAX_REDELIVER_IDS: usize = 1000;
+
+/// ListFailed's answer stays under gRPC's default 4 MiB message size, which clients enforce:
+/// a page of 1,000 large messages would be refused by the very client that asked for it.
+const MAX_LIST_BYTES: usize = 3 << 20;
 
 fn result_pb(id: u64, warnings: &[model::Warning], outcome: Option<Outcome>) -> pb::SendResult {
     let mut r = pb::SendResult {
@@ -258,9 +282,10 @@ impl GatewayService {
         channels
             .check_address(&msg.address, &addr_path)
             .map_err(|e| status::route(e, &format!("{addr_path}.channel_id")))?;
-        let rendered = channels.render_send(&msg, proactive).map_err(|e| {
+        let mut rendered = channels.render_send(&msg, proactive).map_err(|e| {
             status::render(e, &path.to_string(), &format!("{addr_path}.channel_id"))
         })?;
+        rendered.cap_warnings();
         Ok(Submission {
             message: msg,
             rendered,
@@ -344,8 +369,18 @@ impl GatewayService {
 /// indicator is for a reply being prepared, and a bot that needs longer sends another.
 pub const MAX_TYPING_KEEP_ALIVE: Duration = Duration::from_secs(600);
 
-fn idem_key(rpc: &'static str, bot: String, key: &str) -> Option<IdemKey> {
-    (!key.is_empty()).then(|| (rpc, bot, key.to_string()))
+/// The longest idempotency key, in bytes: a key names a call (a UUID is 36 bytes), and every
+/// key is kept for `server.idempotency_window`.
+pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 256;
+
+fn idem_key(rpc: &'static str, bot: String, key: &str) -> Result<Option<IdemKey>, Status> {
+    if key.len() > MAX_IDEMPOTENCY_KEY_BYTES {
+        return Err(status::invalid_field(
+            "idempotency_key",
+            format!("{} bytes; at most {MAX_IDEMPOTENCY_KEY_BYTES}", key.len()),
+        ));
+    }
+    Ok((!key.is_empty()).then(|| (rpc, bot, key.to_string())))
 }
 
 /// The caller's W3C trace context, when well formed (`00-<32 hex>-<16 hex>-<2 hex>`).
@@ -403,7 +438,7 @@ impl SendStart {
             wait,
         } = req.into_inner();
         Ok(Self {
-            key: idem_key("send", bot_of(message.as_ref()), &idempotency_key),
+            key: idem_key("send", bot_of(message.as_ref()), &idempotency_key)?,
             message: message.map(Box::new),
             wait,
             traceparent,
@@ -510,7 +545,7 @@ impl ChannelGateway for GatewayService {
             "send_batch",
             bot_of(req.messages.first()),
             &req.idempotency_key,
-        );
+        )?;
         let replay = |found: Vec<StoredMessage>| {
             Cached::Batch(pb::SendBatchResponse {
                 results: found.iter().map(stored_result_pb).collect(),
@@ -644,7 +679,7 @@ impl ChannelGateway for GatewayService {
             .and_then(|a| a.bot.as_ref())
             .map(|b| b.id.clone())
             .unwrap_or_default();
-        let key = idem_key("send_proactive", bot, &req.idempotency_key);
+        let key = idem_key("send_proactive", bot, &req.idempotency_key)?;
         let fallback = req.address.clone();
         let replay = move |found: Vec<StoredMessage>| {
             Cached::Proactive(Box::new(pb::SendProactiveResponse {
@@ -677,10 +712,10 @@ impl ChannelGateway for GatewayService {
         };
         self.check_size(&mut v, &"message", &m);
         let msg = convert::message(&mut v, &"message", m);
+        let options = convert::proactive_options(&mut v, req.options);
         if !v.is_empty() {
             return Err(status::invalid(v));
         }
-        let options = convert::proactive_options(req.options);
         let channels = self.dispatcher.channels();
         let rendered = if msg.address.conversation_id().is_some() {
             channels.render_send(&msg, None)
@@ -725,12 +760,12 @@ impl ChannelGateway for GatewayService {
         req: Request<pb::GetDeliveryRequest>,
     ) -> Result<Response<pb::GetDeliveryResponse>, Status> {
         let id = parse_id("message_id", &req.get_ref().message_id)?;
-        let m = self.dispatcher.store().get(id).ok_or_else(|| {
-            Status::not_found(format!(
-                "message {id} is not in the outbox (unknown, or delivered and compacted)"
-            ))
-        })?;
-        auth::authorize(&req, m.message.address.bot_id())?;
+        let m = self
+            .dispatcher
+            .store()
+            .get(id)
+            .filter(|m| visible(&req, m))
+            .ok_or_else(|| unknown_message(id))?;
         Ok(Response::new(pb::GetDeliveryResponse {
             delivery: Some(delivery_pb(&m)),
         }))
@@ -798,21 +833,32 @@ impl ChannelGateway for GatewayService {
         };
         let store = self.dispatcher.store();
         let mut out = Vec::new();
+        let mut bytes = 0usize;
+        let mut full = false;
         let mut exhausted = false;
-        while out.len() < size && !exhausted {
+        while !full && !exhausted {
             let page = store.failed(after, size);
             exhausted = page.len() < size;
             for m in page {
-                after = m.id;
                 if req.bot_id.is_empty() || m.message.address.bot_id() == req.bot_id {
-                    out.push(delivery_pb(&m));
-                    if out.len() == size {
+                    let d = delivery_pb(&m);
+                    let len = prost::Message::encoded_len(&d);
+                    // The next page starts with this one (at least one per page).
+                    if !out.is_empty() && bytes.saturating_add(len) > MAX_LIST_BYTES {
+                        full = true;
                         break;
                     }
+                    bytes = bytes.saturating_add(len);
+                    out.push(d);
+                }
+                after = m.id;
+                if out.len() == size {
+                    full = true;
+                    break;
                 }
             }
         }
-        let next_page_token = if exhausted && out.len() < size {
+        let next_page_token = if exhausted && !full {
             String::new()
         } else {
             after.to_string()
@@ -834,16 +880,32 @@ impl ChannelGateway for GatewayService {
                 "at least one id is required",
             ));
         }
+        if ids_s.len() > MAX_REDELIVER_IDS {
+            return Err(status::invalid_field(
+                "message_ids",
+                format!("{} ids; at most {MAX_REDELIVER_IDS}", ids_s.len()),
+            ));
+        }
         let mut ids = Vec::with_capacity(ids_s.len());
+        let mut seen = std::collections::HashSet::with_capacity(ids_s.len());
+        let mut answer = Vec::with_capacity(ids_s.len());
         for (i, s) in ids_s.iter().enumerate() {
             let id = parse_id(&format!("message_ids[{i}]"), s)?;
-            if let Some(m) = self.dispatcher.store().get(id) {
-                auth::authorize(&req, m.message.address.bot_id())?;
+            // The same id twice is redelivered once.
+            if !seen.insert(id) {
+                continue;
+            }
+            match self.dispatcher.store().get(id) {
+                Some(m) if visible(&req, &m) => {}
+                _ => return Err(unknown_message(id)),
             }
             ids.push(id);
+            answer.push(id.to_string());
         }
         self.dispatcher.redeliver(&ids).map_err(status::submit)?;
-        Ok(Response::new(pb::RedeliverResponse { message_ids: ids_s }))
+        Ok(Response::new(pb::RedeliverResponse {
+            message_ids: answer,
+        }))
     }
 }
 
@@ -877,6 +939,7 @@ impl GatewayService {
                 );
             }
         }
+        let options = convert::proactive_options(&mut v, req.options);
         if !v.is_empty() {
             return Err(status::invalid(v));
         }
@@ -884,7 +947,6 @@ impl GatewayService {
         channels
             .check_address(&address, &"address")
             .map_err(|e| status::route(e, "address.channel_id"))?;
-        let options = convert::proactive_options(req.options);
         let has_conversation = address.conversation_id().is_some();
         // Until the channel names the conversation, render against a stand-in to validate and
         // collect warnings; the worker renders again with the real address.

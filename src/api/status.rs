@@ -13,16 +13,26 @@ use crate::delivery::SubmitError;
 
 pub const DOMAIN: &str = "channel-gateway";
 
+/// Bad input: every violation kept (see `Violations`) in the message and as BadRequest field
+/// violations, then how many more there were.
 pub fn invalid(v: Violations) -> Status {
-    let summary =
-        v.0.iter()
-            .map(|(f, d)| format!("{f}: {d}"))
-            .collect::<Vec<_>>()
-            .join("; ");
-    let violations: Vec<FieldViolation> =
-        v.0.into_iter()
-            .map(|(f, d)| FieldViolation::new(f, d))
-            .collect();
+    let mut summary = v
+        .kept()
+        .iter()
+        .map(|(f, d)| format!("{f}: {d}"))
+        .collect::<Vec<_>>()
+        .join("; ");
+    let mut violations: Vec<FieldViolation> = v
+        .kept()
+        .iter()
+        .map(|(f, d)| FieldViolation::new(f.as_str(), d.as_str()))
+        .collect();
+    if v.more() > 0 {
+        let more = format!("and {} more violations not listed", v.more());
+        summary.push_str("; ");
+        summary.push_str(&more);
+        violations.push(FieldViolation::new("", more));
+    }
     Status::with_error_details(
         Code::InvalidArgument,
         summary,
@@ -140,6 +150,7 @@ pub fn channel(e: &ChannelError, attempts: u32, possible_duplicate: bool) -> Sta
     if let Some(c) = &e.code {
         meta.insert("channel_code".into(), c.clone());
     }
+    // `e`'s text is bounded when it is displayed (and when it is stored).
     Status::with_error_details(
         code,
         format!("delivery failed: {e}"),

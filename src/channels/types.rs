@@ -61,7 +61,24 @@ pub struct Rendered {
     pub warnings: Vec<Warning>,
 }
 
+/// Most adaptation warnings kept for one message: each is reported with the message and kept
+/// with it in the outbox, and a message of thousands of cards would otherwise carry thousands.
+pub const MAX_WARNINGS: usize = 20;
+
 impl Rendered {
+    /// Keeps the first [`MAX_WARNINGS`] warnings, and one more saying how many were dropped.
+    pub fn cap_warnings(&mut self) {
+        if self.warnings.len() > MAX_WARNINGS {
+            let more = self.warnings.len() - MAX_WARNINGS;
+            self.warnings.truncate(MAX_WARNINGS);
+            self.warnings.push(Warning::new(
+                "warnings_truncated",
+                "message",
+                format!("{more} more adaptations of this message are not listed"),
+            ));
+        }
+    }
+
     /// Drops the requests' bodies and keeps their routes (method, URL, credential, rate scope),
     /// for a message that waits long: `Channels::render_send` renders the bodies again.
     pub fn drop_bodies(&mut self) {
@@ -137,7 +154,7 @@ pub enum ErrorCategory {
 
 /// A channel's answer that is not a success, with the channel's own words.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
-#[error("{channel} {kind:?}: {}{}", self.code.as_deref().map(|c| format!("{c}: ")).unwrap_or_default(), self.message)]
+#[error("{channel} {kind:?}: {}{}", self.code.as_deref().map(|c| format!("{}: ", crate::bounded::for_log(c))).unwrap_or_default(), crate::bounded::for_log(&self.message))]
 pub struct ChannelError {
     pub channel: String,
     pub kind: FailureKind,
@@ -152,7 +169,22 @@ pub struct ChannelError {
     pub category: Option<ErrorCategory>,
 }
 
+/// The longest channel error code kept (codes are short words or numbers).
+const MAX_CODE_CHARS: usize = 128;
+/// The longest native id kept: channels' ids are tens of characters; one of megabytes is not
+/// an id, and would be stored and echoed with every status.
+pub const MAX_NATIVE_ID_CHARS: usize = 1024;
+
 impl ChannelError {
+    /// Caps what the channel said before it is stored or answered: an answer may carry
+    /// megabytes of error text.
+    pub fn bound(&mut self) {
+        crate::bounded::cap_owned(&mut self.message, crate::bounded::MAX_ECHO_CHARS);
+        if let Some(code) = &mut self.code {
+            crate::bounded::cap_owned(code, MAX_CODE_CHARS);
+        }
+    }
+
     pub fn new(channel: &str, kind: FailureKind, message: impl Into<String>) -> Self {
         Self {
             channel: channel.to_string(),
@@ -172,4 +204,12 @@ pub struct NativeReceipt {
     /// The channel's id for what was created (activity id, message_id, ts).
     pub native_id: String,
     pub conversation_id: String,
+}
+
+impl NativeReceipt {
+    /// Caps the ids before they are stored or answered (see `MAX_NATIVE_ID_CHARS`).
+    pub fn bound(&mut self) {
+        crate::bounded::cap_owned(&mut self.native_id, MAX_NATIVE_ID_CHARS);
+        crate::bounded::cap_owned(&mut self.conversation_id, MAX_NATIVE_ID_CHARS);
+    }
 }

@@ -101,7 +101,7 @@ struct Item {
     /// Shared with the outbox's copy of the message until both are done with it.
     message: Arc<Message>,
     rendered: Rendered,
-    proactive: Option<ProactiveOptions>,
+    proactive: Option<Arc<ProactiveOptions>>,
     accepted_at: Instant,
     /// Resolves once the message is in the outbox; nothing is sent before.
     durable: Durable,
@@ -145,7 +145,7 @@ enum Job {
     },
     Proactive {
         address: Box<Address>,
-        options: ProactiveOptions,
+        options: Arc<ProactiveOptions>,
         items: Vec<Item>,
         created: Option<oneshot::Sender<Result<Address, ChannelError>>>,
     },
@@ -454,6 +454,7 @@ impl Dispatcher {
         idempotency_key: Option<String>,
     ) -> Result<(Accepted, Created), SubmitError> {
         let key = ConversationKey::of(&address);
+        let options = Arc::new(options);
         let (items, rxs) = new_items(messages, Some(&options), want_outcome);
         let (tx, rx) = oneshot::channel();
         let accepted = self
@@ -530,7 +531,7 @@ impl Dispatcher {
             let (rendered, render_error) = match self
                 .inner
                 .channels
-                .render_send(&m.message, m.proactive.as_ref())
+                .render_send(&m.message, m.proactive.as_deref())
             {
                 Ok(r) => (r, None),
                 // A proactive start renders again once its conversation exists.
@@ -616,7 +617,7 @@ impl Dispatcher {
 
 fn new_items(
     messages: Vec<Submission>,
-    proactive: Option<&ProactiveOptions>,
+    proactive: Option<&Arc<ProactiveOptions>>,
     want_outcome: bool,
 ) -> (Vec<Item>, Vec<Option<oneshot::Receiver<Outcome>>>) {
     let now = Instant::now();
@@ -945,6 +946,13 @@ impl Inner {
 
     fn finish(&self, item: Item, mut outcome: Outcome, line: Option<&Line>) {
         outcome.possible_duplicate |= item.possible_duplicate;
+        // What the channel answered is kept and echoed from here on: bounded first.
+        if let Some(e) = &mut outcome.error {
+            e.bound();
+        }
+        for r in &mut outcome.receipts {
+            r.bound();
+        }
         let for_caller = if item.ephemeral {
             Some(outcome)
         } else {
@@ -1318,7 +1326,7 @@ impl Worker {
             match self
                 .inner
                 .channels
-                .render_send(&item.message, item.proactive.as_ref())
+                .render_send(&item.message, item.proactive.as_deref())
             {
                 Ok(r) => {
                     item.rendered.requests = r.requests;
@@ -1459,7 +1467,7 @@ impl Worker {
     async fn proactive(
         &self,
         address: Address,
-        options: ProactiveOptions,
+        options: Arc<ProactiveOptions>,
         items: Vec<Item>,
         created: Option<oneshot::Sender<Result<Address, ChannelError>>>,
     ) {
@@ -1489,6 +1497,23 @@ impl Worker {
                 }
             };
             match r {
+                // Every later message of the conversation is keyed and stored by this id.
+                Ok(a)
+                    if a.conversation_id().map_or(0, str::len)
+                        > crate::channels::MAX_NATIVE_ID_CHARS =>
+                {
+                    break Err(ChannelError {
+                        code: Some("invalid_answer".into()),
+                        ..ChannelError::new(
+                            self.key.channel_id(),
+                            FailureKind::Permanent,
+                            format!(
+                                "the channel named a conversation id of {} bytes",
+                                a.conversation_id().map_or(0, str::len)
+                            ),
+                        )
+                    });
+                }
                 Ok(a) => break Ok(a),
                 // Only a clearly retryable refusal is retried: a repeated create could start two conversations.
                 Err(e) if e.kind == FailureKind::Retryable && attempt < cfg.max_attempts => {
@@ -1531,7 +1556,7 @@ impl Worker {
                     let render = std::panic::catch_unwind(AssertUnwindSafe(|| {
                         self.inner
                             .channels
-                            .render_send(&item.message, item.proactive.as_ref())
+                            .render_send(&item.message, item.proactive.as_deref())
                     }));
                     match render {
                         Ok(Ok(r)) => {

@@ -63,7 +63,7 @@ fn storage(e: impl std::fmt::Display) -> StoreError {
 struct BodyRef<'a> {
     conversation: &'a str,
     message: &'a crate::model::Message,
-    proactive: &'a Option<crate::model::ProactiveOptions>,
+    proactive: &'a Option<Arc<crate::model::ProactiveOptions>>,
     accepted_at_ms: u64,
     warnings: &'a [crate::model::Warning],
 }
@@ -72,7 +72,7 @@ struct BodyRef<'a> {
 struct Body {
     conversation: String,
     message: crate::model::Message,
-    proactive: Option<crate::model::ProactiveOptions>,
+    proactive: Option<Arc<crate::model::ProactiveOptions>>,
     accepted_at_ms: u64,
     #[serde(default)]
     warnings: Vec<crate::model::Warning>,

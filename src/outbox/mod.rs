@@ -57,7 +57,9 @@ pub struct StoredMessage {
     /// Shared with the dispatcher's copy: appending a message does not copy it.
     pub message: Arc<Message>,
     /// Set for SendProactive; with no conversation in the address, one is started first.
-    pub proactive: Option<ProactiveOptions>,
+    /// Shared by every message of one proactive start: its options (a topic, members) are
+    /// held once in memory, however many messages the start carries.
+    pub proactive: Option<Arc<ProactiveOptions>>,
     /// Unix milliseconds.
     pub accepted_at_ms: u64,
     /// Where its delivery stands: the part that changes on every attempt.

@@ -356,7 +356,7 @@ pub fn config_for(fake: &FakeConnector) -> Config {
     )
     .unwrap();
     let bf = &mut c.channels.botframework;
-    bf.allowed_service_hosts = vec!["127.0.0.1".into()];
+    bf.allowed_service_hosts = vec!["127.0.0.1:*".into()];
     bf.token_url = format!("http://127.0.0.1:{}/token", fake.addr.port());
     bf.bots = vec![BotCredentials {
         app_id: BOT.into(),

@@ -18,11 +18,25 @@ use crate::config::{BotFrameworkConfig, Secret};
 
 const CHANNEL: &str = "botframework";
 
-/// Is `host` allowed by one of `patterns` (`*.domain` matches strict subdomains)?
+/// Is `host:port` allowed by one of `patterns`? A pattern is a host or `*.domain` (strict
+/// subdomains), optionally followed by `:port` or `:*` (any port); without one it allows only
+/// the URL scheme's default port, so a token never goes to another service on the same host.
 /// Runs twice per message (accept and send), so it compares in place instead of lowering copies.
-pub fn host_allowed(patterns: &[String], host: &str) -> bool {
+pub fn host_allowed(patterns: &[String], host: &str, port: u16, default_port: u16) -> bool {
+    patterns.iter().any(|p| {
+        let (host_pattern, port_ok) = match p.rsplit_once(':') {
+            Some((h, "*")) => (h, true),
+            Some((h, n)) => (h, n.parse::<u16>().is_ok_and(|n| n == port)),
+            None => (p.as_str(), port == default_port),
+        };
+        port_ok && host_matches(host_pattern, host)
+    })
+}
+
+fn host_matches(pattern: &str, host: &str) -> bool {
     let host = host.trim_end_matches('.').as_bytes();
-    patterns.iter().any(|p| match p.strip_prefix("*.") {
+    let p = pattern;
+    match p.strip_prefix("*.") {
         Some(domain) => {
             let domain = domain.as_bytes();
             // `x.domain`: at least one character and a dot before the domain.
@@ -31,7 +45,7 @@ pub fn host_allowed(patterns: &[String], host: &str) -> bool {
                 && host[host.len() - domain.len() - 1] == b'.'
         }
         None => host.eq_ignore_ascii_case(p.as_bytes()),
-    })
+    }
 }
 
 /// Why a service URL may not receive a token, or `None` when it may.
@@ -42,26 +56,30 @@ pub fn service_url_refusal(patterns: &[String], service_url: &str) -> Option<Str
 /// The URL parsed once, if it may receive a token. It is parsed as the transport's own `Uri`
 /// and that very value is sent: the allow-list decides on the host the connection goes to.
 fn allowed_url(patterns: &[String], service_url: &str) -> Result<http::Uri, String> {
+    let shown = || crate::bounded::cap(service_url, 256);
     let uri: http::Uri = service_url
         .parse()
-        .map_err(|e| format!("`{service_url}` is not a URL: {e}"))?;
+        .map_err(|e| format!("`{}` is not a URL: {e}", shown()))?;
     let Some(host) = uri.host().filter(|h| !h.is_empty()) else {
-        return Err(format!("`{service_url}` has no host"));
+        return Err(format!("`{}` has no host", shown()));
     };
-    if !host_allowed(patterns, host) {
-        return Err(format!(
-            "host `{host}` is not in channels.botframework.allowed_service_hosts"
-        ));
-    }
-    match uri.scheme_str() {
-        Some("https") => {}
-        Some("http") if crate::channels::is_loopback(host) => {}
+    let default_port = match uri.scheme_str() {
+        Some("https") => 443,
+        Some("http") if crate::channels::is_loopback(host) => 80,
         s => {
             return Err(format!(
-                "scheme `{}` is not allowed for `{host}`: only https (http for loopback hosts)",
-                s.unwrap_or_default()
+                "scheme `{}` is not allowed for `{}`: only https (http for loopback hosts)",
+                crate::bounded::cap(s.unwrap_or_default(), 32),
+                crate::bounded::cap(host, 256)
             ));
         }
+    };
+    let port = uri.port_u16().unwrap_or(default_port);
+    if !host_allowed(patterns, host, port, default_port) {
+        return Err(format!(
+            "`{}:{port}` is not in channels.botframework.allowed_service_hosts",
+            crate::bounded::cap(host, 256)
+        ));
     }
     Ok(uri)
 }
@@ -473,7 +491,7 @@ mod tests {
     #[test]
     fn the_client_remembers_only_allowed_service_urls_and_only_so_many() {
         let config = BotFrameworkConfig {
-            allowed_service_hosts: pats(&["*.botframework.com", "127.0.0.1"]),
+            allowed_service_hosts: pats(&["*.botframework.com", "127.0.0.1:*"]),
             ..Default::default()
         };
         let client = BotFrameworkClient::new(config, Duration::from_secs(5)).unwrap();
@@ -488,6 +506,27 @@ mod tests {
         }
         assert!(client.allowed_seen().len() <= ALLOWED_SEEN_MAX);
         assert!(client.refusal("https://attacker.example/").is_some());
+    }
+
+    #[test]
+    fn allow_list_matches_the_port_too() {
+        let p = pats(&[
+            "smba.trafficmanager.net",
+            "*.botframework.com:8443",
+            "127.0.0.1:*",
+        ]);
+        assert!(service_url_refusal(&p, "https://smba.trafficmanager.net/amer/").is_none());
+        assert!(service_url_refusal(&p, "https://smba.trafficmanager.net:443/amer/").is_none());
+        let other = service_url_refusal(&p, "https://smba.trafficmanager.net:8080/amer/");
+        assert!(other.is_some_and(|r| r.contains(":8080")));
+        assert!(service_url_refusal(&p, "https://x.botframework.com:8443/").is_none());
+        assert!(service_url_refusal(&p, "https://x.botframework.com/").is_some());
+        assert!(service_url_refusal(&p, "http://127.0.0.1:4711/").is_none());
+        assert!(!super::host_allowed(&p, "127.0.0.2", 80, 80));
+    }
+
+    fn host_allowed(p: &[String], host: &str) -> bool {
+        super::host_allowed(p, host, 443, 443)
     }
 
     #[test]
@@ -509,13 +548,17 @@ mod tests {
         assert!(!host_allowed(&p, "xbotframework.com"));
         assert!(service_url_refusal(&p, "https://smba.trafficmanager.net/amer/").is_none());
         assert!(service_url_refusal(&p, "http://smba.trafficmanager.net/amer/").is_some());
-        assert!(service_url_refusal(&p, "http://127.0.0.1:3978/").is_none());
+        assert!(service_url_refusal(&p, "http://127.0.0.1/").is_none());
+        assert!(
+            service_url_refusal(&p, "http://127.0.0.1:3978/").is_some(),
+            "another port"
+        );
         assert!(service_url_refusal(&p, "https://attacker.example/").is_some());
         // The host the connection would go to decides, not text before an `@`.
         assert!(
             service_url_refusal(&p, "https://smba.trafficmanager.net@attacker.example/").is_some()
         );
-        assert!(service_url_refusal(&p, "https://x.botframework.com:8443/v3/").is_none());
+        assert!(service_url_refusal(&p, "https://x.botframework.com:8443/v3/").is_some());
         assert!(service_url_refusal(&p, "ftp://x.botframework.com/").is_some());
         assert!(service_url_refusal(&p, "/relative/only").is_some());
     }

@@ -171,7 +171,7 @@ pub fn check_answer(
             .and_then(Value::as_str)
         {
             tracing::info!(
-                slack_warning = w,
+                slack_warning = %crate::bounded::for_log(w),
                 "slack accepted the request with a warning"
             );
         }
