@@ -8,6 +8,7 @@ pub mod botframework;
 pub mod facebook;
 pub mod http;
 pub mod slack;
+pub mod text;
 mod types;
 
 use std::sync::Arc;
