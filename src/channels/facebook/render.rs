@@ -1078,9 +1078,14 @@ fn adaptive_text(v: &Value, lines: &mut Vec<String>) {
                         .into_iter()
                         .flatten()
                     {
+                        // Fact titles and values take markdown, as text blocks do.
                         let t = f.get("title").and_then(Value::as_str).unwrap_or_default();
                         let v = f.get("value").and_then(Value::as_str).unwrap_or_default();
-                        lines.push(format!("{t}: {v}"));
+                        lines.push(format!(
+                            "{}: {}",
+                            text::markdown_to_plain(t).trim(),
+                            text::markdown_to_plain(v).trim()
+                        ));
                     }
                 }
                 _ => {}
@@ -1243,8 +1248,11 @@ fn receipt_template(
     let mut unused = Vec::new();
     for (i, f) in card.facts.iter().enumerate() {
         let field = format!("{path}.facts[{i}].value");
-        let value = f.value.trim();
-        let role = fact_role(&f.key);
+        // Card text is in the message's text format, as the card's title is.
+        let value = ctx.plain(&f.value);
+        let value = value.as_str();
+        let key = ctx.plain(&f.key);
+        let role = fact_role(&key);
         match role {
             FactRole::OrderNumber if order_number.is_none() && !value.is_empty() => {
                 order_number = Some(value.to_string())
@@ -1258,15 +1266,15 @@ fn receipt_template(
             FactRole::Subtotal | FactRole::Shipping => match amount(value, field) {
                 Some(a) if role == FactRole::Subtotal => subtotal = Some(a),
                 Some(a) => shipping = Some(a),
-                None => unused.push(f.key.clone()),
+                None => unused.push(key),
             },
             _ => {
                 // A fact worth money ("Discount: -$5.00") is an adjustment.
                 let money =
                     money::parse_price(value, default_currency).filter(|m| m.currency.is_some());
                 match money.and_then(|_| amount(value, field)) {
-                    Some(a) => adjustments.push(json!({"name": f.key, "amount": a.to_json()})),
-                    None => unused.push(f.key.clone()),
+                    Some(a) => adjustments.push(json!({"name": key, "amount": a.to_json()})),
+                    None => unused.push(key),
                 }
             }
         }

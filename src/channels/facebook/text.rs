@@ -79,10 +79,34 @@ fn markdown_line(line: &str) -> String {
     }
     for bullet in ["- ", "* ", "+ "] {
         if let Some(rest) = body.strip_prefix(bullet) {
-            return format!("{indent}• {}", inline(rest.trim_start()));
+            let (check, rest) = task_box(rest.trim_start());
+            return format!("{indent}• {check}{}", inline(rest));
         }
     }
+    let digits = body.chars().take_while(char::is_ascii_digit).count();
+    if (1..=9).contains(&digits)
+        && let Some(marker) = body.get(..digits + 1)
+        && (marker.ends_with('.') || marker.ends_with(')'))
+        && let Some(rest) = body[digits + 1..].strip_prefix(' ')
+        && let (check @ ("☐ " | "☑ "), rest) = task_box(rest.trim_start())
+    {
+        return format!("{indent}{marker} {check}{}", inline(rest));
+    }
     format!("{indent}{}", inline(body))
+}
+
+/// A task list item's box as a symbol that reads as one: `[ ]` -> `☐`, `[x]` -> `☑`.
+fn task_box(body: &str) -> (&'static str, &str) {
+    if let Some(rest) = body.strip_prefix("[ ] ") {
+        ("☐ ", rest)
+    } else if let Some(rest) = body
+        .strip_prefix("[x] ")
+        .or_else(|| body.strip_prefix("[X] "))
+    {
+        ("☑ ", rest)
+    } else {
+        ("", body)
+    }
 }
 
 const ESCAPABLE: &str = "\\`*_{}[]()#+-.!~>|<\"'";
@@ -214,11 +238,23 @@ fn emphasis(chars: &[char], i: usize, n: usize) -> Option<usize> {
         return None;
     }
     let mut j = i + n;
+    // Same-length runs that only open nest (`**a **b** c**`): the closer after one is its own.
+    let mut depth = 0usize;
     while let Some(close) = find_run(chars, j, c, n) {
-        let before_ok = !chars[close - 1].is_whitespace() && close > i + n;
-        let after_ok = c != '_' || !chars.get(close + n).is_some_and(|a| a.is_alphanumeric());
-        if before_ok && after_ok {
+        let prev = chars[close - 1];
+        let next = chars.get(close + n);
+        let can_close = !prev.is_whitespace()
+            && close > i + n
+            && (c != '_' || !next.is_some_and(|a| a.is_alphanumeric()));
+        let can_open = next.is_some_and(|a| !a.is_whitespace())
+            && (c != '_' || !prev.is_alphanumeric());
+        if can_close && depth == 0 {
             return Some(close);
+        }
+        if can_close {
+            depth -= 1;
+        } else if can_open {
+            depth += 1;
         }
         j = close + n;
     }
@@ -410,6 +446,13 @@ mod tests {
              logo (https://example.com/l.png) https://example.com *lit*"
         );
         assert_eq!(markdown_to_plain("***both*** **a *b* c**"), "both a b c");
+        assert_eq!(markdown_to_plain("**a **b** c** and *x *y* z*"), "a b c and x y z");
+        assert_eq!(markdown_to_plain("**a** b **c**"), "a b c");
+        assert_eq!(
+            markdown_to_plain("- [ ] todo\n* [x] done\n1. [X] first\n2) plain"),
+            "• ☐ todo\n• ☑ done\n1. ☑ first\n2) plain"
+        );
+        assert_eq!(markdown_to_plain("1é [ ] x"), "1é [ ] x");
         assert_eq!(
             markdown_to_plain("an *unclosed emphasis"),
             "an *unclosed emphasis"
