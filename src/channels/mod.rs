@@ -39,6 +39,43 @@ pub(crate) fn clear_text_refusal(url: &url::Url) -> Option<String> {
     }
 }
 
+/// Names (at most this many) a warning lists of the `source_event["*"]` keys it left out.
+const DROPPED_KEYS_SHOWN: usize = 5;
+/// Characters of one key name in that warning: the names come from the request.
+const DROPPED_KEY_CHARS: usize = 40;
+
+/// The warning for keys of the shared `source_event["*"]` fallback that a channel does not take
+/// from it (`allowed` lists those it does): they were left out of the request. `channel_key`
+/// is where a channel-only field belongs (`source_event.slack`).
+pub(crate) fn fallback_keys_dropped(
+    dropped: &[&str],
+    api: &str,
+    channel_key: &str,
+    allowed: &[&str],
+) -> crate::model::Warning {
+    let names: Vec<String> = dropped
+        .iter()
+        .take(DROPPED_KEYS_SHOWN)
+        .map(|k| {
+            let k = text::truncate(k, DROPPED_KEY_CHARS, text::chars).unwrap_or_else(|| k.to_string());
+            format!("`{}`", k.escape_debug())
+        })
+        .collect();
+    let mut names = names.join(", ");
+    if dropped.len() > DROPPED_KEYS_SHOWN {
+        names.push_str(&format!(" and {} more", dropped.len() - DROPPED_KEYS_SHOWN));
+    }
+    crate::model::Warning::new(
+        "source_event_keys_dropped",
+        "message.source_event.*",
+        format!(
+            "{names} {} not among the {api} fields the shared source_event[\"*\"] may set ({}): left out (put fields for this channel only in source_event.{channel_key})",
+            if dropped.len() == 1 { "is" } else { "are" },
+            allowed.join(", ")
+        ),
+    )
+}
+
 use crate::config::Config;
 use crate::model::{Address, Message, ProactiveOptions};
 use botframework::client::BotFrameworkClient;
