@@ -282,7 +282,7 @@ fn message_requests(
     proactive: Option<&ProactiveOptions>,
     ctx: &mut Ctx,
 ) -> Result<Vec<(Value, bool)>, RenderError> {
-    let native = source_event(msg)?;
+    let native = source_event(msg, ctx)?;
     let (mut message_keys, mut request_keys) = match &native {
         Some((obj, _)) => split_native(obj),
         None => (Map::new(), Map::new()),
@@ -462,11 +462,66 @@ fn split_native(obj: &Map<String, Value>) -> (Map<String, Value>, Map<String, Va
     (message, request)
 }
 
+/// The Send API request fields the shared `source_event["*"]` may set besides `message` and
+/// the `MESSAGE_KEYS`. `source_event["*"]` is written for every channel (Teams reads it as
+/// channelData), so anything else (`recipient` above all, or another channel's fields) is
+/// left out with a warning; `source_event.facebook` passes every key through. Documented in
+/// docs/channels/facebook.md.
+pub const FALLBACK_REQUEST_KEYS: &[&str] = &[
+    "messaging_type",
+    "notification_type",
+    "persona_id",
+    "sender_action",
+    "tag",
+];
+
+/// `obj` (from `source_event["*"]`) without the keys the fallback may not set, which a
+/// warning names (`message.KEY` for those inside the nested message).
+fn fallback_only(obj: &Map<String, Value>, ctx: &mut Ctx) -> Map<String, Value> {
+    let mut kept = Map::new();
+    let mut dropped: Vec<String> = Vec::new();
+    for (k, v) in obj {
+        if k == "message"
+            && let Value::Object(m) = v
+        {
+            let mut inner = Map::new();
+            for (mk, mv) in m {
+                if MESSAGE_KEYS.contains(&mk.as_str()) {
+                    inner.insert(mk.clone(), mv.clone());
+                } else {
+                    dropped.push(format!("message.{mk}"));
+                }
+            }
+            kept.insert(k.clone(), Value::Object(inner));
+        } else if MESSAGE_KEYS.contains(&k.as_str())
+            || FALLBACK_REQUEST_KEYS.contains(&k.as_str())
+        {
+            kept.insert(k.clone(), v.clone());
+        } else {
+            dropped.push(k.clone());
+        }
+    }
+    if !dropped.is_empty() {
+        let names: Vec<&str> = dropped.iter().map(String::as_str).collect();
+        let allowed: Vec<&str> = FALLBACK_REQUEST_KEYS
+            .iter()
+            .chain(&["message"])
+            .chain(MESSAGE_KEYS)
+            .copied()
+            .collect();
+        ctx.warnings.push(crate::channels::fallback_keys_dropped(
+            &names, "Send API", CHANNEL, &allowed,
+        ));
+    }
+    kept
+}
+
 /// A native extra and the path it was found at (`message.source_event.facebook` or `.*`).
 type Native = (Map<String, Value>, String);
 
-/// `source_event.facebook` (or `*`) as an object, with the path it was found at.
-fn source_event(msg: &Message) -> Result<Option<Native>, RenderError> {
+/// `source_event.facebook` (or `*`, keeping what `fallback_only` allows) as an object, with
+/// the path it was found at.
+fn source_event(msg: &Message, ctx: &mut Ctx) -> Result<Option<Native>, RenderError> {
     let key = if msg.source_event.contains_key(CHANNEL) {
         CHANNEL
     } else {
@@ -483,6 +538,9 @@ fn source_event(msg: &Message) -> Result<Option<Native>, RenderError> {
                     format!("{path}.message"),
                     format!("must be a JSON object (the Send API's message), not {m}"),
                 ));
+            }
+            if key == "*" {
+                return Ok(Some((fallback_only(o, ctx), path)));
             }
             Ok(Some((o.clone(), path)))
         }
