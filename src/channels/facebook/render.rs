@@ -789,6 +789,13 @@ fn hero_card(card: &HeroCard, path: &str, ctx: &mut Ctx) -> Result<CardOut, Rend
                 path,
                 "a card with only images is sent as the images (Messenger cards need a title)",
             );
+            for (j, _) in card.images.iter().enumerate().filter(|(_, i)| i.tap.is_some()) {
+                ctx.warn(
+                    "tap_dropped",
+                    format!("{path}.images[{j}].tap"),
+                    "an image sent on its own cannot be tapped on Messenger: this tap is dropped",
+                );
+            }
             return Ok(CardOut::Parts(
                 card.images
                     .iter()
@@ -819,6 +826,17 @@ fn hero_card(card: &HeroCard, path: &str, ctx: &mut Ctx) -> Result<CardOut, Rend
         );
     }
     let image_url = card.images.first().map(|i| i.url.clone());
+    // One element has one default action: the card's tap, else its first image's. The taps of
+    // the images dropped above go with them.
+    if card.tap.is_some()
+        && card.images.first().is_some_and(|i| i.tap.is_some())
+    {
+        ctx.warn(
+            "tap_dropped",
+            format!("{path}.images[0].tap"),
+            "a Messenger card has one tap target and the card's own tap takes it: this tap is dropped",
+        );
+    }
     let tap = card
         .tap
         .as_ref()
@@ -1030,6 +1048,16 @@ fn media_card(
             }
         }
     };
+    if card.media.len() > 1 {
+        ctx.warn(
+            "media_dropped",
+            format!("{path}.media"),
+            format!(
+                "{} media URLs; a Messenger attachment plays one: kept the first",
+                card.media.len()
+            ),
+        );
+    }
     let mut parts = vec![media_attachment(kind, url, ctx)];
     let has_text = [&card.title, &card.subtitle, &card.text]
         .iter()
@@ -1526,6 +1554,47 @@ fn buttons(
 
 /// The title an action shows: its title, else its display text, text or textual value.
 fn action_title(a: &CardAction, path: &str, ctx: &mut Ctx) -> Result<String, RenderError> {
+    let (title, field) = action_title_from(a, path, ctx)?;
+    message_back_dropped(a, field, path, ctx);
+    Ok(title)
+}
+
+/// Warns for the parts of a message_back that Messenger has no place for: a tapped button or
+/// quick reply shows its title in the chat (not `display_text`) and sends the bot its payload
+/// only (`value`, so `text` goes unless it stands in for a missing value). `title_field` is
+/// where the title was taken from.
+fn message_back_dropped(a: &CardAction, title_field: &str, path: &str, ctx: &mut Ctx) {
+    if a.kind != ActionType::MessageBack {
+        return;
+    }
+    let set = |t: &Option<String>| t.as_deref().is_some_and(|t| !t.trim().is_empty());
+    let payload_field = match &a.value {
+        Some(v) if !v.is_null() => "value",
+        _ if a.text.is_some() => "text",
+        _ => "display_text",
+    };
+    if set(&a.display_text) && title_field != "display_text" && payload_field != "display_text" {
+        ctx.warn(
+            "action_field_dropped",
+            format!("{path}.display_text"),
+            "Messenger shows the title in the chat when it is tapped: display_text is dropped",
+        );
+    }
+    if set(&a.text) && title_field != "text" && payload_field != "text" {
+        ctx.warn(
+            "action_field_dropped",
+            format!("{path}.text"),
+            "Messenger sends the bot only the payload (value) when it is tapped: text is dropped",
+        );
+    }
+}
+
+/// The title an action shows and the field it came from.
+fn action_title_from(
+    a: &CardAction,
+    path: &str,
+    ctx: &mut Ctx,
+) -> Result<(String, &'static str), RenderError> {
     let textual_value = (!a.kind.takes_url()).then(|| a.value_str()).flatten();
     let candidates = [
         (a.title.as_deref(), "title"),
@@ -1545,13 +1614,14 @@ fn action_title(a: &CardAction, path: &str, ctx: &mut Ctx) -> Result<String, Ren
                 "required: Messenger buttons and quick replies need a title",
             )
         })?;
-    Ok(ctx.fit(
+    let title = ctx.fit(
         &title,
         MAX_BUTTON_TITLE,
         "title_truncated",
         &format!("{path}.{field}"),
         "title",
-    ))
+    );
+    Ok((title, field))
 }
 
 /// What a postback-like action sends back; errors name the field it comes from.
