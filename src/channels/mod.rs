@@ -186,23 +186,34 @@ impl Channels {
         }
     }
 
-    /// What a channel supports, and whether it is enabled here.
+    /// What a channel supports, and whether this gateway can send on it: enabled, with
+    /// credentials for at least one bot (or, for Bot Framework, `allow_unauthenticated`).
     pub fn capabilities(&self, channel_id: &str) -> Result<(Capabilities, bool), RouteError> {
         let imp = self.implementation(channel_id)?;
         Ok(match imp {
             Implementation::BotFramework => {
                 let mut caps = botframework::render::capabilities(channel_id);
                 caps.typing_interval = self.config.channels.botframework.typing_interval;
-                (caps, self.botframework.is_some())
+                let configured = self
+                    .botframework
+                    .as_deref()
+                    .is_some_and(|c| c.has_any_credentials() || c.config().allow_unauthenticated);
+                (caps, configured)
             }
             Implementation::Facebook => {
                 let mut caps = facebook::render::capabilities(channel_id);
                 caps.typing_interval = self.config.channels.facebook.typing_interval;
-                (caps, self.facebook.is_some())
+                let configured = self
+                    .facebook
+                    .as_deref()
+                    .is_some_and(FacebookClient::has_any_credentials);
+                (caps, configured)
             }
             Implementation::Slack => (
                 slack::render::capabilities(channel_id),
-                self.slack.is_some(),
+                self.slack
+                    .as_deref()
+                    .is_some_and(SlackClient::has_any_credentials),
             ),
         })
     }
