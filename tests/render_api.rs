@@ -93,7 +93,10 @@ async fn capabilities_per_channel() {
     assert!(teams.typing && teams.carousel && teams.proactive && teams.configured);
     assert_eq!(teams.max_buttons_per_card, 3);
     assert_eq!(teams.max_suggested_actions, 5);
-    assert_eq!(teams.max_payload_bytes, 40_960, "Teams' own limit, not the connector's");
+    assert_eq!(
+        teams.max_payload_bytes, 40_960,
+        "Teams' own limit, not the connector's"
+    );
     let webchat = c
         .get_capabilities(pb::GetCapabilitiesRequest {
             channel_id: "webchat".into(),

@@ -57,7 +57,8 @@ pub(crate) fn fallback_keys_dropped(
         .iter()
         .take(DROPPED_KEYS_SHOWN)
         .map(|k| {
-            let k = text::truncate(k, DROPPED_KEY_CHARS, text::chars).unwrap_or_else(|| k.to_string());
+            let k =
+                text::truncate(k, DROPPED_KEY_CHARS, text::chars).unwrap_or_else(|| k.to_string());
             format!("`{}`", k.escape_debug())
         })
         .collect();

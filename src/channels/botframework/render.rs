@@ -303,7 +303,11 @@ fn fit_teams(
             .map(String::from)
     };
     // A text-only activity with every mention is the most a piece's neighbours can weigh.
-    let envelope = text_part(msg, "", msg.entities.iter().filter(|e| is_mention(e)).cloned());
+    let envelope = text_part(
+        msg,
+        "",
+        msg.entities.iter().filter(|e| is_mention(e)).cloned(),
+    );
     let budget = TEAMS_MAX_UTF16_UNITS
         .saturating_sub(utf16_units(&activity(&envelope)?.0))
         .saturating_sub(TEAMS_TEXT_ROOM);
@@ -1448,7 +1452,8 @@ mod tests {
             "msteams",
             &format!("Hi <at>Ada</at>\n\n{para}\n\n{para}\n\n{para}\n\n{para}\n\n{para}\n\nbye"),
         );
-        let mention = json!({"type": "mention", "text": "<at>Ada</at>", "mentioned": {"id": "29:1"}});
+        let mention =
+            json!({"type": "mention", "text": "<at>Ada</at>", "mentioned": {"id": "29:1"}});
         let place = json!({"type": "place", "name": "HQ"});
         m.entities = vec![mention.clone(), place.clone()];
         m.attachments = vec![hero_with_buttons(1)];
@@ -1466,7 +1471,11 @@ mod tests {
         let last = bodies.last().unwrap();
         assert_eq!(last["entities"], json!([place]));
         assert!(last.get("attachments").is_some());
-        assert!(bodies[..bodies.len() - 1].iter().all(|b| b.get("attachments").is_none()));
+        assert!(
+            bodies[..bodies.len() - 1]
+                .iter()
+                .all(|b| b.get("attachments").is_none())
+        );
         let joined: Vec<&str> = bodies.iter().map(|b| b["text"].as_str().unwrap()).collect();
         assert_eq!(
             joined.join("\n\n").split_whitespace().count(),

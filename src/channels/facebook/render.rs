@@ -493,8 +493,7 @@ fn fallback_only(obj: &Map<String, Value>, ctx: &mut Ctx) -> Map<String, Value> 
                 }
             }
             kept.insert(k.clone(), Value::Object(inner));
-        } else if MESSAGE_KEYS.contains(&k.as_str())
-            || FALLBACK_REQUEST_KEYS.contains(&k.as_str())
+        } else if MESSAGE_KEYS.contains(&k.as_str()) || FALLBACK_REQUEST_KEYS.contains(&k.as_str())
         {
             kept.insert(k.clone(), v.clone());
         } else {
@@ -789,7 +788,12 @@ fn hero_card(card: &HeroCard, path: &str, ctx: &mut Ctx) -> Result<CardOut, Rend
                 path,
                 "a card with only images is sent as the images (Messenger cards need a title)",
             );
-            for (j, _) in card.images.iter().enumerate().filter(|(_, i)| i.tap.is_some()) {
+            for (j, _) in card
+                .images
+                .iter()
+                .enumerate()
+                .filter(|(_, i)| i.tap.is_some())
+            {
                 ctx.warn(
                     "tap_dropped",
                     format!("{path}.images[{j}].tap"),
@@ -828,9 +832,7 @@ fn hero_card(card: &HeroCard, path: &str, ctx: &mut Ctx) -> Result<CardOut, Rend
     let image_url = card.images.first().map(|i| i.url.clone());
     // One element has one default action: the card's tap, else its first image's. The taps of
     // the images dropped above go with them.
-    if card.tap.is_some()
-        && card.images.first().is_some_and(|i| i.tap.is_some())
-    {
+    if card.tap.is_some() && card.images.first().is_some_and(|i| i.tap.is_some()) {
         ctx.warn(
             "tap_dropped",
             format!("{path}.images[0].tap"),

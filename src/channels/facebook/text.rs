@@ -246,8 +246,8 @@ fn emphasis(chars: &[char], i: usize, n: usize) -> Option<usize> {
         let can_close = !prev.is_whitespace()
             && close > i + n
             && (c != '_' || !next.is_some_and(|a| a.is_alphanumeric()));
-        let can_open = next.is_some_and(|a| !a.is_whitespace())
-            && (c != '_' || !prev.is_alphanumeric());
+        let can_open =
+            next.is_some_and(|a| !a.is_whitespace()) && (c != '_' || !prev.is_alphanumeric());
         if can_close && depth == 0 {
             return Some(close);
         }
@@ -446,7 +446,10 @@ mod tests {
              logo (https://example.com/l.png) https://example.com *lit*"
         );
         assert_eq!(markdown_to_plain("***both*** **a *b* c**"), "both a b c");
-        assert_eq!(markdown_to_plain("**a **b** c** and *x *y* z*"), "a b c and x y z");
+        assert_eq!(
+            markdown_to_plain("**a **b** c** and *x *y* z*"),
+            "a b c and x y z"
+        );
         assert_eq!(markdown_to_plain("**a** b **c**"), "a b c");
         assert_eq!(
             markdown_to_plain("- [ ] todo\n* [x] done\n1. [X] first\n2) plain"),

@@ -1056,10 +1056,7 @@ mod tests {
             md("see <https://example.com|site> and <mailto:a@b.test|write us & co>"),
             "see <https://example.com|site> and <mailto:a@b.test|write us &amp; co>"
         );
-        assert_eq!(
-            md("<https://x.test/a b|c>"),
-            "&lt;https://x.test/a b|c&gt;"
-        );
+        assert_eq!(md("<https://x.test/a b|c>"), "&lt;https://x.test/a b|c&gt;");
         assert_eq!(
             md("hi <@U123> in <#C1|general> <!here>"),
             "hi <@U123> in <#C1|general> <!here>"

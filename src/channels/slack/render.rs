@@ -343,8 +343,9 @@ fn source_event(
         return Err(RenderError::invalid(field, "must be a JSON object"));
     };
     if key == "*" {
-        let (kept, dropped): (Vec<_>, Vec<_>) =
-            o.iter().partition(|(k, _)| FALLBACK_KEYS.contains(&k.as_str()));
+        let (kept, dropped): (Vec<_>, Vec<_>) = o
+            .iter()
+            .partition(|(k, _)| FALLBACK_KEYS.contains(&k.as_str()));
         if !dropped.is_empty() {
             let names: Vec<&str> = dropped.iter().map(|(k, _)| k.as_str()).collect();
             warnings.push(crate::channels::fallback_keys_dropped(
@@ -394,7 +395,9 @@ fn replaced_content(
             continue;
         }
         let what = match *k {
-            "text" if with_blocks => "the text fallback (notifications, screen readers) made from the message",
+            "text" if with_blocks => {
+                "the text fallback (notifications, screen readers) made from the message"
+            }
             "text" => "the message text",
             _ => "the blocks made from the message's text, attachments and actions",
         };
@@ -861,7 +864,11 @@ mod tests {
         let w = &r.warnings[0];
         assert_eq!(w.code, "source_event_keys_dropped");
         assert!(w.message.starts_with("`channel`, `k00"), "{}", w.message);
-        assert!(w.message.contains("…` and 17 more are not"), "{}", w.message);
+        assert!(
+            w.message.contains("…` and 17 more are not"),
+            "{}",
+            w.message
+        );
         assert!(w.message.len() < 1000, "{}", w.message.len());
         assert!(!w.message.contains("xoxb"), "only the key is named");
     }
