@@ -65,10 +65,10 @@ fn char_prefix(s: &str, max: usize, unit: Unit) -> usize {
     s.len()
 }
 
-/// The byte index just after the first grapheme cluster of `s` (its length when empty): the
-/// least a split must take to move on.
-pub fn first_grapheme(s: &str) -> usize {
-    s.grapheme_indices(true).nth(1).map_or(s.len(), |(i, _)| i)
+/// The byte index just after the first character of `s` (its length when empty): the least a
+/// split must take to move on when not even one character fits its limit.
+pub fn first_char(s: &str) -> usize {
+    s.chars().next().map_or(s.len(), char::len_utf8)
 }
 
 /// Whether byte index `i` of `s` is a grapheme cluster boundary.
@@ -112,9 +112,9 @@ pub fn split(s: &str, max: usize, unit: Unit) -> Vec<String> {
     let mut out = Vec::new();
     let mut rest = s.trim();
     while len(rest, unit) > max {
-        // At least one cluster per piece, even under a limit smaller than it.
+        // At least one character per piece, even under a limit smaller than it.
         let window_end = match fit_prefix(rest, max, unit) {
-            0 => first_grapheme(rest),
+            0 => first_char(rest),
             n => n,
         };
         let cut = boundary(rest, window_end)
@@ -217,7 +217,10 @@ mod tests {
         assert_eq!(&FAMILY[..fit_prefix(FAMILY, 3, utf16)], "👨\u{200d}");
         assert_eq!(fit_prefix(FAMILY, 1, utf16), 0);
         let parts = split(FAMILY, 4, utf16);
-        assert!(parts.iter().all(|p| len(p, utf16) <= 4) || parts.len() == 1);
+        assert!(parts.iter().all(|p| len(p, utf16) <= 4), "{parts:?}");
+        assert_eq!(parts.concat(), FAMILY);
+        // A limit below one character still moves on, one character at a time.
+        assert_eq!(split("😀😀", 1, utf16), ["😀", "😀"]);
     }
 
     #[test]

@@ -891,8 +891,8 @@ pub fn cut_point(s: &str, max: usize) -> usize {
     }
     let limit = text::fit_prefix(s, max, text::chars);
     if limit == 0 {
-        // Nothing fits: one cluster still goes, so that splitting always moves on.
-        return text::first_grapheme(s);
+        // Nothing fits: one character still goes, so that splitting always moves on.
+        return text::first_char(s);
     }
     let head = &s[..limit];
     let half = limit / 2;
