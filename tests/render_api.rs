@@ -93,6 +93,10 @@ async fn capabilities_per_channel() {
     assert!(teams.typing && teams.carousel && teams.proactive && teams.configured);
     assert_eq!(teams.max_buttons_per_card, 3);
     assert_eq!(teams.max_suggested_actions, 5);
+    assert_eq!(
+        teams.max_payload_bytes, 40_960,
+        "Teams' own limit, not the connector's"
+    );
     let webchat = c
         .get_capabilities(pb::GetCapabilitiesRequest {
             channel_id: "webchat".into(),
@@ -118,6 +122,39 @@ async fn capabilities_per_channel() {
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert_eq!(bad_fields(&err), ["channel_id"]);
+}
+
+/// `configured` means the gateway can send there: enabled and holding credentials.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capabilities_say_configured_only_with_credentials() {
+    async fn configured(h: &Harness, channel_id: &str) -> bool {
+        h.client
+            .clone()
+            .get_capabilities(pb::GetCapabilitiesRequest {
+                channel_id: channel_id.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .capabilities
+            .unwrap()
+            .configured
+    }
+    // Slack and Messenger are enabled by default, with no workspace or page.
+    let h = start().await;
+    assert!(configured(&h, "msteams").await);
+    assert!(!configured(&h, "slack").await);
+    assert!(!configured(&h, "facebook").await);
+    drop(h);
+    let h = start_with(|c| c.channels.botframework.bots.clear()).await;
+    assert!(!configured(&h, "msteams").await, "no bot has credentials");
+    drop(h);
+    let h = start_with(|c| {
+        c.channels.botframework.bots.clear();
+        c.channels.botframework.allow_unauthenticated = true;
+    })
+    .await;
+    assert!(configured(&h, "emulator").await, "the emulator needs none");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,6 +8,7 @@ pub mod botframework;
 pub mod facebook;
 pub mod http;
 pub mod slack;
+pub mod text;
 mod types;
 
 use std::sync::Arc;
@@ -36,6 +37,44 @@ pub(crate) fn clear_text_refusal(url: &url::Url) -> Option<String> {
             "scheme `{s}` is not allowed: only https (http for loopback hosts), since credentials travel to it"
         )),
     }
+}
+
+/// Names (at most this many) a warning lists of the `source_event["*"]` keys it left out.
+const DROPPED_KEYS_SHOWN: usize = 5;
+/// Characters of one key name in that warning: the names come from the request.
+const DROPPED_KEY_CHARS: usize = 40;
+
+/// The warning for keys of the shared `source_event["*"]` fallback that a channel does not take
+/// from it (`allowed` lists those it does): they were left out of the request. `channel_key`
+/// is where a channel-only field belongs (`source_event.slack`).
+pub(crate) fn fallback_keys_dropped(
+    dropped: &[&str],
+    api: &str,
+    channel_key: &str,
+    allowed: &[&str],
+) -> crate::model::Warning {
+    let names: Vec<String> = dropped
+        .iter()
+        .take(DROPPED_KEYS_SHOWN)
+        .map(|k| {
+            let k =
+                text::truncate(k, DROPPED_KEY_CHARS, text::chars).unwrap_or_else(|| k.to_string());
+            format!("`{}`", k.escape_debug())
+        })
+        .collect();
+    let mut names = names.join(", ");
+    if dropped.len() > DROPPED_KEYS_SHOWN {
+        names.push_str(&format!(" and {} more", dropped.len() - DROPPED_KEYS_SHOWN));
+    }
+    crate::model::Warning::new(
+        "source_event_keys_dropped",
+        "message.source_event.*",
+        format!(
+            "{names} {} not among the {api} fields the shared source_event[\"*\"] may set ({}): left out (put fields for this channel only in source_event.{channel_key})",
+            if dropped.len() == 1 { "is" } else { "are" },
+            allowed.join(", ")
+        ),
+    )
 }
 
 use crate::config::Config;
@@ -148,23 +187,34 @@ impl Channels {
         }
     }
 
-    /// What a channel supports, and whether it is enabled here.
+    /// What a channel supports, and whether this gateway can send on it: enabled, with
+    /// credentials for at least one bot (or, for Bot Framework, `allow_unauthenticated`).
     pub fn capabilities(&self, channel_id: &str) -> Result<(Capabilities, bool), RouteError> {
         let imp = self.implementation(channel_id)?;
         Ok(match imp {
             Implementation::BotFramework => {
                 let mut caps = botframework::render::capabilities(channel_id);
                 caps.typing_interval = self.config.channels.botframework.typing_interval;
-                (caps, self.botframework.is_some())
+                let configured = self
+                    .botframework
+                    .as_deref()
+                    .is_some_and(|c| c.has_any_credentials() || c.config().allow_unauthenticated);
+                (caps, configured)
             }
             Implementation::Facebook => {
                 let mut caps = facebook::render::capabilities(channel_id);
                 caps.typing_interval = self.config.channels.facebook.typing_interval;
-                (caps, self.facebook.is_some())
+                let configured = self
+                    .facebook
+                    .as_deref()
+                    .is_some_and(FacebookClient::has_any_credentials);
+                (caps, configured)
             }
             Implementation::Slack => (
                 slack::render::capabilities(channel_id),
-                self.slack.is_some(),
+                self.slack
+                    .as_deref()
+                    .is_some_and(SlackClient::has_any_credentials),
             ),
         })
     }

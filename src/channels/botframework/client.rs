@@ -189,6 +189,11 @@ impl BotFrameworkClient {
         self.credentials.contains_key(bot_id)
     }
 
+    /// Whether any bot has credentials here: a channel without any cannot send anything.
+    pub fn has_any_credentials(&self) -> bool {
+        !self.credentials.is_empty()
+    }
+
     pub fn config(&self) -> &BotFrameworkConfig {
         &self.config
     }

@@ -13,6 +13,7 @@ use time::{OffsetDateTime, UtcOffset};
 
 use crate::channels::{
     Body, Capabilities, HttpMethod, NativeRequest, ObjWriter, RateLimit, RenderError, Rendered,
+    text,
 };
 use crate::model::{
     ActionType, Address, AttachmentContent, AttachmentLayout, CONTENT_TYPE_HERO, CardAction,
@@ -31,6 +32,16 @@ const TEAMS: &str = "msteams";
 const CARD_BUTTONS_SKYPE_TEAMS: usize = 3;
 /// Suggested actions (quick replies) on Teams.
 const SUGGESTED_ACTIONS_TEAMS: usize = 5;
+/// The activity size Teams is sure to take, in UTF-16 code units: Teams counts "the entire
+/// message payload encoded as UTF-16", refuses about 100 KB with 413 `MessageSizeTooBig`, and
+/// recommends staying within 80 KB "to guarantee successful message delivery"; earlier and
+/// localized versions of the page said 40 KB. 80 KB of UTF-16 is 40,960 units.
+/// <https://learn.microsoft.com/microsoftteams/platform/bots/how-to/format-your-bot-messages>
+pub const TEAMS_MAX_UTF16_UNITS: usize = 40_960;
+/// What the text's activity holds besides the text: `"text":"",` and some slack.
+const TEAMS_TEXT_ROOM: usize = 64;
+/// Below this, splitting the text would send a flood of tiny activities: refuse instead.
+const TEAMS_MIN_TEXT_BUDGET: usize = 1000;
 
 /// The Activity JSON for a message (Bot Framework v3 REST schema, camelCase), plus warnings for
 /// the adaptations made to fit the channel. Fields that are unset or empty are left out.
@@ -69,7 +80,8 @@ pub fn activity(msg: &Message) -> Result<(Body, Vec<Warning>), RenderError> {
     }
 
     let body = o.finish()?;
-    if body.len() > MAX_ACTIVITY_BYTES {
+    // Teams' own, smaller limit is fitted by splitting the text (`fit_teams`).
+    if body.len() > MAX_ACTIVITY_BYTES && channel != TEAMS {
         return Err(RenderError::invalid(
             "message",
             format!(
@@ -188,7 +200,13 @@ pub fn capabilities(channel_id: &str) -> Capabilities {
         .to_string(),
         update_delete: true,
         proactive: proactive_supported(channel_id),
-        max_payload_bytes: MAX_ACTIVITY_BYTES as u32,
+        // Teams counts UTF-16 units: a body of this many UTF-8 bytes has at most as many, so it
+        // always fits (longer text is split across activities).
+        max_payload_bytes: if channel_id == TEAMS {
+            TEAMS_MAX_UTF16_UNITS as u32
+        } else {
+            MAX_ACTIVITY_BYTES as u32
+        },
     }
 }
 
@@ -217,17 +235,171 @@ fn send_request(
         url.push('/');
         url.push_str(&segment(target, reply_target_field(msg))?);
     }
-    let (body, warnings) = activity(msg)?;
+    let (body, mut warnings) = activity(msg)?;
+    // UTF-8 bytes are never fewer than UTF-16 units: most activities need no count at all.
+    let bodies = if msg.address.channel_id == TEAMS && body.len() > TEAMS_MAX_UTF16_UNITS {
+        fit_teams(msg, body, &mut warnings)?
+    } else {
+        vec![body]
+    };
+    let credential = msg.address.bot_id();
+    let rate = host_scope(base);
     Ok(Rendered {
-        requests: vec![NativeRequest {
-            method: HttpMethod::Post,
-            url,
-            body,
-            credential: msg.address.bot_id().to_string(),
-            rate: Some(host_scope(base)),
-        }],
+        requests: bodies
+            .into_iter()
+            .map(|body| NativeRequest {
+                method: HttpMethod::Post,
+                url: url.clone(),
+                body,
+                credential: credential.to_string(),
+                rate: Some(rate.clone()),
+            })
+            .collect(),
         warnings,
     })
+}
+
+/// An activity's size as Teams counts it: UTF-16 code units of its JSON.
+fn utf16_units(body: &Body) -> usize {
+    std::str::from_utf8(body.as_bytes()).map_or(body.len(), |s| text::len(s, text::utf16))
+}
+
+/// A Teams activity over `TEAMS_MAX_UTF16_UNITS`, as several that fit, in order: the text split
+/// across activities of its own (each mention with the piece that names it), the attachments,
+/// actions and everything else with the last piece (or after it, when they do not fit beside
+/// it). Refused when what is not text is too big by itself: Teams would answer 413.
+fn fit_teams(
+    msg: &Message,
+    body: Body,
+    warnings: &mut Vec<Warning>,
+) -> Result<Vec<Body>, RenderError> {
+    let units = utf16_units(&body);
+    if units <= TEAMS_MAX_UTF16_UNITS {
+        return Ok(vec![body]);
+    }
+    let too_big = |units: usize, what: &str| {
+        let field = if msg.attachments.is_empty() {
+            "message"
+        } else {
+            "message.attachments"
+        };
+        RenderError::invalid(
+            field,
+            format!(
+                "the activity is {units} UTF-16 units{what}; Teams takes {TEAMS_MAX_UTF16_UNITS} (80 KB as UTF-16) for sure and refuses about 100 KB: send less in one message"
+            ),
+        )
+    };
+    let text = msg
+        .text
+        .as_deref()
+        .filter(|t| !t.trim().is_empty() && msg.kind == MessageType::Message)
+        .ok_or_else(|| too_big(units, ""))?;
+    let is_mention = |e: &Value| e.get("type").and_then(Value::as_str) == Some("mention");
+    let mention_text = |e: &Value| {
+        e.get("text")
+            .and_then(Value::as_str)
+            .filter(|t| !t.is_empty())
+            .map(String::from)
+    };
+    // A text-only activity with every mention is the most a piece's neighbours can weigh.
+    let envelope = text_part(
+        msg,
+        "",
+        msg.entities.iter().filter(|e| is_mention(e)).cloned(),
+    );
+    let budget = TEAMS_MAX_UTF16_UNITS
+        .saturating_sub(utf16_units(&activity(&envelope)?.0))
+        .saturating_sub(TEAMS_TEXT_ROOM);
+    if budget < TEAMS_MIN_TEXT_BUDGET {
+        return Err(too_big(units, " and leaves no room for its text"));
+    }
+    let pieces = text::split(text, budget, text::json_utf16);
+    let Some((last, first)) = pieces.split_last() else {
+        return Err(too_big(units, ""));
+    };
+    let mut placed = vec![false; msg.entities.len()];
+    let mut mentions_in = |piece: &str| {
+        let mut out = Vec::new();
+        for (k, e) in msg.entities.iter().enumerate() {
+            if !placed[k] && is_mention(e) && mention_text(e).is_some_and(|t| piece.contains(&t)) {
+                placed[k] = true;
+                out.push(e.clone());
+            }
+        }
+        out
+    };
+    let mut parts: Vec<Message> = first
+        .iter()
+        .map(|p| text_part(msg, p, mentions_in(p)))
+        .collect();
+    let last_mentions = mentions_in(last);
+    let rest_entities = |extra: Vec<Value>| {
+        extra
+            .into_iter()
+            .chain(
+                msg.entities
+                    .iter()
+                    .zip(&placed)
+                    .filter(|(_, p)| !**p)
+                    .map(|(e, _)| e.clone()),
+            )
+            .collect::<Vec<_>>()
+    };
+    let mut with_last = msg.clone();
+    with_last.text = Some(last.clone());
+    with_last.entities = rest_entities(last_mentions.clone());
+    let (b, _) = activity(&with_last)?;
+    let mut bodies = Vec::with_capacity(parts.len() + 2);
+    if utf16_units(&b) <= TEAMS_MAX_UTF16_UNITS {
+        parts.push(with_last);
+    } else {
+        parts.push(text_part(msg, last, last_mentions));
+        let mut rest = msg.clone();
+        rest.text = None;
+        rest.entities = rest_entities(Vec::new());
+        let (b, _) = activity(&rest)?;
+        let rest_units = utf16_units(&b);
+        if rest_units > TEAMS_MAX_UTF16_UNITS {
+            return Err(too_big(rest_units, " without its text"));
+        }
+        parts.push(rest);
+    }
+    for p in &parts {
+        let (b, _) = activity(p)?;
+        if utf16_units(&b) > TEAMS_MAX_UTF16_UNITS {
+            return Err(too_big(units, ""));
+        }
+        bodies.push(b);
+    }
+    warnings.push(Warning::new(
+        "text_split",
+        "message.text",
+        format!(
+            "the activity is {units} UTF-16 units; Teams takes {TEAMS_MAX_UTF16_UNITS} (80 KB as UTF-16) for sure and refuses about 100 KB with 413: sent as {} activities in order, the text split at paragraph, sentence or word boundaries, the rest with the last",
+            bodies.len()
+        ),
+    ));
+    Ok(bodies)
+}
+
+/// One piece of a split text as an activity of its own: the message's address, reply target,
+/// text format, locale, importance, delivery mode and channel data (Teams reads the tenant and
+/// notification settings there), without its attachments, actions or other entities.
+fn text_part(msg: &Message, piece: &str, entities: impl IntoIterator<Item = Value>) -> Message {
+    Message {
+        kind: MessageType::Message,
+        address: msg.address.clone(),
+        text: Some(piece.to_string()),
+        text_format: msg.text_format,
+        text_locale: msg.text_locale.clone(),
+        entities: entities.into_iter().collect(),
+        source_event: msg.source_event.clone(),
+        importance: msg.importance,
+        delivery_mode: msg.delivery_mode,
+        reply_to_id: msg.reply_to_id.clone(),
+        ..Default::default()
+    }
 }
 
 /// The connector publishes no quota, so the scope (the service host) has none: only a 429
@@ -447,12 +619,13 @@ fn message_fields(
     let channel = msg.address.channel_id.as_str();
     o.opt_str("text", msg.text.as_deref());
     if let Some(format) = msg.text_format {
-        if format == TextFormat::Xml && channel != SKYPE {
+        // Teams renders its subset of XML / HTML tags too.
+        if format == TextFormat::Xml && channel != SKYPE && channel != TEAMS {
             warnings.push(Warning::new(
                 "xml_not_supported",
                 "message.text_format",
                 format!(
-                    "textFormat xml renders only on skype; channel `{channel}` may show the markup as text"
+                    "textFormat xml renders only on skype and msteams; channel `{channel}` may show the markup as text"
                 ),
             ));
         }
@@ -1224,14 +1397,14 @@ mod tests {
     #[test]
     fn activity_over_the_payload_limit_is_refused() {
         // The envelope is a few hundred bytes: text of the full limit cannot fit.
-        let m = text("msteams", &"x".repeat(MAX_ACTIVITY_BYTES));
+        let m = text("webchat", &"x".repeat(MAX_ACTIVITY_BYTES));
         let e = activity(&m).unwrap_err();
         let RenderError::InvalidArgument { field, reason } = e else {
             panic!("{e:?}")
         };
         assert_eq!(field, "message");
         let len = MAX_ACTIVITY_BYTES
-            + serde_json::to_vec(&activity(&text("msteams", "")).unwrap().0)
+            + serde_json::to_vec(&activity(&text("webchat", "")).unwrap().0)
                 .unwrap()
                 .len()
             + r#","text":"""#.len();
@@ -1273,8 +1446,49 @@ mod tests {
     }
 
     #[test]
-    fn xml_warns_except_on_skype() {
-        let mut m = text("msteams", "<b>hi</b>");
+    fn teams_text_over_the_size_limit_is_split_with_each_mention_in_its_piece() {
+        let para = format!("{}.", "word ".repeat(2000).trim_end());
+        let mut m = text(
+            "msteams",
+            &format!("Hi <at>Ada</at>\n\n{para}\n\n{para}\n\n{para}\n\n{para}\n\n{para}\n\nbye"),
+        );
+        let mention =
+            json!({"type": "mention", "text": "<at>Ada</at>", "mentioned": {"id": "29:1"}});
+        let place = json!({"type": "place", "name": "HQ"});
+        m.entities = vec![mention.clone(), place.clone()];
+        m.attachments = vec![hero_with_buttons(1)];
+        let r = render_send(&m).unwrap();
+        assert!(r.requests.len() >= 2, "{}", r.requests.len());
+        assert_eq!(r.warnings.len(), 1);
+        assert_eq!(r.warnings[0].code, "text_split");
+        let bodies: Vec<Value> = r.requests.iter().map(|q| q.body.value()).collect();
+        for (q, b) in r.requests.iter().zip(&bodies) {
+            assert!(utf16_units(&q.body) <= TEAMS_MAX_UTF16_UNITS);
+            assert_eq!(q.url, r.requests[0].url);
+            assert_eq!(b["conversation"]["id"], TEAMS_CONVERSATION);
+        }
+        assert_eq!(bodies[0]["entities"], json!([mention]));
+        let last = bodies.last().unwrap();
+        assert_eq!(last["entities"], json!([place]));
+        assert!(last.get("attachments").is_some());
+        assert!(
+            bodies[..bodies.len() - 1]
+                .iter()
+                .all(|b| b.get("attachments").is_none())
+        );
+        let joined: Vec<&str> = bodies.iter().map(|b| b["text"].as_str().unwrap()).collect();
+        assert_eq!(
+            joined.join("\n\n").split_whitespace().count(),
+            m.text.as_deref().unwrap().split_whitespace().count()
+        );
+        // Other channels keep one activity (the connector's own limit is far above).
+        m.address.channel_id = "webchat".into();
+        assert_eq!(render_send(&m).unwrap().requests.len(), 1);
+    }
+
+    #[test]
+    fn xml_warns_except_on_skype_and_teams() {
+        let mut m = text("webchat", "<b>hi</b>");
         m.text_format = Some(TextFormat::Xml);
         let (body, warnings) = activity(&m).unwrap();
         assert_eq!(body["textFormat"], "xml");
@@ -1283,8 +1497,10 @@ mod tests {
         assert_eq!(warnings[0].field, "message.text_format");
         m.address.channel_id = "skype".into();
         assert!(activity(&m).unwrap().1.is_empty());
-        m.text_format = Some(TextFormat::Markdown);
         m.address.channel_id = "msteams".into();
+        assert!(activity(&m).unwrap().1.is_empty());
+        m.text_format = Some(TextFormat::Markdown);
+        m.address.channel_id = "webchat".into();
         assert!(activity(&m).unwrap().1.is_empty());
     }
 
@@ -1527,7 +1743,7 @@ mod tests {
         assert_eq!(teams.max_suggested_actions, 5);
         assert_eq!(teams.max_text_length, 0);
         assert_eq!(teams.markdown_flavor, "markdown");
-        assert_eq!(teams.max_payload_bytes, 262_144);
+        assert_eq!(teams.max_payload_bytes, 40_960);
 
         let skype = capabilities("skype");
         assert_eq!(skype.max_buttons_per_card, 3);

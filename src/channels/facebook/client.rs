@@ -90,6 +90,11 @@ impl FacebookClient {
         self.pages.contains_key(bot_id)
     }
 
+    /// Whether any bot has credentials here: a channel without any cannot send anything.
+    pub fn has_any_credentials(&self) -> bool {
+        !self.pages.is_empty()
+    }
+
     /// Sends one Send API request; the receipt's `native_id` is Messenger's `message_id`
     /// (empty for a sender action) and its `conversation_id` the recipient's PSID.
     pub async fn execute(&self, req: &NativeRequest) -> Result<NativeReceipt, ChannelError> {

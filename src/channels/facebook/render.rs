@@ -282,7 +282,7 @@ fn message_requests(
     proactive: Option<&ProactiveOptions>,
     ctx: &mut Ctx,
 ) -> Result<Vec<(Value, bool)>, RenderError> {
-    let native = source_event(msg)?;
+    let native = source_event(msg, ctx)?;
     let (mut message_keys, mut request_keys) = match &native {
         Some((obj, _)) => split_native(obj),
         None => (Map::new(), Map::new()),
@@ -462,11 +462,65 @@ fn split_native(obj: &Map<String, Value>) -> (Map<String, Value>, Map<String, Va
     (message, request)
 }
 
+/// The Send API request fields the shared `source_event["*"]` may set besides `message` and
+/// the `MESSAGE_KEYS`. `source_event["*"]` is written for every channel (Teams reads it as
+/// channelData), so anything else (`recipient` above all, or another channel's fields) is
+/// left out with a warning; `source_event.facebook` passes every key through. Documented in
+/// docs/channels/facebook.md.
+pub const FALLBACK_REQUEST_KEYS: &[&str] = &[
+    "messaging_type",
+    "notification_type",
+    "persona_id",
+    "sender_action",
+    "tag",
+];
+
+/// `obj` (from `source_event["*"]`) without the keys the fallback may not set, which a
+/// warning names (`message.KEY` for those inside the nested message).
+fn fallback_only(obj: &Map<String, Value>, ctx: &mut Ctx) -> Map<String, Value> {
+    let mut kept = Map::new();
+    let mut dropped: Vec<String> = Vec::new();
+    for (k, v) in obj {
+        if k == "message"
+            && let Value::Object(m) = v
+        {
+            let mut inner = Map::new();
+            for (mk, mv) in m {
+                if MESSAGE_KEYS.contains(&mk.as_str()) {
+                    inner.insert(mk.clone(), mv.clone());
+                } else {
+                    dropped.push(format!("message.{mk}"));
+                }
+            }
+            kept.insert(k.clone(), Value::Object(inner));
+        } else if MESSAGE_KEYS.contains(&k.as_str()) || FALLBACK_REQUEST_KEYS.contains(&k.as_str())
+        {
+            kept.insert(k.clone(), v.clone());
+        } else {
+            dropped.push(k.clone());
+        }
+    }
+    if !dropped.is_empty() {
+        let names: Vec<&str> = dropped.iter().map(String::as_str).collect();
+        let allowed: Vec<&str> = FALLBACK_REQUEST_KEYS
+            .iter()
+            .chain(&["message"])
+            .chain(MESSAGE_KEYS)
+            .copied()
+            .collect();
+        ctx.warnings.push(crate::channels::fallback_keys_dropped(
+            &names, "Send API", CHANNEL, &allowed,
+        ));
+    }
+    kept
+}
+
 /// A native extra and the path it was found at (`message.source_event.facebook` or `.*`).
 type Native = (Map<String, Value>, String);
 
-/// `source_event.facebook` (or `*`) as an object, with the path it was found at.
-fn source_event(msg: &Message) -> Result<Option<Native>, RenderError> {
+/// `source_event.facebook` (or `*`, keeping what `fallback_only` allows) as an object, with
+/// the path it was found at.
+fn source_event(msg: &Message, ctx: &mut Ctx) -> Result<Option<Native>, RenderError> {
     let key = if msg.source_event.contains_key(CHANNEL) {
         CHANNEL
     } else {
@@ -483,6 +537,9 @@ fn source_event(msg: &Message) -> Result<Option<Native>, RenderError> {
                     format!("{path}.message"),
                     format!("must be a JSON object (the Send API's message), not {m}"),
                 ));
+            }
+            if key == "*" {
+                return Ok(Some((fallback_only(o, ctx), path)));
             }
             Ok(Some((o.clone(), path)))
         }
@@ -731,6 +788,18 @@ fn hero_card(card: &HeroCard, path: &str, ctx: &mut Ctx) -> Result<CardOut, Rend
                 path,
                 "a card with only images is sent as the images (Messenger cards need a title)",
             );
+            for (j, _) in card
+                .images
+                .iter()
+                .enumerate()
+                .filter(|(_, i)| i.tap.is_some())
+            {
+                ctx.warn(
+                    "tap_dropped",
+                    format!("{path}.images[{j}].tap"),
+                    "an image sent on its own cannot be tapped on Messenger: this tap is dropped",
+                );
+            }
             return Ok(CardOut::Parts(
                 card.images
                     .iter()
@@ -761,6 +830,15 @@ fn hero_card(card: &HeroCard, path: &str, ctx: &mut Ctx) -> Result<CardOut, Rend
         );
     }
     let image_url = card.images.first().map(|i| i.url.clone());
+    // One element has one default action: the card's tap, else its first image's. The taps of
+    // the images dropped above go with them.
+    if card.tap.is_some() && card.images.first().is_some_and(|i| i.tap.is_some()) {
+        ctx.warn(
+            "tap_dropped",
+            format!("{path}.images[0].tap"),
+            "a Messenger card has one tap target and the card's own tap takes it: this tap is dropped",
+        );
+    }
     let tap = card
         .tap
         .as_ref()
@@ -972,6 +1050,16 @@ fn media_card(
             }
         }
     };
+    if card.media.len() > 1 {
+        ctx.warn(
+            "media_dropped",
+            format!("{path}.media"),
+            format!(
+                "{} media URLs; a Messenger attachment plays one: kept the first",
+                card.media.len()
+            ),
+        );
+    }
     let mut parts = vec![media_attachment(kind, url, ctx)];
     let has_text = [&card.title, &card.subtitle, &card.text]
         .iter()
@@ -1078,9 +1166,14 @@ fn adaptive_text(v: &Value, lines: &mut Vec<String>) {
                         .into_iter()
                         .flatten()
                     {
+                        // Fact titles and values take markdown, as text blocks do.
                         let t = f.get("title").and_then(Value::as_str).unwrap_or_default();
                         let v = f.get("value").and_then(Value::as_str).unwrap_or_default();
-                        lines.push(format!("{t}: {v}"));
+                        lines.push(format!(
+                            "{}: {}",
+                            text::markdown_to_plain(t).trim(),
+                            text::markdown_to_plain(v).trim()
+                        ));
                     }
                 }
                 _ => {}
@@ -1243,8 +1336,11 @@ fn receipt_template(
     let mut unused = Vec::new();
     for (i, f) in card.facts.iter().enumerate() {
         let field = format!("{path}.facts[{i}].value");
-        let value = f.value.trim();
-        let role = fact_role(&f.key);
+        // Card text is in the message's text format, as the card's title is.
+        let value = ctx.plain(&f.value);
+        let value = value.as_str();
+        let key = ctx.plain(&f.key);
+        let role = fact_role(&key);
         match role {
             FactRole::OrderNumber if order_number.is_none() && !value.is_empty() => {
                 order_number = Some(value.to_string())
@@ -1258,15 +1354,15 @@ fn receipt_template(
             FactRole::Subtotal | FactRole::Shipping => match amount(value, field) {
                 Some(a) if role == FactRole::Subtotal => subtotal = Some(a),
                 Some(a) => shipping = Some(a),
-                None => unused.push(f.key.clone()),
+                None => unused.push(key),
             },
             _ => {
                 // A fact worth money ("Discount: -$5.00") is an adjustment.
                 let money =
                     money::parse_price(value, default_currency).filter(|m| m.currency.is_some());
                 match money.and_then(|_| amount(value, field)) {
-                    Some(a) => adjustments.push(json!({"name": f.key, "amount": a.to_json()})),
-                    None => unused.push(f.key.clone()),
+                    Some(a) => adjustments.push(json!({"name": key, "amount": a.to_json()})),
+                    None => unused.push(key),
                 }
             }
         }
@@ -1460,6 +1556,47 @@ fn buttons(
 
 /// The title an action shows: its title, else its display text, text or textual value.
 fn action_title(a: &CardAction, path: &str, ctx: &mut Ctx) -> Result<String, RenderError> {
+    let (title, field) = action_title_from(a, path, ctx)?;
+    message_back_dropped(a, field, path, ctx);
+    Ok(title)
+}
+
+/// Warns for the parts of a message_back that Messenger has no place for: a tapped button or
+/// quick reply shows its title in the chat (not `display_text`) and sends the bot its payload
+/// only (`value`, so `text` goes unless it stands in for a missing value). `title_field` is
+/// where the title was taken from.
+fn message_back_dropped(a: &CardAction, title_field: &str, path: &str, ctx: &mut Ctx) {
+    if a.kind != ActionType::MessageBack {
+        return;
+    }
+    let set = |t: &Option<String>| t.as_deref().is_some_and(|t| !t.trim().is_empty());
+    let payload_field = match &a.value {
+        Some(v) if !v.is_null() => "value",
+        _ if a.text.is_some() => "text",
+        _ => "display_text",
+    };
+    if set(&a.display_text) && title_field != "display_text" && payload_field != "display_text" {
+        ctx.warn(
+            "action_field_dropped",
+            format!("{path}.display_text"),
+            "Messenger shows the title in the chat when it is tapped: display_text is dropped",
+        );
+    }
+    if set(&a.text) && title_field != "text" && payload_field != "text" {
+        ctx.warn(
+            "action_field_dropped",
+            format!("{path}.text"),
+            "Messenger sends the bot only the payload (value) when it is tapped: text is dropped",
+        );
+    }
+}
+
+/// The title an action shows and the field it came from.
+fn action_title_from(
+    a: &CardAction,
+    path: &str,
+    ctx: &mut Ctx,
+) -> Result<(String, &'static str), RenderError> {
     let textual_value = (!a.kind.takes_url()).then(|| a.value_str()).flatten();
     let candidates = [
         (a.title.as_deref(), "title"),
@@ -1479,13 +1616,14 @@ fn action_title(a: &CardAction, path: &str, ctx: &mut Ctx) -> Result<String, Ren
                 "required: Messenger buttons and quick replies need a title",
             )
         })?;
-    Ok(ctx.fit(
+    let title = ctx.fit(
         &title,
         MAX_BUTTON_TITLE,
         "title_truncated",
         &format!("{path}.{field}"),
         "title",
-    ))
+    );
+    Ok((title, field))
 }
 
 /// What a postback-like action sends back; errors name the field it comes from.

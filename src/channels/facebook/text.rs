@@ -2,117 +2,26 @@
 //! plain text that reads well, long text split at natural boundaries, and titles cut to a limit.
 //!
 //! Lengths are counted in UTF-16 code units: never more than Messenger's count, whichever way it
-//! counts characters, so a piece that fits here fits there.
+//! counts characters, so a piece that fits here fits there. Cuts keep grapheme clusters whole
+//! (the shared `channels::text`).
+
+use crate::channels::text as shared;
 
 /// Length as the limits here count it.
 pub fn len16(s: &str) -> usize {
-    s.encode_utf16().count()
+    shared::len(s, shared::utf16)
 }
 
-/// The byte index of the longest prefix of `s` that fits in `limit` UTF-16 units.
-fn fit_prefix(s: &str, limit: usize) -> usize {
-    let mut units = 0;
-    for (i, c) in s.char_indices() {
-        units += c.len_utf16();
-        if units > limit {
-            return i;
-        }
-    }
-    s.len()
-}
-
-/// `s` cut to `max` units with an ellipsis, or `None` when it already fits.
+/// `s` cut to `max` units at a grapheme boundary with an ellipsis, or `None` when it already fits.
 pub fn truncate(s: &str, max: usize) -> Option<String> {
-    if len16(s) <= max {
-        return None;
-    }
-    let keep = fit_prefix(s, max.saturating_sub(1));
-    let mut out = s[..keep].trim_end().to_string();
-    out.push('…');
-    Some(out)
+    shared::truncate(s, max, shared::utf16)
 }
 
 /// Splits `s` into pieces of at most `limit` units, preferring paragraph breaks, then line
-/// breaks, then sentence ends, then spaces; a single word longer than the limit is cut.
-/// Whitespace at the cuts is dropped; the pieces keep their order.
+/// breaks, then sentence ends, then spaces; a single word longer than the limit is cut between
+/// grapheme clusters. Whitespace at the cuts is dropped; the pieces keep their order.
 pub fn split(s: &str, limit: usize) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut rest = s.trim();
-    while len16(rest) > limit {
-        // At least one character per piece, even under a limit smaller than it.
-        let window_end = match fit_prefix(rest, limit) {
-            0 => rest.chars().next().map_or(rest.len(), char::len_utf8),
-            n => n,
-        };
-        let cut = boundary(rest, window_end)
-            .filter(|&c| c > 0)
-            .unwrap_or(window_end);
-        let piece = rest[..cut].trim_end();
-        out.push(piece.to_string());
-        rest = rest[cut..].trim_start();
-    }
-    if !rest.is_empty() {
-        out.push(rest.to_string());
-    }
-    out
-}
-
-/// The best place to cut `s` at or before `end` (a byte index); `None` when there is none.
-fn boundary(s: &str, end: usize) -> Option<usize> {
-    let window = &s[..end];
-    let next_is_space = s[end..].starts_with(char::is_whitespace);
-    let nonempty = |cut: usize| !window[..cut].trim().is_empty();
-
-    // Paragraph: a line break followed by a blank line.
-    let mut best = None;
-    for (i, _) in window.match_indices('\n') {
-        let after = &window[i + 1..];
-        let blank = after.find('\n').is_some_and(|j| {
-            after[..j]
-                .chars()
-                .all(|c| c == ' ' || c == '\t' || c == '\r')
-        });
-        if blank && nonempty(i) {
-            best = Some(i);
-        }
-    }
-    if best.is_some() {
-        return best;
-    }
-    if let Some(i) = window.rfind('\n').filter(|&i| nonempty(i)) {
-        return Some(i);
-    }
-    // Sentence: terminal punctuation (and closing quotes or brackets) followed by a space.
-    let chars: Vec<(usize, char)> = window.char_indices().collect();
-    for k in (0..chars.len()).rev() {
-        let (i, c) = chars[k];
-        if !matches!(c, '.' | '!' | '?' | '…' | '。' | '！' | '？') {
-            continue;
-        }
-        let mut m = k + 1;
-        while m < chars.len() && matches!(chars[m].1, '"' | '\'' | '”' | '’' | ')' | ']' | '»')
-        {
-            m += 1;
-        }
-        let followed_by_space = match chars.get(m) {
-            Some((_, c)) => c.is_whitespace(),
-            None => next_is_space,
-        };
-        let cut = chars.get(m).map(|(j, _)| *j).unwrap_or(end);
-        let cjk = matches!(c, '。' | '！' | '？');
-        if (followed_by_space || cjk) && nonempty(cut) && i > 0 {
-            return Some(cut);
-        }
-    }
-    // Word: the last whitespace (or the window's end when a space follows it).
-    if next_is_space {
-        return Some(end);
-    }
-    window
-        .char_indices()
-        .rev()
-        .find(|(i, c)| c.is_whitespace() && nonempty(*i))
-        .map(|(i, _)| i)
+    shared::split(s, limit, shared::utf16)
 }
 
 /// Markdown as plain text: emphasis and code markers removed, links as "text (url)", headings
@@ -170,10 +79,34 @@ fn markdown_line(line: &str) -> String {
     }
     for bullet in ["- ", "* ", "+ "] {
         if let Some(rest) = body.strip_prefix(bullet) {
-            return format!("{indent}• {}", inline(rest.trim_start()));
+            let (check, rest) = task_box(rest.trim_start());
+            return format!("{indent}• {check}{}", inline(rest));
         }
     }
+    let digits = body.chars().take_while(char::is_ascii_digit).count();
+    if (1..=9).contains(&digits)
+        && let Some(marker) = body.get(..digits + 1)
+        && (marker.ends_with('.') || marker.ends_with(')'))
+        && let Some(rest) = body[digits + 1..].strip_prefix(' ')
+        && let (check @ ("☐ " | "☑ "), rest) = task_box(rest.trim_start())
+    {
+        return format!("{indent}{marker} {check}{}", inline(rest));
+    }
     format!("{indent}{}", inline(body))
+}
+
+/// A task list item's box as a symbol that reads as one: `[ ]` -> `☐`, `[x]` -> `☑`.
+fn task_box(body: &str) -> (&'static str, &str) {
+    if let Some(rest) = body.strip_prefix("[ ] ") {
+        ("☐ ", rest)
+    } else if let Some(rest) = body
+        .strip_prefix("[x] ")
+        .or_else(|| body.strip_prefix("[X] "))
+    {
+        ("☑ ", rest)
+    } else {
+        ("", body)
+    }
 }
 
 const ESCAPABLE: &str = "\\`*_{}[]()#+-.!~>|<\"'";
@@ -305,11 +238,23 @@ fn emphasis(chars: &[char], i: usize, n: usize) -> Option<usize> {
         return None;
     }
     let mut j = i + n;
+    // Same-length runs that only open nest (`**a **b** c**`): the closer after one is its own.
+    let mut depth = 0usize;
     while let Some(close) = find_run(chars, j, c, n) {
-        let before_ok = !chars[close - 1].is_whitespace() && close > i + n;
-        let after_ok = c != '_' || !chars.get(close + n).is_some_and(|a| a.is_alphanumeric());
-        if before_ok && after_ok {
+        let prev = chars[close - 1];
+        let next = chars.get(close + n);
+        let can_close = !prev.is_whitespace()
+            && close > i + n
+            && (c != '_' || !next.is_some_and(|a| a.is_alphanumeric()));
+        let can_open =
+            next.is_some_and(|a| !a.is_whitespace()) && (c != '_' || !prev.is_alphanumeric());
+        if can_close && depth == 0 {
             return Some(close);
+        }
+        if can_close {
+            depth -= 1;
+        } else if can_open {
+            depth += 1;
         }
         j = close + n;
     }
@@ -501,6 +446,16 @@ mod tests {
              logo (https://example.com/l.png) https://example.com *lit*"
         );
         assert_eq!(markdown_to_plain("***both*** **a *b* c**"), "both a b c");
+        assert_eq!(
+            markdown_to_plain("**a **b** c** and *x *y* z*"),
+            "a b c and x y z"
+        );
+        assert_eq!(markdown_to_plain("**a** b **c**"), "a b c");
+        assert_eq!(
+            markdown_to_plain("- [ ] todo\n* [x] done\n1. [X] first\n2) plain"),
+            "• ☐ todo\n• ☑ done\n1. ☑ first\n2) plain"
+        );
+        assert_eq!(markdown_to_plain("1é [ ] x"), "1é [ ] x");
         assert_eq!(
             markdown_to_plain("an *unclosed emphasis"),
             "an *unclosed emphasis"

@@ -556,11 +556,13 @@ fn receipt(
     }
     // (text, field path) in reading order, two per row.
     let mut fields: Vec<(String, String)> = Vec::new();
+    let mut images = 0usize;
     for (j, item) in card.items.iter().enumerate() {
         let f = format!("{field}.items[{j}]");
         if let Some(tap) = &item.tap {
             tap_ignored(ctx, tap, &format!("{f}.tap"));
         }
+        images += usize::from(item.image.is_some());
         let mut name = item
             .title
             .as_deref()
@@ -589,6 +591,16 @@ fn receipt(
             .unwrap_or_default();
         fields.push((left, format!("{f}.title")));
         fields.push((price, format!("{f}.price")));
+    }
+    if images > 0 {
+        ctx.warn(
+            "images_dropped",
+            format!("{field}.items"),
+            format!(
+                "receipt items are rows of section fields, which hold no image: {images} item image{} left out",
+                if images == 1 { "" } else { "s" }
+            ),
+        );
     }
     for (j, fact) in card.facts.iter().enumerate() {
         let f = format!("{field}.facts[{j}]");

@@ -315,6 +315,11 @@ impl SlackClient {
         self.tokens.contains_key(bot_id)
     }
 
+    /// Whether any bot has credentials here: a channel without any cannot send anything.
+    pub fn has_any_credentials(&self) -> bool {
+        !self.tokens.is_empty()
+    }
+
     /// POSTs one Web API request with the bot's token and returns Slack's `ok: true` answer.
     async fn call(&self, req: &NativeRequest) -> Result<Value, ChannelError> {
         let base = format!("{}/", self.config.api_base_url.trim_end_matches('/'));

@@ -7,6 +7,8 @@
 
 use std::collections::BTreeSet;
 
+use crate::channels::text;
+
 /// Replaces a `|` in a link label: Slack splits `<url|label>` at a `|`, and mrkdwn cannot escape it.
 pub const LABEL_PIPE: char = '\u{2223}';
 /// What a thematic break (`---`) becomes: mrkdwn has no rule.
@@ -517,12 +519,21 @@ fn angle_token(chars: &[char], i: usize) -> Option<(String, usize)> {
         return None;
     }
     let lower = inner.to_ascii_lowercase();
-    if (lower.starts_with("http://")
-        || lower.starts_with("https://")
-        || lower.starts_with("mailto:"))
-        && !inner.contains(char::is_whitespace)
+    if lower.starts_with("http://") || lower.starts_with("https://") || lower.starts_with("mailto:")
     {
-        return Some((format!("<{}>", escape_url(&inner)), close + 1));
+        // Slack's own `<url|label>` keeps its label: the `|` ends the URL, not a part of it.
+        let (url, label) = match inner.split_once('|') {
+            Some((u, l)) => (u, Some(l)),
+            None => (inner.as_str(), None),
+        };
+        if url.contains(char::is_whitespace) {
+            return None;
+        }
+        let token = match label.map(str::trim).filter(|l| !l.is_empty()) {
+            Some(l) => format!("<{}|{}>", escape_url(url), escape(l)),
+            None => format!("<{}>", escape_url(url)),
+        };
+        return Some((token, close + 1));
     }
     let slack = inner.starts_with(['@', '#', '!'])
         && inner.len() > 1
@@ -872,14 +883,16 @@ fn decode_entities(s: &str) -> String {
 
 /// The byte index where `s` can be cut so that the head has at most `max` characters: at a
 /// paragraph break, a line break or a space in the second half of the window if there is one,
-/// and never inside an `&...;` entity or a `<...>` token (unless that token is all there is).
+/// never inside a grapheme cluster, an `&...;` entity or a `<...>` token (unless that token is
+/// all there is).
 pub fn cut_point(s: &str, max: usize) -> usize {
-    let Some((limit, _)) = s.char_indices().nth(max) else {
+    if text::len(s, text::chars) <= max {
         return s.len();
-    };
+    }
+    let limit = text::fit_prefix(s, max, text::chars);
     if limit == 0 {
         // Nothing fits: one character still goes, so that splitting always moves on.
-        return s.char_indices().nth(1).map_or(s.len(), |(i, _)| i);
+        return text::first_char(s);
     }
     let head = &s[..limit];
     let half = limit / 2;
@@ -901,7 +914,11 @@ pub fn cut_point(s: &str, max: usize) -> usize {
     {
         cut = amp;
     }
-    cut
+    // A space can carry a combining mark: step back to the cluster's start.
+    match text::floor_boundary(s, cut) {
+        0 => cut,
+        b => b,
+    }
 }
 
 fn fences(s: &str) -> usize {
@@ -954,14 +971,10 @@ pub fn truncate(s: &str, max: usize) -> Option<String> {
     Some(head)
 }
 
-/// Plain text (no markup) cut to at most `max` characters with `…` at the end.
+/// Plain text (no markup) cut to at most `max` characters at a grapheme boundary, with `…` at
+/// the end.
 pub fn truncate_plain(s: &str, max: usize) -> Option<String> {
-    if s.chars().count() <= max {
-        return None;
-    }
-    let mut head: String = s.chars().take(max.saturating_sub(1)).collect();
-    head.push(ELLIPSIS);
-    Some(head)
+    text::truncate(s, max, text::chars)
 }
 
 #[cfg(test)]
@@ -1039,6 +1052,11 @@ mod tests {
             md("<https://auto.test/a?b&c>"),
             "<https://auto.test/a?b&amp;c>"
         );
+        assert_eq!(
+            md("see <https://example.com|site> and <mailto:a@b.test|write us & co>"),
+            "see <https://example.com|site> and <mailto:a@b.test|write us &amp; co>"
+        );
+        assert_eq!(md("<https://x.test/a b|c>"), "&lt;https://x.test/a b|c&gt;");
         assert_eq!(
             md("hi <@U123> in <#C1|general> <!here>"),
             "hi <@U123> in <#C1|general> <!here>"

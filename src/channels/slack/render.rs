@@ -39,6 +39,28 @@ pub const MAX_DM_USERS: usize = 8;
 
 /// `source_event` keys that replace the generated content rather than adjust it.
 const CONTENT_KEYS: &[&str] = &["text", "blocks", "attachments"];
+/// The `chat.postMessage` arguments the shared `source_event["*"]` may set: the documented
+/// optional ones but the legacy `as_user`. `source_event["*"]` is written for every channel
+/// (Teams reads it as channelData), so anything else (`channel`, `token`, another channel's
+/// fields) is left out with a warning; `source_event.slack` passes every key through.
+/// Documented in docs/channels/slack.md.
+pub const FALLBACK_KEYS: &[&str] = &[
+    "attachments",
+    "blocks",
+    "icon_emoji",
+    "icon_url",
+    "link_names",
+    "markdown_text",
+    "metadata",
+    "mrkdwn",
+    "parse",
+    "reply_broadcast",
+    "text",
+    "thread_ts",
+    "unfurl_links",
+    "unfurl_media",
+    "username",
+];
 
 /// The requests for one message: `chat.postMessage` to `address.conversation.id`, in the
 /// thread `address.thread_id` when set. `proactive` changes nothing on Slack (no message tags).
@@ -61,7 +83,7 @@ pub fn render_send(
         ));
     }
     let mut warnings = Vec::new();
-    let extra = source_event(msg)?;
+    let extra = source_event(msg, &mut warnings)?;
 
     let bodies = match msg.kind {
         MessageType::Typing => {
@@ -107,6 +129,9 @@ pub fn render_send(
         }
         MessageType::Message => content_bodies(msg, extra.as_ref(), &mut warnings)?,
     };
+    if let (Some(e), Some(first)) = (&extra, bodies.first()) {
+        replaced_content(msg, e, first, &mut warnings);
+    }
 
     let requests = bodies
         .into_iter()
@@ -299,8 +324,12 @@ fn envelope(msg: &Message, channel: &str, config: &SlackConfig) -> Map<String, V
     o
 }
 
-/// `source_event.slack` (or `*`): an object whose keys are merged over each request body.
-fn source_event(msg: &Message) -> Result<Option<Map<String, Value>>, RenderError> {
+/// `source_event.slack` (or `*`, keeping `FALLBACK_KEYS`): an object whose keys are merged over
+/// each request body.
+fn source_event(
+    msg: &Message,
+    warnings: &mut Vec<Warning>,
+) -> Result<Option<Map<String, Value>>, RenderError> {
     let key = if msg.source_event.contains_key(CHANNEL_ID) {
         CHANNEL_ID
     } else {
@@ -313,6 +342,25 @@ fn source_event(msg: &Message) -> Result<Option<Map<String, Value>>, RenderError
     let Value::Object(o) = v else {
         return Err(RenderError::invalid(field, "must be a JSON object"));
     };
+    if key == "*" {
+        let (kept, dropped): (Vec<_>, Vec<_>) = o
+            .iter()
+            .partition(|(k, _)| FALLBACK_KEYS.contains(&k.as_str()));
+        if !dropped.is_empty() {
+            let names: Vec<&str> = dropped.iter().map(|(k, _)| k.as_str()).collect();
+            warnings.push(crate::channels::fallback_keys_dropped(
+                &names,
+                "chat.postMessage",
+                CHANNEL_ID,
+                FALLBACK_KEYS,
+            ));
+        }
+        let kept: Map<String, Value> = kept
+            .into_iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        return Ok((!kept.is_empty()).then_some(kept));
+    }
     if o.contains_key("channel") {
         return Err(RenderError::invalid(
             format!("{field}.channel"),
@@ -326,6 +374,39 @@ fn source_event(msg: &Message) -> Result<Option<Map<String, Value>>, RenderError
         ));
     }
     Ok(Some(o.clone()))
+}
+
+/// Warns for each content key of the native extra that replaces what the message's own
+/// content made (the first request's `text` or `blocks`), which is otherwise lost unseen.
+fn replaced_content(
+    msg: &Message,
+    extra: &Map<String, Value>,
+    generated: &Map<String, Value>,
+    warnings: &mut Vec<Warning>,
+) {
+    let key = if msg.source_event.contains_key(CHANNEL_ID) {
+        CHANNEL_ID
+    } else {
+        "*"
+    };
+    let with_blocks = generated.contains_key("blocks");
+    for k in CONTENT_KEYS {
+        if extra.get(*k).is_none_or(Value::is_null) || !generated.contains_key(*k) {
+            continue;
+        }
+        let what = match *k {
+            "text" if with_blocks => {
+                "the text fallback (notifications, screen readers) made from the message"
+            }
+            "text" => "the message text",
+            _ => "the blocks made from the message's text, attachments and actions",
+        };
+        warnings.push(Warning::new(
+            "content_replaced",
+            format!("message.source_event.{key}.{k}"),
+            format!("replaces {what}: what the gateway made from it was not sent"),
+        ));
+    }
 }
 
 /// `extra` over `body`: a null value removes the key (e.g. `"thread_ts": null`).
@@ -443,6 +524,16 @@ fn content_bodies(
                     "{} characters; Slack truncates a message past {MAX_TEXT_CHARS}: continued in {}",
                     text.chars().count(),
                     blocks::more(parts.len() - 1, "message", "messages")
+                ),
+            ));
+        }
+        if parts.len() > 1 && replaced {
+            ctx.warnings.push(Warning::new(
+                "source_event_replaced_content",
+                "message.source_event",
+                format!(
+                    "source_event sets the content: the message is sent once, with only the first of the {} parts of its text",
+                    parts.len()
                 ),
             ));
         }
@@ -751,6 +842,35 @@ mod tests {
             r.requests[0].body.value(),
             json!({"channel": "C01", "text": "hi", "unfurl_media": false})
         );
+    }
+
+    #[test]
+    fn the_shared_fallback_sets_only_postmessage_fields() {
+        let mut m = msg("hi");
+        let mut star = Map::new();
+        star.insert("channel".into(), json!("C99"));
+        star.insert("token".into(), json!("xoxb-secret"));
+        star.insert("unfurl_links".into(), json!(false));
+        for i in 0..20 {
+            star.insert(format!("k{i:02}{}", "x".repeat(100)), json!(1));
+        }
+        m.source_event.insert("*".into(), Value::Object(star));
+        let r = render_send(&m, None, &SlackConfig::default()).unwrap();
+        assert_eq!(
+            r.requests[0].body.value(),
+            json!({"channel": "C01", "text": "hi", "unfurl_links": false})
+        );
+        assert_eq!(r.warnings.len(), 1);
+        let w = &r.warnings[0];
+        assert_eq!(w.code, "source_event_keys_dropped");
+        assert!(w.message.starts_with("`channel`, `k00"), "{}", w.message);
+        assert!(
+            w.message.contains("…` and 17 more are not"),
+            "{}",
+            w.message
+        );
+        assert!(w.message.len() < 1000, "{}", w.message.len());
+        assert!(!w.message.contains("xoxb"), "only the key is named");
     }
 
     #[test]
