@@ -1,0 +1,120 @@
+//! The gRPC listener's resources: connections that never finish their handshake are closed,
+//! open connections are bounded, and the gateway keeps answering meanwhile.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// True when the server closes `conn` within `within` (what it wrote first is read and dropped).
+async fn closed_by_server(conn: &mut TcpStream, within: Duration) -> bool {
+    let mut buf = [0u8; 1024];
+    tokio::time::timeout(within, async {
+        loop {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+async fn healthy(h: &Harness) {
+    let mut health = HealthClient::new(
+        tonic::transport::Endpoint::from_shared(format!("http://{}", h.gateway.addr))
+            .unwrap()
+            .connect()
+            .await
+            .expect("a new connection is taken"),
+    );
+    health
+        .check(HealthCheckRequest::default())
+        .await
+        .expect("health answers");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_that_never_finish_their_handshake_are_closed() {
+    let h = start_with(|c| c.server.handshake_timeout = Duration::from_millis(300)).await;
+    let addr = h.gateway.addr;
+    let mut silent = Vec::new();
+    for _ in 0..20 {
+        silent.push(TcpStream::connect(addr).await.unwrap());
+    }
+    let mut preface_only = Vec::new();
+    for _ in 0..10 {
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(PREFACE).await.unwrap();
+        preface_only.push(c);
+    }
+    // The gateway answers while they hang, on connections old and new.
+    healthy(&h).await;
+    h.send("conv-listener", "hello").await.expect("send");
+
+    for (i, c) in silent.iter_mut().enumerate() {
+        assert!(
+            closed_by_server(c, Duration::from_secs(5)).await,
+            "silent connection {i} is still open"
+        );
+    }
+    for (i, c) in preface_only.iter_mut().enumerate() {
+        assert!(
+            closed_by_server(c, Duration::from_secs(5)).await,
+            "preface-only connection {i} is still open"
+        );
+    }
+    // A connection whose handshake finished is not cut by the deadline.
+    h.send("conv-listener", "still here")
+        .await
+        .expect("the harness's connection outlives the handshake timeout");
+    healthy(&h).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_limit_are_closed_at_once() {
+    // The harness's client holds one connection; two idle ones fill the rest.
+    let h = start_with(|c| c.server.max_connections = Some(3)).await;
+    let addr = h.gateway.addr;
+    let mut idle = Vec::new();
+    for _ in 0..2 {
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(PREFACE).await.unwrap();
+        idle.push(c);
+    }
+    // Past the limit: closed promptly, not left waiting.
+    let started = std::time::Instant::now();
+    let mut extra = TcpStream::connect(addr).await.unwrap();
+    assert!(
+        closed_by_server(&mut extra, Duration::from_secs(2)).await,
+        "a connection past server.max_connections stays open"
+    );
+    assert!(started.elapsed() < Duration::from_secs(2));
+    // The connection admitted before keeps working.
+    h.send("conv-limit", "admitted before")
+        .await
+        .expect("the harness's connection still works");
+
+    // Once the idle ones go, there is room again.
+    drop(idle);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut probe = TcpStream::connect(addr).await.unwrap();
+        probe.write_all(PREFACE).await.unwrap();
+        if !closed_by_server(&mut probe, Duration::from_millis(200)).await {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "closed connections never gave their slots back"
+        );
+    }
+}
