@@ -1,9 +1,15 @@
 //! The gRPC listener's resources: connections that never finish their handshake are closed,
-//! open connections are bounded, and the gateway keeps answering meanwhile.
+//! open connections are bounded, and the gateway keeps answering meanwhile; unknown credentials
+//! are throttled per peer, and say so in few log lines.
 
 mod common;
 
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
+
+use channel_gateway::api::auth::sha256_hex;
+use channel_gateway::api::pb;
+use channel_gateway::config::TokenIdentity;
 
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -117,4 +123,95 @@ async fn connections_past_the_limit_are_closed_at_once() {
             "closed connections never gave their slots back"
         );
     }
+}
+
+/// WARN lines the gateway (in this test process) has written so far.
+fn warn_lines() -> Arc<Mutex<Vec<u8>>> {
+    static LINES: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    LINES
+        .get_or_init(|| {
+            let lines = Arc::new(Mutex::new(Vec::new()));
+            let sink = lines.clone();
+            let subscriber = tracing_subscriber::fmt()
+                .with_ansi(false)
+                .with_max_level(tracing::Level::WARN)
+                .with_writer(move || Sink(sink.clone()))
+                .finish();
+            tracing::subscriber::set_global_default(subscriber).unwrap();
+            lines
+        })
+        .clone()
+}
+
+struct Sink(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Sink {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn count_lines(log: &Mutex<Vec<u8>>, containing: &str) -> usize {
+    String::from_utf8_lossy(&log.lock().unwrap())
+        .lines()
+        .filter(|l| l.contains(containing))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_credentials_are_throttled_per_peer_and_logged_sparingly() {
+    const RIGHT: &str = "the-right-token";
+    let log = warn_lines();
+    let h = start_with(|c| {
+        c.auth.tokens = vec![TokenIdentity {
+            name: "bot-a".into(),
+            sha256: sha256_hex(RIGHT.as_bytes()),
+            bots: vec![BOT.into()],
+        }];
+        c.limits.failed_auth_burst = 5;
+        c.limits.failed_auth_per_second = 0.01;
+    })
+    .await;
+    let call = |token: &str| {
+        let mut c = h.client.clone();
+        let mut req = tonic::Request::new(pb::SendRequest {
+            message: Some(h.text("auth-throttle", "hi")),
+            ..Default::default()
+        });
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        async move { c.send(req).await }
+    };
+    let started = std::time::Instant::now();
+    let mut codes = Vec::new();
+    for i in 0..50 {
+        codes.push(call(&format!("guess-{i}")).await.unwrap_err().code());
+    }
+    let unauthenticated = codes
+        .iter()
+        .filter(|c| **c == tonic::Code::Unauthenticated)
+        .count();
+    assert_eq!(unauthenticated, 5, "guesses answered: {codes:?}");
+    assert!(
+        codes[5..]
+            .iter()
+            .all(|c| *c == tonic::Code::ResourceExhausted),
+        "{codes:?}"
+    );
+    // The throttle holds whatever the credential: a guess that happened to be right is not
+    // answered either.
+    let e = call(RIGHT).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{}", e.message());
+    assert!(e.message().contains("limits.failed_auth_per_second"));
+
+    // At most one line a second for each kind, not one per attempt.
+    let secs = started.elapsed().as_secs() as usize;
+    let unknown = count_lines(&log, "presented an unknown credential");
+    let refused = count_lines(&log, "too many unknown credentials");
+    assert!((1..=secs + 1).contains(&unknown), "{unknown} lines");
+    assert!((1..=secs + 1).contains(&refused), "{refused} lines");
 }
