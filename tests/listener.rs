@@ -215,3 +215,98 @@ async fn unknown_credentials_are_throttled_per_peer_and_logged_sparingly() {
     assert!((1..=secs + 1).contains(&unknown), "{unknown} lines");
     assert!((1..=secs + 1).contains(&refused), "{refused} lines");
 }
+
+async fn watch(
+    client: &mut pb::channel_gateway_client::ChannelGatewayClient<tonic::transport::Channel>,
+) -> Result<tonic::Streaming<pb::WatchDeliveriesResponse>, tonic::Status> {
+    client
+        .watch_deliveries(pb::WatchDeliveriesRequest::default())
+        .await
+        .map(|r| r.into_inner())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watchers_past_the_limit_are_refused_naming_the_key() {
+    let h = start_with(|c| c.server.max_watchers = 3).await;
+    let mut c = h.client.clone();
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        open.push(watch(&mut c).await.expect("within the limit"));
+    }
+    let e = watch(&mut c).await.expect_err("a fourth watcher");
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{}", e.message());
+    assert!(
+        e.message().contains("server.max_watchers"),
+        "{}",
+        e.message()
+    );
+
+    // A watcher that goes gives its place back.
+    drop(open.pop());
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while watch(&mut c).await.is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a closed watcher kept its place"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Each watcher used to read every change back from the outbox itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_is_read_from_the_outbox_once_however_many_watch() {
+    const WATCHERS: usize = 200;
+    const MESSAGES: usize = 20;
+    let h = start_with(|c| c.server.max_watchers = WATCHERS).await;
+    let admin = h.gateway.admin_addr.expect("admin listener");
+    // Spread over connections: one HTTP/2 connection carries at most 200 streams.
+    let mut streams = Vec::new();
+    for _ in 0..4 {
+        let mut c = pb::channel_gateway_client::ChannelGatewayClient::connect(format!(
+            "http://{}",
+            h.gateway.addr
+        ))
+        .await
+        .unwrap();
+        for _ in 0..WATCHERS / 4 {
+            streams.push(watch(&mut c).await.expect("watch"));
+        }
+    }
+    let text = metrics_text(admin).await;
+    assert_eq!(
+        metric_value(&text, "channel_gateway_watchers "),
+        WATCHERS as f64
+    );
+    for i in 0..MESSAGES {
+        h.send("watched", &format!("m{i}")).await.expect("send");
+    }
+    // Every watcher hears of every message.
+    let mut readers = tokio::task::JoinSet::new();
+    for mut s in streams {
+        readers.spawn(async move {
+            let mut seen = 0;
+            while seen < MESSAGES {
+                let d = tokio::time::timeout(Duration::from_secs(30), s.message())
+                    .await
+                    .expect("a change within 30 s")
+                    .expect("the stream goes on")
+                    .expect("not ended");
+                assert_eq!(
+                    d.delivery.unwrap().state,
+                    pb::DeliveryState::Delivered as i32
+                );
+                seen += 1;
+            }
+        });
+    }
+    while let Some(r) = readers.join_next().await {
+        r.unwrap();
+    }
+    let text = metrics_text(admin).await;
+    assert_eq!(
+        metric_value(&text, "channel_gateway_watch_outbox_reads_total"),
+        MESSAGES as f64,
+        "one read per change, not one per watcher"
+    );
+}

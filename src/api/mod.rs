@@ -14,3 +14,4 @@ pub mod auth;
 pub mod convert;
 pub mod service;
 pub mod status;
+pub mod watch;
