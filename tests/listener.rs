@@ -125,6 +125,32 @@ async fn connections_past_the_limit_are_closed_at_once() {
     }
 }
 
+/// A peer that finished its handshake and then went silent (it never answers a PING) is
+/// disconnected by HTTP/2 keepalive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_stops_answering_pings_is_disconnected() {
+    let h = start_with(|c| {
+        c.server.http2_keepalive_interval = Duration::from_millis(200);
+        c.server.http2_keepalive_timeout = Duration::from_millis(200);
+    })
+    .await;
+    let mut c = TcpStream::connect(h.gateway.addr).await.unwrap();
+    c.write_all(PREFACE).await.unwrap();
+    // An empty SETTINGS, and the ACK of the server's: the handshake is done.
+    c.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 4, 1, 0, 0, 0, 0])
+        .await
+        .unwrap();
+    assert!(
+        closed_by_server(&mut c, Duration::from_secs(5)).await,
+        "a peer that never answers PING stays connected"
+    );
+    // The gateway's own clients answer PINGs and stay.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    h.send("keepalive", "still connected")
+        .await
+        .expect("a live client keeps its connection");
+}
+
 /// WARN lines the gateway (in this test process) has written so far.
 fn warn_lines() -> Arc<Mutex<Vec<u8>>> {
     static LINES: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
