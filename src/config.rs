@@ -579,6 +579,14 @@ impl Config {
         if self.server.handshake_timeout.is_zero() {
             return Err(invalid("server.handshake_timeout", "must be more than 0"));
         }
+        if !self.server.http2_keepalive_interval.is_zero()
+            && self.server.http2_keepalive_timeout.is_zero()
+        {
+            return Err(invalid(
+                "server.http2_keepalive_timeout",
+                "must be more than 0 while server.http2_keepalive_interval is set",
+            ));
+        }
         if self.server.max_watchers == 0 {
             return Err(invalid("server.max_watchers", "must be at least 1"));
         }

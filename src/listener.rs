@@ -331,6 +331,19 @@ mod tests {
         assert_eq!(admission.open(), 0);
     }
 
+    #[test]
+    fn the_default_bound_leaves_half_the_open_files() {
+        assert_eq!(max_connections(Some(7)), 7);
+        let default = max_connections(None);
+        match open_file_limit() {
+            Some(files) => assert_eq!(default, (files / 2).clamp(1, DEFAULT_MAX_CONNECTIONS)),
+            None => assert_eq!(default, DEFAULT_MAX_CONNECTIONS),
+        }
+        if cfg!(target_os = "linux") {
+            assert!(open_file_limit().is_some(), "/proc/self/limits is read");
+        }
+    }
+
     #[tokio::test]
     async fn the_handshake_is_the_preface_and_the_first_frame() {
         let mut h = Handshake {
