@@ -1,7 +1,8 @@
 //! TLS and mTLS for the gRPC listener with rustls, reloaded on SIGHUP or when the files change;
 //! and the connection type that carries the peer's identity to caller authentication.
 //!
-//! Owns certificate loading and the accept loop. Knows nothing of the gRPC service itself.
+//! Owns certificate loading and the TLS handshake; admission (limits, deadlines, accept
+//! backoff) is src/listener.rs. Knows nothing of the gRPC service itself.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
