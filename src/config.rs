@@ -131,6 +131,20 @@ pub struct ServerConfig {
     pub tls: Option<TlsConfig>,
     /// Also serve on this Unix domain socket (for sidecars).
     pub unix_socket: Option<std::path::PathBuf>,
+    /// Open gRPC connections at once (TCP, TLS and Unix socket together); past it a new one is
+    /// closed at once. Unset: 10,000, or half the open-file limit when that is lower.
+    pub max_connections: Option<usize>,
+    /// How long a new connection has to finish TLS and send the HTTP/2 preface and SETTINGS.
+    #[serde(deserialize_with = "de_duration")]
+    pub handshake_timeout: Duration,
+    /// HTTP/2 PING interval on idle connections (0 = none); a peer that does not answer within
+    /// `http2_keepalive_timeout` is disconnected.
+    #[serde(deserialize_with = "de_duration")]
+    pub http2_keepalive_interval: Duration,
+    #[serde(deserialize_with = "de_duration")]
+    pub http2_keepalive_timeout: Duration,
+    /// Open WatchDeliveries streams at once; past it RESOURCE_EXHAUSTED.
+    pub max_watchers: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -159,6 +173,11 @@ impl Default for ServerConfig {
             idempotency_window: Duration::from_secs(24 * 3600),
             tls: None,
             unix_socket: None,
+            max_connections: None,
+            handshake_timeout: Duration::from_secs(10),
+            http2_keepalive_interval: Duration::from_secs(60),
+            http2_keepalive_timeout: Duration::from_secs(20),
+            max_watchers: 64,
         }
     }
 }
@@ -262,6 +281,11 @@ pub struct LimitsConfig {
     /// Calls per second per caller (0 = no limit); past it RESOURCE_EXHAUSTED.
     pub per_caller_per_second: f64,
     pub per_caller_burst: u32,
+    /// Failed authentications per second per peer address (0 = no throttle), after a burst of
+    /// `failed_auth_burst`; past it every call from that address is RESOURCE_EXHAUSTED, its
+    /// credential unread.
+    pub failed_auth_per_second: f64,
+    pub failed_auth_burst: u32,
 }
 
 impl Default for LimitsConfig {
@@ -269,6 +293,8 @@ impl Default for LimitsConfig {
         Self {
             per_caller_per_second: 0.0,
             per_caller_burst: 1000,
+            failed_auth_per_second: 0.5,
+            failed_auth_burst: 10,
         }
     }
 }
@@ -540,6 +566,31 @@ impl Config {
             && self.limits.per_caller_per_second.is_finite())
         {
             return Err(invalid("limits.per_caller_per_second", "must be 0 or more"));
+        }
+        if !(self.limits.failed_auth_per_second >= 0.0
+            && self.limits.failed_auth_per_second.is_finite())
+        {
+            return Err(invalid(
+                "limits.failed_auth_per_second",
+                "must be 0 or more",
+            ));
+        }
+        if self.server.max_connections == Some(0) {
+            return Err(invalid("server.max_connections", "must be at least 1"));
+        }
+        if self.server.handshake_timeout.is_zero() {
+            return Err(invalid("server.handshake_timeout", "must be more than 0"));
+        }
+        if !self.server.http2_keepalive_interval.is_zero()
+            && self.server.http2_keepalive_timeout.is_zero()
+        {
+            return Err(invalid(
+                "server.http2_keepalive_timeout",
+                "must be more than 0 while server.http2_keepalive_interval is set",
+            ));
+        }
+        if self.server.max_watchers == 0 {
+            return Err(invalid("server.max_watchers", "must be at least 1"));
         }
         let d = &self.delivery;
         if d.max_concurrency == 0 {

@@ -7,6 +7,8 @@ pub mod bounded;
 pub mod channels;
 pub mod config;
 pub mod delivery;
+pub mod listener;
+pub mod log_limit;
 pub mod metrics;
 pub mod model;
 pub mod outbox;

@@ -73,6 +73,11 @@ pub struct Metrics {
     pub queue_depth: Gauge,
     pub active_workers: Gauge,
     pub token_refreshes: Family<ChannelLabel, Gauge>,
+    /// Open WatchDeliveries streams.
+    pub watchers: Gauge,
+    /// Messages read back from the outbox to tell watchers of a change: one per change, however
+    /// many watch.
+    pub watch_reads: Counter,
     ready: AtomicBool,
     /// Set once the outbox refused writes for good: not ready until a restart.
     outbox_failed: AtomicBool,
@@ -118,6 +123,14 @@ impl Metrics {
         let queue_depth = Gauge::default();
         let active_workers = Gauge::default();
         let token_refreshes = Family::<ChannelLabel, Gauge>::default();
+        let watchers = Gauge::default();
+        let watch_reads = Counter::default();
+        registry.register("watchers", "Open WatchDeliveries streams", watchers.clone());
+        registry.register(
+            "watch_outbox_reads",
+            "Messages read back from the outbox for WatchDeliveries (one per state change, however many watch)",
+            watch_reads.clone(),
+        );
         registry.register(
             "messages_accepted",
             "Messages accepted, by channel",
@@ -180,6 +193,8 @@ impl Metrics {
             queue_depth,
             active_workers,
             token_refreshes,
+            watchers,
+            watch_reads,
             ready: AtomicBool::new(false),
             outbox_failed: AtomicBool::new(false),
             hot: known_channels().map(|_| Default::default()).collect(),

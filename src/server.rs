@@ -157,6 +157,14 @@ pub fn no_delay(
     })
 }
 
+/// Admitted connections as the server takes them (TLS ones are guarded after their handshake).
+fn guarded<IO>(
+    admitted: impl tokio_stream::Stream<Item = crate::listener::Admitted<IO>>,
+) -> impl tokio_stream::Stream<Item = std::io::Result<crate::listener::Guarded<IO>>> {
+    use tokio_stream::StreamExt;
+    admitted.map(|a| Ok(a.into_guarded()))
+}
+
 /// Binds the configured address and serves until `shutdown` resolves.
 pub async fn run(
     config: Config,
@@ -331,10 +339,14 @@ async fn serve(
     let limits = crate::api::limits::RequestLimits::new(&config.server);
     let max_bytes = limits.largest().max(4 << 20);
     let service = Arc::new(service);
+    let keepalive = Some(config.server.http2_keepalive_interval).filter(|d| !d.is_zero());
+    let keepalive_timeout = config.server.http2_keepalive_timeout;
     // One router per listener (TCP, TLS, Unix socket), all sharing one service.
     let router = move || {
         let auth = authenticator.clone();
         tonic::transport::Server::builder()
+            .http2_keepalive_interval(keepalive)
+            .http2_keepalive_timeout(Some(keepalive_timeout))
             .layer(limits)
             .add_service(health_service.clone())
             .add_service(reflection.clone())
@@ -351,18 +363,28 @@ async fn serve(
             let _ = rx.wait_for(|s| *s).await;
         }
     };
+    // One bound on open connections for all listeners: they share the process's open files.
+    let max_connections = crate::listener::max_connections(config.server.max_connections);
+    let admission =
+        crate::listener::Admission::new(max_connections, config.server.handshake_timeout);
+    tracing::info!(
+        max_connections,
+        handshake_timeout_ms = config.server.handshake_timeout.as_millis() as u64,
+        "gRPC connection limits"
+    );
+    let tcp_admitted = admission.admit(no_delay(listener));
     let tcp: ServeFuture = match &config.server.tls {
         Some(tls_cfg) => {
             let tls =
                 crate::tls::Reloadable::new(tls_cfg).map_err(|e| ServeError::Tls(e.to_string()))?;
             tls.watch(tls_cfg.clone(), tls_cfg.reload_interval);
             Box::pin(router().serve_with_incoming_shutdown(
-                crate::tls::incoming(no_delay(listener), tls),
+                crate::tls::incoming(tcp_admitted, tls),
                 until_stopped(),
             ))
         }
         None => {
-            Box::pin(router().serve_with_incoming_shutdown(no_delay(listener), until_stopped()))
+            Box::pin(router().serve_with_incoming_shutdown(guarded(tcp_admitted), until_stopped()))
         }
     };
     let unix: Option<ServeFuture> = match &config.server.unix_socket {
@@ -376,7 +398,7 @@ async fn serve(
             })?;
             tracing::info!(path = %path.display(), "also serving gRPC on a Unix socket");
             Some(Box::pin(router().serve_with_incoming_shutdown(
-                tokio_stream::wrappers::UnixListenerStream::new(l),
+                guarded(admission.admit(tokio_stream::wrappers::UnixListenerStream::new(l))),
                 until_stopped(),
             )))
         }

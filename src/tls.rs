@@ -1,7 +1,8 @@
 //! TLS and mTLS for the gRPC listener with rustls, reloaded on SIGHUP or when the files change;
 //! and the connection type that carries the peer's identity to caller authentication.
 //!
-//! Owns certificate loading and the accept loop. Knows nothing of the gRPC service itself.
+//! Owns certificate loading and the TLS handshake; admission (limits, deadlines, accept
+//! backoff) is src/listener.rs. Knows nothing of the gRPC service itself.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -23,6 +24,7 @@ use tonic::transport::server::Connected;
 
 use crate::api::auth::{ClientCertFingerprint, sha256_hex};
 use crate::config::TlsConfig;
+use crate::listener::{Admitted, Guarded};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -222,37 +224,32 @@ impl Reloadable {
     }
 }
 
-/// Takes accepted TCP connections (`server::no_delay`) and hands TLS-established ones to the
-/// server. Handshakes run in their own tasks so a slow client cannot hold up the others.
+/// Takes admitted TCP connections (`listener::Admission::admit`) and hands TLS-established
+/// ones to the server. Handshakes run in their own tasks so a slow client cannot hold up the
+/// others; each must finish by the connection's deadline (`server.handshake_timeout`), which
+/// then also bounds its HTTP/2 preface.
 pub fn incoming(
-    accepted: impl tokio_stream::Stream<Item = std::io::Result<TcpStream>> + Send + 'static,
+    admitted: impl tokio_stream::Stream<Item = Admitted<TcpStream>> + Send + 'static,
     tls: Reloadable,
-) -> tokio_stream::wrappers::ReceiverStream<Result<TlsConn, std::io::Error>> {
+) -> tokio_stream::wrappers::ReceiverStream<Result<Guarded<TlsConn>, std::io::Error>> {
     use tokio_stream::StreamExt;
     let (tx, rx) = mpsc::channel(128);
     tokio::spawn(async move {
-        tokio::pin!(accepted);
-        while let Some(conn) = accepted.next().await {
-            let tcp = match conn {
-                Ok(tcp) => tcp,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
+        tokio::pin!(admitted);
+        while let Some(conn) = admitted.next().await {
             if tx.is_closed() {
                 return;
             }
-            let Ok(remote) = tcp.peer_addr() else {
+            let Ok(remote) = conn.io.peer_addr() else {
                 // Gone before its handshake started.
                 continue;
             };
             let acceptor = tls.acceptor();
             let tx = tx.clone();
             tokio::spawn(async move {
-                let handshake =
-                    tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await;
+                let deadline = conn.deadline;
+                let (tcp, conn) = conn.split();
+                let handshake = tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await;
                 let stream = match handshake {
                     Ok(Ok(s)) => s,
                     Ok(Err(e)) => {
@@ -270,14 +267,14 @@ pub fn incoming(
                     .peer_certificates()
                     .and_then(|c| c.first())
                     .map(|c| ClientCertFingerprint(sha256_hex(c.as_ref())));
-                let conn = TlsConn {
+                let tls = TlsConn {
                     inner: stream,
                     info: PeerInfo {
                         remote: Some(remote),
                         client_cert,
                     },
                 };
-                let _ = tx.send(Ok(conn)).await;
+                let _ = tx.send(Ok(conn.map(tls).into_guarded())).await;
             });
         }
     });

@@ -258,3 +258,73 @@ async fn a_unix_socket_round_trip() {
     assert_eq!(r.state, pb::DeliveryState::Delivered as i32);
     assert_eq!(h.fake.for_conversation("uds")[0].text(), "over a socket");
 }
+
+/// The handshake deadline covers TLS and what follows it: a client that finishes TLS and then
+/// never sends the HTTP/2 preface is closed, as is one that stalls inside TLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_connections_without_an_http2_handshake_are_closed() {
+    use rustls_pki_types::pem::PemObject;
+    use tokio::io::AsyncReadExt;
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new("test CA");
+    let (cert, key, _) = pki.leaf("gateway", &["localhost", "127.0.0.1"]);
+    let cert_file = write(dir.path(), "server.pem", &cert);
+    let key_file = write(dir.path(), "server.key", &key);
+    let h = start_with(|c| {
+        c.server.handshake_timeout = Duration::from_millis(300);
+        c.server.tls = Some(TlsConfig {
+            cert_file,
+            key_file,
+            client_ca_file: None,
+            reload_interval: Duration::from_secs(60),
+        })
+    })
+    .await;
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls_pki_types::CertificateDer::from_pem_slice(pki.ca_pem.as_bytes()).unwrap())
+        .unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(h.gateway.addr)
+        .await
+        .unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = connector.connect(name, tcp).await.expect("TLS handshake");
+    let mut stalled = tokio::net::TcpStream::connect(h.gateway.addr)
+        .await
+        .unwrap();
+
+    let closed = |mut conn: Box<dyn tokio::io::AsyncRead + Unpin + Send>| async move {
+        let mut buf = [0u8; 1024];
+        tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match conn.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await
+        .is_ok()
+    };
+    assert!(
+        closed(Box::new(&mut tls)).await,
+        "TLS done, no HTTP/2 preface: still open"
+    );
+    assert!(
+        closed(Box::new(&mut stalled)).await,
+        "no TLS handshake: still open"
+    );
+    assert!(
+        served(h.gateway.addr, &pki.ca_pem, None).await,
+        "a real client is served"
+    );
+}

@@ -16,3 +16,4 @@ pub mod convert;
 pub mod limits;
 pub mod service;
 pub mod status;
+pub mod watch;

@@ -74,6 +74,7 @@ pub struct GatewayService {
     dispatcher: Dispatcher,
     config: ServerConfig,
     idempotency: Idempotency,
+    watchers: Arc<super::watch::Watchers>,
 }
 
 fn warnings_pb(w: &[model::Warning]) -> Vec<pb::Warning> {
@@ -95,7 +96,7 @@ fn receipts_pb(r: &[NativeReceipt]) -> Vec<pb::Receipt> {
         .collect()
 }
 
-fn state_pb(s: DeliveryState) -> pb::DeliveryState {
+pub(super) fn state_pb(s: DeliveryState) -> pb::DeliveryState {
     match s {
         DeliveryState::Accepted => pb::DeliveryState::Accepted,
         DeliveryState::Delivering => pb::DeliveryState::Delivering,
@@ -124,7 +125,7 @@ fn timestamp_ms(ms: u64) -> prost_types::Timestamp {
     }
 }
 
-fn delivery_pb(m: &StoredMessage) -> pb::Delivery {
+pub(super) fn delivery_pb(m: &StoredMessage) -> pb::Delivery {
     let o = m.outcome();
     let r = &m.record;
     let addr = &m.message.address;
@@ -235,6 +236,7 @@ impl GatewayService {
                 window: config.idempotency_window,
                 slots: Mutex::new(HashMap::new()),
             },
+            watchers: super::watch::Watchers::new(dispatcher.clone(), config.max_watchers),
             dispatcher,
             config,
         }
@@ -783,31 +785,30 @@ impl ChannelGateway for GatewayService {
             bot => auth::authorize(&req, bot)?,
         }
         let f = req.into_inner();
-        let store = self.dispatcher.store().clone();
-        let rx = self.dispatcher.subscribe();
+        let (rx, seat) = self.watchers.join()?;
         let stream = tokio_stream::wrappers::BroadcastStream::new(rx).filter_map(move |ev| {
+            // Held by the stream: the seat is given back when the watcher goes.
+            let _ = &seat;
+            use super::watch::Watched;
+            let lost = |n| {
+                Some(Err(Status::data_loss(format!(
+                    "watcher fell behind and missed {n} changes; use GetDelivery or ListFailed, then watch again"
+                ))))
+            };
             match ev {
-                Ok(ev) => {
-                    let wanted = (f.bot_id.is_empty() || f.bot_id == ev.bot_id)
-                        && (f.channel_id.is_empty() || f.channel_id == ev.channel_id)
-                        && (f.conversation_id.is_empty() || f.conversation_id == ev.conversation_id);
-                    if !wanted {
-                        return None;
-                    }
-                    let delivery = store.get(ev.id).map(|m| {
-                        let mut d = delivery_pb(&m);
-                        // The event is the truth of this change; the record may be newer already.
-                        d.state = state_pb(ev.outcome.state) as i32;
-                        d
-                    });
-                    delivery.map(|d| Ok(pb::WatchDeliveriesResponse { delivery: Some(d) }))
+                Ok(Watched::Change(c)) => {
+                    let wanted = (f.bot_id.is_empty() || f.bot_id == c.bot_id)
+                        && (f.channel_id.is_empty() || f.channel_id == c.channel_id)
+                        && (f.conversation_id.is_empty() || f.conversation_id == c.conversation_id);
+                    wanted.then(|| {
+                        Ok(pb::WatchDeliveriesResponse {
+                            delivery: Some(c.delivery.clone()),
+                        })
+                    })
                 }
                 // A watcher that fell behind is told, rather than silently missing changes.
-                Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => {
-                    Some(Err(Status::data_loss(format!(
-                        "watcher fell behind and missed {n} changes; use GetDelivery or ListFailed, then watch again"
-                    ))))
-                }
+                Ok(Watched::Missed(n)) => lost(n),
+                Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => lost(n),
             }
         });
         Ok(Response::new(Box::pin(stream)))
