@@ -109,3 +109,65 @@ async fn serve_with_no_config_answers_health_and_reflection_and_stops_on_sigterm
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Every way a user got a list of credentials wrong, through the real binary: the error names
+/// the key (and the variable), and the token is nowhere in what the process prints.
+#[test]
+fn config_errors_name_the_key_and_never_show_a_token() {
+    const TOKEN: &str = "tok-TOPSECRET-7f3a";
+    let dir = tempfile::tempdir().unwrap();
+    let serve = |env: &[(&str, String)], file: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_channel-gateway"));
+        cmd.arg("serve").current_dir(dir.path());
+        cmd.env_remove("CHANNEL_GATEWAY_CONFIG");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        if let Some(text) = file {
+            let p = dir.path().join("gateway.toml");
+            std::fs::write(&p, text).unwrap();
+            cmd.arg("--config").arg(&p);
+        }
+        let out = cmd.output().unwrap();
+        assert!(!out.status.success(), "a bad config must not start");
+        let mut all = String::from_utf8_lossy(&out.stdout).into_owned();
+        all.push_str(&String::from_utf8_lossy(&out.stderr));
+        assert!(!all.contains("TOPSECRET"), "token printed: {all}");
+        all
+    };
+    for (var, id, secret) in [
+        (
+            "CHANNEL_GATEWAY__CHANNELS__SLACK__WORKSPACES",
+            "bot_id",
+            "token",
+        ),
+        (
+            "CHANNEL_GATEWAY__CHANNELS__FACEBOOK__PAGES",
+            "page_id",
+            "access_token",
+        ),
+        (
+            "CHANNEL_GATEWAY__CHANNELS__BOTFRAMEWORK__BOTS",
+            "app_id",
+            "app_password",
+        ),
+    ] {
+        for value in [
+            format!(r#"[{{{id} = "1", {secret} = "{TOKEN}"}}"#),
+            format!(r#"{{"{id}": "1", "{secret}": "{TOKEN}"}}"#),
+            format!("1:{TOKEN}"),
+        ] {
+            let out = serve(&[(var, value.clone())], None);
+            assert!(out.contains(var), "{var}={value}: {out}");
+            assert!(out.contains("inline array"), "{var}={value}: {out}");
+        }
+    }
+    let out = serve(
+        &[],
+        Some(&format!(
+            "[channels.slack]\nworkspaces = [{{bot_id = \"B1\", token = \"{TOKEN}\"]\n"
+        )),
+    );
+    assert!(out.contains("line 2"), "{out}");
+    assert!(out.contains("channels.slack.workspaces"), "{out}");
+}
