@@ -544,21 +544,11 @@ impl Config {
     }
 
     pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
-        self.server.listen.parse().map_err(|e| {
-            invalid(
-                "server.listen",
-                format!("`{}` is not host:port ({e})", self.server.listen),
-            )
-        })
+        socket_addr("server.listen", &self.server.listen)
     }
 
     pub fn admin_addr(&self) -> Result<SocketAddr, ConfigError> {
-        self.admin.listen.parse().map_err(|e| {
-            invalid(
-                "admin.listen",
-                format!("`{}` is not host:port ({e})", self.admin.listen),
-            )
-        })
+        socket_addr("admin.listen", &self.admin.listen)
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -653,6 +643,7 @@ impl Config {
         if !matches!(self.log.format.as_str(), "human" | "json") {
             return Err(invalid("log.format", "must be `human` or `json`"));
         }
+        check_log_filter(&self.log.level).map_err(|reason| invalid("log.level", reason))?;
         let bf = &self.channels.botframework;
         let token_url = url::Url::parse(&bf.token_url)
             .map_err(|e| invalid("channels.botframework.token_url", format!("not a URL: {e}")))?;
@@ -714,6 +705,54 @@ impl Config {
         self.channels.slack.validate()?;
         Ok(())
     }
+}
+
+/// `host:port` as a socket address: an IP address, or `localhost` (the IPv4 loopback, so the
+/// no-authentication check sees loopback), or a name resolved now.
+fn socket_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
+    use std::net::{Ipv4Addr, ToSocketAddrs};
+    if let Ok(addr) = value.parse() {
+        return Ok(addr);
+    }
+    let shown = capped(value, 80);
+    let (host, port) = value
+        .rsplit_once(':')
+        .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
+        .ok_or_else(|| {
+            invalid(
+                key,
+                format!("`{shown}` is not host:port (e.g. 127.0.0.1:50051 or localhost:50051)"),
+            )
+        })?;
+    if host.eq_ignore_ascii_case("localhost") {
+        return Ok(SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
+    }
+    (host, port)
+        .to_socket_addrs()
+        .map_err(|e| invalid(key, format!("cannot resolve `{shown}`: {e}")))?
+        .next()
+        .ok_or_else(|| invalid(key, format!("`{shown}` resolves to no address")))
+}
+
+/// `log.level` as `tracing`'s filter reads it, refusing what it would take silently: a word
+/// that is not a level is read as a target name (`verbose` logs only target `verbose`, i.e.
+/// nothing), and a bad level after `=` is skipped.
+fn check_log_filter(level: &str) -> Result<(), String> {
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    for directive in level.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let bare = !directive.contains(['=', '[']);
+        if bare && !LEVELS.iter().any(|l| l.eq_ignore_ascii_case(directive)) {
+            return Err(format!(
+                "`{}` is not a level: use trace, debug, info, warn, error or off, or \
+                 target=level directives like `info,channel_gateway=debug`",
+                capped(directive, 40)
+            ));
+        }
+        directive
+            .parse::<tracing_subscriber::filter::Directive>()
+            .map_err(|e| format!("`{}`: {e}", capped(directive, 40)))?;
+    }
+    Ok(())
 }
 
 /// An environment value read as TOML, or why it is not TOML (without echoing it).
@@ -1038,6 +1077,64 @@ mod tests {
         // Past what a Duration holds: an error, not a panic.
         assert!(parse_duration("99999999999999999999999h").is_err());
         assert!(parse_duration("18446744073709551615s 18446744073709551615s").is_err());
+    }
+
+    #[test]
+    fn log_level_must_be_a_filter_that_logs() {
+        let level = |v: &str| {
+            Config::load(
+                None,
+                vec![("CHANNEL_GATEWAY__LOG__LEVEL".to_string(), v.to_string())],
+            )
+        };
+        for ok in [
+            "info",
+            "DEBUG",
+            "warn,channel_gateway=debug",
+            "off",
+            "h2=warn,info",
+        ] {
+            level(ok).unwrap();
+        }
+        for bad in [
+            "verbose",
+            "information",
+            "channel_gateway=loud",
+            "info,,trace=x",
+        ] {
+            let err = level(bad).unwrap_err().to_string();
+            assert!(err.contains("log.level"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn listen_takes_localhost() {
+        let c = Config::load(
+            None,
+            vec![
+                (
+                    "CHANNEL_GATEWAY__SERVER__LISTEN".to_string(),
+                    "localhost:50051".to_string(),
+                ),
+                (
+                    "CHANNEL_GATEWAY__ADMIN__LISTEN".to_string(),
+                    "LOCALHOST:9090".to_string(),
+                ),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.listen_addr().unwrap(), "127.0.0.1:50051".parse().unwrap());
+        assert_eq!(c.admin_addr().unwrap(), "127.0.0.1:9090".parse().unwrap());
+        let err = Config::load(
+            None,
+            vec![(
+                "CHANNEL_GATEWAY__SERVER__LISTEN".to_string(),
+                "localhost".to_string(),
+            )],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("server.listen"), "{err}");
     }
 
     #[test]

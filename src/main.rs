@@ -181,12 +181,25 @@ fn toml_string(s: &str) -> String {
 }
 
 fn init_logging(config: &Config) {
+    use std::io::IsTerminal;
     use tracing_subscriber::Layer;
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let filter = match tracing_subscriber::EnvFilter::try_from_default_env() {
+        Ok(f) => f,
+        Err(e) => {
+            if std::env::var_os("RUST_LOG").is_some() {
+                eprintln!("warning: RUST_LOG is not a log filter ({e}); using log.level");
+            }
+            tracing_subscriber::EnvFilter::new(&config.log.level)
+        }
+    };
+    // Colour codes only for a person at a terminal: in a file or a log collector they are noise.
+    let ansi = std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     let fmt = if config.log.format == "json" {
         fmt.json().boxed()
     } else {

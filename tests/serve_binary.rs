@@ -24,6 +24,9 @@ async fn serve_with_no_config_answers_health_and_reflection_and_stops_on_sigterm
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
         .current_dir(dir.path())
         .env_remove("CHANNEL_GATEWAY_CONFIG")
+        // Colours are off because stderr is a pipe, not because of NO_COLOR.
+        .env_remove("NO_COLOR")
+        .env_remove("RUST_LOG")
         // Only to keep parallel test runs off the default admin port 9090.
         .env(
             "CHANNEL_GATEWAY__ADMIN__LISTEN",
@@ -108,6 +111,67 @@ async fn serve_with_no_config_answers_health_and_reflection_and_stops_on_sigterm
         assert!(Instant::now() < deadline, "gateway did not stop on SIGTERM");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let mut logs = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut logs).unwrap();
+    assert!(logs.contains("INFO"), "{logs}");
+    assert!(
+        !logs.contains('\x1b'),
+        "colour codes in logs to a pipe: {logs:?}"
+    );
+}
+
+/// `--listen localhost:PORT` serves on the IPv4 loopback (it used to be refused as not host:port).
+#[tokio::test]
+async fn serve_listens_on_localhost_by_name() {
+    let _watchdog = common::Watchdog::start();
+    let port = common::free_port();
+    let admin = common::free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_channel-gateway"))
+        .args(["serve", "--listen", &format!("localhost:{port}")])
+        .current_dir(dir.path())
+        .env_remove("CHANNEL_GATEWAY_CONFIG")
+        .env(
+            "CHANNEL_GATEWAY__ADMIN__LISTEN",
+            format!("localhost:{admin}"),
+        )
+        .env("CHANNEL_GATEWAY__OUTBOX__BACKEND", "memory")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                let mut err = String::new();
+                std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+                panic!("gateway exited ({s}): {err}");
+            }
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    })
+    .await;
+    if started.is_err() {
+        child.kill().unwrap();
+        panic!("gateway did not listen on localhost:{port} within 60 s");
+    }
+    let channel = common::binary_channel(port).await;
+    let r = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.status, ServingStatus::Serving as i32);
+    child.kill().unwrap();
+    child.wait().unwrap();
 }
 
 /// Every way a user got a list of credentials wrong, through the real binary: the error names
