@@ -256,10 +256,22 @@ async fn serve(
         .set_serving::<ChannelGatewayServer<GatewayService>>()
         .await;
     tokio::spawn(watch_outbox(watched, health.clone(), OUTBOX_WATCH_EVERY));
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    // v1alpha too: grpcurl and Python's grpcio-reflection client still ask it. Both list both.
+    let reflection_builder = || {
+        tonic_reflection::server::Builder::configure()
+            .include_reflection_service(false)
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(
+                tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+            )
+    };
+    let reflection = reflection_builder()
         .build_v1()
+        .map_err(|e| ServeError::Reflection(e.to_string()))?;
+    let reflection_v1alpha = reflection_builder()
+        .build_v1alpha()
         .map_err(|e| ServeError::Reflection(e.to_string()))?;
 
     let local = listener.local_addr().ok();
@@ -338,6 +350,7 @@ async fn serve(
         tonic::transport::Server::builder()
             .add_service(health_service.clone())
             .add_service(reflection.clone())
+            .add_service(reflection_v1alpha.clone())
             .add_service(tonic::service::interceptor::InterceptedService::new(
                 ChannelGatewayServer::from_arc(service.clone())
                     .max_decoding_message_size(max_bytes),

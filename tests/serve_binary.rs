@@ -77,6 +77,50 @@ async fn serve_with_no_config_answers_health_and_reflection_and_stops_on_sigterm
         "{names:?}"
     );
 
+    // v1alpha, which grpcurl and Python's grpcio-reflection client ask: the services, and the
+    // gateway's own file with its descriptor.
+    {
+        use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
+        use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
+        use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
+        use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
+        let mut alpha = ServerReflectionClient::new(common::binary_channel(port).await);
+        let reqs = vec![
+            ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(MessageRequest::ListServices(String::new())),
+            },
+            ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(MessageRequest::FileContainingSymbol(
+                    "channelgateway.v1.ChannelGateway".into(),
+                )),
+            },
+        ];
+        let mut stream = alpha
+            .server_reflection_info(tokio_stream::iter(reqs))
+            .await
+            .expect("v1alpha reflection is served")
+            .into_inner();
+        let resp = stream.next().await.unwrap().unwrap();
+        let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else {
+            panic!("unexpected v1alpha answer: {resp:?}");
+        };
+        let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+        for want in [
+            "channelgateway.v1.ChannelGateway",
+            "grpc.reflection.v1alpha.ServerReflection",
+            "grpc.reflection.v1.ServerReflection",
+        ] {
+            assert!(names.iter().any(|n| n == want), "{want} in {names:?}");
+        }
+        let resp = stream.next().await.unwrap().unwrap();
+        let Some(MessageResponse::FileDescriptorResponse(files)) = resp.message_response else {
+            panic!("unexpected v1alpha answer: {resp:?}");
+        };
+        assert!(!files.file_descriptor_proto.is_empty());
+    }
+
     // The probes for those that cannot speak gRPC.
     let base = format!("http://127.0.0.1:{admin}");
     let r = reqwest::get(format!("{base}/healthz")).await.unwrap();
