@@ -221,6 +221,7 @@ async fn serve(
         }
     };
     let metrics = Arc::new(Metrics::new());
+    metrics.start_series(&config);
     let dispatcher = Dispatcher::new(
         channels.clone(),
         store.clone(),
@@ -292,11 +293,7 @@ async fn serve(
             m.queue_depth.set(d.undelivered() as i64);
             m.active_workers.set(d.active_workers() as i64);
             if let Some(bf) = ch.botframework() {
-                m.token_refreshes
-                    .get_or_create(&crate::metrics::ChannelLabel {
-                        channel: "botframework".into(),
-                    })
-                    .set(bf.token_fetches() as i64);
+                m.token_fetches("botframework", bf.token_fetches());
             }
         });
         let m = metrics.clone();
