@@ -306,3 +306,87 @@ async fn wait_delivered_gives_up_after_its_timeout_and_names_the_message() {
     assert!(err.contains(id), "{err}");
     assert!(err.contains("channel-gateway status"), "{err}");
 }
+
+/// A bot id that matches no credential is told which ids are configured (ids only, capped),
+/// not that the whole channel "is not configured".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bot_without_credentials_is_told_which_ids_are_configured() {
+    use channel_gateway::api::pb;
+    use channel_gateway::channels::slack::config::SlackWorkspace;
+    use channel_gateway::config::Secret;
+    let h = common::start_with(|c| {
+        c.channels.slack.workspaces = (1..=7)
+            .map(|i| SlackWorkspace {
+                bot_id: format!("B0{i}"),
+                token: Secret::new(format!("xoxb-TOPSECRET-{i}")),
+            })
+            .collect();
+    })
+    .await;
+    let send = |address: pb::Address| {
+        let mut c = h.client.clone();
+        async move {
+            c.send(pb::SendRequest {
+                message: Some(pb::Message {
+                    address: Some(Box::new(address)),
+                    text: "hi".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err()
+        }
+    };
+    let slack = pb::Address {
+        channel_id: "slack".into(),
+        bot: Some(pb::Identity {
+            id: "B99".into(),
+            ..Default::default()
+        }),
+        conversation: Some(pb::ConversationAccount {
+            id: "C1".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let err = send(slack).await;
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    let m = err.message();
+    assert!(m.starts_with("no workspace has bot_id `B99`"), "{m}");
+    assert!(m.contains("`B01`") && m.contains("and 2 more"), "{m}");
+    assert!(!m.contains("TOPSECRET"), "{m}");
+    assert!(!m.contains("not configured"), "{m}");
+
+    let mut teams = h.address("c1");
+    teams.bot.as_mut().unwrap().id = "other-bot".into();
+    let m = send(teams).await.message().to_string();
+    assert!(
+        m.starts_with(&format!(
+            "no bot has app_id `other-bot` (configured: `{BOT}`"
+        )),
+        "{m}"
+    );
+
+    let fb = pb::Address {
+        channel_id: "facebook".into(),
+        bot: Some(pb::Identity {
+            id: "123".into(),
+            ..Default::default()
+        }),
+        user: Some(pb::Identity {
+            id: "psid".into(),
+            ..Default::default()
+        }),
+        conversation: Some(pb::ConversationAccount {
+            id: "psid".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let m = send(fb).await.message().to_string();
+    assert!(
+        m.starts_with("no page has page_id `123` (none is configured: set channels.facebook.pages"),
+        "{m}"
+    );
+}

@@ -54,6 +54,15 @@ pub fn route(e: RouteError, field: &str) -> Status {
                 reason,
             ),
         ),
+        RouteError::NoCredentials { channel_id, reason } => Status::with_error_details(
+            Code::FailedPrecondition,
+            reason.clone(),
+            ErrorDetails::with_precondition_failure_violation(
+                "CHANNEL_NOT_CONFIGURED",
+                channel_id,
+                reason,
+            ),
+        ),
         RouteError::PermissionDenied { field, reason } => Status::with_error_details(
             Code::PermissionDenied,
             format!("{field}: {reason}"),
