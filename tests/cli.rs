@@ -390,3 +390,40 @@ async fn a_bot_without_credentials_is_told_which_ids_are_configured() {
         "{m}"
     );
 }
+
+/// A message that failed for good says what happened (the channel's answer, how often it was
+/// tried), not the gateway's internal retry class.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_final_failure_says_what_happened() {
+    use channel_gateway::api::pb;
+    let h = start().await;
+    h.fake.script(
+        "down",
+        (0..6)
+            .map(|_| Scripted {
+                status: 500,
+                body: json!({"error": {"code": "ServiceError", "message": "try later"}}),
+                retry_after: None,
+            })
+            .collect(),
+    );
+    let err = h
+        .client
+        .clone()
+        .send(pb::SendRequest {
+            message: Some(h.text("down", "hi")),
+            wait: pb::WaitMode::Delivered as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    let m = err.message();
+    assert!(
+        m.starts_with(
+            "delivery failed after 6 attempts: botframework answered 500 ServiceError: try later"
+        ),
+        "{m}"
+    );
+    assert!(m.ends_with("(temporary)"), "{m}");
+    assert!(!m.contains("Retryable"), "{m}");
+}

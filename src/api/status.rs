@@ -151,7 +151,10 @@ pub fn channel(e: &ChannelError, attempts: u32, possible_duplicate: bool) -> Sta
     }
     Status::with_error_details(
         code,
-        format!("delivery failed: {e}"),
+        format!(
+            "delivery failed after {attempts} attempt{}: {e}",
+            if attempts == 1 { "" } else { "s" }
+        ),
         ErrorDetails::with_error_info(
             e.code.clone().unwrap_or_else(|| "channel_error".into()),
             DOMAIN,

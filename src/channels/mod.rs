@@ -241,13 +241,21 @@ impl Channels {
                 "page",
                 "page_id",
                 "channels.facebook.pages (or page_id and access_token)",
-                c.facebook.all_pages().into_iter().map(|p| p.page_id).collect(),
+                c.facebook
+                    .all_pages()
+                    .into_iter()
+                    .map(|p| p.page_id)
+                    .collect(),
             ),
             Implementation::Slack => (
                 "workspace",
                 "bot_id",
                 "channels.slack.workspaces",
-                c.slack.workspaces.iter().map(|w| w.bot_id.clone()).collect(),
+                c.slack
+                    .workspaces
+                    .iter()
+                    .map(|w| w.bot_id.clone())
+                    .collect(),
             ),
         };
         let capped = |s: &str| match s.char_indices().nth(64) {
