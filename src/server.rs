@@ -312,6 +312,7 @@ async fn serve(
     };
     metrics.set_ready(true);
     let ready = metrics.clone();
+    let backend = config.outbox.backend;
     tokio::spawn(async move {
         shutdown.await;
         ready.set_ready(false);
@@ -323,10 +324,18 @@ async fn serve(
         );
         let left = drain.shutdown(grace).await;
         if left > 0 {
-            tracing::warn!(
-                undelivered = left,
-                "shutdown grace ran out; undelivered messages dropped (in-memory store)"
-            );
+            match backend {
+                crate::config::OutboxBackend::Durable => tracing::warn!(
+                    undelivered = left,
+                    "shutdown grace ran out; the undelivered messages stay in the durable \
+                     outbox and are delivered after the next start"
+                ),
+                crate::config::OutboxBackend::Memory => tracing::warn!(
+                    undelivered = left,
+                    "shutdown grace ran out; the undelivered messages are lost \
+                     (outbox.backend = memory)"
+                ),
+            }
         } else {
             tracing::info!("queues drained");
         }

@@ -279,3 +279,110 @@ fn config_errors_name_the_key_and_never_show_a_token() {
     assert!(out.contains("line 2"), "{out}");
     assert!(out.contains("channels.slack.workspaces"), "{out}");
 }
+
+/// When the shutdown grace runs out, the log says what becomes of the undelivered messages as
+/// the backend decides it: kept and sent after the next start (durable, which the restart
+/// then does), or lost (memory).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_says_what_becomes_of_undelivered_messages() {
+    use channel_gateway::api::pb::{self, channel_gateway_client::ChannelGatewayClient};
+    let _watchdog = common::Watchdog::start();
+    let fake = common::FakeConnector::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let start = |backend: &str| {
+        let port = common::free_port();
+        let child = Command::new(env!("CARGO_BIN_EXE_channel-gateway"))
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .arg("--data-dir")
+            .arg(dir.path())
+            .env_remove("CHANNEL_GATEWAY_CONFIG")
+            .env_remove("RUST_LOG")
+            .env(
+                "CHANNEL_GATEWAY__CHANNELS__BOTFRAMEWORK__ALLOWED_SERVICE_HOSTS",
+                "[\"127.0.0.1\"]",
+            )
+            .env(
+                "CHANNEL_GATEWAY__CHANNELS__BOTFRAMEWORK__TOKEN_URL",
+                format!("http://127.0.0.1:{}/token", fake.addr.port()),
+            )
+            .env(
+                "CHANNEL_GATEWAY__CHANNELS__BOTFRAMEWORK__APP_ID",
+                common::BOT,
+            )
+            .env(
+                "CHANNEL_GATEWAY__CHANNELS__BOTFRAMEWORK__APP_PASSWORD",
+                common::PASSWORD,
+            )
+            .env("CHANNEL_GATEWAY__ADMIN__ENABLED", "false")
+            .env("CHANNEL_GATEWAY__OUTBOX__BACKEND", backend)
+            .env("CHANNEL_GATEWAY__SERVER__SHUTDOWN_GRACE", "300ms")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        (port, child)
+    };
+    let address = pb::Address {
+        channel_id: "msteams".into(),
+        bot: Some(pb::Identity {
+            id: common::BOT.into(),
+            ..Default::default()
+        }),
+        conversation: Some(pb::ConversationAccount {
+            id: "held".into(),
+            ..Default::default()
+        }),
+        service_url: fake.service_url(),
+        ..Default::default()
+    };
+    let stop = |mut child: std::process::Child| {
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while child.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "gateway did not stop");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let mut logs = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut logs).unwrap();
+        logs
+    };
+    for (backend, said) in [
+        (
+            "memory",
+            "the undelivered messages are lost (outbox.backend = memory)",
+        ),
+        (
+            "durable",
+            "the undelivered messages stay in the durable outbox and are delivered after the next start",
+        ),
+    ] {
+        fake.set_latency("held", Duration::from_secs(60));
+        let (port, child) = start(backend);
+        let mut client = ChannelGatewayClient::new(common::binary_channel(port).await);
+        for text in ["a", "b", "c"] {
+            common::send_text(&mut client, &address, format!("{backend}-{text}"))
+                .await
+                .unwrap();
+        }
+        let logs = tokio::task::spawn_blocking(move || stop(child))
+            .await
+            .unwrap();
+        assert!(logs.contains(said), "{backend}: {logs}");
+        assert!(!logs.contains("in-memory store"), "{backend}: {logs}");
+    }
+    // And so it is: the next start sends what the durable outbox kept.
+    fake.set_latency("held", Duration::ZERO);
+    let (_port, child) = start("durable");
+    fake.wait_for(Duration::from_secs(30), "the kept messages", |r| {
+        ["durable-a", "durable-b", "durable-c"]
+            .iter()
+            .all(|t| r.iter().any(|x| x.text() == *t))
+    })
+    .await;
+    tokio::task::spawn_blocking(move || stop(child))
+        .await
+        .unwrap();
+}
