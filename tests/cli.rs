@@ -288,13 +288,13 @@ async fn message_files_are_strict_and_take_the_proto_json_form() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wait_delivered_gives_up_after_its_timeout_and_names_the_message() {
     let h = start().await;
-    h.fake.set_latency("slow", Duration::from_secs(8));
+    h.fake.set_latency("slow", Duration::from_secs(60));
     let mut a = send_args(&h, "slow", "hi");
     a.extend(args(&["--wait-delivered", "--timeout", "500ms"]));
     let started = Instant::now();
     let out = cli(a).await;
     assert!(
-        started.elapsed() < Duration::from_secs(6),
+        started.elapsed() < Duration::from_secs(30),
         "{:?}",
         started.elapsed()
     );
