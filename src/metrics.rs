@@ -215,8 +215,8 @@ impl Metrics {
         );
         registry.register(
             "token_refreshes",
-            "Channel access tokens fetched, by channel implementation (a Bot Framework token \
-             serves every Bot Framework channel id of its bot)",
+            "Channel access tokens fetched, by the channel whose message needed one (a Bot \
+             Framework token then serves every Bot Framework channel id of its bot)",
             token_refreshes.clone(),
         );
         Self {
@@ -282,10 +282,10 @@ impl Metrics {
         let c = &config.channels;
         let mut ids: Vec<&str> = Vec::new();
         if c.botframework.enabled {
-            ids.extend(c.botframework.channel_ids.iter().map(String::as_str));
-            let _ = self.token_refreshes.get_or_create(&ChannelLabel {
-                channel: Cow::Borrowed("botframework"),
-            });
+            for id in &c.botframework.channel_ids {
+                ids.push(id);
+                let _ = self.token_refreshes.get_or_create(&Self::ch(id));
+            }
         }
         if c.facebook.enabled {
             ids.push(crate::channels::facebook::render::CHANNEL);
@@ -307,11 +307,11 @@ impl Metrics {
         }
     }
 
-    /// Takes in a client's running count of token fetches.
-    pub fn token_fetches(&self, implementation: &'static str, total: u64) {
-        let c = self.token_refreshes.get_or_create(&ChannelLabel {
-            channel: Cow::Borrowed(implementation),
-        });
+    /// Takes in a client's running count of token fetches for one channel id.
+    pub fn token_fetches(&self, channel: LabelValue, total: u64) {
+        let c = self
+            .token_refreshes
+            .get_or_create(&ChannelLabel { channel });
         c.inc_by(total.saturating_sub(c.get()));
     }
 

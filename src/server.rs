@@ -293,7 +293,9 @@ async fn serve(
             m.queue_depth.set(d.undelivered() as i64);
             m.active_workers.set(d.active_workers() as i64);
             if let Some(bf) = ch.botframework() {
-                m.token_fetches("botframework", bf.token_fetches());
+                for (channel, total) in bf.token_fetches() {
+                    m.token_fetches(channel, total);
+                }
             }
         });
         let m = metrics.clone();

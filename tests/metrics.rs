@@ -91,7 +91,7 @@ async fn metrics_follow_accepted_delivered_failed_and_retried_messages() {
     assert_eq!(
         metric_value(
             &after,
-            "channel_gateway_token_refreshes_total{channel=\"botframework\"}"
+            "channel_gateway_token_refreshes_total{channel=\"msteams\"}"
         ),
         1.0
     );
@@ -137,7 +137,11 @@ async fn a_scrape_before_any_traffic_shows_every_series() {
             ));
         }
     }
-    has("channel_gateway_token_refreshes_total{channel=\"botframework\"} 0");
+    for channel in ["msteams", "webchat", "skype", "directline", "emulator"] {
+        has(&format!(
+            "channel_gateway_token_refreshes_total{{channel=\"{channel}\"}} 0"
+        ));
+    }
     has(&format!(
         "channel_gateway_build_info{{version=\"{}\"}} 1",
         env!("CARGO_PKG_VERSION")

@@ -337,10 +337,12 @@ impl Channels {
         let off = || Self::unroutable(channel_id, Self::disabled(channel_id, imp));
         match imp {
             Implementation::BotFramework => {
-                self.botframework
-                    .as_deref()
-                    .ok_or_else(off)?
-                    .execute(req)
+                let client = self.botframework.as_deref().ok_or_else(off)?;
+                botframework::client::FOR_CHANNEL
+                    .scope(
+                        crate::metrics::channel_label(channel_id),
+                        client.execute(req),
+                    )
                     .await
             }
             Implementation::Facebook => {
@@ -367,7 +369,12 @@ impl Channels {
                 let req = botframework::render::render_create_conversation(addr, options).map_err(
                     |e| ChannelError::new("botframework", FailureKind::Permanent, e.to_string()),
                 )?;
-                let created = client.create_conversation(&req).await?;
+                let created = botframework::client::FOR_CHANNEL
+                    .scope(
+                        crate::metrics::channel_label(channel_id),
+                        client.create_conversation(&req),
+                    )
+                    .await?;
                 let mut out = addr.clone();
                 let mut conv = out.conversation.take().unwrap_or_default();
                 conv.id = created.id;
