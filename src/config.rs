@@ -16,6 +16,8 @@ use serde::{Deserialize, Deserializer};
 /// (`__` separates levels; the value is read as TOML, or as a string when it is not TOML).
 pub const ENV_PREFIX: &str = "CHANNEL_GATEWAY__";
 
+/// Config errors name the key and the problem; none shows a value that could be a secret (a
+/// TOML syntax error gives line and column, not the line; a type error says "a string").
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
@@ -23,10 +25,28 @@ pub enum ConfigError {
         path: String,
         source: std::io::Error,
     },
+    #[error(
+        "config file {path}: TOML syntax error at line {line}, column {column}{}: {message}",
+        .key.as_deref().map(|k| format!(" (in `{k}`)")).unwrap_or_default()
+    )]
+    Syntax {
+        path: String,
+        line: usize,
+        column: usize,
+        /// The table and key being written on that line, when the line starts one.
+        key: Option<String>,
+        message: String,
+    },
     #[error("config: {0}")]
     Parse(String),
     #[error("config key `{key}`: {reason}")]
     Invalid { key: String, reason: String },
+    #[error("{var} (config key `{key}`): {reason}")]
+    Env {
+        var: String,
+        key: String,
+        reason: String,
+    },
 }
 
 pub(crate) fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
@@ -56,46 +76,86 @@ impl fmt::Debug for Secret {
     }
 }
 
-/// Parses `250ms`, `30s`, `5m`, `24h`, or a bare number of seconds.
+/// Parses `250ms`, `30s`, `5m`, `24h` and sums like `1h30m`. A plain number is refused (`0`
+/// aside): v3's `autoBatchDelay` was in milliseconds, and `250` read as seconds surprised a user.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a duration like 250ms, 30s, 5m or 24h"))?;
-    let secs = match unit.trim() {
-        "ms" => n / 1000.0,
-        "" | "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        other => {
-            return Err(format!(
-                "unknown duration unit `{other}` in `{s}` (use ms, s, m, h)"
-            ));
-        }
-    };
-    if !secs.is_finite() || secs < 0.0 {
-        return Err(format!("`{s}` is not a valid duration"));
+    let shown = capped(s, 40);
+    if s.is_empty() {
+        return Err("an empty string is not a duration: write e.g. `250ms` or `30s`".into());
     }
-    Ok(Duration::from_secs_f64(secs))
+    if s.chars().all(|c| c.is_ascii_digit() || c == '.') {
+        return plain_number(s);
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(rest.len());
+        let (num, tail) = rest.split_at(digits);
+        let unit_len = tail
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(tail.len());
+        let (unit, tail) = tail.split_at(unit_len);
+        let n: f64 = num.parse().map_err(|_| {
+            format!("`{shown}` is not a duration like 250ms, 30s, 5m, 24h or 1h30m")
+        })?;
+        let scale = match unit.trim() {
+            "ms" => 0.001,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            other => {
+                return Err(format!(
+                    "unknown duration unit `{}` in `{shown}` (use ms, s, m, h)",
+                    capped(other, 20)
+                ));
+            }
+        };
+        let part = Duration::try_from_secs_f64(n * scale)
+            .map_err(|_| format!("`{shown}` is not a valid duration"))?;
+        total = total
+            .checked_add(part)
+            .ok_or_else(|| format!("`{shown}` is too long a duration"))?;
+        rest = tail;
+    }
+    Ok(total)
 }
 
-fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+/// A duration without a unit: only zero is unambiguous.
+fn plain_number(n: &str) -> Result<Duration, String> {
+    if n.parse::<f64>() == Ok(0.0) {
+        return Ok(Duration::ZERO);
+    }
+    let n = capped(n, 20);
+    Err(format!(
+        "`{n}` has no unit: write `{n}ms` or `{n}s` (or m, h, e.g. `1h30m`)"
+    ))
+}
+
+/// Durations in the config: a string with units (`250ms`, `1h30m`); a TOML number only when 0.
+pub(crate) fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum Raw {
         S(String),
-        N(f64),
+        I(i64),
+        F(f64),
     }
-    match Raw::deserialize(d)? {
-        Raw::S(s) => parse_duration(&s).map_err(serde::de::Error::custom),
-        Raw::N(n) if n >= 0.0 && n.is_finite() => Ok(Duration::from_secs_f64(n)),
-        Raw::N(n) => Err(serde::de::Error::custom(format!(
-            "{n} is not a valid duration"
-        ))),
+    let parsed = match Raw::deserialize(d)? {
+        Raw::S(s) => parse_duration(&s),
+        Raw::I(n) => plain_number(&n.to_string()),
+        Raw::F(n) => plain_number(&n.to_string()),
+    };
+    parsed.map_err(serde::de::Error::custom)
+}
+
+/// At most `max` characters of `s`, marked when cut: what an error may echo of a value.
+pub(crate) fn capped(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_string(),
     }
 }
 
@@ -479,10 +539,11 @@ impl Config {
                     source,
                 })?;
                 text.parse::<toml::Table>()
-                    .map_err(|e| ConfigError::Parse(format!("{}: {e}", p.display())))?
+                    .map_err(|e| syntax_error(p, &text, &e))?
             }
             None => toml::Table::new(),
         };
+        let mut overrides = Vec::new();
         for (k, v) in env {
             let Some(rest) = k.strip_prefix(ENV_PREFIX) else {
                 continue;
@@ -491,31 +552,31 @@ impl Config {
             if path.iter().any(|p| p.is_empty()) {
                 return Err(invalid(&k, "empty path segment in environment override"));
             }
-            set_path(&mut table, &path, parse_env_value(&v)).map_err(|r| invalid(&k, r))?;
+            let (value, not_toml) = match parse_env_value(&v) {
+                Ok(value) => (value, None),
+                // A bare word like `127.0.0.1:50051` is not TOML; it is read as a string then.
+                Err(problem) => (toml::Value::String(v), Some(problem)),
+            };
+            set_path(&mut table, &path, value).map_err(|r| invalid(&k, r))?;
+            overrides.push(EnvOverride {
+                key: path.join("."),
+                var: k,
+                not_toml,
+            });
         }
         let config: Config = toml::Value::Table(table)
             .try_into()
-            .map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))?;
+            .map_err(|e: toml::de::Error| shape_error(&e, &overrides))?;
         config.validate()?;
         Ok(config)
     }
 
     pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
-        self.server.listen.parse().map_err(|e| {
-            invalid(
-                "server.listen",
-                format!("`{}` is not host:port ({e})", self.server.listen),
-            )
-        })
+        socket_addr("server.listen", &self.server.listen)
     }
 
     pub fn admin_addr(&self) -> Result<SocketAddr, ConfigError> {
-        self.admin.listen.parse().map_err(|e| {
-            invalid(
-                "admin.listen",
-                format!("`{}` is not host:port ({e})", self.admin.listen),
-            )
-        })
+        socket_addr("admin.listen", &self.admin.listen)
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -635,6 +696,7 @@ impl Config {
         if !matches!(self.log.format.as_str(), "human" | "json") {
             return Err(invalid("log.format", "must be `human` or `json`"));
         }
+        check_log_filter(&self.log.level).map_err(|reason| invalid("log.level", reason))?;
         let bf = &self.channels.botframework;
         let token_url = url::Url::parse(&bf.token_url)
             .map_err(|e| invalid("channels.botframework.token_url", format!("not a URL: {e}")))?;
@@ -705,13 +767,251 @@ impl Config {
     }
 }
 
-fn parse_env_value(v: &str) -> toml::Value {
-    // A bare word like `127.0.0.1:50051` is not TOML; read it as a string then.
-    format!("x = {v}")
-        .parse::<toml::Table>()
-        .ok()
-        .and_then(|mut t| t.remove("x"))
-        .unwrap_or_else(|| toml::Value::String(v.to_string()))
+/// `host:port` as a socket address: an IP address, or `localhost` (the IPv4 loopback, so the
+/// no-authentication check sees loopback), or a name resolved now.
+fn socket_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
+    use std::net::{Ipv4Addr, ToSocketAddrs};
+    if let Ok(addr) = value.parse() {
+        return Ok(addr);
+    }
+    let shown = capped(value, 80);
+    let (host, port) = value
+        .rsplit_once(':')
+        .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
+        .ok_or_else(|| {
+            invalid(
+                key,
+                format!("`{shown}` is not host:port (e.g. 127.0.0.1:50051 or localhost:50051)"),
+            )
+        })?;
+    if host.eq_ignore_ascii_case("localhost") {
+        return Ok(SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
+    }
+    (host, port)
+        .to_socket_addrs()
+        .map_err(|e| invalid(key, format!("cannot resolve `{shown}`: {e}")))?
+        .next()
+        .ok_or_else(|| invalid(key, format!("`{shown}` resolves to no address")))
+}
+
+/// `log.level` as `tracing`'s filter reads it, refusing what it would take silently: a word
+/// that is not a level is read as a target name (`verbose` logs only target `verbose`, i.e.
+/// nothing), and a bad level after `=` is skipped.
+fn check_log_filter(level: &str) -> Result<(), String> {
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    for directive in level.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let bare = !directive.contains(['=', '[']);
+        if bare && !LEVELS.iter().any(|l| l.eq_ignore_ascii_case(directive)) {
+            return Err(format!(
+                "`{}` is not a level: use trace, debug, info, warn, error or off, or \
+                 target=level directives like `info,channel_gateway=debug`",
+                capped(directive, 40)
+            ));
+        }
+        directive
+            .parse::<tracing_subscriber::filter::Directive>()
+            .map_err(|e| format!("`{}`: {e}", capped(directive, 40)))?;
+    }
+    Ok(())
+}
+
+/// An environment value read as TOML, or why it is not TOML (without echoing it).
+fn parse_env_value(v: &str) -> Result<toml::Value, String> {
+    const PREFIX: &str = "x = ";
+    match format!("{PREFIX}{v}").parse::<toml::Table>() {
+        Ok(mut t) => t.remove("x").ok_or_else(|| "no value".to_string()),
+        Err(e) => {
+            let at = e
+                .span()
+                .map(|s| {
+                    let before = s.start.saturating_sub(PREFIX.len()).min(v.len());
+                    let column = v.get(..before).map_or(before, |b| b.chars().count()) + 1;
+                    format!(" at column {column}")
+                })
+                .unwrap_or_default();
+            Err(format!("{}{at}", redact(e.message())))
+        }
+    }
+}
+
+/// One `CHANNEL_GATEWAY__*` override, remembered to name it in an error about its key.
+struct EnvOverride {
+    var: String,
+    /// The dotted config key it sets.
+    key: String,
+    /// Set when the value is not TOML (it was then read as a string).
+    not_toml: Option<String>,
+}
+
+/// The shape of the keys that take a list of tables, for errors about them. The values are
+/// placeholders: an error never shows what was given.
+fn shape_of(key: &str) -> Option<(&'static str, &'static str)> {
+    const SHAPES: &[(&str, &str)] = &[
+        (
+            "channels.slack.workspaces",
+            r#"[{bot_id = "B0123ABCD", token = "xoxb-..."}]"#,
+        ),
+        (
+            "channels.facebook.pages",
+            r#"[{page_id = "1234567890", access_token = "EAA...", app_secret = "..."}]"#,
+        ),
+        (
+            "channels.botframework.bots",
+            r#"[{app_id = "00000000-0000-0000-0000-000000000000", app_password = "..."}]"#,
+        ),
+        (
+            "auth.tokens",
+            r#"[{name = "my-bot", sha256 = "<64 hex digits>", bots = ["*"]}]"#,
+        ),
+        (
+            "auth.clients",
+            r#"[{name = "my-bot", cert_sha256 = "<64 hex digits>", bots = ["*"]}]"#,
+        ),
+    ];
+    SHAPES
+        .iter()
+        .find(|(k, _)| key == *k || key.strip_prefix(k).is_some_and(|r| r.starts_with('.')))
+        .copied()
+}
+
+/// A deserialization error (wrong type, unknown key) as a ConfigError naming the key, and the
+/// environment variable when one set it; values are redacted.
+fn shape_error(e: &toml::de::Error, overrides: &[EnvOverride]) -> ConfigError {
+    let problem = redact(e.message());
+    let Some(key) = error_key(e) else {
+        return ConfigError::Parse(problem);
+    };
+    let shape = shape_of(&key);
+    // The longest override at or above the failing key set it.
+    let from_env = overrides
+        .iter()
+        .filter(|o| key == o.key || key.strip_prefix(&o.key).is_some_and(|r| r.starts_with('.')))
+        .max_by_key(|o| o.key.len());
+    match from_env {
+        Some(o) => {
+            let mut reason = match &o.not_toml {
+                Some(why) => format!("the value is not valid TOML ({why})"),
+                None => problem,
+            };
+            match shape {
+                Some((k, shape)) => reason.push_str(&format!(
+                    "; `{k}` is a list of tables, which the environment gives as a TOML inline \
+                     array: {}='{shape}'",
+                    env_var(k)
+                )),
+                None if o.not_toml.is_some() => reason.push_str(
+                    "; the environment value is read as TOML (a number, true/false, \"quoted \
+                     string\", [inline array] or {inline table}), or else as a plain string",
+                ),
+                None => {}
+            }
+            ConfigError::Env {
+                var: o.var.clone(),
+                key,
+                reason,
+            }
+        }
+        None => {
+            let mut reason = problem;
+            if let Some((k, shape)) = shape {
+                reason.push_str(&format!("; `{k}` has the shape {shape}"));
+            }
+            ConfigError::Invalid { key, reason }
+        }
+    }
+}
+
+/// The environment variable that sets a dotted config key.
+fn env_var(key: &str) -> String {
+    format!(
+        "{ENV_PREFIX}{}",
+        key.replace('.', "__").to_ascii_uppercase()
+    )
+}
+
+/// The dotted key a deserialization error is about. toml keeps it private and shows it only
+/// in its `Display`, after the message, as "in `a.b.c`".
+fn error_key(e: &toml::de::Error) -> Option<String> {
+    let shown = e.to_string();
+    let rest = shown.strip_prefix(e.message())?.trim();
+    let key = rest.strip_prefix("in `")?.strip_suffix('`')?;
+    (!key.is_empty()).then(|| key.to_string())
+}
+
+/// A TOML syntax error by line and column, and the key that line writes; never the line itself
+/// (it may hold a token).
+fn syntax_error(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
+    let at = e.span().map_or(0, |s| s.start).min(text.len());
+    let before = text.get(..at).unwrap_or("");
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let column = before[line_start..].chars().count() + 1;
+    ConfigError::Syntax {
+        path: path.display().to_string(),
+        line,
+        column,
+        key: key_at(text, line),
+        message: redact(e.message()),
+    }
+}
+
+/// The table header in force at `line` (1-based) and the key that line assigns, if it starts
+/// with `key =`: names for a syntax error that cannot show the line.
+fn key_at(text: &str, line: usize) -> Option<String> {
+    let bare = |k: &str| {
+        let k = k.trim();
+        (!k.is_empty()
+            && k.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')))
+        .then(|| k.to_string())
+    };
+    let mut table = None;
+    let mut key = None;
+    for (i, l) in text.lines().take(line).enumerate() {
+        let l = l.trim_start();
+        if let Some(h) = l.strip_prefix('[') {
+            let h = h.trim_start_matches('[');
+            table = h.split(']').next().and_then(bare);
+            key = None;
+        } else if i + 1 == line {
+            key = l.split_once('=').and_then(|(k, _)| bare(k));
+        }
+    }
+    match (table, key) {
+        (Some(t), Some(k)) => Some(format!("{t}.{k}")),
+        (t, k) => k.or(t),
+    }
+}
+
+/// A parser's message with every double-quoted value replaced: serde shows a string it did not
+/// expect as `string "..."`, and that string may be a token.
+fn redact(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut chars = message.chars();
+    let mut in_backticks = false;
+    while let Some(c) = chars.next() {
+        // Backticks quote key names, types and grammar (`"` among them), not string values.
+        if c == '`' {
+            in_backticks = !in_backticks;
+        }
+        if c != '"' || in_backticks {
+            out.push(c);
+            continue;
+        }
+        // Skip to the closing quote (serde escapes inner quotes as \").
+        let mut escaped = false;
+        for c in chars.by_ref() {
+            match c {
+                _ if escaped => escaped = false,
+                '\\' => escaped = true,
+                '"' => break,
+                _ => {}
+            }
+        }
+        out.push_str("(value not shown)");
+    }
+    let out = out.replace("string (value not shown)", "a string");
+    capped(&out, 300)
 }
 
 fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) -> Result<(), String> {
@@ -823,6 +1123,224 @@ mod tests {
     fn durations() {
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(
+            parse_duration("1m 30s 5ms").unwrap(),
+            Duration::from_millis(90_005)
+        );
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
         assert!(parse_duration("3 weeks").is_err());
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("-5s").is_err());
+        assert!(parse_duration("nan").is_err());
+        // Past what a Duration holds: an error, not a panic.
+        assert!(parse_duration("99999999999999999999999h").is_err());
+        assert!(parse_duration("18446744073709551615s 18446744073709551615s").is_err());
+    }
+
+    #[test]
+    fn log_level_must_be_a_filter_that_logs() {
+        let level = |v: &str| {
+            Config::load(
+                None,
+                vec![("CHANNEL_GATEWAY__LOG__LEVEL".to_string(), v.to_string())],
+            )
+        };
+        for ok in [
+            "info",
+            "DEBUG",
+            "warn,channel_gateway=debug",
+            "off",
+            "h2=warn,info",
+        ] {
+            level(ok).unwrap();
+        }
+        for bad in [
+            "verbose",
+            "information",
+            "channel_gateway=loud",
+            "info,,trace=x",
+        ] {
+            let err = level(bad).unwrap_err().to_string();
+            assert!(err.contains("log.level"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn listen_takes_localhost() {
+        let c = Config::load(
+            None,
+            vec![
+                (
+                    "CHANNEL_GATEWAY__SERVER__LISTEN".to_string(),
+                    "localhost:50051".to_string(),
+                ),
+                (
+                    "CHANNEL_GATEWAY__ADMIN__LISTEN".to_string(),
+                    "LOCALHOST:9090".to_string(),
+                ),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.listen_addr().unwrap(), "127.0.0.1:50051".parse().unwrap());
+        assert_eq!(c.admin_addr().unwrap(), "127.0.0.1:9090".parse().unwrap());
+        let err = Config::load(
+            None,
+            vec![(
+                "CHANNEL_GATEWAY__SERVER__LISTEN".to_string(),
+                "localhost".to_string(),
+            )],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("server.listen"), "{err}");
+    }
+
+    #[test]
+    fn plain_numbers_are_not_durations() {
+        let env = |v: &str| {
+            Config::load(
+                None,
+                vec![(
+                    "CHANNEL_GATEWAY__DELIVERY__AUTO_BATCH_DELAY".to_string(),
+                    v.to_string(),
+                )],
+            )
+        };
+        for v in ["250", "\"250\"", "2.5"] {
+            let err = env(v).unwrap_err().to_string();
+            assert!(err.contains("delivery.auto_batch_delay"), "{v}: {err}");
+            assert!(err.contains("ms`") && err.contains("s`"), "{v}: {err}");
+        }
+        assert_eq!(
+            env("1h30m").unwrap().delivery.auto_batch_delay,
+            Duration::from_secs(5400)
+        );
+        assert_eq!(env("0").unwrap().delivery.auto_batch_delay, Duration::ZERO);
+
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        for (text, key) in [
+            (
+                "[delivery]\nauto_batch_delay = 250\n",
+                "delivery.auto_batch_delay",
+            ),
+            ("[server]\nshutdown_grace = 30\n", "server.shutdown_grace"),
+            (
+                "[channels.facebook]\ntyping_interval = 15\n",
+                "channels.facebook.typing_interval",
+            ),
+            (
+                "[server.tls]\ncert_file = \"c\"\nkey_file = \"k\"\nreload_interval = 10\n",
+                "server.tls.reload_interval",
+            ),
+        ] {
+            std::fs::write(&p, text).unwrap();
+            let err = Config::load(Some(&p), Vec::new()).unwrap_err().to_string();
+            assert!(err.contains(key), "{text}: {err}");
+            assert!(err.contains("no unit"), "{text}: {err}");
+        }
+    }
+
+    /// A token in a malformed list-of-tables override, in every way a user got it wrong.
+    #[test]
+    fn env_list_errors_name_the_variable_never_the_value() {
+        const TOKEN: &str = "xoxb-TOPSECRET-4242";
+        let cases = [
+            (
+                "CHANNEL_GATEWAY__CHANNELS__SLACK__WORKSPACES",
+                "bot_id",
+                "token",
+            ),
+            (
+                "CHANNEL_GATEWAY__CHANNELS__FACEBOOK__PAGES",
+                "page_id",
+                "access_token",
+            ),
+            (
+                "CHANNEL_GATEWAY__CHANNELS__BOTFRAMEWORK__BOTS",
+                "app_id",
+                "app_password",
+            ),
+        ];
+        for (var, id, secret) in cases {
+            let values = [
+                // Unclosed array, a table instead of an array, JSON, a bare value, a typo'd
+                // field, a number where the secret goes, shell-style separators.
+                format!(r#"[{{{id} = "1", {secret} = "{TOKEN}"}}"#),
+                format!(r#"{{{id} = "1", {secret} = "{TOKEN}"}}"#),
+                format!(r#"[{{"{id}": "1", "{secret}": "{TOKEN}"}}]"#),
+                TOKEN.to_string(),
+                format!("1:{TOKEN}"),
+                format!(r#"[{{{id} = "1", {secret}s = "{TOKEN}"}}]"#),
+                format!(r#"["{TOKEN}"]"#),
+                format!(r#"[{{{id} = "1", {secret} = "{TOKEN}"}}, "{TOKEN}"]"#),
+            ];
+            for v in values {
+                let err = Config::load(None, vec![(var.to_string(), v.clone())])
+                    .unwrap_err()
+                    .to_string();
+                assert!(!err.contains("TOPSECRET"), "{var}={v}: token in {err}");
+                assert!(err.contains(var), "{var}={v}: {err}");
+                assert!(err.contains("inline array"), "{var}={v}: {err}");
+            }
+        }
+    }
+
+    #[test]
+    fn syntax_errors_give_the_place_not_the_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        for (text, line, key) in [
+            (
+                "[channels.slack]\nworkspaces = [{bot_id = \"B1\", token = \"xoxb-TOPSECRET\"]\n",
+                2,
+                "channels.slack.workspaces",
+            ),
+            (
+                "[[channels.slack.workspaces]]\nbot_id = \"B1\"\ntoken = \"xoxb-TOPSECRET\n",
+                3,
+                "channels.slack.workspaces.token",
+            ),
+            (
+                "[channels.botframework]\napp_id = \"a\"\napp_password = xoxb-TOPSECRET\n",
+                3,
+                "channels.botframework.app_password",
+            ),
+            (
+                "[channels.facebook]\naccess_token = \"EAA-TOPSECRET\" x\n",
+                2,
+                "channels.facebook.access_token",
+            ),
+        ] {
+            std::fs::write(&p, text).unwrap();
+            let err = Config::load(Some(&p), Vec::new()).unwrap_err().to_string();
+            assert!(!err.contains("TOPSECRET"), "token in {err}");
+            assert!(err.contains(&format!("line {line}")), "{err}");
+            assert!(err.contains(&format!("`{key}`")), "{err}");
+        }
+        // Wrong types in a file: the key and the problem, not the value.
+        std::fs::write(&p, "[channels.slack]\nworkspaces = \"xoxb-TOPSECRET\"\n").unwrap();
+        let err = Config::load(Some(&p), Vec::new()).unwrap_err().to_string();
+        assert!(!err.contains("TOPSECRET"), "token in {err}");
+        assert!(err.contains("channels.slack.workspaces"), "{err}");
+        assert!(err.contains("bot_id ="), "{err}");
+    }
+
+    #[test]
+    fn redaction_keeps_names_and_grammar() {
+        assert_eq!(
+            redact(r#"invalid type: string "a\"b`c", expected a sequence"#),
+            "invalid type: a string, expected a sequence"
+        );
+        assert_eq!(
+            redact("invalid basic string, expected `\"`"),
+            "invalid basic string, expected `\"`"
+        );
+        assert_eq!(
+            redact("unknown field `tokn`, expected `bot_id` or `token`"),
+            "unknown field `tokn`, expected `bot_id` or `token`"
+        );
     }
 }

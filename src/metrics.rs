@@ -54,6 +54,36 @@ pub struct OutcomeLabels {
     pub outcome: LabelValue,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FailureLabels {
+    pub channel: LabelValue,
+    /// A bounded class of the channel's error (`error_class`), never its own code or text.
+    pub error: &'static str,
+}
+
+/// What kind of failure ended a message, from a small fixed set: the channel's own codes are
+/// unbounded, so they stay in the message's status, not in a label.
+pub fn error_class(e: Option<&crate::channels::ChannelError>) -> &'static str {
+    use crate::channels::{ErrorCategory, FailureKind};
+    let Some(e) = e else { return "unknown" };
+    match (e.category, e.http_status, e.kind) {
+        (Some(ErrorCategory::NotFound), _, _) | (None, Some(404), _) => "not_found",
+        (Some(ErrorCategory::Unauthorized), _, _) | (None, Some(401 | 403), _) => "unauthorized",
+        (Some(ErrorCategory::InvalidRequest), _, _) | (None, Some(400 | 413 | 422), _) => {
+            "invalid_request"
+        }
+        (Some(ErrorCategory::Refused), _, _) => "refused",
+        (None, Some(429), _) => "rate_limited",
+        (None, Some(500..=599), _) => "server_error",
+        (None, Some(_), _) => "other_http",
+        // No answer: a timeout or reset after sending, the channel unreachable, or the gateway
+        // refusing to send (no credentials, a service URL not allowed).
+        (None, None, FailureKind::Ambiguous) => "no_answer",
+        (None, None, FailureKind::Retryable) => "unreachable",
+        (None, None, FailureKind::Permanent) => "not_sent",
+    }
+}
+
 fn latency_histogram() -> Histogram {
     // 1 ms .. ~65 s: channel calls and end-to-end delivery both fit.
     Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
@@ -65,6 +95,7 @@ pub struct Metrics {
     registry: Registry,
     accepted: Family<ChannelLabel, Counter>,
     finished: Family<OutcomeLabels, Counter>,
+    failed: Family<FailureLabels, Counter>,
     retried: Family<ChannelLabel, Counter>,
     delivery_latency: Family<ChannelLabel, Histogram, fn() -> Histogram>,
     request_latency: Family<OutcomeLabels, Histogram, fn() -> Histogram>,
@@ -72,7 +103,7 @@ pub struct Metrics {
     room_wait: Family<ChannelLabel, Histogram, fn() -> Histogram>,
     pub queue_depth: Gauge,
     pub active_workers: Gauge,
-    pub token_refreshes: Family<ChannelLabel, Gauge>,
+    token_refreshes: Family<ChannelLabel, Counter>,
     /// Open WatchDeliveries streams.
     pub watchers: Gauge,
     /// Messages read back from the outbox to tell watchers of a change: one per change, however
@@ -104,9 +135,13 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("channel_gateway");
+        // `process_*` are the standard unprefixed names; the gateway's own are prefixed.
+        let mut root = Registry::default();
+        root.register_collector(Box::new(ProcessCollector));
+        let registry = root.sub_registry_with_prefix("channel_gateway");
         let accepted = Family::<ChannelLabel, Counter>::default();
         let finished = Family::<OutcomeLabels, Counter>::default();
+        let failed = Family::<FailureLabels, Counter>::default();
         let retried = Family::<ChannelLabel, Counter>::default();
         let delivery_latency =
             Family::<ChannelLabel, Histogram, fn() -> Histogram>::new_with_constructor(
@@ -122,7 +157,7 @@ impl Metrics {
         );
         let queue_depth = Gauge::default();
         let active_workers = Gauge::default();
-        let token_refreshes = Family::<ChannelLabel, Gauge>::default();
+        let token_refreshes = Family::<ChannelLabel, Counter>::default();
         let watchers = Gauge::default();
         let watch_reads = Counter::default();
         registry.register("watchers", "Open WatchDeliveries streams", watchers.clone());
@@ -130,6 +165,14 @@ impl Metrics {
             "watch_outbox_reads",
             "Messages read back from the outbox for WatchDeliveries (one per state change, however many watch)",
             watch_reads.clone(),
+        );
+        registry.register(
+            "build",
+            "The running build",
+            prometheus_client::metrics::info::Info::new(vec![(
+                "version",
+                env!("CARGO_PKG_VERSION"),
+            )]),
         );
         registry.register(
             "messages_accepted",
@@ -140,6 +183,13 @@ impl Metrics {
             "messages_finished",
             "Messages finished, by channel and outcome (delivered, failed, expired)",
             finished.clone(),
+        );
+        registry.register(
+            "messages_failed",
+            "Messages failed or expired, by channel and error class (not_found, unauthorized, \
+             invalid_request, refused, rate_limited, server_error, other_http, no_answer, \
+             unreachable, not_sent, expired, unknown)",
+            failed.clone(),
         );
         registry.register(
             "messages_retried",
@@ -178,13 +228,15 @@ impl Metrics {
         );
         registry.register(
             "token_refreshes",
-            "Channel access tokens fetched, by channel",
+            "Channel access tokens fetched, by the channel whose message needed one (a Bot \
+             Framework token then serves every Bot Framework channel id of its bot)",
             token_refreshes.clone(),
         );
         Self {
-            registry,
+            registry: root,
             accepted,
             finished,
+            failed,
             retried,
             delivery_latency,
             request_latency,
@@ -239,7 +291,64 @@ impl Metrics {
         }
     }
 
-    pub fn finished(&self, channel: &str, outcome: &'static str, since_accept: Option<Duration>) {
+    /// Creates every counter of each channel id at 0, so a scrape before any traffic shows
+    /// them (a rate over a series that appears with its first event misses that event).
+    pub fn start_series(&self, config: &crate::config::Config) {
+        let c = &config.channels;
+        let mut ids: Vec<&str> = Vec::new();
+        if c.botframework.enabled {
+            for id in &c.botframework.channel_ids {
+                ids.push(id);
+                let _ = self.token_refreshes.get_or_create(&Self::ch(id));
+            }
+        }
+        if c.facebook.enabled {
+            ids.push(crate::channels::facebook::render::CHANNEL);
+        }
+        if c.slack.enabled {
+            ids.push(crate::channels::slack::render::CHANNEL_ID);
+        }
+        for id in ids {
+            let ch = Self::ch(id);
+            let _ = self.accepted.get_or_create(&ch);
+            let _ = self.retried.get_or_create(&ch);
+            let _ = self.rate_limit_pauses.get_or_create(&ch);
+            for outcome in ["delivered", "failed", "expired"] {
+                let _ = self.finished.get_or_create(&OutcomeLabels {
+                    channel: channel_label(id),
+                    outcome: Cow::Borrowed(outcome),
+                });
+            }
+        }
+    }
+
+    /// Takes in a client's running count of token fetches for one channel id.
+    pub fn token_fetches(&self, channel: LabelValue, total: u64) {
+        let c = self
+            .token_refreshes
+            .get_or_create(&ChannelLabel { channel });
+        c.inc_by(total.saturating_sub(c.get()));
+    }
+
+    pub fn finished(
+        &self,
+        channel: &str,
+        outcome: &'static str,
+        error: Option<&crate::channels::ChannelError>,
+        since_accept: Option<Duration>,
+    ) {
+        if outcome != "delivered" {
+            self.failed
+                .get_or_create(&FailureLabels {
+                    channel: channel_label(channel),
+                    error: if outcome == "expired" {
+                        "expired"
+                    } else {
+                        error_class(error)
+                    },
+                })
+                .inc();
+        }
         if outcome == "delivered"
             && self.with_hot(channel, |h| {
                 h.delivered.inc();
@@ -319,6 +428,120 @@ impl Metrics {
     }
 }
 
+/// `process_*` read from `/proc/self` at each scrape (prometheus-client has no process
+/// collector). Off Linux, or when `/proc` cannot be read, the series are left out.
+#[derive(Debug)]
+struct ProcessCollector;
+
+/// The kernel reports CPU times in USER_HZ, which is 100 on every Linux ABI.
+const USER_HZ: f64 = 100.0;
+
+impl ProcessCollector {
+    /// utime + stime in seconds, and the start time in ticks since boot, from `/proc/self/stat`.
+    fn stat() -> Option<(f64, f64)> {
+        let text = std::fs::read_to_string("/proc/self/stat").ok()?;
+        // The command name may hold spaces and parentheses: fields start after the last `)`.
+        let rest = text.get(text.rfind(')')? + 1..)?;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        // After the name, field 3 (state) is index 0: utime is field 14, starttime field 22.
+        let num = |i: usize| fields.get(i)?.parse::<f64>().ok();
+        Some(((num(11)? + num(12)?) / USER_HZ, num(19)?))
+    }
+
+    fn status_kib(key: &str) -> Option<f64> {
+        let text = std::fs::read_to_string("/proc/self/status").ok()?;
+        let line = text.lines().find(|l| l.starts_with(key))?;
+        line.split_whitespace().nth(1)?.parse().ok()
+    }
+
+    fn boot_time() -> Option<f64> {
+        let text = std::fs::read_to_string("/proc/stat").ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix("btime "))?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    fn max_fds() -> Option<f64> {
+        let text = std::fs::read_to_string("/proc/self/limits").ok()?;
+        let line = text.lines().find(|l| l.starts_with("Max open files"))?;
+        line.split_whitespace().nth(3)?.parse().ok()
+    }
+}
+
+impl prometheus_client::collector::Collector for ProcessCollector {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::MetricType;
+        use prometheus_client::metrics::counter::ConstCounter;
+        use prometheus_client::metrics::gauge::ConstGauge;
+        let gauge = |encoder: &mut prometheus_client::encoding::DescriptorEncoder,
+                     name: &str,
+                     help: &str,
+                     v: Option<f64>| {
+            match v {
+                Some(v) => ConstGauge::new(v).encode(encoder.encode_descriptor(
+                    name,
+                    help,
+                    None,
+                    MetricType::Gauge,
+                )?),
+                None => Ok(()),
+            }
+        };
+        let stat = Self::stat();
+        if let Some((cpu, _)) = stat {
+            ConstCounter::new(cpu).encode(encoder.encode_descriptor(
+                "process_cpu_seconds",
+                "User and system CPU time spent, in seconds",
+                None,
+                MetricType::Counter,
+            )?)?;
+        }
+        gauge(
+            &mut encoder,
+            "process_resident_memory_bytes",
+            "Resident memory size in bytes",
+            Self::status_kib("VmRSS:").map(|k| k * 1024.0),
+        )?;
+        gauge(
+            &mut encoder,
+            "process_virtual_memory_bytes",
+            "Virtual memory size in bytes",
+            Self::status_kib("VmSize:").map(|k| k * 1024.0),
+        )?;
+        let open_fds = std::fs::read_dir("/proc/self/fd")
+            .ok()
+            .map(|d| d.count() as f64);
+        gauge(
+            &mut encoder,
+            "process_open_fds",
+            "Open file descriptors",
+            open_fds,
+        )?;
+        gauge(
+            &mut encoder,
+            "process_max_fds",
+            "Most open file descriptors allowed",
+            Self::max_fds(),
+        )?;
+        let start = stat
+            .zip(Self::boot_time())
+            .map(|((_, ticks), boot)| boot + ticks / USER_HZ);
+        gauge(
+            &mut encoder,
+            "process_start_time_seconds",
+            "Start time of the process since the Unix epoch, in seconds",
+            start,
+        )?;
+        Ok(())
+    }
+}
+
 /// Something that refreshes gauges just before a scrape.
 pub type Refresh = Arc<dyn Fn(&Metrics) + Send + Sync>;
 
@@ -381,9 +604,9 @@ mod tests {
         assert!(matches!(&added, Cow::Owned(o) if o == "line"));
         // Counted under their own ids, a configured id next to a built-in one.
         let m = Metrics::new();
-        m.finished("webchat", "delivered", None);
-        m.finished("line", "delivered", None);
-        m.finished("line", "delivered", None);
+        m.finished("webchat", "delivered", None, None);
+        m.finished("line", "delivered", None, None);
+        m.finished("line", "delivered", None, None);
         let text = m.encode();
         assert!(
             text.contains(r#"channel="webchat",outcome="delivered"} 1"#),
@@ -402,9 +625,9 @@ mod tests {
         let m = Metrics::new();
         for channel in ["msteams", "line"] {
             m.accepted(channel, 3);
-            m.finished(channel, "delivered", Some(Duration::from_millis(5)));
-            m.finished(channel, "delivered", None);
-            m.finished(channel, "failed", None);
+            m.finished(channel, "delivered", None, Some(Duration::from_millis(5)));
+            m.finished(channel, "delivered", None, None);
+            m.finished(channel, "failed", None, None);
             m.request(channel, true, Duration::from_millis(2));
             m.request(channel, true, Duration::from_millis(2));
             m.request(channel, false, Duration::from_millis(2));

@@ -229,6 +229,7 @@ async fn serve(
         }
     };
     let metrics = Arc::new(Metrics::new());
+    metrics.start_series(&config);
     let dispatcher = Dispatcher::new(
         channels.clone(),
         store.clone(),
@@ -264,10 +265,22 @@ async fn serve(
         .set_serving::<ChannelGatewayServer<GatewayService>>()
         .await;
     tokio::spawn(watch_outbox(watched, health.clone(), OUTBOX_WATCH_EVERY));
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    // v1alpha too: grpcurl and Python's grpcio-reflection client still ask it. Both list both.
+    let reflection_builder = || {
+        tonic_reflection::server::Builder::configure()
+            .include_reflection_service(false)
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(
+                tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+            )
+    };
+    let reflection = reflection_builder()
         .build_v1()
+        .map_err(|e| ServeError::Reflection(e.to_string()))?;
+    let reflection_v1alpha = reflection_builder()
+        .build_v1alpha()
         .map_err(|e| ServeError::Reflection(e.to_string()))?;
 
     let local = listener.local_addr().ok();
@@ -288,11 +301,9 @@ async fn serve(
             m.queue_depth.set(d.undelivered() as i64);
             m.active_workers.set(d.active_workers() as i64);
             if let Some(bf) = ch.botframework() {
-                m.token_refreshes
-                    .get_or_create(&crate::metrics::ChannelLabel {
-                        channel: "botframework".into(),
-                    })
-                    .set(bf.token_fetches() as i64);
+                for (channel, total) in bf.token_fetches() {
+                    m.token_fetches(channel, total);
+                }
             }
         });
         let m = metrics.clone();
@@ -311,6 +322,7 @@ async fn serve(
     };
     metrics.set_ready(true);
     let ready = metrics.clone();
+    let backend = config.outbox.backend;
     tokio::spawn(async move {
         shutdown.await;
         ready.set_ready(false);
@@ -322,10 +334,18 @@ async fn serve(
         );
         let left = drain.shutdown(grace).await;
         if left > 0 {
-            tracing::warn!(
-                undelivered = left,
-                "shutdown grace ran out; undelivered messages dropped (in-memory store)"
-            );
+            match backend {
+                crate::config::OutboxBackend::Durable => tracing::warn!(
+                    undelivered = left,
+                    "shutdown grace ran out; the undelivered messages stay in the durable \
+                     outbox and are delivered after the next start"
+                ),
+                crate::config::OutboxBackend::Memory => tracing::warn!(
+                    undelivered = left,
+                    "shutdown grace ran out; the undelivered messages are lost \
+                     (outbox.backend = memory)"
+                ),
+            }
         } else {
             tracing::info!("queues drained");
         }
@@ -350,6 +370,7 @@ async fn serve(
             .layer(limits)
             .add_service(health_service.clone())
             .add_service(reflection.clone())
+            .add_service(reflection_v1alpha.clone())
             .add_service(tonic::service::interceptor::InterceptedService::new(
                 ChannelGatewayServer::from_arc(service.clone())
                     .max_decoding_message_size(max_bytes),

@@ -64,6 +64,15 @@ pub fn route(e: RouteError, field: &str) -> Status {
                 reason,
             ),
         ),
+        RouteError::NoCredentials { channel_id, reason } => Status::with_error_details(
+            Code::FailedPrecondition,
+            reason.clone(),
+            ErrorDetails::with_precondition_failure_violation(
+                "CHANNEL_NOT_CONFIGURED",
+                channel_id,
+                reason,
+            ),
+        ),
         RouteError::PermissionDenied { field, reason } => Status::with_error_details(
             Code::PermissionDenied,
             format!("{field}: {reason}"),
@@ -153,7 +162,10 @@ pub fn channel(e: &ChannelError, attempts: u32, possible_duplicate: bool) -> Sta
     // `e`'s text is bounded when it is displayed (and when it is stored).
     Status::with_error_details(
         code,
-        format!("delivery failed: {e}"),
+        format!(
+            "delivery failed after {attempts} attempt{}: {e}",
+            if attempts == 1 { "" } else { "s" }
+        ),
         ErrorDetails::with_error_info(
             e.code.clone().unwrap_or_else(|| "channel_error".into()),
             DOMAIN,

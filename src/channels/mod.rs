@@ -93,6 +93,10 @@ pub enum RouteError {
     Unknown(String),
     #[error("channel `{channel_id}` is not configured: {reason}")]
     NotConfigured { channel_id: String, reason: String },
+    /// The channel is served, but no configured credential matches the address's bot id;
+    /// `reason` names the bot id and the configured ones (ids only, never a token).
+    #[error("{reason}")]
+    NoCredentials { channel_id: String, reason: String },
     #[error("{field}: {reason}")]
     PermissionDenied { field: String, reason: String },
     #[error("{field}: {reason}")]
@@ -229,7 +233,7 @@ impl Channels {
         let id = addr.channel_id.as_str();
         let imp = self.implementation(id)?;
         let bot = addr.bot_id();
-        let (has_credentials, section) = match imp {
+        let has_credentials = match imp {
             Implementation::BotFramework => {
                 let c = self
                     .botframework
@@ -248,33 +252,86 @@ impl Channels {
                         reason,
                     });
                 }
-                (
-                    c.has_credentials(bot) || c.config().allow_unauthenticated,
-                    "channels.botframework.bots, or allow_unauthenticated",
-                )
+                c.has_credentials(bot) || c.config().allow_unauthenticated
             }
-            Implementation::Facebook => {
-                let c = self
-                    .facebook
-                    .as_deref()
-                    .ok_or_else(|| Self::disabled(id, imp))?;
-                (c.has_credentials(bot), "channels.facebook.pages")
-            }
-            Implementation::Slack => {
-                let c = self
-                    .slack
-                    .as_deref()
-                    .ok_or_else(|| Self::disabled(id, imp))?;
-                (c.has_credentials(bot), "channels.slack.workspaces")
-            }
+            Implementation::Facebook => self
+                .facebook
+                .as_deref()
+                .ok_or_else(|| Self::disabled(id, imp))?
+                .has_credentials(bot),
+            Implementation::Slack => self
+                .slack
+                .as_deref()
+                .ok_or_else(|| Self::disabled(id, imp))?
+                .has_credentials(bot),
         };
         if !has_credentials {
-            return Err(RouteError::NotConfigured {
+            return Err(RouteError::NoCredentials {
                 channel_id: id.into(),
-                reason: format!("no credentials for bot `{bot}` ({section})"),
+                reason: self.no_credentials(imp, bot),
             });
         }
         Ok(())
+    }
+
+    /// "no workspace has bot_id `B9` (configured: `B1`, `B2`)": what the bot id was matched
+    /// against, by id only. The list is capped; the bot id from the request is too.
+    fn no_credentials(&self, imp: Implementation, bot: &str) -> String {
+        const SHOWN: usize = 5;
+        let c = &self.config.channels;
+        let (what, key, section, ids): (&str, &str, &str, Vec<String>) = match imp {
+            Implementation::BotFramework => (
+                "bot",
+                "app_id",
+                "channels.botframework.bots (or app_id and app_password; or \
+                 allow_unauthenticated for the Emulator)",
+                c.botframework.credentials().into_keys().collect(),
+            ),
+            Implementation::Facebook => (
+                "page",
+                "page_id",
+                "channels.facebook.pages (or page_id and access_token)",
+                c.facebook
+                    .all_pages()
+                    .into_iter()
+                    .map(|p| p.page_id)
+                    .collect(),
+            ),
+            Implementation::Slack => (
+                "workspace",
+                "bot_id",
+                "channels.slack.workspaces",
+                c.slack
+                    .workspaces
+                    .iter()
+                    .map(|w| w.bot_id.clone())
+                    .collect(),
+            ),
+        };
+        let capped = |s: &str| match s.char_indices().nth(64) {
+            Some((i, _)) => format!("{}…", &s[..i]),
+            None => s.to_string(),
+        };
+        let bot = if bot.is_empty() {
+            "(address.bot.id is empty)".to_string()
+        } else {
+            format!("`{}`", capped(bot))
+        };
+        let configured = match ids.len() {
+            0 => format!("none is configured: set {section}"),
+            n => {
+                let mut list: Vec<String> = ids
+                    .iter()
+                    .take(SHOWN)
+                    .map(|i| format!("`{}`", capped(i)))
+                    .collect();
+                if n > SHOWN {
+                    list.push(format!("and {} more", n - SHOWN));
+                }
+                format!("configured: {}; {section}", list.join(", "))
+            }
+        };
+        format!("no {what} has {key} {bot} ({configured})")
     }
 
     /// Renders a message for a conversation that exists; `proactive` is set for SendProactive.
@@ -330,10 +387,12 @@ impl Channels {
         let off = || Self::unroutable(channel_id, Self::disabled(channel_id, imp));
         match imp {
             Implementation::BotFramework => {
-                self.botframework
-                    .as_deref()
-                    .ok_or_else(off)?
-                    .execute(req)
+                let client = self.botframework.as_deref().ok_or_else(off)?;
+                botframework::client::FOR_CHANNEL
+                    .scope(
+                        crate::metrics::channel_label(channel_id),
+                        client.execute(req),
+                    )
                     .await
             }
             Implementation::Facebook => {
@@ -360,7 +419,12 @@ impl Channels {
                 let req = botframework::render::render_create_conversation(addr, options).map_err(
                     |e| ChannelError::new("botframework", FailureKind::Permanent, e.to_string()),
                 )?;
-                let created = client.create_conversation(&req).await?;
+                let created = botframework::client::FOR_CHANNEL
+                    .scope(
+                        crate::metrics::channel_label(channel_id),
+                        client.create_conversation(&req),
+                    )
+                    .await?;
                 let mut out = addr.clone();
                 let mut conv = out.conversation.take().unwrap_or_default();
                 conv.id = created.id;

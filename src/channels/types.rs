@@ -154,7 +154,7 @@ pub enum ErrorCategory {
 
 /// A channel's answer that is not a success, with the channel's own words.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
-#[error("{channel} {kind:?}: {}{}", self.code.as_deref().map(|c| format!("{}: ", crate::bounded::for_log(c))).unwrap_or_default(), crate::bounded::for_log(&self.message))]
+#[error("{}", self.describe())]
 pub struct ChannelError {
     pub channel: String,
     pub kind: FailureKind,
@@ -183,6 +183,28 @@ impl ChannelError {
         if let Some(code) = &mut self.code {
             crate::bounded::cap_owned(code, MAX_CODE_CHARS);
         }
+    }
+
+    /// What happened, for people: "botframework answered 500 ServiceError: try later
+    /// (temporary)", not the internal retry class. The channel's words are capped and shown
+    /// without control characters: this text goes into logs and statuses.
+    fn describe(&self) -> String {
+        let mut out = self.channel.clone();
+        if let Some(status) = self.http_status {
+            out.push_str(&format!(" answered {status}"));
+        }
+        if let Some(code) = &self.code {
+            out.push(' ');
+            out.push_str(&crate::bounded::for_log(code));
+        }
+        out.push_str(": ");
+        out.push_str(&crate::bounded::for_log(&self.message));
+        out.push_str(match self.kind {
+            FailureKind::Retryable => " (temporary)",
+            FailureKind::Ambiguous => " (the request may have reached the channel)",
+            FailureKind::Permanent => " (permanent)",
+        });
+        out
     }
 
     pub fn new(channel: &str, kind: FailureKind, message: impl Into<String>) -> Self {

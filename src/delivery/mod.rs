@@ -974,8 +974,9 @@ impl Inner {
             let kept = item.done.is_some().then(|| outcome.clone());
             // Recorded before anyone hears of it, so a status asked on hearing is final. Not
             // awaited: a lost final state only means a flagged redelivery after a crash.
+            self.metrics
+                .finished(&addr.channel_id, label, outcome.error.as_ref(), latency);
             self.store.record(item.id, Change::Finished(outcome));
-            self.metrics.finished(&addr.channel_id, label, latency);
             if let Some(event) = event {
                 let _ = self.events.send(event);
             }

@@ -124,6 +124,13 @@ impl TokenSlot {
     }
 }
 
+tokio::task_local! {
+    /// The channel id of the message a call is made for, set by `Channels`: a token fetch is
+    /// counted against the channel whose message needed it (the token itself serves every
+    /// Bot Framework channel id of its bot).
+    pub static FOR_CHANNEL: crate::metrics::LabelValue;
+}
+
 pub struct BotFrameworkClient {
     http: Http,
     config: BotFrameworkConfig,
@@ -131,7 +138,8 @@ pub struct BotFrameworkClient {
     // call looked its bot up in both with SipHash.
     credentials: HashMap<String, Secret, foldhash::fast::RandomState>,
     tokens: HashMap<String, Arc<TokenSlot>, foldhash::fast::RandomState>,
-    token_fetches: std::sync::atomic::AtomicU64,
+    /// Token requests made so far, by the channel id that needed them (a handful of ids).
+    token_fetches: std::sync::Mutex<Vec<(crate::metrics::LabelValue, u64)>>,
     /// Service URLs already found allowed. A bot talks to a handful of them, and the accept
     /// path checked every message's by parsing it (~2% of the instructions per message).
     /// Bounded: emptied when full. Only allowed URLs are kept, so a refusal is always fresh.
@@ -198,10 +206,24 @@ impl BotFrameworkClient {
         &self.config
     }
 
-    /// Token requests made so far (for metrics and tests).
-    pub fn token_fetches(&self) -> u64 {
+    /// Token requests made so far, by channel id (for metrics).
+    pub fn token_fetches(&self) -> Vec<(crate::metrics::LabelValue, u64)> {
+        // Only whole entries are ever written: a poisoned lock still holds valid counts.
         self.token_fetches
-            .load(std::sync::atomic::Ordering::Relaxed)
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn count_token_fetch(&self) {
+        let channel = FOR_CHANNEL
+            .try_with(Clone::clone)
+            .unwrap_or(std::borrow::Cow::Borrowed(CHANNEL));
+        let mut counts = self.token_fetches.lock().unwrap_or_else(|p| p.into_inner());
+        match counts.iter_mut().find(|(c, _)| *c == channel) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((channel, 1)),
+        }
     }
 
     async fn token(
@@ -244,8 +266,7 @@ impl BotFrameworkClient {
         bot_id: &str,
         password: &Secret,
     ) -> Result<CachedToken, ChannelError> {
-        self.token_fetches
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.count_token_fetch();
         let started = Instant::now();
         let form = [
             ("grant_type", "client_credentials"),

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
-use crate::config::{ConfigError, Secret, invalid, parse_duration};
+use crate::config::{ConfigError, Secret, de_duration, invalid};
 
 /// The Graph API version used when none is configured (the current one when this was written).
 pub const DEFAULT_API_VERSION: &str = "v25.0";
@@ -87,22 +87,6 @@ impl Default for FacebookConfig {
             media_rate_burst: 10,
             typing_interval: Duration::from_secs(15),
         }
-    }
-}
-
-fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Raw {
-        S(String),
-        N(f64),
-    }
-    match Raw::deserialize(d)? {
-        Raw::S(s) => parse_duration(&s).map_err(serde::de::Error::custom),
-        Raw::N(n) if n >= 0.0 && n.is_finite() => Ok(Duration::from_secs_f64(n)),
-        Raw::N(n) => Err(serde::de::Error::custom(format!(
-            "{n} is not a valid duration"
-        ))),
     }
 }
 

@@ -1,0 +1,674 @@
+//! The client subcommands (`send`, `render`, `status`, `failed`, `redeliver`, `capabilities`,
+//! `watch`): one gRPC call (or stream) to a running gateway, its answer printed as JSON on
+//! standard output. Owns the client's arguments, connection and output; the gateway decides
+//! everything else.
+
+mod message_json;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use serde_json::{Value, json};
+use tokio_stream::StreamExt;
+
+use channel_gateway::api::convert;
+use channel_gateway::api::pb::{self, channel_gateway_client::ChannelGatewayClient};
+use channel_gateway::model::{self, Address, Conversation, Identity, Message, ProactiveOptions};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("{0}")]
+    Usage(String),
+    #[error(transparent)]
+    Serve(#[from] channel_gateway::server::ServeError),
+    #[error(transparent)]
+    Config(#[from] channel_gateway::config::ConfigError),
+    #[error(
+        "cannot connect to the gateway at {addr}: {reason}. Is `channel-gateway serve` running \
+         there? (--gateway sets the address){hint}"
+    )]
+    Connect {
+        addr: String,
+        reason: String,
+        hint: &'static str,
+    },
+    #[error("{}: {}", .0.code(), .0.message())]
+    Rpc(#[from] tonic::Status),
+    /// Standard output was closed by its reader; main exits quietly.
+    #[error("standard output closed")]
+    PipeClosed,
+    #[error("cannot write to standard output: {0}")]
+    Output(std::io::Error),
+}
+
+/// Where the gateway listens and who calls it; shared by every client subcommand.
+#[derive(Args)]
+pub struct GatewayArgs {
+    /// A running gateway's gRPC address: host:port, or http(s)://host:port.
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    gateway: String,
+    /// Caller token, sent as `authorization: Bearer`.
+    #[arg(long, env = "CHANNEL_GATEWAY_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
+#[derive(Args)]
+pub struct MessageArgs {
+    #[command(flatten)]
+    gateway: GatewayArgs,
+    /// A JSON file with the message, or a JSON array of messages for one conversation; `-`
+    /// reads standard input. The model's form (snake_case, as the proto names fields) or the
+    /// proto's JSON mapping (camelCase, enum names like TEXT_FORMAT_MARKDOWN); unknown keys are
+    /// an error. Not combined with the address and text flags.
+    #[arg(long)]
+    file: Option<PathBuf>,
+    #[arg(long)]
+    channel: Option<String>,
+    #[arg(long)]
+    service_url: Option<String>,
+    #[arg(long)]
+    conversation: Option<String>,
+    #[arg(long)]
+    bot: Option<String>,
+    #[arg(long)]
+    user: Option<String>,
+    /// Incoming activity id to reply to.
+    #[arg(long)]
+    reply_to: Option<String>,
+    /// Thread within the conversation (Slack thread_ts).
+    #[arg(long)]
+    thread: Option<String>,
+    #[arg(long)]
+    text: Option<String>,
+    /// plain, markdown or xml.
+    #[arg(long)]
+    text_format: Option<String>,
+}
+
+#[derive(Args)]
+pub struct SendArgs {
+    #[command(flatten)]
+    message: MessageArgs,
+    /// Wait for the channel's acknowledgement (or failure), at most --timeout.
+    #[arg(long)]
+    wait_delivered: bool,
+    /// How long --wait-delivered waits, e.g. 30s or 2m; the message is delivered even after.
+    #[arg(long, default_value = "30s", value_parser = parse_timeout)]
+    timeout: Duration,
+    /// Idempotency key for safe retries.
+    #[arg(long, default_value = "")]
+    idempotency_key: String,
+    /// Start a conversation when the address has none.
+    #[arg(long)]
+    proactive: bool,
+}
+
+#[derive(Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    gateway: GatewayArgs,
+    /// The message id that send printed.
+    message_id: String,
+}
+
+#[derive(Args)]
+pub struct FailedArgs {
+    #[command(flatten)]
+    gateway: GatewayArgs,
+    /// Only this bot's messages.
+    #[arg(long)]
+    bot: Option<String>,
+    /// At most this many (the gateway caps it at 1000).
+    #[arg(long, default_value_t = 100)]
+    page_size: u32,
+    /// From a previous answer's next_page_token.
+    #[arg(long)]
+    page_token: Option<String>,
+}
+
+#[derive(Args)]
+pub struct RedeliverArgs {
+    #[command(flatten)]
+    gateway: GatewayArgs,
+    /// Ids of failed or expired messages.
+    #[arg(required = true)]
+    message_ids: Vec<String>,
+}
+
+#[derive(Args)]
+pub struct CapabilitiesArgs {
+    #[command(flatten)]
+    gateway: GatewayArgs,
+    /// A channel id such as msteams, webchat, facebook or slack.
+    channel: String,
+}
+
+#[derive(Args)]
+pub struct WatchArgs {
+    #[command(flatten)]
+    gateway: GatewayArgs,
+    #[arg(long)]
+    bot: Option<String>,
+    #[arg(long)]
+    channel: Option<String>,
+    #[arg(long)]
+    conversation: Option<String>,
+}
+
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    match channel_gateway::config::parse_duration(s)? {
+        d if d.is_zero() => Err("must be more than 0".into()),
+        d => Ok(d),
+    }
+}
+
+/// One line on standard output; a reader that went away is `PipeClosed`, not a panic.
+pub fn print_line(line: &str) -> Result<(), CliError> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}")
+        .and_then(|()| out.flush())
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::BrokenPipe => CliError::PipeClosed,
+            _ => CliError::Output(e),
+        })
+}
+
+fn print(v: &Value) -> Result<(), CliError> {
+    print_line(&serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string()))
+}
+
+type Client = ChannelGatewayClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, BearerToken>,
+>;
+
+/// Adds the caller token to every call.
+#[derive(Clone)]
+struct BearerToken(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for BearerToken {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// `127.0.0.1:50051` as `http://127.0.0.1:50051`; a URL is kept.
+fn endpoint_url(addr: &str) -> String {
+    if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    }
+}
+
+/// An error and its causes on one line: tonic's own says only "transport error".
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cur = s.source();
+    }
+    out
+}
+
+async fn connect(gw: &GatewayArgs, hint: &'static str) -> Result<Client, CliError> {
+    let url = endpoint_url(&gw.gateway);
+    let endpoint = tonic::transport::Endpoint::from_shared(url)
+        .map_err(|e| {
+            CliError::Usage(format!(
+                "--gateway `{}` is not host:port or a URL ({e})",
+                gw.gateway
+            ))
+        })?
+        .connect_timeout(Duration::from_secs(10));
+    let channel = endpoint.connect().await.map_err(|e| CliError::Connect {
+        addr: gw.gateway.clone(),
+        reason: error_chain(&e),
+        hint,
+    })?;
+    let token =
+        match &gw.token {
+            Some(t) => Some(format!("Bearer {t}").parse().map_err(|_| {
+                CliError::Usage("--token has characters a header cannot carry".into())
+            })?),
+            None => None,
+        };
+    Ok(ChannelGatewayClient::with_interceptor(
+        channel,
+        BearerToken(token),
+    ))
+}
+
+fn messages_from(args: &MessageArgs) -> Result<Vec<Message>, CliError> {
+    if let Some(path) = &args.file {
+        let flags = [
+            ("--channel", args.channel.is_some()),
+            ("--service-url", args.service_url.is_some()),
+            ("--conversation", args.conversation.is_some()),
+            ("--bot", args.bot.is_some()),
+            ("--user", args.user.is_some()),
+            ("--reply-to", args.reply_to.is_some()),
+            ("--thread", args.thread.is_some()),
+            ("--text", args.text.is_some()),
+            ("--text-format", args.text_format.is_some()),
+        ];
+        let given: Vec<&str> = flags.iter().filter(|(_, s)| *s).map(|(f, _)| *f).collect();
+        if !given.is_empty() {
+            return Err(CliError::Usage(format!(
+                "--file cannot be combined with {}: the file holds the whole message",
+                given.join(", ")
+            )));
+        }
+        let text = if path.as_os_str() == "-" {
+            std::io::read_to_string(std::io::stdin())
+                .map_err(|e| CliError::Usage(format!("cannot read standard input: {e}")))?
+        } else {
+            std::fs::read_to_string(path)
+                .map_err(|e| CliError::Usage(format!("cannot read {}: {e}", path.display())))?
+        };
+        let v: Value = serde_json::from_str(&text)
+            .map_err(|e| CliError::Usage(format!("{}: not JSON: {e}", path.display())))?;
+        let list = match v {
+            Value::Array(a) => a,
+            one => vec![one],
+        };
+        return list
+            .into_iter()
+            .enumerate()
+            .map(|(i, m)| {
+                message_json::message(m)
+                    .map_err(|e| CliError::Usage(format!("{} message {i}: {e}", path.display())))
+            })
+            .collect();
+    }
+    let channel = args.channel.clone().ok_or_else(|| {
+        CliError::Usage("give --file, or --channel with the address flags".into())
+    })?;
+    let text_format = match args.text_format.as_deref() {
+        None => None,
+        Some("plain") => Some(model::TextFormat::Plain),
+        Some("markdown") => Some(model::TextFormat::Markdown),
+        Some("xml") => Some(model::TextFormat::Xml),
+        Some(other) => {
+            return Err(CliError::Usage(format!(
+                "--text-format `{other}`: use plain, markdown or xml"
+            )));
+        }
+    };
+    let ident = |id: &Option<String>| {
+        id.clone().map(|id| Identity {
+            id,
+            ..Default::default()
+        })
+    };
+    Ok(vec![Message {
+        address: Address {
+            channel_id: channel,
+            user: ident(&args.user),
+            bot: ident(&args.bot),
+            conversation: args.conversation.clone().map(|id| Conversation {
+                id,
+                ..Default::default()
+            }),
+            service_url: args.service_url.clone(),
+            id: args.reply_to.clone(),
+            thread_id: args.thread.clone(),
+        },
+        text: args.text.clone(),
+        text_format,
+        ..Default::default()
+    }])
+}
+
+fn state_name(s: i32) -> String {
+    pb::DeliveryState::try_from(s)
+        .map(|s| {
+            s.as_str_name()
+                .trim_start_matches("DELIVERY_STATE_")
+                .to_ascii_lowercase()
+        })
+        .unwrap_or_else(|_| s.to_string())
+}
+
+fn is_final(state: i32) -> bool {
+    matches!(
+        pb::DeliveryState::try_from(state),
+        Ok(pb::DeliveryState::Delivered | pb::DeliveryState::Failed | pb::DeliveryState::Expired)
+    )
+}
+
+fn receipts_json(r: &[pb::Receipt]) -> Value {
+    r.iter()
+        .map(|x| json!({"native_id": x.native_id, "conversation_id": x.conversation_id}))
+        .collect()
+}
+
+fn warnings_json(w: &[pb::Warning]) -> Value {
+    w.iter()
+        .map(|w| json!({"code": w.code, "field": w.field, "message": w.message}))
+        .collect()
+}
+
+fn error_json(e: &Option<pb::ChannelError>) -> Value {
+    e.as_ref().map_or(Value::Null, |e| {
+        json!({"channel": e.channel, "http_status": e.http_status, "code": e.code,
+               "message": e.message, "permanent": e.permanent,
+               "possible_duplicate": e.possible_duplicate, "attempts": e.attempts})
+    })
+}
+
+fn result_json(r: &pb::SendResult) -> Value {
+    json!({
+        "message_id": r.message_id,
+        "state": state_name(r.state),
+        "receipts": receipts_json(&r.receipts),
+        "warnings": warnings_json(&r.warnings),
+        "error": error_json(&r.error),
+    })
+}
+
+fn time_json(t: &Option<prost_types::Timestamp>) -> Value {
+    let Some(t) = t else { return Value::Null };
+    time::OffsetDateTime::from_unix_timestamp(t.seconds)
+        .ok()
+        .and_then(|d| {
+            d.replace_nanosecond(u32::try_from(t.nanos).unwrap_or(0))
+                .ok()
+        })
+        .and_then(|d| {
+            d.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .map_or(Value::Null, Value::String)
+}
+
+fn delivery_json(d: &pb::Delivery) -> Value {
+    json!({
+        "message_id": d.message_id,
+        "state": state_name(d.state),
+        "channel_id": d.channel_id,
+        "bot_id": d.bot_id,
+        "conversation_id": d.conversation_id,
+        "attempts": d.attempts,
+        "possible_duplicate": d.possible_duplicate,
+        "accepted_at": time_json(&d.accepted_at),
+        "updated_at": time_json(&d.updated_at),
+        "receipts": receipts_json(&d.receipts),
+        "warnings": warnings_json(&d.warnings),
+        "error": error_json(&d.error),
+    })
+}
+
+pub async fn send(args: SendArgs) -> Result<(), CliError> {
+    let messages = messages_from(&args.message)?;
+    let Some(first) = messages.first() else {
+        return Err(CliError::Usage("no message to send".into()));
+    };
+    let mut client = connect(&args.message.gateway, "").await?;
+    // Waiting for delivery is done here, not in the call: a call that timed out would leave
+    // no id to follow the message by.
+    let wait = pb::WaitMode::Accepted as i32;
+    let mut results: Vec<pb::SendResult>;
+    let mut extra = None;
+    if args.proactive || first.address.conversation_id().is_none() {
+        let address = convert::address_pb(&first.address);
+        let msgs = messages
+            .iter()
+            .map(|m| pb::Message {
+                address: None,
+                ..convert::message_pb(m)
+            })
+            .collect();
+        let r = client
+            .send_proactive(pb::SendProactiveRequest {
+                address: Some(address),
+                messages: msgs,
+                options: Some(convert::options_pb(&ProactiveOptions::default())),
+                idempotency_key: args.idempotency_key,
+                wait,
+            })
+            .await?
+            .into_inner();
+        extra = Some(r.address.map(|a| json!({"channel_id": a.channel_id, "conversation_id": a.conversation.map(|c| c.id), "service_url": a.service_url})));
+        results = r.results;
+    } else if messages.len() == 1 {
+        let r = client
+            .send(pb::SendRequest {
+                message: Some(convert::message_pb(first)),
+                idempotency_key: args.idempotency_key,
+                wait,
+            })
+            .await?
+            .into_inner();
+        results = vec![pb::SendResult {
+            message_id: r.message_id,
+            state: r.state,
+            receipts: r.receipts,
+            warnings: r.warnings,
+            error: None,
+        }];
+    } else {
+        results = client
+            .send_batch(pb::SendBatchRequest {
+                messages: messages.iter().map(convert::message_pb).collect(),
+                idempotency_key: args.idempotency_key,
+                wait,
+            })
+            .await?
+            .into_inner()
+            .results;
+    }
+    let mut waiting = Vec::new();
+    if args.wait_delivered {
+        waiting = wait_delivered(&mut client, &mut results, args.timeout).await?;
+    }
+    let out: Vec<Value> = results.iter().map(result_json).collect();
+    match (extra, out.len()) {
+        (Some(address), _) => print(&json!({"address": address, "results": out}))?,
+        (None, 1) => print(&out[0])?,
+        (None, _) => print(&json!({ "results": out }))?,
+    }
+    if !waiting.is_empty() {
+        return Err(CliError::Usage(format!(
+            "not delivered within {:?} (--timeout): {}; the gateway goes on delivering: \
+             follow with `channel-gateway status ID`",
+            args.timeout,
+            waiting.join(", ")
+        )));
+    }
+    let failed: Vec<String> = results
+        .iter()
+        .filter(|r| {
+            matches!(
+                pb::DeliveryState::try_from(r.state),
+                Ok(pb::DeliveryState::Failed | pb::DeliveryState::Expired)
+            )
+        })
+        .map(|r| format!("{} {}", r.message_id, state_name(r.state)))
+        .collect();
+    if !failed.is_empty() {
+        return Err(CliError::Usage(format!(
+            "not delivered: {} (see `error` above)",
+            failed.join(", ")
+        )));
+    }
+    Ok(())
+}
+
+/// Follows each accepted message until it is delivered, failed or expired, or `timeout` passes;
+/// updates `results` and returns the ids still on their way (as "ID state").
+async fn wait_delivered(
+    client: &mut Client,
+    results: &mut [pb::SendResult],
+    timeout: Duration,
+) -> Result<Vec<String>, CliError> {
+    let started = Instant::now();
+    let mut pause = Duration::from_millis(50);
+    loop {
+        for r in results.iter_mut().filter(|r| !is_final(r.state)) {
+            let d = client
+                .get_delivery(pb::GetDeliveryRequest {
+                    message_id: r.message_id.clone(),
+                })
+                .await?
+                .into_inner()
+                .delivery
+                .unwrap_or_default();
+            r.state = d.state;
+            r.receipts = d.receipts;
+            r.error = d.error;
+            if !d.warnings.is_empty() {
+                r.warnings = d.warnings;
+            }
+        }
+        let pending: Vec<String> = results
+            .iter()
+            .filter(|r| !is_final(r.state))
+            .map(|r| format!("{} {}", r.message_id, state_name(r.state)))
+            .collect();
+        if pending.is_empty() || started.elapsed() >= timeout {
+            return Ok(pending);
+        }
+        tokio::time::sleep(pause.min(timeout.saturating_sub(started.elapsed()))).await;
+        pause = (pause * 2).min(Duration::from_millis(500));
+    }
+}
+
+pub async fn render(args: MessageArgs) -> Result<(), CliError> {
+    let messages = messages_from(&args)?;
+    let mut client = connect(
+        &args.gateway,
+        " (render asks a running gateway; it needs no channel credentials)",
+    )
+    .await?;
+    let mut out = Vec::new();
+    for m in &messages {
+        let r = client
+            .render(pb::RenderRequest {
+                message: Some(convert::message_pb(m)),
+                options: None,
+            })
+            .await?
+            .into_inner();
+        out.push(json!({
+            "requests": r.requests.iter().map(|q| json!({
+                "method": q.method,
+                "url": q.url,
+                "body": serde_json::from_str::<Value>(&q.body_json).unwrap_or(Value::String(q.body_json.clone())),
+            })).collect::<Vec<_>>(),
+            "warnings": warnings_json(&r.warnings),
+        }));
+    }
+    print(&if out.len() == 1 {
+        out.remove(0)
+    } else {
+        Value::Array(out)
+    })
+}
+
+pub async fn status(args: StatusArgs) -> Result<(), CliError> {
+    let mut client = connect(&args.gateway, "").await?;
+    let d = client
+        .get_delivery(pb::GetDeliveryRequest {
+            message_id: args.message_id,
+        })
+        .await?
+        .into_inner()
+        .delivery
+        .unwrap_or_default();
+    print(&delivery_json(&d))
+}
+
+pub async fn failed(args: FailedArgs) -> Result<(), CliError> {
+    let mut client = connect(&args.gateway, "").await?;
+    let r = client
+        .list_failed(pb::ListFailedRequest {
+            bot_id: args.bot.unwrap_or_default(),
+            page_size: args.page_size,
+            page_token: args.page_token.unwrap_or_default(),
+        })
+        .await?
+        .into_inner();
+    print(&json!({
+        "deliveries": r.deliveries.iter().map(delivery_json).collect::<Vec<_>>(),
+        "next_page_token": r.next_page_token,
+    }))
+}
+
+pub async fn redeliver(args: RedeliverArgs) -> Result<(), CliError> {
+    let mut client = connect(&args.gateway, "").await?;
+    let r = client
+        .redeliver(pb::RedeliverRequest {
+            message_ids: args.message_ids,
+        })
+        .await?
+        .into_inner();
+    print(&json!({ "message_ids": r.message_ids }))
+}
+
+pub async fn capabilities(args: CapabilitiesArgs) -> Result<(), CliError> {
+    let mut client = connect(&args.gateway, "").await?;
+    let c = client
+        .get_capabilities(pb::GetCapabilitiesRequest {
+            channel_id: args.channel,
+        })
+        .await?
+        .into_inner()
+        .capabilities
+        .unwrap_or_default();
+    print(&json!({
+        "channel_id": c.channel_id,
+        "implementation": c.implementation,
+        "configured": c.configured,
+        "typing": c.typing,
+        "typing_interval": c.typing_interval.map(|d| format!("{}s", d.seconds as f64 + f64::from(d.nanos) / 1e9)),
+        "carousel": c.carousel,
+        "max_buttons_per_card": c.max_buttons_per_card,
+        "max_suggested_actions": c.max_suggested_actions,
+        "max_text_length": c.max_text_length,
+        "max_payload_bytes": c.max_payload_bytes,
+        "markdown_flavor": c.markdown_flavor,
+        "update_delete": c.update_delete,
+        "proactive": c.proactive,
+    }))
+}
+
+pub async fn watch(args: WatchArgs) -> Result<(), CliError> {
+    let mut client = connect(&args.gateway, "").await?;
+    let mut stream = client
+        .watch_deliveries(pb::WatchDeliveriesRequest {
+            bot_id: args.bot.unwrap_or_default(),
+            channel_id: args.channel.unwrap_or_default(),
+            conversation_id: args.conversation.unwrap_or_default(),
+        })
+        .await?
+        .into_inner();
+    while let Some(ev) = stream.next().await {
+        let d = ev?.delivery.unwrap_or_default();
+        print_line(&delivery_json(&d).to_string())?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bare_address_gets_a_scheme() {
+        assert_eq!(endpoint_url("127.0.0.1:50051"), "http://127.0.0.1:50051");
+        assert_eq!(
+            endpoint_url("https://gw.example:443"),
+            "https://gw.example:443"
+        );
+    }
+}
