@@ -299,7 +299,7 @@ async fn shutdown_says_what_becomes_of_undelivered_messages() {
             .env_remove("RUST_LOG")
             .env(
                 "CHANNEL_GATEWAY__CHANNELS__BOTFRAMEWORK__ALLOWED_SERVICE_HOSTS",
-                "[\"127.0.0.1\"]",
+                "[\"127.0.0.1:*\"]",
             )
             .env(
                 "CHANNEL_GATEWAY__CHANNELS__BOTFRAMEWORK__TOKEN_URL",

@@ -283,7 +283,8 @@ fn list_item(line: &str) -> Option<(String, String, &str)> {
     if (1..=9).contains(&digits) {
         let after = &body[digits..];
         let delim = after.chars().next()?;
-        let rest = &after[1..];
+        // The character after the digits may be any character, of any width.
+        let rest = &after[delim.len_utf8()..];
         if matches!(delim, '.' | ')') && (rest.starts_with(' ') || rest.starts_with('\t')) {
             return Some((indent, format!("{}.", &body[..digits]), rest.trim_start()));
         }
@@ -1093,6 +1094,15 @@ mod tests {
             md("line with hard break  \nnext"),
             "line with hard break\nnext"
         );
+    }
+
+    /// Found by tests/fuzz.rs: a wide character right after a number at the start of a line
+    /// was sliced at byte 1 as if it were the list's `.` or `)`.
+    #[test]
+    fn a_number_followed_by_a_wide_character_is_text() {
+        assert_eq!(md("1𶃪 x"), "1𶃪 x");
+        assert_eq!(md("12é. y"), "12é. y");
+        assert_eq!(md("3) ok"), "3. ok");
     }
 
     #[test]
