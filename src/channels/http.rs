@@ -16,14 +16,15 @@
 //! so an answer of endless tiny chunks or trailers took the gateway past a gigabyte in a second.
 //! A parser that millions of deployments exercise is worth a moderate CPU cost per message.
 //! hyper bounds the head, chunk extensions and trailers; this module adds the bound on the
-//! decoded body and the one deadline. Why not reqwest or hyper-util's pooled client on top:
-//! they add redirect, retry and URL layers we switch off, and this pool keeps the reuse rules
-//! below in a few lines.
+//! decoded body, a meter of the bytes each answer takes off the wire, and the one deadline.
+//! Why not reqwest or hyper-util's pooled `Client` on top: reqwest adds redirect and retry
+//! layers we switch off and parses each URL again, and neither gives a hook to meter one
+//! answer's bytes on its connection; the pool below keeps the reuse rules in a few lines.
 //!
 //! The pool: a connection goes back only after its answer was read whole; hyper itself closes
-//! one whose server said `connection: close`, spoke HTTP/1.0 or sent bytes nobody asked for,
-//! and such a connection is then skipped, never failed: a request it returns unsent goes on
-//! another. Why HTTP/1.1 only: a pool of connections lets one busy channel host take as many
+//! one whose server said `connection: close`, spoke HTTP/1.0 without keep-alive or sent bytes
+//! nobody asked for, and such a connection is then skipped, never failed: a request it returns
+//! unsent goes on another. Why HTTP/1.1 only: a pool of connections lets one busy channel host take as many
 //! parallel calls as `delivery.max_concurrency` allows, where HTTP/2 would put them all on one
 //! connection under the server's stream limit (measured slower here too, bench/PROFILE.md).
 
