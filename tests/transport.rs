@@ -1,6 +1,6 @@
 //! Transport security and sidecar listeners: TLS, mTLS with a certificate-mapped caller, a wrong
 //! client certificate refused, certificate reload, and a Unix socket round trip. Certificates are
-//! made in the test with rcgen.
+//! made in the test with rcgen. And the channels' HTTP client against hostile channel hosts.
 
 mod common;
 
@@ -327,4 +327,181 @@ async fn tls_connections_without_an_http2_handshake_are_closed() {
         served(h.gateway.addr, &pki.ca_pem, None).await,
         "a real client is served"
     );
+}
+
+// ---- The channels' HTTP client against hostile channel hosts ----
+//
+// A channel host is a server on the internet: its answer is bounded by the client, however it
+// frames it. Each case below is an answer that never ends in a way the bound on the decoded
+// body alone does not see (framing bytes, trailers, extensions) or that declares too much; each
+// call must end with a transport error, long before its timeout, and the process must not grow
+// by more than a few times the 4 MiB answer bound. The hand-written framing this client had
+// kept every byte of chunk-size lines and trailers: there the trailer and extension cases ran
+// until the timeout holding everything sent (up to 256 MiB), and 1-byte chunks raised the peak
+// by ~38 MiB to reach the 4 MiB body bound. The chunk-size line and content-length cases passed
+// there too (it bounded a line to 4 KiB and checked the declared length): they keep hyper's
+// client to the same.
+
+use channel_gateway::channels::http::{Http, MAX_ANSWER_BYTES, TransportError, parse_uri};
+
+/// What a hostile host sends at most before it holds the connection open in silence: far past
+/// every bound, and small enough that a client keeping it all survives to fail the test.
+const HOSTILE_BYTES: usize = 256 << 20;
+
+/// The timeout of each call: an answer that is bounded ends long before it.
+const HOSTILE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long a refused answer may take: the bounds are reached within a few MiB on loopback
+/// (the slowest case, ~100k 1-byte chunks, takes ~2 s in a debug build on an idle machine).
+const PROMPT: Duration = Duration::from_secs(20);
+
+/// How much a case may raise the test process's peak resident memory: the 4 MiB body bound,
+/// hyper's read buffer and slack.
+const GROWTH_BOUND: u64 = 16 << 20;
+
+/// A host on 127.0.0.1 that reads a request head and answers `head`, then `unit` over and over
+/// until it has sent `HOSTILE_BYTES` or the client hangs up, then holds the connection open.
+async fn hostile_host(head: &'static [u8], unit: Vec<u8>) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    // Whole units in ~64 KiB, so each write is one syscall's worth.
+    let block = unit.repeat((64 << 10) / unit.len() + 1);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let block = block.clone();
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                if s.write_all(head).await.is_err() {
+                    return;
+                }
+                let mut sent = head.len();
+                while sent < HOSTILE_BYTES {
+                    if s.write_all(&block).await.is_err() {
+                        return;
+                    }
+                    sent += block.len();
+                }
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+            });
+        }
+    });
+    format!("http://{addr}/")
+}
+
+/// The peak resident memory of this process so far (`VmHWM`), in bytes.
+fn peak_rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .expect("VmHWM in /proc/self/status");
+    kb << 10
+}
+
+/// Set in the process of its own that `hostile_channel_answers_end_promptly_and_small` runs in.
+const IN_CHILD: &str = "CHANNEL_GATEWAY_TEST_HOSTILE_CHILD";
+
+/// Runs the cases in a process of their own (this test binary, filtered to this one test):
+/// the peak memory it measures is then theirs, not that of the tests running beside it.
+#[cfg(target_os = "linux")]
+#[test]
+fn hostile_channel_answers_end_promptly_and_small() {
+    if std::env::var_os(IN_CHILD).is_none() {
+        let _watchdog = common::Watchdog::start();
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "hostile_channel_answers_end_promptly_and_small",
+                "--exact",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(IN_CHILD, "1")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        println!("{text}");
+        assert!(out.status.success(), "{text}");
+        // The filter matched this test: its cases ran.
+        assert!(text.contains("1 passed"), "{text}");
+        return;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(hostile_cases());
+}
+
+async fn hostile_cases() {
+    let chunked = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
+    let cases: Vec<(&str, &'static [u8], Vec<u8>)> = vec![
+        ("endless 1-byte chunks", chunked, b"1\r\nx\r\n".to_vec()),
+        (
+            "a body, then endless trailers",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n",
+            b"x-trailer: 0123456789012345678901234567890123456789\r\n".to_vec(),
+        ),
+        (
+            "an endless chunk-size line",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
+            b"0".to_vec(),
+        ),
+        (
+            "1-byte chunks, each with a 4,000-byte extension",
+            chunked,
+            [b"1;ext=".as_slice(), &[b'e'; 4000], b"\r\nx\r\n"].concat(),
+        ),
+        (
+            "a content-length over the bound",
+            Box::leak(
+                format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n",
+                    MAX_ANSWER_BYTES + 1
+                )
+                .into_bytes()
+                .into_boxed_slice(),
+            ),
+            vec![b'x'; 4096],
+        ),
+    ];
+    let http = Http::new(HOSTILE_TIMEOUT).unwrap();
+    let mut failures = Vec::new();
+    for (case, head, unit) in cases {
+        let url = hostile_host(head, unit).await;
+        // The peak so far: each case is measured by how far it raises it.
+        let before = peak_rss();
+        let started = std::time::Instant::now();
+        let result = http
+            .send(http::Method::GET, parse_uri(&url).unwrap(), None, None)
+            .await;
+        let took = started.elapsed();
+        let grown = peak_rss().saturating_sub(before);
+        println!(
+            "{case}: {result:?} after {took:?}, peak memory +{} KiB",
+            grown >> 10
+        );
+        match result {
+            Err(e) if matches!(e, TransportError::Transport(_)) && e.may_have_reached() => {}
+            other => failures.push(format!("{case}: not a transport error: {other:?}")),
+        }
+        if took >= PROMPT {
+            failures.push(format!("{case}: the call took {took:?}"));
+        }
+        if grown >= GROWTH_BOUND {
+            failures.push(format!("{case}: the process grew by {} KiB", grown >> 10));
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
 }
