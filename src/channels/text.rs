@@ -188,6 +188,21 @@ fn boundary(s: &str, end: usize) -> Option<usize> {
         .map(|(i, _)| i)
 }
 
+/// A markdown task list item's box (`- [ ] a`, `- [x] b`) as a symbol that reads as one on
+/// channels without task lists: `[ ]` -> `☐`, `[x]` -> `☑`.
+pub fn task_box(body: &str) -> (&'static str, &str) {
+    if let Some(rest) = body.strip_prefix("[ ] ") {
+        ("☐ ", rest)
+    } else if let Some(rest) = body
+        .strip_prefix("[x] ")
+        .or_else(|| body.strip_prefix("[X] "))
+    {
+        ("☑ ", rest)
+    } else {
+        ("", body)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -79,7 +79,7 @@ fn markdown_line(line: &str) -> String {
     }
     for bullet in ["- ", "* ", "+ "] {
         if let Some(rest) = body.strip_prefix(bullet) {
-            let (check, rest) = task_box(rest.trim_start());
+            let (check, rest) = crate::channels::text::task_box(rest.trim_start());
             return format!("{indent}• {check}{}", inline(rest));
         }
     }
@@ -88,25 +88,11 @@ fn markdown_line(line: &str) -> String {
         && let Some(marker) = body.get(..digits + 1)
         && (marker.ends_with('.') || marker.ends_with(')'))
         && let Some(rest) = body[digits + 1..].strip_prefix(' ')
-        && let (check @ ("☐ " | "☑ "), rest) = task_box(rest.trim_start())
+        && let (check @ ("☐ " | "☑ "), rest) = crate::channels::text::task_box(rest.trim_start())
     {
         return format!("{indent}{marker} {check}{}", inline(rest));
     }
     format!("{indent}{}", inline(body))
-}
-
-/// A task list item's box as a symbol that reads as one: `[ ]` -> `☐`, `[x]` -> `☑`.
-fn task_box(body: &str) -> (&'static str, &str) {
-    if let Some(rest) = body.strip_prefix("[ ] ") {
-        ("☐ ", rest)
-    } else if let Some(rest) = body
-        .strip_prefix("[x] ")
-        .or_else(|| body.strip_prefix("[X] "))
-    {
-        ("☑ ", rest)
-    } else {
-        ("", body)
-    }
 }
 
 const ESCAPABLE: &str = "\\`*_{}[]()#+-.!~>|<\"'";

@@ -146,7 +146,7 @@ pub fn from_markdown(src: &str) -> String {
             continue;
         }
         if let Some((indent, marker, body)) = list_item(rest) {
-            let (check, body) = task_box(body);
+            let (check, body) = crate::channels::text::task_box(body);
             let text = inline(body.trim_end(), Style::default());
             out.push(quote_prefix(
                 quoted,
@@ -290,19 +290,6 @@ fn list_item(line: &str) -> Option<(String, String, &str)> {
         }
     }
     None
-}
-
-fn task_box(body: &str) -> (&'static str, &str) {
-    if let Some(rest) = body.strip_prefix("[ ] ") {
-        ("☐ ", rest)
-    } else if let Some(rest) = body
-        .strip_prefix("[x] ")
-        .or_else(|| body.strip_prefix("[X] "))
-    {
-        ("☑ ", rest)
-    } else {
-        ("", body)
-    }
 }
 
 #[derive(Debug, Clone, Copy, Default)]
