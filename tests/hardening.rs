@@ -314,6 +314,25 @@ async fn ids_and_proactive_options_are_bounded() {
         })
         .await
         .unwrap_err();
+    names(&err, &["options"]);
+    let err = h
+        .client
+        .clone()
+        .send_proactive(pb::SendProactiveRequest {
+            address: Some(h.address("unused")),
+            messages: vec![pb::Message {
+                text: "m".into(),
+                ..Default::default()
+            }],
+            options: Some(pb::ProactiveOptions {
+                topic_name: "t".repeat(1025),
+                members: vec![pb::Identity::default(); 101],
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
     names(&err, &["options.topic_name", "options.members"]);
 }
 

@@ -188,6 +188,8 @@ pub const MAX_ID_BYTES: usize = 1024;
 pub const MAX_URL_BYTES: usize = 2048;
 /// Most members a proactive start may name besides `address.user`.
 pub const MAX_MEMBERS: usize = 100;
+/// The largest a proactive start's options may be, encoded.
+pub const MAX_OPTIONS_BYTES: usize = 16 << 10;
 
 fn check_len(v: &mut Violations, field: &dyn Display, s: &str, max: usize) {
     if s.len() > max {
@@ -713,6 +715,16 @@ pub fn message(v: &mut Violations, path: &dyn Display, m: pb::Message) -> Messag
 /// A proactive start's options, bounded: they travel with each of its messages to the outbox.
 pub fn proactive_options(v: &mut Violations, o: Option<pb::ProactiveOptions>) -> ProactiveOptions {
     let o = o.unwrap_or_default();
+    // Stored with each message of the start (a restart must be able to start it again from
+    // any of them): bounded as a whole so 100 messages carry at most 1.6 MB of options.
+    let size = prost::Message::encoded_len(&o);
+    if size > MAX_OPTIONS_BYTES {
+        v.add(
+            "options",
+            format!("{size} bytes; at most {MAX_OPTIONS_BYTES}"),
+        );
+        return ProactiveOptions::default();
+    }
     check_len(v, &"options.topic_name", &o.topic_name, MAX_ID_BYTES);
     check_len(v, &"options.message_tag", &o.message_tag, MAX_ID_BYTES);
     if o.members.len() > MAX_MEMBERS {
