@@ -255,25 +255,42 @@ async fn after_a_kill_only_messages_a_call_may_have_reached_are_flagged() {
     let port = free_port();
     let mut child = spawn_gateway(&fake, dir.path(), port);
     let mut client = connect(port).await;
-    // Two messages to each conversation: (conversation, text) -> message id.
+    // Two messages to each conversation: (conversation, text) -> message id. The limited
+    // conversation's come in one batch, so the second is marked ahead while the first's call
+    // is under way, and must be unmarked when that call is refused.
     let mut ids = HashMap::new();
-    for conv in [0, 1] {
-        for text in ["0", "1"] {
-            let id = client
-                .send(pb::SendRequest {
-                    message: Some(pb::Message {
-                        address: Some(Box::new(address(&fake, conv))),
-                        text: text.into(),
-                        ..Default::default()
-                    }),
+    for text in ["0", "1"] {
+        let id = client
+            .send(pb::SendRequest {
+                message: Some(pb::Message {
+                    address: Some(Box::new(address(&fake, 0))),
+                    text: text.into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .message_id;
+        ids.insert((0, text), id);
+    }
+    let batch = client
+        .send_batch(pb::SendBatchRequest {
+            messages: ["0", "1"]
+                .map(|text| pb::Message {
+                    address: Some(Box::new(address(&fake, 1))),
+                    text: text.into(),
                     ..Default::default()
                 })
-                .await
-                .unwrap()
-                .into_inner()
-                .message_id;
-            ids.insert((conv, text), id);
-        }
+                .to_vec(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    for (text, r) in ["0", "1"].into_iter().zip(batch.results) {
+        ids.insert((1, text), r.message_id);
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while fake.max_in_flight(held) == 0
