@@ -106,7 +106,7 @@ struct Item {
     possible_duplicate: bool,
     /// Set once the outbox was told it is being delivered, ahead of the worker: at append when
     /// it is next in line (see `enqueue`), or while the message before it was on its way (see
-    /// `premark`). Resolves when that mark is durable.
+    /// `Worker::premark_next`). Resolves when that mark is durable.
     delivering: Option<Durable>,
     /// Typing indicators are not kept in the outbox.
     ephemeral: bool,
@@ -776,7 +776,8 @@ impl Inner {
             // When nothing is queued or in delivery for this conversation, the first message
             // goes out next: it is appended already marked as being delivered, which saves the
             // worker a second durable write before its call. A crash in between only flags it as
-            // a possible duplicate, which is what that mark means.
+            // a possible duplicate; if it has to wait instead (a rate scope), the worker takes
+            // the mark back.
             let mut head = matches!(job, Job::Deliver { .. })
                 && existing
                     .as_ref()
@@ -1205,8 +1206,8 @@ impl Worker {
         Some(next.id)
     }
 
-    /// The current message's call failed and it waits to retry: the next one, marked ahead by
-    /// `premark_next`, is not about to go out after all.
+    /// The current message waits (to retry, or for a rate scope): the next one, marked ahead
+    /// by `premark_next`, is not about to go out after all.
     fn unmark_next(&self, next: &mut NextMark<'_>) {
         let Some(id) = next.marked.take() else {
             return;
@@ -1474,6 +1475,7 @@ impl Worker {
                     .reserve(&req.rate, std::time::Instant::now());
                 if !wait.is_zero() {
                     self.unmark(item, &out, &mut mark);
+                    self.unmark_next(&mut next);
                     self.wait_for_scopes(req, wait).await;
                 }
                 if marks && let Err(e) = self.mark(item, &out, &mut mark).await {
