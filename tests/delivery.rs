@@ -889,9 +889,9 @@ async fn a_teams_conversation_is_paced_within_its_documented_budget() {
     let texts: Vec<&str> = got.iter().map(|r| r.text()).collect();
     assert_eq!(texts, ["m0", "m1", "m2", "m3", "m4", "m5"]);
     // Four at once, then two a second (8 per 2 s, of which 4 as a burst): the sixth goes about
-    // a second after the first, and no second holds more than the documented 7.
+    // a second after the first. (Paced from the first, the fourth would go 1.5 s after it.)
     let after = |i: usize| got[i].at.duration_since(got[0].at);
-    assert!(after(3) < Duration::from_millis(400), "{:?}", after(3));
+    assert!(after(3) < Duration::from_millis(1000), "{:?}", after(3));
     assert!(after(5) >= Duration::from_millis(900), "{:?}", after(5));
 }
 
