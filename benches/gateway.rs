@@ -1122,7 +1122,7 @@ async fn rss_after_eviction(fake: &Proc, n: usize, rows: &mut Vec<Row>) {
     }
     // Delivered messages leave the outbox after 1 s here, so what remains is what the
     // conversations themselves cost. A retained message costs ~100 bytes of outbox index until
-    // its retention ends (README, `outbox.retention`); the active-conversation rows include it.
+    // its retention ends (docs/configuration.md, `outbox.retention`); the active-conversation rows include it.
     let opts = GatewayOpts {
         durable: true,
         max_concurrency: 512,

@@ -454,6 +454,9 @@ pub struct BotFrameworkConfig {
     /// How often a kept-alive typing indicator repeats (clients show one for about 3 s).
     #[serde(deserialize_with = "de_duration")]
     pub typing_interval: Duration,
+    /// Send to each Teams conversation and tenant within Teams' documented rate limits, so
+    /// its 429s stay rare; off, only 429s slow sends down.
+    pub teams_pacing: bool,
     /// Shortcut for a single bot: its Microsoft app id and password.
     pub app_id: Option<String>,
     pub app_password: Option<Secret>,
@@ -482,6 +485,7 @@ impl Default for BotFrameworkConfig {
                 .collect(),
             allow_unauthenticated: false,
             typing_interval: Duration::from_secs(3),
+            teams_pacing: true,
             app_id: None,
             app_password: None,
             bots: Vec::new(),

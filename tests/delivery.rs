@@ -806,15 +806,18 @@ async fn auto_batch_window_groups_sends_and_keeps_order() {
     assert_eq!(texts, ["m0", "m1", "m2", "m3"]);
 }
 
+/// A 429 for one Teams conversation pauses that conversation only: Teams limits each bot per
+/// conversation, and the host's other conversations go on. (Every conversation of the host
+/// waited out the pause before.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_429_pauses_every_conversation_of_the_same_host() {
-    let h = start().await;
+async fn a_429_pauses_its_conversation_not_the_hosts_others() {
+    let h = start_with(|c| c.delivery.max_retry_delay = Duration::from_secs(10)).await;
     h.fake.script(
         "limited",
         vec![Scripted {
             status: 429,
             body: json!({"error": {"code": "TooManyRequests", "message": "slow down"}}),
-            retry_after: Some(2),
+            retry_after: Some(3),
         }],
     );
     h.send("limited", "a").await.unwrap();
@@ -827,7 +830,7 @@ async fn a_429_pauses_every_conversation_of_the_same_host() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
     // Give the 429 answer time to travel back to the gateway; the pause counts from there.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     h.client
         .clone()
         .send(pb::SendRequest {
@@ -839,10 +842,54 @@ async fn a_429_pauses_every_conversation_of_the_same_host() {
         .unwrap();
     let b = h.fake.for_conversation("neighbour")[0].at;
     assert!(
-        b.duration_since(refused_at) >= Duration::from_millis(1900),
-        "another conversation on the paused host went ahead after {:?}",
+        b.duration_since(refused_at) < Duration::from_millis(2000),
+        "another conversation of the host waited {:?} for a 429 it was not given",
         b.duration_since(refused_at)
     );
+    // The refused conversation itself waits out its Retry-After.
+    h.fake
+        .wait_for(
+            Duration::from_secs(20),
+            "the refused message, retried",
+            |r| r.iter().any(|x| x.conversation == "limited"),
+        )
+        .await;
+    let a = h.fake.for_conversation("limited")[0].at;
+    assert!(
+        a.duration_since(refused_at) >= Duration::from_millis(2900),
+        "retried {:?} after a 429 with Retry-After: 3",
+        a.duration_since(refused_at)
+    );
+}
+
+/// With `teams_pacing` (the default), a Teams conversation is sent no faster than Teams'
+/// documented budget per bot per conversation: a few at once, then spaced, never a 429 needed.
+/// (Nothing paced a Bot Framework conversation before: all six went at once.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_teams_conversation_is_paced_within_its_documented_budget() {
+    let h = start_with(|c| c.channels.botframework.teams_pacing = true).await;
+    let messages = (0..6).map(|i| h.text("paced", &format!("m{i}"))).collect();
+    h.client
+        .clone()
+        .send_batch(pb::SendBatchRequest {
+            messages,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    h.fake
+        .wait_for(Duration::from_secs(20), "six paced messages", |r| {
+            r.len() == 6
+        })
+        .await;
+    let got = h.fake.for_conversation("paced");
+    let texts: Vec<&str> = got.iter().map(|r| r.text()).collect();
+    assert_eq!(texts, ["m0", "m1", "m2", "m3", "m4", "m5"]);
+    // Four at once, then two a second (8 per 2 s, of which 4 as a burst): the sixth goes about
+    // a second after the first. (Paced from the first, the fourth would go 1.5 s after it.)
+    let after = |i: usize| got[i].at.duration_since(got[0].at);
+    assert!(after(3) < Duration::from_millis(1000), "{:?}", after(3));
+    assert!(after(5) >= Duration::from_millis(900), "{:?}", after(5));
 }
 
 /// A message far back in its line keeps its requests without their bodies until its turn

@@ -442,8 +442,8 @@ fn text(fake: &FakeConnector, conv: &str, text: &str) -> pb::Message {
 }
 
 /// The delivering mark runs at most one message ahead of the channel, so a crash can flag only
-/// the message in flight and the next one of its conversation as possible duplicates (README,
-/// outbox): while the first of three is on its way, the second is marked and the third is not.
+/// the message in flight and the next one of its conversation as possible duplicates
+/// (docs/delivery.md, the duplicate flag): while the first of three is on its way, the second is marked and the third is not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_the_next_message_is_marked_ahead_of_the_call() {
     let h = start().await;

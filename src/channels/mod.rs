@@ -343,7 +343,11 @@ impl Channels {
     ) -> Result<Rendered, RenderOrRoute> {
         let c = &self.config.channels;
         Ok(match self.implementation(&msg.address.channel_id)? {
-            Implementation::BotFramework => botframework::render::render_send(msg)?,
+            Implementation::BotFramework => {
+                let mut r = botframework::render::render_send(msg)?;
+                self.pace_teams(&mut r);
+                r
+            }
             Implementation::Facebook => facebook::render::render_send(msg, proactive, &c.facebook)?,
             Implementation::Slack => slack::render::render_send(msg, proactive, &c.slack)?,
         })
@@ -362,13 +366,25 @@ impl Channels {
         let c = &self.config.channels;
         Ok(match self.implementation(channel_id)? {
             Implementation::BotFramework => {
-                botframework::render::render_proactive(messages, options)?
+                let mut r = botframework::render::render_proactive(messages, options)?;
+                self.pace_teams(&mut r);
+                r
             }
             Implementation::Facebook => {
                 facebook::render::render_proactive(messages, options, &c.facebook)?
             }
             Implementation::Slack => slack::render::render_proactive(messages, options, &c.slack)?,
         })
+    }
+
+    /// Without `channels.botframework.teams_pacing`, Teams' documented budgets are not applied
+    /// (its scopes stay, for 429 pauses).
+    fn pace_teams(&self, r: &mut Rendered) {
+        if !self.config.channels.botframework.teams_pacing {
+            for req in &mut r.requests {
+                req.rate.drop_budgets();
+            }
+        }
     }
 
     fn unroutable(channel_id: &str, e: RouteError) -> ChannelError {

@@ -39,19 +39,79 @@ pub struct NativeRequest {
     pub body: Body,
     #[serde(skip)]
     pub credential: String,
-    /// The channel's rate limit this request counts against, if any.
+    /// The channel's rate scopes this request counts against, narrowest first.
     #[serde(skip)]
-    pub rate: Option<RateLimit>,
+    pub rate: RateScopes,
 }
 
-/// A rate scope (a Slack channel, a Facebook page's media sends...) and its quota.
-/// Requests of one scope share one token bucket, across conversations.
+/// Where one request counts against its channel's rate limits: the scopes the channel's
+/// documentation names, narrowest first (a Teams conversation, then the bot's tenant, then the
+/// service host). A 429 pauses the narrowest; a wider one is paused only when 429s repeat
+/// across the narrower scopes under it. Empty: the request is never paced nor paused.
+///
+/// Built by each channel's render; `delivery` reads keys and budgets, never their meaning.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RateScopes(pub Vec<RateScope>);
+
+impl RateScopes {
+    pub fn levels(&self) -> &[RateScope] {
+        &self.0
+    }
+
+    /// Keeps the scopes (for 429 pauses) without their budgets.
+    pub fn drop_budgets(&mut self) {
+        for l in &mut self.0 {
+            l.budgets = std::borrow::Cow::Borrowed(&[]);
+        }
+    }
+}
+
+/// One scope: its key and the budgets its channel documents for it (applied before sending).
 #[derive(Debug, Clone, PartialEq)]
-pub struct RateLimit {
-    /// Unique across channels, e.g. `slack:T0123:C0456`.
-    pub scope: String,
+pub struct RateScope {
+    /// Unique across channels, e.g. `slack:B0123:C0456`. Shared, since a wide scope's key is
+    /// the same for every request under it.
+    pub key: std::sync::Arc<str>,
+    /// Empty when the channel publishes none: then only a 429 slows the scope.
+    pub budgets: std::borrow::Cow<'static, [Budget]>,
+}
+
+impl RateScope {
+    pub fn new(key: impl Into<std::sync::Arc<str>>, budgets: &'static [Budget]) -> Self {
+        Self {
+            key: key.into(),
+            budgets: std::borrow::Cow::Borrowed(budgets),
+        }
+    }
+
+    /// A scope whose only budget comes from the configuration.
+    pub fn configured(key: impl Into<std::sync::Arc<str>>, budget: Budget) -> Self {
+        Self {
+            key: key.into(),
+            budgets: std::borrow::Cow::Owned(vec![budget]),
+        }
+    }
+}
+
+/// A token bucket: `burst` requests at once, then `per_second`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Budget {
     pub per_second: f64,
     pub burst: u32,
+}
+
+impl Budget {
+    /// At most `count` requests in any window of `window_secs`, of which `burst` may go at
+    /// once. A bucket with burst b and rate r lets b + r * window through in one window, so the
+    /// rate is what the window leaves after the burst: a documented "N per T" is then never
+    /// exceeded, at the price of a sustained rate below N / T.
+    pub const fn window(count: u32, window_secs: u32, burst: u32) -> Self {
+        let rest = count.saturating_sub(burst);
+        Self {
+            per_second: rest as f64 / window_secs as f64,
+            burst,
+        }
+    }
 }
 
 /// What a message turns into on a channel, and what had to change to fit.

@@ -88,6 +88,9 @@ impl StoredMessage {
 pub enum Change {
     /// About to call the channel (from now on a crash may leave a duplicate).
     Delivering { attempts: u32 },
+    /// Back to waiting before a call (a rate scope, a 429's Retry-After) with no call of it
+    /// that may have reached the channel: a crash now does not flag it.
+    Waiting { attempts: u32 },
     /// The final outcome. It replaces the whole state: its `possible_duplicate` is the message's
     /// whole flag (the dispatcher folds in what the record said before), so a backend never
     /// needs to read the previous state to record it.
@@ -191,6 +194,10 @@ pub(crate) fn apply_state(s: &mut StateRecord, change: Change) {
     match change {
         Change::Delivering { attempts } => {
             s.state = DeliveryState::Delivering;
+            s.attempts = attempts;
+        }
+        Change::Waiting { attempts } => {
+            s.state = DeliveryState::Accepted;
             s.attempts = attempts;
         }
         Change::Finished(o) => {

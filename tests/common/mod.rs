@@ -71,10 +71,11 @@ pub struct FakeState {
     pub fault_rate: Mutex<f64>,
     /// With faults on: how long a "slow" answer takes (beyond the gateway's timeout).
     pub slow_answer: Mutex<Duration>,
-    /// Faults given: when, and which (`429`, `500`, `slow`, `drop`).
-    pub faults: Mutex<Vec<(Instant, &'static str)>>,
-    /// Every activity request as it arrived (before any fault), for pause checks.
-    pub arrivals: Mutex<Vec<Instant>>,
+    /// Faults given: when, which (`429`, `500`, `slow`, `drop`), and to which conversation.
+    pub faults: Mutex<Vec<(Instant, &'static str, String)>>,
+    /// Every activity request as it arrived (before any fault), and its conversation, for
+    /// pause checks.
+    pub arrivals: Mutex<Vec<(Instant, String)>>,
     pub token_expires_in: Mutex<u64>,
     pub next_id: AtomicU64,
     pub created: AtomicU64,
@@ -213,7 +214,10 @@ async fn handle(
     headers: HeaderMap,
     body: Value,
 ) -> Response {
-    s.arrivals.lock().unwrap().push(Instant::now());
+    s.arrivals
+        .lock()
+        .unwrap()
+        .push((Instant::now(), conv.clone()));
     let rate = *s.fault_rate.lock().unwrap();
     if rate > 0.0 && rand::random::<f64>() < rate {
         return fault(&s, conv, reply_to, headers, body).await;
@@ -296,7 +300,10 @@ async fn fault(
         5..=7 => "slow",
         _ => "drop",
     };
-    s.faults.lock().unwrap().push((Instant::now(), kind));
+    s.faults
+        .lock()
+        .unwrap()
+        .push((Instant::now(), kind, conv.clone()));
     match kind {
         "429" => {
             let mut r = (
@@ -366,6 +373,9 @@ pub fn config_for(fake: &FakeConnector) -> Config {
     c.delivery.base_retry_delay = Duration::from_millis(20);
     c.delivery.max_retry_delay = Duration::from_secs(2);
     c.delivery.request_timeout = Duration::from_secs(10);
+    // The fake is not Teams: tests send one conversation many messages at once, faster than
+    // Teams' documented budgets allow (tests that check the pacing turn it on).
+    c.channels.botframework.teams_pacing = false;
     c
 }
 

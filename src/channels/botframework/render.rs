@@ -12,8 +12,8 @@ use time::format_description::well_known::Rfc3339;
 use time::{OffsetDateTime, UtcOffset};
 
 use crate::channels::{
-    Body, Capabilities, HttpMethod, NativeRequest, ObjWriter, RateLimit, RenderError, Rendered,
-    text,
+    Body, Budget, Capabilities, HttpMethod, NativeRequest, ObjWriter, RateScope, RateScopes,
+    RenderError, Rendered, text,
 };
 use crate::model::{
     ActionType, Address, AttachmentContent, AttachmentLayout, CONTENT_TYPE_HERO, CardAction,
@@ -42,6 +42,22 @@ pub const TEAMS_MAX_UTF16_UNITS: usize = 40_960;
 const TEAMS_TEXT_ROOM: usize = 64;
 /// Below this, splitting the text would send a flood of tiny activities: refuse instead.
 const TEAMS_MIN_TEXT_BUDGET: usize = 1000;
+
+/// Teams' limits per bot per conversation ("thread"), from "Rate limiting for bots" (Teams
+/// platform docs, learn.microsoft.com/microsoftteams/platform/bots/how-to/rate-limit): 7
+/// operations per 1 s, 8 per 2 s, 60 per 30 s, 1,800 per 3,600 s. Each bucket lets its burst and
+/// its rate over the window through, never more than the documented count in any window; the
+/// bursts favour a bot's few quick replies, the rates a long stream (2/s, then 1.7/s, then
+/// 1,500/h once the hour's burst is spent).
+pub const TEAMS_PER_CONVERSATION: &[Budget] = &[
+    Budget::window(7, 1, 4),
+    Budget::window(8, 2, 4),
+    Budget::window(60, 30, 10),
+    Budget::window(1800, 3600, 300),
+];
+/// Teams' global limit per app per tenant, 50 requests per second (same page): smooth, since a
+/// tenant's traffic comes from many conversations at once.
+pub const TEAMS_PER_TENANT: &[Budget] = &[Budget::window(50, 1, 10)];
 
 /// The Activity JSON for a message (Bot Framework v3 REST schema, camelCase), plus warnings for
 /// the adaptations made to fit the channel. Fields that are unset or empty are left out.
@@ -243,7 +259,7 @@ fn send_request(
         vec![body]
     };
     let credential = msg.address.bot_id();
-    let rate = host_scope(base);
+    let rate = send_scopes(&msg.address, base);
     Ok(Rendered {
         requests: bodies
             .into_iter()
@@ -252,7 +268,7 @@ fn send_request(
                 url: url.clone(),
                 body,
                 credential: credential.to_string(),
-                rate: Some(rate.clone()),
+                rate: rate.clone(),
             })
             .collect(),
         warnings,
@@ -402,14 +418,44 @@ fn text_part(msg: &Message, piece: &str, entities: impl IntoIterator<Item = Valu
     }
 }
 
-/// The connector publishes no quota, so the scope (the service host) has none: only a 429
-/// pauses it, for every conversation served from that host.
-fn host_scope(base: &ServiceBase) -> RateLimit {
-    RateLimit {
-        scope: base.scope.clone(),
-        per_second: 0.0,
-        burst: 0,
+/// A send's rate scopes: its conversation (Teams: per bot per conversation), the bot's tenant
+/// (Teams: per app per tenant), then the service host. Only Teams documents budgets; on every
+/// channel a 429 pauses the conversation alone until 429s repeat across the host's
+/// conversations (see `delivery::rate`).
+fn send_scopes(address: &Address, base: &ServiceBase) -> RateScopes {
+    let teams = address.channel_id == TEAMS;
+    let bot = address.bot_id();
+    // The bot id's length keeps (bot `a/b`, conversation `c`) apart from (`a`, `b/c`).
+    let prefix = format!("{}/{}:{bot}/", base.scope, bot.len());
+    let conversation = address.conversation_id().unwrap_or_default();
+    let mut levels = Vec::with_capacity(3);
+    levels.push(RateScope::new(
+        format!("{prefix}c/{conversation}"),
+        if teams { TEAMS_PER_CONVERSATION } else { &[] },
+    ));
+    if teams && let Some(tenant) = tenant_id(address) {
+        levels.push(RateScope::new(
+            format!("{prefix}t/{tenant}"),
+            TEAMS_PER_TENANT,
+        ));
     }
+    levels.push(RateScope::new(base.scope.clone(), &[]));
+    RateScopes(levels)
+}
+
+/// The tenant of an address: its conversation's, else its user's or its bot's.
+fn tenant_id(address: &Address) -> Option<&str> {
+    [
+        address
+            .conversation
+            .as_ref()
+            .and_then(|c| c.tenant_id.as_deref()),
+        address.user.as_ref().and_then(|u| u.tenant_id.as_deref()),
+        address.bot.as_ref().and_then(|b| b.tenant_id.as_deref()),
+    ]
+    .into_iter()
+    .flatten()
+    .find(|t| !t.is_empty())
 }
 
 fn create_request(
@@ -448,17 +494,7 @@ fn create_request(
         ));
     }
 
-    let tenant_id = [
-        address
-            .conversation
-            .as_ref()
-            .and_then(|c| c.tenant_id.as_deref()),
-        address.user.as_ref().and_then(|u| u.tenant_id.as_deref()),
-        address.bot.as_ref().and_then(|b| b.tenant_id.as_deref()),
-    ]
-    .into_iter()
-    .flatten()
-    .find(|t| !t.is_empty());
+    let tenant_id = tenant_id(address);
 
     let mut o = ObjWriter::new();
     if let Some(bot) = &address.bot {
@@ -473,7 +509,7 @@ fn create_request(
         url: format!("{}/v3/conversations", base.url),
         body: o.finish()?,
         credential: address.bot_id().to_string(),
-        rate: Some(host_scope(&base)),
+        rate: RateScopes(vec![RateScope::new(base.scope.clone(), &[])]),
     })
 }
 
@@ -483,7 +519,7 @@ struct ServiceBase {
     /// Without trailing slashes, so a path can be appended.
     url: String,
     /// The rate scope of its host, `botframework:{host}`.
-    scope: String,
+    scope: Arc<str>,
 }
 
 /// The service URL, checked to be an absolute http(s) URL that a path can be appended to.
@@ -534,7 +570,7 @@ fn check_service_url(raw: &str, field: &str) -> Result<ServiceBase, RenderError>
     }
     Ok(ServiceBase {
         url: parsed.as_str().trim_end_matches('/').to_string(),
-        scope: format!("botframework:{}", parsed.host_str().unwrap_or_default()),
+        scope: format!("botframework:{}", parsed.host_str().unwrap_or_default()).into(),
     })
 }
 
@@ -1030,12 +1066,12 @@ mod tests {
         };
         let a = service_base(&with("https://a.example/amer/"), "m").unwrap();
         assert_eq!(
-            (a.url.as_str(), a.scope.as_str()),
+            (a.url.as_str(), &*a.scope),
             ("https://a.example/amer", "botframework:a.example")
         );
         let b = service_base(&with("https://b.example/emea"), "m").unwrap();
         assert_eq!(
-            (b.url.as_str(), b.scope.as_str()),
+            (b.url.as_str(), &*b.scope),
             ("https://b.example/emea", "botframework:b.example")
         );
         let err = service_base(&with("https://u:p@a.example/amer/"), "m").err();

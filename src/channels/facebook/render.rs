@@ -18,7 +18,8 @@ use super::config::{FacebookConfig, SendEndpoint};
 use super::money::{self, Decimal};
 use super::text;
 use crate::channels::{
-    Body, Capabilities, HttpMethod, NativeRequest, RateLimit, RenderError, Rendered,
+    Body, Budget, Capabilities, HttpMethod, NativeRequest, RateScope, RateScopes, RenderError,
+    Rendered,
 };
 use crate::model::{
     ActionType, Attachment, AttachmentContent, AttachmentLayout, CONTENT_TYPE_ADAPTIVE, CardAction,
@@ -111,20 +112,30 @@ pub fn render_send(
             message_requests(msg, psid, proactive, &mut ctx)?
         }
     };
+    // Send API: 300 calls per second per page for text, links, reactions and stickers, 10 for
+    // audio or video ("Messenger Platform rate limits"; the defaults stay below), and "too many
+    // messages to a single thread" may be limited, without a figure: the thread is the
+    // narrowest scope, paced by the page's budget only.
+    let thread: std::sync::Arc<str> = format!("{CHANNEL}:{page_id}/{psid}").into();
     let rate = |media: bool| {
-        Some(if media {
-            RateLimit {
-                scope: format!("{CHANNEL}:{page_id}:media"),
-                per_second: config.media_rate_per_second,
-                burst: config.media_rate_burst,
-            }
+        let page = if media {
+            RateScope::configured(
+                format!("{CHANNEL}:{page_id}:media"),
+                Budget {
+                    per_second: config.media_rate_per_second,
+                    burst: config.media_rate_burst,
+                },
+            )
         } else {
-            RateLimit {
-                scope: format!("{CHANNEL}:{page_id}"),
-                per_second: config.rate_per_second,
-                burst: config.rate_burst,
-            }
-        })
+            RateScope::configured(
+                format!("{CHANNEL}:{page_id}"),
+                Budget {
+                    per_second: config.rate_per_second,
+                    burst: config.rate_burst,
+                },
+            )
+        };
+        RateScopes(vec![RateScope::new(thread.clone(), &[]), page])
     };
     Ok(Rendered {
         requests: bodies
@@ -1786,7 +1797,8 @@ mod tests {
         let q = &r.requests[0];
         assert_eq!(q.url, "https://graph.facebook.com/v25.0/me/messages");
         assert_eq!(q.credential, "page-1");
-        assert_eq!(q.rate.as_ref().unwrap().scope, "facebook:page-1");
+        let keys: Vec<&str> = q.rate.levels().iter().map(|l| &*l.key).collect();
+        assert_eq!(keys, ["facebook:page-1/psid-1", "facebook:page-1"]);
         assert_eq!(
             q.body.value(),
             json!({"recipient": {"id": "psid-1"}, "messaging_type": "RESPONSE", "message": {"text": "hi"}})
@@ -1850,10 +1862,10 @@ mod tests {
         let scopes: Vec<&str> = r
             .requests
             .iter()
-            .map(|q| q.rate.as_ref().unwrap().scope.as_str())
+            .map(|q| &*q.rate.levels()[1].key)
             .collect();
         assert_eq!(scopes, ["facebook:page-1:media", "facebook:page-1"]);
-        assert_eq!(r.requests[0].rate.as_ref().unwrap().per_second, 10.0);
+        assert_eq!(r.requests[0].rate.levels()[1].budgets[0].per_second, 10.0);
     }
 
     #[test]

@@ -559,7 +559,7 @@ mod tests {
             url: "https://attacker.test/api/chat.postMessage".into(),
             body: crate::channels::Body::json(&serde_json::json!({})).unwrap(),
             credential: "B1".into(),
-            rate: None,
+            rate: Default::default(),
         };
         let e = client.execute(&req).await.unwrap_err();
         assert_eq!(e.code.as_deref(), Some("url_not_allowed"));

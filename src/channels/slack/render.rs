@@ -14,7 +14,8 @@ use super::blocks::{self, Ctx, Group};
 use super::config::SlackConfig;
 use super::mrkdwn;
 use crate::channels::{
-    Body, Capabilities, HttpMethod, NativeRequest, RateLimit, RenderError, Rendered,
+    Body, Budget, Capabilities, HttpMethod, NativeRequest, RateScope, RateScopes, RenderError,
+    Rendered,
 };
 use crate::model::{
     Address, AttachmentLayout, Conversation, DeliveryMode, Message, MessageType, ProactiveOptions,
@@ -245,7 +246,7 @@ pub fn open_request(
         body: Body::json(&json!({"users": users.join(",")}))?,
         credential: address.bot_id().to_string(),
         // conversations.open has its own, workspace-wide quota: only Slack's 429s slow it.
-        rate: None,
+        rate: RateScopes::default(),
     })
 }
 
@@ -297,11 +298,20 @@ fn post_message(
         url: config.method_url("chat.postMessage"),
         body: Body::json(&body)?,
         credential: bot.to_string(),
-        rate: Some(RateLimit {
-            scope: format!("slack:{bot}:{channel}"),
-            per_second: config.rate_per_second,
-            burst: config.rate_burst,
-        }),
+        // chat.postMessage: "generally allows posting one message per second per channel,
+        // while also maintaining a workspace-wide limit" (Slack's rate limits page, special
+        // tier). The channel's budget is configured; the workspace's is unpublished, so only
+        // 429s repeated across its channels pause it.
+        rate: RateScopes(vec![
+            RateScope::configured(
+                format!("slack:{bot}:{channel}"),
+                Budget {
+                    per_second: config.rate_per_second,
+                    burst: config.rate_burst,
+                },
+            ),
+            RateScope::new(format!("slack:{bot}"), &[]),
+        ]),
     })
 }
 
@@ -765,11 +775,16 @@ mod tests {
         assert_eq!(req.credential, "B01");
         assert_eq!(
             req.rate,
-            Some(RateLimit {
-                scope: "slack:B01:C01".into(),
-                per_second: 1.0,
-                burst: 3
-            })
+            RateScopes(vec![
+                RateScope::configured(
+                    "slack:B01:C01",
+                    Budget {
+                        per_second: 1.0,
+                        burst: 3
+                    }
+                ),
+                RateScope::new("slack:B01", &[]),
+            ])
         );
         assert_eq!(
             req.body.value(),
