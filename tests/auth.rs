@@ -115,6 +115,57 @@ async fn the_caller_matrix() {
         .await;
 }
 
+/// Another bot's message is answered exactly as an unknown one: a caller cannot count another
+/// bot's traffic by probing ids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_bots_message_looks_like_an_unknown_one() {
+    let h = auth_harness(0.0).await;
+    let mut c = h.client.clone();
+    let sent = c
+        .send(with_token(
+            pb::SendRequest {
+                message: Some(h.text("mine", "hi")),
+                ..Default::default()
+            },
+            Some(RIGHT),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let get = |id: String, token: &'static str| {
+        let mut c = h.client.clone();
+        async move {
+            c.get_delivery(with_token(
+                pb::GetDeliveryRequest { message_id: id },
+                Some(token),
+            ))
+            .await
+        }
+    };
+    get(sent.message_id.clone(), RIGHT)
+        .await
+        .expect("its own bot sees it");
+    let theirs = get(sent.message_id.clone(), OTHER).await.unwrap_err();
+    let unknown = get("999999".into(), OTHER).await.unwrap_err();
+    assert_eq!(theirs.code(), Code::NotFound, "{}", theirs.message());
+    assert_eq!(unknown.code(), Code::NotFound);
+    // The same words, but for the id itself.
+    assert_eq!(
+        theirs.message().replace(&sent.message_id, "ID"),
+        unknown.message().replace("999999", "ID")
+    );
+    let redeliver = c
+        .redeliver(with_token(
+            pb::RedeliverRequest {
+                message_ids: vec![sent.message_id.clone()],
+            },
+            Some(OTHER),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(redeliver.code(), Code::NotFound);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_caller_over_its_rate_is_told_so() {
     let h = auth_harness(0.5).await;
