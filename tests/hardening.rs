@@ -23,6 +23,18 @@ async fn send_delivered(h: &Harness, m: pb::Message) -> Result<pb::SendResponse,
         .map(|r| r.into_inner())
 }
 
+/// A Send of `m` the gateway refuses, and why.
+async fn refused(h: &Harness, m: pb::Message) -> tonic::Status {
+    h.client
+        .clone()
+        .send(pb::SendRequest {
+            message: Some(m),
+            ..Default::default()
+        })
+        .await
+        .expect_err("refused")
+}
+
 /// ListFailed's first page once it lists `n` messages: a final state is recorded without
 /// waiting for the disk, so it may be listed a moment after the caller heard of it.
 async fn listed_failed(h: &Harness, n: usize) -> Vec<pb::Delivery> {
@@ -131,15 +143,7 @@ async fn a_status_lists_a_bounded_number_of_violations_and_says_how_many_more() 
     let h = start().await;
     let mut m = h.text("many", "x");
     m.attachments = vec![pb::Attachment::default(); 100_000];
-    let err = h
-        .client
-        .clone()
-        .send(pb::SendRequest {
-            message: Some(m),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
+    let err = refused(&h, m).await;
     assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
     let fields = bad_fields(&err);
     assert!(fields.len() <= 21, "{} violations", fields.len());
@@ -243,15 +247,7 @@ async fn each_rpc_takes_only_what_it_needs_and_echoes_little() {
     assert_eq!(bad_fields(&err), ["page_token"]);
     assert!(err.message().len() < 1024, "{}", err.message().len());
     // A Send of 2 MiB is refused before it is read whole, naming the setting.
-    let err = h
-        .client
-        .clone()
-        .send(pb::SendRequest {
-            message: Some(h.text("big", &"x".repeat(2 << 20))),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
+    let err = refused(&h, h.text("big", &"x".repeat(2 << 20))).await;
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(
         err.message().contains("server.max_message_bytes"),
@@ -259,15 +255,7 @@ async fn each_rpc_takes_only_what_it_needs_and_echoes_little() {
         err.message()
     );
     // Under that, the per-message check still names the message.
-    let err = h
-        .client
-        .clone()
-        .send(pb::SendRequest {
-            message: Some(h.text("big", &"x".repeat(300_000))),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
+    let err = refused(&h, h.text("big", &"x".repeat(300_000))).await;
     assert_eq!(bad_fields(&err), ["message"]);
     // The gateway still serves.
     h.send("big", "small").await.unwrap();
@@ -278,15 +266,7 @@ async fn ids_and_proactive_options_are_bounded() {
     let h = start().await;
     let mut m = h.text(&"c".repeat(100_000), "x");
     m.address.as_mut().unwrap().user.as_mut().unwrap().id = "u".repeat(2000);
-    let err = h
-        .client
-        .clone()
-        .send(pb::SendRequest {
-            message: Some(m),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
+    let err = refused(&h, m).await;
     names(
         &err,
         &["message.address.conversation.id", "message.address.user.id"],
@@ -363,15 +343,7 @@ async fn a_struct_nested_too_deep_is_invalid_argument() {
     }
     let mut m = h.text("deep", "x");
     m.value = Some(value);
-    let err = h
-        .client
-        .clone()
-        .send(pb::SendRequest {
-            message: Some(m),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
+    let err = refused(&h, m).await;
     assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
     assert!(err.message().contains("recursion"), "{}", err.message());
     h.send("deep", "fine").await.unwrap();
