@@ -28,8 +28,16 @@ pub(crate) fn is_loopback(host: &str) -> bool {
 }
 
 /// Why a configured URL that will receive a credential (a token endpoint, an API base) may not:
-/// only https, or plain http to a loopback host (local fakes and tests). `None` when it may.
+/// only https, or plain http to a loopback host (local fakes and tests), and no credentials of
+/// its own (`user:password@`: they would be echoed wherever the URL is shown). `None` when it
+/// may. The reason never quotes the URL.
 pub(crate) fn clear_text_refusal(url: &url::Url) -> Option<String> {
+    if !url.username().is_empty() || url.password().is_some() {
+        return Some(
+            "must not carry a user or password (`user:password@`): credentials go in their own keys"
+                .into(),
+        );
+    }
     match url.scheme() {
         "https" => None,
         "http" if is_loopback(url.host_str().unwrap_or_default()) => None,

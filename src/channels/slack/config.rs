@@ -61,13 +61,14 @@ impl SlackConfig {
         let url = url::Url::parse(&self.api_base_url).map_err(|e| {
             invalid(
                 "channels.slack.api_base_url",
-                format!("`{}` is not a URL: {e}", self.api_base_url),
+                // Not echoed: a URL may carry credentials.
+                format!("not a URL: {e}"),
             )
         })?;
         if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
             return Err(invalid(
                 "channels.slack.api_base_url",
-                format!("`{}` must be an http(s) URL", self.api_base_url),
+                "must be an http(s) URL with a host",
             ));
         }
         // Bot tokens go in the Authorization header of every call to it.
@@ -161,6 +162,42 @@ mod tests {
             "https://slack.com/api/chat.postMessage"
         );
         c.validate().unwrap();
+    }
+
+    /// A base URL may carry a user and password: an error never quotes it, and such a URL is
+    /// refused (credentials go in their own keys).
+    #[test]
+    fn url_errors_never_quote_the_url() {
+        for (key, url) in [
+            (
+                "CHANNEL_GATEWAY__CHANNELS__SLACK__API_BASE_URL",
+                "https://u:s3cret@slack.example/api",
+            ),
+            (
+                "CHANNEL_GATEWAY__CHANNELS__SLACK__API_BASE_URL",
+                "http://u:s3cret@[bad/api",
+            ),
+            (
+                "CHANNEL_GATEWAY__CHANNELS__SLACK__API_BASE_URL",
+                "ftp://u:s3cret@slack.example/api",
+            ),
+            (
+                "CHANNEL_GATEWAY__CHANNELS__BOTFRAMEWORK__TOKEN_URL",
+                "https://u:s3cret@login.example/t",
+            ),
+            (
+                "CHANNEL_GATEWAY__CHANNELS__FACEBOOK__GRAPH_BASE_URL",
+                "https://u:s3cret@graph.example/",
+            ),
+        ] {
+            let err = load(&[(key, url)]).unwrap_err().to_string();
+            assert!(!err.contains("s3cret"), "{key}: {err}");
+            let name = key
+                .trim_start_matches("CHANNEL_GATEWAY__")
+                .to_ascii_lowercase()
+                .replace("__", ".");
+            assert!(err.contains(&name), "{key}: {err}");
+        }
     }
 
     #[test]
