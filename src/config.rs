@@ -346,6 +346,10 @@ pub struct LimitsConfig {
     /// credential unread.
     pub failed_auth_per_second: f64,
     pub failed_auth_burst: u32,
+    /// Whether loopback peers are throttled too. Off by default: on loopback the callers are
+    /// the machine's own processes (a sidecar's bots share 127.0.0.1), and one bot retrying a
+    /// stale token would lock out every other.
+    pub failed_auth_throttle_loopback: bool,
 }
 
 impl Default for LimitsConfig {
@@ -355,6 +359,7 @@ impl Default for LimitsConfig {
             per_caller_burst: 1000,
             failed_auth_per_second: 0.5,
             failed_auth_burst: 10,
+            failed_auth_throttle_loopback: false,
         }
     }
 }
@@ -709,13 +714,15 @@ impl Config {
             return Err(invalid("channels.botframework.token_url", reason));
         }
         for (i, host) in bf.allowed_service_hosts.iter().enumerate() {
-            let (name, port) = match host.rsplit_once(':') {
-                Some((name, port)) => (name, Some(port)),
-                None => (host.as_str(), None),
-            };
+            let (name, port) = crate::channels::botframework::client::split_host_pattern(host);
             let bare = name.strip_prefix("*.").unwrap_or(name);
+            let ipv6 = bare.starts_with('[')
+                && bare.ends_with(']')
+                && bare[1..bare.len() - 1]
+                    .parse::<std::net::Ipv6Addr>()
+                    .is_ok();
             let port_ok = port.is_none_or(|p| p == "*" || p.parse::<u16>().is_ok());
-            if bare.is_empty() || bare.contains(['/', ':', '*']) || !port_ok {
+            if bare.is_empty() || (!ipv6 && bare.contains(['/', ':', '*', '[', ']'])) || !port_ok {
                 return Err(invalid(
                     &format!("channels.botframework.allowed_service_hosts[{i}]"),
                     format!(
@@ -1105,6 +1112,16 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("allowed_service_hosts[0]"), "{err}");
+        load("[channels.botframework]\nallowed_service_hosts = [\"[::1]:*\", \"127.0.0.1:3978\", \"*.x.example:*\", \"[2001:db8::1]\"]\n")
+            .expect("ports and IPv6 literals");
+        for bad in ["127.0.0.1:99999", "[::1", "[not-an-ip]:*", "x.example:y"] {
+            let err = load(&format!(
+                "[channels.botframework]\nallowed_service_hosts = [\"{bad}\"]\n"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains("allowed_service_hosts[0]"), "{bad}: {err}");
+        }
         let err = load("[channels.botframework]\ntoken_url = \"http://login.example/token\"\n")
             .unwrap_err()
             .to_string();

@@ -199,6 +199,7 @@ async fn unknown_credentials_are_throttled_per_peer_and_logged_sparingly() {
             bots: vec![BOT.into()],
         }];
         c.limits.failed_auth_burst = 5;
+        c.limits.failed_auth_throttle_loopback = true;
         c.limits.failed_auth_per_second = 0.01;
     })
     .await;
@@ -240,6 +241,40 @@ async fn unknown_credentials_are_throttled_per_peer_and_logged_sparingly() {
     let refused = count_lines(&log, "too many unknown credentials");
     assert!((1..=secs + 1).contains(&unknown), "{unknown} lines");
     assert!((1..=secs + 1).contains(&refused), "{refused} lines");
+}
+
+/// By default loopback peers are not throttled: a sidecar's bots share 127.0.0.1, and one bot
+/// retrying a stale token must not lock out the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loopback_peers_are_not_throttled_by_default() {
+    const RIGHT: &str = "the-right-token";
+    let h = start_with(|c| {
+        c.auth.tokens = vec![TokenIdentity {
+            name: "bot-a".into(),
+            sha256: sha256_hex(RIGHT.as_bytes()),
+            bots: vec![BOT.into()],
+        }];
+        c.limits.failed_auth_burst = 2;
+        c.limits.failed_auth_per_second = 0.01;
+    })
+    .await;
+    let call = |token: &str| {
+        let mut c = h.client.clone();
+        let mut req = tonic::Request::new(pb::SendRequest {
+            message: Some(h.text("auth-loopback", "hi")),
+            ..Default::default()
+        });
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        async move { c.send(req).await }
+    };
+    for i in 0..10 {
+        let e = call(&format!("stale-{i}")).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated, "{}", e.message());
+    }
+    call(RIGHT)
+        .await
+        .expect("another local bot still gets through");
 }
 
 async fn watch(

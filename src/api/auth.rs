@@ -266,8 +266,12 @@ impl Authenticator {
         } else {
             // A peer that guessed too often is refused before its credential is looked at:
             // a guess must not be answered, or the throttle would not slow a search. Peers
-            // without an address (the Unix socket) are local and not throttled.
-            let peer = remote.map(|r| peer_key(r.ip()));
+            // without an address (the Unix socket) are local and not throttled, nor loopback
+            // peers unless `limits.failed_auth_throttle_loopback` says so.
+            let peer = remote
+                .map(|r| r.ip())
+                .filter(|ip| a.limits.failed_auth_throttle_loopback || !ip.is_loopback())
+                .map(peer_key);
             let now = Instant::now();
             if let (Some(failures), Some(ip)) = (&a.failures, peer)
                 && !failures.has_token(&ip, now)

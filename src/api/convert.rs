@@ -734,13 +734,13 @@ pub fn proactive_options(v: &mut Violations, o: Option<pb::ProactiveOptions>) ->
         );
         return ProactiveOptions::default();
     }
-    let members: Vec<Identity> = o
-        .members
-        .into_iter()
-        .filter_map(|i| identity(Some(i)))
-        .collect();
-    for (i, m) in members.iter().enumerate() {
-        check_identity(v, &Item("options.members", i), m);
+    // Checked at the index the caller wrote, before empty identities are left out.
+    let mut members = Vec::with_capacity(o.members.len());
+    for (i, m) in o.members.into_iter().enumerate() {
+        if let Some(m) = identity(Some(m)) {
+            check_identity(v, &Item("options.members", i), &m);
+            members.push(m);
+        }
     }
     ProactiveOptions {
         topic_name: opt(o.topic_name),

@@ -33,7 +33,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::hash::{Hash, Hasher};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -343,6 +343,10 @@ impl Http {
     ) -> Result<Answer, TransportError> {
         let origin = Origin::of(&uri)?;
         let request = request(method, &uri, bearer, payload)?;
+        // Whether the request was handed to a connection: a call that runs out of time before
+        // that (a host dropping SYNs, a stalled TLS handshake or proxy tunnel) sent nothing,
+        // and must not count as one that may have reached the channel.
+        let handed_over = AtomicBool::new(false);
         let call = async {
             let mut request = request;
             let (answer, conn) = loop {
@@ -359,6 +363,7 @@ impl Http {
                     continue;
                 }
                 conn.wire.start();
+                handed_over.store(true, Ordering::Relaxed);
                 match conn.sender.try_send_request(request).await {
                     Ok(answer) => break (answer, conn),
                     Err(mut e) => match e.take_message() {
@@ -394,9 +399,13 @@ impl Http {
                 body,
             })
         };
-        tokio::time::timeout(self.timeout, call)
-            .await
-            .map_err(|_| TransportError::Timeout(self.timeout))?
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(result) => result,
+            Err(_) if !handed_over.load(Ordering::Relaxed) => Err(TransportError::Connect(
+                format!("no connection within {:?}", self.timeout),
+            )),
+            Err(_) => Err(TransportError::Timeout(self.timeout)),
+        }
     }
 
     /// A new connection (TCP, a proxy tunnel, TLS) and its task.
@@ -841,6 +850,22 @@ mod tests {
             .unwrap_err();
         assert!(matches!(e, TransportError::Timeout(_)), "{e:?}");
         assert!(e.may_have_reached());
+
+        // A TLS handshake that never completes: out of time before the request was handed to
+        // a connection, so nothing was sent (it was a Timeout, which made a POST ambiguous).
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _stalled = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            while s.read(&mut buf).await.unwrap_or(0) > 0 {}
+        });
+        let e = call(&http, Method::POST, &format!("https://{addr}/"))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, TransportError::Connect(_)), "{e:?}");
+        assert!(e.to_string().contains("no connection within"), "{e}");
+        assert!(!e.may_have_reached());
 
         // An answer cut short after the request went out.
         let (base, server) =

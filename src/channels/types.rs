@@ -289,9 +289,14 @@ pub struct NativeReceipt {
 }
 
 impl NativeReceipt {
-    /// Caps the ids before they are stored or answered (see `MAX_NATIVE_ID_CHARS`).
+    /// Drops an id longer than `MAX_NATIVE_ID_CHARS` before it is stored or answered: cut, it
+    /// would look like an id and name nothing (a later update or delete by it would miss); left
+    /// empty, it says the channel gave no usable one.
     pub fn bound(&mut self) {
-        crate::bounded::cap_owned(&mut self.native_id, MAX_NATIVE_ID_CHARS);
-        crate::bounded::cap_owned(&mut self.conversation_id, MAX_NATIVE_ID_CHARS);
+        for id in [&mut self.native_id, &mut self.conversation_id] {
+            if id.chars().nth(MAX_NATIVE_ID_CHARS).is_some() {
+                id.clear();
+            }
+        }
     }
 }

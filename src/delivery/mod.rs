@@ -883,7 +883,6 @@ impl Inner {
         }
         shard.insert(key.clone(), Entry { line: line.clone() });
         drop(shard);
-        self.workers.fetch_add(1, Ordering::Relaxed);
         let span = tracing::info_span!("conversation", key = %key.label());
         tokio::spawn(
             Worker::new(self.clone(), key.clone(), line)
@@ -1051,13 +1050,16 @@ impl Drop for Worker {
     fn drop(&mut self) {
         // Also on a panic: the next sender then replaces this worker.
         self.line.alive.store(false, Ordering::SeqCst);
+        self.inner.workers.fetch_sub(1, Ordering::Relaxed);
         // Sends waiting on this line look again rather than wait out their time.
         self.line.room.notify_waiters();
     }
 }
 
 impl Worker {
+    /// Counted in `Inner::workers` from here until it is dropped (however it ends).
     fn new(inner: Arc<Inner>, key: ConversationKey, line: Arc<Line>) -> Self {
+        inner.workers.fetch_add(1, Ordering::Relaxed);
         Self {
             inner,
             key,
@@ -1090,7 +1092,6 @@ impl Worker {
                     tracing::error!(panic = %panic_text(&panic), "conversation worker recovered from a panic");
                 }
             }
-            worker.inner.workers.fetch_sub(1, Ordering::Relaxed);
         }
     }
 
@@ -1188,7 +1189,11 @@ impl Worker {
                     // Boxed with its requests: the idle wait must not carry a channel call's
                     // state.
                     let requests = t.item_requests.clone();
-                    self.typing_again(requests).await;
+                    // Between jobs, outside `run`'s guard: a panic here must not end the worker.
+                    let again = AssertUnwindSafe(self.typing_again(requests)).catch_unwind();
+                    if let Err(panic) = again.await {
+                        tracing::error!(panic = %panic_text(&panic), "typing indicator panicked");
+                    }
                 }
                 continue;
             }
@@ -1298,6 +1303,10 @@ impl Worker {
     }
 
     async fn send_typing(&self, rendered: &Rendered) {
+        #[cfg(test)]
+        if self.key.conversation() == tests::PANIC_TEXT {
+            panic!("a test's panic while sending typing");
+        }
         for req in &rendered.requests {
             let wait = self
                 .inner
@@ -1755,8 +1764,72 @@ mod tests {
     use super::*;
     use crate::config::Config;
 
-    /// The text of a message whose delivery panics (see `deliver_outcome`).
+    /// The text of a message whose delivery panics (see `deliver_outcome`), and the
+    /// conversation whose typing indicators panic (see `send_typing`).
     pub(super) const PANIC_TEXT: &str = "panic while delivering this";
+
+    fn webchat_message(channels: &Channels, conversation: &str, text: &str) -> Submission {
+        let mut m = Message::default();
+        m.address.channel_id = "webchat".into();
+        m.address.bot = Some(crate::model::Identity {
+            id: "bot".into(),
+            ..Default::default()
+        });
+        m.address.conversation = Some(crate::model::Conversation {
+            id: conversation.into(),
+            ..Default::default()
+        });
+        m.address.service_url = Some("http://127.0.0.1:9/".into());
+        m.text = (!text.is_empty()).then(|| text.into());
+        if text.is_empty() {
+            m.kind = crate::model::MessageType::Typing;
+        }
+        let rendered = channels.render_send(&m, None).expect("rendered");
+        Submission {
+            message: m,
+            rendered,
+            traceparent: None,
+        }
+    }
+
+    /// A typing indicator kept alive between jobs, outside the worker's guard for jobs: its
+    /// panic must neither end the worker nor leave it counted twice once replaced.
+    #[tokio::test]
+    async fn a_panic_while_typing_is_kept_alive_leaves_one_worker_that_goes_on() {
+        let mut config = Config::default();
+        config.channels.botframework.typing_interval = Duration::from_millis(50);
+        let channels = Arc::new(Channels::from_config(&config).expect("channels"));
+        let store: Arc<dyn Store> = Arc::new(crate::outbox::MemoryStore::new());
+        let d = Dispatcher::new(
+            channels.clone(),
+            store,
+            config.delivery.clone(),
+            Arc::new(Metrics::new()),
+        );
+        d.submit_typing(
+            webchat_message(&channels, PANIC_TEXT, ""),
+            Some(Duration::from_secs(10)),
+        )
+        .await
+        .unwrap();
+        // Several repeats, each panicking.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut accepted = d
+            .submit(
+                vec![webchat_message(&channels, PANIC_TEXT, "after")],
+                false,
+                true,
+                None,
+            )
+            .await
+            .unwrap();
+        let rx = accepted.tickets[0].outcome.take().expect("an outcome");
+        tokio::time::timeout(Duration::from_secs(30), rx)
+            .await
+            .expect("the message after the panics gets its outcome")
+            .expect("outcome sent");
+        assert_eq!(d.active_workers(), 1);
+    }
 
     /// A panic while one message is handled fails that message with an internal error; the
     /// messages behind it in its line are still handled, and nothing stays undelivered.
@@ -1771,26 +1844,7 @@ mod tests {
             config.delivery.clone(),
             Arc::new(Metrics::new()),
         );
-        let message = |text: &str| {
-            let mut m = Message::default();
-            m.address.channel_id = "webchat".into();
-            m.address.bot = Some(crate::model::Identity {
-                id: "bot".into(),
-                ..Default::default()
-            });
-            m.address.conversation = Some(crate::model::Conversation {
-                id: "c1".into(),
-                ..Default::default()
-            });
-            m.address.service_url = Some("http://127.0.0.1:9/".into());
-            m.text = Some(text.into());
-            let rendered = channels.render_send(&m, None).expect("rendered");
-            Submission {
-                message: m,
-                rendered,
-                traceparent: None,
-            }
-        };
+        let message = |text: &str| webchat_message(&channels, "c1", text);
         let first = d
             .submit(vec![message("before")], false, true, None)
             .await

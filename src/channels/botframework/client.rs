@@ -24,13 +24,30 @@ const CHANNEL: &str = "botframework";
 /// Runs twice per message (accept and send), so it compares in place instead of lowering copies.
 pub fn host_allowed(patterns: &[String], host: &str, port: u16, default_port: u16) -> bool {
     patterns.iter().any(|p| {
-        let (host_pattern, port_ok) = match p.rsplit_once(':') {
-            Some((h, "*")) => (h, true),
-            Some((h, n)) => (h, n.parse::<u16>().is_ok_and(|n| n == port)),
-            None => (p.as_str(), port == default_port),
+        let (host_pattern, port_pattern) = split_host_pattern(p);
+        let port_ok = match port_pattern {
+            Some("*") => true,
+            Some(n) => n.parse::<u16>().is_ok_and(|n| n == port),
+            None => port == default_port,
         };
         port_ok && host_matches(host_pattern, host)
     })
+}
+
+/// An allow-list entry's host and port parts: `host`, `host:port`, `host:*`, and the same
+/// with an IPv6 literal in brackets (`[::1]:*`), whose brackets stay with the host as a URL
+/// writes them.
+pub fn split_host_pattern(p: &str) -> (&str, Option<&str>) {
+    if p.starts_with('[')
+        && let Some(end) = p.find(']')
+    {
+        let (host, rest) = p.split_at(end + 1);
+        return (host, rest.strip_prefix(':'));
+    }
+    match p.rsplit_once(':') {
+        Some((host, port)) => (host, Some(port)),
+        None => (p, None),
+    }
 }
 
 fn host_matches(pattern: &str, host: &str) -> bool {
@@ -549,6 +566,10 @@ mod tests {
         assert!(service_url_refusal(&p, "https://x.botframework.com/").is_some());
         assert!(service_url_refusal(&p, "http://127.0.0.1:4711/").is_none());
         assert!(!super::host_allowed(&p, "127.0.0.2", 80, 80));
+        let v6 = pats(&["[::1]:*", "[2001:db8::1]"]);
+        assert!(service_url_refusal(&v6, "http://[::1]:3978/").is_none());
+        assert!(service_url_refusal(&v6, "https://[2001:db8::1]/").is_none());
+        assert!(service_url_refusal(&v6, "https://[2001:db8::1]:8443/").is_some());
     }
 
     fn host_allowed(p: &[String], host: &str) -> bool {
