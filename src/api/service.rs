@@ -177,6 +177,50 @@ fn visible<T>(req: &Request<T>, m: &StoredMessage) -> bool {
     auth::authorize(req, m.message.address.bot_id()).is_ok()
 }
 
+/// One page of failed messages after `after`: at most `size` of them (of `bot`, when not empty)
+/// and at most `max_bytes` encoded, but at least one; and the token of the next page (empty
+/// when there is none).
+fn failed_page(
+    store: &dyn crate::outbox::Store,
+    mut after: u64,
+    size: usize,
+    bot: &str,
+    max_bytes: usize,
+) -> (Vec<pb::Delivery>, String) {
+    let mut out = Vec::new();
+    let mut bytes = 0usize;
+    let mut full = false;
+    let mut exhausted = false;
+    while !full && !exhausted {
+        let page = store.failed(after, size);
+        exhausted = page.len() < size;
+        for m in page {
+            if bot.is_empty() || m.message.address.bot_id() == bot {
+                let d = delivery_pb(&m);
+                let len = prost::Message::encoded_len(&d);
+                // The next page starts with this one.
+                if !out.is_empty() && bytes.saturating_add(len) > max_bytes {
+                    full = true;
+                    break;
+                }
+                bytes = bytes.saturating_add(len);
+                out.push(d);
+            }
+            after = m.id;
+            if out.len() == size {
+                full = true;
+                break;
+            }
+        }
+    }
+    let token = if exhausted && !full {
+        String::new()
+    } else {
+        after.to_string()
+    };
+    (out, token)
+}
+
 /// Most ids one Redeliver takes (a page of ListFailed).
 const MAX_REDELIVER_IDS: usize = 1000;
 
@@ -832,40 +876,15 @@ impl ChannelGateway for GatewayService {
         } else {
             parse_id("page_token", &req.page_token)?
         };
-        let store = self.dispatcher.store();
-        let mut out = Vec::new();
-        let mut bytes = 0usize;
-        let mut full = false;
-        let mut exhausted = false;
-        while !full && !exhausted {
-            let page = store.failed(after, size);
-            exhausted = page.len() < size;
-            for m in page {
-                if req.bot_id.is_empty() || m.message.address.bot_id() == req.bot_id {
-                    let d = delivery_pb(&m);
-                    let len = prost::Message::encoded_len(&d);
-                    // The next page starts with this one (at least one per page).
-                    if !out.is_empty() && bytes.saturating_add(len) > MAX_LIST_BYTES {
-                        full = true;
-                        break;
-                    }
-                    bytes = bytes.saturating_add(len);
-                    out.push(d);
-                }
-                after = m.id;
-                if out.len() == size {
-                    full = true;
-                    break;
-                }
-            }
-        }
-        let next_page_token = if exhausted && !full {
-            String::new()
-        } else {
-            after.to_string()
-        };
+        let (deliveries, next_page_token) = failed_page(
+            self.dispatcher.store().as_ref(),
+            after,
+            size,
+            &req.bot_id,
+            MAX_LIST_BYTES,
+        );
         Ok(Response::new(pb::ListFailedResponse {
-            deliveries: out,
+            deliveries,
             next_page_token,
         }))
     }
@@ -1038,5 +1057,80 @@ mod tests {
         let size = std::mem::size_of_val(&*call);
         eprintln!("Send future: {size} bytes");
         assert!(size <= 2048, "Send future: {size} bytes");
+    }
+
+    /// Pages cut by size join up: every failed message once, in order, whatever the budget.
+    #[tokio::test]
+    async fn failed_pages_cut_by_size_list_every_message_once() {
+        use crate::outbox::{Change, DeliveryState, Outcome, StateRecord, Store, StoredMessage};
+        let store = crate::outbox::MemoryStore::new();
+        let messages: Vec<StoredMessage> = (1..=30u64)
+            .map(|id| {
+                let mut message = crate::model::Message::default();
+                message.address.bot = Some(crate::model::Identity {
+                    id: if id % 3 == 0 { "other" } else { "bot" }.into(),
+                    ..Default::default()
+                });
+                StoredMessage {
+                    id,
+                    conversation: "c".into(),
+                    message: Arc::new(message),
+                    proactive: None,
+                    accepted_at_ms: 0,
+                    record: StateRecord::new(DeliveryState::Accepted, 0),
+                    // Sizes that vary, so pages break at different places.
+                    warnings: vec![
+                        model::Warning::new(
+                            "w",
+                            "message",
+                            "x".repeat(100 * (id as usize % 7))
+                        );
+                        3
+                    ],
+                }
+            })
+            .collect();
+        store.append(messages, None).await.unwrap();
+        for id in 1..=30u64 {
+            let failed = Outcome {
+                state: DeliveryState::Failed,
+                receipts: Vec::new(),
+                error: None,
+                attempts: 1,
+                possible_duplicate: false,
+            };
+            store.update(id, Change::Finished(failed)).await.unwrap();
+        }
+        for (bot, budget, size) in [
+            ("", 1500, 1000),
+            ("bot", 900, 4),
+            ("", 1, 1000),
+            ("", 1 << 20, 7),
+        ] {
+            let mut seen = Vec::new();
+            let mut after = 0;
+            for _ in 0..100 {
+                let (page, token) = failed_page(&store, after, size, bot, budget);
+                assert!(
+                    !page.is_empty() || token.is_empty(),
+                    "an empty page that goes on"
+                );
+                let bytes: usize = page.iter().map(prost::Message::encoded_len).sum();
+                assert!(
+                    page.len() == 1 || bytes <= budget,
+                    "{bytes} bytes over {budget}"
+                );
+                assert!(page.len() <= size);
+                seen.extend(page.iter().map(|d| d.message_id.parse::<u64>().unwrap()));
+                if token.is_empty() {
+                    break;
+                }
+                after = token.parse().unwrap();
+            }
+            let want: Vec<u64> = (1..=30)
+                .filter(|id| bot.is_empty() || (id % 3 != 0) == (bot == "bot"))
+                .collect();
+            assert_eq!(seen, want, "bot {bot:?}, budget {budget}, size {size}");
+        }
     }
 }
