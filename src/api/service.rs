@@ -871,7 +871,7 @@ impl ChannelGateway for GatewayService {
             0 => 100,
             n => n.min(1000) as usize,
         };
-        let mut after = if req.page_token.is_empty() {
+        let after = if req.page_token.is_empty() {
             0
         } else {
             parse_id("page_token", &req.page_token)?
