@@ -521,6 +521,20 @@ struct GatewayOpts {
     room: Option<(usize, &'static str)>,
 }
 
+impl GatewayOpts {
+    /// What the delivery scenarios run with unless they say otherwise: the default concurrency
+    /// and idle timeout, the default retention, and no Send waiting for room.
+    fn standard(durable: bool) -> Self {
+        Self {
+            durable,
+            max_concurrency: 512,
+            idle_timeout: "30s",
+            retention: None,
+            room: None,
+        }
+    }
+}
+
 fn spawn_gateway(fake_port: u16, data_dir: &std::path::Path, o: &GatewayOpts) -> Proc {
     let port = free_port();
     let admin = free_port();
@@ -1047,11 +1061,8 @@ const RSS_WARM_UP: usize = 4 * WAVE_CALLERS;
 /// One gateway's bytes per active conversation, and the row's text for it.
 async fn rss_once(fake: &Proc, n: usize) -> (f64, String) {
     let opts = GatewayOpts {
-        durable: true,
-        max_concurrency: 512,
         idle_timeout: "10m",
-        retention: None,
-        room: None,
+        ..GatewayOpts::standard(true)
     };
     let started = start_gateway(fake, &opts).await;
     let (gw, client) = (&started.gw, &started.client);
@@ -1124,11 +1135,9 @@ async fn rss_after_eviction(fake: &Proc, n: usize, rows: &mut Vec<Row>) {
     // conversations themselves cost. A retained message costs ~100 bytes of outbox index until
     // its retention ends (docs/configuration.md, `outbox.retention`); the active-conversation rows include it.
     let opts = GatewayOpts {
-        durable: true,
-        max_concurrency: 512,
         idle_timeout: "2s",
         retention: Some("1s"),
-        room: None,
+        ..GatewayOpts::standard(true)
     };
     let started = start_gateway(fake, &opts).await;
     let (gw, client) = (&started.gw, &started.client);
@@ -1250,13 +1259,7 @@ async fn driver() {
         &format!("accept path: {convs}, Send, durable outbox, deliveries held{callers}"),
         &fake,
         &echo_client,
-        &GatewayOpts {
-            durable: true,
-            max_concurrency: 512,
-            idle_timeout: "30s",
-            retention: None,
-            room: None,
-        },
+        &GatewayOpts::standard(true),
         &rounds,
         5,
         &mut rows,
@@ -1266,13 +1269,7 @@ async fn driver() {
         &format!("accept path: {convs}, Send, in-memory outbox, deliveries held{callers}"),
         &fake,
         &echo_client,
-        &GatewayOpts {
-            durable: false,
-            max_concurrency: 512,
-            idle_timeout: "30s",
-            retention: None,
-            room: None,
-        },
+        &GatewayOpts::standard(false),
         &rounds,
         5,
         &mut rows,
@@ -1282,13 +1279,7 @@ async fn driver() {
     let (durable, durable_delivered, durable_cpu) = delivery_scenario(
         &format!("{convs}, Send, durable outbox{callers}"),
         &fake,
-        &GatewayOpts {
-            durable: true,
-            max_concurrency: 512,
-            idle_timeout: "30s",
-            retention: None,
-            room: None,
-        },
+        &GatewayOpts::standard(true),
         &sends,
         &mut rows,
     )
@@ -1296,13 +1287,7 @@ async fn driver() {
     let (memory, _, _) = delivery_scenario(
         &format!("{convs}, Send, in-memory outbox{callers}"),
         &fake,
-        &GatewayOpts {
-            durable: false,
-            max_concurrency: 512,
-            idle_timeout: "30s",
-            retention: None,
-            room: None,
-        },
+        &GatewayOpts::standard(false),
         &sends,
         &mut rows,
     )
@@ -1316,13 +1301,7 @@ async fn driver() {
     let (_, short_delivered, short_cpu) = delivery_scenario(
         &format!("{convs} x 20 messages, Send, durable outbox{callers}"),
         &fake,
-        &GatewayOpts {
-            durable: true,
-            max_concurrency: 512,
-            idle_timeout: "30s",
-            retention: None,
-            room: None,
-        },
+        &GatewayOpts::standard(true),
         &short,
         &mut rows,
     )
@@ -1338,13 +1317,7 @@ async fn driver() {
     let (_, batch_delivered, batch_cpu) = delivery_scenario(
         &format!("{convs}, SendBatch of 20, durable{callers}"),
         &fake,
-        &GatewayOpts {
-            durable: true,
-            max_concurrency: 512,
-            idle_timeout: "30s",
-            retention: None,
-            room: None,
-        },
+        &GatewayOpts::standard(true),
         &batches,
         &mut rows,
     )
@@ -1360,13 +1333,7 @@ async fn driver() {
     delivery_scenario(
         "one hot conversation (serial), durable",
         &fake,
-        &GatewayOpts {
-            durable: true,
-            max_concurrency: 512,
-            idle_timeout: "30s",
-            retention: None,
-            room: None,
-        },
+        &GatewayOpts::standard(true),
         &hot,
         &mut rows,
     )
@@ -1383,11 +1350,9 @@ async fn driver() {
         wait_delivered: false,
     };
     let slow_opts = |room| GatewayOpts {
-        durable: true,
         max_concurrency: slow_limit,
-        idle_timeout: "30s",
-        retention: None,
         room,
+        ..GatewayOpts::standard(true)
     };
     let (_, slow_delivered, slow_cpu) = delivery_scenario(
         &format!("slow channel (50 ms), {convs}, Send, concurrency limit {slow_limit}, durable"),
