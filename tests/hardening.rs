@@ -23,6 +23,25 @@ async fn send_delivered(h: &Harness, m: pb::Message) -> Result<pb::SendResponse,
         .map(|r| r.into_inner())
 }
 
+/// A SendProactive the gateway refuses, and why.
+async fn proactive_refused(
+    h: &Harness,
+    address: pb::Address,
+    messages: Vec<pb::Message>,
+    options: pb::ProactiveOptions,
+) -> tonic::Status {
+    h.client
+        .clone()
+        .send_proactive(pb::SendProactiveRequest {
+            address: Some(address),
+            messages,
+            options: Some(options),
+            ..Default::default()
+        })
+        .await
+        .expect_err("refused")
+}
+
 /// A Send of `m` the gateway refuses, and why.
 async fn refused(h: &Harness, m: pb::Message) -> tonic::Status {
     h.client
@@ -275,68 +294,56 @@ async fn ids_and_proactive_options_are_bounded() {
 
     let mut address = h.address("unused");
     address.conversation = None;
-    let err = h
-        .client
-        .clone()
-        .send_proactive(pb::SendProactiveRequest {
-            address: Some(address),
-            messages: (0..100)
-                .map(|i| pb::Message {
-                    text: format!("m{i}"),
-                    ..Default::default()
-                })
-                .collect(),
-            options: Some(pb::ProactiveOptions {
-                topic_name: "t".repeat(2 << 20),
-                members: vec![pb::Identity::default(); 101],
+    let err = proactive_refused(
+        &h,
+        address,
+        (0..100)
+            .map(|i| pb::Message {
+                text: format!("m{i}"),
                 ..Default::default()
-            }),
+            })
+            .collect(),
+        pb::ProactiveOptions {
+            topic_name: "t".repeat(2 << 20),
+            members: vec![pb::Identity::default(); 101],
             ..Default::default()
-        })
-        .await
-        .unwrap_err();
+        },
+    )
+    .await;
     names(&err, &["options"]);
-    let err = h
-        .client
-        .clone()
-        .send_proactive(pb::SendProactiveRequest {
-            address: Some(h.address("unused")),
-            messages: vec![pb::Message {
-                text: "m".into(),
-                ..Default::default()
-            }],
-            options: Some(pb::ProactiveOptions {
-                topic_name: "t".repeat(1025),
-                members: vec![pb::Identity::default(); 101],
-                ..Default::default()
-            }),
+    let err = proactive_refused(
+        &h,
+        h.address("unused"),
+        vec![pb::Message {
+            text: "m".into(),
             ..Default::default()
-        })
-        .await
-        .unwrap_err();
+        }],
+        pb::ProactiveOptions {
+            topic_name: "t".repeat(1025),
+            members: vec![pb::Identity::default(); 101],
+            ..Default::default()
+        },
+    )
+    .await;
     names(&err, &["options.topic_name", "options.members"]);
     // A member's field is named at the index the caller wrote, empty members included.
     let long = pb::Identity {
         id: "m".repeat(2000),
         ..Default::default()
     };
-    let err = h
-        .client
-        .clone()
-        .send_proactive(pb::SendProactiveRequest {
-            address: Some(h.address("unused")),
-            messages: vec![pb::Message {
-                text: "m".into(),
-                ..Default::default()
-            }],
-            options: Some(pb::ProactiveOptions {
-                members: vec![pb::Identity::default(), pb::Identity::default(), long],
-                ..Default::default()
-            }),
+    let err = proactive_refused(
+        &h,
+        h.address("unused"),
+        vec![pb::Message {
+            text: "m".into(),
             ..Default::default()
-        })
-        .await
-        .unwrap_err();
+        }],
+        pb::ProactiveOptions {
+            members: vec![pb::Identity::default(), pb::Identity::default(), long],
+            ..Default::default()
+        },
+    )
+    .await;
     names(&err, &["options.members[2].id"]);
 }
 

@@ -1764,6 +1764,19 @@ mod tests {
     use super::*;
     use crate::config::Config;
 
+    /// A dispatcher on `config` with an in-memory outbox, its channels and its store.
+    fn dispatcher(config: &Config) -> (Arc<Channels>, Arc<dyn Store>, Dispatcher) {
+        let channels = Arc::new(Channels::from_config(config).expect("channels"));
+        let store: Arc<dyn Store> = Arc::new(crate::outbox::MemoryStore::new());
+        let d = Dispatcher::new(
+            channels.clone(),
+            store.clone(),
+            config.delivery.clone(),
+            Arc::new(Metrics::new()),
+        );
+        (channels, store, d)
+    }
+
     /// The text of a message whose delivery panics (see `deliver_outcome`), and the
     /// conversation whose typing indicators panic (see `send_typing`).
     pub(super) const PANIC_TEXT: &str = "panic while delivering this";
@@ -1798,14 +1811,7 @@ mod tests {
     async fn a_panic_while_typing_is_kept_alive_leaves_one_worker_that_goes_on() {
         let mut config = Config::default();
         config.channels.botframework.typing_interval = Duration::from_millis(50);
-        let channels = Arc::new(Channels::from_config(&config).expect("channels"));
-        let store: Arc<dyn Store> = Arc::new(crate::outbox::MemoryStore::new());
-        let d = Dispatcher::new(
-            channels.clone(),
-            store,
-            config.delivery.clone(),
-            Arc::new(Metrics::new()),
-        );
+        let (channels, _, d) = dispatcher(&config);
         d.submit_typing(
             webchat_message(&channels, PANIC_TEXT, ""),
             Some(Duration::from_secs(10)),
@@ -1836,14 +1842,7 @@ mod tests {
     #[tokio::test]
     async fn a_panic_fails_the_message_being_handled_and_the_line_goes_on() {
         let config = Config::default();
-        let channels = Arc::new(Channels::from_config(&config).expect("channels"));
-        let store: Arc<dyn Store> = Arc::new(crate::outbox::MemoryStore::new());
-        let d = Dispatcher::new(
-            channels.clone(),
-            store.clone(),
-            config.delivery.clone(),
-            Arc::new(Metrics::new()),
-        );
+        let (channels, store, d) = dispatcher(&config);
         let message = |text: &str| webchat_message(&channels, "c1", text);
         let first = d
             .submit(vec![message("before")], false, true, None)
@@ -1890,14 +1889,7 @@ mod tests {
     /// never started, and the dispatcher's channels.
     fn idle_worker() -> (Arc<Channels>, Worker) {
         let config = Config::default();
-        let channels = Arc::new(Channels::from_config(&config).expect("channels"));
-        let store: Arc<dyn Store> = Arc::new(crate::outbox::MemoryStore::new());
-        let d = Dispatcher::new(
-            channels.clone(),
-            store,
-            config.delivery.clone(),
-            Arc::new(Metrics::new()),
-        );
+        let (channels, _, d) = dispatcher(&config);
         let key = ConversationKey::new("webchat", "bot", "", "c1");
         let worker = Worker::new(d.inner.clone(), key, Arc::new(Line::new(0)));
         (channels, worker)
