@@ -206,15 +206,7 @@ async fn sigkill_mid_stream_loses_nothing_accepted_and_keeps_order() {
         for d in dups {
             duplicates += 1;
             if let Some(id) = acked.get(&(conv, d)) {
-                let delivery = client
-                    .get_delivery(pb::GetDeliveryRequest {
-                        message_id: id.clone(),
-                    })
-                    .await
-                    .unwrap()
-                    .into_inner()
-                    .delivery
-                    .unwrap();
+                let delivery = delivery(&mut client, id).await;
                 assert!(
                     delivery.possible_duplicate,
                     "crash-{conv} message {d} arrived twice unflagged"
@@ -321,15 +313,7 @@ async fn after_a_kill_only_messages_a_call_may_have_reached_are_flagged() {
     for (&(conv, text), id) in &ids {
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         let delivery = loop {
-            let d = client
-                .get_delivery(pb::GetDeliveryRequest {
-                    message_id: id.clone(),
-                })
-                .await
-                .unwrap()
-                .into_inner()
-                .delivery
-                .unwrap();
+            let d = delivery(&mut client, id).await;
             if d.state == pb::DeliveryState::Delivered as i32 {
                 break d;
             }

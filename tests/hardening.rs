@@ -221,17 +221,7 @@ async fn a_channels_huge_error_text_and_native_id_are_capped_where_kept_and_echo
     // Not a cut id that looks real and names nothing: no id.
     let id = &result.receipts[0].native_id;
     assert!(id.is_empty(), "{} bytes of native id", id.len());
-    let stored = h
-        .client
-        .clone()
-        .get_delivery(pb::GetDeliveryRequest {
-            message_id: result.message_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .delivery
-        .unwrap();
+    let stored = delivery(&mut h.client.clone(), &result.message_id).await;
     assert!(stored.receipts[0].native_id.is_empty());
 }
 

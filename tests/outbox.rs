@@ -109,15 +109,7 @@ async fn failed_messages_are_listed_and_can_be_redelivered() {
             r.iter().any(|x| x.text() == "next one goes")
         })
         .await;
-    let d = c
-        .get_delivery(pb::GetDeliveryRequest {
-            message_id: id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .delivery
-        .unwrap();
+    let d = delivery(&mut c, &id).await;
     assert_eq!(d.state, pb::DeliveryState::Failed as i32);
     assert_eq!(d.error.as_ref().unwrap().http_status, 404);
     assert!(d.error.unwrap().permanent);
@@ -159,15 +151,7 @@ async fn failed_messages_are_listed_and_can_be_redelivered() {
         .await;
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let d = c
-            .get_delivery(pb::GetDeliveryRequest {
-                message_id: id.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .delivery
-            .unwrap();
+        let d = delivery(&mut c, &id).await;
         if d.state == pb::DeliveryState::Delivered as i32 {
             assert_eq!(d.receipts.len(), 1);
             break;

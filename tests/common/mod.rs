@@ -502,6 +502,22 @@ pub async fn send_text(
         .map(|r| r.into_inner())
 }
 
+/// What GetDelivery answers for message `id`.
+pub async fn delivery(
+    client: &mut ChannelGatewayClient<tonic::transport::Channel>,
+    id: &str,
+) -> pb::Delivery {
+    client
+        .get_delivery(pb::GetDeliveryRequest {
+            message_id: id.to_string(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .delivery
+        .unwrap()
+}
+
 /// The gateway's Prometheus text, from its admin listener.
 pub async fn metrics_text(admin: SocketAddr) -> String {
     reqwest::get(format!("http://{admin}/metrics"))
