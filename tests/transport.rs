@@ -48,6 +48,18 @@ fn write(dir: &Path, name: &str, content: &str) -> std::path::PathBuf {
     p
 }
 
+/// The gateway's TLS settings with a certificate for localhost and 127.0.0.1 from `pki`,
+/// written into `dir`.
+fn server_tls(dir: &Path, pki: &Pki, reload_interval: Duration) -> TlsConfig {
+    let (cert, key, _) = pki.leaf("gateway", &["localhost", "127.0.0.1"]);
+    TlsConfig {
+        cert_file: write(dir, "server.pem", &cert),
+        key_file: write(dir, "server.key", &key),
+        client_ca_file: None,
+        reload_interval,
+    }
+}
+
 async fn tls_client(
     addr: std::net::SocketAddr,
     ca_pem: &str,
@@ -103,18 +115,9 @@ fn caps() -> pb::GetCapabilitiesRequest {
 async fn tls_serves_and_reloads_its_certificate() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new("test CA");
-    let (cert, key, _) = pki.leaf("gateway", &["localhost", "127.0.0.1"]);
-    let cert_file = write(dir.path(), "server.pem", &cert);
-    let key_file = write(dir.path(), "server.key", &key);
-    let h = start_with(|c| {
-        c.server.tls = Some(TlsConfig {
-            cert_file: cert_file.clone(),
-            key_file: key_file.clone(),
-            client_ca_file: None,
-            reload_interval: Duration::from_millis(100),
-        })
-    })
-    .await;
+    let tls = server_tls(dir.path(), &pki, Duration::from_millis(100));
+    let (cert_file, key_file) = (tls.cert_file.clone(), tls.key_file.clone());
+    let h = start_with(|c| c.server.tls = Some(tls)).await;
     assert!(
         served(h.gateway.addr, &pki.ca_pem, None).await,
         "a TLS client is served"
@@ -161,21 +164,16 @@ async fn tls_serves_and_reloads_its_certificate() {
 async fn mtls_maps_client_certificates_to_bots_and_refuses_strangers() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new("test CA");
-    let (cert, key, _) = pki.leaf("gateway", &["localhost", "127.0.0.1"]);
     let (bot_cert, bot_key, bot_fp) = pki.leaf("bot-a", &[]);
     let (other_cert, other_key, _) = pki.leaf("unlisted", &[]);
     let stranger = Pki::new("someone else's CA");
     let (bad_cert, bad_key, _) = stranger.leaf("intruder", &[]);
-    let ca_file = write(dir.path(), "ca.pem", &pki.ca_pem);
-    let cert_file = write(dir.path(), "server.pem", &cert);
-    let key_file = write(dir.path(), "server.key", &key);
+    let tls = TlsConfig {
+        client_ca_file: Some(write(dir.path(), "ca.pem", &pki.ca_pem)),
+        ..server_tls(dir.path(), &pki, Duration::from_secs(10))
+    };
     let h = start_with(|c| {
-        c.server.tls = Some(TlsConfig {
-            cert_file,
-            key_file,
-            client_ca_file: Some(ca_file),
-            reload_interval: Duration::from_secs(10),
-        });
+        c.server.tls = Some(tls);
         c.auth.clients = vec![CertIdentity {
             name: "bot-a".into(),
             cert_sha256: bot_fp,
@@ -267,17 +265,10 @@ async fn tls_connections_without_an_http2_handshake_are_closed() {
     use tokio::io::AsyncReadExt;
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new("test CA");
-    let (cert, key, _) = pki.leaf("gateway", &["localhost", "127.0.0.1"]);
-    let cert_file = write(dir.path(), "server.pem", &cert);
-    let key_file = write(dir.path(), "server.key", &key);
+    let tls = server_tls(dir.path(), &pki, Duration::from_secs(60));
     let h = start_with(|c| {
         c.server.handshake_timeout = Duration::from_millis(300);
-        c.server.tls = Some(TlsConfig {
-            cert_file,
-            key_file,
-            client_ca_file: None,
-            reload_interval: Duration::from_secs(60),
-        })
+        c.server.tls = Some(tls);
     })
     .await;
     let mut roots = rustls::RootCertStore::empty();
