@@ -658,10 +658,7 @@ fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
         .copied()
         .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
         .unwrap_or("(no message)");
-    text.chars()
-        .take(256)
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect()
+    crate::bounded::for_log(text).into_owned()
 }
 
 /// The message after the one being delivered: the next of its job, or the first of the next
@@ -883,7 +880,8 @@ impl Inner {
         }
         shard.insert(key.clone(), Entry { line: line.clone() });
         drop(shard);
-        let span = tracing::info_span!("conversation", key = %key.label());
+        // Its ids come from the request: shown without control characters.
+        let span = tracing::info_span!("conversation", key = %crate::bounded::for_log(key.label()));
         tokio::spawn(
             Worker::new(self.clone(), key.clone(), line)
                 .run()
@@ -940,7 +938,7 @@ impl Inner {
             if wait && tokio::time::timeout_at(until, room).await.is_err() {
                 let pending = line.queued.load(Ordering::SeqCst);
                 tracing::debug!(
-                    conversation = %key.label(),
+                    conversation = %crate::bounded::for_log(key.label()),
                     pending,
                     waited_ms = started.elapsed().as_millis() as u64,
                     "no room in the conversation's line within delivery.max_wait_for_room"
@@ -1399,7 +1397,7 @@ impl Worker {
                 .rates
                 .limited(&req.rate, pause, std::time::Instant::now());
             if let Some(scope) = paused {
-                tracing::warn!(scope = %scope, pause_ms = pause.as_millis() as u64, "rate limited: pausing the scope");
+                tracing::warn!(scope = %crate::bounded::for_log(&scope), pause_ms = pause.as_millis() as u64, "rate limited: pausing the scope");
             }
             self.inner.metrics.rate_limit_pause(self.key.channel_id());
         }
