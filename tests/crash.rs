@@ -19,27 +19,7 @@ const CLIENTS: usize = 8;
 const ROUNDS: usize = 3;
 
 fn spawn_gateway(fake: &FakeConnector, data_dir: &std::path::Path, port: u16) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_channel-gateway"))
-        .args([
-            "serve",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--data-dir",
-        ])
-        .arg(data_dir)
-        .env(
-            "CHANNEL_GATEWAY__CHANNELS__BOTFRAMEWORK__ALLOWED_SERVICE_HOSTS",
-            "[\"127.0.0.1:*\"]",
-        )
-        .env(
-            "CHANNEL_GATEWAY__CHANNELS__BOTFRAMEWORK__TOKEN_URL",
-            format!("http://127.0.0.1:{}/token", fake.addr.port()),
-        )
-        .env("CHANNEL_GATEWAY__CHANNELS__BOTFRAMEWORK__APP_ID", BOT)
-        .env(
-            "CHANNEL_GATEWAY__CHANNELS__BOTFRAMEWORK__APP_PASSWORD",
-            PASSWORD,
-        )
+    gateway_command(fake, data_dir, port)
         .env("CHANNEL_GATEWAY__DELIVERY__BASE_RETRY_DELAY", "20ms")
         // The fake is not Teams: its conversations take messages faster than Teams allows.
         .env(

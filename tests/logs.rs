@@ -15,27 +15,7 @@ async fn logs_carry_the_trace_and_never_a_secret() {
     let fake = FakeConnector::start().await;
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_channel-gateway"))
-        .args([
-            "serve",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--data-dir",
-        ])
-        .arg(dir.path())
-        .env(
-            "CHANNEL_GATEWAY__CHANNELS__BOTFRAMEWORK__ALLOWED_SERVICE_HOSTS",
-            "[\"127.0.0.1:*\"]",
-        )
-        .env(
-            "CHANNEL_GATEWAY__CHANNELS__BOTFRAMEWORK__TOKEN_URL",
-            format!("http://127.0.0.1:{}/token", fake.addr.port()),
-        )
-        .env("CHANNEL_GATEWAY__CHANNELS__BOTFRAMEWORK__APP_ID", BOT)
-        .env(
-            "CHANNEL_GATEWAY__CHANNELS__BOTFRAMEWORK__APP_PASSWORD",
-            PASSWORD,
-        )
+    let mut child = gateway_command(&fake, dir.path(), port)
         .env("CHANNEL_GATEWAY__ADMIN__LISTEN", "127.0.0.1:0")
         .env("CHANNEL_GATEWAY__LOG__FORMAT", "json")
         .env("CHANNEL_GATEWAY__DELIVERY__BASE_RETRY_DELAY", "10ms")

@@ -291,28 +291,9 @@ async fn shutdown_says_what_becomes_of_undelivered_messages() {
     let dir = tempfile::tempdir().unwrap();
     let start = |backend: &str| {
         let port = common::free_port();
-        let child = Command::new(env!("CARGO_BIN_EXE_channel-gateway"))
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-            .arg("--data-dir")
-            .arg(dir.path())
+        let child = common::gateway_command(&fake, dir.path(), port)
             .env_remove("CHANNEL_GATEWAY_CONFIG")
             .env_remove("RUST_LOG")
-            .env(
-                "CHANNEL_GATEWAY__CHANNELS__BOTFRAMEWORK__ALLOWED_SERVICE_HOSTS",
-                "[\"127.0.0.1:*\"]",
-            )
-            .env(
-                "CHANNEL_GATEWAY__CHANNELS__BOTFRAMEWORK__TOKEN_URL",
-                format!("http://127.0.0.1:{}/token", fake.addr.port()),
-            )
-            .env(
-                "CHANNEL_GATEWAY__CHANNELS__BOTFRAMEWORK__APP_ID",
-                common::BOT,
-            )
-            .env(
-                "CHANNEL_GATEWAY__CHANNELS__BOTFRAMEWORK__APP_PASSWORD",
-                common::PASSWORD,
-            )
             .env("CHANNEL_GATEWAY__ADMIN__ENABLED", "false")
             .env("CHANNEL_GATEWAY__OUTBOX__BACKEND", backend)
             .env("CHANNEL_GATEWAY__SERVER__SHUTDOWN_GRACE", "300ms")

@@ -502,6 +502,38 @@ pub async fn send_text(
         .map(|r| r.into_inner())
 }
 
+/// The gateway binary serving on 127.0.0.1:`port` with its outbox in `data_dir`, configured by
+/// environment as a deployment would be: the Bot Framework pointed at `fake`, whose tokens and
+/// activities it may receive. Callers add what their test needs and spawn it.
+pub fn gateway_command(
+    fake: &FakeConnector,
+    data_dir: &std::path::Path,
+    port: u16,
+) -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_channel-gateway"));
+    cmd.args([
+        "serve",
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--data-dir",
+    ])
+    .arg(data_dir)
+    .env(
+        "CHANNEL_GATEWAY__CHANNELS__BOTFRAMEWORK__ALLOWED_SERVICE_HOSTS",
+        "[\"127.0.0.1:*\"]",
+    )
+    .env(
+        "CHANNEL_GATEWAY__CHANNELS__BOTFRAMEWORK__TOKEN_URL",
+        format!("http://127.0.0.1:{}/token", fake.addr.port()),
+    )
+    .env("CHANNEL_GATEWAY__CHANNELS__BOTFRAMEWORK__APP_ID", BOT)
+    .env(
+        "CHANNEL_GATEWAY__CHANNELS__BOTFRAMEWORK__APP_PASSWORD",
+        PASSWORD,
+    );
+    cmd
+}
+
 /// What GetDelivery answers for message `id`.
 pub async fn delivery(
     client: &mut ChannelGatewayClient<tonic::transport::Channel>,
