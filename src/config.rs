@@ -4,160 +4,21 @@
 //! Secrets are read here and handed to channel clients; they must never be logged or shown
 //! (the `Debug` of a secret prints `<redacted>`).
 
-use std::collections::BTreeMap;
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 
 /// Environment overrides: `CHANNEL_GATEWAY__SECTION__KEY=value` sets `section.key`
 /// (`__` separates levels; the value is read as TOML, or as a string when it is not TOML).
 pub const ENV_PREFIX: &str = "CHANNEL_GATEWAY__";
 
-/// Config errors name the key and the problem; none shows a value that could be a secret (a
-/// TOML syntax error gives line and column, not the line; a type error says "a string").
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error(
-        "config file {path}: TOML syntax error at line {line}, column {column}{}: {message}",
-        .key.as_deref().map(|k| format!(" (in `{k}`)")).unwrap_or_default()
-    )]
-    Syntax {
-        path: String,
-        line: usize,
-        column: usize,
-        /// The table and key being written on that line, when the line starts one.
-        key: Option<String>,
-        message: String,
-    },
-    #[error("config: {0}")]
-    Parse(String),
-    #[error("config key `{key}`: {reason}")]
-    Invalid { key: String, reason: String },
-    #[error("{var} (config key `{key}`): {reason}")]
-    Env {
-        var: String,
-        key: String,
-        reason: String,
-    },
-}
+pub use crate::settings::{ConfigError, Secret, parse_duration};
+pub(crate) use crate::settings::{capped, de_duration, invalid};
 
-pub(crate) fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        key: key.to_string(),
-        reason: reason.into(),
-    }
-}
-
-/// A secret string whose `Debug` never shows it.
-#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(s: impl Into<String>) -> Self {
-        Self(s.into())
-    }
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
-
-/// Parses `250ms`, `30s`, `5m`, `24h` and sums like `1h30m`. A plain number is refused (`0`
-/// aside): v3's `autoBatchDelay` was in milliseconds, and `250` read as seconds surprised a user.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let shown = capped(s, 40);
-    if s.is_empty() {
-        return Err("an empty string is not a duration: write e.g. `250ms` or `30s`".into());
-    }
-    if s.chars().all(|c| c.is_ascii_digit() || c == '.') {
-        return plain_number(s);
-    }
-    let mut total = Duration::ZERO;
-    let mut rest = s;
-    while !rest.is_empty() {
-        let digits = rest
-            .find(|c: char| !c.is_ascii_digit() && c != '.')
-            .unwrap_or(rest.len());
-        let (num, tail) = rest.split_at(digits);
-        let unit_len = tail
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(tail.len());
-        let (unit, tail) = tail.split_at(unit_len);
-        let n: f64 = num.parse().map_err(|_| {
-            format!("`{shown}` is not a duration like 250ms, 30s, 5m, 24h or 1h30m")
-        })?;
-        let scale = match unit.trim() {
-            "ms" => 0.001,
-            "s" => 1.0,
-            "m" => 60.0,
-            "h" => 3600.0,
-            other => {
-                return Err(format!(
-                    "unknown duration unit `{}` in `{shown}` (use ms, s, m, h)",
-                    capped(other, 20)
-                ));
-            }
-        };
-        let part = Duration::try_from_secs_f64(n * scale)
-            .map_err(|_| format!("`{shown}` is not a valid duration"))?;
-        total = total
-            .checked_add(part)
-            .ok_or_else(|| format!("`{shown}` is too long a duration"))?;
-        rest = tail;
-    }
-    Ok(total)
-}
-
-/// A duration without a unit: only zero is unambiguous.
-fn plain_number(n: &str) -> Result<Duration, String> {
-    if n.parse::<f64>() == Ok(0.0) {
-        return Ok(Duration::ZERO);
-    }
-    let n = capped(n, 20);
-    Err(format!(
-        "`{n}` has no unit: write `{n}ms` or `{n}s` (or m, h, e.g. `1h30m`)"
-    ))
-}
-
-/// Durations in the config: a string with units (`250ms`, `1h30m`); a TOML number only when 0.
-pub(crate) fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Raw {
-        S(String),
-        I(i64),
-        F(f64),
-    }
-    let parsed = match Raw::deserialize(d)? {
-        Raw::S(s) => parse_duration(&s),
-        Raw::I(n) => plain_number(&n.to_string()),
-        Raw::F(n) => plain_number(&n.to_string()),
-    };
-    parsed.map_err(serde::de::Error::custom)
-}
-
-/// At most `max` characters of `s`, marked when cut: what an error may echo of a value.
-pub(crate) fn capped(s: &str, max: usize) -> String {
-    match s.char_indices().nth(max) {
-        Some((i, _)) => format!("{}…", &s[..i]),
-        None => s.to_string(),
-    }
-}
+// The Bot Framework section's types under their older path, which clients of the library use.
+pub use crate::channels::botframework::config::{BotCredentials, BotFrameworkConfig};
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -421,96 +282,10 @@ impl Default for OutboxConfig {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ChannelsConfig {
-    pub botframework: BotFrameworkConfig,
+    pub botframework: crate::channels::botframework::config::BotFrameworkConfig,
     pub facebook: crate::channels::facebook::config::FacebookConfig,
     pub slack: crate::channels::slack::config::SlackConfig,
-}
-
-/// The channel ids served through the Bot Framework Connector unless configured otherwise.
-pub const DEFAULT_BOTFRAMEWORK_CHANNEL_IDS: [&str; 5] =
-    ["skype", "msteams", "webchat", "directline", "emulator"];
-
-/// Hosts the Bot Framework serves conversations from; a token is only ever sent to these.
-pub const DEFAULT_BOTFRAMEWORK_HOSTS: &[&str] = &[
-    "*.botframework.com",
-    "smba.trafficmanager.net",
-    "*.botframework.azure.us",
-    "smba.infra.gcc.teams.microsoft.com",
-    "smba.infra.gov.teams.microsoft.us",
-];
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct BotFrameworkConfig {
-    pub enabled: bool,
-    /// Channel ids served by the Bot Framework Connector.
-    pub channel_ids: Vec<String>,
-    /// OAuth client-credentials endpoint.
-    pub token_url: String,
-    pub scope: String,
-    /// A token is treated as expired this long before its `expires_in` (the v3 SDK used 300 s).
-    #[serde(deserialize_with = "de_duration")]
-    pub token_refresh_margin: Duration,
-    /// Service URL host patterns (`*.example.com` matches subdomains). Plain http is only
-    /// accepted for loopback hosts.
-    pub allowed_service_hosts: Vec<String>,
-    /// Send without a token when the bot has no credentials (the Emulator without auth).
-    pub allow_unauthenticated: bool,
-    /// How often a kept-alive typing indicator repeats (clients show one for about 3 s).
-    #[serde(deserialize_with = "de_duration")]
-    pub typing_interval: Duration,
-    /// Send to each Teams conversation and tenant within Teams' documented rate limits, so
-    /// its 429s stay rare; off, only 429s slow sends down.
-    pub teams_pacing: bool,
-    /// Shortcut for a single bot: its Microsoft app id and password.
-    pub app_id: Option<String>,
-    pub app_password: Option<Secret>,
-    pub bots: Vec<BotCredentials>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BotCredentials {
-    pub app_id: String,
-    pub app_password: Secret,
-}
-
-impl Default for BotFrameworkConfig {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            channel_ids: DEFAULT_BOTFRAMEWORK_CHANNEL_IDS.map(String::from).to_vec(),
-            token_url: "https://login.microsoftonline.com/botframework.com/oauth2/v2.0/token"
-                .into(),
-            scope: "https://api.botframework.com/.default".into(),
-            token_refresh_margin: Duration::from_secs(300),
-            allowed_service_hosts: DEFAULT_BOTFRAMEWORK_HOSTS
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
-            allow_unauthenticated: false,
-            typing_interval: Duration::from_secs(3),
-            teams_pacing: true,
-            app_id: None,
-            app_password: None,
-            bots: Vec::new(),
-        }
-    }
-}
-
-impl BotFrameworkConfig {
-    /// Every configured bot, the single-bot shortcut included.
-    pub fn credentials(&self) -> BTreeMap<String, Secret> {
-        let mut out: BTreeMap<String, Secret> = self
-            .bots
-            .iter()
-            .map(|b| (b.app_id.clone(), b.app_password.clone()))
-            .collect();
-        if let (Some(id), Some(pw)) = (&self.app_id, &self.app_password) {
-            out.insert(id.clone(), pw.clone());
-        }
-        out
-    }
+    pub telegram: crate::channels::telegram::config::TelegramConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -706,74 +481,10 @@ impl Config {
             return Err(invalid("log.format", "must be `human` or `json`"));
         }
         check_log_filter(&self.log.level).map_err(|reason| invalid("log.level", reason))?;
-        let bf = &self.channels.botframework;
-        let token_url = url::Url::parse(&bf.token_url)
-            .map_err(|e| invalid("channels.botframework.token_url", format!("not a URL: {e}")))?;
-        // The bot's app password is posted to it.
-        if let Some(reason) = crate::channels::clear_text_refusal(&token_url) {
-            return Err(invalid("channels.botframework.token_url", reason));
-        }
-        for (i, host) in bf.allowed_service_hosts.iter().enumerate() {
-            let (name, port) = crate::channels::botframework::client::split_host_pattern(host);
-            let bare = name.strip_prefix("*.").unwrap_or(name);
-            let ipv6 = bare.starts_with('[')
-                && bare.ends_with(']')
-                && bare[1..bare.len() - 1]
-                    .parse::<std::net::Ipv6Addr>()
-                    .is_ok();
-            let port_ok = port.is_none_or(|p| p == "*" || p.parse::<u16>().is_ok());
-            if bare.is_empty() || (!ipv6 && bare.contains(['/', ':', '*', '[', ']'])) || !port_ok {
-                return Err(invalid(
-                    &format!("channels.botframework.allowed_service_hosts[{i}]"),
-                    format!(
-                        "`{host}` is not a host name or `*.domain` pattern, optionally with `:port` or `:*`"
-                    ),
-                ));
-            }
-        }
-        if bf.typing_interval < Duration::from_millis(100) {
-            return Err(invalid(
-                "channels.botframework.typing_interval",
-                "must be at least 100ms",
-            ));
-        }
-        if bf.app_id.is_some() != bf.app_password.is_some() {
-            return Err(invalid(
-                "channels.botframework.app_password",
-                "app_id and app_password go together",
-            ));
-        }
-        let mut seen = std::collections::BTreeSet::new();
-        for (i, b) in bf.bots.iter().enumerate() {
-            if b.app_id.is_empty() {
-                return Err(invalid(
-                    &format!("channels.botframework.bots[{i}].app_id"),
-                    "must not be empty",
-                ));
-            }
-            if b.app_password.expose().is_empty() {
-                return Err(invalid(
-                    &format!("channels.botframework.bots[{i}].app_password"),
-                    "must not be empty",
-                ));
-            }
-            if !seen.insert(&b.app_id) {
-                return Err(invalid(
-                    &format!("channels.botframework.bots[{i}].app_id"),
-                    format!("`{}` is configured twice", b.app_id),
-                ));
-            }
-        }
-        for (i, id) in bf.channel_ids.iter().enumerate() {
-            if matches!(id.as_str(), "facebook" | "slack") || id.is_empty() {
-                return Err(invalid(
-                    &format!("channels.botframework.channel_ids[{i}]"),
-                    format!("`{id}` cannot be served by the Bot Framework Connector here"),
-                ));
-            }
-        }
+        self.channels.botframework.validate()?;
         self.channels.facebook.validate()?;
         self.channels.slack.validate()?;
+        self.channels.telegram.validate()?;
         Ok(())
     }
 }

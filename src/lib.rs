@@ -13,4 +13,5 @@ pub mod metrics;
 pub mod model;
 pub mod outbox;
 pub mod server;
+pub mod settings;
 pub mod tls;

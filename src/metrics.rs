@@ -28,7 +28,7 @@ pub type LabelValue = Cow<'static, str>;
 
 /// The channel ids of the default configuration.
 fn known_channels() -> impl Iterator<Item = &'static str> {
-    crate::config::DEFAULT_BOTFRAMEWORK_CHANNEL_IDS
+    crate::channels::botframework::config::DEFAULT_BOTFRAMEWORK_CHANNEL_IDS
         .into_iter()
         .chain([
             crate::channels::facebook::render::CHANNEL,

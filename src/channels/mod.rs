@@ -5,9 +5,12 @@
 
 mod body;
 pub mod botframework;
+pub mod channel;
 pub mod facebook;
 pub mod http;
+pub mod shared;
 pub mod slack;
+pub mod telegram;
 pub mod text;
 mod types;
 
@@ -17,73 +20,7 @@ use std::time::Duration;
 pub use body::{Body, ObjWriter};
 pub use types::*;
 
-/// Whether `host` is this machine: the only place a credential may travel in clear text.
-pub(crate) fn is_loopback(host: &str) -> bool {
-    host == "localhost"
-        || host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
-}
-
-/// Why a configured URL that will receive a credential (a token endpoint, an API base) may not:
-/// only https, or plain http to a loopback host (local fakes and tests), and no credentials of
-/// its own (`user:password@`: they would be echoed wherever the URL is shown). `None` when it
-/// may. The reason never quotes the URL.
-pub(crate) fn clear_text_refusal(url: &url::Url) -> Option<String> {
-    if !url.username().is_empty() || url.password().is_some() {
-        return Some(
-            "must not carry a user or password (`user:password@`): credentials go in their own keys"
-                .into(),
-        );
-    }
-    match url.scheme() {
-        "https" => None,
-        "http" if is_loopback(url.host_str().unwrap_or_default()) => None,
-        s => Some(format!(
-            "scheme `{s}` is not allowed: only https (http for loopback hosts), since credentials travel to it"
-        )),
-    }
-}
-
-/// Names (at most this many) a warning lists of the `source_event["*"]` keys it left out.
-const DROPPED_KEYS_SHOWN: usize = 5;
-/// Characters of one key name in that warning: the names come from the request.
-const DROPPED_KEY_CHARS: usize = 40;
-
-/// The warning for keys of the shared `source_event["*"]` fallback that a channel does not take
-/// from it (`allowed` lists those it does): they were left out of the request. `channel_key`
-/// is where a channel-only field belongs (`source_event.slack`).
-pub(crate) fn fallback_keys_dropped(
-    dropped: &[&str],
-    api: &str,
-    channel_key: &str,
-    allowed: &[&str],
-) -> crate::model::Warning {
-    let names: Vec<String> = dropped
-        .iter()
-        .take(DROPPED_KEYS_SHOWN)
-        .map(|k| {
-            let k =
-                text::truncate(k, DROPPED_KEY_CHARS, text::chars).unwrap_or_else(|| k.to_string());
-            format!("`{}`", k.escape_debug())
-        })
-        .collect();
-    let mut names = names.join(", ");
-    if dropped.len() > DROPPED_KEYS_SHOWN {
-        names.push_str(&format!(" and {} more", dropped.len() - DROPPED_KEYS_SHOWN));
-    }
-    crate::model::Warning::new(
-        "source_event_keys_dropped",
-        "message.source_event.*",
-        format!(
-            "{names} {} not among the {api} fields the shared source_event[\"*\"] may set ({}): left out (put fields for this channel only in source_event.{channel_key})",
-            if dropped.len() == 1 { "is" } else { "are" },
-            allowed.join(", ")
-        ),
-    )
-}
+pub(crate) use shared::{clear_text_refusal, fallback_keys_dropped, is_loopback};
 
 use crate::config::Config;
 use crate::model::{Address, Message, ProactiveOptions};

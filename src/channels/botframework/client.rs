@@ -12,9 +12,11 @@ use serde::Deserialize;
 use serde_json::Value;
 use tokio::sync::Mutex;
 
+use super::config::BotFrameworkConfig;
 use crate::channels::http::{Http, Payload, TransportError, parse_uri};
+use crate::channels::shared::retry_after;
 use crate::channels::{ChannelError, FailureKind, HttpMethod, NativeReceipt, NativeRequest};
-use crate::config::{BotFrameworkConfig, Secret};
+use crate::settings::Secret;
 
 const CHANNEL: &str = "botframework";
 
@@ -450,22 +452,6 @@ fn urlencode(s: &str) -> String {
 
 fn transport_error(e: &TransportError, idempotent: bool) -> ChannelError {
     e.to_channel_error(CHANNEL, "the connector", idempotent)
-}
-
-/// Parses `Retry-After` in seconds or as an HTTP date.
-pub fn retry_after(headers: &http::header::HeaderMap) -> Option<Duration> {
-    let v = headers
-        .get(http::header::RETRY_AFTER)?
-        .to_str()
-        .ok()?
-        .trim();
-    if let Ok(secs) = v.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
-    }
-    let when =
-        time::OffsetDateTime::parse(v, &time::format_description::well_known::Rfc2822).ok()?;
-    let delta = when - time::OffsetDateTime::now_utc();
-    Some(Duration::try_from(delta).unwrap_or(Duration::ZERO))
 }
 
 /// Turns a non-success answer into a typed error with the connector's own code and text.

@@ -13,11 +13,11 @@ use serde_json::Value;
 use sha2::Sha256;
 
 use super::config::FacebookConfig;
-use crate::channels::botframework::client::retry_after;
 use crate::channels::http::{Http, Payload, TransportError, parse_uri};
+use crate::channels::shared::retry_after;
 use crate::channels::{ChannelError, FailureKind, NativeReceipt, NativeRequest};
-use crate::config::Secret;
 use crate::model::{Address, ProactiveOptions};
+use crate::settings::Secret;
 
 const CHANNEL: &str = "facebook";
 
@@ -209,14 +209,8 @@ impl FacebookClient {
 
 /// `s` without the page token or proof, should a message ever echo them.
 fn scrub(s: String, auth: &PageAuth) -> String {
-    let mut s = s;
-    for secret in std::iter::once(&auth.token).chain(auth.proof.as_ref()) {
-        let v = secret.expose();
-        if !v.is_empty() && s.contains(v) {
-            s = s.replace(v, "<redacted>");
-        }
-    }
-    s
+    let secrets = std::iter::once(&auth.token).chain(auth.proof.as_ref());
+    crate::channels::shared::scrub_secrets(s, secrets.map(Secret::expose))
 }
 
 /// A failure to get an answer. A connect error never reached Graph; anything after the request

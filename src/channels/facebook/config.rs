@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
-use crate::config::{ConfigError, Secret, de_duration, invalid};
+use crate::settings::{ConfigError, Secret, de_duration, invalid};
 
 /// The Graph API version used when none is configured (the current one when this was written).
 pub const DEFAULT_API_VERSION: &str = "v25.0";

@@ -12,13 +12,13 @@ use serde_json::Value;
 
 use super::config::SlackConfig;
 use super::render::{open_request, opened_address};
-use crate::channels::botframework::client::retry_after;
 use crate::channels::http::{Http, Payload, TransportError, parse_uri};
+use crate::channels::shared::retry_after;
 use crate::channels::{
     ChannelError, ErrorCategory, FailureKind, HttpMethod, NativeReceipt, NativeRequest,
 };
-use crate::config::Secret;
 use crate::model::{Address, ProactiveOptions};
+use crate::settings::Secret;
 
 const CHANNEL: &str = "slack";
 /// The wait after `ratelimited` when Slack gives no Retry-After: its per-channel pace.

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 
 use serde::Deserialize;
 
-use crate::config::{ConfigError, Secret, invalid};
+use crate::settings::{ConfigError, Secret, invalid};
 
 /// The public Slack Web API.
 pub const DEFAULT_API_BASE_URL: &str = "https://slack.com/api";

@@ -1,0 +1,136 @@
+//! The one interface a channel implements: what it serves and supports, the credential check
+//! of an address, the pure render of a send and of a proactive start, the execution of one
+//! native request, conversation creation, and (from the inbound step on) webhook verification
+//! and parsing.
+//!
+//! Owns the contract between the engine (`delivery`, `api`) and a channel folder. It must not
+//! name any channel: the registry in `channels/mod.rs` is the only place that lists them.
+
+use std::fmt::Display;
+
+use futures::future::BoxFuture;
+
+use super::shared::CredentialHint;
+use super::{
+    Capabilities, ChannelError, NativeReceipt, NativeRequest, RenderError, Rendered, RouteError,
+};
+use crate::model::{Address, Message, ProactiveOptions};
+
+/// A channel: one folder under `src/channels/`, built from its own config section.
+///
+/// A disabled channel (its section's `enabled = false`) is still built: it renders (Render and
+/// GetCapabilities work without credentials), but nothing is sent through it. The registry
+/// refuses to execute or create a conversation on a disabled channel before calling it.
+///
+/// `execute` and `create_conversation` return boxed futures so that channels live behind one
+/// `dyn Channel`; one allocation per HTTP call is noise next to the call.
+pub trait Channel: Send + Sync + 'static {
+    /// The implementation's name as GetCapabilities reports it: `botframework`, `slack`.
+    fn name(&self) -> &'static str;
+
+    /// The config section, for errors: `channels.slack`.
+    fn section(&self) -> &'static str;
+
+    /// The channel ids it serves (Bot Framework serves several; most serve one). Ids are unique
+    /// across channels; the registry refuses a configuration where two channels claim one.
+    fn channel_ids(&self) -> Vec<String>;
+
+    /// Whether the section is enabled.
+    fn enabled(&self) -> bool;
+
+    /// What the channel supports for `channel_id` (one of `channel_ids`), with the configured
+    /// typing interval.
+    fn capabilities(&self, channel_id: &str) -> Capabilities;
+
+    /// Whether it can send for at least one bot (credentials, or an unauthenticated mode).
+    fn configured(&self) -> bool;
+
+    /// Whether it can send for `bot_id` (`address.bot.id`).
+    fn has_credentials(&self, bot_id: &str) -> bool;
+
+    /// The configured ids `bot_id` is matched against, for the error that says none matched.
+    fn credential_hint(&self) -> CredentialHint;
+
+    /// Checks of an address beyond its bot's credentials, made before a message is accepted
+    /// (Bot Framework: the service URL is present and allowed). `field` is the address's path
+    /// in the request, for the error.
+    fn check_address(&self, addr: &Address, field: &dyn Display) -> Result<(), RouteError> {
+        let _ = (addr, field);
+        Ok(())
+    }
+
+    /// Renders a message for a conversation that exists; `proactive` is set for SendProactive.
+    /// Pure: no I/O, no credentials; the same input gives the same bytes.
+    fn render_send(
+        &self,
+        msg: &Message,
+        proactive: Option<&ProactiveOptions>,
+    ) -> Result<Rendered, RenderError>;
+
+    /// Renders a proactive start (an address without a conversation): any conversation
+    /// creation, then each message. Pure.
+    fn render_proactive(
+        &self,
+        messages: &[Message],
+        options: &ProactiveOptions,
+    ) -> Result<Rendered, RenderError>;
+
+    /// Makes one native request rendered by this channel for `channel_id`.
+    fn execute<'a>(
+        &'a self,
+        channel_id: &'a str,
+        req: &'a NativeRequest,
+    ) -> BoxFuture<'a, Result<NativeReceipt, ChannelError>>;
+
+    /// Starts a conversation and returns the address to use from now on.
+    fn create_conversation<'a>(
+        &'a self,
+        addr: &'a Address,
+        options: &'a ProactiveOptions,
+    ) -> BoxFuture<'a, Result<Address, ChannelError>>;
+
+    /// Token fetches per channel id, for channels that fetch tokens (the admin metrics).
+    fn token_fetches(&self) -> Vec<(crate::metrics::LabelValue, u64)> {
+        Vec::new()
+    }
+
+    /// The receiving side, for channels that receive (the inbound step).
+    fn inbound(&self) -> Option<&dyn Inbound> {
+        None
+    }
+}
+
+/// One webhook call as the inbound listener received it: the exact bytes, so a signature is
+/// checked over what arrived.
+pub struct WebhookRequest<'a> {
+    pub method: &'a http::Method,
+    /// The path below the listener, e.g. `/webhooks/slack/events`.
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+    pub headers: &'a http::HeaderMap,
+    pub body: &'a [u8],
+}
+
+/// Why a webhook call was refused. The reason goes to the log and a metric, never on the wire.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WebhookError {
+    /// The caller is not the channel (bad signature, token, or timestamp): 401/403.
+    #[error("not verified: {0}")]
+    Unverified(&'static str),
+    /// Verified, but not a body this channel sends: 400.
+    #[error("unreadable: {0}")]
+    Unreadable(String),
+}
+
+/// The receiving side of a channel: verify that a webhook call comes from the channel, then
+/// parse it into messages of the model, each with the address to reply to.
+pub trait Inbound: Send + Sync {
+    /// The paths under the inbound listener this channel answers.
+    fn paths(&self) -> Vec<String>;
+
+    /// Checks the call's signature or secret over the exact bytes received. Constant-time.
+    fn verify(&self, req: &WebhookRequest<'_>) -> Result<(), WebhookError>;
+
+    /// The events of a verified call, normalized into the model (a batch gives several).
+    fn parse(&self, req: &WebhookRequest<'_>) -> Result<Vec<Message>, WebhookError>;
+}

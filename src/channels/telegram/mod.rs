@@ -1,0 +1,3 @@
+//! Telegram Bot API channel.
+
+pub mod config;
