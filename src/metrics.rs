@@ -28,12 +28,7 @@ pub type LabelValue = Cow<'static, str>;
 
 /// The channel ids of the default configuration.
 fn known_channels() -> impl Iterator<Item = &'static str> {
-    crate::channels::botframework::config::DEFAULT_BOTFRAMEWORK_CHANNEL_IDS
-        .into_iter()
-        .chain([
-            crate::channels::facebook::render::CHANNEL,
-            crate::channels::slack::render::CHANNEL_ID,
-        ])
+    crate::channels::default_channel_ids()
 }
 
 pub fn channel_label(channel: &str) -> LabelValue {
@@ -293,22 +288,13 @@ impl Metrics {
 
     /// Creates every counter of each channel id at 0, so a scrape before any traffic shows
     /// them (a rate over a series that appears with its first event misses that event).
-    pub fn start_series(&self, config: &crate::config::Config) {
-        let c = &config.channels;
-        let mut ids: Vec<&str> = Vec::new();
-        if c.botframework.enabled {
-            for id in &c.botframework.channel_ids {
-                ids.push(id);
+    pub fn start_series(&self, channels: &[(String, bool)]) {
+        for (id, fetches_tokens) in channels {
+            if *fetches_tokens {
                 let _ = self.token_refreshes.get_or_create(&Self::ch(id));
             }
         }
-        if c.facebook.enabled {
-            ids.push(crate::channels::facebook::render::CHANNEL);
-        }
-        if c.slack.enabled {
-            ids.push(crate::channels::slack::render::CHANNEL_ID);
-        }
-        for id in ids {
+        for id in channels.iter().map(|(id, _)| id.as_str()) {
             let ch = Self::ch(id);
             let _ = self.accepted.get_or_create(&ch);
             let _ = self.retried.get_or_create(&ch);

@@ -229,7 +229,7 @@ async fn serve(
         }
     };
     let metrics = Arc::new(Metrics::new());
-    metrics.start_series(&config);
+    metrics.start_series(&channels.enabled_ids());
     let dispatcher = Dispatcher::new(
         channels.clone(),
         store.clone(),
@@ -300,10 +300,8 @@ async fn serve(
             m.note_outbox(d.store().as_ref());
             m.queue_depth.set(d.undelivered() as i64);
             m.active_workers.set(d.active_workers() as i64);
-            if let Some(bf) = ch.botframework() {
-                for (channel, total) in bf.token_fetches() {
-                    m.token_fetches(channel, total);
-                }
+            for (channel, total) in ch.token_fetches() {
+                m.token_fetches(channel, total);
             }
         });
         let m = metrics.clone();

@@ -89,6 +89,11 @@ pub trait Channel: Send + Sync + 'static {
         options: &'a ProactiveOptions,
     ) -> BoxFuture<'a, Result<Address, ChannelError>>;
 
+    /// Whether it fetches tokens (its token-fetch metric series are created at start).
+    fn fetches_tokens(&self) -> bool {
+        false
+    }
+
     /// Token fetches per channel id, for channels that fetch tokens (the admin metrics).
     fn token_fetches(&self) -> Vec<(crate::metrics::LabelValue, u64)> {
         Vec::new()

@@ -24,12 +24,32 @@ pub(crate) use shared::{clear_text_refusal, fallback_keys_dropped, is_loopback};
 
 use crate::config::Config;
 use crate::model::{Address, Message, ProactiveOptions};
-use botframework::client::BotFrameworkClient;
-use facebook::client::FacebookClient;
-use slack::client::SlackClient;
+pub use channel::Channel;
 
 /// Channel ids that the gateway knows but that arrive in later steps.
 const PLANNED_CHANNELS: &[&str] = &["telegram", "whatsapp"];
+
+/// The channel ids of the default configuration: metric labels for them are static.
+pub fn default_channel_ids() -> impl Iterator<Item = &'static str> {
+    botframework::config::DEFAULT_BOTFRAMEWORK_CHANNEL_IDS
+        .into_iter()
+        .chain([
+            facebook::render::CHANNEL,
+            slack::render::CHANNEL_ID,
+            telegram::CHANNEL_ID,
+        ])
+}
+
+/// Builds every channel from its section. The registry: adding a channel is one line here.
+fn build_all(config: &Config) -> Result<Vec<Arc<dyn Channel>>, String> {
+    let timeout = config.delivery.request_timeout;
+    let c = &config.channels;
+    Ok(vec![
+        Arc::new(botframework::BotFramework::new(&c.botframework, timeout)?),
+        Arc::new(facebook::Facebook::new(&c.facebook, timeout)?),
+        Arc::new(slack::Slack::new(&c.slack, timeout)?),
+    ])
+}
 
 /// Why an address cannot be served.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -57,115 +77,78 @@ pub enum RenderOrRoute {
     Route(#[from] RouteError),
 }
 
-/// The implementation serving a channel id, with or without a usable client.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Implementation {
-    BotFramework,
-    Facebook,
-    Slack,
-}
-
-impl Implementation {
-    fn section(self) -> &'static str {
-        match self {
-            Self::BotFramework => "channels.botframework",
-            Self::Facebook => "channels.facebook",
-            Self::Slack => "channels.slack",
-        }
-    }
-}
-
-/// Every channel implementation, routed by channel id.
+/// Every channel, routed by channel id. Knows no channel by name beyond `build_all`.
 pub struct Channels {
-    botframework: Option<Arc<BotFrameworkClient>>,
-    /// A handful of ids, looked up several times per message: a scan of short strings costs
-    /// less than hashing one.
-    botframework_ids: Vec<String>,
-    facebook: Option<Arc<FacebookClient>>,
-    slack: Option<Arc<SlackClient>>,
-    /// Kept for rendering, which needs no client (and no credentials).
-    config: Config,
+    all: Vec<Arc<dyn Channel>>,
+    /// Channel id -> its channel. A handful of ids, looked up several times per message: a
+    /// scan of short strings costs less than hashing one.
+    routes: Vec<(String, Arc<dyn Channel>)>,
 }
 
 impl Channels {
     pub fn from_config(config: &Config) -> Result<Self, String> {
-        let timeout = config.delivery.request_timeout;
-        let c = &config.channels;
-        Ok(Self {
-            botframework: match c.botframework.enabled {
-                true => Some(Arc::new(BotFrameworkClient::new(
-                    c.botframework.clone(),
-                    timeout,
-                )?)),
-                false => None,
+        let all = build_all(config)?;
+        let mut routes: Vec<(String, Arc<dyn Channel>)> = Vec::new();
+        for ch in &all {
+            for id in ch.channel_ids() {
+                if let Some((_, other)) = routes.iter().find(|(known, _)| *known == id) {
+                    return Err(format!(
+                        "channel id `{}` is claimed by both {} and {}",
+                        crate::settings::capped(&id, 64),
+                        other.section(),
+                        ch.section()
+                    ));
+                }
+                routes.push((id, ch.clone()));
+            }
+        }
+        Ok(Self { all, routes })
+    }
+
+    /// The channel ids of every enabled channel, each with whether its channel fetches tokens.
+    pub fn enabled_ids(&self) -> Vec<(String, bool)> {
+        self.routes
+            .iter()
+            .filter(|(_, ch)| ch.enabled())
+            .map(|(id, ch)| (id.clone(), ch.fetches_tokens()))
+            .collect()
+    }
+
+    /// Token requests made so far, by channel id, over every channel that fetches tokens.
+    pub fn token_fetches(&self) -> Vec<(crate::metrics::LabelValue, u64)> {
+        self.all.iter().flat_map(|c| c.token_fetches()).collect()
+    }
+
+    fn route(&self, channel_id: &str) -> Result<&dyn Channel, RouteError> {
+        if let Some((_, ch)) = self.routes.iter().find(|(id, _)| id == channel_id) {
+            return Ok(ch.as_ref());
+        }
+        Err(match channel_id {
+            id if PLANNED_CHANNELS.contains(&id) => RouteError::NotConfigured {
+                channel_id: id.into(),
+                reason: "this gateway has no client for it yet".into(),
             },
-            botframework_ids: c.botframework.channel_ids.clone(),
-            facebook: match c.facebook.enabled {
-                true => Some(Arc::new(FacebookClient::new(c.facebook.clone(), timeout)?)),
-                false => None,
-            },
-            slack: match c.slack.enabled {
-                true => Some(Arc::new(SlackClient::new(c.slack.clone(), timeout)?)),
-                false => None,
-            },
-            config: config.clone(),
+            id => RouteError::Unknown(id.into()),
         })
     }
 
-    pub fn botframework(&self) -> Option<&BotFrameworkClient> {
-        self.botframework.as_deref()
-    }
-
-    fn implementation(&self, channel_id: &str) -> Result<Implementation, RouteError> {
-        match channel_id {
-            "facebook" => Ok(Implementation::Facebook),
-            "slack" => Ok(Implementation::Slack),
-            id if self.botframework_ids.iter().any(|b| b == id) => Ok(Implementation::BotFramework),
-            id if PLANNED_CHANNELS.contains(&id) => Err(RouteError::NotConfigured {
-                channel_id: id.into(),
-                reason: "this gateway has no client for it yet".into(),
-            }),
-            id => Err(RouteError::Unknown(id.into())),
+    /// The channel serving `channel_id`, refused when its section is disabled.
+    fn enabled(&self, channel_id: &str) -> Result<&dyn Channel, RouteError> {
+        let ch = self.route(channel_id)?;
+        if !ch.enabled() {
+            return Err(RouteError::NotConfigured {
+                channel_id: channel_id.into(),
+                reason: format!("{}.enabled is false", ch.section()),
+            });
         }
-    }
-
-    fn disabled(channel_id: &str, imp: Implementation) -> RouteError {
-        RouteError::NotConfigured {
-            channel_id: channel_id.into(),
-            reason: format!("{}.enabled is false", imp.section()),
-        }
+        Ok(ch)
     }
 
     /// What a channel supports, and whether this gateway can send on it: enabled, with
     /// credentials for at least one bot (or, for Bot Framework, `allow_unauthenticated`).
     pub fn capabilities(&self, channel_id: &str) -> Result<(Capabilities, bool), RouteError> {
-        let imp = self.implementation(channel_id)?;
-        Ok(match imp {
-            Implementation::BotFramework => {
-                let mut caps = botframework::render::capabilities(channel_id);
-                caps.typing_interval = self.config.channels.botframework.typing_interval;
-                let configured = self
-                    .botframework
-                    .as_deref()
-                    .is_some_and(|c| c.has_any_credentials() || c.config().allow_unauthenticated);
-                (caps, configured)
-            }
-            Implementation::Facebook => {
-                let mut caps = facebook::render::capabilities(channel_id);
-                caps.typing_interval = self.config.channels.facebook.typing_interval;
-                let configured = self
-                    .facebook
-                    .as_deref()
-                    .is_some_and(FacebookClient::has_any_credentials);
-                (caps, configured)
-            }
-            Implementation::Slack => (
-                slack::render::capabilities(channel_id),
-                self.slack
-                    .as_deref()
-                    .is_some_and(SlackClient::has_any_credentials),
-            ),
-        })
+        let ch = self.route(channel_id)?;
+        Ok((ch.capabilities(channel_id), ch.configured()))
     }
 
     /// Checks, before accepting, that the address can be served with the configured credentials.
@@ -176,107 +159,16 @@ impl Channels {
         field: &dyn std::fmt::Display,
     ) -> Result<(), RouteError> {
         let id = addr.channel_id.as_str();
-        let imp = self.implementation(id)?;
+        let ch = self.enabled(id)?;
+        ch.check_address(addr, field)?;
         let bot = addr.bot_id();
-        let has_credentials = match imp {
-            Implementation::BotFramework => {
-                let c = self
-                    .botframework
-                    .as_deref()
-                    .ok_or_else(|| Self::disabled(id, imp))?;
-                let service_url = addr.service_url.as_deref().unwrap_or_default();
-                if service_url.is_empty() {
-                    return Err(RouteError::InvalidArgument {
-                        field: format!("{field}.service_url"),
-                        reason: "required for Bot Framework channels".into(),
-                    });
-                }
-                if let Some(reason) = c.refusal(service_url) {
-                    return Err(RouteError::PermissionDenied {
-                        field: format!("{field}.service_url"),
-                        reason,
-                    });
-                }
-                c.has_credentials(bot) || c.config().allow_unauthenticated
-            }
-            Implementation::Facebook => self
-                .facebook
-                .as_deref()
-                .ok_or_else(|| Self::disabled(id, imp))?
-                .has_credentials(bot),
-            Implementation::Slack => self
-                .slack
-                .as_deref()
-                .ok_or_else(|| Self::disabled(id, imp))?
-                .has_credentials(bot),
-        };
-        if !has_credentials {
+        if !ch.has_credentials(bot) {
             return Err(RouteError::NoCredentials {
                 channel_id: id.into(),
-                reason: self.no_credentials(imp, bot),
+                reason: shared::no_credentials(&ch.credential_hint(), bot),
             });
         }
         Ok(())
-    }
-
-    /// "no workspace has bot_id `B9` (configured: `B1`, `B2`)": what the bot id was matched
-    /// against, by id only. The list is capped; the bot id from the request is too.
-    fn no_credentials(&self, imp: Implementation, bot: &str) -> String {
-        const SHOWN: usize = 5;
-        let c = &self.config.channels;
-        let (what, key, section, ids): (&str, &str, &str, Vec<String>) = match imp {
-            Implementation::BotFramework => (
-                "bot",
-                "app_id",
-                "channels.botframework.bots (or app_id and app_password; or \
-                 allow_unauthenticated for the Emulator)",
-                c.botframework.credentials().into_keys().collect(),
-            ),
-            Implementation::Facebook => (
-                "page",
-                "page_id",
-                "channels.facebook.pages (or page_id and access_token)",
-                c.facebook
-                    .all_pages()
-                    .into_iter()
-                    .map(|p| p.page_id)
-                    .collect(),
-            ),
-            Implementation::Slack => (
-                "workspace",
-                "bot_id",
-                "channels.slack.workspaces",
-                c.slack
-                    .workspaces
-                    .iter()
-                    .map(|w| w.bot_id.clone())
-                    .collect(),
-            ),
-        };
-        let capped = |s: &str| match s.char_indices().nth(64) {
-            Some((i, _)) => format!("{}…", &s[..i]),
-            None => s.to_string(),
-        };
-        let bot = if bot.is_empty() {
-            "(address.bot.id is empty)".to_string()
-        } else {
-            format!("`{}`", capped(bot))
-        };
-        let configured = match ids.len() {
-            0 => format!("none is configured: set {section}"),
-            n => {
-                let mut list: Vec<String> = ids
-                    .iter()
-                    .take(SHOWN)
-                    .map(|i| format!("`{}`", capped(i)))
-                    .collect();
-                if n > SHOWN {
-                    list.push(format!("and {} more", n - SHOWN));
-                }
-                format!("configured: {}; {section}", list.join(", "))
-            }
-        };
-        format!("no {what} has {key} {bot} ({configured})")
     }
 
     /// Renders a message for a conversation that exists; `proactive` is set for SendProactive.
@@ -286,16 +178,8 @@ impl Channels {
         msg: &Message,
         proactive: Option<&ProactiveOptions>,
     ) -> Result<Rendered, RenderOrRoute> {
-        let c = &self.config.channels;
-        Ok(match self.implementation(&msg.address.channel_id)? {
-            Implementation::BotFramework => {
-                let mut r = botframework::render::render_send(msg)?;
-                self.pace_teams(&mut r);
-                r
-            }
-            Implementation::Facebook => facebook::render::render_send(msg, proactive, &c.facebook)?,
-            Implementation::Slack => slack::render::render_send(msg, proactive, &c.slack)?,
-        })
+        let ch = self.route(&msg.address.channel_id)?;
+        Ok(ch.render_send(msg, proactive)?)
     }
 
     /// Renders a proactive start (address without conversation): any conversation creation, then each message.
@@ -308,28 +192,8 @@ impl Channels {
             .first()
             .map(|m| m.address.channel_id.as_str())
             .unwrap_or_default();
-        let c = &self.config.channels;
-        Ok(match self.implementation(channel_id)? {
-            Implementation::BotFramework => {
-                let mut r = botframework::render::render_proactive(messages, options)?;
-                self.pace_teams(&mut r);
-                r
-            }
-            Implementation::Facebook => {
-                facebook::render::render_proactive(messages, options, &c.facebook)?
-            }
-            Implementation::Slack => slack::render::render_proactive(messages, options, &c.slack)?,
-        })
-    }
-
-    /// Without `channels.botframework.teams_pacing`, Teams' documented budgets are not applied
-    /// (its scopes stay, for 429 pauses).
-    fn pace_teams(&self, r: &mut Rendered) {
-        if !self.config.channels.botframework.teams_pacing {
-            for req in &mut r.requests {
-                req.rate.drop_budgets();
-            }
-        }
+        let ch = self.route(channel_id)?;
+        Ok(ch.render_proactive(messages, options)?)
     }
 
     fn unroutable(channel_id: &str, e: RouteError) -> ChannelError {
@@ -342,25 +206,10 @@ impl Channels {
         channel_id: &str,
         req: &NativeRequest,
     ) -> Result<NativeReceipt, ChannelError> {
-        let imp = self
-            .implementation(channel_id)
+        let ch = self
+            .enabled(channel_id)
             .map_err(|e| Self::unroutable(channel_id, e))?;
-        let off = || Self::unroutable(channel_id, Self::disabled(channel_id, imp));
-        match imp {
-            Implementation::BotFramework => {
-                let client = self.botframework.as_deref().ok_or_else(off)?;
-                botframework::client::FOR_CHANNEL
-                    .scope(
-                        crate::metrics::channel_label(channel_id),
-                        client.execute(req),
-                    )
-                    .await
-            }
-            Implementation::Facebook => {
-                self.facebook.as_deref().ok_or_else(off)?.execute(req).await
-            }
-            Implementation::Slack => self.slack.as_deref().ok_or_else(off)?.execute(req).await,
-        }
+        ch.execute(channel_id, req).await
     }
 
     /// Starts a conversation and returns the address to use from now on.
@@ -370,50 +219,10 @@ impl Channels {
         options: &ProactiveOptions,
     ) -> Result<Address, ChannelError> {
         let channel_id = addr.channel_id.as_str();
-        let imp = self
-            .implementation(channel_id)
+        let ch = self
+            .enabled(channel_id)
             .map_err(|e| Self::unroutable(channel_id, e))?;
-        let off = || Self::unroutable(channel_id, Self::disabled(channel_id, imp));
-        match imp {
-            Implementation::BotFramework => {
-                let client = self.botframework.as_deref().ok_or_else(off)?;
-                let req = botframework::render::render_create_conversation(addr, options).map_err(
-                    |e| ChannelError::new("botframework", FailureKind::Permanent, e.to_string()),
-                )?;
-                let created = botframework::client::FOR_CHANNEL
-                    .scope(
-                        crate::metrics::channel_label(channel_id),
-                        client.create_conversation(&req),
-                    )
-                    .await?;
-                let mut out = addr.clone();
-                let mut conv = out.conversation.take().unwrap_or_default();
-                conv.id = created.id;
-                if options.is_group {
-                    conv.is_group = Some(true);
-                }
-                if let Some(url) = created.service_url.filter(|u| !u.is_empty()) {
-                    out.service_url = Some(url);
-                }
-                out.conversation = Some(conv);
-                out.id = None;
-                Ok(out)
-            }
-            Implementation::Facebook => {
-                self.facebook
-                    .as_deref()
-                    .ok_or_else(off)?
-                    .create_conversation(addr, options)
-                    .await
-            }
-            Implementation::Slack => {
-                self.slack
-                    .as_deref()
-                    .ok_or_else(off)?
-                    .create_conversation(addr, options)
-                    .await
-            }
-        }
+        ch.create_conversation(addr, options).await
     }
 
     /// How often a kept-alive typing indicator repeats on this channel.

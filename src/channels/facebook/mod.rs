@@ -6,3 +6,122 @@ pub mod config;
 mod money;
 pub mod render;
 mod text;
+
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+
+use super::channel::Channel;
+use super::shared::CredentialHint;
+use super::{Capabilities, ChannelError, NativeReceipt, NativeRequest, RenderError, Rendered};
+use crate::model::{Address, Message, ProactiveOptions};
+use client::FacebookClient;
+use config::FacebookConfig;
+
+/// Messenger behind the `Channel` interface.
+pub struct Facebook {
+    config: FacebookConfig,
+    /// `None` when the section is disabled.
+    client: Option<FacebookClient>,
+}
+
+impl Facebook {
+    pub fn new(config: &FacebookConfig, request_timeout: Duration) -> Result<Self, String> {
+        let client = match config.enabled {
+            true => Some(FacebookClient::new(config.clone(), request_timeout)?),
+            false => None,
+        };
+        Ok(Self {
+            config: config.clone(),
+            client,
+        })
+    }
+
+    fn client(&self) -> Result<&FacebookClient, ChannelError> {
+        self.client
+            .as_ref()
+            .ok_or_else(|| super::shared::disabled(render::CHANNEL, self.section()))
+    }
+}
+
+impl Channel for Facebook {
+    fn name(&self) -> &'static str {
+        render::CHANNEL
+    }
+
+    fn section(&self) -> &'static str {
+        "channels.facebook"
+    }
+
+    fn channel_ids(&self) -> Vec<String> {
+        vec![render::CHANNEL.to_string()]
+    }
+
+    fn enabled(&self) -> bool {
+        self.config.enabled
+    }
+
+    fn capabilities(&self, channel_id: &str) -> Capabilities {
+        let mut caps = render::capabilities(channel_id);
+        caps.typing_interval = self.config.typing_interval;
+        caps
+    }
+
+    fn configured(&self) -> bool {
+        self.client
+            .as_ref()
+            .is_some_and(FacebookClient::has_any_credentials)
+    }
+
+    fn has_credentials(&self, bot_id: &str) -> bool {
+        self.client
+            .as_ref()
+            .is_some_and(|c| c.has_credentials(bot_id))
+    }
+
+    fn credential_hint(&self) -> CredentialHint {
+        CredentialHint {
+            what: "page",
+            key: "page_id",
+            section: "channels.facebook.pages (or page_id and access_token)",
+            ids: self
+                .config
+                .all_pages()
+                .into_iter()
+                .map(|p| p.page_id)
+                .collect(),
+        }
+    }
+
+    fn render_send(
+        &self,
+        msg: &Message,
+        proactive: Option<&ProactiveOptions>,
+    ) -> Result<Rendered, RenderError> {
+        render::render_send(msg, proactive, &self.config)
+    }
+
+    fn render_proactive(
+        &self,
+        messages: &[Message],
+        options: &ProactiveOptions,
+    ) -> Result<Rendered, RenderError> {
+        render::render_proactive(messages, options, &self.config)
+    }
+
+    fn execute<'a>(
+        &'a self,
+        _channel_id: &'a str,
+        req: &'a NativeRequest,
+    ) -> BoxFuture<'a, Result<NativeReceipt, ChannelError>> {
+        Box::pin(async move { self.client()?.execute(req).await })
+    }
+
+    fn create_conversation<'a>(
+        &'a self,
+        addr: &'a Address,
+        options: &'a ProactiveOptions,
+    ) -> BoxFuture<'a, Result<Address, ChannelError>> {
+        Box::pin(async move { self.client()?.create_conversation(addr, options).await })
+    }
+}

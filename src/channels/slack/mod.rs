@@ -6,3 +6,120 @@ pub mod client;
 pub mod config;
 pub mod mrkdwn;
 pub mod render;
+
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+
+use super::channel::Channel;
+use super::shared::CredentialHint;
+use super::{Capabilities, ChannelError, NativeReceipt, NativeRequest, RenderError, Rendered};
+use crate::model::{Address, Message, ProactiveOptions};
+use client::SlackClient;
+use config::SlackConfig;
+
+/// Slack behind the `Channel` interface.
+pub struct Slack {
+    config: SlackConfig,
+    /// `None` when the section is disabled.
+    client: Option<SlackClient>,
+}
+
+impl Slack {
+    pub fn new(config: &SlackConfig, request_timeout: Duration) -> Result<Self, String> {
+        let client = match config.enabled {
+            true => Some(SlackClient::new(config.clone(), request_timeout)?),
+            false => None,
+        };
+        Ok(Self {
+            config: config.clone(),
+            client,
+        })
+    }
+
+    fn client(&self) -> Result<&SlackClient, ChannelError> {
+        self.client
+            .as_ref()
+            .ok_or_else(|| super::shared::disabled(render::CHANNEL_ID, self.section()))
+    }
+}
+
+impl Channel for Slack {
+    fn name(&self) -> &'static str {
+        render::CHANNEL_ID
+    }
+
+    fn section(&self) -> &'static str {
+        "channels.slack"
+    }
+
+    fn channel_ids(&self) -> Vec<String> {
+        vec![render::CHANNEL_ID.to_string()]
+    }
+
+    fn enabled(&self) -> bool {
+        self.config.enabled
+    }
+
+    fn capabilities(&self, channel_id: &str) -> Capabilities {
+        render::capabilities(channel_id)
+    }
+
+    fn configured(&self) -> bool {
+        self.client
+            .as_ref()
+            .is_some_and(SlackClient::has_any_credentials)
+    }
+
+    fn has_credentials(&self, bot_id: &str) -> bool {
+        self.client
+            .as_ref()
+            .is_some_and(|c| c.has_credentials(bot_id))
+    }
+
+    fn credential_hint(&self) -> CredentialHint {
+        CredentialHint {
+            what: "workspace",
+            key: "bot_id",
+            section: "channels.slack.workspaces",
+            ids: self
+                .config
+                .workspaces
+                .iter()
+                .map(|w| w.bot_id.clone())
+                .collect(),
+        }
+    }
+
+    fn render_send(
+        &self,
+        msg: &Message,
+        proactive: Option<&ProactiveOptions>,
+    ) -> Result<Rendered, RenderError> {
+        render::render_send(msg, proactive, &self.config)
+    }
+
+    fn render_proactive(
+        &self,
+        messages: &[Message],
+        options: &ProactiveOptions,
+    ) -> Result<Rendered, RenderError> {
+        render::render_proactive(messages, options, &self.config)
+    }
+
+    fn execute<'a>(
+        &'a self,
+        _channel_id: &'a str,
+        req: &'a NativeRequest,
+    ) -> BoxFuture<'a, Result<NativeReceipt, ChannelError>> {
+        Box::pin(async move { self.client()?.execute(req).await })
+    }
+
+    fn create_conversation<'a>(
+        &'a self,
+        addr: &'a Address,
+        options: &'a ProactiveOptions,
+    ) -> BoxFuture<'a, Result<Address, ChannelError>> {
+        Box::pin(async move { self.client()?.create_conversation(addr, options).await })
+    }
+}
