@@ -93,7 +93,7 @@ impl Channels {
             for id in ch.channel_ids() {
                 if let Some((_, other)) = routes.iter().find(|(known, _)| *known == id) {
                     return Err(format!(
-                        "channel id `{}` is claimed by both {} and {}",
+                        "channel id `{}` is served by both {} and {}: list it in one only",
                         crate::settings::capped(&id, 64),
                         other.section(),
                         ch.section()
@@ -232,5 +232,45 @@ impl Channels {
             .ok()
             .filter(|d| !d.is_zero())
             .unwrap_or(Duration::from_secs(3))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_channel_id_claimed_by_two_channels_is_refused_naming_both() {
+        let mut config = Config::default();
+        config
+            .channels
+            .botframework
+            .channel_ids
+            .push("slack".into());
+        let e = Channels::from_config(&config).err().unwrap_or_default();
+        assert!(e.contains("`slack`"), "{e}");
+        assert!(
+            e.contains("channels.botframework") && e.contains("channels.slack"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn every_channel_id_routes_to_the_channel_that_claims_it() {
+        let channels = Channels::from_config(&Config::default()).unwrap();
+        for (id, want) in [
+            ("msteams", "botframework"),
+            ("webchat", "botframework"),
+            ("facebook", "facebook"),
+            ("slack", "slack"),
+        ] {
+            let (caps, _) = channels.capabilities(id).unwrap();
+            assert_eq!(caps.implementation, want, "{id}");
+            assert_eq!(caps.channel_id, id);
+        }
+        assert!(matches!(
+            channels.capabilities("nope"),
+            Err(RouteError::Unknown(_))
+        ));
     }
 }

@@ -159,11 +159,12 @@ impl BotFrameworkConfig {
                 ));
             }
         }
+        // An id another channel serves is refused when the registry is built.
         for (i, id) in bf.channel_ids.iter().enumerate() {
-            if matches!(id.as_str(), "facebook" | "slack" | "telegram") || id.is_empty() {
+            if id.is_empty() {
                 return Err(invalid(
                     &format!("channels.botframework.channel_ids[{i}]"),
-                    format!("`{id}` cannot be served by the Bot Framework Connector here"),
+                    "must not be empty",
                 ));
             }
         }
