@@ -574,6 +574,10 @@ fn shape_of(key: &str) -> Option<(&'static str, &'static str)> {
             r#"[{bot_id = "B0123ABCD", token = "xoxb-..."}]"#,
         ),
         (
+            "channels.telegram.bots",
+            r#"[{bot_id = "my_bot", token = "123456:ABC-..."}]"#,
+        ),
+        (
             "channels.facebook.pages",
             r#"[{page_id = "1234567890", access_token = "EAA...", app_secret = "..."}]"#,
         ),
@@ -994,6 +998,11 @@ mod tests {
                 "CHANNEL_GATEWAY__CHANNELS__BOTFRAMEWORK__BOTS",
                 "app_id",
                 "app_password",
+            ),
+            (
+                "CHANNEL_GATEWAY__CHANNELS__TELEGRAM__BOTS",
+                "bot_id",
+                "token",
             ),
         ];
         for (var, id, secret) in cases {
