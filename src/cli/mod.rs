@@ -74,10 +74,10 @@ pub struct MessageArgs {
     bot: Option<String>,
     #[arg(long)]
     user: Option<String>,
-    /// Incoming activity id to reply to.
+    /// Incoming activity id to reply to (Telegram: the message_id quoted).
     #[arg(long)]
     reply_to: Option<String>,
-    /// Thread within the conversation (Slack thread_ts).
+    /// Thread within the conversation (Slack thread_ts, Telegram forum topic id).
     #[arg(long)]
     thread: Option<String>,
     #[arg(long)]
@@ -141,7 +141,7 @@ pub struct RedeliverArgs {
 pub struct CapabilitiesArgs {
     #[command(flatten)]
     gateway: GatewayArgs,
-    /// A channel id such as msteams, webchat, facebook or slack.
+    /// A channel id such as msteams, webchat, facebook, slack or telegram.
     channel: String,
 }
 
