@@ -262,6 +262,7 @@ fn capabilities_pb(c: Capabilities, configured: bool) -> pb::Capabilities {
         proactive: c.proactive,
         max_payload_bytes: c.max_payload_bytes,
         configured,
+        proactive_note: c.proactive_note,
     }
 }
 

@@ -170,7 +170,7 @@ impl RenderError {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Capabilities {
     pub channel_id: String,
-    /// The gateway's channel implementation: `botframework`, `facebook`, `slack`.
+    /// The gateway's channel implementation: `botframework`, `facebook`, `slack`, `telegram`.
     pub implementation: String,
     pub typing: bool,
     pub typing_interval: Duration,
@@ -183,6 +183,8 @@ pub struct Capabilities {
     pub update_delete: bool,
     pub proactive: bool,
     pub max_payload_bytes: u32,
+    /// How a proactive start reaches someone, when the channel sets a condition on it.
+    pub proactive_note: String,
 }
 
 /// How a failed channel call should be treated by the retry policy.

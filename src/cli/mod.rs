@@ -639,6 +639,7 @@ pub async fn capabilities(args: CapabilitiesArgs) -> Result<(), CliError> {
         "markdown_flavor": c.markdown_flavor,
         "update_delete": c.update_delete,
         "proactive": c.proactive,
+        "proactive_note": c.proactive_note,
     }))
 }
 

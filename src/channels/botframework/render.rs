@@ -223,6 +223,7 @@ pub fn capabilities(channel_id: &str) -> Capabilities {
         } else {
             MAX_ACTIVITY_BYTES as u32
         },
+        proactive_note: String::new(),
     }
 }
 

@@ -62,6 +62,7 @@ pub fn capabilities(channel_id: &str) -> Capabilities {
         update_delete: false,
         proactive: true,
         max_payload_bytes: 0,
+        proactive_note: "only to a person who messaged the page (address.user.id is the PSID); outside Messenger's 24-hour window set options.message_tag".into(),
     }
 }
 

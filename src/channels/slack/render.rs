@@ -281,6 +281,7 @@ pub fn capabilities(channel_id: &str) -> Capabilities {
         proactive: true,
         // Slack documents no byte limit, only the block and character limits applied here.
         max_payload_bytes: 0,
+        proactive_note: String::new(),
     }
 }
 
