@@ -146,12 +146,3 @@ pub(crate) fn no_credentials(hint: &CredentialHint, bot: &str) -> String {
     };
     format!("no {} has {} {bot} ({configured})", hint.what, hint.key)
 }
-
-/// The failure of a call routed to a channel whose section is disabled.
-pub(crate) fn disabled(channel: &str, section: &str) -> super::ChannelError {
-    super::ChannelError::new(
-        channel,
-        super::FailureKind::Permanent,
-        format!("channel is not configured: {section}.enabled is false"),
-    )
-}

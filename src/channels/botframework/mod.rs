@@ -26,19 +26,15 @@ const NAME: &str = "botframework";
 /// The Bot Framework Connector behind the `Channel` interface.
 pub struct BotFramework {
     config: BotFrameworkConfig,
-    /// `None` when the section is disabled.
-    client: Option<BotFrameworkClient>,
+    /// Built even when the section is disabled (the registry then never calls it).
+    client: BotFrameworkClient,
 }
 
 impl BotFramework {
     pub fn new(config: &BotFrameworkConfig, request_timeout: Duration) -> Result<Self, String> {
-        let client = match config.enabled {
-            true => Some(BotFrameworkClient::new(config.clone(), request_timeout)?),
-            false => None,
-        };
         Ok(Self {
+            client: BotFrameworkClient::new(config.clone(), request_timeout)?,
             config: config.clone(),
-            client,
         })
     }
 
@@ -51,12 +47,6 @@ impl BotFramework {
             }
         }
         r
-    }
-
-    fn client(&self) -> Result<&BotFrameworkClient, ChannelError> {
-        self.client
-            .as_ref()
-            .ok_or_else(|| super::shared::disabled(NAME, "channels.botframework"))
     }
 }
 
@@ -84,15 +74,12 @@ impl Channel for BotFramework {
     }
 
     fn configured(&self) -> bool {
-        self.client
-            .as_ref()
-            .is_some_and(|c| c.has_any_credentials() || self.config.allow_unauthenticated)
+        self.config.enabled
+            && (self.client.has_any_credentials() || self.config.allow_unauthenticated)
     }
 
     fn has_credentials(&self, bot_id: &str) -> bool {
-        self.client
-            .as_ref()
-            .is_some_and(|c| c.has_credentials(bot_id) || self.config.allow_unauthenticated)
+        self.client.has_credentials(bot_id) || self.config.allow_unauthenticated
     }
 
     fn credential_hint(&self) -> CredentialHint {
@@ -113,11 +100,7 @@ impl Channel for BotFramework {
                 reason: "required for Bot Framework channels".into(),
             });
         }
-        let refusal = match &self.client {
-            Some(c) => c.refusal(service_url),
-            None => client::service_url_refusal(&self.config.allowed_service_hosts, service_url),
-        };
-        match refusal {
+        match self.client.refusal(service_url) {
             Some(reason) => Err(RouteError::PermissionDenied {
                 field: format!("{field}.service_url"),
                 reason,
@@ -148,7 +131,7 @@ impl Channel for BotFramework {
         req: &'a NativeRequest,
     ) -> BoxFuture<'a, Result<NativeReceipt, ChannelError>> {
         Box::pin(async move {
-            let client = self.client()?;
+            let client = &self.client;
             client::FOR_CHANNEL
                 .scope(
                     crate::metrics::channel_label(channel_id),
@@ -164,7 +147,7 @@ impl Channel for BotFramework {
         options: &'a ProactiveOptions,
     ) -> BoxFuture<'a, Result<Address, ChannelError>> {
         Box::pin(async move {
-            let client = self.client()?;
+            let client = &self.client;
             let req = render::render_create_conversation(addr, options)
                 .map_err(|e| ChannelError::new(NAME, FailureKind::Permanent, e.to_string()))?;
             let created = client::FOR_CHANNEL
@@ -193,9 +176,6 @@ impl Channel for BotFramework {
     }
 
     fn token_fetches(&self) -> Vec<(crate::metrics::LabelValue, u64)> {
-        self.client
-            .as_ref()
-            .map(BotFrameworkClient::token_fetches)
-            .unwrap_or_default()
+        self.client.token_fetches()
     }
 }

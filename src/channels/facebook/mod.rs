@@ -21,26 +21,16 @@ use config::FacebookConfig;
 /// Messenger behind the `Channel` interface.
 pub struct Facebook {
     config: FacebookConfig,
-    /// `None` when the section is disabled.
-    client: Option<FacebookClient>,
+    /// Built even when the section is disabled (the registry then never calls it).
+    client: FacebookClient,
 }
 
 impl Facebook {
     pub fn new(config: &FacebookConfig, request_timeout: Duration) -> Result<Self, String> {
-        let client = match config.enabled {
-            true => Some(FacebookClient::new(config.clone(), request_timeout)?),
-            false => None,
-        };
         Ok(Self {
+            client: FacebookClient::new(config.clone(), request_timeout)?,
             config: config.clone(),
-            client,
         })
-    }
-
-    fn client(&self) -> Result<&FacebookClient, ChannelError> {
-        self.client
-            .as_ref()
-            .ok_or_else(|| super::shared::disabled(render::CHANNEL, self.section()))
     }
 }
 
@@ -68,15 +58,11 @@ impl Channel for Facebook {
     }
 
     fn configured(&self) -> bool {
-        self.client
-            .as_ref()
-            .is_some_and(FacebookClient::has_any_credentials)
+        self.config.enabled && self.client.has_any_credentials()
     }
 
     fn has_credentials(&self, bot_id: &str) -> bool {
-        self.client
-            .as_ref()
-            .is_some_and(|c| c.has_credentials(bot_id))
+        self.client.has_credentials(bot_id)
     }
 
     fn credential_hint(&self) -> CredentialHint {
@@ -114,7 +100,7 @@ impl Channel for Facebook {
         _channel_id: &'a str,
         req: &'a NativeRequest,
     ) -> BoxFuture<'a, Result<NativeReceipt, ChannelError>> {
-        Box::pin(async move { self.client()?.execute(req).await })
+        Box::pin(async move { self.client.execute(req).await })
     }
 
     fn create_conversation<'a>(
@@ -122,6 +108,6 @@ impl Channel for Facebook {
         addr: &'a Address,
         options: &'a ProactiveOptions,
     ) -> BoxFuture<'a, Result<Address, ChannelError>> {
-        Box::pin(async move { self.client()?.create_conversation(addr, options).await })
+        Box::pin(async move { self.client.create_conversation(addr, options).await })
     }
 }

@@ -21,26 +21,16 @@ use config::SlackConfig;
 /// Slack behind the `Channel` interface.
 pub struct Slack {
     config: SlackConfig,
-    /// `None` when the section is disabled.
-    client: Option<SlackClient>,
+    /// Built even when the section is disabled (the registry then never calls it).
+    client: SlackClient,
 }
 
 impl Slack {
     pub fn new(config: &SlackConfig, request_timeout: Duration) -> Result<Self, String> {
-        let client = match config.enabled {
-            true => Some(SlackClient::new(config.clone(), request_timeout)?),
-            false => None,
-        };
         Ok(Self {
+            client: SlackClient::new(config.clone(), request_timeout)?,
             config: config.clone(),
-            client,
         })
-    }
-
-    fn client(&self) -> Result<&SlackClient, ChannelError> {
-        self.client
-            .as_ref()
-            .ok_or_else(|| super::shared::disabled(render::CHANNEL_ID, self.section()))
     }
 }
 
@@ -66,15 +56,11 @@ impl Channel for Slack {
     }
 
     fn configured(&self) -> bool {
-        self.client
-            .as_ref()
-            .is_some_and(SlackClient::has_any_credentials)
+        self.config.enabled && self.client.has_any_credentials()
     }
 
     fn has_credentials(&self, bot_id: &str) -> bool {
-        self.client
-            .as_ref()
-            .is_some_and(|c| c.has_credentials(bot_id))
+        self.client.has_credentials(bot_id)
     }
 
     fn credential_hint(&self) -> CredentialHint {
@@ -112,7 +98,7 @@ impl Channel for Slack {
         _channel_id: &'a str,
         req: &'a NativeRequest,
     ) -> BoxFuture<'a, Result<NativeReceipt, ChannelError>> {
-        Box::pin(async move { self.client()?.execute(req).await })
+        Box::pin(async move { self.client.execute(req).await })
     }
 
     fn create_conversation<'a>(
@@ -120,6 +106,6 @@ impl Channel for Slack {
         addr: &'a Address,
         options: &'a ProactiveOptions,
     ) -> BoxFuture<'a, Result<Address, ChannelError>> {
-        Box::pin(async move { self.client()?.create_conversation(addr, options).await })
+        Box::pin(async move { self.client.create_conversation(addr, options).await })
     }
 }
