@@ -339,10 +339,7 @@ pub fn from_markdown(src: &str) -> Rich {
             };
             if indent <= 3
                 && trimmed.trim_end().starts_with(marker.as_str())
-                && trimmed
-                    .trim_end()
-                    .chars()
-                    .all(|c| Some(c) == marker.chars().next())
+                && trimmed.trim_end().chars().all(|c| marker.starts_with(c))
             {
                 fence = None;
                 continue;

@@ -7,6 +7,7 @@
 
 pub mod config;
 pub mod html;
+pub mod render;
 pub mod split;
 
 /// The channel id.
