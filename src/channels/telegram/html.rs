@@ -148,13 +148,16 @@ impl Rich {
         self.runs.iter().all(|r| r.text.trim().is_empty())
     }
 
-    /// Leading and trailing whitespace removed (outside code blocks, whose indentation counts).
+    /// Leading and trailing whitespace removed (only line breaks at the ends of a code block,
+    /// whose indentation counts).
     pub fn trimmed(mut self) -> Self {
         while let Some(first) = self.runs.first_mut() {
-            if first.style.pre.is_none() {
-                let t = first.text.trim_start().to_string();
-                first.text = t;
-            }
+            let t = if first.style.pre.is_none() {
+                first.text.trim_start()
+            } else {
+                first.text.trim_start_matches(['\n', '\r'])
+            };
+            first.text = t.to_string();
             if first.text.is_empty() {
                 self.runs.remove(0);
             } else {
@@ -162,10 +165,12 @@ impl Rich {
             }
         }
         while let Some(last) = self.runs.last_mut() {
-            if last.style.pre.is_none() {
-                let t = last.text.trim_end().to_string();
-                last.text = t;
-            }
+            let t = if last.style.pre.is_none() {
+                last.text.trim_end()
+            } else {
+                last.text.trim_end_matches(['\n', '\r'])
+            };
+            last.text = t.to_string();
             if last.text.is_empty() {
                 self.runs.pop();
             } else {
@@ -322,10 +327,18 @@ pub fn from_markdown(src: &str) -> Rich {
     let mut out = Rich::default();
     // The fence's marker and language while inside a code block.
     let mut fence: Option<(String, String)> = None;
-    let mut first = true;
+    // The block style of the last line written (`None` before the first): the line break
+    // between two lines is inside a quote or a code block only when both lines are, so a
+    // block never starts or ends with it.
+    let mut last: Option<Style> = None;
     let mut newline = |out: &mut Rich, style: &Style| {
-        if !std::mem::take(&mut first) {
-            out.push("\n", style);
+        if let Some(prev) = last.replace(style.clone()) {
+            let shared = if prev == *style {
+                prev
+            } else {
+                Style::default()
+            };
+            out.push("\n", &shared);
         }
     };
     for raw in src.split('\n') {

@@ -589,7 +589,22 @@ fn message_calls(msg: &Message, ctx: &mut Ctx) -> Result<Vec<Call>, RenderError>
             }
             items.next();
         }
-        _ => calls.extend(text_calls(&text, None, "message.text", ctx)?),
+        first => {
+            if !text.is_blank()
+                && let Some(Grouped::Album(_) | Grouped::Item(Item::Photo(_) | Item::Media(..))) =
+                    first
+            {
+                ctx.warn(
+                    "caption_as_text",
+                    "message.text",
+                    format!(
+                        "the text is {} characters; a Telegram caption holds at most {MAX_CAPTION}: sent as a message before the media",
+                        text.len16()
+                    ),
+                );
+            }
+            calls.extend(text_calls(&text, None, "message.text", ctx)?)
+        }
     }
     for g in items {
         match g {
@@ -945,6 +960,17 @@ fn inline_keyboard(
             continue;
         }
         keys.push(json!({"text": title, "callback_data": callback_data(b, &p)?}));
+        if b.kind == ActionType::MessageBack && b.value.as_ref().is_some_and(|v| !v.is_null()) {
+            for (set, field) in [(&b.text, "text"), (&b.display_text, "display_text")] {
+                if set.as_deref().is_some_and(|t| !t.trim().is_empty()) {
+                    ctx.warn(
+                        "action_field_dropped",
+                        format!("{p}.{field}"),
+                        format!("a Telegram callback button sends the bot only its value: {field} is dropped"),
+                    );
+                }
+            }
+        }
     }
     Ok((keyboard_rows(keys, "inline_keyboard", None), calls))
 }
@@ -1247,7 +1273,7 @@ impl Adaptive {
                         let mut r = html::from_markdown(s("text"));
                         if s("weight").eq_ignore_ascii_case("bolder") {
                             for run in &mut r.runs {
-                                run.style.bold = run.style.code || run.style.pre.is_none();
+                                run.style.bold = !run.style.code && run.style.pre.is_none();
                             }
                         }
                         self.line(r);
