@@ -19,6 +19,7 @@ use channel_gateway::api::pb;
 use channel_gateway::channels::botframework::render as bf;
 use channel_gateway::channels::facebook::{config::FacebookConfig, render as fb};
 use channel_gateway::channels::slack::{config::SlackConfig, render as slack};
+use channel_gateway::channels::telegram::{config::TelegramConfig, html as tg_html, render as tg};
 use channel_gateway::model::{Message, ProactiveOptions};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
@@ -28,7 +29,7 @@ use serde_json::Value;
 /// The golden inputs of every channel, as messages (proactive cases contribute theirs).
 fn seeds() -> Vec<Message> {
     let mut out = Vec::new();
-    for channel in ["botframework", "facebook", "slack"] {
+    for channel in ["botframework", "facebook", "slack", "telegram"] {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("tests/golden")
             .join(channel);
@@ -67,6 +68,7 @@ fn render_everywhere(m: &Message) {
         "directline",
         "facebook",
         "slack",
+        "telegram",
     ] {
         let mut m = m.clone();
         m.address.channel_id = channel.into();
@@ -80,10 +82,71 @@ fn render_everywhere(m: &Message) {
                 let _ = slack::render_send(&m, None, &slack_config);
                 let _ = slack::render_proactive(one, &options, &slack_config);
             }
+            "telegram" => {
+                let config = TelegramConfig::default();
+                if let Ok(r) = tg::render_send(&m, None, &config) {
+                    telegram_texts_fit(&r);
+                }
+                // Again at an address Telegram takes, so the content reaches the renderer.
+                let mut at_chat = m.clone();
+                at_chat.address.conversation = Some(channel_gateway::model::Conversation {
+                    id: "42".into(),
+                    ..Default::default()
+                });
+                at_chat.address.bot = Some(channel_gateway::model::Identity {
+                    id: "bot".into(),
+                    ..Default::default()
+                });
+                at_chat.address.thread_id = None;
+                if let Ok(r) = tg::render_send(&at_chat, None, &config) {
+                    telegram_texts_fit(&r);
+                }
+                let _ = tg::render_proactive(one, &ProactiveOptions::default(), &config);
+            }
             _ => {
                 let _ = bf::render_send(&m);
                 let _ = bf::render_proactive(one, &options);
             }
+        }
+    }
+}
+
+/// Every Telegram text and caption is HTML whose tags balance and whose visible text is
+/// within Telegram's limit: a cut never lands inside a tag or an entity.
+fn telegram_texts_fit(r: &channel_gateway::channels::Rendered) {
+    for q in &r.requests {
+        let body = q.body.value();
+        let mut texts = vec![(body["text"].clone(), tg::MAX_TEXT)];
+        texts.push((body["caption"].clone(), tg::MAX_CAPTION));
+        for m in body["media"].as_array().into_iter().flatten() {
+            texts.push((m["caption"].clone(), tg::MAX_CAPTION));
+        }
+        for (t, max) in texts {
+            let Some(t) = t.as_str() else { continue };
+            let mut open: Vec<&str> = Vec::new();
+            let mut visible = String::new();
+            let mut rest = t;
+            while let Some(lt) = rest.find('<') {
+                visible.push_str(&rest[..lt]);
+                let gt = lt + rest[lt..].find('>').expect("a tag is closed");
+                let tag = &rest[lt + 1..gt];
+                let name = tag
+                    .trim_start_matches('/')
+                    .split([' ', '>'])
+                    .next()
+                    .unwrap_or_default();
+                if tag.starts_with('/') {
+                    assert_eq!(open.pop(), Some(name), "{t:?}");
+                } else {
+                    open.push(name);
+                }
+                rest = &rest[gt + 1..];
+            }
+            visible.push_str(rest);
+            assert!(open.is_empty(), "{t:?}");
+            assert!(!visible.contains('>'), "{t:?}");
+            let n = tg_html::decode_entities(&visible).encode_utf16().count();
+            assert!(n <= max, "{n} > {max}");
         }
     }
 }

@@ -6,6 +6,9 @@
 //! outbox, logs and errors never hold a token; only the client puts the token in, at send time.
 
 pub mod config;
+pub mod html;
+pub mod render;
+pub mod split;
 
 /// The channel id.
 pub const CHANNEL_ID: &str = "telegram";
