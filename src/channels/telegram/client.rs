@@ -282,12 +282,8 @@ pub fn classify(status: u16, headers: &http::header::HeaderMap, body: &str) -> C
         (FailureKind::Permanent, Some(ErrorCategory::Refused))
     } else {
         match effective {
-            429 => {
-                if let Some(w) = wait {
-                    message.push_str(&format!(" (retry after {} s)", w.as_secs()));
-                }
-                (FailureKind::Retryable, None)
-            }
+            // Telegram's description already says how long ("retry after 18053").
+            429 => (FailureKind::Retryable, None),
             503 => (FailureKind::Retryable, None),
             500..=599 if telegram.is_some() => (FailureKind::Retryable, None),
             500..=599 => (FailureKind::Ambiguous, None),
