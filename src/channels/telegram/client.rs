@@ -246,6 +246,7 @@ fn id_text(v: &Value) -> Option<String> {
 /// - Telegram's own 5xx: retryable (it said nothing was done). A 5xx that is not Telegram's
 ///   answer (a proxy's page) is ambiguous as for the other channels, the request may have been
 ///   forwarded; 503 says the service is down, so retryable.
+/// - A success status without Telegram's answer: ambiguous (the message may have been sent).
 /// - Every other status: permanent, with a category where Telegram's description is clear.
 ///
 /// The message is Telegram's whole description: the caller scrubs it of the token and only then
@@ -269,6 +270,9 @@ pub fn classify(status: u16, headers: &http::header::HeaderMap, body: &str) -> C
     let mut message = match description {
         Some(d) => d.to_string(),
         None if telegram.is_some() => format!("Telegram refused the request (HTTP {status})"),
+        None if (200..300).contains(&status) => {
+            format!("HTTP {status} without a Bot API answer: the request may have been handled")
+        }
         None => format!("HTTP {status} without a Bot API answer"),
     };
     let migrated = param("migrate_to_chat_id").and_then(id_text);
@@ -284,6 +288,9 @@ pub fn classify(status: u16, headers: &http::header::HeaderMap, body: &str) -> C
         match effective {
             // Telegram's description already says how long ("retry after 18053").
             429 => (FailureKind::Retryable, None),
+            // A success status without Telegram's answer (a proxy's page, a cut answer): the
+            // message may have been sent.
+            200..=299 if telegram.is_none() => (FailureKind::Ambiguous, None),
             503 => (FailureKind::Retryable, None),
             500..=599 if telegram.is_some() => (FailureKind::Retryable, None),
             500..=599 => (FailureKind::Ambiguous, None),
@@ -449,6 +456,13 @@ mod tests {
         assert_eq!(e.kind, FailureKind::Permanent);
         assert_eq!(e.code.as_deref(), Some("http_400"));
         assert_eq!(e.message, "HTTP 400 without a Bot API answer");
+        let e = classify(200, &none(), "<html>cached page</html>");
+        assert_eq!(e.kind, FailureKind::Ambiguous);
+        assert_eq!(e.code.as_deref(), Some("http_200"));
+        assert_eq!(
+            classify(200, &none(), r#"{"ok":true"#).kind,
+            FailureKind::Ambiguous
+        );
         // ok:true on an error status is not a success, and not Telegram's refusal either.
         let e = classify(500, &none(), r#"{"ok":true,"result":true}"#);
         assert_eq!(e.kind, FailureKind::Ambiguous);
