@@ -5,6 +5,7 @@
 //! request's URL carries the literal placeholder [`TOKEN_PLACEHOLDER`] instead, so Render, the
 //! outbox, logs and errors never hold a token; only the client puts the token in, at send time.
 
+pub mod client;
 pub mod config;
 pub mod html;
 pub mod render;
