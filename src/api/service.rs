@@ -969,12 +969,15 @@ impl GatewayService {
             .check_address(&address, &"address")
             .map_err(|e| status::route(e, "address.channel_id"))?;
         let has_conversation = address.conversation_id().is_some();
-        // Until the channel names the conversation, render against a stand-in to validate and
-        // collect warnings; the worker renders again with the real address.
+        // Until the channel names the conversation, render against the one it will be (when the
+        // channel knows it without a call) or a stand-in, to validate and collect warnings; the
+        // worker renders again with the real address.
         let mut stand_in = address.clone();
         if !has_conversation {
             let mut c = stand_in.conversation.take().unwrap_or_default();
-            c.id = "{conversationId}".into();
+            c.id = channels
+                .known_conversation(&address)
+                .unwrap_or_else(|| "{conversationId}".into());
             stand_in.conversation = Some(c);
         }
         let mut prepared = Vec::with_capacity(req.messages.len());

@@ -89,6 +89,14 @@ pub trait Channel: Send + Sync + 'static {
         options: &'a ProactiveOptions,
     ) -> BoxFuture<'a, Result<Address, ChannelError>>;
 
+    /// The conversation id a proactive start to `addr` (an address without a conversation)
+    /// lands in, when the channel names it without a call (Messenger: the PSID; Telegram: the
+    /// user's private chat). `None`: only `create_conversation` knows.
+    fn known_conversation(&self, addr: &Address) -> Option<String> {
+        let _ = addr;
+        None
+    }
+
     /// Whether it fetches tokens (its token-fetch metric series are created at start).
     fn fetches_tokens(&self) -> bool {
         false

@@ -225,6 +225,15 @@ impl Channels {
         ch.create_conversation(addr, options).await
     }
 
+    /// The conversation a proactive start to `addr` lands in, when its channel knows it without
+    /// a call.
+    pub fn known_conversation(&self, addr: &Address) -> Option<String> {
+        self.route(&addr.channel_id)
+            .ok()?
+            .known_conversation(addr)
+            .filter(|id| !id.is_empty())
+    }
+
     /// How often a kept-alive typing indicator repeats on this channel.
     pub fn typing_interval(&self, channel_id: &str) -> Duration {
         self.capabilities(channel_id)

@@ -95,6 +95,10 @@ impl Channel for Facebook {
         render::render_proactive(messages, options, &self.config)
     }
 
+    fn known_conversation(&self, addr: &Address) -> Option<String> {
+        Some(addr.user_id().to_string())
+    }
+
     fn execute<'a>(
         &'a self,
         _channel_id: &'a str,
