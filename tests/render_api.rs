@@ -109,7 +109,7 @@ async fn capabilities_per_channel() {
     assert!(!webchat.proactive, "Web Chat refuses create-conversation");
     let err = c
         .get_capabilities(pb::GetCapabilitiesRequest {
-            channel_id: "telegram".into(),
+            channel_id: "whatsapp".into(),
         })
         .await
         .unwrap_err();

@@ -27,7 +27,7 @@ use crate::model::{Address, Message, ProactiveOptions};
 pub use channel::Channel;
 
 /// Channel ids that the gateway knows but that arrive in later steps.
-const PLANNED_CHANNELS: &[&str] = &["telegram", "whatsapp"];
+const PLANNED_CHANNELS: &[&str] = &["whatsapp"];
 
 /// The channel ids of the default configuration: metric labels for them are static.
 pub fn default_channel_ids() -> impl Iterator<Item = &'static str> {
@@ -48,6 +48,7 @@ fn build_all(config: &Config) -> Result<Vec<Arc<dyn Channel>>, String> {
         Arc::new(botframework::BotFramework::new(&c.botframework, timeout)?),
         Arc::new(facebook::Facebook::new(&c.facebook, timeout)?),
         Arc::new(slack::Slack::new(&c.slack, timeout)?),
+        Arc::new(telegram::Telegram::new(&c.telegram, timeout)?),
     ])
 }
 
@@ -272,6 +273,7 @@ mod tests {
             ("webchat", "botframework"),
             ("facebook", "facebook"),
             ("slack", "slack"),
+            ("telegram", "telegram"),
         ] {
             let (caps, _) = channels.capabilities(id).unwrap();
             assert_eq!(caps.implementation, want, "{id}");

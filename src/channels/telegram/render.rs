@@ -110,6 +110,9 @@ pub fn capabilities(channel_id: &str) -> Capabilities {
         update_delete: false,
         proactive: true,
         max_payload_bytes: 0,
+        proactive_note: "only to a person who wrote to the bot first (bots cannot open a chat): \
+                         without a conversation, address.user.id is the private chat's id"
+            .into(),
     }
 }
 
