@@ -81,12 +81,7 @@ impl Channel for Telegram {
     }
 
     fn credential_hint(&self) -> CredentialHint {
-        CredentialHint {
-            what: "bot",
-            key: "bot_id",
-            section: "channels.telegram.bots",
-            ids: self.config.bots.iter().map(|b| b.bot_id.clone()).collect(),
-        }
+        self.client.credential_hint()
     }
 
     fn render_send(
