@@ -143,6 +143,13 @@ pub fn render_send(
             )
         })?),
     };
+    if msg.delivery_mode == Some(crate::model::DeliveryMode::Ephemeral) {
+        // Sent as an ordinary message it would show to everyone in a group.
+        return Err(RenderError::invalid(
+            "message.delivery_mode",
+            "ephemeral messages are not supported on telegram (they would be visible to the whole chat)",
+        ));
+    }
     let mut ctx = Ctx {
         format: msg.text_format,
         warnings: Vec::new(),
@@ -202,7 +209,7 @@ pub fn render_send(
         }
     }
 
-    let mut rate = rate_scopes(bot, conv, &chat);
+    let mut rate = rate_scopes(bot, &chat);
     if !config.pacing {
         rate.drop_budgets();
     }
@@ -308,8 +315,13 @@ fn chat_id(id: &str, field: &str) -> Result<Value, RenderError> {
 
 /// The chat's scope, then the bot's: a private chat (positive id) takes 1 message/s, a group or
 /// channel (negative id, `@name`) 20/min; the bot 30/s across its chats.
-fn rate_scopes(bot: &str, conv: &str, chat: &Value) -> RateScopes {
+fn rate_scopes(bot: &str, chat: &Value) -> RateScopes {
     let private = chat.as_i64().is_some_and(|n| n > 0);
+    // The chat as Telegram names it (`007` and `7` are one chat).
+    let conv = match chat {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
     let chat_budget: &'static [Budget] = if private {
         &PRIVATE_CHAT_BUDGET
     } else {
@@ -437,19 +449,24 @@ fn text_calls(
     if rich.is_blank() {
         return Ok(Vec::new());
     }
+    let too_long = |n: usize| {
+        RenderError::invalid(
+            field,
+            format!(
+                "is {n} characters (UTF-16 units); at most {MAX_TEXT_PARTS} Telegram messages of {MAX_TEXT} are sent for one text"
+            ),
+        )
+    };
+    if rich.len16() > MAX_TEXT * MAX_TEXT_PARTS {
+        return Err(too_long(rich.len16()));
+    }
     let parts: Vec<Rich> = split::split(&rich, MAX_TEXT)
         .into_iter()
         .map(Rich::trimmed)
         .filter(|p| !p.is_blank())
         .collect();
     if parts.len() > MAX_TEXT_PARTS {
-        return Err(RenderError::invalid(
-            field,
-            format!(
-                "is {} characters (UTF-16 units); at most {MAX_TEXT_PARTS} Telegram messages of {MAX_TEXT} are sent for one text",
-                rich.len16()
-            ),
-        ));
+        return Err(too_long(rich.len16()));
     }
     if parts.len() > 1 {
         ctx.warn(
