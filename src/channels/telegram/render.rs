@@ -1257,7 +1257,8 @@ const MAX_ADAPTIVE_DEPTH: usize = 16;
 #[derive(Default)]
 struct Adaptive {
     text: Rich,
-    actions: Vec<CardAction>,
+    /// The actions taken, with where each is in the card (for errors).
+    actions: Vec<(CardAction, String)>,
     lost_actions: usize,
     lost_inputs: usize,
     lost_images: usize,
@@ -1276,12 +1277,16 @@ impl Adaptive {
         self.text.append(r);
     }
 
-    fn walk(&mut self, v: &Value, depth: usize) {
+    fn walk(&mut self, v: &Value, depth: usize, path: &str) {
         if depth > MAX_ADAPTIVE_DEPTH || self.seen >= MAX_ADAPTIVE_ELEMENTS {
             return;
         }
         match v {
-            Value::Array(items) => items.iter().for_each(|i| self.walk(i, depth + 1)),
+            Value::Array(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    self.walk(item, depth + 1, &format!("{path}[{i}]"));
+                }
+            }
             Value::Object(o) => {
                 self.seen += 1;
                 let s = |k: &str| o.get(k).and_then(Value::as_str).unwrap_or_default();
@@ -1340,32 +1345,40 @@ impl Adaptive {
                     }
                     t if t.starts_with("Input.") => self.lost_inputs += 1,
                     "Action.OpenUrl" => {
-                        self.actions.push(CardAction {
-                            kind: ActionType::OpenUrl,
-                            title: Some(s("title").to_string()),
-                            value: Some(json!(s("url"))),
-                            ..Default::default()
-                        });
+                        let title = Some(s("title")).filter(|t| !t.trim().is_empty());
+                        self.actions.push((
+                            CardAction {
+                                kind: ActionType::OpenUrl,
+                                title: Some(title.unwrap_or(s("url")).to_string()),
+                                value: Some(json!(s("url"))),
+                                ..Default::default()
+                            },
+                            path.to_string(),
+                        ));
                     }
                     "Action.Submit" => {
                         let data = match o.get("data") {
-                            Some(Value::String(d)) => json!(d),
-                            Some(Value::Null) | None => json!(s("title")),
-                            Some(other) => json!(other.to_string()),
+                            Some(Value::String(d)) => d.clone(),
+                            Some(Value::Null) | None => s("title").to_string(),
+                            Some(other) => other.to_string(),
                         };
-                        self.actions.push(CardAction {
-                            kind: ActionType::PostBack,
-                            title: Some(s("title").to_string()),
-                            value: Some(data),
-                            ..Default::default()
-                        });
+                        let title = Some(s("title")).filter(|t| !t.trim().is_empty());
+                        self.actions.push((
+                            CardAction {
+                                kind: ActionType::PostBack,
+                                title: Some(title.unwrap_or(&data).to_string()),
+                                value: Some(json!(data)),
+                                ..Default::default()
+                            },
+                            path.to_string(),
+                        ));
                     }
                     t if t.starts_with("Action.") => self.lost_actions += 1,
                     _ => {}
                 }
                 for k in ["body", "items", "columns", "actions", "selectAction"] {
                     if let Some(child) = o.get(k) {
-                        self.walk(child, depth + 1);
+                        self.walk(child, depth + 1, &format!("{path}.{k}"));
                     }
                 }
             }
@@ -1379,7 +1392,7 @@ impl Adaptive {
 /// images, inputs and other actions are lost, which a warning says.
 fn adaptive(card: &Value, path: &str, ctx: &mut Ctx) -> Result<Vec<Call>, RenderError> {
     let mut a = Adaptive::default();
-    a.walk(card, 0);
+    a.walk(card, 0, path);
     if a.text.is_blank()
         && let Some(f) = card.get("fallbackText").and_then(Value::as_str)
     {
@@ -1409,7 +1422,29 @@ fn adaptive(card: &Value, path: &str, ctx: &mut Ctx) -> Result<Vec<Call>, Render
             )
         },
     );
-    card_calls(None, a.text, &a.actions, &format!("{path}.actions"), ctx)
+    let mut actions = Vec::with_capacity(a.actions.len());
+    for (action, at) in a.actions {
+        let value = action.value_str().unwrap_or_default();
+        match action.kind {
+            ActionType::OpenUrl if !html::linkable(value) => {
+                return Err(RenderError::invalid(
+                    format!("{at}.url"),
+                    "a Telegram url button opens only http(s) and tg:// links",
+                ));
+            }
+            ActionType::PostBack if value.is_empty() || value.len() > MAX_CALLBACK_DATA => {
+                return Err(RenderError::invalid(
+                    format!("{at}.data"),
+                    format!(
+                        "is {} bytes; Telegram's callback_data holds 1 to {MAX_CALLBACK_DATA} bytes (send a short key and keep the rest in the bot)",
+                        value.len()
+                    ),
+                ));
+            }
+            _ => actions.push(action),
+        }
+    }
+    card_calls(None, a.text, &actions, path, ctx)
 }
 
 #[cfg(test)]
