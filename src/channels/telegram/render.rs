@@ -740,7 +740,10 @@ fn album(urls: &[String], caption: Option<&Rich>) -> Call {
 /// The media method and field for a file's content type.
 fn media_method(content_type: &str) -> (&'static str, &'static str) {
     let ct = content_type.to_ascii_lowercase();
-    if ct == "image/gif" {
+    // A photo is a raster image Telegram recompresses; an SVG is sent as the file it is.
+    if ct == "image/svg+xml" {
+        ("sendDocument", "document")
+    } else if ct == "image/gif" {
         ("sendAnimation", "animation")
     } else if ct.starts_with("image/") {
         ("sendPhoto", "photo")
@@ -1092,6 +1095,13 @@ fn action_title(a: &CardAction, path: &str, ctx: &mut Ctx) -> Result<String, Ren
 fn reply_keyboard(sa: &SuggestedActions, ctx: &mut Ctx) -> Result<Option<Value>, RenderError> {
     let mut keys = Vec::new();
     let mut value_lost = false;
+    if !sa.to.is_empty() {
+        ctx.warn(
+            "suggested_actions_to_ignored",
+            "message.suggested_actions.to",
+            "a Telegram reply keyboard shows to everyone in the chat: `to` cannot be honoured",
+        );
+    }
     for (i, a) in sa.actions.iter().enumerate() {
         let path = format!("message.suggested_actions.actions[{i}]");
         if a.kind.takes_url() || a.kind == ActionType::Call {
