@@ -26,7 +26,7 @@ use crate::channels::{
     Rendered, text,
 };
 use crate::model::{
-    ActionType, Attachment, AttachmentContent, CardAction, HeroCard, MediaCard, Message,
+    ActionType, Address, Attachment, AttachmentContent, CardAction, HeroCard, MediaCard, Message,
     MessageType, ProactiveOptions, ReceiptCard, SuggestedActions, TextFormat, Warning,
 };
 
@@ -266,24 +266,7 @@ pub fn render_proactive(
     let mut out = Rendered::default();
     for (i, m) in messages.iter().enumerate() {
         let mut m = m.clone();
-        if m.address.conversation_id().is_none() {
-            let user = m.address.user_id().trim().to_string();
-            if user.is_empty() {
-                return Err(RenderError::invalid(
-                    format!("messages[{i}].address.user.id"),
-                    "required: a private chat's id is the user's id",
-                ));
-            }
-            if user.parse::<i64>().is_err() {
-                return Err(RenderError::invalid(
-                    format!("messages[{i}].address.user.id"),
-                    "must be a Telegram user id (an integer), the id of the private chat",
-                ));
-            }
-            let mut conv = m.address.conversation.take().unwrap_or_default();
-            conv.id = user;
-            m.address.conversation = Some(conv);
-        }
+        m.address = proactive_address(&m.address, &format!("messages[{i}].address"))?;
         m.address.id = None;
         m.reply_to_id = None;
         let r = render_send(&m, Some(options), config)?;
@@ -291,6 +274,35 @@ pub fn render_proactive(
         out.warnings.extend(r.warnings);
     }
     out.cap_warnings();
+    Ok(out)
+}
+
+/// The address a proactive send goes to: as it is when it names a chat, else the private chat
+/// whose id is `user.id` (Telegram's private chat ids are the users' ids), answering no
+/// message. `field` is the address's path in the request, for errors. What SendProactive's
+/// conversation creation answers on Telegram: no call is made.
+pub fn proactive_address(address: &Address, field: &str) -> Result<Address, RenderError> {
+    let mut out = address.clone();
+    out.id = None;
+    if out.conversation_id().is_some() {
+        return Ok(out);
+    }
+    let user = out.user_id().trim().to_string();
+    if user.is_empty() {
+        return Err(RenderError::invalid(
+            format!("{field}.user.id"),
+            "required: a private chat's id is the user's id",
+        ));
+    }
+    if user.parse::<i64>().is_err() {
+        return Err(RenderError::invalid(
+            format!("{field}.user.id"),
+            "must be a Telegram user id (an integer), the id of the private chat",
+        ));
+    }
+    let mut conv = out.conversation.take().unwrap_or_default();
+    conv.id = user;
+    out.conversation = Some(conv);
     Ok(out)
 }
 
