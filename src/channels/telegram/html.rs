@@ -457,6 +457,18 @@ const ESCAPABLE: &str = "\\`*_{}[]()#+-.!~>|<\"'";
 
 /// Inline markdown of one line, in `style`.
 fn inline(chars: &[char], style: &Style, out: &mut Rich, scan: &Scan) {
+    inline_at(chars, style, out, scan, 0)
+}
+
+/// Styles nested deeper than this (`[[[[...` or `**a **b **c ...`) are taken as literal text:
+/// each level is a recursive call, and a text of thousands would exhaust the stack.
+const MAX_NESTING: usize = 16;
+
+fn inline_at(chars: &[char], style: &Style, out: &mut Rich, scan: &Scan, depth: usize) {
+    if depth > MAX_NESTING {
+        out.push(&chars.iter().collect::<String>(), style);
+        return;
+    }
     let mut lit = String::new();
     let mut i = 0;
     macro_rules! flush {
@@ -499,7 +511,7 @@ fn inline(chars: &[char], style: &Style, out: &mut Rich, scan: &Scan) {
                 Some((text, url, next)) => {
                     flush!();
                     let mut label = Rich::default();
-                    inline(&text, style, &mut label, scan);
+                    inline_at(&text, style, &mut label, scan, depth + 1);
                     push_link(out, label, &url, style);
                     i = next;
                 }
@@ -512,7 +524,7 @@ fn inline(chars: &[char], style: &Style, out: &mut Rich, scan: &Scan) {
                 Some((text, url, next)) => {
                     flush!();
                     let mut label = Rich::default();
-                    inline(&text, style, &mut label, scan);
+                    inline_at(&text, style, &mut label, scan, depth + 1);
                     push_link(out, label, &url, style);
                     i = next;
                 }
@@ -547,7 +559,7 @@ fn inline(chars: &[char], style: &Style, out: &mut Rich, scan: &Scan) {
                                 s.italic = true;
                             }
                         }
-                        inline(&chars[i + n..close], &s, out, scan);
+                        inline_at(&chars[i + n..close], &s, out, scan, depth + 1);
                         i = close + n;
                     }
                     None => {
@@ -734,7 +746,9 @@ pub fn from_xml(src: &str) -> Rich {
     while let Some(lt) = rest.find('<') {
         out.push(&decode_entities(&rest[..lt]), &style);
         let after = &rest[lt..];
-        let Some(gt) = after.find('>') else {
+        // A tag ends at the first `>`; a `<` before it means this one starts no tag. Looking
+        // no further than the next `<` keeps a text of many `<` linear.
+        let Some(gt) = after[1..].find(['<', '>']).map(|i| i + 1) else {
             out.push(&decode_entities(after), &style);
             rest = "";
             break;
@@ -747,7 +761,7 @@ pub fn from_xml(src: &str) -> Rich {
             .take_while(|c| c.is_ascii_alphanumeric())
             .collect::<String>()
             .to_ascii_lowercase();
-        if name.is_empty() || tag.contains('<') {
+        if name.is_empty() || after.as_bytes()[gt] == b'<' {
             out.push("<", &style);
             rest = &after[1..];
             continue;
@@ -828,7 +842,9 @@ pub fn decode_entities(s: &str) -> String {
     while let Some(amp) = rest.find('&') {
         out.push_str(&rest[..amp]);
         let after = &rest[amp..];
-        let decoded = after.find(';').filter(|&semi| semi <= 10).and_then(|semi| {
+        // Entity names are short: looking further for the `;` would make `&&&...` quadratic.
+        let semi = after.bytes().take(12).position(|b| b == b';');
+        let decoded = semi.filter(|&semi| semi <= 10).and_then(|semi| {
             let name = &after[1..semi];
             let c = match name {
                 "amp" => Some('&'),
@@ -994,6 +1010,19 @@ mod tests {
             let src = s.repeat(100_000);
             let r = from_markdown(&src);
             assert!(r.visible().len() > src.len() / 3, "{s}");
+        }
+        // Nesting thousands deep is literal text past a depth, not a stack overflow.
+        for s in ["[", "**a ", "*a _b "] {
+            let src = format!(
+                "{}x{}",
+                s.repeat(50_000),
+                "](https://x.io) b** c*".repeat(50_000)
+            );
+            assert!(!from_markdown(&src).runs.is_empty());
+        }
+        for s in ["<", "&", "< a", "&#"] {
+            let src = format!("{}>;", s.repeat(200_000));
+            assert!(from_xml(&src).visible().len() >= src.len() - 1, "{s}");
         }
     }
 
