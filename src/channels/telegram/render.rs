@@ -213,6 +213,13 @@ pub fn render_send(
     if !config.pacing {
         rate.drop_budgets();
     }
+    // A typing indicator kept alive every 4 s would take most of a group's 20 messages a
+    // minute: it is paused with the chat (a 429 there stops it too) but not paced by the
+    // chat's message budget; it still counts against the bot's.
+    let mut typing_rate = rate.clone();
+    if let Some(chat_scope) = typing_rate.0.first_mut() {
+        chat_scope.budgets = std::borrow::Cow::Borrowed(&[]);
+    }
     let mut requests = Vec::with_capacity(calls.len());
     for call in calls {
         let mut body = Map::new();
@@ -232,7 +239,11 @@ pub fn render_send(
             url: method_url(config, call.method),
             body: Body::json(&Value::Object(body))?,
             credential: bot.to_string(),
-            rate: rate.clone(),
+            rate: if typing {
+                typing_rate.clone()
+            } else {
+                rate.clone()
+            },
         });
     }
     let mut out = Rendered {
@@ -1535,6 +1546,27 @@ mod tests {
                 .all(|l| l.budgets.is_empty())
         );
         assert_eq!(r.requests[0].rate.levels().len(), 2);
+    }
+
+    #[test]
+    fn typing_is_paused_with_the_chat_but_not_paced_by_its_budget() {
+        let mut m = msg("");
+        m.kind = MessageType::Typing;
+        m.address.conversation.as_mut().unwrap().id = "-100200".into();
+        let r = render_send(&m, None, &TelegramConfig::default()).unwrap();
+        let levels = r.requests[0].rate.levels();
+        assert_eq!(levels[0].key.as_ref(), "telegram:helperbot:-100200");
+        assert!(levels[0].budgets.is_empty());
+        assert_eq!(levels[1].budgets.as_ref(), BOT_BUDGET);
+        assert_eq!(
+            r.requests[0].body.value(),
+            json!({"chat_id": -100200, "action": "typing"})
+        );
+        let r = render_send(&msg("hi"), None, &TelegramConfig::default()).unwrap();
+        assert_eq!(
+            r.requests[0].rate.levels()[0].budgets.as_ref(),
+            PRIVATE_CHAT_BUDGET
+        );
     }
 
     #[test]
