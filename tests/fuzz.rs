@@ -380,3 +380,37 @@ fn hostile_text_and_long_lists_never_panic() {
         )
         .unwrap();
 }
+
+/// Telegram's split of styled text: every part within the limit with balanced tags, and the
+/// parts' visible text, put together, exactly the original's (nothing lost, nothing added).
+#[test]
+fn telegram_split_keeps_every_character_within_the_limit() {
+    use channel_gateway::channels::telegram::split;
+    runner()
+        .run(
+            &(hostile_text(), 1usize..300, 0usize..3),
+            |(text, max, format)| {
+                let rich = match format {
+                    0 => tg_html::from_markdown(&text),
+                    1 => tg_html::from_xml(&text),
+                    _ => tg_html::Rich::plain(&text),
+                };
+                let parts = split::split(&rich, max);
+                let joined: String = parts.iter().map(tg_html::Rich::visible).collect();
+                prop_assert_eq!(joined, rich.visible());
+                for p in &parts {
+                    // One character always moves on, even when it alone is over the limit.
+                    prop_assert!(p.len16() <= max.max(2));
+                    let html = p.to_html();
+                    let mut depth = 0i64;
+                    for (i, _) in html.match_indices('<') {
+                        depth += if html[i..].starts_with("</") { -1 } else { 1 };
+                        prop_assert!(depth >= 0, "{}", html);
+                    }
+                    prop_assert_eq!(depth, 0, "{}", html);
+                }
+                Ok(())
+            },
+        )
+        .unwrap();
+}

@@ -151,32 +151,30 @@ impl Rich {
     /// Leading and trailing whitespace removed (only line breaks at the ends of a code block,
     /// whose indentation counts).
     pub fn trimmed(mut self) -> Self {
-        while let Some(first) = self.runs.first_mut() {
-            let t = if first.style.pre.is_none() {
-                first.text.trim_start()
+        for run in &mut self.runs {
+            let t = if run.style.pre.is_none() {
+                run.text.trim_start()
             } else {
-                first.text.trim_start_matches(['\n', '\r'])
+                run.text.trim_start_matches(['\n', '\r'])
             };
-            first.text = t.to_string();
-            if first.text.is_empty() {
-                self.runs.remove(0);
-            } else {
+            let cut = run.text.len() - t.len();
+            run.text.drain(..cut);
+            if !run.text.is_empty() {
                 break;
             }
         }
-        while let Some(last) = self.runs.last_mut() {
-            let t = if last.style.pre.is_none() {
-                last.text.trim_end()
+        for run in self.runs.iter_mut().rev() {
+            let t = if run.style.pre.is_none() {
+                run.text.trim_end()
             } else {
-                last.text.trim_end_matches(['\n', '\r'])
+                run.text.trim_end_matches(['\n', '\r'])
             };
-            last.text = t.to_string();
-            if last.text.is_empty() {
-                self.runs.pop();
-            } else {
+            run.text.truncate(t.len());
+            if !run.text.is_empty() {
                 break;
             }
         }
+        self.runs.retain(|r| !r.text.is_empty());
         self
     }
 
@@ -325,6 +323,7 @@ fn push_link(out: &mut Rich, label: Rich, url: &str, style: &Style) {
 /// rules as `———`. Raw HTML is text (escaped). Emphasis does not span lines.
 pub fn from_markdown(src: &str) -> Rich {
     let mut out = Rich::default();
+    let scan = Scan::new(src.len());
     // The fence's marker and language while inside a code block.
     let mut fence: Option<(String, String)> = None;
     // The block style of the last line written (`None` before the first): the line break
@@ -390,12 +389,12 @@ pub fn from_markdown(src: &str) -> Rich {
                 ..Default::default()
             },
         );
-        markdown_line(body, &style, &mut out);
+        markdown_line(body, &style, &mut out, &scan);
     }
     out
 }
 
-fn markdown_line(line: &str, style: &Style, out: &mut Rich) {
+fn markdown_line(line: &str, style: &Style, out: &mut Rich, scan: &Scan) {
     let trimmed = line.trim_start();
     let indent = &line[..line.len() - trimmed.len()];
     let body = trimmed.trim_end();
@@ -406,7 +405,7 @@ fn markdown_line(line: &str, style: &Style, out: &mut Rich) {
             bold: true,
             ..style.clone()
         };
-        inline(&chars(text), &bold, out);
+        inline(&chars(text), &bold, out, scan);
         return;
     }
     let marks: Vec<char> = body.chars().filter(|c| !c.is_whitespace()).collect();
@@ -421,12 +420,33 @@ fn markdown_line(line: &str, style: &Style, out: &mut Rich) {
         if let Some(rest) = body.strip_prefix(bullet) {
             let (check, rest) = text::task_box(rest.trim_start());
             out.push(&format!("{indent}• {check}"), style);
-            inline(&chars(rest), style, out);
+            inline(&chars(rest), style, out, scan);
             return;
         }
     }
     out.push(indent, style);
-    inline(&chars(body), style, out);
+    inline(&chars(body), style, out, scan);
+}
+
+/// How far the inline parser may look ahead for closing markers, over one whole text. Each
+/// unmatched opener scans to the end of its line, so `_a _a _a ...` costs the square of the
+/// line's length; past this budget (generous for any real text) markers are taken literally,
+/// so a hostile text costs linear time and still renders, only with less formatting.
+struct Scan(std::cell::Cell<usize>);
+
+impl Scan {
+    fn new(len: usize) -> Self {
+        Self(std::cell::Cell::new(
+            len.saturating_mul(32).saturating_add(100_000),
+        ))
+    }
+
+    /// Spends one step; `false` once the budget is gone.
+    fn step(&self) -> bool {
+        let left = self.0.get();
+        self.0.set(left.saturating_sub(1));
+        left > 0
+    }
 }
 
 fn chars(s: &str) -> Vec<char> {
@@ -436,7 +456,19 @@ fn chars(s: &str) -> Vec<char> {
 const ESCAPABLE: &str = "\\`*_{}[]()#+-.!~>|<\"'";
 
 /// Inline markdown of one line, in `style`.
-fn inline(chars: &[char], style: &Style, out: &mut Rich) {
+fn inline(chars: &[char], style: &Style, out: &mut Rich, scan: &Scan) {
+    inline_at(chars, style, out, scan, 0)
+}
+
+/// Styles nested deeper than this (`[[[[...` or `**a **b **c ...`) are taken as literal text:
+/// each level is a recursive call, and a text of thousands would exhaust the stack.
+const MAX_NESTING: usize = 16;
+
+fn inline_at(chars: &[char], style: &Style, out: &mut Rich, scan: &Scan, depth: usize) {
+    if depth > MAX_NESTING {
+        out.push(&chars.iter().collect::<String>(), style);
+        return;
+    }
     let mut lit = String::new();
     let mut i = 0;
     macro_rules! flush {
@@ -453,7 +485,7 @@ fn inline(chars: &[char], style: &Style, out: &mut Rich) {
             }
             '`' => {
                 let n = run_len(chars, i);
-                match find_run(chars, i + n, '`', n) {
+                match find_run(chars, i + n, '`', n, scan) {
                     Some(close) => {
                         flush!();
                         let mut code: String = chars[i + n..close].iter().collect();
@@ -475,11 +507,11 @@ fn inline(chars: &[char], style: &Style, out: &mut Rich) {
                     }
                 }
             }
-            '!' if chars.get(i + 1) == Some(&'[') => match link(chars, i + 1) {
+            '!' if chars.get(i + 1) == Some(&'[') => match link(chars, i + 1, scan) {
                 Some((text, url, next)) => {
                     flush!();
                     let mut label = Rich::default();
-                    inline(&text, style, &mut label);
+                    inline_at(&text, style, &mut label, scan, depth + 1);
                     push_link(out, label, &url, style);
                     i = next;
                 }
@@ -488,11 +520,11 @@ fn inline(chars: &[char], style: &Style, out: &mut Rich) {
                     i += 1;
                 }
             },
-            '[' => match link(chars, i) {
+            '[' => match link(chars, i, scan) {
                 Some((text, url, next)) => {
                     flush!();
                     let mut label = Rich::default();
-                    inline(&text, style, &mut label);
+                    inline_at(&text, style, &mut label, scan, depth + 1);
                     push_link(out, label, &url, style);
                     i = next;
                 }
@@ -514,7 +546,7 @@ fn inline(chars: &[char], style: &Style, out: &mut Rich) {
             },
             '*' | '_' | '~' => {
                 let n = run_len(chars, i);
-                match emphasis(chars, i, n) {
+                match emphasis(chars, i, n, scan) {
                     Some(close) => {
                         flush!();
                         let mut s = style.clone();
@@ -527,7 +559,7 @@ fn inline(chars: &[char], style: &Style, out: &mut Rich) {
                                 s.italic = true;
                             }
                         }
-                        inline(&chars[i + n..close], &s, out);
+                        inline_at(&chars[i + n..close], &s, out, scan, depth + 1);
                         i = close + n;
                     }
                     None => {
@@ -550,9 +582,12 @@ fn run_len(chars: &[char], i: usize) -> usize {
 }
 
 /// The start of the next run of exactly `n` `c`s at or after `from`.
-fn find_run(chars: &[char], from: usize, c: char, n: usize) -> Option<usize> {
+fn find_run(chars: &[char], from: usize, c: char, n: usize, scan: &Scan) -> Option<usize> {
     let mut j = from;
     while j < chars.len() {
+        if !scan.step() {
+            return None;
+        }
         if chars[j] == c {
             let len = run_len(chars, j);
             if len == n {
@@ -568,7 +603,7 @@ fn find_run(chars: &[char], from: usize, c: char, n: usize) -> Option<usize> {
 
 /// The closing run for an emphasis opener of `n` markers at `i`, following the flanking rules
 /// that keep `snake_case`, `2 * 3` and lone markers literal.
-fn emphasis(chars: &[char], i: usize, n: usize) -> Option<usize> {
+fn emphasis(chars: &[char], i: usize, n: usize, scan: &Scan) -> Option<usize> {
     let c = chars[i];
     let valid_len = match c {
         '*' | '_' => (1..=3).contains(&n),
@@ -586,7 +621,7 @@ fn emphasis(chars: &[char], i: usize, n: usize) -> Option<usize> {
     }
     let mut j = i + n;
     let mut depth = 0usize;
-    while let Some(close) = find_run(chars, j, c, n) {
+    while let Some(close) = find_run(chars, j, c, n, scan) {
         let prev = chars[close - 1];
         let next = chars.get(close + n);
         let can_close = !prev.is_whitespace()
@@ -610,10 +645,13 @@ fn emphasis(chars: &[char], i: usize, n: usize) -> Option<usize> {
 /// `[text](url "title")` starting at `i` (the `[`): the label's characters, the URL and the
 /// index after it. The URL may hold balanced parentheses (`https://en.wikipedia.org/wiki/A_(b)`)
 /// or be written `<...>`.
-fn link(chars: &[char], i: usize) -> Option<(Vec<char>, String, usize)> {
+fn link(chars: &[char], i: usize, scan: &Scan) -> Option<(Vec<char>, String, usize)> {
     let mut depth = 0usize;
     let mut j = i;
     let close = loop {
+        if !scan.step() {
+            return None;
+        }
         match chars.get(j)? {
             '\\' => j += 1,
             '[' => depth += 1,
@@ -638,6 +676,9 @@ fn link(chars: &[char], i: usize) -> Option<(Vec<char>, String, usize)> {
     if chars.get(k) == Some(&'<') {
         k += 1;
         while let Some(&c) = chars.get(k) {
+            if !scan.step() {
+                return None;
+            }
             k += 1;
             if c == '>' {
                 break;
@@ -647,6 +688,9 @@ fn link(chars: &[char], i: usize) -> Option<(Vec<char>, String, usize)> {
     } else {
         let mut parens = 0usize;
         while let Some(&c) = chars.get(k) {
+            if !scan.step() {
+                return None;
+            }
             match c {
                 '\\' if chars.get(k + 1).is_some_and(|n| ESCAPABLE.contains(*n)) => {
                     url.push(chars[k + 1]);
@@ -664,7 +708,10 @@ fn link(chars: &[char], i: usize) -> Option<(Vec<char>, String, usize)> {
         }
     }
     // An optional title, then the closing parenthesis.
-    let end = (k..chars.len()).find(|&m| chars[m] == ')')?;
+    let end = (k..chars.len()).find(|&m| !scan.step() || chars[m] == ')')?;
+    if chars[end] != ')' {
+        return None;
+    }
     Some((chars[i + 1..close].to_vec(), url, end + 1))
 }
 
@@ -699,7 +746,9 @@ pub fn from_xml(src: &str) -> Rich {
     while let Some(lt) = rest.find('<') {
         out.push(&decode_entities(&rest[..lt]), &style);
         let after = &rest[lt..];
-        let Some(gt) = after.find('>') else {
+        // A tag ends at the first `>`; a `<` before it means this one starts no tag. Looking
+        // no further than the next `<` keeps a text of many `<` linear.
+        let Some(gt) = after[1..].find(['<', '>']).map(|i| i + 1) else {
             out.push(&decode_entities(after), &style);
             rest = "";
             break;
@@ -712,7 +761,7 @@ pub fn from_xml(src: &str) -> Rich {
             .take_while(|c| c.is_ascii_alphanumeric())
             .collect::<String>()
             .to_ascii_lowercase();
-        if name.is_empty() || tag.contains('<') {
+        if name.is_empty() || after.as_bytes()[gt] == b'<' {
             out.push("<", &style);
             rest = &after[1..];
             continue;
@@ -793,7 +842,9 @@ pub fn decode_entities(s: &str) -> String {
     while let Some(amp) = rest.find('&') {
         out.push_str(&rest[..amp]);
         let after = &rest[amp..];
-        let decoded = after.find(';').filter(|&semi| semi <= 10).and_then(|semi| {
+        // Entity names are short: looking further for the `;` would make `&&&...` quadratic.
+        let semi = after.bytes().take(12).position(|b| b == b';');
+        let decoded = semi.filter(|&semi| semi <= 10).and_then(|semi| {
             let name = &after[1..semi];
             let c = match name {
                 "amp" => Some('&'),
@@ -949,6 +1000,30 @@ mod tests {
         assert_eq!(from_xml("<b>x").to_html(), "<b>x</b>");
         assert_eq!(from_xml("x</b>y").to_html(), "xy");
         assert_eq!(from_xml("&bogus; &#0;").visible(), "&bogus; &#0;");
+    }
+
+    #[test]
+    fn unmatched_markers_cost_linear_time() {
+        // Quadratic parsing would take minutes here; with the scan budget it is immediate, and
+        // the text is all kept (as literal markers once the budget is gone).
+        for s in ["_a ", "*a ", "[a", "``a ", "~~a ", "[a](", "**a *b* "] {
+            let src = s.repeat(100_000);
+            let r = from_markdown(&src);
+            assert!(r.visible().len() > src.len() / 3, "{s}");
+        }
+        // Nesting thousands deep is literal text past a depth, not a stack overflow.
+        for s in ["[", "**a ", "*a _b "] {
+            let src = format!(
+                "{}x{}",
+                s.repeat(50_000),
+                "](https://x.io) b** c*".repeat(50_000)
+            );
+            assert!(!from_markdown(&src).runs.is_empty());
+        }
+        for s in ["<", "&", "< a", "&#"] {
+            let src = format!("{}>;", s.repeat(200_000));
+            assert!(from_xml(&src).visible().len() >= src.len() - 1, "{s}");
+        }
     }
 
     #[test]

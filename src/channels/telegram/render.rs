@@ -26,7 +26,7 @@ use crate::channels::{
     Rendered, text,
 };
 use crate::model::{
-    ActionType, Attachment, AttachmentContent, CardAction, HeroCard, MediaCard, Message,
+    ActionType, Address, Attachment, AttachmentContent, CardAction, HeroCard, MediaCard, Message,
     MessageType, ProactiveOptions, ReceiptCard, SuggestedActions, TextFormat, Warning,
 };
 
@@ -146,6 +146,13 @@ pub fn render_send(
             )
         })?),
     };
+    if msg.delivery_mode == Some(crate::model::DeliveryMode::Ephemeral) {
+        // Sent as an ordinary message it would show to everyone in a group.
+        return Err(RenderError::invalid(
+            "message.delivery_mode",
+            "ephemeral messages are not supported on telegram (they would be visible to the whole chat)",
+        ));
+    }
     let mut ctx = Ctx {
         format: msg.text_format,
         warnings: Vec::new(),
@@ -205,9 +212,16 @@ pub fn render_send(
         }
     }
 
-    let mut rate = rate_scopes(bot, conv, &chat);
+    let mut rate = rate_scopes(bot, &chat);
     if !config.pacing {
         rate.drop_budgets();
+    }
+    // A typing indicator kept alive every 4 s would take most of a group's 20 messages a
+    // minute: it is paused with the chat (a 429 there stops it too) but not paced by the
+    // chat's message budget; it still counts against the bot's.
+    let mut typing_rate = rate.clone();
+    if let Some(chat_scope) = typing_rate.0.first_mut() {
+        chat_scope.budgets = std::borrow::Cow::Borrowed(&[]);
     }
     let mut requests = Vec::with_capacity(calls.len());
     for call in calls {
@@ -228,7 +242,11 @@ pub fn render_send(
             url: method_url(config, call.method),
             body: Body::json(&Value::Object(body))?,
             credential: bot.to_string(),
-            rate: rate.clone(),
+            rate: if typing {
+                typing_rate.clone()
+            } else {
+                rate.clone()
+            },
         });
     }
     let mut out = Rendered {
@@ -262,24 +280,7 @@ pub fn render_proactive(
     let mut out = Rendered::default();
     for (i, m) in messages.iter().enumerate() {
         let mut m = m.clone();
-        if m.address.conversation_id().is_none() {
-            let user = m.address.user_id().trim().to_string();
-            if user.is_empty() {
-                return Err(RenderError::invalid(
-                    format!("messages[{i}].address.user.id"),
-                    "required: a private chat's id is the user's id",
-                ));
-            }
-            if user.parse::<i64>().is_err() {
-                return Err(RenderError::invalid(
-                    format!("messages[{i}].address.user.id"),
-                    "must be a Telegram user id (an integer), the id of the private chat",
-                ));
-            }
-            let mut conv = m.address.conversation.take().unwrap_or_default();
-            conv.id = user;
-            m.address.conversation = Some(conv);
-        }
+        m.address = proactive_address(&m.address, &format!("messages[{i}].address"))?;
         m.address.id = None;
         m.reply_to_id = None;
         let r = render_send(&m, Some(options), config)?;
@@ -287,6 +288,35 @@ pub fn render_proactive(
         out.warnings.extend(r.warnings);
     }
     out.cap_warnings();
+    Ok(out)
+}
+
+/// The address a proactive send goes to: as it is when it names a chat, else the private chat
+/// whose id is `user.id` (Telegram's private chat ids are the users' ids), answering no
+/// message. `field` is the address's path in the request, for errors. What SendProactive's
+/// conversation creation answers on Telegram: no call is made.
+pub fn proactive_address(address: &Address, field: &str) -> Result<Address, RenderError> {
+    let mut out = address.clone();
+    out.id = None;
+    if out.conversation_id().is_some() {
+        return Ok(out);
+    }
+    let user = out.user_id().trim().to_string();
+    if user.is_empty() {
+        return Err(RenderError::invalid(
+            format!("{field}.user.id"),
+            "required: a private chat's id is the user's id",
+        ));
+    }
+    if user.parse::<i64>().is_err() {
+        return Err(RenderError::invalid(
+            format!("{field}.user.id"),
+            "must be a Telegram user id (an integer), the id of the private chat",
+        ));
+    }
+    let mut conv = out.conversation.take().unwrap_or_default();
+    conv.id = user;
+    out.conversation = Some(conv);
     Ok(out)
 }
 
@@ -311,8 +341,13 @@ fn chat_id(id: &str, field: &str) -> Result<Value, RenderError> {
 
 /// The chat's scope, then the bot's: a private chat (positive id) takes 1 message/s, a group or
 /// channel (negative id, `@name`) 20/min; the bot 30/s across its chats.
-fn rate_scopes(bot: &str, conv: &str, chat: &Value) -> RateScopes {
+fn rate_scopes(bot: &str, chat: &Value) -> RateScopes {
     let private = chat.as_i64().is_some_and(|n| n > 0);
+    // The chat as Telegram names it (`007` and `7` are one chat).
+    let conv = match chat {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
     let chat_budget: &'static [Budget] = if private {
         &PRIVATE_CHAT_BUDGET
     } else {
@@ -440,19 +475,24 @@ fn text_calls(
     if rich.is_blank() {
         return Ok(Vec::new());
     }
+    let too_long = |n: usize| {
+        RenderError::invalid(
+            field,
+            format!(
+                "is {n} characters (UTF-16 units); at most {MAX_TEXT_PARTS} Telegram messages of {MAX_TEXT} are sent for one text"
+            ),
+        )
+    };
+    if rich.len16() > MAX_TEXT * MAX_TEXT_PARTS {
+        return Err(too_long(rich.len16()));
+    }
     let parts: Vec<Rich> = split::split(&rich, MAX_TEXT)
         .into_iter()
         .map(Rich::trimmed)
         .filter(|p| !p.is_blank())
         .collect();
     if parts.len() > MAX_TEXT_PARTS {
-        return Err(RenderError::invalid(
-            field,
-            format!(
-                "is {} characters (UTF-16 units); at most {MAX_TEXT_PARTS} Telegram messages of {MAX_TEXT} are sent for one text",
-                rich.len16()
-            ),
-        ));
+        return Err(too_long(rich.len16()));
     }
     if parts.len() > 1 {
         ctx.warn(
@@ -726,7 +766,10 @@ fn album(urls: &[String], caption: Option<&Rich>) -> Call {
 /// The media method and field for a file's content type.
 fn media_method(content_type: &str) -> (&'static str, &'static str) {
     let ct = content_type.to_ascii_lowercase();
-    if ct == "image/gif" {
+    // A photo is a raster image Telegram recompresses; an SVG is sent as the file it is.
+    if ct == "image/svg+xml" {
+        ("sendDocument", "document")
+    } else if ct == "image/gif" {
         ("sendAnimation", "animation")
     } else if ct.starts_with("image/") {
         ("sendPhoto", "photo")
@@ -1078,6 +1121,13 @@ fn action_title(a: &CardAction, path: &str, ctx: &mut Ctx) -> Result<String, Ren
 fn reply_keyboard(sa: &SuggestedActions, ctx: &mut Ctx) -> Result<Option<Value>, RenderError> {
     let mut keys = Vec::new();
     let mut value_lost = false;
+    if !sa.to.is_empty() {
+        ctx.warn(
+            "suggested_actions_to_ignored",
+            "message.suggested_actions.to",
+            "a Telegram reply keyboard shows to everyone in the chat: `to` cannot be honoured",
+        );
+    }
     for (i, a) in sa.actions.iter().enumerate() {
         let path = format!("message.suggested_actions.actions[{i}]");
         if a.kind.takes_url() || a.kind == ActionType::Call {
@@ -1243,7 +1293,8 @@ const MAX_ADAPTIVE_DEPTH: usize = 16;
 #[derive(Default)]
 struct Adaptive {
     text: Rich,
-    actions: Vec<CardAction>,
+    /// The actions taken, with where each is in the card (for errors).
+    actions: Vec<(CardAction, String)>,
     lost_actions: usize,
     lost_inputs: usize,
     lost_images: usize,
@@ -1262,12 +1313,16 @@ impl Adaptive {
         self.text.append(r);
     }
 
-    fn walk(&mut self, v: &Value, depth: usize) {
+    fn walk(&mut self, v: &Value, depth: usize, path: &str) {
         if depth > MAX_ADAPTIVE_DEPTH || self.seen >= MAX_ADAPTIVE_ELEMENTS {
             return;
         }
         match v {
-            Value::Array(items) => items.iter().for_each(|i| self.walk(i, depth + 1)),
+            Value::Array(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    self.walk(item, depth + 1, &format!("{path}[{i}]"));
+                }
+            }
             Value::Object(o) => {
                 self.seen += 1;
                 let s = |k: &str| o.get(k).and_then(Value::as_str).unwrap_or_default();
@@ -1326,32 +1381,40 @@ impl Adaptive {
                     }
                     t if t.starts_with("Input.") => self.lost_inputs += 1,
                     "Action.OpenUrl" => {
-                        self.actions.push(CardAction {
-                            kind: ActionType::OpenUrl,
-                            title: Some(s("title").to_string()),
-                            value: Some(json!(s("url"))),
-                            ..Default::default()
-                        });
+                        let title = Some(s("title")).filter(|t| !t.trim().is_empty());
+                        self.actions.push((
+                            CardAction {
+                                kind: ActionType::OpenUrl,
+                                title: Some(title.unwrap_or(s("url")).to_string()),
+                                value: Some(json!(s("url"))),
+                                ..Default::default()
+                            },
+                            path.to_string(),
+                        ));
                     }
                     "Action.Submit" => {
                         let data = match o.get("data") {
-                            Some(Value::String(d)) => json!(d),
-                            Some(Value::Null) | None => json!(s("title")),
-                            Some(other) => json!(other.to_string()),
+                            Some(Value::String(d)) => d.clone(),
+                            Some(Value::Null) | None => s("title").to_string(),
+                            Some(other) => other.to_string(),
                         };
-                        self.actions.push(CardAction {
-                            kind: ActionType::PostBack,
-                            title: Some(s("title").to_string()),
-                            value: Some(data),
-                            ..Default::default()
-                        });
+                        let title = Some(s("title")).filter(|t| !t.trim().is_empty());
+                        self.actions.push((
+                            CardAction {
+                                kind: ActionType::PostBack,
+                                title: Some(title.unwrap_or(&data).to_string()),
+                                value: Some(json!(data)),
+                                ..Default::default()
+                            },
+                            path.to_string(),
+                        ));
                     }
                     t if t.starts_with("Action.") => self.lost_actions += 1,
                     _ => {}
                 }
                 for k in ["body", "items", "columns", "actions", "selectAction"] {
                     if let Some(child) = o.get(k) {
-                        self.walk(child, depth + 1);
+                        self.walk(child, depth + 1, &format!("{path}.{k}"));
                     }
                 }
             }
@@ -1365,7 +1428,7 @@ impl Adaptive {
 /// images, inputs and other actions are lost, which a warning says.
 fn adaptive(card: &Value, path: &str, ctx: &mut Ctx) -> Result<Vec<Call>, RenderError> {
     let mut a = Adaptive::default();
-    a.walk(card, 0);
+    a.walk(card, 0, path);
     if a.text.is_blank()
         && let Some(f) = card.get("fallbackText").and_then(Value::as_str)
     {
@@ -1395,7 +1458,29 @@ fn adaptive(card: &Value, path: &str, ctx: &mut Ctx) -> Result<Vec<Call>, Render
             )
         },
     );
-    card_calls(None, a.text, &a.actions, &format!("{path}.actions"), ctx)
+    let mut actions = Vec::with_capacity(a.actions.len());
+    for (action, at) in a.actions {
+        let value = action.value_str().unwrap_or_default();
+        match action.kind {
+            ActionType::OpenUrl if !html::linkable(value) => {
+                return Err(RenderError::invalid(
+                    format!("{at}.url"),
+                    "a Telegram url button opens only http(s) and tg:// links",
+                ));
+            }
+            ActionType::PostBack if value.is_empty() || value.len() > MAX_CALLBACK_DATA => {
+                return Err(RenderError::invalid(
+                    format!("{at}.data"),
+                    format!(
+                        "is {} bytes; Telegram's callback_data holds 1 to {MAX_CALLBACK_DATA} bytes (send a short key and keep the rest in the bot)",
+                        value.len()
+                    ),
+                ));
+            }
+            _ => actions.push(action),
+        }
+    }
+    card_calls(None, a.text, &actions, path, ctx)
 }
 
 #[cfg(test)]
@@ -1464,6 +1549,27 @@ mod tests {
                 .all(|l| l.budgets.is_empty())
         );
         assert_eq!(r.requests[0].rate.levels().len(), 2);
+    }
+
+    #[test]
+    fn typing_is_paused_with_the_chat_but_not_paced_by_its_budget() {
+        let mut m = msg("");
+        m.kind = MessageType::Typing;
+        m.address.conversation.as_mut().unwrap().id = "-100200".into();
+        let r = render_send(&m, None, &TelegramConfig::default()).unwrap();
+        let levels = r.requests[0].rate.levels();
+        assert_eq!(levels[0].key.as_ref(), "telegram:helperbot:-100200");
+        assert!(levels[0].budgets.is_empty());
+        assert_eq!(levels[1].budgets.as_ref(), BOT_BUDGET);
+        assert_eq!(
+            r.requests[0].body.value(),
+            json!({"chat_id": -100200, "action": "typing"})
+        );
+        let r = render_send(&msg("hi"), None, &TelegramConfig::default()).unwrap();
+        assert_eq!(
+            r.requests[0].rate.levels()[0].budgets.as_ref(),
+            PRIVATE_CHAT_BUDGET
+        );
     }
 
     #[test]
