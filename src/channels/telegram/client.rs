@@ -22,7 +22,6 @@ use crate::channels::shared::{CredentialHint, no_credentials, retry_after, scrub
 use crate::channels::{
     ChannelError, ErrorCategory, FailureKind, HttpMethod, NativeReceipt, NativeRequest,
 };
-use crate::model::{Address, ProactiveOptions};
 use crate::settings::Secret;
 
 /// The longest Bot API method name accepted (the longest real one is under 40 characters).
@@ -194,35 +193,6 @@ impl TelegramClient {
         };
         receipt.bound();
         Ok(receipt)
-    }
-
-    /// No call: Telegram bots cannot open a chat. A private chat's id is the user's id, so the
-    /// address's user becomes its conversation; the user must have written to the bot first,
-    /// which only the send can tell (Telegram answers 403 otherwise).
-    pub async fn create_conversation(
-        &self,
-        address: &Address,
-        _options: &ProactiveOptions,
-    ) -> Result<Address, ChannelError> {
-        let user = address.user_id();
-        if user.is_empty() {
-            return Err(ChannelError {
-                code: Some("no_recipient".into()),
-                ..ChannelError::new(
-                    CHANNEL_ID,
-                    FailureKind::Permanent,
-                    "address.user.id is required to message someone on Telegram: a private \
-                     chat's id is the user's id, and the user must have written to the bot first \
-                     (bots cannot start a chat)",
-                )
-            });
-        }
-        let mut out = address.clone();
-        let mut conv = out.conversation.take().unwrap_or_default();
-        conv.id = user.to_string();
-        out.conversation = Some(conv);
-        out.id = None;
-        Ok(out)
     }
 }
 
@@ -660,38 +630,6 @@ mod tests {
                 format!("POST /bot{TOKEN}/sendMessage HTTP/1.1"),
                 format!("POST /bot{TOKEN}/sendMessage HTTP/1.1"),
             ]
-        );
-    }
-
-    #[tokio::test]
-    async fn a_private_chat_is_the_user() {
-        let c = client("https://api.telegram.org");
-        let addr = Address {
-            channel_id: "telegram".into(),
-            user: Some(crate::model::Identity {
-                id: "777".into(),
-                ..Default::default()
-            }),
-            id: Some("old".into()),
-            ..Default::default()
-        };
-        let out = c
-            .create_conversation(&addr, &ProactiveOptions::default())
-            .await
-            .unwrap();
-        assert_eq!(out.conversation_id(), Some("777"));
-        assert_eq!(out.id, None);
-        let mut nobody = addr.clone();
-        nobody.user = None;
-        let e = c
-            .create_conversation(&nobody, &ProactiveOptions::default())
-            .await
-            .unwrap_err();
-        assert_eq!(e.code.as_deref(), Some("no_recipient"));
-        assert!(
-            e.message.contains("written to the bot first"),
-            "{}",
-            e.message
         );
     }
 }

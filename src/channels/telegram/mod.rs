@@ -28,7 +28,9 @@ use futures::future::BoxFuture;
 
 use super::channel::Channel;
 use super::shared::CredentialHint;
-use super::{Capabilities, ChannelError, NativeReceipt, NativeRequest, RenderError, Rendered};
+use super::{
+    Capabilities, ChannelError, FailureKind, NativeReceipt, NativeRequest, RenderError, Rendered,
+};
 use crate::model::{Address, Message, ProactiveOptions};
 use client::TelegramClient;
 use config::TelegramConfig;
@@ -101,7 +103,10 @@ impl Channel for Telegram {
     }
 
     fn known_conversation(&self, addr: &Address) -> Option<String> {
-        Some(addr.user_id().to_string())
+        render::proactive_address(addr, "address")
+            .ok()?
+            .conversation_id()
+            .map(str::to_string)
     }
 
     fn execute<'a>(
@@ -117,6 +122,66 @@ impl Channel for Telegram {
         addr: &'a Address,
         options: &'a ProactiveOptions,
     ) -> BoxFuture<'a, Result<Address, ChannelError>> {
-        Box::pin(async move { self.client.create_conversation(addr, options).await })
+        let _ = options;
+        // No call: bots cannot open a chat; a private chat's id is the user's id. Whether the
+        // user ever wrote to the bot only the send can tell (Telegram answers 403 otherwise).
+        Box::pin(async move {
+            render::proactive_address(addr, "address").map_err(|e| ChannelError {
+                code: Some("no_recipient".into()),
+                ..ChannelError::new(
+                    CHANNEL_ID,
+                    FailureKind::Permanent,
+                    format!(
+                        "{e}; the user must have written to the bot first (bots cannot start a chat)"
+                    ),
+                )
+            })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_proactive_start_goes_to_the_users_private_chat_without_a_call() {
+        let config = TelegramConfig {
+            // Nothing listens there: a call would fail.
+            api_base_url: "http://127.0.0.1:1".into(),
+            ..Default::default()
+        };
+        let tg = Telegram::new(&config, Duration::from_secs(1)).unwrap();
+        let addr = Address {
+            channel_id: CHANNEL_ID.into(),
+            user: Some(crate::model::Identity {
+                id: "777".into(),
+                ..Default::default()
+            }),
+            id: Some("old".into()),
+            ..Default::default()
+        };
+        assert_eq!(tg.known_conversation(&addr).as_deref(), Some("777"));
+        let out = tg
+            .create_conversation(&addr, &ProactiveOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(out.conversation_id(), Some("777"));
+        assert_eq!(out.id, None);
+        let mut nobody = addr.clone();
+        nobody.user = None;
+        assert_eq!(tg.known_conversation(&nobody), None);
+        let e = tg
+            .create_conversation(&nobody, &ProactiveOptions::default())
+            .await
+            .unwrap_err();
+        assert_eq!(e.code.as_deref(), Some("no_recipient"));
+        assert_eq!(e.kind, FailureKind::Permanent);
+        assert!(e.message.contains("address.user.id"), "{}", e.message);
+        assert!(
+            e.message.contains("written to the bot first"),
+            "{}",
+            e.message
+        );
     }
 }
