@@ -354,14 +354,9 @@ async fn fault(
 
 /// A gateway config pointing at the fake: loopback allowed, one bot with credentials.
 pub fn config_for(fake: &FakeConnector) -> Config {
-    let mut c = Config::load(
-        None,
-        vec![(
-            "CHANNEL_GATEWAY__SERVER__LISTEN".into(),
-            "\"127.0.0.1:0\"".into(),
-        )],
-    )
-    .unwrap();
+    let mut c = fake_http::gateway_config();
+    // The durable outbox: `start_with` gives each test its own directory.
+    c.outbox.backend = channel_gateway::config::OutboxConfig::default().backend;
     let bf = &mut c.channels.botframework;
     bf.allowed_service_hosts = vec!["127.0.0.1:*".into()];
     bf.token_url = format!("http://127.0.0.1:{}/token", fake.addr.port());
@@ -369,10 +364,6 @@ pub fn config_for(fake: &FakeConnector) -> Config {
         app_id: BOT.into(),
         app_password: Secret::new(PASSWORD),
     }];
-    c.admin.listen = "127.0.0.1:0".into();
-    c.delivery.base_retry_delay = Duration::from_millis(20);
-    c.delivery.max_retry_delay = Duration::from_secs(2);
-    c.delivery.request_timeout = Duration::from_secs(10);
     // The fake is not Teams: tests send one conversation many messages at once, faster than
     // Teams' documented budgets allow (tests that check the pacing turn it on).
     c.channels.botframework.teams_pacing = false;
@@ -433,10 +424,7 @@ pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> Harness {
     let mut config = config_for(&fake);
     config.outbox.data_dir = data_dir.path().to_path_buf();
     tweak(&mut config);
-    let gateway = channel_gateway::server::start(config).await.unwrap();
-    let client = ChannelGatewayClient::connect(format!("http://{}", gateway.addr))
-        .await
-        .unwrap();
+    let (gateway, client) = fake_http::start_gateway(config).await;
     Harness {
         fake,
         gateway,

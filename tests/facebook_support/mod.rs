@@ -279,14 +279,7 @@ async fn send(
 
 /// A gateway config pointing the facebook channel at the fake, with both pages.
 pub fn config_for(fake: &FakeGraph) -> Config {
-    let mut c = Config::load(
-        None,
-        vec![(
-            "CHANNEL_GATEWAY__SERVER__LISTEN".into(),
-            "\"127.0.0.1:0\"".into(),
-        )],
-    )
-    .unwrap();
+    let mut c = fake_http::gateway_config();
     let fb = &mut c.channels.facebook;
     fb.graph_base_url = fake.base_url();
     fb.pages = vec![
@@ -301,12 +294,6 @@ pub fn config_for(fake: &FakeGraph) -> Config {
             app_secret: None,
         },
     ];
-    c.delivery.base_retry_delay = Duration::from_millis(20);
-    c.delivery.max_retry_delay = Duration::from_secs(2);
-    c.delivery.request_timeout = Duration::from_secs(10);
-    // Tests run in parallel: no fixed admin port, no shared outbox file.
-    c.admin.listen = "127.0.0.1:0".into();
-    c.outbox.backend = channel_gateway::config::OutboxBackend::Memory;
     c
 }
 
@@ -324,10 +311,7 @@ pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> Harness {
     let fake = FakeGraph::start().await;
     let mut config = config_for(&fake);
     tweak(&mut config);
-    let gateway = channel_gateway::server::start(config).await.unwrap();
-    let client = ChannelGatewayClient::connect(format!("http://{}", gateway.addr))
-        .await
-        .unwrap();
+    let (gateway, client) = fake_http::start_gateway(config).await;
     Harness {
         fake,
         gateway,

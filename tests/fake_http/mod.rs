@@ -1,6 +1,7 @@
 //! What every fake channel server of the tests shares: serving on 127.0.0.1, counting calls in
-//! flight per key (a conversation, a PSID, a Slack channel), and waiting for what it recorded.
-//! Each fake keeps only what its channel's API looks like.
+//! flight per key (a conversation, a PSID, a Slack channel), waiting for what it recorded, and
+//! the gateway each harness starts in front of its fake. Each fake keeps only what its
+//! channel's API looks like.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -8,6 +9,43 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use axum::Router;
+use channel_gateway::api::pb::channel_gateway_client::ChannelGatewayClient;
+use channel_gateway::config::Config;
+use channel_gateway::server::RunningGateway;
+
+/// A gateway config for a test against a fake channel: gRPC and admin on free ports of
+/// 127.0.0.1, the in-memory outbox (tests run in parallel: no shared file), short retry delays.
+/// Each harness then points its channel at its fake.
+pub fn gateway_config() -> Config {
+    let mut c = Config::load(
+        None,
+        vec![(
+            "CHANNEL_GATEWAY__SERVER__LISTEN".into(),
+            "\"127.0.0.1:0\"".into(),
+        )],
+    )
+    .unwrap();
+    c.delivery.base_retry_delay = Duration::from_millis(20);
+    c.delivery.max_retry_delay = Duration::from_secs(2);
+    c.delivery.request_timeout = Duration::from_secs(10);
+    c.admin.listen = "127.0.0.1:0".into();
+    c.outbox.backend = channel_gateway::config::OutboxBackend::Memory;
+    c
+}
+
+/// Starts a gateway and connects a gRPC client to it over TCP.
+pub async fn start_gateway(
+    config: Config,
+) -> (
+    RunningGateway,
+    ChannelGatewayClient<tonic::transport::Channel>,
+) {
+    let gateway = channel_gateway::server::start(config).await.unwrap();
+    let client = ChannelGatewayClient::connect(format!("http://{}", gateway.addr))
+        .await
+        .unwrap();
+    (gateway, client)
+}
 
 /// Serves `app` on a free port of 127.0.0.1 for the rest of the test.
 pub async fn serve(app: Router) -> SocketAddr {

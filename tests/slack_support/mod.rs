@@ -221,14 +221,7 @@ async fn method(
 /// A gateway config pointing at the fake: one workspace with a bot token, a rate high enough
 /// not to slow tests that are not about it, short retry delays.
 pub fn config_for(fake: &FakeSlack) -> Config {
-    let mut c = Config::load(
-        None,
-        vec![(
-            "CHANNEL_GATEWAY__SERVER__LISTEN".into(),
-            "\"127.0.0.1:0\"".into(),
-        )],
-    )
-    .unwrap();
+    let mut c = fake_http::gateway_config();
     let s = &mut c.channels.slack;
     s.api_base_url = fake.base_url();
     s.workspaces = vec![SlackWorkspace {
@@ -237,12 +230,7 @@ pub fn config_for(fake: &FakeSlack) -> Config {
     }];
     s.rate_per_second = 1000.0;
     s.rate_burst = 1000;
-    c.delivery.base_retry_delay = Duration::from_millis(20);
     c.delivery.max_retry_delay = Duration::from_secs(5);
-    c.delivery.request_timeout = Duration::from_secs(10);
-    // Tests run in parallel: no fixed admin port, no shared outbox file.
-    c.admin.listen = "127.0.0.1:0".into();
-    c.outbox.backend = channel_gateway::config::OutboxBackend::Memory;
     c
 }
 
@@ -254,12 +242,7 @@ pub struct Harness {
 
 pub async fn start() -> Harness {
     let fake = FakeSlack::start().await;
-    let gateway = channel_gateway::server::start(config_for(&fake))
-        .await
-        .unwrap();
-    let client = ChannelGatewayClient::connect(format!("http://{}", gateway.addr))
-        .await
-        .unwrap();
+    let (gateway, client) = fake_http::start_gateway(config_for(&fake)).await;
     Harness {
         fake,
         gateway,

@@ -292,14 +292,7 @@ async fn call(
 /// tests send 100 messages to a chat at once, far above its documented 1 per second: only a
 /// 429 slows a chat down then), short retry delays.
 pub fn config_for(fake: &FakeTelegram) -> Config {
-    let mut c = Config::load(
-        None,
-        vec![(
-            "CHANNEL_GATEWAY__SERVER__LISTEN".into(),
-            "\"127.0.0.1:0\"".into(),
-        )],
-    )
-    .unwrap();
+    let mut c = fake_http::gateway_config();
     let t = &mut c.channels.telegram;
     t.api_base_url = fake.base_url();
     t.bots = vec![TelegramBot {
@@ -307,12 +300,7 @@ pub fn config_for(fake: &FakeTelegram) -> Config {
         token: Secret::new(TOKEN),
     }];
     t.pacing = false;
-    c.delivery.base_retry_delay = Duration::from_millis(20);
     c.delivery.max_retry_delay = Duration::from_secs(5);
-    c.delivery.request_timeout = Duration::from_secs(10);
-    // Tests run in parallel: no fixed admin port, no shared outbox file.
-    c.admin.listen = "127.0.0.1:0".into();
-    c.outbox.backend = channel_gateway::config::OutboxBackend::Memory;
     c
 }
 
@@ -324,12 +312,7 @@ pub struct Harness {
 
 pub async fn start() -> Harness {
     let fake = FakeTelegram::start().await;
-    let gateway = channel_gateway::server::start(config_for(&fake))
-        .await
-        .unwrap();
-    let client = ChannelGatewayClient::connect(format!("http://{}", gateway.addr))
-        .await
-        .unwrap();
+    let (gateway, client) = fake_http::start_gateway(config_for(&fake)).await;
     Harness {
         fake,
         gateway,
