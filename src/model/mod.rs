@@ -501,6 +501,35 @@ impl CardAction {
             None => format!("action?{name}"),
         }
     }
+
+    /// What a post-back-like action sends back, with the field it comes from: a dialog
+    /// action's wire value (`dialog_data`), else `value` (a string as it is, other JSON as
+    /// JSON text). `None` when there is no value: channels then fall back on their own rule.
+    pub fn postback_value(&self) -> (Option<String>, &'static str) {
+        match self.kind {
+            ActionType::DialogAction => (Some(self.dialog_action_value()), "dialog_data"),
+            _ => (
+                match &self.value {
+                    Some(Value::String(s)) => Some(s.clone()),
+                    Some(Value::Null) | None => None,
+                    Some(other) => Some(other.to_string()),
+                },
+                "value",
+            ),
+        }
+    }
+
+    /// What a button may show, in order of preference, each with its field: its title, else
+    /// its display text, text, or a textual value (never a URL).
+    pub fn label_candidates(&self) -> [(Option<&str>, &'static str); 4] {
+        let textual_value = (!self.kind.takes_url()).then(|| self.value_str()).flatten();
+        [
+            (self.title.as_deref(), "title"),
+            (self.display_text.as_deref(), "display_text"),
+            (self.text.as_deref(), "text"),
+            (textual_value, "value"),
+        ]
+    }
 }
 
 /// Options for starting a new conversation proactively.

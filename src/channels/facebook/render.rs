@@ -1609,14 +1609,8 @@ fn action_title_from(
     path: &str,
     ctx: &mut Ctx,
 ) -> Result<(String, &'static str), RenderError> {
-    let textual_value = (!a.kind.takes_url()).then(|| a.value_str()).flatten();
-    let candidates = [
-        (a.title.as_deref(), "title"),
-        (a.display_text.as_deref(), "display_text"),
-        (a.text.as_deref(), "text"),
-        (textual_value, "value"),
-    ];
-    let (title, field) = candidates
+    let (title, field) = a
+        .label_candidates()
         .into_iter()
         .find_map(|(t, f)| {
             let p = ctx.plain(t.unwrap_or_default());
@@ -1640,23 +1634,13 @@ fn action_title_from(
 
 /// What a postback-like action sends back; errors name the field it comes from.
 fn payload_of(a: &CardAction, path: &str) -> Result<String, RenderError> {
-    let (payload, field) = match a.kind {
-        ActionType::DialogAction => (Some(a.dialog_action_value()), "dialog_data"),
-        _ => {
-            let v = match &a.value {
-                Some(Value::String(s)) => Some(s.clone()),
-                Some(Value::Null) | None => None,
-                Some(other) => Some(other.to_string()),
-            };
-            let v = v.or_else(|| match a.kind {
-                ActionType::MessageBack | ActionType::ImBack => {
-                    a.text.clone().or_else(|| a.display_text.clone())
-                }
-                _ => None,
-            });
-            (v, "value")
+    let (payload, field) = a.postback_value();
+    let payload = payload.or_else(|| match a.kind {
+        ActionType::MessageBack | ActionType::ImBack => {
+            a.text.clone().or_else(|| a.display_text.clone())
         }
-    };
+        _ => None,
+    });
     let field = format!("{path}.{field}");
     let payload = payload
         .filter(|p| !p.is_empty())

@@ -1046,23 +1046,11 @@ fn keyboard_rows(keys: Vec<Value>, kind: &str, extra: Option<Value>) -> Option<V
 /// than kept server-side behind a short key: the gateway has no inbound side yet to resolve
 /// the key when the button is pressed, so the key would reach the bot meaningless.
 fn callback_data(b: &CardAction, path: &str) -> Result<String, RenderError> {
-    let (data, field) = match b.kind {
-        ActionType::DialogAction => (Some(b.dialog_action_value()), "dialog_data"),
-        _ => {
-            let v = match &b.value {
-                Some(Value::String(s)) => Some(s.clone()),
-                Some(Value::Null) | None => None,
-                Some(other) => Some(other.to_string()),
-            };
-            let v = v.or_else(|| match b.kind {
-                ActionType::MessageBack | ActionType::ImBack => {
-                    b.text.clone().or_else(|| b.title.clone())
-                }
-                _ => None,
-            });
-            (v, "value")
-        }
-    };
+    let (data, field) = b.postback_value();
+    let data = data.or_else(|| match b.kind {
+        ActionType::MessageBack | ActionType::ImBack => b.text.clone().or_else(|| b.title.clone()),
+        _ => None,
+    });
     let field = format!("{path}.{field}");
     let data = data
         .filter(|d| !d.is_empty())
@@ -1082,24 +1070,19 @@ fn callback_data(b: &CardAction, path: &str) -> Result<String, RenderError> {
 /// A button's label: its title, else its display text, text or textual value, as plain text
 /// of at most `MAX_BUTTON_TEXT` characters.
 fn action_title(a: &CardAction, path: &str, ctx: &mut Ctx) -> Result<String, RenderError> {
-    let textual_value = (!a.kind.takes_url()).then(|| a.value_str()).flatten();
-    let (title, field) = [
-        (a.title.as_deref(), "title"),
-        (a.display_text.as_deref(), "display_text"),
-        (a.text.as_deref(), "text"),
-        (textual_value, "value"),
-    ]
-    .into_iter()
-    .find_map(|(t, f)| {
-        let p = ctx.plain(t.unwrap_or_default());
-        (!p.is_empty()).then_some((p, f))
-    })
-    .ok_or_else(|| {
-        RenderError::invalid(
-            format!("{path}.title"),
-            "required: a Telegram button needs a label",
-        )
-    })?;
+    let (title, field) = a
+        .label_candidates()
+        .into_iter()
+        .find_map(|(t, f)| {
+            let p = ctx.plain(t.unwrap_or_default());
+            (!p.is_empty()).then_some((p, f))
+        })
+        .ok_or_else(|| {
+            RenderError::invalid(
+                format!("{path}.title"),
+                "required: a Telegram button needs a label",
+            )
+        })?;
     Ok(match text::truncate(&title, MAX_BUTTON_TEXT, text::chars) {
         None => title,
         Some(short) => {
