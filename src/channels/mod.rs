@@ -3,6 +3,7 @@
 //!
 //! Owns everything channel-specific. Must not know about gRPC, sequencing or retries.
 
+pub(crate) mod adaptive;
 mod body;
 pub mod botframework;
 pub mod channel;

@@ -77,6 +77,28 @@ pub(crate) fn fallback_keys_dropped(
     )
 }
 
+/// The keys of a shared `source_event["*"]` object that a channel takes from it (`allowed`), and
+/// the warning for the others, which are left out. `None` when none is kept.
+pub(crate) fn keep_fallback_keys(
+    o: &serde_json::Map<String, serde_json::Value>,
+    api: &str,
+    channel_key: &str,
+    allowed: &[&str],
+    warnings: &mut Vec<crate::model::Warning>,
+) -> Option<serde_json::Map<String, serde_json::Value>> {
+    let (kept, dropped): (Vec<_>, Vec<_>) =
+        o.iter().partition(|(k, _)| allowed.contains(&k.as_str()));
+    if !dropped.is_empty() {
+        let names: Vec<&str> = dropped.iter().map(|(k, _)| k.as_str()).collect();
+        warnings.push(fallback_keys_dropped(&names, api, channel_key, allowed));
+    }
+    let kept: serde_json::Map<String, serde_json::Value> = kept
+        .into_iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    (!kept.is_empty()).then_some(kept)
+}
+
 /// Parses `Retry-After` in seconds or as an HTTP date.
 pub fn retry_after(headers: &http::header::HeaderMap) -> Option<Duration> {
     let v = headers

@@ -1157,30 +1157,10 @@ fn adaptive_text(v: &Value, lines: &mut Vec<String>) {
                         lines.push(text::markdown_to_plain(t).trim().to_string());
                     }
                 }
-                Some("RichTextBlock") => {
-                    let line: String = o
-                        .get("inlines")
-                        .and_then(Value::as_array)
-                        .map(|inl| {
-                            inl.iter()
-                                .filter_map(|i| {
-                                    i.as_str().or_else(|| i.get("text").and_then(Value::as_str))
-                                })
-                                .collect()
-                        })
-                        .unwrap_or_default();
-                    lines.push(line);
-                }
+                Some("RichTextBlock") => lines.push(crate::channels::adaptive::rich_text(o)),
                 Some("FactSet") => {
-                    for f in o
-                        .get("facts")
-                        .and_then(Value::as_array)
-                        .into_iter()
-                        .flatten()
-                    {
-                        // Fact titles and values take markdown, as text blocks do.
-                        let t = f.get("title").and_then(Value::as_str).unwrap_or_default();
-                        let v = f.get("value").and_then(Value::as_str).unwrap_or_default();
+                    // Fact titles and values take markdown, as text blocks do.
+                    for (t, v) in crate::channels::adaptive::facts(o) {
                         lines.push(format!(
                             "{}: {}",
                             text::markdown_to_plain(t).trim(),

@@ -354,23 +354,13 @@ fn source_event(
         return Err(RenderError::invalid(field, "must be a JSON object"));
     };
     if key == "*" {
-        let (kept, dropped): (Vec<_>, Vec<_>) = o
-            .iter()
-            .partition(|(k, _)| FALLBACK_KEYS.contains(&k.as_str()));
-        if !dropped.is_empty() {
-            let names: Vec<&str> = dropped.iter().map(|(k, _)| k.as_str()).collect();
-            warnings.push(crate::channels::fallback_keys_dropped(
-                &names,
-                "chat.postMessage",
-                CHANNEL_ID,
-                FALLBACK_KEYS,
-            ));
-        }
-        let kept: Map<String, Value> = kept
-            .into_iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        return Ok((!kept.is_empty()).then_some(kept));
+        return Ok(crate::channels::shared::keep_fallback_keys(
+            o,
+            "chat.postMessage",
+            CHANNEL_ID,
+            FALLBACK_KEYS,
+            warnings,
+        ));
     }
     if o.contains_key("channel") {
         return Err(RenderError::invalid(

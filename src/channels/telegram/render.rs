@@ -382,23 +382,13 @@ fn source_event(msg: &Message, ctx: &mut Ctx) -> Result<Option<Map<String, Value
         }
     };
     if key == "*" {
-        let (kept, dropped): (Vec<_>, Vec<_>) = o
-            .iter()
-            .partition(|(k, _)| FALLBACK_KEYS.contains(&k.as_str()));
-        if !dropped.is_empty() {
-            let names: Vec<&str> = dropped.iter().map(|(k, _)| k.as_str()).collect();
-            ctx.warnings.push(crate::channels::fallback_keys_dropped(
-                &names,
-                "Bot API",
-                CHANNEL_ID,
-                FALLBACK_KEYS,
-            ));
-        }
-        let kept: Map<String, Value> = kept
-            .into_iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        return Ok((!kept.is_empty()).then_some(kept));
+        return Ok(crate::channels::shared::keep_fallback_keys(
+            o,
+            "Bot API",
+            CHANNEL_ID,
+            FALLBACK_KEYS,
+            &mut ctx.warnings,
+        ));
     }
     for (k, reason) in REFUSED_KEYS {
         if o.contains_key(*k) {
@@ -1320,28 +1310,10 @@ impl Adaptive {
                         self.line(r);
                     }
                     "RichTextBlock" => {
-                        let line: String = o
-                            .get("inlines")
-                            .and_then(Value::as_array)
-                            .map(|inl| {
-                                inl.iter()
-                                    .filter_map(|i| {
-                                        i.as_str().or_else(|| i.get("text").and_then(Value::as_str))
-                                    })
-                                    .collect()
-                            })
-                            .unwrap_or_default();
-                        self.line(Rich::plain(&line));
+                        self.line(Rich::plain(&crate::channels::adaptive::rich_text(o)))
                     }
                     "FactSet" => {
-                        for f in o
-                            .get("facts")
-                            .and_then(Value::as_array)
-                            .into_iter()
-                            .flatten()
-                        {
-                            let t = f.get("title").and_then(Value::as_str).unwrap_or_default();
-                            let v = f.get("value").and_then(Value::as_str).unwrap_or_default();
+                        for (t, v) in crate::channels::adaptive::facts(o) {
                             let mut r = Rich::default();
                             r.push(
                                 html::from_markdown(t).visible().trim(),
