@@ -9,6 +9,7 @@ pub mod botframework;
 pub mod channel;
 pub mod facebook;
 pub mod http;
+pub(crate) mod markup;
 pub mod shared;
 pub mod slack;
 pub mod telegram;

@@ -10,6 +10,7 @@
 //! nest; other entities do not contain each other. [`Rich::push`] enforces them: code and pre
 //! drop the inline styles (and a link drops the code inside it), a `pre` is never quoted.
 
+use crate::channels::markup::{self, Scan, attribute, emphasis, find_run, run_len};
 use std::fmt::Write as _;
 
 use crate::channels::text;
@@ -428,27 +429,6 @@ fn markdown_line(line: &str, style: &Style, out: &mut Rich, scan: &Scan) {
     inline(&chars(body), style, out, scan);
 }
 
-/// How far the inline parser may look ahead for closing markers, over one whole text. Each
-/// unmatched opener scans to the end of its line, so `_a _a _a ...` costs the square of the
-/// line's length; past this budget (generous for any real text) markers are taken literally,
-/// so a hostile text costs linear time and still renders, only with less formatting.
-struct Scan(std::cell::Cell<usize>);
-
-impl Scan {
-    fn new(len: usize) -> Self {
-        Self(std::cell::Cell::new(
-            len.saturating_mul(32).saturating_add(100_000),
-        ))
-    }
-
-    /// Spends one step; `false` once the budget is gone.
-    fn step(&self) -> bool {
-        let left = self.0.get();
-        self.0.set(left.saturating_sub(1));
-        left > 0
-    }
-}
-
 fn chars(s: &str) -> Vec<char> {
     s.chars().collect()
 }
@@ -577,71 +557,6 @@ fn inline_at(chars: &[char], style: &Style, out: &mut Rich, scan: &Scan, depth: 
     flush!();
 }
 
-fn run_len(chars: &[char], i: usize) -> usize {
-    chars[i..].iter().take_while(|&&c| c == chars[i]).count()
-}
-
-/// The start of the next run of exactly `n` `c`s at or after `from`.
-fn find_run(chars: &[char], from: usize, c: char, n: usize, scan: &Scan) -> Option<usize> {
-    let mut j = from;
-    while j < chars.len() {
-        if !scan.step() {
-            return None;
-        }
-        if chars[j] == c {
-            let len = run_len(chars, j);
-            if len == n {
-                return Some(j);
-            }
-            j += len;
-        } else {
-            j += 1;
-        }
-    }
-    None
-}
-
-/// The closing run for an emphasis opener of `n` markers at `i`, following the flanking rules
-/// that keep `snake_case`, `2 * 3` and lone markers literal.
-fn emphasis(chars: &[char], i: usize, n: usize, scan: &Scan) -> Option<usize> {
-    let c = chars[i];
-    let valid_len = match c {
-        '*' | '_' => (1..=3).contains(&n),
-        _ => n == 2,
-    };
-    if !valid_len {
-        return None;
-    }
-    let after = chars.get(i + n)?;
-    if after.is_whitespace() {
-        return None;
-    }
-    if c == '_' && i > 0 && chars[i - 1].is_alphanumeric() {
-        return None;
-    }
-    let mut j = i + n;
-    let mut depth = 0usize;
-    while let Some(close) = find_run(chars, j, c, n, scan) {
-        let prev = chars[close - 1];
-        let next = chars.get(close + n);
-        let can_close = !prev.is_whitespace()
-            && close > i + n
-            && (c != '_' || !next.is_some_and(|a| a.is_alphanumeric()));
-        let can_open =
-            next.is_some_and(|a| !a.is_whitespace()) && (c != '_' || !prev.is_alphanumeric());
-        if can_close && depth == 0 {
-            return Some(close);
-        }
-        if can_close {
-            depth -= 1;
-        } else if can_open {
-            depth += 1;
-        }
-        j = close + n;
-    }
-    None
-}
-
 /// `[text](url "title")` starting at `i` (the `[`): the label's characters, the URL and the
 /// index after it. The URL may hold balanced parentheses (`https://en.wikipedia.org/wiki/A_(b)`)
 /// or be written `<...>`.
@@ -726,6 +641,11 @@ fn autolink(chars: &[char], i: usize) -> Option<(String, usize)> {
     let is_url = inner.contains("://") && no_space;
     let is_mail = inner.contains('@') && no_space;
     (is_url || is_mail).then_some((inner, end + 1))
+}
+
+/// Entities decoded as Telegram reads them: `&nbsp;` stays a no-break space.
+pub fn decode_entities(s: &str) -> String {
+    markup::decode_entities(s, '\u{a0}')
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -813,70 +733,6 @@ pub fn from_xml(src: &str) -> Rich {
         rest = &after[gt + 1..];
     }
     out.push(&decode_entities(rest), &style);
-    out
-}
-
-fn attribute(tag: &str, name: &str) -> Option<String> {
-    let lower = tag.to_ascii_lowercase();
-    let at = lower.find(&format!("{name}="))? + name.len() + 1;
-    let v = &tag[at..];
-    let quote = v.chars().next()?;
-    if quote == '"' || quote == '\'' {
-        let end = v[1..].find(quote)?;
-        Some(v[1..1 + end].to_string())
-    } else {
-        Some(
-            v.split_whitespace()
-                .next()?
-                .trim_end_matches('/')
-                .to_string(),
-        )
-    }
-}
-
-/// `&amp;`, `&lt;`, `&gt;`, `&quot;`, `&apos;`, `&nbsp;` and numeric entities decoded; anything
-/// else that starts with `&` is text.
-pub fn decode_entities(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut rest = s;
-    while let Some(amp) = rest.find('&') {
-        out.push_str(&rest[..amp]);
-        let after = &rest[amp..];
-        // Entity names are short: looking further for the `;` would make `&&&...` quadratic.
-        let semi = after.bytes().take(12).position(|b| b == b';');
-        let decoded = semi.filter(|&semi| semi <= 10).and_then(|semi| {
-            let name = &after[1..semi];
-            let c = match name {
-                "amp" => Some('&'),
-                "lt" => Some('<'),
-                "gt" => Some('>'),
-                "quot" => Some('"'),
-                "apos" => Some('\''),
-                "nbsp" => Some('\u{a0}'),
-                _ => {
-                    let num = name.strip_prefix('#')?;
-                    let code = match num.strip_prefix(['x', 'X']) {
-                        Some(hex) => u32::from_str_radix(hex, 16).ok()?,
-                        None => num.parse().ok()?,
-                    };
-                    // NUL is refused by Telegram and shown by nothing.
-                    char::from_u32(code).filter(|c| *c != '\0')
-                }
-            }?;
-            Some((c, semi + 1))
-        });
-        match decoded {
-            Some((c, len)) => {
-                out.push(c);
-                rest = &after[len..];
-            }
-            None => {
-                out.push('&');
-                rest = &after[1..];
-            }
-        }
-    }
-    out.push_str(rest);
     out
 }
 

@@ -1583,7 +1583,10 @@ mod tests {
             let h = b["text"].as_str().unwrap();
             assert_eq!(html::tags_balanced(h), Some(()), "{h}");
             assert!(h.starts_with("<b>") && h.ends_with("</b>"));
-            let visible = html::decode_entities(&h.replace("<b>", "").replace("</b>", ""));
+            let visible = crate::channels::markup::decode_entities(
+                &h.replace("<b>", "").replace("</b>", ""),
+                '\u{a0}',
+            );
             assert!(text::len(&visible, text::utf16) <= MAX_TEXT);
             seen.push_str(&visible);
             seen.push(' ');
