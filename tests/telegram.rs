@@ -580,3 +580,58 @@ async fn the_client_reads_the_fakes_answers() {
     assert_eq!(got[5].token, "1:wrongtoken");
     assert!(got[..5].iter().all(|r| r.token == TOKEN));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capabilities_and_render_speak_for_telegram() {
+    let h = start().await;
+    let mut c = h.client.clone();
+    let caps = c
+        .get_capabilities(pb::GetCapabilitiesRequest {
+            channel_id: "telegram".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .capabilities
+        .unwrap();
+    assert_eq!(caps.implementation, "telegram");
+    assert!(caps.configured, "a bot with a token is configured");
+    assert!(caps.proactive && caps.typing);
+    assert_eq!(caps.max_text_length, 4096);
+    assert_eq!(
+        caps.typing_interval,
+        Some(prost_types::Duration {
+            seconds: 4,
+            nanos: 0
+        })
+    );
+    assert!(
+        caps.proactive_note.contains("user.id"),
+        "{}",
+        caps.proactive_note
+    );
+
+    let r = c
+        .render(pb::RenderRequest {
+            message: Some(pb::Message {
+                address: Some(Box::new(address("-1001234567890"))),
+                text: "**hi** & <bye>".into(),
+                ..Default::default()
+            }),
+            options: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.requests.len(), 1);
+    assert_eq!(
+        r.requests[0].url,
+        format!("{}/bot<token>/sendMessage", h.fake.base_url())
+    );
+    let body: Value = serde_json::from_str(&r.requests[0].body_json).unwrap();
+    assert_eq!(body["chat_id"], -1001234567890i64);
+    assert_eq!(body["text"], "<b>hi</b> &amp; &lt;bye&gt;");
+    assert_eq!(body["parse_mode"], "HTML");
+    assert_no_token("Render", &format!("{r:?}"));
+    assert!(h.fake.received().is_empty(), "Render sent something");
+}
