@@ -37,7 +37,13 @@ fn fill(s: &str) -> String {
 
 /// `s` repeated, then `end`, in `INPUT` bytes.
 fn fill_then(s: &str, end: &str) -> String {
-    format!("{}{end}", s.repeat((INPUT - end.len()) / s.len()))
+    fill_between("", s, end)
+}
+
+/// `start`, `s` repeated, then `end`, in `INPUT` bytes.
+fn fill_between(start: &str, s: &str, end: &str) -> String {
+    let n = (INPUT - start.len() - end.len()) / s.len();
+    format!("{start}{}{end}", s.repeat(n))
 }
 
 /// Lines nested one level deeper each (`indent` once more per line), until `INPUT` is used.
@@ -250,6 +256,8 @@ patterns! {
     xml_nested: "xml", nest("<b><i><s>", "x", "</s></i></b>");
     xml_bold_nested: "xml", nest("<b>", "x", "</b>");
     xml_unknown_nested: "xml", nest("<x>", "x", "</y>");
+    xml_underline_nested: "xml", nest("<u>", "x", "</u>");
+    xml_styles_in_a_link: "xml", fill_between("<a href=\"https://x.io\">", "<b>", "x</a>");
     xml_links_nested: "xml", nest("<a href=\"https://x.io\">", "x", "</a>");
     xml_links_sequential: "xml", fill("<a href=\"https://x.io\">x</a> ");
     xml_angles: "xml", fill_then("<", ">");

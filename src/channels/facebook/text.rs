@@ -566,6 +566,47 @@ mod tests {
     }
 
     #[test]
+    fn nesting_past_the_limit_is_literal_text() {
+        let bold = |n: usize| format!("{}x{}", "**a ".repeat(n), " b**".repeat(n));
+        // The outermost style and MAX_NESTING more inside it convert; deeper ones are text.
+        let at_limit = markdown_to_plain(&bold(MAX_NESTING + 1));
+        assert!(!at_limit.contains('*'), "{at_limit}");
+        let past = markdown_to_plain(&bold(MAX_NESTING + 2));
+        assert_eq!(past.matches("**").count(), 2, "{past}");
+        assert!(past.contains("**a x b**"), "{past}");
+        let links = |n: usize| format!("{}x{}", "[".repeat(n), "](u)".repeat(n));
+        assert!(!markdown_to_plain(&links(MAX_NESTING + 1)).contains('['));
+        assert!(markdown_to_plain(&links(MAX_NESTING + 2)).contains("[x](u)"));
+        // Quotes are not nesting: any depth, each level separated by any spaces, is one quote.
+        assert_eq!(
+            markdown_to_plain(&format!("{}*x*", ">  ".repeat(50_000))),
+            " x"
+        );
+    }
+
+    #[test]
+    fn unmatched_markers_cost_linear_time() {
+        // Each opener would look for its closer to the end of the text: minutes for these
+        // (a similar parser took 134 s on 900 KB of `_a `); with the budget, well under a
+        // second, the text kept.
+        for s in ["_a ", "*a ", "~~a ", "[a", "[a](", "[`a ``b ", "<a", "< a"] {
+            let src = s.repeat(300_000 / s.len());
+            let start = std::time::Instant::now();
+            let plain = markdown_to_plain(&src);
+            assert!(start.elapsed() < std::time::Duration::from_secs(5), "{s}");
+            // Code spans drop their backticks: a third is left at least.
+            assert!(plain.len() >= src.len() / 3, "{s}");
+        }
+        for s in ["<", "< a", "&", "&#", "&lt"] {
+            let src = format!("{}>;", s.repeat(300_000 / s.len()));
+            let start = std::time::Instant::now();
+            let plain = xml_to_plain(&src);
+            assert!(start.elapsed() < std::time::Duration::from_secs(5), "{s}");
+            assert!(plain.len() >= src.len() / 2, "{s}");
+        }
+    }
+
+    #[test]
     fn arbitrary_input_never_panics_and_splits_within_the_limit() {
         const ALPHABET: &[&str] = &[
             "*",

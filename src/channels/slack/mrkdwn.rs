@@ -765,7 +765,7 @@ fn xml_into(src: &str, styled: bool, depth: usize) -> (String, BTreeSet<String>)
             rest = &after[gt + 1..];
             continue;
         };
-        if depth >= MAX_NESTING && (tag.name.as_str(), tag.closing) == ("a", false) {
+        if depth > MAX_NESTING && (tag.name.as_str(), tag.closing) == ("a", false) {
             push_xml_text(&mut out, &after[..=gt]);
             rest = &after[gt + 1..];
             continue;
@@ -1209,6 +1209,63 @@ mod tests {
             md("line with hard break  \nnext"),
             "line with hard break\nnext"
         );
+    }
+
+    #[test]
+    fn nesting_past_the_limit_is_literal_text() {
+        let bold = |n: usize| format!("{}x{}", "**a ".repeat(n), " b**".repeat(n));
+        // The outermost style and MAX_NESTING more inside it convert; deeper ones are text.
+        let at_limit = md(&bold(MAX_NESTING + 1));
+        assert_eq!(at_limit.matches('*').count(), 2, "{at_limit}");
+        let past = md(&bold(MAX_NESTING + 2));
+        assert!(past.contains("**a x b**"), "{past}");
+        let links = |n: usize| format!("{}x{}", "[".repeat(n), "](https://x.test)".repeat(n));
+        assert!(!md(&links(MAX_NESTING + 1)).contains('['));
+        assert!(md(&links(MAX_NESTING + 2)).contains("[x](https://x.test)"));
+        // Links inside link labels (XML): past the limit the tag is text, escaped.
+        let a = r#"<a href="https://x.test">"#;
+        let xml = |n: usize| format!("{}x{}", a.repeat(n), "</a>".repeat(n));
+        assert!(!from_xml(&xml(MAX_NESTING + 1)).0.contains("&lt;a"));
+        let (s, _) = from_xml(&xml(MAX_NESTING + 2));
+        assert_eq!(s.matches("&lt;a href").count(), 1, "{s}");
+    }
+
+    #[test]
+    fn hostile_text_costs_linear_time() {
+        // Each of these took seconds to minutes (an opener looking for its closer to the end,
+        // an entity for its `;`, a closing tag down a stack thousands deep, the rest of the text
+        // lowercased at each link); now well under a second each, the text kept.
+        let time = |f: &dyn Fn() -> usize, min: usize, what: &str| {
+            let start = std::time::Instant::now();
+            let n = f();
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(5),
+                "{what}"
+            );
+            assert!(n >= min, "{what}: {n} < {min}");
+        };
+        for s in [
+            "_a ", "*a ", "~~a ", "[a", "[a](", "[`a ``b ", "*a ``b ", "<", "< a",
+        ] {
+            let src = s.repeat(300_000 / s.len());
+            // Code spans drop their backticks: a third is left at least.
+            time(&|| md(&src).len(), src.len() / 3, s);
+        }
+        // Tags alone leave no text; a link leaves about a quarter of its length.
+        for (s, quarters) in [
+            ("&", 4),
+            ("&#", 4),
+            ("<", 4),
+            ("< a", 4),
+            ("<u>", 0),
+            ("<x>", 0),
+            ("<a href=\"u\">x</a>", 1),
+        ] {
+            let src = format!("{}>;</y>", s.repeat(300_000 / s.len()));
+            time(&|| from_xml(&src).0.len(), src.len() * quarters / 4, s);
+        }
+        let long = "&".repeat(300_000);
+        time(&|| split(&escape(&long), 3000).len(), 500, "split");
     }
 
     /// Found by tests/fuzz.rs: a wide character right after a number at the start of a line
