@@ -5,7 +5,11 @@
 //!
 //! Each render runs on a thread with the stack of a tokio worker (2 MiB), so a recursion that
 //! would overflow there overflows here too. Each pattern is its own module, each channel its own
-//! test, so one abort names its pattern and channel.
+//! test, so one abort names its pattern and channel. One test sends the reported text end to
+//! end (gRPC client -> gateway -> fake Graph API) and checks the gateway still answers after.
+
+#[path = "facebook_support/mod.rs"]
+mod facebook_support;
 
 use std::time::{Duration, Instant};
 
@@ -264,4 +268,55 @@ patterns! {
     xml_angles_spaced: "xml", fill_then("< a", ">");
     xml_ampersands: "xml", fill_then("&", ";");
     xml_numeric_refs: "xml", fill_then("&#", ";");
+}
+
+/// The reported crash, end to end: 3,000 nested `[` then `](https://x.io)` (about 48 KB, well
+/// under `server.max_message_bytes`) sent to Messenger as markdown. It aborted the whole gateway
+/// (every conversation's worker and the gRPC server); now it is delivered, and the gateway
+/// takes the next message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reported_nesting_is_delivered_and_the_gateway_lives_on() {
+    use channel_gateway::api::pb;
+    let h = facebook_support::start().await;
+    let deep = format!("{}x{}", "[".repeat(3000), "](https://x.io)".repeat(3000));
+    assert!(deep.len() > 45_000 && deep.len() < 50_000);
+    let send = |text: &str| {
+        let mut m = facebook_support::text("5120863467921834", text);
+        m.text_format = pb::TextFormat::Markdown as i32;
+        let mut client = h.client.clone();
+        async move {
+            let call = client.send(pb::SendRequest {
+                message: Some(m),
+                wait: pb::WaitMode::Delivered as i32,
+                ..Default::default()
+            });
+            tokio::time::timeout(Duration::from_secs(60), call)
+                .await
+                .expect("an answer in time")
+                .expect("delivered")
+                .into_inner()
+        }
+    };
+    let r = send(&deep).await;
+    assert_eq!(r.state, pb::DeliveryState::Delivered as i32);
+    let texts: String = h
+        .fake
+        .delivered("5120863467921834")
+        .iter()
+        .map(|q| q.text().to_string())
+        .collect();
+    // The 17 outer links became text, the rest is literal markdown; all of it within limits.
+    assert!(
+        texts.contains("[[[x](https://x.io)](https://x.io)"),
+        "{}",
+        &texts[..200]
+    );
+    let r = send("still **here**").await;
+    assert_eq!(r.state, pb::DeliveryState::Delivered as i32);
+    assert!(
+        h.fake
+            .delivered("5120863467921834")
+            .iter()
+            .any(|q| q.text() == "still here")
+    );
 }
