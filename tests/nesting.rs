@@ -181,8 +181,12 @@ fn within_limits(channel: Channel, r: &Rendered) {
                     }
                 }
             }
-            // Teams takes about 100 KB; the renderer splits a longer text or refuses.
-            Channel::Teams => assert!(q.body.len() <= 2 * 100_000, "{} bytes", q.body.len()),
+            // Teams' limit is on the activity as UTF-16; a longer text is split.
+            Channel::Teams => {
+                let json = std::str::from_utf8(q.body.as_bytes()).expect("JSON is UTF-8");
+                let n = json.encode_utf16().count();
+                assert!(n <= bf::TEAMS_MAX_UTF16_UNITS, "{n} UTF-16 units");
+            }
         }
     }
 }
