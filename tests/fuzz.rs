@@ -6,7 +6,8 @@
 //! renderers know, so mutations start from messages that reach deep into each renderer. Two
 //! properties: bytes of an encoded request mutated at random (flips, inserts, cuts, copies),
 //! and messages whose strings are replaced by hostile text (grapheme clusters, markup of every
-//! channel, control characters, very long runs) and whose lists are multiplied.
+//! channel, control characters, very long runs, markup nested deep) and whose lists are
+//! multiplied. A third renders markup nested thousands deep on a worker-sized stack.
 //!
 //! Bounded for CI: `FUZZ_CASES` cases per property (default 5,000: a few seconds each in a debug
 //! build). A longer hunt: `FUZZ_CASES=100000 cargo test --release --test fuzz`.
@@ -304,14 +305,62 @@ fn hostile_text() -> impl Strategy<Value = String> {
         "\u{ffff}",
     ]);
     prop_oneof![
-        prop::collection::vec(pieces, 0..64).prop_map(|v| v.concat()),
-        (
+        3 => prop::collection::vec(pieces, 0..64).prop_map(|v| v.concat()),
+        3 => (
             prop::sample::select(vec!["x", "é", "👍🏽", "ab ", "**a", "\n"]),
             1usize..6000
         )
             .prop_map(|(s, n)| s.repeat(n)),
-        ".{0,200}",
+        3 => ".{0,200}",
+        1 => deep_nesting(1..1000),
     ]
+}
+
+/// Markup nested `depth` deep: an opener repeated, a word, a closer repeated as often. Openers
+/// and closers are drawn apart, so some pairs match (nesting that recursed once per level) and
+/// some never do (look-ahead that scanned to the end once per opener).
+fn deep_nesting(depth: std::ops::Range<usize>) -> impl Strategy<Value = String> {
+    let open = prop::sample::select(vec![
+        "[",
+        "![",
+        "**a ",
+        "*a ",
+        "_a ",
+        "__a ",
+        "~~a ",
+        "**a *b _c ~~d [e ",
+        "`",
+        "> ",
+        ">  ",
+        "  - ",
+        "<",
+        "&",
+        "<b>",
+        "<b><i><s>",
+        "<u>",
+        "<x>",
+        "<a href=\"https://x.y\">",
+    ]);
+    let close = prop::sample::select(vec![
+        "](https://x.y)",
+        " b**",
+        " b*",
+        " b_",
+        " b__",
+        " b~~",
+        "](https://x.y) f~~ g_ h* i**",
+        "`",
+        "",
+        "\n",
+        ">",
+        ";",
+        "</b>",
+        "</s></i></b>",
+        "</y>",
+        "</a>",
+    ]);
+    (open, depth, close)
+        .prop_map(|(open, n, close)| format!("{}x{}", open.repeat(n), close.repeat(n)))
 }
 
 /// `v` with string leaves replaced (by index in `texts`, cycling) and lists repeated `times`.
@@ -375,6 +424,55 @@ fn hostile_text_and_long_lists_never_panic() {
                     .encode_to_vec();
                     accept(&bytes);
                 }
+                Ok(())
+            },
+        )
+        .unwrap();
+}
+
+/// Text nested thousands deep (`[[[[...`, `**a **a ...`, `<a><a>...`), in each text format, as
+/// a message's text and a card's: every channel renders it on a test thread's stack (2 MiB, a
+/// tokio worker's), where a recursion per level would overflow and abort the whole binary.
+#[test]
+fn deep_nesting_never_overflows_the_stack() {
+    // Each case renders up to ~100 KB on every channel: a twentieth of the cases keeps this
+    // quick (about 10 s in a debug build).
+    let cases = std::env::var("FUZZ_CASES")
+        .ok()
+        .and_then(|n| n.parse::<u32>().ok())
+        .unwrap_or(5000)
+        / 20;
+    let mut runner = TestRunner::new(Config {
+        cases: cases.max(1),
+        failure_persistence: None,
+        ..Config::default()
+    });
+    runner
+        .run(
+            &(deep_nesting(1..5000), 0usize..3, any::<bool>()),
+            |(text, format, as_card)| {
+                let format = ["markdown", "xml", "plain"][format];
+                let mut v = serde_json::json!({
+                    "type": "message",
+                    "address": {
+                        "channel_id": "facebook",
+                        "user": {"id": "u1"},
+                        "bot": {"id": "b1"},
+                        "conversation": {"id": "c1"},
+                        "service_url": "https://smba.trafficmanager.net/amer/"
+                    },
+                    "text_format": format,
+                });
+                if as_card {
+                    v["attachments"] = serde_json::json!([{
+                        "content_type": "application/vnd.microsoft.card.hero",
+                        "content": {"hero": {"title": &text, "text": &text}}
+                    }]);
+                } else {
+                    v["text"] = text.into();
+                }
+                let m: Message = serde_json::from_value(v).expect("a message");
+                render_everywhere(&m);
                 Ok(())
             },
         )

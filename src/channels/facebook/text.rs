@@ -5,6 +5,8 @@
 //! counts characters, so a piece that fits here fits there. Cuts keep grapheme clusters whole
 //! (the shared `channels::text`).
 
+use std::cell::Cell;
+
 use crate::channels::text as shared;
 
 /// Length as the limits here count it.
@@ -27,7 +29,12 @@ pub fn split(s: &str, limit: usize) -> Vec<String> {
 /// Markdown as plain text: emphasis and code markers removed, links as "text (url)", headings
 /// and block quotes without their markers, bullets as "•", fenced code kept without its fences,
 /// strikethrough as `~text~` (the chat convention).
+///
+/// Bounded for hostile text: styles and links nested more than [`MAX_NESTING`] deep are literal
+/// text, and the look-ahead for closers has a budget ([`Scan`]), so any text renders in linear
+/// time on a small stack.
 pub fn markdown_to_plain(s: &str) -> String {
+    let scan = Scan::new(s.len());
     let mut out = Vec::new();
     let mut fence: Option<String> = None;
     for line in s.split('\n') {
@@ -47,28 +54,32 @@ pub fn markdown_to_plain(s: &str) -> String {
             out.push(line.to_string());
             continue;
         }
-        out.push(markdown_line(line));
+        out.push(markdown_line(line, &scan));
     }
     out.join("\n")
 }
 
-fn markdown_line(line: &str) -> String {
-    let trimmed = line.trim_start();
-    let indent = &line[..line.len() - trimmed.len()];
-    let mut body = trimmed.trim_end();
-    // Block quotes, nested or not.
-    let mut quoted = false;
-    while let Some(rest) = body.strip_prefix('>') {
-        body = rest.strip_prefix(' ').unwrap_or(rest);
-        quoted = true;
-    }
-    if quoted {
-        return markdown_line(body);
-    }
+fn markdown_line(mut line: &str, scan: &Scan) -> String {
+    // Block quotes, nested or not, each level separated by any spaces: a loop, as `>  >  > ...`
+    // thousands deep would exhaust the stack as a recursion.
+    let (indent, body) = loop {
+        let trimmed = line.trim_start();
+        let indent = &line[..line.len() - trimmed.len()];
+        let mut body = trimmed.trim_end();
+        let mut quoted = false;
+        while let Some(rest) = body.strip_prefix('>') {
+            body = rest.strip_prefix(' ').unwrap_or(rest);
+            quoted = true;
+        }
+        if !quoted {
+            break (indent, body);
+        }
+        line = body;
+    };
     let hashes = body.chars().take_while(|&c| c == '#').count();
     if (1..=6).contains(&hashes) && body[hashes..].starts_with([' ', '\t']) {
         let text = body[hashes..].trim().trim_end_matches('#').trim_end();
-        return inline(text);
+        return inline(text, scan);
     }
     let marks: Vec<char> = body.chars().filter(|c| !c.is_whitespace()).collect();
     if marks.len() >= 3
@@ -80,7 +91,7 @@ fn markdown_line(line: &str) -> String {
     for bullet in ["- ", "* ", "+ "] {
         if let Some(rest) = body.strip_prefix(bullet) {
             let (check, rest) = crate::channels::text::task_box(rest.trim_start());
-            return format!("{indent}• {check}{}", inline(rest));
+            return format!("{indent}• {check}{}", inline(rest, scan));
         }
     }
     let digits = body.chars().take_while(char::is_ascii_digit).count();
@@ -90,15 +101,53 @@ fn markdown_line(line: &str) -> String {
         && let Some(rest) = body[digits + 1..].strip_prefix(' ')
         && let (check @ ("☐ " | "☑ "), rest) = crate::channels::text::task_box(rest.trim_start())
     {
-        return format!("{indent}{marker} {check}{}", inline(rest));
+        return format!("{indent}{marker} {check}{}", inline(rest, scan));
     }
-    format!("{indent}{}", inline(body))
+    format!("{indent}{}", inline(body, scan))
 }
+
+/// How far the inline parser may look ahead for closers, over one whole text. Each unmatched
+/// opener (`_a _a _a ...`, `[[[...`, `<<<...`) scans to the end of its line, which costs the
+/// square of the line's length; past this budget (32 steps per byte, far above what any real
+/// text spends) markers are taken as literal text, so a hostile text costs linear time and
+/// still renders, with less formatting.
+struct Scan(Cell<usize>);
+
+impl Scan {
+    fn new(len: usize) -> Self {
+        Self(Cell::new(len.saturating_mul(32).saturating_add(100_000)))
+    }
+
+    /// Spends one step; `false` once the budget is gone.
+    fn step(&self) -> bool {
+        self.spend(1)
+    }
+
+    /// Spends `n` steps (a run of markers skipped at once); `false` once the budget is gone.
+    fn spend(&self, n: usize) -> bool {
+        let left = self.0.get();
+        self.0.set(left.saturating_sub(n));
+        left >= n
+    }
+}
+
+/// Styles and links nested deeper than this (`[[[[...`, `**a **b **c ...`) are literal text:
+/// each level is a recursive call, and thousands of them would exhaust a worker's stack (an
+/// abort of the whole gateway).
+pub const MAX_NESTING: usize = 16;
 
 const ESCAPABLE: &str = "\\`*_{}[]()#+-.!~>|<\"'";
 
 /// Inline markdown of one line as plain text.
-fn inline(s: &str) -> String {
+fn inline(s: &str, scan: &Scan) -> String {
+    inline_at(s, scan, 0)
+}
+
+/// Inline markdown `depth` levels inside styles or link labels.
+fn inline_at(s: &str, scan: &Scan, depth: usize) -> String {
+    if depth > MAX_NESTING {
+        return s.to_string();
+    }
     let chars: Vec<char> = s.chars().collect();
     let mut out = String::with_capacity(s.len());
     let mut i = 0;
@@ -111,7 +160,7 @@ fn inline(s: &str) -> String {
             }
             '`' => {
                 let n = run_len(&chars, i);
-                match find_run(&chars, i + n, '`', n) {
+                match find_run(&chars, i + n, '`', n, scan) {
                     Some(close) => {
                         let code: String = chars[i + n..close].iter().collect();
                         out.push_str(code.trim());
@@ -123,7 +172,7 @@ fn inline(s: &str) -> String {
                     }
                 }
             }
-            '!' if chars.get(i + 1) == Some(&'[') => match link(&chars, i + 1) {
+            '!' if chars.get(i + 1) == Some(&'[') => match link(&chars, i + 1, scan, depth) {
                 Some((text, url, next)) => {
                     out.push_str(&link_text(&text, &url));
                     i = next;
@@ -133,7 +182,7 @@ fn inline(s: &str) -> String {
                     i += 1;
                 }
             },
-            '[' => match link(&chars, i) {
+            '[' => match link(&chars, i, scan, depth) {
                 Some((text, url, next)) => {
                     out.push_str(&link_text(&text, &url));
                     i = next;
@@ -143,7 +192,7 @@ fn inline(s: &str) -> String {
                     i += 1;
                 }
             },
-            '<' => match autolink(&chars, i) {
+            '<' => match autolink(&chars, i, scan) {
                 Some((url, next)) => {
                     out.push_str(&url);
                     i = next;
@@ -155,16 +204,16 @@ fn inline(s: &str) -> String {
             },
             '*' | '_' | '~' => {
                 let n = run_len(&chars, i);
-                match emphasis(&chars, i, n) {
+                match emphasis(&chars, i, n, scan) {
                     Some(close) => {
                         let inner: String = chars[i + n..close].iter().collect();
                         // Struck text is not emphasis: dropping its marks would assert it.
                         if c == '~' {
                             out.push('~');
-                            out.push_str(&inline(&inner));
+                            out.push_str(&inline_at(&inner, scan, depth + 1));
                             out.push('~');
                         } else {
-                            out.push_str(&inline(&inner));
+                            out.push_str(&inline_at(&inner, scan, depth + 1));
                         }
                         i = close + n;
                     }
@@ -188,11 +237,17 @@ fn run_len(chars: &[char], i: usize) -> usize {
 }
 
 /// The start of the next run of exactly `n` `c`s at or after `from`.
-fn find_run(chars: &[char], from: usize, c: char, n: usize) -> Option<usize> {
+fn find_run(chars: &[char], from: usize, c: char, n: usize, scan: &Scan) -> Option<usize> {
     let mut j = from;
     while j < chars.len() {
+        if !scan.step() {
+            return None;
+        }
         if chars[j] == c {
             let len = run_len(chars, j);
+            if !scan.spend(len) {
+                return None;
+            }
             if len == n {
                 return Some(j);
             }
@@ -206,7 +261,7 @@ fn find_run(chars: &[char], from: usize, c: char, n: usize) -> Option<usize> {
 
 /// The closing run for an emphasis opener of `n` markers at `i`, following the flanking rules
 /// that keep `snake_case`, `2 * 3` and lone markers literal.
-fn emphasis(chars: &[char], i: usize, n: usize) -> Option<usize> {
+fn emphasis(chars: &[char], i: usize, n: usize, scan: &Scan) -> Option<usize> {
     let c = chars[i];
     let valid_len = match c {
         '*' => (1..=3).contains(&n),
@@ -226,7 +281,7 @@ fn emphasis(chars: &[char], i: usize, n: usize) -> Option<usize> {
     let mut j = i + n;
     // Same-length runs that only open nest (`**a **b** c**`): the closer after one is its own.
     let mut depth = 0usize;
-    while let Some(close) = find_run(chars, j, c, n) {
+    while let Some(close) = find_run(chars, j, c, n, scan) {
         let prev = chars[close - 1];
         let next = chars.get(close + n);
         let can_close = !prev.is_whitespace()
@@ -247,11 +302,15 @@ fn emphasis(chars: &[char], i: usize, n: usize) -> Option<usize> {
     None
 }
 
-/// `[text](url "title")` starting at `i` (the `[`): the text, the url and the index after it.
-fn link(chars: &[char], i: usize) -> Option<(String, String, usize)> {
+/// `[text](url "title")` starting at `i` (the `[`), `nesting` levels deep: the text, the url and
+/// the index after it.
+fn link(chars: &[char], i: usize, scan: &Scan, nesting: usize) -> Option<(String, String, usize)> {
     let mut depth = 0;
     let mut j = i;
     let close = loop {
+        if !scan.step() {
+            return None;
+        }
         match chars.get(j)? {
             '\\' => j += 1,
             '[' => depth += 1,
@@ -268,7 +327,10 @@ fn link(chars: &[char], i: usize) -> Option<(String, String, usize)> {
     if chars.get(close + 1) != Some(&'(') {
         return None;
     }
-    let end = (close + 2..chars.len()).find(|&k| chars[k] == ')')?;
+    let end = (close + 2..chars.len()).find(|&k| !scan.step() || chars[k] == ')')?;
+    if chars[end] != ')' {
+        return None;
+    }
     let target: String = chars[close + 2..end].iter().collect();
     let url = target.split_whitespace().next().unwrap_or_default();
     let url = url
@@ -276,7 +338,7 @@ fn link(chars: &[char], i: usize) -> Option<(String, String, usize)> {
         .trim_end_matches('>')
         .to_string();
     let text: String = chars[i + 1..close].iter().collect();
-    Some((inline(&text), url, end + 1))
+    Some((inline_at(&text, scan, nesting + 1), url, end + 1))
 }
 
 fn link_text(text: &str, url: &str) -> String {
@@ -297,8 +359,13 @@ fn link_text(text: &str, url: &str) -> String {
 }
 
 /// `<https://...>` or `<a@b.c>` at `i`: the address and the index after it.
-fn autolink(chars: &[char], i: usize) -> Option<(String, usize)> {
-    let end = (i + 1..chars.len()).find(|&k| chars[k] == '>')?;
+fn autolink(chars: &[char], i: usize, scan: &Scan) -> Option<(String, usize)> {
+    // Neither form holds whitespace: looking past it would only find a `>` ending no autolink.
+    let end = (i + 1..chars.len())
+        .find(|&k| !scan.step() || chars[k] == '>' || chars[k].is_whitespace())?;
+    if chars[end] != '>' {
+        return None;
+    }
     let inner: String = chars[i + 1..end].iter().collect();
     let is_url = inner.contains("://") && !inner.contains(char::is_whitespace);
     let is_mail =
@@ -315,24 +382,26 @@ pub fn xml_to_plain(s: &str) -> String {
     while let Some(lt) = rest.find('<') {
         out.push_str(&decode_entities(&rest[..lt]));
         let after = &rest[lt..];
-        let Some(gt) = after.find('>') else {
-            out.push_str(&decode_entities(after));
-            rest = "";
-            break;
-        };
-        let tag = &after[1..gt];
-        let name: String = tag
+        // The name first: a `<` that starts no tag ("a < b") is text whatever follows, and
+        // looking for its `>` first would make a text of many `<` quadratic. (Splitting the
+        // text at such a `<` decodes it the same: no entity holds a `<`.)
+        let name: String = after[1..]
             .trim_start_matches('/')
             .chars()
             .take_while(|c| c.is_ascii_alphanumeric())
             .collect::<String>()
             .to_ascii_lowercase();
         if name.is_empty() {
-            // Not a tag ("a < b"): keep the text.
             out.push('<');
             rest = &after[1..];
             continue;
         }
+        let Some(gt) = after.find('>') else {
+            out.push_str(&decode_entities(after));
+            rest = "";
+            break;
+        };
+        let tag = &after[1..gt];
         let closing = tag.starts_with('/');
         match name.as_str() {
             "br" => out.push('\n'),
@@ -379,7 +448,9 @@ fn decode_entities(s: &str) -> String {
     while let Some(amp) = rest.find('&') {
         out.push_str(&rest[..amp]);
         let after = &rest[amp..];
-        let decoded = after.find(';').filter(|&semi| semi <= 10).and_then(|semi| {
+        // Entity names are short: looking further for the `;` would make `&&&...` quadratic.
+        let semi = after.bytes().take(11).position(|b| b == b';');
+        let decoded = semi.and_then(|semi| {
             let name = &after[1..semi];
             let c = match name {
                 "amp" => Some('&'),
@@ -492,6 +563,47 @@ mod tests {
         assert_eq!(t, "A very long button …".replace("button …", "button…"));
         assert_eq!(len16(&t), 19);
         assert!(len16(&truncate(&"é".repeat(30), 20).unwrap()) <= 20);
+    }
+
+    #[test]
+    fn nesting_past_the_limit_is_literal_text() {
+        let bold = |n: usize| format!("{}x{}", "**a ".repeat(n), " b**".repeat(n));
+        // The outermost style and MAX_NESTING more inside it convert; deeper ones are text.
+        let at_limit = markdown_to_plain(&bold(MAX_NESTING + 1));
+        assert!(!at_limit.contains('*'), "{at_limit}");
+        let past = markdown_to_plain(&bold(MAX_NESTING + 2));
+        assert_eq!(past.matches("**").count(), 2, "{past}");
+        assert!(past.contains("**a x b**"), "{past}");
+        let links = |n: usize| format!("{}x{}", "[".repeat(n), "](u)".repeat(n));
+        assert!(!markdown_to_plain(&links(MAX_NESTING + 1)).contains('['));
+        assert!(markdown_to_plain(&links(MAX_NESTING + 2)).contains("[x](u)"));
+        // Quotes are not nesting: any depth, each level separated by any spaces, is one quote.
+        assert_eq!(
+            markdown_to_plain(&format!("{}*x*", ">  ".repeat(50_000))),
+            " x"
+        );
+    }
+
+    #[test]
+    fn unmatched_markers_cost_linear_time() {
+        // Each opener would look for its closer to the end of the text: minutes for these
+        // (a similar parser took 134 s on 900 KB of `_a `); with the budget, well under a
+        // second, the text kept.
+        for s in ["_a ", "*a ", "~~a ", "[a", "[a](", "[`a ``b ", "<a", "< a"] {
+            let src = s.repeat(300_000 / s.len());
+            let start = std::time::Instant::now();
+            let plain = markdown_to_plain(&src);
+            assert!(start.elapsed() < std::time::Duration::from_secs(5), "{s}");
+            // Code spans drop their backticks: a third is left at least.
+            assert!(plain.len() >= src.len() / 3, "{s}");
+        }
+        for s in ["<", "< a", "&", "&#", "&lt"] {
+            let src = format!("{}>;", s.repeat(300_000 / s.len()));
+            let start = std::time::Instant::now();
+            let plain = xml_to_plain(&src);
+            assert!(start.elapsed() < std::time::Duration::from_secs(5), "{s}");
+            assert!(plain.len() >= src.len() / 2, "{s}");
+        }
     }
 
     #[test]

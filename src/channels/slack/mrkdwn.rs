@@ -5,7 +5,8 @@
 //! no way to write a literal `*`, `_` or `~` that could pair up, no headings, no real lists and no
 //! nesting of a style inside itself; the conversions here pick the nearest rendering for each.
 
-use std::collections::BTreeSet;
+use std::cell::Cell;
+use std::collections::{BTreeSet, HashMap};
 
 use crate::channels::text;
 
@@ -86,7 +87,12 @@ pub fn bold(plain: &str) -> String {
 /// bold lines, `-`/`*`/`+` items -> `•` items, numbered items kept, `>` quotes kept (one level),
 /// rules -> a line of `─`. Autolinks `<https://...>` and Slack's own `<@U123>`, `<#C123>`,
 /// `<!here>` tokens pass through. Lines are converted one by one: emphasis does not span lines.
+///
+/// Bounded for hostile text: styles and links nested more than [`MAX_NESTING`] deep are literal
+/// text, and the look-ahead for closers has a budget ([`Scan`]), so any text converts in linear
+/// time on a small stack.
 pub fn from_markdown(src: &str) -> String {
+    let scan = Scan::new(src.len());
     let mut out: Vec<String> = Vec::new();
     // The opening fence's character and length, and whether it sits in a quote.
     let mut fence: Option<(char, usize, bool)> = None;
@@ -133,12 +139,12 @@ pub fn from_markdown(src: &str) -> String {
             && pq == quoted
             && is_setext_underline(trimmed)
         {
-            out[idx] = quote_prefix(quoted, &heading(&text));
+            out[idx] = quote_prefix(quoted, &heading(&text, &scan));
             continue;
         }
 
         if let Some(text) = atx_heading(rest) {
-            out.push(quote_prefix(quoted, &heading(text)));
+            out.push(quote_prefix(quoted, &heading(text, &scan)));
             continue;
         }
         if is_rule(trimmed) {
@@ -147,7 +153,7 @@ pub fn from_markdown(src: &str) -> String {
         }
         if let Some((indent, marker, body)) = list_item(rest) {
             let (check, body) = crate::channels::text::task_box(body);
-            let text = inline(body.trim_end(), Style::default());
+            let text = inline(body.trim_end(), Style::default(), &scan);
             out.push(quote_prefix(
                 quoted,
                 &format!("{indent}{marker} {check}{text}"),
@@ -155,7 +161,7 @@ pub fn from_markdown(src: &str) -> String {
             continue;
         }
 
-        let text = inline(rest.trim(), Style::default());
+        let text = inline(rest.trim(), Style::default(), &scan);
         paragraph = Some((out.len(), quoted, rest.trim().to_string()));
         out.push(quote_prefix(quoted, &text));
     }
@@ -238,13 +244,14 @@ fn atx_heading(line: &str) -> Option<&str> {
     Some(text)
 }
 
-fn heading(text: &str) -> String {
+fn heading(text: &str, scan: &Scan) -> String {
     let inner = inline(
         text,
         Style {
             bold: true,
             ..Style::default()
         },
+        scan,
     );
     if inner.trim().is_empty() {
         String::new()
@@ -301,15 +308,52 @@ struct Style {
     plain: bool,
 }
 
+/// How far the inline parser may look ahead for closers, over one whole text. Each unmatched
+/// opener (`_a _a _a ...`, `[[[...`, `` `a ``b ``) scans to the end of its line, which costs the
+/// square of the line's length; past this budget (32 steps per byte, far above what any real
+/// text spends) markers are taken as literal text, so a hostile text costs linear time and
+/// still converts, with less formatting.
+struct Scan(Cell<usize>);
+
+impl Scan {
+    fn new(len: usize) -> Self {
+        Self(Cell::new(len.saturating_mul(32).saturating_add(100_000)))
+    }
+
+    /// Spends one step; `false` once the budget is gone.
+    fn step(&self) -> bool {
+        self.spend(1)
+    }
+
+    /// Spends `n` steps (a run of markers skipped at once); `false` once the budget is gone.
+    fn spend(&self, n: usize) -> bool {
+        let left = self.0.get();
+        self.0.set(left.saturating_sub(n));
+        left >= n
+    }
+}
+
+/// Styles and links nested deeper than this (`[[[[...`, `**a **b **c ...`, `<a><a><a>...`) are
+/// literal text: each level is a recursive call, and thousands of them would exhaust a
+/// worker's stack (an abort of the whole gateway).
+pub const MAX_NESTING: usize = 16;
+
 /// One line of Markdown inline syntax as mrkdwn.
-fn inline(s: &str, style: Style) -> String {
+fn inline(s: &str, style: Style, scan: &Scan) -> String {
     let chars: Vec<char> = s.chars().collect();
     let mut out = String::with_capacity(s.len() + 8);
-    inline_into(&chars, style, &mut out);
+    inline_into(&chars, style, &mut out, scan, 0);
     out
 }
 
-fn inline_into(chars: &[char], style: Style, out: &mut String) {
+/// Inline syntax `depth` levels inside styles or link labels.
+fn inline_into(chars: &[char], style: Style, out: &mut String, scan: &Scan, depth: usize) {
+    if depth > MAX_NESTING {
+        for c in chars {
+            push_escaped(out, *c);
+        }
+        return;
+    }
     let n = chars.len();
     let mut i = 0;
     while i < n {
@@ -319,7 +363,7 @@ fn inline_into(chars: &[char], style: Style, out: &mut String) {
                 push_escaped(out, chars[i + 1]);
                 i += 2;
             }
-            '`' => match code_span(chars, i) {
+            '`' => match code_span(chars, i, scan) {
                 Some((content, end)) => {
                     let text: String = content.iter().collect();
                     if style.plain {
@@ -339,9 +383,9 @@ fn inline_into(chars: &[char], style: Style, out: &mut String) {
                     i += run;
                 }
             },
-            '!' if i + 1 < n && chars[i + 1] == '[' => match link_at(chars, i + 1) {
+            '!' if i + 1 < n && chars[i + 1] == '[' => match link_at(chars, i + 1, scan) {
                 Some((label, url, end)) => {
-                    push_link(out, label, &url);
+                    push_link(out, label, &url, scan, depth);
                     i = end;
                 }
                 None => {
@@ -349,9 +393,9 @@ fn inline_into(chars: &[char], style: Style, out: &mut String) {
                     i += 1;
                 }
             },
-            '[' => match link_at(chars, i) {
+            '[' => match link_at(chars, i, scan) {
                 Some((label, url, end)) => {
-                    push_link(out, label, &url);
+                    push_link(out, label, &url, scan, depth);
                     i = end;
                 }
                 None => {
@@ -369,9 +413,9 @@ fn inline_into(chars: &[char], style: Style, out: &mut String) {
                     i += 1;
                 }
             },
-            '*' | '_' | '~' => match emphasis(chars, i) {
+            '*' | '_' | '~' => match emphasis(chars, i, scan) {
                 Some((kind, inner, end)) => {
-                    push_styled(out, kind, inner, style);
+                    push_styled(out, kind, inner, style, scan, depth);
                     i = end;
                 }
                 None => {
@@ -396,12 +440,21 @@ fn run_len(chars: &[char], i: usize) -> usize {
 }
 
 /// A code span opening at `i`: its content and the index after its closing run.
-fn code_span(chars: &[char], i: usize) -> Option<(&[char], usize)> {
+fn code_span<'a>(chars: &'a [char], i: usize, scan: &Scan) -> Option<(&'a [char], usize)> {
     let k = run_len(chars, i);
+    if !scan.spend(k) {
+        return None;
+    }
     let mut j = i + k;
     while j < chars.len() {
+        if !scan.step() {
+            return None;
+        }
         if chars[j] == '`' {
             let r = run_len(chars, j);
+            if !scan.spend(r) {
+                return None;
+            }
             if r == k {
                 let mut content = &chars[i + k..j];
                 // One space on each side is padding (so a span can start with a backtick).
@@ -423,17 +476,17 @@ fn code_span(chars: &[char], i: usize) -> Option<(&[char], usize)> {
 }
 
 /// `[label](url "title")` at `i`: the label's chars, the URL and the index after `)`.
-fn link_at(chars: &[char], i: usize) -> Option<(&[char], String, usize)> {
+fn link_at<'a>(chars: &'a [char], i: usize, scan: &Scan) -> Option<(&'a [char], String, usize)> {
     let n = chars.len();
     let mut depth = 0usize;
     let mut j = i;
     let close = loop {
-        if j >= n {
+        if j >= n || !scan.step() {
             return None;
         }
         match chars[j] {
             '\\' => j += 2,
-            '`' => match code_span(chars, j) {
+            '`' => match code_span(chars, j, scan) {
                 Some((_, end)) => j = end,
                 None => j += run_len(chars, j),
             },
@@ -457,6 +510,9 @@ fn link_at(chars: &[char], i: usize) -> Option<(&[char], String, usize)> {
     let mut k = close + 2;
     let mut parens = 0usize;
     let end = loop {
+        if !scan.step() {
+            return None;
+        }
         match chars.get(k)? {
             '\\' => k += 2,
             '(' => {
@@ -485,7 +541,7 @@ fn link_at(chars: &[char], i: usize) -> Option<(&[char], String, usize)> {
     Some((&chars[i + 1..close], dest, end + 1))
 }
 
-fn push_link(out: &mut String, label: &[char], url: &str) {
+fn push_link(out: &mut String, label: &[char], url: &str, scan: &Scan, depth: usize) {
     let mut text = String::new();
     inline_into(
         label,
@@ -494,6 +550,8 @@ fn push_link(out: &mut String, label: &[char], url: &str) {
             ..Style::default()
         },
         &mut text,
+        scan,
+        depth + 1,
     );
     out.push_str(&link_mrkdwn(url, &text));
 }
@@ -501,9 +559,13 @@ fn push_link(out: &mut String, label: &[char], url: &str) {
 /// `<...>` at `i` that Slack should see as a token: an autolink (`<https://...>`,
 /// `<mailto:...>`) or Slack's own syntax (`<@U123>`, `<#C123|name>`, `<!here>`, `<!date^...>`).
 fn angle_token(chars: &[char], i: usize) -> Option<(String, usize)> {
-    let close = chars[i + 1..].iter().position(|c| *c == '>')? + i + 1;
+    // No token holds a `<`: looking no further than the next one keeps `<<<...` linear.
+    let close = chars[i + 1..].iter().position(|c| *c == '>' || *c == '<')? + i + 1;
+    if chars[close] == '<' {
+        return None;
+    }
     let inner: String = chars[i + 1..close].iter().collect();
-    if inner.is_empty() || inner.contains('<') {
+    if inner.is_empty() {
         return None;
     }
     let lower = inner.to_ascii_lowercase();
@@ -562,7 +624,7 @@ fn is_word(c: Option<&char>) -> bool {
 /// Emphasis opening at `i`: its kind, inner chars and the index after its closing run. The
 /// closer is the next run of the same character and length that can close (CommonMark's
 /// flanking rules, simplified: `_` never opens or closes inside a word).
-fn emphasis(chars: &[char], i: usize) -> Option<(Emphasis, &[char], usize)> {
+fn emphasis<'a>(chars: &'a [char], i: usize, scan: &Scan) -> Option<(Emphasis, &'a [char], usize)> {
     let c = chars[i];
     let k = run_len(chars, i);
     let kind = match (c, k) {
@@ -581,14 +643,20 @@ fn emphasis(chars: &[char], i: usize) -> Option<(Emphasis, &[char], usize)> {
     let mut j = i + k;
     let mut depth = 0usize;
     while j < chars.len() {
+        if !scan.step() {
+            return None;
+        }
         match chars[j] {
             '\\' => j += 2,
-            '`' => match code_span(chars, j) {
+            '`' => match code_span(chars, j, scan) {
                 Some((_, end)) => j = end,
                 None => j += run_len(chars, j),
             },
             x if x == c => {
                 let r = run_len(chars, j);
+                if !scan.spend(r) {
+                    return None;
+                }
                 let prev = chars.get(j - 1);
                 let next = chars.get(j + r);
                 let can_close = !(is_ws(prev) || c == '_' && is_word(next));
@@ -612,7 +680,14 @@ fn emphasis(chars: &[char], i: usize) -> Option<(Emphasis, &[char], usize)> {
     None
 }
 
-fn push_styled(out: &mut String, kind: Emphasis, inner: &[char], style: Style) {
+fn push_styled(
+    out: &mut String,
+    kind: Emphasis,
+    inner: &[char],
+    style: Style,
+    scan: &Scan,
+    depth: usize,
+) {
     let (bold, italic, strike) = match kind {
         Emphasis::Italic => (false, true, false),
         Emphasis::Bold => (true, false, false),
@@ -640,7 +715,7 @@ fn push_styled(out: &mut String, kind: Emphasis, inner: &[char], style: Style) {
         markers.push('~');
     }
     out.push_str(&markers);
-    inline_into(inner, inner_style, out);
+    inline_into(inner, inner_style, out, scan, depth + 1);
     out.extend(markers.chars().rev());
 }
 
@@ -661,14 +736,16 @@ enum Tag {
 /// Slack. Other tags (`u` included: Slack has no underline) are dropped, their text kept; their
 /// names come back so the caller can warn.
 pub fn from_xml(src: &str) -> (String, BTreeSet<String>) {
-    xml_into(src, true)
+    xml_into(src, true, 0)
 }
 
 /// `styled` false: tags add no markers (a link label, where they would not pair across `|`).
-fn xml_into(src: &str, styled: bool) -> (String, BTreeSet<String>) {
+/// `depth`: how many link labels this text is inside; a link nested deeper than
+/// [`MAX_NESTING`] is literal text (each is a recursive call).
+fn xml_into(src: &str, styled: bool, depth: usize) -> (String, BTreeSet<String>) {
     let mut out = String::with_capacity(src.len());
     let mut dropped = BTreeSet::new();
-    let mut stack: Vec<(String, Tag, bool)> = Vec::new();
+    let mut open = OpenTags::default();
     let mut rest = src;
     while !rest.is_empty() {
         let Some(lt) = rest.find('<') else {
@@ -688,13 +765,18 @@ fn xml_into(src: &str, styled: bool) -> (String, BTreeSet<String>) {
             rest = &after[gt + 1..];
             continue;
         };
+        if depth > MAX_NESTING && (tag.name.as_str(), tag.closing) == ("a", false) {
+            push_xml_text(&mut out, &after[..=gt]);
+            rest = &after[gt + 1..];
+            continue;
+        }
         rest = &after[gt + 1..];
         match (tag.name.as_str(), tag.closing) {
             ("br", _) => out.push('\n'),
             ("a", false) => {
                 let (label, next) = until_close(rest, "a");
                 rest = next;
-                let (text, inner_dropped) = xml_into(label, false);
+                let (text, inner_dropped) = xml_into(label, false, depth + 1);
                 dropped.extend(inner_dropped);
                 match tag.href.as_deref().map(decode_entities) {
                     Some(href) if !href.trim().is_empty() => {
@@ -717,32 +799,69 @@ fn xml_into(src: &str, styled: bool) -> (String, BTreeSet<String>) {
                     }
                 };
                 if closing {
-                    if let Some(pos) = stack.iter().rposition(|(n, _, _)| n == name) {
-                        while stack.len() > pos {
-                            if let Some((_, k, emitted)) = stack.pop()
-                                && emitted
-                            {
-                                out.push(marker(k));
-                            }
-                        }
-                    }
+                    open.close(name, &mut out);
                 } else if !tag.self_closing {
-                    let active = stack.iter().any(|(_, k, e)| *k == kind && *e);
-                    let emit = styled && kind != Tag::Plain && !active;
+                    let emit = styled && kind != Tag::Plain && !open.active(kind);
                     if emit {
                         out.push(marker(kind));
                     }
-                    stack.push((name.to_string(), kind, emit));
+                    open.push(name, kind, emit);
                 }
             }
         }
     }
-    while let Some((_, k, emitted)) = stack.pop() {
+    while open.pop(&mut out) {}
+    (out, dropped)
+}
+
+/// The tags open in an XML text, innermost last (name, kind, whether its marker was written),
+/// with counts so that neither an opening tag (is its style on already?) nor a closing one (is
+/// it open at all?) scans a stack thousands deep.
+#[derive(Default)]
+struct OpenTags {
+    stack: Vec<(String, Tag, bool)>,
+    emitted: [usize; 4],
+    names: HashMap<String, usize>,
+}
+
+impl OpenTags {
+    fn active(&self, kind: Tag) -> bool {
+        self.emitted[kind as usize] > 0
+    }
+
+    fn push(&mut self, name: &str, kind: Tag, emit: bool) {
+        if emit {
+            self.emitted[kind as usize] += 1;
+        }
+        *self.names.entry(name.to_string()).or_default() += 1;
+        self.stack.push((name.to_string(), kind, emit));
+    }
+
+    /// Closes the innermost tag, writing its closing marker; `false` when none is open.
+    fn pop(&mut self, out: &mut String) -> bool {
+        let Some((name, k, emitted)) = self.stack.pop() else {
+            return false;
+        };
         if emitted {
+            self.emitted[k as usize] -= 1;
             out.push(marker(k));
         }
+        if let Some(n) = self.names.get_mut(&name) {
+            *n -= 1;
+        }
+        true
     }
-    (out, dropped)
+
+    /// Closes the innermost `name` and every tag opened inside it; nothing when none is open.
+    /// The scan down to it costs no more than what it pops.
+    fn close(&mut self, name: &str, out: &mut String) {
+        if self.names.get(name).is_none_or(|n| *n == 0) {
+            return;
+        }
+        if let Some(pos) = self.stack.iter().rposition(|(n, _, _)| n == name) {
+            while self.stack.len() > pos && self.pop(out) {}
+        }
+    }
 }
 
 fn marker(k: Tag) -> char {
@@ -813,11 +932,17 @@ fn attr(attrs: &str, name: &str) -> Option<String> {
     None
 }
 
-/// The text up to the matching `</name>` and what follows it (all of it when unclosed).
+/// The text up to the matching `</name>` (in any case) and what follows it (all of it when
+/// unclosed). Compared in place: lowercasing the rest of the text at each link would make a
+/// text of many links quadratic.
 fn until_close<'a>(s: &'a str, name: &str) -> (&'a str, &'a str) {
-    let lower = s.to_ascii_lowercase();
     let close = format!("</{name}>");
-    match lower.find(&close) {
+    let found = s.match_indices("</").map(|(pos, _)| pos).find(|&pos| {
+        s.as_bytes()
+            .get(pos..pos + close.len())
+            .is_some_and(|b| b.eq_ignore_ascii_case(close.as_bytes()))
+    });
+    match found {
         Some(pos) => (&s[..pos], &s[pos + close.len()..]),
         None => (s, ""),
     }
@@ -834,7 +959,9 @@ fn decode_entities(s: &str) -> String {
     while let Some(amp) = rest.find('&') {
         out.push_str(&rest[..amp]);
         let after = &rest[amp..];
-        let decoded = after.find(';').filter(|semi| *semi <= 10).and_then(|semi| {
+        // Entity names are short: looking further for the `;` would make `&&&...` quadratic.
+        let semi = after.bytes().take(11).position(|b| b == b';');
+        let decoded = semi.and_then(|semi| {
             let name = &after[1..semi];
             let c = match name {
                 "amp" => Some('&'),
@@ -874,7 +1001,8 @@ fn decode_entities(s: &str) -> String {
 /// never inside a grapheme cluster, an `&...;` entity or a `<...>` token (unless that token is
 /// all there is).
 pub fn cut_point(s: &str, max: usize) -> usize {
-    if text::len(s, text::chars) <= max {
+    // Only the window is looked at (not the whole rest): splitting a long text stays linear.
+    if s.chars().nth(max).is_none() {
         return s.len();
     }
     let limit = text::fit_prefix(s, max, text::chars);
@@ -897,7 +1025,7 @@ pub fn cut_point(s: &str, max: usize) -> usize {
     }
     if let Some(amp) = s[..cut].rfind('&')
         && !s[amp..cut].contains(';')
-        && s[amp..].find(';').is_some_and(|semi| semi <= 10)
+        && s[amp..].bytes().take(11).any(|b| b == b';')
         && amp > 0
     {
         cut = amp;
@@ -924,7 +1052,7 @@ pub fn split(s: &str, max: usize) -> Vec<String> {
     loop {
         let prefix = if carry_fence { "```\n" } else { "" };
         let budget = max - prefix.chars().count();
-        if rest.chars().count() <= budget {
+        if rest.chars().nth(budget).is_none() {
             out.push(format!("{prefix}{rest}"));
             break;
         }
@@ -1081,6 +1209,63 @@ mod tests {
             md("line with hard break  \nnext"),
             "line with hard break\nnext"
         );
+    }
+
+    #[test]
+    fn nesting_past_the_limit_is_literal_text() {
+        let bold = |n: usize| format!("{}x{}", "**a ".repeat(n), " b**".repeat(n));
+        // The outermost style and MAX_NESTING more inside it convert; deeper ones are text.
+        let at_limit = md(&bold(MAX_NESTING + 1));
+        assert_eq!(at_limit.matches('*').count(), 2, "{at_limit}");
+        let past = md(&bold(MAX_NESTING + 2));
+        assert!(past.contains("**a x b**"), "{past}");
+        let links = |n: usize| format!("{}x{}", "[".repeat(n), "](https://x.test)".repeat(n));
+        assert!(!md(&links(MAX_NESTING + 1)).contains('['));
+        assert!(md(&links(MAX_NESTING + 2)).contains("[x](https://x.test)"));
+        // Links inside link labels (XML): past the limit the tag is text, escaped.
+        let a = r#"<a href="https://x.test">"#;
+        let xml = |n: usize| format!("{}x{}", a.repeat(n), "</a>".repeat(n));
+        assert!(!from_xml(&xml(MAX_NESTING + 1)).0.contains("&lt;a"));
+        let (s, _) = from_xml(&xml(MAX_NESTING + 2));
+        assert_eq!(s.matches("&lt;a href").count(), 1, "{s}");
+    }
+
+    #[test]
+    fn hostile_text_costs_linear_time() {
+        // Each of these took seconds to minutes (an opener looking for its closer to the end,
+        // an entity for its `;`, a closing tag down a stack thousands deep, the rest of the text
+        // lowercased at each link); now well under a second each, the text kept.
+        let time = |f: &dyn Fn() -> usize, min: usize, what: &str| {
+            let start = std::time::Instant::now();
+            let n = f();
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(5),
+                "{what}"
+            );
+            assert!(n >= min, "{what}: {n} < {min}");
+        };
+        for s in [
+            "_a ", "*a ", "~~a ", "[a", "[a](", "[`a ``b ", "*a ``b ", "<", "< a",
+        ] {
+            let src = s.repeat(300_000 / s.len());
+            // Code spans drop their backticks: a third is left at least.
+            time(&|| md(&src).len(), src.len() / 3, s);
+        }
+        // Tags alone leave no text; a link leaves about a quarter of its length.
+        for (s, quarters) in [
+            ("&", 4),
+            ("&#", 4),
+            ("<", 4),
+            ("< a", 4),
+            ("<u>", 0),
+            ("<x>", 0),
+            ("<a href=\"u\">x</a>", 1),
+        ] {
+            let src = format!("{}>;</y>", s.repeat(300_000 / s.len()));
+            time(&|| from_xml(&src).0.len(), src.len() * quarters / 4, s);
+        }
+        let long = "&".repeat(300_000);
+        time(&|| split(&escape(&long), 3000).len(), 500, "split");
     }
 
     /// Found by tests/fuzz.rs: a wide character right after a number at the start of a line
