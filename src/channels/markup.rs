@@ -4,10 +4,11 @@
 //! Owns only recognising the syntax, within a budget (`Scan`) that keeps hostile input linear;
 //! each channel decides what a recognised piece becomes.
 
-/// How far the inline parser may look ahead for closing markers, over one whole text. Each
-/// unmatched opener scans to the end of its line, so `_a _a _a ...` costs the square of the
-/// line's length; past this budget (generous for any real text) markers are taken literally,
-/// so a hostile text costs linear time and still renders, only with less formatting.
+/// How far a markup parser may look ahead for closers, over one whole text. Each unmatched
+/// opener (`_a _a _a ...`, `[[[...`, `<<<...`) scans to the end of its line, which costs the
+/// square of the line's length; past this budget (32 steps per byte, far above what any real
+/// text spends) markers are taken as literal text, so a hostile text costs linear time and
+/// still converts, with less formatting.
 pub(crate) struct Scan(std::cell::Cell<usize>);
 
 impl Scan {
@@ -19,9 +20,14 @@ impl Scan {
 
     /// Spends one step; `false` once the budget is gone.
     pub(crate) fn step(&self) -> bool {
+        self.spend(1)
+    }
+
+    /// Spends `n` steps (a run of markers skipped at once); `false` once the budget is gone.
+    pub(crate) fn spend(&self, n: usize) -> bool {
         let left = self.0.get();
-        self.0.set(left.saturating_sub(1));
-        left > 0
+        self.0.set(left.saturating_sub(n));
+        left >= n
     }
 }
 
@@ -45,6 +51,10 @@ pub(crate) fn find_run(
         }
         if chars[j] == c {
             let len = run_len(chars, j);
+            // A run skipped at once costs its length: increasing runs would be quadratic.
+            if !scan.spend(len) {
+                return None;
+            }
             if len == n {
                 return Some(j);
             }
@@ -75,6 +85,7 @@ pub(crate) fn emphasis(chars: &[char], i: usize, n: usize, scan: &Scan) -> Optio
         return None;
     }
     let mut j = i + n;
+    // Same-length runs that only open nest (`**a **b** c**`): the closer after one is its own.
     let mut depth = 0usize;
     while let Some(close) = find_run(chars, j, c, n, scan) {
         let prev = chars[close - 1];
@@ -116,10 +127,10 @@ pub(crate) fn attribute(tag: &str, name: &str) -> Option<String> {
     }
 }
 
-/// `&amp;`, `&lt;`, `&gt;`, `&quot;`, `&apos;`, `&nbsp;` (as `nbsp`) and numeric entities
-/// decoded; anything else that starts with `&` is text. Linear: an entity's `;` is looked for
+/// `&amp;`, `&lt;`, `&gt;`, `&quot;`, `&apos;`, `&nbsp;` (as `nbsp`; left as written when
+/// `None`) and numeric entities (but NUL, which no channel shows) decoded; anything else that starts with `&` is text. Linear: an entity's `;` is looked for
 /// only as far as the longest name.
-pub(crate) fn decode_entities(s: &str, nbsp: char) -> String {
+pub(crate) fn decode_entities(s: &str, nbsp: Option<char>) -> String {
     let mut out = String::with_capacity(s.len());
     let mut rest = s;
     while let Some(amp) = rest.find('&') {
@@ -135,14 +146,13 @@ pub(crate) fn decode_entities(s: &str, nbsp: char) -> String {
                 "gt" => Some('>'),
                 "quot" => Some('"'),
                 "apos" => Some('\''),
-                "nbsp" => Some(nbsp),
+                "nbsp" => nbsp,
                 _ => {
                     let num = name.strip_prefix('#')?;
                     let code = match num.strip_prefix(['x', 'X']) {
                         Some(hex) => u32::from_str_radix(hex, 16).ok()?,
                         None => num.parse().ok()?,
                     };
-                    // NUL is refused by Telegram and shown by nothing.
                     char::from_u32(code).filter(|c| *c != '\0')
                 }
             }?;
@@ -170,17 +180,21 @@ mod tests {
     #[test]
     fn entities_decode_by_name_and_number_and_leave_the_rest() {
         assert_eq!(
-            decode_entities("a &amp; b &lt;3 &#x1F600; &#65;&nbsp;&bogus; & &#0;", ' '),
+            decode_entities(
+                "a &amp; b &lt;3 &#x1F600; &#65;&nbsp;&bogus; & &#0;",
+                Some(' ')
+            ),
             "a & b <3 😀 A &bogus; & &#0;"
         );
-        assert_eq!(decode_entities("&nbsp;", '\u{a0}'), "\u{a0}");
+        assert_eq!(decode_entities("&nbsp;", Some('\u{a0}')), "\u{a0}");
+        assert_eq!(decode_entities("&nbsp;", None), "&nbsp;");
     }
 
     #[test]
     fn ampersands_without_semicolons_decode_in_linear_time() {
         let s = "&".repeat(1 << 20);
         let started = std::time::Instant::now();
-        assert_eq!(decode_entities(&s, ' '), s);
+        assert_eq!(decode_entities(&s, None), s);
         // Quadratic (each `&` searching the rest for a `;`) took minutes here.
         assert!(started.elapsed() < std::time::Duration::from_secs(5));
     }

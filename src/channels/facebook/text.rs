@@ -5,8 +5,7 @@
 //! counts characters, so a piece that fits here fits there. Cuts keep grapheme clusters whole
 //! (the shared `channels::text`).
 
-use std::cell::Cell;
-
+use crate::channels::markup::{Scan, attribute, decode_entities, emphasis, find_run, run_len};
 use crate::channels::text as shared;
 
 /// Length as the limits here count it.
@@ -104,31 +103,6 @@ fn markdown_line(mut line: &str, scan: &Scan) -> String {
         return format!("{indent}{marker} {check}{}", inline(rest, scan));
     }
     format!("{indent}{}", inline(body, scan))
-}
-
-/// How far the inline parser may look ahead for closers, over one whole text. Each unmatched
-/// opener (`_a _a _a ...`, `[[[...`, `<<<...`) scans to the end of its line, which costs the
-/// square of the line's length; past this budget (32 steps per byte, far above what any real
-/// text spends) markers are taken as literal text, so a hostile text costs linear time and
-/// still renders, with less formatting.
-struct Scan(Cell<usize>);
-
-impl Scan {
-    fn new(len: usize) -> Self {
-        Self(Cell::new(len.saturating_mul(32).saturating_add(100_000)))
-    }
-
-    /// Spends one step; `false` once the budget is gone.
-    fn step(&self) -> bool {
-        self.spend(1)
-    }
-
-    /// Spends `n` steps (a run of markers skipped at once); `false` once the budget is gone.
-    fn spend(&self, n: usize) -> bool {
-        let left = self.0.get();
-        self.0.set(left.saturating_sub(n));
-        left >= n
-    }
 }
 
 /// Styles and links nested deeper than this (`[[[[...`, `**a **b **c ...`) are literal text:
@@ -232,76 +206,6 @@ fn inline_at(s: &str, scan: &Scan, depth: usize) -> String {
     out
 }
 
-fn run_len(chars: &[char], i: usize) -> usize {
-    chars[i..].iter().take_while(|&&c| c == chars[i]).count()
-}
-
-/// The start of the next run of exactly `n` `c`s at or after `from`.
-fn find_run(chars: &[char], from: usize, c: char, n: usize, scan: &Scan) -> Option<usize> {
-    let mut j = from;
-    while j < chars.len() {
-        if !scan.step() {
-            return None;
-        }
-        if chars[j] == c {
-            let len = run_len(chars, j);
-            if !scan.spend(len) {
-                return None;
-            }
-            if len == n {
-                return Some(j);
-            }
-            j += len;
-        } else {
-            j += 1;
-        }
-    }
-    None
-}
-
-/// The closing run for an emphasis opener of `n` markers at `i`, following the flanking rules
-/// that keep `snake_case`, `2 * 3` and lone markers literal.
-fn emphasis(chars: &[char], i: usize, n: usize, scan: &Scan) -> Option<usize> {
-    let c = chars[i];
-    let valid_len = match c {
-        '*' => (1..=3).contains(&n),
-        '_' => (1..=3).contains(&n),
-        _ => n == 2,
-    };
-    if !valid_len {
-        return None;
-    }
-    let after = chars.get(i + n)?;
-    if after.is_whitespace() {
-        return None;
-    }
-    if c == '_' && i > 0 && chars[i - 1].is_alphanumeric() {
-        return None;
-    }
-    let mut j = i + n;
-    // Same-length runs that only open nest (`**a **b** c**`): the closer after one is its own.
-    let mut depth = 0usize;
-    while let Some(close) = find_run(chars, j, c, n, scan) {
-        let prev = chars[close - 1];
-        let next = chars.get(close + n);
-        let can_close = !prev.is_whitespace()
-            && close > i + n
-            && (c != '_' || !next.is_some_and(|a| a.is_alphanumeric()));
-        let can_open =
-            next.is_some_and(|a| !a.is_whitespace()) && (c != '_' || !prev.is_alphanumeric());
-        if can_close && depth == 0 {
-            return Some(close);
-        }
-        if can_close {
-            depth -= 1;
-        } else if can_open {
-            depth += 1;
-        }
-        j = close + n;
-    }
-    None
-}
-
 /// `[text](url "title")` starting at `i` (the `[`), `nesting` levels deep: the text, the url and
 /// the index after it.
 fn link(chars: &[char], i: usize, scan: &Scan, nesting: usize) -> Option<(String, String, usize)> {
@@ -380,7 +284,7 @@ pub fn xml_to_plain(s: &str) -> String {
     let mut link: Option<(String, usize)> = None;
     let mut rest = s;
     while let Some(lt) = rest.find('<') {
-        out.push_str(&decode_entities(&rest[..lt]));
+        out.push_str(&decode_entities(&rest[..lt], Some(' ')));
         let after = &rest[lt..];
         // The name first: a `<` that starts no tag ("a < b") is text whatever follows, and
         // looking for its `>` first would make a text of many `<` quadratic. (Splitting the
@@ -397,7 +301,7 @@ pub fn xml_to_plain(s: &str) -> String {
             continue;
         }
         let Some(gt) = after.find('>') else {
-            out.push_str(&decode_entities(after));
+            out.push_str(&decode_entities(after, Some(' ')));
             rest = "";
             break;
         };
@@ -407,7 +311,7 @@ pub fn xml_to_plain(s: &str) -> String {
             "br" => out.push('\n'),
             "p" | "div" if closing => out.push('\n'),
             "a" if !closing => {
-                link = attribute(tag, "href").map(|h| (decode_entities(&h), out.len()));
+                link = attribute(tag, "href").map(|h| (decode_entities(&h, Some(' ')), out.len()));
             }
             "a" => {
                 if let Some((href, start)) = link.take() {
@@ -420,68 +324,7 @@ pub fn xml_to_plain(s: &str) -> String {
         }
         rest = &after[gt + 1..];
     }
-    out.push_str(&decode_entities(rest));
-    out
-}
-
-fn attribute(tag: &str, name: &str) -> Option<String> {
-    let lower = tag.to_ascii_lowercase();
-    let at = lower.find(&format!("{name}="))? + name.len() + 1;
-    let v = &tag[at..];
-    let quote = v.chars().next()?;
-    if quote == '"' || quote == '\'' {
-        let end = v[1..].find(quote)?;
-        Some(v[1..1 + end].to_string())
-    } else {
-        Some(
-            v.split_whitespace()
-                .next()?
-                .trim_end_matches('/')
-                .to_string(),
-        )
-    }
-}
-
-fn decode_entities(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut rest = s;
-    while let Some(amp) = rest.find('&') {
-        out.push_str(&rest[..amp]);
-        let after = &rest[amp..];
-        // Entity names are short: looking further for the `;` would make `&&&...` quadratic.
-        let semi = after.bytes().take(11).position(|b| b == b';');
-        let decoded = semi.and_then(|semi| {
-            let name = &after[1..semi];
-            let c = match name {
-                "amp" => Some('&'),
-                "lt" => Some('<'),
-                "gt" => Some('>'),
-                "quot" => Some('"'),
-                "apos" => Some('\''),
-                "nbsp" => Some(' '),
-                _ => {
-                    let num = name.strip_prefix('#')?;
-                    let code = match num.strip_prefix(['x', 'X']) {
-                        Some(hex) => u32::from_str_radix(hex, 16).ok()?,
-                        None => num.parse().ok()?,
-                    };
-                    char::from_u32(code)
-                }
-            }?;
-            Some((c, semi + 1))
-        });
-        match decoded {
-            Some((c, len)) => {
-                out.push(c);
-                rest = &after[len..];
-            }
-            None => {
-                out.push('&');
-                rest = &after[1..];
-            }
-        }
-    }
-    out.push_str(rest);
+    out.push_str(&decode_entities(rest, Some(' ')));
     out
 }
 

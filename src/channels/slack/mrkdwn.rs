@@ -5,9 +5,9 @@
 //! no way to write a literal `*`, `_` or `~` that could pair up, no headings, no real lists and no
 //! nesting of a style inside itself; the conversions here pick the nearest rendering for each.
 
-use std::cell::Cell;
 use std::collections::{BTreeSet, HashMap};
 
+use crate::channels::markup::{Scan, decode_entities, run_len};
 use crate::channels::text;
 
 /// Replaces a `|` in a link label: Slack splits `<url|label>` at a `|`, and mrkdwn cannot escape it.
@@ -308,31 +308,6 @@ struct Style {
     plain: bool,
 }
 
-/// How far the inline parser may look ahead for closers, over one whole text. Each unmatched
-/// opener (`_a _a _a ...`, `[[[...`, `` `a ``b ``) scans to the end of its line, which costs the
-/// square of the line's length; past this budget (32 steps per byte, far above what any real
-/// text spends) markers are taken as literal text, so a hostile text costs linear time and
-/// still converts, with less formatting.
-struct Scan(Cell<usize>);
-
-impl Scan {
-    fn new(len: usize) -> Self {
-        Self(Cell::new(len.saturating_mul(32).saturating_add(100_000)))
-    }
-
-    /// Spends one step; `false` once the budget is gone.
-    fn step(&self) -> bool {
-        self.spend(1)
-    }
-
-    /// Spends `n` steps (a run of markers skipped at once); `false` once the budget is gone.
-    fn spend(&self, n: usize) -> bool {
-        let left = self.0.get();
-        self.0.set(left.saturating_sub(n));
-        left >= n
-    }
-}
-
 /// Styles and links nested deeper than this (`[[[[...`, `**a **b **c ...`, `<a><a><a>...`) are
 /// literal text: each level is a recursive call, and thousands of them would exhaust a
 /// worker's stack (an abort of the whole gateway).
@@ -433,10 +408,6 @@ fn inline_into(chars: &[char], style: Style, out: &mut String, scan: &Scan, dept
             }
         }
     }
-}
-
-fn run_len(chars: &[char], i: usize) -> usize {
-    chars[i..].iter().take_while(|c| **c == chars[i]).count()
 }
 
 /// A code span opening at `i`: its content and the index after its closing run.
@@ -778,7 +749,7 @@ fn xml_into(src: &str, styled: bool, depth: usize) -> (String, BTreeSet<String>)
                 rest = next;
                 let (text, inner_dropped) = xml_into(label, false, depth + 1);
                 dropped.extend(inner_dropped);
-                match tag.href.as_deref().map(decode_entities) {
+                match tag.href.as_deref().map(|h| decode_entities(h, None)) {
                     Some(href) if !href.trim().is_empty() => {
                         out.push_str(&link_mrkdwn(&href, &text))
                     }
@@ -949,48 +920,7 @@ fn until_close<'a>(s: &'a str, name: &str) -> (&'a str, &'a str) {
 }
 
 fn push_xml_text(out: &mut String, s: &str) {
-    out.push_str(&escape(&decode_entities(s)));
-}
-
-/// XML's five named entities and numeric references; anything else stays as written.
-fn decode_entities(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut rest = s;
-    while let Some(amp) = rest.find('&') {
-        out.push_str(&rest[..amp]);
-        let after = &rest[amp..];
-        // Entity names are short: looking further for the `;` would make `&&&...` quadratic.
-        let semi = after.bytes().take(11).position(|b| b == b';');
-        let decoded = semi.and_then(|semi| {
-            let name = &after[1..semi];
-            let c = match name {
-                "amp" => Some('&'),
-                "lt" => Some('<'),
-                "gt" => Some('>'),
-                "quot" => Some('"'),
-                "apos" => Some('\''),
-                n => n
-                    .strip_prefix("#x")
-                    .or_else(|| n.strip_prefix("#X"))
-                    .and_then(|h| u32::from_str_radix(h, 16).ok())
-                    .or_else(|| n.strip_prefix('#').and_then(|d| d.parse().ok()))
-                    .and_then(char::from_u32),
-            }?;
-            Some((c, semi + 1))
-        });
-        match decoded {
-            Some((c, len)) => {
-                out.push(c);
-                rest = &after[len..];
-            }
-            None => {
-                out.push('&');
-                rest = &after[1..];
-            }
-        }
-    }
-    out.push_str(rest);
-    out
+    out.push_str(&escape(&decode_entities(s, None)));
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -645,7 +645,7 @@ fn autolink(chars: &[char], i: usize) -> Option<(String, usize)> {
 
 /// Entities decoded as Telegram reads them: `&nbsp;` stays a no-break space.
 pub fn decode_entities(s: &str) -> String {
-    markup::decode_entities(s, '\u{a0}')
+    markup::decode_entities(s, Some('\u{a0}'))
 }
 
 // ---------------------------------------------------------------------------------------------

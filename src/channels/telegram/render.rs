@@ -1583,10 +1583,7 @@ mod tests {
             let h = b["text"].as_str().unwrap();
             assert_eq!(html::tags_balanced(h), Some(()), "{h}");
             assert!(h.starts_with("<b>") && h.ends_with("</b>"));
-            let visible = crate::channels::markup::decode_entities(
-                &h.replace("<b>", "").replace("</b>", ""),
-                '\u{a0}',
-            );
+            let visible = html::decode_entities(&h.replace("<b>", "").replace("</b>", ""));
             assert!(text::len(&visible, text::utf16) <= MAX_TEXT);
             seen.push_str(&visible);
             seen.push(' ');
