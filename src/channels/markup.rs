@@ -173,6 +173,25 @@ pub(crate) fn decode_entities(s: &str, nbsp: Option<char>) -> String {
     out
 }
 
+/// `count` texts of up to `max_pieces` pieces of `alphabet` each, drawn from a fixed seed (a
+/// linear congruential generator: the same texts on every run), for the converters' tests.
+#[cfg(test)]
+pub(crate) fn random_texts(
+    alphabet: &'static [&'static str],
+    mut seed: u64,
+    count: usize,
+    max_pieces: u64,
+) -> impl Iterator<Item = String> {
+    (0..count).map(move |_| {
+        let mut s = String::new();
+        for _ in 0..(seed % max_pieces) {
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            s.push_str(alphabet[(seed >> 33) as usize % alphabet.len()]);
+        }
+        s
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -480,13 +480,7 @@ mod tests {
             "&#x",
             "http://x",
         ];
-        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
-        for _ in 0..2000 {
-            let mut s = String::new();
-            for _ in 0..(seed % 40) {
-                seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
-                s.push_str(ALPHABET[(seed >> 33) as usize % ALPHABET.len()]);
-            }
+        for s in crate::channels::markup::random_texts(ALPHABET, 0x9e37_79b9_7f4a_7c15, 2000, 40) {
             let _ = xml_to_plain(&s);
             let plain = markdown_to_plain(&s);
             for limit in [1, 2, 7] {

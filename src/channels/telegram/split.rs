@@ -194,13 +194,7 @@ mod tests {
             "</pre>",
             "word",
         ];
-        let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
-        for _ in 0..1500 {
-            let mut s = String::new();
-            for _ in 0..(seed % 60) {
-                seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
-                s.push_str(ALPHABET[(seed >> 33) as usize % ALPHABET.len()]);
-            }
+        for s in crate::channels::markup::random_texts(ALPHABET, 0x2545_f491_4f6c_dd1d, 1500, 60) {
             for r in [from_markdown(&s), from_xml(&s), Rich::plain(&s)] {
                 for max in [1, 2, 5, 13] {
                     check(&r, max);
