@@ -39,10 +39,28 @@ pub(crate) fn clear_text_refusal(url: &url::Url) -> Option<String> {
     }
 }
 
-/// Names (at most this many) a warning lists of the `source_event["*"]` keys it left out.
-const DROPPED_KEYS_SHOWN: usize = 5;
-/// Characters of one key name in that warning: the names come from the request.
-const DROPPED_KEY_CHARS: usize = 40;
+/// Names (at most this many) a warning lists, e.g. of the `source_event["*"]` keys it left out.
+const NAMES_SHOWN: usize = 5;
+/// Characters of one name in such a warning: the names come from the request.
+const NAME_CHARS: usize = 40;
+
+/// "`a`, `b` and 3 more": what a warning says of names from a request, each capped, without
+/// control characters, and only the first few listed. `quote` writes one (capped) name.
+pub(crate) fn name_list(names: &[&str], quote: impl Fn(&str) -> String) -> String {
+    let list: Vec<String> = names
+        .iter()
+        .take(NAMES_SHOWN)
+        .map(|k| {
+            let k = text::truncate(k, NAME_CHARS, text::chars).unwrap_or_else(|| k.to_string());
+            quote(&k.escape_debug().to_string())
+        })
+        .collect();
+    let mut out = list.join(", ");
+    if names.len() > NAMES_SHOWN {
+        out.push_str(&format!(" and {} more", names.len() - NAMES_SHOWN));
+    }
+    out
+}
 
 /// The warning for keys of the shared `source_event["*"]` fallback that a channel does not take
 /// from it (`allowed` lists those it does): they were left out of the request. `channel_key`
@@ -53,19 +71,7 @@ pub(crate) fn fallback_keys_dropped(
     channel_key: &str,
     allowed: &[&str],
 ) -> crate::model::Warning {
-    let names: Vec<String> = dropped
-        .iter()
-        .take(DROPPED_KEYS_SHOWN)
-        .map(|k| {
-            let k =
-                text::truncate(k, DROPPED_KEY_CHARS, text::chars).unwrap_or_else(|| k.to_string());
-            format!("`{}`", k.escape_debug())
-        })
-        .collect();
-    let mut names = names.join(", ");
-    if dropped.len() > DROPPED_KEYS_SHOWN {
-        names.push_str(&format!(" and {} more", dropped.len() - DROPPED_KEYS_SHOWN));
-    }
+    let names = name_list(dropped, |k| format!("`{k}`"));
     crate::model::Warning::new(
         "source_event_keys_dropped",
         "message.source_event.*",

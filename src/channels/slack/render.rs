@@ -433,8 +433,11 @@ fn message_text(msg: &Message, warnings: &mut Vec<Warning>) -> Option<String> {
                     "xml_tags_dropped",
                     "message.text",
                     format!(
-                        "Slack has no form for <{}>: the tags were dropped, their text kept",
-                        dropped.into_iter().collect::<Vec<_>>().join(">, <")
+                        "Slack has no form for {}: the tags were dropped, their text kept",
+                        crate::channels::shared::name_list(
+                            &dropped.iter().map(String::as_str).collect::<Vec<_>>(),
+                            |t| format!("<{t}>")
+                        )
                     ),
                 ));
             }
@@ -750,6 +753,24 @@ mod tests {
             text: Some(text.into()),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn dropped_xml_tags_are_named_only_a_few_and_capped() {
+        let tags: String = (0..2000)
+            .map(|i| format!("<t{i}{}>x</t{i}{}>", "n".repeat(200), "n".repeat(200)))
+            .collect();
+        let mut m = msg(&tags);
+        m.text_format = Some(TextFormat::Xml);
+        let r = render_send(&m, None, &SlackConfig::default()).unwrap();
+        let w = r
+            .warnings
+            .iter()
+            .find(|w| w.code == "xml_tags_dropped")
+            .unwrap();
+        // Before: every one of the 2,000 names of 204 characters, about 400 KB.
+        assert!(w.message.len() < 600, "{} bytes", w.message.len());
+        assert!(w.message.contains("and 1995 more"), "{}", w.message);
     }
 
     #[test]
