@@ -122,12 +122,16 @@ pub struct WebhookRequest<'a> {
     pub query: Option<&'a str>,
     pub headers: &'a http::HeaderMap,
     pub body: &'a [u8],
+    /// When the call arrived (seconds since the Unix epoch): timestamp windows are checked
+    /// against it, so tests can pass their own clock.
+    pub received_at: u64,
 }
 
 /// Why a webhook call was refused. The reason goes to the log and a metric, never on the wire.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WebhookError {
-    /// The caller is not the channel (bad signature, token, or timestamp): 401/403.
+    /// The caller is not the channel (bad or missing signature, secret, token or timestamp):
+    /// 401/403, nothing stored. The reason is a fixed phrase: it never quotes the request.
     #[error("not verified: {0}")]
     Unverified(&'static str),
     /// Verified, but not a body this channel sends: 400.
@@ -135,15 +139,48 @@ pub enum WebhookError {
     Unreadable(String),
 }
 
+/// One event of a verified call, normalized into the model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InboundEvent {
+    /// The channel's own id for the event, which its retries repeat (Slack `event_id`,
+    /// Messenger `mid`, Bot Framework activity `id`, Telegram `update_id`): the dedupe key.
+    pub dedupe_key: String,
+    /// The event as a v3 bot receives it: `address` ready to reply with (`user` the sender,
+    /// `bot` the recipient, `id` the incoming message), `source_event[channel_id]` the native
+    /// event as received.
+    pub message: Message,
+}
+
+/// What a verified call carries.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Parsed {
+    pub events: Vec<InboundEvent>,
+    /// An answer the channel expects instead of an empty 200 (Slack's `url_verification`
+    /// challenge, Messenger's `hub.challenge`).
+    pub answer: Option<WebhookAnswer>,
+}
+
+/// A body to answer a webhook call with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookAnswer {
+    pub status: u16,
+    pub content_type: &'static str,
+    pub body: Vec<u8>,
+}
+
 /// The receiving side of a channel: verify that a webhook call comes from the channel, then
-/// parse it into messages of the model, each with the address to reply to.
+/// parse it into events of the model, each with the address to reply to. Nothing here stores
+/// or answers: the inbound listener does, after `verify` succeeded.
 pub trait Inbound: Send + Sync {
     /// The paths under the inbound listener this channel answers.
     fn paths(&self) -> Vec<String>;
 
-    /// Checks the call's signature or secret over the exact bytes received. Constant-time.
-    fn verify(&self, req: &WebhookRequest<'_>) -> Result<(), WebhookError>;
+    /// Checks the call's signature, token or secret over the exact bytes received, in constant
+    /// time. Async: the Bot Framework fetches (and caches) its signing keys.
+    fn verify<'a>(&'a self, req: &'a WebhookRequest<'a>)
+    -> BoxFuture<'a, Result<(), WebhookError>>;
 
-    /// The events of a verified call, normalized into the model (a batch gives several).
-    fn parse(&self, req: &WebhookRequest<'_>) -> Result<Vec<Message>, WebhookError>;
+    /// The events of a verified call (a batch gives several, in the channel's order); the bot's
+    /// own messages and echoes are left out.
+    fn parse(&self, req: &WebhookRequest<'_>) -> Result<Parsed, WebhookError>;
 }
