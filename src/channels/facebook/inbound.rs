@@ -11,7 +11,6 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 use sha2::Sha256;
 use time::OffsetDateTime;
-use time::format_description::well_known::Rfc3339;
 
 use super::Facebook;
 use super::render::CHANNEL;
@@ -262,13 +261,10 @@ fn number(v: &Value) -> Option<u64> {
     }
 }
 
-/// Milliseconds since the epoch as RFC 3339 (UTC); `None` past the calendar `time` knows.
-pub fn rfc3339_ms(ms: u64) -> Option<String> {
+/// Milliseconds since the epoch as a time (UTC); `None` past the calendar `time` knows.
+pub fn time_of_ms(ms: u64) -> Option<OffsetDateTime> {
     let nanos = i128::from(ms).checked_mul(1_000_000)?;
-    OffsetDateTime::from_unix_timestamp_nanos(nanos)
-        .ok()?
-        .format(&Rfc3339)
-        .ok()
+    OffsetDateTime::from_unix_timestamp_nanos(nanos).ok()
 }
 
 /// Field names of a messaging item that are not its event.
@@ -351,6 +347,13 @@ fn parse_item(
             tap(&mut msg, payload, title);
             pb.and_then(|p| id_of(p.get("mid")))
         }
+        "reaction" => {
+            let r = obj.get("reaction").and_then(Value::as_object);
+            reaction(r, &mut msg);
+            // The id of the reacted-to message, where the model puts it: not this event's.
+            msg.address.id = r.and_then(|r| id_of(r.get("mid")));
+            None
+        }
         other => {
             msg.kind = MessageType::Event;
             msg.name = Some(other.to_string());
@@ -358,9 +361,10 @@ fn parse_item(
             None
         }
     };
-    msg.address.id = mid.clone();
-    let when = timestamp.and_then(rfc3339_ms);
-    set_timestamp(&mut msg, when);
+    if mid.is_some() {
+        msg.address.id = mid.clone();
+    }
+    msg.timestamp = timestamp.and_then(time_of_ms);
     // Delivery receipts carry no timestamp: their watermark tells them apart.
     let stamp = timestamp
         .or_else(|| {
@@ -377,9 +381,22 @@ fn parse_item(
     }))
 }
 
-/// Until the model has `Message::timestamp`, the time is kept in `local_timestamp` (UTC).
-fn set_timestamp(msg: &mut Message, rfc3339: Option<String>) {
-    msg.local_timestamp = rfc3339.and_then(|t| OffsetDateTime::parse(&t, &Rfc3339).ok());
+/// A reaction added (`react`) or removed (`unreact`): by its name (`love`, `like`...), or
+/// by its emoji when Messenger names it `other`.
+fn reaction(r: Option<&Map<String, Value>>, msg: &mut Message) {
+    msg.kind = MessageType::MessageReaction;
+    let name = r
+        .and_then(|r| r.get("reaction"))
+        .and_then(Value::as_str)
+        .filter(|n| !n.is_empty() && *n != "other");
+    let emoji = r.and_then(|r| r.get("emoji")).and_then(Value::as_str);
+    let Some(what) = name.or(emoji).map(|w| crate::settings::capped(w, 64)) else {
+        return;
+    };
+    match r.and_then(|r| r.get("action")).and_then(Value::as_str) {
+        Some("unreact") => msg.reactions_removed.push(what),
+        _ => msg.reactions_added.push(what),
+    }
 }
 
 /// A person's message: text, media attachments, and a quick reply's payload.
@@ -481,6 +498,7 @@ mod tests {
     use std::time::Duration;
 
     use serde_json::json;
+    use time::format_description::well_known::Rfc3339;
 
     use super::*;
     use crate::channels::channel::Channel;
@@ -829,9 +847,7 @@ mod tests {
             Some("mid.1457764197618:41d102a3e1ae206a38")
         );
         assert_eq!(
-            m.local_timestamp
-                .and_then(|t| t.format(&Rfc3339).ok())
-                .as_deref(),
+            m.timestamp.and_then(|t| t.format(&Rfc3339).ok()).as_deref(),
             Some("2016-03-23T00:25:52.478Z")
         );
         assert_eq!(m.source_event.get("facebook"), Some(&it));
@@ -995,17 +1011,27 @@ mod tests {
             evs[0].dedupe_key,
             format!("{PAGE}:{PSID}:1458668856253:delivery")
         );
-        assert!(evs[0].message.local_timestamp.is_none());
+        assert!(evs[0].message.timestamp.is_none());
 
         let reaction = one(
             json!({"reaction": {"reaction": "love", "emoji": "\u{2764}\u{FE0F}", "action": "react", "mid": "m_reacted"}}),
         );
-        assert_eq!(reaction.message.name.as_deref(), Some("reaction"));
+        let m = &reaction.message;
+        assert_eq!(m.kind, MessageType::MessageReaction);
+        assert_eq!(m.reactions_added, ["love"]);
+        assert!(m.reactions_removed.is_empty());
+        assert_eq!(m.address.id.as_deref(), Some("m_reacted"));
+        assert_eq!(m.address.conversation_id(), Some(PSID));
         assert_eq!(
             reaction.dedupe_key,
             format!("{PAGE}:{PSID}:1458692752478:reaction"),
             "the reacted-to mid is not this event's id"
         );
+        let other = one(
+            json!({"reaction": {"reaction": "other", "emoji": "\u{1F525}", "action": "unreact", "mid": "m_reacted"}}),
+        );
+        assert_eq!(other.message.reactions_removed, ["\u{1F525}"]);
+        assert!(other.message.reactions_added.is_empty());
 
         for (field, body) in [
             (
@@ -1127,11 +1153,11 @@ mod tests {
         assert_eq!(ev.message.address.user_id(), "ref-1");
         assert_eq!(
             ev.message
-                .local_timestamp
+                .timestamp
                 .and_then(|t| t.format(&Rfc3339).ok())
                 .as_deref(),
             Some("2018-05-27T22:23:44Z")
         );
-        assert_eq!(rfc3339_ms(u64::MAX), None);
+        assert_eq!(time_of_ms(u64::MAX), None);
     }
 }
