@@ -311,7 +311,7 @@ fn parse_item(
         })
         .unwrap_or("unknown");
     let kind = crate::settings::capped(kind, 64);
-    let timestamp = obj.get("timestamp").and_then(number).or(entry_time);
+    let item_time = obj.get("timestamp").and_then(number);
 
     let mut msg = Message {
         address: Address {
@@ -364,14 +364,16 @@ fn parse_item(
     if mid.is_some() {
         msg.address.id = mid.clone();
     }
-    msg.timestamp = timestamp.and_then(time_of_ms);
-    // Delivery receipts carry no timestamp: their watermark tells them apart.
-    let stamp = timestamp
+    msg.timestamp = item_time.or(entry_time).and_then(time_of_ms);
+    // Delivery receipts carry no timestamp: their watermark tells them apart (the entry's
+    // time, shared by every item of the entry, would not).
+    let stamp = item_time
         .or_else(|| {
             obj.get(kind.as_str())
                 .and_then(|v| v.get("watermark"))
                 .and_then(number)
         })
+        .or(entry_time)
         .unwrap_or(0);
     let dedupe_key = mid.unwrap_or_else(|| format!("{page}:{sender}:{stamp}:{kind}"));
     msg.source_event.insert(CHANNEL.into(), Value::Object(obj));
@@ -1004,14 +1006,24 @@ mod tests {
         // Delivery receipts have no timestamp: the watermark keys them.
         let delivery = json!({"sender": {"id": PSID}, "recipient": {"id": PAGE},
             "delivery": {"mids": ["mid.1458668856218:ed81099e15d3f4f233"], "watermark": 1458668856253u64}});
-        let body = json!({"object": "page", "entry": [{"id": PAGE, "messaging": [delivery]}]});
+        let mut later = delivery.clone();
+        later["delivery"]["watermark"] = json!(1458668856999u64);
+        let body = json!({"object": "page", "entry": [{"id": PAGE, "time": 1458668857000u64, "messaging": [delivery, later]}]});
         let evs = events(&body);
+        assert_eq!(
+            evs[1].dedupe_key,
+            format!("{PAGE}:{PSID}:1458668856999:delivery")
+        );
         assert_eq!(evs[0].message.name.as_deref(), Some("delivery"));
         assert_eq!(
             evs[0].dedupe_key,
             format!("{PAGE}:{PSID}:1458668856253:delivery")
         );
-        assert!(evs[0].message.timestamp.is_none());
+        // The entry's time stands in for the item's.
+        assert_eq!(
+            evs[0].message.timestamp.map(|t| t.unix_timestamp()),
+            Some(1458668857)
+        );
 
         let reaction = one(
             json!({"reaction": {"reaction": "love", "emoji": "\u{2764}\u{FE0F}", "action": "react", "mid": "m_reacted"}}),
