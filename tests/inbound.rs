@@ -194,3 +194,69 @@ async fn a_body_that_trickles_is_cut_off() {
     assert!(String::from_utf8_lossy(&answer[..n]).starts_with("HTTP/1.1 408"));
     assert!(started.elapsed() < Duration::from_secs(5));
 }
+
+/// Messenger's subscription handshake goes through the listener: the challenge comes back only
+/// for the right verify token, and a signed event is stored.
+#[tokio::test]
+async fn messenger_handshake_and_signed_event_through_the_listener() {
+    use hmac::{Hmac, Mac};
+    let mut config = Config::default();
+    config.channels.telegram.bots.clear();
+    let fb = &mut config.channels.facebook;
+    fb.verify_token = Some(Secret::new("tok en&1"));
+    fb.page_id = Some("1001".into());
+    fb.access_token = Some(Secret::new("EAA-page"));
+    fb.app_secret = Some(Secret::new("app-secret"));
+    let channels = Channels::from_config(&config).unwrap();
+    let router = InboundRouter::new(&channels).unwrap();
+    assert_eq!(router.paths(), ["/webhooks/facebook"]);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let sink = Arc::new(TestSink::default());
+    tokio::spawn(serve(
+        listener,
+        router,
+        sink.clone(),
+        64 << 10,
+        Duration::from_secs(5),
+        Arc::new(|_: &str, _: &'static str| {}),
+        std::future::pending(),
+    ));
+    let http = reqwest::Client::new();
+    let hub = |token: &str| {
+        format!(
+            "{base}/webhooks/facebook?hub.mode=subscribe&hub.challenge=1158201444&hub.verify_token={token}"
+        )
+    };
+    let r = http.get(hub("tok+en%261")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "1158201444");
+    let r = http.get(hub("wrong")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+
+    let body = serde_json::to_vec(&json!({"object": "page", "entry": [{"id": "1001", "time": 1733000000000i64,
+        "messaging": [{"sender": {"id": "psid-7"}, "recipient": {"id": "1001"}, "timestamp": 1733000000000i64,
+            "message": {"mid": "m_1", "text": "hello"}}]}]}))
+    .unwrap();
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(b"app-secret").unwrap();
+    mac.update(&body);
+    let sig: String = mac
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let send = |sig: String| {
+        http.post(format!("{base}/webhooks/facebook"))
+            .header("x-hub-signature-256", format!("sha256={sig}"))
+            .body(body.clone())
+            .send()
+    };
+    assert_eq!(send("00".repeat(32)).await.unwrap().status(), 401);
+    assert!(sink.got.lock().unwrap().is_empty());
+    assert_eq!(send(sig).await.unwrap().status(), 200);
+    let got = sink.got.lock().unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].1.dedupe_key, "m_1");
+    assert_eq!(got[0].1.message.address.user_id(), "psid-7");
+}
