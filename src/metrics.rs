@@ -44,6 +44,13 @@ pub struct ChannelLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabels {
+    pub channel: LabelValue,
+    /// A fixed phrase from the channel's verification, never text from the request.
+    pub reason: LabelValue,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
     pub channel: LabelValue,
     pub outcome: LabelValue,
@@ -95,6 +102,7 @@ pub struct Metrics {
     delivery_latency: Family<ChannelLabel, Histogram, fn() -> Histogram>,
     request_latency: Family<OutcomeLabels, Histogram, fn() -> Histogram>,
     rate_limit_pauses: Family<ChannelLabel, Counter>,
+    inbound_refused: Family<RefusalLabels, Counter>,
     room_wait: Family<ChannelLabel, Histogram, fn() -> Histogram>,
     pub queue_depth: Gauge,
     pub active_workers: Gauge,
@@ -147,6 +155,7 @@ impl Metrics {
                 latency_histogram,
             );
         let rate_limit_pauses = Family::<ChannelLabel, Counter>::default();
+        let inbound_refused = Family::<RefusalLabels, Counter>::default();
         let room_wait = Family::<ChannelLabel, Histogram, fn() -> Histogram>::new_with_constructor(
             latency_histogram,
         );
@@ -207,6 +216,12 @@ impl Metrics {
             rate_limit_pauses.clone(),
         );
         registry.register(
+            "inbound_refused",
+            "Webhook calls refused before anything was stored, by channel and a fixed reason \
+             (bad signature, missing header, unreadable body, ...)",
+            inbound_refused.clone(),
+        );
+        registry.register(
             "room_wait_seconds",
             "How long a Send waited for room in its conversation's full line before it was accepted (delivery.max_wait_for_room), by channel",
             room_wait.clone(),
@@ -236,6 +251,7 @@ impl Metrics {
             delivery_latency,
             request_latency,
             rate_limit_pauses,
+            inbound_refused,
             room_wait,
             queue_depth,
             active_workers,
@@ -306,6 +322,16 @@ impl Metrics {
                 });
             }
         }
+    }
+
+    /// A webhook call refused before anything was stored.
+    pub fn inbound_refused(&self, channel: &str, reason: &'static str) {
+        self.inbound_refused
+            .get_or_create(&RefusalLabels {
+                channel: channel_label(channel),
+                reason: Cow::Borrowed(reason),
+            })
+            .inc();
     }
 
     /// Takes in a client's running count of token fetches for one channel id.
@@ -602,6 +628,21 @@ mod tests {
             text.contains(r#"channel="line",outcome="delivered"} 2"#),
             "{text}"
         );
+    }
+
+    #[test]
+    fn inbound_refusals_count_by_channel_and_reason() {
+        let m = Metrics::new();
+        m.inbound_refused("slack", "bad signature");
+        m.inbound_refused("slack", "bad signature");
+        m.inbound_refused("telegram", "wrong secret token");
+        let text = m.encode();
+        for line in [
+            r#"channel_gateway_inbound_refused_total{channel="slack",reason="bad signature"} 2"#,
+            r#"channel_gateway_inbound_refused_total{channel="telegram",reason="wrong secret token"} 1"#,
+        ] {
+            assert!(text.contains(line), "{text}");
+        }
     }
 
     /// Built-in ids count through the cached series, configured ones through the families:
