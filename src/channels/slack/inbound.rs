@@ -162,10 +162,543 @@ impl Inbound for SlackInbound {
 }
 
 mod parse {
-    use super::*;
+    //! Slack's three bodies into events. Every string kept is capped, every list bounded; the
+    //! native payload goes to `source_event["slack"]` without its verification `token` (a
+    //! shared secret of the app, which a bot must never receive).
 
-    pub fn parse(_config: &SlackConfig, _req: &WebhookRequest<'_>) -> Result<Parsed, WebhookError> {
-        Ok(Parsed::default())
+    use serde_json::{Map, Value, json};
+
+    use super::*;
+    use crate::channels::channel::{InboundEvent, WebhookAnswer};
+    use crate::model::{Address, Attachment, Conversation, Identity, Message, MessageType};
+
+    /// Events made from one call: a `block_actions` payload lists its actions (one per click in
+    /// practice); anything past this is dropped rather than stored.
+    pub const MAX_EVENTS: usize = 25;
+    /// Characters of text kept (Slack truncates messages at 40,000).
+    pub const MAX_TEXT_CHARS: usize = 40_000;
+    /// Files kept per message (Slack shares at most 10 at once).
+    pub const MAX_FILES: usize = 10;
+    /// Mention entities per message.
+    pub const MAX_MENTIONS: usize = 50;
+    /// Longest id kept (channel, user, ts, trigger_id, file names): a longer one is not Slack's.
+    pub const MAX_ID_CHARS: usize = 255;
+    /// Form fields read from a slash command or interactivity body (Slack sends about 15).
+    const MAX_FORM_PAIRS: usize = 64;
+    /// `url_verification` challenges are some 50 characters.
+    const MAX_CHALLENGE_CHARS: usize = 512;
+
+    const CHANNEL_ID: &str = super::super::render::CHANNEL_ID;
+
+    fn unreadable(why: &str) -> WebhookError {
+        WebhookError::Unreadable(why.to_string())
+    }
+
+    pub fn parse(config: &SlackConfig, req: &WebhookRequest<'_>) -> Result<Parsed, WebhookError> {
+        match req.path {
+            PATH_EVENTS => events(config, req.body),
+            PATH_INTERACTIVITY => interactivity(config, req.body),
+            PATH_COMMANDS => command(config, req.body),
+            _ => Err(unreadable("not a Slack webhook path")),
+        }
+    }
+
+    /// A string field that fits as an id.
+    fn id<'a>(v: &'a Value, key: &str) -> Option<&'a str> {
+        v.get(key)
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty() && s.chars().count() <= MAX_ID_CHARS)
+    }
+
+    fn capped(s: &str, max: usize) -> String {
+        match s.char_indices().nth(max) {
+            Some((i, _)) => s[..i].to_string(),
+            None => s.to_string(),
+        }
+    }
+
+    fn ident(id: &str) -> Identity {
+        Identity {
+            id: id.to_string(),
+            ..Default::default()
+        }
+    }
+
+    /// The native payload as a bot may see it: without the app's verification token.
+    fn without_token(mut v: Value) -> Value {
+        if let Some(o) = v.as_object_mut() {
+            o.remove("token");
+        }
+        v
+    }
+
+    /// `address.bot.id` must be what the send side selects the token by: a configured
+    /// workspace's `bot_id`. The workspace is the one whose `team_id` is the event's team; else
+    /// one whose `bot_id` is the bot user Slack names (an operator may configure that id);
+    /// else the only workspace when it names no team. Otherwise the bot user itself, so the
+    /// reply fails with the configured ids named rather than going out with another's token.
+    pub fn bot_for(
+        config: &SlackConfig,
+        team: Option<&str>,
+        bot_user: Option<&str>,
+    ) -> Option<Identity> {
+        let ws = &config.workspaces;
+        let found = team
+            .and_then(|t| ws.iter().find(|w| w.team_id.as_deref() == Some(t)))
+            .or_else(|| bot_user.and_then(|u| ws.iter().find(|w| w.bot_id == u)))
+            .or_else(|| match ws.as_slice() {
+                [only] if only.team_id.is_none() => Some(only),
+                _ => None,
+            });
+        found.map(|w| w.bot_id.as_str()).or(bot_user).map(ident)
+    }
+
+    /// Slack's `ts` (`1531420618.000200`: seconds, then a fraction) as a time.
+    pub fn ts_to_time(ts: &str) -> Option<time::OffsetDateTime> {
+        let (secs, frac) = ts.split_once('.').unwrap_or((ts, "0"));
+        if secs.is_empty()
+            || secs.len() > 12
+            || frac.is_empty()
+            || frac.len() > 9
+            || !secs.bytes().chain(frac.bytes()).all(|b| b.is_ascii_digit())
+        {
+            return None;
+        }
+        let secs: i64 = secs.parse().ok()?;
+        let nanos: i64 = format!("{frac:0<9}").parse().ok()?;
+        time::OffsetDateTime::from_unix_timestamp_nanos(
+            i128::from(secs) * 1_000_000_000 + i128::from(nanos),
+        )
+        .ok()
+    }
+
+    /// `<@U123>` and `<@U123|name>` in Slack text: mention entities as the Bot Framework has
+    /// them (`{type: "mention", mentioned: {id}, text}`); the text keeps them as they are.
+    pub fn mentions(text: &str) -> Vec<Value> {
+        let mut out = Vec::new();
+        let mut rest = text;
+        while let Some(start) = rest.find("<@") {
+            if out.len() >= MAX_MENTIONS {
+                break;
+            }
+            let after = &rest[start + 2..];
+            let Some(end) = after.find('>') else { break };
+            let inner = &after[..end];
+            let id = inner.split('|').next().unwrap_or("");
+            if !id.is_empty()
+                && id.len() <= MAX_ID_CHARS
+                && id.bytes().all(|b| b.is_ascii_alphanumeric())
+            {
+                let mut mentioned = Map::new();
+                mentioned.insert("id".into(), id.into());
+                if let Some(name) = inner.split_once('|').map(|x| x.1).filter(|n| !n.is_empty()) {
+                    mentioned.insert("name".into(), capped(name, MAX_ID_CHARS).into());
+                }
+                out.push(json!({
+                    "type": "mention",
+                    "mentioned": Value::Object(mentioned),
+                    "text": &rest[start..start + 2 + end + 1],
+                }));
+            }
+            rest = &after[end + 1..];
+        }
+        out
+    }
+
+    /// Files shared with a message: name and media type only. Their `url_private` needs the
+    /// bot token, so it is not a `content_url` a bot could fetch; it stays in `source_event`
+    /// (FetchAttachment, later, fetches it by the file's id).
+    fn files(event: &Value) -> Vec<Attachment> {
+        event
+            .get("files")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter(|f| id(f, "id").is_some())
+            .take(MAX_FILES)
+            .map(|f| Attachment {
+                content_type: id(f, "mimetype")
+                    .unwrap_or("application/octet-stream")
+                    .to_string(),
+                name: f
+                    .get("name")
+                    .and_then(Value::as_str)
+                    .or_else(|| f.get("title").and_then(Value::as_str))
+                    .map(|n| capped(n, MAX_ID_CHARS)),
+                ..Default::default()
+            })
+            .collect()
+    }
+
+    fn conversation(channel: &str, channel_type: Option<&str>) -> Conversation {
+        Conversation {
+            id: channel.to_string(),
+            // A public or private channel or a group DM has more than two members; an `im`
+            // is the user and the bot.
+            is_group: channel_type.map(|t| matches!(t, "channel" | "group" | "mpim")),
+            conversation_type: channel_type.map(|t| capped(t, MAX_ID_CHARS)),
+            ..Default::default()
+        }
+    }
+
+    fn text_of(v: &Value) -> Option<String> {
+        v.get("text")
+            .and_then(Value::as_str)
+            .filter(|t| !t.is_empty())
+            .map(|t| capped(t, MAX_TEXT_CHARS))
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Events API
+
+    fn events(config: &SlackConfig, body: &[u8]) -> Result<Parsed, WebhookError> {
+        let v: Value =
+            serde_json::from_slice(body).map_err(|_| unreadable("Events API body is not JSON"))?;
+        match v.get("type").and_then(Value::as_str) {
+            Some("url_verification") => {
+                let challenge = v
+                    .get("challenge")
+                    .and_then(Value::as_str)
+                    .filter(|c| !c.is_empty() && c.len() <= MAX_CHALLENGE_CHARS)
+                    .ok_or_else(|| unreadable("url_verification without a usable challenge"))?;
+                Ok(Parsed {
+                    events: Vec::new(),
+                    answer: Some(WebhookAnswer {
+                        status: 200,
+                        content_type: "application/json",
+                        body: json!({ "challenge": challenge }).to_string().into_bytes(),
+                    }),
+                })
+            }
+            Some("event_callback") => {
+                let events = event_callback(config, v)?.into_iter().collect();
+                Ok(Parsed {
+                    events,
+                    answer: None,
+                })
+            }
+            // `app_rate_limited` and envelopes to come: acknowledged, nothing to deliver.
+            _ => Ok(Parsed::default()),
+        }
+    }
+
+    fn event_callback(
+        config: &SlackConfig,
+        v: Value,
+    ) -> Result<Option<InboundEvent>, WebhookError> {
+        let event = v
+            .get("event")
+            .filter(|e| e.is_object())
+            .ok_or_else(|| unreadable("event_callback without an event"))?;
+        let team = id(&v, "team_id").or_else(|| id(event, "team"));
+        // Slack lists the installation the event is for; its bot user is ours.
+        let bot_user = v
+            .get("authorizations")
+            .and_then(Value::as_array)
+            .and_then(|a| a.first())
+            .and_then(|a| id(a, "user_id"));
+        let (kind, post) = match event.get("type").and_then(Value::as_str) {
+            Some("message") => match event.get("subtype").and_then(Value::as_str) {
+                None | Some("file_share" | "thread_broadcast" | "me_message") => {
+                    (MessageType::Message, event)
+                }
+                // The edited message as it is now, its `ts` the original's.
+                Some("message_changed") => (
+                    MessageType::MessageUpdate,
+                    event.get("message").unwrap_or(&Value::Null),
+                ),
+                Some("message_deleted") => (
+                    MessageType::MessageDelete,
+                    event.get("previous_message").unwrap_or(&Value::Null),
+                ),
+                // Joins, topic changes, bot_message and the like are not someone talking to
+                // the bot.
+                _ => return Ok(None),
+            },
+            Some("app_mention") => (MessageType::Message, event),
+            _ => return Ok(None),
+        };
+        // Bolt's ignoreSelf, stricter: every bot-posted message is left out (the bot's own
+        // carry its bot id, which only auth.test would tell; another bot's would start loops),
+        // with its edits and deletions.
+        if post.get("bot_id").is_some_and(|b| !b.is_null())
+            || bot_user.is_some_and(|u| id(post, "user") == Some(u))
+        {
+            return Ok(None);
+        }
+        let user = id(post, "user");
+        if user.is_none() && kind != MessageType::MessageDelete {
+            return Ok(None);
+        }
+        let channel =
+            id(event, "channel").ok_or_else(|| unreadable("message event without a channel"))?;
+        let ts = id(event, "ts").ok_or_else(|| unreadable("message event without a ts"))?;
+        let message_id = match kind {
+            MessageType::MessageDelete => id(event, "deleted_ts"),
+            _ => id(post, "ts"),
+        }
+        .ok_or_else(|| unreadable("message event without the message's ts"))?;
+        let text = match kind {
+            MessageType::MessageDelete => None,
+            _ => text_of(post),
+        };
+        let entities = text.as_deref().map(mentions).unwrap_or_default();
+        let address = Address {
+            channel_id: CHANNEL_ID.into(),
+            user: user.map(ident),
+            bot: bot_for(config, team, bot_user),
+            conversation: Some(conversation(channel, id(event, "channel_type"))),
+            service_url: None,
+            id: Some(message_id.to_string()),
+            thread_id: id(post, "thread_ts").map(String::from),
+        };
+        let dedupe_key = match kind {
+            // The `app_mention` and the `message` of one post carry different event ids (and
+            // Slack has resent events with new ones): the post itself is the key.
+            MessageType::Message => format!("{}:{channel}:{ts}", team.unwrap_or("")),
+            _ => id(&v, "event_id")
+                .map(String::from)
+                .unwrap_or_else(|| format!("{}:{channel}:{ts}", team.unwrap_or(""))),
+        };
+        let attachments = match kind {
+            MessageType::MessageDelete => Vec::new(),
+            _ => files(post),
+        };
+        let mut message = Message {
+            kind,
+            address,
+            text,
+            attachments,
+            entities,
+            timestamp: ts_to_time(ts),
+            ..Default::default()
+        };
+        message
+            .source_event
+            .insert(CHANNEL_ID.into(), without_token(v));
+        Ok(Some(InboundEvent {
+            dedupe_key,
+            message,
+        }))
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Interactivity
+
+    /// The form fields of a body, at most `MAX_FORM_PAIRS`.
+    fn form(body: &[u8]) -> Vec<(String, String)> {
+        url::form_urlencoded::parse(body)
+            .take(MAX_FORM_PAIRS)
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect()
+    }
+
+    fn interactivity(config: &SlackConfig, body: &[u8]) -> Result<Parsed, WebhookError> {
+        let payload = form(body)
+            .into_iter()
+            .find(|(k, _)| k == "payload")
+            .map(|(_, v)| v)
+            .ok_or_else(|| unreadable("interactivity body without a payload"))?;
+        let p: Value = serde_json::from_str(&payload)
+            .map_err(|_| unreadable("interactivity payload is not JSON"))?;
+        if !p.is_object() {
+            return Err(unreadable("interactivity payload is not an object"));
+        }
+        let events = match p.get("type").and_then(Value::as_str) {
+            Some("block_actions") => block_actions(config, &p)?,
+            Some(other) => {
+                // Modals, shortcuts, message actions: passed on as events the bot can read
+                // natively until the model maps them.
+                let name = capped(other, MAX_ID_CHARS);
+                let key = id(&p, "trigger_id")
+                    .map(String::from)
+                    .or_else(|| p.get("view").and_then(|v| id(v, "id")).map(String::from))
+                    .ok_or_else(|| unreadable("interactivity payload without a trigger_id"))?;
+                let mut message = Message {
+                    kind: MessageType::Event,
+                    address: interaction_address(config, &p),
+                    name: Some(name),
+                    ..Default::default()
+                };
+                message
+                    .source_event
+                    .insert(CHANNEL_ID.into(), without_token(p.clone()));
+                vec![InboundEvent {
+                    dedupe_key: key,
+                    message,
+                }]
+            }
+            None => return Err(unreadable("interactivity payload without a type")),
+        };
+        Ok(Parsed {
+            events,
+            answer: None,
+        })
+    }
+
+    /// The address of a click: who clicked, in which channel and thread, on which message.
+    fn interaction_address(config: &SlackConfig, p: &Value) -> Address {
+        let container = p.get("container").unwrap_or(&Value::Null);
+        let message = p.get("message").unwrap_or(&Value::Null);
+        let team = p
+            .get("team")
+            .and_then(|t| id(t, "id"))
+            .or_else(|| p.get("user").and_then(|u| id(u, "team_id")));
+        // The clicked message was posted by the bot: its user is the bot user.
+        let poster = id(message, "user").filter(|_| message.get("bot_id").is_some());
+        let channel = p
+            .get("channel")
+            .and_then(|c| id(c, "id"))
+            .or_else(|| id(container, "channel_id"));
+        Address {
+            channel_id: CHANNEL_ID.into(),
+            user: p.get("user").and_then(|u| id(u, "id")).map(ident),
+            bot: bot_for(config, team, poster),
+            conversation: channel.map(|c| conversation(c, None)),
+            service_url: None,
+            id: id(message, "ts")
+                .or_else(|| id(container, "message_ts"))
+                .map(String::from),
+            thread_id: id(message, "thread_ts")
+                .or_else(|| id(container, "thread_ts"))
+                .map(String::from),
+        }
+    }
+
+    /// What a click on one of our buttons means (`action_id` = `{type}:{ordinal}:{origin}`,
+    /// see `blocks::button`): im_back is text the user sent; post_back and dialog_action a
+    /// silent value; message_back its JSON object's text and value. `None`: a URL button,
+    /// which needs only the acknowledgement.
+    pub fn tap(action: &Value) -> Option<(Option<String>, Option<Value>)> {
+        let raw = action.get("value").and_then(Value::as_str).unwrap_or("");
+        let value = capped(raw, MAX_TEXT_CHARS);
+        let kind = action
+            .get("action_id")
+            .and_then(Value::as_str)
+            .and_then(|a| {
+                let mut parts = a.splitn(3, ':');
+                let kind = parts.next()?;
+                let ordinal = parts.next()?;
+                parts.next()?;
+                (!ordinal.is_empty() && ordinal.bytes().all(|b| b.is_ascii_digit())).then_some(kind)
+            });
+        match kind {
+            Some("im_back") => Some((Some(value), None)),
+            Some("post_back" | "dialog_action") => Some((None, Some(Value::String(value)))),
+            Some("message_back") => match serde_json::from_str::<Value>(&value) {
+                Ok(Value::Object(o)) => Some((
+                    o.get("text")
+                        .and_then(Value::as_str)
+                        .map(|t| capped(t, MAX_TEXT_CHARS)),
+                    o.get("value").cloned(),
+                )),
+                _ => Some((None, Some(Value::String(value)))),
+            },
+            Some(
+                "open_url" | "signin" | "download_file" | "show_image" | "play_audio"
+                | "play_video",
+            ) => None,
+            // Not one of ours (native blocks sent through source_event, a select menu): the
+            // action as Slack reports it.
+            _ => Some((None, Some(action.clone()))),
+        }
+    }
+
+    fn block_actions(config: &SlackConfig, p: &Value) -> Result<Vec<InboundEvent>, WebhookError> {
+        let address = interaction_address(config, p);
+        let trigger = id(p, "trigger_id");
+        let message_ts = p
+            .get("container")
+            .and_then(|c| id(c, "message_ts"))
+            .or(address.id.as_deref());
+        let source = without_token(p.clone());
+        let actions: Vec<&Value> = p
+            .get("actions")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .take(MAX_EVENTS)
+            .collect();
+        let many = actions.len() > 1;
+        let mut out = Vec::new();
+        for (i, action) in actions.into_iter().enumerate() {
+            let Some((text, value)) = tap(action) else {
+                continue;
+            };
+            let key = match (trigger, message_ts, id(action, "action_ts")) {
+                (Some(t), _, _) => t.to_string(),
+                (None, Some(m), Some(a)) => format!("{m}:{a}"),
+                _ => return Err(unreadable("block_actions without a trigger_id")),
+            };
+            let dedupe_key = if many { format!("{key}:{i}") } else { key };
+            let mut message = Message {
+                kind: MessageType::Message,
+                address: address.clone(),
+                text,
+                value,
+                ..Default::default()
+            };
+            message
+                .source_event
+                .insert(CHANNEL_ID.into(), source.clone());
+            out.push(InboundEvent {
+                dedupe_key,
+                message,
+            });
+        }
+        Ok(out)
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Slash commands
+
+    fn command(config: &SlackConfig, body: &[u8]) -> Result<Parsed, WebhookError> {
+        let fields = form(body);
+        let get = |k: &str| {
+            fields
+                .iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.as_str())
+        };
+        let short = |k: &str| get(k).filter(|v| !v.is_empty() && v.chars().count() <= MAX_ID_CHARS);
+        let name = short("command").ok_or_else(|| unreadable("slash command without a command"))?;
+        let channel =
+            short("channel_id").ok_or_else(|| unreadable("slash command without a channel_id"))?;
+        let user = short("user_id").ok_or_else(|| unreadable("slash command without a user_id"))?;
+        let trigger =
+            short("trigger_id").ok_or_else(|| unreadable("slash command without a trigger_id"))?;
+        let team = short("team_id");
+        let mut native = Map::new();
+        for (k, v) in &fields {
+            if k != "token" && !native.contains_key(k) {
+                native.insert(capped(k, MAX_ID_CHARS), capped(v, MAX_TEXT_CHARS).into());
+            }
+        }
+        let mut message = Message {
+            kind: MessageType::Message,
+            address: Address {
+                channel_id: CHANNEL_ID.into(),
+                user: Some(ident(user)),
+                bot: bot_for(config, team, None),
+                conversation: Some(conversation(channel, None)),
+                ..Default::default()
+            },
+            text: get("text")
+                .filter(|t| !t.is_empty())
+                .map(|t| capped(t, MAX_TEXT_CHARS)),
+            name: Some(name.to_string()),
+            ..Default::default()
+        };
+        message
+            .source_event
+            .insert(CHANNEL_ID.into(), Value::Object(native));
+        Ok(Parsed {
+            events: vec![InboundEvent {
+                dedupe_key: trigger.to_string(),
+                message,
+            }],
+            answer: None,
+        })
     }
 }
 
