@@ -952,4 +952,603 @@ mod tests {
         );
         assert!(run_verify(&inbound, PATH_EVENTS, &h, body, now).is_err());
     }
+
+    // -----------------------------------------------------------------------------------------
+    // Parsing
+
+    use super::parse::{MAX_EVENTS, MAX_FILES, MAX_MENTIONS, MAX_TEXT_CHARS};
+    use crate::channels::channel::{Channel, InboundEvent, Parsed};
+    use crate::channels::slack::render;
+    use crate::model::{ActionType, CardAction, HeroCard, Message, MessageType};
+    use serde_json::{Value, json};
+
+    const SECRET: &str = "test-signing-secret";
+    const NOW: u64 = 1_700_000_600;
+
+    fn fixture(name: &str) -> String {
+        let path = format!(
+            "{}/tests/inbound/slack/{name}.json",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        std::fs::read_to_string(path).unwrap()
+    }
+
+    fn workspace(bot: &str, team: Option<&str>) -> SlackWorkspace {
+        SlackWorkspace {
+            bot_id: bot.into(),
+            token: Secret::new(format!("xoxb-{bot}")),
+            team_id: team.map(String::from),
+            signing_secret: None,
+        }
+    }
+
+    fn two_workspaces() -> SlackConfig {
+        let mut c = config(SECRET);
+        c.workspaces = vec![
+            workspace("B0OTHER", Some("T0OTHER")),
+            workspace("B0123BOT", Some("T0123TEAM")),
+        ];
+        c
+    }
+
+    /// Signs `body` as Slack does, verifies it, then parses it: what the listener will do.
+    fn receive_with(c: &SlackConfig, path: &str, body: &[u8]) -> Result<Parsed, WebhookError> {
+        let inbound = SlackInbound::new(c).unwrap();
+        let h = headers(Some(&sign(SECRET, NOW, body)), Some(&NOW.to_string()));
+        run_verify(&inbound, path, &h, body, NOW)?;
+        let method = http::Method::POST;
+        inbound.parse(&WebhookRequest {
+            method: &method,
+            path,
+            query: None,
+            headers: &h,
+            body,
+            received_at: NOW,
+        })
+    }
+
+    fn receive(path: &str, body: &[u8]) -> Parsed {
+        receive_with(&two_workspaces(), path, body).unwrap()
+    }
+
+    fn one(path: &str, body: &[u8]) -> InboundEvent {
+        let mut p = receive(path, body);
+        assert_eq!(p.events.len(), 1, "{:?}", p.events);
+        assert!(p.answer.is_none());
+        p.events.remove(0)
+    }
+
+    fn interactive(payload: &Value) -> Vec<u8> {
+        url::form_urlencoded::Serializer::new(String::new())
+            .append_pair("payload", &payload.to_string())
+            .finish()
+            .into_bytes()
+    }
+
+    /// A reply with the received address, rendered as the send side will: the channel, thread
+    /// and token it goes with.
+    fn reply_target(addr: &crate::model::Address) -> (String, Option<String>, String) {
+        let reply = Message {
+            address: addr.clone(),
+            text: Some("ok".into()),
+            ..Default::default()
+        };
+        let r = render::render_send(&reply, None, &two_workspaces()).unwrap();
+        let body = r.requests[0].body.value();
+        (
+            body["channel"].as_str().unwrap().to_string(),
+            body["thread_ts"].as_str().map(String::from),
+            r.requests[0].credential.clone(),
+        )
+    }
+
+    #[test]
+    fn the_channel_serves_its_inbound_side_only_with_a_secret() {
+        let d = std::time::Duration::from_secs(1);
+        let without = super::super::Slack::new(&SlackConfig::default(), d).unwrap();
+        assert!(without.inbound().is_none());
+        let with = super::super::Slack::new(&two_workspaces(), d).unwrap();
+        let paths = with.inbound().unwrap().paths();
+        assert_eq!(
+            paths,
+            [
+                "/webhooks/slack/events",
+                "/webhooks/slack/interactivity",
+                "/webhooks/slack/commands"
+            ]
+        );
+    }
+
+    #[test]
+    fn url_verification_is_answered_only_once_verified() {
+        let body = br#"{"token":"Jhj5dZrVaK7ZwHHjRyZWjbDl","challenge":"3eZbrw1aBm2rZgRNFdxV2595E9CY3gmdALWMmHkvFXO7tYXAYM8P","type":"url_verification"}"#;
+        let p = receive(PATH_EVENTS, body);
+        assert!(p.events.is_empty());
+        let a = p.answer.unwrap();
+        assert_eq!((a.status, a.content_type), (200, "application/json"));
+        let v: Value = serde_json::from_slice(&a.body).unwrap();
+        assert_eq!(
+            v,
+            json!({"challenge": "3eZbrw1aBm2rZgRNFdxV2595E9CY3gmdALWMmHkvFXO7tYXAYM8P"})
+        );
+        // Unsigned: refused before any parsing.
+        let inbound = SlackInbound::new(&two_workspaces()).unwrap();
+        let h = headers(None, Some(&NOW.to_string()));
+        assert!(run_verify(&inbound, PATH_EVENTS, &h, body, NOW).is_err());
+    }
+
+    #[test]
+    fn a_message_in_a_thread_with_files_and_mentions() {
+        let body = fixture("message_in_thread");
+        let e = one(PATH_EVENTS, body.as_bytes());
+        let m = &e.message;
+        assert_eq!(e.dedupe_key, "T0123TEAM:C0123CHAN:1700000123.000200");
+        assert_eq!(m.kind, MessageType::Message);
+        assert_eq!(
+            m.text.as_deref(),
+            Some("<@U0BOTUSER> here is the report, cc <@U0OTHER|bob> — ça va?")
+        );
+        assert_eq!(
+            m.entities,
+            vec![
+                json!({"type": "mention", "mentioned": {"id": "U0BOTUSER"}, "text": "<@U0BOTUSER>"}),
+                json!({"type": "mention", "mentioned": {"id": "U0OTHER", "name": "bob"}, "text": "<@U0OTHER|bob>"}),
+            ]
+        );
+        assert_eq!(m.attachments.len(), 2);
+        assert_eq!(m.attachments[0].content_type, "application/pdf");
+        assert_eq!(m.attachments[0].name.as_deref(), Some("report.pdf"));
+        assert_eq!(m.attachments[1].content_type, "image/png");
+        assert_eq!(m.attachments[1].name.as_deref(), Some("photo"));
+        // url_private needs the bot token: never a URL the bot is handed to fetch.
+        assert!(m.attachments.iter().all(|a| a.content_url.is_none()));
+        let a = &m.address;
+        assert_eq!(a.channel_id, "slack");
+        assert_eq!(a.user_id(), "U0HUMAN");
+        assert_eq!(a.bot_id(), "B0123BOT");
+        let c = a.conversation.as_ref().unwrap();
+        assert_eq!(c.id, "C0123CHAN");
+        assert_eq!(c.is_group, Some(true));
+        assert_eq!(c.conversation_type.as_deref(), Some("channel"));
+        assert_eq!(a.id.as_deref(), Some("1700000123.000200"));
+        assert_eq!(a.thread_id.as_deref(), Some("1700000000.000100"));
+        assert_eq!(a.service_url, None);
+        assert_eq!(
+            m.timestamp.map(|t| t.unix_timestamp_nanos()),
+            Some(1_700_000_123_000_200_000)
+        );
+        let native = &m.source_event["slack"];
+        assert_eq!(native["event_id"], "Ev0MESSAGE");
+        assert_eq!(
+            native["event"]["files"][0]["url_private"],
+            "https://files.slack.com/files-pri/T0123TEAM-F0123FILE/report.pdf"
+        );
+        assert!(native.get("token").is_none(), "verification token kept");
+        // The reply goes to the same channel and thread, with this workspace's token.
+        assert_eq!(
+            reply_target(a),
+            (
+                "C0123CHAN".into(),
+                Some("1700000000.000100".into()),
+                "B0123BOT".into()
+            )
+        );
+    }
+
+    #[test]
+    fn the_mention_and_the_message_of_one_post_share_a_key() {
+        let mention = one(PATH_EVENTS, fixture("app_mention").as_bytes());
+        let message = one(PATH_EVENTS, fixture("message_in_thread").as_bytes());
+        assert_eq!(mention.dedupe_key, message.dedupe_key);
+        assert_eq!(
+            mention.message.address.thread_id,
+            message.message.address.thread_id
+        );
+        assert_eq!(mention.message.entities.len(), 2);
+        // No channel_type on app_mention: whether it is a group is not guessed.
+        assert_eq!(
+            mention
+                .message
+                .address
+                .conversation
+                .as_ref()
+                .unwrap()
+                .is_group,
+            None
+        );
+    }
+
+    #[test]
+    fn the_bots_own_and_other_bots_messages_are_dropped() {
+        let bot = fixture("bot_message");
+        assert!(receive(PATH_EVENTS, bot.as_bytes()).events.is_empty());
+        let v: Value = serde_json::from_str(&bot).unwrap();
+        // Our bot user without a bot_id (e.g. a message posted as the bot user).
+        let mut own = v.clone();
+        own["event"].as_object_mut().unwrap().remove("bot_id");
+        // subtype bot_message (legacy integrations, no user).
+        let mut legacy = v.clone();
+        legacy["event"]["subtype"] = json!("bot_message");
+        legacy["event"].as_object_mut().unwrap().remove("user");
+        // Another app's bot.
+        let mut other = v.clone();
+        other["event"]["user"] = json!("U0OTHERBOT");
+        other["event"]["bot_id"] = json!("B0OTHERBOT");
+        // Not talk: someone joined.
+        let mut join = v.clone();
+        join["event"]["subtype"] = json!("channel_join");
+        join["event"]["user"] = json!("U0HUMAN");
+        join["event"].as_object_mut().unwrap().remove("bot_id");
+        // Edits of the bot's own messages.
+        let mut edit: Value = serde_json::from_str(&fixture("message_changed")).unwrap();
+        edit["event"]["message"]["bot_id"] = json!("B0123BOT");
+        for (name, body) in [
+            ("own", own),
+            ("legacy", legacy),
+            ("other", other),
+            ("join", join),
+            ("edit", edit),
+        ] {
+            let p = receive(PATH_EVENTS, body.to_string().as_bytes());
+            assert!(p.events.is_empty(), "{name}: {:?}", p.events);
+        }
+        // The same post from a person is kept.
+        let mut human = v;
+        human["event"]["user"] = json!("U0HUMAN");
+        human["event"].as_object_mut().unwrap().remove("bot_id");
+        assert_eq!(
+            receive(PATH_EVENTS, human.to_string().as_bytes())
+                .events
+                .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn edits_and_deletions() {
+        let e = one(PATH_EVENTS, fixture("message_changed").as_bytes());
+        assert_eq!(e.dedupe_key, "Ev0CHANGED");
+        let m = &e.message;
+        assert_eq!(m.kind, MessageType::MessageUpdate);
+        assert_eq!(m.text.as_deref(), Some("hello, corrected"));
+        assert_eq!(m.address.id.as_deref(), Some("1700000250.000400"));
+        assert_eq!(m.address.user_id(), "U0HUMAN");
+        let c = m.address.conversation.as_ref().unwrap();
+        assert_eq!((c.id.as_str(), c.is_group), ("D0123DM", Some(false)));
+        assert_eq!(m.address.thread_id, None);
+        assert_eq!(reply_target(&m.address).0, "D0123DM");
+
+        let e = one(PATH_EVENTS, fixture("message_deleted").as_bytes());
+        assert_eq!(e.dedupe_key, "Ev0DELETED");
+        let m = &e.message;
+        assert_eq!(m.kind, MessageType::MessageDelete);
+        assert_eq!(m.text, None);
+        assert_eq!(m.address.id.as_deref(), Some("1700000250.000400"));
+        assert_eq!(m.address.thread_id.as_deref(), Some("1700000000.000100"));
+        let c = m.address.conversation.as_ref().unwrap();
+        assert_eq!((c.id.as_str(), c.is_group), ("G0123PRIV", Some(true)));
+    }
+
+    #[test]
+    fn the_bot_is_the_workspace_the_send_side_selects_the_token_by() {
+        use super::parse::bot_for;
+        let two = two_workspaces();
+        let bot =
+            |c: &SlackConfig, t: Option<&str>, u: Option<&str>| bot_for(c, t, u).map(|i| i.id);
+        assert_eq!(
+            bot(&two, Some("T0OTHER"), Some("U1")).as_deref(),
+            Some("B0OTHER")
+        );
+        assert_eq!(
+            bot(&two, Some("T0123TEAM"), None).as_deref(),
+            Some("B0123BOT")
+        );
+        // Unknown team: the bot user, which no workspace has (the reply is refused, naming
+        // the configured ids, rather than sent with another workspace's token).
+        assert_eq!(bot(&two, Some("T9"), Some("U9")).as_deref(), Some("U9"));
+        assert_eq!(bot(&two, Some("T9"), None), None);
+        // One workspace without a team: everything is for it.
+        let mut one_ws = config(SECRET);
+        one_ws.workspaces = vec![workspace("B1", None)];
+        assert_eq!(bot(&one_ws, Some("T9"), Some("U9")).as_deref(), Some("B1"));
+        // An operator who configured the bot user id as bot_id.
+        let mut by_user = config(SECRET);
+        by_user.workspaces = vec![workspace("U0BOT", Some("T1")), workspace("B2", Some("T2"))];
+        assert_eq!(
+            bot(&by_user, Some("T9"), Some("U0BOT")).as_deref(),
+            Some("U0BOT")
+        );
+        // The other workspace's event goes to its own bot.
+        let mut v: Value = serde_json::from_str(&fixture("app_mention")).unwrap();
+        v["team_id"] = json!("T0OTHER");
+        let e = one(PATH_EVENTS, v.to_string().as_bytes());
+        assert_eq!(e.message.address.bot_id(), "B0OTHER");
+        assert_eq!(e.dedupe_key, "T0OTHER:C0123CHAN:1700000123.000200");
+    }
+
+    #[test]
+    fn a_button_click_in_a_thread() {
+        let payload: Value = serde_json::from_str(&fixture("block_actions")).unwrap();
+        let e = one(PATH_INTERACTIVITY, &interactive(&payload));
+        assert_eq!(e.dedupe_key, "1700000500.12345.abcdef0123456789");
+        let m = &e.message;
+        assert_eq!(m.kind, MessageType::Message);
+        assert_eq!(m.text.as_deref(), Some("hi"));
+        assert_eq!(m.value, None);
+        let a = &m.address;
+        assert_eq!(a.user_id(), "U0HUMAN");
+        assert_eq!(a.bot_id(), "B0123BOT");
+        assert_eq!(a.conversation_id(), Some("C0123CHAN"));
+        assert_eq!(a.id.as_deref(), Some("1700000200.000300"));
+        assert_eq!(a.thread_id.as_deref(), Some("1700000000.000100"));
+        assert!(m.source_event["slack"].get("token").is_none());
+        assert_eq!(
+            m.source_event["slack"]["actions"][0]["action_id"],
+            "im_back:0:a0.b0"
+        );
+        assert_eq!(
+            reply_target(a),
+            (
+                "C0123CHAN".into(),
+                Some("1700000000.000100".into()),
+                "B0123BOT".into()
+            )
+        );
+        // Without a trigger_id: the message and the action's times.
+        let mut p = payload.clone();
+        p.as_object_mut().unwrap().remove("trigger_id");
+        let e = one(PATH_INTERACTIVITY, &interactive(&p));
+        assert_eq!(e.dedupe_key, "1700000200.000300:1700000500.000700");
+        // A click on a top-level message: no thread, the reply goes to the channel.
+        let mut p = payload;
+        p["message"].as_object_mut().unwrap().remove("thread_ts");
+        p["container"].as_object_mut().unwrap().remove("thread_ts");
+        let e = one(PATH_INTERACTIVITY, &interactive(&p));
+        assert_eq!(reply_target(&e.message.address).1, None);
+    }
+
+    /// Buttons rendered by `blocks`, clicked: each maps back to what the bot sent, per the
+    /// README's promise (im_back as text; post_back, dialog_action, message_back's value as
+    /// value; message_back's text as text; URL buttons nothing).
+    #[test]
+    fn rendered_buttons_map_back() {
+        let action = |kind, value: Option<Value>| CardAction {
+            kind,
+            title: Some("t".into()),
+            value,
+            image: None,
+            text: None,
+            display_text: None,
+            channel_data: None,
+            dialog_name: None,
+            dialog_data: None,
+        };
+        let mut back = action(ActionType::MessageBack, Some(json!({"order": 7})));
+        back.text = Some("buy".into());
+        back.display_text = Some("Buying…".into());
+        let mut dialog = action(ActionType::DialogAction, None);
+        dialog.dialog_name = Some("help".into());
+        dialog.dialog_data = Some("topic".into());
+        let buttons = vec![
+            action(ActionType::ImBack, Some(json!("hello there"))),
+            action(ActionType::PostBack, Some(json!("pb-1"))),
+            back,
+            dialog,
+            action(ActionType::OpenUrl, Some(json!("https://example.com/"))),
+        ];
+        let sent = Message {
+            address: crate::model::Address {
+                channel_id: "slack".into(),
+                bot: Some(crate::model::Identity {
+                    id: "B0123BOT".into(),
+                    ..Default::default()
+                }),
+                conversation: Some(crate::model::Conversation {
+                    id: "C0123CHAN".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            attachments: vec![crate::model::Attachment {
+                content: Some(crate::model::AttachmentContent::Hero(HeroCard {
+                    title: Some("Pick".into()),
+                    buttons,
+                    ..Default::default()
+                })),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let r = render::render_send(&sent, None, &two_workspaces()).unwrap();
+        let body = r.requests[0].body.value();
+        let elements: Vec<Value> = body["blocks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|b| b["type"] == "actions")
+            .flat_map(|b| b["elements"].as_array().unwrap().clone())
+            .collect();
+        assert_eq!(elements.len(), 5);
+        let mut template: Value = serde_json::from_str(&fixture("block_actions")).unwrap();
+        let mut got = Vec::new();
+        for el in elements {
+            let mut clicked = json!({
+                "action_id": el["action_id"],
+                "block_id": "b",
+                "text": el["text"],
+                "type": "button",
+                "action_ts": "1700000500.000700"
+            });
+            if let Some(v) = el.get("value") {
+                clicked["value"] = v.clone();
+            }
+            template["actions"] = json!([clicked]);
+            let p = receive(PATH_INTERACTIVITY, &interactive(&template));
+            got.push(
+                p.events
+                    .into_iter()
+                    .map(|e| (e.message.text, e.message.value))
+                    .collect::<Vec<_>>(),
+            );
+        }
+        assert_eq!(
+            got,
+            vec![
+                vec![(Some("hello there".to_string()), None)],
+                vec![(None, Some(json!("pb-1")))],
+                vec![(Some("buy".to_string()), Some(json!({"order": 7})))],
+                vec![(None, Some(json!("action?help=topic")))],
+                vec![],
+            ]
+        );
+    }
+
+    #[test]
+    fn foreign_actions_and_other_interactions_are_passed_on_natively() {
+        let mut payload: Value = serde_json::from_str(&fixture("block_actions")).unwrap();
+        let select = json!({
+            "action_id": "choose_color",
+            "block_id": "b",
+            "type": "static_select",
+            "selected_option": {"text": {"type": "plain_text", "text": "Red"}, "value": "red"},
+            "action_ts": "1700000500.000700"
+        });
+        payload["actions"] = json!([select.clone()]);
+        let e = one(PATH_INTERACTIVITY, &interactive(&payload));
+        assert_eq!(e.message.value, Some(select));
+        assert_eq!(e.message.text, None);
+
+        let shortcut = json!({
+            "type": "shortcut",
+            "token": "XXYYZZverificationtoken",
+            "action_ts": "1700000500.000800",
+            "team": {"id": "T0123TEAM", "domain": "example"},
+            "user": {"id": "U0HUMAN", "username": "alice", "team_id": "T0123TEAM"},
+            "callback_id": "open_ticket",
+            "trigger_id": "944799105734.773906753841.38b5894552bdd4a780554ee59d1f3638"
+        });
+        let e = one(PATH_INTERACTIVITY, &interactive(&shortcut));
+        assert_eq!(e.message.kind, MessageType::Event);
+        assert_eq!(e.message.name.as_deref(), Some("shortcut"));
+        assert_eq!(
+            e.dedupe_key,
+            "944799105734.773906753841.38b5894552bdd4a780554ee59d1f3638"
+        );
+        assert_eq!(e.message.address.user_id(), "U0HUMAN");
+        assert!(e.message.source_event["slack"].get("token").is_none());
+    }
+
+    #[test]
+    fn slacks_documented_slash_command() {
+        let mut c = config(DOC_SECRET);
+        c.workspaces = vec![workspace("B0DOC", None)];
+        let inbound = SlackInbound::new(&c).unwrap();
+        let h = headers(Some(DOC_SIGNATURE), Some(&DOC_TIMESTAMP.to_string()));
+        run_verify(
+            &inbound,
+            PATH_COMMANDS,
+            &h,
+            DOC_BODY.as_bytes(),
+            DOC_TIMESTAMP,
+        )
+        .unwrap();
+        let method = http::Method::POST;
+        let mut p = inbound
+            .parse(&WebhookRequest {
+                method: &method,
+                path: PATH_COMMANDS,
+                query: None,
+                headers: &h,
+                body: DOC_BODY.as_bytes(),
+                received_at: DOC_TIMESTAMP,
+            })
+            .unwrap();
+        assert_eq!(p.events.len(), 1);
+        let e = p.events.remove(0);
+        assert_eq!(
+            e.dedupe_key,
+            "398738663015.47445629121.803a0bc887a14d10d2c447fce8b6703c"
+        );
+        let m = &e.message;
+        assert_eq!(m.kind, MessageType::Message);
+        assert_eq!(m.name.as_deref(), Some("/webhook-collect"));
+        assert_eq!(m.text, None);
+        assert_eq!(m.address.user_id(), "U2CERLKJA");
+        assert_eq!(m.address.bot_id(), "B0DOC");
+        assert_eq!(m.address.conversation_id(), Some("G8PSS9T3V"));
+        assert_eq!(m.address.thread_id, None);
+        let native = &m.source_event["slack"];
+        assert!(native.get("token").is_none());
+        assert_eq!(native["team_domain"], "testteamnow");
+        assert_eq!(
+            native["response_url"],
+            "https://hooks.slack.com/commands/T1DC2JH3J/397700885554/96rGlfmibIGlgcZRskXaIFfN"
+        );
+        // With text.
+        let body = DOC_BODY.replace("text=&", "text=deploy+prod%20now&");
+        let e = receive_with(&c_with_secret(c), PATH_COMMANDS, body.as_bytes()).unwrap();
+        assert_eq!(e.events[0].message.text.as_deref(), Some("deploy prod now"));
+    }
+
+    fn c_with_secret(mut c: SlackConfig) -> SlackConfig {
+        c.signing_secret = Some(Secret::new(SECRET));
+        c
+    }
+
+    #[test]
+    fn unreadable_bodies_are_refused_after_verification() {
+        for (path, body) in [
+            (PATH_EVENTS, b"not json".as_slice()),
+            (PATH_EVENTS, br#"{"type":"event_callback"}"#.as_slice()),
+            (PATH_EVENTS, br#"{"type":"url_verification"}"#.as_slice()),
+            (PATH_INTERACTIVITY, b"nopayload=1".as_slice()),
+            (PATH_INTERACTIVITY, b"payload=%7Bnot".as_slice()),
+            (PATH_COMMANDS, b"text=hi".as_slice()),
+            ("/webhooks/slack/other", b"{}".as_slice()),
+        ] {
+            let err = receive_with(&two_workspaces(), path, body).unwrap_err();
+            assert!(
+                matches!(err, WebhookError::Unreadable(_)),
+                "{path}: {err:?}"
+            );
+        }
+        // Envelopes with nothing for a bot are acknowledged without events.
+        let p = receive(PATH_EVENTS, br#"{"type":"app_rate_limited","team_id":"T1","minute_rate_limited":1518467820,"api_app_id":"A1"}"#);
+        assert_eq!(p, Parsed::default());
+        let mut v: Value = serde_json::from_str(&fixture("app_mention")).unwrap();
+        v["event"]["type"] = json!("emoji_changed");
+        assert!(
+            receive(PATH_EVENTS, v.to_string().as_bytes())
+                .events
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn hostile_sizes_are_bounded() {
+        let mut v: Value = serde_json::from_str(&fixture("message_in_thread")).unwrap();
+        let file = v["event"]["files"][0].clone();
+        v["event"]["files"] = Value::Array(vec![file; 500]);
+        let many_mentions = "<@U1> ".repeat(1000);
+        let long = format!("{many_mentions}{}", "é".repeat(60_000));
+        v["event"]["text"] = json!(long);
+        let e = one(PATH_EVENTS, v.to_string().as_bytes());
+        assert_eq!(e.message.attachments.len(), MAX_FILES);
+        assert_eq!(e.message.entities.len(), MAX_MENTIONS);
+        assert_eq!(
+            e.message.text.as_ref().unwrap().chars().count(),
+            MAX_TEXT_CHARS
+        );
+        let mut p: Value = serde_json::from_str(&fixture("block_actions")).unwrap();
+        let a = p["actions"][0].clone();
+        p["actions"] = Value::Array(vec![a; 1000]);
+        let events = receive(PATH_INTERACTIVITY, &interactive(&p)).events;
+        assert_eq!(events.len(), MAX_EVENTS);
+        let keys: std::collections::BTreeSet<_> = events.iter().map(|e| &e.dedupe_key).collect();
+        assert_eq!(keys.len(), MAX_EVENTS, "each action its own key");
+        // An id longer than Slack's is no id: the event is refused, not stored with it.
+        let mut v: Value = serde_json::from_str(&fixture("app_mention")).unwrap();
+        v["event"]["channel"] = json!("C".repeat(10_000));
+        assert!(receive_with(&two_workspaces(), PATH_EVENTS, v.to_string().as_bytes()).is_err());
+    }
 }
