@@ -133,7 +133,7 @@ fn decode_hex(s: &str) -> Option<Vec<u8>> {
         }
     }
     let b = s.as_bytes();
-    if b.len() % 2 != 0 {
+    if !b.len().is_multiple_of(2) {
         return None;
     }
     b.chunks(2)
@@ -924,21 +924,23 @@ mod tests {
     #[test]
     fn every_configured_secret_is_tried_and_none_means_no_inbound() {
         assert!(SlackInbound::new(&SlackConfig::default()).is_none());
-        let mut c = SlackConfig::default();
-        c.workspaces = vec![
-            SlackWorkspace {
-                bot_id: "B1".into(),
-                token: Secret::new("xoxb-1"),
-                team_id: Some("T1".into()),
-                signing_secret: Some(Secret::new("secret-one")),
-            },
-            SlackWorkspace {
-                bot_id: "B2".into(),
-                token: Secret::new("xoxb-2"),
-                team_id: Some("T2".into()),
-                signing_secret: Some(Secret::new("secret-two")),
-            },
-        ];
+        let c = SlackConfig {
+            workspaces: vec![
+                SlackWorkspace {
+                    bot_id: "B1".into(),
+                    token: Secret::new("xoxb-1"),
+                    team_id: Some("T1".into()),
+                    signing_secret: Some(Secret::new("secret-one")),
+                },
+                SlackWorkspace {
+                    bot_id: "B2".into(),
+                    token: Secret::new("xoxb-2"),
+                    team_id: Some("T2".into()),
+                    signing_secret: Some(Secret::new("secret-two")),
+                },
+            ],
+            ..Default::default()
+        };
         let inbound = SlackInbound::new(&c).unwrap();
         let now = 1_700_000_000;
         let body = b"{}";
