@@ -416,6 +416,12 @@ mod parse {
                 _ => return Ok(None),
             },
             Some("app_mention") => (MessageType::Message, event),
+            Some(t @ ("reaction_added" | "reaction_removed")) => {
+                return Ok(reaction(config, &v, event, team, bot_user, t));
+            }
+            Some(t @ ("member_joined_channel" | "member_left_channel")) => {
+                return Ok(membership(config, &v, event, team, bot_user, t));
+            }
             _ => return Ok(None),
         };
         // Bolt's ignoreSelf, stricter: every bot-posted message is left out (the bot's own
@@ -480,6 +486,119 @@ mod parse {
             dedupe_key,
             message,
         }))
+    }
+
+    /// When the event happened: its `event_ts`, else the envelope's `event_time` (seconds).
+    fn event_time(v: &Value, event: &Value) -> Option<time::OffsetDateTime> {
+        id(event, "event_ts").and_then(ts_to_time).or_else(|| {
+            v.get("event_time")
+                .and_then(Value::as_i64)
+                .and_then(|t| time::OffsetDateTime::from_unix_timestamp(t).ok())
+        })
+    }
+
+    /// The key of an event that is not a post: Slack's `event_id`, which its retries repeat.
+    fn event_key(v: &Value, event: &Value) -> Option<String> {
+        id(v, "event_id")
+            .or_else(|| id(event, "event_ts"))
+            .map(String::from)
+    }
+
+    /// A reaction on a message: `address.id` is the message reacted to. Slack does not say
+    /// which thread it is in, so a reply goes to the channel. The bot's own reactions are
+    /// left out, as its messages are.
+    fn reaction(
+        config: &SlackConfig,
+        v: &Value,
+        event: &Value,
+        team: Option<&str>,
+        bot_user: Option<&str>,
+        kind: &str,
+    ) -> Option<InboundEvent> {
+        let item = event.get("item")?;
+        if item.get("type").and_then(Value::as_str) != Some("message") {
+            return None;
+        }
+        let user = id(event, "user")?;
+        if bot_user == Some(user) {
+            return None;
+        }
+        let reaction = capped(id(event, "reaction")?, MAX_ID_CHARS);
+        let mut message = Message {
+            kind: MessageType::MessageReaction,
+            address: Address {
+                channel_id: CHANNEL_ID.into(),
+                user: Some(ident(user)),
+                bot: bot_for(config, team, bot_user),
+                conversation: Some(conversation(id(item, "channel")?, None)),
+                service_url: None,
+                id: Some(id(item, "ts")?.to_string()),
+                thread_id: None,
+            },
+            timestamp: event_time(v, event),
+            ..Default::default()
+        };
+        if kind == "reaction_added" {
+            message.reactions_added.push(reaction);
+        } else {
+            message.reactions_removed.push(reaction);
+        }
+        message
+            .source_event
+            .insert(CHANNEL_ID.into(), without_token(v.clone()));
+        Some(InboundEvent {
+            dedupe_key: event_key(v, event)?,
+            message,
+        })
+    }
+
+    /// Someone joined or left a channel: a conversation update. The bot's own joins are kept
+    /// (as Bolt keeps them): a bot greets the channel it was added to.
+    fn membership(
+        config: &SlackConfig,
+        v: &Value,
+        event: &Value,
+        team: Option<&str>,
+        bot_user: Option<&str>,
+        kind: &str,
+    ) -> Option<InboundEvent> {
+        let member = ident(id(event, "user")?);
+        let channel = id(event, "channel")?;
+        let mut message = Message {
+            kind: MessageType::ConversationUpdate,
+            address: Address {
+                channel_id: CHANNEL_ID.into(),
+                // Who acted: the inviter when Slack names one, else the member.
+                user: Some(
+                    id(event, "inviter")
+                        .map(ident)
+                        .unwrap_or_else(|| member.clone()),
+                ),
+                bot: bot_for(config, team, bot_user),
+                // Joins happen in channels, private channels and group DMs only. Slack's
+                // one-letter channel_type does not tell public from private.
+                conversation: Some(Conversation {
+                    id: channel.to_string(),
+                    is_group: Some(true),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            timestamp: event_time(v, event),
+            ..Default::default()
+        };
+        if kind == "member_joined_channel" {
+            message.members_added.push(member);
+        } else {
+            message.members_removed.push(member);
+        }
+        message
+            .source_event
+            .insert(CHANNEL_ID.into(), without_token(v.clone()));
+        Some(InboundEvent {
+            dedupe_key: event_key(v, event)?,
+            message,
+        })
     }
 
     // -----------------------------------------------------------------------------------------
@@ -1552,5 +1671,66 @@ mod tests {
         let mut v: Value = serde_json::from_str(&fixture("app_mention")).unwrap();
         v["event"]["channel"] = json!("C".repeat(10_000));
         assert!(receive_with(&two_workspaces(), PATH_EVENTS, v.to_string().as_bytes()).is_err());
+    }
+
+    #[test]
+    fn reactions_and_joins() {
+        let body = fixture("reaction_added");
+        let e = one(PATH_EVENTS, body.as_bytes());
+        assert_eq!(e.dedupe_key, "Ev0REACTION");
+        let m = &e.message;
+        assert_eq!(m.kind, MessageType::MessageReaction);
+        assert_eq!(m.reactions_added, ["thumbsup"]);
+        assert!(m.reactions_removed.is_empty());
+        assert_eq!(m.address.id.as_deref(), Some("1700000200.000300"));
+        assert_eq!(m.address.user_id(), "U0HUMAN");
+        assert_eq!(m.address.bot_id(), "B0123BOT");
+        assert_eq!(
+            m.timestamp.map(|t| t.unix_timestamp_nanos()),
+            Some(1_700_000_700_000_800_000)
+        );
+        assert_eq!(reply_target(&m.address).0, "C0123CHAN");
+        let mut v: Value = serde_json::from_str(&body).unwrap();
+        v["event"]["type"] = json!("reaction_removed");
+        let e = one(PATH_EVENTS, v.to_string().as_bytes());
+        assert_eq!(e.message.reactions_removed, ["thumbsup"]);
+        // The bot's own reaction, and one on a file, are not delivered.
+        let mut own = v.clone();
+        own["event"]["user"] = json!("U0BOTUSER");
+        let mut file = v;
+        file["event"]["item"] = json!({"type": "file", "file": "F0123FILE"});
+        for body in [own, file] {
+            assert!(
+                receive(PATH_EVENTS, body.to_string().as_bytes())
+                    .events
+                    .is_empty()
+            );
+        }
+
+        // The bot added to a channel: kept (a bot greets the channel it joined).
+        let body = fixture("member_joined_channel");
+        let e = one(PATH_EVENTS, body.as_bytes());
+        assert_eq!(e.dedupe_key, "Ev0JOINED");
+        let m = &e.message;
+        assert_eq!(m.kind, MessageType::ConversationUpdate);
+        assert_eq!(m.members_added.len(), 1);
+        assert_eq!(m.members_added[0].id, "U0BOTUSER");
+        assert_eq!(m.address.user_id(), "U0HUMAN");
+        assert_eq!(
+            m.address.conversation.as_ref().unwrap().is_group,
+            Some(true)
+        );
+        assert_eq!(m.timestamp.map(|t| t.unix_timestamp()), Some(1_700_000_800));
+        assert_eq!(
+            reply_target(&m.address),
+            ("C0123CHAN".into(), None, "B0123BOT".into())
+        );
+        let mut v: Value = serde_json::from_str(&body).unwrap();
+        v["event"]["type"] = json!("member_left_channel");
+        v["event"]["user"] = json!("U0HUMAN");
+        v["event"].as_object_mut().unwrap().remove("inviter");
+        let e = one(PATH_EVENTS, v.to_string().as_bytes());
+        assert_eq!(e.message.members_removed[0].id, "U0HUMAN");
+        assert_eq!(e.message.address.user_id(), "U0HUMAN");
     }
 }
