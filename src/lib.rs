@@ -7,6 +7,7 @@ pub mod bounded;
 pub mod channels;
 pub mod config;
 pub mod delivery;
+pub mod inbound;
 pub mod listener;
 pub mod log_limit;
 pub mod metrics;

@@ -117,6 +117,15 @@ impl Channels {
             .collect()
     }
 
+    /// The channels that receive (their `inbound()` is set), for the webhook listener.
+    pub fn receivers(&self) -> Vec<Arc<dyn Channel>> {
+        self.all
+            .iter()
+            .filter(|c| c.enabled() && c.inbound().is_some())
+            .cloned()
+            .collect()
+    }
+
     /// Token requests made so far, by channel id, over every channel that fetches tokens.
     pub fn token_fetches(&self) -> Vec<(crate::metrics::LabelValue, u64)> {
         self.all.iter().flat_map(|c| c.token_fetches()).collect()

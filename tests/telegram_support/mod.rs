@@ -298,6 +298,7 @@ pub fn config_for(fake: &FakeTelegram) -> Config {
     t.bots = vec![TelegramBot {
         bot_id: BOT.into(),
         token: Secret::new(TOKEN),
+        secret_token: None,
     }];
     t.pacing = false;
     c.delivery.max_retry_delay = Duration::from_secs(5);

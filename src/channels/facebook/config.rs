@@ -57,6 +57,9 @@ pub struct FacebookConfig {
     pub access_token: Option<Secret>,
     pub app_secret: Option<Secret>,
     pub pages: Vec<PageCredentials>,
+    /// The Verify Token typed into the app dashboard for the webhook subscription: Meta's GET
+    /// handshake must present it before its challenge is answered.
+    pub verify_token: Option<Secret>,
     /// Send API calls per second per page, and the burst allowed above that rate.
     pub rate_per_second: f64,
     pub rate_burst: u32,
@@ -81,6 +84,7 @@ impl Default for FacebookConfig {
             access_token: None,
             app_secret: None,
             pages: Vec::new(),
+            verify_token: None,
             rate_per_second: 250.0,
             rate_burst: 250,
             media_rate_per_second: 10.0,
@@ -136,6 +140,23 @@ impl FacebookConfig {
                 access_token: token.clone(),
                 app_secret: self.app_secret.clone(),
             });
+        }
+        out
+    }
+
+    /// Every distinct app secret configured (the single-page shortcut's and each page's), in
+    /// configuration order: a webhook call names its page only inside the signed body, so its
+    /// signature is checked against each of them.
+    pub fn app_secrets(&self) -> Vec<&Secret> {
+        let mut out: Vec<&Secret> = Vec::new();
+        let all = self
+            .app_secret
+            .iter()
+            .chain(self.pages.iter().filter_map(|p| p.app_secret.as_ref()));
+        for s in all {
+            if !out.iter().any(|o| o.expose() == s.expose()) {
+                out.push(s);
+            }
         }
         out
     }
@@ -233,6 +254,13 @@ impl FacebookConfig {
             }
             (None, None) => {}
         }
+        if self
+            .verify_token
+            .as_ref()
+            .is_some_and(|s| s.expose().trim().is_empty())
+        {
+            return Err(invalid(&key("verify_token"), "must not be empty when set"));
+        }
         let mut seen = BTreeSet::new();
         for (i, p) in self.pages.iter().enumerate() {
             let k = |f: &str| key(&format!("pages[{i}].{f}"));
@@ -326,6 +354,7 @@ mod tests {
             (("RATE_PER_SECOND", "0"), "rate_per_second"),
             (("MEDIA_RATE_BURST", "0"), "media_rate_burst"),
             (("TYPING_INTERVAL", "100ms"), "typing_interval"),
+            (("VERIFY_TOKEN", " "), "verify_token"),
             (("PAGE_ID", "1"), "access_token"),
             (
                 (
@@ -343,5 +372,27 @@ mod tests {
             assert!(err.contains(expected), "{env:?}: {err}");
         }
         load(&[("GRAPH_BASE_URL", "http://127.0.0.1:9")]).unwrap();
+    }
+
+    #[test]
+    fn app_secrets_are_distinct_and_verify_token_redacted() {
+        let c = load(&[
+            (
+                "PAGES",
+                r#"[{page_id = "1", access_token = "a", app_secret = "s1"}, {page_id = "2", access_token = "b", app_secret = "s2"}, {page_id = "3", access_token = "c", app_secret = "s1"}, {page_id = "4", access_token = "d"}]"#,
+            ),
+            ("PAGE_ID", "5"),
+            ("ACCESS_TOKEN", "e"),
+            ("APP_SECRET", "s2"),
+            ("VERIFY_TOKEN", "vt"),
+        ])
+        .unwrap();
+        let fb = &c.channels.facebook;
+        let secrets: Vec<&str> = fb.app_secrets().iter().map(|s| s.expose()).collect();
+        assert_eq!(secrets.len(), 2);
+        assert!(secrets.contains(&"s1") && secrets.contains(&"s2"));
+        assert_eq!(fb.verify_token.as_ref().map(Secret::expose), Some("vt"));
+        assert!(format!("{fb:?}").contains("verify_token: Some(<redacted>)"));
+        assert!(FacebookConfig::default().app_secrets().is_empty());
     }
 }

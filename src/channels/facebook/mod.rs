@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod config;
+pub mod inbound;
 mod money;
 pub mod render;
 mod text;
@@ -113,5 +114,10 @@ impl Channel for Facebook {
         options: &'a ProactiveOptions,
     ) -> BoxFuture<'a, Result<Address, ChannelError>> {
         Box::pin(async move { self.client.create_conversation(addr, options).await })
+    }
+
+    fn inbound(&self) -> Option<&dyn super::channel::Inbound> {
+        self.receives()
+            .then_some(self as &dyn super::channel::Inbound)
     }
 }

@@ -444,6 +444,7 @@ mod tests {
             bots: vec![TelegramBot {
                 bot_id: "my_bot".into(),
                 token: Secret::new(TOKEN),
+                secret_token: None,
             }],
             ..Default::default()
         };

@@ -40,6 +40,11 @@ pub struct TelegramBot {
     pub bot_id: String,
     /// The token from @BotFather (`123456:ABC-DEF...`), part of the URL path of every call.
     pub token: Secret,
+    /// The `secret_token` given to `setWebhook`: Telegram sends it in the
+    /// `X-Telegram-Bot-Api-Secret-Token` header of every update. Without it, updates to this bot
+    /// cannot be verified and are not received.
+    #[serde(default)]
+    pub secret_token: Option<Secret>,
 }
 
 impl Default for TelegramConfig {
@@ -114,6 +119,21 @@ impl TelegramConfig {
                     "must be a Bot API token as @BotFather issues it (letters, digits, `:`, `_`, `-`)",
                 ));
             }
+            if let Some(secret) = &b.secret_token {
+                // setWebhook's own rule: 1-256 characters of A-Z, a-z, 0-9, `_` and `-`.
+                let v = secret.expose();
+                if v.is_empty()
+                    || v.len() > 256
+                    || !v
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'))
+                {
+                    return Err(invalid(
+                        &format!("channels.telegram.bots[{i}].secret_token"),
+                        "must be 1 to 256 characters of letters, digits, `_` and `-` (setWebhook's rule)",
+                    ));
+                }
+            }
         }
         Ok(())
     }
@@ -138,6 +158,7 @@ mod tests {
         TelegramBot {
             bot_id: id.into(),
             token: Secret::new(token),
+            secret_token: None,
         }
     }
 

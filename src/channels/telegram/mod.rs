@@ -8,6 +8,7 @@
 pub mod client;
 pub mod config;
 pub mod html;
+pub mod inbound;
 pub mod render;
 pub mod split;
 
@@ -38,6 +39,8 @@ use config::TelegramConfig;
 /// The Telegram Bot API behind the `Channel` interface.
 pub struct Telegram {
     config: TelegramConfig,
+    /// `None` when no bot has a webhook secret.
+    inbound: Option<inbound::TelegramInbound>,
     /// Built even when the section is disabled (the registry then never calls it).
     client: TelegramClient,
 }
@@ -46,6 +49,7 @@ impl Telegram {
     pub fn new(config: &TelegramConfig, request_timeout: Duration) -> Result<Self, String> {
         Ok(Self {
             client: TelegramClient::new(config.clone(), request_timeout)?,
+            inbound: inbound::TelegramInbound::new(config),
             config: config.clone(),
         })
     }
@@ -100,6 +104,12 @@ impl Channel for Telegram {
         options: &ProactiveOptions,
     ) -> Result<Rendered, RenderError> {
         render::render_proactive(messages, options, &self.config)
+    }
+
+    fn inbound(&self) -> Option<&dyn super::channel::Inbound> {
+        self.inbound
+            .as_ref()
+            .map(|i| i as &dyn super::channel::Inbound)
     }
 
     fn known_conversation(&self, addr: &Address) -> Option<String> {

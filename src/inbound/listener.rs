@@ -1,0 +1,192 @@
+//! The webhook listener: one axum router over every channel's inbound paths.
+//!
+//! A call goes: exact path → its channel's `Inbound` → `verify` over the exact bytes (refused:
+//! 401, no detail on the wire, the reason in the log and in `inbound_refused_total`) → `parse`
+//! (unreadable: 400) → the sink appends the events durably → the channel's expected answer, or
+//! an empty 200. The channel never waits for a bot: the sink's append is the only wait.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use futures::future::BoxFuture;
+use http_body_util::BodyExt;
+
+use crate::channels::Channels;
+use crate::channels::channel::{Channel, InboundEvent, WebhookError, WebhookRequest};
+
+/// Where verified events go: the inbox. `Ok` means durable: the listener answers 2xx after it,
+/// and a channel retry of the same events must be recognised there (by `dedupe_key`).
+pub trait Sink: Send + Sync + 'static {
+    fn append<'a>(
+        &'a self,
+        channel: &'a str,
+        events: Vec<InboundEvent>,
+    ) -> BoxFuture<'a, Result<(), SinkError>>;
+}
+
+/// Why the sink did not take events: the channel is told to retry.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SinkError {
+    /// Full: 503 with `Retry-After`, so the channel tries again later.
+    #[error("the inbox is full")]
+    Full { retry_after: Duration },
+    /// Storage failed: 500, and the channel retries.
+    #[error("the inbox failed: {0}")]
+    Failed(String),
+}
+
+/// A refusal counted by channel and reason (both from fixed sets).
+pub type RefusalCounter = Arc<dyn Fn(&str, &'static str) + Send + Sync>;
+
+/// The listener's routes: every inbound path of every channel that receives.
+pub struct InboundRouter {
+    routes: HashMap<String, Arc<dyn Channel>>,
+}
+
+/// What a route needs at call time.
+struct Shared {
+    router: InboundRouter,
+    sink: Arc<dyn Sink>,
+    max_body_bytes: usize,
+    read_timeout: Duration,
+    refused: RefusalCounter,
+}
+
+impl InboundRouter {
+    /// The routes of `channels`. Two channels claiming one path is a configuration error.
+    pub fn new(channels: &Channels) -> Result<Self, String> {
+        let mut routes = HashMap::new();
+        for ch in channels.receivers() {
+            let Some(inbound) = ch.inbound() else {
+                continue;
+            };
+            for path in inbound.paths() {
+                if routes.insert(path.clone(), ch.clone()).is_some() {
+                    return Err(format!(
+                        "inbound path `{}` is claimed twice",
+                        crate::bounded::for_log(&path)
+                    ));
+                }
+            }
+        }
+        Ok(Self { routes })
+    }
+
+    /// The paths served, sorted (for the startup log).
+    pub fn paths(&self) -> Vec<String> {
+        let mut p: Vec<String> = self.routes.keys().cloned().collect();
+        p.sort();
+        p
+    }
+}
+
+/// Serves the webhook routes on `listener` until `shutdown`. A call's body is bounded by
+/// `max_body_bytes` and must arrive within `read_timeout`, so a slow or endless client holds
+/// nothing for long.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: InboundRouter,
+    sink: Arc<dyn Sink>,
+    max_body_bytes: usize,
+    read_timeout: Duration,
+    refused: RefusalCounter,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let shared = Arc::new(Shared {
+        router,
+        sink,
+        max_body_bytes,
+        read_timeout,
+        refused,
+    });
+    let app = axum::Router::new().fallback(handle).with_state(shared);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let Some((ch, inbound)) = shared
+        .router
+        .routes
+        .get(parts.uri.path())
+        .and_then(|ch| ch.inbound().map(|i| (ch, i)))
+    else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let channel = ch.name();
+    // The body within its bound and its time: a slow or endless client holds nothing for long.
+    let collect = http_body_util::Limited::new(body, shared.max_body_bytes).collect();
+    let body = match tokio::time::timeout(shared.read_timeout, collect).await {
+        Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(_)) => {
+            (shared.refused)(channel, "body too large or cut");
+            return StatusCode::PAYLOAD_TOO_LARGE.into_response();
+        }
+        Err(_) => {
+            (shared.refused)(channel, "body too slow");
+            return StatusCode::REQUEST_TIMEOUT.into_response();
+        }
+    };
+    let received_at = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let call = WebhookRequest {
+        method: &parts.method,
+        path: parts.uri.path(),
+        query: parts.uri.query(),
+        headers: &parts.headers,
+        body: &body,
+        received_at,
+    };
+    if let Err(e) = inbound.verify(&call).await {
+        let reason = match e {
+            WebhookError::Unverified(r) => r,
+            WebhookError::Unreadable(_) => "unreadable credentials",
+        };
+        (shared.refused)(channel, reason);
+        tracing::warn!(channel = %channel, reason, "inbound call refused");
+        // No detail on the wire: a prober learns nothing from the answer.
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    let parsed = match inbound.parse(&call) {
+        Ok(p) => p,
+        Err(e) => {
+            (shared.refused)(channel, "unreadable");
+            tracing::warn!(channel = %channel, error = %crate::bounded::for_log(&e.to_string()), "inbound call unreadable");
+            return StatusCode::BAD_REQUEST.into_response();
+        }
+    };
+    if !parsed.events.is_empty() {
+        let count = parsed.events.len();
+        match shared.sink.append(channel, parsed.events).await {
+            Ok(()) => tracing::debug!(channel = %channel, count, "inbound events stored"),
+            Err(SinkError::Full { retry_after }) => {
+                let mut r = StatusCode::SERVICE_UNAVAILABLE.into_response();
+                let secs = retry_after.as_secs().max(1).to_string();
+                if let Ok(v) = HeaderValue::from_str(&secs) {
+                    r.headers_mut().insert(header::RETRY_AFTER, v);
+                }
+                return r;
+            }
+            Err(SinkError::Failed(e)) => {
+                tracing::error!(channel = %channel, error = %crate::bounded::for_log(&e), "inbound events not stored");
+                return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+            }
+        }
+    }
+    match parsed.answer {
+        Some(a) => Response::builder()
+            .status(StatusCode::from_u16(a.status).unwrap_or(StatusCode::OK))
+            .header(header::CONTENT_TYPE, a.content_type)
+            .body(Body::from(Bytes::from(a.body)))
+            .unwrap_or_else(|_| StatusCode::OK.into_response()),
+        None => StatusCode::OK.into_response(),
+    }
+}
