@@ -319,6 +319,8 @@ async fn a_bot_without_credentials_is_told_which_ids_are_configured() {
             .map(|i| SlackWorkspace {
                 bot_id: format!("B0{i}"),
                 token: Secret::new(format!("xoxb-TOPSECRET-{i}")),
+                team_id: None,
+                signing_secret: None,
             })
             .collect();
     })

@@ -227,6 +227,8 @@ pub fn config_for(fake: &FakeSlack) -> Config {
     s.workspaces = vec![SlackWorkspace {
         bot_id: BOT.into(),
         token: Secret::new(TOKEN),
+        team_id: None,
+        signing_secret: None,
     }];
     s.rate_per_second = 1000.0;
     s.rate_burst = 1000;

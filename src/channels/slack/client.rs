@@ -549,6 +549,8 @@ mod tests {
             workspaces: vec![super::super::config::SlackWorkspace {
                 bot_id: "B1".into(),
                 token: Secret::new("xoxb-test-token"),
+                team_id: None,
+                signing_secret: None,
             }],
             ..Default::default()
         };

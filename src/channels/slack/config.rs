@@ -1,7 +1,8 @@
 //! The `[channels.slack]` config section: the Web API base URL, one bot token per workspace
-//! installation, the per-channel rate limit, and link-unfurling defaults.
+//! installation, the per-channel rate limit, link-unfurling defaults, and the signing secrets
+//! inbound requests are verified with.
 //!
-//! Tokens are `Secret`s: their `Debug` prints `<redacted>`, and nothing here ever formats one.
+//! Tokens and signing secrets are `Secret`s: their `Debug` prints `<redacted>`, and nothing here ever formats one.
 
 use std::collections::BTreeSet;
 
@@ -29,6 +30,10 @@ pub struct SlackConfig {
     pub unfurl_links: Option<bool>,
     /// `unfurl_media` on every message, unless `source_event` sets it. Unset: Slack's default.
     pub unfurl_media: Option<bool>,
+    /// The app's signing secret (Basic Information → App Credentials): every inbound request's
+    /// `X-Slack-Signature` is checked with it. Unset, and no workspace sets one: nothing is
+    /// received from Slack.
+    pub signing_secret: Option<Secret>,
 }
 
 /// A bot's installation in one workspace.
@@ -39,6 +44,13 @@ pub struct SlackWorkspace {
     pub bot_id: String,
     /// The bot token (`xoxb-...`), sent as `Authorization: Bearer`.
     pub token: Secret,
+    /// The workspace's team id (`T...`): inbound events of this team are addressed to this
+    /// entry's `bot_id`, so a reply selects its token. Needed when several workspaces are
+    /// configured; with one, every event is addressed to it.
+    pub team_id: Option<String>,
+    /// This installation's app signing secret, when the gateway fronts several Slack apps;
+    /// inbound requests are accepted when they verify with any configured secret.
+    pub signing_secret: Option<Secret>,
 }
 
 impl Default for SlackConfig {
@@ -51,6 +63,7 @@ impl Default for SlackConfig {
             rate_burst: 3,
             unfurl_links: None,
             unfurl_media: None,
+            signing_secret: None,
         }
     }
 }
@@ -96,8 +109,29 @@ impl SlackConfig {
         if self.rate_burst == 0 {
             return Err(invalid("channels.slack.rate_burst", "must be at least 1"));
         }
+        if let Some(s) = &self.signing_secret {
+            check_signing_secret(s, "channels.slack.signing_secret")?;
+        }
         let mut seen = BTreeSet::new();
+        let mut teams = BTreeSet::new();
         for (i, w) in self.workspaces.iter().enumerate() {
+            if let Some(s) = &w.signing_secret {
+                check_signing_secret(s, &format!("channels.slack.workspaces[{i}].signing_secret"))?;
+            }
+            if let Some(team) = &w.team_id {
+                if team.is_empty() || !team.chars().all(|c| c.is_ascii_alphanumeric()) {
+                    return Err(invalid(
+                        &format!("channels.slack.workspaces[{i}].team_id"),
+                        "must be a Slack team id (letters and digits, e.g. T0123ABCD)",
+                    ));
+                }
+                if !teams.insert(team.as_str()) {
+                    return Err(invalid(
+                        &format!("channels.slack.workspaces[{i}].team_id"),
+                        format!("`{team}` is configured twice: events of a team go to one bot"),
+                    ));
+                }
+            }
             if w.bot_id.is_empty() {
                 return Err(invalid(
                     &format!("channels.slack.workspaces[{i}].bot_id"),
@@ -128,10 +162,41 @@ impl SlackConfig {
         Ok(())
     }
 
+    /// Every configured signing secret, each once: the section's, then the workspaces'.
+    pub fn signing_secrets(&self) -> Vec<&Secret> {
+        let mut out: Vec<&Secret> = Vec::new();
+        for s in self.signing_secret.iter().chain(
+            self.workspaces
+                .iter()
+                .filter_map(|w| w.signing_secret.as_ref()),
+        ) {
+            if !out.contains(&s) {
+                out.push(s);
+            }
+        }
+        out
+    }
+
     /// `api_base_url` without its trailing slashes, ready for `/{method}`.
     pub fn method_url(&self, method: &str) -> String {
         format!("{}/{method}", self.api_base_url.trim_end_matches('/'))
     }
+}
+
+/// A signing secret is an HMAC key: any bytes would do, but an empty one verifies forgeries
+/// made with an empty key, and a space or line break is a copy-and-paste slip.
+fn check_signing_secret(s: &Secret, key: &str) -> Result<(), ConfigError> {
+    let v = s.expose();
+    if v.is_empty() {
+        return Err(invalid(key, "must not be empty"));
+    }
+    if v.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(invalid(
+            key,
+            "must not contain spaces, line breaks or control characters",
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -157,6 +222,8 @@ mod tests {
         assert_eq!(c.rate_burst, 3);
         assert!(c.workspaces.is_empty());
         assert_eq!(c.unfurl_links, None);
+        assert!(c.signing_secret.is_none());
+        assert!(c.signing_secrets().is_empty());
         assert_eq!(
             c.method_url("chat.postMessage"),
             "https://slack.com/api/chat.postMessage"
@@ -214,6 +281,25 @@ mod tests {
     }
 
     #[test]
+    fn signing_secrets_section_and_workspaces_each_once() {
+        let c = load(&[
+            ("CHANNEL_GATEWAY__CHANNELS__SLACK__SIGNING_SECRET", "s3cret-a"),
+            (
+                "CHANNEL_GATEWAY__CHANNELS__SLACK__WORKSPACES",
+                r#"[{bot_id = "B01", token = "xoxb-1", team_id = "T01", signing_secret = "s3cret-b"},
+                    {bot_id = "B02", token = "xoxb-2", signing_secret = "s3cret-a"},
+                    {bot_id = "B03", token = "xoxb-3"}]"#,
+            ),
+        ])
+        .unwrap();
+        let s = &c.channels.slack;
+        let secrets: Vec<&str> = s.signing_secrets().iter().map(|x| x.expose()).collect();
+        assert_eq!(secrets, ["s3cret-a", "s3cret-b"]);
+        assert_eq!(s.workspaces[0].team_id.as_deref(), Some("T01"));
+        assert!(!format!("{s:?}").contains("s3cret"), "secret in Debug");
+    }
+
+    #[test]
     fn bad_keys_are_named() {
         let cases: &[(&str, &str, &str)] = &[
             (
@@ -247,6 +333,27 @@ mod tests {
                 "WORKSPACES",
                 r#"[{bot_id = "B1", token = "xoxb-secret value"}]"#,
                 "channels.slack.workspaces[0].token",
+            ),
+            ("SIGNING_SECRET", "\"\"", "channels.slack.signing_secret"),
+            (
+                "SIGNING_SECRET",
+                "\"secret value\"",
+                "channels.slack.signing_secret",
+            ),
+            (
+                "WORKSPACES",
+                r#"[{bot_id = "B1", token = "x", signing_secret = "secret value"}]"#,
+                "channels.slack.workspaces[0].signing_secret",
+            ),
+            (
+                "WORKSPACES",
+                r#"[{bot_id = "B1", token = "x", team_id = "T 1"}]"#,
+                "channels.slack.workspaces[0].team_id",
+            ),
+            (
+                "WORKSPACES",
+                r#"[{bot_id = "B1", token = "x", team_id = "T1"}, {bot_id = "B2", token = "y", team_id = "T1"}]"#,
+                "channels.slack.workspaces[1].team_id",
             ),
         ];
         for (key, value, expected) in cases {

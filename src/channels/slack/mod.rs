@@ -4,6 +4,7 @@
 pub mod blocks;
 pub mod client;
 pub mod config;
+pub mod inbound;
 pub mod mrkdwn;
 pub mod render;
 
@@ -11,7 +12,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 
-use super::channel::Channel;
+use super::channel::{Channel, Inbound};
 use super::shared::CredentialHint;
 use super::{Capabilities, ChannelError, NativeReceipt, NativeRequest, RenderError, Rendered};
 use crate::model::{Address, Message, ProactiveOptions};
@@ -23,6 +24,8 @@ pub struct Slack {
     config: SlackConfig,
     /// Built even when the section is disabled (the registry then never calls it).
     client: SlackClient,
+    /// `None` without a signing secret.
+    inbound: Option<inbound::SlackInbound>,
 }
 
 impl Slack {
@@ -30,6 +33,7 @@ impl Slack {
         Ok(Self {
             client: SlackClient::new(config.clone(), request_timeout)?,
             config: config.clone(),
+            inbound: inbound::SlackInbound::new(config),
         })
     }
 }
@@ -107,5 +111,9 @@ impl Channel for Slack {
         options: &'a ProactiveOptions,
     ) -> BoxFuture<'a, Result<Address, ChannelError>> {
         Box::pin(async move { self.client.create_conversation(addr, options).await })
+    }
+
+    fn inbound(&self) -> Option<&dyn Inbound> {
+        self.inbound.as_ref().map(|i| i as &dyn Inbound)
     }
 }
