@@ -577,9 +577,35 @@ pub fn message(v: &mut Violations, path: &dyn Display, m: pb::Message) -> Messag
             T::Typing => MessageType::Typing,
             T::EndOfConversation => MessageType::EndOfConversation,
             T::Event => MessageType::Event,
+            T::ConversationUpdate => MessageType::ConversationUpdate,
+            T::Invoke => MessageType::Invoke,
+            T::MessageReaction => MessageType::MessageReaction,
+            T::MessageUpdate => MessageType::MessageUpdate,
+            T::MessageDelete => MessageType::MessageDelete,
+            T::InstallationUpdate => MessageType::InstallationUpdate,
         })
     })
     .unwrap_or_default();
+    if kind.send_kind().is_none() {
+        v.add(
+            format!("{path}.type"),
+            "a kind of event channels report to the bot: a bot cannot send it",
+        );
+    }
+    // What only received events carry; `timestamp` is left alone (v3 bots often copy it over).
+    for (name, set) in [
+        ("members_added", !m.members_added.is_empty()),
+        ("members_removed", !m.members_removed.is_empty()),
+        ("reactions_added", !m.reactions_added.is_empty()),
+        ("reactions_removed", !m.reactions_removed.is_empty()),
+    ] {
+        if set {
+            v.add(
+                format!("{path}.{name}"),
+                "received events only: a message sent does not take it",
+            );
+        }
+    }
     let local_timestamp = opt(m.local_timestamp).and_then(|s| {
         OffsetDateTime::parse(&s, &Rfc3339)
             .map_err(|e| {
@@ -694,6 +720,11 @@ pub fn message(v: &mut Violations, path: &dyn Display, m: pb::Message) -> Messag
                 occurrence: (h.occurrence != 0).then_some(h.occurrence),
             })
             .collect(),
+        timestamp: None,
+        members_added: Vec::new(),
+        members_removed: Vec::new(),
+        reactions_added: Vec::new(),
+        reactions_removed: Vec::new(),
     };
     if out.kind == MessageType::Message
         && out.text.as_deref().is_none_or(|t| t.trim().is_empty())
@@ -757,13 +788,17 @@ fn s(o: &Option<String>) -> String {
 }
 
 fn identity_pb(i: &Option<Identity>) -> Option<pb::Identity> {
-    i.as_ref().map(|i| pb::Identity {
+    i.as_ref().map(identity_pb_of)
+}
+
+fn identity_pb_of(i: &Identity) -> pb::Identity {
+    pb::Identity {
         id: i.id.clone(),
         name: s(&i.name),
         role: s(&i.role),
         aad_object_id: s(&i.aad_object_id),
         tenant_id: s(&i.tenant_id),
-    })
+    }
 }
 
 pub fn address_pb(a: &Address) -> pb::Address {
@@ -925,6 +960,14 @@ fn attachment_pb(a: &Attachment) -> pb::Attachment {
     }
 }
 
+fn timestamp_pb(t: OffsetDateTime) -> prost_types::Timestamp {
+    let n = t.unix_timestamp_nanos();
+    prost_types::Timestamp {
+        seconds: (n.div_euclid(1_000_000_000)) as i64,
+        nanos: (n.rem_euclid(1_000_000_000)) as i32,
+    }
+}
+
 pub fn message_pb(m: &Message) -> pb::Message {
     use pb::{
         AttachmentLayout as L, DeliveryMode as D, Importance as I, InputHint as H,
@@ -938,6 +981,12 @@ pub fn message_pb(m: &Message) -> pb::Message {
             MessageType::Typing => T::Typing,
             MessageType::EndOfConversation => T::EndOfConversation,
             MessageType::Event => T::Event,
+            MessageType::ConversationUpdate => T::ConversationUpdate,
+            MessageType::Invoke => T::Invoke,
+            MessageType::MessageReaction => T::MessageReaction,
+            MessageType::MessageUpdate => T::MessageUpdate,
+            MessageType::MessageDelete => T::MessageDelete,
+            MessageType::InstallationUpdate => T::InstallationUpdate,
         } as i32,
         address: Some(Box::new(address_pb(&m.address))),
         text: s(&m.text),
@@ -989,13 +1038,7 @@ pub fn message_pb(m: &Message) -> pb::Message {
             Some(DeliveryMode::ExpectReplies) => D::ExpectReplies,
             Some(DeliveryMode::Ephemeral) => D::Ephemeral,
         } as i32,
-        expiration: m.expiration.map(|t| {
-            let n = t.unix_timestamp_nanos();
-            prost_types::Timestamp {
-                seconds: (n.div_euclid(1_000_000_000)) as i64,
-                nanos: (n.rem_euclid(1_000_000_000)) as i32,
-            }
-        }),
+        expiration: m.expiration.map(timestamp_pb),
         reply_to_id: s(&m.reply_to_id),
         label: s(&m.label),
         local_timestamp: fmt(&m.local_timestamp),
@@ -1009,6 +1052,11 @@ pub fn message_pb(m: &Message) -> pb::Message {
                 occurrence: h.occurrence.unwrap_or_default(),
             })
             .collect(),
+        timestamp: m.timestamp.map(timestamp_pb),
+        members_added: m.members_added.iter().map(identity_pb_of).collect(),
+        members_removed: m.members_removed.iter().map(identity_pb_of).collect(),
+        reactions_added: m.reactions_added.clone(),
+        reactions_removed: m.reactions_removed.clone(),
     }
 }
 
@@ -1043,5 +1091,64 @@ mod tests {
         assert!(!check(""));
         assert!(check("https://img.example/b.png"));
         assert!(!check("https://"), "no host");
+    }
+
+    fn sent(m: pb::Message) -> Vec<String> {
+        let mut v = Violations::default();
+        let _ = message(&mut v, &"message", m);
+        v.kept.into_iter().map(|(field, _)| field).collect()
+    }
+
+    #[test]
+    fn a_received_only_kind_or_field_is_refused_on_send_by_name() {
+        let base = pb::Message {
+            text: "hi".into(),
+            address: Some(Box::new(pb::Address {
+                channel_id: "slack".into(),
+                bot: Some(pb::Identity {
+                    id: "B1".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        assert_eq!(sent(base.clone()), Vec::<String>::new());
+        let kind = pb::Message {
+            r#type: pb::MessageType::ConversationUpdate as i32,
+            ..base.clone()
+        };
+        assert_eq!(sent(kind), ["message.type"]);
+        let members = pb::Message {
+            members_added: vec![pb::Identity {
+                id: "u".into(),
+                ..Default::default()
+            }],
+            reactions_removed: vec!["like".into()],
+            ..base
+        };
+        assert_eq!(
+            sent(members),
+            ["message.members_added", "message.reactions_removed"]
+        );
+    }
+
+    #[test]
+    fn received_events_convert_with_their_kind_and_fields() {
+        let m = Message {
+            kind: MessageType::MessageReaction,
+            timestamp: OffsetDateTime::from_unix_timestamp(1_700_000_000).ok(),
+            members_added: vec![Identity {
+                id: "29:new".into(),
+                ..Default::default()
+            }],
+            reactions_added: vec!["like".into()],
+            ..Default::default()
+        };
+        let p = message_pb(&m);
+        assert_eq!(p.r#type, pb::MessageType::MessageReaction as i32);
+        assert_eq!(p.timestamp.map(|t| t.seconds), Some(1_700_000_000));
+        assert_eq!(p.members_added[0].id, "29:new");
+        assert_eq!(p.reactions_added, ["like"]);
     }
 }

@@ -158,6 +158,19 @@ pub enum RenderError {
 }
 
 impl RenderError {
+    /// The kind of `msg` as sent, or the error for a kind only channels report.
+    pub fn send_kind(msg: &crate::model::Message) -> Result<crate::model::SendKind, Self> {
+        msg.kind.send_kind().ok_or_else(|| {
+            Self::invalid(
+                "message.type",
+                format!(
+                    "{:?} is a kind of event channels report to the bot: a bot cannot send it",
+                    msg.kind
+                ),
+            )
+        })
+    }
+
     pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
         Self::InvalidArgument {
             field: field.into(),

@@ -88,6 +88,45 @@ pub enum MessageType {
     Typing,
     EndOfConversation,
     Event,
+    /// Received only: members joined or left, or the conversation changed.
+    ConversationUpdate,
+    /// Received only: a request that expects an answer (a Teams invoke).
+    Invoke,
+    /// Received only: reactions added to or removed from a message (`address.id`).
+    MessageReaction,
+    /// Received only: a message (`address.id`) was edited.
+    MessageUpdate,
+    /// Received only: a message (`address.id`) was deleted.
+    MessageDelete,
+    /// Received only: the bot was installed or uninstalled.
+    InstallationUpdate,
+}
+
+/// The kinds a bot can send: what a renderer matches on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendKind {
+    Message,
+    Typing,
+    EndOfConversation,
+    Event,
+}
+
+impl MessageType {
+    /// The kind as sent, or `None` for the kinds a channel reports but a bot cannot send.
+    pub fn send_kind(self) -> Option<SendKind> {
+        match self {
+            Self::Message => Some(SendKind::Message),
+            Self::Typing => Some(SendKind::Typing),
+            Self::EndOfConversation => Some(SendKind::EndOfConversation),
+            Self::Event => Some(SendKind::Event),
+            Self::ConversationUpdate
+            | Self::Invoke
+            | Self::MessageReaction
+            | Self::MessageUpdate
+            | Self::MessageDelete
+            | Self::InstallationUpdate => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -211,6 +250,24 @@ pub struct Message {
     pub listen_for: Vec<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub text_highlights: Vec<TextHighlight>,
+    /// When the channel says the event happened (received events).
+    #[serde(
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub timestamp: Option<OffsetDateTime>,
+    /// Who joined (a received conversation update).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub members_added: Vec<Identity>,
+    /// Who left (a received conversation update).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub members_removed: Vec<Identity>,
+    /// Reaction types added to `address.id` (a received message reaction).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub reactions_added: Vec<String>,
+    /// Reaction types removed from `address.id`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub reactions_removed: Vec<String>,
 }
 
 impl Message {

@@ -18,7 +18,7 @@ use crate::channels::{
 use crate::model::{
     ActionType, Address, AttachmentContent, AttachmentLayout, CONTENT_TYPE_HERO, CardAction,
     CardImage, Conversation, DeliveryMode, HeroCard, Identity, Importance, InputHint, MediaCard,
-    Message, MessageType, ProactiveOptions, ReceiptCard, TextFormat, Warning,
+    Message, MessageType, ProactiveOptions, ReceiptCard, SendKind, TextFormat, Warning,
 };
 
 /// The largest activity the Connector accepts, serialized.
@@ -81,13 +81,13 @@ pub fn activity(msg: &Message) -> Result<(Body, Vec<Warning>), RenderError> {
     }
     o.opt_str("replyToId", msg.reply_target());
 
-    match msg.kind {
-        MessageType::Typing => {}
-        MessageType::EndOfConversation => {
+    match RenderError::send_kind(msg)? {
+        SendKind::Typing => {}
+        SendKind::EndOfConversation => {
             o.opt_str("code", msg.code.as_deref());
             o.opt_str("text", msg.text.as_deref());
         }
-        MessageType::Message | MessageType::Event => {
+        SendKind::Message | SendKind::Event => {
             message_fields(&mut o, msg, &mut warnings)?;
         }
     }
@@ -962,6 +962,12 @@ fn message_type(k: MessageType) -> &'static str {
         MessageType::Typing => "typing",
         MessageType::EndOfConversation => "endOfConversation",
         MessageType::Event => "event",
+        MessageType::ConversationUpdate => "conversationUpdate",
+        MessageType::Invoke => "invoke",
+        MessageType::MessageReaction => "messageReaction",
+        MessageType::MessageUpdate => "messageUpdate",
+        MessageType::MessageDelete => "messageDelete",
+        MessageType::InstallationUpdate => "installationUpdate",
     }
 }
 

@@ -23,7 +23,7 @@ use crate::channels::{
 };
 use crate::model::{
     ActionType, Attachment, AttachmentContent, AttachmentLayout, CONTENT_TYPE_ADAPTIVE, CardAction,
-    CardImage, HeroCard, MediaCard, Message, MessageType, ProactiveOptions, ReceiptCard,
+    CardImage, HeroCard, MediaCard, Message, MessageType, ProactiveOptions, ReceiptCard, SendKind,
     SigninCard, SuggestedActions, TextFormat, Warning,
 };
 
@@ -96,12 +96,12 @@ pub fn render_send(
     }
     let url = send_url(config, page_id)?;
     let mut ctx = Ctx::new(config, msg.text_format);
-    let bodies = match msg.kind {
-        MessageType::Typing => vec![(
+    let bodies = match RenderError::send_kind(msg)? {
+        SendKind::Typing => vec![(
             json!({"recipient": {"id": psid}, "sender_action": "typing_on"}),
             false,
         )],
-        MessageType::EndOfConversation => {
+        SendKind::EndOfConversation => {
             ctx.warn(
                 "end_of_conversation_not_sent",
                 "message.type",
@@ -109,9 +109,7 @@ pub fn render_send(
             );
             Vec::new()
         }
-        MessageType::Message | MessageType::Event => {
-            message_requests(msg, psid, proactive, &mut ctx)?
-        }
+        SendKind::Message | SendKind::Event => message_requests(msg, psid, proactive, &mut ctx)?,
     };
     // Send API: 300 calls per second per page for text, links, reactions and stickers, 10 for
     // audio or video ("Messenger Platform rate limits"; the defaults stay below), and "too many

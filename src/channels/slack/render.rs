@@ -18,7 +18,7 @@ use crate::channels::{
     Rendered,
 };
 use crate::model::{
-    Address, AttachmentLayout, Conversation, DeliveryMode, Message, MessageType, ProactiveOptions,
+    Address, AttachmentLayout, Conversation, DeliveryMode, Message, ProactiveOptions, SendKind,
     TextFormat, Warning,
 };
 
@@ -86,8 +86,8 @@ pub fn render_send(
     let mut warnings = Vec::new();
     let extra = source_event(msg, &mut warnings)?;
 
-    let bodies = match msg.kind {
-        MessageType::Typing => {
+    let bodies = match RenderError::send_kind(msg)? {
+        SendKind::Typing => {
             warnings.push(Warning::new(
                 "typing_not_supported",
                 "message.type",
@@ -98,7 +98,7 @@ pub fn render_send(
                 warnings,
             });
         }
-        MessageType::EndOfConversation => {
+        SendKind::EndOfConversation => {
             warnings.push(Warning::new(
                 "end_of_conversation_not_supported",
                 "message.type",
@@ -109,7 +109,7 @@ pub fn render_send(
                 warnings,
             });
         }
-        MessageType::Event => {
+        SendKind::Event => {
             let has_content = extra.as_ref().is_some_and(|e| {
                 CONTENT_KEYS
                     .iter()
@@ -128,7 +128,7 @@ pub fn render_send(
             }
             vec![Map::new()]
         }
-        MessageType::Message => content_bodies(msg, extra.as_ref(), &mut warnings)?,
+        SendKind::Message => content_bodies(msg, extra.as_ref(), &mut warnings)?,
     };
     if let (Some(e), Some(first)) = (&extra, bodies.first()) {
         replaced_content(msg, e, first, &mut warnings);

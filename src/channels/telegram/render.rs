@@ -27,7 +27,7 @@ use crate::channels::{
 };
 use crate::model::{
     ActionType, Address, Attachment, AttachmentContent, CardAction, HeroCard, MediaCard, Message,
-    MessageType, ProactiveOptions, ReceiptCard, SuggestedActions, TextFormat, Warning,
+    MessageType, ProactiveOptions, ReceiptCard, SendKind, SuggestedActions, TextFormat, Warning,
 };
 
 /// A message's text, counted after entity parsing (UTF-16 units: see `split`).
@@ -159,9 +159,9 @@ pub fn render_send(
     };
     let extra = source_event(msg, &mut ctx)?;
 
-    let mut calls = match msg.kind {
-        MessageType::Typing => vec![Call::new("sendChatAction").with("action", json!("typing"))],
-        MessageType::EndOfConversation => {
+    let mut calls = match RenderError::send_kind(msg)? {
+        SendKind::Typing => vec![Call::new("sendChatAction").with("action", json!("typing"))],
+        SendKind::EndOfConversation => {
             ctx.warn(
                 "end_of_conversation_not_sent",
                 "message.type",
@@ -169,7 +169,7 @@ pub fn render_send(
             );
             Vec::new()
         }
-        MessageType::Event => {
+        SendKind::Event => {
             ctx.warn(
                 "event_not_sent",
                 "message.type",
@@ -177,7 +177,7 @@ pub fn render_send(
             );
             Vec::new()
         }
-        MessageType::Message => message_calls(msg, &mut ctx)?,
+        SendKind::Message => message_calls(msg, &mut ctx)?,
     };
 
     if msg.kind == MessageType::Message {
