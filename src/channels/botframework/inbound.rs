@@ -545,6 +545,27 @@ fn attachment(v: &Value) -> Option<Attachment> {
     })
 }
 
+fn rfc3339(o: &Map<String, Value>, key: &str) -> Option<time::OffsetDateTime> {
+    str_field(o, key).and_then(|t| {
+        time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()
+    })
+}
+
+/// `reactionsAdded` / `reactionsRemoved`: the reactions' types (`like`, `heart`).
+fn reactions(v: Option<&Value>) -> Result<Vec<String>, WebhookError> {
+    let Some(a) = v.and_then(Value::as_array) else {
+        return Ok(Vec::new());
+    };
+    if a.len() > MAX_ITEMS {
+        return Err(unreadable(format!("more than {MAX_ITEMS} reactions")));
+    }
+    Ok(a.iter()
+        .filter_map(|r| r.get("type").and_then(Value::as_str))
+        .filter(|t| !t.is_empty() && t.len() <= MAX_ID_BYTES)
+        .map(str::to_string)
+        .collect())
+}
+
 /// The activity types a v3 bot receives, as the model names them; `None` for types it has
 /// no kind for (they are acknowledged and left out).
 fn kind(t: &str) -> Option<MessageType> {
@@ -553,6 +574,12 @@ fn kind(t: &str) -> Option<MessageType> {
         "typing" => MessageType::Typing,
         "endOfConversation" => MessageType::EndOfConversation,
         "event" => MessageType::Event,
+        "conversationUpdate" => MessageType::ConversationUpdate,
+        "invoke" => MessageType::Invoke,
+        "messageReaction" => MessageType::MessageReaction,
+        "messageUpdate" => MessageType::MessageUpdate,
+        "messageDelete" => MessageType::MessageDelete,
+        "installationUpdate" => MessageType::InstallationUpdate,
         _ => return None,
     })
 }
@@ -646,9 +673,6 @@ fn parse_activity(
         name: str_field(o, "name").map(str::to_string),
         code: str_field(o, "code").map(str::to_string),
         local_timezone: str_field(o, "localTimezone").map(str::to_string),
-        local_timestamp: str_field(o, "localTimestamp").and_then(|t| {
-            time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()
-        }),
         ..Default::default()
     };
     if let Some(a) = o.get("attachments").and_then(Value::as_array) {
@@ -663,8 +687,19 @@ fn parse_activity(
         }
         msg.entities = e.iter().filter(|e| e.is_object()).cloned().collect();
     }
-    let _members_added = accounts(o.get("membersAdded"), "membersAdded")?;
-    let _members_removed = accounts(o.get("membersRemoved"), "membersRemoved")?;
+    msg.members_added = accounts(o.get("membersAdded"), "membersAdded")?;
+    msg.members_removed = accounts(o.get("membersRemoved"), "membersRemoved")?;
+    msg.reactions_added = reactions(o.get("reactionsAdded"))?;
+    msg.reactions_removed = reactions(o.get("reactionsRemoved"))?;
+    msg.timestamp = rfc3339(o, "timestamp");
+    msg.local_timestamp = rfc3339(o, "localTimestamp");
+    // A reaction names the message it is on in `replyToId`: that is the message the model's
+    // `address.id` names for it.
+    if kind == MessageType::MessageReaction
+        && let Some(target) = id_field(o, "replyToId", "replyToId")?
+    {
+        msg.address.id = Some(target);
+    }
 
     let dedupe_key = dedupe_key(channel_id, &msg, activity_id.as_deref(), req.body);
     msg.source_event.insert("botframework".into(), activity);
@@ -1256,6 +1291,403 @@ mod tests {
         refused(
             verify(&inbound(&iss), &token, &body).await,
             "token issuer not trusted",
+        );
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Parse
+
+    fn payload(name: &str) -> Vec<u8> {
+        std::fs::read(format!(
+            "{}/tests/inbound/botframework/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap()
+    }
+
+    /// An inbound for `APP` whose key source is never reached (parse does no I/O).
+    fn parser() -> BotFrameworkInbound {
+        let c = BotFrameworkConfig {
+            app_id: Some(APP.into()),
+            app_password: Some(crate::settings::Secret::new("pw".to_string())),
+            ..Default::default()
+        };
+        BotFrameworkInbound::new(&c, Duration::from_secs(5)).unwrap()
+    }
+
+    fn parse_with(
+        inb: &BotFrameworkInbound,
+        token: Option<&str>,
+        body: &[u8],
+    ) -> Result<Parsed, WebhookError> {
+        let mut headers = http::HeaderMap::new();
+        if let Some(t) = token {
+            headers.insert(
+                http::header::AUTHORIZATION,
+                format!("Bearer {t}").parse().unwrap(),
+            );
+        }
+        let req = WebhookRequest {
+            method: &http::Method::POST,
+            path: PATH,
+            query: None,
+            headers: &headers,
+            body,
+            received_at: NOW,
+        };
+        inb.parse(&req)
+    }
+
+    /// The one event of a verified call (the connector's token names `APP`).
+    fn parse_one(body: &[u8]) -> InboundEvent {
+        let parsed = parse_with(&parser(), Some(&sign(&claims())), body).unwrap();
+        assert_eq!(parsed.answer, None);
+        assert_eq!(parsed.events.len(), 1);
+        parsed.events.into_iter().next().unwrap()
+    }
+
+    fn ts(s: &str) -> Option<time::OffsetDateTime> {
+        Some(
+            time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).unwrap(),
+        )
+    }
+
+    const USER: &str = "29:1XJKJMvc5GBtc2JwZq0oj8tHZmzrQgFmB39ATiQWA85gQtHieVkKilBZ9XHoq9j7Zaqt7CZ-NJWi7me2kHTL3Bw";
+    const TENANT: &str = "72f988bf-86f1-41af-91ab-2d7cd011db47";
+
+    /// What a bot sends back with the address it received.
+    fn reply_url(ev: &InboundEvent) -> (String, String) {
+        let reply = Message {
+            address: ev.message.address.clone(),
+            text: Some("echo".into()),
+            ..Default::default()
+        };
+        let r = super::super::render::render_send(&reply).unwrap();
+        (r.requests[0].url.clone(), r.requests[0].credential.clone())
+    }
+
+    #[test]
+    fn a_teams_channel_message_with_a_mention_maps_every_field_and_replies_in_its_thread() {
+        let body = payload("teams_message_mention.json");
+        let ev = parse_one(&body);
+        let m = &ev.message;
+        assert_eq!(m.kind, MessageType::Message);
+        assert_eq!(
+            m.text.as_deref(),
+            Some("<at>Echo Bot</at> Grüße, how are you?")
+        );
+        assert_eq!(m.text_format, Some(TextFormat::Plain));
+        assert_eq!(m.text_locale.as_deref(), Some("en-US"));
+        assert_eq!(m.timestamp, ts("2026-11-24T16:00:00.123Z"));
+        assert_eq!(m.local_timestamp, ts("2026-11-24T17:00:00.123+01:00"));
+        assert_eq!(m.local_timezone.as_deref(), Some("Europe/Berlin"));
+        assert_eq!(m.entities.len(), 2);
+        assert_eq!(m.entities[0]["type"], "mention");
+        assert_eq!(m.entities[0]["mentioned"]["id"], "28:bot-app-id");
+        assert_eq!(m.entities[0]["text"], "<at>Echo Bot</at>");
+        let a = &m.address;
+        assert_eq!(a.channel_id, "msteams");
+        assert_eq!(
+            a.user,
+            Some(Identity {
+                id: USER.into(),
+                name: Some("Megan Bowen".into()),
+                aad_object_id: Some("6a4b2c9e-1d2f-4e8a-9b7c-3d5e6f708192".into()),
+                ..Default::default()
+            })
+        );
+        // The bot by its app id (its credentials' key); its name as the activity gave it.
+        assert_eq!(
+            a.bot,
+            Some(Identity {
+                id: APP.into(),
+                name: Some("Echo Bot".into()),
+                ..Default::default()
+            })
+        );
+        assert_eq!(
+            a.conversation,
+            Some(Conversation {
+                id: "19:c0a8d5f1e2b34c6d9e8f7a6b5c4d3e2f@thread.tacv2;messageid=1764000000123"
+                    .into(),
+                is_group: Some(true),
+                conversation_type: Some("channel".into()),
+                tenant_id: Some(TENANT.into()),
+                name: None,
+            })
+        );
+        assert_eq!(
+            a.service_url.as_deref(),
+            Some("https://smba.trafficmanager.net/amer/")
+        );
+        assert_eq!(a.id.as_deref(), Some("1764000000123"));
+        assert_eq!(a.thread_id, None);
+        // The whole activity as received, channelData included.
+        let native: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(m.source_event.get("botframework"), Some(&native));
+        assert_eq!(m.source_event.len(), 1);
+        assert_eq!(
+            ev.dedupe_key,
+            format!(
+                "msteams:{}:{}:1764000000123",
+                a.conversation_id().unwrap().len(),
+                a.conversation_id().unwrap()
+            )
+        );
+        let (url, credential) = reply_url(&ev);
+        assert_eq!(
+            url,
+            "https://smba.trafficmanager.net/amer/v3/conversations/\
+             19%3Ac0a8d5f1e2b34c6d9e8f7a6b5c4d3e2f%40thread.tacv2%3Bmessageid%3D1764000000123\
+             /activities/1764000000123"
+        );
+        assert_eq!(credential, APP);
+    }
+
+    #[test]
+    fn a_conversation_update_lists_the_members_added() {
+        let ev = parse_one(&payload("teams_conversation_update.json"));
+        let m = &ev.message;
+        assert_eq!(m.kind, MessageType::ConversationUpdate);
+        assert_eq!(
+            m.members_added,
+            vec![
+                Identity {
+                    id: "28:bot-app-id".into(),
+                    ..Default::default()
+                },
+                Identity {
+                    id: "29:1AbCdEfGhIjKlMnOpQrStUvWxYz".into(),
+                    aad_object_id: Some("0e1f2a3b-4c5d-6e7f-8091-a2b3c4d5e6f7".into()),
+                    ..Default::default()
+                },
+            ]
+        );
+        assert!(m.members_removed.is_empty());
+        assert_eq!(m.timestamp, ts("2026-11-24T16:05:00.000Z"));
+        assert_eq!(m.text, None);
+        assert_eq!(m.address.user_id(), USER);
+        assert_eq!(m.address.bot_id(), APP);
+        assert_eq!(
+            m.source_event["botframework"]["channelData"]["eventType"],
+            "teamMemberAdded"
+        );
+        let (url, _) = reply_url(&ev);
+        assert_eq!(
+            url,
+            "https://smba.trafficmanager.net/emea/v3/conversations/\
+             19%3Ac0a8d5f1e2b34c6d9e8f7a6b5c4d3e2f%40thread.tacv2\
+             /activities/f%3A2b6d3b1c-8f0e-4c5a-9d7e-1a2b3c4d5e6f"
+        );
+    }
+
+    #[test]
+    fn an_invoke_keeps_its_name_and_value() {
+        let ev = parse_one(&payload("teams_invoke.json"));
+        let m = &ev.message;
+        assert_eq!(m.kind, MessageType::Invoke);
+        assert_eq!(m.name.as_deref(), Some("adaptiveCard/action"));
+        assert_eq!(m.value.as_ref().unwrap()["action"]["verb"], "approve");
+        assert_eq!(m.value.as_ref().unwrap()["action"]["data"]["request"], 42);
+        assert_eq!(m.entities[0]["type"], "clientInfo");
+        let c = m.address.conversation.as_ref().unwrap();
+        assert_eq!(c.conversation_type.as_deref(), Some("personal"));
+        assert_eq!(c.is_group, None);
+        assert_eq!(c.tenant_id.as_deref(), Some(TENANT));
+        // An invoke is answered as itself: its own id is the reply target.
+        assert_eq!(
+            m.address.id.as_deref(),
+            Some("f:9c8b7a6d-5e4f-4a3b-8c2d-1e0f9a8b7c6d")
+        );
+        let (url, _) = reply_url(&ev);
+        assert_eq!(
+            url,
+            "https://smba.trafficmanager.net/amer/v3/conversations/a%3A1Xy2Zw3Vu4Ts5Rq6Po7Nm8Lk9Ji0Hg\
+             /activities/f%3A9c8b7a6d-5e4f-4a3b-8c2d-1e0f9a8b7c6d"
+        );
+    }
+
+    #[test]
+    fn a_message_reaction_names_its_types_and_the_message_reacted_to() {
+        let ev = parse_one(&payload("teams_message_reaction.json"));
+        let m = &ev.message;
+        assert_eq!(m.kind, MessageType::MessageReaction);
+        assert_eq!(m.reactions_added, vec!["like".to_string(), "heart".into()]);
+        assert!(m.reactions_removed.is_empty());
+        assert_eq!(m.address.id.as_deref(), Some("1764000000456"));
+        // The reaction's own id is what the connector repeats on a retry.
+        assert!(
+            ev.dedupe_key.ends_with(":1764000000789"),
+            "{}",
+            ev.dedupe_key
+        );
+        let (url, _) = reply_url(&ev);
+        assert_eq!(
+            url,
+            "https://smba.trafficmanager.net/amer/v3/conversations/a%3A1Xy2Zw3Vu4Ts5Rq6Po7Nm8Lk9Ji0Hg\
+             /activities/1764000000456"
+        );
+    }
+
+    fn minimal() -> Value {
+        json!({
+            "type": "message",
+            "id": "5",
+            "channelId": "webchat",
+            "serviceUrl": "https://webchat.botframework.com/",
+            "from": {"id": "dl_123", "name": "You"},
+            // Web Chat names the bot by its handle, not its app id.
+            "recipient": {"id": "echo-bot-handle", "name": "Echo"},
+            "conversation": {"id": "Dk4WDCV2mCx1bvTqY8Jnuq-us"},
+            "text": "hi",
+        })
+    }
+
+    #[test]
+    fn the_bot_is_named_by_the_token_audience_or_by_a_recipient_that_names_it() {
+        let inb = parser();
+        let body = serde_json::to_vec(&minimal()).unwrap();
+        let ev = &parse_with(&inb, Some(&sign(&claims())), &body)
+            .unwrap()
+            .events[0];
+        assert_eq!(ev.message.address.bot_id(), APP);
+        assert_eq!(
+            ev.message.address.bot.as_ref().unwrap().name.as_deref(),
+            Some("Echo")
+        );
+        // Without a token (the contract calls parse after verify), a `28:` recipient still
+        // names the configured bot; a handle does not.
+        assert_eq!(
+            parse_with(&inb, None, &body),
+            Err(WebhookError::Unreadable(
+                "the activity names no configured bot".into()
+            ))
+        );
+        let mut v = minimal();
+        v["recipient"]["id"] = json!(format!("28:{APP}"));
+        let ev = &parse_with(&inb, None, &serde_json::to_vec(&v).unwrap())
+            .unwrap()
+            .events[0];
+        assert_eq!(ev.message.address.bot_id(), APP);
+    }
+
+    #[test]
+    fn the_bots_own_activities_and_unknown_types_are_left_out() {
+        let inb = parser();
+        let token = sign(&claims());
+        for from in [
+            format!("28:{APP}"),
+            APP.to_string(),
+            "echo-bot-handle".into(),
+        ] {
+            let mut v = minimal();
+            v["from"] = json!({"id": from, "role": "bot"});
+            let parsed = parse_with(&inb, Some(&token), &serde_json::to_vec(&v).unwrap()).unwrap();
+            assert!(parsed.events.is_empty(), "{from}");
+        }
+        let mut v = minimal();
+        v["type"] = json!("trace");
+        let parsed = parse_with(&inb, Some(&token), &serde_json::to_vec(&v).unwrap()).unwrap();
+        assert!(parsed.events.is_empty());
+    }
+
+    #[test]
+    fn a_channel_not_served_here_or_a_hostile_body_is_unreadable() {
+        let inb = parser();
+        let token = sign(&claims());
+        let parse = |v: &Value| parse_with(&inb, Some(&token), &serde_json::to_vec(v).unwrap());
+        let mut v = minimal();
+        v["channelId"] = json!("slack");
+        assert!(matches!(parse(&v), Err(WebhookError::Unreadable(_))));
+        for key in ["serviceUrl", "from", "recipient", "conversation", "type"] {
+            let mut v = minimal();
+            v.as_object_mut().unwrap().remove(key);
+            assert!(
+                matches!(parse(&v), Err(WebhookError::Unreadable(_))),
+                "{key}"
+            );
+        }
+        let mut v = minimal();
+        v["conversation"]["id"] = json!("x".repeat(MAX_ID_BYTES + 1));
+        assert!(matches!(parse(&v), Err(WebhookError::Unreadable(_))));
+        let mut v = minimal();
+        v["entities"] = json!(vec![json!({"type": "mention"}); MAX_ITEMS + 1]);
+        assert!(matches!(parse(&v), Err(WebhookError::Unreadable(_))));
+        let mut v = minimal();
+        v["membersAdded"] = json!(vec![json!({"id": "29:x"}); MAX_ITEMS + 1]);
+        assert!(matches!(parse(&v), Err(WebhookError::Unreadable(_))));
+        let mut deep = json!("bottom");
+        for _ in 0..MAX_DEPTH {
+            deep = json!([deep]);
+        }
+        let mut v = minimal();
+        v["channelData"] = deep;
+        assert!(matches!(parse(&v), Err(WebhookError::Unreadable(_))));
+        // Far deeper than serde_json's own limit: refused, not a stack overflow.
+        let bomb = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        assert!(matches!(
+            parse_with(&inb, Some(&token), bomb.as_bytes()),
+            Err(WebhookError::Unreadable(_))
+        ));
+        assert!(matches!(
+            parse_with(&inb, Some(&token), &vec![b' '; MAX_BODY_BYTES + 1]),
+            Err(WebhookError::Unreadable(_))
+        ));
+    }
+
+    #[test]
+    fn an_activity_without_an_id_is_deduplicated_by_its_bytes() {
+        let inb = parser();
+        let token = sign(&claims());
+        let mut v = minimal();
+        v.as_object_mut().unwrap().remove("id");
+        let body = serde_json::to_vec(&v).unwrap();
+        let a = parse_with(&inb, Some(&token), &body).unwrap().events[0].clone();
+        let b = parse_with(&inb, Some(&token), &body).unwrap().events[0].clone();
+        assert_eq!(a.dedupe_key, b.dedupe_key);
+        assert!(
+            a.dedupe_key.starts_with("webchat:sha256:"),
+            "{}",
+            a.dedupe_key
+        );
+        assert_eq!(a.message.address.id, None);
+        v["text"] = json!("other");
+        let c = parse_with(&inb, Some(&token), &serde_json::to_vec(&v).unwrap()).unwrap();
+        assert_ne!(c.events[0].dedupe_key, a.dedupe_key);
+        // Ids are unique per conversation only: the same id elsewhere is another event.
+        let mut d = minimal();
+        d["conversation"]["id"] = json!("another");
+        let d = parse_with(&inb, Some(&token), &serde_json::to_vec(&d).unwrap()).unwrap();
+        let e = parse_with(&inb, Some(&token), &serde_json::to_vec(&minimal()).unwrap()).unwrap();
+        assert_ne!(d.events[0].dedupe_key, e.events[0].dedupe_key);
+    }
+
+    #[test]
+    fn attachments_sent_by_the_user_keep_url_type_and_name() {
+        let mut v = minimal();
+        v["attachments"] = json!([
+            {"contentType": "image/png", "contentUrl": "https://webchat.botframework.com/attachments/x/0", "name": "cat.png", "thumbnailUrl": "https://webchat.botframework.com/t/0"},
+            {"contentType": "application/vnd.microsoft.teams.file.download.info", "name": "report.pdf", "content": {"downloadUrl": "https://contoso.sharepoint.com/x", "fileType": "pdf"}},
+            "not an attachment"
+        ]);
+        let ev = parse_one(&serde_json::to_vec(&v).unwrap());
+        let a = &ev.message.attachments;
+        assert_eq!(a.len(), 2);
+        assert_eq!(a[0].content_type, "image/png");
+        assert_eq!(
+            a[0].content_url.as_deref(),
+            Some("https://webchat.botframework.com/attachments/x/0")
+        );
+        assert_eq!(a[0].name.as_deref(), Some("cat.png"));
+        assert_eq!(
+            a[0].thumbnail_url.as_deref(),
+            Some("https://webchat.botframework.com/t/0")
+        );
+        assert_eq!(
+            a[1].content,
+            Some(AttachmentContent::Json(
+                json!({"downloadUrl": "https://contoso.sharepoint.com/x", "fileType": "pdf"})
+            ))
         );
     }
 }
