@@ -286,7 +286,7 @@ struct Bound {
 }
 
 /// The bearer token of the call: exactly one `Authorization: Bearer` header.
-fn bearer<'a>(headers: &'a http::HeaderMap) -> Result<&'a str, WebhookError> {
+fn bearer(headers: &http::HeaderMap) -> Result<&str, WebhookError> {
     let mut values = headers.get_all(http::header::AUTHORIZATION).iter();
     let value = values
         .next()
@@ -437,8 +437,8 @@ impl BotFrameworkInbound {
             .ok_or_else(|| unverified("token audience is not a configured bot"))?;
         // The Emulator's keys (Entra ID's) carry no endorsements; when a key has some, they
         // bind it to channels as the connector's do.
-        let endorsed = key.endorsements.iter().any(|e| *e == channel_id);
-        if !endorsed && !(emulator && key.endorsements.is_empty()) {
+        let endorsed = key.endorsements.contains(&channel_id);
+        if !(endorsed || emulator && key.endorsements.is_empty()) {
             return Err(unverified("signing key not endorsed for the channel"));
         }
         // Emulator tokens name no service URL: the Emulator runs on the developer's machine.
