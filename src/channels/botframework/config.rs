@@ -51,7 +51,21 @@ pub struct BotFrameworkConfig {
     pub app_id: Option<String>,
     pub app_password: Option<Secret>,
     pub bots: Vec<BotCredentials>,
+    /// Receiving: the OpenID metadata document whose `jwks_uri` lists the keys the Bot
+    /// Connector signs its calls to the bot with.
+    pub openid_metadata_url: String,
+    /// Receiving: also accept tokens the Bot Framework Emulator got from Microsoft Entra ID
+    /// (its issuers, its keys from `emulator_openid_metadata_url`). Off in production.
+    pub allow_emulator_tokens: bool,
+    pub emulator_openid_metadata_url: String,
 }
+
+/// Where the Bot Connector publishes its signing keys (the Bot Framework SDKs' default).
+pub const DEFAULT_OPENID_METADATA_URL: &str =
+    "https://login.botframework.com/v1/.well-known/openidconfiguration";
+/// Where the Emulator's tokens' signing keys are published (the SDKs' default).
+pub const DEFAULT_EMULATOR_OPENID_METADATA_URL: &str =
+    "https://login.microsoftonline.com/botframework.com/v2.0/.well-known/openid-configuration";
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -79,6 +93,9 @@ impl Default for BotFrameworkConfig {
             app_id: None,
             app_password: None,
             bots: Vec::new(),
+            openid_metadata_url: DEFAULT_OPENID_METADATA_URL.into(),
+            allow_emulator_tokens: false,
+            emulator_openid_metadata_url: DEFAULT_EMULATOR_OPENID_METADATA_URL.into(),
         }
     }
 }
@@ -107,6 +124,22 @@ impl BotFrameworkConfig {
         // The bot's app password is posted to it.
         if let Some(reason) = crate::channels::clear_text_refusal(&token_url) {
             return Err(invalid("channels.botframework.token_url", reason));
+        }
+        // The keys fetched from them decide which calls are the Bot Connector's: a key list
+        // read in clear text could be swapped on the way.
+        for (key, value) in [
+            ("openid_metadata_url", &bf.openid_metadata_url),
+            (
+                "emulator_openid_metadata_url",
+                &bf.emulator_openid_metadata_url,
+            ),
+        ] {
+            let field = format!("channels.botframework.{key}");
+            let url =
+                url::Url::parse(value).map_err(|e| invalid(&field, format!("not a URL: {e}")))?;
+            if let Some(reason) = crate::channels::clear_text_refusal(&url) {
+                return Err(invalid(&field, reason));
+            }
         }
         for (i, host) in bf.allowed_service_hosts.iter().enumerate() {
             let (name, port) = super::client::split_host_pattern(host);
@@ -169,5 +202,38 @@ impl BotFrameworkConfig {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_key_metadata_urls_are_https_or_loopback_http() {
+        assert!(BotFrameworkConfig::default().validate().is_ok());
+        for key in ["openid_metadata_url", "emulator_openid_metadata_url"] {
+            for (url, ok) in [
+                ("http://127.0.0.1:4711/openid", true),
+                ("https://login.example/openid", true),
+                (
+                    "http://login.botframework.com/v1/.well-known/openidconfiguration",
+                    false,
+                ),
+                ("https://user:pw@login.example/openid", false),
+                ("not a url", false),
+            ] {
+                let mut c = BotFrameworkConfig::default();
+                match key {
+                    "openid_metadata_url" => c.openid_metadata_url = url.into(),
+                    _ => c.emulator_openid_metadata_url = url.into(),
+                }
+                let r = c.validate();
+                assert_eq!(r.is_ok(), ok, "{key} = {url}: {r:?}");
+                if let Err(e) = r {
+                    assert!(e.to_string().contains(key), "{e}");
+                }
+            }
+        }
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod client;
 pub mod config;
+pub mod inbound;
 pub mod render;
 
 use std::fmt::Display;
@@ -28,12 +29,14 @@ pub struct BotFramework {
     config: BotFrameworkConfig,
     /// Built even when the section is disabled (the registry then never calls it).
     client: BotFrameworkClient,
+    inbound: inbound::BotFrameworkInbound,
 }
 
 impl BotFramework {
     pub fn new(config: &BotFrameworkConfig, request_timeout: Duration) -> Result<Self, String> {
         Ok(Self {
             client: BotFrameworkClient::new(config.clone(), request_timeout)?,
+            inbound: inbound::BotFrameworkInbound::new(config, request_timeout)?,
             config: config.clone(),
         })
     }
@@ -177,5 +180,9 @@ impl Channel for BotFramework {
 
     fn token_fetches(&self) -> Vec<(crate::metrics::LabelValue, u64)> {
         self.client.token_fetches()
+    }
+
+    fn inbound(&self) -> Option<&dyn super::channel::Inbound> {
+        Some(&self.inbound)
     }
 }
