@@ -702,7 +702,8 @@ fn parse_activity(
     }
 
     let dedupe_key = dedupe_key(channel_id, &msg, activity_id.as_deref(), req.body);
-    msg.source_event.insert("botframework".into(), activity);
+    // Keyed by the channel id, as every channel's received events are (the trait's rule).
+    msg.source_event.insert(channel_id.to_string(), activity);
     Ok(Parsed {
         events: vec![InboundEvent {
             dedupe_key,
@@ -1424,7 +1425,7 @@ mod tests {
         assert_eq!(a.thread_id, None);
         // The whole activity as received, channelData included.
         let native: Value = serde_json::from_slice(&body).unwrap();
-        assert_eq!(m.source_event.get("botframework"), Some(&native));
+        assert_eq!(m.source_event.get("msteams"), Some(&native));
         assert_eq!(m.source_event.len(), 1);
         assert_eq!(
             ev.dedupe_key,
@@ -1469,7 +1470,7 @@ mod tests {
         assert_eq!(m.address.user_id(), USER);
         assert_eq!(m.address.bot_id(), APP);
         assert_eq!(
-            m.source_event["botframework"]["channelData"]["eventType"],
+            m.source_event["msteams"]["channelData"]["eventType"],
             "teamMemberAdded"
         );
         let (url, _) = reply_url(&ev);
