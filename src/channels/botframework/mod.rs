@@ -183,6 +183,8 @@ impl Channel for BotFramework {
     }
 
     fn inbound(&self) -> Option<&dyn super::channel::Inbound> {
-        Some(&self.inbound)
+        // A token's audience must be one of our bots: with none configured, nothing verifies.
+        (!self.config.credentials().is_empty())
+            .then_some(&self.inbound as &dyn super::channel::Inbound)
     }
 }
