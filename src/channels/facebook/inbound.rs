@@ -230,6 +230,13 @@ pub fn parse_body(
     for entry in env.entry {
         let page = id_of(Some(&entry.id)).ok_or_else(|| unreadable("entry without a page id"))?;
         if !is_configured_page(&page) {
+            // Verified (an app secret of ours signed it), but no bot could answer as this page:
+            // said, so a page subscribed by mistake or missing from the config is noticed.
+            tracing::warn!(
+                page = %crate::bounded::for_log(&page),
+                items = entry.messaging.len(),
+                "messenger events for a page without credentials here were left out"
+            );
             continue;
         }
         let entry_time = entry.time.as_ref().and_then(number);
