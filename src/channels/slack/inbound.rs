@@ -543,13 +543,7 @@ mod parse {
         } else {
             message.reactions_removed.push(reaction);
         }
-        message
-            .source_event
-            .insert(CHANNEL_ID.into(), without_token(v.clone()));
-        Some(InboundEvent {
-            dedupe_key: event_key(v, event)?,
-            message,
-        })
+        enveloped(v, event, message)
     }
 
     /// Someone joined or left a channel: a conversation update. The bot's own joins are kept
@@ -592,6 +586,12 @@ mod parse {
         } else {
             message.members_removed.push(member);
         }
+        enveloped(v, event, message)
+    }
+
+    /// An Events API event as delivered: the envelope (without Slack's verification token) as
+    /// its native event, keyed by `event_id`.
+    fn enveloped(v: &Value, event: &Value, mut message: Message) -> Option<InboundEvent> {
         message
             .source_event
             .insert(CHANNEL_ID.into(), without_token(v.clone()));
