@@ -199,7 +199,6 @@ async fn a_body_that_trickles_is_cut_off() {
 /// for the right verify token, and a signed event is stored.
 #[tokio::test]
 async fn messenger_handshake_and_signed_event_through_the_listener() {
-    use hmac::{Hmac, Mac};
     let mut config = Config::default();
     config.channels.telegram.bots.clear();
     let fb = &mut config.channels.facebook;
@@ -238,14 +237,7 @@ async fn messenger_handshake_and_signed_event_through_the_listener() {
         "messaging": [{"sender": {"id": "psid-7"}, "recipient": {"id": "1001"}, "timestamp": 1733000000000i64,
             "message": {"mid": "m_1", "text": "hello"}}]}]}))
     .unwrap();
-    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(b"app-secret").unwrap();
-    mac.update(&body);
-    let sig: String = mac
-        .finalize()
-        .into_bytes()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let sig = channel_gateway::channels::shared::hmac_sha256_hex(b"app-secret", &[&body]);
     let send = |sig: String| {
         http.post(format!("{base}/webhooks/facebook"))
             .header("x-hub-signature-256", format!("sha256={sig}"))

@@ -174,3 +174,28 @@ pub(crate) fn no_credentials(hint: &CredentialHint, bot: &str) -> String {
     };
     format!("no {} has {} {bot} ({configured})", hint.what, hint.key)
 }
+
+/// Lower-case hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(out, "{b:02x}");
+    }
+    out
+}
+
+/// Hex HMAC-SHA256 of `parts` (concatenated) keyed by `key`: how Graph's `appsecret_proof`,
+/// Messenger's and Slack's webhook signatures are written. Only for making a signature: a
+/// presented one is checked with `Mac::verify_slice`, in constant time.
+pub fn hmac_sha256_hex(key: &[u8], parts: &[&[u8]]) -> String {
+    use hmac::{Hmac, Mac};
+    // HMAC takes keys of any length: `new_from_slice` cannot fail for it.
+    let Ok(mut mac) = Hmac::<sha2::Sha256>::new_from_slice(key) else {
+        return String::new();
+    };
+    for p in parts {
+        mac.update(p);
+    }
+    hex(&mac.finalize().into_bytes())
+}

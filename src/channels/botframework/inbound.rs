@@ -722,11 +722,7 @@ fn dedupe_key(channel_id: &str, msg: &Message, activity_id: Option<&str>, body: 
         // The lengths keep `a:b` + `c` apart from `a` + `b:c`.
         Some(id) => format!("{channel_id}:{}:{conversation}:{id}", conversation.len()),
         None => {
-            let digest = Sha256::digest(body);
-            let mut hex = String::with_capacity(64);
-            for b in digest {
-                hex.push_str(&format!("{b:02x}"));
-            }
+            let hex = crate::channels::shared::hex(&Sha256::digest(body));
             format!("{channel_id}:sha256:{hex}")
         }
     }

@@ -8,9 +8,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use hmac::{Hmac, Mac};
 use serde_json::Value;
-use sha2::Sha256;
 
 use super::config::FacebookConfig;
 use crate::channels::http::{Http, Payload, TransportError, parse_uri};
@@ -30,17 +28,7 @@ const PERMANENT_CODES: &[i64] = &[100, 190, 10, 551, 200];
 
 /// Hex HMAC-SHA256 of the access token keyed by the app secret, as Graph's `appsecret_proof`.
 pub fn appsecret_proof(access_token: &str, app_secret: &str) -> String {
-    // HMAC accepts keys of any length; `new_from_slice` cannot fail for it.
-    let mut mac = match Hmac::<Sha256>::new_from_slice(app_secret.as_bytes()) {
-        Ok(m) => m,
-        Err(_) => return String::new(),
-    };
-    mac.update(access_token.as_bytes());
-    mac.finalize()
-        .into_bytes()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    crate::channels::shared::hmac_sha256_hex(app_secret.as_bytes(), &[access_token.as_bytes()])
 }
 
 struct PageAuth {

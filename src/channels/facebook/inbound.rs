@@ -546,14 +546,7 @@ mod tests {
 
     /// `sha256=` + hex HMAC-SHA256 of the exact bytes, keyed by the app secret, as Meta signs.
     fn sign(secret: &str, body: &[u8]) -> String {
-        let mut mac = HmacSha256::new_from_slice(secret.as_bytes()).unwrap();
-        mac.update(body);
-        let hex: String = mac
-            .finalize()
-            .into_bytes()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let hex = crate::channels::shared::hmac_sha256_hex(secret.as_bytes(), &[body]);
         format!("sha256={hex}")
     }
 

@@ -842,15 +842,9 @@ mod tests {
 
     /// Signs as Slack does: hex HMAC-SHA256 of `v0:{ts}:{body}`.
     pub fn sign(secret: &str, ts: u64, body: &[u8]) -> String {
-        let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
-        mac.update(format!("v0:{ts}:").as_bytes());
-        mac.update(body);
-        let hex: String = mac
-            .finalize()
-            .into_bytes()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let prefix = format!("v0:{ts}:");
+        let hex =
+            crate::channels::shared::hmac_sha256_hex(secret.as_bytes(), &[prefix.as_bytes(), body]);
         format!("v0={hex}")
     }
 
