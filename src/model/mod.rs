@@ -576,9 +576,10 @@ impl CardAction {
         }
     }
 
-    /// What a button may show, in order of preference, each with its field: its title, else
-    /// its display text, text, or a textual value (never a URL).
-    pub fn label_candidates(&self) -> [(Option<&str>, &'static str); 4] {
+    /// What a button shows, and the field it came from: the first of its title, display text,
+    /// text or textual value (never a URL) that is not empty once converted by `plain` (the
+    /// channel's conversion of the message's text format).
+    pub fn label(&self, plain: impl Fn(&str) -> String) -> Option<(String, &'static str)> {
         let textual_value = (!self.kind.takes_url()).then(|| self.value_str()).flatten();
         [
             (self.title.as_deref(), "title"),
@@ -586,6 +587,11 @@ impl CardAction {
             (self.text.as_deref(), "text"),
             (textual_value, "value"),
         ]
+        .into_iter()
+        .find_map(|(t, f)| {
+            let p = plain(t.unwrap_or_default());
+            (!p.is_empty()).then_some((p, f))
+        })
     }
 }
 

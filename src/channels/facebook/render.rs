@@ -1587,19 +1587,12 @@ fn action_title_from(
     path: &str,
     ctx: &mut Ctx,
 ) -> Result<(String, &'static str), RenderError> {
-    let (title, field) = a
-        .label_candidates()
-        .into_iter()
-        .find_map(|(t, f)| {
-            let p = ctx.plain(t.unwrap_or_default());
-            (!p.is_empty()).then_some((p, f))
-        })
-        .ok_or_else(|| {
-            RenderError::invalid(
-                format!("{path}.title"),
-                "required: Messenger buttons and quick replies need a title",
-            )
-        })?;
+    let (title, field) = a.label(|t| ctx.plain(t)).ok_or_else(|| {
+        RenderError::invalid(
+            format!("{path}.title"),
+            "required: Messenger buttons and quick replies need a title",
+        )
+    })?;
     let title = ctx.fit(
         &title,
         MAX_BUTTON_TITLE,

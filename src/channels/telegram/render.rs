@@ -1085,19 +1085,12 @@ fn callback_data(b: &CardAction, path: &str) -> Result<String, RenderError> {
 /// A button's label: its title, else its display text, text or textual value, as plain text
 /// of at most `MAX_BUTTON_TEXT` characters.
 fn action_title(a: &CardAction, path: &str, ctx: &mut Ctx) -> Result<String, RenderError> {
-    let (title, field) = a
-        .label_candidates()
-        .into_iter()
-        .find_map(|(t, f)| {
-            let p = ctx.plain(t.unwrap_or_default());
-            (!p.is_empty()).then_some((p, f))
-        })
-        .ok_or_else(|| {
-            RenderError::invalid(
-                format!("{path}.title"),
-                "required: a Telegram button needs a label",
-            )
-        })?;
+    let (title, field) = a.label(|t| ctx.plain(t)).ok_or_else(|| {
+        RenderError::invalid(
+            format!("{path}.title"),
+            "required: a Telegram button needs a label",
+        )
+    })?;
     Ok(match text::truncate(&title, MAX_BUTTON_TEXT, text::chars) {
         None => title,
         Some(short) => {
