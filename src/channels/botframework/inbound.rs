@@ -126,8 +126,9 @@ impl KeySource {
     /// (at most once per `REFETCH_INTERVAL_SECS` for unknown keys).
     async fn key(&self, http: &Http, kid: &str, now: u64) -> Result<Arc<SigningKey>, WebhookError> {
         let mut st = self.state.lock().await;
-        let due =
-            st.fetches == 0 || now >= st.refresh_due || st.refresh_due > now + KEYS_MAX_AGE_SECS;
+        let due = st.fetches == 0
+            || now >= st.refresh_due
+            || st.refresh_due > now.saturating_add(KEYS_MAX_AGE_SECS);
         if due {
             self.refresh(&mut st, http, now).await;
         }

@@ -30,6 +30,9 @@ pub struct BotFramework {
     /// Built even when the section is disabled (the registry then never calls it).
     client: BotFrameworkClient,
     inbound: inbound::BotFrameworkInbound,
+    /// Whether any bot is configured: a token's audience must be one, so without any nothing
+    /// could verify (asked on every webhook call).
+    receives: bool,
 }
 
 impl BotFramework {
@@ -37,6 +40,7 @@ impl BotFramework {
         Ok(Self {
             client: BotFrameworkClient::new(config.clone(), request_timeout)?,
             inbound: inbound::BotFrameworkInbound::new(config, request_timeout)?,
+            receives: !config.credentials().is_empty(),
             config: config.clone(),
         })
     }
@@ -183,8 +187,7 @@ impl Channel for BotFramework {
     }
 
     fn inbound(&self) -> Option<&dyn super::channel::Inbound> {
-        // A token's audience must be one of our bots: with none configured, nothing verifies.
-        (!self.config.credentials().is_empty())
+        self.receives
             .then_some(&self.inbound as &dyn super::channel::Inbound)
     }
 }
