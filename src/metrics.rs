@@ -103,6 +103,11 @@ pub struct Metrics {
     request_latency: Family<OutcomeLabels, Histogram, fn() -> Histogram>,
     rate_limit_pauses: Family<ChannelLabel, Counter>,
     inbound_refused: Family<RefusalLabels, Counter>,
+    inbound_events: Family<OutcomeLabels, Counter>,
+    /// Received events in the inbox that some consumer group has not acked.
+    pub inbound_pending: Gauge,
+    /// Open Receive streams.
+    pub receivers: Gauge,
     room_wait: Family<ChannelLabel, Histogram, fn() -> Histogram>,
     pub queue_depth: Gauge,
     pub active_workers: Gauge,
@@ -156,6 +161,9 @@ impl Metrics {
             );
         let rate_limit_pauses = Family::<ChannelLabel, Counter>::default();
         let inbound_refused = Family::<RefusalLabels, Counter>::default();
+        let inbound_events = Family::<OutcomeLabels, Counter>::default();
+        let inbound_pending = Gauge::default();
+        let receivers = Gauge::default();
         let room_wait = Family::<ChannelLabel, Histogram, fn() -> Histogram>::new_with_constructor(
             latency_histogram,
         );
@@ -222,6 +230,20 @@ impl Metrics {
             inbound_refused.clone(),
         );
         registry.register(
+            "inbound_events",
+            "Received events by channel and outcome: stored, duplicate (a channel retry of a \
+             stored event, answered 2xx and not stored again), redelivered (sent to a bot again \
+             after a nack, a missed ack deadline or a stream that ended), expired (kept past \
+             inbound.retention with no ack)",
+            inbound_events.clone(),
+        );
+        registry.register(
+            "inbound_pending",
+            "Received events in the inbox not yet acked by every consumer group",
+            inbound_pending.clone(),
+        );
+        registry.register("receive_streams", "Open Receive streams", receivers.clone());
+        registry.register(
             "room_wait_seconds",
             "How long a Send waited for room in its conversation's full line before it was accepted (delivery.max_wait_for_room), by channel",
             room_wait.clone(),
@@ -252,6 +274,9 @@ impl Metrics {
             request_latency,
             rate_limit_pauses,
             inbound_refused,
+            inbound_events,
+            inbound_pending,
+            receivers,
             room_wait,
             queue_depth,
             active_workers,
@@ -332,6 +357,18 @@ impl Metrics {
                 reason: Cow::Borrowed(reason),
             })
             .inc();
+    }
+
+    /// Received events by outcome (`stored`, `duplicate`, `redelivered`, `expired`).
+    pub fn inbound_events(&self, channel: &str, outcome: &'static str, n: u64) {
+        if n > 0 {
+            self.inbound_events
+                .get_or_create(&OutcomeLabels {
+                    channel: channel_label(channel),
+                    outcome: Cow::Borrowed(outcome),
+                })
+                .inc_by(n);
+        }
     }
 
     /// Takes in a client's running count of token fetches for one channel id.

@@ -1,11 +1,14 @@
-//! Receiving: the webhook listener that channels call, in front of a durable sink (the inbox).
+//! Receiving: the webhook listener that channels call, the durable inbox behind it, and the
+//! streams that hand its events to bots.
 //!
-//! Owns the HTTP side of receiving: which path belongs to which channel, the body bound and the
-//! slow-client timeout, verification before anything else, the answer (2xx only once the sink
-//! said the events are durable; 503 with `Retry-After` when it is full), and the refusal
-//! metric. Must not know any channel's format (each channel's `Inbound` verifies and parses),
-//! nor how events are stored, deduplicated or streamed to bots (the sink does).
+//! `listener` owns the HTTP side (paths, body bound, slow clients, verification first, the
+//! answer); `store` owns what is on disk; `inbox` owns who gets which event when (groups,
+//! per-conversation order, credits, ack deadlines, retention). None of them knows a channel's
+//! format (each channel's `Inbound` verifies and parses) or the gRPC wire (`api` does).
 
+pub mod inbox;
 pub mod listener;
+pub mod store;
 
+pub use inbox::{Delivered, Inbox, InboxSettings, ReceiveError, Receiver, Settled, Subscription};
 pub use listener::{InboundRouter, Sink, SinkError, serve};
