@@ -596,6 +596,7 @@ fn spawn_gateway(fake_port: u16, data_dir: &std::path::Path, o: &GatewayOpts) ->
             "CHANNEL_GATEWAY__ADMIN__LISTEN",
             format!("127.0.0.1:{admin}"),
         )
+        .env("CHANNEL_GATEWAY__INBOUND__LISTEN", "127.0.0.1:0")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()

@@ -127,6 +127,7 @@ start_gateway() {
     CHANNEL_GATEWAY__CHANNELS__BOTFRAMEWORK__APP_ID="$bot_id" \
     CHANNEL_GATEWAY__CHANNELS__BOTFRAMEWORK__APP_PASSWORD="e2e-password-not-a-secret" \
     CHANNEL_GATEWAY__OUTBOX__BACKEND=memory \
+    CHANNEL_GATEWAY__INBOUND__LISTEN="127.0.0.1:0" \
     "$@" \
     "$gateway_bin" serve --listen "127.0.0.1:$grpc_port" --data-dir "$work/data" >"$work/gateway.log" 2>&1 &
   gateway_pid=$!

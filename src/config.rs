@@ -30,6 +30,7 @@ pub struct Config {
     pub auth: AuthConfig,
     pub limits: LimitsConfig,
     pub channels: ChannelsConfig,
+    pub inbound: crate::inbound::config::InboundConfig,
     pub log: LogConfig,
 }
 
@@ -365,6 +366,7 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         let listen = self.listen_addr()?;
+        self.inbound.validate()?;
         self.admin_addr()?;
         if !listen.ip().is_loopback()
             && !self.auth.is_configured()

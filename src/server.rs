@@ -111,6 +111,8 @@ pub enum ServeError {
     },
     #[error("reflection: {0}")]
     Reflection(String),
+    #[error("inbox: {0}")]
+    Inbox(String),
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
 }
@@ -124,6 +126,8 @@ pub struct RunningGateway {
     pub addr: SocketAddr,
     /// The admin HTTP listener, when enabled.
     pub admin_addr: Option<SocketAddr>,
+    /// The webhook listener, when receiving is on.
+    pub inbound_addr: Option<SocketAddr>,
     pub dispatcher: Dispatcher,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<Result<(), ServeError>>,
@@ -189,30 +193,32 @@ pub async fn start(config: Config) -> Result<RunningGateway, ServeError> {
         .local_addr()
         .map_err(|source| ServeError::Bind { addr, source })?;
     let (tx, rx) = oneshot::channel::<()>();
-    let ((dispatcher, admin_addr), fut) = serve(config, listener, async {
+    let (started, fut) = serve(config, listener, async {
         let _ = rx.await;
     })
     .await?;
     Ok(RunningGateway {
         addr: local,
-        admin_addr,
-        dispatcher,
+        admin_addr: started.admin_addr,
+        inbound_addr: started.inbound_addr,
+        dispatcher: started.dispatcher,
         stop: Some(tx),
         task: tokio::spawn(fut),
     })
+}
+
+/// What `serve` started, for `start`.
+struct Started {
+    dispatcher: Dispatcher,
+    admin_addr: Option<SocketAddr>,
+    inbound_addr: Option<SocketAddr>,
 }
 
 async fn serve(
     config: Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<
-    (
-        (Dispatcher, Option<SocketAddr>),
-        impl Future<Output = Result<(), ServeError>>,
-    ),
-    ServeError,
-> {
+) -> Result<(Started, impl Future<Output = Result<(), ServeError>>), ServeError> {
     let channels = Arc::new(Channels::from_config(&config).map_err(ServeError::Channels)?);
     let store: Arc<dyn Store> = match config.outbox.backend {
         OutboxBackend::Durable => {
@@ -246,6 +252,20 @@ async fn serve(
         config.server.idempotency_window,
     );
     let service = GatewayService::new(dispatcher.clone(), config.server.clone());
+    let (inbound_stop_tx, inbound_stop_rx) = oneshot::channel::<()>();
+    let (service, inbox, inbound_addr) = if config.inbound.enabled {
+        let (inbox, addr) = start_inbound(&config, &channels, &metrics, async {
+            let _ = inbound_stop_rx.await;
+        })
+        .await?;
+        (
+            service.with_inbox(inbox.clone(), config.inbound.ack_deadline),
+            Some(inbox),
+            addr,
+        )
+    } else {
+        (service, None, None)
+    };
     let authenticator = Authenticator::new(&config.auth, &config.limits);
     if config.auth.is_configured() {
         tracing::info!(
@@ -324,6 +344,8 @@ async fn serve(
     tokio::spawn(async move {
         shutdown.await;
         ready.set_ready(false);
+        // Channels find the webhook port closed and retry later (or at another replica).
+        let _ = inbound_stop_tx.send(());
         // Probes see NOT_SERVING first, then new sends are refused, then queues drain.
         not_serving(&health).await;
         tracing::info!(
@@ -349,6 +371,9 @@ async fn serve(
         }
         let _ = stop_tx.send(());
         let _ = admin_stop_tx.send(());
+        if let Some(inbox) = inbox {
+            inbox.shutdown();
+        }
     });
 
     tracing::info!(addr = ?local, tls = config.server.tls.is_some(), "channel-gateway serving gRPC");
@@ -445,7 +470,61 @@ async fn serve(
         }
         Ok(())
     };
-    Ok(((dispatcher, admin_addr), fut))
+    Ok((
+        Started {
+            dispatcher,
+            admin_addr,
+            inbound_addr,
+        },
+        fut,
+    ))
+}
+
+/// Opens the inbox and starts the webhook listener in front of it (stopped by `stop`).
+async fn start_inbound(
+    config: &Config,
+    channels: &Channels,
+    metrics: &Arc<Metrics>,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> Result<(crate::inbound::Inbox, Option<SocketAddr>), ServeError> {
+    let dir = match config.outbox.backend {
+        OutboxBackend::Durable => Some(config.outbox.data_dir.as_path()),
+        OutboxBackend::Memory => {
+            tracing::warn!(
+                "in-memory inbox (outbox.backend = memory): received events are lost on a crash or restart"
+            );
+            None
+        }
+    };
+    let inbox = crate::inbound::Inbox::open(dir, config.inbound.inbox(), metrics.clone())
+        .map_err(|e| ServeError::Inbox(e.to_string()))?;
+    let router = crate::inbound::InboundRouter::new(channels).map_err(ServeError::Channels)?;
+    let addr = config.inbound.listen_addr()?;
+    let l = TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind { addr, source })?;
+    let local = l.local_addr().ok();
+    let paths = router.paths();
+    if paths.is_empty() {
+        tracing::info!(addr = ?local, "webhook listener up; no channel is set up to receive yet (see docs/channels/)");
+    } else {
+        tracing::info!(addr = ?local, paths = ?paths, "webhook listener");
+    }
+    let m = metrics.clone();
+    let refused: crate::inbound::listener::RefusalCounter =
+        Arc::new(move |channel: &str, reason: &'static str| m.inbound_refused(channel, reason));
+    let limits = crate::inbound::listener::Limits {
+        max_body_bytes: config.inbound.max_body_bytes,
+        read_timeout: config.inbound.read_timeout,
+        max_connections: config.inbound.max_connections,
+    };
+    let sink: Arc<dyn crate::inbound::Sink> = Arc::new(inbox.clone());
+    tokio::spawn(async move {
+        if let Err(e) = crate::inbound::serve(l, router, sink, limits, refused, stop).await {
+            tracing::error!(error = %e, "webhook listener failed");
+        }
+    });
+    Ok((inbox, local))
 }
 
 #[cfg(test)]

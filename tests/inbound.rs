@@ -13,6 +13,7 @@ use channel_gateway::channels::Channels;
 use channel_gateway::channels::channel::InboundEvent;
 use channel_gateway::channels::telegram::config::TelegramBot;
 use channel_gateway::config::{Config, Secret};
+use channel_gateway::inbound::listener::Limits;
 use channel_gateway::inbound::{InboundRouter, Sink, SinkError, serve};
 
 const SECRET: &str = "hook-secret_1";
@@ -73,8 +74,11 @@ async fn start() -> Harness {
         listener,
         router,
         sink.clone(),
-        64 << 10,
-        Duration::from_millis(500),
+        Limits {
+            max_body_bytes: 64 << 10,
+            read_timeout: Duration::from_millis(500),
+            max_connections: 64,
+        },
         counter,
         std::future::pending(),
     ));
@@ -216,8 +220,11 @@ async fn messenger_handshake_and_signed_event_through_the_listener() {
         listener,
         router,
         sink.clone(),
-        64 << 10,
-        Duration::from_secs(5),
+        Limits {
+            max_body_bytes: 64 << 10,
+            read_timeout: Duration::from_secs(5),
+            max_connections: 64,
+        },
         Arc::new(|_: &str, _: &'static str| {}),
         std::future::pending(),
     ));

@@ -59,6 +59,7 @@ async fn channel_calls_go_through_the_https_proxy_of_the_environment() {
             "CHANNEL_GATEWAY__ADMIN__LISTEN",
             format!("127.0.0.1:{admin}"),
         )
+        .env("CHANNEL_GATEWAY__INBOUND__LISTEN", "127.0.0.1:0")
         // No token request: the only call is the activity itself.
         .env(
             "CHANNEL_GATEWAY__CHANNELS__BOTFRAMEWORK__ALLOW_UNAUTHENTICATED",

@@ -32,6 +32,7 @@ async fn serve_with_no_config_answers_health_and_reflection_and_stops_on_sigterm
             "CHANNEL_GATEWAY__ADMIN__LISTEN",
             format!("127.0.0.1:{admin}"),
         )
+        .env("CHANNEL_GATEWAY__INBOUND__LISTEN", "127.0.0.1:0")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -179,6 +180,7 @@ async fn serve_listens_on_localhost_by_name() {
             "CHANNEL_GATEWAY__ADMIN__LISTEN",
             format!("localhost:{admin}"),
         )
+        .env("CHANNEL_GATEWAY__INBOUND__LISTEN", "127.0.0.1:0")
         .env("CHANNEL_GATEWAY__OUTBOX__BACKEND", "memory")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -228,6 +230,7 @@ fn config_errors_name_the_key_and_never_show_a_token() {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_channel-gateway"));
         cmd.arg("serve").current_dir(dir.path());
         cmd.env_remove("CHANNEL_GATEWAY_CONFIG");
+        cmd.env("CHANNEL_GATEWAY__INBOUND__LISTEN", "127.0.0.1:0");
         for (k, v) in env {
             cmd.env(k, v);
         }

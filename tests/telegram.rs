@@ -342,6 +342,9 @@ async fn the_token_never_appears_in_a_trace_log() {
 [admin]
 listen = "127.0.0.1:0"
 
+[inbound]
+listen = "127.0.0.1:0"
+
 [log]
 format = "json"
 

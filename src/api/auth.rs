@@ -146,8 +146,8 @@ impl Caller {
         self.bots().is_none()
     }
 
-    /// `None`: any bot.
-    fn bots(&self) -> Option<&[String]> {
+    /// The bots it may act as; `None`: any bot.
+    pub fn bots(&self) -> Option<&[String]> {
         self.identity.as_ref().and_then(|i| i.bots.as_deref())
     }
 }

@@ -14,6 +14,7 @@ pub mod auth;
 pub mod codec;
 pub mod convert;
 pub mod limits;
+pub mod receive;
 pub mod service;
 pub mod status;
 pub mod watch;

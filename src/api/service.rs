@@ -75,6 +75,8 @@ pub struct GatewayService {
     config: ServerConfig,
     idempotency: Idempotency,
     watchers: Arc<super::watch::Watchers>,
+    /// The inbox, when receiving is on, and its ack deadline.
+    inbox: Option<(crate::inbound::Inbox, Duration)>,
 }
 
 fn warnings_pb(w: &[model::Warning]) -> Vec<pb::Warning> {
@@ -284,7 +286,14 @@ impl GatewayService {
             watchers: super::watch::Watchers::new(dispatcher.clone(), config.max_watchers),
             dispatcher,
             config,
+            inbox: None,
         }
+    }
+
+    /// Serves Receive from `inbox`.
+    pub fn with_inbox(mut self, inbox: crate::inbound::Inbox, ack_deadline: Duration) -> Self {
+        self.inbox = Some((inbox, ack_deadline));
+        self
     }
 
     fn check_size(&self, v: &mut Violations, path: &dyn Display, m: &pb::Message) {
@@ -888,6 +897,16 @@ impl ChannelGateway for GatewayService {
             deliveries,
             next_page_token,
         }))
+    }
+
+    type ReceiveStream = super::receive::ReceiveStream;
+
+    async fn receive(
+        &self,
+        req: Request<tonic::Streaming<pb::ReceiveRequest>>,
+    ) -> Result<Response<Self::ReceiveStream>, Status> {
+        let deadline = self.inbox.as_ref().map_or(Duration::ZERO, |(_, d)| *d);
+        super::receive::receive(self.inbox.as_ref().map(|(i, _)| i), deadline, req).await
     }
 
     async fn redeliver(

@@ -355,6 +355,7 @@ impl Inbox {
         self.shared.flush_attempts();
         Ok(Receiver {
             id,
+            max_in_flight,
             shared: self.shared.clone(),
             rx,
         })
@@ -374,11 +375,17 @@ impl Inbox {
 /// One open stream: events arrive on `rx`; dropping it gives back what it held.
 pub struct Receiver {
     id: u64,
+    max_in_flight: usize,
     shared: Arc<Shared>,
     pub rx: mpsc::UnboundedReceiver<Delivered>,
 }
 
 impl Receiver {
+    /// The credits in force.
+    pub fn max_in_flight(&self) -> usize {
+        self.max_in_flight
+    }
+
     pub fn ack(&self, event_id: u64) -> Settled {
         let r = self.shared.lock().ack(self.id, event_id, &self.shared);
         self.shared.flush_attempts();

@@ -85,29 +85,101 @@ impl InboundRouter {
     }
 }
 
-/// Serves the webhook routes on `listener` until `shutdown`. A call's body is bounded by
-/// `max_body_bytes` and must arrive within `read_timeout`, so a slow or endless client holds
-/// nothing for long.
+/// The listener's bounds (the `[inbound]` section).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest body accepted.
+    pub max_body_bytes: usize,
+    /// How long a call has to send its headers, and then its body.
+    pub read_timeout: Duration,
+    /// Open connections at once; past it a new one is closed at once.
+    pub max_connections: usize,
+}
+
+/// Serves the webhook routes on `listener` until `shutdown`, then lets calls in progress finish.
+/// A call's headers and body must each arrive within `read_timeout` and the body stay within
+/// `max_body_bytes`, so a slow or endless client holds nothing for long; at most
+/// `max_connections` are open at once.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: InboundRouter,
     sink: Arc<dyn Sink>,
-    max_body_bytes: usize,
-    read_timeout: Duration,
+    limits: Limits,
     refused: RefusalCounter,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use tower::ServiceExt;
+
     let shared = Arc::new(Shared {
         router,
         sink,
-        max_body_bytes,
-        read_timeout,
+        max_body_bytes: limits.max_body_bytes,
+        read_timeout: limits.read_timeout,
         refused,
     });
     let app = axum::Router::new().fallback(handle).with_state(shared);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut backoff = Duration::from_millis(10);
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, _) = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => {
+                    backoff = Duration::from_millis(10);
+                    a
+                }
+                Err(e) => {
+                    // Out of file descriptors, most often: wait instead of spinning a core.
+                    tracing::warn!(error = %e, "inbound accept failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            // Full: closing at once is cheaper for both sides than queueing; the channel retries.
+            drop(tcp);
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let app = app.clone();
+        let mut stop = stop_rx.clone();
+        let header_timeout = limits.read_timeout;
+        tokio::spawn(async move {
+            let _permit = permit;
+            let svc =
+                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    app.clone().oneshot(req.map(Body::new))
+                });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .max_buf_size(64 << 10)
+                .serve_connection(TokioIo::new(tcp), svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                () = async { drop(stop.wait_for(|s| *s).await) } => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+    }
+    let _ = stop_tx.send(true);
+    // Calls in progress finish (their events may be on their way to the inbox); new ones find
+    // the port closed.
+    let all = u32::try_from(limits.max_connections.max(1)).unwrap_or(u32::MAX);
+    let _ = tokio::time::timeout(
+        limits.read_timeout.saturating_mul(2),
+        slots.acquire_many(all),
+    )
+    .await;
+    Ok(())
 }
 
 async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response {

@@ -6,6 +6,7 @@
 //! per-conversation order, credits, ack deadlines, retention). None of them knows a channel's
 //! format (each channel's `Inbound` verifies and parses) or the gRPC wire (`api` does).
 
+pub mod config;
 pub mod inbox;
 pub mod listener;
 pub mod store;

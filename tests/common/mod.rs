@@ -506,6 +506,8 @@ pub fn gateway_command(
         "--data-dir",
     ])
     .arg(data_dir)
+    // Off the default webhook port 3978, so tests can run side by side.
+    .env("CHANNEL_GATEWAY__INBOUND__LISTEN", "127.0.0.1:0")
     .env(
         "CHANNEL_GATEWAY__CHANNELS__BOTFRAMEWORK__ALLOWED_SERVICE_HOSTS",
         "[\"127.0.0.1:*\"]",

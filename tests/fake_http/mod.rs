@@ -29,6 +29,7 @@ pub fn gateway_config() -> Config {
     c.delivery.max_retry_delay = Duration::from_secs(2);
     c.delivery.request_timeout = Duration::from_secs(10);
     c.admin.listen = "127.0.0.1:0".into();
+    c.inbound.listen = "127.0.0.1:0".into();
     c.outbox.backend = channel_gateway::config::OutboxBackend::Memory;
     c
 }
