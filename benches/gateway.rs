@@ -395,6 +395,15 @@ impl ChannelGateway for Echo {
     ) -> Result<Response<Self::WatchDeliveriesStream>, Status> {
         Err(Status::unimplemented("echo"))
     }
+    type ReceiveStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<pb::ReceiveResponse, Status>> + Send>,
+    >;
+    async fn receive(
+        &self,
+        _r: Request<tonic::Streaming<pb::ReceiveRequest>>,
+    ) -> Result<Response<Self::ReceiveStream>, Status> {
+        Err(Status::unimplemented("echo"))
+    }
     async fn list_failed(
         &self,
         _r: Request<pb::ListFailedRequest>,
