@@ -59,6 +59,8 @@ enum Command {
     Capabilities(cli::CapabilitiesArgs),
     /// Print state changes as they happen, one JSON line each (WatchDeliveries).
     Watch(cli::WatchArgs),
+    /// Print the events people send on the channels, one JSON line each, acking each (Receive).
+    Listen(cli::ListenArgs),
     /// Print the SHA-256 of a caller token read from standard input, for `auth.tokens`.
     HashToken,
 }
@@ -112,6 +114,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Redeliver(args) => cli::redeliver(args).await,
         Command::Capabilities(args) => cli::capabilities(args).await,
         Command::Watch(args) => cli::watch(args).await,
+        Command::Listen(args) => cli::listen(args).await,
         Command::HashToken => {
             let mut token = String::new();
             std::io::stdin()

@@ -157,6 +157,25 @@ pub struct WatchArgs {
     conversation: Option<String>,
 }
 
+#[derive(Args)]
+pub struct ListenArgs {
+    #[command(flatten)]
+    gateway: GatewayArgs,
+    /// Only this bot's events (repeatable); none: every bot the caller may act as.
+    #[arg(long = "bot")]
+    bots: Vec<String>,
+    /// Only this channel's events (repeatable).
+    #[arg(long = "channel")]
+    channels: Vec<String>,
+    /// The consumer group. Each group gets every event: listen in a group of its own to watch
+    /// beside a running bot without taking its events.
+    #[arg(long, default_value = "default")]
+    group: String,
+    /// Print without acking: the events stay in the inbox and come again after the ack deadline.
+    #[arg(long)]
+    no_ack: bool,
+}
+
 fn parse_timeout(s: &str) -> Result<Duration, String> {
     match channel_gateway::config::parse_duration(s)? {
         d if d.is_zero() => Err("must be more than 0".into()),
@@ -656,6 +675,67 @@ pub async fn watch(args: WatchArgs) -> Result<(), CliError> {
     while let Some(ev) = stream.next().await {
         let d = ev?.delivery.unwrap_or_default();
         print_line(&delivery_json(&d).to_string())?;
+    }
+    Ok(())
+}
+
+/// One received event as a JSON line: the message in the model's form (the same form `send
+/// --file` reads), so its `address` can be pasted into a reply.
+fn event_json(e: pb::ReceivedEvent) -> Value {
+    let mut v = convert::Violations::default();
+    let message = e.message.map(|m| convert::message(&mut v, &"message", m));
+    json!({
+        "event_id": e.event_id,
+        "attempt": e.attempt,
+        "redelivered": e.redelivered,
+        "received_at": time_json(&e.received_at),
+        "message": message.map_or(Value::Null, |m| serde_json::to_value(m).unwrap_or(Value::Null)),
+    })
+}
+
+pub async fn listen(args: ListenArgs) -> Result<(), CliError> {
+    let mut client = connect(&args.gateway, "").await?;
+    let (tx, input) = tokio::sync::mpsc::channel::<pb::ReceiveRequest>(64);
+    let subscribe = pb::ReceiveRequest {
+        kind: Some(pb::receive_request::Kind::Subscribe(
+            pb::ReceiveSubscription {
+                group: args.group,
+                bot_ids: args.bots,
+                channel_ids: args.channels,
+                max_in_flight: 0,
+            },
+        )),
+    };
+    // The channel has room: the first send cannot wait.
+    let _ = tx.send(subscribe).await;
+    let mut stream = client
+        .receive(tokio_stream::wrappers::ReceiverStream::new(input))
+        .await?
+        .into_inner();
+    while let Some(r) = stream.next().await {
+        match r?.kind {
+            Some(pb::receive_response::Kind::Subscribed(s)) => {
+                eprintln!(
+                    "listening (group {}, {} at once); one JSON line per event",
+                    s.group, s.max_in_flight
+                );
+            }
+            Some(pb::receive_response::Kind::Event(e)) => {
+                let id = e.event_id.clone();
+                print_line(&event_json(e).to_string())?;
+                if !args.no_ack {
+                    let ack = pb::ReceiveRequest {
+                        kind: Some(pb::receive_request::Kind::Ack(pb::ReceiveAck {
+                            event_ids: vec![id],
+                        })),
+                    };
+                    if tx.send(ack).await.is_err() {
+                        break;
+                    }
+                }
+            }
+            None => {}
+        }
     }
     Ok(())
 }
