@@ -113,7 +113,7 @@ async fn sigkill_while_events_arrive_loses_nothing_answered_and_keeps_order() {
                 match post {
                     Ok(r) if r.status().is_success() => {
                         answered.lock().unwrap().entry(chat).or_default().push(n);
-                        if n % 5 == 0 {
+                        if n.is_multiple_of(5) {
                             let _ = http
                                 .post(&url)
                                 .header("x-telegram-bot-api-secret-token", SECRET)
