@@ -375,3 +375,419 @@ async fn telegram_conflicts_and_flood_control_are_waited_out_and_never_show_the_
     assert!(!text.contains(TOKEN), "{text}");
     assert!(!text.contains("pollsecret"), "{text}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// A fake Slack: apps.connections.open over HTTP, and a WebSocket server whose connections the
+// test drives itself.
+
+use channel_gateway::channels::slack::Slack;
+use channel_gateway::channels::slack::config::{
+    Receive as SlackReceive, SlackConfig, SlackWorkspace,
+};
+use channel_gateway::channels::slack::socket::{SocketMode, Timing as SocketTiming};
+use futures::{SinkExt, StreamExt};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+const APP_TOKEN: &str = "xapp-1-A0111-222-appsecret_zz";
+const TICKET: &str = "ticket-sekrit";
+
+type Conn = WebSocketStream<tokio::net::TcpStream>;
+
+struct FakeSlack {
+    /// `Authorization` of each apps.connections.open call.
+    opens: Mutex<Vec<String>>,
+    /// Answers given before the usual one, in order: (status, body).
+    forced: Mutex<VecDeque<(u16, Value)>>,
+    ws_addr: std::net::SocketAddr,
+    /// The path and query each WebSocket connection asked for.
+    paths: Mutex<Vec<String>>,
+}
+
+impl FakeSlack {
+    /// The fake, its API base URL, and the WebSocket connections as they are accepted.
+    async fn start() -> (
+        Arc<Self>,
+        String,
+        tokio::sync::mpsc::UnboundedReceiver<Conn>,
+    ) {
+        let ws_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let fake = Arc::new(Self {
+            opens: Mutex::new(Vec::new()),
+            forced: Mutex::new(VecDeque::new()),
+            ws_addr: ws_listener.local_addr().unwrap(),
+            paths: Mutex::new(Vec::new()),
+        });
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let f = fake.clone();
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = ws_listener.accept().await.unwrap();
+                let f = f.clone();
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let seen = f.clone();
+                    // The callback's type is tungstenite's: its error is an HTTP response.
+                    #[allow(clippy::result_large_err)]
+                    let cb =
+                        move |req: &tokio_tungstenite::tungstenite::handshake::server::Request,
+                              resp| {
+                            seen.paths.lock().unwrap().push(req.uri().to_string());
+                            Ok(resp)
+                        };
+                    if let Ok(ws) = tokio_tungstenite::accept_hdr_async(tcp, cb).await {
+                        let _ = tx.send(ws);
+                    }
+                });
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}/api", listener.local_addr().unwrap());
+        let app = axum::Router::new()
+            .fallback(slack_handle)
+            .with_state(fake.clone());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (fake, base, rx)
+    }
+}
+
+async fn slack_handle(State(fake): State<Arc<FakeSlack>>, req: Request) -> Response {
+    if req.uri().path() != "/api/apps.connections.open" || req.method() != axum::http::Method::POST
+    {
+        return (axum::http::StatusCode::NOT_FOUND, "nope").into_response();
+    }
+    let auth = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let n = {
+        let mut opens = fake.opens.lock().unwrap();
+        opens.push(auth);
+        opens.len()
+    };
+    if let Some((status, body)) = fake.forced.lock().unwrap().pop_front() {
+        return (
+            axum::http::StatusCode::from_u16(status).unwrap(),
+            body.to_string(),
+        )
+            .into_response();
+    }
+    axum::Json(json!({"ok": true,
+        "url": format!("ws://{}/link/?ticket={TICKET}-{n}&app_id=A0111", fake.ws_addr)}))
+    .into_response()
+}
+
+fn slack_config(base: &str) -> SlackConfig {
+    SlackConfig {
+        api_base_url: base.into(),
+        workspaces: vec![SlackWorkspace {
+            bot_id: "B_HELPER".into(),
+            token: Secret::new("xoxb-bot-token"),
+            team_id: Some("T1".into()),
+            signing_secret: None,
+            receive: SlackReceive::SocketMode,
+            app_token: Some(Secret::new(APP_TOKEN)),
+        }],
+        ..Default::default()
+    }
+}
+
+fn socket_quick() -> SocketTiming {
+    SocketTiming {
+        backoff_first: Duration::from_millis(20),
+        backoff_max: Duration::from_millis(200),
+        connect_timeout: Duration::from_secs(2),
+        ping_interval: Duration::from_secs(5),
+    }
+}
+
+async fn next_conn(rx: &mut tokio::sync::mpsc::UnboundedReceiver<Conn>) -> Conn {
+    tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("a WebSocket connection")
+        .unwrap()
+}
+
+async fn send(conn: &mut Conn, v: Value) {
+    conn.send(WsMessage::Text(v.to_string().into()))
+        .await
+        .unwrap();
+}
+
+/// The next text the client sends within `within`, if any.
+async fn reply(conn: &mut Conn, within: Duration) -> Option<Value> {
+    let deadline = Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, conn.next()).await {
+            Err(_) => return None,
+            Ok(Some(Ok(WsMessage::Text(t)))) => return Some(serde_json::from_str(&t).unwrap()),
+            Ok(Some(Ok(_))) => continue,
+            Ok(other) => panic!("connection ended: {other:?}"),
+        }
+    }
+}
+
+fn hello() -> Value {
+    json!({"type": "hello", "num_connections": 1,
+        "connection_info": {"app_id": "A0111"}, "debug_info": {"host": "applink-1"}})
+}
+
+fn events_api(envelope: &str, event_id: &str, ts: &str, text: &str) -> Value {
+    json!({"envelope_id": envelope, "type": "events_api", "accepts_response_payload": false,
+        "retry_attempt": 0, "retry_reason": "",
+        "payload": {"token": "verif-token", "team_id": "T1", "api_app_id": "A0111",
+            "type": "event_callback", "event_id": event_id, "event_time": 1733000000,
+            "authorizations": [{"team_id": "T1", "user_id": "UBOT1", "is_bot": true}],
+            "event": {"type": "message", "channel": "C1", "channel_type": "channel",
+                "user": "UADA1", "text": text, "ts": ts, "event_ts": ts}}})
+}
+
+#[tokio::test]
+async fn slack_envelopes_reach_the_sink_and_are_acked_only_once_it_took_them() {
+    let (fake, base, mut conns) = FakeSlack::start().await;
+    let slack = Slack::new(&slack_config(&base), Duration::from_secs(5)).unwrap();
+    assert!(slack.inbound().is_none(), "no signing secret: no webhook");
+    let sink = TestSink::refusing(0);
+    let mut pullers = slack.pullers(sink.clone());
+    assert_eq!(pullers.len(), 1);
+    let task = tokio::spawn(pullers.remove(0));
+    let mut conn = next_conn(&mut conns).await;
+    send(&mut conn, hello()).await;
+
+    send(
+        &mut conn,
+        events_api("env-1", "Ev1", "1733000000.000100", "hello <@UBOT1>"),
+    )
+    .await;
+    let ack = reply(&mut conn, Duration::from_secs(5))
+        .await
+        .expect("an ack");
+    assert_eq!(ack, json!({"envelope_id": "env-1"}));
+    // Acked after the sink took it: it is there when the ack arrives.
+    assert_eq!(sink.keys(), ["T1:C1:1733000000.000100"]);
+
+    send(&mut conn, json!({"envelope_id": "env-2", "type": "interactive", "accepts_response_payload": true,
+        "payload": {"type": "block_actions", "token": "verif-token", "trigger_id": "trig-2",
+            "team": {"id": "T1"}, "user": {"id": "UADA1", "team_id": "T1"},
+            "channel": {"id": "C1"}, "container": {"type": "message", "message_ts": "1733000001.000200", "channel_id": "C1"},
+            "message": {"ts": "1733000001.000200", "user": "UBOT1", "bot_id": "B1"},
+            "actions": [{"action_id": "im_back:0:x", "value": "yes", "type": "button", "action_ts": "1733000002.1"}]}})).await;
+    assert_eq!(
+        reply(&mut conn, Duration::from_secs(5)).await,
+        Some(json!({"envelope_id": "env-2"}))
+    );
+
+    send(&mut conn, json!({"envelope_id": "env-3", "type": "slash_commands", "accepts_response_payload": true,
+        "payload": {"token": "verif-token", "team_id": "T1", "channel_id": "C1", "user_id": "UADA1",
+            "command": "/weather", "text": "paris", "trigger_id": "trig-3",
+            "is_enterprise_install": "false", "response_url": "https://hooks.slack.com/commands/x"}})).await;
+    assert_eq!(
+        reply(&mut conn, Duration::from_secs(5)).await,
+        Some(json!({"envelope_id": "env-3"}))
+    );
+    task.abort();
+
+    let got = sink.got.lock().unwrap();
+    assert_eq!(got.len(), 3);
+    assert!(got.iter().all(|(ch, _)| ch == "slack"));
+    // The webhook's normalization, address and all.
+    let m = &got[0].1.message;
+    assert_eq!(m.text.as_deref(), Some("hello <@UBOT1>"));
+    assert_eq!(m.address.bot_id(), "B_HELPER");
+    assert_eq!(m.address.user_id(), "UADA1");
+    assert_eq!(m.address.conversation_id(), Some("C1"));
+    assert_eq!(m.entities.len(), 1);
+    assert!(
+        m.source_event["slack"].get("token").is_none(),
+        "verification token removed"
+    );
+    assert_eq!(got[1].1.message.text.as_deref(), Some("yes"));
+    assert_eq!(got[1].1.dedupe_key, "trig-2");
+    assert_eq!(got[2].1.message.name.as_deref(), Some("/weather"));
+    assert_eq!(got[2].1.message.text.as_deref(), Some("paris"));
+    assert_eq!(got[2].1.dedupe_key, "trig-3");
+    assert_eq!(
+        *fake.opens.lock().unwrap(),
+        [format!("Bearer {APP_TOKEN}")],
+        "the app-level token, as a Bearer"
+    );
+}
+
+#[tokio::test]
+async fn slack_a_refused_envelope_is_not_acked_and_arrives_when_sent_again() {
+    let (_fake, base, mut conns) = FakeSlack::start().await;
+    let config = slack_config(&base);
+    let sink = TestSink::refusing(1);
+    let s = SocketMode::new(&config, Secret::new(APP_TOKEN), socket_quick()).unwrap();
+    let task = tokio::spawn(s.run(sink.clone()));
+    let mut conn = next_conn(&mut conns).await;
+    send(&mut conn, hello()).await;
+    send(
+        &mut conn,
+        events_api("env-1", "Ev1", "1733000000.000100", "first"),
+    )
+    .await;
+    assert_eq!(
+        reply(&mut conn, Duration::from_millis(400)).await,
+        None,
+        "no ack when full"
+    );
+    assert_eq!(*sink.calls.lock().unwrap(), 1);
+    assert!(sink.keys().is_empty());
+    // Slack sends it again, as it does for an unacknowledged envelope.
+    let mut again = events_api("env-1", "Ev1", "1733000000.000100", "first");
+    again["retry_attempt"] = json!(1);
+    send(&mut conn, again).await;
+    assert_eq!(
+        reply(&mut conn, Duration::from_secs(5)).await,
+        Some(json!({"envelope_id": "env-1"}))
+    );
+    assert_eq!(sink.keys(), ["T1:C1:1733000000.000100"]);
+
+    // A failing sink: the same.
+    let failing = TestSink::failing(1);
+    let s = SocketMode::new(&config, Secret::new(APP_TOKEN), socket_quick()).unwrap();
+    let task2 = tokio::spawn(s.run(failing.clone()));
+    let mut conn2 = next_conn(&mut conns).await;
+    send(
+        &mut conn2,
+        events_api("env-9", "Ev9", "1733000009.000100", "x"),
+    )
+    .await;
+    assert_eq!(
+        reply(&mut conn2, Duration::from_millis(400)).await,
+        None,
+        "no ack when failed"
+    );
+    send(
+        &mut conn2,
+        events_api("env-9", "Ev9", "1733000009.000100", "x"),
+    )
+    .await;
+    assert_eq!(
+        reply(&mut conn2, Duration::from_secs(5)).await,
+        Some(json!({"envelope_id": "env-9"}))
+    );
+    assert_eq!(failing.keys().len(), 1);
+    task.abort();
+    task2.abort();
+}
+
+#[tokio::test]
+async fn slack_reconnects_after_disconnect_with_a_new_url() {
+    let (fake, base, mut conns) = FakeSlack::start().await;
+    let sink = TestSink::refusing(0);
+    let s = SocketMode::new(&slack_config(&base), Secret::new(APP_TOKEN), socket_quick()).unwrap();
+    let task = tokio::spawn(s.run(sink.clone()));
+    let mut first = next_conn(&mut conns).await;
+    send(&mut first, hello()).await;
+    send(
+        &mut first,
+        json!({"type": "disconnect", "reason": "refresh_requested",
+        "debug_info": {"host": "applink-1"}}),
+    )
+    .await;
+    let mut second = next_conn(&mut conns).await;
+    send(&mut second, hello()).await;
+    send(
+        &mut second,
+        events_api("env-2", "Ev2", "1733000002.000100", "after"),
+    )
+    .await;
+    assert_eq!(
+        reply(&mut second, Duration::from_secs(5)).await,
+        Some(json!({"envelope_id": "env-2"}))
+    );
+    // A closed connection is replaced too.
+    second.close(None).await.unwrap();
+    let mut third = next_conn(&mut conns).await;
+    send(
+        &mut third,
+        events_api("env-3", "Ev3", "1733000003.000100", "again"),
+    )
+    .await;
+    assert_eq!(
+        reply(&mut third, Duration::from_secs(5)).await,
+        Some(json!({"envelope_id": "env-3"}))
+    );
+    task.abort();
+    assert_eq!(
+        fake.opens.lock().unwrap().len(),
+        3,
+        "a new URL for each connection"
+    );
+    let paths = fake.paths.lock().unwrap();
+    assert!(paths[0].contains(&format!("{TICKET}-1")), "{paths:?}");
+    assert!(paths[1].contains(&format!("{TICKET}-2")), "{paths:?}");
+    assert_eq!(sink.keys().len(), 2);
+}
+
+#[tokio::test]
+async fn slack_tokens_and_tickets_never_appear_in_errors_or_logs() {
+    let (logs, _guard) = Logs::capture();
+    let (fake, base, mut conns) = FakeSlack::start().await;
+    let s = SocketMode::new(&slack_config(&base), Secret::new(APP_TOKEN), socket_quick()).unwrap();
+    // Slack refusing, and echoing the token (it never should; the gateway must not trust that).
+    fake.forced.lock().unwrap().push_back((
+        200,
+        json!({"ok": false, "error": format!("invalid_auth {APP_TOKEN}")}),
+    ));
+    let e = s.open_connection().await.unwrap_err().to_string();
+    assert!(e.contains("invalid_auth"), "{e}");
+    assert!(!e.contains(APP_TOKEN) && !e.contains("appsecret"), "{e}");
+    // A clear-text URL to another host: refused, without quoting it.
+    fake.forced.lock().unwrap().push_back((
+        200,
+        json!({"ok": true, "url": format!("ws://example.com/link/?ticket={TICKET}")}),
+    ));
+    let e = s.open_connection().await.unwrap_err().to_string();
+    assert!(e.contains("wss://") && !e.contains(TICKET), "{e}");
+    // Rate limited.
+    fake.forced
+        .lock()
+        .unwrap()
+        .push_back((429, json!({"ok": false, "error": "ratelimited"})));
+    assert!(matches!(
+        s.open_connection().await,
+        Err(channel_gateway::channels::slack::socket::SocketError::RateLimited(_))
+    ));
+
+    // The loop: refused once, then a URL whose WebSocket handshake fails (the HTTP fake
+    // answers 404), then a good one.
+    {
+        let mut forced = fake.forced.lock().unwrap();
+        forced.push_back((
+            200,
+            json!({"ok": false, "error": format!("invalid_auth {APP_TOKEN}")}),
+        ));
+        let http_host = base.trim_start_matches("http://").trim_end_matches("/api");
+        forced.push_back((
+            200,
+            json!({"ok": true, "url": format!("ws://{http_host}/link/?ticket={TICKET}-bad")}),
+        ));
+    }
+    let sink = TestSink::refusing(0);
+    let task = tokio::spawn(s.run(sink.clone()));
+    let mut conn = next_conn(&mut conns).await;
+    send(
+        &mut conn,
+        events_api("env-1", "Ev1", "1733000000.000100", "hi"),
+    )
+    .await;
+    assert_eq!(
+        reply(&mut conn, Duration::from_secs(5)).await,
+        Some(json!({"envelope_id": "env-1"}))
+    );
+    task.abort();
+    let text = logs.text();
+    assert!(text.contains("invalid_auth"), "{text}");
+    assert!(text.contains("WebSocket handshake"), "{text}");
+    assert!(
+        !text.contains(APP_TOKEN) && !text.contains("appsecret"),
+        "{text}"
+    );
+    assert!(!text.contains(TICKET), "{text}");
+}
