@@ -1217,6 +1217,56 @@ mod tests {
         )
     }
 
+    /// Socket Mode envelopes carry the webhook bodies' payloads as JSON: the same events come
+    /// out, so a bot cannot tell how they arrived.
+    #[test]
+    fn socket_mode_payloads_give_the_webhooks_events() {
+        let c = two_workspaces();
+        for name in [
+            "message_in_thread",
+            "app_mention",
+            "reaction_added",
+            "message_deleted",
+        ] {
+            let body = fixture(name);
+            let hook = receive(PATH_EVENTS, body.as_bytes()).events;
+            assert!(!hook.is_empty(), "{name}");
+            let payload: Value = serde_json::from_str(&body).unwrap();
+            let socket = envelope_events(&c, "events_api", payload).unwrap().unwrap();
+            assert_eq!(socket, hook, "{name}");
+        }
+        let payload: Value = serde_json::from_str(&fixture("block_actions")).unwrap();
+        let hook = receive(PATH_INTERACTIVITY, &interactive(&payload)).events;
+        assert!(!hook.is_empty());
+        assert_eq!(
+            envelope_events(&c, "interactive", payload)
+                .unwrap()
+                .unwrap(),
+            hook
+        );
+        // A slash command: the form's fields as a JSON object of strings.
+        let fields: serde_json::Map<String, Value> =
+            url::form_urlencoded::parse(DOC_BODY.as_bytes())
+                .map(|(k, v)| (k.into_owned(), Value::String(v.into_owned())))
+                .collect();
+        let hook = receive(PATH_COMMANDS, DOC_BODY.as_bytes()).events;
+        assert_eq!(hook.len(), 1);
+        let socket = envelope_events(&c, "slash_commands", Value::Object(fields))
+            .unwrap()
+            .unwrap();
+        assert_eq!(socket, hook);
+        // Types that carry no events, and payloads that are not the webhook's.
+        assert!(envelope_events(&c, "hello", Value::Null).is_none());
+        assert!(matches!(
+            envelope_events(&c, "slash_commands", json!("text")),
+            Some(Err(WebhookError::Unreadable(_)))
+        ));
+        assert!(matches!(
+            envelope_events(&c, "interactive", json!([1])),
+            Some(Err(WebhookError::Unreadable(_)))
+        ));
+    }
+
     #[test]
     fn the_channel_serves_its_inbound_side_only_with_a_secret() {
         let d = std::time::Duration::from_secs(1);

@@ -93,12 +93,6 @@ pub struct SocketMode {
     timing: Timing,
 }
 
-/// How a connection ended.
-enum End {
-    /// Slack asked for a new connection (`disconnect`, or it closed this one): reconnect now.
-    Reconnect,
-}
-
 impl SocketMode {
     pub fn new(config: &SlackConfig, app_token: Secret, timing: Timing) -> Result<Self, String> {
         Ok(Self {
@@ -116,7 +110,7 @@ impl SocketMode {
         let mut failures: u32 = 0;
         loop {
             let wait = match self.connect_and_receive(sink.as_ref(), &mut failures).await {
-                Ok(End::Reconnect) => {
+                Ok(()) => {
                     tracing::info!("slack: Socket Mode connection refreshed");
                     continue;
                 }
@@ -191,7 +185,7 @@ impl SocketMode {
         &self,
         sink: &dyn Sink,
         failures: &mut u32,
-    ) -> Result<End, SocketError> {
+    ) -> Result<(), SocketError> {
         let url = self.open_connection().await?;
         let ticket = url.as_str().to_string();
         let scrub = |s: String| {
@@ -226,12 +220,11 @@ impl SocketMode {
                 }
                 Err(_) => {
                     pinged = true;
-                    ws.send(WsMessage::Ping(Default::default()))
-                        .await
-                        .map_err(|e| SocketError::Transport(scrub(format!("WebSocket: {e}"))))?;
+                    self.send(&mut ws, WsMessage::Ping(Default::default()), &scrub)
+                        .await?;
                     continue;
                 }
-                Ok(None) => return Ok(End::Reconnect),
+                Ok(None) => return Ok(()),
                 Ok(Some(Err(e))) => {
                     return Err(SocketError::Transport(scrub(format!("WebSocket: {e}"))));
                 }
@@ -240,7 +233,7 @@ impl SocketMode {
             pinged = false;
             let text = match msg {
                 WsMessage::Text(t) => t,
-                WsMessage::Close(_) => return Ok(End::Reconnect),
+                WsMessage::Close(_) => return Ok(()),
                 // Pings are answered by the WebSocket layer; binary is not Slack's.
                 _ => continue,
             };
@@ -259,13 +252,12 @@ impl SocketMode {
                         .and_then(Value::as_str)
                         .unwrap_or_default();
                     tracing::debug!(reason = %crate::bounded::for_log(reason), "slack: Socket Mode asks to reconnect");
-                    return Ok(End::Reconnect);
+                    return Ok(());
                 }
-                Some(kind) => {
-                    if let Some(ack) = self.handle(sink, kind, envelope.clone()).await {
-                        ws.send(WsMessage::Text(ack.into())).await.map_err(|e| {
-                            SocketError::Transport(scrub(format!("WebSocket: {e}")))
-                        })?;
+                Some(_) => {
+                    if let Some(ack) = self.handle(sink, envelope).await {
+                        self.send(&mut ws, WsMessage::Text(ack.into()), &scrub)
+                            .await?;
                     }
                 }
                 None => {}
@@ -273,10 +265,35 @@ impl SocketMode {
         }
     }
 
+    /// Sends one message, within the connect timeout: a peer that stops reading must not hold
+    /// the loop.
+    async fn send<S>(
+        &self,
+        ws: &mut S,
+        msg: WsMessage,
+        scrub: &impl Fn(String) -> String,
+    ) -> Result<(), SocketError>
+    where
+        S: futures::Sink<WsMessage, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
+    {
+        match tokio::time::timeout(self.timing.connect_timeout, ws.send(msg)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(SocketError::Transport(scrub(format!("WebSocket: {e}")))),
+            Err(_) => Err(SocketError::Transport(
+                "the connection stopped taking what is sent".into(),
+            )),
+        }
+    }
+
     /// One envelope: its events to the sink; the acknowledgement to send once they are
     /// durable, `None` when it must not be acknowledged (Slack then sends it again).
-    async fn handle(&self, sink: &dyn Sink, kind: &str, mut envelope: Value) -> Option<String> {
-        let kind_log = crate::bounded::for_log(kind).into_owned();
+    async fn handle(&self, sink: &dyn Sink, mut envelope: Value) -> Option<String> {
+        let kind = envelope
+            .get("type")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        let kind_log = crate::bounded::for_log(&kind).into_owned();
         let id = envelope
             .get("envelope_id")
             .and_then(Value::as_str)
@@ -287,7 +304,7 @@ impl SocketMode {
             .map(Value::take)
             .unwrap_or(Value::Null);
         let ack = json!({ "envelope_id": id }).to_string();
-        let events = match envelope_events(&self.config, kind, payload) {
+        let events = match envelope_events(&self.config, &kind, payload) {
             // A type with nothing to deliver: acknowledged, as the webhook answers 200.
             None => return Some(ack),
             Some(Ok(events)) => events,
