@@ -210,6 +210,18 @@ impl SocketMode {
             .map_err(|_| SocketError::Transport("the WebSocket handshake timed out".into()))?
             .map_err(|e| SocketError::Transport(scrub(format!("WebSocket handshake: {e}"))))?;
         let mut pinged = false;
+        // A connection that ends before Slack's `hello` counts as a failure: a peer that accepts
+        // and closes at once must meet the backoff, not a reconnect loop.
+        let mut greeted = false;
+        let ended = |greeted: bool| {
+            if greeted {
+                Ok(())
+            } else {
+                Err(SocketError::Transport(
+                    "the connection ended before Slack's hello".into(),
+                ))
+            }
+        };
         loop {
             let next = tokio::time::timeout(self.timing.ping_interval, ws.next()).await;
             let msg = match next {
@@ -224,7 +236,7 @@ impl SocketMode {
                         .await?;
                     continue;
                 }
-                Ok(None) => return Ok(()),
+                Ok(None) => return ended(greeted),
                 Ok(Some(Err(e))) => {
                     return Err(SocketError::Transport(scrub(format!("WebSocket: {e}"))));
                 }
@@ -233,7 +245,7 @@ impl SocketMode {
             pinged = false;
             let text = match msg {
                 WsMessage::Text(t) => t,
-                WsMessage::Close(_) => return Ok(()),
+                WsMessage::Close(_) => return ended(greeted),
                 // Pings are answered by the WebSocket layer; binary is not Slack's.
                 _ => continue,
             };
@@ -243,6 +255,7 @@ impl SocketMode {
             };
             match envelope.get("type").and_then(Value::as_str) {
                 Some("hello") => {
+                    greeted = true;
                     *failures = 0;
                     tracing::debug!("slack: Socket Mode connected");
                 }
@@ -252,7 +265,7 @@ impl SocketMode {
                         .and_then(Value::as_str)
                         .unwrap_or_default();
                     tracing::debug!(reason = %crate::bounded::for_log(reason), "slack: Socket Mode asks to reconnect");
-                    return Ok(());
+                    return ended(greeted);
                 }
                 Some(_) => {
                     if let Some(ack) = self.handle(sink, envelope).await {
@@ -342,9 +355,13 @@ impl SocketMode {
             .min(self.timing.backoff_max);
         let error = crate::bounded::for_log(&e.to_string()).into_owned();
         match e {
-            SocketError::Refused(_) => {
+            SocketError::Refused(code) if needs_a_person(code) => {
                 tracing::error!(error = %error, "slack: Socket Mode cannot connect: check the workspace's app_token (an xapp- token with connections:write) and that Socket Mode is on for the app");
                 self.timing.backoff_max
+            }
+            SocketError::Refused(_) => {
+                tracing::warn!(error = %error, wait = ?backoff, "slack: apps.connections.open failed");
+                backoff
             }
             SocketError::RateLimited(after) => {
                 let wait = after.map_or(backoff, |a| a.min(self.timing.backoff_max).max(backoff));
@@ -357,4 +374,22 @@ impl SocketMode {
             }
         }
     }
+}
+
+/// Whether Slack's refusal of `apps.connections.open` is about the token or the app's settings
+/// (a person must act) rather than a passing failure (`internal_error`, `fatal_error`, ...).
+fn needs_a_person(code: &str) -> bool {
+    const CODES: [&str; 10] = [
+        "invalid_auth",
+        "not_authed",
+        "account_inactive",
+        "token_revoked",
+        "token_expired",
+        "not_allowed_token_type",
+        "missing_scope",
+        "no_permission",
+        "access_denied",
+        "app_missing_action_url",
+    ];
+    CODES.iter().any(|c| code.starts_with(c))
 }

@@ -29,6 +29,8 @@ use crate::inbound::{Sink, SinkError};
 
 /// The most updates one `getUpdates` returns (Telegram's own bound: 1-100).
 pub const MAX_LIMIT: u32 = 100;
+/// An empty answer quicker than this was no long poll.
+const MIN_EMPTY_POLL: Duration = Duration::from_millis(100);
 /// Added to the long-poll timeout for the HTTP call: Telegram answers at the end of the long
 /// poll, and the answer needs time to arrive.
 const HTTP_MARGIN: Duration = Duration::from_secs(15);
@@ -97,7 +99,14 @@ impl Poller {
         let mut failures: u32 = 0;
         let mut limit = MAX_LIMIT;
         loop {
+            let started = tokio::time::Instant::now();
             let next = match self.get_updates(offset, limit).await {
+                // Nothing, at once: not a long poll (a server ignoring `timeout`). A pause keeps
+                // such a server from spinning the loop.
+                Ok(updates) if updates.is_empty() && started.elapsed() < MIN_EMPTY_POLL => {
+                    failures = 0;
+                    Next::Wait(self.timing.backoff_first)
+                }
                 Ok(updates) => {
                     failures = 0;
                     limit = limit.saturating_mul(2).min(MAX_LIMIT);
