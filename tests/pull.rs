@@ -791,3 +791,83 @@ async fn slack_tokens_and_tickets_never_appear_in_errors_or_logs() {
     );
     assert!(!text.contains(TICKET), "{text}");
 }
+
+#[tokio::test]
+async fn slack_an_oversized_message_drops_the_connection_not_the_gateway() {
+    let (fake, base, mut conns) = FakeSlack::start().await;
+    let sink = TestSink::refusing(0);
+    let s = SocketMode::new(&slack_config(&base), Secret::new(APP_TOKEN), socket_quick()).unwrap();
+    let task = tokio::spawn(s.run(sink.clone()));
+    let mut first = next_conn(&mut conns).await;
+    send(&mut first, hello()).await;
+    let huge = events_api(
+        "env-big",
+        "EvBig",
+        "1733000000.000100",
+        &"x".repeat(2 << 20),
+    );
+    let _ = first.send(WsMessage::Text(huge.to_string().into())).await;
+    // The client gives up this connection and opens another.
+    let mut second = next_conn(&mut conns).await;
+    send(&mut second, hello()).await;
+    send(
+        &mut second,
+        events_api("env-2", "Ev2", "1733000002.000100", "small"),
+    )
+    .await;
+    assert_eq!(
+        reply(&mut second, Duration::from_secs(5)).await,
+        Some(json!({"envelope_id": "env-2"}))
+    );
+    task.abort();
+    assert_eq!(
+        sink.keys(),
+        ["T1:C1:1733000002.000100"],
+        "the oversized one never stored"
+    );
+    assert_eq!(fake.opens.lock().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn telegram_an_answer_too_large_to_take_asks_for_fewer_updates() {
+    let (fake, base) = FakeTelegram::start().await;
+    fake.forced.lock().unwrap().push_back((
+        200,
+        json!({"ok": true, "result": [{"update_id": 1, "pad": "x".repeat(5 << 20)}]}),
+    ));
+    fake.push(update(40, "fits"));
+    let sink = TestSink::refusing(0);
+    let task = poll(&telegram_config(&base), sink.clone());
+    until("the event", || sink.keys().len() == 1).await;
+    task.abort();
+    let calls = fake.calls.lock().unwrap();
+    assert_eq!(calls[0].1["limit"], 100);
+    assert_eq!(
+        calls[1].1["limit"], 50,
+        "halved after an answer it could not take"
+    );
+    assert_eq!(
+        calls[1].1.get("offset"),
+        None,
+        "nothing confirmed by the failed call"
+    );
+}
+
+#[tokio::test]
+async fn slack_a_peer_closing_before_hello_meets_the_backoff() {
+    let (fake, base, mut conns) = FakeSlack::start().await;
+    let sink = TestSink::refusing(0);
+    let s = SocketMode::new(&slack_config(&base), Secret::new(APP_TOKEN), socket_quick()).unwrap();
+    let task = tokio::spawn(s.run(sink));
+    let closer = tokio::spawn(async move {
+        while let Some(mut c) = conns.recv().await {
+            let _ = c.close(None).await;
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    task.abort();
+    closer.abort();
+    // Backoff 20, 40, 80, 160, 200 ms...: a handful of attempts, not a spin.
+    let opens = fake.opens.lock().unwrap().len();
+    assert!((2..=8).contains(&opens), "{opens} connections in 500 ms");
+}
