@@ -369,6 +369,11 @@ async fn serve(
         } else {
             tracing::info!("queues drained");
         }
+        // The gRPC server waits for open streams: Receive streams end here (what they had not
+        // acked comes again after the restart).
+        if let Some(inbox) = &inbox {
+            inbox.close_streams();
+        }
         let _ = stop_tx.send(());
         let _ = admin_stop_tx.send(());
         if let Some(inbox) = inbox {
@@ -519,8 +524,38 @@ async fn start_inbound(
         max_connections: config.inbound.max_connections,
     };
     let sink: Arc<dyn crate::inbound::Sink> = Arc::new(inbox.clone());
+    let (stopped_tx, stopped) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
-        if let Err(e) = crate::inbound::serve(l, router, sink, limits, refused, stop).await {
+        stop.await;
+        let _ = stopped_tx.send(true);
+    });
+    let until = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        drop(rx.wait_for(|s| *s).await);
+    };
+    // Pullers (Slack Socket Mode, Telegram long polling) feed the same inbox; they confirm to
+    // the channel only what it stored, so stopping them at any point loses nothing.
+    let pullers: Vec<tokio::task::JoinHandle<()>> = channels
+        .pullers(&sink)
+        .into_iter()
+        .map(tokio::spawn)
+        .collect();
+    if !pullers.is_empty() {
+        tracing::info!(
+            pullers = pullers.len(),
+            "pulling events (Socket Mode, long polling)"
+        );
+    }
+    let stop_pullers = until(stopped.clone());
+    tokio::spawn(async move {
+        stop_pullers.await;
+        for p in pullers {
+            p.abort();
+        }
+    });
+    let stop_listener = until(stopped);
+    tokio::spawn(async move {
+        if let Err(e) = crate::inbound::serve(l, router, sink, limits, refused, stop_listener).await
+        {
             tracing::error!(error = %e, "webhook listener failed");
         }
     });

@@ -321,6 +321,8 @@ async fn a_bot_without_credentials_is_told_which_ids_are_configured() {
                 token: Secret::new(format!("xoxb-TOPSECRET-{i}")),
                 team_id: None,
                 signing_secret: None,
+                receive: Default::default(),
+                app_token: None,
             })
             .collect();
     })

@@ -56,6 +56,7 @@ async fn start() -> Harness {
         bot_id: "helper_bot".into(),
         token: Secret::new("7100200300:AAHsecret"),
         secret_token: Some(Secret::new(SECRET)),
+        receive: Default::default(),
     }];
     let channels = Channels::from_config(&config).unwrap();
     let router = InboundRouter::new(&channels).unwrap();

@@ -7,6 +7,7 @@
 //! name any channel: the registry in `channels/mod.rs` is the only place that lists them.
 
 use std::fmt::Display;
+use std::sync::Arc;
 
 use futures::future::BoxFuture;
 
@@ -110,6 +111,16 @@ pub trait Channel: Send + Sync + 'static {
     /// The receiving side, for channels that receive (the inbound step).
     fn inbound(&self) -> Option<&dyn Inbound> {
         None
+    }
+
+    /// Long-running tasks that pull events from the channel instead of waiting for its webhook
+    /// (Slack Socket Mode, Telegram `getUpdates`), each handing what it pulls to `sink`. The
+    /// server spawns them at start and drops them at shutdown, so each must be cancel-safe:
+    /// dropped at any await, it must have confirmed to the channel only events the sink said
+    /// were durable (`Ok`). They run until dropped, retrying failures themselves. Default: none.
+    fn pullers(&self, sink: Arc<dyn crate::inbound::Sink>) -> Vec<BoxFuture<'static, ()>> {
+        let _ = sink;
+        Vec::new()
     }
 }
 

@@ -126,6 +126,18 @@ impl Channels {
             .collect()
     }
 
+    /// Every enabled channel's pullers (Socket Mode, long polling), feeding `sink`.
+    pub fn pullers(
+        &self,
+        sink: &Arc<dyn crate::inbound::Sink>,
+    ) -> Vec<futures::future::BoxFuture<'static, ()>> {
+        self.all
+            .iter()
+            .filter(|c| c.enabled())
+            .flat_map(|c| c.pullers(sink.clone()))
+            .collect()
+    }
+
     /// Token requests made so far, by channel id, over every channel that fetches tokens.
     pub fn token_fetches(&self) -> Vec<(crate::metrics::LabelValue, u64)> {
         self.all.iter().flat_map(|c| c.token_fetches()).collect()

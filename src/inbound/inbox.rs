@@ -191,6 +191,8 @@ struct State {
     reserved_bytes: usize,
     /// Attempt counts to record (written after the lock is released).
     attempts_to_write: Vec<(Arc<str>, u64, u32)>,
+    /// Shutting down: streams were ended and no new one opens.
+    closed: bool,
 }
 
 impl Inbox {
@@ -326,6 +328,9 @@ impl Inbox {
         let (tx, rx) = mpsc::unbounded_channel();
         let id = {
             let mut st = self.shared.lock();
+            if st.closed {
+                return Err(ReceiveError::Storage("the gateway is shutting down".into()));
+            }
             if st.streams.len() >= s.max_streams {
                 return Err(ReceiveError::TooManyStreams(s.max_streams));
             }
@@ -364,6 +369,21 @@ impl Inbox {
     /// Events kept and not acked by every group.
     pub fn pending(&self) -> usize {
         self.shared.lock().events.len()
+    }
+
+    /// Ends every Receive stream (what they had not acked goes back in line, and comes again
+    /// flagged after the restart) and opens no new one: a gRPC server shutting down waits for
+    /// its streams to end.
+    pub fn close_streams(&self) {
+        {
+            let mut st = self.shared.lock();
+            st.closed = true;
+            let ids: Vec<u64> = st.streams.keys().copied().collect();
+            for id in ids {
+                st.remove_stream(id, &self.shared);
+            }
+        }
+        self.shared.flush_attempts();
     }
 
     /// Stops the writer once what is queued is on disk.
@@ -420,23 +440,7 @@ impl Receiver {
 
 impl Drop for Receiver {
     fn drop(&mut self) {
-        {
-            let mut st = self.shared.lock();
-            if let Some(s) = st.streams.remove(&self.id) {
-                let group = s.group.clone();
-                let mut convs: Vec<Arc<str>> = s.in_flight.into_values().map(|(c, _)| c).collect();
-                convs.sort();
-                convs.dedup();
-                if let Some(g) = st.groups.get_mut(&group) {
-                    g.streams.retain(|x| *x != self.id);
-                }
-                for c in convs {
-                    let n = st.requeue(&group, &c);
-                    st.count_redelivered(&self.shared, &group, &c, n);
-                }
-                st.pump(&group, &self.shared.settings);
-            }
-        }
+        self.shared.lock().remove_stream(self.id, &self.shared);
         self.shared.metrics.receivers.dec();
         self.shared.flush_attempts();
     }
@@ -528,6 +532,26 @@ impl Shared {
 }
 
 impl State {
+    /// A stream is gone: what it held goes back in line, in order, and its sender is dropped
+    /// (which ends the stream if it is still open).
+    fn remove_stream(&mut self, id: u64, shared: &Shared) {
+        let Some(s) = self.streams.remove(&id) else {
+            return;
+        };
+        let group = s.group.clone();
+        let mut convs: Vec<Arc<str>> = s.in_flight.into_values().map(|(c, _)| c).collect();
+        convs.sort();
+        convs.dedup();
+        if let Some(g) = self.groups.get_mut(&group) {
+            g.streams.retain(|x| *x != id);
+        }
+        for c in convs {
+            let n = self.requeue(&group, &c);
+            self.count_redelivered(shared, &group, &c, n);
+        }
+        self.pump(&group, &shared.settings);
+    }
+
     fn add_event(&mut self, e: StoredEvent) {
         for (g, attempts) in &e.groups {
             let group = self.groups.entry(g.clone()).or_default();

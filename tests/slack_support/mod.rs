@@ -229,6 +229,8 @@ pub fn config_for(fake: &FakeSlack) -> Config {
         token: Secret::new(TOKEN),
         team_id: None,
         signing_secret: None,
+        receive: Default::default(),
+        app_token: None,
     }];
     s.rate_per_second = 1000.0;
     s.rate_burst = 1000;

@@ -299,6 +299,7 @@ pub fn config_for(fake: &FakeTelegram) -> Config {
         bot_id: BOT.into(),
         token: Secret::new(TOKEN),
         secret_token: None,
+        receive: Default::default(),
     }];
     t.pacing = false;
     c.delivery.max_retry_delay = Duration::from_secs(5);

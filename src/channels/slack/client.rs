@@ -551,6 +551,8 @@ mod tests {
                 token: Secret::new("xoxb-test-token"),
                 team_id: None,
                 signing_secret: None,
+                receive: Default::default(),
+                app_token: None,
             }],
             ..Default::default()
         };

@@ -1,6 +1,7 @@
 //! The `[channels.slack]` config section: the Web API base URL, one bot token per workspace
-//! installation, the per-channel rate limit, link-unfurling defaults, and the signing secrets
-//! inbound requests are verified with.
+//! installation (with how its events arrive: Events API webhooks, or Socket Mode with an
+//! app-level token), the per-channel rate limit, link-unfurling defaults, and the signing
+//! secrets inbound requests are verified with.
 //!
 //! Tokens and signing secrets are `Secret`s: their `Debug` prints `<redacted>`, and nothing here ever formats one.
 
@@ -51,6 +52,24 @@ pub struct SlackWorkspace {
     /// This installation's app signing secret, when the gateway fronts several Slack apps;
     /// inbound requests are accepted when they verify with any configured secret.
     pub signing_secret: Option<Secret>,
+    /// How this installation's events arrive: `events_api` (Slack calls the inbound listener's
+    /// webhook paths, which needs a public URL) or `socket_mode` (the gateway opens a
+    /// WebSocket to Slack with `app_token`; no public URL).
+    #[serde(default)]
+    pub receive: Receive,
+    /// The app-level token (`xapp-...`, Basic Information → App-Level Tokens, with the
+    /// `connections:write` scope) Socket Mode connects with. Sent only to `api_base_url`.
+    #[serde(default)]
+    pub app_token: Option<Secret>,
+}
+
+/// How a workspace's events arrive.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Receive {
+    #[default]
+    EventsApi,
+    SocketMode,
 }
 
 impl Default for SlackConfig {
@@ -143,6 +162,27 @@ impl SlackConfig {
                     &format!("channels.slack.workspaces[{i}].bot_id"),
                     format!("`{}` is configured twice", w.bot_id),
                 ));
+            }
+            match (&w.app_token, w.receive) {
+                (None, Receive::SocketMode) => {
+                    return Err(invalid(
+                        &format!("channels.slack.workspaces[{i}].app_token"),
+                        "is needed with `receive = \"socket_mode\"`: an app-level token (xapp-...) with connections:write",
+                    ));
+                }
+                (Some(t), _) => {
+                    let t = t.expose();
+                    // Not shown: a bot token pasted here is still a secret.
+                    if !t.starts_with("xapp-")
+                        || t.chars().any(|c| c.is_whitespace() || c.is_control())
+                    {
+                        return Err(invalid(
+                            &format!("channels.slack.workspaces[{i}].app_token"),
+                            "must be an app-level token (`xapp-...`, without spaces or line breaks)",
+                        ));
+                    }
+                }
+                (None, Receive::EventsApi) => {}
             }
             let token = w.token.expose();
             if token.is_empty() {
@@ -278,6 +318,34 @@ mod tests {
         assert_eq!(s.workspaces.len(), 2);
         assert_eq!(s.workspaces[1].token.expose(), "xoxb-2");
         assert!(!format!("{s:?}").contains("xoxb-"), "token in Debug");
+    }
+
+    #[test]
+    fn socket_mode_needs_an_app_token_never_shown() {
+        let ws = |extra: &str| {
+            load(&[(
+                "CHANNEL_GATEWAY__CHANNELS__SLACK__WORKSPACES",
+                &format!(r#"[{{bot_id = "B01", token = "xoxb-1"{extra}}}]"#),
+            )])
+        };
+        let e = ws(r#", receive = "socket_mode""#).unwrap_err().to_string();
+        assert!(e.contains("workspaces[0].app_token"), "{e}");
+        let e = ws(r#", receive = "socket_mode", app_token = "xoxb-s3cret""#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("workspaces[0].app_token") && !e.contains("s3cret"),
+            "{e}"
+        );
+        assert!(ws(r#", receive = "sockets", app_token = "xapp-1""#).is_err());
+        let c = ws(r#", receive = "socket_mode", app_token = "xapp-1-s3cret""#).unwrap();
+        let w = &c.channels.slack.workspaces[0];
+        assert_eq!(w.receive, Receive::SocketMode);
+        assert!(!format!("{w:?}").contains("s3cret"), "token in Debug");
+        assert_eq!(
+            ws("").unwrap().channels.slack.workspaces[0].receive,
+            Receive::EventsApi
+        );
     }
 
     #[test]

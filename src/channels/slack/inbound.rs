@@ -161,6 +161,23 @@ impl Inbound for SlackInbound {
     }
 }
 
+/// The events of a Socket Mode envelope's `payload`, by the envelope's `type` (`events_api`,
+/// `interactive`, `slash_commands`): the same normalization as the webhook bodies. `None`: a
+/// type that carries no events.
+pub fn envelope_events(
+    config: &SlackConfig,
+    kind: &str,
+    payload: serde_json::Value,
+) -> Option<Result<Vec<crate::channels::channel::InboundEvent>, WebhookError>> {
+    let parsed = match kind {
+        "events_api" => parse::events_payload(config, payload),
+        "interactive" => parse::interaction_payload(config, payload),
+        "slash_commands" => parse::command_payload(config, &payload),
+        _ => return None,
+    };
+    Some(parsed.map(|p| p.events))
+}
+
 mod parse {
     //! Slack's three bodies into events. Every string kept is capped, every list bounded; the
     //! native payload goes to `source_event["slack"]` without its verification `token` (a
@@ -354,6 +371,11 @@ mod parse {
     fn events(config: &SlackConfig, body: &[u8]) -> Result<Parsed, WebhookError> {
         let v: Value =
             serde_json::from_slice(body).map_err(|_| unreadable("Events API body is not JSON"))?;
+        events_payload(config, v)
+    }
+
+    /// An Events API payload, as a webhook body or a Socket Mode `events_api` envelope carries it.
+    pub fn events_payload(config: &SlackConfig, v: Value) -> Result<Parsed, WebhookError> {
         match v.get("type").and_then(Value::as_str) {
             Some("url_verification") => {
                 let challenge = v
@@ -620,6 +642,12 @@ mod parse {
             .ok_or_else(|| unreadable("interactivity body without a payload"))?;
         let p: Value = serde_json::from_str(&payload)
             .map_err(|_| unreadable("interactivity payload is not JSON"))?;
+        interaction_payload(config, p)
+    }
+
+    /// An interactivity payload, as a webhook form's `payload` field or a Socket Mode
+    /// `interactive` envelope carries it.
+    pub fn interaction_payload(config: &SlackConfig, p: Value) -> Result<Parsed, WebhookError> {
         if !p.is_object() {
             return Err(unreadable("interactivity payload is not an object"));
         }
@@ -772,7 +800,33 @@ mod parse {
     // Slash commands
 
     fn command(config: &SlackConfig, body: &[u8]) -> Result<Parsed, WebhookError> {
-        let fields = form(body);
+        command_fields(config, &form(body))
+    }
+
+    /// A Socket Mode `slash_commands` payload: the webhook's form fields as a JSON object
+    /// (values are strings; any other value is taken as its JSON text).
+    pub fn command_payload(config: &SlackConfig, p: &Value) -> Result<Parsed, WebhookError> {
+        let fields: Vec<(String, String)> = p
+            .as_object()
+            .ok_or_else(|| unreadable("slash command payload is not an object"))?
+            .iter()
+            .take(MAX_FORM_PAIRS)
+            .map(|(k, v)| {
+                let v = match v {
+                    Value::String(s) => s.clone(),
+                    other => capped(&other.to_string(), MAX_TEXT_CHARS),
+                };
+                (k.clone(), v)
+            })
+            .collect();
+        command_fields(config, &fields)
+    }
+
+    /// A slash command's fields, however they arrived.
+    fn command_fields(
+        config: &SlackConfig,
+        fields: &[(String, String)],
+    ) -> Result<Parsed, WebhookError> {
         let get = |k: &str| {
             fields
                 .iter()
@@ -788,7 +842,7 @@ mod parse {
             short("trigger_id").ok_or_else(|| unreadable("slash command without a trigger_id"))?;
         let team = short("team_id");
         let mut native = Map::new();
-        for (k, v) in &fields {
+        for (k, v) in fields {
             if k != "token" && !native.contains_key(k) {
                 native.insert(capped(k, MAX_ID_CHARS), capped(v, MAX_TEXT_CHARS).into());
             }
@@ -1044,12 +1098,16 @@ mod tests {
                     token: Secret::new("xoxb-1"),
                     team_id: Some("T1".into()),
                     signing_secret: Some(Secret::new("secret-one")),
+                    receive: Default::default(),
+                    app_token: None,
                 },
                 SlackWorkspace {
                     bot_id: "B2".into(),
                     token: Secret::new("xoxb-2"),
                     team_id: Some("T2".into()),
                     signing_secret: Some(Secret::new("secret-two")),
+                    receive: Default::default(),
+                    app_token: None,
                 },
             ],
             ..Default::default()
@@ -1094,6 +1152,8 @@ mod tests {
             token: Secret::new(format!("xoxb-{bot}")),
             team_id: team.map(String::from),
             signing_secret: None,
+            receive: Default::default(),
+            app_token: None,
         }
     }
 
@@ -1155,6 +1215,56 @@ mod tests {
             body["thread_ts"].as_str().map(String::from),
             r.requests[0].credential.clone(),
         )
+    }
+
+    /// Socket Mode envelopes carry the webhook bodies' payloads as JSON: the same events come
+    /// out, so a bot cannot tell how they arrived.
+    #[test]
+    fn socket_mode_payloads_give_the_webhooks_events() {
+        let c = two_workspaces();
+        for name in [
+            "message_in_thread",
+            "app_mention",
+            "reaction_added",
+            "message_deleted",
+        ] {
+            let body = fixture(name);
+            let hook = receive(PATH_EVENTS, body.as_bytes()).events;
+            assert!(!hook.is_empty(), "{name}");
+            let payload: Value = serde_json::from_str(&body).unwrap();
+            let socket = envelope_events(&c, "events_api", payload).unwrap().unwrap();
+            assert_eq!(socket, hook, "{name}");
+        }
+        let payload: Value = serde_json::from_str(&fixture("block_actions")).unwrap();
+        let hook = receive(PATH_INTERACTIVITY, &interactive(&payload)).events;
+        assert!(!hook.is_empty());
+        assert_eq!(
+            envelope_events(&c, "interactive", payload)
+                .unwrap()
+                .unwrap(),
+            hook
+        );
+        // A slash command: the form's fields as a JSON object of strings.
+        let fields: serde_json::Map<String, Value> =
+            url::form_urlencoded::parse(DOC_BODY.as_bytes())
+                .map(|(k, v)| (k.into_owned(), Value::String(v.into_owned())))
+                .collect();
+        let hook = receive(PATH_COMMANDS, DOC_BODY.as_bytes()).events;
+        assert_eq!(hook.len(), 1);
+        let socket = envelope_events(&c, "slash_commands", Value::Object(fields))
+            .unwrap()
+            .unwrap();
+        assert_eq!(socket, hook);
+        // Types that carry no events, and payloads that are not the webhook's.
+        assert!(envelope_events(&c, "hello", Value::Null).is_none());
+        assert!(matches!(
+            envelope_events(&c, "slash_commands", json!("text")),
+            Some(Err(WebhookError::Unreadable(_)))
+        ));
+        assert!(matches!(
+            envelope_events(&c, "interactive", json!([1])),
+            Some(Err(WebhookError::Unreadable(_)))
+        ));
     }
 
     #[test]

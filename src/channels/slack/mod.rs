@@ -1,5 +1,6 @@
 //! Slack channel: pure render (model -> Web API requests, with Block Kit and mrkdwn), the HTTP
-//! client, and its config section.
+//! client, receiving (Events API webhooks, or Socket Mode per workspace), and its config
+//! section.
 
 pub mod blocks;
 pub mod client;
@@ -7,7 +8,9 @@ pub mod config;
 pub mod inbound;
 pub mod mrkdwn;
 pub mod render;
+pub mod socket;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -115,5 +118,37 @@ impl Channel for Slack {
 
     fn inbound(&self) -> Option<&dyn Inbound> {
         self.inbound.as_ref().map(|i| i as &dyn Inbound)
+    }
+
+    /// One Socket Mode connection per app-level token of the workspaces with
+    /// `receive = "socket_mode"`, when the section is enabled: workspaces of one app share its
+    /// token, and one connection receives all of that app's events.
+    fn pullers(&self, sink: Arc<dyn crate::inbound::Sink>) -> Vec<BoxFuture<'static, ()>> {
+        if !self.config.enabled {
+            return Vec::new();
+        }
+        let mut tokens: Vec<&crate::settings::Secret> = Vec::new();
+        for w in &self.config.workspaces {
+            if w.receive != config::Receive::SocketMode {
+                continue;
+            }
+            if let Some(t) = &w.app_token
+                && !tokens.iter().any(|seen| seen.expose() == t.expose())
+            {
+                tokens.push(t);
+            }
+        }
+        tokens
+            .into_iter()
+            .filter_map(|t| {
+                match socket::SocketMode::new(&self.config, t.clone(), socket::Timing::default()) {
+                    Ok(s) => Some(Box::pin(s.run(sink.clone())) as BoxFuture<'static, ()>),
+                    Err(e) => {
+                        tracing::error!(error = %crate::bounded::for_log(&e), "slack: cannot start Socket Mode");
+                        None
+                    }
+                }
+            })
+            .collect()
     }
 }

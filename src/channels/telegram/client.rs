@@ -102,7 +102,8 @@ impl TelegramClient {
     }
 
     /// POSTs one rendered Bot API call with the bot's token and returns Telegram's `result`.
-    async fn call(&self, req: &NativeRequest) -> Result<Value, ChannelError> {
+    /// Crate-visible for `getUpdates` polling, which needs the result itself.
+    pub(crate) async fn call(&self, req: &NativeRequest) -> Result<Value, ChannelError> {
         let method = self.method_of(req)?;
         let bot_id = req.credential.as_str();
         let Some(token) = self.tokens.get(bot_id) else {
@@ -445,6 +446,7 @@ mod tests {
                 bot_id: "my_bot".into(),
                 token: Secret::new(TOKEN),
                 secret_token: None,
+                receive: Default::default(),
             }],
             ..Default::default()
         };

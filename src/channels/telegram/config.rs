@@ -1,5 +1,5 @@
-//! The `[channels.telegram]` config section: the Bot API base URL, one token per bot, and the
-//! typing interval.
+//! The `[channels.telegram]` config section: the Bot API base URL, one token per bot (with how
+//! its updates arrive: webhook or `getUpdates` polling), and the typing interval.
 //!
 //! Tokens are `Secret`s: their `Debug` prints `<redacted>`, and nothing here formats one. A
 //! token is part of every Bot API URL's path (`/bot<token>/METHOD`), so it is checked here to be
@@ -45,6 +45,20 @@ pub struct TelegramBot {
     /// cannot be verified and are not received.
     #[serde(default)]
     pub secret_token: Option<Secret>,
+    /// How this bot's updates arrive: `webhook` (Telegram calls the inbound listener, which
+    /// needs a public URL and `secret_token`) or `polling` (the gateway calls `getUpdates`; no
+    /// public URL, but Telegram refuses it while a webhook is set: call `deleteWebhook` first).
+    #[serde(default)]
+    pub receive: Receive,
+}
+
+/// How a bot receives its updates.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Receive {
+    #[default]
+    Webhook,
+    Polling,
 }
 
 impl Default for TelegramConfig {
@@ -119,6 +133,13 @@ impl TelegramConfig {
                     "must be a Bot API token as @BotFather issues it (letters, digits, `:`, `_`, `-`)",
                 ));
             }
+            if b.receive == Receive::Polling && b.secret_token.is_some() {
+                // Telegram serves one or the other: a secret here means a webhook was meant.
+                return Err(invalid(
+                    &format!("channels.telegram.bots[{i}].secret_token"),
+                    "is for webhooks; a bot with `receive = \"polling\"` has no webhook (remove one of the two)",
+                ));
+            }
             if let Some(secret) = &b.secret_token {
                 // setWebhook's own rule: 1-256 characters of A-Z, a-z, 0-9, `_` and `-`.
                 let v = secret.expose();
@@ -159,6 +180,7 @@ mod tests {
             bot_id: id.into(),
             token: Secret::new(token),
             secret_token: None,
+            receive: Receive::Webhook,
         }
     }
 
@@ -192,5 +214,23 @@ mod tests {
         let e = with(|c| c.bots = vec![bot("a", "1:x"), bot("a", "2:y")]).unwrap_err();
         assert!(e.to_string().contains("bots[1].bot_id"), "{e}");
         assert!(with(|c| c.bots = vec![bot("", "1:x")]).is_err());
+    }
+
+    #[test]
+    fn a_polling_bot_has_no_webhook_secret() {
+        let mut b = bot("b", "1:x");
+        b.receive = Receive::Polling;
+        assert!(with(|c| c.bots = vec![b.clone()]).is_ok());
+        b.secret_token = Some(Secret::new("s3cret"));
+        let e = with(|c| c.bots = vec![b]).unwrap_err().to_string();
+        assert!(e.contains("bots[0].secret_token"), "{e}");
+        assert!(!e.contains("s3cret"), "{e}");
+        let parsed: TelegramBot =
+            toml::from_str("bot_id = \"b\"\ntoken = \"1:x\"\nreceive = \"polling\"").unwrap();
+        assert_eq!(parsed.receive, Receive::Polling);
+        assert!(
+            toml::from_str::<TelegramBot>("bot_id = \"b\"\ntoken = \"1:x\"\nreceive = \"poll\"")
+                .is_err()
+        );
     }
 }

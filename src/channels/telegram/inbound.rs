@@ -15,7 +15,7 @@ use subtle::ConstantTimeEq;
 use time::OffsetDateTime;
 
 use super::CHANNEL_ID;
-use super::config::TelegramConfig;
+use super::config::{Receive, TelegramConfig};
 use crate::channels::channel::{Inbound, InboundEvent, Parsed, WebhookError, WebhookRequest};
 use crate::model::{
     Address, Attachment, AttachmentContent, Conversation, Identity, Message, MessageType,
@@ -50,13 +50,11 @@ impl TelegramInbound {
         let hooks: HashMap<String, Hook> = config
             .bots
             .iter()
+            // A polling bot has no webhook: its path is not served.
+            .filter(|b| b.receive == Receive::Webhook)
             .filter_map(|b| {
                 let secret = b.secret_token.clone()?;
-                let self_id = b
-                    .token
-                    .expose()
-                    .split_once(':')
-                    .and_then(|(id, _)| id.parse().ok());
+                let self_id = self_id(&b.token);
                 Some((b.bot_id.clone(), Hook { secret, self_id }))
             })
             .collect();
@@ -109,23 +107,62 @@ impl Inbound for TelegramInbound {
             .ok_or(WebhookError::Unverified("no webhook for this bot"))?;
         let update: Value = serde_json::from_slice(req.body)
             .map_err(|e| WebhookError::Unreadable(format!("not JSON: {e}")))?;
-        let update_id = update
-            .get("update_id")
-            .and_then(Value::as_i64)
-            .ok_or_else(|| WebhookError::Unreadable("no update_id".into()))?;
-        let mut events = Vec::new();
-        if let Some(message) = normalize(bot, hook.self_id, &update) {
-            events.push(InboundEvent {
-                // update_id counts per bot.
-                dedupe_key: format!("{bot}:{update_id}"),
-                message,
-            });
-        }
         Ok(Parsed {
-            events,
+            events: update_events(bot, hook.self_id, &update)?,
             answer: None,
         })
     }
+}
+
+/// The bot's own user id: the numeric prefix of its token (`123456:ABC...`), to leave out what
+/// the bot itself said.
+pub fn self_id(token: &Secret) -> Option<i64> {
+    token
+        .expose()
+        .split_once(':')
+        .and_then(|(id, _)| id.parse().ok())
+}
+
+/// The events of one update of `bot`, however it arrived (a webhook call, or one element of a
+/// `getUpdates` answer): none for what a bot does not get.
+pub fn update_events(
+    bot: &str,
+    self_id: Option<i64>,
+    update: &Value,
+) -> Result<Vec<InboundEvent>, WebhookError> {
+    let update_id =
+        update_id(update).ok_or_else(|| WebhookError::Unreadable("no update_id".into()))?;
+    Ok(normalize(bot, self_id, update)
+        .map(|message| InboundEvent {
+            // update_id counts per bot.
+            dedupe_key: format!("{bot}:{update_id}"),
+            message,
+        })
+        .into_iter()
+        .collect())
+}
+
+/// An update's `update_id`.
+pub fn update_id(update: &Value) -> Option<i64> {
+    update.get("update_id").and_then(Value::as_i64)
+}
+
+/// The update kinds [`update_events`] turns into events, each with its kind of message
+/// (`None`: a pressed button, a callback query).
+const KINDS: [(&str, Option<MessageType>); 7] = [
+    ("message", Some(MessageType::Message)),
+    ("channel_post", Some(MessageType::Message)),
+    ("edited_message", Some(MessageType::MessageUpdate)),
+    ("edited_channel_post", Some(MessageType::MessageUpdate)),
+    ("callback_query", None),
+    ("message_reaction", Some(MessageType::MessageReaction)),
+    ("my_chat_member", Some(MessageType::ConversationUpdate)),
+];
+
+/// What `getUpdates` asks for: the kinds read here (`message_reaction` is only sent when asked
+/// for by name).
+pub fn update_kinds() -> Vec<&'static str> {
+    KINDS.iter().map(|(k, _)| *k).collect()
 }
 
 /// The update as a v3 bot receives it, or `None` for what a bot does not get (its own
@@ -133,18 +170,9 @@ impl Inbound for TelegramInbound {
 fn normalize(bot: &str, self_id: Option<i64>, update: &Value) -> Option<Message> {
     let obj = update.as_object()?;
     let field = |k: &str| obj.get(k).and_then(Value::as_object);
-    // `None`: a pressed button (a callback query).
-    let (kind, m) = [
-        ("message", Some(MessageType::Message)),
-        ("channel_post", Some(MessageType::Message)),
-        ("edited_message", Some(MessageType::MessageUpdate)),
-        ("edited_channel_post", Some(MessageType::MessageUpdate)),
-        ("callback_query", None),
-        ("message_reaction", Some(MessageType::MessageReaction)),
-        ("my_chat_member", Some(MessageType::ConversationUpdate)),
-    ]
-    .into_iter()
-    .find_map(|(k, kind)| field(k).map(|m| (kind, m)))?;
+    let (kind, m) = KINDS
+        .into_iter()
+        .find_map(|(k, kind)| field(k).map(|m| (kind, m)))?;
     let mut out = match kind {
         Some(MessageType::MessageReaction) => reaction(m),
         Some(MessageType::ConversationUpdate) => membership(m, bot),
@@ -411,16 +439,19 @@ mod tests {
                     bot_id: "helper_bot".into(),
                     token: Secret::new("7100200300:AAHsecret"),
                     secret_token: Some(Secret::new(SECRET)),
+                    receive: Default::default(),
                 },
                 TelegramBot {
                     bot_id: "other_bot".into(),
                     token: Secret::new("42:other"),
                     secret_token: Some(Secret::new("other-secret")),
+                    receive: Default::default(),
                 },
                 TelegramBot {
                     bot_id: "send_only_bot".into(),
                     token: Secret::new("43:x"),
                     secret_token: None,
+                    receive: Default::default(),
                 },
             ],
             ..Default::default()

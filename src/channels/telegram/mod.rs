@@ -1,5 +1,6 @@
 //! Telegram Bot API channel: pure render (model -> Bot API calls, with Telegram's HTML subset),
-//! the HTTP client, and the `[channels.telegram]` config section.
+//! the HTTP client, receiving (webhook, or `getUpdates` polling per bot), and the
+//! `[channels.telegram]` config section.
 //!
 //! The bot's token is part of every Bot API URL's path (`/bot<token>/METHOD`). A rendered
 //! request's URL carries the literal placeholder [`TOKEN_PLACEHOLDER`] instead, so Render, the
@@ -9,6 +10,7 @@ pub mod client;
 pub mod config;
 pub mod html;
 pub mod inbound;
+pub mod polling;
 pub mod render;
 pub mod split;
 
@@ -23,6 +25,7 @@ pub fn method_url(config: &config::TelegramConfig, method: &str) -> String {
     format!("{}/bot{TOKEN_PLACEHOLDER}/{method}", config.api_base())
 }
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -110,6 +113,27 @@ impl Channel for Telegram {
         self.inbound
             .as_ref()
             .map(|i| i as &dyn super::channel::Inbound)
+    }
+
+    /// One `getUpdates` loop per bot with `receive = "polling"`, when the section is enabled.
+    fn pullers(&self, sink: Arc<dyn crate::inbound::Sink>) -> Vec<BoxFuture<'static, ()>> {
+        if !self.config.enabled {
+            return Vec::new();
+        }
+        self.config
+            .bots
+            .iter()
+            .filter(|b| b.receive == config::Receive::Polling)
+            .filter_map(|b| {
+                match polling::Poller::new(&self.config, b, polling::Timing::default()) {
+                    Ok(p) => Some(Box::pin(p.run(sink.clone())) as BoxFuture<'static, ()>),
+                    Err(e) => {
+                        tracing::error!(bot_id = %crate::bounded::for_log(&b.bot_id), error = %crate::bounded::for_log(&e), "telegram: cannot poll for updates");
+                        None
+                    }
+                }
+            })
+            .collect()
     }
 
     fn known_conversation(&self, addr: &Address) -> Option<String> {
