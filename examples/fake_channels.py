@@ -1,17 +1,26 @@
 #!/usr/bin/env python3
-"""A tiny fake Bot Framework Connector for the examples' end-to-end check.
+"""Tiny fake chat channels for the examples' end-to-end check: a Bot Framework Connector, the
+Slack Web API and the Telegram Bot API, on one port.
 
 Answers, on 127.0.0.1 only:
-  POST /token                                   -> {"token_type", "access_token", "expires_in"}
-  POST /v3/conversations                        -> 201 {"id": "a:created-N"}
-  POST /v3/conversations/{id}/activities        -> 201 {"id": "activity-N"}
-  POST /v3/conversations/{id}/activities/{id}   -> 201 {"id": "activity-N"}
+  Bot Framework (service URL http://127.0.0.1:PORT/):
+    POST /token                                   -> {"token_type", "access_token", "expires_in"}
+    POST /v3/conversations                        -> 201 {"id": "a:created-N"}
+    POST /v3/conversations/{id}/activities        -> 201 {"id": "activity-N"}
+    POST /v3/conversations/{id}/activities/{id}   -> 201 {"id": "activity-N"}
+  Slack (api_base_url http://127.0.0.1:PORT/slack/api):
+    POST /slack/api/chat.postMessage              -> {"ok": true, "channel", "ts", "message"}
+  Telegram (api_base_url http://127.0.0.1:PORT/telegram):
+    POST /telegram/bot{token}/sendMessage         -> {"ok": true, "result": {"message_id", "chat", ...}}
+    POST /telegram/bot{token}/sendChatAction      -> {"ok": true, "result": true}
 and records every request as one JSON line in --record (path segments percent-decoded; the
-token request's client_secret is replaced by "<redacted>").
+token request's client_secret and the Telegram token in the path are replaced by "<redacted>").
+With --slack-token or --telegram-token, a call with another token is refused as the channel
+refuses it (Slack `invalid_auth`, Telegram 401).
 
 Python 3.11 standard library only. Stops on SIGTERM or SIGINT.
 
-    python3 examples/fake_connector.py --port 0 --port-file /tmp/port --record /tmp/requests.jsonl
+    python3 examples/fake_channels.py --port 0 --port-file /tmp/port --record /tmp/requests.jsonl
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import argparse
 import itertools
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -27,6 +37,11 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qsl, unquote
+
+
+def redact_path(text: str) -> str:
+    """A Telegram bot token is part of the URL path: never written down."""
+    return re.sub(r"/telegram/bot[^/\s]*", "/telegram/bot<redacted>", text)
 
 
 class Recorder:
@@ -37,6 +52,7 @@ class Recorder:
         self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
         self._ids = itertools.count(1)
         self._conversations = itertools.count(1)
+        self._numbers = itertools.count(1)
 
     def next_activity_id(self) -> str:
         with self._lock:
@@ -46,6 +62,10 @@ class Recorder:
         with self._lock:
             # A colon, like real Teams ids, so the gateway's percent-encoding is exercised.
             return f"a:created-{next(self._conversations)}"
+
+    def next_number(self) -> int:
+        with self._lock:
+            return next(self._numbers)
 
     def write(self, entry: dict[str, Any]) -> None:
         line = json.dumps(entry, sort_keys=True)
@@ -59,12 +79,15 @@ class Recorder:
 
 
 class Handler(BaseHTTPRequestHandler):
-    server_version = "fake-connector/1"
+    server_version = "fake-channels/1"
     protocol_version = "HTTP/1.1"
-    recorder: Recorder  # set on the subclass made in main()
+    # Set on the subclass made in main().
+    recorder: Recorder
+    slack_token: str | None
+    telegram_token: str | None
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib signature)
-        sys.stderr.write("fake-connector: " + (format % args) + "\n")
+        sys.stderr.write("fake-channels: " + redact_path(format % args) + "\n")
 
     def _reply(self, status: int, body: dict[str, Any]) -> None:
         data = json.dumps(body).encode()
@@ -85,7 +108,7 @@ class Handler(BaseHTTPRequestHandler):
         entry: dict[str, Any] = {
             "at": time.time(),
             "method": "POST",
-            "path": path,
+            "path": redact_path(path),
             "authorization": self.headers.get("Authorization"),
         }
 
@@ -104,6 +127,14 @@ class Handler(BaseHTTPRequestHandler):
             entry.update(kind="bad_json", body=raw.decode("utf-8", "replace"))
             self.recorder.write(entry)
             self._reply(400, {"error": {"code": "BadSyntax", "message": "body is not JSON"}})
+            return
+
+        if len(segments) == 3 and segments[:2] == ["slack", "api"]:
+            self._slack(entry, segments[2], body)
+            return
+
+        if len(segments) == 3 and segments[0] == "telegram" and segments[1].startswith("bot"):
+            self._telegram(entry, segments[1].removeprefix("bot"), segments[2], body)
             return
 
         if segments == ["v3", "conversations"]:
@@ -130,6 +161,45 @@ class Handler(BaseHTTPRequestHandler):
         self.recorder.write(entry)
         self._reply(404, {"error": {"code": "NotFound", "message": f"no route for {path}"}})
 
+    def _slack(self, entry: dict[str, Any], method: str, body: Any) -> None:
+        """Slack answers HTTP 200 either way; `ok` says whether the call worked."""
+        body = body if isinstance(body, dict) else {}
+        entry.update(kind="slack", api_method=method, body=body)
+        if self.slack_token and entry["authorization"] != f"Bearer {self.slack_token}":
+            answer = {"ok": False, "error": "invalid_auth"}
+        elif method == "chat.postMessage":
+            ts = f"1700000000.{self.recorder.next_number():06d}"
+            message = {"ts": ts, "text": body.get("text")}
+            if "thread_ts" in body:
+                message["thread_ts"] = body["thread_ts"]
+            answer = {"ok": True, "channel": body.get("channel"), "ts": ts, "message": message}
+        else:
+            answer = {"ok": False, "error": "unknown_method"}
+        entry.update(ok=answer["ok"])
+        self.recorder.write(entry)
+        self._reply(200, answer)
+
+    def _telegram(self, entry: dict[str, Any], token: str, method: str, body: Any) -> None:
+        body = body if isinstance(body, dict) else {}
+        entry.update(kind="telegram", api_method=method, body=body)
+        if self.telegram_token and token != self.telegram_token:
+            status, answer = 401, {"ok": False, "error_code": 401, "description": "Unauthorized"}
+        elif method == "sendMessage":
+            chat = body.get("chat_id")
+            message = {"message_id": self.recorder.next_number(), "date": int(time.time()),
+                       "chat": {"id": chat, "type": "supergroup" if str(chat).startswith("-") else "private"},
+                       "text": body.get("text")}
+            if "message_thread_id" in body:
+                message["message_thread_id"] = body["message_thread_id"]
+            status, answer = 200, {"ok": True, "result": message}
+        elif method == "sendChatAction":
+            status, answer = 200, {"ok": True, "result": True}
+        else:
+            status, answer = 404, {"ok": False, "error_code": 404, "description": "Not Found: method not found"}
+        entry.update(ok=answer["ok"])
+        self.recorder.write(entry)
+        self._reply(status, answer)
+
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -137,12 +207,15 @@ def main() -> int:
     parser.add_argument("--port", type=int, default=0, help="port; 0 picks a free one")
     parser.add_argument("--port-file", help="write the bound port here once listening")
     parser.add_argument("--record", required=True, help="append every request here as a JSON line")
+    parser.add_argument("--slack-token", help="the bot token Slack calls must carry (default: any)")
+    parser.add_argument("--telegram-token", help="the bot token Telegram calls must carry (default: any)")
     args = parser.parse_args()
     if args.host not in ("127.0.0.1", "localhost", "::1"):
-        parser.error("the fake connector listens on loopback only")
+        parser.error("the fake channels listen on loopback only")
 
     recorder = Recorder(args.record)
-    handler = type("BoundHandler", (Handler,), {"recorder": recorder})
+    handler = type("BoundHandler", (Handler,), {
+        "recorder": recorder, "slack_token": args.slack_token, "telegram_token": args.telegram_token})
     server = ThreadingHTTPServer((args.host, args.port), handler)
     server.daemon_threads = True
     port = server.server_address[1]
@@ -160,7 +233,7 @@ def main() -> int:
             f.write(f"{port}\n")
         # Atomic: a reader never sees a half-written port.
         os.replace(tmp, args.port_file)
-    print(f"fake-connector: listening on http://{args.host}:{port}/, recording to {args.record}", file=sys.stderr)
+    print(f"fake-channels: listening on http://{args.host}:{port}/, recording to {args.record}", file=sys.stderr)
     try:
         server.serve_forever(poll_interval=0.2)
     finally:
