@@ -11,7 +11,9 @@
 #      listener (examples/post_event.py), and a check that each `echo: <text>` reached the fake
 #      in the event's conversation (Slack channel and thread, Telegram chat and topic) exactly
 #      once, that a reaction was received and acked without a reply, and that forged signatures
-#      were refused with 401 and never reached a bot.
+#      were refused with 401 and never reached a bot; then a hand-over (events the Python bot
+#      left unhandled when it stopped are answered by the Node bot, each exactly once), and each
+#      bot stopping cleanly on SIGINT and SIGTERM.
 #
 # Needs python3 (3.11+) with venv, node 20+ with npm, and cargo (unless CHANNEL_GATEWAY_BIN names
 # a built gateway). Installs the examples' pinned dependencies (a venv in a temp dir; `npm ci` in
@@ -433,5 +435,61 @@ while True:
     time.sleep(0.2)
 print("e2e: each echo reached its conversation, thread or topic once; the reactions got none; forgeries none")
 PY
+
+# Hand-over: three events wait in the inbox; the Python bot handles one and stops, the Node bot
+# takes the two it gave back. Each is answered exactly once.
+log "hand-over: three events waiting, the Python bot takes one, the Node bot the other two"
+for n in 1 2 3; do
+  post telegram --bot-id "$telegram_bot" --chat "600$n" --from-id "600$n" --text "waiting $n"
+done
+for bot in "python 1 $work/venv/bin/python examples/python/bot.py" "node 2 node examples/node/bot.js"; do
+  read -r name count cmd script <<<"$bot"
+  timeout 60 "$cmd" "$script" --gateway "127.0.0.1:$grpc_port" --max-events "$count" \
+    >"$work/$name-handover.out" 2>"$work/$name-handover.err" \
+    || { cat "$work/$name-handover.err" >&2; fail "the $name echo bot failed in the hand-over"; }
+  cat "$work/$name-handover.out"
+done
+"$python" - "$record" <<'PY'
+import json, sys, time
+deadline = time.monotonic() + 20
+while True:
+    with open(sys.argv[1], encoding="utf-8") as f:
+        sent = [json.loads(line)["body"] for line in f if '"sendMessage"' in line]
+    got = sorted((str(b.get("chat_id")), b.get("text")) for b in sent if str(b.get("chat_id")).startswith("600"))
+    want = [(f"600{n}", f"echo: waiting {n}") for n in (1, 2, 3)]
+    if got == want:
+        break
+    if time.monotonic() > deadline:
+        sys.exit(f"e2e: FAILED: hand-over: want each of {want} once, the fake got {got}")
+    time.sleep(0.2)
+print("e2e: hand-over: each waiting event answered exactly once")
+PY
+
+# Each echo bot, idle on its stream, stops on SIGINT and on SIGTERM: exit status 0 within 15 s.
+stop_echo_bot() {
+  local name="$1" signal="$2"; shift 2
+  "$@" --gateway "127.0.0.1:$grpc_port" >"$work/$name-stop.out" 2>"$work/$name-stop.err" &
+  echo_pid=$!
+  for _ in $(seq 1 300); do
+    grep -q '"subscribed"' "$work/$name-stop.out" 2>/dev/null && break
+    kill -0 "$echo_pid" 2>/dev/null || { cat "$work/$name-stop.err" >&2; fail "the $name echo bot exited at start"; }
+    sleep 0.1
+  done
+  kill "-$signal" "$echo_pid"
+  for _ in $(seq 1 150); do
+    kill -0 "$echo_pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  kill -0 "$echo_pid" 2>/dev/null && fail "the $name echo bot did not stop within 15 s of SIG$signal"
+  local status=0
+  wait "$echo_pid" || status=$?
+  echo_pid=""
+  [[ $status -eq 0 ]] || { cat "$work/$name-stop.err" >&2; fail "the $name echo bot exited with status $status on SIG$signal"; }
+  log "the $name echo bot stopped on SIG$signal: $(tail -n 1 "$work/$name-stop.err")"
+}
+for signal in INT TERM; do
+  stop_echo_bot python "$signal" "$work/venv/bin/python" examples/python/bot.py
+  stop_echo_bot node "$signal" node examples/node/bot.js
+done
 
 log "OK: the examples sent through the gateway, and the echo bots answered signed Slack and Telegram events in place"
