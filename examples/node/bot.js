@@ -71,9 +71,8 @@ function send(client, request, opts) {
 async function echo(client, event, opts) {
   const m = event.message || {};
   const kind = m.type || 'MESSAGE_TYPE_UNSPECIFIED';
-  if (!['MESSAGE_TYPE_UNSPECIFIED', 'MESSAGE_TYPE_MESSAGE'].includes(kind) || !m.text) {
-    return { skipped: kind };
-  }
+  if (!['MESSAGE_TYPE_UNSPECIFIED', 'MESSAGE_TYPE_MESSAGE'].includes(kind)) return { skipped: kind };
+  if (!m.text) return { skipped: 'no text' }; // a picture, a file, a sticker...
   const reply = await send(client, {
     message: { address: m.address, text: `echo: ${m.text}` },
     idempotency_key: `echo-${event.event_id}`,
@@ -139,7 +138,7 @@ async function main() {
       });
       if (maxEvents > 0 && handled >= maxEvents) stopping = true;
     } catch (err) {
-      // Not acked: the gateway delivers it again after the ack deadline.
+      // Not acked: the gateway gives it back once the stream ends, to this bot restarted or another.
       fail(err);
     } finally {
       busy -= 1;

@@ -68,8 +68,10 @@ def log(**fields) -> None:
 def echo(gateway, event: pb.ReceivedEvent, args, metadata) -> dict:
     """Answers one event; returns what was done, for the log."""
     m = event.message
-    if m.type not in (pb.MESSAGE_TYPE_UNSPECIFIED, pb.MESSAGE_TYPE_MESSAGE) or not m.text:
+    if m.type not in (pb.MESSAGE_TYPE_UNSPECIFIED, pb.MESSAGE_TYPE_MESSAGE):
         return {"skipped": pb.MessageType.Name(m.type)}
+    if not m.text:
+        return {"skipped": "no text"}  # a picture, a file, a sticker...
     reply = pb.Message(address=m.address, text=f"echo: {m.text}")
     sent = gateway.Send(
         # ACCEPTED: the gateway has stored the reply and will deliver it, so the event may be acked.
