@@ -6,11 +6,11 @@
 #      what the fake connector received: typing, text and a 3-card hero carousel in the bot's
 #      conversation, in that order; a create-conversation call and the proactive message in the
 #      conversation it created;
-#   2. receiving: each language's echo bot (bot.py, bot.js) on the Receive stream while Slack and
-#      Telegram events signed as those channels sign them are posted to the gateway's webhook
-#      listener (examples/post_event.py), and a check that each `echo: <text>` reached the fake
-#      in the event's conversation (Slack channel and thread, Telegram chat and topic) exactly
-#      once, that a reaction was received and acked without a reply, and that forged signatures
+#   2. receiving: each language's echo bot (bot.py, bot.js) on the Receive stream while Slack,
+#      Telegram and Messenger events signed as those channels sign them are posted to the
+#      gateway's webhook listener (examples/post_event.py), and a check that each `echo: <text>`
+#      reached the fake in the event's conversation (Slack channel and thread, Telegram chat and
+#      topic, Messenger sender) exactly once, that a reaction was received and acked without a reply, and that forged signatures
 #      were refused with 401 and never reached a bot; then a hand-over (events the Python bot
 #      left unhandled when it stopped are answered by the Node bot, each exactly once), and each
 #      bot stopping cleanly on SIGINT and SIGTERM.
@@ -113,7 +113,7 @@ PYTHON="$work/venv/bin/python" examples/python/build.sh
 log "installing the Node example's packages (npm ci)"
 (cd examples/node && npm ci --no-audit --no-fund --loglevel=error)
 
-# --- the fake channels ------------------------------------------------------------------------
+# --- the fake channels ----------------------------------------------------------------------
 # Made-up credentials: the fake refuses calls without these tokens, the gateway refuses webhooks
 # not signed with these secrets.
 slack_bot="B0E2EBOT"
@@ -122,10 +122,14 @@ slack_signing_secret="e2e-slack-signing-secret"
 telegram_bot="e2e_echo_bot"
 telegram_token="123456:e2e-not-a-secret"
 telegram_secret_token="e2e-telegram-secret-token"
+page_id="100200300"
+page_token="e2e-page-token-not-a-secret"
+app_secret="e2e-app-secret"
 
 record="$work/requests.jsonl"
 "$python" examples/fake_channels.py --host 127.0.0.1 --port 0 --port-file "$work/fake.port" \
   --record "$record" --slack-token "$slack_token" --telegram-token "$telegram_token" \
+  --page-token "$page_token" \
   >"$work/fake.log" 2>&1 &
 fake_pid=$!
 for _ in $(seq 1 100); do
@@ -155,6 +159,10 @@ start_gateway() {
     CHANNEL_GATEWAY__CHANNELS__SLACK__SIGNING_SECRET="$slack_signing_secret" \
     CHANNEL_GATEWAY__CHANNELS__TELEGRAM__API_BASE_URL="${service_url}telegram" \
     CHANNEL_GATEWAY__CHANNELS__TELEGRAM__BOTS="[{bot_id = \"$telegram_bot\", token = \"$telegram_token\", secret_token = \"$telegram_secret_token\"}]" \
+    CHANNEL_GATEWAY__CHANNELS__FACEBOOK__GRAPH_BASE_URL="${service_url}facebook" \
+    CHANNEL_GATEWAY__CHANNELS__FACEBOOK__PAGE_ID="$page_id" \
+    CHANNEL_GATEWAY__CHANNELS__FACEBOOK__ACCESS_TOKEN="$page_token" \
+    CHANNEL_GATEWAY__CHANNELS__FACEBOOK__APP_SECRET="$app_secret" \
     CHANNEL_GATEWAY__OUTBOX__BACKEND=memory \
     CHANNEL_GATEWAY__INBOUND__LISTEN="127.0.0.1:$inbound_port" \
     "$@" \
@@ -319,7 +327,7 @@ log "sending OK: the Python and Node examples sent text, carousel, typing and a 
 # Posts one event to the webhook listener as the channel would (examples/post_event.py).
 post() {
   SLACK_SIGNING_SECRET="$slack_signing_secret" TELEGRAM_SECRET_TOKEN="$telegram_secret_token" \
-    "$python" examples/post_event.py --inbound "$inbound_url" "$@" >&2 || fail "posting an event: $*"
+    MESSENGER_APP_SECRET="$app_secret" "$python" examples/post_event.py --inbound "$inbound_url" "$@" >&2 || fail "posting an event: $*"
 }
 
 # Runs one echo bot: it subscribes, the events for it are posted (and two forgeries), and it must
@@ -328,7 +336,8 @@ run_echo_bot() {
   local name="$1" n="$2"; shift 2
   local tag="${name^^}"
   log "running the $name echo bot"
-  "$@" --gateway "127.0.0.1:$grpc_port" --bot-id "$slack_bot" --bot-id "$telegram_bot" --max-events 5 \
+  "$@" --gateway "127.0.0.1:$grpc_port" --bot-id "$slack_bot" --bot-id "$telegram_bot" --bot-id "$page_id" \
+    --max-events 6 \
     >"$work/$name-echo.out" 2>"$work/$name-echo.err" &
   echo_pid=$!
   for _ in $(seq 1 300); do
@@ -338,16 +347,18 @@ run_echo_bot() {
   done
   grep -q '"subscribed"' "$work/$name-echo.out" || fail "the $name echo bot did not subscribe within 30 s"
 
-  # Forgeries first: were one stored, the bot would take it for one of its five.
+  # Forgeries first: were one stored, the bot would take it for one of its six.
   post --forge --expect 401 slack --channel "C0E2E$tag" --text "forged ($name)"
   post --forge --expect 401 telegram --bot-id "$telegram_bot" --chat "500$n" --from-id "500$n" --text "forged ($name)"
-  # Five events: a Slack message, one in a thread, a reaction; a Telegram message in a forum
-  # topic, one in a private chat.
+  post --forge --expect 401 messenger --page "$page_id" --psid "700$n" --text "forged ($name)"
+  # Six events: a Slack message, one in a thread, a reaction; a Telegram message in a forum
+  # topic, one in a private chat; a Messenger message.
   post slack --channel "C0E2E$tag" --text "hello from slack ($name)"
   post slack --channel "C0E2E$tag" --thread 1700000000.000100 --text "in a thread ($name)"
   post slack --channel "C0E2E$tag" --ts 1700000000.000100 --reaction thumbsup
   post telegram --bot-id "$telegram_bot" --chat "-100777$n" --topic 55 --message-id 321 --text "in a topic ($name)"
   post telegram --bot-id "$telegram_bot" --chat "500$n" --from-id "500$n" --text "hello from telegram ($name)"
+  post messenger --page "$page_id" --psid "700$n" --text "hello from messenger ($name)"
 
   local status=0
   for _ in $(seq 1 600); do
@@ -369,7 +380,7 @@ run_echo_bot() {
 run_echo_bot python 1 "$work/venv/bin/python" examples/python/bot.py
 run_echo_bot node 2 node examples/node/bot.js
 
-log "checking the echoes the fake Slack and Telegram received"
+log "checking the echoes the fake Slack, Telegram and Messenger received"
 "$python" - "$record" "$work/python-echo.out" "$work/node-echo.out" <<'PY'
 """Polls the fake's record until every echo arrived (up to 20 s), else names what is missing."""
 import json
@@ -389,7 +400,8 @@ def problems(entries):
     out = []
     slack = [e for e in entries if e["kind"] == "slack"]
     telegram = [e for e in entries if e["kind"] == "telegram" and e["api_method"] == "sendMessage"]
-    for e in slack + telegram:
+    messenger = [e for e in entries if e["kind"] == "messenger" and "message" in e["body"]]
+    for e in slack + telegram + messenger:
         if not e["ok"]:
             out.append(f"the fake refused {e['path']} (wrong token?): {e['body']!r}")
         if "forged" in json.dumps(e["body"]):
@@ -412,6 +424,9 @@ def problems(entries):
         private = [e["body"] for e in telegram if str(e["body"].get("chat_id")) == f"500{n}"]
         if [b.get("text") for b in private] != [f"echo: hello from telegram ({name})"]:
             out.append(f"{name}: want one 'echo: hello from telegram' in chat 500{n}, got {private}")
+        to_psid = [e["body"]["message"] for e in messenger if (e["body"].get("recipient") or {}).get("id") == f"700{n}"]
+        if [m.get("text") for m in to_psid] != [f"echo: hello from messenger ({name})"]:
+            out.append(f"{name}: want one 'echo: hello from messenger' to PSID 700{n}, got {to_psid}")
         lines = load(outputs[name])
         if not any(line.get("skipped") == "MESSAGE_TYPE_MESSAGE_REACTION" for line in lines):
             out.append(f"{name}: the bot did not report the reaction as received and skipped")
@@ -429,11 +444,11 @@ while True:
         for p in found:
             print(f"  - {p}", file=sys.stderr)
         for e in entries:
-            if e["kind"] in ("slack", "telegram"):
+            if e["kind"] in ("slack", "telegram", "messenger"):
                 print("  " + json.dumps(e, sort_keys=True)[:400], file=sys.stderr)
         sys.exit(1)
     time.sleep(0.2)
-print("e2e: each echo reached its conversation, thread or topic once; the reactions got none; forgeries none")
+print("e2e: each echo reached its conversation, thread, topic or sender once; the reactions got none; forgeries none")
 PY
 
 # Hand-over: three events wait in the inbox; the Python bot handles one and stops, the Node bot
@@ -492,4 +507,4 @@ for signal in INT TERM; do
   stop_echo_bot node "$signal" node examples/node/bot.js
 done
 
-log "OK: the examples sent through the gateway, and the echo bots answered signed Slack and Telegram events in place"
+log "OK: the examples sent through the gateway, and the echo bots answered signed Slack, Telegram and Messenger events in place"

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Tiny fake chat channels for the examples' end-to-end check: a Bot Framework Connector, the
-Slack Web API and the Telegram Bot API, on one port.
+Slack Web API, the Telegram Bot API and the Messenger Send API, on one port.
 
 Answers, on 127.0.0.1 only:
   Bot Framework (service URL http://127.0.0.1:PORT/):
@@ -13,10 +13,13 @@ Answers, on 127.0.0.1 only:
   Telegram (api_base_url http://127.0.0.1:PORT/telegram):
     POST /telegram/bot{token}/sendMessage         -> {"ok": true, "result": {"message_id", "chat", ...}}
     POST /telegram/bot{token}/sendChatAction      -> {"ok": true, "result": true}
+  Messenger (graph_base_url http://127.0.0.1:PORT/facebook):
+    POST /facebook/{version}/me/messages          -> {"recipient_id", "message_id"}
 and records every request as one JSON line in --record (path segments percent-decoded; the
-token request's client_secret and the Telegram token in the path are replaced by "<redacted>").
-With --slack-token or --telegram-token, a call with another token is refused as the channel
-refuses it (Slack `invalid_auth`, Telegram 401).
+token request's client_secret, the Telegram token in the path and the query string, which
+carries the page token, are never written down). With --slack-token, --telegram-token or
+--page-token, a call with another token is refused as the channel refuses it (Slack
+`invalid_auth`, Telegram 401, Graph 190).
 
 Python 3.11 standard library only. Stops on SIGTERM or SIGINT.
 
@@ -40,8 +43,9 @@ from urllib.parse import parse_qsl, unquote
 
 
 def redact_path(text: str) -> str:
-    """A Telegram bot token is part of the URL path: never written down."""
-    return re.sub(r"/telegram/bot[^/\s]*", "/telegram/bot<redacted>", text)
+    """A Telegram bot token is part of the URL path, a page token of the query: never written down."""
+    text = re.sub(r"/telegram/bot[^/\s]*", "/telegram/bot<redacted>", text)
+    return re.sub(r"\?\S*", "?<redacted>", text)
 
 
 class Recorder:
@@ -85,6 +89,7 @@ class Handler(BaseHTTPRequestHandler):
     recorder: Recorder
     slack_token: str | None
     telegram_token: str | None
+    page_token: str | None
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib signature)
         sys.stderr.write("fake-channels: " + redact_path(format % args) + "\n")
@@ -135,6 +140,11 @@ class Handler(BaseHTTPRequestHandler):
 
         if len(segments) == 3 and segments[0] == "telegram" and segments[1].startswith("bot"):
             self._telegram(entry, segments[1].removeprefix("bot"), segments[2], body)
+            return
+
+        if len(segments) == 4 and segments[0] == "facebook" and segments[3] == "messages":
+            query = dict(parse_qsl(self.path.partition("?")[2]))
+            self._messenger(entry, query, body)
             return
 
         if segments == ["v3", "conversations"]:
@@ -200,6 +210,21 @@ class Handler(BaseHTTPRequestHandler):
         self.recorder.write(entry)
         self._reply(status, answer)
 
+    def _messenger(self, entry: dict[str, Any], query: dict[str, str], body: Any) -> None:
+        body = body if isinstance(body, dict) else {}
+        recipient = (body.get("recipient") or {}).get("id")
+        entry.update(kind="messenger", body=body, query_keys=sorted(query))
+        if self.page_token and query.get("access_token") != self.page_token:
+            status, answer = 400, {"error": {"message": "Invalid OAuth access token.", "type": "OAuthException",
+                                             "code": 190}}
+        elif "message" in body:
+            status, answer = 200, {"recipient_id": recipient, "message_id": f"m_{self.recorder.next_number()}"}
+        else:  # a sender_action such as typing_on
+            status, answer = 200, {"recipient_id": recipient}
+        entry.update(ok=status == 200)
+        self.recorder.write(entry)
+        self._reply(status, answer)
+
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -209,13 +234,15 @@ def main() -> int:
     parser.add_argument("--record", required=True, help="append every request here as a JSON line")
     parser.add_argument("--slack-token", help="the bot token Slack calls must carry (default: any)")
     parser.add_argument("--telegram-token", help="the bot token Telegram calls must carry (default: any)")
+    parser.add_argument("--page-token", help="the page access token Messenger calls must carry (default: any)")
     args = parser.parse_args()
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         parser.error("the fake channels listen on loopback only")
 
     recorder = Recorder(args.record)
     handler = type("BoundHandler", (Handler,), {
-        "recorder": recorder, "slack_token": args.slack_token, "telegram_token": args.telegram_token})
+        "recorder": recorder, "slack_token": args.slack_token, "telegram_token": args.telegram_token,
+        "page_token": args.page_token})
     server = ThreadingHTTPServer((args.host, args.port), handler)
     server.daemon_threads = True
     port = server.server_address[1]

@@ -7,6 +7,8 @@ try a bot without a Slack workspace or a Telegram bot (and what examples/e2e.sh 
             X-Slack-Signature = v0=HMAC-SHA256(signing secret, "v0:{timestamp}:{body}")
   telegram: POST /webhooks/telegram/{bot_id}, an Update with a message, with the secret_token
             given to setWebhook in X-Telegram-Bot-Api-Secret-Token
+  messenger: POST /webhooks/facebook, a page webhook body with one message, with
+            X-Hub-Signature-256 = sha256=HMAC-SHA256(app secret, body)
 
 --forge signs with a wrong secret (the gateway must answer 401). Prints the HTTP status; exits 1
 when it is not --expect. Python 3.11 standard library only.
@@ -51,7 +53,7 @@ def slack(args: argparse.Namespace) -> tuple[str, bytes, dict[str, str]]:
         "event": event,
     }).encode()
     stamp = str(int(time.time()))
-    secret = "not-the-signing-secret" if args.forge else args.signing_secret
+    secret = "not-the-signing-secret" if args.forge else args.secret
     digest = hmac.new(secret.encode(), f"v0:{stamp}:".encode() + body, hashlib.sha256).hexdigest()
     headers = {"X-Slack-Request-Timestamp": stamp, "X-Slack-Signature": f"v0={digest}"}
     return "/webhooks/slack/events", body, headers
@@ -71,8 +73,22 @@ def telegram(args: argparse.Namespace) -> tuple[str, bytes, dict[str, str]]:
         message["message_thread_id"] = args.topic
         message["is_topic_message"] = True
     body = json.dumps({"update_id": args.update_id or next(_counter), "message": message}).encode()
-    secret = "not-the-secret-token" if args.forge else args.secret_token
+    secret = "not-the-secret-token" if args.forge else args.secret
     return f"/webhooks/telegram/{args.bot_id}", body, {"X-Telegram-Bot-Api-Secret-Token": secret}
+
+
+def messenger(args: argparse.Namespace) -> tuple[str, bytes, dict[str, str]]:
+    now_ms = int(time.time() * 1000)
+    item = {
+        "sender": {"id": args.psid},
+        "recipient": {"id": args.page},
+        "timestamp": now_ms,
+        "message": {"mid": args.mid or f"m_{next(_counter)}", "text": args.text},
+    }
+    body = json.dumps({"object": "page", "entry": [{"id": args.page, "time": now_ms, "messaging": [item]}]}).encode()
+    secret = "not-the-app-secret" if args.forge else args.secret
+    digest = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    return "/webhooks/facebook", body, {"X-Hub-Signature-256": f"sha256={digest}"}
 
 
 def main() -> int:
@@ -84,7 +100,8 @@ def main() -> int:
     channels = p.add_subparsers(dest="kind", required=True)
 
     s = channels.add_parser("slack", help="a Slack Events API event")
-    s.add_argument("--signing-secret", default=os.environ.get("SLACK_SIGNING_SECRET"))
+    s.set_defaults(build=slack)
+    s.add_argument("--signing-secret", dest="secret", default=os.environ.get("SLACK_SIGNING_SECRET"))
     s.add_argument("--channel", required=True, help="the Slack channel id (C...)")
     s.add_argument("--text", default="hello")
     s.add_argument("--thread", help="the thread's ts, for a message in a thread")
@@ -96,7 +113,8 @@ def main() -> int:
 
     t = channels.add_parser("telegram", help="a Telegram update with a message")
     t.add_argument("--bot-id", required=True, help="the bot_id as configured in the gateway")
-    t.add_argument("--secret-token", default=os.environ.get("TELEGRAM_SECRET_TOKEN"))
+    t.set_defaults(build=telegram)
+    t.add_argument("--secret-token", dest="secret", default=os.environ.get("TELEGRAM_SECRET_TOKEN"))
     t.add_argument("--chat", required=True, help="the chat id (negative for groups)")
     t.add_argument("--text", default="hello")
     t.add_argument("--topic", type=int, help="a forum topic's message_thread_id")
@@ -104,11 +122,18 @@ def main() -> int:
     t.add_argument("--update-id", type=int)
     t.add_argument("--from-id", type=int, default=4242, help="who writes")
 
+    f = channels.add_parser("messenger", help="a Messenger page webhook with one message")
+    f.set_defaults(build=messenger)
+    f.add_argument("--app-secret", dest="secret", default=os.environ.get("MESSENGER_APP_SECRET"))
+    f.add_argument("--page", required=True, help="the page id (the bot id of its replies)")
+    f.add_argument("--psid", required=True, help="who writes: their page-scoped id")
+    f.add_argument("--text", default="hello")
+    f.add_argument("--mid", help="the message id (default: a new one; Meta's retries carry the same)")
+
     args = p.parse_args()
-    secret = args.signing_secret if args.kind == "slack" else args.secret_token
-    if not secret and not args.forge:
-        p.error("the channel's secret is needed (--signing-secret or --secret-token, or the environment)")
-    path, body, headers = (slack if args.kind == "slack" else telegram)(args)
+    if not args.secret and not args.forge:
+        p.error("the channel's secret is needed (--signing-secret, --secret-token or --app-secret, or the environment)")
+    path, body, headers = args.build(args)
     request = urllib.request.Request(args.inbound.rstrip("/") + path, data=body, method="POST",
                                      headers={"Content-Type": "application/json", **headers})
     try:
