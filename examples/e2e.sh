@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # End-to-end check of the examples (CI runs it): fake channels (examples/fake_channels.py: a Bot
-# Framework connector, the Slack Web API, the Telegram Bot API) and the real gateway binary on
-# 127.0.0.1, then
+# Framework connector, the Slack Web API, the Telegram Bot API, the Messenger Send API) and the
+# real gateway binary on 127.0.0.1, then
 #   1. sending: each language's send example (send.py, send.js) through the gateway, and a check of
 #      what the fake connector received: typing, text and a 3-card hero carousel in the bot's
 #      conversation, in that order; a create-conversation call and the proactive message in the
@@ -10,10 +10,10 @@
 #      Telegram and Messenger events signed as those channels sign them are posted to the
 #      gateway's webhook listener (examples/post_event.py), and a check that each `echo: <text>`
 #      reached the fake in the event's conversation (Slack channel and thread, Telegram chat and
-#      topic, Messenger sender) exactly once, that a reaction was received and acked without a reply, and that forged signatures
-#      were refused with 401 and never reached a bot; then a hand-over (events the Python bot
-#      left unhandled when it stopped are answered by the Node bot, each exactly once), and each
-#      bot stopping cleanly on SIGINT and SIGTERM.
+#      topic, Messenger sender) exactly once, that a reaction was received and acked without a
+#      reply, and that forged signatures were refused with 401 and never reached a bot; then a
+#      hand-over (events the Python bot left unhandled when it stopped are answered by the Node
+#      bot, each exactly once), and each bot stopping cleanly on SIGINT and SIGTERM.
 #
 # Needs python3 (3.11+) with venv, node 20+ with npm, and cargo (unless CHANNEL_GATEWAY_BIN names
 # a built gateway). Installs the examples' pinned dependencies (a venv in a temp dir; `npm ci` in
@@ -129,8 +129,7 @@ app_secret="e2e-app-secret"
 record="$work/requests.jsonl"
 "$python" examples/fake_channels.py --host 127.0.0.1 --port 0 --port-file "$work/fake.port" \
   --record "$record" --slack-token "$slack_token" --telegram-token "$telegram_token" \
-  --page-token "$page_token" \
-  >"$work/fake.log" 2>&1 &
+  --page-token "$page_token" >"$work/fake.log" 2>&1 &
 fake_pid=$!
 for _ in $(seq 1 100); do
   [[ -s "$work/fake.port" ]] && break
