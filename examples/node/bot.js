@@ -6,7 +6,8 @@
 // address unchanged (that keeps the reply in the same conversation, thread or topic), then acks
 // the event. Events that are not messages (reactions, joins, edits...) are acked without a reply.
 // An event not acked in time comes again (flagged redelivered); the reply's idempotency key, made
-// from the event id, keeps a second delivery from echoing twice.
+// from the event id, keeps a second delivery from echoing twice (within the gateway's
+// server.idempotency_window, 24 h by default).
 //
 // Every flag has an environment variable:
 //   GATEWAY_ADDRESS (127.0.0.1:50051)   BOT_IDS (comma-separated; empty: every bot the caller may
