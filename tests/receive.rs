@@ -724,3 +724,133 @@ async fn receiving_off_answers_unavailable_and_a_bad_first_message_names_the_fie
     };
     assert_eq!(e.code(), Code::InvalidArgument);
 }
+
+impl Harness {
+    /// Posts a slash command's form as Slack does, and returns the status and body of the answer.
+    async fn slack_command(&self, trigger: &str, text: &str) -> (u16, String, std::time::Duration) {
+        let body = format!(
+            "token=XXYYZZ&team_id=T0123TEAM&channel_id=C0CMD&user_id=U0HUMAN&command=%2Fask&text={text}&trigger_id={trigger}&response_url=https%3A%2F%2Fhooks.slack.com%2Fcommands%2F1"
+        );
+        let ts = now();
+        let sig = format!(
+            "v0={}",
+            hmac_hex(
+                SLACK_SECRET,
+                &[format!("v0:{ts}:").as_bytes(), body.as_bytes()]
+            )
+        );
+        let started = std::time::Instant::now();
+        let r = self
+            .http
+            .post(self.url("/webhooks/slack/commands"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .header("x-slack-request-timestamp", ts.to_string())
+            .header("x-slack-signature", sig)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.text().await.unwrap(), started.elapsed())
+    }
+}
+
+async fn respond(
+    s: &Stream,
+    e: &pb::ReceivedEvent,
+    message: Option<pb::Message>,
+    body: Option<Value>,
+) {
+    s.tx.send(pb::ReceiveRequest {
+        kind: Some(pb::receive_request::Kind::Respond(pb::ReceiveRespond {
+            event_id: e.event_id.clone(),
+            message,
+            body: body.map(|b| channel_gateway::api::convert::json_to_value(&b)),
+            status: 0,
+        })),
+    })
+    .await
+    .unwrap();
+}
+
+async fn responded(s: &mut Stream) -> pb::ReceiveResponded {
+    match tokio::time::timeout(Duration::from_secs(10), s.rx.next()).await {
+        Ok(Some(Ok(pb::ReceiveResponse {
+            kind: Some(pb::receive_response::Kind::Responded(r)),
+        }))) => r,
+        other => panic!("expected responded, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slash_command_is_answered_with_the_bots_message_when_it_comes_in_time() {
+    let h = start().await;
+    let mut s = h.receive(Default::default()).await;
+    let post = {
+        let h = &h;
+        async move { h.slack_command("trig-1", "status%20please").await }
+    };
+    let bot = async {
+        let e = s.next().await;
+        assert_eq!(text(&e), "status please");
+        let by = e
+            .reply_by
+            .clone()
+            .expect("the channel waits: reply_by is set");
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        let left = by.seconds * 1000 + i64::from(by.nanos / 1_000_000) - now_ms;
+        assert!(
+            (0..=3000).contains(&left),
+            "reply_by within Slack's 3 s: {left} ms"
+        );
+        let mut answer = reply(&e, "All *green*");
+        answer.source_event.insert(
+            "slack".into(),
+            channel_gateway::api::convert::json_to_struct(&json!({"response_type": "in_channel"})),
+        );
+        respond(&s, &e, Some(answer), None).await;
+        let r = responded(&mut s).await;
+        assert!(r.in_time, "{r:?}");
+        s.ack(&e).await;
+    };
+    let ((status, body, _), ()) = tokio::join!(post, bot);
+    assert_eq!(status, 200);
+    let v: Value = serde_json::from_str(&body).expect("a JSON answer");
+    assert_eq!(v["response_type"], "in_channel");
+    // Rendered as any Slack message is: markdown's emphasis in mrkdwn.
+    assert_eq!(v["text"], "All _green_");
+    assert!(v.get("channel").is_none(), "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_or_unfit_answer_leaves_the_neutral_answer_and_the_bot_is_told() {
+    let h = start().await;
+    // No bot: the channel gets the neutral answer within its 3 s.
+    let (status, body, took) = h.slack_command("trig-2", "anyone").await;
+    assert_eq!((status, body.as_str()), (200, ""));
+    assert!(
+        took < Duration::from_millis(2900),
+        "answered within Slack's deadline: {took:?}"
+    );
+    // The bot comes later: its answer is late, and it is told.
+    let mut s = h.receive(Default::default()).await;
+    let e = s.next().await;
+    respond(&s, &e, Some(reply(&e, "too late")), None).await;
+    let r = responded(&mut s).await;
+    assert!(!r.in_time && r.error.contains("late"), "{r:?}");
+    s.ack(&e).await;
+    // An answer that does not fit (Slack takes a JSON object as a body): the bot is told why.
+    let post = h.slack_command("trig-3", "x");
+    let bot = async {
+        let e = s.next().await;
+        respond(&s, &e, None, Some(json!(["not", "an", "object"]))).await;
+        let r = responded(&mut s).await;
+        assert!(!r.in_time && r.error.contains("respond.body"), "{r:?}");
+        s.ack(&e).await;
+    };
+    let ((status, body, _), ()) = tokio::join!(post, bot);
+    assert_eq!((status, body.as_str()), (200, ""), "the neutral answer");
+}

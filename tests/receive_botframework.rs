@@ -304,3 +304,71 @@ async fn every_bad_token_is_refused_and_nothing_is_stored() {
         .expect("the valid one");
     assert_eq!(e.message.unwrap().text, "naïve — forged ☕");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invoke_is_answered_with_the_bots_status_and_body() {
+    let issuer = issuer().await;
+    let h = start_with(|c| {
+        c.channels.botframework.openid_metadata_url = format!("{issuer}/openid");
+    })
+    .await;
+    let su = h.fake.service_url();
+    let (tx, mut rx) = subscribe(&h).await;
+    let mut invoke: Value =
+        serde_json::from_slice(&activity("inv-1", "msteams", &su, "a:conv-2", "")).unwrap();
+    invoke["type"] = json!("invoke");
+    invoke["name"] = json!("adaptiveCard/action");
+    invoke["value"] = json!({"action": {"type": "Action.Execute", "verb": "approve"}});
+    let jwt = token(&claims(&su), KEY_A);
+    let post = {
+        let h = &h;
+        let body = serde_json::to_vec(&invoke).unwrap();
+        async move {
+            reqwest::Client::new()
+                .post(format!(
+                    "http://{}/api/messages",
+                    h.gateway.inbound_addr.unwrap()
+                ))
+                .header("authorization", format!("Bearer {jwt}"))
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let bot = async {
+        let e = next_event(&mut rx, Duration::from_secs(10))
+            .await
+            .expect("the invoke");
+        assert_eq!(
+            e.message.as_ref().unwrap().r#type,
+            pb::MessageType::Invoke as i32
+        );
+        assert!(e.reply_by.is_some(), "the Connector waits for the answer");
+        tx.send(pb::ReceiveRequest {
+            kind: Some(pb::receive_request::Kind::Respond(pb::ReceiveRespond {
+                event_id: e.event_id.clone(),
+                message: None,
+                body: Some(channel_gateway::api::convert::json_to_value(&json!({
+                    "statusCode": 200,
+                    "type": "application/vnd.microsoft.activity.message",
+                    "value": "Approved"
+                }))),
+                status: 200,
+            })),
+        })
+        .await
+        .unwrap();
+        match tokio::time::timeout(Duration::from_secs(10), rx.message()).await {
+            Ok(Ok(Some(pb::ReceiveResponse {
+                kind: Some(pb::receive_response::Kind::Responded(r)),
+            }))) => assert!(r.in_time, "{r:?}"),
+            other => panic!("{other:?}"),
+        }
+    };
+    let (answer, ()) = tokio::join!(post, bot);
+    assert_eq!(answer.status().as_u16(), 200);
+    let v: Value = answer.json().await.unwrap();
+    assert_eq!(v["value"], "Approved");
+}

@@ -40,12 +40,53 @@ fn event_pb(d: Delivered) -> pb::ReceiveResponse {
             attempt: d.attempt,
             redelivered: d.redelivered,
             message: Some(convert::message_pb(&d.message)),
-            received_at: Some(prost_types::Timestamp {
-                seconds: (d.received_at_ms / 1000) as i64,
-                nanos: ((d.received_at_ms % 1000) * 1_000_000) as i32,
-            }),
+            received_at: Some(timestamp_ms(d.received_at_ms)),
+            reply_by: d.reply_by_ms.map(timestamp_ms),
         })),
     }
+}
+
+fn timestamp_ms(ms: u64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: (ms / 1000) as i64,
+        nanos: ((ms % 1000) * 1_000_000) as i32,
+    }
+}
+
+fn responded(event_id: String, outcome: Result<(), String>) -> pb::ReceiveResponse {
+    let (in_time, error) = match outcome {
+        Ok(()) => (true, String::new()),
+        Err(e) => (false, e),
+    };
+    pb::ReceiveResponse {
+        kind: Some(pb::receive_response::Kind::Responded(
+            pb::ReceiveResponded {
+                event_id,
+                in_time,
+                error,
+            },
+        )),
+    }
+}
+
+/// The bot's answer in the model, or what is wrong with it.
+fn reply(r: pb::ReceiveRespond) -> Result<crate::channels::channel::Reply, String> {
+    let mut v = convert::Violations::default();
+    let message = r
+        .message
+        .map(|m| convert::message(&mut v, &"respond.message", m));
+    if let Some((field, why)) = v.kept().first() {
+        return Err(crate::bounded::cap(&format!("{field}: {why}"), 500).into_owned());
+    }
+    let status = match r.status {
+        0 => None,
+        s => Some(u16::try_from(s).map_err(|_| "respond.status: an HTTP status".to_string())?),
+    };
+    Ok(crate::channels::channel::Reply {
+        message,
+        body: r.body.map(convert::value_to_json),
+        status,
+    })
 }
 
 fn ids(field: &str, list: &[String]) -> Result<Vec<u64>, Status> {
@@ -174,6 +215,31 @@ pub async fn receive(
                             .map(|ids| ids.into_iter().for_each(|id| { receiver.ack(id); })),
                         Some(pb::receive_request::Kind::Nack(n)) => ids("nack.event_ids", &n.event_ids)
                             .map(|ids| ids.into_iter().for_each(|id| { receiver.nack(id); })),
+                        Some(pb::receive_request::Kind::Respond(r)) => {
+                            let event_id = r.event_id.clone();
+                            match ids("respond.event_id", std::slice::from_ref(&r.event_id)) {
+                                Err(s) => Err(s),
+                                Ok(id) => {
+                                    let answer = reply(r).and_then(|reply| {
+                                        receiver.respond(id[0], reply).map_err(String::from)
+                                    });
+                                    let out = out.clone();
+                                    // Whether it was written is known once the webhook call
+                                    // answers; the stream goes on meanwhile.
+                                    tokio::spawn(async move {
+                                        let outcome = match answer {
+                                            Err(e) => Err(e),
+                                            Ok(used) => match tokio::time::timeout(Duration::from_secs(10), used).await {
+                                                Ok(Ok(r)) => r,
+                                                _ => Err("late: the channel was given the neutral answer".into()),
+                                            },
+                                        };
+                                        let _ = out.send(Ok(responded(event_id, outcome))).await;
+                                    });
+                                    Ok(())
+                                }
+                            }
+                        }
                         Some(pb::receive_request::Kind::Subscribe(_)) => Err(status::invalid_field(
                             "subscribe",
                             "a stream subscribes once; open another stream for another subscription",

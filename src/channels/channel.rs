@@ -169,6 +169,28 @@ pub struct Parsed {
     /// An answer the channel expects instead of an empty 200 (Slack's `url_verification`
     /// challenge, Messenger's `hub.challenge`).
     pub answer: Option<WebhookAnswer>,
+    /// The channel shows the bot's answer to this call (a Slack slash command, a Bot Framework
+    /// `invoke`) if it comes within the window; past it, the neutral answer goes.
+    pub reply: Option<ReplyWindow>,
+}
+
+/// How long a channel waits for the answer to a call, and which kind of answer it takes (the
+/// channel's own name for it, given back to [`Inbound::answer`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplyWindow {
+    pub kind: &'static str,
+    /// From when the call arrived; shorter than the channel's own deadline, so the answer is
+    /// written before the channel gives up.
+    pub within: std::time::Duration,
+}
+
+/// A bot's answer to a call the channel waits on: a message (rendered the way the channel
+/// shows a synchronous answer), or the raw JSON body (and status) the channel takes.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Reply {
+    pub message: Option<Message>,
+    pub body: Option<serde_json::Value>,
+    pub status: Option<u16>,
 }
 
 /// A body to answer a webhook call with.
@@ -194,4 +216,11 @@ pub trait Inbound: Send + Sync {
     /// The events of a verified call (a batch gives several, in the channel's order); the bot's
     /// own messages and echoes are left out.
     fn parse(&self, req: &WebhookRequest<'_>) -> Result<Parsed, WebhookError>;
+
+    /// The HTTP answer for a bot's `reply` to a call whose [`Parsed::reply`] named `kind`; an
+    /// error (told to the bot, capped, never a secret) when the reply does not fit the kind.
+    fn answer(&self, kind: &str, reply: &Reply) -> Result<WebhookAnswer, String> {
+        let _ = (kind, reply);
+        Err("this channel does not wait for an answer".into())
+    }
 }

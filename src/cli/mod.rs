@@ -689,6 +689,7 @@ fn event_json(e: pb::ReceivedEvent) -> Value {
         "attempt": e.attempt,
         "redelivered": e.redelivered,
         "received_at": time_json(&e.received_at),
+        "reply_by": time_json(&e.reply_by),
         "message": message.map_or(Value::Null, |m| serde_json::to_value(m).unwrap_or(Value::Null)),
     })
 }
@@ -734,7 +735,8 @@ pub async fn listen(args: ListenArgs) -> Result<(), CliError> {
                     }
                 }
             }
-            None => {}
+            // `listen` answers nothing, so it is never told of an answer.
+            Some(pb::receive_response::Kind::Responded(_)) | None => {}
         }
     }
     Ok(())

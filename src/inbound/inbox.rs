@@ -21,9 +21,11 @@ use std::time::{Duration, Instant};
 use futures::future::BoxFuture;
 use tokio::sync::mpsc;
 
+use super::listener::Answering;
 use super::listener::{Sink, SinkError};
-use super::store::{Committed, DEFAULT_GROUP, InboxStore, NewEvent, StoredEvent};
+use super::store::{Committed, DEFAULT_GROUP, InboxStore, NewEvent, ReplySlot, StoredEvent};
 use crate::channels::channel::InboundEvent;
+use crate::channels::channel::Reply;
 use crate::metrics::Metrics;
 use crate::model::Message;
 
@@ -75,6 +77,8 @@ pub struct Delivered {
     pub channel: String,
     pub received_at_ms: u64,
     pub message: Arc<Message>,
+    /// The channel waits for the bot's answer (`Receiver::respond`) until then (Unix ms).
+    pub reply_by_ms: Option<u64>,
 }
 
 /// What a stream asks for. Empty lists match everything the caller may see.
@@ -127,6 +131,8 @@ struct Entry {
     bytes: usize,
     /// Groups that have not acked it.
     holders: u32,
+    /// Where the bot's answer goes while the channel waits for it.
+    reply: Option<ReplySlot>,
 }
 
 #[derive(Default)]
@@ -412,6 +418,38 @@ impl Receiver {
         r
     }
 
+    /// Hands the bot's answer to the channel call waiting on `event_id` (out to this stream);
+    /// resolves with whether it was written into the channel's answer. An error when the
+    /// channel does not wait (any more) for this event.
+    pub fn respond(
+        &self,
+        event_id: u64,
+        reply: Reply,
+    ) -> Result<tokio::sync::oneshot::Receiver<Result<(), String>>, &'static str> {
+        let slot = {
+            let mut st = self.shared.lock();
+            if !st
+                .streams
+                .get(&self.id)
+                .is_some_and(|s| s.in_flight.contains_key(&event_id))
+            {
+                return Err("the event is not out to this stream (acked, redelivered, or unknown)");
+            }
+            st.events
+                .get_mut(&event_id)
+                .and_then(|e| e.reply.take())
+                .ok_or("the channel does not wait for an answer to this event, or it has one")?
+        };
+        if crate::outbox::now_ms() > slot.by_ms {
+            return Err("late: the channel was given the neutral answer");
+        }
+        let (used, rx) = tokio::sync::oneshot::channel();
+        slot.tx
+            .send(Answering { reply, used })
+            .map_err(|_| "late: the channel was given the neutral answer")?;
+        Ok(rx)
+    }
+
     /// Gives an event back at once: it (and any later event of its conversation out to this
     /// stream) is delivered again, in order.
     pub fn nack(&self, event_id: u64) -> Settled {
@@ -578,6 +616,7 @@ impl State {
                 message: e.message,
                 bytes: e.bytes,
                 holders: e.groups.len() as u32,
+                reply: e.reply,
             },
         );
     }
@@ -687,6 +726,11 @@ impl State {
                 channel: entry.channel.clone(),
                 received_at_ms: entry.received_at_ms,
                 message: entry.message.clone(),
+                reply_by_ms: entry
+                    .reply
+                    .as_ref()
+                    .filter(|r| !r.tx.is_closed())
+                    .map(|r| r.by_ms),
             });
             if !conv.pending.is_empty() && conv.in_flight.len() < settings.per_conversation {
                 conv.queued = true;
@@ -845,64 +889,93 @@ impl State {
 /// How long a channel is asked to wait when the inbox is full.
 const FULL_RETRY_AFTER: Duration = Duration::from_secs(5);
 
+impl Inbox {
+    /// Stores events (the first one with `reply`, when given); how many were new.
+    async fn store_events(
+        &self,
+        channel: &str,
+        events: Vec<InboundEvent>,
+        mut reply: Option<ReplySlot>,
+    ) -> Result<usize, SinkError> {
+        let received_at_ms = crate::outbox::now_ms();
+        let mut new = Vec::with_capacity(events.len());
+        for e in events {
+            let body = serde_json::to_vec(&e.message)
+                .map_err(|err| SinkError::Failed(format!("cannot encode an event: {err}")))?;
+            let a = &e.message.address;
+            let conversation = format!(
+                "{}/{}/{}",
+                a.channel_id,
+                a.bot_id(),
+                a.conversation_id().unwrap_or("")
+            );
+            new.push(NewEvent {
+                channel: channel.to_string(),
+                bot_id: a.bot_id().to_string(),
+                conversation: Arc::from(conversation),
+                dedupe_key: e.dedupe_key,
+                received_at_ms,
+                message: Arc::new(e.message),
+                body,
+                reply: reply.take(),
+            });
+        }
+        let n = new.len();
+        let bytes: usize = new.iter().map(|e| e.body.len()).sum();
+        {
+            let mut st = self.shared.lock();
+            if !st.has_room(&self.shared.settings, n, bytes) {
+                return Err(SinkError::Full {
+                    retry_after: FULL_RETRY_AFTER,
+                });
+            }
+            st.reserved += n;
+            st.reserved_bytes += bytes;
+        }
+        let result = self.shared.store().append(new).await;
+        {
+            let mut st = self.shared.lock();
+            st.reserved = st.reserved.saturating_sub(n);
+            st.reserved_bytes = st.reserved_bytes.saturating_sub(bytes);
+        }
+        match result {
+            Ok(stored) => {
+                self.shared.metrics.inbound_events(
+                    channel,
+                    "duplicate",
+                    (n - stored.min(n)) as u64,
+                );
+                Ok(stored)
+            }
+            Err(e) => Err(SinkError::Failed(e.to_string())),
+        }
+    }
+}
+
 impl Sink for Inbox {
     fn append<'a>(
         &'a self,
         channel: &'a str,
         events: Vec<InboundEvent>,
     ) -> BoxFuture<'a, Result<(), SinkError>> {
+        Box::pin(async move { self.store_events(channel, events, None).await.map(|_| ()) })
+    }
+
+    fn append_awaiting<'a>(
+        &'a self,
+        channel: &'a str,
+        event: InboundEvent,
+        reply_by_ms: u64,
+    ) -> BoxFuture<'a, Result<Option<tokio::sync::oneshot::Receiver<Answering>>, SinkError>> {
         Box::pin(async move {
-            let received_at_ms = crate::outbox::now_ms();
-            let mut new = Vec::with_capacity(events.len());
-            for e in events {
-                let body = serde_json::to_vec(&e.message)
-                    .map_err(|err| SinkError::Failed(format!("cannot encode an event: {err}")))?;
-                let a = &e.message.address;
-                let conversation = format!(
-                    "{}/{}/{}",
-                    a.channel_id,
-                    a.bot_id(),
-                    a.conversation_id().unwrap_or("")
-                );
-                new.push(NewEvent {
-                    channel: channel.to_string(),
-                    bot_id: a.bot_id().to_string(),
-                    conversation: Arc::from(conversation),
-                    dedupe_key: e.dedupe_key,
-                    received_at_ms,
-                    message: Arc::new(e.message),
-                    body,
-                });
-            }
-            let n = new.len();
-            let bytes: usize = new.iter().map(|e| e.body.len()).sum();
-            {
-                let mut st = self.shared.lock();
-                if !st.has_room(&self.shared.settings, n, bytes) {
-                    return Err(SinkError::Full {
-                        retry_after: FULL_RETRY_AFTER,
-                    });
-                }
-                st.reserved += n;
-                st.reserved_bytes += bytes;
-            }
-            let result = self.shared.store().append(new).await;
-            {
-                let mut st = self.shared.lock();
-                st.reserved = st.reserved.saturating_sub(n);
-                st.reserved_bytes = st.reserved_bytes.saturating_sub(bytes);
-            }
-            match result {
-                Ok(stored) => {
-                    self.shared.metrics.inbound_events(
-                        channel,
-                        "duplicate",
-                        (n - stored.min(n)) as u64,
-                    );
-                    Ok(())
-                }
-                Err(e) => Err(SinkError::Failed(e.to_string())),
-            }
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let slot = ReplySlot {
+                tx,
+                by_ms: reply_by_ms,
+            };
+            let stored = self.store_events(channel, vec![event], Some(slot)).await?;
+            // A retry of a stored event: its first call is the one a bot answers.
+            Ok((stored == 1).then_some(rx))
         })
     }
 }

@@ -17,7 +17,8 @@ use futures::future::BoxFuture;
 use http_body_util::BodyExt;
 
 use crate::channels::Channels;
-use crate::channels::channel::{Channel, InboundEvent, WebhookError, WebhookRequest};
+use crate::channels::channel::{Channel, InboundEvent, Reply, WebhookError, WebhookRequest};
+use tokio::sync::oneshot;
 
 /// Where verified events go: the inbox. `Ok` means durable: the listener answers 2xx after it,
 /// and a channel retry of the same events must be recognised there (by `dedupe_key`).
@@ -27,6 +28,27 @@ pub trait Sink: Send + Sync + 'static {
         channel: &'a str,
         events: Vec<InboundEvent>,
     ) -> BoxFuture<'a, Result<(), SinkError>>;
+
+    /// Stores one event the channel waits on (a slash command, an invoke) and returns where
+    /// the bot's answer will come, until `reply_by_ms`. `None`: nobody can answer (a retry of a
+    /// stored event, or a sink that streams to no bot); the channel gets the neutral answer.
+    fn append_awaiting<'a>(
+        &'a self,
+        channel: &'a str,
+        event: InboundEvent,
+        reply_by_ms: u64,
+    ) -> BoxFuture<'a, Result<Option<oneshot::Receiver<Answering>>, SinkError>> {
+        let _ = reply_by_ms;
+        Box::pin(async move { self.append(channel, vec![event]).await.map(|()| None) })
+    }
+}
+
+/// A bot's answer to an event the channel waits on, on its way to the HTTP answer; `used` says
+/// whether it was written (or why not).
+#[derive(Debug)]
+pub struct Answering {
+    pub reply: Reply,
+    pub used: oneshot::Sender<Result<(), String>>,
 }
 
 /// Why the sink did not take events: the channel is told to retry.
@@ -183,6 +205,7 @@ pub async fn serve(
 }
 
 async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response {
+    let arrived = tokio::time::Instant::now();
     let (parts, body) = req.into_parts();
     let Some((ch, inbound)) = shared
         .router
@@ -235,30 +258,66 @@ async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response {
             return StatusCode::BAD_REQUEST.into_response();
         }
     };
-    if !parsed.events.is_empty() {
+    let mut answer = parsed.answer;
+    if let (Some(window), 1) = (parsed.reply, parsed.events.len()) {
+        // The channel shows the bot's answer if it comes in time: wait for it (never past the
+        // window), else give the neutral answer.
+        let by = arrived.checked_add(window.within).unwrap_or(arrived);
+        let by_ms = crate::outbox::now_ms().saturating_add(
+            by.saturating_duration_since(tokio::time::Instant::now())
+                .as_millis() as u64,
+        );
+        let Some(event) = parsed.events.into_iter().next() else {
+            return StatusCode::OK.into_response();
+        };
+        let waiting = match shared.sink.append_awaiting(channel, event, by_ms).await {
+            Ok(w) => w,
+            Err(e) => return not_stored(channel, e),
+        };
+        if let Some(rx) = waiting
+            && let Ok(Ok(a)) = tokio::time::timeout_at(by, rx).await
+        {
+            match inbound.answer(window.kind, &a.reply) {
+                Ok(rendered) => {
+                    let _ = a.used.send(Ok(()));
+                    answer = Some(rendered);
+                }
+                Err(e) => {
+                    let _ = a.used.send(Err(crate::bounded::cap(&e, 300).into_owned()));
+                }
+            }
+        }
+    } else if !parsed.events.is_empty() {
         let count = parsed.events.len();
         match shared.sink.append(channel, parsed.events).await {
             Ok(()) => tracing::debug!(channel = %channel, count, "inbound events stored"),
-            Err(SinkError::Full { retry_after }) => {
-                let mut r = StatusCode::SERVICE_UNAVAILABLE.into_response();
-                let secs = retry_after.as_secs().max(1).to_string();
-                if let Ok(v) = HeaderValue::from_str(&secs) {
-                    r.headers_mut().insert(header::RETRY_AFTER, v);
-                }
-                return r;
-            }
-            Err(SinkError::Failed(e)) => {
-                tracing::error!(channel = %channel, error = %crate::bounded::for_log(&e), "inbound events not stored");
-                return StatusCode::INTERNAL_SERVER_ERROR.into_response();
-            }
+            Err(e) => return not_stored(channel, e),
         }
     }
-    match parsed.answer {
+    match answer {
         Some(a) => Response::builder()
             .status(StatusCode::from_u16(a.status).unwrap_or(StatusCode::OK))
             .header(header::CONTENT_TYPE, a.content_type)
             .body(Body::from(Bytes::from(a.body)))
             .unwrap_or_else(|_| StatusCode::OK.into_response()),
         None => StatusCode::OK.into_response(),
+    }
+}
+
+/// The answer when the sink did not take the events: the channel retries.
+fn not_stored(channel: &str, e: SinkError) -> Response {
+    match e {
+        SinkError::Full { retry_after } => {
+            let mut r = StatusCode::SERVICE_UNAVAILABLE.into_response();
+            let secs = retry_after.as_secs().max(1).to_string();
+            if let Ok(v) = HeaderValue::from_str(&secs) {
+                r.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+            r
+        }
+        SinkError::Failed(e) => {
+            tracing::error!(channel = %channel, error = %crate::bounded::for_log(&e), "inbound events not stored");
+            StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }
     }
 }

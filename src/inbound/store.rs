@@ -20,8 +20,16 @@ use tokio::sync::oneshot;
 
 use crate::model::Message;
 
+/// Where the answer to an event the channel waits on goes, and until when (Unix ms). Kept in
+/// memory only: after a restart the channel has long had its neutral answer.
+#[derive(Debug)]
+pub struct ReplySlot {
+    pub tx: tokio::sync::oneshot::Sender<super::listener::Answering>,
+    pub by_ms: u64,
+}
+
 /// One event to store: what the sink was given, with its conversation key.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct NewEvent {
     pub channel: String,
     pub bot_id: String,
@@ -33,10 +41,11 @@ pub struct NewEvent {
     pub message: Arc<Message>,
     /// The message as stored (JSON), so it is encoded once.
     pub body: Vec<u8>,
+    pub reply: Option<ReplySlot>,
 }
 
 /// An event as kept: new ones from a commit, or every pending one at open.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct StoredEvent {
     pub id: u64,
     pub channel: String,
@@ -48,6 +57,7 @@ pub struct StoredEvent {
     pub bytes: usize,
     /// The groups that have not acked it, with the attempts recorded for each.
     pub groups: Vec<(Arc<str>, u32)>,
+    pub reply: Option<ReplySlot>,
 }
 
 /// What the writer tells the inbox after a commit, in commit order.
@@ -312,6 +322,7 @@ fn load_events(conn: &Connection) -> Result<Vec<StoredEvent>, InboxStoreError> {
             message: Arc::new(message),
             bytes: body.len(),
             groups: vec![(Arc::from(grp), attempts)],
+            reply: None,
         });
     }
     Ok(out)
@@ -398,6 +409,7 @@ impl Writer {
                                 message: e.message,
                                 bytes: e.body.len(),
                                 groups: self.groups.iter().map(|g| (g.clone(), 0)).collect(),
+                                reply: e.reply,
                             });
                         }
                         answers.push((done, fresh.len()));

@@ -24,7 +24,9 @@ use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
 use super::config::BotFrameworkConfig;
-use crate::channels::channel::{Inbound, InboundEvent, Parsed, WebhookError, WebhookRequest};
+use crate::channels::channel::{
+    Inbound, InboundEvent, Parsed, Reply, ReplyWindow, WebhookAnswer, WebhookError, WebhookRequest,
+};
 use crate::channels::http::{Http, parse_uri};
 use crate::model::{
     Address, Attachment, AttachmentContent, Conversation, Identity, Message, MessageType,
@@ -466,7 +468,35 @@ impl Inbound for BotFrameworkInbound {
     fn parse(&self, req: &WebhookRequest<'_>) -> Result<Parsed, WebhookError> {
         parse_activity(self, req)
     }
+
+    /// An `invoke`'s answer is the HTTP response itself: `status` (default 200) and the JSON
+    /// `body` the invoking client reads (an adaptive card refresh, a task module, ...).
+    fn answer(&self, kind: &str, reply: &Reply) -> Result<WebhookAnswer, String> {
+        if kind != REPLY_INVOKE || reply.message.is_some() {
+            return Err(
+                "respond.message: an invoke's answer is a status and a body; post a message with Send"
+                    .into(),
+            );
+        }
+        let status = reply.status.unwrap_or(200);
+        if !(200..600).contains(&status) {
+            return Err("respond.status: an HTTP status from 200 to 599".into());
+        }
+        Ok(WebhookAnswer {
+            status,
+            content_type: "application/json",
+            body: reply
+                .body
+                .as_ref()
+                .map(|b| b.to_string().into_bytes())
+                .unwrap_or_default(),
+        })
+    }
 }
+
+/// Teams gives a bot 5 s to answer an invoke; the answer is written before that.
+const REPLY_INVOKE: &str = "invoke";
+const REPLY_INVOKE_WITHIN: Duration = Duration::from_millis(4500);
 
 // ---------------------------------------------------------------------------------------------
 // Parse
@@ -705,12 +735,17 @@ fn parse_activity(
     let dedupe_key = dedupe_key(channel_id, &msg, activity_id.as_deref(), req.body);
     // Keyed by the channel id, as every channel's received events are (the trait's rule).
     msg.source_event.insert(channel_id.to_string(), activity);
+    let reply = (kind == MessageType::Invoke).then_some(ReplyWindow {
+        kind: REPLY_INVOKE,
+        within: REPLY_INVOKE_WITHIN,
+    });
     Ok(Parsed {
         events: vec![InboundEvent {
             dedupe_key,
             message: msg,
         }],
         answer: None,
+        reply,
     })
 }
 

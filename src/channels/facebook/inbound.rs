@@ -170,11 +170,13 @@ impl Inbound for Facebook {
                     content_type: "text/plain",
                     body: challenge.into_bytes(),
                 }),
+                reply: None,
             });
         }
         Ok(Parsed {
             events: parse_body(req.body, |page| self.client.has_credentials(page))?,
             answer: None,
+            reply: None,
         })
     }
 }

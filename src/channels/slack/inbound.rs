@@ -11,7 +11,9 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use super::config::SlackConfig;
-use crate::channels::channel::{Inbound, Parsed, WebhookError, WebhookRequest};
+use crate::channels::channel::{
+    Inbound, Parsed, Reply, WebhookAnswer, WebhookError, WebhookRequest,
+};
 use crate::settings::Secret;
 
 pub const PATH_EVENTS: &str = "/webhooks/slack/events";
@@ -159,7 +161,69 @@ impl Inbound for SlackInbound {
     fn parse(&self, req: &WebhookRequest<'_>) -> Result<Parsed, WebhookError> {
         parse::parse(&self.config, req)
     }
+
+    /// A slash command's answer is a message Slack shows in the channel (`response_type`
+    /// `in_channel`, from `source_event.slack.response_type`) or to the user only (the default,
+    /// `ephemeral`), or a JSON body as is; an interaction takes a JSON body only (a modal's
+    /// `response_action`): a message to post goes through Send.
+    fn answer(&self, kind: &str, reply: &Reply) -> Result<WebhookAnswer, String> {
+        let json = |v: &serde_json::Value| WebhookAnswer {
+            status: 200,
+            content_type: "application/json",
+            body: v.to_string().into_bytes(),
+        };
+        if let Some(body) = &reply.body {
+            if !body.is_object() {
+                return Err("respond.body: Slack takes a JSON object".into());
+            }
+            return Ok(json(body));
+        }
+        let Some(message) = &reply.message else {
+            return Err("respond: give a message or a body".into());
+        };
+        if kind != REPLY_COMMAND {
+            return Err(
+                "respond.message: a Slack interaction's answer is a body (response_action);                  post a message with Send"
+                    .into(),
+            );
+        }
+        let mut message = message.clone();
+        let response_type = message
+            .source_event
+            .get_mut(super::render::CHANNEL_ID)
+            .and_then(|e| e.as_object_mut())
+            .and_then(|o| o.remove("response_type"))
+            .and_then(|v| v.as_str().map(String::from))
+            .unwrap_or_else(|| "ephemeral".into());
+        if !matches!(response_type.as_str(), "ephemeral" | "in_channel") {
+            return Err(
+                "respond.message.source_event.slack.response_type: `ephemeral` or `in_channel`"
+                    .into(),
+            );
+        }
+        let rendered = super::render::render_send(&message, None, &self.config)
+            .map_err(|e| crate::bounded::cap(&format!("respond.message: {e}"), 300).into_owned())?;
+        let [request] = rendered.requests.as_slice() else {
+            return Err(
+                "respond.message: it needs more than one Slack message; answer with one".into(),
+            );
+        };
+        let mut body: serde_json::Value = serde_json::from_slice(request.body.as_bytes())
+            .map_err(|_| "respond.message: not renderable".to_string())?;
+        if let Some(o) = body.as_object_mut() {
+            for k in ["channel", "thread_ts", "unfurl_links", "unfurl_media"] {
+                o.remove(k);
+            }
+            o.insert("response_type".into(), response_type.into());
+        }
+        Ok(json(&body))
+    }
 }
+
+/// The kinds of answer Slack waits for, and how long: Slack gives up after 3 s.
+const REPLY_COMMAND: &str = "command";
+const REPLY_INTERACTION: &str = "interaction";
+const REPLY_WITHIN: std::time::Duration = std::time::Duration::from_millis(2500);
 
 /// The events of a Socket Mode envelope's `payload`, by the envelope's `type` (`events_api`,
 /// `interactive`, `slash_commands`): the same normalization as the webhook bodies. `None`: a
@@ -186,7 +250,7 @@ mod parse {
     use serde_json::{Map, Value, json};
 
     use super::*;
-    use crate::channels::channel::{InboundEvent, WebhookAnswer};
+    use crate::channels::channel::{InboundEvent, ReplyWindow};
     use crate::model::{Address, Attachment, Conversation, Identity, Message, MessageType};
 
     /// Events made from one call: a `block_actions` payload lists its actions (one per click in
@@ -390,6 +454,7 @@ mod parse {
                         content_type: "application/json",
                         body: json!({ "challenge": challenge }).to_string().into_bytes(),
                     }),
+                    reply: None,
                 })
             }
             Some("event_callback") => {
@@ -397,6 +462,7 @@ mod parse {
                 Ok(Parsed {
                     events,
                     answer: None,
+                    reply: None,
                 })
             }
             // `app_rate_limited` and envelopes to come: acknowledged, nothing to deliver.
@@ -680,6 +746,10 @@ mod parse {
         Ok(Parsed {
             events,
             answer: None,
+            reply: Some(ReplyWindow {
+                kind: REPLY_INTERACTION,
+                within: REPLY_WITHIN,
+            }),
         })
     }
 
@@ -871,6 +941,10 @@ mod parse {
                 message,
             }],
             answer: None,
+            reply: Some(ReplyWindow {
+                kind: REPLY_COMMAND,
+                within: REPLY_WITHIN,
+            }),
         })
     }
 }

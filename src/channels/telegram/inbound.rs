@@ -110,6 +110,7 @@ impl Inbound for TelegramInbound {
         Ok(Parsed {
             events: update_events(bot, hook.self_id, &update)?,
             answer: None,
+            reply: None,
         })
     }
 }
