@@ -793,10 +793,7 @@ async fn a_slash_command_is_answered_with_the_bots_message_when_it_comes_in_time
     let bot = async {
         let e = s.next().await;
         assert_eq!(text(&e), "status please");
-        let by = e
-            .reply_by
-            .clone()
-            .expect("the channel waits: reply_by is set");
+        let by = e.reply_by.expect("the channel waits: reply_by is set");
         let now_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap()
