@@ -938,3 +938,26 @@ async fn a_gateway_with_a_polling_bot_streams_its_updates_to_receive() {
         "the stream ended with the gateway"
     );
 }
+
+#[tokio::test]
+async fn telegram_a_polled_button_press_is_answered_once_stored() {
+    let (fake, base) = FakeTelegram::start().await;
+    fake.push(json!({"update_id": 50, "callback_query": {"id": "cbq-50", "from": {"id": 5, "first_name": "A"},
+        "message": {"message_id": 9, "chat": {"id": 5, "type": "private"}, "date": 1733000000, "text": "Pick"},
+        "chat_instance": "1", "data": "yes"}}));
+    let sink = Arc::new(TestSink::default());
+    let task = poll(&telegram_config(&base), sink.clone());
+    until("the press is answered", || {
+        fake.calls.lock().unwrap().iter().any(|(path, body)| {
+            path == &format!("/bot{TOKEN}/answerCallbackQuery")
+                && body["callback_query_id"] == "cbq-50"
+        })
+    })
+    .await;
+    assert_eq!(
+        sink.got.lock().unwrap().len(),
+        1,
+        "stored before it was answered"
+    );
+    task.abort();
+}

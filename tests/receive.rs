@@ -851,3 +851,51 @@ async fn a_late_or_unfit_answer_leaves_the_neutral_answer_and_the_bot_is_told() 
     let ((status, body, _), ()) = tokio::join!(post, bot);
     assert_eq!((status, body.as_str()), (200, ""), "the neutral answer");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pressed_telegram_button_is_stored_then_answered_so_it_stops_spinning() {
+    let h = start().await;
+    let mut s = h.receive(Default::default()).await;
+    let update = json!({
+        "update_id": 4001,
+        "callback_query": {
+            "id": "4382bfdwdsb323b2d9",
+            "from": {"id": 4242, "is_bot": false, "first_name": "Ada"},
+            "message": {"message_id": 77, "chat": {"id": 4242, "type": "private"}, "date": 1_700_000_000, "text": "Pick one"},
+            "chat_instance": "-1234",
+            "data": "yes"
+        }
+    });
+    let r = h
+        .http
+        .post(h.url(&format!("/webhooks/telegram/{}", telegram_support::BOT)))
+        .header("x-telegram-bot-api-secret-token", TELEGRAM_SECRET)
+        .header("content-type", "application/json")
+        .body(serde_json::to_vec(&update).unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let answer: Value = r
+        .json()
+        .await
+        .expect("a method call as the webhook's answer");
+    assert_eq!(
+        answer,
+        json!({"method": "answerCallbackQuery", "callback_query_id": "4382bfdwdsb323b2d9"})
+    );
+    let e = s.next().await;
+    let native = &e.message.as_ref().unwrap().source_event["telegram"];
+    assert!(format!("{native:?}").contains("4382bfdwdsb323b2d9"));
+    // Not stored (a wrong secret): no answer either.
+    let r = h
+        .http
+        .post(h.url(&format!("/webhooks/telegram/{}", telegram_support::BOT)))
+        .header("x-telegram-bot-api-secret-token", "guess")
+        .body(serde_json::to_vec(&update).unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    assert_eq!(r.text().await.unwrap(), "");
+}

@@ -16,7 +16,9 @@ use time::OffsetDateTime;
 
 use super::CHANNEL_ID;
 use super::config::{Receive, TelegramConfig};
-use crate::channels::channel::{Inbound, InboundEvent, Parsed, WebhookError, WebhookRequest};
+use crate::channels::channel::{
+    Inbound, InboundEvent, Parsed, WebhookAnswer, WebhookError, WebhookRequest,
+};
 use crate::model::{
     Address, Attachment, AttachmentContent, Conversation, Identity, Message, MessageType,
 };
@@ -107,12 +109,33 @@ impl Inbound for TelegramInbound {
             .ok_or(WebhookError::Unverified("no webhook for this bot"))?;
         let update: Value = serde_json::from_slice(req.body)
             .map_err(|e| WebhookError::Unreadable(format!("not JSON: {e}")))?;
+        let events = update_events(bot, hook.self_id, &update)?;
+        // A pressed button spins until the query is answered. Telegram takes a method call as
+        // the webhook's answer, so the query is answered with no call of our own, and only once
+        // the update is stored (the listener writes the answer after the inbox took it).
+        let answer = callback_query_id(&update).map(|id| WebhookAnswer {
+            status: 200,
+            content_type: "application/json",
+            body: serde_json::json!({"method": "answerCallbackQuery", "callback_query_id": id})
+                .to_string()
+                .into_bytes(),
+        });
         Ok(Parsed {
-            events: update_events(bot, hook.self_id, &update)?,
-            answer: None,
+            events,
+            answer,
             reply: None,
         })
     }
+}
+
+/// The id of the callback query an update carries (a pressed inline button), when it has a
+/// usable one.
+pub fn callback_query_id(update: &Value) -> Option<&str> {
+    update
+        .get("callback_query")?
+        .get("id")?
+        .as_str()
+        .filter(|id| !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_graphic()))
 }
 
 /// The bot's own user id: the numeric prefix of its token (`123456:ABC...`), to leave out what

@@ -67,6 +67,8 @@ pub struct Poller {
     client: TelegramClient,
     /// `{api_base_url}/bot<token>/getUpdates`: the token is put in by the client only.
     url: String,
+    /// `…/answerCallbackQuery`, the same way.
+    answer_url: String,
     bot_id: String,
     self_id: Option<i64>,
     timing: Timing,
@@ -86,6 +88,7 @@ impl Poller {
         Ok(Self {
             client: TelegramClient::new(config.clone(), timeout)?,
             url: super::method_url(config, "getUpdates"),
+            answer_url: super::method_url(config, "answerCallbackQuery"),
             bot_id: bot.bot_id.clone(),
             self_id: self_id(&bot.token),
             timing,
@@ -198,6 +201,10 @@ impl Poller {
         match sink.append(CHANNEL_ID, events).await {
             Ok(()) => {
                 tracing::debug!(bot_id = %crate::bounded::for_log(&self.bot_id), count, "telegram: polled updates stored");
+                // Stored: stop the pressed buttons spinning (a webhook does it in its answer).
+                for id in updates.iter().filter_map(super::inbound::callback_query_id) {
+                    self.answer_callback_query(id).await;
+                }
                 Next::Poll(next)
             }
             // Not confirmed: the same updates come again after the wait.
@@ -209,6 +216,24 @@ impl Poller {
                 tracing::error!(bot_id = %crate::bounded::for_log(&self.bot_id), error = %crate::bounded::for_log(&e), "telegram: polled updates not stored; polling again later");
                 Next::Wait(self.timing.backoff_first)
             }
+        }
+    }
+
+    /// Answers a callback query with no text. A failure is only logged: the button stops
+    /// spinning on its own after a while, and the event is stored either way.
+    async fn answer_callback_query(&self, id: &str) {
+        let Ok(body) = Body::json(&json!({ "callback_query_id": id })) else {
+            return;
+        };
+        let req = NativeRequest {
+            method: HttpMethod::Post,
+            url: self.answer_url.clone(),
+            body,
+            credential: self.bot_id.clone(),
+            rate: Default::default(),
+        };
+        if let Err(e) = self.client.call(&req).await {
+            tracing::debug!(bot_id = %crate::bounded::for_log(&self.bot_id), error = %crate::bounded::for_log(&e.message), "telegram: answerCallbackQuery failed");
         }
     }
 
