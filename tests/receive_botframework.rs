@@ -372,3 +372,53 @@ async fn an_invoke_is_answered_with_the_bots_status_and_body() {
     let v: Value = answer.json().await.unwrap();
     assert_eq!(v["value"], "Approved");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_url_the_connector_vouched_for_may_receive_the_bots_replies() {
+    let issuer = issuer().await;
+    let h = start_with(|c| {
+        c.channels.botframework.openid_metadata_url = format!("{issuer}/openid");
+        // Only Microsoft's hosts: the fake's 127.0.0.1 is not on the allow-list.
+        c.channels.botframework.allowed_service_hosts =
+            channel_gateway::config::BotFrameworkConfig::default().allowed_service_hosts;
+    })
+    .await;
+    let su = h.fake.service_url();
+    let send = |text: &str| {
+        let mut client = h.client.clone();
+        let message = pb::Message {
+            address: Some(Box::new(h.address("a:trusted"))),
+            text: text.into(),
+            ..Default::default()
+        };
+        async move {
+            client
+                .send(pb::SendRequest {
+                    message: Some(message),
+                    wait: pb::WaitMode::Delivered as i32,
+                    ..Default::default()
+                })
+                .await
+        }
+    };
+    let refused = send("before").await.expect_err("not on the allow-list");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    // A verified call from that service URL vouches for it, for this bot.
+    let (_tx, mut rx) = subscribe(&h).await;
+    let jwt = token(&claims(&su), KEY_A);
+    assert_eq!(
+        post(
+            &h,
+            Some(&jwt),
+            activity("act-t", "msteams", &su, "a:trusted", "hi")
+        )
+        .await,
+        200
+    );
+    next_event(&mut rx, Duration::from_secs(10))
+        .await
+        .expect("the activity");
+    let sent = send("after").await.expect("trusted now").into_inner();
+    assert_eq!(sent.state, pb::DeliveryState::Delivered as i32);
+    assert_eq!(h.fake.for_conversation("a:trusted").len(), 1);
+}

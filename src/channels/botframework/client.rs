@@ -163,6 +163,8 @@ pub struct BotFrameworkClient {
     /// path checked every message's by parsing it (~2% of the instructions per message).
     /// Bounded: emptied when full. Only allowed URLs are kept, so a refusal is always fresh.
     allowed_seen: std::sync::Mutex<std::collections::HashSet<String, foldhash::fast::RandomState>>,
+    /// Service URLs a verified incoming call vouched for, per bot (the receiving side fills it).
+    trusted: Arc<super::inbound::TrustedServiceUrls>,
 }
 
 /// How many allowed service URLs a client remembers before it starts over.
@@ -183,7 +185,20 @@ impl BotFrameworkClient {
             tokens,
             token_fetches: Default::default(),
             allowed_seen: Default::default(),
+            trusted: Default::default(),
         })
+    }
+
+    /// Also sends a bot's token to service URLs a verified incoming call for that bot came from.
+    pub fn with_trusted(mut self, trusted: Arc<super::inbound::TrustedServiceUrls>) -> Self {
+        self.trusted = trusted;
+        self
+    }
+
+    /// `refusal`, except that a service URL a verified call for `app_id` came from is allowed.
+    pub fn refusal_for(&self, app_id: &str, service_url: &str) -> Option<String> {
+        let refusal = self.refusal(service_url)?;
+        (!self.trusted.contains(app_id, service_url)).then_some(refusal)
     }
 
     /// Why a service URL may not receive a token, or `None` when it may (see
@@ -341,12 +356,26 @@ impl BotFrameworkClient {
     }
 
     async fn call(&self, req: &NativeRequest) -> Result<Value, ChannelError> {
-        let url = allowed_url(&self.config.allowed_service_hosts, &req.url).map_err(|reason| {
-            ChannelError {
+        let url = allowed_url(&self.config.allowed_service_hosts, &req.url)
+            .or_else(|reason| {
+                // Under a service URL the Connector vouched for in a verified call: still
+                // https only (http for loopback), as the allow-list would demand.
+                let host = req
+                    .url
+                    .parse::<http::Uri>()
+                    .ok()
+                    .and_then(|u| u.host().map(|h| format!("{h}:*")));
+                match host {
+                    Some(pattern) if self.trusted.covers(&req.credential, &req.url) => {
+                        allowed_url(&[pattern], &req.url)
+                    }
+                    _ => Err(reason),
+                }
+            })
+            .map_err(|reason| ChannelError {
                 code: Some("service_url_not_allowed".into()),
                 ..ChannelError::new(CHANNEL, FailureKind::Permanent, reason)
-            }
-        })?;
+            })?;
         let mut token = self.token(&req.credential, None).await?;
         let mut retried_401 = false;
         loop {

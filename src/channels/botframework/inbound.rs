@@ -4,8 +4,8 @@
 //!
 //! Owns the signing-key cache (OpenID metadata → JWKS, refreshed daily and on an unknown key id
 //! at most once per five minutes) and the set of service URLs a verified call came from. It
-//! must not send anything to the connector nor touch the send side's allow-list: the client
-//! may ask `service_url_verified` (see there).
+//! must not send anything to the connector: the client reads the verified service URLs
+//! (`TrustedServiceUrls`) to send a bot's replies where the Connector said it lives.
 //!
 //! What the token proves: it was issued by the Bot Connector for one of our bots, for this
 //! channel id (the key's endorsements) and this service URL (its `serviceurl` claim). It does
@@ -321,8 +321,43 @@ pub struct BotFrameworkInbound {
     channel_keys: KeySource,
     /// Present when `allow_emulator_tokens` is set.
     emulator_keys: Option<KeySource>,
-    /// (app id, service URL) pairs a verified call came from.
-    verified: std::sync::Mutex<HashSet<(String, String)>>,
+    /// (app id, service URL) pairs a verified call came from, shared with the client.
+    verified: Arc<TrustedServiceUrls>,
+}
+
+/// Service URLs a verified call for a bot came from: the client may send that bot's token
+/// there even when no `allowed_service_hosts` pattern matches (as the SDKs'
+/// `AppCredentials.TrustServiceUrl` does). The token's `serviceurl` claim vouches for them.
+/// Bounded: forgotten when full.
+#[derive(Debug, Default)]
+pub struct TrustedServiceUrls(std::sync::Mutex<HashSet<(String, String)>>);
+
+impl TrustedServiceUrls {
+    fn set(&self) -> std::sync::MutexGuard<'_, HashSet<(String, String)>> {
+        // Only whole entries are added or the set cleared: a poisoned lock holds a valid set.
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn contains(&self, app_id: &str, service_url: &str) -> bool {
+        self.set()
+            .contains(&(app_id.to_string(), service_url.to_string()))
+    }
+
+    /// Whether `url` (a request the client is about to make) is under a service URL trusted
+    /// for `app_id`.
+    pub fn covers(&self, app_id: &str, url: &str) -> bool {
+        self.set()
+            .iter()
+            .any(|(a, su)| a == app_id && !su.is_empty() && url.starts_with(su.as_str()))
+    }
+
+    fn insert(&self, app_id: &str, service_url: &str) {
+        let mut set = self.set();
+        if set.len() >= VERIFIED_URLS_MAX {
+            set.clear();
+        }
+        set.insert((app_id.to_string(), service_url.to_string()));
+    }
 }
 
 impl BotFrameworkInbound {
@@ -340,26 +375,18 @@ impl BotFrameworkInbound {
     }
 
     /// Whether a verified call for bot `app_id` came from `service_url` (exactly as the
-    /// activity named it). The send side's allow-list could accept such a URL for that bot's
-    /// token even when no `allowed_service_hosts` pattern matches it, as the SDKs'
-    /// `AppCredentials.TrustServiceUrl` does; it does not yet (the default patterns cover the
-    /// public and government clouds). Bounded: forgotten when full.
+    /// activity named it).
     pub fn service_url_verified(&self, app_id: &str, service_url: &str) -> bool {
-        self.verified_set()
-            .contains(&(app_id.to_string(), service_url.to_string()))
+        self.verified.contains(app_id, service_url)
     }
 
-    fn verified_set(&self) -> std::sync::MutexGuard<'_, HashSet<(String, String)>> {
-        // Only whole entries are added or the set cleared: a poisoned lock holds a valid set.
-        self.verified.lock().unwrap_or_else(|p| p.into_inner())
+    /// The set the client reads to trust verified service URLs.
+    pub fn trusted(&self) -> Arc<TrustedServiceUrls> {
+        self.verified.clone()
     }
 
     fn remember(&self, app_id: &str, service_url: &str) {
-        let mut set = self.verified_set();
-        if set.len() >= VERIFIED_URLS_MAX {
-            set.clear();
-        }
-        set.insert((app_id.to_string(), service_url.to_string()));
+        self.verified.insert(app_id, service_url);
     }
 
     #[cfg(test)]

@@ -37,9 +37,11 @@ pub struct BotFramework {
 
 impl BotFramework {
     pub fn new(config: &BotFrameworkConfig, request_timeout: Duration) -> Result<Self, String> {
+        let inbound = inbound::BotFrameworkInbound::new(config, request_timeout)?;
         Ok(Self {
-            client: BotFrameworkClient::new(config.clone(), request_timeout)?,
-            inbound: inbound::BotFrameworkInbound::new(config, request_timeout)?,
+            client: BotFrameworkClient::new(config.clone(), request_timeout)?
+                .with_trusted(inbound.trusted()),
+            inbound,
             receives: !config.credentials().is_empty(),
             config: config.clone(),
         })
@@ -107,7 +109,7 @@ impl Channel for BotFramework {
                 reason: "required for Bot Framework channels".into(),
             });
         }
-        match self.client.refusal(service_url) {
+        match self.client.refusal_for(addr.bot_id(), service_url) {
             Some(reason) => Err(RouteError::PermissionDenied {
                 field: format!("{field}.service_url"),
                 reason,
