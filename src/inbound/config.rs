@@ -45,6 +45,9 @@ pub struct InboundConfig {
     pub max_streams: usize,
     /// The largest `max_in_flight` a Receive stream may ask for.
     pub max_in_flight: usize,
+    /// A consumer group other than `default` with no stream for this long is removed.
+    #[serde(deserialize_with = "de_duration")]
+    pub group_idle: Duration,
 }
 
 impl Default for InboundConfig {
@@ -65,6 +68,7 @@ impl Default for InboundConfig {
             max_mib: inbox.max_bytes >> 20,
             max_streams: inbox.max_streams,
             max_in_flight: inbox.max_in_flight,
+            group_idle: inbox.group_idle,
         }
     }
 }
@@ -92,6 +96,7 @@ impl InboundConfig {
             max_bytes: self.max_mib.saturating_mul(1 << 20),
             max_streams: self.max_streams,
             max_in_flight: self.max_in_flight,
+            group_idle: self.group_idle,
         }
     }
 
@@ -129,6 +134,11 @@ impl InboundConfig {
             (
                 "inbound.dedupe_window",
                 self.dedupe_window,
+                Duration::from_secs(1),
+            ),
+            (
+                "inbound.group_idle",
+                self.group_idle,
                 Duration::from_secs(1),
             ),
         ] {

@@ -48,6 +48,10 @@ pub struct InboxSettings {
     pub max_streams: usize,
     /// The largest `max_in_flight` a stream may ask for.
     pub max_in_flight: usize,
+    /// A consumer group (other than `default`) with no stream for this long is removed, and
+    /// the events kept for it released: a group used once (`listen --group`) must not hold
+    /// every later event, and fill the inbox, until the retention.
+    pub group_idle: Duration,
 }
 
 impl Default for InboxSettings {
@@ -61,6 +65,7 @@ impl Default for InboxSettings {
             max_bytes: 256 << 20,
             max_streams: 256,
             max_in_flight: 1000,
+            group_idle: Duration::from_secs(3600),
         }
     }
 }
@@ -145,8 +150,9 @@ struct Conv {
     queued: bool,
 }
 
-#[derive(Default)]
 struct Group {
+    /// Since when it has had no stream (meaningful while `streams` is empty).
+    idle_since: Instant,
     convs: HashMap<Arc<str>, Conv>,
     /// Conversations with a next event that may go out now.
     ready: VecDeque<Arc<str>>,
@@ -159,6 +165,21 @@ struct Group {
     rr: usize,
     /// Attempts so far per event of this group (from the store after a restart).
     attempts: HashMap<u64, u32>,
+}
+
+impl Default for Group {
+    fn default() -> Self {
+        Self {
+            idle_since: Instant::now(),
+            convs: HashMap::new(),
+            ready: VecDeque::new(),
+            starved: Vec::new(),
+            unmatched: Vec::new(),
+            streams: Vec::new(),
+            rr: 0,
+            attempts: HashMap::new(),
+        }
+    }
 }
 
 struct StreamState {
@@ -563,6 +584,7 @@ impl Shared {
             let cutoff =
                 crate::outbox::now_ms().saturating_sub(self.settings.retention.as_millis() as u64);
             st.expire(cutoff, self);
+            st.remove_idle_groups(now, self);
             self.metrics.inbound_pending.set(st.events.len() as i64);
         }
         self.flush_attempts();
@@ -582,6 +604,9 @@ impl State {
         convs.dedup();
         if let Some(g) = self.groups.get_mut(&group) {
             g.streams.retain(|x| *x != id);
+            if g.streams.is_empty() {
+                g.idle_since = Instant::now();
+            }
         }
         for c in convs {
             let n = self.requeue(&group, &c);
@@ -869,6 +894,36 @@ impl State {
                 shared.metrics.inbound_events(&e.channel, "expired", 1);
             }
             self.release(&g, id, shared);
+        }
+    }
+
+    /// Removes groups other than `default` that have had no stream for `group_idle`,
+    /// releasing what was kept for them.
+    fn remove_idle_groups(&mut self, now: Instant, shared: &Shared) {
+        let idle: Vec<Arc<str>> = self
+            .groups
+            .iter()
+            .filter(|(name, g)| {
+                &***name != DEFAULT_GROUP
+                    && g.streams.is_empty()
+                    && now.saturating_duration_since(g.idle_since) >= shared.settings.group_idle
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in idle {
+            let Some(g) = self.groups.remove(&name) else {
+                continue;
+            };
+            let ids: Vec<u64> = g
+                .convs
+                .into_values()
+                .flat_map(|c| c.pending.into_iter().chain(c.in_flight))
+                .collect();
+            tracing::info!(group = %crate::bounded::for_log(&name), released = ids.len(), "consumer group idle; removed");
+            for id in ids {
+                self.release(&name, id, shared);
+            }
+            shared.store().remove_group(name);
         }
     }
 
@@ -1334,6 +1389,49 @@ mod tests {
             .await
             .expect("subscribe");
         nothing(&mut r, 50).await;
+    }
+
+    #[tokio::test]
+    async fn an_idle_group_is_removed_and_holds_nothing_back() {
+        let inbox = open(
+            None,
+            InboxSettings {
+                group_idle: Duration::from_millis(100),
+                ..settings()
+            },
+        );
+        let watch = inbox
+            .subscribe(
+                Subscription {
+                    group: "watch".into(),
+                    ..Default::default()
+                },
+                None,
+            )
+            .await
+            .expect("watch");
+        drop(watch);
+        inbox
+            .append("slack", vec![event("B", "c1", "1", "kept for both")])
+            .await
+            .expect("stored");
+        let mut r = inbox
+            .subscribe(Subscription::default(), None)
+            .await
+            .expect("default");
+        let d = next(&mut r).await;
+        r.ack(d.event_id);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(inbox.pending(), 1, "still kept for the watch group");
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(inbox.pending(), 0, "released with the idle group");
+        inbox
+            .append("slack", vec![event("B", "c1", "2", "default only")])
+            .await
+            .expect("stored");
+        let d = next(&mut r).await;
+        r.ack(d.event_id);
+        assert_eq!(inbox.pending(), 0, "no copy kept for the removed group");
     }
 
     #[tokio::test]

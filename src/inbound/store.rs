@@ -116,6 +116,10 @@ enum Op {
     ForgetKeys {
         before_ms: u64,
     },
+    /// A consumer group is gone: no event is kept for it any more.
+    RemoveGroup {
+        name: Arc<str>,
+    },
     Shutdown,
 }
 
@@ -266,6 +270,11 @@ impl InboxStore {
         if !ids.is_empty() {
             let _ = self.tx.send(Op::Expire { ids });
         }
+    }
+
+    /// Removes a group (its events were released one by one already).
+    pub fn remove_group(&self, name: Arc<str>) {
+        let _ = self.tx.send(Op::RemoveGroup { name });
     }
 
     pub fn forget_keys(&self, before_ms: u64) {
@@ -459,6 +468,18 @@ impl Writer {
                     Op::ForgetKeys { before_ms } => {
                         tx.prepare_cached("DELETE FROM inbox_dedupe WHERE seen_at_ms < ?1")?
                             .execute(params![before_ms.min(i64::MAX as u64) as i64])?;
+                    }
+                    Op::RemoveGroup { name } => {
+                        tx.prepare_cached("DELETE FROM inbox_groups WHERE name = ?1")?
+                            .execute(params![&*name])?;
+                        tx.prepare_cached("DELETE FROM inbox_deliveries WHERE grp = ?1")?
+                            .execute(params![&*name])?;
+                        tx.prepare_cached(
+                            "DELETE FROM inbox_events WHERE NOT EXISTS \
+                             (SELECT 1 FROM inbox_deliveries d WHERE d.event_id = inbox_events.id)",
+                        )?
+                        .execute([])?;
+                        self.groups.retain(|g| *g != name);
                     }
                     Op::Shutdown => {}
                 }
