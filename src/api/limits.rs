@@ -57,7 +57,10 @@ impl RequestLimits {
     fn for_path(&self, path: &str) -> Option<(usize, &'static str)> {
         let method = path.strip_prefix("/channelgateway.v1.ChannelGateway/")?;
         Some(match method {
-            "Send" | "SendTyping" | "Render" => (self.one_message, "server.max_message_bytes"),
+            // Receive: each message on the stream, the largest a respond carrying a message.
+            "Send" | "SendTyping" | "Render" | "Receive" => {
+                (self.one_message, "server.max_message_bytes")
+            }
             "SendBatch" | "SendProactive" => (
                 self.batch,
                 "server.max_message_bytes × server.max_batch_len",
@@ -275,6 +278,11 @@ mod tests {
         );
         assert!(l.for_path(&path("SendBatch")).unwrap().0 > l.for_path(&path("Send")).unwrap().0);
         assert_eq!(l.for_path(&path("GetDelivery")).unwrap().0, ENVELOPE_BYTES);
+        // A respond on the Receive stream may carry a message as large as a Send's.
+        assert_eq!(
+            l.for_path(&path("Receive")).unwrap().0,
+            l.for_path(&path("Send")).unwrap().0
+        );
         assert!(l.for_path("/grpc.health.v1.Health/Check").is_none());
     }
 }
