@@ -118,6 +118,22 @@ impl FetchError {
         }
     }
 
+    /// A channel API call made on the way to a file (Telegram's `getFile`, a Bot Framework
+    /// token) that failed, by what the channel's client made of it.
+    pub fn from_channel(e: super::ChannelError) -> Self {
+        use super::{ErrorCategory, FailureKind};
+        let text = e.message;
+        match (e.code.as_deref(), e.category, e.kind) {
+            (Some("no_credentials"), _, _) => Self::NoCredentials(text),
+            (_, Some(ErrorCategory::NotFound), _) => Self::NotFound(text),
+            (_, Some(ErrorCategory::Unauthorized | ErrorCategory::Refused), _) => {
+                Self::Refused(text)
+            }
+            (_, _, FailureKind::Permanent) => Self::Refused(text),
+            _ => Self::Unavailable(text),
+        }
+    }
+
     fn transport(channel: &str, e: &TransportError) -> Self {
         Self::Unavailable(format!(
             "{} error fetching the file from {channel}: {e}",
