@@ -332,6 +332,10 @@ pub async fn download(
     size_hint: Option<u64>,
 ) -> Result<Fetched, FetchError> {
     let started = Instant::now();
+    // A size the channel announced before is checked before any request.
+    if size_hint.is_some_and(|n| n > limit) {
+        return Err(FetchError::TooLarge { limit });
+    }
     let uri =
         super::http::parse_uri(url.as_str()).map_err(|e| FetchError::transport(channel, &e))?;
     let answer = http
