@@ -1276,6 +1276,46 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_opened_answer_is_read_piece_by_piece_and_a_stalled_body_times_out() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let head = read_request(&mut s, &mut Vec::new()).await.unwrap();
+            s.write_all(
+                b"HTTP/1.1 200 OK\r\ncontent-type: image/png\r\ncontent-length: 10\r\n\r\nabc",
+            )
+            .await
+            .unwrap();
+            // The rest never comes: the socket stays open past the client's timeout.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            drop(s);
+            head
+        });
+        let http = Http::new(Duration::from_millis(300)).unwrap();
+        let mut answer = http
+            .open(
+                parse_uri(&format!("http://{addr}/f/x.png")).unwrap(),
+                Some("tok"),
+            )
+            .await
+            .unwrap();
+        assert_eq!(answer.status, 200);
+        assert_eq!(answer.declared_len(), Some(10));
+        assert_eq!(answer.headers()["content-type"], "image/png");
+        assert_eq!(
+            answer.chunk().await.unwrap().unwrap(),
+            Bytes::from_static(b"abc")
+        );
+        let e = answer.chunk().await.unwrap().unwrap_err();
+        assert!(matches!(e, TransportError::Timeout(_)), "{e:?}");
+        drop(answer);
+        let head = server.await.unwrap();
+        assert!(head.starts_with("GET /f/x.png HTTP/1.1\r\n"), "{head}");
+        assert!(head.contains("authorization: Bearer tok\r\n"), "{head}");
+    }
+
+    #[tokio::test]
     async fn a_url_without_a_host_is_refused_before_sending() {
         let http = Http::new(Duration::from_secs(5)).unwrap();
         let e = http
