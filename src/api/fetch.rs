@@ -25,6 +25,12 @@ pub type FetchAttachmentStream =
 /// The longest channel id or bot id taken.
 const MAX_ID_CHARS: usize = 256;
 
+/// Fetches streaming at once, in this process: each holds a connection to a channel and up to
+/// a few hundred KiB of buffers until its bot has read the file. Past it, RESOURCE_EXHAUSTED.
+pub const MAX_FETCHES: usize = 64;
+
+static FETCHES: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_FETCHES);
+
 /// The status a fetch error is answered with.
 pub fn fetch_status(e: FetchError) -> Status {
     let text = crate::bounded::cap(&e.to_string(), 500).into_owned();
@@ -84,6 +90,12 @@ pub async fn fetch_attachment(
     let bot_id = address.bot.as_ref().map_or("", |b| b.id.as_str());
     id_field("address.bot.id", bot_id)?;
     auth::authorize(&req, bot_id)?;
+    // Held until the stream ends (or the bot goes away and tonic drops it).
+    let permit = FETCHES.try_acquire().map_err(|_| {
+        Status::resource_exhausted(format!(
+            "{MAX_FETCHES} attachment fetches are streaming already: try again shortly"
+        ))
+    })?;
     let fetch_req = FetchRequest {
         channel_id: &address.channel_id,
         bot_id,
@@ -112,11 +124,14 @@ pub async fn fetch_attachment(
             size: fetched.size,
         })),
     };
-    let chunks = fetched.body.map(|piece| match piece {
-        Ok(bytes) => Ok(pb::FetchAttachmentResponse {
-            kind: Some(Kind::Chunk(bytes.to_vec())),
-        }),
-        Err(e) => Err(fetch_status(e)),
+    let chunks = fetched.body.map(move |piece| {
+        let _held = &permit;
+        match piece {
+            Ok(bytes) => Ok(pb::FetchAttachmentResponse {
+                kind: Some(Kind::Chunk(bytes.to_vec())),
+            }),
+            Err(e) => Err(fetch_status(e)),
+        }
     });
     let stream = futures::stream::once(async { Ok(header) }).chain(chunks);
     Ok(Response::new(Box::pin(stream)))
