@@ -325,8 +325,10 @@ mod parse {
     }
 
     /// Files shared with a message: name, media type, and as `content_url` the file's
-    /// `url_private_download` (else `url_private`). Those need the bot token: a bot fetches
+    /// `url_private` (else `url_private_download`). Those need the bot token: a bot fetches
     /// the bytes with FetchAttachment, which the gateway answers with the token it keeps.
+    /// `url_private` rather than the download URL: sent back, it is what Slack's `slack_file`
+    /// image source takes.
     fn files(event: &Value) -> Vec<Attachment> {
         event
             .get("files")
@@ -344,7 +346,7 @@ mod parse {
                     .and_then(Value::as_str)
                     .or_else(|| f.get("title").and_then(Value::as_str))
                     .map(|n| capped(n, MAX_ID_CHARS)),
-                content_url: ["url_private_download", "url_private"]
+                content_url: ["url_private", "url_private_download"]
                     .iter()
                     .filter_map(|k| f.get(*k).and_then(Value::as_str))
                     .find(|u| u.starts_with("https://") && u.len() <= MAX_URL_CHARS)
@@ -1332,10 +1334,10 @@ mod tests {
         assert_eq!(m.attachments[0].name.as_deref(), Some("report.pdf"));
         assert_eq!(m.attachments[1].content_type, "image/png");
         assert_eq!(m.attachments[1].name.as_deref(), Some("photo"));
-        // The download URL (else url_private): the bot fetches it with FetchAttachment.
+        // url_private (else the download URL): the bot fetches it with FetchAttachment.
         assert_eq!(
             m.attachments[0].content_url.as_deref(),
-            Some("https://files.slack.com/files-pri/T0123TEAM-F0123FILE/download/report.pdf")
+            Some("https://files.slack.com/files-pri/T0123TEAM-F0123FILE/report.pdf")
         );
         assert_eq!(
             m.attachments[1].content_url.as_deref(),
