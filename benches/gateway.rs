@@ -404,6 +404,15 @@ impl ChannelGateway for Echo {
     ) -> Result<Response<Self::ReceiveStream>, Status> {
         Err(Status::unimplemented("echo"))
     }
+    type FetchAttachmentStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<pb::FetchAttachmentResponse, Status>> + Send>,
+    >;
+    async fn fetch_attachment(
+        &self,
+        _r: Request<pb::FetchAttachmentRequest>,
+    ) -> Result<Response<Self::FetchAttachmentStream>, Status> {
+        Err(Status::unimplemented("echo"))
+    }
     async fn list_failed(
         &self,
         _r: Request<pb::ListFailedRequest>,

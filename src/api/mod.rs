@@ -13,6 +13,7 @@ pub mod pb {
 pub mod auth;
 pub mod codec;
 pub mod convert;
+pub mod fetch;
 pub mod limits;
 pub mod receive;
 pub mod service;

@@ -909,6 +909,15 @@ impl ChannelGateway for GatewayService {
         super::receive::receive(self.inbox.as_ref().map(|(i, _)| i), deadline, req).await
     }
 
+    type FetchAttachmentStream = super::fetch::FetchAttachmentStream;
+
+    async fn fetch_attachment(
+        &self,
+        req: Request<pb::FetchAttachmentRequest>,
+    ) -> Result<Response<Self::FetchAttachmentStream>, Status> {
+        super::fetch::fetch_attachment(self.dispatcher.channels(), req).await
+    }
+
     async fn redeliver(
         &self,
         req: Request<pb::RedeliverRequest>,

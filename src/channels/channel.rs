@@ -1,7 +1,7 @@
 //! The one interface a channel implements: what it serves and supports, the credential check
 //! of an address, the pure render of a send and of a proactive start, the execution of one
 //! native request, conversation creation, and (from the inbound step on) webhook verification
-//! and parsing.
+//! and parsing, and fetching the files people send.
 //!
 //! Owns the contract between the engine (`delivery`, `api`) and a channel folder. It must not
 //! name any channel: the registry in `channels/mod.rs` is the only place that lists them.
@@ -106,6 +106,24 @@ pub trait Channel: Send + Sync + 'static {
     /// Token fetches per channel id, for channels that fetch tokens (the admin metrics).
     fn token_fetches(&self) -> Vec<(crate::metrics::LabelValue, u64)> {
         Vec::new()
+    }
+
+    /// Starts fetching a file a person sent (an attachment of a received event) with this
+    /// channel's credentials for `req.bot_id`: checks that `req.content_url` is a URL the
+    /// channel serves files from (refused before any request otherwise), then streams it,
+    /// bounded by `req.max_bytes`. A credential only ever goes to the channel's own hosts, and
+    /// no error names a token-bearing URL. Default: the channel cannot fetch files.
+    fn fetch_attachment<'a>(
+        &'a self,
+        req: &'a super::fetch::FetchRequest<'a>,
+    ) -> BoxFuture<'a, Result<super::fetch::Fetched, super::fetch::FetchError>> {
+        let _ = req;
+        let name = self.name();
+        Box::pin(async move {
+            Err(super::fetch::FetchError::Unsupported(format!(
+                "the {name} channel cannot fetch attachments"
+            )))
+        })
     }
 
     /// The receiving side, for channels that receive (the inbound step).

@@ -1,6 +1,7 @@
 //! The HTTP transport the channel clients share: a pooled HTTP/1.1 client with HTTPS
 //! on the webpki roots, an `HTTPS_PROXY`/`ALL_PROXY` tunnel that honours `NO_PROXY`, one
-//! timeout for the whole call, a bound on the answer's size, and no redirects.
+//! timeout for the whole call, a bound on the answer's size, and no redirects; `open` reads
+//! one answer piece by piece instead (a file download), its bound left to the caller.
 //!
 //! It owns connections and bytes on the wire, nothing else: it knows no channel, no token and
 //! no URL rule (each client checks where its credentials may go before calling), and it never
@@ -146,6 +147,53 @@ impl Answer {
     /// to classify a refusal (Retry-After), never on a delivered message.
     pub fn headers(&self) -> HeaderMap {
         self.headers.clone()
+    }
+}
+
+/// An answer whose body is still on the wire (`Http::open`): read it with `chunk`.
+pub struct Streamed {
+    pub status: u16,
+    headers: HeaderMap,
+    body: Incoming,
+    wire: Arc<Wire>,
+    /// Keeps the connection open while the body is read; dropping the `Streamed` closes it.
+    _sender: Sender,
+    /// How long one piece of the body may take.
+    stall: Duration,
+}
+
+impl Streamed {
+    pub fn headers(&self) -> &HeaderMap {
+        &self.headers
+    }
+
+    /// The body's length as the answer declared it (`content-length`), if it did.
+    pub fn declared_len(&self) -> Option<u64> {
+        self.body.size_hint().exact()
+    }
+
+    /// The next piece of the body as hyper decoded it (trailers skipped), `None` at its end;
+    /// an error when a piece takes longer than the client's timeout or the answer breaks.
+    pub async fn chunk(&mut self) -> Option<Result<Bytes, TransportError>> {
+        loop {
+            let frame = match tokio::time::timeout(self.stall, self.body.frame()).await {
+                Err(_) => return Some(Err(TransportError::Timeout(self.stall))),
+                Ok(None) => return None,
+                Ok(Some(Err(e))) => {
+                    return Some(Err(TransportError::Transport(format!(
+                        "reading the answer: {}",
+                        chain(&e)
+                    ))));
+                }
+                Ok(Some(Ok(frame))) => frame,
+            };
+            if let Ok(data) = frame.into_data() {
+                self.wire.decoded(data.len());
+                if !data.is_empty() {
+                    return Some(Ok(data));
+                }
+            }
+        }
     }
 }
 
@@ -397,6 +445,53 @@ impl Http {
                 status: head.status.as_u16(),
                 headers: head.headers,
                 body,
+            })
+        };
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(result) => result,
+            Err(_) if !handed_over.load(Ordering::Relaxed) => Err(TransportError::Connect(
+                format!("no connection within {:?}", self.timeout),
+            )),
+            Err(_) => Err(TransportError::Timeout(self.timeout)),
+        }
+    }
+
+    /// A GET whose answer body is read piece by piece (a file download): the connection, the
+    /// request and the answer's head within the timeout, then each piece of the body within it
+    /// too (`Streamed::chunk`). No bound on the body here: the caller counts what it reads. A
+    /// redirect is an answer like any other, never followed.
+    ///
+    /// Always on a connection of its own, closed after: downloads are rare, and a connection
+    /// whose answer was not read to the end cannot carry another call.
+    pub async fn open(&self, uri: Uri, bearer: Option<&str>) -> Result<Streamed, TransportError> {
+        let request = request(Method::GET, &uri, bearer, None)?;
+        let handed_over = AtomicBool::new(false);
+        let call = async {
+            let mut conn = Box::pin(self.connect(&uri)).await?;
+            conn.sender
+                .ready()
+                .await
+                .map_err(|e| TransportError::Connect(chain(&e)))?;
+            conn.wire.start();
+            handed_over.store(true, Ordering::Relaxed);
+            let answer = conn
+                .sender
+                .send_request(request)
+                .await
+                .map_err(|e| TransportError::Transport(chain(&e)))?;
+            if answer.status() == StatusCode::SWITCHING_PROTOCOLS {
+                return Err(TransportError::Transport(
+                    "the answer switches protocols, which was not asked for".into(),
+                ));
+            }
+            let (head, body) = answer.into_parts();
+            Ok(Streamed {
+                status: head.status.as_u16(),
+                headers: head.headers,
+                body,
+                wire: conn.wire,
+                _sender: conn.sender,
+                stall: self.timeout,
             })
         };
         match tokio::time::timeout(self.timeout, call).await {
@@ -1178,6 +1273,46 @@ mod tests {
         assert_eq!(answer.status, 200);
         assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
         assert_eq!(heads.lock().unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn an_opened_answer_is_read_piece_by_piece_and_a_stalled_body_times_out() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let head = read_request(&mut s, &mut Vec::new()).await.unwrap();
+            s.write_all(
+                b"HTTP/1.1 200 OK\r\ncontent-type: image/png\r\ncontent-length: 10\r\n\r\nabc",
+            )
+            .await
+            .unwrap();
+            // The rest never comes: the socket stays open past the client's timeout.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            drop(s);
+            head
+        });
+        let http = Http::new(Duration::from_millis(300)).unwrap();
+        let mut answer = http
+            .open(
+                parse_uri(&format!("http://{addr}/f/x.png")).unwrap(),
+                Some("tok"),
+            )
+            .await
+            .unwrap();
+        assert_eq!(answer.status, 200);
+        assert_eq!(answer.declared_len(), Some(10));
+        assert_eq!(answer.headers()["content-type"], "image/png");
+        assert_eq!(
+            answer.chunk().await.unwrap().unwrap(),
+            Bytes::from_static(b"abc")
+        );
+        let e = answer.chunk().await.unwrap().unwrap_err();
+        assert!(matches!(e, TransportError::Timeout(_)), "{e:?}");
+        drop(answer);
+        let head = server.await.unwrap();
+        assert!(head.starts_with("GET /f/x.png HTTP/1.1\r\n"), "{head}");
+        assert!(head.contains("authorization: Bearer tok\r\n"), "{head}");
     }
 
     #[tokio::test]

@@ -8,6 +8,7 @@ mod body;
 pub mod botframework;
 pub mod channel;
 pub mod facebook;
+pub mod fetch;
 pub mod http;
 pub(crate) mod markup;
 pub mod shared;
@@ -256,6 +257,16 @@ impl Channels {
             .ok()?
             .known_conversation(addr)
             .filter(|id| !id.is_empty())
+    }
+
+    /// Starts fetching a file a person sent on `req.channel_id` (FetchAttachment): the
+    /// channel checks the URL and the bot's credentials, then streams the bytes.
+    pub async fn fetch_attachment(
+        &self,
+        req: &fetch::FetchRequest<'_>,
+    ) -> Result<fetch::Fetched, fetch::FetchError> {
+        let ch = self.enabled(req.channel_id)?;
+        ch.fetch_attachment(req).await
     }
 
     /// How often a kept-alive typing indicator repeats on this channel.

@@ -74,7 +74,7 @@ pub fn service_url_refusal(patterns: &[String], service_url: &str) -> Option<Str
 
 /// The URL parsed once, if it may receive a token. It is parsed as the transport's own `Uri`
 /// and that very value is sent: the allow-list decides on the host the connection goes to.
-fn allowed_url(patterns: &[String], service_url: &str) -> Result<http::Uri, String> {
+pub(super) fn allowed_url(patterns: &[String], service_url: &str) -> Result<http::Uri, String> {
     let shown = || crate::bounded::cap(service_url, 256);
     let uri: http::Uri = service_url
         .parse()
@@ -227,6 +227,11 @@ impl BotFrameworkClient {
         self.allowed_seen.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The transport, for a file download (`fetch.rs`), which reads its answer piece by piece.
+    pub(super) fn http(&self) -> &Http {
+        &self.http
+    }
+
     pub fn has_credentials(&self, bot_id: &str) -> bool {
         self.credentials.contains_key(bot_id)
     }
@@ -260,7 +265,9 @@ impl BotFrameworkClient {
         }
     }
 
-    async fn token(
+    /// `bot_id`'s Connector token (fetched or cached); `None` for a bot without credentials
+    /// under `allow_unauthenticated`. Crate-visible within the channel for `fetch.rs`.
+    pub(super) async fn token(
         &self,
         bot_id: &str,
         stale: Option<&str>,

@@ -4,6 +4,7 @@
 
 pub mod client;
 pub mod config;
+pub mod fetch;
 pub mod inbound;
 pub mod render;
 
@@ -186,6 +187,14 @@ impl Channel for BotFramework {
 
     fn token_fetches(&self) -> Vec<(crate::metrics::LabelValue, u64)> {
         self.client.token_fetches()
+    }
+
+    fn fetch_attachment<'a>(
+        &'a self,
+        req: &'a crate::channels::fetch::FetchRequest<'a>,
+    ) -> BoxFuture<'a, Result<crate::channels::fetch::Fetched, crate::channels::fetch::FetchError>>
+    {
+        Box::pin(fetch::fetch(self, req))
     }
 
     fn inbound(&self) -> Option<&dyn super::channel::Inbound> {

@@ -69,6 +69,11 @@ impl FacebookClient {
         })
     }
 
+    /// The transport, for a file download (`fetch.rs`), which reads its answer piece by piece.
+    pub(super) fn http(&self) -> &Http {
+        &self.http
+    }
+
     pub fn config(&self) -> &FacebookConfig {
         &self.config
     }

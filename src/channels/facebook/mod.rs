@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod config;
+pub mod fetch;
 pub mod inbound;
 mod money;
 pub mod render;
@@ -114,6 +115,14 @@ impl Channel for Facebook {
         options: &'a ProactiveOptions,
     ) -> BoxFuture<'a, Result<Address, ChannelError>> {
         Box::pin(async move { self.client.create_conversation(addr, options).await })
+    }
+
+    fn fetch_attachment<'a>(
+        &'a self,
+        req: &'a crate::channels::fetch::FetchRequest<'a>,
+    ) -> BoxFuture<'a, Result<crate::channels::fetch::Fetched, crate::channels::fetch::FetchError>>
+    {
+        Box::pin(fetch::fetch(self, req))
     }
 
     fn inbound(&self) -> Option<&dyn super::channel::Inbound> {

@@ -164,7 +164,14 @@ fn image_block(
         &format!("{field}.alt"),
         "text_truncated",
     );
-    let mut block = json!({"type": "image", "image_url": url, "alt_text": alt});
+    // A file shared on Slack (an event's `url_private`) is not public: Slack shows it by
+    // `slack_file`, where `image_url` would make it fail to download the image.
+    let source = if url.starts_with("https://files.slack.com/") {
+        ("slack_file", json!({ "url": url }))
+    } else {
+        ("image_url", json!(url))
+    };
+    let mut block = json!({"type": "image", source.0: source.1, "alt_text": alt});
     if let Some(t) = title.map(str::trim).filter(|s| !s.is_empty()) {
         let t = ctx.fit_plain(
             t,

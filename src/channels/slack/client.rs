@@ -310,6 +310,16 @@ impl SlackClient {
         &self.config
     }
 
+    /// The transport, for a file download (`fetch.rs`), which reads its answer piece by piece.
+    pub(super) fn http(&self) -> &Http {
+        &self.http
+    }
+
+    /// `bot_id`'s token, for `fetch.rs`, which sends it only to Slack's file hosts.
+    pub(super) fn token(&self, bot_id: &str) -> Option<&Secret> {
+        self.tokens.get(bot_id)
+    }
+
     /// Whether `bot_id` (address.bot.id) has a token configured.
     pub fn has_credentials(&self, bot_id: &str) -> bool {
         self.tokens.contains_key(bot_id)

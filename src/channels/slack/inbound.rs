@@ -264,6 +264,8 @@ mod parse {
     pub const MAX_MENTIONS: usize = 50;
     /// Longest id kept (channel, user, ts, trigger_id, file names): a longer one is not Slack's.
     pub const MAX_ID_CHARS: usize = 255;
+    /// The longest file URL kept as `content_url` (FetchAttachment takes no longer one).
+    const MAX_URL_CHARS: usize = crate::channels::fetch::MAX_URL_CHARS;
     /// Form fields read from a slash command or interactivity body (Slack sends about 15).
     const MAX_FORM_PAIRS: usize = 64;
     /// `url_verification` challenges are some 50 characters.
@@ -386,9 +388,11 @@ mod parse {
         out
     }
 
-    /// Files shared with a message: name and media type only. Their `url_private` needs the
-    /// bot token, so it is not a `content_url` a bot could fetch; it stays in `source_event`
-    /// (FetchAttachment, later, fetches it by the file's id).
+    /// Files shared with a message: name, media type, and as `content_url` the file's
+    /// `url_private` (else `url_private_download`). Those need the bot token: a bot fetches
+    /// the bytes with FetchAttachment, which the gateway answers with the token it keeps.
+    /// `url_private` rather than the download URL: sent back, it is what Slack's `slack_file`
+    /// image source takes.
     fn files(event: &Value) -> Vec<Attachment> {
         event
             .get("files")
@@ -406,6 +410,11 @@ mod parse {
                     .and_then(Value::as_str)
                     .or_else(|| f.get("title").and_then(Value::as_str))
                     .map(|n| capped(n, MAX_ID_CHARS)),
+                content_url: ["url_private", "url_private_download"]
+                    .iter()
+                    .filter_map(|k| f.get(*k).and_then(Value::as_str))
+                    .find(|u| u.starts_with("https://") && u.len() <= MAX_URL_CHARS)
+                    .map(str::to_string),
                 ..Default::default()
             })
             .collect()
@@ -1399,8 +1408,15 @@ mod tests {
         assert_eq!(m.attachments[0].name.as_deref(), Some("report.pdf"));
         assert_eq!(m.attachments[1].content_type, "image/png");
         assert_eq!(m.attachments[1].name.as_deref(), Some("photo"));
-        // url_private needs the bot token: never a URL the bot is handed to fetch.
-        assert!(m.attachments.iter().all(|a| a.content_url.is_none()));
+        // url_private (else the download URL): the bot fetches it with FetchAttachment.
+        assert_eq!(
+            m.attachments[0].content_url.as_deref(),
+            Some("https://files.slack.com/files-pri/T0123TEAM-F0123FILE/report.pdf")
+        );
+        assert_eq!(
+            m.attachments[1].content_url.as_deref(),
+            Some("https://files.slack.com/files-pri/T0123TEAM-F0456FILE/photo.png")
+        );
         let a = &m.address;
         assert_eq!(a.channel_id, "slack");
         assert_eq!(a.user_id(), "U0HUMAN");

@@ -756,6 +756,37 @@ mod tests {
     }
 
     #[test]
+    fn a_file_shared_on_slack_goes_back_as_slack_file_others_by_image_url() {
+        let mut m = msg("");
+        for url in [
+            "https://files.slack.com/files-pri/T1-F1/cat.png",
+            "https://img.example/dog.png",
+        ] {
+            m.attachments.push(crate::model::Attachment {
+                content_type: "image/png".into(),
+                content_url: Some(url.into()),
+                ..Default::default()
+            });
+        }
+        let r = render_send(&m, None, &SlackConfig::default()).unwrap();
+        let body = r.requests[0].body.value();
+        let images: Vec<&serde_json::Value> = body["blocks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|b| b["type"] == "image")
+            .collect();
+        assert_eq!(images.len(), 2, "{body}");
+        assert_eq!(
+            images[0]["slack_file"],
+            serde_json::json!({"url": "https://files.slack.com/files-pri/T1-F1/cat.png"})
+        );
+        assert!(images[0].get("image_url").is_none(), "{}", images[0]);
+        assert_eq!(images[1]["image_url"], "https://img.example/dog.png");
+        assert!(images[1].get("slack_file").is_none(), "{}", images[1]);
+    }
+
+    #[test]
     fn dropped_xml_tags_are_named_only_a_few_and_capped() {
         let tags: String = (0..2000)
             .map(|i| format!("<t{i}{}>x</t{i}{}>", "n".repeat(200), "n".repeat(200)))

@@ -380,8 +380,9 @@ fn membership(c: &Map<String, Value>, bot: &str) -> Option<Message> {
 }
 
 /// What a message carries besides text, by reference: Telegram gives a `file_id`, whose
-/// download URL holds the bot's token, so no URL is given to the bot (it fetches the bytes
-/// through the gateway, which keeps the token).
+/// download URL holds the bot's token, so no URL is given to the bot: `content_url` is the
+/// reference `telegram-file:<file_id>`, which FetchAttachment turns into the bytes (the
+/// gateway keeps the token).
 fn attachments(m: &Map<String, Value>) -> Vec<Attachment> {
     let mut out = Vec::new();
     // A photo comes in several sizes, smallest first: the largest is the picture.
@@ -411,6 +412,15 @@ fn attachments(m: &Map<String, Value>) -> Vec<Attachment> {
 fn file(f: &Value, default_type: &str) -> Attachment {
     let s = |k: &str| f.get(k).and_then(Value::as_str);
     Attachment {
+        content_url: s("file_id")
+            .filter(|id| {
+                id.len() <= 512
+                    && id
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            })
+            .filter(|id| !id.is_empty())
+            .map(super::fetch::file_url),
         content_type: s("mime_type")
             .unwrap_or(default_type)
             .chars()
@@ -692,7 +702,15 @@ mod tests {
         assert_eq!(m.attachments[0].content_type, "image/jpeg");
         assert_eq!(m.attachments[1].content_type, "application/pdf");
         assert_eq!(m.attachments[1].name.as_deref(), Some("a.pdf"));
-        assert!(m.attachments.iter().all(|a| a.content_url.is_none()));
+        // A reference FetchAttachment resolves, never a URL with the token.
+        assert_eq!(
+            m.attachments[0].content_url.as_deref(),
+            Some("telegram-file:large")
+        );
+        assert_eq!(
+            m.attachments[1].content_url.as_deref(),
+            Some("telegram-file:doc")
+        );
         assert_eq!(
             m.attachments[0].content,
             Some(AttachmentContent::Json(serde_json::json!(

@@ -8,6 +8,7 @@
 
 pub mod client;
 pub mod config;
+pub mod fetch;
 pub mod html;
 pub mod inbound;
 pub mod polling;
@@ -107,6 +108,14 @@ impl Channel for Telegram {
         options: &ProactiveOptions,
     ) -> Result<Rendered, RenderError> {
         render::render_proactive(messages, options, &self.config)
+    }
+
+    fn fetch_attachment<'a>(
+        &'a self,
+        req: &'a crate::channels::fetch::FetchRequest<'a>,
+    ) -> BoxFuture<'a, Result<crate::channels::fetch::Fetched, crate::channels::fetch::FetchError>>
+    {
+        Box::pin(fetch::fetch(self, req))
     }
 
     fn inbound(&self) -> Option<&dyn super::channel::Inbound> {

@@ -842,6 +842,12 @@ fn attachment(a: &Attachment, path: &str, ctx: &mut Ctx) -> Result<Option<Item>,
                 );
                 return Ok(None);
             };
+            // A file a person sent (`telegram-file:<file_id>`, as events carry it) goes back
+            // by its file_id, which Telegram takes where it takes a URL.
+            let url = url
+                .strip_prefix(super::fetch::FILE_SCHEME)
+                .filter(|id| !id.is_empty())
+                .unwrap_or(url);
             let (method, field) = media_method(&a.content_type);
             return Ok(Some(if method == "sendPhoto" {
                 Item::Photo(url.to_string())
@@ -1625,6 +1631,28 @@ mod tests {
         assert_eq!(b[0]["media"].as_array().unwrap().len(), 6);
         assert_eq!(b[1]["media"].as_array().unwrap().len(), 5);
         assert_eq!(b[0]["media"][0]["caption"], "caption");
+    }
+
+    #[test]
+    fn a_received_file_goes_back_by_its_file_id() {
+        let mut m = msg("");
+        m.attachments.push(Attachment {
+            content_type: "application/pdf".into(),
+            content_url: Some("telegram-file:BQACAgIAAxk".into()),
+            content: Some(crate::model::AttachmentContent::Json(
+                json!({"file_id": "BQACAgIAAxk"}),
+            )),
+            ..Default::default()
+        });
+        let r = render_send(&m, None, &TelegramConfig::default()).unwrap();
+        let b = bodies(&r);
+        assert_eq!(b.len(), 1);
+        assert!(
+            r.requests[0].url.ends_with("/sendDocument"),
+            "{}",
+            r.requests[0].url
+        );
+        assert_eq!(b[0]["document"], "BQACAgIAAxk");
     }
 
     #[test]
