@@ -43,7 +43,7 @@ const BF_CHANNEL: &str = "msteams";
 const SERVICE_URL: &str = "https://smba.trafficmanager.net/amer/";
 const CHANNEL_ISSUER: &str = "https://api.botframework.com";
 /// The test-only key the Bot Framework inbound tests sign with (tests/inbound/botframework/).
-const KEY: &[u8] = include_bytes!("../tests/inbound/botframework/TEST_ONLY_rsa_a.der");
+const KEY: &[u8] = include_bytes!("../../tests/inbound/botframework/TEST_ONLY_rsa_a.der");
 const KID: &str = "bench-key";
 /// Tokens signed for a run; each webhook connection reuses one of them.
 const TOKENS: usize = 4;
