@@ -19,6 +19,11 @@
 //!
 //! Roles: the same executable also serves as the fake channel (`--role fake`) and the echo
 //! server (`--role echo`), so each side is its own process.
+//!
+//! The inbound scenarios (gateway/inbound.rs) run after the send side: signed Slack and Bot
+//! Framework events posted to the gateway's webhook listener and acked by a bot on Receive.
+//! `--only inbound` runs them alone; their `--inbound-*` flags are described there and in
+//! bench/README.md.
 
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
