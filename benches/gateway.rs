@@ -1245,7 +1245,7 @@ async fn driver() {
     );
     // `--only inbound`: the inbound scenarios alone, without the send side's servers.
     if arg("--only").is_some_and(|o| o.contains("inbound")) {
-        let summary = inbound::scenarios(quick, &mut rows).await.summary;
+        let summary = inbound::scenarios(quick, &mut rows).await;
         finish(&rows, &summary, &load, cores, mem);
         return;
     }
@@ -1473,7 +1473,7 @@ async fn driver() {
             100.0 * slow_batch_delivered / ideal
         ),
     ];
-    summary.extend(inbound::scenarios(quick, &mut rows).await.summary);
+    summary.extend(inbound::scenarios(quick, &mut rows).await);
     finish(&rows, &summary, &load, cores, mem);
 }
 

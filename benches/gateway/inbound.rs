@@ -9,7 +9,8 @@
 //!
 //! Half of the conversations are Slack channels (events signed v0 with the signing secret), the
 //! other half Bot Framework conversations (activities with a bearer JWT the issuer's key signed:
-//! a few tokens are signed once and reused, as the Connector reuses its token). Each conversation's
+//! a few tokens are signed once and reused, as the Connector reuses its token);
+//! `--inbound-channels` makes them all one channel's. Each conversation's
 //! events are posted one after the other (the next once the previous was answered), so their
 //! order is defined and the bot checks it.
 
@@ -47,12 +48,6 @@ const KEY: &[u8] = include_bytes!("../../tests/inbound/botframework/TEST_ONLY_rs
 const KID: &str = "bench-key";
 /// Tokens signed for a run; each webhook connection reuses one of them.
 const TOKENS: usize = 4;
-
-/// What the inbound scenarios return for the headline.
-#[derive(Default)]
-pub struct Figures {
-    pub summary: Vec<String>,
-}
 
 // ---------------------------------------------------------------- the Bot Framework's issuer
 
@@ -780,7 +775,7 @@ async fn paced_run(
 }
 
 /// Every inbound scenario that `--only` selects; their rows, and the headline lines.
-pub async fn scenarios(quick: bool, rows: &mut Vec<Row>) -> Figures {
+pub async fn scenarios(quick: bool, rows: &mut Vec<Row>) -> Vec<String> {
     let shape = Shape::from_args(quick);
     let convs = shape.convs();
     let inbox = if flag("--inbound-memory") {
@@ -803,9 +798,9 @@ pub async fn scenarios(quick: bool, rows: &mut Vec<Row>) -> Figures {
         shape.rate,
         mix().describe()
     );
-    let mut figures = Figures::default();
+    let mut summary = Vec::new();
     if ![&saturated, &with_bot, &no_bot].iter().any(|n| selected(n)) {
-        return figures;
+        return summary;
     }
     let issuer = issuer().await;
     let tokens = Arc::new(tokens());
@@ -822,7 +817,7 @@ pub async fn scenarios(quick: bool, rows: &mut Vec<Row>) -> Figures {
             text
         };
         report(rows, saturated.clone(), text);
-        figures.summary.push(format!(
+        summary.push(format!(
             "inbound, {convs} ({}), signed events, webhook → {inbox} inbox → Receive → ack: {rate:.0} events/s end to end, gateway CPU {cpu:.0} µs per event (target >= 15,000 events/s)",
             mix().describe()
         ));
@@ -844,13 +839,13 @@ pub async fn scenarios(quick: bool, rows: &mut Vec<Row>) -> Figures {
         ));
     }
     if !answers.is_empty() {
-        figures.summary.push(format!(
+        summary.push(format!(
             "inbound at {:.0} events/s, the channel's answer p99: {} (target <= 20 ms)",
             shape.rate,
             answers.join(", ")
         ));
     }
-    figures
+    summary
 }
 
 /// The inbound load, for RESULTS.md.
