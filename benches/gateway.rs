@@ -19,6 +19,11 @@
 //!
 //! Roles: the same executable also serves as the fake channel (`--role fake`) and the echo
 //! server (`--role echo`), so each side is its own process.
+//!
+//! The inbound scenarios (gateway/inbound.rs) run after the send side: signed Slack and Bot
+//! Framework events posted to the gateway's webhook listener and acked by a bot on Receive.
+//! `--only inbound` runs them alone; their `--inbound-*` flags are described there and in
+//! bench/README.md.
 
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
@@ -36,6 +41,10 @@ use channel_gateway::api::pb::{
 };
 
 type Client = ChannelGatewayClient<tonic::transport::Channel>;
+
+// In a folder of its own: a file directly in benches/ would be a benchmark target itself.
+#[path = "gateway/inbound.rs"]
+mod inbound;
 
 // The same allocator as the gateway binary, so the load generator, the fake and the echo
 // baseline don't pay glibc's malloc on cores they share with the gateway.
@@ -537,6 +546,8 @@ struct GatewayOpts {
     /// `delivery.max_pending_per_conversation` and `delivery.max_wait_for_room`: a Send to a
     /// full line waits for room. `None`: a bound no run reaches, so nothing waits.
     room: Option<(usize, &'static str)>,
+    /// More of the gateway's environment, set last (so it overrides the above).
+    env: Vec<(&'static str, String)>,
 }
 
 impl GatewayOpts {
@@ -549,6 +560,7 @@ impl GatewayOpts {
             idle_timeout: "30s",
             retention: None,
             room: None,
+            env: Vec::new(),
         }
     }
 }
@@ -615,6 +627,7 @@ fn spawn_gateway(fake_port: u16, data_dir: &std::path::Path, o: &GatewayOpts) ->
             format!("127.0.0.1:{admin}"),
         )
         .env("CHANNEL_GATEWAY__INBOUND__LISTEN", "127.0.0.1:0")
+        .envs(o.env.iter().map(|(k, v)| (*k, v.as_str())))
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
@@ -1235,6 +1248,17 @@ async fn driver() {
         / 1024
         / 1024;
 
+    let load = format!(
+        "Load: {concurrency} concurrent callers (on the slow channel: one per conversation with Send, one per five with SendBatch), {conversations} conversations, {messages} messages per Send scenario (twice as many with SendBatch).\n\n{}",
+        inbound::describe(quick)
+    );
+    // `--only inbound`: the inbound scenarios alone, without the send side's servers.
+    if arg("--only").is_some_and(|o| o.contains("inbound")) {
+        let summary = inbound::scenarios(quick, &mut rows).await;
+        finish(&rows, &summary, &load, cores, mem);
+        return;
+    }
+
     // 1. The machine's baseline: a minimal tonic server answering the same Send.
     let echo = spawn_role("echo", &[]).await;
     let echo_client = connect(echo.port).await;
@@ -1425,7 +1449,7 @@ async fn driver() {
     drop(fake);
 
     let ratio = |r: &LoadResult| r.calls_per_s / e.calls_per_s;
-    let summary = vec![
+    let mut summary = vec![
         format!(
             "accept path (durable) / echo: {:.2}x (target >= 0.5x); in-memory {:.2}x (median of rounds taken in turn with the echo server)",
             held_durable.unwrap_or(0.0),
@@ -1458,12 +1482,18 @@ async fn driver() {
             100.0 * slow_batch_delivered / ideal
         ),
     ];
+    summary.extend(inbound::scenarios(quick, &mut rows).await);
+    finish(&rows, &summary, &load, cores, mem);
+}
+
+/// Prints the headline and the table; with `--write-results`, writes them to bench/RESULTS.md.
+fn finish(rows: &[Row], summary: &[String], load: &str, cores: usize, mem: u64) {
     println!();
-    for s in &summary {
+    for s in summary {
         println!("{s}");
     }
     let mut table = String::from("| scenario | result |\n|---|---|\n");
-    for r in &rows {
+    for r in rows {
         table.push_str(&format!("| {} | {} |\n", r.0, r.1));
     }
     println!("\n{table}");
@@ -1476,7 +1506,7 @@ async fn driver() {
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
             .unwrap_or_default();
         let doc = format!(
-            "# Benchmark results\n\nCommand: `cargo bench --bench gateway -- {}`\n\nMachine: {cores} cores, {mem} GiB memory. Date: {date}.\n\nLoad: {concurrency} concurrent callers (on the slow channel: one per conversation with Send, one per five with SendBatch), {conversations} conversations, {messages} messages per Send scenario (twice as many with SendBatch).\n\nThe gateway (release build) and the fake connector run as separate processes on 127.0.0.1; the load generator is this benchmark process. All three share the machine's cores. The profile, what it led to change and how to read these figures: bench/PROFILE.md.\n\n## Headline\n\n{}\n\n## All scenarios\n\n{table}",
+            "# Benchmark results\n\nCommand: `cargo bench --bench gateway -- {}`\n\nMachine: {cores} cores, {mem} GiB memory. Date: {date}.\n\n{load}\n\nThe gateway (release build) and the fake connector run as separate processes on 127.0.0.1; the load generator is this benchmark process (in the inbound scenarios also the bot and the Bot Framework's issuer). All of them share the machine's cores. The profile, what it led to change and how to read these figures: bench/PROFILE.md.\n\n## Headline\n\n{}\n\n## All scenarios\n\n{table}",
             std::env::args()
                 .skip(1)
                 .filter(|a| a != "--bench")
