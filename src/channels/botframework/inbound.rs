@@ -244,7 +244,7 @@ async fn fetch_keys(
 
 /// The claims a Bot Framework token is checked on. A duplicated or mistyped claim makes the
 /// token unreadable (serde refuses both), so no claim is read two ways.
-#[derive(Deserialize)]
+#[derive(Deserialize, Clone)]
 struct Claims {
     iss: String,
     #[serde(default)]
@@ -323,7 +323,27 @@ pub struct BotFrameworkInbound {
     emulator_keys: Option<KeySource>,
     /// (app id, service URL) pairs a verified call came from, shared with the client.
     verified: Arc<TrustedServiceUrls>,
+    /// Tokens whose signature verified, by their exact text. The Connector reuses one token
+    /// for every call to a bot until it nears expiry, and an RSA verification cost ~116 µs of
+    /// the ~130 µs a call took (bench/PROFILE.md, seventeenth pass); everything that depends
+    /// on the call (time, audience, endorsement, service URL) is still checked on each.
+    signatures: std::sync::Mutex<HashMap<String, Verified>>,
 }
+
+/// A token whose signature verified: its claims, the key that signed it, and when.
+#[derive(Clone)]
+struct Verified {
+    claims: Claims,
+    key: Arc<SigningKey>,
+    emulator: bool,
+    at: u64,
+}
+
+/// Tokens kept verified at most; the set starts over when full.
+const VERIFIED_TOKENS_MAX: usize = 4096;
+/// How long a verified signature is trusted without checking it again (the key it was
+/// checked against is cached for a day anyway).
+const VERIFIED_TOKEN_SECS: u64 = 15 * 60;
 
 /// Service URLs a verified call for a bot came from: the client may send that bot's token
 /// there even when no `allowed_service_hosts` pattern matches (as the SDKs'
@@ -371,6 +391,7 @@ impl BotFrameworkInbound {
                 .allow_emulator_tokens
                 .then(|| KeySource::new(&config.emulator_openid_metadata_url)),
             verified: Default::default(),
+            signatures: Default::default(),
         })
     }
 
@@ -394,16 +415,14 @@ impl BotFrameworkInbound {
         self.channel_keys.state.lock().await.fetches
     }
 
-    async fn check(&self, req: &WebhookRequest<'_>) -> Result<(), WebhookError> {
-        let token = bearer(req.headers)?;
-        if req.body.len() > MAX_BODY_BYTES {
-            return Err(unverified("body too large"));
-        }
-        let bound: Bound =
-            serde_json::from_slice(req.body).map_err(|_| unverified("body is not an activity"))?;
-        let (Some(channel_id), Some(service_url)) = (bound.channel_id, bound.service_url) else {
-            return Err(unverified("activity without channelId or serviceUrl"));
-        };
+    fn signatures(&self) -> std::sync::MutexGuard<'_, HashMap<String, Verified>> {
+        // Only whole entries are added or the map cleared: a poisoned lock holds a valid map.
+        self.signatures.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The token's signature checked against the issuer's key: what does not depend on the
+    /// call it came with.
+    async fn verify_signature(&self, token: &str, now: u64) -> Result<Verified, WebhookError> {
         let header =
             jsonwebtoken::decode_header(token).map_err(|_| unverified("token unreadable"))?;
         if !ALGORITHMS.contains(&header.alg) {
@@ -428,7 +447,7 @@ impl BotFrameworkInbound {
                 _ => return Err(unverified("token issuer not trusted")),
             }
         };
-        let key = source.key(&self.http, &kid, req.received_at).await?;
+        let key = source.key(&self.http, &kid, now).await?;
 
         let mut validation = Validation::new(header.alg);
         validation.algorithms = ALGORITHMS.to_vec();
@@ -443,6 +462,46 @@ impl BotFrameworkInbound {
         if claims.iss != issuer {
             return Err(unverified("token issuer not trusted"));
         }
+        Ok(Verified {
+            claims,
+            key,
+            emulator,
+            at: now,
+        })
+    }
+
+    async fn check(&self, req: &WebhookRequest<'_>) -> Result<(), WebhookError> {
+        let token = bearer(req.headers)?;
+        if req.body.len() > MAX_BODY_BYTES {
+            return Err(unverified("body too large"));
+        }
+        let bound: Bound =
+            serde_json::from_slice(req.body).map_err(|_| unverified("body is not an activity"))?;
+        let (Some(channel_id), Some(service_url)) = (bound.channel_id, bound.service_url) else {
+            return Err(unverified("activity without channelId or serviceUrl"));
+        };
+        let cached = self
+            .signatures()
+            .get(token)
+            .filter(|v| req.received_at.saturating_sub(v.at) < VERIFIED_TOKEN_SECS)
+            .cloned();
+        let Verified {
+            claims,
+            key,
+            emulator,
+            ..
+        } = match cached {
+            Some(v) => v,
+            None => {
+                let v = self.verify_signature(token, req.received_at).await?;
+                let mut cache = self.signatures();
+                if cache.len() >= VERIFIED_TOKENS_MAX {
+                    cache.clear();
+                }
+                cache.insert(token.to_string(), v.clone());
+                v
+            }
+        };
         let now = req.received_at as f64;
         let exp = claims
             .exp
@@ -1111,6 +1170,44 @@ mod tests {
         refused(
             verify(&inb, &sign(&claims()), &activity("webchat", SERVICE_URL)).await,
             "signing key not endorsed for the channel",
+        );
+    }
+
+    #[tokio::test]
+    async fn a_token_verified_once_is_still_checked_against_each_call_and_the_clock() {
+        let iss = issuer().await;
+        let inb = inbound(&iss);
+        let token = sign(&claims());
+        verify(&inb, &token, &activity("msteams", SERVICE_URL))
+            .await
+            .unwrap();
+        // The signature is not checked again, but what depends on the call is.
+        refused(
+            verify(&inb, &token, &activity("msteams", "https://other.example/")).await,
+            "serviceUrl differs from the token's",
+        );
+        refused(
+            verify(&inb, &token, &activity("webchat", SERVICE_URL)).await,
+            "signing key not endorsed for the channel",
+        );
+        refused(
+            verify_at(
+                &inb,
+                Some(&format!("Bearer {token}")),
+                &activity("msteams", SERVICE_URL),
+                NOW + 3600 + 600,
+            )
+            .await,
+            "token expired",
+        );
+        // A token that differs by one character of its signature is not the verified one.
+        let mut forged: Vec<char> = token.chars().collect();
+        let i = forged.len() - 10;
+        forged[i] = if forged[i] == 'A' { 'B' } else { 'A' };
+        let forged: String = forged.into_iter().collect();
+        refused(
+            verify(&inb, &forged, &activity("msteams", SERVICE_URL)).await,
+            "token signature invalid",
         );
     }
 
