@@ -367,7 +367,9 @@ async fn telegram_conflicts_and_flood_control_are_waited_out_and_never_show_the_
     let text = logs.text();
     assert!(text.contains("409"), "{text}");
     assert!(text.contains("deleteWebhook"), "{text}");
-    assert!(text.contains("getUpdates failed"), "{text}");
+    // Not asserted: the 502's "getUpdates failed" line. Other tests of this binary log from the
+    // same call site on threads with no capture, and tracing's per-call-site interest cache
+    // then drops it here now and then; the lines only this test causes (the 409's) are checked.
     assert!(
         text.contains("use deleteWebhook to delete the webhook first"),
         "{text}"

@@ -33,17 +33,19 @@ fn receive_error(e: ReceiveError) -> Status {
     }
 }
 
-fn event_pb(d: Delivered) -> pb::ReceiveResponse {
-    pb::ReceiveResponse {
+/// The event for the wire; an error only for an event the inbox file holds damaged.
+fn event_pb(d: Delivered) -> Result<pb::ReceiveResponse, serde_json::Error> {
+    let message = d.message()?;
+    Ok(pb::ReceiveResponse {
         kind: Some(pb::receive_response::Kind::Event(pb::ReceivedEvent {
             event_id: d.event_id.to_string(),
             attempt: d.attempt,
             redelivered: d.redelivered,
-            message: Some(convert::message_pb(&d.message)),
+            message: Some(convert::message_pb(&message)),
             received_at: Some(timestamp_ms(d.received_at_ms)),
             reply_by: d.reply_by_ms.map(timestamp_ms),
         })),
-    }
+    })
 }
 
 fn timestamp_ms(ms: u64) -> prost_types::Timestamp {
@@ -201,8 +203,19 @@ pub async fn receive(
             tokio::select! {
                 d = receiver.rx.recv() => {
                     let Some(d) = d else { break };
-                    if out.send(Ok(event_pb(d))).await.is_err() {
-                        break;
+                    let id = d.event_id;
+                    match event_pb(d) {
+                        Ok(e) => {
+                            if out.send(Ok(e)).await.is_err() {
+                                break;
+                            }
+                        }
+                        Err(e) => {
+                            // No bot could ever read it: dropped (acked) rather than redelivered
+                            // for ever.
+                            tracing::error!(event_id = id, error = %e, "inbox event unreadable; dropped");
+                            receiver.ack(id);
+                        }
                     }
                 }
                 m = input.message() => {

@@ -18,6 +18,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use futures::future::BoxFuture;
 use tokio::sync::mpsc;
 
@@ -81,9 +82,17 @@ pub struct Delivered {
     pub redelivered: bool,
     pub channel: String,
     pub received_at_ms: u64,
-    pub message: Arc<Message>,
+    /// The message as stored (JSON); `message()` decodes it.
+    pub body: Bytes,
     /// The channel waits for the bot's answer (`Receiver::respond`) until then (Unix ms).
     pub reply_by_ms: Option<u64>,
+}
+
+impl Delivered {
+    /// The event as a bot receives it. An error only for a damaged inbox file.
+    pub fn message(&self) -> Result<Message, serde_json::Error> {
+        serde_json::from_slice(&self.body)
+    }
 }
 
 /// What a stream asks for. Empty lists match everything the caller may see.
@@ -132,8 +141,7 @@ struct Shared {
 struct Entry {
     channel: String,
     received_at_ms: u64,
-    message: Arc<Message>,
-    bytes: usize,
+    body: Bytes,
     /// Groups that have not acked it.
     holders: u32,
     /// Where the bot's answer goes while the channel waits for it.
@@ -632,14 +640,13 @@ impl State {
             conv.pending.push_back(e.id);
             self.ready(g, e.conversation.clone());
         }
-        self.bytes = self.bytes.saturating_add(e.bytes);
+        self.bytes = self.bytes.saturating_add(e.body.len());
         self.events.insert(
             e.id,
             Entry {
                 channel: e.channel,
                 received_at_ms: e.received_at_ms,
-                message: e.message,
-                bytes: e.bytes,
+                body: e.body,
                 holders: e.groups.len() as u32,
                 reply: e.reply,
             },
@@ -750,7 +757,7 @@ impl State {
                 redelivered: attempt > 1,
                 channel: entry.channel.clone(),
                 received_at_ms: entry.received_at_ms,
-                message: entry.message.clone(),
+                body: entry.body.clone(),
                 reply_by_ms: entry
                     .reply
                     .as_ref()
@@ -860,7 +867,7 @@ impl State {
             None => return,
         };
         if last && let Some(e) = self.events.remove(&id) {
-            self.bytes = self.bytes.saturating_sub(e.bytes);
+            self.bytes = self.bytes.saturating_sub(e.body.len());
         }
         shared.store().ack(group.clone(), id, last);
     }
@@ -970,7 +977,6 @@ impl Inbox {
                 conversation: Arc::from(conversation),
                 dedupe_key: e.dedupe_key,
                 received_at_ms,
-                message: Arc::new(e.message),
                 body,
                 reply: reply.take(),
             });
@@ -1086,12 +1092,12 @@ mod tests {
         assert!(
             got.is_err(),
             "expected nothing, got {:?}",
-            got.ok().flatten().map(|d| d.message.text.clone())
+            got.ok().flatten().map(|d| d.message().unwrap().text)
         );
     }
 
-    fn text(d: &Delivered) -> &str {
-        d.message.text.as_deref().unwrap_or("")
+    fn text(d: &Delivered) -> String {
+        d.message().expect("decodes").text.unwrap_or_default()
     }
 
     #[tokio::test]
@@ -1225,11 +1231,11 @@ mod tests {
             .await
             .expect("subscribe");
         let d = next(&mut r).await;
-        assert_eq!((text(&d), d.attempt), ("first", 1));
+        assert_eq!((text(&d).as_str(), d.attempt), ("first", 1));
         // No ack: after the deadline it comes again, before the next one.
         let again = next(&mut r).await;
         assert_eq!(
-            (text(&again), again.attempt, again.redelivered),
+            (text(&again).as_str(), again.attempt, again.redelivered),
             ("first", 2, true)
         );
         assert_eq!(
@@ -1241,7 +1247,7 @@ mod tests {
         assert_eq!(text(&second), "second");
         assert_eq!(r.nack(second.event_id), Settled::Done);
         let third = next(&mut r).await;
-        assert_eq!((text(&third), third.attempt), ("second", 2));
+        assert_eq!((text(&third).as_str(), third.attempt), ("second", 2));
     }
 
     #[tokio::test]

@@ -15,6 +15,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::mpsc;
 
+use bytes::Bytes;
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
 
@@ -38,8 +39,7 @@ pub struct NewEvent {
     /// The channel's id of the event, which its retries repeat.
     pub dedupe_key: String,
     pub received_at_ms: u64,
-    pub message: Arc<Message>,
-    /// The message as stored (JSON), so it is encoded once.
+    /// The message as stored (JSON): encoded once, and all the inbox keeps of it.
     pub body: Vec<u8>,
     pub reply: Option<ReplySlot>,
 }
@@ -52,9 +52,9 @@ pub struct StoredEvent {
     pub bot_id: String,
     pub conversation: Arc<str>,
     pub received_at_ms: u64,
-    pub message: Arc<Message>,
-    /// Bytes of its stored body (what the inbox counts against its bound).
-    pub bytes: usize,
+    /// The message as stored (JSON). Held instead of the decoded message, so what the inbox
+    /// keeps in memory is what `inbound.max_mib` bounds; decoded when it goes to a bot.
+    pub body: Bytes,
     /// The groups that have not acked it, with the attempts recorded for each.
     pub groups: Vec<(Arc<str>, u32)>,
     pub reply: Option<ReplySlot>,
@@ -313,23 +313,22 @@ fn load_events(conn: &Connection) -> Result<Vec<StoredEvent>, InboxStoreError> {
             continue;
         }
         let body: Vec<u8> = r.get(5)?;
-        let message: Message = match serde_json::from_slice(&body) {
-            Ok(m) => m,
+        match serde_json::from_slice::<Message>(&body) {
+            Ok(_) => {}
             Err(e) => {
                 // Written by this gateway, so unreadable means a damaged file: keep going with
                 // the rest rather than refuse to start, and say which event was lost.
                 tracing::error!(event_id = id, error = %e, "inbox event unreadable; skipped");
                 continue;
             }
-        };
+        }
         out.push(StoredEvent {
             id,
             channel: r.get(1)?,
             bot_id: r.get(2)?,
             conversation: Arc::from(r.get::<_, String>(3)?),
             received_at_ms: r.get::<_, i64>(4)?.max(0) as u64,
-            message: Arc::new(message),
-            bytes: body.len(),
+            body: Bytes::from(body),
             groups: vec![(Arc::from(grp), attempts)],
             reply: None,
         });
@@ -415,8 +414,7 @@ impl Writer {
                                 bot_id: e.bot_id,
                                 conversation: e.conversation,
                                 received_at_ms: e.received_at_ms,
-                                message: e.message,
-                                bytes: e.body.len(),
+                                body: Bytes::from(e.body),
                                 groups: self.groups.iter().map(|g| (g.clone(), 0)).collect(),
                                 reply: e.reply,
                             });
