@@ -84,14 +84,19 @@ pub struct Delivered {
     pub received_at_ms: u64,
     /// The message as stored (JSON); `message()` decodes it.
     pub body: Bytes,
+    /// Already decoded, when it goes out as soon as it was stored.
+    pub decoded: Option<Arc<Message>>,
     /// The channel waits for the bot's answer (`Receiver::respond`) until then (Unix ms).
     pub reply_by_ms: Option<u64>,
 }
 
 impl Delivered {
     /// The event as a bot receives it. An error only for a damaged inbox file.
-    pub fn message(&self) -> Result<Message, serde_json::Error> {
-        serde_json::from_slice(&self.body)
+    pub fn message(&self) -> Result<Arc<Message>, serde_json::Error> {
+        match &self.decoded {
+            Some(m) => Ok(m.clone()),
+            None => serde_json::from_slice(&self.body).map(Arc::new),
+        }
     }
 }
 
@@ -142,6 +147,8 @@ struct Entry {
     channel: String,
     received_at_ms: u64,
     body: Bytes,
+    /// Set only while a commit hands new events out (`Shared::committed`).
+    decoded: Option<Arc<Message>>,
     /// Groups that have not acked it.
     holders: u32,
     /// Where the bot's answer goes while the channel waits for it.
@@ -533,6 +540,7 @@ impl Shared {
             match c {
                 Committed::Events(events) => {
                     let mut groups: Vec<Arc<str>> = Vec::new();
+                    let ids: Vec<u64> = events.iter().map(|e| e.id).collect();
                     for e in events {
                         self.metrics.inbound_events(&e.channel, "stored", 1);
                         for (g, _) in &e.groups {
@@ -544,6 +552,12 @@ impl Shared {
                     }
                     for g in groups {
                         st.pump(&g, &self.settings);
+                    }
+                    // What did not go out at once waits as its JSON alone.
+                    for id in ids {
+                        if let Some(e) = st.events.get_mut(&id) {
+                            e.decoded = None;
+                        }
                     }
                 }
                 Committed::Group(g) => {
@@ -647,6 +661,7 @@ impl State {
                 channel: e.channel,
                 received_at_ms: e.received_at_ms,
                 body: e.body,
+                decoded: e.message,
                 holders: e.groups.len() as u32,
                 reply: e.reply,
             },
@@ -758,6 +773,7 @@ impl State {
                 channel: entry.channel.clone(),
                 received_at_ms: entry.received_at_ms,
                 body: entry.body.clone(),
+                decoded: entry.decoded.clone(),
                 reply_by_ms: entry
                     .reply
                     .as_ref()
@@ -971,13 +987,15 @@ impl Inbox {
                 a.bot_id(),
                 a.conversation_id().unwrap_or("")
             );
+            let bot_id = a.bot_id().to_string();
             new.push(NewEvent {
                 channel: channel.to_string(),
-                bot_id: a.bot_id().to_string(),
+                bot_id,
                 conversation: Arc::from(conversation),
                 dedupe_key: e.dedupe_key,
                 received_at_ms,
                 body,
+                message: Arc::new(e.message),
                 reply: reply.take(),
             });
         }
@@ -1092,12 +1110,12 @@ mod tests {
         assert!(
             got.is_err(),
             "expected nothing, got {:?}",
-            got.ok().flatten().map(|d| d.message().unwrap().text)
+            got.ok().flatten().map(|d| d.message().unwrap().text.clone())
         );
     }
 
     fn text(d: &Delivered) -> String {
-        d.message().expect("decodes").text.unwrap_or_default()
+        d.message().expect("decodes").text.clone().unwrap_or_default()
     }
 
     #[tokio::test]

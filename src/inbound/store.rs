@@ -41,6 +41,8 @@ pub struct NewEvent {
     pub received_at_ms: u64,
     /// The message as stored (JSON): encoded once, and all the inbox keeps of it.
     pub body: Vec<u8>,
+    /// The message itself, for a bot that takes it as soon as it is stored.
+    pub message: Arc<Message>,
     pub reply: Option<ReplySlot>,
 }
 
@@ -55,6 +57,9 @@ pub struct StoredEvent {
     /// The message as stored (JSON). Held instead of the decoded message, so what the inbox
     /// keeps in memory is what `inbound.max_mib` bounds; decoded when it goes to a bot.
     pub body: Bytes,
+    /// The decoded message, for new events only: handed to a bot that takes it at once, then
+    /// dropped (the inbox holds the body alone).
+    pub message: Option<Arc<Message>>,
     /// The groups that have not acked it, with the attempts recorded for each.
     pub groups: Vec<(Arc<str>, u32)>,
     pub reply: Option<ReplySlot>,
@@ -329,6 +334,7 @@ fn load_events(conn: &Connection) -> Result<Vec<StoredEvent>, InboxStoreError> {
             conversation: Arc::from(r.get::<_, String>(3)?),
             received_at_ms: r.get::<_, i64>(4)?.max(0) as u64,
             body: Bytes::from(body),
+            message: None,
             groups: vec![(Arc::from(grp), attempts)],
             reply: None,
         });
@@ -415,6 +421,7 @@ impl Writer {
                                 conversation: e.conversation,
                                 received_at_ms: e.received_at_ms,
                                 body: Bytes::from(e.body),
+                                message: Some(e.message),
                                 groups: self.groups.iter().map(|g| (g.clone(), 0)).collect(),
                                 reply: e.reply,
                             });
