@@ -1129,17 +1129,24 @@ async fn rss_once(fake: &Proc, n: usize) -> (f64, String) {
     (per, text)
 }
 
-async fn active_workers(admin: u16) -> Option<u64> {
+/// One gauge of the gateway's metrics (`channel_gateway_<name>`), when it answers.
+async fn gauge(admin: u16, name: &str) -> Option<u64> {
     let text = reqwest::get(format!("http://127.0.0.1:{admin}/metrics"))
         .await
         .ok()?
         .text()
         .await
         .ok()?;
+    let prefix = format!("channel_gateway_{name}");
     text.lines()
-        .find(|l| l.starts_with("channel_gateway_active_conversation_workers"))
+        .find(|l| l.starts_with(&prefix))
         .and_then(|l| l.split_whitespace().last())
-        .and_then(|v| v.parse().ok())
+        .and_then(|v| v.parse::<f64>().ok())
+        .map(|v| v as u64)
+}
+
+async fn active_workers(admin: u16) -> Option<u64> {
+    gauge(admin, "active_conversation_workers").await
 }
 
 async fn wait_evicted(admin: u16) -> Duration {

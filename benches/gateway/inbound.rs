@@ -488,17 +488,7 @@ fn start(issuer: u16) -> Receiving {
 
 /// The gateway's inbox gauge: events not yet acked by every group.
 async fn pending(admin: u16) -> Option<u64> {
-    let text = reqwest::get(format!("http://127.0.0.1:{admin}/metrics"))
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
-    text.lines()
-        .find(|l| l.starts_with("channel_gateway_inbound_pending"))
-        .and_then(|l| l.split_whitespace().last())
-        .and_then(|v| v.parse::<f64>().ok())
-        .map(|v| v as u64)
+    super::gauge(admin, "inbound_pending").await
 }
 
 /// Waits until every ack is settled in the inbox (its pending gauge at 0), so the gateway's CPU
