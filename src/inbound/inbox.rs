@@ -1110,12 +1110,18 @@ mod tests {
         assert!(
             got.is_err(),
             "expected nothing, got {:?}",
-            got.ok().flatten().map(|d| d.message().unwrap().text.clone())
+            got.ok()
+                .flatten()
+                .map(|d| d.message().unwrap().text.clone())
         );
     }
 
     fn text(d: &Delivered) -> String {
-        d.message().expect("decodes").text.clone().unwrap_or_default()
+        d.message()
+            .expect("decodes")
+            .text
+            .clone()
+            .unwrap_or_default()
     }
 
     #[tokio::test]
