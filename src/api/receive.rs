@@ -28,7 +28,9 @@ const MAX_IDS: usize = 1000;
 fn receive_error(e: ReceiveError) -> Status {
     match e {
         ReceiveError::Invalid { field, reason } => status::invalid_field(field, reason),
-        e @ ReceiveError::TooManyStreams(_) => Status::resource_exhausted(e.to_string()),
+        e @ (ReceiveError::TooManyStreams(_) | ReceiveError::TooManyGroups(_)) => {
+            Status::resource_exhausted(e.to_string())
+        }
         ReceiveError::Storage(e) => Status::unavailable(crate::bounded::cap(&e, 300).into_owned()),
     }
 }
@@ -229,26 +231,35 @@ pub async fn receive(
                         Some(pb::receive_request::Kind::Nack(n)) => ids("nack.event_ids", &n.event_ids)
                             .map(|ids| ids.into_iter().for_each(|id| { receiver.nack(id); })),
                         Some(pb::receive_request::Kind::Respond(r)) => {
-                            let event_id = r.event_id.clone();
                             match ids("respond.event_id", std::slice::from_ref(&r.event_id)) {
                                 Err(s) => Err(s),
                                 Ok(id) => {
-                                    let answer = reply(r).and_then(|reply| {
+                                    let event_id = r.event_id.clone();
+                                    let taken = reply(r).and_then(|reply| {
                                         receiver.respond(id[0], reply).map_err(String::from)
                                     });
-                                    let out = out.clone();
-                                    // Whether it was written is known once the webhook call
-                                    // answers; the stream goes on meanwhile.
-                                    tokio::spawn(async move {
-                                        let outcome = match answer {
-                                            Err(e) => Err(e),
-                                            Ok(used) => match tokio::time::timeout(Duration::from_secs(10), used).await {
-                                                Ok(Ok(r)) => r,
-                                                _ => Err("late: the channel was given the neutral answer".into()),
-                                            },
-                                        };
-                                        let _ = out.send(Ok(responded(event_id, outcome))).await;
-                                    });
+                                    match taken {
+                                        // Refused at once: said in line, so a bot sending many
+                                        // such answers is slowed by its own stream.
+                                        Err(e) => {
+                                            if out.send(Ok(responded(event_id, Err(e)))).await.is_err() {
+                                                break;
+                                            }
+                                        }
+                                        // Taken: at most once per event out to this stream, so
+                                        // these waits are bounded by its credits. Whether it was
+                                        // written is known once the webhook call answers.
+                                        Ok(used) => {
+                                            let out = out.clone();
+                                            tokio::spawn(async move {
+                                                let outcome = match tokio::time::timeout(Duration::from_secs(10), used).await {
+                                                    Ok(Ok(r)) => r,
+                                                    _ => Err("late: the channel was given the neutral answer".into()),
+                                                };
+                                                let _ = out.send(Ok(responded(event_id, outcome))).await;
+                                            });
+                                        }
+                                    }
                                     Ok(())
                                 }
                             }

@@ -117,6 +117,11 @@ pub enum ReceiveError {
     Invalid { field: &'static str, reason: String },
     #[error("too many Receive streams are open ({0}); close one or raise inbound.max_streams")]
     TooManyStreams(usize),
+    #[error(
+        "too many consumer groups ({0}): every event is kept once per group; reuse a group, or \
+         wait for an unused one to be removed (inbound.group_idle)"
+    )]
+    TooManyGroups(usize),
     #[error("{0}")]
     Storage(String),
 }
@@ -360,7 +365,16 @@ impl Inbox {
             }
         }
         let group: Arc<str> = Arc::from(group);
-        if !self.shared.lock().groups.contains_key(&group) {
+        let (known, groups) = {
+            let st = self.shared.lock();
+            (st.groups.contains_key(&group), st.groups.len())
+        };
+        if !known {
+            // Each group keeps its own copy of every later event: their number bounds the
+            // writes and memory each event costs.
+            if groups >= MAX_GROUPS {
+                return Err(ReceiveError::TooManyGroups(MAX_GROUPS));
+            }
             self.shared
                 .store()
                 .add_group(group.clone())
@@ -964,6 +978,9 @@ impl State {
     }
 }
 
+/// Consumer groups at once, `default` included.
+pub const MAX_GROUPS: usize = 32;
+
 /// How long a channel is asked to wait when the inbox is full.
 const FULL_RETRY_AFTER: Duration = Duration::from_secs(5);
 
@@ -1462,6 +1479,35 @@ mod tests {
         let d = next(&mut r).await;
         r.ack(d.event_id);
         assert_eq!(inbox.pending(), 0, "no copy kept for the removed group");
+    }
+
+    #[tokio::test]
+    async fn consumer_groups_are_bounded() {
+        let inbox = open(None, settings());
+        let mut kept = Vec::new();
+        // `default` exists already.
+        for i in 1..MAX_GROUPS {
+            let sub = Subscription {
+                group: format!("g{i}"),
+                ..Default::default()
+            };
+            kept.push(inbox.subscribe(sub, None).await.expect("room for it"));
+        }
+        let one_more = Subscription {
+            group: "one-more".into(),
+            ..Default::default()
+        };
+        let e = inbox.subscribe(one_more, None).await.err();
+        assert_eq!(e, Some(ReceiveError::TooManyGroups(MAX_GROUPS)));
+        // A group that exists is always joined.
+        let again = Subscription {
+            group: "g1".into(),
+            ..Default::default()
+        };
+        inbox
+            .subscribe(again, None)
+            .await
+            .expect("an existing group");
     }
 
     #[tokio::test]

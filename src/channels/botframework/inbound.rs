@@ -352,6 +352,17 @@ const VERIFIED_TOKEN_SECS: u64 = 15 * 60;
 #[derive(Debug, Default)]
 pub struct TrustedServiceUrls(std::sync::Mutex<HashSet<(String, String)>>);
 
+/// Whether `url` is `base` or a path below it. A bare prefix would let a trusted
+/// `https://host` cover `https://host.example.net/...`.
+fn under(base: &str, url: &str) -> bool {
+    match url.strip_prefix(base) {
+        Some(rest) => {
+            !base.is_empty() && (base.ends_with('/') || rest.is_empty() || rest.starts_with('/'))
+        }
+        None => false,
+    }
+}
+
 impl TrustedServiceUrls {
     fn set(&self) -> std::sync::MutexGuard<'_, HashSet<(String, String)>> {
         // Only whole entries are added or the set cleared: a poisoned lock holds a valid set.
@@ -368,7 +379,7 @@ impl TrustedServiceUrls {
     pub fn covers(&self, app_id: &str, url: &str) -> bool {
         self.set()
             .iter()
-            .any(|(a, su)| a == app_id && !su.is_empty() && url.starts_with(su.as_str()))
+            .any(|(a, su)| a == app_id && under(su, url))
     }
 
     fn insert(&self, app_id: &str, service_url: &str) {
@@ -1171,6 +1182,21 @@ mod tests {
             verify(&inb, &sign(&claims()), &activity("webchat", SERVICE_URL)).await,
             "signing key not endorsed for the channel",
         );
+    }
+
+    #[test]
+    fn a_trusted_service_url_covers_only_the_paths_below_it() {
+        let t = TrustedServiceUrls::default();
+        t.insert("bot", "https://smba.example.net");
+        t.insert("bot", "https://svc.example.org/amer/");
+        assert!(t.covers(
+            "bot",
+            "https://smba.example.net/v3/conversations/a/activities"
+        ));
+        assert!(t.covers("bot", "https://svc.example.org/amer/v3/conversations"));
+        assert!(!t.covers("bot", "https://smba.example.net.evil.test/v3/conversations"));
+        assert!(!t.covers("bot", "https://smba.example.netx/v3"));
+        assert!(!t.covers("other-bot", "https://smba.example.net/v3/conversations"));
     }
 
     #[tokio::test]
