@@ -963,3 +963,37 @@ async fn telegram_a_polled_button_press_is_answered_once_stored() {
     );
     task.abort();
 }
+
+#[tokio::test]
+async fn telegram_a_polled_button_press_is_not_answered_while_the_inbox_refuses_it() {
+    let (fake, base) = FakeTelegram::start().await;
+    fake.push(json!({"update_id": 51, "callback_query": {"id": "cbq-51", "from": {"id": 5, "first_name": "A"},
+        "message": {"message_id": 9, "chat": {"id": 5, "type": "private"}, "date": 1733000000, "text": "Pick"},
+        "chat_instance": "1", "data": "no"}}));
+    let sink = TestSink::refusing(3);
+    let task = poll(&telegram_config(&base), sink.clone());
+    let answered = || {
+        fake.calls
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(path, _)| path.ends_with("/answerCallbackQuery"))
+    };
+    // Whenever the press has been answered, the inbox has it: never the other way round.
+    until("stored, then answered", || {
+        let answered = answered();
+        assert!(
+            !answered || !sink.got.lock().unwrap().is_empty(),
+            "answered before it was stored"
+        );
+        answered
+    })
+    .await;
+    assert_eq!(
+        *sink.calls.lock().unwrap(),
+        4,
+        "three refusals, then stored"
+    );
+    assert_eq!(sink.got.lock().unwrap().len(), 1);
+    task.abort();
+}
