@@ -997,3 +997,20 @@ async fn telegram_a_polled_button_press_is_not_answered_while_the_inbox_refuses_
     assert_eq!(sink.got.lock().unwrap().len(), 1);
     task.abort();
 }
+
+#[tokio::test]
+async fn telegram_updates_that_move_no_offset_do_not_spin_the_loop() {
+    let (fake, base) = FakeTelegram::start().await;
+    // No update_id: nothing confirms it, so it comes back on every call.
+    fake.push(json!({"message": {"message_id": 1, "chat": {"id": 5, "type": "private"}, "date": 1733000000, "text": "x"}}));
+    let sink = TestSink::refusing(0);
+    let task = poll(&telegram_config(&base), sink.clone());
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    task.abort();
+    let calls = fake.offsets().len();
+    // backoff_first is 20 ms here: about 20 calls; a spinning loop makes thousands.
+    assert!(
+        (2..=40).contains(&calls),
+        "{calls} getUpdates calls in 400 ms"
+    );
+}

@@ -74,12 +74,17 @@ pub struct Poller {
     timing: Timing,
 }
 
+/// How long a callback query's answer may take before polling goes on without it.
+const ANSWER_WITHIN: Duration = Duration::from_secs(5);
+
 /// What a pass through the loop ended with.
 enum Next {
     /// Go on at once from this offset.
     Poll(Option<i64>),
     /// Wait, then poll again from the same offset.
     Wait(Duration),
+    /// The inbox failed to store: wait longer after each failure in a row, then poll again.
+    SinkFailed,
 }
 
 impl Poller {
@@ -128,6 +133,10 @@ impl Poller {
             match next {
                 Next::Poll(o) => offset = o,
                 Next::Wait(d) => tokio::time::sleep(d).await,
+                Next::SinkFailed => {
+                    failures = failures.saturating_add(1);
+                    tokio::time::sleep(self.backoff(failures)).await;
+                }
             }
         }
     }
@@ -194,27 +203,41 @@ impl Poller {
                 }
             }
         }
+        // Updates that move the offset nowhere (no usable update_id, ids below it) would be
+        // asked for again at once, for ever: wait between such rounds.
+        let advance = if next == offset {
+            Next::Wait(self.timing.backoff_first)
+        } else {
+            Next::Poll(next)
+        };
         if events.is_empty() {
-            return Next::Poll(next);
+            return advance;
         }
         let count = events.len();
         match sink.append(CHANNEL_ID, events).await {
             Ok(()) => {
                 tracing::debug!(bot_id = %crate::bounded::for_log(&self.bot_id), count, "telegram: polled updates stored");
-                // Stored: stop the pressed buttons spinning (a webhook does it in its answer).
-                for id in updates.iter().filter_map(super::inbound::callback_query_id) {
-                    self.answer_callback_query(id).await;
-                }
-                Next::Poll(next)
+                // Stored: stop the pressed buttons spinning (a webhook does it in its answer),
+                // all at once and briefly, so a batch of presses does not hold up polling.
+                let answers = updates
+                    .iter()
+                    .filter_map(super::inbound::callback_query_id)
+                    .map(|id| tokio::time::timeout(ANSWER_WITHIN, self.answer_callback_query(id)));
+                futures::future::join_all(answers).await;
+                advance
             }
             // Not confirmed: the same updates come again after the wait.
             Err(SinkError::Full { retry_after }) => {
                 tracing::debug!(bot_id = %crate::bounded::for_log(&self.bot_id), ?retry_after, "telegram: the inbox is full; polling again later");
-                Next::Wait(retry_after.clamp(Duration::from_millis(10), self.timing.backoff_max))
+                Next::Wait(
+                    retry_after
+                        .max(Duration::from_millis(10))
+                        .min(self.timing.backoff_max),
+                )
             }
             Err(SinkError::Failed(e)) => {
                 tracing::error!(bot_id = %crate::bounded::for_log(&self.bot_id), error = %crate::bounded::for_log(&e), "telegram: polled updates not stored; polling again later");
-                Next::Wait(self.timing.backoff_first)
+                Next::SinkFailed
             }
         }
     }
@@ -237,6 +260,14 @@ impl Poller {
         }
     }
 
+    /// The wait after `failures` failures in a row: doubling from `backoff_first`, capped.
+    fn backoff(&self, failures: u32) -> Duration {
+        self.timing
+            .backoff_first
+            .saturating_mul(1u32 << failures.saturating_sub(1).min(16))
+            .min(self.timing.backoff_max)
+    }
+
     /// How long to wait after a failed call (the error is already scrubbed of the token).
     fn wait_after(&self, e: &ChannelError, failures: u32) -> Duration {
         let bot_id = crate::bounded::for_log(&self.bot_id);
@@ -256,11 +287,7 @@ impl Poller {
             }
             _ => {}
         }
-        let backoff = self
-            .timing
-            .backoff_first
-            .saturating_mul(1u32 << failures.saturating_sub(1).min(16))
-            .min(self.timing.backoff_max);
+        let backoff = self.backoff(failures);
         let wait = e
             .retry_after
             .map_or(backoff, |r| r.min(self.timing.backoff_max).max(backoff));
