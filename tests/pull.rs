@@ -1014,3 +1014,23 @@ async fn telegram_updates_that_move_no_offset_do_not_spin_the_loop() {
         "{calls} getUpdates calls in 400 ms"
     );
 }
+
+#[tokio::test]
+async fn slack_a_peer_closing_right_after_hello_is_not_reconnected_to_in_a_tight_loop() {
+    let (fake, base, mut conns) = FakeSlack::start().await;
+    let sink = TestSink::refusing(0);
+    let s = SocketMode::new(&slack_config(&base), Secret::new(APP_TOKEN), socket_quick()).unwrap();
+    let task = tokio::spawn(s.run(sink));
+    let closer = tokio::spawn(async move {
+        while let Some(mut c) = conns.recv().await {
+            send(&mut c, hello()).await;
+            let _ = c.close(None).await;
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    task.abort();
+    closer.abort();
+    // A pause of backoff_first (20 ms) after each short connection: at most ~25, not thousands.
+    let opens = fake.opens.lock().unwrap().len();
+    assert!((2..=30).contains(&opens), "{opens} connections in 500 ms");
+}

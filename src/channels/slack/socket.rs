@@ -42,6 +42,9 @@ const MAX_ENVELOPE_ID_CHARS: usize = 255;
 /// The longest error text kept from Slack or the transport.
 const MAX_ERROR_CHARS: usize = 300;
 
+/// A connection that ends sooner than this is followed by a pause before the next.
+const SHORT_CONNECTION: Duration = Duration::from_secs(10);
+
 /// How the loop waits. The defaults suit Slack; tests shorten them.
 #[derive(Debug, Clone)]
 pub struct Timing {
@@ -109,7 +112,17 @@ impl SocketMode {
         tracing::info!("slack: receiving over Socket Mode");
         let mut failures: u32 = 0;
         loop {
+            let started = tokio::time::Instant::now();
             let wait = match self.connect_and_receive(sink.as_ref(), &mut failures).await {
+                // Slack refreshes a connection every few hours: reconnect at once. A peer that
+                // says hello and closes right away would otherwise be reconnected to in a tight
+                // loop, so a short-lived connection waits first.
+                Ok(()) if started.elapsed() < SHORT_CONNECTION => {
+                    tracing::info!(
+                        "slack: Socket Mode connection ended soon after it opened; reconnecting after a pause"
+                    );
+                    self.timing.backoff_first
+                }
                 Ok(()) => {
                     tracing::info!("slack: Socket Mode connection refreshed");
                     continue;
