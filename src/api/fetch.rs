@@ -124,15 +124,35 @@ pub async fn fetch_attachment(
             size: fetched.size,
         })),
     };
-    let chunks = fetched.body.map(move |piece| {
-        let _held = &permit;
-        match piece {
-            Ok(bytes) => Ok(pb::FetchAttachmentResponse {
-                kind: Some(Kind::Chunk(bytes.to_vec())),
-            }),
-            Err(e) => Err(fetch_status(e)),
+    // Pumped by a task of its own with a deadline on every hand-over: a bot that stops reading
+    // but stays connected would never poll the stream, and would hold its permit and the
+    // channel's connection for ever.
+    let (tx, rx) = tokio::sync::mpsc::channel(2);
+    let started = tokio::time::Instant::now();
+    let deadline = started
+        .checked_add(fetch::MAX_FETCH_TIME)
+        .unwrap_or(started);
+    let mut body = fetched.body;
+    tokio::spawn(async move {
+        let _held = permit;
+        let mut next = Some(Ok(header));
+        while let Some(item) = next {
+            let last = item.is_err();
+            let sent = tokio::time::timeout_at(deadline, tx.send(item)).await;
+            // An error ends the stream (tonic sends it as the status).
+            if last || !matches!(sent, Ok(Ok(()))) {
+                // Gone, or too slow: dropping the body closes the channel's connection.
+                return;
+            }
+            next = body.next().await.map(|piece| match piece {
+                Ok(bytes) => Ok(pb::FetchAttachmentResponse {
+                    kind: Some(Kind::Chunk(bytes.to_vec())),
+                }),
+                Err(e) => Err(fetch_status(e)),
+            });
         }
     });
-    let stream = futures::stream::once(async { Ok(header) }).chain(chunks);
-    Ok(Response::new(Box::pin(stream)))
+    Ok(Response::new(Box::pin(
+        tokio_stream::wrappers::ReceiverStream::new(rx),
+    )))
 }
