@@ -110,14 +110,17 @@ pub(super) async fn fetch(tg: &Telegram, req: &FetchRequest<'_>) -> Result<Fetch
         "Telegram",
         &url,
         None,
-        req.max_bytes,
+        req.max_bytes.min(TELEGRAM_MAX_BYTES),
         size,
     )
     .await
     .map(|mut f| {
-        // The URL's last segment is Telegram's own (`file_12.jpg`): the event's name is
-        // better, and nothing derived from the token-bearing URL leaves beyond it.
-        f.name = path.rsplit('/').next().map(str::to_string);
+        // Telegram names no file: the path's last segment (`file_12.jpg`) is the name, and
+        // nothing else of the token-bearing URL leaves.
+        f.name = path
+            .rsplit('/')
+            .next()
+            .map(|n| crate::bounded::cap(n, 255).into_owned());
         f
     })
     .map_err(|e| e.scrubbed([token]))
