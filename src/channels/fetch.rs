@@ -208,16 +208,29 @@ pub fn private_host_refusal(url: &url::Url) -> Option<String> {
                 || ip.is_unspecified()
                 || ip.is_broadcast()
                 || ip.is_documentation()
+                || ip.is_multicast()
                 || ip.octets()[0] == 0
+                // Shared address space (100.64/10), benchmarking (198.18/15), IETF protocol
+                // assignments (192.0.0/24), reserved (240/4).
                 || (ip.octets()[0] == 100 && (ip.octets()[1] & 0xc0) == 64)
+                || (ip.octets()[0] == 198 && (ip.octets()[1] & 0xfe) == 18)
+                || ip.octets()[..3] == [192, 0, 0]
+                || ip.octets()[0] >= 240
         }
         Some(url::Host::Ipv6(ip)) => {
             let seg = ip.segments();
             ip.is_loopback()
                 || ip.is_unspecified()
+                || ip.is_multicast()
                 || (seg[0] & 0xfe00) == 0xfc00
                 || (seg[0] & 0xffc0) == 0xfe80
+                // Site-local (fec0::/10), 6to4 (2002::/16) and NAT64 (64:ff9b::/96) can all
+                // reach an IPv4 address inside.
+                || (seg[0] & 0xffc0) == 0xfec0
+                || seg[0] == 0x2002
+                || (seg[0] == 0x64 && seg[1] == 0xff9b)
                 || ip.to_ipv4_mapped().is_some()
+                || ip.to_ipv4().is_some()
         }
         Some(url::Host::Domain(d)) => {
             let d = d.trim_end_matches('.');
@@ -466,6 +479,11 @@ mod tests {
             "https://192.168.0.1/x",
             "https://172.16.0.1/x",
             "https://169.254.169.254/latest/meta-data",
+            "https://198.18.0.1/x",
+            "https://240.0.0.1/x",
+            "https://[64:ff9b::a00:1]/x",
+            "https://[2002:a00:1::]/x",
+            "https://[::10.0.0.1]/x",
             "https://100.64.0.1/x",
             "https://0.0.0.0/x",
             "https://[::1]/x",
