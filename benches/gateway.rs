@@ -587,7 +587,12 @@ fn spawn_gateway(fake_port: u16, data_dir: &std::path::Path, o: &GatewayOpts) ->
         .arg(data_dir)
         .env(
             "CHANNEL_GATEWAY__OUTBOX__BACKEND",
-            if o.durable { "durable" } else { "memory" },
+            // `--backend log` measured the hand-written log against SQLite (bench/PROFILE.md).
+            if o.durable {
+                arg("--backend").unwrap_or_else(|| "sqlite".into())
+            } else {
+                "memory".into()
+            },
         )
         .env(
             "CHANNEL_GATEWAY__CHANNELS__BOTFRAMEWORK__ALLOWED_SERVICE_HOSTS",

@@ -246,8 +246,11 @@ impl Default for AdminConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OutboxBackend {
-    /// An append-only log in `data_dir`: accepted messages survive a crash.
-    Durable,
+    /// SQLite in `data_dir` (`outbox.sqlite3`): accepted messages survive a crash.
+    Sqlite,
+    /// The earlier hand-written log in `data_dir/log/`, kept only until the SQLite store is
+    /// measured against it.
+    Log,
     /// Lost on a crash or restart; for tests and throwaway deployments.
     Memory,
 }
@@ -271,7 +274,7 @@ pub struct OutboxConfig {
 impl Default for OutboxConfig {
     fn default() -> Self {
         Self {
-            backend: OutboxBackend::Durable,
+            backend: OutboxBackend::Sqlite,
             data_dir: "channel-gateway-data".into(),
             retention: Duration::from_secs(3600),
             compact_interval: Duration::from_secs(60),

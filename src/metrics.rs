@@ -720,7 +720,7 @@ mod tests {
     #[tokio::test]
     async fn a_failed_outbox_makes_the_gateway_not_ready_for_good() {
         let dir = tempfile::tempdir().unwrap();
-        let store = crate::outbox::LogStore::open(dir.path(), 1 << 20).unwrap();
+        let store = crate::outbox::SqliteStore::open(dir.path()).unwrap();
         let m = Metrics::new();
         assert!(!m.is_ready(), "not ready before serving");
         m.set_ready(true);

@@ -18,7 +18,7 @@ use crate::config::Config;
 use crate::config::OutboxBackend;
 use crate::delivery::Dispatcher;
 use crate::metrics::Metrics;
-use crate::outbox::{LogStore, MemoryStore, Store, now_ms};
+use crate::outbox::{LogStore, MemoryStore, SqliteStore, Store, now_ms};
 
 /// Drops delivered messages past their retention and expired idempotency keys, periodically.
 fn spawn_compaction(
@@ -221,9 +221,14 @@ async fn serve(
 ) -> Result<(Started, impl Future<Output = Result<(), ServeError>>), ServeError> {
     let channels = Arc::new(Channels::from_config(&config).map_err(ServeError::Channels)?);
     let store: Arc<dyn Store> = match config.outbox.backend {
-        OutboxBackend::Durable => {
+        OutboxBackend::Sqlite => {
             let dir = &config.outbox.data_dir;
-            tracing::info!(data_dir = %dir.display(), "durable outbox");
+            tracing::info!(data_dir = %dir.display(), "durable outbox (SQLite)");
+            Arc::new(SqliteStore::open(dir).map_err(|e| ServeError::Outbox(e.to_string()))?)
+        }
+        OutboxBackend::Log => {
+            let dir = &config.outbox.data_dir;
+            tracing::info!(data_dir = %dir.display(), "durable outbox (log)");
             let import_cache = config.outbox.cache_mib.saturating_mul(1 << 20);
             Arc::new(
                 LogStore::open(dir, import_cache).map_err(|e| ServeError::Outbox(e.to_string()))?,
@@ -355,11 +360,13 @@ async fn serve(
         let left = drain.shutdown(grace).await;
         if left > 0 {
             match backend {
-                crate::config::OutboxBackend::Durable => tracing::warn!(
-                    undelivered = left,
-                    "shutdown grace ran out; the undelivered messages stay in the durable \
+                crate::config::OutboxBackend::Sqlite | crate::config::OutboxBackend::Log => {
+                    tracing::warn!(
+                        undelivered = left,
+                        "shutdown grace ran out; the undelivered messages stay in the durable \
                      outbox and are delivered after the next start"
-                ),
+                    )
+                }
                 crate::config::OutboxBackend::Memory => tracing::warn!(
                     undelivered = left,
                     "shutdown grace ran out; the undelivered messages are lost \
@@ -493,7 +500,7 @@ async fn start_inbound(
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(crate::inbound::Inbox, Option<SocketAddr>), ServeError> {
     let dir = match config.outbox.backend {
-        OutboxBackend::Durable => Some(config.outbox.data_dir.as_path()),
+        OutboxBackend::Sqlite | OutboxBackend::Log => Some(config.outbox.data_dir.as_path()),
         OutboxBackend::Memory => {
             tracing::warn!(
                 "in-memory inbox (outbox.backend = memory): received events are lost on a crash or restart"
@@ -601,7 +608,7 @@ mod tests {
         use crate::outbox::Store;
         use tonic_health::pb::health_check_response::ServingStatus as S;
         let dir = tempfile::tempdir().unwrap();
-        let log = std::sync::Arc::new(crate::outbox::LogStore::open(dir.path(), 1 << 20).unwrap());
+        let log = std::sync::Arc::new(crate::outbox::SqliteStore::open(dir.path()).unwrap());
         let store: std::sync::Arc<dyn Store> = log.clone();
         let health = tonic_health::server::HealthReporter::new();
         health

@@ -137,7 +137,7 @@ async fn serve_with_no_config_answers_health_and_reflection_and_stops_on_sigterm
     assert!(text.contains("channel_gateway_queue_depth"), "{text}");
     assert!(
         dir.path()
-            .join("channel-gateway-data/log/0000000001.seg")
+            .join("channel-gateway-data/outbox.sqlite3")
             .exists(),
         "durable outbox by default"
     );
@@ -284,7 +284,7 @@ fn config_errors_name_the_key_and_never_show_a_token() {
 }
 
 /// When the shutdown grace runs out, the log says what becomes of the undelivered messages as
-/// the backend decides it: kept and sent after the next start (durable, which the restart
+/// the backend decides it: kept and sent after the next start (sqlite, which the restart
 /// then does), or lost (memory).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_says_what_becomes_of_undelivered_messages() {
@@ -339,7 +339,7 @@ async fn shutdown_says_what_becomes_of_undelivered_messages() {
             "the undelivered messages are lost (outbox.backend = memory)",
         ),
         (
-            "durable",
+            "sqlite",
             "the undelivered messages stay in the durable outbox and are delivered after the next start",
         ),
     ] {
@@ -359,9 +359,9 @@ async fn shutdown_says_what_becomes_of_undelivered_messages() {
     }
     // And so it is: the next start sends what the durable outbox kept.
     fake.set_latency("held", Duration::ZERO);
-    let (_port, child) = start("durable");
+    let (_port, child) = start("sqlite");
     fake.wait_for(Duration::from_secs(30), "the kept messages", |r| {
-        ["durable-a", "durable-b", "durable-c"]
+        ["sqlite-a", "sqlite-b", "sqlite-c"]
             .iter()
             .all(|t| r.iter().any(|x| x.text() == *t))
     })

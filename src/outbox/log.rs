@@ -525,6 +525,7 @@ impl LogStore {
 
     /// Breaks the store the way a full disk does: a write fails, and with it every later one.
     #[cfg(test)]
+    #[allow(dead_code)]
     pub(crate) async fn break_with_a_failed_write(&self) {
         self.fail_next_write();
         let now = super::now_ms();

@@ -8,6 +8,7 @@
 mod durable;
 mod log;
 mod redb_import;
+mod sqlite;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -17,6 +18,7 @@ use serde::{Deserialize, Serialize};
 pub(crate) use durable::Commits;
 pub use durable::Durable;
 pub use log::LogStore;
+pub use sqlite::SqliteStore;
 
 use crate::channels::{ChannelError, NativeReceipt};
 use crate::model::{Message, ProactiveOptions};
