@@ -1213,6 +1213,53 @@ async fn rss_after_eviction(fake: &Proc, n: usize, rows: &mut Vec<Row>) {
     );
 }
 
+/// RSS with delivered messages retained (the default `outbox.retention` of 1 h, so nothing is
+/// compacted): the durable store's index is on disk, so memory should not grow with what it
+/// keeps. Fed with SendBatch of 20 over 1,000 conversations.
+async fn rss_retained(fake: &Proc, total: usize, rows: &mut Vec<Row>) {
+    let name = format!("RSS, {total} delivered messages retained vs 10,000");
+    if !selected(&name) {
+        return;
+    }
+    let started = start_gateway(fake, &GatewayOpts::standard(true)).await;
+    let (gw, client) = (&started.gw, &started.client);
+    let seqs = Arc::new(Mutex::new(vec![0u64; 1000]));
+    let mut at = Vec::new();
+    let mut sent = 0u64;
+    fake_reset(fake.port).await;
+    for upto in [10_000usize, total] {
+        let load = Load {
+            concurrency: 64,
+            conversations: 1000,
+            messages: upto - sent as usize,
+            batch: 20,
+            first_conversation: 0,
+            // Each call waits for its delivery: no backlog builds up, whose peak the
+            // allocator would keep and the figure would then show instead of the store's.
+            wait_delivered: true,
+        };
+        let r = drive(client, fake.port, &load, &seqs).await;
+        sent += r.messages as u64;
+        wait_delivered(fake.port, sent, Duration::from_secs(600)).await;
+        // The last outcomes reach the store after the fake's answers.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        at.push((sent, gw.rss_kib().0));
+    }
+    let (small, big) = (at[0].1.max(1), at[1].1);
+    report(
+        rows,
+        name,
+        format!(
+            "{} MiB after {} delivered, {} MiB after {} delivered, all retained: {:+.1}% (target within 10%)",
+            small / 1024,
+            at[0].0,
+            big / 1024,
+            at[1].0,
+            (big as f64 / small as f64 - 1.0) * 100.0
+        ),
+    );
+}
+
 /// A positive count given on the command line, or the default.
 fn count(name: &str, default: usize) -> usize {
     match arg(name) {
@@ -1458,6 +1505,7 @@ async fn driver() {
         rss_per_conversation(&fake, n, &mut rows).await;
     }
     rss_after_eviction(&fake, if quick { 10_000 } else { 50_000 }, &mut rows).await;
+    rss_retained(&fake, if quick { 100_000 } else { 1_000_000 }, &mut rows).await;
     drop(fake);
 
     let ratio = |r: &LoadResult| r.calls_per_s / e.calls_per_s;
