@@ -12,9 +12,10 @@
 //! overlay holds only messages not yet committed and the state of unfinished ones, so memory
 //! no longer grows with `outbox.retention`: the index lives on disk.
 //!
-//! A message's state has columns of its own (state, attempts, receipts, error, ...), so an
-//! operator can look into the outbox with the `sqlite3` shell, and a state change rewrites
-//! only the row, never the body's JSON. Within one commit, the changes of one message are
+//! A message's state has columns of its own (state, attempts, receipts, error, ...) in
+//! `outbox_messages`, so an operator can look into the outbox with the `sqlite3` shell; its
+//! body (the message's JSON) lies in `outbox_bodies`, so a state change rewrites a small row,
+//! never the body. Within one commit, the changes of one message are
 //! folded into one row write: under load a message accepted, marked delivering and delivered
 //! within one group commit costs one INSERT.
 
@@ -47,7 +48,10 @@ CREATE TABLE IF NOT EXISTS outbox_messages (
     receipts TEXT,
     error TEXT,
     accepted_at_ms INTEGER NOT NULL,
-    updated_at_ms INTEGER NOT NULL,
+    updated_at_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS outbox_bodies (
+    id INTEGER PRIMARY KEY,
     body TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS outbox_unfinished ON outbox_messages (id)
@@ -68,8 +72,10 @@ CREATE TABLE IF NOT EXISTS outbox_meta (
 ) WITHOUT ROWID;
 ";
 
-const COLUMNS: &str = "id, conversation, state, attempts, possible_duplicate, receipts, error, \
-                       accepted_at_ms, updated_at_ms, body";
+/// A whole message: its state row and its body.
+const COLUMNS: &str = "m.id, m.conversation, m.state, m.attempts, m.possible_duplicate, \
+                       m.receipts, m.error, m.accepted_at_ms, m.updated_at_ms, b.body";
+const FROM: &str = "outbox_messages m JOIN outbox_bodies b ON b.id = m.id";
 
 /// Rows deleted per transaction when compacting, so queued Sends wait for one chunk at most
 /// (measured: ~5 ms for 5,000 rows on this VM), not for a whole hour of retention.
@@ -430,11 +436,9 @@ impl SqliteStore {
 
     fn read_message(&self, id: u64) -> Result<Option<StoredMessage>, StoreError> {
         let raw = self.read(|c| {
-            c.prepare_cached(&format!(
-                "SELECT {COLUMNS} FROM outbox_messages WHERE id = ?1"
-            ))
-            .and_then(|mut st| st.query_row([id as i64], RawRow::from_row).optional())
-            .map_err(storage)
+            c.prepare_cached(&format!("SELECT {COLUMNS} FROM {FROM} WHERE m.id = ?1"))
+                .and_then(|mut st| st.query_row([id as i64], RawRow::from_row).optional())
+                .map_err(storage)
         })?;
         raw.map(RawRow::decode).transpose()
     }
@@ -653,8 +657,8 @@ impl Store for SqliteStore {
         let rows = self.read(|c| {
             let mut st = c
                 .prepare(&format!(
-                    "SELECT {COLUMNS} FROM outbox_messages \
-                     WHERE state IN ('accepted', 'delivering') ORDER BY id"
+                    "SELECT {COLUMNS} FROM {FROM} \
+                     WHERE m.state IN ('accepted', 'delivering') ORDER BY m.id"
                 ))
                 .map_err(storage)?;
             let rows = st.query_map([], RawRow::from_row).map_err(storage)?;
@@ -929,10 +933,13 @@ impl Writer {
         let result = (|| -> Result<(), StoreError> {
             let tx = self.conn.transaction().map_err(storage)?;
             {
-                let mut insert = tx.prepare_cached(INSERT_ROW).map_err(storage)?;
-                let mut update = tx.prepare_cached(UPDATE_STATE).map_err(storage)?;
+                let mut st = Statements {
+                    insert: tx.prepare_cached(INSERT_ROW).map_err(storage)?,
+                    body: tx.prepare_cached(INSERT_BODY).map_err(storage)?,
+                    update: tx.prepare_cached(UPDATE_STATE).map_err(storage)?,
+                };
                 for r in rows {
-                    write_row(&mut insert, &mut update, r)?;
+                    write_row(&mut st, r)?;
                 }
             }
             for (key, rec) in keys {
@@ -985,12 +992,25 @@ impl Writer {
         loop {
             let chunk = (|| -> rusqlite::Result<(usize, usize)> {
                 let tx = self.conn.transaction()?;
-                let messages = tx
+                // The chunk's ids, then both halves of each.
+                let ids: Vec<i64> = tx
                     .prepare_cached(
-                        "DELETE FROM outbox_messages WHERE id IN (SELECT id FROM outbox_messages \
-                         WHERE state = 'delivered' AND updated_at_ms < ?1 LIMIT ?2)",
+                        "SELECT id FROM outbox_messages WHERE state = 'delivered' \
+                         AND updated_at_ms < ?1 LIMIT ?2",
                     )?
-                    .execute(params![cutoff, COMPACT_CHUNK as i64])?;
+                    .query_map(params![cutoff, COMPACT_CHUNK as i64], |r| r.get(0))?
+                    .collect::<rusqlite::Result<_>>()?;
+                let mut messages = 0;
+                {
+                    let mut bodies =
+                        tx.prepare_cached("DELETE FROM outbox_bodies WHERE id = ?1")?;
+                    let mut states =
+                        tx.prepare_cached("DELETE FROM outbox_messages WHERE id = ?1")?;
+                    for id in &ids {
+                        bodies.execute([id])?;
+                        messages += states.execute([id])?;
+                    }
+                }
                 let keys = tx
                     .prepare_cached(
                         "DELETE FROM outbox_idempotency WHERE key IN (SELECT key FROM \
@@ -1035,23 +1055,30 @@ impl Writer {
 }
 
 const INSERT_ROW: &str = "INSERT INTO outbox_messages (id, conversation, state, attempts, \
-     possible_duplicate, receipts, error, accepted_at_ms, updated_at_ms, body) \
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) ON CONFLICT (id) DO UPDATE SET \
+     possible_duplicate, receipts, error, accepted_at_ms, updated_at_ms) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) ON CONFLICT (id) DO UPDATE SET \
      conversation = excluded.conversation, state = excluded.state, \
      attempts = excluded.attempts, possible_duplicate = excluded.possible_duplicate, \
      receipts = excluded.receipts, error = excluded.error, \
-     updated_at_ms = excluded.updated_at_ms, body = excluded.body";
+     updated_at_ms = excluded.updated_at_ms";
+
+/// Bodies live apart from states: SQLite rewrites a whole row for any change, and a state
+/// changes about three times per message while its body never does (bench/PROFILE.md).
+const INSERT_BODY: &str = "INSERT INTO outbox_bodies (id, body) VALUES (?1, ?2) \
+     ON CONFLICT (id) DO UPDATE SET body = excluded.body";
 
 const UPDATE_STATE: &str = "UPDATE outbox_messages SET state = ?2, attempts = ?3, \
      possible_duplicate = ?4, receipts = ?5, error = ?6, updated_at_ms = ?7 WHERE id = ?1";
 
 /// Writes one row with statements prepared once per commit (looking a cached statement up by
 /// its text for every row cost a hash of the text each time).
-fn write_row(
-    insert: &mut rusqlite::CachedStatement<'_>,
-    update: &mut rusqlite::CachedStatement<'_>,
-    r: &RowWrite,
-) -> Result<(), StoreError> {
+struct Statements<'a> {
+    insert: rusqlite::CachedStatement<'a>,
+    body: rusqlite::CachedStatement<'a>,
+    update: rusqlite::CachedStatement<'a>,
+}
+
+fn write_row(st: &mut Statements<'_>, r: &RowWrite) -> Result<(), StoreError> {
     let s = &r.state;
     let receipts = if s.receipts.is_empty() {
         None
@@ -1066,19 +1093,20 @@ fn write_row(
     let updated = s.updated_at_ms.min(i64::MAX as u64) as i64;
     let id = r.id.min(i64::MAX as u64) as i64;
     let n = match &r.body {
-        Some(b) => insert.execute(params![
-            id,
-            b.conversation,
-            state,
-            s.attempts,
-            s.possible_duplicate,
-            receipts,
-            error,
-            b.accepted_at_ms.min(i64::MAX as u64) as i64,
-            updated,
-            b.json
-        ]),
-        None => update.execute(params![
+        Some(b) => st.body.execute(params![id, b.json]).and_then(|_| {
+            st.insert.execute(params![
+                id,
+                b.conversation,
+                state,
+                s.attempts,
+                s.possible_duplicate,
+                receipts,
+                error,
+                b.accepted_at_ms.min(i64::MAX as u64) as i64,
+                updated,
+            ])
+        }),
+        None => st.update.execute(params![
             id,
             state,
             s.attempts,
@@ -1340,9 +1368,13 @@ mod tests {
         s.update(n + 1, Change::Finished(done)).await.unwrap();
         assert_eq!(s.compact(u64::MAX, 0), n as usize + 1);
         let left: i64 = shell(dir.path())
-            .query_row("SELECT COUNT(*) FROM outbox_messages", [], |r| r.get(0))
+            .query_row(
+                "SELECT (SELECT COUNT(*) FROM outbox_messages) + (SELECT COUNT(*) FROM outbox_bodies)",
+                [],
+                |r| r.get(0),
+            )
             .unwrap();
-        assert_eq!(left, 0);
+        assert_eq!(left, 0, "states and bodies both gone");
     }
 
     #[tokio::test]
@@ -1395,7 +1427,7 @@ mod tests {
         }
         shell(dir.path())
             .execute_batch(
-                "UPDATE outbox_messages SET body = '{not json' WHERE id = 1;
+                "UPDATE outbox_bodies SET body = '{not json' WHERE id = 1;
                  UPDATE outbox_messages SET state = 'sideways' WHERE id = 2;",
             )
             .unwrap();
@@ -1413,7 +1445,7 @@ mod tests {
         s.append(vec![msg(1)], None).await.unwrap();
         // Were its state read back, it would come from the file, where it is now gone.
         shell(dir.path())
-            .execute("DELETE FROM outbox_messages", [])
+            .execute_batch("DELETE FROM outbox_messages; DELETE FROM outbox_bodies;")
             .unwrap();
         s.update(1, Change::Delivering { attempts: 1 })
             .await
