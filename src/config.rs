@@ -248,9 +248,6 @@ impl Default for AdminConfig {
 pub enum OutboxBackend {
     /// SQLite in `data_dir` (`outbox.sqlite3`): accepted messages survive a crash.
     Sqlite,
-    /// The earlier hand-written log in `data_dir/log/`, kept only until the SQLite store is
-    /// measured against it.
-    Log,
     /// Lost on a crash or restart; for tests and throwaway deployments.
     Memory,
 }
@@ -266,9 +263,6 @@ pub struct OutboxConfig {
     pub retention: Duration,
     #[serde(deserialize_with = "de_duration")]
     pub compact_interval: Duration,
-    /// Memory for reading an outbox written by an earlier version (redb), imported once at the
-    /// first start, in MiB.
-    pub cache_mib: usize,
 }
 
 impl Default for OutboxConfig {
@@ -278,7 +272,6 @@ impl Default for OutboxConfig {
             data_dir: "channel-gateway-data".into(),
             retention: Duration::from_secs(3600),
             compact_interval: Duration::from_secs(60),
-            cache_mib: 16,
         }
     }
 }
@@ -466,9 +459,6 @@ impl Config {
         }
         if self.outbox.compact_interval.is_zero() {
             return Err(invalid("outbox.compact_interval", "must be more than 0"));
-        }
-        if self.outbox.cache_mib == 0 {
-            return Err(invalid("outbox.cache_mib", "must be at least 1"));
         }
         if self.outbox.data_dir.as_os_str().is_empty() {
             return Err(invalid("outbox.data_dir", "must not be empty"));
@@ -850,8 +840,6 @@ mod tests {
         assert!(
             load("[channels.botframework]\ntoken_url = \"http://127.0.0.1:9/token\"\n").is_ok()
         );
-        let err = load("[outbox]\ncache_mib = 0\n").unwrap_err().to_string();
-        assert!(err.contains("outbox.cache_mib"), "{err}");
     }
 
     #[test]

@@ -18,7 +18,7 @@ use crate::config::Config;
 use crate::config::OutboxBackend;
 use crate::delivery::Dispatcher;
 use crate::metrics::Metrics;
-use crate::outbox::{LogStore, MemoryStore, SqliteStore, Store, now_ms};
+use crate::outbox::{MemoryStore, SqliteStore, Store, now_ms};
 
 /// Drops delivered messages past their retention and expired idempotency keys, periodically.
 fn spawn_compaction(
@@ -226,14 +226,6 @@ async fn serve(
             tracing::info!(data_dir = %dir.display(), "durable outbox (SQLite)");
             Arc::new(SqliteStore::open(dir).map_err(|e| ServeError::Outbox(e.to_string()))?)
         }
-        OutboxBackend::Log => {
-            let dir = &config.outbox.data_dir;
-            tracing::info!(data_dir = %dir.display(), "durable outbox (log)");
-            let import_cache = config.outbox.cache_mib.saturating_mul(1 << 20);
-            Arc::new(
-                LogStore::open(dir, import_cache).map_err(|e| ServeError::Outbox(e.to_string()))?,
-            )
-        }
         OutboxBackend::Memory => {
             tracing::warn!("in-memory outbox: accepted messages are lost on a crash or restart");
             Arc::new(MemoryStore::new())
@@ -360,7 +352,7 @@ async fn serve(
         let left = drain.shutdown(grace).await;
         if left > 0 {
             match backend {
-                crate::config::OutboxBackend::Sqlite | crate::config::OutboxBackend::Log => {
+                crate::config::OutboxBackend::Sqlite => {
                     tracing::warn!(
                         undelivered = left,
                         "shutdown grace ran out; the undelivered messages stay in the durable \
@@ -500,7 +492,7 @@ async fn start_inbound(
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(crate::inbound::Inbox, Option<SocketAddr>), ServeError> {
     let dir = match config.outbox.backend {
-        OutboxBackend::Sqlite | OutboxBackend::Log => Some(config.outbox.data_dir.as_path()),
+        OutboxBackend::Sqlite => Some(config.outbox.data_dir.as_path()),
         OutboxBackend::Memory => {
             tracing::warn!(
                 "in-memory inbox (outbox.backend = memory): received events are lost on a crash or restart"

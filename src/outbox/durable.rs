@@ -122,8 +122,8 @@ struct Marks {
     settled_to: u64,
     /// The versions of failed commits (first, last, why), oldest first. Few: a failed write
     /// leaves the store broken, and every later commit then fails with one reason, which extends
-    /// the last range instead of adding one. A commit refused on its own (one too large for a
-    /// segment) fails alone: later commits may succeed, and its versions stay failed.
+    /// the last range instead of adding one. A commit refused on its own (one a store rejects
+    /// for its content) fails alone: later commits may succeed, and its versions stay failed.
     failed: Vec<(u64, u64, StoreError)>,
     /// The writer is gone: what it had not settled never will be.
     closed: bool,

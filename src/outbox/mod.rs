@@ -1,13 +1,11 @@
 //! The outbox: accepted messages and their delivery records, behind a trait with a durable
-//! backend (an append-only log with group commit, `log`) and an in-memory one.
+//! backend (SQLite with group commit, `sqlite`) and an in-memory one.
 //!
 //! Owns what must survive a restart: each accepted message with its conversation and sequence,
 //! its state, attempts, receipts and last error, and idempotency keys. Knows nothing of gRPC
 //! or any channel's JSON; never decides ordering (the dispatcher does).
 
 mod durable;
-mod log;
-mod redb_import;
 mod sqlite;
 
 use std::collections::{BTreeMap, HashMap};
@@ -17,7 +15,6 @@ use serde::{Deserialize, Serialize};
 
 pub(crate) use durable::Commits;
 pub use durable::Durable;
-pub use log::LogStore;
 pub use sqlite::SqliteStore;
 
 use crate::channels::{ChannelError, NativeReceipt};
