@@ -266,6 +266,11 @@ async fn an_outage_is_unavailable_and_the_pool_recovers_with_every_commit_kept()
         .unwrap()
         .get(0);
     assert_eq!(n, 1);
+    // A value of the wrong type is the caller's bug, not an outage.
+    let row = client.query_one("SELECT 1::int4", &[]).await.unwrap();
+    let e = PgError::query("reading", &row.try_get::<_, String>(0).unwrap_err());
+    assert!(!e.is_unavailable(), "{e:?}");
+    assert_eq!(e.sqlstate(), None);
 
     // A statement that runs past statement_timeout is cancelled by the server: a query error.
     drop(client);

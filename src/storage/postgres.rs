@@ -313,7 +313,15 @@ impl PgError {
                     }
                 }
             }
-            None => PgError::Unavailable(format!("{context}: {}", describe(e))),
+            None if connection_lost(e) => {
+                PgError::Unavailable(format!("{context}: {}", describe(e)))
+            }
+            // The client's own refusals: a value of the wrong type, a parameter count.
+            None => PgError::Query {
+                context,
+                code: None,
+                reason: describe(e),
+            },
         }
     }
 
@@ -330,6 +338,33 @@ impl PgError {
             _ => None,
         }
     }
+}
+
+/// A client error that is about the connection, not the statement: closed, an I/O error, no
+/// answer in time, or no connection at all. (The library's error kinds are private; its
+/// messages for them are fixed strings.)
+fn connection_lost(e: &tokio_postgres::Error) -> bool {
+    if e.is_closed() {
+        return true;
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        if cause.is::<std::io::Error>() {
+            return true;
+        }
+        source = cause.source();
+    }
+    let shown = e.to_string();
+    [
+        "error communicating with the server",
+        "error connecting to server",
+        "timeout waiting for server",
+        "unexpected message from server",
+        "error parsing response from server",
+        "authentication error",
+    ]
+    .iter()
+    .any(|k| shown.starts_with(k))
 }
 
 /// SQLSTATEs that say the server, not the statement, is the problem: class 08 (connection
