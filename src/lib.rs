@@ -15,4 +15,5 @@ pub mod model;
 pub mod outbox;
 pub mod server;
 pub mod settings;
+pub mod storage;
 pub mod tls;
