@@ -30,8 +30,8 @@ fn spawn_compaction(
     // gateway that owns it is gone.
     let store = Arc::downgrade(&store);
     tokio::spawn(async move {
-        // The first tick is immediate: at start it drops what replay brought back of messages
-        // compacted before (see outbox::log).
+        // The first tick is immediate: what aged past the retention while the gateway was
+        // down goes at start.
         let mut tick = tokio::time::interval(cfg.compact_interval);
         loop {
             tick.tick().await;
@@ -41,10 +41,9 @@ fn spawn_compaction(
             let now = now_ms();
             let cutoff = now.saturating_sub(cfg.retention.as_millis() as u64);
             let idem_cutoff = now.saturating_sub(idem.as_millis() as u64);
-            match tokio::task::spawn_blocking(move || store.compact(cutoff, idem_cutoff)).await {
-                Ok(n) if n > 0 => tracing::info!(compacted = n, "outbox compacted"),
-                Ok(_) => {}
-                Err(e) => tracing::error!(error = %e, "outbox compaction failed"),
+            let n = store.compact(cutoff, idem_cutoff).await;
+            if n > 0 {
+                tracing::info!(compacted = n, "outbox compacted");
             }
         }
     });
@@ -241,6 +240,7 @@ async fn serve(
     );
     dispatcher
         .resume()
+        .await
         .map_err(|e| ServeError::Outbox(e.to_string()))?;
     let watched = Arc::downgrade(&store);
     spawn_compaction(

@@ -182,19 +182,19 @@ fn visible<T>(req: &Request<T>, m: &StoredMessage) -> bool {
 /// One page of failed messages after `after`: at most `size` of them (of `bot`, when not empty)
 /// and at most `max_bytes` encoded, but at least one; and the token of the next page (empty
 /// when there is none).
-fn failed_page(
+async fn failed_page(
     store: &dyn crate::outbox::Store,
     mut after: u64,
     size: usize,
     bot: &str,
     max_bytes: usize,
-) -> (Vec<pb::Delivery>, String) {
+) -> Result<(Vec<pb::Delivery>, String), crate::outbox::StoreError> {
     let mut out = Vec::new();
     let mut bytes = 0usize;
     let mut full = false;
     let mut exhausted = false;
     while !full && !exhausted {
-        let page = store.failed(after, size);
+        let page = store.failed(after, size).await?;
         exhausted = page.len() < size;
         for m in page {
             if bot.is_empty() || m.message.address.bot_id() == bot {
@@ -220,7 +220,7 @@ fn failed_page(
     } else {
         after.to_string()
     };
-    (out, token)
+    Ok((out, token))
 }
 
 /// Most ids one Redeliver takes (a page of ListFailed).
@@ -400,14 +400,19 @@ impl GatewayService {
         let map_key = key.clone();
         let result = slot
             .get_or_try_init(|| async move {
-                if let Some(rec) = store.idempotency_get(&idem_store_key(&key))
+                let stored = store
+                    .idempotency_get(&idem_store_key(&key))
+                    .await
+                    .map_err(status::outbox_read)?;
+                if let Some(rec) = stored
                     && now_ms().saturating_sub(rec.created_at_ms) < window.as_millis() as u64
                 {
-                    let found = rec
-                        .message_ids
-                        .iter()
-                        .filter_map(|id| store.get(*id))
-                        .collect();
+                    let mut found = Vec::with_capacity(rec.message_ids.len());
+                    for id in &rec.message_ids {
+                        if let Some(m) = store.get(*id).await.map_err(status::outbox_read)? {
+                            found.push(m);
+                        }
+                    }
                     return Ok(replay(found));
                 }
                 f(Some(key)).await
@@ -820,6 +825,8 @@ impl ChannelGateway for GatewayService {
             .dispatcher
             .store()
             .get(id)
+            .await
+            .map_err(status::outbox_read)?
             .filter(|m| visible(&req, m))
             .ok_or_else(|| unknown_message(id))?;
         Ok(Response::new(pb::GetDeliveryResponse {
@@ -892,7 +899,9 @@ impl ChannelGateway for GatewayService {
             size,
             &req.bot_id,
             MAX_LIST_BYTES,
-        );
+        )
+        .await
+        .map_err(status::outbox_read)?;
         Ok(Response::new(pb::ListFailedResponse {
             deliveries,
             next_page_token,
@@ -944,14 +953,23 @@ impl ChannelGateway for GatewayService {
             if !seen.insert(id) {
                 continue;
             }
-            match self.dispatcher.store().get(id) {
+            match self
+                .dispatcher
+                .store()
+                .get(id)
+                .await
+                .map_err(status::outbox_read)?
+            {
                 Some(m) if visible(&req, &m) => {}
                 _ => return Err(unknown_message(id)),
             }
             ids.push(id);
             answer.push(id.to_string());
         }
-        self.dispatcher.redeliver(&ids).map_err(status::submit)?;
+        self.dispatcher
+            .redeliver(&ids)
+            .await
+            .map_err(status::submit)?;
         Ok(Response::new(pb::RedeliverResponse {
             message_ids: answer,
         }))
@@ -1142,7 +1160,7 @@ mod tests {
             let mut seen = Vec::new();
             let mut after = 0;
             for _ in 0..100 {
-                let (page, token) = failed_page(&store, after, size, bot, budget);
+                let (page, token) = failed_page(&store, after, size, bot, budget).await.unwrap();
                 assert!(
                     !page.is_empty() || token.is_empty(),
                     "an empty page that goes on"

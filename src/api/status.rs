@@ -118,12 +118,19 @@ pub fn submit(e: SubmitError) -> Status {
         ),
         SubmitError::NotFound(_) => Status::not_found(e.to_string()),
         SubmitError::NotFailed(_) => Status::failed_precondition(e.to_string()),
+        SubmitError::Store(e) => outbox_read(e),
     }
 }
 
 /// The outbox could not make an accepted message durable: the caller must retry.
 pub fn outbox(e: crate::outbox::StoreError) -> Status {
     Status::unavailable(format!("message not stored: {e}; retry"))
+}
+
+/// The outbox could not be read (its engine is unreachable, or a row is corrupt): not the same
+/// as a message it does not know, so the caller may retry.
+pub fn outbox_read(e: crate::outbox::StoreError) -> Status {
+    Status::unavailable(format!("outbox read failed: {e}; retry"))
 }
 
 /// The channel's refusal as a status: its code and text in the message and in ErrorInfo.

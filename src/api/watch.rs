@@ -122,8 +122,14 @@ async fn fan_out(
         let watched = match ev {
             Ok(ev) => {
                 dispatcher.metrics().watch_reads.inc();
-                let Some(m) = dispatcher.store().get(ev.id) else {
-                    continue;
+                let m = match dispatcher.store().get(ev.id).await {
+                    Ok(Some(m)) => m,
+                    Ok(None) => continue,
+                    Err(e) => {
+                        // The event itself still says what changed; only the record is missing.
+                        tracing::warn!(error = %e, message_id = ev.id, "outbox read for a watcher failed");
+                        continue;
+                    }
                 };
                 let mut delivery = super::service::delivery_pb(&m);
                 // The event is the truth of this change; the record may be newer already.

@@ -197,6 +197,8 @@ pub enum SubmitError {
     NotFound(u64),
     #[error("message {0} is not failed: only failed or expired messages can be redelivered")]
     NotFailed(u64),
+    #[error(transparent)]
+    Store(crate::outbox::StoreError),
 }
 
 /// A change of a message's state, for watchers.
@@ -477,8 +479,8 @@ impl Dispatcher {
 
     /// Puts every unfinished message of the outbox back in line, per conversation in acceptance
     /// order. Called once at start, before serving. Returns how many were resumed.
-    pub fn resume(&self) -> Result<usize, crate::outbox::StoreError> {
-        let pending = self.inner.store.pending()?;
+    pub async fn resume(&self) -> Result<usize, crate::outbox::StoreError> {
+        let pending = self.inner.store.pending().await?;
         let n = pending.len();
         // Consecutive messages of one conversation (and one proactive start) form one job.
         let mut groups: Vec<(ConversationKey, bool, Vec<StoredMessage>)> = Vec::new();
@@ -500,10 +502,16 @@ impl Dispatcher {
     }
 
     /// Puts failed or expired messages back in line at the end of their conversations.
-    pub fn redeliver(&self, ids: &[u64]) -> Result<(), SubmitError> {
+    pub async fn redeliver(&self, ids: &[u64]) -> Result<(), SubmitError> {
         let mut found = Vec::with_capacity(ids.len());
         for &id in ids {
-            let m = self.inner.store.get(id).ok_or(SubmitError::NotFound(id))?;
+            let m = self
+                .inner
+                .store
+                .get(id)
+                .await
+                .map_err(SubmitError::Store)?
+                .ok_or(SubmitError::NotFound(id))?;
             if !matches!(
                 m.record.state,
                 DeliveryState::Failed | DeliveryState::Expired
@@ -1870,7 +1878,7 @@ mod tests {
         assert_eq!(panicked.state, DeliveryState::Failed);
         assert_eq!(error.code.as_deref(), Some("internal"), "{error}");
         assert_eq!(
-            store.get(*id).map(|m| m.record.state),
+            store.get(*id).await.unwrap().map(|m| m.record.state),
             Some(DeliveryState::Failed)
         );
         // The others reached their own ends (this conversation has no credentials configured,

@@ -11,6 +11,7 @@ mod sqlite;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
+use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
 pub(crate) use durable::Commits;
@@ -103,7 +104,7 @@ pub enum Change {
     Requeued,
 }
 
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
     #[error("outbox storage: {0}")]
     Storage(String),
@@ -135,14 +136,23 @@ pub trait Store: Send + Sync + 'static {
     fn record(&self, id: u64, change: Change) {
         drop(self.update(id, change));
     }
-    fn get(&self, id: u64) -> Option<StoredMessage>;
+    /// Reads are futures so an engine across the network (PostgreSQL) fits the same seam, and
+    /// they return their errors: a store that cannot answer is not a message that is unknown.
+    fn get(&self, id: u64) -> BoxFuture<'_, Result<Option<StoredMessage>, StoreError>>;
     /// Messages not finished, in acceptance order (for resuming after a restart).
-    fn pending(&self) -> Result<Vec<StoredMessage>, StoreError>;
+    fn pending(&self) -> BoxFuture<'_, Result<Vec<StoredMessage>, StoreError>>;
     /// Failed and expired messages, newest last, starting after `after_id`.
-    fn failed(&self, after_id: u64, limit: usize) -> Vec<StoredMessage>;
+    fn failed(
+        &self,
+        after_id: u64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<StoredMessage>, StoreError>>;
     /// The smallest id never used.
     fn next_id(&self) -> u64;
-    fn idempotency_get(&self, key: &str) -> Option<IdempotencyRecord>;
+    fn idempotency_get<'a>(
+        &'a self,
+        key: &'a str,
+    ) -> BoxFuture<'a, Result<Option<IdempotencyRecord>, StoreError>>;
     /// Why the store stopped taking writes, once it did (a failed write leaves what is on disk
     /// unknown, so nothing more is acknowledged until a restart).
     fn failure(&self) -> Option<String> {
@@ -150,7 +160,7 @@ pub trait Store: Send + Sync + 'static {
     }
     /// Drops delivered messages finished before `cutoff_ms` and idempotency keys created before
     /// `idem_cutoff_ms`; returns how many messages went.
-    fn compact(&self, cutoff_ms: u64, idem_cutoff_ms: u64) -> usize;
+    fn compact(&self, cutoff_ms: u64, idem_cutoff_ms: u64) -> BoxFuture<'_, usize>;
 }
 
 pub fn now_ms() -> u64 {
@@ -287,22 +297,28 @@ impl Store for MemoryStore {
         Durable::ready()
     }
 
-    fn get(&self, id: u64) -> Option<StoredMessage> {
-        self.with(|s| s.messages.get(&id).cloned())
+    fn get(&self, id: u64) -> BoxFuture<'_, Result<Option<StoredMessage>, StoreError>> {
+        let found = self.with(|s| s.messages.get(&id).cloned());
+        Box::pin(std::future::ready(Ok(found)))
     }
 
-    fn pending(&self) -> Result<Vec<StoredMessage>, StoreError> {
-        Ok(self.with(|s| {
+    fn pending(&self) -> BoxFuture<'_, Result<Vec<StoredMessage>, StoreError>> {
+        let found = self.with(|s| {
             s.messages
                 .values()
                 .filter(|m| !m.record.state.is_terminal())
                 .cloned()
                 .collect()
-        }))
+        });
+        Box::pin(std::future::ready(Ok(found)))
     }
 
-    fn failed(&self, after_id: u64, limit: usize) -> Vec<StoredMessage> {
-        self.with(|s| {
+    fn failed(
+        &self,
+        after_id: u64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<StoredMessage>, StoreError>> {
+        let found = self.with(|s| {
             s.messages
                 .range(after_id.saturating_add(1)..)
                 .map(|(_, m)| m)
@@ -315,7 +331,8 @@ impl Store for MemoryStore {
                 .take(limit)
                 .cloned()
                 .collect()
-        })
+        });
+        Box::pin(std::future::ready(Ok(found)))
     }
 
     fn next_id(&self) -> u64 {
@@ -329,12 +346,16 @@ impl Store for MemoryStore {
         })
     }
 
-    fn idempotency_get(&self, key: &str) -> Option<IdempotencyRecord> {
-        self.with(|s| s.idempotency.get(key).cloned())
+    fn idempotency_get<'a>(
+        &'a self,
+        key: &'a str,
+    ) -> BoxFuture<'a, Result<Option<IdempotencyRecord>, StoreError>> {
+        let found = self.with(|s| s.idempotency.get(key).cloned());
+        Box::pin(std::future::ready(Ok(found)))
     }
 
-    fn compact(&self, cutoff_ms: u64, idem_cutoff_ms: u64) -> usize {
-        self.with(|s| {
+    fn compact(&self, cutoff_ms: u64, idem_cutoff_ms: u64) -> BoxFuture<'_, usize> {
+        let n = self.with(|s| {
             let before = s.messages.len();
             s.messages.retain(|_, m| {
                 let r = &m.record;
@@ -343,6 +364,7 @@ impl Store for MemoryStore {
             s.idempotency
                 .retain(|_, r| r.created_at_ms >= idem_cutoff_ms);
             before - s.messages.len()
-        })
+        });
+        Box::pin(std::future::ready(n))
     }
 }

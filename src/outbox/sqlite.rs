@@ -25,6 +25,7 @@ use std::path::Path;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
+use futures::future::BoxFuture;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};
 
 use super::{
@@ -243,7 +244,7 @@ enum Cmd {
     Compact {
         cutoff_ms: u64,
         idem_cutoff_ms: u64,
-        done: mpsc::Sender<usize>,
+        done: tokio::sync::oneshot::Sender<usize>,
     },
 }
 
@@ -596,39 +597,10 @@ impl Drop for SqliteStore {
     }
 }
 
-impl Store for SqliteStore {
-    fn append(
-        &self,
-        messages: Vec<StoredMessage>,
-        idempotency: Option<(String, IdempotencyRecord)>,
-    ) -> Durable {
-        self.put_bodies(messages, idempotency)
-    }
-
-    fn update(&self, id: u64, change: Change) -> Durable {
-        if !matches!(change, Change::Moved { .. }) {
-            return self
-                .put_state(id, change, true)
-                .unwrap_or_else(Durable::ready);
-        }
-        match self.get(id) {
-            Some(mut m) => {
-                apply(&mut m, change);
-                self.put_bodies(vec![m], None)
-            }
-            None => Durable::ready(),
-        }
-    }
-
-    fn record(&self, id: u64, change: Change) {
-        if matches!(change, Change::Moved { .. }) {
-            drop(self.update(id, change));
-        } else {
-            self.put_state(id, change, false);
-        }
-    }
-
-    fn get(&self, id: u64) -> Option<StoredMessage> {
+/// Reads, answered on the calling thread: a local SQLite read takes microseconds, less than a
+/// hand-over to a blocking thread would.
+impl SqliteStore {
+    fn get_now(&self, id: u64) -> Result<Option<StoredMessage>, StoreError> {
         let (body, state) = {
             let ov = lock(&self.overlay);
             (
@@ -638,22 +610,18 @@ impl Store for SqliteStore {
         };
         let mut m = match body {
             Some(m) => Arc::unwrap_or_clone(m),
-            None => match self.read_message(id) {
-                Ok(Some(m)) => m,
-                Ok(None) => return None,
-                Err(e) => {
-                    tracing::error!(error = %e, message_id = id, "outbox read failed");
-                    return None;
-                }
+            None => match self.read_message(id)? {
+                Some(m) => m,
+                None => return Ok(None),
             },
         };
         if let Some(s) = state {
             m.record = s;
         }
-        Some(m)
+        Ok(Some(m))
     }
 
-    fn pending(&self) -> Result<Vec<StoredMessage>, StoreError> {
+    fn pending_now(&self) -> Result<Vec<StoredMessage>, StoreError> {
         let rows = self.read(|c| {
             let mut st = c
                 .prepare(&format!(
@@ -676,7 +644,7 @@ impl Store for SqliteStore {
         Ok(out)
     }
 
-    fn failed(&self, after_id: u64, limit: usize) -> Vec<StoredMessage> {
+    fn failed_now(&self, after_id: u64, limit: usize) -> Result<Vec<StoredMessage>, StoreError> {
         let is_failed =
             |s: DeliveryState| matches!(s, DeliveryState::Failed | DeliveryState::Expired);
         // Failed ones not committed yet are in the overlay; the file has the rest.
@@ -711,16 +679,13 @@ impl Store for SqliteStore {
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(storage)
         });
-        match read {
-            Ok(found) => ids.extend(found),
-            Err(e) => tracing::error!(error = %e, "outbox read of failed messages failed"),
-        }
+        ids.extend(read?);
         ids.sort_unstable();
         ids.dedup();
         let mut out = Vec::new();
         for id in ids {
             // The overlay may already say it was redelivered.
-            if let Some(m) = self.get(id)
+            if let Some(m) = self.get_now(id)?
                 && is_failed(m.record.state)
             {
                 out.push(m);
@@ -729,14 +694,10 @@ impl Store for SqliteStore {
                 }
             }
         }
-        out
+        Ok(out)
     }
 
-    fn next_id(&self) -> u64 {
-        self.next_id
-    }
-
-    fn idempotency_get(&self, key: &str) -> Option<IdempotencyRecord> {
+    fn idempotency_now(&self, key: &str) -> Result<Option<IdempotencyRecord>, StoreError> {
         let read = self.read(|c| {
             c.prepare_cached(
                 "SELECT created_at_ms, message_ids FROM outbox_idempotency WHERE key = ?1",
@@ -753,27 +714,82 @@ impl Store for SqliteStore {
                 message_ids: serde_json::from_str(&ids).map_err(storage)?,
             })
         };
-        match read.and_then(|row| row.map(decode).transpose()) {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::error!(error = %e, "outbox idempotency read failed");
-                None
-            }
+        read.and_then(|row| row.map(decode).transpose())
+    }
+}
+
+impl Store for SqliteStore {
+    fn append(
+        &self,
+        messages: Vec<StoredMessage>,
+        idempotency: Option<(String, IdempotencyRecord)>,
+    ) -> Durable {
+        self.put_bodies(messages, idempotency)
+    }
+
+    fn update(&self, id: u64, change: Change) -> Durable {
+        if !matches!(change, Change::Moved { .. }) {
+            return self
+                .put_state(id, change, true)
+                .unwrap_or_else(Durable::ready);
         }
+        match self.get_now(id) {
+            Ok(Some(mut m)) => {
+                apply(&mut m, change);
+                self.put_bodies(vec![m], None)
+            }
+            Ok(None) => Durable::ready(),
+            Err(e) => Durable::settled(Err(e)),
+        }
+    }
+
+    fn record(&self, id: u64, change: Change) {
+        if matches!(change, Change::Moved { .. }) {
+            drop(self.update(id, change));
+        } else {
+            self.put_state(id, change, false);
+        }
+    }
+
+    fn get(&self, id: u64) -> BoxFuture<'_, Result<Option<StoredMessage>, StoreError>> {
+        Box::pin(std::future::ready(self.get_now(id)))
+    }
+
+    fn pending(&self) -> BoxFuture<'_, Result<Vec<StoredMessage>, StoreError>> {
+        Box::pin(std::future::ready(self.pending_now()))
+    }
+
+    fn failed(
+        &self,
+        after_id: u64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<StoredMessage>, StoreError>> {
+        Box::pin(std::future::ready(self.failed_now(after_id, limit)))
+    }
+
+    fn next_id(&self) -> u64 {
+        self.next_id
+    }
+
+    fn idempotency_get<'a>(
+        &'a self,
+        key: &'a str,
+    ) -> BoxFuture<'a, Result<Option<IdempotencyRecord>, StoreError>> {
+        Box::pin(std::future::ready(self.idempotency_now(key)))
     }
 
     fn failure(&self) -> Option<String> {
         self.broken.get().cloned()
     }
 
-    fn compact(&self, cutoff_ms: u64, idem_cutoff_ms: u64) -> usize {
-        let (done, rx) = mpsc::channel();
+    fn compact(&self, cutoff_ms: u64, idem_cutoff_ms: u64) -> BoxFuture<'_, usize> {
+        let (done, rx) = tokio::sync::oneshot::channel();
         self.send(Cmd::Compact {
             cutoff_ms,
             idem_cutoff_ms,
             done,
         });
-        rx.recv().unwrap_or(0)
+        Box::pin(async move { rx.await.unwrap_or(0) })
     }
 }
 
@@ -1206,14 +1222,23 @@ mod tests {
         }
         let s = open(dir.path());
         assert_eq!(s.next_id(), 4);
-        let pending: Vec<u64> = s.pending().unwrap().iter().map(|m| m.id).collect();
+        let pending: Vec<u64> = s.pending_now().unwrap().iter().map(|m| m.id).collect();
         assert_eq!(pending, vec![1, 3]);
-        assert_eq!(s.get(1).unwrap().record.state, DeliveryState::Delivering);
-        let failed: Vec<u64> = s.failed(0, 10).iter().map(|m| m.id).collect();
+        assert_eq!(
+            s.get_now(1).unwrap().unwrap().record.state,
+            DeliveryState::Delivering
+        );
+        let failed: Vec<u64> = s.failed_now(0, 10).unwrap().iter().map(|m| m.id).collect();
         assert_eq!(failed, vec![2]);
-        assert_eq!(s.idempotency_get("k").unwrap().message_ids, vec![1, 2, 3]);
-        assert_eq!(s.compact(u64::MAX, 6), 0, "nothing delivered yet");
-        assert!(s.idempotency_get("k").is_none(), "old key compacted");
+        assert_eq!(
+            s.idempotency_now("k").unwrap().unwrap().message_ids,
+            vec![1, 2, 3]
+        );
+        assert_eq!(s.compact(u64::MAX, 6).await, 0, "nothing delivered yet");
+        assert!(
+            s.idempotency_now("k").unwrap().is_none(),
+            "old key compacted"
+        );
     }
 
     #[tokio::test]
@@ -1245,7 +1270,7 @@ mod tests {
             s.update(7, Change::Finished(out.clone())).await.unwrap();
         }
         let s = open(dir.path());
-        let back = s.get(7).unwrap();
+        let back = s.get_now(7).unwrap().unwrap();
         assert_eq!(back.conversation, m.conversation);
         assert_eq!(back.message, m.message);
         assert_eq!(back.proactive, m.proactive);
@@ -1276,19 +1301,31 @@ mod tests {
             });
             s.record(1, Change::Finished(delivered.clone()));
             assert_eq!(
-                s.get(1).unwrap().outcome(),
+                s.get_now(1).unwrap().unwrap().outcome(),
                 delivered,
                 "seen before it is on disk"
             );
             s.record(2, Change::Delivering { attempts: 1 });
-            assert_eq!(s.get(2).unwrap().record.state, DeliveryState::Delivering);
+            assert_eq!(
+                s.get_now(2).unwrap().unwrap().record.state,
+                DeliveryState::Delivering
+            );
             // Dropping the store lets the writer finish what was queued.
         }
         let s = open(dir.path());
-        assert_eq!(s.get(1).unwrap().outcome().receipts[0].native_id, "a1");
-        assert_eq!(s.get(1).unwrap().record.state, DeliveryState::Delivered);
-        assert_eq!(s.get(2).unwrap().record.state, DeliveryState::Delivering);
-        let pending: Vec<u64> = s.pending().unwrap().iter().map(|m| m.id).collect();
+        assert_eq!(
+            s.get_now(1).unwrap().unwrap().outcome().receipts[0].native_id,
+            "a1"
+        );
+        assert_eq!(
+            s.get_now(1).unwrap().unwrap().record.state,
+            DeliveryState::Delivered
+        );
+        assert_eq!(
+            s.get_now(2).unwrap().unwrap().record.state,
+            DeliveryState::Delivering
+        );
+        let pending: Vec<u64> = s.pending_now().unwrap().iter().map(|m| m.id).collect();
         assert_eq!(pending, vec![2]);
     }
 
@@ -1302,12 +1339,12 @@ mod tests {
             s.append(vec![head, msg(2)], None).await.unwrap();
             let failed = finished(DeliveryState::Failed, 1);
             s.update(2, Change::Finished(failed)).await.unwrap();
-            assert_eq!(s.failed(0, 10).len(), 1);
+            assert_eq!(s.failed_now(0, 10).unwrap().len(), 1);
             s.update(2, Change::Requeued).await.unwrap();
         }
         let s = open(dir.path());
         let pending: Vec<(u64, DeliveryState)> = s
-            .pending()
+            .pending_now()
             .unwrap()
             .iter()
             .map(|m| (m.id, m.record.state))
@@ -1316,7 +1353,10 @@ mod tests {
             pending,
             vec![(1, DeliveryState::Delivering), (2, DeliveryState::Accepted)]
         );
-        assert!(s.failed(0, 10).is_empty(), "requeued left the failed list");
+        assert!(
+            s.failed_now(0, 10).unwrap().is_empty(),
+            "requeued left the failed list"
+        );
     }
 
     #[tokio::test]
@@ -1328,8 +1368,13 @@ mod tests {
             let f = finished(DeliveryState::Failed, 1);
             s.update(id, Change::Finished(f)).await.unwrap();
         }
-        let page =
-            |after, limit| -> Vec<u64> { s.failed(after, limit).iter().map(|m| m.id).collect() };
+        let page = |after, limit| -> Vec<u64> {
+            s.failed_now(after, limit)
+                .unwrap()
+                .iter()
+                .map(|m| m.id)
+                .collect()
+        };
         assert_eq!(page(0, 2), vec![2, 3]);
         assert_eq!(page(3, 2), vec![5, 6]);
         assert_eq!(page(6, 2), Vec::<u64>::new());
@@ -1345,10 +1390,10 @@ mod tests {
         s.append(vec![msg(1), msg(2)], None).await.unwrap();
         let done = finished(DeliveryState::Delivered, 1);
         s.update(1, Change::Finished(done)).await.unwrap();
-        assert_eq!(s.compact(0, 0), 0, "not old enough");
-        assert_eq!(s.compact(u64::MAX, 0), 1);
-        assert!(s.get(1).is_none());
-        assert!(s.get(2).is_some(), "undelivered kept");
+        assert_eq!(s.compact(0, 0).await, 0, "not old enough");
+        assert_eq!(s.compact(u64::MAX, 0).await, 1);
+        assert!(s.get_now(1).unwrap().is_none());
+        assert!(s.get_now(2).unwrap().is_some(), "undelivered kept");
     }
 
     #[tokio::test]
@@ -1366,7 +1411,7 @@ mod tests {
         s.append(batch, None).await.unwrap();
         s.append(vec![msg(n + 1)], None).await.unwrap();
         s.update(n + 1, Change::Finished(done)).await.unwrap();
-        assert_eq!(s.compact(u64::MAX, 0), n as usize + 1);
+        assert_eq!(s.compact(u64::MAX, 0).await, n as usize + 1);
         let left: i64 = shell(dir.path())
             .query_row(
                 "SELECT (SELECT COUNT(*) FROM outbox_messages) + (SELECT COUNT(*) FROM outbox_bodies)",
@@ -1387,7 +1432,7 @@ mod tests {
             for id in [1, 2] {
                 s.update(id, Change::Finished(done.clone())).await.unwrap();
             }
-            assert_eq!(s.compact(u64::MAX, 0), 2);
+            assert_eq!(s.compact(u64::MAX, 0).await, 2);
         }
         let s = open(dir.path());
         assert_eq!(s.next_id(), 3, "the bound the file recorded survives");
@@ -1432,9 +1477,9 @@ mod tests {
             )
             .unwrap();
         let s = open(dir.path());
-        assert!(s.get(1).is_none());
-        assert!(s.get(2).is_none());
-        let err = s.pending().unwrap_err().to_string();
+        assert!(s.get_now(1).is_err(), "a body that is not JSON");
+        assert!(s.get_now(2).is_err(), "a state that is not one");
+        let err = s.pending_now().unwrap_err().to_string();
         assert!(err.contains("outbox storage"), "{err}");
     }
 
@@ -1499,7 +1544,7 @@ mod tests {
         last.await.unwrap();
         drop(s);
         let s = open(dir.path());
-        assert_eq!(s.get(1).unwrap().outcome(), done);
+        assert_eq!(s.get_now(1).unwrap().unwrap().outcome(), done);
     }
 
     #[tokio::test]
@@ -1511,7 +1556,7 @@ mod tests {
             s.append(vec![msg(1)], None).await.unwrap();
         }
         let s = open(&nested);
-        assert_eq!(s.pending().unwrap().len(), 1);
+        assert_eq!(s.pending_now().unwrap().len(), 1);
     }
 
     #[tokio::test]
@@ -1531,7 +1576,7 @@ mod tests {
         }
         let s = open(dir.path());
         assert!(s.failure().is_none(), "a restart starts afresh");
-        let ids: Vec<u64> = s.pending().unwrap().iter().map(|m| m.id).collect();
+        let ids: Vec<u64> = s.pending_now().unwrap().iter().map(|m| m.id).collect();
         assert_eq!(ids, vec![1], "only what was acknowledged");
     }
 
