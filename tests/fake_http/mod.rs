@@ -14,8 +14,9 @@ use channel_gateway::config::Config;
 use channel_gateway::server::RunningGateway;
 
 /// A gateway config for a test against a fake channel: gRPC and admin on free ports of
-/// 127.0.0.1, the in-memory outbox (tests run in parallel: no shared file), short retry delays.
-/// Each harness then points its channel at its fake.
+/// 127.0.0.1, short retry delays, and the outbox the suite runs on: SQLite, the default, in a
+/// directory of its own (tests run in parallel), or the one `CHANNEL_GATEWAY_TEST_BACKEND`
+/// names (`memory`). Each harness then points its channel at its fake.
 pub fn gateway_config() -> Config {
     let mut c = Config::load(
         None,
@@ -30,8 +31,41 @@ pub fn gateway_config() -> Config {
     c.delivery.request_timeout = Duration::from_secs(10);
     c.admin.listen = "127.0.0.1:0".into();
     c.inbound.listen = "127.0.0.1:0".into();
-    c.outbox.backend = channel_gateway::config::OutboxBackend::Memory;
+    match std::env::var("CHANNEL_GATEWAY_TEST_BACKEND").as_deref() {
+        Ok("memory") => c.outbox.backend = channel_gateway::config::OutboxBackend::Memory,
+        Ok("sqlite") | Err(_) => {
+            c.outbox.backend = channel_gateway::config::OutboxBackend::Sqlite;
+            c.outbox.data_dir = data_dir();
+        }
+        Ok(other) => panic!("CHANNEL_GATEWAY_TEST_BACKEND={other}: sqlite or memory"),
+    }
     c
+}
+
+/// A fresh data directory under this test process's own root in the temp dir. The root goes
+/// with the process: each test binary removes the roots of test processes no longer running
+/// when it makes its first one (a test process ends without running destructors of statics).
+pub fn data_dir() -> std::path::PathBuf {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static ROOT: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let root = ROOT.get_or_init(|| {
+        let tmp = std::env::temp_dir();
+        if let Ok(entries) = std::fs::read_dir(&tmp) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if let Some(pid) = name.strip_prefix("cg-test-data-")
+                    && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+                {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        let root = tmp.join(format!("cg-test-data-{}", std::process::id()));
+        std::fs::create_dir_all(&root).unwrap();
+        root
+    });
+    root.join(format!("gw-{}", NEXT.fetch_add(1, Ordering::Relaxed)))
 }
 
 /// Starts a gateway and connects a gRPC client to it over TCP.
