@@ -5,4 +5,5 @@
 //! rate scope. The stores (`crate::outbox`, `crate::inbound`) own their tables and queries and
 //! hand their DDL to this module as migrations.
 
+pub mod lease;
 pub mod postgres;
