@@ -7,3 +7,4 @@
 
 pub mod lease;
 pub mod postgres;
+pub mod rate;
