@@ -6,5 +6,6 @@
 //! hand their DDL to this module as migrations.
 
 pub mod lease;
+pub mod notify;
 pub mod postgres;
 pub mod rate;

@@ -77,7 +77,7 @@ impl PostgresConfig {
     }
 
     /// The URL parsed, with this section's settings applied over it.
-    fn client_config(&self) -> Result<tokio_postgres::Config, ConfigError> {
+    pub(crate) fn client_config(&self) -> Result<tokio_postgres::Config, ConfigError> {
         let key = |field: &str| format!("{SECTION}.{field}");
         if !(1..=POOL_SIZE_MAX).contains(&self.pool_size) {
             return Err(invalid(
