@@ -317,7 +317,6 @@ impl EntryState {
             (EntryState::Partial(q), EntryState::Partial(p)) => EntryState::Partial(q.then(&p)),
         }
     }
-  }
 }
 
 /// One change for the writer: a whole message (appended, or moved by a proactive start) or a
