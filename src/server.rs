@@ -18,7 +18,7 @@ use crate::config::Config;
 use crate::config::OutboxBackend;
 use crate::delivery::Dispatcher;
 use crate::metrics::Metrics;
-use crate::outbox::{MemoryStore, SqliteStore, Store, now_ms};
+use crate::outbox::{MemoryStore, PostgresStore, SqliteStore, Store, now_ms};
 
 /// Drops delivered messages past their retention and expired idempotency keys, periodically.
 fn spawn_compaction(
@@ -52,28 +52,60 @@ fn spawn_compaction(
 /// How often gRPC health looks at the outbox.
 const OUTBOX_WATCH_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Turns gRPC health to NOT_SERVING for good once the outbox stops taking writes (a full disk,
-/// say), as `/readyz` does: a mesh that health-checks over gRPC then sends elsewhere, where
-/// every Send here would be refused.
+/// Turns gRPC health to NOT_SERVING once the outbox stops taking writes, as `/readyz` does: a
+/// mesh that health-checks over gRPC then sends elsewhere, where every Send here would be
+/// refused. For good after a failed local write (a full disk, say); while it lasts for an
+/// outage that ends (PostgreSQL unreachable, `Store::transient`), SERVING again after it,
+/// unless the gateway is stopping (`stopping`, set by the shutdown under the same lock).
 async fn watch_outbox(
     store: std::sync::Weak<dyn Store>,
     health: tonic_health::server::HealthReporter,
     every: std::time::Duration,
+    stopping: Arc<tokio::sync::Mutex<bool>>,
 ) {
     let mut tick = tokio::time::interval(every);
+    let mut down = false;
     loop {
         tick.tick().await;
         // A weak handle, as for compaction: the outbox's file lock goes with its gateway.
         let Some(store) = store.upgrade() else {
             return;
         };
-        if let Some(reason) = store.failure() {
-            tracing::error!(
-                %reason,
-                "outbox stopped taking writes: gRPC health is NOT_SERVING until a restart"
-            );
-            not_serving(&health).await;
-            return;
+        let failure = store.failure();
+        let transient = store.transient();
+        drop(store);
+        match failure {
+            Some(reason) if !transient => {
+                tracing::error!(
+                    %reason,
+                    "outbox stopped taking writes: gRPC health is NOT_SERVING until a restart"
+                );
+                not_serving(&health).await;
+                return;
+            }
+            Some(reason) if !down => {
+                tracing::error!(
+                    %reason,
+                    "outbox unreachable: gRPC health is NOT_SERVING until it is back"
+                );
+                down = true;
+                not_serving(&health).await;
+            }
+            None if down => {
+                let stopping = stopping.lock().await;
+                if *stopping {
+                    return;
+                }
+                tracing::info!("outbox reachable again: gRPC health is SERVING");
+                down = false;
+                health
+                    .set_serving::<ChannelGatewayServer<GatewayService>>()
+                    .await;
+                health
+                    .set_service_status("", ServingStatus::Serving)
+                    .await;
+            }
+            _ => {}
         }
     }
 }
@@ -229,6 +261,19 @@ async fn serve(
             tracing::warn!("in-memory outbox: accepted messages are lost on a crash or restart");
             Arc::new(MemoryStore::new())
         }
+        OutboxBackend::Postgres => {
+            let pg = &config.outbox.postgres;
+            tracing::info!(
+                database = %pg.target().unwrap_or_default(),
+                pool_size = pg.pool_size,
+                "durable outbox (PostgreSQL)"
+            );
+            Arc::new(
+                PostgresStore::open(pg)
+                    .await
+                    .map_err(|e| ServeError::Outbox(e.to_string()))?,
+            )
+        }
     };
     let metrics = Arc::new(Metrics::new());
     metrics.start_series(&channels.enabled_ids());
@@ -281,7 +326,13 @@ async fn serve(
     health
         .set_serving::<ChannelGatewayServer<GatewayService>>()
         .await;
-    tokio::spawn(watch_outbox(watched, health.clone(), OUTBOX_WATCH_EVERY));
+    let stopping = Arc::new(tokio::sync::Mutex::new(false));
+    tokio::spawn(watch_outbox(
+        watched,
+        health.clone(),
+        OUTBOX_WATCH_EVERY,
+        stopping.clone(),
+    ));
     // v1alpha too: grpcurl and Python's grpcio-reflection client still ask it. Both list both.
     let reflection_builder = || {
         tonic_reflection::server::Builder::configure()
@@ -343,8 +394,13 @@ async fn serve(
         ready.set_ready(false);
         // Channels find the webhook port closed and retry later (or at another replica).
         let _ = inbound_stop_tx.send(());
-        // Probes see NOT_SERVING first, then new sends are refused, then queues drain.
-        not_serving(&health).await;
+        // Probes see NOT_SERVING first, then new sends are refused, then queues drain. Under
+        // the lock the outbox watch takes, so it cannot turn SERVING again after this.
+        {
+            let mut stopping = stopping.lock().await;
+            *stopping = true;
+            not_serving(&health).await;
+        }
         tracing::info!(
             grace_s = grace.as_secs_f64(),
             "shutting down: draining queues"
@@ -352,7 +408,7 @@ async fn serve(
         let left = drain.shutdown(grace).await;
         if left > 0 {
             match backend {
-                crate::config::OutboxBackend::Sqlite => {
+                crate::config::OutboxBackend::Sqlite | crate::config::OutboxBackend::Postgres => {
                     tracing::warn!(
                         undelivered = left,
                         "shutdown grace ran out; the undelivered messages stay in the durable \
@@ -493,6 +549,13 @@ async fn start_inbound(
 ) -> Result<(crate::inbound::Inbox, Option<SocketAddr>), ServeError> {
     let dir = match config.outbox.backend {
         OutboxBackend::Sqlite => Some(config.outbox.data_dir.as_path()),
+        OutboxBackend::Postgres => {
+            tracing::info!(
+                data_dir = %config.outbox.data_dir.display(),
+                "inbox in SQLite in data_dir: the PostgreSQL backend keeps only the outbox so far"
+            );
+            Some(config.outbox.data_dir.as_path())
+        }
         OutboxBackend::Memory => {
             tracing::warn!(
                 "in-memory inbox (outbox.backend = memory): received events are lost on a crash or restart"
@@ -611,6 +674,7 @@ mod tests {
             std::sync::Arc::downgrade(&store),
             health.clone(),
             every,
+            std::sync::Arc::default(),
         ));
         tokio::time::sleep(every * 5).await;
         let serving = S::Serving as i32;
