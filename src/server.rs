@@ -101,9 +101,7 @@ async fn watch_outbox(
                 health
                     .set_serving::<ChannelGatewayServer<GatewayService>>()
                     .await;
-                health
-                    .set_service_status("", ServingStatus::Serving)
-                    .await;
+                health.set_service_status("", ServingStatus::Serving).await;
             }
             _ => {}
         }

@@ -66,7 +66,9 @@ async fn scalar(url: &str, sql: &str) -> i64 {
     let pool = channel_gateway::storage::postgres::connect(&pg_config(url))
         .await
         .unwrap();
-    let c = channel_gateway::storage::postgres::get(&pool).await.unwrap();
+    let c = channel_gateway::storage::postgres::get(&pool)
+        .await
+        .unwrap();
     c.query_one(sql, &[]).await.unwrap().get(0)
 }
 
@@ -132,9 +134,14 @@ async fn the_store_survives_reopen_and_tracks_states() {
     // Redelivered after a reopen: its state is not in memory, the change sets its columns.
     s.update(2, Change::Requeued).await.unwrap();
     let m = s.get(2).await.unwrap().unwrap();
-    assert_eq!((m.record.state, m.record.attempts), (DeliveryState::Accepted, 2));
+    assert_eq!(
+        (m.record.state, m.record.attempts),
+        (DeliveryState::Accepted, 2)
+    );
     assert!(s.failed(0, 10).await.unwrap().is_empty());
-    s.update(2, Change::Delivering { attempts: 3 }).await.unwrap();
+    s.update(2, Change::Delivering { attempts: 3 })
+        .await
+        .unwrap();
     let done = finished(DeliveryState::Delivered, 3);
     s.update(2, Change::Finished(done.clone())).await.unwrap();
     assert_eq!(s.get(2).await.unwrap().unwrap().outcome(), done);
@@ -148,7 +155,11 @@ async fn the_store_survives_reopen_and_tracks_states() {
         1
     );
     assert_eq!(
-        scalar(&url, "SELECT count(DISTINCT partition)::int8 FROM outbox_messages").await,
+        scalar(
+            &url,
+            "SELECT count(DISTINCT partition)::int8 FROM outbox_messages"
+        )
+        .await,
         1,
         "one conversation, one partition"
     );
@@ -183,7 +194,12 @@ async fn text_postgresql_cannot_hold_reads_back_as_written() {
         .await
         .unwrap();
         // A key that differs only where the escape would collide is another key.
-        assert!(s.idempotency_get("send\u{1f}bot\u{1f}k\\0\\0").await.unwrap().is_none());
+        assert!(
+            s.idempotency_get("send\u{1f}bot\u{1f}k\\0\\0")
+                .await
+                .unwrap()
+                .is_none()
+        );
     }
     let s = PostgresStore::open(&pg_config(&url)).await.unwrap();
     let back = s.get(7).await.unwrap().unwrap();
@@ -199,6 +215,9 @@ async fn text_postgresql_cannot_hold_reads_back_as_written() {
 async fn many_changes_share_commits_and_a_repeated_key_does_not_fail_its_group() {
     let url = PgCluster::shared().create_database();
     let s = Arc::new(PostgresStore::open(&pg_config(&url)).await.unwrap());
+    // Every write transaction takes a transaction id (and this query one more).
+    let xid = "SELECT pg_current_xact_id()::text::int8";
+    let xid_before = scalar(&url, xid).await;
     let n = 4000u64;
     let begun = Instant::now();
     let mut waits = Vec::new();
@@ -219,18 +238,15 @@ async fn many_changes_share_commits_and_a_repeated_key_does_not_fail_its_group()
         w.await.unwrap();
     }
     let took = begun.elapsed();
+    let commits = scalar(&url, xid).await - xid_before - 1;
     println!(
-        "{n} appends (one message each) committed in {took:?}: {:.0} msg/s",
+        "{n} appends (one message each) committed in {took:?} ({:.0} msg/s) by {commits} \
+         transactions",
         n as f64 / took.as_secs_f64()
     );
-    let commits = scalar(
-        &url,
-        "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()",
-    )
-    .await;
-    println!("transactions committed in the database so far: {commits}");
+    assert!(commits >= 1);
     assert!(
-        (commits as u64) < n / 2,
+        (commits as u64) < n / 10,
         "{commits} transactions for {n} appends: they do not share commits"
     );
     assert_eq!(
@@ -252,23 +268,42 @@ async fn an_outage_refuses_writes_quickly_keeps_unwaited_changes_and_ends() {
     let url = cluster.url().to_string();
     let s = PostgresStore::open(&pg_config(&url)).await.unwrap();
     assert!(s.transient());
-    s.append(vec![msg(1, "c"), msg(2, "c")], None).await.unwrap();
-    s.update(1, Change::Delivering { attempts: 1 }).await.unwrap();
+    s.append(vec![msg(1, "c"), msg(2, "c")], None)
+        .await
+        .unwrap();
+    s.update(1, Change::Delivering { attempts: 1 })
+        .await
+        .unwrap();
     assert!(s.failure().is_none());
 
     let c = cluster.clone();
     blocking(move || c.stop()).await;
     let begun = Instant::now();
-    let err = s.append(vec![msg(3, "c")], None).await.unwrap_err().to_string();
-    assert!(begun.elapsed() < Duration::from_secs(5), "{:?}", begun.elapsed());
+    let err = s
+        .append(vec![msg(3, "c")], None)
+        .await
+        .unwrap_err()
+        .to_string();
+    println!(
+        "an append during the outage failed in {:?}: {err}",
+        begun.elapsed()
+    );
+    // Well under connect_timeout (2 s): a refused connection is not waited out.
+    assert!(
+        begun.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        begun.elapsed()
+    );
     assert!(err.contains("PostgreSQL"), "{err}");
     assert!(s.failure().is_some(), "the outage is reported");
     // Outcomes nobody waits for, recorded during the outage, are kept.
     let mut delivered = finished(DeliveryState::Delivered, 1);
-    delivered.receipts.push(channel_gateway::channels::NativeReceipt {
-        native_id: "n1".into(),
-        conversation_id: "c".into(),
-    });
+    delivered
+        .receipts
+        .push(channel_gateway::channels::NativeReceipt {
+            native_id: "n1".into(),
+            conversation_id: "c".into(),
+        });
     s.record(1, Change::Finished(delivered.clone()));
     s.record(2, Change::Delivering { attempts: 1 });
     assert!(s.get(3).await.is_err(), "a read says it cannot answer");
@@ -312,7 +347,11 @@ async fn open_errors_never_show_the_password() {
 
 // ---- An in-process gateway on PostgreSQL ----
 
-fn gateway_config(fake: &FakeConnector, url: &str, data_dir: &std::path::Path) -> channel_gateway::config::Config {
+fn gateway_config(
+    fake: &FakeConnector,
+    url: &str,
+    data_dir: &std::path::Path,
+) -> channel_gateway::config::Config {
     let mut c = config_for(fake);
     c.outbox.backend = OutboxBackend::Postgres;
     c.outbox.postgres = pg_config(url);
@@ -431,7 +470,11 @@ async fn a_gateway_on_postgres_delivers_in_order_lists_failed_and_redelivers() {
         .await
         .unwrap()
         .into_inner();
-    let listed: Vec<&str> = list.deliveries.iter().map(|d| d.message_id.as_str()).collect();
+    let listed: Vec<&str> = list
+        .deliveries
+        .iter()
+        .map(|d| d.message_id.as_str())
+        .collect();
     assert_eq!(listed, [id.as_str()]);
     c.redeliver(pb::RedeliverRequest {
         message_ids: vec![id.clone()],
@@ -452,7 +495,11 @@ async fn a_gateway_on_postgres_delivers_in_order_lists_failed_and_redelivers() {
     gateway.shutdown().await.unwrap();
     // What the database says once the gateway is gone.
     assert_eq!(
-        scalar(&url, "SELECT count(*) FROM outbox_messages WHERE state <> 'delivered'").await,
+        scalar(
+            &url,
+            "SELECT count(*) FROM outbox_messages WHERE state <> 'delivered'"
+        )
+        .await,
         0
     );
 }
@@ -533,9 +580,12 @@ async fn a_database_outage_answers_unavailable_turns_not_ready_and_ends_without_
         .await
         .unwrap_err();
     let took = begun.elapsed();
-    println!("a Send during the outage answered {:?} in {took:?}", err.code());
+    println!(
+        "a Send during the outage answered {:?} in {took:?}",
+        err.code()
+    );
     assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
-    assert!(took < Duration::from_secs(5), "{took:?}");
+    assert!(took < Duration::from_secs(1), "{took:?}");
     assert!(!err.message().contains(&url), "{}", err.message());
     assert_eq!(readyz().await, 503, "not ready while the database is down");
     // GetDelivery cannot answer either: UNAVAILABLE, not NOT_FOUND.
@@ -549,6 +599,7 @@ async fn a_database_outage_answers_unavailable_turns_not_ready_and_ends_without_
 
     let cl = cluster.clone();
     blocking(move || cl.start_again()).await;
+    let back = Instant::now();
     let deadline = Instant::now() + Duration::from_secs(20);
     let after = loop {
         match send_text(&mut c, &address(&fake, "out"), "after".into()).await {
@@ -560,7 +611,10 @@ async fn a_database_outage_answers_unavailable_turns_not_ready_and_ends_without_
             }
         }
     };
-    println!("Sends work again {:?} after the restart began", begun.elapsed());
+    println!(
+        "Sends work again {:?} after the database is back",
+        back.elapsed()
+    );
     delivered(&mut c, &after.message_id).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while readyz().await != 200 {
@@ -574,7 +628,9 @@ async fn a_database_outage_answers_unavailable_turns_not_ready_and_ends_without_
     let texts = fake.texts("out");
     assert_eq!(
         texts,
-        ["before 0", "before 1", "before 2", "before 3", "before 4", "after"]
+        [
+            "before 0", "before 1", "before 2", "before 3", "before 4", "after"
+        ]
     );
     drop(c);
     gateway.shutdown().await.unwrap();
@@ -664,18 +720,25 @@ async fn sigkill_mid_stream_on_postgres_loses_nothing_accepted_and_keeps_order()
     let mut child = spawn_binary(&fake, &url, dir.path(), port);
     let mut client = ChannelGatewayClient::new(binary_channel(port).await);
     let acked = acked.lock().unwrap().clone();
-    assert!(acked.len() > CONVERSATIONS, "too few messages were sent to test anything");
+    assert!(
+        acked.len() > CONVERSATIONS,
+        "too few messages were sent to test anything"
+    );
     let want: HashSet<(usize, usize)> = acked.keys().copied().collect();
-    fake.wait_for(Duration::from_secs(120), "every acknowledged message", |r| {
-        let got: HashSet<(usize, usize)> = r
-            .iter()
-            .filter_map(|x| {
-                let conv = x.conversation.strip_prefix("pgcrash-")?.parse().ok()?;
-                Some((conv, x.text().parse().ok()?))
-            })
-            .collect();
-        want.is_subset(&got)
-    })
+    fake.wait_for(
+        Duration::from_secs(120),
+        "every acknowledged message",
+        |r| {
+            let got: HashSet<(usize, usize)> = r
+                .iter()
+                .filter_map(|x| {
+                    let conv = x.conversation.strip_prefix("pgcrash-")?.parse().ok()?;
+                    Some((conv, x.text().parse().ok()?))
+                })
+                .collect();
+            want.is_subset(&got)
+        },
+    )
     .await;
 
     let mut duplicates = 0;

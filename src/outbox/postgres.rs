@@ -534,7 +534,6 @@ impl PostgresStore {
         Durable::of(&self.commits, version)
     }
 
-
     async fn get_message(&self, id: u64) -> Result<Option<StoredMessage>, StoreError> {
         let body = lock(&self.overlay).bodies.get(&id).map(|(_, m)| m.clone());
         let mut m = match body {
@@ -991,9 +990,13 @@ impl Writer {
 
     /// The writer's connection: the open one, or a new one.
     async fn client(&mut self) -> Result<&postgres::Object, PgError> {
+        if self.conn.as_ref().is_some_and(|c| c.is_closed()) {
+            // Let go of it first: the writer's pool holds one connection.
+            self.discard();
+        }
         let conn = match self.conn.take() {
-            Some(c) if !c.is_closed() => c,
-            _ => postgres::get(&self.pool).await?,
+            Some(c) => c,
+            None => postgres::get(&self.pool).await?,
         };
         Ok(self.conn.insert(conn))
     }
@@ -1517,7 +1520,11 @@ impl Writer {
         }
     }
 
-    async fn compact_chunk(&mut self, cutoff: i64, idem_cutoff: i64) -> Result<(usize, usize), PgError> {
+    async fn compact_chunk(
+        &mut self,
+        cutoff: i64,
+        idem_cutoff: i64,
+    ) -> Result<(usize, usize), PgError> {
         let client = self.client().await?;
         let fail = |e: tokio_postgres::Error| PgError::query("compacting the outbox", &e);
         let messages: i64 = client
