@@ -691,3 +691,120 @@ mod tests {
         assert_eq!(statuses(&health).await, vec![down, down]);
     }
 }
+
+#[cfg(test)]
+mod transient_tests {
+    use std::sync::{Arc, Mutex};
+
+    use futures::future::BoxFuture;
+
+    use crate::outbox::{
+        Change, Durable, IdempotencyRecord, MemoryStore, Store, StoreError, StoredMessage,
+    };
+
+    /// A store whose outage the test switches on and off, as PostgreSQL's would come and go.
+    #[derive(Default)]
+    struct Flaky {
+        inner: MemoryStore,
+        down: Mutex<Option<String>>,
+    }
+
+    impl Store for Flaky {
+        fn append(&self, m: Vec<StoredMessage>, i: Option<(String, IdempotencyRecord)>) -> Durable {
+            self.inner.append(m, i)
+        }
+        fn update(&self, id: u64, change: Change) -> Durable {
+            self.inner.update(id, change)
+        }
+        fn get(&self, id: u64) -> BoxFuture<'_, Result<Option<StoredMessage>, StoreError>> {
+            self.inner.get(id)
+        }
+        fn pending(&self) -> BoxFuture<'_, Result<Vec<StoredMessage>, StoreError>> {
+            self.inner.pending()
+        }
+        fn failed(
+            &self,
+            after: u64,
+            limit: usize,
+        ) -> BoxFuture<'_, Result<Vec<StoredMessage>, StoreError>> {
+            self.inner.failed(after, limit)
+        }
+        fn next_id(&self) -> u64 {
+            self.inner.next_id()
+        }
+        fn idempotency_get<'a>(
+            &'a self,
+            key: &'a str,
+        ) -> BoxFuture<'a, Result<Option<IdempotencyRecord>, StoreError>> {
+            self.inner.idempotency_get(key)
+        }
+        fn failure(&self) -> Option<String> {
+            self.down.lock().unwrap().clone()
+        }
+        fn transient(&self) -> bool {
+            true
+        }
+        fn compact(&self, cutoff: u64, idem: u64) -> BoxFuture<'_, usize> {
+            self.inner.compact(cutoff, idem)
+        }
+    }
+
+    async fn serving(health: &tonic_health::server::HealthReporter) -> bool {
+        use tonic_health::pb::HealthCheckRequest;
+        use tonic_health::pb::health_server::Health;
+        let svc = tonic_health::server::HealthService::from_health_reporter(health.clone());
+        let r = svc
+            .check(tonic::Request::new(HealthCheckRequest {
+                service: String::new(),
+            }))
+            .await
+            .unwrap();
+        r.into_inner().status
+            == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    }
+
+    async fn until(health: &tonic_health::server::HealthReporter, want: bool) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while serving(health).await != want {
+            assert!(std::time::Instant::now() < deadline, "never {want}");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_transient_outage_turns_health_not_serving_while_it_lasts_and_readiness_follows() {
+        let flaky = Arc::new(Flaky::default());
+        let store: Arc<dyn Store> = flaky.clone();
+        let health = tonic_health::server::HealthReporter::new();
+        health
+            .set_service_status("", tonic_health::ServingStatus::Serving)
+            .await;
+        let stopping = Arc::new(tokio::sync::Mutex::new(false));
+        tokio::spawn(super::watch_outbox(
+            Arc::downgrade(&store),
+            health.clone(),
+            std::time::Duration::from_millis(10),
+            stopping.clone(),
+        ));
+        let m = crate::metrics::Metrics::new();
+        m.set_ready(true);
+        *flaky.down.lock().unwrap() = Some("PostgreSQL unavailable".into());
+        until(&health, false).await;
+        m.note_outbox(store.as_ref());
+        assert!(!m.is_ready());
+        *flaky.down.lock().unwrap() = None;
+        until(&health, true).await;
+        m.note_outbox(store.as_ref());
+        assert!(m.is_ready(), "ready again once the outage ended");
+        // Down again, and the gateway stops meanwhile: it stays NOT_SERVING.
+        *flaky.down.lock().unwrap() = Some("again".into());
+        until(&health, false).await;
+        *stopping.lock().await = true;
+        *flaky.down.lock().unwrap() = None;
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert!(
+            !serving(&health).await,
+            "a stopping gateway is not turned SERVING"
+        );
+    }
+}
