@@ -250,6 +250,9 @@ pub enum OutboxBackend {
     Sqlite,
     /// Lost on a crash or restart; for tests and throwaway deployments.
     Memory,
+    /// PostgreSQL at `outbox.postgres.url` (one replica per database for now); the inbox stays
+    /// in SQLite in `data_dir`.
+    Postgres,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -263,6 +266,8 @@ pub struct OutboxConfig {
     pub retention: Duration,
     #[serde(deserialize_with = "de_duration")]
     pub compact_interval: Duration,
+    /// With `backend = "postgres"`: where the database is (checked only then).
+    pub postgres: crate::storage::postgres::PostgresConfig,
 }
 
 impl Default for OutboxConfig {
@@ -272,6 +277,7 @@ impl Default for OutboxConfig {
             data_dir: "channel-gateway-data".into(),
             retention: Duration::from_secs(3600),
             compact_interval: Duration::from_secs(60),
+            postgres: crate::storage::postgres::PostgresConfig::default(),
         }
     }
 }
@@ -462,6 +468,9 @@ impl Config {
         }
         if self.outbox.data_dir.as_os_str().is_empty() {
             return Err(invalid("outbox.data_dir", "must not be empty"));
+        }
+        if self.outbox.backend == OutboxBackend::Postgres {
+            self.outbox.postgres.validate()?;
         }
         if self.server.max_batch_len == 0 {
             return Err(invalid("server.max_batch_len", "must be at least 1"));

@@ -118,7 +118,8 @@ pub struct Metrics {
     /// many watch.
     pub watch_reads: Counter,
     ready: AtomicBool,
-    /// Set once the outbox refused writes for good: not ready until a restart.
+    /// Set once the outbox refused writes for good (not ready until a restart), or while a
+    /// transient one is unreachable.
     outbox_failed: AtomicBool,
     /// The series every delivered message touches, for each built-in channel id (in
     /// `known_channels` order), taken from the families on first use: `get_or_create` takes a
@@ -461,11 +462,13 @@ impl Metrics {
         self.ready.load(Ordering::SeqCst) && !self.outbox_failed.load(Ordering::SeqCst)
     }
 
-    /// Takes in whether the outbox still takes writes: once it stopped, the gateway is not
-    /// ready until a restart.
+    /// Takes in whether the outbox still takes writes: once a local write failed, the gateway
+    /// is not ready until a restart; while an engine across the network is unreachable
+    /// (`Store::transient`), until it is back.
     pub fn note_outbox(&self, store: &dyn crate::outbox::Store) {
-        if store.failure().is_some() {
-            self.outbox_failed.store(true, Ordering::SeqCst);
+        let failed = store.failure().is_some();
+        if failed || store.transient() {
+            self.outbox_failed.store(failed, Ordering::SeqCst);
         }
     }
 

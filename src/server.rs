@@ -18,7 +18,7 @@ use crate::config::Config;
 use crate::config::OutboxBackend;
 use crate::delivery::Dispatcher;
 use crate::metrics::Metrics;
-use crate::outbox::{MemoryStore, SqliteStore, Store, now_ms};
+use crate::outbox::{MemoryStore, PostgresStore, SqliteStore, Store, now_ms};
 
 /// Drops delivered messages past their retention and expired idempotency keys, periodically.
 fn spawn_compaction(
@@ -52,28 +52,58 @@ fn spawn_compaction(
 /// How often gRPC health looks at the outbox.
 const OUTBOX_WATCH_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Turns gRPC health to NOT_SERVING for good once the outbox stops taking writes (a full disk,
-/// say), as `/readyz` does: a mesh that health-checks over gRPC then sends elsewhere, where
-/// every Send here would be refused.
+/// Turns gRPC health to NOT_SERVING once the outbox stops taking writes, as `/readyz` does: a
+/// mesh that health-checks over gRPC then sends elsewhere, where every Send here would be
+/// refused. For good after a failed local write (a full disk, say); while it lasts for an
+/// outage that ends (PostgreSQL unreachable, `Store::transient`), SERVING again after it,
+/// unless the gateway is stopping (`stopping`, set by the shutdown under the same lock).
 async fn watch_outbox(
     store: std::sync::Weak<dyn Store>,
     health: tonic_health::server::HealthReporter,
     every: std::time::Duration,
+    stopping: Arc<tokio::sync::Mutex<bool>>,
 ) {
     let mut tick = tokio::time::interval(every);
+    let mut down = false;
     loop {
         tick.tick().await;
         // A weak handle, as for compaction: the outbox's file lock goes with its gateway.
         let Some(store) = store.upgrade() else {
             return;
         };
-        if let Some(reason) = store.failure() {
-            tracing::error!(
-                %reason,
-                "outbox stopped taking writes: gRPC health is NOT_SERVING until a restart"
-            );
-            not_serving(&health).await;
-            return;
+        let failure = store.failure();
+        let transient = store.transient();
+        drop(store);
+        match failure {
+            Some(reason) if !transient => {
+                tracing::error!(
+                    %reason,
+                    "outbox stopped taking writes: gRPC health is NOT_SERVING until a restart"
+                );
+                not_serving(&health).await;
+                return;
+            }
+            Some(reason) if !down => {
+                tracing::error!(
+                    %reason,
+                    "outbox unreachable: gRPC health is NOT_SERVING until it is back"
+                );
+                down = true;
+                not_serving(&health).await;
+            }
+            None if down => {
+                let stopping = stopping.lock().await;
+                if *stopping {
+                    return;
+                }
+                tracing::info!("outbox reachable again: gRPC health is SERVING");
+                down = false;
+                health
+                    .set_serving::<ChannelGatewayServer<GatewayService>>()
+                    .await;
+                health.set_service_status("", ServingStatus::Serving).await;
+            }
+            _ => {}
         }
     }
 }
@@ -229,6 +259,19 @@ async fn serve(
             tracing::warn!("in-memory outbox: accepted messages are lost on a crash or restart");
             Arc::new(MemoryStore::new())
         }
+        OutboxBackend::Postgres => {
+            let pg = &config.outbox.postgres;
+            tracing::info!(
+                database = %pg.target().unwrap_or_default(),
+                pool_size = pg.pool_size,
+                "durable outbox (PostgreSQL)"
+            );
+            Arc::new(
+                PostgresStore::open(pg)
+                    .await
+                    .map_err(|e| ServeError::Outbox(e.to_string()))?,
+            )
+        }
     };
     let metrics = Arc::new(Metrics::new());
     metrics.start_series(&channels.enabled_ids());
@@ -281,7 +324,13 @@ async fn serve(
     health
         .set_serving::<ChannelGatewayServer<GatewayService>>()
         .await;
-    tokio::spawn(watch_outbox(watched, health.clone(), OUTBOX_WATCH_EVERY));
+    let stopping = Arc::new(tokio::sync::Mutex::new(false));
+    tokio::spawn(watch_outbox(
+        watched,
+        health.clone(),
+        OUTBOX_WATCH_EVERY,
+        stopping.clone(),
+    ));
     // v1alpha too: grpcurl and Python's grpcio-reflection client still ask it. Both list both.
     let reflection_builder = || {
         tonic_reflection::server::Builder::configure()
@@ -343,8 +392,13 @@ async fn serve(
         ready.set_ready(false);
         // Channels find the webhook port closed and retry later (or at another replica).
         let _ = inbound_stop_tx.send(());
-        // Probes see NOT_SERVING first, then new sends are refused, then queues drain.
-        not_serving(&health).await;
+        // Probes see NOT_SERVING first, then new sends are refused, then queues drain. Under
+        // the lock the outbox watch takes, so it cannot turn SERVING again after this.
+        {
+            let mut stopping = stopping.lock().await;
+            *stopping = true;
+            not_serving(&health).await;
+        }
         tracing::info!(
             grace_s = grace.as_secs_f64(),
             "shutting down: draining queues"
@@ -352,7 +406,7 @@ async fn serve(
         let left = drain.shutdown(grace).await;
         if left > 0 {
             match backend {
-                crate::config::OutboxBackend::Sqlite => {
+                crate::config::OutboxBackend::Sqlite | crate::config::OutboxBackend::Postgres => {
                     tracing::warn!(
                         undelivered = left,
                         "shutdown grace ran out; the undelivered messages stay in the durable \
@@ -493,6 +547,13 @@ async fn start_inbound(
 ) -> Result<(crate::inbound::Inbox, Option<SocketAddr>), ServeError> {
     let dir = match config.outbox.backend {
         OutboxBackend::Sqlite => Some(config.outbox.data_dir.as_path()),
+        OutboxBackend::Postgres => {
+            tracing::info!(
+                data_dir = %config.outbox.data_dir.display(),
+                "inbox in SQLite in data_dir: the PostgreSQL backend keeps only the outbox so far"
+            );
+            Some(config.outbox.data_dir.as_path())
+        }
         OutboxBackend::Memory => {
             tracing::warn!(
                 "in-memory inbox (outbox.backend = memory): received events are lost on a crash or restart"
@@ -611,6 +672,7 @@ mod tests {
             std::sync::Arc::downgrade(&store),
             health.clone(),
             every,
+            std::sync::Arc::default(),
         ));
         tokio::time::sleep(every * 5).await;
         let serving = S::Serving as i32;
@@ -627,5 +689,122 @@ mod tests {
             .unwrap();
         let down = S::NotServing as i32;
         assert_eq!(statuses(&health).await, vec![down, down]);
+    }
+}
+
+#[cfg(test)]
+mod transient_tests {
+    use std::sync::{Arc, Mutex};
+
+    use futures::future::BoxFuture;
+
+    use crate::outbox::{
+        Change, Durable, IdempotencyRecord, MemoryStore, Store, StoreError, StoredMessage,
+    };
+
+    /// A store whose outage the test switches on and off, as PostgreSQL's would come and go.
+    #[derive(Default)]
+    struct Flaky {
+        inner: MemoryStore,
+        down: Mutex<Option<String>>,
+    }
+
+    impl Store for Flaky {
+        fn append(&self, m: Vec<StoredMessage>, i: Option<(String, IdempotencyRecord)>) -> Durable {
+            self.inner.append(m, i)
+        }
+        fn update(&self, id: u64, change: Change) -> Durable {
+            self.inner.update(id, change)
+        }
+        fn get(&self, id: u64) -> BoxFuture<'_, Result<Option<StoredMessage>, StoreError>> {
+            self.inner.get(id)
+        }
+        fn pending(&self) -> BoxFuture<'_, Result<Vec<StoredMessage>, StoreError>> {
+            self.inner.pending()
+        }
+        fn failed(
+            &self,
+            after: u64,
+            limit: usize,
+        ) -> BoxFuture<'_, Result<Vec<StoredMessage>, StoreError>> {
+            self.inner.failed(after, limit)
+        }
+        fn next_id(&self) -> u64 {
+            self.inner.next_id()
+        }
+        fn idempotency_get<'a>(
+            &'a self,
+            key: &'a str,
+        ) -> BoxFuture<'a, Result<Option<IdempotencyRecord>, StoreError>> {
+            self.inner.idempotency_get(key)
+        }
+        fn failure(&self) -> Option<String> {
+            self.down.lock().unwrap().clone()
+        }
+        fn transient(&self) -> bool {
+            true
+        }
+        fn compact(&self, cutoff: u64, idem: u64) -> BoxFuture<'_, usize> {
+            self.inner.compact(cutoff, idem)
+        }
+    }
+
+    async fn serving(health: &tonic_health::server::HealthReporter) -> bool {
+        use tonic_health::pb::HealthCheckRequest;
+        use tonic_health::pb::health_server::Health;
+        let svc = tonic_health::server::HealthService::from_health_reporter(health.clone());
+        let r = svc
+            .check(tonic::Request::new(HealthCheckRequest {
+                service: String::new(),
+            }))
+            .await
+            .unwrap();
+        r.into_inner().status
+            == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    }
+
+    async fn until(health: &tonic_health::server::HealthReporter, want: bool) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while serving(health).await != want {
+            assert!(std::time::Instant::now() < deadline, "never {want}");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_transient_outage_turns_health_not_serving_while_it_lasts_and_readiness_follows() {
+        let flaky = Arc::new(Flaky::default());
+        let store: Arc<dyn Store> = flaky.clone();
+        let health = tonic_health::server::HealthReporter::new();
+        health
+            .set_service_status("", tonic_health::ServingStatus::Serving)
+            .await;
+        let stopping = Arc::new(tokio::sync::Mutex::new(false));
+        tokio::spawn(super::watch_outbox(
+            Arc::downgrade(&store),
+            health.clone(),
+            std::time::Duration::from_millis(10),
+            stopping.clone(),
+        ));
+        let m = crate::metrics::Metrics::new();
+        m.set_ready(true);
+        *flaky.down.lock().unwrap() = Some("PostgreSQL unavailable".into());
+        until(&health, false).await;
+        m.note_outbox(store.as_ref());
+        assert!(!m.is_ready());
+        *flaky.down.lock().unwrap() = None;
+        until(&health, true).await;
+        m.note_outbox(store.as_ref());
+        assert!(m.is_ready(), "ready again once the outage ended");
+        // Down again, and the gateway stops meanwhile: it stays NOT_SERVING.
+        *flaky.down.lock().unwrap() = Some("again".into());
+        until(&health, false).await;
+        *stopping.lock().await = true;
+        *flaky.down.lock().unwrap() = None;
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert!(
+            !serving(&health).await,
+            "a stopping gateway is not turned SERVING"
+        );
     }
 }

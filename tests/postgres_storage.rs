@@ -99,7 +99,9 @@ async fn a_database_migrated_by_a_newer_or_another_build_is_refused() {
     assert_eq!(postgres::migrate(&pool, THREE).await.unwrap(), 3);
 
     // An older binary, knowing only version 1.
-    let e = postgres::migrate(&pool, MIGRATIONS).await.unwrap_err();
+    let e = postgres::migrate(&pool, &MIGRATIONS[..1])
+        .await
+        .unwrap_err();
     assert!(
         matches!(
             e,

@@ -1,11 +1,12 @@
-//! The outbox: accepted messages and their delivery records, behind a trait with a durable
-//! backend (SQLite with group commit, `sqlite`) and an in-memory one.
+//! The outbox: accepted messages and their delivery records, behind a trait with durable
+//! backends (SQLite with group commit, `sqlite`; PostgreSQL, `postgres`) and an in-memory one.
 //!
 //! Owns what must survive a restart: each accepted message with its conversation and sequence,
 //! its state, attempts, receipts and last error, and idempotency keys. Knows nothing of gRPC
 //! or any channel's JSON; never decides ordering (the dispatcher does).
 
 mod durable;
+mod postgres;
 mod sqlite;
 
 use std::collections::{BTreeMap, HashMap};
@@ -16,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 pub(crate) use durable::Commits;
 pub use durable::Durable;
+pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
 use crate::channels::{ChannelError, NativeReceipt};
@@ -157,6 +159,12 @@ pub trait Store: Send + Sync + 'static {
     /// unknown, so nothing more is acknowledged until a restart).
     fn failure(&self) -> Option<String> {
         None
+    }
+    /// Whether a [`Store::failure`] ends on its own: an engine across the network (PostgreSQL)
+    /// that is unreachable for a while, rather than a local write that failed for good (SQLite).
+    /// While it lasts the gateway is not ready; once `failure()` is `None` again, it is.
+    fn transient(&self) -> bool {
+        false
     }
     /// Drops delivered messages finished before `cutoff_ms` and idempotency keys created before
     /// `idem_cutoff_ms`; returns how many messages went.

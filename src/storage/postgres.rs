@@ -168,6 +168,12 @@ impl PostgresConfig {
             .map(|pg| describe_target(&pg))
     }
 
+    /// `text` with the URL and its password (as spelled and decoded) replaced by `<redacted>`:
+    /// for any error a store built on this config shows or logs.
+    pub fn scrub(&self, text: String) -> String {
+        crate::channels::shared::scrub_secrets(text, self.secrets().iter().map(String::as_str))
+    }
+
     /// What errors must not show: the password as the URL spells it and decoded, and the URL.
     fn secrets(&self) -> Vec<String> {
         let url = self.url.expose().trim();
@@ -487,12 +493,61 @@ pub struct Migration {
 
 /// The gateway's schema. The stores' tables are added here as migrations 2, 3, …; a released
 /// migration is never edited, only followed by a new one.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "schema_version",
-    sql: "COMMENT ON TABLE cg_schema_version IS \
-          'channel-gateway''s applied schema migrations; written by the gateway at start'",
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "schema_version",
+        sql: "COMMENT ON TABLE cg_schema_version IS \
+              'channel-gateway''s applied schema migrations; written by the gateway at start'",
+    },
+    Migration {
+        version: 2,
+        name: "outbox",
+        sql: OUTBOX_SCHEMA,
+    },
+];
+
+/// The outbox's tables (`crate::outbox::PostgresStore`): the same tables, columns, words and
+/// partial indexes as the SQLite file's, so both engines share their SQL and an operator reads
+/// both alike. `partition` (the conversation's hash mod 256, computed by the gateway) is
+/// written now and not yet read: replicas will lease partitions.
+const OUTBOX_SCHEMA: &str = "
+CREATE TABLE outbox_messages (
+    id BIGINT PRIMARY KEY,
+    conversation TEXT NOT NULL,
+    partition SMALLINT NOT NULL,
+    state TEXT NOT NULL
+        CHECK (state IN ('accepted', 'delivering', 'delivered', 'failed', 'expired')),
+    attempts INTEGER NOT NULL,
+    possible_duplicate BOOLEAN NOT NULL,
+    receipts TEXT,
+    error TEXT,
+    accepted_at_ms BIGINT NOT NULL,
+    updated_at_ms BIGINT NOT NULL
+);
+CREATE TABLE outbox_bodies (
+    id BIGINT PRIMARY KEY,
+    body TEXT NOT NULL
+);
+CREATE INDEX outbox_unfinished ON outbox_messages (id)
+    WHERE state IN ('accepted', 'delivering');
+CREATE INDEX outbox_failed ON outbox_messages (id)
+    WHERE state IN ('failed', 'expired');
+CREATE INDEX outbox_delivered_at ON outbox_messages (updated_at_ms)
+    WHERE state = 'delivered';
+CREATE TABLE outbox_idempotency (
+    key TEXT PRIMARY KEY,
+    created_at_ms BIGINT NOT NULL,
+    message_ids TEXT NOT NULL
+);
+CREATE INDEX outbox_idempotency_created ON outbox_idempotency (created_at_ms);
+CREATE TABLE outbox_meta (
+    name TEXT PRIMARY KEY,
+    value BIGINT NOT NULL
+);
+COMMENT ON TABLE outbox_messages IS
+    'channel-gateway: accepted messages and their delivery state (bodies in outbox_bodies)';
+";
 
 /// The `pg_advisory_xact_lock` key every replica's migration transaction takes ("cg_schem" in
 /// ASCII), so replicas starting together apply each migration once, one after another.

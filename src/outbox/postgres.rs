@@ -1,0 +1,1614 @@
+//! The outbox in PostgreSQL (`outbox.backend = "postgres"`), for one replica: the same tables,
+//! columns and semantics as the SQLite store (`sqlite.rs`), over the network.
+//!
+//! Owns the outbox's rows in the database (`outbox_messages`, `outbox_bodies`,
+//! `outbox_idempotency`, `outbox_meta`, created by migration 2 of `crate::storage::postgres`),
+//! one writer task on a connection of its own, and a pool of reader connections. Every change
+//! goes through the writer's queue; the writer takes whatever queued up and commits it in one
+//! transaction whose statements are pipelined (BEGIN, one multi-row statement per kind of write
+//! over `unnest` arrays, COMMIT: one round trip and one WAL flush for the whole group), then
+//! settles the versions it committed in `Commits`. Knows nothing of ordering, gRPC or channels;
+//! does not lease partitions yet (one replica per database).
+//!
+//! Copied from `sqlite.rs` (to be factored out by its owner): the overlay of changes not yet
+//! committed and its upkeep after a commit, the folding of one message's changes into one row
+//! write, the body's JSON and the state words.
+//!
+//! Unlike a disk failure, an unreachable database is an outage that ends: a commit that fails
+//! answers its waiters with the error (a Send answers UNAVAILABLE) but does not break the store;
+//! [`Store::failure`] reports the outage until a commit or a probe succeeds again, and
+//! [`Store::transient`] says so. State changes nobody waited for (`record`: final outcomes, a
+//! mark taken back) are kept and committed again with the next group, folded per message and at
+//! most [`RETRY_MAX_MESSAGES`] messages' worth; past that bound (or after [`RETRY_MAX_TRIES`]
+//! failures that were not an outage) the oldest are dropped with an error in the log, which
+//! leaves those messages to be resent, flagged, after a restart, as a crash would.
+//!
+//! A commit whose connection broke during COMMIT may have committed: its waiters were told it
+//! failed. A Send's retry with its idempotency key then finds the first acceptance; the
+//! dispatcher records the message it dropped as failed, so it is never delivered twice.
+//!
+//! Text columns cannot hold NUL characters in PostgreSQL: conversations and idempotency keys
+//! (from requests) are stored with `\` and NUL escaped (`\\`, `\0`), see [`escape_text`].
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use tokio::sync::mpsc;
+
+use super::{
+    Change, Commits, DeliveryState, Durable, IdempotencyRecord, StateRecord, Store, StoreError,
+    StoredMessage, apply, apply_state,
+};
+use crate::channels::{ChannelError, NativeReceipt};
+use crate::storage::postgres::{self, MIGRATIONS, PgError, Pool, PostgresConfig};
+
+/// Commands taken into one commit at most.
+const MAX_BATCH: usize = 8192;
+/// Rows deleted per compaction transaction, so queued Sends wait for one chunk at most.
+const COMPACT_CHUNK: i64 = 5000;
+/// Messages whose unwaited state changes are kept for the next commit after a failed one (an
+/// entry is a message's newest state, a few hundred bytes: ~25 MB at most).
+pub const RETRY_MAX_MESSAGES: usize = 100_000;
+/// Failed commits, other than an outage, a kept state change is tried in before it is dropped:
+/// an error that is about the change itself would otherwise fail every later group too.
+pub const RETRY_MAX_TRIES: u8 = 5;
+/// While the database is unreachable: how often the writer tries again without new work.
+const RETRY_EVERY: Duration = Duration::from_millis(500);
+/// While idle and healthy: how often the writer checks its connection, so readiness turns
+/// 503 during an outage even when nothing is sent.
+const PROBE_EVERY: Duration = Duration::from_secs(2);
+/// Partitions conversations hash into (the `partition` column).
+pub const PARTITIONS: u64 = 256;
+
+fn storage(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Storage(crate::bounded::cap(&e.to_string(), 300).into_owned())
+}
+
+fn state_word(s: DeliveryState) -> &'static str {
+    match s {
+        DeliveryState::Accepted => "accepted",
+        DeliveryState::Delivering => "delivering",
+        DeliveryState::Delivered => "delivered",
+        DeliveryState::Failed => "failed",
+        DeliveryState::Expired => "expired",
+    }
+}
+
+fn parse_state(s: &str) -> Result<DeliveryState, StoreError> {
+    Ok(match s {
+        "accepted" => DeliveryState::Accepted,
+        "delivering" => DeliveryState::Delivering,
+        "delivered" => DeliveryState::Delivered,
+        "failed" => DeliveryState::Failed,
+        "expired" => DeliveryState::Expired,
+        other => {
+            return Err(storage(format!(
+                "unknown state {:?} in the outbox",
+                crate::bounded::cap(other, 40)
+            )));
+        }
+    })
+}
+
+/// The conversation's partition: FNV-1a (64-bit) of its key, mod [`PARTITIONS`]. Fixed here
+/// for good: every replica of every version must compute the same one.
+pub fn partition_of(conversation: &str) -> i16 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in conversation.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (h % PARTITIONS) as i16
+}
+
+/// Text from a request as a PostgreSQL TEXT value holds it: `\` doubled and NUL (which TEXT
+/// refuses) as `\0`. Injective, and the identity for text without either.
+pub fn escape_text(s: &str) -> Cow<'_, str> {
+    if !s.contains(['\\', '\0']) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\0' => out.push_str("\\0"),
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// The inverse of [`escape_text`].
+pub fn unescape_text(s: &str) -> String {
+    if !s.contains('\\') {
+        return s.to_string();
+    }
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('0') => out.push('\0'),
+            Some(other) => out.push(other),
+            None => out.push('\\'),
+        }
+    }
+    out
+}
+
+#[derive(serde::Serialize)]
+struct BodyRef<'a> {
+    message: &'a crate::model::Message,
+    proactive: &'a Option<Arc<crate::model::ProactiveOptions>>,
+    warnings: &'a [crate::model::Warning],
+}
+
+#[derive(serde::Deserialize)]
+struct Body {
+    message: crate::model::Message,
+    proactive: Option<Arc<crate::model::ProactiveOptions>>,
+    #[serde(default)]
+    warnings: Vec<crate::model::Warning>,
+}
+
+fn encode_body(m: &StoredMessage) -> Result<String, StoreError> {
+    serde_json::to_string(&BodyRef {
+        message: &m.message,
+        proactive: &m.proactive,
+        warnings: &m.warnings,
+    })
+    .map_err(storage)
+}
+
+/// A whole message: its state row and its body.
+const COLUMNS: &str = "m.id, m.conversation, m.state, m.attempts, m.possible_duplicate, \
+                       m.receipts, m.error, m.accepted_at_ms, m.updated_at_ms, b.body";
+const FROM: &str = "outbox_messages m JOIN outbox_bodies b ON b.id = m.id";
+
+fn record_of(
+    state: &str,
+    attempts: i32,
+    possible_duplicate: bool,
+    receipts: Option<&str>,
+    error: Option<&str>,
+    updated_at_ms: i64,
+) -> Result<StateRecord, StoreError> {
+    let receipts: Vec<NativeReceipt> = match receipts {
+        Some(r) => serde_json::from_str(r).map_err(storage)?,
+        None => Vec::new(),
+    };
+    let error: Option<ChannelError> = match error {
+        Some(e) => Some(serde_json::from_str(e).map_err(storage)?),
+        None => None,
+    };
+    Ok(StateRecord {
+        state: parse_state(state)?,
+        attempts: u32::try_from(attempts).unwrap_or(0),
+        receipts,
+        error,
+        possible_duplicate,
+        updated_at_ms: u64::try_from(updated_at_ms).unwrap_or_default(),
+    })
+}
+
+fn decode_message(r: &tokio_postgres::Row) -> Result<StoredMessage, StoreError> {
+    let get = |e: tokio_postgres::Error| storage(format!("reading an outbox row: {e}"));
+    let id: i64 = r.try_get(0).map_err(get)?;
+    let conversation: &str = r.try_get(1).map_err(get)?;
+    let state: &str = r.try_get(2).map_err(get)?;
+    let attempts: i32 = r.try_get(3).map_err(get)?;
+    let dup: bool = r.try_get(4).map_err(get)?;
+    let receipts: Option<&str> = r.try_get(5).map_err(get)?;
+    let error: Option<&str> = r.try_get(6).map_err(get)?;
+    let accepted: i64 = r.try_get(7).map_err(get)?;
+    let updated: i64 = r.try_get(8).map_err(get)?;
+    let body: &str = r.try_get(9).map_err(get)?;
+    let record = record_of(state, attempts, dup, receipts, error, updated)?;
+    let b: Body = serde_json::from_str(body).map_err(storage)?;
+    Ok(StoredMessage {
+        id: u64::try_from(id).unwrap_or_default(),
+        conversation: unescape_text(conversation),
+        message: Arc::new(b.message),
+        proactive: b.proactive,
+        accepted_at_ms: u64::try_from(accepted).unwrap_or_default(),
+        record,
+        warnings: b.warnings,
+    })
+}
+
+fn db_id(id: u64) -> i64 {
+    id.min(i64::MAX as u64) as i64
+}
+
+fn db_ms(ms: u64) -> i64 {
+    ms.min(i64::MAX as u64) as i64
+}
+
+/// A message's body as the writer stores it: encoded by the caller, on its own core.
+struct EncodedBody {
+    conversation: String,
+    accepted_at_ms: u64,
+    json: String,
+}
+
+/// A body to write: encoded by the caller, or a move (a proactive start's message now in its
+/// conversation) of a body not in the overlay, which the writer reads and rewrites.
+enum BodyWrite {
+    Encoded(EncodedBody),
+    Moved {
+        conversation: String,
+        message: Arc<crate::model::Message>,
+    },
+}
+
+/// A state change of a message whose state is not in the overlay (a finished message being
+/// redelivered): the columns it sets, written as such, so `update` never waits for a read.
+#[derive(Debug, Clone, PartialEq)]
+struct Partial {
+    /// `None` for a move, which sets no state column.
+    state: Option<DeliveryState>,
+    attempts: Option<u32>,
+    clear_error: bool,
+    updated_at_ms: u64,
+}
+
+impl Partial {
+    /// `None` for a change that replaces the whole state (`Finished`) or is not a state change.
+    fn of(change: &Change) -> Option<Partial> {
+        let (state, attempts, clear_error) = match change {
+            Change::Delivering { attempts } => (DeliveryState::Delivering, Some(*attempts), false),
+            Change::Waiting { attempts } => (DeliveryState::Accepted, Some(*attempts), false),
+            Change::Requeued => (DeliveryState::Accepted, None, true),
+            Change::Finished(_) | Change::Moved { .. } => return None,
+        };
+        Some(Partial {
+            state: Some(state),
+            attempts,
+            clear_error,
+            updated_at_ms: super::now_ms(),
+        })
+    }
+
+    /// This change, then `later`.
+    fn then(mut self, later: &Partial) -> Partial {
+        self.state = later.state.or(self.state);
+        self.attempts = later.attempts.or(self.attempts);
+        self.clear_error |= later.clear_error;
+        self.updated_at_ms = later.updated_at_ms;
+        self
+    }
+
+    fn apply_to(&self, s: &mut StateRecord) {
+        if let Some(state) = self.state {
+            s.state = state;
+        }
+        if let Some(a) = self.attempts {
+            s.attempts = a;
+        }
+        if self.clear_error {
+            s.error = None;
+        }
+        s.updated_at_ms = self.updated_at_ms;
+    }
+}
+
+/// The state an entry writes: all of it, or the columns a change without a known base sets.
+#[derive(Debug, Clone, PartialEq)]
+enum EntryState {
+    Full(StateRecord),
+    Partial(Partial),
+}
+
+impl EntryState {
+    /// This state, then `later`'s.
+    fn then(self, later: EntryState) -> EntryState {
+        match (self, later) {
+            (_, EntryState::Full(s)) => EntryState::Full(s),
+            (EntryState::Full(mut s), EntryState::Partial(p)) => {
+                p.apply_to(&mut s);
+                EntryState::Full(s)
+            }
+            (EntryState::Partial(q), EntryState::Partial(p)) => EntryState::Partial(q.then(&p)),
+        }
+    }
+}
+
+/// One change for the writer: a whole message (appended, or moved by a proactive start) or a
+/// new state.
+struct Entry {
+    version: u64,
+    id: u64,
+    body: Option<BodyWrite>,
+    state: EntryState,
+    /// Failed commits (other than an outage) this change was part of.
+    tries: u8,
+}
+
+enum Cmd {
+    Put {
+        entries: Vec<Entry>,
+        idempotency: Option<(String, IdempotencyRecord)>,
+        /// The put's last version: settled once its commit is done, waited on or not.
+        version: u64,
+        /// Somebody holds a `Durable` for it: a failed commit tells them, and the change is
+        /// not tried again. Without one (`record`), a failed commit keeps it for the next.
+        waited: bool,
+    },
+    Compact {
+        cutoff_ms: u64,
+        idem_cutoff_ms: u64,
+        done: tokio::sync::oneshot::Sender<usize>,
+    },
+}
+
+/// What readers must see before the writer has committed it, and the state of each unfinished
+/// message (its next change starts from it without a read). As in `sqlite.rs`.
+#[derive(Default)]
+struct Overlay {
+    version: u64,
+    bodies: HashMap<u64, (u64, Arc<StoredMessage>)>,
+    states: HashMap<u64, (u64, StateRecord)>,
+    /// Changes of messages whose state is not known here, until committed: a read applies
+    /// them to the row it read.
+    partials: HashMap<u64, (u64, Partial)>,
+}
+
+impl Overlay {
+    fn state(&self, id: u64) -> Option<StateRecord> {
+        match self.states.get(&id) {
+            Some((_, s)) => Some(s.clone()),
+            None => self.bodies.get(&id).map(|(_, m)| m.record.clone()),
+        }
+    }
+
+    fn next_version(&mut self) -> u64 {
+        self.version += 1;
+        self.version
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The outage the writer last saw, cleared by its next success.
+#[derive(Default)]
+struct Health(Mutex<Option<String>>);
+
+impl Health {
+    fn set(&self, reason: &str) {
+        *lock(&self.0) = Some(reason.to_string());
+    }
+    fn clear(&self) {
+        lock(&self.0).take();
+    }
+    fn get(&self) -> Option<String> {
+        lock(&self.0).clone()
+    }
+}
+
+pub struct PostgresStore {
+    pool: Pool,
+    config: PostgresConfig,
+    overlay: Arc<Mutex<Overlay>>,
+    tx: mpsc::UnboundedSender<Cmd>,
+    health: Arc<Health>,
+    commits: Arc<Commits>,
+    next_id: u64,
+}
+
+impl PostgresStore {
+    /// Connects, applies the schema migrations the database lacks, and starts the writer. Fails
+    /// when the database cannot be reached: the gateway cannot resume its outbox without it.
+    pub async fn open(config: &PostgresConfig) -> Result<Self, StoreError> {
+        let scrub = |e: PgError| storage(config.scrub(e.to_string()));
+        let pool = postgres::connect(config).await.map_err(scrub)?;
+        postgres::migrate(&pool, MIGRATIONS).await.map_err(scrub)?;
+        let client = postgres::get(&pool).await.map_err(scrub)?;
+        let row = client
+            .query_one(
+                "SELECT (SELECT max(id) FROM outbox_messages), \
+                 (SELECT value FROM outbox_meta WHERE name = 'next_id')",
+                &[],
+            )
+            .await
+            .map_err(|e| scrub(PgError::query("reading the outbox's next id", &e)))?;
+        drop(client);
+        let max_id: Option<i64> = row.try_get(0).map_err(storage)?;
+        let floor: Option<i64> = row.try_get(1).map_err(storage)?;
+        let next_id = max_id
+            .map_or(1, |m| m.saturating_add(1))
+            .max(floor.unwrap_or(1))
+            .max(1) as u64;
+        // The writer's connection is its own: a commit never waits for a reader's.
+        let writer_pool = postgres::pool(&PostgresConfig {
+            pool_size: 1,
+            ..config.clone()
+        })
+        .map_err(scrub)?;
+        let overlay = Arc::new(Mutex::new(Overlay::default()));
+        let health = Arc::new(Health::default());
+        let commits = Arc::new(Commits::default());
+        let (tx, rx) = mpsc::unbounded_channel();
+        let writer = Writer {
+            pool: writer_pool,
+            conn: None,
+            config: config.clone(),
+            overlay: overlay.clone(),
+            health: health.clone(),
+            commits: commits.clone(),
+            next_id_written: next_id,
+            retry: Vec::new(),
+            retry_at: HashMap::new(),
+        };
+        tokio::spawn(writer.run(rx));
+        Ok(Self {
+            pool,
+            config: config.clone(),
+            overlay,
+            tx,
+            health,
+            commits,
+            next_id,
+        })
+    }
+
+    fn send(&self, cmd: Cmd) {
+        // Fails only once the writer is gone; its exit closed `commits`, so a waiter hears
+        // Closed.
+        let _ = self.tx.send(cmd);
+    }
+
+    fn read_error(&self, context: &'static str, e: &tokio_postgres::Error) -> StoreError {
+        storage(self.config.scrub(PgError::query(context, e).to_string()))
+    }
+
+    async fn client(&self) -> Result<postgres::Object, StoreError> {
+        postgres::get(&self.pool)
+            .await
+            .map_err(|e| storage(self.config.scrub(e.to_string())))
+    }
+
+    async fn read_message(&self, id: u64) -> Result<Option<StoredMessage>, StoreError> {
+        let c = self.client().await?;
+        let st = c
+            .prepare_cached(&format!("SELECT {COLUMNS} FROM {FROM} WHERE m.id = $1"))
+            .await
+            .map_err(|e| self.read_error("preparing a read", &e))?;
+        let row = c
+            .query_opt(&st, &[&db_id(id)])
+            .await
+            .map_err(|e| self.read_error("reading a message", &e))?;
+        row.as_ref().map(decode_message).transpose()
+    }
+
+    /// Queues whole messages (body and state).
+    fn put_bodies(
+        &self,
+        messages: Vec<StoredMessage>,
+        idempotency: Option<(String, IdempotencyRecord)>,
+    ) -> Durable {
+        let mut encoded = Vec::with_capacity(messages.len());
+        for m in messages {
+            match encode_body(&m) {
+                Ok(json) => encoded.push((Arc::new(m), json)),
+                Err(e) => return Durable::settled(Err(e)),
+            }
+        }
+        let mut ov = lock(&self.overlay);
+        let mut entries = Vec::with_capacity(encoded.len());
+        for (m, json) in encoded {
+            let version = ov.next_version();
+            ov.states.remove(&m.id);
+            ov.partials.remove(&m.id);
+            ov.bodies.insert(m.id, (version, m.clone()));
+            entries.push(Entry {
+                version,
+                id: m.id,
+                body: Some(BodyWrite::Encoded(EncodedBody {
+                    conversation: m.conversation.clone(),
+                    accepted_at_ms: m.accepted_at_ms,
+                    json,
+                })),
+                state: EntryState::Full(m.record.clone()),
+                tries: 0,
+            });
+        }
+        let version = match entries.last() {
+            Some(e) => e.version,
+            None => ov.next_version(),
+        };
+        self.send(Cmd::Put {
+            entries,
+            idempotency,
+            version,
+            waited: true,
+        });
+        drop(ov);
+        Durable::of(&self.commits, version)
+    }
+
+    async fn get_message(&self, id: u64) -> Result<Option<StoredMessage>, StoreError> {
+        let body = lock(&self.overlay).bodies.get(&id).map(|(_, m)| m.clone());
+        let mut m = match body {
+            Some(m) => Arc::unwrap_or_clone(m),
+            None => match self.read_message(id).await? {
+                Some(m) => m,
+                None => return Ok(None),
+            },
+        };
+        // Looked at after the read: a state queued meanwhile is newer than the row.
+        let ov = lock(&self.overlay);
+        if let Some((_, s)) = ov.states.get(&id) {
+            m.record = s.clone();
+        } else if let Some((_, p)) = ov.partials.get(&id) {
+            p.apply_to(&mut m.record);
+        }
+        Ok(Some(m))
+    }
+
+    async fn pending_messages(&self) -> Result<Vec<StoredMessage>, StoreError> {
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                &format!(
+                    "SELECT {COLUMNS} FROM {FROM} \
+                     WHERE m.state IN ('accepted', 'delivering') ORDER BY m.id"
+                ),
+                &[],
+            )
+            .await
+            .map_err(|e| self.read_error("reading unfinished messages", &e))?;
+        drop(c);
+        let mut out = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let mut m = decode_message(r)?;
+            // Called at start, when nothing is queued; a state queued since still wins.
+            let ov = lock(&self.overlay);
+            if let Some(s) = ov.state(m.id) {
+                m.record = s;
+            } else if let Some((_, p)) = ov.partials.get(&m.id) {
+                p.apply_to(&mut m.record);
+            }
+            drop(ov);
+            out.push(m);
+        }
+        Ok(out)
+    }
+
+    async fn failed_messages(
+        &self,
+        after_id: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
+        let is_failed =
+            |s: DeliveryState| matches!(s, DeliveryState::Failed | DeliveryState::Expired);
+        // Failed ones not committed yet are in the overlay; the database has the rest.
+        let mut ids: Vec<u64> = {
+            let ov = lock(&self.overlay);
+            ov.states
+                .iter()
+                .filter(|(id, (_, s))| **id > after_id && is_failed(s.state))
+                .map(|(id, _)| *id)
+                .chain(
+                    ov.bodies
+                        .iter()
+                        .filter(|(id, (_, m))| **id > after_id && is_failed(m.record.state))
+                        .map(|(id, _)| *id),
+                )
+                .collect()
+        };
+        let c = self.client().await?;
+        let limit_db = limit.min(i64::MAX as usize) as i64;
+        let rows = c
+            .query(
+                "SELECT id FROM outbox_messages WHERE state IN ('failed', 'expired') \
+                 AND id > $1 ORDER BY id LIMIT $2",
+                &[&db_id(after_id), &limit_db],
+            )
+            .await
+            .map_err(|e| self.read_error("listing failed messages", &e))?;
+        drop(c);
+        for r in &rows {
+            let id: i64 = r.try_get(0).map_err(storage)?;
+            ids.push(u64::try_from(id).unwrap_or_default());
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        let mut out = Vec::new();
+        for id in ids {
+            // The overlay may already say it was redelivered.
+            if let Some(m) = self.get_message(id).await?
+                && is_failed(m.record.state)
+            {
+                out.push(m);
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn idempotency_read(&self, key: &str) -> Result<Option<IdempotencyRecord>, StoreError> {
+        let c = self.client().await?;
+        let st = c
+            .prepare_cached(
+                "SELECT created_at_ms, message_ids FROM outbox_idempotency WHERE key = $1",
+            )
+            .await
+            .map_err(|e| self.read_error("preparing a read", &e))?;
+        let key = escape_text(key);
+        let Some(r) = c
+            .query_opt(&st, &[&key.as_ref()])
+            .await
+            .map_err(|e| self.read_error("reading an idempotency key", &e))?
+        else {
+            return Ok(None);
+        };
+        let created: i64 = r.try_get(0).map_err(storage)?;
+        let ids: &str = r.try_get(1).map_err(storage)?;
+        Ok(Some(IdempotencyRecord {
+            created_at_ms: u64::try_from(created).unwrap_or_default(),
+            message_ids: serde_json::from_str(ids).map_err(storage)?,
+        }))
+    }
+
+    /// Applies a state change to the newest known state and queues it. A message whose state
+    /// is not in the overlay (finished, and being redelivered) gets the columns the change sets,
+    /// so nothing waits for a read.
+    fn put_state(&self, id: u64, change: Change, waited: bool) -> Option<u64> {
+        let mut ov = lock(&self.overlay);
+        let state = if let Change::Finished(_) = change {
+            // A final outcome replaces the whole state (see `Change::Finished`).
+            let mut s = StateRecord::new(DeliveryState::Accepted, 0);
+            apply_state(&mut s, change);
+            EntryState::Full(s)
+        } else if let Some(mut s) = ov.state(id) {
+            apply_state(&mut s, change);
+            EntryState::Full(s)
+        } else {
+            EntryState::Partial(Partial::of(&change)?)
+        };
+        let version = ov.next_version();
+        match &state {
+            EntryState::Full(s) => {
+                ov.partials.remove(&id);
+                ov.states.insert(id, (version, s.clone()));
+            }
+            EntryState::Partial(p) => {
+                let seen = match ov.partials.remove(&id) {
+                    Some((_, q)) => q.then(p),
+                    None => p.clone(),
+                };
+                ov.partials.insert(id, (version, seen));
+            }
+        }
+        self.send(Cmd::Put {
+            entries: vec![Entry {
+                version,
+                id,
+                body: None,
+                state,
+                tries: 0,
+            }],
+            idempotency: None,
+            version,
+            waited,
+        });
+        drop(ov);
+        Some(version)
+    }
+
+    /// A proactive start's message moved to its conversation. With its body in the overlay it
+    /// is put whole; else the writer rewrites the stored body with the state as it stands
+    /// (readers see the move once it is committed, which the caller waits for).
+    fn put_move(
+        &self,
+        id: u64,
+        conversation: String,
+        message: Arc<crate::model::Message>,
+    ) -> Durable {
+        let change = Change::Moved {
+            conversation,
+            message,
+        };
+        let in_overlay = {
+            let ov = lock(&self.overlay);
+            ov.bodies.get(&id).map(|(_, m)| {
+                let mut m = StoredMessage::clone(m);
+                if let Some((_, s)) = ov.states.get(&id) {
+                    m.record = s.clone();
+                }
+                m
+            })
+        };
+        if let Some(mut m) = in_overlay {
+            apply(&mut m, change);
+            return self.put_bodies(vec![m], None);
+        }
+        let Change::Moved {
+            conversation,
+            message,
+        } = change
+        else {
+            return Durable::ready();
+        };
+        let mut ov = lock(&self.overlay);
+        let version = ov.next_version();
+        // The writer needs a whole state to write with the body: the overlay's (an unfinished
+        // message), or the stored one it reads with the body.
+        let state = match ov.state(id) {
+            Some(mut s) => {
+                s.updated_at_ms = super::now_ms();
+                ov.states.insert(id, (version, s.clone()));
+                Some(EntryState::Full(s))
+            }
+            None => None,
+        };
+        self.send(Cmd::Put {
+            entries: vec![Entry {
+                version,
+                id,
+                body: Some(BodyWrite::Moved {
+                    conversation,
+                    message,
+                }),
+                state: state.unwrap_or(EntryState::Partial(Partial {
+                    state: None,
+                    attempts: None,
+                    clear_error: false,
+                    updated_at_ms: super::now_ms(),
+                })),
+                tries: 0,
+            }],
+            idempotency: None,
+            version,
+            waited: true,
+        });
+        drop(ov);
+        Durable::of(&self.commits, version)
+    }
+}
+
+impl Store for PostgresStore {
+    fn append(
+        &self,
+        messages: Vec<StoredMessage>,
+        idempotency: Option<(String, IdempotencyRecord)>,
+    ) -> Durable {
+        self.put_bodies(messages, idempotency)
+    }
+
+    fn update(&self, id: u64, change: Change) -> Durable {
+        match change {
+            Change::Moved {
+                conversation,
+                message,
+            } => self.put_move(id, conversation, message),
+            change => match self.put_state(id, change, true) {
+                Some(version) => Durable::of(&self.commits, version),
+                None => Durable::ready(),
+            },
+        }
+    }
+
+    fn record(&self, id: u64, change: Change) {
+        match change {
+            Change::Moved { .. } => drop(self.update(id, change)),
+            change => {
+                self.put_state(id, change, false);
+            }
+        }
+    }
+
+    fn get(&self, id: u64) -> BoxFuture<'_, Result<Option<StoredMessage>, StoreError>> {
+        Box::pin(self.get_message(id))
+    }
+
+    fn pending(&self) -> BoxFuture<'_, Result<Vec<StoredMessage>, StoreError>> {
+        Box::pin(self.pending_messages())
+    }
+
+    fn failed(
+        &self,
+        after_id: u64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<StoredMessage>, StoreError>> {
+        Box::pin(self.failed_messages(after_id, limit))
+    }
+
+    fn next_id(&self) -> u64 {
+        self.next_id
+    }
+
+    fn idempotency_get<'a>(
+        &'a self,
+        key: &'a str,
+    ) -> BoxFuture<'a, Result<Option<IdempotencyRecord>, StoreError>> {
+        Box::pin(self.idempotency_read(key))
+    }
+
+    fn failure(&self) -> Option<String> {
+        self.health.get()
+    }
+
+    fn transient(&self) -> bool {
+        true
+    }
+
+    fn compact(&self, cutoff_ms: u64, idem_cutoff_ms: u64) -> BoxFuture<'_, usize> {
+        let (done, rx) = tokio::sync::oneshot::channel();
+        self.send(Cmd::Compact {
+            cutoff_ms,
+            idem_cutoff_ms,
+            done,
+        });
+        Box::pin(async move { rx.await.unwrap_or(0) })
+    }
+}
+
+const INSERT_MESSAGES: &str = "INSERT INTO outbox_messages (id, conversation, partition, state, \
+     attempts, possible_duplicate, receipts, error, accepted_at_ms, updated_at_ms) \
+     SELECT * FROM unnest($1::int8[], $2::text[], $3::int2[], $4::text[], $5::int4[], \
+     $6::bool[], $7::text[], $8::text[], $9::int8[], $10::int8[]) \
+     ON CONFLICT (id) DO UPDATE SET conversation = excluded.conversation, \
+     partition = excluded.partition, state = excluded.state, attempts = excluded.attempts, \
+     possible_duplicate = excluded.possible_duplicate, receipts = excluded.receipts, \
+     error = excluded.error, updated_at_ms = excluded.updated_at_ms";
+
+const INSERT_BODIES: &str = "INSERT INTO outbox_bodies (id, body) \
+     SELECT * FROM unnest($1::int8[], $2::text[]) \
+     ON CONFLICT (id) DO UPDATE SET body = excluded.body";
+
+const UPDATE_STATES: &str = "UPDATE outbox_messages m SET state = u.state, \
+     attempts = u.attempts, possible_duplicate = u.dup, receipts = u.receipts, \
+     error = u.error, updated_at_ms = u.updated \
+     FROM unnest($1::int8[], $2::text[], $3::int4[], $4::bool[], $5::text[], $6::text[], \
+     $7::int8[]) AS u(id, state, attempts, dup, receipts, error, updated) WHERE m.id = u.id";
+
+/// The columns a change sets on a message whose whole state the store did not know.
+const UPDATE_PARTIAL: &str = "UPDATE outbox_messages m SET state = COALESCE(u.state, m.state), \
+     attempts = COALESCE(u.attempts, m.attempts), \
+     error = CASE WHEN u.clear THEN NULL ELSE m.error END, updated_at_ms = u.updated \
+     FROM unnest($1::int8[], $2::text[], $3::int4[], $4::bool[], $5::int8[]) \
+     AS u(id, state, attempts, clear, updated) WHERE m.id = u.id";
+
+/// As SQLite: a key put again (after its window) takes the new acceptance.
+const INSERT_KEYS: &str = "INSERT INTO outbox_idempotency (key, created_at_ms, message_ids) \
+     SELECT * FROM unnest($1::text[], $2::int8[], $3::text[]) \
+     ON CONFLICT (key) DO UPDATE SET created_at_ms = excluded.created_at_ms, \
+     message_ids = excluded.message_ids";
+
+/// GREATEST: the bound only ever grows, whoever writes it.
+const PUT_NEXT_ID: &str = "INSERT INTO outbox_meta (name, value) VALUES ('next_id', $1) \
+     ON CONFLICT (name) DO UPDATE SET value = GREATEST(outbox_meta.value, excluded.value)";
+
+const COMPACT_MESSAGES: &str = "WITH gone AS (DELETE FROM outbox_messages WHERE id IN \
+     (SELECT id FROM outbox_messages WHERE state = 'delivered' AND updated_at_ms < $1 LIMIT $2) \
+     RETURNING id), \
+     bodies AS (DELETE FROM outbox_bodies WHERE id IN (SELECT id FROM gone)) \
+     SELECT count(*) FROM gone";
+
+const COMPACT_KEYS: &str = "DELETE FROM outbox_idempotency WHERE key IN \
+     (SELECT key FROM outbox_idempotency WHERE created_at_ms < $1 LIMIT $2)";
+
+type Param<'a> = &'a (dyn tokio_postgres::types::ToSql + Sync);
+
+struct Writer {
+    /// A pool of one: the writer's own connection, opened again after it broke.
+    pool: Pool,
+    conn: Option<postgres::Object>,
+    config: PostgresConfig,
+    overlay: Arc<Mutex<Overlay>>,
+    health: Arc<Health>,
+    commits: Arc<Commits>,
+    /// The `next_id` the database records: ids below it were given out.
+    next_id_written: u64,
+    /// State changes nobody waited for, from failed commits: oldest first, one per message
+    /// (folded), at most `RETRY_MAX_MESSAGES`.
+    retry: Vec<Entry>,
+    retry_at: HashMap<u64, usize>,
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        // However the writer ends, what it had not settled fails as Closed.
+        self.commits.close();
+    }
+}
+
+type QueuedPut = (Vec<Entry>, Option<(String, IdempotencyRecord)>, u64, bool);
+
+/// One message's row write within a commit: its changes folded together.
+struct RowWrite<'a> {
+    id: u64,
+    body: Option<&'a EncodedBody>,
+    state: EntryState,
+}
+
+impl Writer {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Cmd>) {
+        loop {
+            let troubled = !self.retry.is_empty() || self.health.get().is_some();
+            let wait = if troubled { RETRY_EVERY } else { PROBE_EVERY };
+            let first = match tokio::time::timeout(wait, rx.recv()).await {
+                Ok(Some(c)) => c,
+                Ok(None) => break,
+                Err(_) if self.retry.is_empty() => {
+                    self.probe().await;
+                    continue;
+                }
+                Err(_) => {
+                    self.put(Vec::new()).await;
+                    continue;
+                }
+            };
+            // Group commit: everything that queued up during the previous commit goes in the
+            // next.
+            let mut cmds = vec![first];
+            while cmds.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(c) => cmds.push(c),
+                    Err(_) => break,
+                }
+            }
+            let mut puts = Vec::with_capacity(cmds.len());
+            for cmd in cmds {
+                match cmd {
+                    Cmd::Put {
+                        entries,
+                        idempotency,
+                        version,
+                        waited,
+                    } => puts.push((entries, idempotency, version, waited)),
+                    Cmd::Compact {
+                        cutoff_ms,
+                        idem_cutoff_ms,
+                        done,
+                    } => {
+                        // Changes queued before the compaction are committed before it.
+                        self.put(std::mem::take(&mut puts)).await;
+                        let n = self.compact(cutoff_ms, idem_cutoff_ms, &mut rx).await;
+                        let _ = done.send(n);
+                    }
+                }
+            }
+            self.put(puts).await;
+        }
+        // The store is gone: one last try for what nobody waited for.
+        if !self.retry.is_empty() {
+            self.put(Vec::new()).await;
+        }
+    }
+
+    /// The writer's connection: the open one, or a new one.
+    async fn client(&mut self) -> Result<&postgres::Object, PgError> {
+        if self.conn.as_ref().is_some_and(|c| c.is_closed()) {
+            // Let go of it first: the writer's pool holds one connection.
+            self.discard();
+        }
+        let conn = match self.conn.take() {
+            Some(c) => c,
+            None => postgres::get(&self.pool).await?,
+        };
+        Ok(self.conn.insert(conn))
+    }
+
+    /// Closes the connection after an error: whatever state it is in, the next commit starts
+    /// on a fresh one.
+    fn discard(&mut self) {
+        if let Some(c) = self.conn.take() {
+            drop(postgres::Object::take(c));
+        }
+    }
+
+    /// Idle: is the database still there? Readiness follows the answer.
+    async fn probe(&mut self) {
+        let result = match self.client().await {
+            Ok(c) => c
+                .batch_execute("SELECT 1")
+                .await
+                .map_err(|e| PgError::query("checking the database", &e)),
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(()) => {
+                if self.health.get().is_some() {
+                    tracing::info!("PostgreSQL reachable again: the outbox takes writes");
+                }
+                self.health.clear();
+            }
+            Err(e) => {
+                self.discard();
+                let reason = self.config.scrub(e.to_string());
+                if self.health.get().is_none() {
+                    tracing::error!(error = %reason, "PostgreSQL unreachable: Sends are refused until it is back");
+                }
+                self.health.set(&reason);
+            }
+        }
+    }
+
+    async fn put(&mut self, puts: Vec<QueuedPut>) {
+        let up_to = puts.last().map(|p| p.2);
+        if up_to.is_none() && self.retry.is_empty() {
+            return;
+        }
+        self.retry_at.clear();
+        let mut entries: Vec<(Entry, bool)> = std::mem::take(&mut self.retry)
+            .into_iter()
+            .map(|e| (e, false))
+            .collect();
+        let mut keys = Vec::new();
+        for (es, idempotency, _, waited) in puts {
+            if let Some(k) = idempotency {
+                keys.push(k);
+            }
+            entries.extend(es.into_iter().map(|e| (e, waited)));
+        }
+        let result = self.commit(&mut entries, &keys).await;
+        let result = match result {
+            Ok(()) => {
+                if self.health.get().is_some() {
+                    tracing::info!("PostgreSQL reachable again: the outbox takes writes");
+                }
+                self.health.clear();
+                self.committed(&entries);
+                Ok(())
+            }
+            Err(e) => {
+                self.discard();
+                let reason = self.config.scrub(e.to_string());
+                tracing::error!(
+                    error = %reason,
+                    changes = entries.len(),
+                    "outbox commit failed: its Sends are refused, unwaited changes kept"
+                );
+                self.health.set(&reason);
+                self.failed(entries, e.is_unavailable());
+                Err(storage(reason))
+            }
+        };
+        if let Some(v) = up_to {
+            self.commits.settle(v, &result);
+        }
+    }
+
+    /// The overlay lets go of what is now in the database (as in `sqlite.rs`), before anyone
+    /// is told it is durable.
+    fn committed(&self, entries: &[(Entry, bool)]) {
+        let mut ov = lock(&self.overlay);
+        for (e, _) in entries {
+            let (id, version) = (e.id, e.version);
+            if e.body.is_some()
+                && ov.bodies.get(&id).is_some_and(|(v, _)| *v == version)
+                && let Some((_, m)) = ov.bodies.remove(&id)
+                && !m.record.state.is_terminal()
+                && !ov.states.contains_key(&id)
+            {
+                ov.states.insert(id, (version, m.record.clone()));
+            }
+            if ov
+                .states
+                .get(&id)
+                .is_some_and(|(v, s)| *v == version && s.state.is_terminal())
+            {
+                ov.states.remove(&id);
+            }
+            if ov.partials.get(&id).is_some_and(|(v, _)| *v == version) {
+                ov.partials.remove(&id);
+            }
+        }
+    }
+
+    /// After a failed commit: what was waited for is forgotten by the overlay (its waiter hears
+    /// the error; the database has what it had), what nobody waited for is kept for the next.
+    fn failed(&mut self, entries: Vec<(Entry, bool)>, unavailable: bool) {
+        let overlay = self.overlay.clone();
+        let mut ov = lock(&overlay);
+        let mut dropped = 0usize;
+        let mut kept = Vec::new();
+        for (mut e, waited) in entries {
+            let newest = |ov: &Overlay| {
+                ov.bodies.get(&e.id).is_some_and(|(v, _)| *v == e.version)
+                    || ov.states.get(&e.id).is_some_and(|(v, _)| *v == e.version)
+                    || ov.partials.get(&e.id).is_some_and(|(v, _)| *v == e.version)
+            };
+            let forget = |ov: &mut Overlay, id: u64| {
+                ov.bodies.remove(&id);
+                ov.states.remove(&id);
+                ov.partials.remove(&id);
+            };
+            if waited || e.body.is_some() {
+                if newest(&ov) {
+                    forget(&mut ov, e.id);
+                }
+                continue;
+            }
+            if !unavailable {
+                e.tries = e.tries.saturating_add(1);
+            }
+            if e.tries >= RETRY_MAX_TRIES {
+                dropped += 1;
+                if newest(&ov) {
+                    forget(&mut ov, e.id);
+                }
+                continue;
+            }
+            kept.push(e);
+        }
+        for e in kept {
+            self.keep(e);
+        }
+        if self.retry.len() > RETRY_MAX_MESSAGES {
+            let excess = self.retry.len() - RETRY_MAX_MESSAGES;
+            for e in self.retry.drain(..excess) {
+                dropped += 1;
+                let newest = ov.states.get(&e.id).is_some_and(|(v, _)| *v <= e.version)
+                    || ov.partials.get(&e.id).is_some_and(|(v, _)| *v <= e.version);
+                if newest {
+                    ov.states.remove(&e.id);
+                    ov.partials.remove(&e.id);
+                }
+            }
+            self.retry_at = self
+                .retry
+                .iter()
+                .enumerate()
+                .map(|(i, e)| (e.id, i))
+                .collect();
+        }
+        // What is kept is what readers see, unless something newer is queued.
+        for e in &self.retry {
+            let newer = ov.bodies.get(&e.id).is_some_and(|(v, _)| *v > e.version)
+                || ov.states.get(&e.id).is_some_and(|(v, _)| *v > e.version)
+                || ov.partials.get(&e.id).is_some_and(|(v, _)| *v > e.version);
+            if newer {
+                continue;
+            }
+            match &e.state {
+                EntryState::Full(s) => {
+                    ov.partials.remove(&e.id);
+                    ov.states.insert(e.id, (e.version, s.clone()));
+                }
+                EntryState::Partial(p) => {
+                    ov.states.remove(&e.id);
+                    ov.partials.insert(e.id, (e.version, p.clone()));
+                }
+            }
+        }
+        drop(ov);
+        if dropped > 0 {
+            tracing::error!(
+                dropped,
+                kept = self.retry.len(),
+                "outbox state changes dropped after failed commits: those messages are resent, \
+                 flagged, after a restart"
+            );
+        }
+    }
+
+    /// Keeps an unwaited change for the next commit, folded into the message's earlier one.
+    fn keep(&mut self, e: Entry) {
+        match self.retry_at.get(&e.id) {
+            Some(&i) => {
+                let old = &mut self.retry[i];
+                let before = std::mem::replace(
+                    &mut old.state,
+                    EntryState::Partial(Partial {
+                        state: None,
+                        attempts: None,
+                        clear_error: false,
+                        updated_at_ms: 0,
+                    }),
+                );
+                old.state = before.then(e.state);
+                old.version = e.version;
+                old.tries = old.tries.max(e.tries);
+            }
+            None => {
+                self.retry_at.insert(e.id, self.retry.len());
+                self.retry.push(e);
+            }
+        }
+    }
+
+    /// Reads the stored message a move rewrites, and makes the move a whole body to write.
+    async fn resolve_moves(&mut self, entries: &mut [(Entry, bool)]) -> Result<(), PgError> {
+        if !entries
+            .iter()
+            .any(|(e, _)| matches!(e.body, Some(BodyWrite::Moved { .. })))
+        {
+            return Ok(());
+        }
+        let client = self.client().await?;
+        let st = client
+            .prepare_cached(&format!("SELECT {COLUMNS} FROM {FROM} WHERE m.id = $1"))
+            .await
+            .map_err(|e| PgError::query("preparing a read", &e))?;
+        for (e, _) in entries.iter_mut() {
+            let Some(BodyWrite::Moved {
+                conversation,
+                message,
+            }) = e.body.take()
+            else {
+                continue;
+            };
+            let row = client
+                .query_opt(&st, &[&db_id(e.id)])
+                .await
+                .map_err(|err| PgError::query("reading a moved message", &err))?;
+            let stored = match row.as_ref().map(decode_message).transpose() {
+                Ok(m) => m,
+                Err(err) => {
+                    tracing::error!(error = %err, message_id = e.id, "a moved message's row cannot be read; the move is not written");
+                    None
+                }
+            };
+            // Gone (compacted, or never committed): nothing to move.
+            let Some(mut m) = stored else {
+                continue;
+            };
+            apply(
+                &mut m,
+                Change::Moved {
+                    conversation,
+                    message,
+                },
+            );
+            let json = match encode_body(&m) {
+                Ok(j) => j,
+                Err(err) => {
+                    tracing::error!(error = %err, message_id = e.id, "a moved message cannot be encoded; the move is not written");
+                    continue;
+                }
+            };
+            let full = match std::mem::replace(
+                &mut e.state,
+                EntryState::Full(StateRecord::new(DeliveryState::Accepted, 0)),
+            ) {
+                EntryState::Full(s) => s,
+                EntryState::Partial(p) => {
+                    let mut s = m.record.clone();
+                    p.apply_to(&mut s);
+                    s
+                }
+            };
+            e.state = EntryState::Full(full);
+            e.body = Some(BodyWrite::Encoded(EncodedBody {
+                conversation: m.conversation,
+                accepted_at_ms: m.accepted_at_ms,
+                json,
+            }));
+        }
+        Ok(())
+    }
+
+    /// One transaction for the group, its statements pipelined on the writer's connection:
+    /// BEGIN, a multi-row statement per kind of write, COMMIT, sent together.
+    async fn commit(
+        &mut self,
+        entries: &mut [(Entry, bool)],
+        keys: &[(String, IdempotencyRecord)],
+    ) -> Result<(), PgError> {
+        self.resolve_moves(entries).await?;
+        // Fold each message's changes into one row write, in the order they were queued.
+        let mut rows: Vec<RowWrite<'_>> = Vec::new();
+        let mut at: HashMap<u64, usize> = HashMap::new();
+        for (e, _) in entries.iter() {
+            let body = match &e.body {
+                Some(BodyWrite::Encoded(b)) => Some(b),
+                _ => None,
+            };
+            match at.get(&e.id) {
+                Some(&i) => {
+                    let row = &mut rows[i];
+                    let before = std::mem::replace(
+                        &mut row.state,
+                        EntryState::Full(StateRecord::new(DeliveryState::Accepted, 0)),
+                    );
+                    row.state = before.then(e.state.clone());
+                    if body.is_some() {
+                        row.body = body;
+                    }
+                }
+                None => {
+                    at.insert(e.id, rows.len());
+                    rows.push(RowWrite {
+                        id: e.id,
+                        body,
+                        state: e.state.clone(),
+                    });
+                }
+            }
+        }
+        // Whole rows (appended or moved), their bodies, whole states, partial states.
+        let mut ins = InsertCols::default();
+        let mut bodies_id: Vec<i64> = Vec::new();
+        let mut bodies_json: Vec<&str> = Vec::new();
+        let mut full = StateCols::default();
+        let mut part = PartialCols::default();
+        for r in &rows {
+            let id = db_id(r.id);
+            match (&r.state, r.body) {
+                (EntryState::Full(s), Some(b)) => {
+                    bodies_id.push(id);
+                    bodies_json.push(&b.json);
+                    let conversation = escape_text(&b.conversation).into_owned();
+                    ins.partition.push(partition_of(&conversation));
+                    ins.conversation.push(conversation);
+                    ins.id.push(id);
+                    ins.state.push(state_word(s.state));
+                    ins.attempts.push(s.attempts.min(i32::MAX as u32) as i32);
+                    ins.dup.push(s.possible_duplicate);
+                    ins.receipts.push(receipts_json(s)?);
+                    ins.error.push(error_json(s)?);
+                    ins.accepted.push(db_ms(b.accepted_at_ms));
+                    ins.updated.push(db_ms(s.updated_at_ms));
+                }
+                (EntryState::Full(s), None) => {
+                    full.id.push(id);
+                    full.state.push(state_word(s.state));
+                    full.attempts.push(s.attempts.min(i32::MAX as u32) as i32);
+                    full.dup.push(s.possible_duplicate);
+                    full.receipts.push(receipts_json(s)?);
+                    full.error.push(error_json(s)?);
+                    full.updated.push(db_ms(s.updated_at_ms));
+                }
+                // A body never comes with a partial state (a move is resolved whole above).
+                (EntryState::Partial(p), _) => {
+                    part.id.push(id);
+                    part.state.push(p.state.map(state_word));
+                    part.attempts
+                        .push(p.attempts.map(|a| a.min(i32::MAX as u32) as i32));
+                    part.clear.push(p.clear_error);
+                    part.updated.push(db_ms(p.updated_at_ms));
+                }
+            }
+        }
+        // One key once per statement (ON CONFLICT cannot touch a row twice): the last wins.
+        let mut key_at: HashMap<&str, usize> = HashMap::new();
+        for (i, (k, _)) in keys.iter().enumerate() {
+            key_at.insert(k.as_str(), i);
+        }
+        let mut key_names: Vec<String> = Vec::new();
+        let mut key_created: Vec<i64> = Vec::new();
+        let mut key_ids: Vec<String> = Vec::new();
+        for (i, (k, rec)) in keys.iter().enumerate() {
+            if key_at.get(k.as_str()) != Some(&i) {
+                continue;
+            }
+            key_names.push(escape_text(k).into_owned());
+            key_created.push(db_ms(rec.created_at_ms));
+            key_ids.push(
+                serde_json::to_string(&rec.message_ids)
+                    .map_err(|e| encode_error("encoding an idempotency record", e))?,
+            );
+        }
+        let max_id = rows.iter().map(|r| r.id).max().unwrap_or(0);
+        let written = self.next_id_written;
+        let next_id = written.max(max_id.saturating_add(1));
+        let next_id_db = db_id(next_id);
+
+        let client = self.client().await?;
+        let prepare = |sql: &'static str| async move {
+            client
+                .prepare_cached(sql)
+                .await
+                .map_err(|e| PgError::query("preparing the outbox's statements", &e))
+        };
+        let st_ins = prepare(INSERT_MESSAGES).await?;
+        let st_bodies = prepare(INSERT_BODIES).await?;
+        let st_full = prepare(UPDATE_STATES).await?;
+        let st_part = prepare(UPDATE_PARTIAL).await?;
+        let st_keys = prepare(INSERT_KEYS).await?;
+        let st_next = prepare(PUT_NEXT_ID).await?;
+
+        let ins_params: Vec<Param<'_>> = vec![
+            &ins.id,
+            &ins.conversation,
+            &ins.partition,
+            &ins.state,
+            &ins.attempts,
+            &ins.dup,
+            &ins.receipts,
+            &ins.error,
+            &ins.accepted,
+            &ins.updated,
+        ];
+        let body_params: Vec<Param<'_>> = vec![&bodies_id, &bodies_json];
+        let full_params: Vec<Param<'_>> = vec![
+            &full.id,
+            &full.state,
+            &full.attempts,
+            &full.dup,
+            &full.receipts,
+            &full.error,
+            &full.updated,
+        ];
+        let part_params: Vec<Param<'_>> = vec![
+            &part.id,
+            &part.state,
+            &part.attempts,
+            &part.clear,
+            &part.updated,
+        ];
+        let key_params: Vec<Param<'_>> = vec![&key_names, &key_created, &key_ids];
+        let next_params: Vec<Param<'_>> = vec![&next_id_db];
+
+        // Each request goes out when its future is first polled; try_join_all polls them in
+        // this order, so the server gets BEGIN, the writes and COMMIT back to back.
+        let mut steps: Vec<BoxFuture<'_, Result<(), tokio_postgres::Error>>> = Vec::new();
+        steps.push(Box::pin(client.batch_execute("BEGIN")));
+        let c: &tokio_postgres::Client = client;
+        if !ins.id.is_empty() {
+            steps.push(step(c, &st_bodies, &body_params));
+            steps.push(step(c, &st_ins, &ins_params));
+        }
+        if !full.id.is_empty() {
+            steps.push(step(c, &st_full, &full_params));
+        }
+        if !part.id.is_empty() {
+            steps.push(step(c, &st_part, &part_params));
+        }
+        if !key_names.is_empty() {
+            steps.push(step(c, &st_keys, &key_params));
+        }
+        if next_id > written {
+            steps.push(step(c, &st_next, &next_params));
+        }
+        steps.push(Box::pin(client.batch_execute("COMMIT")));
+        let result = futures::future::try_join_all(steps)
+            .await
+            .map(drop)
+            .map_err(|e| PgError::query("committing to the outbox", &e));
+        if result.is_ok() {
+            self.next_id_written = next_id;
+        }
+        result
+    }
+
+    /// Drops delivered messages and old idempotency keys a chunk per transaction, committing
+    /// what queued up in between so Sends never wait for the whole compaction.
+    async fn compact(
+        &mut self,
+        cutoff_ms: u64,
+        idem_cutoff_ms: u64,
+        rx: &mut mpsc::UnboundedReceiver<Cmd>,
+    ) -> usize {
+        let cutoff = db_ms(cutoff_ms);
+        let idem_cutoff = db_ms(idem_cutoff_ms);
+        let mut removed = 0;
+        loop {
+            match self.compact_chunk(cutoff, idem_cutoff).await {
+                Ok((messages, keys)) => {
+                    removed += messages;
+                    if messages < COMPACT_CHUNK as usize && keys < COMPACT_CHUNK as usize {
+                        return removed;
+                    }
+                }
+                Err(e) => {
+                    self.discard();
+                    // Nothing is lost by a failed compaction: it is tried again next time.
+                    let reason = self.config.scrub(e.to_string());
+                    tracing::warn!(error = %reason, "outbox compaction failed");
+                    return removed;
+                }
+            }
+            let mut queued = Vec::new();
+            while let Ok(c) = rx.try_recv() {
+                match c {
+                    Cmd::Put {
+                        entries,
+                        idempotency,
+                        version,
+                        waited,
+                    } => queued.push((entries, idempotency, version, waited)),
+                    Cmd::Compact { done, .. } => {
+                        let _ = done.send(0);
+                    }
+                }
+            }
+            self.put(queued).await;
+        }
+    }
+
+    async fn compact_chunk(
+        &mut self,
+        cutoff: i64,
+        idem_cutoff: i64,
+    ) -> Result<(usize, usize), PgError> {
+        let client = self.client().await?;
+        let fail = |e: tokio_postgres::Error| PgError::query("compacting the outbox", &e);
+        let messages: i64 = client
+            .query_one(COMPACT_MESSAGES, &[&cutoff, &COMPACT_CHUNK])
+            .await
+            .map_err(fail)?
+            .try_get(0)
+            .map_err(fail)?;
+        let keys = client
+            .execute(COMPACT_KEYS, &[&idem_cutoff, &COMPACT_CHUNK])
+            .await
+            .map_err(fail)?;
+        Ok((
+            usize::try_from(messages).unwrap_or(0),
+            usize::try_from(keys).unwrap_or(0),
+        ))
+    }
+}
+
+/// One pipelined statement: its request goes out when the future is first polled.
+fn step<'a>(
+    client: &'a tokio_postgres::Client,
+    st: &'a tokio_postgres::Statement,
+    params: &'a [Param<'a>],
+) -> BoxFuture<'a, Result<(), tokio_postgres::Error>> {
+    Box::pin(async move { client.execute(st, params).await.map(drop) })
+}
+
+fn encode_error(context: &'static str, e: serde_json::Error) -> PgError {
+    PgError::Query {
+        context,
+        code: None,
+        reason: e.to_string(),
+    }
+}
+
+fn receipts_json(s: &StateRecord) -> Result<Option<String>, PgError> {
+    if s.receipts.is_empty() {
+        return Ok(None);
+    }
+    serde_json::to_string(&s.receipts)
+        .map(Some)
+        .map_err(|e| encode_error("encoding receipts", e))
+}
+
+fn error_json(s: &StateRecord) -> Result<Option<String>, PgError> {
+    match &s.error {
+        Some(e) => serde_json::to_string(e)
+            .map(Some)
+            .map_err(|e| encode_error("encoding an error", e)),
+        None => Ok(None),
+    }
+}
+
+#[derive(Default)]
+struct InsertCols<'a> {
+    id: Vec<i64>,
+    conversation: Vec<String>,
+    partition: Vec<i16>,
+    state: Vec<&'a str>,
+    attempts: Vec<i32>,
+    dup: Vec<bool>,
+    receipts: Vec<Option<String>>,
+    error: Vec<Option<String>>,
+    accepted: Vec<i64>,
+    updated: Vec<i64>,
+}
+
+#[derive(Default)]
+struct StateCols<'a> {
+    id: Vec<i64>,
+    state: Vec<&'a str>,
+    attempts: Vec<i32>,
+    dup: Vec<bool>,
+    receipts: Vec<Option<String>>,
+    error: Vec<Option<String>>,
+    updated: Vec<i64>,
+}
+
+#[derive(Default)]
+struct PartialCols<'a> {
+    id: Vec<i64>,
+    state: Vec<Option<&'a str>>,
+    attempts: Vec<Option<i32>>,
+    clear: Vec<bool>,
+    updated: Vec<i64>,
+}

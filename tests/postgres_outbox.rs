@@ -1,0 +1,792 @@
+//! The outbox on PostgreSQL (`outbox.backend = "postgres"`, one replica), against throwaway
+//! clusters (tests/pg): the store through its public API (reopen, overlay, compaction, text
+//! PostgreSQL cannot hold, an outage that ends), an in-process gateway (order, GetDelivery,
+//! ListFailed/Redeliver, idempotency across a restart), the real binary SIGKILLed mid-stream,
+//! and a database outage under a running gateway (UNAVAILABLE, not ready, then back).
+
+mod common;
+#[path = "pg/mod.rs"]
+mod pg;
+
+use std::collections::{HashMap, HashSet};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use pg::PgCluster;
+use serde_json::json;
+use tonic::Code;
+
+use channel_gateway::api::pb::{self, channel_gateway_client::ChannelGatewayClient};
+use channel_gateway::config::{OutboxBackend, Secret};
+use channel_gateway::outbox::{
+    Change, DeliveryState, IdempotencyRecord, Outcome, PostgresStore, StateRecord, Store,
+    StoredMessage, now_ms,
+};
+use channel_gateway::storage::postgres::PostgresConfig;
+
+fn pg_config(url: &str) -> PostgresConfig {
+    PostgresConfig {
+        url: Secret::new(url),
+        pool_size: 4,
+        connect_timeout: Duration::from_secs(2),
+        ..PostgresConfig::default()
+    }
+}
+
+fn msg(id: u64, conversation: &str) -> StoredMessage {
+    StoredMessage {
+        id,
+        conversation: conversation.into(),
+        message: Default::default(),
+        proactive: None,
+        accepted_at_ms: now_ms(),
+        record: StateRecord::new(DeliveryState::Accepted, now_ms()),
+        warnings: vec![],
+    }
+}
+
+fn finished(state: DeliveryState, attempts: u32) -> Outcome {
+    Outcome {
+        state,
+        receipts: vec![],
+        error: None,
+        attempts,
+        possible_duplicate: false,
+    }
+}
+
+/// Runs a blocking cluster operation off the runtime's threads.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.unwrap()
+}
+
+async fn scalar(url: &str, sql: &str) -> i64 {
+    let pool = channel_gateway::storage::postgres::connect(&pg_config(url))
+        .await
+        .unwrap();
+    let c = channel_gateway::storage::postgres::get(&pool)
+        .await
+        .unwrap();
+    c.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_survives_reopen_and_tracks_states() {
+    let url = PgCluster::shared().create_database();
+    {
+        let s = PostgresStore::open(&pg_config(&url)).await.unwrap();
+        assert_eq!(s.next_id(), 1);
+        s.append(
+            vec![msg(1, "c"), msg(2, "c"), msg(3, "c")],
+            Some((
+                "k".into(),
+                IdempotencyRecord {
+                    created_at_ms: 5,
+                    message_ids: vec![1, 2, 3],
+                },
+            )),
+        )
+        .await
+        .unwrap();
+        s.update(1, Change::Delivering { attempts: 1 })
+            .await
+            .unwrap();
+        s.update(2, Change::Finished(finished(DeliveryState::Failed, 2)))
+            .await
+            .unwrap();
+        // Seen at once, before it is committed.
+        s.record(3, Change::Delivering { attempts: 1 });
+        assert_eq!(
+            s.get(3).await.unwrap().unwrap().record.state,
+            DeliveryState::Delivering
+        );
+        s.record(3, Change::Waiting { attempts: 1 });
+        // Give the writer its moment: nothing waits for a record.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let s = PostgresStore::open(&pg_config(&url)).await.unwrap();
+    assert_eq!(s.next_id(), 4);
+    let pending: Vec<(u64, DeliveryState)> = s
+        .pending()
+        .await
+        .unwrap()
+        .iter()
+        .map(|m| (m.id, m.record.state))
+        .collect();
+    assert_eq!(
+        pending,
+        vec![(1, DeliveryState::Delivering), (3, DeliveryState::Accepted)]
+    );
+    let failed: Vec<u64> = s
+        .failed(0, 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|m| m.id)
+        .collect();
+    assert_eq!(failed, vec![2]);
+    assert_eq!(
+        s.idempotency_get("k").await.unwrap().unwrap().message_ids,
+        vec![1, 2, 3]
+    );
+    // Redelivered after a reopen: its state is not in memory, the change sets its columns.
+    s.update(2, Change::Requeued).await.unwrap();
+    let m = s.get(2).await.unwrap().unwrap();
+    assert_eq!(
+        (m.record.state, m.record.attempts),
+        (DeliveryState::Accepted, 2)
+    );
+    assert!(s.failed(0, 10).await.unwrap().is_empty());
+    s.update(2, Change::Delivering { attempts: 3 })
+        .await
+        .unwrap();
+    let done = finished(DeliveryState::Delivered, 3);
+    s.update(2, Change::Finished(done.clone())).await.unwrap();
+    assert_eq!(s.get(2).await.unwrap().unwrap().outcome(), done);
+    // The rows as an operator sees them.
+    assert_eq!(
+        scalar(
+            &url,
+            "SELECT count(*) FROM outbox_messages WHERE state = 'delivered' AND attempts = 3"
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        scalar(
+            &url,
+            "SELECT count(DISTINCT partition)::int8 FROM outbox_messages"
+        )
+        .await,
+        1,
+        "one conversation, one partition"
+    );
+    // Compaction: the delivered one goes, the old key goes, ids are never reused.
+    assert_eq!(s.compact(u64::MAX, 6).await, 1);
+    assert!(s.get(2).await.unwrap().is_none());
+    assert!(s.idempotency_get("k").await.unwrap().is_none());
+    drop(s);
+    let s = PostgresStore::open(&pg_config(&url)).await.unwrap();
+    assert_eq!(s.next_id(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_postgresql_cannot_hold_reads_back_as_written() {
+    let url = PgCluster::shared().create_database();
+    let conversation = "msteams/B1/a\0b\\0c\\";
+    let key = "send\u{1f}bot\u{1f}k\0\\0";
+    {
+        let s = PostgresStore::open(&pg_config(&url)).await.unwrap();
+        let mut m = msg(7, conversation);
+        std::sync::Arc::make_mut(&mut m.message).text = Some("nul \0 and 😀".into());
+        s.append(
+            vec![m],
+            Some((
+                key.into(),
+                IdempotencyRecord {
+                    created_at_ms: now_ms(),
+                    message_ids: vec![7],
+                },
+            )),
+        )
+        .await
+        .unwrap();
+        // A key that differs only where the escape would collide is another key.
+        assert!(
+            s.idempotency_get("send\u{1f}bot\u{1f}k\\0\\0")
+                .await
+                .unwrap()
+                .is_none()
+        );
+    }
+    let s = PostgresStore::open(&pg_config(&url)).await.unwrap();
+    let back = s.get(7).await.unwrap().unwrap();
+    assert_eq!(back.conversation, conversation);
+    assert_eq!(back.message.text.as_deref(), Some("nul \0 and 😀"));
+    assert_eq!(
+        s.idempotency_get(key).await.unwrap().unwrap().message_ids,
+        vec![7]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_changes_share_commits_and_a_repeated_key_does_not_fail_its_group() {
+    let url = PgCluster::shared().create_database();
+    let s = Arc::new(PostgresStore::open(&pg_config(&url)).await.unwrap());
+    // Every write transaction takes a transaction id (and this query one more).
+    let xid = "SELECT pg_current_xact_id()::text::int8";
+    let xid_before = scalar(&url, xid).await;
+    let n = 4000u64;
+    let begun = Instant::now();
+    let mut waits = Vec::new();
+    for id in 1..=n {
+        let idem = (id % 100 == 0).then(|| {
+            (
+                // The same key twice in a row: both likely in one group.
+                format!("k{}", id / 200),
+                IdempotencyRecord {
+                    created_at_ms: now_ms(),
+                    message_ids: vec![id],
+                },
+            )
+        });
+        waits.push(s.append(vec![msg(id, &format!("c{}", id % 50))], idem));
+    }
+    for w in waits {
+        w.await.unwrap();
+    }
+    let took = begun.elapsed();
+    let commits = scalar(&url, xid).await - xid_before - 1;
+    println!(
+        "{n} appends (one message each) committed in {took:?} ({:.0} msg/s) by {commits} \
+         transactions",
+        n as f64 / took.as_secs_f64()
+    );
+    assert!(commits >= 1);
+    assert!(
+        (commits as u64) < n / 10,
+        "{commits} transactions for {n} appends: they do not share commits"
+    );
+    assert_eq!(
+        scalar(&url, "SELECT count(*) FROM outbox_messages").await,
+        n as i64
+    );
+    assert_eq!(s.pending().await.unwrap().len(), n as usize);
+    assert_eq!(
+        s.idempotency_get("k20").await.unwrap().unwrap().message_ids,
+        vec![4000],
+        "the later acceptance of a key wins, as in SQLite"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_refuses_writes_quickly_keeps_unwaited_changes_and_ends() {
+    let _watchdog = Watchdog::start();
+    let cluster = Arc::new(blocking(PgCluster::start).await);
+    let url = cluster.url().to_string();
+    let s = PostgresStore::open(&pg_config(&url)).await.unwrap();
+    assert!(s.transient());
+    s.append(vec![msg(1, "c"), msg(2, "c")], None)
+        .await
+        .unwrap();
+    s.update(1, Change::Delivering { attempts: 1 })
+        .await
+        .unwrap();
+    assert!(s.failure().is_none());
+
+    let c = cluster.clone();
+    blocking(move || c.stop()).await;
+    let begun = Instant::now();
+    let err = s
+        .append(vec![msg(3, "c")], None)
+        .await
+        .unwrap_err()
+        .to_string();
+    println!(
+        "an append during the outage failed in {:?}: {err}",
+        begun.elapsed()
+    );
+    // Well under connect_timeout (2 s): a refused connection is not waited out.
+    assert!(
+        begun.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        begun.elapsed()
+    );
+    assert!(err.contains("PostgreSQL"), "{err}");
+    assert!(s.failure().is_some(), "the outage is reported");
+    // Outcomes nobody waits for, recorded during the outage, are kept.
+    let mut delivered = finished(DeliveryState::Delivered, 1);
+    delivered
+        .receipts
+        .push(channel_gateway::channels::NativeReceipt {
+            native_id: "n1".into(),
+            conversation_id: "c".into(),
+        });
+    s.record(1, Change::Finished(delivered.clone()));
+    s.record(2, Change::Delivering { attempts: 1 });
+    assert!(s.get(3).await.is_err(), "a read says it cannot answer");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+
+    let c = cluster.clone();
+    blocking(move || c.start_again()).await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while s.failure().is_some() {
+        assert!(Instant::now() < deadline, "the outage never ended");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    s.append(vec![msg(4, "c")], None).await.unwrap();
+    drop(s);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let s = PostgresStore::open(&pg_config(&url)).await.unwrap();
+    assert_eq!(s.get(1).await.unwrap().unwrap().outcome(), delivered);
+    assert_eq!(
+        s.get(2).await.unwrap().unwrap().record.state,
+        DeliveryState::Delivering
+    );
+    assert!(s.get(3).await.unwrap().is_none(), "refused, so not stored");
+    assert!(s.get(4).await.unwrap().is_some());
+    assert_eq!(s.next_id(), 5);
+}
+
+#[tokio::test]
+async fn open_errors_never_show_the_password() {
+    let cluster = PgCluster::shared();
+    let url = format!(
+        "postgres://nobody_here:Hunter2-Secret@127.0.0.1:{}/test",
+        cluster.port()
+    );
+    let e = match PostgresStore::open(&pg_config(&url)).await {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("opened with a role that does not exist"),
+    };
+    assert!(!e.contains("Hunter2"), "{e}");
+    assert!(e.contains("nobody_here"), "{e}");
+}
+
+// ---- An in-process gateway on PostgreSQL ----
+
+fn gateway_config(
+    fake: &FakeConnector,
+    url: &str,
+    data_dir: &std::path::Path,
+) -> channel_gateway::config::Config {
+    let mut c = config_for(fake);
+    c.outbox.backend = OutboxBackend::Postgres;
+    c.outbox.postgres = pg_config(url);
+    c.outbox.data_dir = data_dir.to_path_buf();
+    c.delivery.idle_timeout = Duration::from_millis(20);
+    c
+}
+
+async fn start_gateway(
+    config: channel_gateway::config::Config,
+) -> (
+    channel_gateway::server::RunningGateway,
+    ChannelGatewayClient<tonic::transport::Channel>,
+) {
+    let gateway = channel_gateway::server::start(config).await.unwrap();
+    let client = ChannelGatewayClient::connect(format!("http://{}", gateway.addr))
+        .await
+        .unwrap();
+    (gateway, client)
+}
+
+fn address(fake: &FakeConnector, conv: &str) -> pb::Address {
+    pb::Address {
+        channel_id: "msteams".into(),
+        user: Some(pb::Identity {
+            id: "29:u".into(),
+            ..Default::default()
+        }),
+        bot: Some(pb::Identity {
+            id: BOT.into(),
+            ..Default::default()
+        }),
+        conversation: Some(pb::ConversationAccount {
+            id: conv.into(),
+            ..Default::default()
+        }),
+        service_url: fake.service_url(),
+        ..Default::default()
+    }
+}
+
+fn text_message(fake: &FakeConnector, conv: &str, text: &str) -> pb::Message {
+    pb::Message {
+        address: Some(Box::new(address(fake, conv))),
+        text: text.into(),
+        ..Default::default()
+    }
+}
+
+async fn delivered(
+    client: &mut ChannelGatewayClient<tonic::transport::Channel>,
+    id: &str,
+) -> pb::Delivery {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let d = delivery(client, id).await;
+        if d.state == pb::DeliveryState::Delivered as i32 {
+            return d;
+        }
+        assert!(Instant::now() < deadline, "{id} not delivered: {d:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_on_postgres_delivers_in_order_lists_failed_and_redelivers() {
+    let _watchdog = Watchdog::start();
+    let url = PgCluster::shared().create_database();
+    let fake = FakeConnector::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (gateway, mut c) = start_gateway(gateway_config(&fake, &url, dir.path())).await;
+
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        let r = send_text(&mut c, &address(&fake, "order"), format!("m{i}"))
+            .await
+            .unwrap();
+        ids.push(r.message_id);
+    }
+    fake.wait_for(Duration::from_secs(15), "twenty messages", |r| {
+        r.iter().filter(|x| x.conversation == "order").count() >= 20
+    })
+    .await;
+    let want: Vec<String> = (0..20).map(|i| format!("m{i}")).collect();
+    assert_eq!(fake.texts("order"), want);
+    let d = delivered(&mut c, &ids[19]).await;
+    assert_eq!(d.receipts.len(), 1);
+
+    // A refusal: failed, listed, redelivered.
+    fake.script(
+        "lf",
+        vec![Scripted {
+            status: 404,
+            body: json!({"error": {"code": "ConversationNotFound", "message": "Conversation not found."}}),
+            retry_after: None,
+        }],
+    );
+    let id = send_text(&mut c, &address(&fake, "lf"), "first try fails".into())
+        .await
+        .unwrap()
+        .message_id;
+    send_text(&mut c, &address(&fake, "lf"), "next one goes".into())
+        .await
+        .unwrap();
+    fake.wait_for(Duration::from_secs(10), "the next message", |r| {
+        r.iter().any(|x| x.text() == "next one goes")
+    })
+    .await;
+    let d = delivery(&mut c, &id).await;
+    assert_eq!(d.state, pb::DeliveryState::Failed as i32);
+    let list = c
+        .list_failed(pb::ListFailedRequest {
+            bot_id: BOT.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let listed: Vec<&str> = list
+        .deliveries
+        .iter()
+        .map(|d| d.message_id.as_str())
+        .collect();
+    assert_eq!(listed, [id.as_str()]);
+    c.redeliver(pb::RedeliverRequest {
+        message_ids: vec![id.clone()],
+    })
+    .await
+    .unwrap();
+    let d = delivered(&mut c, &id).await;
+    assert_eq!(d.receipts.len(), 1);
+    assert!(
+        c.list_failed(pb::ListFailedRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .deliveries
+            .is_empty()
+    );
+    drop(c);
+    gateway.shutdown().await.unwrap();
+    // What the database says once the gateway is gone.
+    assert_eq!(
+        scalar(
+            &url,
+            "SELECT count(*) FROM outbox_messages WHERE state <> 'delivered'"
+        )
+        .await,
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotent_retry_returns_the_first_answer_also_after_a_restart() {
+    let _watchdog = Watchdog::start();
+    let url = PgCluster::shared().create_database();
+    let fake = FakeConnector::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let req = pb::SendRequest {
+        message: Some(text_message(&fake, "idem", "only once")),
+        idempotency_key: "order-42".into(),
+        wait: pb::WaitMode::Delivered as i32,
+    };
+    let (gateway, mut c) = start_gateway(gateway_config(&fake, &url, dir.path())).await;
+    let first = c.send(req.clone()).await.unwrap().into_inner();
+    let again = c.send(req.clone()).await.unwrap().into_inner();
+    assert_eq!(again.message_id, first.message_id);
+    drop(c);
+    gateway.shutdown().await.unwrap();
+
+    // A new gateway on the same database (and a new data directory: nothing local carries it).
+    let dir = tempfile::tempdir().unwrap();
+    let (gateway, mut c) = start_gateway(gateway_config(&fake, &url, dir.path())).await;
+    let again = c.send(req).await.unwrap().into_inner();
+    assert_eq!(again.message_id, first.message_id);
+    assert_eq!(again.state, pb::DeliveryState::Delivered as i32);
+    assert_eq!(again.receipts, first.receipts);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(fake.for_conversation("idem").len(), 1, "sent twice");
+    // New ids continue past the old ones.
+    let next = send_text(&mut c, &address(&fake, "idem"), "later".into())
+        .await
+        .unwrap();
+    assert!(
+        next.message_id.parse::<u64>().unwrap() > first.message_id.parse::<u64>().unwrap(),
+        "{} after {}",
+        next.message_id,
+        first.message_id
+    );
+    drop(c);
+    gateway.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_outage_answers_unavailable_turns_not_ready_and_ends_without_a_restart() {
+    let _watchdog = Watchdog::start();
+    let cluster = Arc::new(blocking(PgCluster::start).await);
+    let url = cluster.url().to_string();
+    let fake = FakeConnector::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (gateway, mut c) = start_gateway(gateway_config(&fake, &url, dir.path())).await;
+    let admin = gateway.admin_addr.unwrap();
+    let readyz = || async move {
+        reqwest::get(format!("http://{admin}/readyz"))
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert_eq!(readyz().await, 200);
+    let mut acked = Vec::new();
+    for i in 0..5 {
+        let r = send_text(&mut c, &address(&fake, "out"), format!("before {i}"))
+            .await
+            .unwrap();
+        acked.push(r.message_id);
+    }
+    for id in &acked {
+        delivered(&mut c, id).await;
+    }
+
+    let cl = cluster.clone();
+    blocking(move || cl.stop()).await;
+    let begun = Instant::now();
+    let err = send_text(&mut c, &address(&fake, "out"), "during".into())
+        .await
+        .unwrap_err();
+    let took = begun.elapsed();
+    println!(
+        "a Send during the outage answered {:?} in {took:?}",
+        err.code()
+    );
+    assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    assert!(!err.message().contains(&url), "{}", err.message());
+    assert_eq!(readyz().await, 503, "not ready while the database is down");
+    // GetDelivery cannot answer either: UNAVAILABLE, not NOT_FOUND.
+    let e = c
+        .get_delivery(pb::GetDeliveryRequest {
+            message_id: acked[0].clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable);
+
+    let cl = cluster.clone();
+    blocking(move || cl.start_again()).await;
+    let back = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let after = loop {
+        match send_text(&mut c, &address(&fake, "out"), "after".into()).await {
+            Ok(r) => break r,
+            Err(e) => {
+                assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
+                assert!(Instant::now() < deadline, "Sends never worked again: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    println!(
+        "Sends work again {:?} after the database is back",
+        back.elapsed()
+    );
+    delivered(&mut c, &after.message_id).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while readyz().await != 200 {
+        assert!(Instant::now() < deadline, "never ready again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for id in &acked {
+        let d = delivery(&mut c, id).await;
+        assert_eq!(d.state, pb::DeliveryState::Delivered as i32, "{id}: {d:?}");
+    }
+    let texts = fake.texts("out");
+    assert_eq!(
+        texts,
+        [
+            "before 0", "before 1", "before 2", "before 3", "before 4", "after"
+        ]
+    );
+    drop(c);
+    gateway.shutdown().await.unwrap();
+}
+
+// ---- The real binary, SIGKILLed mid-stream (modelled on tests/crash.rs) ----
+
+const CONVERSATIONS: usize = 16;
+const CLIENTS: usize = 8;
+const ROUNDS: usize = 3;
+
+fn spawn_binary(fake: &FakeConnector, url: &str, data_dir: &std::path::Path, port: u16) -> Child {
+    gateway_command(fake, data_dir, port)
+        .env("CHANNEL_GATEWAY__OUTBOX__BACKEND", "postgres")
+        .env("CHANNEL_GATEWAY__OUTBOX__POSTGRES__URL", url)
+        .env("CHANNEL_GATEWAY__DELIVERY__BASE_RETRY_DELAY", "20ms")
+        .env(
+            "CHANNEL_GATEWAY__CHANNELS__BOTFRAMEWORK__TEAMS_PACING",
+            "false",
+        )
+        .env("CHANNEL_GATEWAY__ADMIN__LISTEN", "127.0.0.1:0")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_mid_stream_on_postgres_loses_nothing_accepted_and_keeps_order() {
+    let _watchdog = Watchdog::start();
+    let url = PgCluster::shared().create_database();
+    let fake = FakeConnector::start().await;
+    fake.set_jitter(Duration::from_millis(3));
+    let dir = tempfile::tempdir().unwrap();
+    let acked: Arc<Mutex<HashMap<(usize, usize), String>>> = Arc::default();
+    let next_seq: Arc<Mutex<Vec<usize>>> = Arc::new(Mutex::new(vec![0; CONVERSATIONS]));
+    let conv_name = |conv: usize| format!("pgcrash-{conv}");
+    let begun = Instant::now();
+
+    for round in 0..ROUNDS {
+        let port = free_port();
+        let mut child = spawn_binary(&fake, &url, dir.path(), port);
+        let client = ChannelGatewayClient::new(binary_channel(port).await);
+        let mut tasks = Vec::new();
+        for c in 0..CLIENTS {
+            let mut client = client.clone();
+            let acked = acked.clone();
+            let next_seq = next_seq.clone();
+            let addrs: Vec<(usize, pb::Address)> = (0..CONVERSATIONS)
+                .filter(|conv| conv % CLIENTS == c)
+                .map(|conv| (conv, address(&fake, &conv_name(conv))))
+                .collect();
+            tasks.push(tokio::spawn(async move {
+                'outer: loop {
+                    for (conv, addr) in &addrs {
+                        let seq = {
+                            let mut n = next_seq.lock().unwrap();
+                            n[*conv] += 1;
+                            n[*conv] - 1
+                        };
+                        match send_text(&mut client, addr, format!("{seq}")).await {
+                            Ok(r) => {
+                                acked.lock().unwrap().insert((*conv, seq), r.message_id);
+                            }
+                            Err(_) => break 'outer,
+                        }
+                    }
+                }
+            }));
+        }
+        let pause = 300 + rand::random::<u64>() % 600;
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        child.kill().unwrap();
+        child.wait().unwrap();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        println!(
+            "round {round}: killed after {pause} ms, {} acked so far, {} received",
+            acked.lock().unwrap().len(),
+            fake.received().len()
+        );
+    }
+
+    let port = free_port();
+    let mut child = spawn_binary(&fake, &url, dir.path(), port);
+    let mut client = ChannelGatewayClient::new(binary_channel(port).await);
+    let acked = acked.lock().unwrap().clone();
+    assert!(
+        acked.len() > CONVERSATIONS,
+        "too few messages were sent to test anything"
+    );
+    let want: HashSet<(usize, usize)> = acked.keys().copied().collect();
+    fake.wait_for(
+        Duration::from_secs(120),
+        "every acknowledged message",
+        |r| {
+            let got: HashSet<(usize, usize)> = r
+                .iter()
+                .filter_map(|x| {
+                    let conv = x.conversation.strip_prefix("pgcrash-")?.parse().ok()?;
+                    Some((conv, x.text().parse().ok()?))
+                })
+                .collect();
+            want.is_subset(&got)
+        },
+    )
+    .await;
+
+    let mut duplicates = 0;
+    for conv in 0..CONVERSATIONS {
+        let seq: Vec<usize> = fake
+            .for_conversation(&conv_name(conv))
+            .iter()
+            .map(|r| r.text().parse().unwrap())
+            .collect();
+        let mut seen = HashSet::new();
+        let mut firsts = Vec::new();
+        let mut dups = Vec::new();
+        for s in &seq {
+            if seen.insert(*s) {
+                firsts.push(*s);
+            } else {
+                dups.push(*s);
+            }
+        }
+        let mut sorted = firsts.clone();
+        sorted.sort_unstable();
+        assert_eq!(firsts, sorted, "{} out of order: {seq:?}", conv_name(conv));
+        assert!(
+            dups.len() <= 2 * ROUNDS,
+            "{}: {} duplicates for {ROUNDS} kills: {seq:?}",
+            conv_name(conv),
+            dups.len()
+        );
+        for d in dups {
+            duplicates += 1;
+            if let Some(id) = acked.get(&(conv, d)) {
+                let delivery = delivery(&mut client, id).await;
+                assert!(
+                    delivery.possible_duplicate,
+                    "{} message {d} arrived twice unflagged",
+                    conv_name(conv)
+                );
+            }
+        }
+    }
+    println!(
+        "{} acknowledged, {} received, {duplicates} duplicates, {:?} in all",
+        acked.len(),
+        fake.received().len(),
+        begun.elapsed()
+    );
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+}
