@@ -10,31 +10,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use channel_gateway::settings::Secret;
 use channel_gateway::storage::lease::{self, LeaseConfig, Leases, Ownership, PARTITIONS};
-use channel_gateway::storage::postgres::{self, MIGRATIONS, Migration, PostgresConfig};
+use channel_gateway::storage::postgres;
 use pg::PgCluster;
 use tokio::sync::watch;
 
-const SCHEMA: &[Migration] = &[
-    MIGRATIONS[0],
-    Migration {
-        version: 2,
-        name: "partition_leases",
-        sql: lease::MIGRATION_SQL,
-    },
-];
-
 async fn pool(url: &str) -> postgres::Pool {
-    let pool = postgres::connect(&PostgresConfig {
-        url: Secret::new(url),
-        pool_size: 4,
-        ..PostgresConfig::default()
-    })
-    .await
-    .unwrap();
-    postgres::migrate(&pool, SCHEMA).await.unwrap();
-    pool
+    pg::migrated_pool(url).await
 }
 
 fn config() -> LeaseConfig {

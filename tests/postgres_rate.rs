@@ -8,30 +8,12 @@ mod pg;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use channel_gateway::settings::Secret;
-use channel_gateway::storage::postgres::{self, MIGRATIONS, Migration, PostgresConfig};
+use channel_gateway::storage::postgres;
 use channel_gateway::storage::rate::{self, SharedBudget};
 use pg::PgCluster;
 
-const SCHEMA: &[Migration] = &[
-    MIGRATIONS[0],
-    Migration {
-        version: 2,
-        name: "rate_scopes",
-        sql: rate::MIGRATION_SQL,
-    },
-];
-
 async fn pool(url: &str) -> postgres::Pool {
-    let pool = postgres::connect(&PostgresConfig {
-        url: Secret::new(url),
-        pool_size: 4,
-        ..PostgresConfig::default()
-    })
-    .await
-    .unwrap();
-    postgres::migrate(&pool, SCHEMA).await.unwrap();
-    pool
+    pg::migrated_pool(url).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -60,8 +60,6 @@ const RETRY_EVERY: Duration = Duration::from_millis(500);
 /// While idle and healthy: how often the writer checks its connection, so readiness turns
 /// 503 during an outage even when nothing is sent.
 const PROBE_EVERY: Duration = Duration::from_secs(2);
-/// Partitions conversations hash into (the `partition` column).
-pub const PARTITIONS: u64 = 256;
 
 fn storage(e: impl std::fmt::Display) -> StoreError {
     StoreError::Storage(crate::bounded::cap(&e.to_string(), 300).into_owned())
@@ -91,17 +89,6 @@ fn parse_state(s: &str) -> Result<DeliveryState, StoreError> {
             )));
         }
     })
-}
-
-/// The conversation's partition: FNV-1a (64-bit) of its key, mod [`PARTITIONS`]. Fixed here
-/// for good: every replica of every version must compute the same one.
-pub fn partition_of(conversation: &str) -> i16 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in conversation.as_bytes() {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    (h % PARTITIONS) as i16
 }
 
 /// Text from a request as a PostgreSQL TEXT value holds it: `\` doubled and NUL (which TEXT
@@ -1342,7 +1329,9 @@ impl Writer {
                     bodies_id.push(id);
                     bodies_json.push(&b.json);
                     let conversation = escape_text(&b.conversation).into_owned();
-                    ins.partition.push(partition_of(&conversation));
+                    // Below 256: fits a SMALLINT.
+                    ins.partition
+                        .push(crate::storage::lease::partition_of(&conversation) as i16);
                     ins.conversation.push(conversation);
                     ins.id.push(id);
                     ins.state.push(state_word(s.state));

@@ -505,6 +505,16 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "outbox",
         sql: OUTBOX_SCHEMA,
     },
+    Migration {
+        version: 3,
+        name: "partition_leases",
+        sql: super::lease::MIGRATION_SQL,
+    },
+    Migration {
+        version: 4,
+        name: "rate_scopes",
+        sql: super::rate::MIGRATION_SQL,
+    },
 ];
 
 /// The outbox's tables (`crate::outbox::PostgresStore`): the same tables, columns, words and

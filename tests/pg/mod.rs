@@ -563,3 +563,19 @@ fn run_sql(url: String, sql: String) -> Result<(), String> {
     .join()
     .map_err(|_| "the SQL thread panicked".to_string())?
 }
+
+/// A pool on `url` with the gateway's whole schema migrated (`storage::postgres::MIGRATIONS`).
+pub async fn migrated_pool(url: &str) -> channel_gateway::storage::postgres::Pool {
+    use channel_gateway::storage::postgres;
+    let pool = postgres::connect(&postgres::PostgresConfig {
+        url: channel_gateway::settings::Secret::new(url),
+        pool_size: 4,
+        ..postgres::PostgresConfig::default()
+    })
+    .await
+    .unwrap();
+    postgres::migrate(&pool, postgres::MIGRATIONS)
+        .await
+        .unwrap();
+    pool
+}
