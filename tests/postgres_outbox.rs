@@ -636,6 +636,43 @@ async fn a_database_outage_answers_unavailable_turns_not_ready_and_ends_without_
     gateway.shutdown().await.unwrap();
 }
 
+/// Accepted messages still in their line when the database goes away wait for it, rather than
+/// fail: each needs its delivering mark written before its call, and an outage that ends is
+/// not a reason to give up on a message the bot was told is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_in_line_during_an_outage_wait_for_the_database_and_are_delivered_in_order() {
+    let _watchdog = Watchdog::start();
+    let cluster = Arc::new(blocking(PgCluster::start).await);
+    let url = cluster.url().to_string();
+    let fake = FakeConnector::start().await;
+    // Each call takes 400 ms: the line is still long when the database stops.
+    fake.set_latency("line", Duration::from_millis(400));
+    let dir = tempfile::tempdir().unwrap();
+    let (gateway, mut c) = start_gateway(gateway_config(&fake, &url, dir.path())).await;
+    let mut acked = Vec::new();
+    for i in 0..5 {
+        let r = send_text(&mut c, &address(&fake, "line"), format!("m{i}"))
+            .await
+            .unwrap();
+        acked.push(r.message_id);
+    }
+    let cl = cluster.clone();
+    blocking(move || {
+        cl.stop();
+        // Long enough for the messages behind the first to need their marks meanwhile.
+        std::thread::sleep(Duration::from_millis(1500));
+        cl.start_again();
+    })
+    .await;
+    for id in &acked {
+        let d = delivered(&mut c, id).await;
+        assert!(d.error.is_none(), "{id}: {d:?}");
+    }
+    assert_eq!(fake.texts("line"), ["m0", "m1", "m2", "m3", "m4"]);
+    drop(c);
+    gateway.shutdown().await.unwrap();
+}
+
 // ---- The real binary, SIGKILLed mid-stream (modelled on tests/crash.rs) ----
 
 const CONVERSATIONS: usize = 16;

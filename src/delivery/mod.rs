@@ -1360,6 +1360,36 @@ impl Worker {
         pending.await
     }
 
+    /// `mark`, waiting out an outage of a store that recovers (`Store::transient`: PostgreSQL
+    /// unreachable for a while): the message is accepted and must not fail for it. It waits
+    /// with backoff, holding its conversation's line as any wait does, until the mark is
+    /// written, the message expires or the gateway stops. A local store's failure is for good:
+    /// it fails the message at once, as before.
+    async fn mark_or_wait(
+        &self,
+        item: &Item,
+        out: &Outcome,
+        mark: &mut Mark,
+    ) -> Result<(), crate::outbox::StoreError> {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let e = match self.mark(item, out, mark).await {
+                Ok(()) => return Ok(()),
+                Err(e) => e,
+            };
+            if !self.inner.store.transient()
+                || Self::expired(item)
+                || !self.inner.accepting.load(Ordering::SeqCst)
+            {
+                return Err(e);
+            }
+            tracing::warn!(message_id = %item.id, error = %e, "outbox unreachable: the message waits for it");
+            *mark = Mark::None;
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+
     /// The message waits before its next call: unless a call of it may already have reached
     /// the channel, the outbox hears it is not being sent, without waiting (a lost update only
     /// leaves the message flagged, as before).
@@ -1561,7 +1591,7 @@ impl Worker {
                     self.unmark_next(&mut next);
                     self.wait_for_scopes(req, wait).await;
                 }
-                if marks && let Err(e) = self.mark(item, &out, &mut mark).await {
+                if marks && let Err(e) = self.mark_or_wait(item, &out, &mut mark).await {
                     return outbox_failed(out, e);
                 }
                 self.premark_next(&mut next);
