@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The project's one test command (the README's, and .ci/run's): makes sure a PostgreSQL server's
 # binaries (initdb, pg_ctl, postgres) are on this machine, installing Debian's `postgresql` from
-# the OS packages when they are missing, then runs `cargo test` with this script's arguments
-# (`bash scripts/test.sh --test postgres_storage` runs one test binary).
+# the OS packages when they are missing, then runs the whole suite on the default outbox
+# (SQLite) and the black-box tests again on PostgreSQL. With arguments it runs `cargo test` with
+# them, once (`bash scripts/test.sh --test postgres_storage` runs one test binary;
+# `CHANNEL_GATEWAY_TEST_BACKEND=postgres` picks the backend of that run).
 #
 # The PostgreSQL tests start their own throwaway cluster (tests/pg/mod.rs: initdb in a temp dir,
 # a free port on 127.0.0.1, as an unprivileged user when run as root). Neither this script nor
@@ -84,5 +86,15 @@ fi
 
 export CHANNEL_GATEWAY_TEST_PG_BIN="$dir"
 echo "== PostgreSQL for the tests: $("$dir/postgres" --version) ($dir)"
-echo "== cargo test $*"
-exec cargo test "$@"
+if [ "$#" -gt 0 ] || [ -n "${CHANNEL_GATEWAY_TEST_BACKEND:-}" ]; then
+  # A chosen subset, or a chosen backend: one run.
+  echo "== cargo test $* (outbox backend: ${CHANNEL_GATEWAY_TEST_BACKEND:-sqlite})"
+  exec cargo test "$@"
+fi
+# The whole suite on the default outbox (SQLite), then the black-box suite (every integration
+# test: order, batches, faults, crashes, idempotency, inbound, ...) again on PostgreSQL.
+echo "== cargo test (outbox backend: sqlite)"
+cargo test
+echo "== cargo test --test '*' (outbox backend: postgres)"
+CHANNEL_GATEWAY_TEST_BACKEND=postgres cargo test --test '*'
+

@@ -5,8 +5,6 @@
 //! and a database outage under a running gateway (UNAVAILABLE, not ready, then back).
 
 mod common;
-#[path = "pg/mod.rs"]
-mod pg;
 
 use std::collections::{HashMap, HashSet};
 use std::process::{Child, Command, Stdio};
@@ -14,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
-use pg::PgCluster;
+use common::pg::PgCluster;
 use serde_json::json;
 use tonic::Code;
 

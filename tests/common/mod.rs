@@ -3,6 +3,8 @@
 #![allow(dead_code)]
 #[path = "../fake_http/mod.rs"]
 mod fake_http;
+#[allow(unused_imports)]
+pub use fake_http::pg;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -521,6 +523,19 @@ pub fn gateway_command(
         "CHANNEL_GATEWAY__CHANNELS__BOTFRAMEWORK__APP_PASSWORD",
         PASSWORD,
     );
+    // The suite's backend (`CHANNEL_GATEWAY_TEST_BACKEND`); a test that names one sets it after.
+    match fake_http::backend() {
+        fake_http::Backend::Sqlite => {}
+        fake_http::Backend::Memory => {
+            cmd.env("CHANNEL_GATEWAY__OUTBOX__BACKEND", "memory");
+        }
+        fake_http::Backend::Postgres => {
+            cmd.env("CHANNEL_GATEWAY__OUTBOX__BACKEND", "postgres").env(
+                "CHANNEL_GATEWAY__OUTBOX__POSTGRES__URL",
+                fake_http::postgres_url_for(data_dir),
+            );
+        }
+    }
     cmd
 }
 

@@ -3,6 +3,9 @@
 //! the gateway each harness starts in front of its fake. Each fake keeps only what its
 //! channel's API looks like.
 
+#[path = "../pg/mod.rs"]
+pub mod pg;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Mutex;
@@ -31,15 +34,52 @@ pub fn gateway_config() -> Config {
     c.delivery.request_timeout = Duration::from_secs(10);
     c.admin.listen = "127.0.0.1:0".into();
     c.inbound.listen = "127.0.0.1:0".into();
-    match std::env::var("CHANNEL_GATEWAY_TEST_BACKEND").as_deref() {
-        Ok("memory") => c.outbox.backend = channel_gateway::config::OutboxBackend::Memory,
-        Ok("sqlite") | Err(_) => {
+    match backend() {
+        Backend::Memory => c.outbox.backend = channel_gateway::config::OutboxBackend::Memory,
+        Backend::Sqlite => {
             c.outbox.backend = channel_gateway::config::OutboxBackend::Sqlite;
             c.outbox.data_dir = data_dir();
         }
-        Ok(other) => panic!("CHANNEL_GATEWAY_TEST_BACKEND={other}: sqlite or memory"),
+        Backend::Postgres => {
+            c.outbox.backend = channel_gateway::config::OutboxBackend::Postgres;
+            c.outbox.data_dir = data_dir();
+            c.outbox.postgres.url = channel_gateway::settings::Secret::new(postgres_url_for(
+                &c.outbox.data_dir,
+            ));
+            c.outbox.postgres.pool_size = 4;
+        }
     }
     c
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Memory,
+    Postgres,
+}
+
+/// The outbox the suite runs on: `CHANNEL_GATEWAY_TEST_BACKEND` (`sqlite`, the default;
+/// `postgres`, on a throwaway cluster per test binary, a database per gateway; `memory`).
+pub fn backend() -> Backend {
+    match std::env::var("CHANNEL_GATEWAY_TEST_BACKEND").as_deref() {
+        Ok("sqlite") | Ok("") | Err(_) => Backend::Sqlite,
+        Ok("memory") => Backend::Memory,
+        Ok("postgres") => Backend::Postgres,
+        Ok(other) => panic!("CHANNEL_GATEWAY_TEST_BACKEND={other}: sqlite, postgres or memory"),
+    }
+}
+
+/// The database of the gateway that keeps its state in `data_dir`: a new one the first time,
+/// the same one when that gateway restarts on that directory.
+pub fn postgres_url_for(data_dir: &std::path::Path) -> String {
+    static DATABASES: std::sync::Mutex<Option<HashMap<std::path::PathBuf, String>>> =
+        std::sync::Mutex::new(None);
+    let mut dbs = DATABASES.lock().unwrap_or_else(|p| p.into_inner());
+    dbs.get_or_insert_with(HashMap::new)
+        .entry(data_dir.to_path_buf())
+        .or_insert_with(|| pg::PgCluster::shared().create_database())
+        .clone()
 }
 
 /// A fresh data directory under this test process's own root in the temp dir. The root goes
