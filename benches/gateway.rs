@@ -45,6 +45,9 @@ type Client = ChannelGatewayClient<tonic::transport::Channel>;
 // In a folder of its own: a file directly in benches/ would be a benchmark target itself.
 #[path = "gateway/inbound.rs"]
 mod inbound;
+// The tests' throwaway PostgreSQL cluster (initdb in a temp dir, a free port, removed after).
+#[path = "../tests/pg/mod.rs"]
+mod pg;
 
 // The same allocator as the gateway binary, so the load generator, the fake and the echo
 // baseline don't pay glibc's malloc on cores they share with the gateway.
@@ -1424,6 +1427,40 @@ async fn driver() {
         &mut rows,
     )
     .await;
+    // The same two loads with the outbox on PostgreSQL (one replica, a throwaway cluster on
+    // this machine, fsync on): what a shared deployment pays against the embedded store.
+    let (pg_send, pg_batch) = if selected("PostgreSQL") {
+        let cluster = pg::PgCluster::start();
+        let pg_opts = || GatewayOpts {
+            env: vec![
+                ("CHANNEL_GATEWAY__OUTBOX__BACKEND", "postgres".into()),
+                (
+                    "CHANNEL_GATEWAY__OUTBOX__POSTGRES__URL",
+                    cluster.create_database(),
+                ),
+            ],
+            ..GatewayOpts::standard(true)
+        };
+        let (_, send, send_cpu) = delivery_scenario(
+            &format!("{convs}, Send, PostgreSQL outbox (one replica){callers}"),
+            &fake,
+            &pg_opts(),
+            &sends,
+            &mut rows,
+        )
+        .await;
+        let (_, batch, batch_cpu) = delivery_scenario(
+            &format!("{convs}, SendBatch of 20, PostgreSQL outbox (one replica){callers}"),
+            &fake,
+            &pg_opts(),
+            &batches,
+            &mut rows,
+        )
+        .await;
+        (Some((send, send_cpu)), Some((batch, batch_cpu)))
+    } else {
+        (None, None)
+    };
     let hot = Load {
         concurrency: 1,
         conversations: 1,
@@ -1509,7 +1546,19 @@ async fn driver() {
     drop(fake);
 
     let ratio = |r: &LoadResult| r.calls_per_s / e.calls_per_s;
+    let pg_ratio = |pg: Option<(f64, f64)>, embedded: f64| match pg {
+        Some((rate, cpu)) if embedded > 0.0 => format!(
+            "{rate:.0} msg/s, {:.2}x the embedded store, gateway CPU {cpu:.0} µs per message",
+            rate / embedded
+        ),
+        _ => "not run".into(),
+    };
     let mut summary = vec![
+        format!(
+            "PostgreSQL outbox, one replica: Send {}; SendBatch of 20 {} (target >= 0.5x)",
+            pg_ratio(pg_send, durable_delivered),
+            pg_ratio(pg_batch, batch_delivered)
+        ),
         format!(
             "accept path (durable) / echo: {:.2}x (target >= 0.5x); in-memory {:.2}x (median of rounds taken in turn with the echo server)",
             held_durable.unwrap_or(0.0),
