@@ -1,18 +1,17 @@
 //! The outbox on PostgreSQL (`outbox.backend = "postgres"`, one replica), against throwaway
 //! clusters (tests/pg): the store through its public API (reopen, overlay, compaction, text
 //! PostgreSQL cannot hold, an outage that ends), an in-process gateway (order, GetDelivery,
-//! ListFailed/Redeliver, idempotency across a restart), the real binary SIGKILLed mid-stream,
-//! and a database outage under a running gateway (UNAVAILABLE, not ready, then back).
+//! ListFailed/Redeliver, idempotency across a restart), and a database outage under a running
+//! gateway (UNAVAILABLE, not ready, then back; messages in line wait for it). The SIGKILL tests
+//! (tests/crash.rs) run on PostgreSQL with the rest of the suite (`scripts/test.sh`).
 
 mod common;
 
-use std::collections::{HashMap, HashSet};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
 use common::pg::PgCluster;
+use common::*;
 use serde_json::json;
 use tonic::Code;
 
@@ -669,159 +668,4 @@ async fn messages_in_line_during_an_outage_wait_for_the_database_and_are_deliver
     assert_eq!(fake.texts("line"), ["m0", "m1", "m2", "m3", "m4"]);
     drop(c);
     gateway.shutdown().await.unwrap();
-}
-
-// ---- The real binary, SIGKILLed mid-stream (modelled on tests/crash.rs) ----
-
-const CONVERSATIONS: usize = 16;
-const CLIENTS: usize = 8;
-const ROUNDS: usize = 3;
-
-fn spawn_binary(fake: &FakeConnector, url: &str, data_dir: &std::path::Path, port: u16) -> Child {
-    gateway_command(fake, data_dir, port)
-        .env("CHANNEL_GATEWAY__OUTBOX__BACKEND", "postgres")
-        .env("CHANNEL_GATEWAY__OUTBOX__POSTGRES__URL", url)
-        .env("CHANNEL_GATEWAY__DELIVERY__BASE_RETRY_DELAY", "20ms")
-        .env(
-            "CHANNEL_GATEWAY__CHANNELS__BOTFRAMEWORK__TEAMS_PACING",
-            "false",
-        )
-        .env("CHANNEL_GATEWAY__ADMIN__LISTEN", "127.0.0.1:0")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sigkill_mid_stream_on_postgres_loses_nothing_accepted_and_keeps_order() {
-    let _watchdog = Watchdog::start();
-    let url = PgCluster::shared().create_database();
-    let fake = FakeConnector::start().await;
-    fake.set_jitter(Duration::from_millis(3));
-    let dir = tempfile::tempdir().unwrap();
-    let acked: Arc<Mutex<HashMap<(usize, usize), String>>> = Arc::default();
-    let next_seq: Arc<Mutex<Vec<usize>>> = Arc::new(Mutex::new(vec![0; CONVERSATIONS]));
-    let conv_name = |conv: usize| format!("pgcrash-{conv}");
-    let begun = Instant::now();
-
-    for round in 0..ROUNDS {
-        let port = free_port();
-        let mut child = spawn_binary(&fake, &url, dir.path(), port);
-        let client = ChannelGatewayClient::new(binary_channel(port).await);
-        let mut tasks = Vec::new();
-        for c in 0..CLIENTS {
-            let mut client = client.clone();
-            let acked = acked.clone();
-            let next_seq = next_seq.clone();
-            let addrs: Vec<(usize, pb::Address)> = (0..CONVERSATIONS)
-                .filter(|conv| conv % CLIENTS == c)
-                .map(|conv| (conv, address(&fake, &conv_name(conv))))
-                .collect();
-            tasks.push(tokio::spawn(async move {
-                'outer: loop {
-                    for (conv, addr) in &addrs {
-                        let seq = {
-                            let mut n = next_seq.lock().unwrap();
-                            n[*conv] += 1;
-                            n[*conv] - 1
-                        };
-                        match send_text(&mut client, addr, format!("{seq}")).await {
-                            Ok(r) => {
-                                acked.lock().unwrap().insert((*conv, seq), r.message_id);
-                            }
-                            Err(_) => break 'outer,
-                        }
-                    }
-                }
-            }));
-        }
-        let pause = 300 + rand::random::<u64>() % 600;
-        tokio::time::sleep(Duration::from_millis(pause)).await;
-        child.kill().unwrap();
-        child.wait().unwrap();
-        for t in tasks {
-            t.await.unwrap();
-        }
-        println!(
-            "round {round}: killed after {pause} ms, {} acked so far, {} received",
-            acked.lock().unwrap().len(),
-            fake.received().len()
-        );
-    }
-
-    let port = free_port();
-    let mut child = spawn_binary(&fake, &url, dir.path(), port);
-    let mut client = ChannelGatewayClient::new(binary_channel(port).await);
-    let acked = acked.lock().unwrap().clone();
-    assert!(
-        acked.len() > CONVERSATIONS,
-        "too few messages were sent to test anything"
-    );
-    let want: HashSet<(usize, usize)> = acked.keys().copied().collect();
-    fake.wait_for(
-        Duration::from_secs(120),
-        "every acknowledged message",
-        |r| {
-            let got: HashSet<(usize, usize)> = r
-                .iter()
-                .filter_map(|x| {
-                    let conv = x.conversation.strip_prefix("pgcrash-")?.parse().ok()?;
-                    Some((conv, x.text().parse().ok()?))
-                })
-                .collect();
-            want.is_subset(&got)
-        },
-    )
-    .await;
-
-    let mut duplicates = 0;
-    for conv in 0..CONVERSATIONS {
-        let seq: Vec<usize> = fake
-            .for_conversation(&conv_name(conv))
-            .iter()
-            .map(|r| r.text().parse().unwrap())
-            .collect();
-        let mut seen = HashSet::new();
-        let mut firsts = Vec::new();
-        let mut dups = Vec::new();
-        for s in &seq {
-            if seen.insert(*s) {
-                firsts.push(*s);
-            } else {
-                dups.push(*s);
-            }
-        }
-        let mut sorted = firsts.clone();
-        sorted.sort_unstable();
-        assert_eq!(firsts, sorted, "{} out of order: {seq:?}", conv_name(conv));
-        assert!(
-            dups.len() <= 2 * ROUNDS,
-            "{}: {} duplicates for {ROUNDS} kills: {seq:?}",
-            conv_name(conv),
-            dups.len()
-        );
-        for d in dups {
-            duplicates += 1;
-            if let Some(id) = acked.get(&(conv, d)) {
-                let delivery = delivery(&mut client, id).await;
-                assert!(
-                    delivery.possible_duplicate,
-                    "{} message {d} arrived twice unflagged",
-                    conv_name(conv)
-                );
-            }
-        }
-    }
-    println!(
-        "{} acknowledged, {} received, {duplicates} duplicates, {:?} in all",
-        acked.len(),
-        fake.received().len(),
-        begun.elapsed()
-    );
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let _ = child.wait();
 }

@@ -5,6 +5,7 @@
 //! its state, attempts, receipts and last error, and idempotency keys. Knows nothing of gRPC
 //! or any channel's JSON; never decides ordering (the dispatcher does).
 
+mod codec;
 mod durable;
 mod postgres;
 mod sqlite;

@@ -32,17 +32,17 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
 use tokio::sync::mpsc;
 
+use super::codec::{decode_body, encode_body, lock, record_from, state_word, storage};
 use super::{
     Change, Commits, DeliveryState, Durable, IdempotencyRecord, StateRecord, Store, StoreError,
     StoredMessage, apply, apply_state,
 };
-use crate::channels::{ChannelError, NativeReceipt};
 use crate::storage::postgres::{self, MIGRATIONS, PgError, Pool, PostgresConfig};
 
 /// Commands taken into one commit at most.
@@ -60,36 +60,6 @@ const RETRY_EVERY: Duration = Duration::from_millis(500);
 /// While idle and healthy: how often the writer checks its connection, so readiness turns
 /// 503 during an outage even when nothing is sent.
 const PROBE_EVERY: Duration = Duration::from_secs(2);
-
-fn storage(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Storage(crate::bounded::cap(&e.to_string(), 300).into_owned())
-}
-
-fn state_word(s: DeliveryState) -> &'static str {
-    match s {
-        DeliveryState::Accepted => "accepted",
-        DeliveryState::Delivering => "delivering",
-        DeliveryState::Delivered => "delivered",
-        DeliveryState::Failed => "failed",
-        DeliveryState::Expired => "expired",
-    }
-}
-
-fn parse_state(s: &str) -> Result<DeliveryState, StoreError> {
-    Ok(match s {
-        "accepted" => DeliveryState::Accepted,
-        "delivering" => DeliveryState::Delivering,
-        "delivered" => DeliveryState::Delivered,
-        "failed" => DeliveryState::Failed,
-        "expired" => DeliveryState::Expired,
-        other => {
-            return Err(storage(format!(
-                "unknown state {:?} in the outbox",
-                crate::bounded::cap(other, 40)
-            )));
-        }
-    })
-}
 
 /// Text from a request as a PostgreSQL TEXT value holds it: `\` doubled and NUL (which TEXT
 /// refuses) as `\0`. Injective, and the identity for text without either.
@@ -129,60 +99,10 @@ pub fn unescape_text(s: &str) -> String {
     out
 }
 
-#[derive(serde::Serialize)]
-struct BodyRef<'a> {
-    message: &'a crate::model::Message,
-    proactive: &'a Option<Arc<crate::model::ProactiveOptions>>,
-    warnings: &'a [crate::model::Warning],
-}
-
-#[derive(serde::Deserialize)]
-struct Body {
-    message: crate::model::Message,
-    proactive: Option<Arc<crate::model::ProactiveOptions>>,
-    #[serde(default)]
-    warnings: Vec<crate::model::Warning>,
-}
-
-fn encode_body(m: &StoredMessage) -> Result<String, StoreError> {
-    serde_json::to_string(&BodyRef {
-        message: &m.message,
-        proactive: &m.proactive,
-        warnings: &m.warnings,
-    })
-    .map_err(storage)
-}
-
 /// A whole message: its state row and its body.
 const COLUMNS: &str = "m.id, m.conversation, m.state, m.attempts, m.possible_duplicate, \
                        m.receipts, m.error, m.accepted_at_ms, m.updated_at_ms, b.body";
 const FROM: &str = "outbox_messages m JOIN outbox_bodies b ON b.id = m.id";
-
-fn record_of(
-    state: &str,
-    attempts: i32,
-    possible_duplicate: bool,
-    receipts: Option<&str>,
-    error: Option<&str>,
-    updated_at_ms: i64,
-) -> Result<StateRecord, StoreError> {
-    let receipts: Vec<NativeReceipt> = match receipts {
-        Some(r) => serde_json::from_str(r).map_err(storage)?,
-        None => Vec::new(),
-    };
-    let error: Option<ChannelError> = match error {
-        Some(e) => Some(serde_json::from_str(e).map_err(storage)?),
-        None => None,
-    };
-    Ok(StateRecord {
-        state: parse_state(state)?,
-        attempts: u32::try_from(attempts).unwrap_or(0),
-        receipts,
-        error,
-        possible_duplicate,
-        updated_at_ms: u64::try_from(updated_at_ms).unwrap_or_default(),
-    })
-}
 
 fn decode_message(r: &tokio_postgres::Row) -> Result<StoredMessage, StoreError> {
     let get = |e: tokio_postgres::Error| storage(format!("reading an outbox row: {e}"));
@@ -196,8 +116,8 @@ fn decode_message(r: &tokio_postgres::Row) -> Result<StoredMessage, StoreError> 
     let accepted: i64 = r.try_get(7).map_err(get)?;
     let updated: i64 = r.try_get(8).map_err(get)?;
     let body: &str = r.try_get(9).map_err(get)?;
-    let record = record_of(state, attempts, dup, receipts, error, updated)?;
-    let b: Body = serde_json::from_str(body).map_err(storage)?;
+    let record = record_from(state, i64::from(attempts), dup, receipts, error, updated)?;
+    let b = decode_body(body)?;
     Ok(StoredMessage {
         id: u64::try_from(id).unwrap_or_default(),
         conversation: unescape_text(conversation),
@@ -358,10 +278,6 @@ impl Overlay {
         self.version += 1;
         self.version
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The outage the writer last saw, cleared by its next success.

@@ -23,16 +23,16 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::path::Path;
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use futures::future::BoxFuture;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};
 
+use super::codec::{decode_body, encode_body, lock, record_from, state_word, storage};
 use super::{
     Change, Commits, DeliveryState, Durable, IdempotencyRecord, StateRecord, Store, StoreError,
     StoredMessage, apply, apply_state,
 };
-use crate::channels::{ChannelError, NativeReceipt};
 
 /// The file's schema version (`PRAGMA user_version`). A file from a newer gateway is refused
 /// rather than misread.
@@ -86,60 +86,6 @@ const MAX_BATCH: usize = 8192;
 /// Reader connections kept open between reads.
 const READERS_KEPT: usize = 4;
 
-fn storage(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Storage(crate::bounded::cap(&e.to_string(), 300).into_owned())
-}
-
-fn state_word(s: DeliveryState) -> &'static str {
-    match s {
-        DeliveryState::Accepted => "accepted",
-        DeliveryState::Delivering => "delivering",
-        DeliveryState::Delivered => "delivered",
-        DeliveryState::Failed => "failed",
-        DeliveryState::Expired => "expired",
-    }
-}
-
-fn parse_state(s: &str) -> Result<DeliveryState, StoreError> {
-    Ok(match s {
-        "accepted" => DeliveryState::Accepted,
-        "delivering" => DeliveryState::Delivering,
-        "delivered" => DeliveryState::Delivered,
-        "failed" => DeliveryState::Failed,
-        "expired" => DeliveryState::Expired,
-        other => {
-            return Err(storage(format!(
-                "unknown state {:?} in the outbox",
-                crate::bounded::cap(other, 40)
-            )));
-        }
-    })
-}
-
-#[derive(serde::Serialize)]
-struct BodyRef<'a> {
-    message: &'a crate::model::Message,
-    proactive: &'a Option<Arc<crate::model::ProactiveOptions>>,
-    warnings: &'a [crate::model::Warning],
-}
-
-#[derive(serde::Deserialize)]
-struct Body {
-    message: crate::model::Message,
-    proactive: Option<Arc<crate::model::ProactiveOptions>>,
-    #[serde(default)]
-    warnings: Vec<crate::model::Warning>,
-}
-
-fn encode_body(m: &StoredMessage) -> Result<String, StoreError> {
-    serde_json::to_string(&BodyRef {
-        message: &m.message,
-        proactive: &m.proactive,
-        warnings: &m.warnings,
-    })
-    .map_err(storage)
-}
-
 /// A row as read, before it is decoded (decoding happens outside the reader's lock).
 struct RawRow {
     id: i64,
@@ -170,34 +116,8 @@ impl RawRow {
         })
     }
 
-    fn record(
-        state: &str,
-        attempts: i64,
-        possible_duplicate: bool,
-        receipts: Option<&str>,
-        error: Option<&str>,
-        updated_at_ms: i64,
-    ) -> Result<StateRecord, StoreError> {
-        let receipts: Vec<NativeReceipt> = match receipts {
-            Some(r) => serde_json::from_str(r).map_err(storage)?,
-            None => Vec::new(),
-        };
-        let error: Option<ChannelError> = match error {
-            Some(e) => Some(serde_json::from_str(e).map_err(storage)?),
-            None => None,
-        };
-        Ok(StateRecord {
-            state: parse_state(state)?,
-            attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
-            receipts,
-            error,
-            possible_duplicate,
-            updated_at_ms: u64::try_from(updated_at_ms).unwrap_or_default(),
-        })
-    }
-
     fn decode(self) -> Result<StoredMessage, StoreError> {
-        let record = Self::record(
+        let record = record_from(
             &self.state,
             self.attempts,
             self.possible_duplicate,
@@ -205,7 +125,7 @@ impl RawRow {
             self.error.as_deref(),
             self.updated_at_ms,
         )?;
-        let b: Body = serde_json::from_str(&self.body).map_err(storage)?;
+        let b = decode_body(&self.body)?;
         Ok(StoredMessage {
             id: self.id as u64,
             conversation: self.conversation,
@@ -272,12 +192,6 @@ impl Overlay {
         self.version += 1;
         self.version
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Every change under these locks is a set of inserts and removes; a panic elsewhere cannot
-    // leave a half-written value, so recover the guard.
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 pub struct SqliteStore {
@@ -466,7 +380,7 @@ impl SqliteStore {
             })
             .map_err(storage)
         })?;
-        cols.map(|(s, a, d, r, e, u)| RawRow::record(&s, a, d, r.as_deref(), e.as_deref(), u))
+        cols.map(|(s, a, d, r, e, u)| record_from(&s, a, d, r.as_deref(), e.as_deref(), u))
             .transpose()
     }
 
@@ -1163,6 +1077,7 @@ fn create_dir_durably(dir: &Path) -> Result<(), StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::channels::{ChannelError, NativeReceipt};
     use crate::outbox::{Outcome, now_ms};
 
     fn msg(id: u64) -> StoredMessage {

@@ -43,9 +43,8 @@ pub fn gateway_config() -> Config {
         Backend::Postgres => {
             c.outbox.backend = channel_gateway::config::OutboxBackend::Postgres;
             c.outbox.data_dir = data_dir();
-            c.outbox.postgres.url = channel_gateway::settings::Secret::new(postgres_url_for(
-                &c.outbox.data_dir,
-            ));
+            c.outbox.postgres.url =
+                channel_gateway::settings::Secret::new(postgres_url_for(&c.outbox.data_dir));
             c.outbox.postgres.pool_size = 4;
         }
     }
