@@ -967,6 +967,19 @@ async fn delivery_run(
     let violations = stats["violations"].as_u64().unwrap_or(0);
     assert_eq!(violations, 0, "{name}: ORDER VIOLATED at the fake channel");
     let (_, peak) = gw.rss_kib();
+    // A durable store's commits: each is one durable write (a WAL fsync for SQLite, a WAL
+    // flush for PostgreSQL), so commits per message is what durability costs per message.
+    let commits = match (
+        gauge(gw.admin, "outbox_commits_total").await,
+        gauge(gw.admin, "outbox_commit_changes_total").await,
+    ) {
+        (Some(c), Some(ch)) if c > 0 => format!(
+            "; outbox {c} commits: {:.3} per message, {:.1} changes per commit",
+            c as f64 / r.messages.max(1) as f64,
+            ch as f64 / c as f64
+        ),
+        _ => String::new(),
+    };
     // When each conversation began and ended shows stragglers: the run lasts until the last
     // conversation's last message, so one that started or ran late stretches it.
     let sec = |k: &str| stats[k].as_f64().unwrap_or(0.0) / 1e6;
@@ -991,7 +1004,7 @@ async fn delivery_run(
         sec("end_p10_us"),
         sec("end_max_us"),
         sec("end_p50_us"),
-    );
+    ) + &commits;
     println!("  run: {text}");
     (r, delivered_per_s, gw_us, text)
 }

@@ -95,6 +95,7 @@ fn latency_histogram() -> Histogram {
 
 pub struct Metrics {
     registry: Registry,
+    commit_stats: Arc<std::sync::OnceLock<Arc<crate::outbox::CommitStats>>>,
     accepted: Family<ChannelLabel, Counter>,
     finished: Family<OutcomeLabels, Counter>,
     failed: Family<FailureLabels, Counter>,
@@ -147,6 +148,8 @@ impl Metrics {
         // `process_*` are the standard unprefixed names; the gateway's own are prefixed.
         let mut root = Registry::default();
         root.register_collector(Box::new(ProcessCollector));
+        let commit_stats = Arc::new(std::sync::OnceLock::new());
+        root.register_collector(Box::new(CommitCollector(commit_stats.clone())));
         let registry = root.sub_registry_with_prefix("channel_gateway");
         let accepted = Family::<ChannelLabel, Counter>::default();
         let finished = Family::<OutcomeLabels, Counter>::default();
@@ -267,6 +270,7 @@ impl Metrics {
         );
         Self {
             registry: root,
+            commit_stats,
             accepted,
             finished,
             failed,
@@ -462,6 +466,13 @@ impl Metrics {
         self.ready.load(Ordering::SeqCst) && !self.outbox_failed.load(Ordering::SeqCst)
     }
 
+    /// Reports the outbox writer's commits (once; a store without a writer has none).
+    pub fn observe_commits(&self, stats: Option<Arc<crate::outbox::CommitStats>>) {
+        if let Some(s) = stats {
+            let _ = self.commit_stats.set(s);
+        }
+    }
+
     /// Takes in whether the outbox still takes writes: once a local write failed, the gateway
     /// is not ready until a restart; while an engine across the network is unreachable
     /// (`Store::transient`), until it is back.
@@ -477,6 +488,57 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+/// The outbox writer's commits, read from its counters at each scrape (the store is opened
+/// before the metrics exist, so it hands them over once: `observe_commits`).
+#[derive(Debug)]
+struct CommitCollector(Arc<std::sync::OnceLock<Arc<crate::outbox::CommitStats>>>);
+
+impl prometheus_client::collector::Collector for CommitCollector {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::MetricType;
+        use prometheus_client::metrics::counter::ConstCounter;
+        use std::sync::atomic::Ordering::Relaxed;
+        let Some(s) = self.0.get() else {
+            return Ok(());
+        };
+        let series: [(&str, &str, f64); 4] = [
+            (
+                "channel_gateway_outbox_commits",
+                "Outbox commits (each a transaction and one durable write for all it carries)",
+                s.commits.load(Relaxed) as f64,
+            ),
+            (
+                "channel_gateway_outbox_commit_changes",
+                "Changes the outbox commits carried (messages appended, states changed)",
+                s.rows.load(Relaxed) as f64,
+            ),
+            (
+                "channel_gateway_outbox_commit_seconds",
+                "Time spent committing, in seconds (divide by commits for the mean)",
+                s.micros.load(Relaxed) as f64 / 1e6,
+            ),
+            (
+                "channel_gateway_outbox_commit_failures",
+                "Outbox commits that failed (a full disk; the database unreachable)",
+                s.failures.load(Relaxed) as f64,
+            ),
+        ];
+        for (name, help, v) in series {
+            ConstCounter::new(v).encode(encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                MetricType::Counter,
+            )?)?;
+        }
+        Ok(())
     }
 }
 
@@ -718,6 +780,42 @@ mod tests {
                 assert!(text.contains(&line), "{line} missing in\n{text}");
             }
         }
+    }
+
+    #[tokio::test]
+    async fn the_outbox_writers_commits_are_counted() {
+        use crate::outbox::{DeliveryState, StateRecord, Store, StoredMessage};
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::outbox::SqliteStore::open(dir.path()).unwrap();
+        let m = Metrics::new();
+        assert!(
+            !m.encode().contains("outbox_commits"),
+            "no store, no series"
+        );
+        m.observe_commits(store.commit_stats());
+        let message = |id| StoredMessage {
+            id,
+            conversation: "c".into(),
+            message: Default::default(),
+            proactive: None,
+            accepted_at_ms: 1,
+            record: StateRecord::new(DeliveryState::Accepted, 1),
+            warnings: vec![],
+        };
+        store
+            .append(vec![message(1), message(2)], None)
+            .await
+            .unwrap();
+        store.append(vec![message(3)], None).await.unwrap();
+        let text = m.encode();
+        for line in [
+            "channel_gateway_outbox_commits_total 2",
+            "channel_gateway_outbox_commit_changes_total 3",
+            "channel_gateway_outbox_commit_failures_total 0",
+        ] {
+            assert!(text.contains(line), "{line} missing in\n{text}");
+        }
+        assert!(text.contains("channel_gateway_outbox_commit_seconds_total"));
     }
 
     #[tokio::test]

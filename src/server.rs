@@ -274,6 +274,7 @@ async fn serve(
         }
     };
     let metrics = Arc::new(Metrics::new());
+    metrics.observe_commits(store.commit_stats());
     metrics.start_series(&channels.enabled_ids());
     let dispatcher = Dispatcher::new(
         channels.clone(),

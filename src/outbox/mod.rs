@@ -167,9 +167,40 @@ pub trait Store: Send + Sync + 'static {
     fn transient(&self) -> bool {
         false
     }
+    /// The writer's commit counts, for a store that commits (not the in-memory one).
+    fn commit_stats(&self) -> Option<Arc<CommitStats>> {
+        None
+    }
     /// Drops delivered messages finished before `cutoff_ms` and idempotency keys created before
     /// `idem_cutoff_ms`; returns how many messages went.
     fn compact(&self, cutoff_ms: u64, idem_cutoff_ms: u64) -> BoxFuture<'_, usize>;
+}
+
+/// What a durable store's writer did: commits, the changes they carried, their time, and the
+/// ones that failed. Counted by the writer, read by the metrics at each scrape.
+#[derive(Debug, Default)]
+pub struct CommitStats {
+    pub commits: std::sync::atomic::AtomicU64,
+    /// Changes the commits carried (a message appended, a state changed, a key); SQLite counts
+    /// the changes of one message folded into one row once.
+    pub rows: std::sync::atomic::AtomicU64,
+    /// Wall time of the commits, in microseconds.
+    pub micros: std::sync::atomic::AtomicU64,
+    pub failures: std::sync::atomic::AtomicU64,
+}
+
+impl CommitStats {
+    pub fn record(&self, rows: usize, took: std::time::Duration, ok: bool) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if ok {
+            self.commits.fetch_add(1, Relaxed);
+            self.rows.fetch_add(rows as u64, Relaxed);
+        } else {
+            self.failures.fetch_add(1, Relaxed);
+        }
+        let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        self.micros.fetch_add(us, Relaxed);
+    }
 }
 
 pub fn now_ms() -> u64 {

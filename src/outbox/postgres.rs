@@ -303,6 +303,7 @@ pub struct PostgresStore {
     tx: mpsc::UnboundedSender<Cmd>,
     health: Arc<Health>,
     commits: Arc<Commits>,
+    stats: Arc<super::CommitStats>,
     next_id: u64,
 }
 
@@ -339,7 +340,9 @@ impl PostgresStore {
         let health = Arc::new(Health::default());
         let commits = Arc::new(Commits::default());
         let (tx, rx) = mpsc::unbounded_channel();
+        let stats = Arc::new(super::CommitStats::default());
         let writer = Writer {
+            stats: stats.clone(),
             pool: writer_pool,
             conn: None,
             config: config.clone(),
@@ -358,6 +361,7 @@ impl PostgresStore {
             tx,
             health,
             commits,
+            stats,
             next_id,
         })
     }
@@ -746,6 +750,10 @@ impl Store for PostgresStore {
         true
     }
 
+    fn commit_stats(&self) -> Option<Arc<super::CommitStats>> {
+        Some(self.stats.clone())
+    }
+
     fn compact(&self, cutoff_ms: u64, idem_cutoff_ms: u64) -> BoxFuture<'_, usize> {
         let (done, rx) = tokio::sync::oneshot::channel();
         self.send(Cmd::Compact {
@@ -805,6 +813,7 @@ const COMPACT_KEYS: &str = "DELETE FROM outbox_idempotency WHERE key IN \
 type Param<'a> = &'a (dyn tokio_postgres::types::ToSql + Sync);
 
 struct Writer {
+    stats: Arc<super::CommitStats>,
     /// A pool of one: the writer's own connection, opened again after it broke.
     pool: Pool,
     conn: Option<postgres::Object>,
@@ -956,7 +965,10 @@ impl Writer {
             }
             entries.extend(es.into_iter().map(|e| (e, waited)));
         }
+        let began = std::time::Instant::now();
         let result = self.commit(&mut entries, &keys).await;
+        self.stats
+            .record(entries.len() + keys.len(), began.elapsed(), result.is_ok());
         let result = match result {
             Ok(()) => {
                 if self.health.get().is_some() {

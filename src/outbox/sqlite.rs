@@ -205,6 +205,7 @@ pub struct SqliteStore {
     /// Why the writer stopped, once a write failed.
     broken: Arc<OnceLock<String>>,
     commits: Arc<Commits>,
+    stats: Arc<super::CommitStats>,
     #[cfg(test)]
     fail_next: Arc<std::sync::atomic::AtomicBool>,
     next_id: u64,
@@ -292,7 +293,9 @@ impl SqliteStore {
         #[cfg(test)]
         let fail_next = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (tx, rx) = mpsc::channel();
+        let stats = Arc::new(super::CommitStats::default());
         let mut w = Writer {
+            stats: stats.clone(),
             conn,
             overlay: overlay.clone(),
             broken: broken.clone(),
@@ -313,6 +316,7 @@ impl SqliteStore {
             writer: Some(handle),
             broken,
             commits,
+            stats,
             #[cfg(test)]
             fail_next,
             next_id,
@@ -696,6 +700,10 @@ impl Store for SqliteStore {
         self.broken.get().cloned()
     }
 
+    fn commit_stats(&self) -> Option<Arc<super::CommitStats>> {
+        Some(self.stats.clone())
+    }
+
     fn compact(&self, cutoff_ms: u64, idem_cutoff_ms: u64) -> BoxFuture<'_, usize> {
         let (done, rx) = tokio::sync::oneshot::channel();
         self.send(Cmd::Compact {
@@ -716,6 +724,7 @@ struct RowWrite {
 
 struct Writer {
     conn: Connection,
+    stats: Arc<super::CommitStats>,
     overlay: Arc<Mutex<Overlay>>,
     /// Set by a failed commit: every later change is refused rather than acknowledged, until a
     /// restart reads back what is on disk. Shared with the store, which reports it (readiness).
@@ -807,7 +816,10 @@ impl Writer {
                 }
             }
         }
+        let began = std::time::Instant::now();
         let result = self.commit(&rows, &keys);
+        self.stats
+            .record(rows.len() + keys.len(), began.elapsed(), result.is_ok());
         if let Err(e) = &result {
             tracing::error!(error = %e, rows = rows.len(), "outbox commit failed");
         }
