@@ -206,6 +206,21 @@ async fn text_postgresql_cannot_hold_reads_back_as_written() {
         s.idempotency_get(key).await.unwrap().unwrap().message_ids,
         vec![7]
     );
+    // The partition is the key's, as every replica computes it, not the stored form's.
+    let partition = scalar(
+        &url,
+        "SELECT partition::bigint FROM outbox_messages WHERE id = 7",
+    )
+    .await;
+    assert_eq!(
+        partition,
+        i64::from(channel_gateway::storage::lease::partition_of(conversation))
+    );
+    assert_ne!(
+        channel_gateway::storage::lease::partition_of(conversation),
+        channel_gateway::storage::lease::partition_of("msteams/B1/a\\0b\\\\0c\\\\"),
+        "the stored form hashes elsewhere (else this test could not fail)"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

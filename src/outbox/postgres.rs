@@ -1256,10 +1256,11 @@ impl Writer {
                 (EntryState::Full(s), Some(b)) => {
                     bodies_id.push(id);
                     bodies_json.push(&b.json);
-                    let conversation = escape_text(&b.conversation).into_owned();
-                    // Below 256: fits a SMALLINT.
+                    // Of the key itself, not of its stored form: every replica computes it
+                    // from the key. Below 256: fits a SMALLINT.
                     ins.partition
-                        .push(crate::storage::lease::partition_of(&conversation) as i16);
+                        .push(crate::storage::lease::partition_of(&b.conversation) as i16);
+                    let conversation = escape_text(&b.conversation).into_owned();
                     ins.conversation.push(conversation);
                     ins.id.push(id);
                     ins.state.push(state_word(s.state));
