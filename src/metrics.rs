@@ -508,7 +508,7 @@ impl prometheus_client::collector::Collector for CommitCollector {
         let Some(s) = self.0.get() else {
             return Ok(());
         };
-        let series: [(&str, &str, f64); 4] = [
+        let series: [(&str, &str, f64); 3] = [
             (
                 "channel_gateway_outbox_commits",
                 "Outbox commits (each a transaction and one durable write for all it carries)",
@@ -518,11 +518,6 @@ impl prometheus_client::collector::Collector for CommitCollector {
                 "channel_gateway_outbox_commit_changes",
                 "Changes the outbox commits carried (messages appended, states changed)",
                 s.rows.load(Relaxed) as f64,
-            ),
-            (
-                "channel_gateway_outbox_commit_seconds",
-                "Time spent committing, in seconds (divide by commits for the mean)",
-                s.micros.load(Relaxed) as f64 / 1e6,
             ),
             (
                 "channel_gateway_outbox_commit_failures",
@@ -538,6 +533,12 @@ impl prometheus_client::collector::Collector for CommitCollector {
                 MetricType::Counter,
             )?)?;
         }
+        s.seconds.encode(encoder.encode_descriptor(
+            "channel_gateway_outbox_commit_seconds",
+            "How long outbox commits took, in seconds",
+            None,
+            MetricType::Histogram,
+        )?)?;
         Ok(())
     }
 }
@@ -815,7 +816,10 @@ mod tests {
         ] {
             assert!(text.contains(line), "{line} missing in\n{text}");
         }
-        assert!(text.contains("channel_gateway_outbox_commit_seconds_total"));
+        assert!(
+            text.contains("channel_gateway_outbox_commit_seconds_count 2"),
+            "{text}"
+        );
     }
 
     #[tokio::test]

@@ -178,15 +178,29 @@ pub trait Store: Send + Sync + 'static {
 
 /// What a durable store's writer did: commits, the changes they carried, their time, and the
 /// ones that failed. Counted by the writer, read by the metrics at each scrape.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct CommitStats {
     pub commits: std::sync::atomic::AtomicU64,
     /// Changes the commits carried (a message appended, a state changed, a key); SQLite counts
     /// the changes of one message folded into one row once.
     pub rows: std::sync::atomic::AtomicU64,
-    /// Wall time of the commits, in microseconds.
-    pub micros: std::sync::atomic::AtomicU64,
+    /// How long each commit took, failed ones included.
+    pub seconds: prometheus_client::metrics::histogram::Histogram,
     pub failures: std::sync::atomic::AtomicU64,
+}
+
+impl Default for CommitStats {
+    fn default() -> Self {
+        Self {
+            commits: Default::default(),
+            rows: Default::default(),
+            // 0.1 ms .. ~3.3 s: an fsync on a fast disk up to a database far away or stalled.
+            seconds: prometheus_client::metrics::histogram::Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 16),
+            ),
+            failures: Default::default(),
+        }
+    }
 }
 
 impl CommitStats {
@@ -198,8 +212,7 @@ impl CommitStats {
         } else {
             self.failures.fetch_add(1, Relaxed);
         }
-        let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
-        self.micros.fetch_add(us, Relaxed);
+        self.seconds.observe(took.as_secs_f64());
     }
 }
 
