@@ -65,6 +65,20 @@ pub(super) fn encode_body(m: &StoredMessage) -> Result<String, StoreError> {
     .map_err(storage)
 }
 
+/// Encodes each message's body, on the caller's thread (not the writer's): the messages, shared,
+/// with their JSON.
+pub(super) fn encode_bodies(
+    messages: Vec<StoredMessage>,
+) -> Result<Vec<(Arc<StoredMessage>, String)>, StoreError> {
+    messages
+        .into_iter()
+        .map(|m| {
+            let json = encode_body(&m)?;
+            Ok((Arc::new(m), json))
+        })
+        .collect()
+}
+
 pub(super) fn decode_body(json: &str) -> Result<Body, StoreError> {
     serde_json::from_str(json).map_err(storage)
 }

@@ -7,6 +7,7 @@
 
 mod codec;
 mod durable;
+mod overlay;
 mod postgres;
 mod sqlite;
 

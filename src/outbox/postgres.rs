@@ -38,7 +38,10 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use tokio::sync::mpsc;
 
-use super::codec::{decode_body, encode_body, lock, record_from, state_word, storage};
+use super::codec::{
+    decode_body, encode_bodies, encode_body, lock, record_from, state_word, storage,
+};
+use super::overlay::Overlay;
 use super::{
     Change, Commits, DeliveryState, Durable, IdempotencyRecord, StateRecord, Store, StoreError,
     StoredMessage, apply, apply_state,
@@ -254,29 +257,24 @@ enum Cmd {
     },
 }
 
-/// What readers must see before the writer has committed it, and the state of each unfinished
-/// message (its next change starts from it without a read). As in `sqlite.rs`.
+/// The overlay both stores keep (`overlay.rs`), and the changes of messages whose state is not
+/// known here, until committed: a read applies them to the row it read.
 #[derive(Default)]
-struct Overlay {
-    version: u64,
-    bodies: HashMap<u64, (u64, Arc<StoredMessage>)>,
-    states: HashMap<u64, (u64, StateRecord)>,
-    /// Changes of messages whose state is not known here, until committed: a read applies
-    /// them to the row it read.
+struct PgOverlay {
+    core: Overlay,
     partials: HashMap<u64, (u64, Partial)>,
 }
 
-impl Overlay {
-    fn state(&self, id: u64) -> Option<StateRecord> {
-        match self.states.get(&id) {
-            Some((_, s)) => Some(s.clone()),
-            None => self.bodies.get(&id).map(|(_, m)| m.record.clone()),
-        }
+impl std::ops::Deref for PgOverlay {
+    type Target = Overlay;
+    fn deref(&self) -> &Overlay {
+        &self.core
     }
+}
 
-    fn next_version(&mut self) -> u64 {
-        self.version += 1;
-        self.version
+impl std::ops::DerefMut for PgOverlay {
+    fn deref_mut(&mut self) -> &mut Overlay {
+        &mut self.core
     }
 }
 
@@ -299,7 +297,7 @@ impl Health {
 pub struct PostgresStore {
     pool: Pool,
     config: PostgresConfig,
-    overlay: Arc<Mutex<Overlay>>,
+    overlay: Arc<Mutex<PgOverlay>>,
     tx: mpsc::UnboundedSender<Cmd>,
     health: Arc<Health>,
     commits: Arc<Commits>,
@@ -336,7 +334,7 @@ impl PostgresStore {
             ..config.clone()
         })
         .map_err(scrub)?;
-        let overlay = Arc::new(Mutex::new(Overlay::default()));
+        let overlay = Arc::new(Mutex::new(PgOverlay::default()));
         let health = Arc::new(Health::default());
         let commits = Arc::new(Commits::default());
         let (tx, rx) = mpsc::unbounded_channel();
@@ -401,20 +399,15 @@ impl PostgresStore {
         messages: Vec<StoredMessage>,
         idempotency: Option<(String, IdempotencyRecord)>,
     ) -> Durable {
-        let mut encoded = Vec::with_capacity(messages.len());
-        for m in messages {
-            match encode_body(&m) {
-                Ok(json) => encoded.push((Arc::new(m), json)),
-                Err(e) => return Durable::settled(Err(e)),
-            }
-        }
+        let encoded = match encode_bodies(messages) {
+            Ok(e) => e,
+            Err(e) => return Durable::settled(Err(e)),
+        };
         let mut ov = lock(&self.overlay);
         let mut entries = Vec::with_capacity(encoded.len());
         for (m, json) in encoded {
-            let version = ov.next_version();
-            ov.states.remove(&m.id);
             ov.partials.remove(&m.id);
-            ov.bodies.insert(m.id, (version, m.clone()));
+            let version = ov.put_body(m.clone());
             entries.push(Entry {
                 version,
                 id: m.id,
@@ -818,7 +811,7 @@ struct Writer {
     pool: Pool,
     conn: Option<postgres::Object>,
     config: PostgresConfig,
-    overlay: Arc<Mutex<Overlay>>,
+    overlay: Arc<Mutex<PgOverlay>>,
     health: Arc<Health>,
     commits: Arc<Commits>,
     /// The `next_id` the database records: ids below it were given out.
@@ -1002,21 +995,7 @@ impl Writer {
         let mut ov = lock(&self.overlay);
         for (e, _) in entries {
             let (id, version) = (e.id, e.version);
-            if e.body.is_some()
-                && ov.bodies.get(&id).is_some_and(|(v, _)| *v == version)
-                && let Some((_, m)) = ov.bodies.remove(&id)
-                && !m.record.state.is_terminal()
-                && !ov.states.contains_key(&id)
-            {
-                ov.states.insert(id, (version, m.record.clone()));
-            }
-            if ov
-                .states
-                .get(&id)
-                .is_some_and(|(v, s)| *v == version && s.state.is_terminal())
-            {
-                ov.states.remove(&id);
-            }
+            ov.committed(id, version, e.body.is_some());
             if ov.partials.get(&id).is_some_and(|(v, _)| *v == version) {
                 ov.partials.remove(&id);
             }
@@ -1031,12 +1010,12 @@ impl Writer {
         let mut dropped = 0usize;
         let mut kept = Vec::new();
         for (mut e, waited) in entries {
-            let newest = |ov: &Overlay| {
+            let newest = |ov: &PgOverlay| {
                 ov.bodies.get(&e.id).is_some_and(|(v, _)| *v == e.version)
                     || ov.states.get(&e.id).is_some_and(|(v, _)| *v == e.version)
                     || ov.partials.get(&e.id).is_some_and(|(v, _)| *v == e.version)
             };
-            let forget = |ov: &mut Overlay, id: u64| {
+            let forget = |ov: &mut PgOverlay, id: u64| {
                 ov.bodies.remove(&id);
                 ov.states.remove(&id);
                 ov.partials.remove(&id);

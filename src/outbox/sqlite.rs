@@ -28,7 +28,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use futures::future::BoxFuture;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};
 
-use super::codec::{decode_body, encode_body, lock, record_from, state_word, storage};
+use super::codec::{decode_body, encode_bodies, lock, record_from, state_word, storage};
+use super::overlay::Overlay;
 use super::{
     Change, Commits, DeliveryState, Durable, IdempotencyRecord, StateRecord, Store, StoreError,
     StoredMessage, apply, apply_state,
@@ -166,32 +167,6 @@ enum Cmd {
         idem_cutoff_ms: u64,
         done: tokio::sync::oneshot::Sender<usize>,
     },
-}
-
-/// What readers must see before the writer has committed it, and the state of each unfinished
-/// message (its next change starts from it without a read).
-#[derive(Default)]
-struct Overlay {
-    version: u64,
-    /// Bodies appended or moved and not yet committed (their state as of that moment inside).
-    bodies: HashMap<u64, (u64, Arc<StoredMessage>)>,
-    /// The newest state of a message, until the writer committed that very version and, for
-    /// an unfinished message, until it finishes.
-    states: HashMap<u64, (u64, StateRecord)>,
-}
-
-impl Overlay {
-    fn state(&self, id: u64) -> Option<StateRecord> {
-        match self.states.get(&id) {
-            Some((_, s)) => Some(s.clone()),
-            None => self.bodies.get(&id).map(|(_, m)| m.record.clone()),
-        }
-    }
-
-    fn next_version(&mut self) -> u64 {
-        self.version += 1;
-        self.version
-    }
 }
 
 pub struct SqliteStore {
@@ -394,19 +369,14 @@ impl SqliteStore {
         messages: Vec<StoredMessage>,
         idempotency: Option<(String, IdempotencyRecord)>,
     ) -> Durable {
-        let mut encoded = Vec::with_capacity(messages.len());
-        for m in messages {
-            match encode_body(&m) {
-                Ok(json) => encoded.push((Arc::new(m), json)),
-                Err(e) => return Durable::settled(Err(e)),
-            }
-        }
+        let encoded = match encode_bodies(messages) {
+            Ok(e) => e,
+            Err(e) => return Durable::settled(Err(e)),
+        };
         let mut ov = lock(&self.overlay);
         let mut entries = Vec::with_capacity(encoded.len());
         for (m, json) in encoded {
-            let version = ov.next_version();
-            ov.states.remove(&m.id);
-            ov.bodies.insert(m.id, (version, m.clone()));
+            let version = ov.put_body(m.clone());
             entries.push(Entry {
                 version,
                 id: m.id,
@@ -456,8 +426,7 @@ impl SqliteStore {
         };
         let mut state = current;
         apply_state(&mut state, change);
-        let version = ov.next_version();
-        ov.states.insert(id, (version, state.clone()));
+        let version = ov.put_state(id, state.clone());
         self.send(Cmd::Put {
             entries: vec![Entry {
                 version,
@@ -828,24 +797,7 @@ impl Writer {
         if result.is_ok() {
             let mut ov = lock(&self.overlay);
             for (id, version, body) in committed {
-                // Keep a newer version that is still on its way to disk.
-                if body
-                    && ov.bodies.get(&id).is_some_and(|(v, _)| *v == version)
-                    && let Some((_, m)) = ov.bodies.remove(&id)
-                    && !m.record.state.is_terminal()
-                    && !ov.states.contains_key(&id)
-                {
-                    ov.states.insert(id, (version, m.record.clone()));
-                }
-                // The state of an unfinished message stays: its next change needs it, and a
-                // read per message cost more than the entry. Finished ones go.
-                if ov
-                    .states
-                    .get(&id)
-                    .is_some_and(|(v, s)| *v == version && s.state.is_terminal())
-                {
-                    ov.states.remove(&id);
-                }
+                ov.committed(id, version, body);
             }
         }
         self.commits.settle(up_to, &result);
