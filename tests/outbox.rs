@@ -32,7 +32,7 @@ async fn an_idempotency_key_survives_a_restart() {
     };
     let h = HarnessLite::start(config()).await;
     let req = pb::SendRequest {
-        message: Some(text(&fake, "idem-restart", "only once")),
+        message: Some(fake.text("idem-restart", "only once")),
         idempotency_key: "order-42".into(),
         wait: pb::WaitMode::Delivered as i32,
     };
@@ -398,30 +398,6 @@ impl HarnessLite {
     async fn stop(self) {
         drop(self.client);
         self.gateway.shutdown().await.unwrap();
-    }
-}
-
-fn text(fake: &FakeConnector, conv: &str, text: &str) -> pb::Message {
-    pb::Message {
-        address: Some(Box::new(pb::Address {
-            channel_id: "msteams".into(),
-            user: Some(pb::Identity {
-                id: "29:u".into(),
-                ..Default::default()
-            }),
-            bot: Some(pb::Identity {
-                id: BOT.into(),
-                ..Default::default()
-            }),
-            conversation: Some(pb::ConversationAccount {
-                id: conv.into(),
-                ..Default::default()
-            }),
-            service_url: fake.service_url(),
-            ..Default::default()
-        })),
-        text: text.into(),
-        ..Default::default()
     }
 }
 

@@ -372,47 +372,6 @@ fn gateway_config(
     c
 }
 
-async fn start_gateway(
-    config: channel_gateway::config::Config,
-) -> (
-    channel_gateway::server::RunningGateway,
-    ChannelGatewayClient<tonic::transport::Channel>,
-) {
-    let gateway = channel_gateway::server::start(config).await.unwrap();
-    let client = ChannelGatewayClient::connect(format!("http://{}", gateway.addr))
-        .await
-        .unwrap();
-    (gateway, client)
-}
-
-fn address(fake: &FakeConnector, conv: &str) -> pb::Address {
-    pb::Address {
-        channel_id: "msteams".into(),
-        user: Some(pb::Identity {
-            id: "29:u".into(),
-            ..Default::default()
-        }),
-        bot: Some(pb::Identity {
-            id: BOT.into(),
-            ..Default::default()
-        }),
-        conversation: Some(pb::ConversationAccount {
-            id: conv.into(),
-            ..Default::default()
-        }),
-        service_url: fake.service_url(),
-        ..Default::default()
-    }
-}
-
-fn text_message(fake: &FakeConnector, conv: &str, text: &str) -> pb::Message {
-    pb::Message {
-        address: Some(Box::new(address(fake, conv))),
-        text: text.into(),
-        ..Default::default()
-    }
-}
-
 async fn delivered(
     client: &mut ChannelGatewayClient<tonic::transport::Channel>,
     id: &str,
@@ -438,7 +397,7 @@ async fn a_gateway_on_postgres_delivers_in_order_lists_failed_and_redelivers() {
 
     let mut ids = Vec::new();
     for i in 0..20 {
-        let r = send_text(&mut c, &address(&fake, "order"), format!("m{i}"))
+        let r = send_text(&mut c, &fake.address("order"), format!("m{i}"))
             .await
             .unwrap();
         ids.push(r.message_id);
@@ -461,11 +420,11 @@ async fn a_gateway_on_postgres_delivers_in_order_lists_failed_and_redelivers() {
             retry_after: None,
         }],
     );
-    let id = send_text(&mut c, &address(&fake, "lf"), "first try fails".into())
+    let id = send_text(&mut c, &fake.address("lf"), "first try fails".into())
         .await
         .unwrap()
         .message_id;
-    send_text(&mut c, &address(&fake, "lf"), "next one goes".into())
+    send_text(&mut c, &fake.address("lf"), "next one goes".into())
         .await
         .unwrap();
     fake.wait_for(Duration::from_secs(10), "the next message", |r| {
@@ -523,7 +482,7 @@ async fn an_idempotent_retry_returns_the_first_answer_also_after_a_restart() {
     let fake = FakeConnector::start().await;
     let dir = tempfile::tempdir().unwrap();
     let req = pb::SendRequest {
-        message: Some(text_message(&fake, "idem", "only once")),
+        message: Some(fake.text("idem", "only once")),
         idempotency_key: "order-42".into(),
         wait: pb::WaitMode::Delivered as i32,
     };
@@ -544,7 +503,7 @@ async fn an_idempotent_retry_returns_the_first_answer_also_after_a_restart() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(fake.for_conversation("idem").len(), 1, "sent twice");
     // New ids continue past the old ones.
-    let next = send_text(&mut c, &address(&fake, "idem"), "later".into())
+    let next = send_text(&mut c, &fake.address("idem"), "later".into())
         .await
         .unwrap();
     assert!(
@@ -576,7 +535,7 @@ async fn a_database_outage_answers_unavailable_turns_not_ready_and_ends_without_
     assert_eq!(readyz().await, 200);
     let mut acked = Vec::new();
     for i in 0..5 {
-        let r = send_text(&mut c, &address(&fake, "out"), format!("before {i}"))
+        let r = send_text(&mut c, &fake.address("out"), format!("before {i}"))
             .await
             .unwrap();
         acked.push(r.message_id);
@@ -588,7 +547,7 @@ async fn a_database_outage_answers_unavailable_turns_not_ready_and_ends_without_
     let cl = cluster.clone();
     blocking(move || cl.stop()).await;
     let begun = Instant::now();
-    let err = send_text(&mut c, &address(&fake, "out"), "during".into())
+    let err = send_text(&mut c, &fake.address("out"), "during".into())
         .await
         .unwrap_err();
     let took = begun.elapsed();
@@ -614,7 +573,7 @@ async fn a_database_outage_answers_unavailable_turns_not_ready_and_ends_without_
     let back = Instant::now();
     let deadline = Instant::now() + Duration::from_secs(20);
     let after = loop {
-        match send_text(&mut c, &address(&fake, "out"), "after".into()).await {
+        match send_text(&mut c, &fake.address("out"), "after".into()).await {
             Ok(r) => break r,
             Err(e) => {
                 assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
@@ -663,7 +622,7 @@ async fn messages_in_line_during_an_outage_wait_for_the_database_and_are_deliver
     let (gateway, mut c) = start_gateway(gateway_config(&fake, &url, dir.path())).await;
     let mut acked = Vec::new();
     for i in 0..5 {
-        let r = send_text(&mut c, &address(&fake, "line"), format!("m{i}"))
+        let r = send_text(&mut c, &fake.address("line"), format!("m{i}"))
             .await
             .unwrap();
         acked.push(r.message_id);

@@ -4,7 +4,7 @@
 #[path = "../fake_http/mod.rs"]
 mod fake_http;
 #[allow(unused_imports)]
-pub use fake_http::pg;
+pub use fake_http::{pg, start_gateway};
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -90,6 +90,39 @@ pub struct FakeConnector {
 }
 
 impl FakeConnector {
+    /// A Teams conversation `conv` of the test bot, served by this fake.
+    pub fn address(&self, conv: &str) -> pb::Address {
+        pb::Address {
+            channel_id: "msteams".into(),
+            user: Some(pb::Identity {
+                id: "29:user-1".into(),
+                name: "Ada".into(),
+                ..Default::default()
+            }),
+            bot: Some(pb::Identity {
+                id: BOT.into(),
+                name: "Bot".into(),
+                ..Default::default()
+            }),
+            conversation: Some(pb::ConversationAccount {
+                id: conv.into(),
+                ..Default::default()
+            }),
+            service_url: self.service_url(),
+            id: String::new(),
+            thread_id: String::new(),
+        }
+    }
+
+    /// A text message to conversation `conv`.
+    pub fn text(&self, conv: &str, text: &str) -> pb::Message {
+        pb::Message {
+            address: Some(Box::new(self.address(conv))),
+            text: text.into(),
+            ..Default::default()
+        }
+    }
+
     pub async fn start() -> Self {
         let state = Arc::new(FakeState::default());
         *state.token_expires_in.lock().unwrap() = 3600;
@@ -438,34 +471,11 @@ pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> Harness {
 
 impl Harness {
     pub fn address(&self, conv: &str) -> pb::Address {
-        pb::Address {
-            channel_id: "msteams".into(),
-            user: Some(pb::Identity {
-                id: "29:user-1".into(),
-                name: "Ada".into(),
-                ..Default::default()
-            }),
-            bot: Some(pb::Identity {
-                id: BOT.into(),
-                name: "Bot".into(),
-                ..Default::default()
-            }),
-            conversation: Some(pb::ConversationAccount {
-                id: conv.into(),
-                ..Default::default()
-            }),
-            service_url: self.fake.service_url(),
-            id: String::new(),
-            thread_id: String::new(),
-        }
+        self.fake.address(conv)
     }
 
     pub fn text(&self, conv: &str, text: &str) -> pb::Message {
-        pb::Message {
-            address: Some(Box::new(self.address(conv))),
-            text: text.into(),
-            ..Default::default()
-        }
+        self.fake.text(conv, text)
     }
 
     pub async fn send(&self, conv: &str, text: &str) -> Result<pb::SendResponse, tonic::Status> {
