@@ -532,6 +532,12 @@ async fn reply(conn: &mut Conn, within: Duration) -> Option<Value> {
     }
 }
 
+/// Socket Mode with the test's timings, delivering to `sink`.
+fn socket_mode(config: &SlackConfig, sink: Arc<TestSink>) -> tokio::task::JoinHandle<()> {
+    let s = SocketMode::new(config, Secret::new(APP_TOKEN), socket_quick()).unwrap();
+    tokio::spawn(s.run(sink))
+}
+
 fn hello() -> Value {
     json!({"type": "hello", "num_connections": 1,
         "connection_info": {"app_id": "A0111"}, "debug_info": {"host": "applink-1"}})
@@ -623,8 +629,7 @@ async fn slack_a_refused_envelope_is_not_acked_and_arrives_when_sent_again() {
     let (_fake, base, mut conns) = FakeSlack::start().await;
     let config = slack_config(&base);
     let sink = TestSink::refusing(1);
-    let s = SocketMode::new(&config, Secret::new(APP_TOKEN), socket_quick()).unwrap();
-    let task = tokio::spawn(s.run(sink.clone()));
+    let task = socket_mode(&config, sink.clone());
     let mut conn = next_conn(&mut conns).await;
     send(&mut conn, hello()).await;
     send(
@@ -651,8 +656,7 @@ async fn slack_a_refused_envelope_is_not_acked_and_arrives_when_sent_again() {
 
     // A failing sink: the same.
     let failing = TestSink::failing(1);
-    let s = SocketMode::new(&config, Secret::new(APP_TOKEN), socket_quick()).unwrap();
-    let task2 = tokio::spawn(s.run(failing.clone()));
+    let task2 = socket_mode(&config, failing.clone());
     let mut conn2 = next_conn(&mut conns).await;
     send(
         &mut conn2,
@@ -682,8 +686,7 @@ async fn slack_a_refused_envelope_is_not_acked_and_arrives_when_sent_again() {
 async fn slack_reconnects_after_disconnect_with_a_new_url() {
     let (fake, base, mut conns) = FakeSlack::start().await;
     let sink = TestSink::refusing(0);
-    let s = SocketMode::new(&slack_config(&base), Secret::new(APP_TOKEN), socket_quick()).unwrap();
-    let task = tokio::spawn(s.run(sink.clone()));
+    let task = socket_mode(&slack_config(&base), sink.clone());
     let mut first = next_conn(&mut conns).await;
     send(&mut first, hello()).await;
     send(
@@ -798,8 +801,7 @@ async fn slack_tokens_and_tickets_never_appear_in_errors_or_logs() {
 async fn slack_an_oversized_message_drops_the_connection_not_the_gateway() {
     let (fake, base, mut conns) = FakeSlack::start().await;
     let sink = TestSink::refusing(0);
-    let s = SocketMode::new(&slack_config(&base), Secret::new(APP_TOKEN), socket_quick()).unwrap();
-    let task = tokio::spawn(s.run(sink.clone()));
+    let task = socket_mode(&slack_config(&base), sink.clone());
     let mut first = next_conn(&mut conns).await;
     send(&mut first, hello()).await;
     let huge = events_api(
@@ -859,8 +861,7 @@ async fn telegram_an_answer_too_large_to_take_asks_for_fewer_updates() {
 async fn slack_a_peer_closing_before_hello_meets_the_backoff() {
     let (fake, base, mut conns) = FakeSlack::start().await;
     let sink = TestSink::refusing(0);
-    let s = SocketMode::new(&slack_config(&base), Secret::new(APP_TOKEN), socket_quick()).unwrap();
-    let task = tokio::spawn(s.run(sink));
+    let task = socket_mode(&slack_config(&base), sink);
     let closer = tokio::spawn(async move {
         while let Some(mut c) = conns.recv().await {
             let _ = c.close(None).await;
@@ -1019,8 +1020,7 @@ async fn telegram_updates_that_move_no_offset_do_not_spin_the_loop() {
 async fn slack_a_peer_closing_right_after_hello_is_not_reconnected_to_in_a_tight_loop() {
     let (fake, base, mut conns) = FakeSlack::start().await;
     let sink = TestSink::refusing(0);
-    let s = SocketMode::new(&slack_config(&base), Secret::new(APP_TOKEN), socket_quick()).unwrap();
-    let task = tokio::spawn(s.run(sink));
+    let task = socket_mode(&slack_config(&base), sink);
     let closer = tokio::spawn(async move {
         while let Some(mut c) = conns.recv().await {
             send(&mut c, hello()).await;
