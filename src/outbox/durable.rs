@@ -116,6 +116,9 @@ impl std::fmt::Debug for Durable {
 #[derive(Default)]
 pub struct Commits(Mutex<Marks>);
 
+/// Versions refused on their own kept for their waiters (see `Commits::settle_except`).
+const MAX_REFUSED: usize = 10_000;
+
 #[derive(Default)]
 struct Marks {
     /// Every version up to this one has its answer: durable unless it lies in `failed`.
@@ -199,6 +202,39 @@ impl Commits {
             std::mem::replace(&mut m.waiters, later)
         };
         // Woken outside the lock: a woken task may poll at once on the other core.
+        for w in woken.into_values() {
+            w.wake();
+        }
+    }
+
+    /// A successful commit up to `up_to` in which some versions were refused on their own (an
+    /// idempotency key another replica took, a fenced write that lost its partition): those
+    /// answer their own error, the others are durable. `refused` is in version order, within
+    /// the commit. Few, and kept at most `MAX_REFUSED` (oldest forgotten): a waiter is polled
+    /// right after its commit.
+    pub fn settle_except(&self, up_to: u64, refused: Vec<(u64, u64, StoreError)>) {
+        if refused.is_empty() {
+            return self.settle(up_to, &Ok(()));
+        }
+        let woken = {
+            let mut m = self.lock();
+            if up_to <= m.settled_to {
+                return;
+            }
+            let first = m.settled_to + 1;
+            m.settled_to = up_to;
+            for (a, b, e) in refused {
+                if a >= first && b <= up_to && a <= b {
+                    m.failed.push((a, b, e));
+                }
+            }
+            if m.failed.len() > MAX_REFUSED {
+                let excess = m.failed.len() - MAX_REFUSED;
+                m.failed.drain(..excess);
+            }
+            let later = m.waiters.split_off(&(up_to + 1, 0));
+            std::mem::replace(&mut m.waiters, later)
+        };
         for w in woken.into_values() {
             w.wake();
         }

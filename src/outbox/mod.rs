@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 pub(crate) use durable::Commits;
 pub use durable::Durable;
-pub use postgres::PostgresStore;
+pub use postgres::{Feed, PostgresStore};
 pub use sqlite::SqliteStore;
 
 use crate::channels::{ChannelError, NativeReceipt};
@@ -114,6 +114,21 @@ pub enum StoreError {
     Storage(String),
     #[error("outbox is closed")]
     Closed,
+    /// Another replica's acceptance with the same idempotency key committed first: nothing of
+    /// this one was stored, and the caller is answered from the first.
+    #[error("the idempotency key was taken by another replica's acceptance")]
+    KeyTaken,
+    /// A fenced write made after this replica lost the message's partition: nothing changed.
+    #[error("the message's partition is no longer held by this replica")]
+    Fenced,
+}
+
+/// A state write's fence: it changes the row only while this replica holds `partition` at
+/// `epoch` with its lease running (see `crate::storage::lease::FENCE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fence {
+    pub partition: u32,
+    pub epoch: i64,
 }
 
 /// What an idempotency key accepted the first time: its messages, whose current records make
@@ -139,6 +154,17 @@ pub trait Store: Send + Sync + 'static {
     /// flagged redelivery). A store may then skip building the acknowledgement.
     fn record(&self, id: u64, change: Change) {
         drop(self.update(id, change));
+    }
+    /// `update` under a fence: resolves with [`StoreError::Fenced`] when the partition moved
+    /// on. Only a store shared by replicas fences; the others write as `update` does.
+    fn update_fenced(&self, id: u64, change: Change, fence: Option<Fence>) -> Durable {
+        let _ = fence;
+        self.update(id, change)
+    }
+    /// `record` under a fence: a stale write is dropped.
+    fn record_fenced(&self, id: u64, change: Change, fence: Option<Fence>) {
+        let _ = fence;
+        self.record(id, change)
     }
     /// Reads are futures so an engine across the network (PostgreSQL) fits the same seam, and
     /// they return their errors: a store that cannot answer is not a message that is unknown.

@@ -1,5 +1,13 @@
-//! The outbox in PostgreSQL (`outbox.backend = "postgres"`), for one replica: the same tables,
-//! columns and semantics as the SQLite store (`sqlite.rs`), over the network.
+//! The outbox in PostgreSQL (`outbox.backend = "postgres"`), shared by every replica on one
+//! database: the same tables, columns and semantics as the SQLite store (`sqlite.rs`), over the
+//! network, plus what sharing needs (migration 5 of `crate::storage::postgres`):
+//! - ids from a block of 2^40 each replica start takes, so they are unique across replicas;
+//! - a commit-ordered `seq` on every appended or redelivered message, which a partition's owner
+//!   reads its new work by ([`PostgresStore::feed_load`], [`PostgresStore::feed_after`]);
+//! - state writes fenced by the partition's lease epoch ([`Store::update_fenced`]): a write from
+//!   a replica that lost the partition changes nothing and answers [`StoreError::Fenced`];
+//! - an idempotency key inserted only if free (or past the window): of two replicas racing one
+//!   key, the second stores nothing and answers [`StoreError::KeyTaken`].
 //!
 //! Owns the outbox's rows in the database (`outbox_messages`, `outbox_bodies`,
 //! `outbox_idempotency`, `outbox_meta`, created by migration 2 of `crate::storage::postgres`),
@@ -8,7 +16,7 @@
 //! transaction whose statements are pipelined (BEGIN, one multi-row statement per kind of write
 //! over `unnest` arrays, COMMIT: one round trip and one WAL flush for the whole group), then
 //! settles the versions it committed in `Commits`. Knows nothing of ordering, gRPC or channels;
-//! does not lease partitions yet (one replica per database).
+//! does not lease partitions (`crate::storage::lease` does) nor decide who delivers.
 //!
 //! Copied from `sqlite.rs` (to be factored out by its owner): the overlay of changes not yet
 //! committed and its upkeep after a commit, the folding of one message's changes into one row
@@ -32,6 +40,7 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -238,6 +247,19 @@ struct Entry {
     state: EntryState,
     /// Failed commits (other than an outage) this change was part of.
     tries: u8,
+    /// The lease epoch a fenced state write was made under.
+    fence: Option<i64>,
+    /// Redelivered: numbered again so the partition's owner reads it as new.
+    requeue: bool,
+    /// The idempotency key an appended message was accepted with: it is stored only if the
+    /// key's record is its own acceptance.
+    idem: Option<Arc<IdemTag>>,
+}
+
+/// An acceptance's key as stored, and its message ids as the record holds them.
+struct IdemTag {
+    key: String,
+    ids: String,
 }
 
 enum Cmd {
@@ -294,6 +316,19 @@ impl Health {
     }
 }
 
+/// Called after a commit with the partitions that have new work (appended or redelivered
+/// messages); `None` for "look at every partition".
+pub type OnCommit = Arc<dyn Fn(Option<&[u32]>) + Send + Sync>;
+
+/// What is shared between the store and its writer for sharing with other replicas.
+struct Shared {
+    /// This replica's id in `cg_replicas` and `cg_partitions.owner`: fenced writes name it.
+    replica: String,
+    /// `server.idempotency_window`: a key older than this is free again.
+    window_ms: AtomicU64,
+    on_commit: Mutex<Option<OnCommit>>,
+}
+
 pub struct PostgresStore {
     pool: Pool,
     config: PostgresConfig,
@@ -303,7 +338,25 @@ pub struct PostgresStore {
     commits: Arc<Commits>,
     stats: Arc<super::CommitStats>,
     next_id: u64,
+    shared: Arc<Shared>,
 }
+
+/// Unfinished messages a partition's owner reads, with the position its cursor moves to.
+pub struct Feed {
+    /// In `seq` order (messages from before migration 5 first, by id); finished ones (by the
+    /// overlay's newer word) left out.
+    pub messages: Vec<(u32, i64, StoredMessage)>,
+    /// Everything numbered up to here was visible to the read: a partition fully read moves
+    /// its cursor here.
+    pub head: i64,
+    /// The read hit its limit: read again from `last`.
+    pub more: bool,
+    /// The highest `seq` read, finished messages included.
+    pub last: i64,
+}
+
+/// Ids in a block each replica start takes from `cg_outbox_id_block`.
+const ID_BLOCK_BITS: u32 = 40;
 
 impl PostgresStore {
     /// Connects, applies the schema migrations the database lacks, and starts the writer. Fails
@@ -314,20 +367,22 @@ impl PostgresStore {
         postgres::migrate(&pool, MIGRATIONS).await.map_err(scrub)?;
         let client = postgres::get(&pool).await.map_err(scrub)?;
         let row = client
-            .query_one(
-                "SELECT (SELECT max(id) FROM outbox_messages), \
-                 (SELECT value FROM outbox_meta WHERE name = 'next_id')",
-                &[],
-            )
+            .query_one("SELECT nextval('cg_outbox_id_block')", &[])
             .await
-            .map_err(|e| scrub(PgError::query("reading the outbox's next id", &e)))?;
+            .map_err(|e| scrub(PgError::query("taking a block of message ids", &e)))?;
         drop(client);
-        let max_id: Option<i64> = row.try_get(0).map_err(storage)?;
-        let floor: Option<i64> = row.try_get(1).map_err(storage)?;
-        let next_id = max_id
-            .map_or(1, |m| m.saturating_add(1))
-            .max(floor.unwrap_or(1))
-            .max(1) as u64;
+        let block: i64 = row.try_get(0).map_err(storage)?;
+        // 2^23 blocks fit an i64 id; a database past that has had eight million starts.
+        let next_id = u64::try_from(block)
+            .ok()
+            .filter(|b| *b > 0 && *b < (1 << (63 - ID_BLOCK_BITS)))
+            .map(|b| b << ID_BLOCK_BITS)
+            .ok_or_else(|| storage(format!("message id block {block} out of range")))?;
+        let shared = Arc::new(Shared {
+            replica: replica_id(),
+            window_ms: AtomicU64::new(24 * 3600 * 1000),
+            on_commit: Mutex::new(None),
+        });
         // The writer's connection is its own: a commit never waits for a reader's.
         let writer_pool = postgres::pool(&PostgresConfig {
             pool_size: 1,
@@ -347,7 +402,7 @@ impl PostgresStore {
             overlay: overlay.clone(),
             health: health.clone(),
             commits: commits.clone(),
-            next_id_written: next_id,
+            shared: shared.clone(),
             retry: Vec::new(),
             retry_at: HashMap::new(),
         };
@@ -361,6 +416,121 @@ impl PostgresStore {
             commits,
             stats,
             next_id,
+            shared,
+        })
+    }
+
+    /// This replica's id, unique per process start: the lease manager must use the same one.
+    pub fn replica(&self) -> &str {
+        &self.shared.replica
+    }
+
+    /// `server.idempotency_window`: past it, a key is free again for a new acceptance.
+    pub fn set_idempotency_window(&self, window: Duration) {
+        let ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
+        self.shared.window_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Told after each commit which partitions have new work.
+    pub fn set_on_commit(&self, hook: OnCommit) {
+        *lock(&self.shared.on_commit) = Some(hook);
+    }
+
+    /// The pool the store reads with, for the lease manager and the notifier to share.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// Every unfinished message of `partitions` (a partition just taken), oldest first.
+    pub async fn feed_load(&self, partitions: &[u32]) -> Result<Feed, StoreError> {
+        let parts: Vec<i16> = partitions.iter().map(|p| *p as i16).collect();
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                &format!(
+                    "SELECT x.*, h.seq FROM cg_outbox_head h LEFT JOIN LATERAL \
+                     (SELECT {COLUMNS}, m.partition, COALESCE(m.seq, 0) AS seq FROM {FROM} \
+                     WHERE m.partition = ANY($1) AND m.state IN ('accepted', 'delivering') \
+                     ORDER BY m.seq NULLS FIRST, m.id) x ON true WHERE h.id = 1 \
+                     ORDER BY x.seq NULLS FIRST, x.id"
+                ),
+                &[&parts],
+            )
+            .await
+            .map_err(|e| self.read_error("reading a partition's unfinished messages", &e))?;
+        drop(c);
+        self.feed_rows(&rows, None)
+    }
+
+    /// Unfinished messages of `partitions` numbered after `after`, at most `limit`.
+    pub async fn feed_after(
+        &self,
+        after: i64,
+        partitions: &[u32],
+        limit: usize,
+    ) -> Result<Feed, StoreError> {
+        let parts: Vec<i16> = partitions.iter().map(|p| *p as i16).collect();
+        let limit = limit.clamp(1, 100_000) as i64;
+        let c = self.client().await?;
+        let st = c
+            .prepare_cached(&format!(
+                "SELECT x.*, h.seq FROM cg_outbox_head h LEFT JOIN LATERAL \
+                 (SELECT {COLUMNS}, m.partition, m.seq FROM {FROM} \
+                 WHERE m.seq > $1 AND m.partition = ANY($2) \
+                 AND m.state IN ('accepted', 'delivering') ORDER BY m.seq LIMIT $3) x ON true \
+                 WHERE h.id = 1 ORDER BY x.seq"
+            ))
+            .await
+            .map_err(|e| self.read_error("preparing a read", &e))?;
+        let rows = c
+            .query(&st, &[&after, &parts, &limit])
+            .await
+            .map_err(|e| self.read_error("reading new messages", &e))?;
+        drop(c);
+        self.feed_rows(&rows, Some(limit as usize))
+    }
+
+    fn feed_rows(
+        &self,
+        rows: &[tokio_postgres::Row],
+        limit: Option<usize>,
+    ) -> Result<Feed, StoreError> {
+        // The head comes in the same statement as the rows: one snapshot, so every message
+        // numbered up to it is among them (or finished).
+        let mut head = 0i64;
+        let mut last = 0i64;
+        let mut messages = Vec::with_capacity(rows.len());
+        for r in rows {
+            head = r
+                .try_get::<_, Option<i64>>(12)
+                .map_err(storage)?
+                .unwrap_or(0);
+            // The head's row alone: no message matched.
+            if r.try_get::<_, Option<i64>>(0).map_err(storage)?.is_none() {
+                continue;
+            }
+            let mut m = decode_message(r)?;
+            let partition: i16 = r.try_get(10).map_err(storage)?;
+            let seq: i64 = r.try_get(11).map_err(storage)?;
+            last = last.max(seq);
+            // A state of ours not yet committed is newer than the row.
+            let ov = lock(&self.overlay);
+            if let Some(s) = ov.state(m.id) {
+                m.record = s;
+            } else if let Some((_, p)) = ov.partials.get(&m.id) {
+                p.apply_to(&mut m.record);
+            }
+            drop(ov);
+            if m.record.state.is_terminal() {
+                continue;
+            }
+            messages.push((u32::from(partition.unsigned_abs()), seq, m));
+        }
+        Ok(Feed {
+            messages,
+            head,
+            more: limit.is_some_and(|l| rows.len() >= l),
+            last,
         })
     }
 
@@ -403,6 +573,16 @@ impl PostgresStore {
             Ok(e) => e,
             Err(e) => return Durable::settled(Err(e)),
         };
+        let idem = match &idempotency {
+            Some((key, rec)) => match serde_json::to_string(&rec.message_ids) {
+                Ok(ids) => Some(Arc::new(IdemTag {
+                    key: escape_text(key).into_owned(),
+                    ids,
+                })),
+                Err(e) => return Durable::settled(Err(storage(e))),
+            },
+            None => None,
+        };
         let mut ov = lock(&self.overlay);
         let mut entries = Vec::with_capacity(encoded.len());
         for (m, json) in encoded {
@@ -418,6 +598,9 @@ impl PostgresStore {
                 })),
                 state: EntryState::Full(m.record.clone()),
                 tries: 0,
+                fence: None,
+                requeue: false,
+                idem: idem.clone(),
             });
         }
         let version = match entries.last() {
@@ -563,7 +746,14 @@ impl PostgresStore {
     /// Applies a state change to the newest known state and queues it. A message whose state
     /// is not in the overlay (finished, and being redelivered) gets the columns the change sets,
     /// so nothing waits for a read.
-    fn put_state(&self, id: u64, change: Change, waited: bool) -> Option<u64> {
+    fn put_state(
+        &self,
+        id: u64,
+        change: Change,
+        waited: bool,
+        fence: Option<super::Fence>,
+    ) -> Option<u64> {
+        let requeue = matches!(change, Change::Requeued);
         let mut ov = lock(&self.overlay);
         let state = if let Change::Finished(_) = change {
             // A final outcome replaces the whole state (see `Change::Finished`).
@@ -597,6 +787,9 @@ impl PostgresStore {
                 body: None,
                 state,
                 tries: 0,
+                fence: fence.map(|f| f.epoch),
+                requeue,
+                idem: None,
             }],
             idempotency: None,
             version,
@@ -667,6 +860,9 @@ impl PostgresStore {
                     updated_at_ms: super::now_ms(),
                 })),
                 tries: 0,
+                fence: None,
+                requeue: false,
+                idem: None,
             }],
             idempotency: None,
             version,
@@ -692,10 +888,29 @@ impl Store for PostgresStore {
                 conversation,
                 message,
             } => self.put_move(id, conversation, message),
-            change => match self.put_state(id, change, true) {
+            change => match self.put_state(id, change, true, None) {
                 Some(version) => Durable::of(&self.commits, version),
                 None => Durable::ready(),
             },
+        }
+    }
+
+    fn update_fenced(&self, id: u64, change: Change, fence: Option<super::Fence>) -> Durable {
+        match change {
+            Change::Moved { .. } => self.update(id, change),
+            change => match self.put_state(id, change, true, fence) {
+                Some(version) => Durable::of(&self.commits, version),
+                None => Durable::ready(),
+            },
+        }
+    }
+
+    fn record_fenced(&self, id: u64, change: Change, fence: Option<super::Fence>) {
+        match change {
+            Change::Moved { .. } => drop(self.update(id, change)),
+            change => {
+                self.put_state(id, change, false, fence);
+            }
         }
     }
 
@@ -703,7 +918,7 @@ impl Store for PostgresStore {
         match change {
             Change::Moved { .. } => drop(self.update(id, change)),
             change => {
-                self.put_state(id, change, false);
+                self.put_state(id, change, false, None);
             }
         }
     }
@@ -758,41 +973,82 @@ impl Store for PostgresStore {
     }
 }
 
+/// Appended messages (or moved ones, rewritten whole), numbered just below the head the
+/// commit raised (`$13` = how many it raised it by; `ord` = each row's number within that).
+/// A message accepted with an idempotency key is stored only if the key's record is its own
+/// acceptance: another replica's that committed first leaves this one out.
 const INSERT_MESSAGES: &str = "INSERT INTO outbox_messages (id, conversation, partition, state, \
-     attempts, possible_duplicate, receipts, error, accepted_at_ms, updated_at_ms) \
-     SELECT * FROM unnest($1::int8[], $2::text[], $3::int2[], $4::text[], $5::int4[], \
-     $6::bool[], $7::text[], $8::text[], $9::int8[], $10::int8[]) \
+     attempts, possible_duplicate, receipts, error, accepted_at_ms, updated_at_ms, seq) \
+     SELECT u.id, u.conversation, u.partition, u.state, u.attempts, u.dup, u.receipts, u.error, \
+     u.accepted, u.updated, (SELECT h.seq FROM cg_outbox_head h WHERE h.id = 1) - $13 + u.ord \
+     FROM unnest($1::int8[], $2::text[], $3::int2[], $4::text[], $5::int4[], $6::bool[], \
+     $7::text[], $8::text[], $9::int8[], $10::int8[], $11::text[], $12::text[], $14::int8[]) \
+     AS u(id, conversation, partition, state, attempts, dup, receipts, error, accepted, updated, \
+     key, ids, ord) \
+     WHERE u.key IS NULL OR EXISTS (SELECT 1 FROM outbox_idempotency i \
+     WHERE i.key = u.key AND i.message_ids = u.ids) \
      ON CONFLICT (id) DO UPDATE SET conversation = excluded.conversation, \
      partition = excluded.partition, state = excluded.state, attempts = excluded.attempts, \
      possible_duplicate = excluded.possible_duplicate, receipts = excluded.receipts, \
-     error = excluded.error, updated_at_ms = excluded.updated_at_ms";
+     error = excluded.error, updated_at_ms = excluded.updated_at_ms \
+     RETURNING id, partition";
 
+/// Bodies of the messages stored above (a message left out leaves its body out).
 const INSERT_BODIES: &str = "INSERT INTO outbox_bodies (id, body) \
-     SELECT * FROM unnest($1::int8[], $2::text[]) \
+     SELECT u.id, u.body FROM unnest($1::int8[], $2::text[]) AS u(id, body) \
+     WHERE EXISTS (SELECT 1 FROM outbox_messages m WHERE m.id = u.id) \
      ON CONFLICT (id) DO UPDATE SET body = excluded.body";
 
-const UPDATE_STATES: &str = "UPDATE outbox_messages m SET state = u.state, \
-     attempts = u.attempts, possible_duplicate = u.dup, receipts = u.receipts, \
-     error = u.error, updated_at_ms = u.updated \
-     FROM unnest($1::int8[], $2::text[], $3::int4[], $4::bool[], $5::text[], $6::text[], \
-     $7::int8[]) AS u(id, state, attempts, dup, receipts, error, updated) WHERE m.id = u.id";
+/// Raises the head by the messages this commit numbers, and holds its row's lock until the
+/// commit: numbering is in commit order.
+const RAISE_HEAD: &str = "UPDATE cg_outbox_head SET seq = seq + $1 WHERE id = 1";
+
+/// A state write is fenced when it carries an epoch (`u.epoch`): it changes the row only while
+/// this replica (`$R`) holds the partition at that epoch with its lease running. A redelivered
+/// message (`u.bump`) is numbered again, after everything before it.
+const FENCED: &str = "(u.epoch IS NULL OR EXISTS (SELECT 1 FROM cg_partitions f \
+     WHERE f.partition = m.partition AND f.owner = $R AND f.epoch = u.epoch \
+     AND f.lease_until > now()))";
+const RENUMBER: &str = "seq = CASE WHEN u.bump IS NULL THEN m.seq \
+     ELSE (SELECT h.seq FROM cg_outbox_head h WHERE h.id = 1) - $N + u.bump END, \
+     epoch = COALESCE(u.epoch, m.epoch)";
+
+fn update_states_sql() -> String {
+    format!(
+        "UPDATE outbox_messages m SET state = u.state, \
+         attempts = u.attempts, possible_duplicate = u.dup, receipts = u.receipts, \
+         error = u.error, updated_at_ms = u.updated, {} \
+         FROM unnest($1::int8[], $2::text[], $3::int4[], $4::bool[], $5::text[], $6::text[], \
+         $7::int8[], $8::int8[], $9::int8[]) AS u(id, state, attempts, dup, receipts, error, \
+         updated, epoch, bump) WHERE m.id = u.id AND {} RETURNING m.id, m.partition, u.bump",
+        RENUMBER.replace("$N", "$10"),
+        FENCED.replace("$R", "$11"),
+    )
+}
 
 /// The columns a change sets on a message whose whole state the store did not know.
-const UPDATE_PARTIAL: &str = "UPDATE outbox_messages m SET state = COALESCE(u.state, m.state), \
-     attempts = COALESCE(u.attempts, m.attempts), \
-     error = CASE WHEN u.clear THEN NULL ELSE m.error END, updated_at_ms = u.updated \
-     FROM unnest($1::int8[], $2::text[], $3::int4[], $4::bool[], $5::int8[]) \
-     AS u(id, state, attempts, clear, updated) WHERE m.id = u.id";
+fn update_partial_sql() -> String {
+    format!(
+        "UPDATE outbox_messages m SET state = COALESCE(u.state, m.state), \
+         attempts = COALESCE(u.attempts, m.attempts), \
+         error = CASE WHEN u.clear THEN NULL ELSE m.error END, updated_at_ms = u.updated, {} \
+         FROM unnest($1::int8[], $2::text[], $3::int4[], $4::bool[], $5::int8[], $6::int8[], \
+         $7::int8[]) AS u(id, state, attempts, clear, updated, epoch, bump) \
+         WHERE m.id = u.id AND {} RETURNING m.id, m.partition, u.bump",
+        RENUMBER.replace("$N", "$8"),
+        FENCED.replace("$R", "$9"),
+    )
+}
 
-/// As SQLite: a key put again (after its window) takes the new acceptance.
+/// A key is taken only if free, or older than the window (`$4`): of two replicas racing one
+/// key, the second's insert changes nothing, and its messages are left out (above). Returns
+/// the keys this commit holds.
 const INSERT_KEYS: &str = "INSERT INTO outbox_idempotency (key, created_at_ms, message_ids) \
      SELECT * FROM unnest($1::text[], $2::int8[], $3::text[]) \
      ON CONFLICT (key) DO UPDATE SET created_at_ms = excluded.created_at_ms, \
-     message_ids = excluded.message_ids";
-
-/// GREATEST: the bound only ever grows, whoever writes it.
-const PUT_NEXT_ID: &str = "INSERT INTO outbox_meta (name, value) VALUES ('next_id', $1) \
-     ON CONFLICT (name) DO UPDATE SET value = GREATEST(outbox_meta.value, excluded.value)";
+     message_ids = excluded.message_ids WHERE outbox_idempotency.created_at_ms < $4 \
+     OR outbox_idempotency.message_ids = excluded.message_ids \
+     RETURNING key, message_ids";
 
 const COMPACT_MESSAGES: &str = "WITH gone AS (DELETE FROM outbox_messages WHERE id IN \
      (SELECT id FROM outbox_messages WHERE state = 'delivered' AND updated_at_ms < $1 LIMIT $2) \
@@ -814,8 +1070,7 @@ struct Writer {
     overlay: Arc<Mutex<PgOverlay>>,
     health: Arc<Health>,
     commits: Arc<Commits>,
-    /// The `next_id` the database records: ids below it were given out.
-    next_id_written: u64,
+    shared: Arc<Shared>,
     /// State changes nobody waited for, from failed commits: oldest first, one per message
     /// (folded), at most `RETRY_MAX_MESSAGES`.
     retry: Vec<Entry>,
@@ -836,6 +1091,9 @@ struct RowWrite<'a> {
     id: u64,
     body: Option<&'a EncodedBody>,
     state: EntryState,
+    fence: Option<i64>,
+    requeue: bool,
+    idem: Option<&'a IdemTag>,
 }
 
 impl Writer {
@@ -952,8 +1210,14 @@ impl Writer {
             .map(|e| (e, false))
             .collect();
         let mut keys = Vec::new();
-        for (es, idempotency, _, waited) in puts {
+        // Each keyed put's versions, with its key and ids as stored: refused together if it
+        // lost the key.
+        let mut keyed: Vec<(u64, u64, (String, String))> = Vec::new();
+        for (es, idempotency, version, waited) in puts {
             if let Some(k) = idempotency {
+                let first = es.first().map_or(version, |e| e.version);
+                let ids = serde_json::to_string(&k.1.message_ids).unwrap_or_default();
+                keyed.push((first, version, (escape_text(&k.0).into_owned(), ids)));
                 keys.push(k);
             }
             entries.extend(es.into_iter().map(|e| (e, waited)));
@@ -962,14 +1226,39 @@ impl Writer {
         let result = self.commit(&mut entries, &keys).await;
         self.stats
             .record(entries.len() + keys.len(), began.elapsed(), result.is_ok());
-        let result = match result {
-            Ok(()) => {
+        match result {
+            Ok(done) => {
                 if self.health.get().is_some() {
                     tracing::info!("PostgreSQL reachable again: the outbox takes writes");
                 }
                 self.health.clear();
-                self.committed(&entries);
-                Ok(())
+                let mut refused: Vec<(u64, u64, StoreError)> = keyed
+                    .into_iter()
+                    .filter(|(_, _, k)| !done.keys.contains(k))
+                    .map(|(a, b, _)| (a, b, StoreError::KeyTaken))
+                    .collect();
+                for (e, waited) in &entries {
+                    if *waited && done.fenced_out.contains(&e.id) && e.fence.is_some() {
+                        refused.push((e.version, e.version, StoreError::Fenced));
+                    }
+                }
+                refused.sort_by_key(|r| r.0);
+                self.committed(&entries, &refused, &done.fenced_out);
+                if !done.fenced_out.is_empty() {
+                    tracing::warn!(
+                        messages = done.fenced_out.len(),
+                        "state writes fenced out: their partition moved to another replica"
+                    );
+                }
+                if let Some(v) = up_to {
+                    self.commits.settle_except(v, refused);
+                }
+                if !done.woken.is_empty() {
+                    let hook = lock(&self.shared.on_commit).clone();
+                    if let Some(hook) = hook {
+                        hook(Some(&done.woken));
+                    }
+                }
             }
             Err(e) => {
                 self.discard();
@@ -981,20 +1270,37 @@ impl Writer {
                 );
                 self.health.set(&reason);
                 self.failed(entries, e.is_unavailable());
-                Err(storage(reason))
+                if let Some(v) = up_to {
+                    self.commits.settle(v, &Err(storage(reason)));
+                }
             }
-        };
-        if let Some(v) = up_to {
-            self.commits.settle(v, &result);
         }
     }
 
     /// The overlay lets go of what is now in the database (as in `sqlite.rs`), before anyone
-    /// is told it is durable.
-    fn committed(&self, entries: &[(Entry, bool)]) {
+    /// is told it is durable; and of what the commit refused (a lost key's messages, a fenced
+    /// write), which the database does not have.
+    fn committed(
+        &self,
+        entries: &[(Entry, bool)],
+        refused: &[(u64, u64, StoreError)],
+        fenced_out: &std::collections::HashSet<u64>,
+    ) {
+        let is_refused = |v: u64| refused.iter().any(|(a, b, _)| *a <= v && v <= *b);
         let mut ov = lock(&self.overlay);
         for (e, _) in entries {
             let (id, version) = (e.id, e.version);
+            if fenced_out.contains(&id) || (!refused.is_empty() && is_refused(version)) {
+                let newest = ov.bodies.get(&id).is_some_and(|(v, _)| *v <= version)
+                    || ov.states.get(&id).is_some_and(|(v, _)| *v <= version)
+                    || ov.partials.get(&id).is_some_and(|(v, _)| *v <= version);
+                if newest {
+                    ov.bodies.remove(&id);
+                    ov.states.remove(&id);
+                    ov.partials.remove(&id);
+                }
+                continue;
+            }
             ov.committed(id, version, e.body.is_some());
             if ov.partials.get(&id).is_some_and(|(v, _)| *v == version) {
                 ov.partials.remove(&id);
@@ -1191,7 +1497,7 @@ impl Writer {
         &mut self,
         entries: &mut [(Entry, bool)],
         keys: &[(String, IdempotencyRecord)],
-    ) -> Result<(), PgError> {
+    ) -> Result<Committed, PgError> {
         self.resolve_moves(entries).await?;
         // Fold each message's changes into one row write, in the order they were queued.
         let mut rows: Vec<RowWrite<'_>> = Vec::new();
@@ -1212,6 +1518,11 @@ impl Writer {
                     if body.is_some() {
                         row.body = body;
                     }
+                    row.fence = e.fence.or(row.fence);
+                    row.requeue |= e.requeue;
+                    if e.idem.is_some() {
+                        row.idem = e.idem.as_deref();
+                    }
                 }
                 None => {
                     at.insert(e.id, rows.len());
@@ -1219,6 +1530,9 @@ impl Writer {
                         id: e.id,
                         body,
                         state: e.state.clone(),
+                        fence: e.fence,
+                        requeue: e.requeue,
+                        idem: e.idem.as_deref(),
                     });
                 }
             }
@@ -1229,6 +1543,8 @@ impl Writer {
         let mut bodies_json: Vec<&str> = Vec::new();
         let mut full = StateCols::default();
         let mut part = PartialCols::default();
+        // Rows numbered in this commit: appended ones first, then redelivered ones.
+        let mut numbered: i64 = 0;
         for r in &rows {
             let id = db_id(r.id);
             match (&r.state, r.body) {
@@ -1249,7 +1565,24 @@ impl Writer {
                     ins.error.push(error_json(s)?);
                     ins.accepted.push(db_ms(b.accepted_at_ms));
                     ins.updated.push(db_ms(s.updated_at_ms));
+                    ins.key.push(r.idem.map(|t| t.key.as_str()));
+                    ins.ids.push(r.idem.map(|t| t.ids.as_str()));
+                    numbered += 1;
+                    ins.ord.push(numbered);
                 }
+                (EntryState::Full(_), None) | (EntryState::Partial(_), _) => {}
+            }
+        }
+        for r in &rows {
+            let id = db_id(r.id);
+            let bump = if r.requeue && r.body.is_none() {
+                numbered += 1;
+                Some(numbered)
+            } else {
+                None
+            };
+            match (&r.state, r.body) {
+                (EntryState::Full(_), Some(_)) => {}
                 (EntryState::Full(s), None) => {
                     full.id.push(id);
                     full.state.push(state_word(s.state));
@@ -1258,6 +1591,8 @@ impl Writer {
                     full.receipts.push(receipts_json(s)?);
                     full.error.push(error_json(s)?);
                     full.updated.push(db_ms(s.updated_at_ms));
+                    full.epoch.push(r.fence);
+                    full.bump.push(bump);
                 }
                 // A body never comes with a partial state (a move is resolved whole above).
                 (EntryState::Partial(p), _) => {
@@ -1267,13 +1602,21 @@ impl Writer {
                         .push(p.attempts.map(|a| a.min(i32::MAX as u32) as i32));
                     part.clear.push(p.clear_error);
                     part.updated.push(db_ms(p.updated_at_ms));
+                    part.epoch.push(r.fence);
+                    part.bump.push(bump);
                 }
             }
         }
-        // One key once per statement (ON CONFLICT cannot touch a row twice): the last wins.
+        let fenced: Vec<u64> = rows
+            .iter()
+            .filter(|r| r.fence.is_some() && r.body.is_none())
+            .map(|r| r.id)
+            .collect();
+        // One key once per statement (ON CONFLICT cannot touch a row twice): the first wins,
+        // as it would across commits.
         let mut key_at: HashMap<&str, usize> = HashMap::new();
         for (i, (k, _)) in keys.iter().enumerate() {
-            key_at.insert(k.as_str(), i);
+            key_at.entry(k.as_str()).or_insert(i);
         }
         let mut key_names: Vec<String> = Vec::new();
         let mut key_created: Vec<i64> = Vec::new();
@@ -1289,24 +1632,24 @@ impl Writer {
                     .map_err(|e| encode_error("encoding an idempotency record", e))?,
             );
         }
-        let max_id = rows.iter().map(|r| r.id).max().unwrap_or(0);
-        let written = self.next_id_written;
-        let next_id = written.max(max_id.saturating_add(1));
-        let next_id_db = db_id(next_id);
+        let window = self.shared.window_ms.load(Ordering::Relaxed);
+        let key_cutoff = db_ms(super::now_ms().saturating_sub(window));
+        let shared = self.shared.clone();
+        let replica = shared.replica.as_str();
 
         let client = self.client().await?;
-        let prepare = |sql: &'static str| async move {
+        let prepare = |sql: String| async move {
             client
-                .prepare_cached(sql)
+                .prepare_cached(&sql)
                 .await
                 .map_err(|e| PgError::query("preparing the outbox's statements", &e))
         };
-        let st_ins = prepare(INSERT_MESSAGES).await?;
-        let st_bodies = prepare(INSERT_BODIES).await?;
-        let st_full = prepare(UPDATE_STATES).await?;
-        let st_part = prepare(UPDATE_PARTIAL).await?;
-        let st_keys = prepare(INSERT_KEYS).await?;
-        let st_next = prepare(PUT_NEXT_ID).await?;
+        let st_head = prepare(RAISE_HEAD.into()).await?;
+        let st_ins = prepare(INSERT_MESSAGES.into()).await?;
+        let st_bodies = prepare(INSERT_BODIES.into()).await?;
+        let st_full = prepare(update_states_sql()).await?;
+        let st_part = prepare(update_partial_sql()).await?;
+        let st_keys = prepare(INSERT_KEYS.into()).await?;
 
         let ins_params: Vec<Param<'_>> = vec![
             &ins.id,
@@ -1319,7 +1662,12 @@ impl Writer {
             &ins.error,
             &ins.accepted,
             &ins.updated,
+            &ins.key,
+            &ins.ids,
+            &numbered,
+            &ins.ord,
         ];
+        let head_params: Vec<Param<'_>> = vec![&numbered];
         let body_params: Vec<Param<'_>> = vec![&bodies_id, &bodies_json];
         let full_params: Vec<Param<'_>> = vec![
             &full.id,
@@ -1329,6 +1677,10 @@ impl Writer {
             &full.receipts,
             &full.error,
             &full.updated,
+            &full.epoch,
+            &full.bump,
+            &numbered,
+            &replica,
         ];
         let part_params: Vec<Param<'_>> = vec![
             &part.id,
@@ -1336,40 +1688,94 @@ impl Writer {
             &part.attempts,
             &part.clear,
             &part.updated,
+            &part.epoch,
+            &part.bump,
+            &numbered,
+            &replica,
         ];
-        let key_params: Vec<Param<'_>> = vec![&key_names, &key_created, &key_ids];
-        let next_params: Vec<Param<'_>> = vec![&next_id_db];
+        let key_params: Vec<Param<'_>> = vec![&key_names, &key_created, &key_ids, &key_cutoff];
 
         // Each request goes out when its future is first polled; try_join_all polls them in
-        // this order, so the server gets BEGIN, the writes and COMMIT back to back.
-        let mut steps: Vec<BoxFuture<'_, Result<(), tokio_postgres::Error>>> = Vec::new();
-        steps.push(Box::pin(client.batch_execute("BEGIN")));
+        // this order, so the server gets BEGIN, the writes and COMMIT back to back. The head
+        // goes first (its lock orders numbering by commit), keys before the messages they
+        // admit, messages before their bodies.
+        let mut steps: Vec<BoxFuture<'_, Result<Step, tokio_postgres::Error>>> = Vec::new();
         let c: &tokio_postgres::Client = client;
-        if !ins.id.is_empty() {
-            steps.push(step(c, &st_bodies, &body_params));
-            steps.push(step(c, &st_ins, &ins_params));
-        }
-        if !full.id.is_empty() {
-            steps.push(step(c, &st_full, &full_params));
-        }
-        if !part.id.is_empty() {
-            steps.push(step(c, &st_part, &part_params));
+        steps.push(Box::pin(async move {
+            c.batch_execute("BEGIN").await.map(|_| Step::Done)
+        }));
+        if numbered > 0 {
+            steps.push(step(c, &st_head, &head_params, |_| Step::Done));
         }
         if !key_names.is_empty() {
-            steps.push(step(c, &st_keys, &key_params));
+            steps.push(step(c, &st_keys, &key_params, Step::Keys));
         }
-        if next_id > written {
-            steps.push(step(c, &st_next, &next_params));
+        if !ins.id.is_empty() {
+            steps.push(step(c, &st_ins, &ins_params, Step::Inserted));
+            steps.push(step(c, &st_bodies, &body_params, |_| Step::Done));
         }
-        steps.push(Box::pin(client.batch_execute("COMMIT")));
-        let result = futures::future::try_join_all(steps)
+        if !full.id.is_empty() {
+            steps.push(step(c, &st_full, &full_params, Step::Updated));
+        }
+        if !part.id.is_empty() {
+            steps.push(step(c, &st_part, &part_params, Step::Updated));
+        }
+        steps.push(Box::pin(async move {
+            c.batch_execute("COMMIT").await.map(|_| Step::Done)
+        }));
+        let done = futures::future::try_join_all(steps)
             .await
-            .map(drop)
-            .map_err(|e| PgError::query("committing to the outbox", &e));
-        if result.is_ok() {
-            self.next_id_written = next_id;
+            .map_err(|e| PgError::query("committing to the outbox", &e))?;
+        let mut out = Committed::default();
+        let mut updated = std::collections::HashSet::new();
+        for s in done {
+            match s {
+                Step::Done => {}
+                Step::Keys(rows) => {
+                    for r in rows {
+                        let k: String = r
+                            .try_get(0)
+                            .map_err(|e| PgError::query("reading keys", &e))?;
+                        let ids: String = r
+                            .try_get(1)
+                            .map_err(|e| PgError::query("reading keys", &e))?;
+                        out.keys.insert((k, ids));
+                    }
+                }
+                Step::Inserted(rows) => {
+                    for r in rows {
+                        let p: i16 = r
+                            .try_get(1)
+                            .map_err(|e| PgError::query("reading ids", &e))?;
+                        out.woken.push(u32::from(p.unsigned_abs()));
+                    }
+                }
+                Step::Updated(rows) => {
+                    for r in rows {
+                        let id: i64 = r
+                            .try_get(0)
+                            .map_err(|e| PgError::query("reading ids", &e))?;
+                        let p: i16 = r
+                            .try_get(1)
+                            .map_err(|e| PgError::query("reading ids", &e))?;
+                        let bump: Option<i64> = r
+                            .try_get(2)
+                            .map_err(|e| PgError::query("reading ids", &e))?;
+                        updated.insert(u64::try_from(id).unwrap_or_default());
+                        if bump.is_some() {
+                            out.woken.push(u32::from(p.unsigned_abs()));
+                        }
+                    }
+                }
+            }
         }
-        result
+        out.fenced_out = fenced
+            .into_iter()
+            .filter(|id| !updated.contains(id))
+            .collect();
+        out.woken.sort_unstable();
+        out.woken.dedup();
+        Ok(out)
     }
 
     /// Drops delivered messages and old idempotency keys a chunk per transaction, committing
@@ -1441,13 +1847,59 @@ impl Writer {
     }
 }
 
+/// A replica's id, unique per process start: the host (a pod's name on Kubernetes), the pid,
+/// and a random part, so a restarted process never inherits its predecessor's leases.
+fn replica_id() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .unwrap_or_default();
+    let host: String = host
+        .trim()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+        .take(64)
+        .collect();
+    let host = if host.is_empty() {
+        "gateway".into()
+    } else {
+        host
+    };
+    format!(
+        "{host}-{}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    )
+}
+
 /// One pipelined statement: its request goes out when the future is first polled.
 fn step<'a>(
     client: &'a tokio_postgres::Client,
     st: &'a tokio_postgres::Statement,
     params: &'a [Param<'a>],
-) -> BoxFuture<'a, Result<(), tokio_postgres::Error>> {
-    Box::pin(async move { client.execute(st, params).await.map(drop) })
+    kind: fn(Vec<tokio_postgres::Row>) -> Step,
+) -> BoxFuture<'a, Result<Step, tokio_postgres::Error>> {
+    Box::pin(async move { client.query(st, params).await.map(kind) })
+}
+
+/// What a pipelined statement returned that the commit needs.
+enum Step {
+    Done,
+    Keys(Vec<tokio_postgres::Row>),
+    Inserted(Vec<tokio_postgres::Row>),
+    Updated(Vec<tokio_postgres::Row>),
+}
+
+/// What a commit decided beyond "it is durable".
+#[derive(Default)]
+struct Committed {
+    /// The keys (as stored) this commit holds, with the acceptance (its ids) holding each: a
+    /// put whose key and ids are not here lost the key.
+    keys: std::collections::HashSet<(String, String)>,
+    /// Fenced state writes that changed nothing: the partition moved on.
+    fenced_out: std::collections::HashSet<u64>,
+    /// Partitions with new work.
+    woken: Vec<u32>,
 }
 
 fn encode_error(context: &'static str, e: serde_json::Error) -> PgError {
@@ -1478,6 +1930,9 @@ fn error_json(s: &StateRecord) -> Result<Option<String>, PgError> {
 
 #[derive(Default)]
 struct InsertCols<'a> {
+    key: Vec<Option<&'a str>>,
+    ids: Vec<Option<&'a str>>,
+    ord: Vec<i64>,
     id: Vec<i64>,
     conversation: Vec<String>,
     partition: Vec<i16>,
@@ -1492,6 +1947,8 @@ struct InsertCols<'a> {
 
 #[derive(Default)]
 struct StateCols<'a> {
+    epoch: Vec<Option<i64>>,
+    bump: Vec<Option<i64>>,
     id: Vec<i64>,
     state: Vec<&'a str>,
     attempts: Vec<i32>,
@@ -1503,6 +1960,8 @@ struct StateCols<'a> {
 
 #[derive(Default)]
 struct PartialCols<'a> {
+    epoch: Vec<Option<i64>>,
+    bump: Vec<Option<i64>>,
     id: Vec<i64>,
     state: Vec<Option<&'a str>>,
     attempts: Vec<Option<i32>>,

@@ -515,12 +515,47 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "rate_scopes",
         sql: super::rate::MIGRATION_SQL,
     },
+    Migration {
+        version: 5,
+        name: "shared_delivery",
+        sql: SHARED_DELIVERY,
+    },
 ];
+
+/// What several replicas need to share one outbox (`crate::outbox::PostgresStore`):
+/// - `seq`: a commit-ordered number given to every appended (or redelivered) message. A writer
+///   that gives some first adds their count to `cg_outbox_head.seq`, which locks that row until
+///   it commits, and numbers its messages just below the new value; so a reader that sees
+///   `cg_outbox_head.seq = H` in its snapshot also sees every message numbered up to `H`, and a
+///   partition's owner that reads what is new after its cursor never skips a message committed
+///   late.
+/// - `epoch`: the fencing epoch of the last fenced state write (NULL when none), for audits.
+/// - `cg_outbox_id_block`: each replica start takes a block of 2^40 message ids, so ids are
+///   unique across replicas without a round trip per message. The first block is past every
+///   id already given out.
+const SHARED_DELIVERY: &str = "
+ALTER TABLE outbox_messages ADD COLUMN seq BIGINT;
+ALTER TABLE outbox_messages ADD COLUMN epoch BIGINT;
+CREATE TABLE cg_outbox_head (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    seq BIGINT NOT NULL
+);
+INSERT INTO cg_outbox_head VALUES (1, 0);
+CREATE INDEX outbox_feed ON outbox_messages (seq)
+    WHERE state IN ('accepted', 'delivering');
+CREATE INDEX outbox_partition_unfinished ON outbox_messages (partition, id)
+    WHERE state IN ('accepted', 'delivering');
+CREATE SEQUENCE cg_outbox_id_block;
+SELECT setval('cg_outbox_id_block', GREATEST(
+    COALESCE((SELECT max(id) FROM outbox_messages), 0),
+    COALESCE((SELECT value FROM outbox_meta WHERE name = 'next_id'), 0)) / 1099511627776 + 1,
+    false);
+";
 
 /// The outbox's tables (`crate::outbox::PostgresStore`): the same tables, columns, words and
 /// partial indexes as the SQLite file's, so both engines share their SQL and an operator reads
-/// both alike. `partition` (the conversation's hash mod 256, computed by the gateway) is
-/// written now and not yet read: replicas will lease partitions.
+/// both alike. `partition` is the conversation's hash mod 256 (computed by the gateway): the
+/// unit replicas lease (`super::lease`).
 const OUTBOX_SCHEMA: &str = "
 CREATE TABLE outbox_messages (
     id BIGINT PRIMARY KEY,
