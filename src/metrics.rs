@@ -96,6 +96,7 @@ fn latency_histogram() -> Histogram {
 pub struct Metrics {
     registry: Registry,
     commit_stats: Arc<std::sync::OnceLock<Arc<crate::outbox::CommitStats>>>,
+    leases: Arc<std::sync::OnceLock<LeaseWatch>>,
     accepted: Family<ChannelLabel, Counter>,
     finished: Family<OutcomeLabels, Counter>,
     failed: Family<FailureLabels, Counter>,
@@ -150,6 +151,8 @@ impl Metrics {
         root.register_collector(Box::new(ProcessCollector));
         let commit_stats = Arc::new(std::sync::OnceLock::new());
         root.register_collector(Box::new(CommitCollector(commit_stats.clone())));
+        let leases = Arc::new(std::sync::OnceLock::new());
+        root.register_collector(Box::new(LeaseCollector(leases.clone())));
         let registry = root.sub_registry_with_prefix("channel_gateway");
         let accepted = Family::<ChannelLabel, Counter>::default();
         let finished = Family::<OutcomeLabels, Counter>::default();
@@ -271,6 +274,7 @@ impl Metrics {
         Self {
             registry: root,
             commit_stats,
+            leases,
             accepted,
             finished,
             failed,
@@ -473,6 +477,14 @@ impl Metrics {
         }
     }
 
+    /// A replica sharing its database: its partition leases, read at each scrape.
+    pub fn observe_leases(
+        &self,
+        rx: tokio::sync::watch::Receiver<Arc<crate::storage::lease::Ownership>>,
+    ) {
+        let _ = self.leases.set(LeaseWatch(rx));
+    }
+
     /// Takes in whether the outbox still takes writes: once a local write failed, the gateway
     /// is not ready until a restart; while an engine across the network is unreachable
     /// (`Store::transient`), until it is back.
@@ -539,6 +551,68 @@ impl prometheus_client::collector::Collector for CommitCollector {
             None,
             MetricType::Histogram,
         )?)?;
+        Ok(())
+    }
+}
+
+/// The lease manager's published ownership.
+struct LeaseWatch(tokio::sync::watch::Receiver<Arc<crate::storage::lease::Ownership>>);
+
+impl std::fmt::Debug for LeaseWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LeaseWatch")
+    }
+}
+
+/// Partitions this replica holds, and its lease renewals and losses since it started.
+#[derive(Debug)]
+struct LeaseCollector(Arc<std::sync::OnceLock<LeaseWatch>>);
+
+impl prometheus_client::collector::Collector for LeaseCollector {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::MetricType;
+        use prometheus_client::metrics::counter::ConstCounter;
+        use prometheus_client::metrics::gauge::ConstGauge;
+        let Some(w) = self.0.get() else {
+            return Ok(());
+        };
+        let own = w.0.borrow().clone();
+        let now = std::time::Instant::now();
+        let owned = own
+            .held
+            .keys()
+            .filter(|p| own.epoch_for(**p, now).is_some())
+            .count();
+        ConstGauge::new(owned as i64).encode(encoder.encode_descriptor(
+            "channel_gateway_partitions_owned",
+            "Outbox partitions this replica holds a lease on and delivers",
+            None,
+            MetricType::Gauge,
+        )?)?;
+        for (name, help, v) in [
+            (
+                "channel_gateway_partition_lease_renewals",
+                "Partition leases renewed by this replica",
+                own.renewals,
+            ),
+            (
+                "channel_gateway_partition_lease_losses",
+                "Partition leases this replica lost to another (it paused or lost the database \
+                 longer than the lease)",
+                own.losses,
+            ),
+        ] {
+            ConstCounter::new(v as f64).encode(encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                MetricType::Counter,
+            )?)?;
+        }
         Ok(())
     }
 }

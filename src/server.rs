@@ -236,6 +236,51 @@ pub async fn start(config: Config) -> Result<RunningGateway, ServeError> {
     })
 }
 
+/// What a replica runs to share delivery with the others on its database.
+struct Replicas {
+    leases: crate::storage::lease::Leases,
+    listener: crate::storage::notify::Listener,
+}
+
+/// Leases partitions, listens for other replicas' wake-ups, and makes the dispatcher deliver
+/// only what this replica holds.
+fn share_delivery(
+    store: &Arc<PostgresStore>,
+    pg: &crate::storage::postgres::PostgresConfig,
+    dispatcher: &Dispatcher,
+    metrics: &Arc<Metrics>,
+) -> Result<Replicas, ServeError> {
+    use crate::storage::{lease, notify};
+    let leases = lease::Leases::start(
+        store.pool().clone(),
+        lease::LeaseConfig {
+            lease: pg.lease,
+            renew_every: pg.renew_every,
+        },
+        store.replica().to_string(),
+    );
+    let listener = notify::Listener::start(pg, lease::PARTITIONS)
+        .map_err(|e| ServeError::Outbox(pg.scrub(e.to_string())))?;
+    let notifier = notify::Notifier::start(store.pool().clone());
+    let cluster = crate::delivery::Cluster::new(
+        store.clone(),
+        leases.subscribe(),
+        leases.drainer(),
+        notifier,
+        pg.poll_every,
+    );
+    let weak = Arc::downgrade(&cluster);
+    store.set_on_commit(Arc::new(move |parts| {
+        if let Some(c) = weak.upgrade() {
+            c.committed(parts);
+        }
+    }));
+    metrics.observe_leases(leases.subscribe());
+    dispatcher.share(cluster, listener.subscribe());
+    tracing::info!(replica = %store.replica(), "sharing delivery with the replicas on this database");
+    Ok(Replicas { leases, listener })
+}
+
 /// What `serve` started, for `start`.
 struct Started {
     dispatcher: Dispatcher,
@@ -249,6 +294,7 @@ async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(Started, impl Future<Output = Result<(), ServeError>>), ServeError> {
     let channels = Arc::new(Channels::from_config(&config).map_err(ServeError::Channels)?);
+    let mut shared_pg: Option<Arc<PostgresStore>> = None;
     let store: Arc<dyn Store> = match config.outbox.backend {
         OutboxBackend::Sqlite => {
             let dir = &config.outbox.data_dir;
@@ -266,11 +312,14 @@ async fn serve(
                 pool_size = pg.pool_size,
                 "durable outbox (PostgreSQL)"
             );
-            Arc::new(
+            let s = Arc::new(
                 PostgresStore::open(pg)
                     .await
                     .map_err(|e| ServeError::Outbox(e.to_string()))?,
-            )
+            );
+            s.set_idempotency_window(config.server.idempotency_window);
+            shared_pg = Some(s.clone());
+            s
         }
     };
     let metrics = Arc::new(Metrics::new());
@@ -282,6 +331,15 @@ async fn serve(
         config.delivery.clone(),
         metrics.clone(),
     );
+    let replicas = match &shared_pg {
+        Some(s) => Some(share_delivery(
+            s,
+            &config.outbox.postgres,
+            &dispatcher,
+            &metrics,
+        )?),
+        None => None,
+    };
     dispatcher
         .resume()
         .await
@@ -404,7 +462,15 @@ async fn serve(
             grace_s = grace.as_secs_f64(),
             "shutting down: draining queues"
         );
-        let left = drain.shutdown(grace).await;
+        // Replicas: the partitions are handed over as soon as nothing of them is in flight,
+        // and what was in line here is delivered by their new owners.
+        let handover = async {
+            if let Some(r) = replicas {
+                r.leases.shutdown(grace).await;
+                drop(r.listener);
+            }
+        };
+        let (left, ()) = tokio::join!(drain.shutdown(grace), handover);
         if left > 0 {
             match backend {
                 crate::config::OutboxBackend::Sqlite | crate::config::OutboxBackend::Postgres => {

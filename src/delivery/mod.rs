@@ -10,6 +10,9 @@
 
 pub mod rate;
 pub mod retry;
+mod shared;
+
+pub use shared::Cluster;
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
@@ -30,8 +33,8 @@ use crate::config::DeliveryConfig;
 use crate::metrics::Metrics;
 use crate::model::{Address, Message, ProactiveOptions};
 use crate::outbox::{
-    Change, DeliveryState, Durable, IdempotencyRecord, Outcome, StateRecord, Store, StoredMessage,
-    now_ms,
+    Change, DeliveryState, Durable, Fence, IdempotencyRecord, Outcome, StateRecord, Store,
+    StoredMessage, now_ms,
 };
 
 const SHARDS: usize = 64;
@@ -118,6 +121,11 @@ struct Item {
     /// Its request bodies were dropped while it waited far back in its line (`SHED_AFTER`); it
     /// is rendered again when its turn comes.
     shed: bool,
+    /// Replicas sharing a database: the partition lease it is delivered under. Its state
+    /// writes are fenced by it, and it leaves memory undelivered once the lease is gone.
+    fence: Option<Fence>,
+    /// Left undelivered because its partition moved to another replica.
+    handed_over: bool,
 }
 
 /// A message with this many ahead of it in its conversation keeps its requests without their
@@ -315,6 +323,8 @@ struct Inner {
     next_id: AtomicU64,
     events: broadcast::Sender<DeliveryEvent>,
     metrics: Arc<Metrics>,
+    /// Set when replicas share the outbox (`Dispatcher::share`).
+    cluster: std::sync::OnceLock<Arc<Cluster>>,
 }
 
 /// Handle to the ordering engine; cheap to clone.
@@ -354,8 +364,24 @@ impl Dispatcher {
                 drained: Notify::new(),
                 events,
                 metrics,
+                cluster: std::sync::OnceLock::new(),
             }),
         }
+    }
+
+    /// Delivers only what this replica's partitions hold, read from the shared outbox (see
+    /// `shared.rs`); every Send is stored first and delivered by its partition's owner. Called
+    /// once, before serving.
+    pub fn share(
+        &self,
+        cluster: Arc<Cluster>,
+        wakes: broadcast::Receiver<crate::storage::notify::Wake>,
+    ) {
+        if self.inner.cluster.set(cluster.clone()).is_err() {
+            return;
+        }
+        let lines: Arc<dyn shared::Lines> = Arc::new(Feeder(self.inner.clone()));
+        tokio::spawn(shared::run_feed(cluster, lines, wakes));
     }
 
     pub fn channels(&self) -> &Channels {
@@ -480,6 +506,10 @@ impl Dispatcher {
     /// Puts every unfinished message of the outbox back in line, per conversation in acceptance
     /// order. Called once at start, before serving. Returns how many were resumed.
     pub async fn resume(&self) -> Result<usize, crate::outbox::StoreError> {
+        if self.inner.cluster.get().is_some() {
+            // Each partition's unfinished messages are read when its lease is taken.
+            return Ok(0);
+        }
         let pending = self.inner.store.pending().await?;
         let n = pending.len();
         // Consecutive messages of one conversation (and one proactive start) form one job.
@@ -520,6 +550,17 @@ impl Dispatcher {
             }
             found.push(m);
         }
+        if self.inner.cluster.get().is_some() {
+            // Numbered again in the shared outbox: their partitions' owners read them as new.
+            for m in &found {
+                self.inner
+                    .store
+                    .update(m.id, Change::Requeued)
+                    .await
+                    .map_err(SubmitError::Store)?;
+            }
+            return Ok(());
+        }
         for mut m in found {
             // Not awaited: the requeued item is delivered from memory either way.
             drop(self.inner.store.update(m.id, Change::Requeued));
@@ -532,12 +573,61 @@ impl Dispatcher {
     }
 
     fn requeue(&self, key: ConversationKey, starts: bool, list: Vec<StoredMessage>) {
+        self.inner.requeue(key, starts, list, None);
+    }
+}
+
+/// Puts what the shared outbox's feed read in line.
+struct Feeder(Arc<Inner>);
+
+impl shared::Lines for Feeder {
+    fn feed(&self, fence: Fence, messages: Vec<StoredMessage>) {
+        // Consecutive messages of one proactive start form one job, as in `resume`.
+        let mut groups: Vec<(bool, Vec<StoredMessage>)> = Vec::new();
+        for m in messages {
+            let starts = m.proactive.is_some() && m.message.address.conversation_id().is_none();
+            match groups.last_mut() {
+                Some((s, list)) if *s == starts => list.push(m),
+                _ => groups.push((starts, vec![m])),
+            }
+        }
+        for (starts, list) in groups {
+            let Some(first) = list.first() else { continue };
+            let key = ConversationKey::of(&first.message.address);
+            self.0.requeue(key, starts, list, Some(fence));
+        }
+    }
+}
+
+impl Inner {
+    /// Puts stored messages back in line: at a restart, a redelivery, or (replicas sharing a
+    /// database, `fence` set) as the partition's owner reads them; a Send of this replica read
+    /// back takes its parked form (rendered, with its waiting caller).
+    fn requeue(
+        self: &Arc<Self>,
+        key: ConversationKey,
+        starts: bool,
+        list: Vec<StoredMessage>,
+        fence: Option<Fence>,
+    ) {
+        let cluster = self.cluster.get().filter(|_| fence.is_some());
         let mut items = Vec::with_capacity(list.len());
         let mut options = None;
         let mut address = None;
+        let mut created = None;
         for m in list {
+            if let Some(parked) = cluster.and_then(|c| c.unpark(m.id)) {
+                let mut item = parked.item;
+                item.fence = fence;
+                item.possible_duplicate |=
+                    m.record.state == DeliveryState::Delivering || m.record.possible_duplicate;
+                created = created.or(parked.created);
+                options = options.or(m.proactive.clone());
+                address.get_or_insert_with(|| m.message.address.clone());
+                items.push(item);
+                continue;
+            }
             let (rendered, render_error) = match self
-                .inner
                 .channels
                 .render_send(&m.message, m.proactive.as_deref())
             {
@@ -562,15 +652,17 @@ impl Dispatcher {
                 traceparent: None,
                 done: None,
                 shed: false,
+                fence,
+                handed_over: false,
             };
             match render_error {
                 Some(reason) => {
-                    self.inner.undelivered.fetch_add(1, Ordering::SeqCst);
+                    self.undelivered.fetch_add(1, Ordering::SeqCst);
                     let err = ChannelError {
                         code: Some("render".into()),
                         ..ChannelError::new(key.channel_id(), FailureKind::Permanent, reason)
                     };
-                    self.inner.finish(item, failed(err, 0), None);
+                    self.finish(item, failed(err, 0), None);
                 }
                 None => items.push(item),
             }
@@ -583,18 +675,24 @@ impl Dispatcher {
                 address: Box::new(address),
                 options: options.unwrap_or_default(),
                 items,
-                created: None,
+                created,
             },
             _ => Job::Deliver { items, flush: true },
         };
-        if let Err(e) = self
-            .inner
-            .enqueue(&key, job, Admission::Existing, Vec::new())
-        {
+        if let (Some(c), Some(f)) = (cluster, fence) {
+            c.entered(f.partition, items_in(&job));
+        }
+        if let Err(e) = self.enqueue(&key, job, Admission::Existing, Vec::new()) {
             tracing::error!(error = %e, "cannot requeue messages");
         }
     }
+}
 
+fn items_in(job: &Job) -> usize {
+    job.items().len()
+}
+
+impl Dispatcher {
     /// Stops accepting and waits until every accepted message is finished, or `grace` passes.
     /// Returns how many were left undelivered.
     pub async fn shutdown(&self, grace: Duration) -> usize {
@@ -653,6 +751,8 @@ fn new_items(
             traceparent: s.traceparent,
             done: tx,
             shed: false,
+            fence: None,
+            handed_over: false,
         });
         rxs.push(rx);
     }
@@ -751,6 +851,12 @@ impl Inner {
         let fresh = matches!(admission, Admission::New(_));
         if fresh && !self.accepting.load(Ordering::SeqCst) {
             return Err(SubmitError::ShuttingDown);
+        }
+        if let (Admission::New(idem), Some(cluster)) = (&admission, self.cluster.get())
+            && !matches!(job, Job::Typing { .. })
+        {
+            let idem = idem.clone();
+            return self.enqueue_shared(cluster, key, job, idem, outcome_rxs);
         }
         let n = job.items().len();
         let mut shard = self.shard(key);
@@ -898,6 +1004,107 @@ impl Inner {
         Ok(Enqueued::Done(Accepted { tickets, durable }))
     }
 
+    /// A new job when replicas share the outbox: stored, and delivered by the replica holding
+    /// its partition once that one reads it back; parked here meanwhile when that is this
+    /// replica. The answer comes after the commit, as on one replica.
+    fn enqueue_shared(
+        self: &Arc<Self>,
+        cluster: &Arc<Cluster>,
+        key: &ConversationKey,
+        mut job: Job,
+        idem: Option<String>,
+        outcome_rxs: Vec<Option<oneshot::Receiver<Outcome>>>,
+    ) -> Result<Enqueued, SubmitError> {
+        let n = job.items().len();
+        let in_conversation = self
+            .shard(key)
+            .get(key)
+            .map_or(0, |e| e.line.queued.load(Ordering::SeqCst));
+        if in_conversation + n > self.config.max_pending_per_conversation {
+            return Err(self.conversation_full(in_conversation));
+        }
+        let total = self.undelivered.load(Ordering::SeqCst);
+        if total + n > self.config.max_pending_total {
+            return Err(SubmitError::Backpressure {
+                bound: "delivery.max_pending_total",
+                limit: self.config.max_pending_total,
+                pending: total,
+            });
+        }
+        let label = key.label();
+        let now = now_ms();
+        let mut ids = Vec::with_capacity(n);
+        let mut stored = Vec::with_capacity(n);
+        for item in job.items_mut() {
+            item.id = self.next_id.fetch_add(1, Ordering::SeqCst);
+            ids.push(item.id);
+            stored.push(StoredMessage {
+                id: item.id,
+                conversation: label.to_string(),
+                message: item.message.clone(),
+                proactive: item.proactive.clone(),
+                accepted_at_ms: now,
+                record: StateRecord::new(DeliveryState::Accepted, now),
+                warnings: item.rendered.warnings.clone(),
+            });
+        }
+        let idem = idem.map(|k| {
+            (
+                k,
+                IdempotencyRecord {
+                    created_at_ms: now,
+                    message_ids: ids.clone(),
+                },
+            )
+        });
+        self.metrics.accepted(key.channel_id(), stored.len() as u64);
+        let durable = self.store.append(stored, idem);
+        let tickets = ids
+            .iter()
+            .zip(
+                outcome_rxs
+                    .into_iter()
+                    .chain(std::iter::repeat_with(|| None)),
+            )
+            .map(|(&id, outcome)| Ticket { id, outcome })
+            .collect();
+        let partition = crate::storage::lease::partition_of(label);
+        let (items, mut created) = match job {
+            Job::Deliver { items, .. } => (items, None),
+            Job::Proactive { items, created, .. } => (items, created),
+            Job::Typing { item, .. } => (vec![*item], None),
+        };
+        let here = cluster.fence_for(label).is_some();
+        let at = Instant::now();
+        for mut item in items {
+            if here {
+                item.durable = durable.clone();
+                let id = item.id;
+                cluster.park(
+                    id,
+                    shared::Parked {
+                        item,
+                        partition,
+                        created: created.take(),
+                        at,
+                    },
+                );
+            } else if let Some(done) = item.done.take() {
+                shared::watch_remote(cluster.store.clone(), item.id, done);
+            }
+        }
+        if let Some(created) = created {
+            // Another replica starts the conversation: its address is not known here.
+            let _ = created.send(Err(ChannelError::new(
+                key.channel_id(),
+                FailureKind::Retryable,
+                "the conversation is being started by another replica; its address is not \
+                 known to this one",
+            )));
+        }
+        Ok(Enqueued::Done(Accepted { tickets, durable }))
+    }
+
     /// `enqueue` for a new job: when its conversation's line is full and Sends may wait
     /// (`delivery.max_wait_for_room`), waits for room rather than refusing at once. The caller's
     /// call stays open meanwhile, which slows a bot to its channel's pace instead of letting
@@ -1015,7 +1222,8 @@ impl Inner {
             // awaited: a lost final state only means a flagged redelivery after a crash.
             self.metrics
                 .finished(&addr.channel_id, label, outcome.error.as_ref(), latency);
-            self.store.record(item.id, Change::Finished(outcome));
+            self.store
+                .record_fenced(item.id, Change::Finished(outcome), item.fence);
             if let Some(event) = event {
                 let _ = self.events.send(event);
             }
@@ -1025,6 +1233,24 @@ impl Inner {
             // The caller may have stopped waiting; the outcome stays in the store.
             let _ = tx.send(outcome);
         }
+        self.left(item.fence, line);
+    }
+
+    /// A message leaves memory undelivered: its partition moved to another replica, which
+    /// delivers it from the outbox (nothing is written here). A caller waiting for its outcome
+    /// reads it from the outbox.
+    fn hand_over(&self, mut item: Item, line: Option<&Line>) {
+        if let (Some(done), Some(cluster)) = (item.done.take(), self.cluster.get()) {
+            shared::watch_remote(cluster.store.clone(), item.id, done);
+        }
+        tracing::debug!(
+            message_id = item.id,
+            "handed over: its partition moved to another replica"
+        );
+        self.left(item.fence, line);
+    }
+
+    fn left(&self, fence: Option<Fence>, line: Option<&Line>) {
         // The total first: a Send woken by `left` must not then be refused by a count that
         // still holds this message.
         if self.undelivered.fetch_sub(1, Ordering::SeqCst) == 1 {
@@ -1032,6 +1258,17 @@ impl Inner {
         }
         if let Some(line) = line {
             line.left(1, self.waits_for_room());
+        }
+        if let (Some(f), Some(cluster)) = (fence, self.cluster.get()) {
+            cluster.left(f.partition);
+        }
+    }
+
+    /// Whether `item` may still be delivered here (always, with one replica).
+    fn holds(&self, item: &Item) -> bool {
+        match (item.fence, self.cluster.get()) {
+            (Some(f), Some(c)) => c.holds(f),
+            _ => true,
         }
     }
 }
@@ -1243,11 +1480,11 @@ impl Worker {
         if next.ephemeral || next.delivering.is_some() || next.rendered.requests.is_empty() {
             return None;
         }
-        next.delivering = Some(
-            self.inner
-                .store
-                .update(next.id, Change::Delivering { attempts: 0 }),
-        );
+        next.delivering = Some(self.inner.store.update_fenced(
+            next.id,
+            Change::Delivering { attempts: 0 },
+            next.fence,
+        ));
         Some(next.id)
     }
 
@@ -1260,7 +1497,9 @@ impl Worker {
         let unmark = |item: &mut Item| {
             if item.id == id {
                 item.delivering = None;
-                self.inner.store.record(id, Change::Waiting { attempts: 0 });
+                self.inner
+                    .store
+                    .record_fenced(id, Change::Waiting { attempts: 0 }, item.fence);
             }
         };
         match &mut next.next {
@@ -1350,11 +1589,12 @@ impl Worker {
         let pending = match std::mem::replace(mark, Mark::Durable) {
             Mark::Durable => return Ok(()),
             Mark::Issued(d) => d,
-            Mark::None => self.inner.store.update(
+            Mark::None => self.inner.store.update_fenced(
                 item.id,
                 Change::Delivering {
                     attempts: out.attempts,
                 },
+                item.fence,
             ),
         };
         pending.await
@@ -1378,6 +1618,7 @@ impl Worker {
                 Err(e) => e,
             };
             if !self.inner.store.transient()
+                || e == crate::outbox::StoreError::Fenced
                 || Self::expired(item)
                 || !self.inner.accepting.load(Ordering::SeqCst)
             {
@@ -1400,11 +1641,12 @@ impl Worker {
             return;
         }
         *mark = Mark::None;
-        self.inner.store.record(
+        self.inner.store.record_fenced(
             item.id,
             Change::Waiting {
                 attempts: out.attempts,
             },
+            item.fence,
         );
     }
 
@@ -1442,6 +1684,18 @@ impl Worker {
         result
     }
 
+    /// Sleeps `wait`, or less if the message's partition moves to another replica meanwhile
+    /// (a handover must not wait out a retry's backoff).
+    async fn pause(&self, item: &Item, wait: Duration) {
+        match (item.fence, self.inner.cluster.get()) {
+            (Some(fence), Some(cluster)) => tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = cluster.lost(fence) => {}
+            },
+            _ => tokio::time::sleep(wait).await,
+        }
+    }
+
     fn expired(item: &Item) -> bool {
         item.message
             .expiration
@@ -1460,6 +1714,9 @@ impl Worker {
     /// gateway or in a channel's code) fails this message with an internal error instead of
     /// ending the worker: the messages behind it in the line go on.
     async fn deliver(&self, mut item: Item, next: Next<'_>) {
+        if !self.inner.holds(&item) {
+            return self.inner.hand_over(item, Some(&self.line));
+        }
         let outcome = match AssertUnwindSafe(self.deliver_outcome(&mut item, next))
             .catch_unwind()
             .await
@@ -1470,6 +1727,9 @@ impl Worker {
                 failed(self.internal_failure(), 0)
             }
         };
+        if item.handed_over {
+            return self.inner.hand_over(item, Some(&self.line));
+        }
         self.finish(item, outcome);
     }
 
@@ -1524,6 +1784,9 @@ impl Worker {
             let _ = span.set_parent(cx);
         }
         let outcome = self.attempt_all(item, next).instrument(span.clone()).await;
+        if item.handed_over {
+            return outcome;
+        }
         let _entered = span.enter();
         match outcome.state {
             DeliveryState::Delivered => {
@@ -1541,7 +1804,7 @@ impl Worker {
     }
 
     /// Every request of the message in order, each retried in place until it succeeds or gives up.
-    async fn attempt_all(&self, item: &Item, next: Next<'_>) -> Outcome {
+    async fn attempt_all(&self, item: &mut Item, next: Next<'_>) -> Outcome {
         let cfg = &self.inner.config;
         let mut out = Outcome {
             state: DeliveryState::Delivering,
@@ -1591,13 +1854,40 @@ impl Worker {
                     self.unmark_next(&mut next);
                     self.wait_for_scopes(req, wait).await;
                 }
-                if marks && let Err(e) = self.mark_or_wait(item, &out, &mut mark).await {
-                    return outbox_failed(out, e);
+                // Replicas: the partition may have moved on during a wait; its new owner
+                // delivers the message (a mark written since is fenced out).
+                if !self.inner.holds(item) {
+                    self.unmark_next(&mut next);
+                    item.handed_over = true;
+                    return out;
+                }
+                if marks {
+                    match self.mark_or_wait(item, &out, &mut mark).await {
+                        Ok(()) => {}
+                        Err(crate::outbox::StoreError::Fenced) => {
+                            self.unmark_next(&mut next);
+                            item.handed_over = true;
+                            return out;
+                        }
+                        Err(e) => return outbox_failed(out, e),
+                    }
                 }
                 self.premark_next(&mut next);
                 attempt += 1;
                 out.attempts += 1;
-                let result = self.execute(req).await;
+                let result = match (item.fence, self.inner.cluster.get()) {
+                    // The call must not outlive the lease: the next owner may send the next
+                    // message once it ran out. Abandoned, it may have reached the channel.
+                    (Some(fence), Some(cluster)) => tokio::select! {
+                        r = self.execute(req) => r,
+                        _ = cluster.lost(fence) => Err(ChannelError::new(
+                            self.key.channel_id(),
+                            FailureKind::Ambiguous,
+                            "the call was abandoned: this replica's lease on the conversation ran out",
+                        )),
+                    },
+                    _ => self.execute(req).await,
+                };
                 let err = match result {
                     Ok(receipt) => {
                         out.receipts.push(receipt);
@@ -1641,7 +1931,7 @@ impl Worker {
                     // Refused unprocessed: waiting out Retry-After, it has not been sent.
                     self.unmark(item, &out, &mut mark);
                 }
-                tokio::time::sleep(wait).await;
+                self.pause(item, wait).await;
             }
         }
         out.state = DeliveryState::Delivered;

@@ -56,6 +56,17 @@ pub struct PostgresConfig {
     /// Schema migrations are exempt.
     #[serde(deserialize_with = "de_duration")]
     pub statement_timeout: Duration,
+    /// How long a replica's partition lease holds without renewal: a dead replica's
+    /// conversations resume elsewhere after about `lease + renew_every`.
+    #[serde(deserialize_with = "de_duration")]
+    pub lease: Duration,
+    /// How often a replica renews its leases and looks at who is live.
+    #[serde(deserialize_with = "de_duration")]
+    pub renew_every: Duration,
+    /// The slow poll of a replica's partitions for new messages, besides the wake-ups
+    /// (`NOTIFY`) that normally bring them at once.
+    #[serde(deserialize_with = "de_duration")]
+    pub poll_every: Duration,
 }
 
 impl Default for PostgresConfig {
@@ -65,6 +76,9 @@ impl Default for PostgresConfig {
             pool_size: 16,
             connect_timeout: Duration::from_secs(5),
             statement_timeout: Duration::from_secs(10),
+            lease: Duration::from_secs(3),
+            renew_every: Duration::from_millis(750),
+            poll_every: Duration::from_secs(1),
         }
     }
 }
@@ -97,6 +111,34 @@ impl PostgresConfig {
             self.statement_timeout,
             Duration::from_millis(100),
             Duration::from_secs(3600),
+        )?;
+        check_duration(
+            &key("lease"),
+            self.lease,
+            Duration::from_millis(500),
+            Duration::from_secs(600),
+        )?;
+        check_duration(
+            &key("renew_every"),
+            self.renew_every,
+            Duration::from_millis(50),
+            Duration::from_secs(300),
+        )?;
+        // Two renewals per lease at least: one late renewal must not lose every partition.
+        if self.renew_every.saturating_mul(2) > self.lease {
+            return Err(invalid(
+                &key("renew_every"),
+                format!(
+                    "must be at most half of outbox.postgres.lease ({:?})",
+                    self.lease
+                ),
+            ));
+        }
+        check_duration(
+            &key("poll_every"),
+            self.poll_every,
+            Duration::from_millis(50),
+            Duration::from_secs(600),
         )?;
         let url = self.url.expose().trim();
         let url_key = key("url");

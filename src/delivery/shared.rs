@@ -1,0 +1,364 @@
+//! Delivery shared by several replicas over one PostgreSQL (`outbox.backend = "postgres"`).
+//!
+//! Owns what a replica does besides the single-process dispatcher: which accepted messages it
+//! delivers (those of the partitions it leases, `crate::storage::lease`), how it learns of them
+//! (reading new rows of its partitions by their commit-ordered `seq`, woken by its own commits,
+//! by other replicas' `NOTIFY` and by a slow poll), how it gives a partition up (its messages
+//! leave memory once nothing of it is in flight, then the lease manager releases it), and how a
+//! Send that waits for delivery learns the outcome when another replica delivers.
+//!
+//! Every Send goes to the database first, on every replica: even the owner's own Sends are
+//! delivered from what it reads back (their rendered form and waiting caller kept aside,
+//! "parked", until then). That keeps one order for a conversation whatever replica each of its
+//! Sends came through: a Send answered before the next one was made is numbered before it.
+//!
+//! Must not touch channels' JSON, gRPC, or the lease tables (the lease manager owns them).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Notify, broadcast, oneshot, watch};
+
+use crate::channels::ChannelError;
+use crate::model::Address;
+use crate::outbox::{Fence, Outcome, PostgresStore, Store, StoredMessage};
+use crate::storage::lease::{Drainer, Ownership, PARTITIONS, partition_of};
+use crate::storage::notify::{Notifier, Wake};
+
+/// Messages read per query while catching up.
+const FEED_LIMIT: usize = 2000;
+/// A parked Send not fed within this long is let go (its partition moved away meanwhile, or
+/// its key was taken by another replica's acceptance): its caller, if waiting, watches the
+/// database instead.
+const PARKED_FOR: Duration = Duration::from_secs(30);
+
+/// A local Send waiting for its owner (this replica) to read it back.
+pub(super) struct Parked {
+    pub item: super::Item,
+    pub partition: u32,
+    /// The first message of a proactive start carries who waits for the new address.
+    pub created: Option<oneshot::Sender<Result<Address, ChannelError>>>,
+    pub at: Instant,
+}
+
+pub struct Cluster {
+    pub(super) store: Arc<PostgresStore>,
+    ownership: watch::Receiver<Arc<Ownership>>,
+    drainer: Drainer,
+    notifier: Notifier,
+    /// New work committed here, in partitions this replica holds.
+    wake: Notify,
+    parked: Mutex<HashMap<u64, Parked>>,
+    /// Messages of each partition in memory (in a line or in flight): a releasing partition is
+    /// drained once its count is 0.
+    live: Vec<AtomicUsize>,
+    poll_every: Duration,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Each change to these maps is one step: a panic elsewhere cannot leave them half done.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Cluster {
+    pub fn new(
+        store: Arc<PostgresStore>,
+        ownership: watch::Receiver<Arc<Ownership>>,
+        drainer: Drainer,
+        notifier: Notifier,
+        poll_every: Duration,
+    ) -> Arc<Cluster> {
+        Arc::new(Cluster {
+            store,
+            ownership,
+            drainer,
+            notifier,
+            wake: Notify::new(),
+            parked: Mutex::new(HashMap::new()),
+            live: (0..PARTITIONS).map(|_| AtomicUsize::new(0)).collect(),
+            poll_every,
+        })
+    }
+
+    /// The fence this replica delivers a conversation's messages under now, if it holds its
+    /// partition.
+    pub(super) fn fence_for(&self, conversation: &str) -> Option<Fence> {
+        let partition = partition_of(conversation);
+        self.ownership
+            .borrow()
+            .epoch_for(partition, Instant::now())
+            .map(|epoch| Fence { partition, epoch })
+    }
+
+    /// Whether a message fed under `fence` may still be delivered by this replica.
+    pub(super) fn holds(&self, fence: Fence) -> bool {
+        self.ownership
+            .borrow()
+            .epoch_for(fence.partition, Instant::now())
+            == Some(fence.epoch)
+    }
+
+    /// Resolves once `fence` no longer holds (lost, handed over, or expired by this replica's
+    /// clock): a channel call racing it is abandoned rather than overlap the next owner's.
+    pub(super) async fn lost(&self, fence: Fence) {
+        let mut rx = self.ownership.clone();
+        loop {
+            let until = {
+                let own = rx.borrow_and_update();
+                match own.held.get(&fence.partition) {
+                    Some(h) if h.epoch == fence.epoch && !h.releasing => h.valid_until,
+                    _ => return,
+                }
+            };
+            let deadline = tokio::time::Instant::from_std(until);
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => {
+                    if !self.holds(fence) {
+                        return;
+                    }
+                }
+                changed = rx.changed() => if changed.is_err() {
+                    return;
+                },
+            }
+        }
+    }
+
+    pub(super) fn park(&self, id: u64, parked: Parked) {
+        lock(&self.parked).insert(id, parked);
+    }
+
+    pub(super) fn unpark(&self, id: u64) -> Option<Parked> {
+        lock(&self.parked).remove(&id)
+    }
+
+    pub(super) fn entered(&self, partition: u32, n: usize) {
+        if let Some(c) = self.live.get(partition as usize) {
+            c.fetch_add(n, Ordering::SeqCst);
+        }
+    }
+
+    /// A message of `partition` left memory (finished, or handed over).
+    pub(super) fn left(&self, partition: u32) {
+        if let Some(c) = self.live.get(partition as usize)
+            && c.fetch_sub(1, Ordering::SeqCst) == 1
+        {
+            // Maybe the last of a partition being handed over.
+            self.wake.notify_one();
+        }
+    }
+
+    /// After a commit: the partitions with new work. Those held here are read at once; the
+    /// others' owners hear a NOTIFY.
+    pub fn committed(&self, partitions: Option<&[u32]>) {
+        let Some(partitions) = partitions else {
+            self.wake.notify_one();
+            return;
+        };
+        let now = Instant::now();
+        let own = self.ownership.borrow().clone();
+        let mut local = false;
+        for &p in partitions {
+            if own.epoch_for(p, now).is_some() {
+                local = true;
+            } else {
+                self.notifier.wake(p);
+            }
+        }
+        if local {
+            self.wake.notify_one();
+        }
+    }
+}
+
+/// What the feed needs from the dispatcher: putting read messages in line, and letting go of
+/// what it held of a partition.
+pub(super) trait Lines: Send + Sync + 'static {
+    /// Puts the messages of one conversation (consecutive, in order) in its line.
+    fn feed(&self, fence: Fence, messages: Vec<StoredMessage>);
+}
+
+/// Runs for the dispatcher's life: takes up partitions as they are leased, reads their new
+/// messages, lets go of partitions being handed over.
+pub(super) async fn run_feed(
+    cluster: Arc<Cluster>,
+    lines: Arc<dyn Lines>,
+    mut wakes: broadcast::Receiver<Wake>,
+) {
+    let mut own_rx = cluster.ownership.clone();
+    // The partitions being fed, with their epoch and cursor (`seq` read up to).
+    let mut fed: BTreeMap<u32, (i64, i64)> = BTreeMap::new();
+    let mut read_new = true;
+    loop {
+        let now = Instant::now();
+        let own = own_rx.borrow_and_update().clone();
+        // Let go of what is no longer ours (lost, releasing, or expired by our clock).
+        fed.retain(|p, (epoch, _)| own.epoch_for(*p, now) == Some(*epoch));
+        // Releasing partitions with nothing left in memory may go.
+        for (p, h) in &own.held {
+            let live = cluster.live[*p as usize].load(Ordering::SeqCst);
+            if h.releasing && live == 0 && !fed.contains_key(p) {
+                cluster.drainer.drained(*p);
+            }
+        }
+        // Take up new ones: all their unfinished messages, then new ones from the head.
+        let new: Vec<(u32, i64)> = own
+            .held
+            .keys()
+            .filter(|p| !fed.contains_key(p))
+            .filter_map(|p| own.epoch_for(*p, now).map(|e| (*p, e)))
+            .collect();
+        if !new.is_empty() {
+            let parts: Vec<u32> = new.iter().map(|(p, _)| *p).collect();
+            match cluster.store.feed_load(&parts).await {
+                Ok(feed) => {
+                    let epochs: HashMap<u32, i64> = new.iter().copied().collect();
+                    put_in_line(&*lines, &epochs, feed.messages);
+                    for (p, e) in new {
+                        fed.insert(p, (e, feed.head));
+                    }
+                    tracing::info!(
+                        partitions = parts.len(),
+                        "took up partitions: their unfinished messages are in line"
+                    );
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading newly leased partitions failed; trying again")
+                }
+            }
+        }
+        if read_new && !fed.is_empty() {
+            read_new = false;
+            if let Err(e) = catch_up(&cluster, &*lines, &mut fed).await {
+                tracing::warn!(error = %e, "reading new messages failed; trying again");
+                read_new = true;
+            }
+        }
+        sweep_parked(&cluster, &fed);
+        tokio::select! {
+            changed = own_rx.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            _ = cluster.wake.notified() => read_new = true,
+            w = wakes.recv() => match w {
+                Ok(Wake::Partitions(ps)) => read_new |= ps.iter().any(|p| fed.contains_key(p)),
+                Ok(Wake::All) | Err(broadcast::error::RecvError::Lagged(_)) => read_new = true,
+                Err(broadcast::error::RecvError::Closed) => {
+                    // No listener: the poll alone.
+                    tokio::time::sleep(cluster.poll_every).await;
+                    read_new = true;
+                }
+            },
+            _ = tokio::time::sleep(cluster.poll_every) => read_new = true,
+        }
+    }
+}
+
+/// Reads every partition's messages after its cursor, until none is left.
+async fn catch_up(
+    cluster: &Cluster,
+    lines: &dyn Lines,
+    fed: &mut BTreeMap<u32, (i64, i64)>,
+) -> Result<(), crate::outbox::StoreError> {
+    loop {
+        let from = fed.values().map(|(_, c)| *c).min().unwrap_or(0);
+        let parts: Vec<u32> = fed.keys().copied().collect();
+        let feed = cluster.store.feed_after(from, &parts, FEED_LIMIT).await?;
+        let epochs: HashMap<u32, i64> = fed.iter().map(|(p, (e, _))| (*p, *e)).collect();
+        let fresh: Vec<_> = feed
+            .messages
+            .into_iter()
+            .filter(|(p, seq, _)| fed.get(p).is_some_and(|(_, c)| seq > c))
+            .collect();
+        put_in_line(lines, &epochs, fresh);
+        // Everything up to here was read, for every partition fed.
+        let upto = if feed.more { feed.last } else { feed.head };
+        for (_, c) in fed.values_mut() {
+            *c = (*c).max(upto);
+        }
+        if !feed.more {
+            return Ok(());
+        }
+    }
+}
+
+/// Groups consecutive messages of one conversation (as a restart's resume does) and puts them
+/// in line under their partition's fence.
+fn put_in_line(
+    lines: &dyn Lines,
+    epochs: &HashMap<u32, i64>,
+    messages: Vec<(u32, i64, StoredMessage)>,
+) {
+    let mut groups: Vec<(u32, String, Vec<StoredMessage>)> = Vec::new();
+    for (p, _, m) in messages {
+        match groups.last_mut() {
+            Some((gp, conv, list)) if *gp == p && *conv == m.conversation => list.push(m),
+            _ => groups.push((p, m.conversation.clone(), vec![m])),
+        }
+    }
+    for (p, _, list) in groups {
+        if let Some(epoch) = epochs.get(&p) {
+            lines.feed(
+                Fence {
+                    partition: p,
+                    epoch: *epoch,
+                },
+                list,
+            );
+        }
+    }
+}
+
+/// Lets go of parked Sends nobody will feed here: a caller waiting for delivery then watches
+/// the database.
+fn sweep_parked(cluster: &Cluster, fed: &BTreeMap<u32, (i64, i64)>) {
+    let now = Instant::now();
+    let gone: Vec<Parked> = {
+        let mut parked = lock(&cluster.parked);
+        let ids: Vec<u64> = parked
+            .iter()
+            .filter(|(_, p)| {
+                let age = now.duration_since(p.at);
+                age > PARKED_FOR
+                    || (age > Duration::from_secs(1) && !fed.contains_key(&p.partition))
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        ids.into_iter()
+            .filter_map(|id| parked.remove(&id))
+            .collect()
+    };
+    for p in gone {
+        if let Some(done) = p.item.done {
+            watch_remote(cluster.store.clone(), p.item.id, done);
+        }
+    }
+}
+
+/// A Send waiting for delivery whose message another replica delivers: the outcome is read
+/// from the database until it is final or the caller stops waiting.
+pub(super) fn watch_remote(store: Arc<PostgresStore>, id: u64, mut done: oneshot::Sender<Outcome>) {
+    tokio::spawn(async move {
+        let mut every = Duration::from_millis(50);
+        loop {
+            if done.is_closed() {
+                return;
+            }
+            if let Ok(Some(m)) = store.get(id).await
+                && m.record.state.is_terminal()
+            {
+                let _ = done.send(m.outcome());
+                return;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = done.closed() => return,
+            }
+            every = (every * 2).min(Duration::from_secs(1));
+        }
+    });
+}
