@@ -400,22 +400,36 @@ impl GatewayService {
         let map_key = key.clone();
         let result = slot
             .get_or_try_init(|| async move {
-                let stored = store
-                    .idempotency_get(&idem_store_key(&key))
-                    .await
-                    .map_err(status::outbox_read)?;
-                if let Some(rec) = stored
-                    && now_ms().saturating_sub(rec.created_at_ms) < window.as_millis() as u64
-                {
+                let first = |store: Arc<dyn crate::outbox::Store>, key: IdemKey| async move {
+                    let stored = store
+                        .idempotency_get(&idem_store_key(&key))
+                        .await
+                        .map_err(status::outbox_read)?;
+                    let Some(rec) = stored.filter(|rec| {
+                        now_ms().saturating_sub(rec.created_at_ms) < window.as_millis() as u64
+                    }) else {
+                        return Ok(None);
+                    };
                     let mut found = Vec::with_capacity(rec.message_ids.len());
                     for id in &rec.message_ids {
                         if let Some(m) = store.get(*id).await.map_err(status::outbox_read)? {
                             found.push(m);
                         }
                     }
+                    Ok::<_, Status>(Some(found))
+                };
+                if let Some(found) = first(store.clone(), key.clone()).await? {
                     return Ok(replay(found));
                 }
-                f(Some(key)).await
+                match f(Some(key.clone())).await {
+                    // Another replica accepted the same key in the same moment, and its
+                    // commit came first: this call gets its answer.
+                    Err(s) if status::is_key_taken(&s) => match first(store, key).await? {
+                        Some(found) => Ok(replay(found)),
+                        None => Err(s),
+                    },
+                    other => other,
+                }
             })
             .await
             .cloned();

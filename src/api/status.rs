@@ -124,7 +124,21 @@ pub fn submit(e: SubmitError) -> Status {
 
 /// The outbox could not make an accepted message durable: the caller must retry.
 pub fn outbox(e: crate::outbox::StoreError) -> Status {
+    if e == crate::outbox::StoreError::KeyTaken {
+        // Answered from the first acceptance by `GatewayService::idempotent`; a caller sees
+        // this only if that one could not be read.
+        return Status::aborted(KEY_TAKEN);
+    }
     Status::unavailable(format!("message not stored: {e}; retry"))
+}
+
+/// Another replica accepted the same idempotency key first: retry to get its answer.
+pub const KEY_TAKEN: &str = "the idempotency key was accepted by another gateway replica at the same moment; retry \
+     with the same key for its answer";
+
+/// `outbox`'s answer to a key another replica took first.
+pub fn is_key_taken(s: &Status) -> bool {
+    s.code() == tonic::Code::Aborted && s.message() == KEY_TAKEN
 }
 
 /// The outbox could not be read (its engine is unreachable, or a row is corrupt): not the same

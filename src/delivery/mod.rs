@@ -450,6 +450,27 @@ impl Dispatcher {
         keep_alive: Option<Duration>,
     ) -> Result<(), SubmitError> {
         let key = ConversationKey::of(&submission.message.address);
+        if let Some(cluster) = self.inner.cluster.get() {
+            if !self.inner.accepting.load(Ordering::SeqCst) {
+                return Err(SubmitError::ShuttingDown);
+            }
+            if cluster.fence_for(key.label()).is_some() {
+                // Behind every Send answered before it, once they are read back.
+                cluster.caught_up(Duration::from_secs(2)).await;
+            } else {
+                // Another replica delivers this conversation, and typing is not stored: it
+                // goes from here at once, outside the conversation's line.
+                let (inner, rendered) = (self.inner.clone(), submission.rendered);
+                tokio::spawn(async move {
+                    for req in &rendered.requests {
+                        if let Err(e) = inner.channels.execute(key.channel_id(), req).await {
+                            tracing::warn!(error = %e, "typing indicator not delivered");
+                        }
+                    }
+                });
+                return Ok(());
+            }
+        }
         let (mut items, _) = new_items(vec![submission], None, false);
         let Some(mut item) = items.pop() else {
             return Ok(());
@@ -670,7 +691,10 @@ impl Inner {
         if items.is_empty() {
             return;
         }
-        let job = match (starts, address) {
+        // A parked SendProactive still waits for its new address: it goes the proactive way
+        // even on a channel that needs no conversation created (that way answers at once).
+        let proactive = starts || created.is_some();
+        let job = match (proactive, address) {
             (true, Some(address)) => Job::Proactive {
                 address: Box::new(address),
                 options: options.unwrap_or_default(),

@@ -15,7 +15,7 @@
 //! Must not touch channels' JSON, gRPC, or the lease tables (the lease manager owns them).
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -55,6 +55,10 @@ pub struct Cluster {
     /// drained once its count is 0.
     live: Vec<AtomicUsize>,
     poll_every: Duration,
+    /// Catch-ups asked for (`caught_up`), and the last one done: a typing indicator waits for
+    /// one that began after it was asked, so every Send answered before it is in line first.
+    asked: AtomicU64,
+    done: watch::Sender<u64>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -79,6 +83,8 @@ impl Cluster {
             parked: Mutex::new(HashMap::new()),
             live: (0..PARTITIONS).map(|_| AtomicUsize::new(0)).collect(),
             poll_every,
+            asked: AtomicU64::new(0),
+            done: watch::channel(0).0,
         })
     }
 
@@ -124,6 +130,15 @@ impl Cluster {
                 },
             }
         }
+    }
+
+    /// Resolves once the feed read everything committed before this call (at most `within`):
+    /// what is not stored (a typing indicator) then goes in line behind it.
+    pub(super) async fn caught_up(&self, within: Duration) {
+        let asked = self.asked.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut done = self.done.subscribe();
+        self.wake.notify_one();
+        let _ = tokio::time::timeout(within, done.wait_for(|d| *d >= asked)).await;
     }
 
     pub(super) fn park(&self, id: u64, parked: Parked) {
@@ -229,11 +244,17 @@ pub(super) async fn run_feed(
                 }
             }
         }
-        if read_new && !fed.is_empty() {
+        let asked = cluster.asked.load(Ordering::SeqCst);
+        if read_new || asked > *cluster.done.borrow() {
             read_new = false;
-            if let Err(e) = catch_up(&cluster, &*lines, &mut fed).await {
-                tracing::warn!(error = %e, "reading new messages failed; trying again");
-                read_new = true;
+            match catch_up(&cluster, &*lines, &mut fed).await {
+                Ok(()) => {
+                    cluster.done.send_replace(asked);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading new messages failed; trying again");
+                    read_new = true;
+                }
             }
         }
         sweep_parked(&cluster, &fed);
@@ -264,6 +285,9 @@ async fn catch_up(
     lines: &dyn Lines,
     fed: &mut BTreeMap<u32, (i64, i64)>,
 ) -> Result<(), crate::outbox::StoreError> {
+    if fed.is_empty() {
+        return Ok(());
+    }
     loop {
         let from = fed.values().map(|(_, c)| *c).min().unwrap_or(0);
         let parts: Vec<u32> = fed.keys().copied().collect();
