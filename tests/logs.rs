@@ -24,6 +24,14 @@ async fn logs_carry_the_trace_and_never_a_secret() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    // Read as it comes: at debug level a gateway on PostgreSQL logs every poll of its
+    // partitions, and a full pipe would stall it.
+    let mut stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut logs = String::new();
+        let _ = stderr.read_to_string(&mut logs);
+        logs
+    });
     let mut client = ChannelGatewayClient::new(binary_channel(port).await);
     let message = |conv: &str| pb::Message {
         address: Some(Box::new(pb::Address {
@@ -98,14 +106,8 @@ async fn logs_carry_the_trace_and_never_a_secret() {
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();
-    let mut logs = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut logs)
-        .unwrap();
     let _ = child.wait();
+    let logs = reader.join().unwrap();
 
     assert!(
         logs.lines().count() > 5,

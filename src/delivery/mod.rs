@@ -1714,7 +1714,7 @@ impl Worker {
         match (item.fence, self.inner.cluster.get()) {
             (Some(fence), Some(cluster)) => tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
-                _ = cluster.lost(fence) => {}
+                _ = cluster.moving(fence) => {}
             },
             _ => tokio::time::sleep(wait).await,
         }

@@ -106,22 +106,39 @@ impl Cluster {
             == Some(fence.epoch)
     }
 
-    /// Resolves once `fence` no longer holds (lost, handed over, or expired by this replica's
-    /// clock): a channel call racing it is abandoned rather than overlap the next owner's.
+    /// Resolves once the lease under `fence` is gone (taken over, or expired by this
+    /// replica's clock): a channel call racing it is abandoned rather than overlap the next
+    /// owner's. A partition being handed over is not lost: its calls in flight finish first.
     pub(super) async fn lost(&self, fence: Fence) {
+        self.ends(fence, false).await
+    }
+
+    /// `lost`, or the partition starts being handed over: a wait (a retry's backoff) ends so
+    /// the handover does not wait for it.
+    pub(super) async fn moving(&self, fence: Fence) {
+        self.ends(fence, true).await
+    }
+
+    async fn ends(&self, fence: Fence, releasing_ends: bool) {
         let mut rx = self.ownership.clone();
         loop {
             let until = {
                 let own = rx.borrow_and_update();
                 match own.held.get(&fence.partition) {
-                    Some(h) if h.epoch == fence.epoch && !h.releasing => h.valid_until,
+                    Some(h) if h.epoch == fence.epoch && !(releasing_ends && h.releasing) => {
+                        h.valid_until
+                    }
                     _ => return,
                 }
             };
             let deadline = tokio::time::Instant::from_std(until);
             tokio::select! {
                 _ = tokio::time::sleep_until(deadline) => {
-                    if !self.holds(fence) {
+                    let own = rx.borrow();
+                    let held = own.held.get(&fence.partition).is_some_and(|h| {
+                        h.epoch == fence.epoch && h.valid_until > Instant::now()
+                    });
+                    if !held {
                         return;
                     }
                 }
