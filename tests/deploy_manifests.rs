@@ -3,7 +3,10 @@
 //! loads with the crate's own `Config::load` (with the container's environment and Secret values,
 //! so a typo in a key fails here); its probes name the gRPC port it listens on and a health
 //! service it serves, or the admin listener's `/healthz` / `/readyz` on port 9090; secrets come in
-//! through environment variables that are real config keys; `--data-dir` is a volume.
+//! through environment variables that are real config keys; `--data-dir` is a volume; the pod's
+//! grace period outlasts `server.shutdown_grace`. The replicas example (`replicas.yaml`) is
+//! three replicas of one Deployment on the PostgreSQL outbox, the database URL from a Secret and
+//! nowhere in plain text, rolled with `maxUnavailable: 0`, behind a Service on the gRPC port.
 //! `deploy/Dockerfile` builds with `--locked` and runs as a non-root user.
 
 use std::collections::BTreeMap;
@@ -11,7 +14,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use channel_gateway::api::pb::channel_gateway_server::SERVICE_NAME;
-use channel_gateway::config::{Config, ENV_PREFIX};
+use channel_gateway::config::{Config, ENV_PREFIX, OutboxBackend};
 use yaml_rust2::{Yaml, YamlLoader};
 
 /// grpc.health.v1 names the gateway reports: "" (the whole server) and the API service.
@@ -23,6 +26,8 @@ fn health_services() -> [&'static str; 2] {
 const ADMIN_PORT: u16 = 9090;
 const ADMIN_DEFAULT_LISTEN: &str = "127.0.0.1:9090";
 const ADMIN_LISTEN_ENV: &str = "CHANNEL_GATEWAY__ADMIN__LISTEN";
+/// A pod's terminationGracePeriodSeconds when the manifest does not set it.
+const K8S_DEFAULT_GRACE_S: i64 = 30;
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -134,20 +139,35 @@ fn volume_at<'a>(
     })
 }
 
-/// Everything wrong with the gateway containers in these documents, and how many were checked.
-fn check_manifests(docs: &[(String, Yaml)]) -> (usize, Vec<String>) {
+/// A gateway container that was checked, with the config it loads.
+struct Gateway<'a> {
+    /// `file#index` of its workload.
+    doc: &'a str,
+    workload: &'a Yaml,
+    container: &'a Yaml,
+    /// `None` when it did not load (a problem says why).
+    config: Option<Config>,
+}
+
+/// Everything wrong with the gateway containers in these documents, and the containers checked.
+fn check_manifests(docs: &[(String, Yaml)]) -> (Vec<Gateway<'_>>, Vec<String>) {
     let mut problems = Vec::new();
-    let mut checked = 0;
+    let mut checked = Vec::new();
     for (where_, doc) in docs {
         let Some(spec) = pod_spec(doc) else { continue };
         let containers = list(&spec["initContainers"])
             .iter()
             .chain(list(&spec["containers"]));
         for c in containers.filter(|c| is_gateway(c)) {
-            checked += 1;
             let name = c["name"].as_str().unwrap_or("?");
             let at = format!("{where_} container {name}");
-            check_gateway(docs, spec, doc, c, &at, &mut problems);
+            let config = check_gateway(docs, spec, doc, c, &at, &mut problems);
+            checked.push(Gateway {
+                doc: where_,
+                workload: doc,
+                container: c,
+                config,
+            });
         }
     }
     (checked, problems)
@@ -160,7 +180,7 @@ fn check_gateway(
     c: &Yaml,
     at: &str,
     problems: &mut Vec<String>,
-) {
+) -> Option<Config> {
     let mut fail = |m: String| problems.push(format!("{at}: {m}"));
     let args = args_of(c);
 
@@ -170,19 +190,19 @@ fn check_gateway(
     }
     let Some(config_path) = flag_value(&args, "--config") else {
         fail("args must pass `--config` (the ConfigMap's TOML)".into());
-        return;
+        return None;
     };
 
     // The config file comes from a ConfigMap volume.
     let Some((_, volume, inner)) = volume_at(spec, c, &config_path) else {
         fail(format!("--config {config_path} is not on any volumeMount"));
-        return;
+        return None;
     };
     let Some(cm_name) = volume["configMap"]["name"].as_str() else {
         fail(format!(
             "--config {config_path} is not on a configMap volume"
         ));
-        return;
+        return None;
     };
     let key = list(&volume["configMap"]["items"])
         .iter()
@@ -195,7 +215,7 @@ fn check_gateway(
         .map(String::from)
     else {
         fail(format!("no ConfigMap `{cm_name}` with key `{key}`"));
-        return;
+        return None;
     };
 
     // The environment as the container would see it; Secret values from their manifests.
@@ -265,7 +285,7 @@ fn check_gateway(
                 Ok(c) => c,
                 Err(e) => {
                     fail(format!("ConfigMap `{cm_name}` does not load: {e}"));
-                    return;
+                    return None;
                 }
             }
         }
@@ -273,7 +293,7 @@ fn check_gateway(
             fail(format!(
                 "ConfigMap `{cm_name}` key `{key}` with the container's env does not load: {e}"
             ));
-            return;
+            return None;
         }
     };
 
@@ -413,6 +433,193 @@ fn check_gateway(
             fail(format!("resources.{section}.{res} is not set"));
         }
     }
+
+    // The kubelet kills the container after terminationGracePeriodSeconds (30 s when unset): a
+    // drain of server.shutdown_grace must end before it.
+    let grace = spec["terminationGracePeriodSeconds"]
+        .as_i64()
+        .unwrap_or(K8S_DEFAULT_GRACE_S);
+    let drain = config.server.shutdown_grace;
+    if u128::try_from(grace).unwrap_or(0) * 1000 <= drain.as_millis() {
+        fail(format!(
+            "terminationGracePeriodSeconds {grace} does not leave room for server.shutdown_grace \
+             ({drain:?}): the kubelet would kill the drain"
+        ));
+    }
+    Some(config)
+}
+
+/// The shared-service example: several replicas over one PostgreSQL outbox.
+const REPLICAS_FILE: &str = "replicas.yaml";
+const REPLICAS: i64 = 3;
+const DB_URL_ENV: &str = "CHANNEL_GATEWAY__OUTBOX__POSTGRES__URL";
+
+fn in_replicas_file(doc: &str) -> bool {
+    doc.split('#').next() == Some(REPLICAS_FILE)
+}
+
+/// Every string value under `y`, with its path (`data.gateway.toml`, `spec.ports[0].name`).
+fn strings(y: &Yaml, path: &str, out: &mut Vec<(String, String)>) {
+    match y {
+        Yaml::String(v) => out.push((path.to_string(), v.clone())),
+        Yaml::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                strings(item, &format!("{path}[{i}]"), out);
+            }
+        }
+        Yaml::Hash(map) => {
+            for (k, v) in map {
+                let key = str_of(k).unwrap_or_default();
+                let sub = if path.is_empty() {
+                    key
+                } else {
+                    format!("{path}.{key}")
+                };
+                strings(v, &sub, out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Looks like a database URL or a libpq connection string with a password.
+fn looks_like_db_url(v: &str) -> bool {
+    let v = v.to_ascii_lowercase();
+    v.contains("postgres://") || v.contains("postgresql://") || v.contains("password=")
+}
+
+/// Everything wrong with the replicas example beyond what every gateway container is checked
+/// for: one Deployment of three replicas on the PostgreSQL outbox, whose URL comes from a Secret
+/// and is nowhere in plain text; rolled without losing a replica; HTTP probes on the admin port;
+/// and a Service that reaches the replicas' gRPC port.
+fn check_replicas(docs: &[(String, Yaml)], gateways: &[Gateway<'_>]) -> Vec<String> {
+    let mut problems = Vec::new();
+    let ours: Vec<&Gateway<'_>> = gateways
+        .iter()
+        .filter(|g| in_replicas_file(g.doc))
+        .collect();
+    let [g] = ours.as_slice() else {
+        problems.push(format!(
+            "{REPLICAS_FILE}: expected one gateway container, found {}",
+            ours.len()
+        ));
+        return problems;
+    };
+    let at = g.doc;
+    let mut fail = |m: String| problems.push(format!("{at}: {m}"));
+    let w = g.workload;
+    let c = g.container;
+
+    if w["kind"].as_str() != Some("Deployment") {
+        fail(format!(
+            "the replicas are a {:?}, not a Deployment",
+            w["kind"].as_str()
+        ));
+    }
+    let replicas = w["spec"]["replicas"].as_i64();
+    if replicas != Some(REPLICAS) {
+        fail(format!("spec.replicas must be {REPLICAS}, is {replicas:?}"));
+    }
+    // A rolling update that never takes a replica away before its successor is ready.
+    let strategy = &w["spec"]["strategy"];
+    let rolling = strategy["type"].as_str().unwrap_or("RollingUpdate") == "RollingUpdate";
+    let max_unavailable = str_of(&strategy["rollingUpdate"]["maxUnavailable"]);
+    if !rolling || !matches!(max_unavailable.as_deref(), Some("0" | "0%")) {
+        fail(format!(
+            "needs a RollingUpdate with maxUnavailable 0 (it has {:?}, maxUnavailable {max_unavailable:?})",
+            strategy["type"].as_str()
+        ));
+    }
+    // check_gateway checked the paths and the port of HTTP probes; here they must be HTTP.
+    for kind in ["readinessProbe", "livenessProbe"] {
+        if c[kind]["httpGet"].is_badvalue() {
+            fail(format!("{kind} must be an httpGet on the admin port"));
+        }
+    }
+
+    // The shared outbox, its URL from a Secret.
+    match list(&c["env"])
+        .iter()
+        .find(|e| e["name"].as_str() == Some(DB_URL_ENV))
+    {
+        None => fail(format!("{DB_URL_ENV} is not set")),
+        Some(e) if e["valueFrom"]["secretKeyRef"].is_badvalue() => fail(format!(
+            "{DB_URL_ENV} must come from a Secret (valueFrom.secretKeyRef)"
+        )),
+        Some(_) => {}
+    }
+    let url = match &g.config {
+        Some(config) => {
+            if config.outbox.backend != OutboxBackend::Postgres {
+                fail(format!(
+                    "outbox.backend is {:?}, not postgres",
+                    config.outbox.backend
+                ));
+            }
+            config.outbox.postgres.url.expose().to_string()
+        }
+        // Its problem is reported already.
+        None => String::new(),
+    };
+    for (name, doc) in docs.iter().filter(|(n, _)| in_replicas_file(n)) {
+        if doc["kind"].as_str() == Some("Secret") {
+            continue;
+        }
+        let mut values = Vec::new();
+        strings(doc, "", &mut values);
+        for (path, v) in values {
+            if looks_like_db_url(&v) || (!url.is_empty() && v.contains(url.as_str())) {
+                fail(format!(
+                    "{name} {path}: the database URL is in plain text (keep it in the Secret)"
+                ));
+            }
+        }
+    }
+
+    // A Service selecting the replicas, on the port gRPC listens on.
+    let grpc_port = g
+        .config
+        .as_ref()
+        .and_then(|c| c.listen_addr().ok())
+        .map(|a| i64::from(a.port()));
+    let labels = &w["spec"]["template"]["metadata"]["labels"];
+    let named: BTreeMap<String, i64> = list(&c["ports"])
+        .iter()
+        .filter_map(|p| {
+            Some((
+                p["name"].as_str()?.to_string(),
+                p["containerPort"].as_i64()?,
+            ))
+        })
+        .collect();
+    let served = docs
+        .iter()
+        .filter(|(n, d)| in_replicas_file(n) && d["kind"].as_str() == Some("Service"))
+        .filter(|(_, d)| {
+            d["spec"]["selector"].as_hash().is_some_and(|sel| {
+                !sel.is_empty()
+                    && sel
+                        .iter()
+                        .all(|(k, v)| labels[k.as_str().unwrap_or("")] == *v)
+            })
+        })
+        .flat_map(|(_, d)| list(&d["spec"]["ports"]))
+        .any(|p| {
+            let target = match &p["targetPort"] {
+                Yaml::Integer(t) => Some(*t),
+                Yaml::String(name) => named.get(name).copied(),
+                // Unset: the Service's own port.
+                Yaml::BadValue => p["port"].as_i64(),
+                _ => None,
+            };
+            target.is_some() && target == grpc_port
+        });
+    if !served {
+        fail(format!(
+            "no Service selects the replicas on their gRPC port {grpc_port:?}"
+        ));
+    }
+    problems
 }
 
 /// Everything wrong with a Dockerfile's build and final stage.
@@ -486,8 +693,9 @@ fn kubernetes_examples_name_what_the_binary_serves() {
         problems.join("\n  ")
     );
     assert!(
-        checked >= 2,
-        "expected a gRPC-probe and an HTTP-probe gateway container, found {checked}"
+        checked.len() >= 3,
+        "expected a gRPC-probe sidecar, an HTTP-probe sidecar and the replicas, found {}",
+        checked.len()
     );
     // Both probe styles are shown.
     let text: String = docs.iter().map(|(_, d)| format!("{d:?}")).collect();
@@ -499,6 +707,33 @@ fn kubernetes_examples_name_what_the_binary_serves() {
         text.contains("\"httpGet\""),
         "no example uses the HTTP probes"
     );
+}
+
+#[test]
+fn the_replicas_example_shares_one_outbox_with_its_url_in_a_secret() {
+    let docs = load_documents(&repo().join("deploy/kubernetes"));
+    let (gateways, problems) = check_manifests(&docs);
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    let problems = check_replicas(&docs, &gateways);
+    assert!(
+        problems.is_empty(),
+        "deploy/kubernetes/{REPLICAS_FILE}:\n  {}",
+        problems.join("\n  ")
+    );
+    // What the replicas run with, as the gateway's loader reads it: the Secret's URL, on
+    // PostgreSQL, and gRPC reachable from other pods.
+    let g = gateways
+        .iter()
+        .find(|g| in_replicas_file(g.doc))
+        .expect("the replicas' gateway container");
+    let config = g.config.as_ref().expect("its config loads");
+    let secret = find_named(&docs, "Secret", "channel-gateway-secrets-replicas")
+        .expect("the replicas' Secret");
+    let url = str_of(&secret["stringData"]["database-url"]).expect("a database-url key");
+    assert_eq!(config.outbox.postgres.url.expose(), url.as_str());
+    assert_eq!(config.outbox.backend, OutboxBackend::Postgres);
+    assert!(!config.listen_addr().unwrap().ip().is_loopback());
+    assert!(config.auth.is_configured(), "callers must authenticate");
 }
 
 #[test]
@@ -567,7 +802,10 @@ fn mutated(find: &str, replace: &str) -> Vec<String> {
         hits > 0,
         "`{find}` is not in the examples any more; update this test"
     );
-    check_manifests(&load_documents(tmp.path())).1
+    let docs = load_documents(tmp.path());
+    let (gateways, mut problems) = check_manifests(&docs);
+    problems.extend(check_replicas(&docs, &gateways));
+    problems
 }
 
 #[test]
@@ -609,6 +847,55 @@ fn broken_manifests_are_caught() {
         ),
         // No --config.
         ("- --config\n", "- --confg\n", "must pass `--config`"),
+    ];
+    for (find, replace, expect) in cases {
+        let problems = mutated(find, replace);
+        assert!(
+            problems.iter().any(|p| p.contains(expect)),
+            "replacing `{find}` by `{replace}` should report `{expect}`; got {problems:#?}"
+        );
+    }
+}
+
+#[test]
+fn broken_replicas_are_caught() {
+    let url_from_secret = "- name: CHANNEL_GATEWAY__OUTBOX__POSTGRES__URL
+              valueFrom:
+                secretKeyRef:
+                  name: channel-gateway-secrets-replicas
+                  key: database-url
+";
+    let url_in_plain = "- name: CHANNEL_GATEWAY__OUTBOX__POSTGRES__URL
+              value: postgres://channel_gateway:REPLACE-ME@postgres.example.internal:5432/channel_gateway
+";
+    let cases = [
+        ("replicas: 3", "replicas: 1", "spec.replicas must be 3"),
+        ("maxUnavailable: 0", "maxUnavailable: 1", "maxUnavailable 0"),
+        // The URL as a plain value instead of the Secret's.
+        (url_from_secret, url_in_plain, "must come from a Secret"),
+        (url_from_secret, url_in_plain, "in plain text"),
+        // The URL written into the ConfigMap (the environment's still wins).
+        (
+            "    [outbox.postgres]\n",
+            "    [outbox.postgres]\n    url = \"postgres://cg:secret@db:5432/cg\"\n",
+            "in plain text",
+        ),
+        // Not the shared outbox.
+        ("value: postgres\n", "value: sqlite\n", "not postgres"),
+        // An env key that is no config key.
+        (
+            "name: CHANNEL_GATEWAY__OUTBOX__BACKEND",
+            "name: CHANNEL_GATEWAY__OUTBOX__BACKEN",
+            "does not load",
+        ),
+        // The Service aims at the admin port.
+        ("targetPort: grpc", "targetPort: admin", "gRPC port"),
+        // A grace period the drain does not fit in.
+        (
+            "terminationGracePeriodSeconds: 60",
+            "terminationGracePeriodSeconds: 30",
+            "server.shutdown_grace",
+        ),
     ];
     for (find, replace, expect) in cases {
         let problems = mutated(find, replace);
