@@ -257,9 +257,13 @@ impl Drop for Replicas {
     }
 }
 
+/// The last lines of a replica's log, without the pauses the fake's 429s cause on purpose.
 fn log_tail(dir: &Path) -> String {
     let text = std::fs::read_to_string(dir.join("gateway.log")).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.contains("rate limited: pausing"))
+        .collect();
     lines[lines.len().saturating_sub(25)..]
         .iter()
         .map(|l| l.chars().take(400).collect::<String>())
@@ -614,6 +618,29 @@ async fn get_delivery(client: &mut Client, id: &str) -> Result<pb::Delivery, Str
         .ok_or_else(|| "no delivery in the answer".to_string())
 }
 
+/// What a check found wrong, by kind: a failure shows every kind, with a count and a few cases
+/// (a chaos run can break thousands of messages the same way).
+#[derive(Default)]
+struct Problems(BTreeMap<&'static str, Vec<String>>);
+
+impl Problems {
+    fn add(&mut self, kind: &'static str, case: String) {
+        self.0.entry(kind).or_default().push(case);
+    }
+}
+
+impl std::fmt::Display for Problems {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (kind, cases) in &self.0 {
+            writeln!(f, "{} {kind}, e.g.:", cases.len())?;
+            for case in cases.iter().take(8) {
+                writeln!(f, "    {case}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // The tests.
 
@@ -660,12 +687,8 @@ async fn chaos_three_replicas_sigkill_and_sigstop() {
     let pause_at_event = rng.random_range(1..=2);
     let (mut kills, mut event) = (0, 0);
     let mut paused = None;
-    loop {
-        let wait = Duration::from_millis(rng.random_range(5_000..=10_000));
-        if began.elapsed() + wait > CHAOS_FOR {
-            break;
-        }
-        tokio::time::sleep(wait).await;
+    while began.elapsed() < CHAOS_FOR {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(5_000..=10_000))).await;
         let victim = rng.random_range(0..cluster.replicas.len());
         let name = cluster.replicas[victim].name;
         if event == pause_at_event {
@@ -689,15 +712,13 @@ async fn chaos_three_replicas_sigkill_and_sigstop() {
     let sends = traffic.failures();
     let acked = traffic.stop().await;
 
-    let mut problems: Vec<String> = Vec::new();
+    let mut problems = Problems::default();
     let lost = wait_delivered(&fake, prefix, &acked, Duration::from_secs(30)).await;
-    if !lost.is_empty() {
-        problems.push(format!(
-            "{} of {} acknowledged messages never arrived, e.g. (conversation, seq) {:?}",
-            lost.len(),
-            acked.len(),
-            &lost[..lost.len().min(10)]
-        ));
+    for (conv, seq) in lost {
+        problems.add(
+            "acknowledged messages lost",
+            format!("{prefix}{conv} message {seq}"),
+        );
     }
     // Final states: no more faults, and nothing left to deliver (unacknowledged messages too).
     *fake.state.fault_rate.lock().unwrap() = 0.0;
@@ -709,9 +730,10 @@ async fn chaos_three_replicas_sigkill_and_sigstop() {
     }
     let left = count(&cluster.db, unfinished).await;
     if left > 0 {
-        problems.push(format!(
-            "{left} messages still accepted or delivering at the end"
-        ));
+        problems.add(
+            "messages never finished",
+            format!("{left} messages still accepted or delivering 10 s after the end"),
+        );
     }
 
     let received: Vec<(usize, usize)> = fake
@@ -731,23 +753,30 @@ async fn chaos_three_replicas_sigkill_and_sigstop() {
             .map(|(_, s)| *s)
             .collect();
         // Order: the first arrival of each acknowledged message, in acknowledged order.
+        // (position in arrivals, seq)
         let mut seen = HashSet::new();
-        let firsts: Vec<usize> = seqs
+        let firsts: Vec<(usize, usize)> = seqs
             .iter()
-            .filter(|s| acked.contains_key(&(conv, **s)) && seen.insert(**s))
-            .copied()
+            .enumerate()
+            .filter(|(_, s)| acked.contains_key(&(conv, **s)) && seen.insert(**s))
+            .map(|(i, s)| (i, *s))
             .collect();
-        if let Some(w) = firsts.windows(2).find(|w| w[0] > w[1]) {
-            problems.push(format!(
-                "{prefix}{conv}: {} arrived before {} (arrivals {seqs:?})",
-                w[0], w[1]
-            ));
+        if let Some(w) = firsts.windows(2).find(|w| w[0].1 > w[1].1) {
+            let around = &seqs[w[0].0.saturating_sub(5)..(w[1].0 + 5).min(seqs.len())];
+            problems.add(
+                "conversations out of order",
+                format!(
+                    "{prefix}{conv}: {} arrived before {} (arrivals around: {around:?})",
+                    w[0].1, w[1].1
+                ),
+            );
         }
         let in_flight = fake.max_in_flight(&format!("{prefix}{conv}"));
         if in_flight > 1 {
-            problems.push(format!(
-                "{prefix}{conv}: {in_flight} messages in flight at the channel at once"
-            ));
+            problems.add(
+                "conversations with several messages in flight at once",
+                format!("{prefix}{conv}: {in_flight} at once"),
+            );
         }
         // Duplicates: each must be flagged in its final state.
         let mut times: BTreeMap<usize, usize> = BTreeMap::new();
@@ -775,13 +804,14 @@ async fn chaos_three_replicas_sigkill_and_sigstop() {
             };
             match flag {
                 Ok((_, true)) => flagged += 1,
-                Ok((id, false)) => problems.push(format!(
-                    "{prefix}{conv} message {seq} (id {id}) arrived {n} times, not flagged \
-                     possible_duplicate"
-                )),
-                Err(e) => problems.push(format!(
-                    "{prefix}{conv} message {seq} arrived {n} times; its state: {e}"
-                )),
+                Ok((id, false)) => problems.add(
+                    "duplicates not flagged possible_duplicate",
+                    format!("{prefix}{conv} message {seq} (id {id}) arrived {n} times"),
+                ),
+                Err(e) => problems.add(
+                    "duplicates whose state is unknown",
+                    format!("{prefix}{conv} message {seq} arrived {n} times; its state: {e}"),
+                ),
             }
         }
     }
@@ -794,38 +824,42 @@ async fn chaos_three_replicas_sigkill_and_sigstop() {
     .await
         == 1;
     if !has_epoch {
-        problems.push("outbox_messages has no epoch column: state writes are not fenced".into());
+        problems.add(
+            "unfenced schema",
+            "outbox_messages has no epoch column: state writes are not fenced".into(),
+        );
     }
     let stale = cluster
         .db
         .query(
             "SELECT id, partition, old_epoch, new_epoch, current_epoch, old_state, new_state \
-             FROM stale_writes ORDER BY at LIMIT 5",
+             FROM stale_writes ORDER BY at LIMIT 20",
             &[],
         )
         .await
         .unwrap();
     let stale_total = count(&cluster.db, "SELECT count(*) FROM stale_writes").await;
-    if stale_total > 0 {
-        let examples: Vec<String> = stale
-            .iter()
-            .map(|r| {
-                format!(
-                    "message {} in partition {}: epoch {:?} -> {:?} while the partition is at \
-                     {:?} ({:?} -> {:?})",
-                    r.get::<_, Option<i64>>(0).unwrap_or_default(),
-                    r.get::<_, Option<i32>>(1).unwrap_or_default(),
-                    r.get::<_, Option<i64>>(2),
-                    r.get::<_, Option<i64>>(3),
-                    r.get::<_, Option<i64>>(4),
-                    r.get::<_, Option<String>>(5),
-                    r.get::<_, Option<String>>(6),
-                )
-            })
-            .collect();
-        problems.push(format!(
-            "{stale_total} states written under a stale epoch, e.g. {examples:#?}"
-        ));
+    for r in &stale {
+        problems.add(
+            "states written under a stale epoch",
+            format!(
+                "message {} in partition {}: epoch {:?} -> {:?} while the partition is at {:?} \
+                 ({:?} -> {:?})",
+                r.get::<_, Option<i64>>(0).unwrap_or_default(),
+                r.get::<_, Option<i32>>(1).unwrap_or_default(),
+                r.get::<_, Option<i64>>(2),
+                r.get::<_, Option<i64>>(3),
+                r.get::<_, Option<i64>>(4),
+                r.get::<_, Option<String>>(5),
+                r.get::<_, Option<String>>(6),
+            ),
+        );
+    }
+    if stale_total > stale.len() as i64 {
+        problems.add(
+            "states written under a stale epoch",
+            format!("and {} more", stale_total - stale.len() as i64),
+        );
     }
 
     let faults = fake.state.faults.lock().unwrap().clone();
@@ -871,7 +905,7 @@ async fn chaos_three_replicas_sigkill_and_sigstop() {
         kind("500") > 0 && kind("429") > 0,
         "fault injection did not happen as planned"
     );
-    assert!(problems.is_empty(), "{problems:#?}");
+    assert!(problems.0.is_empty(), "{problems}");
     // Not a given: a run can go without a kill catching a message on its way.
     if duplicated == 0 {
         eprintln!("no message arrived twice in this run");
@@ -1136,6 +1170,7 @@ async fn one_idempotency_key_sent_to_two_replicas_stores_one_message() {
     let b = cluster.start().await;
     const KEYS: usize = 20;
     let conv = |k: usize| format!("idem-{}", k % 4);
+    let mut ids = Vec::new();
     for k in 0..KEYS {
         let request = pb::SendRequest {
             message: Some(fake.text(&conv(k), &format!("key {k}"))),
@@ -1156,7 +1191,10 @@ async fn one_idempotency_key_sent_to_two_replicas_stores_one_message() {
         };
         let (ia, ib) = (id(ra, "A"), id(rb, "B"));
         assert_eq!(ia, ib, "key {k}: two messages accepted");
+        ids.push(ia);
     }
+    let distinct: HashSet<&String> = ids.iter().collect();
+    assert_eq!(distinct.len(), KEYS, "one id for two keys: {ids:?}");
     let texts: Vec<String> = (0..KEYS).map(|k| format!("key {k}")).collect();
     fake.wait_for(Duration::from_secs(15), "every key's message", |r| {
         let got: HashSet<&str> = r.iter().map(Received::text).collect();
