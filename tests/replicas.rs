@@ -16,8 +16,9 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -65,6 +66,10 @@ struct Replicas {
     db: tokio_postgres::Client,
     replicas: Vec<Replica>,
     root: tempfile::TempDir,
+    /// Ends the replicas if this process dies without dropping `Replicas` (the watchdog's exit,
+    /// a SIGKILL): `sh` reading a pipe only this process writes to; at its end of file it kills
+    /// the pids listed in `root/pids` and removes `root`. `Drop` disarms it.
+    reaper: Option<(Child, ChildStdin)>,
 }
 
 impl Replicas {
@@ -74,16 +79,46 @@ impl Replicas {
             .await
             .unwrap();
         let db = connect_db(&url).await;
+        let root = tempfile::Builder::new()
+            .prefix("cg-replicas-")
+            .tempdir()
+            .unwrap();
+        const SCRIPT: &str = r#"trap '' INT HUP
+read -r word
+[ "$word" = disarm ] && exit 0
+[ -f "$1/pids" ] && kill -KILL $(cat "$1/pids") 2>/dev/null
+rm -rf "$1"
+"#;
+        let mut reaper = Command::new("sh")
+            .args(["-c", SCRIPT, "replicas-reaper"])
+            .arg(root.path())
+            .current_dir("/")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdin = reaper.stdin.take().unwrap();
         Replicas {
             fake: fake.clone(),
             url,
             db,
             replicas: Vec::new(),
-            root: tempfile::Builder::new()
-                .prefix("cg-replicas-")
-                .tempdir()
-                .unwrap(),
+            root,
+            reaper: Some((reaper, stdin)),
         }
+    }
+
+    /// Lists the running replicas' pids for the reaper (replaced whole, so it never reads half).
+    fn write_pids(&self) {
+        let pids: Vec<String> = self
+            .replicas
+            .iter()
+            .filter_map(|r| r.child.as_ref().map(|c| c.id().to_string()))
+            .collect();
+        let tmp = self.root.path().join("pids.new");
+        std::fs::write(&tmp, pids.join(" ")).unwrap();
+        std::fs::rename(&tmp, self.root.path().join("pids")).unwrap();
     }
 
     /// Starts one more replica, on ports and a data directory of its own, and waits until it
@@ -154,6 +189,7 @@ impl Replicas {
             .spawn()
             .unwrap();
         self.replicas[i].child = Some(child);
+        self.write_pids();
     }
 
     /// Waits for `/readyz` on the replica's admin port; panics with its log if it exits or
@@ -221,10 +257,12 @@ impl Replicas {
 
     /// The process, now the caller's to wait for.
     fn take_child(&mut self, i: usize) -> Child {
-        self.replicas[i]
+        let child = self.replicas[i]
             .child
             .take()
-            .expect("the replica is running")
+            .expect("the replica is running");
+        self.write_pids();
+        child
     }
 
     fn client(&self, i: usize) -> Client {
@@ -253,6 +291,11 @@ impl Drop for Replicas {
                     log_tail(&r.dir)
                 );
             }
+        }
+        if let Some((mut reaper, mut stdin)) = self.reaper.take() {
+            let _ = stdin.write_all(b"disarm\n");
+            drop(stdin);
+            let _ = reaper.wait();
         }
     }
 }
