@@ -73,6 +73,9 @@ pub struct FakeState {
     pub fault_rate: Mutex<f64>,
     /// With faults on: how long a "slow" answer takes (beyond the gateway's timeout).
     pub slow_answer: Mutex<Duration>,
+    /// The faults to choose from, each equally likely (a kind may be named twice); empty: the
+    /// mix [`fault`] describes.
+    pub fault_kinds: Mutex<Vec<&'static str>>,
     /// Faults given: when, which (`429`, `500`, `slow`, `drop`), and to which conversation.
     pub faults: Mutex<Vec<(Instant, &'static str, String)>>,
     /// Every activity request as it arrived (before any fault), and its conversation, for
@@ -257,7 +260,7 @@ async fn handle(
     if rate > 0.0 && rand::random::<f64>() < rate {
         return fault(&s, conv, reply_to, headers, body).await;
     }
-    s.in_flight.enter(&conv);
+    let in_flight = s.in_flight.track(&conv);
     let latency = s.latency.lock().unwrap().get(&conv).copied();
     let jitter = *s.jitter_max.lock().unwrap();
     let wait = latency.unwrap_or_else(|| {
@@ -316,7 +319,7 @@ async fn handle(
                 .into_response()
         }
     };
-    s.in_flight.leave(&conv);
+    drop(in_flight);
     resp
 }
 
@@ -329,11 +332,15 @@ async fn fault(
     headers: HeaderMap,
     body: Value,
 ) -> Response {
-    let kind = match rand::random::<u32>() % 10 {
-        0 => "429",
-        1..=4 => "500",
-        5..=7 => "slow",
-        _ => "drop",
+    let kinds = s.fault_kinds.lock().unwrap().clone();
+    let kind = match kinds.len() {
+        0 => match rand::random::<u32>() % 10 {
+            0 => "429",
+            1..=4 => "500",
+            5..=7 => "slow",
+            _ => "drop",
+        },
+        n => kinds[rand::random::<u32>() as usize % n],
     };
     s.faults
         .lock()

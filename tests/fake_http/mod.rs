@@ -152,6 +152,26 @@ impl InFlight {
     pub fn max(&self, key: &str) -> u32 {
         self.0.lock().unwrap().get(key).map_or(0, |x| x.1)
     }
+
+    /// Enters `key` until the guard drops. A handler's future is dropped when its client goes
+    /// away mid-call (a gateway killed while a call waits on the fake's latency); a `leave`
+    /// after an await would then never run, and the key would count one call in flight forever.
+    pub fn track<'a>(&'a self, key: &'a str) -> InFlightGuard<'a> {
+        self.enter(key);
+        InFlightGuard { of: self, key }
+    }
+}
+
+/// One call in flight, counted until dropped ([`InFlight::track`]).
+pub struct InFlightGuard<'a> {
+    of: &'a InFlight,
+    key: &'a str,
+}
+
+impl Drop for InFlightGuard<'_> {
+    fn drop(&mut self) {
+        self.of.leave(self.key);
+    }
 }
 
 /// Waits until `pred` holds for what `received` returns, or panics after `within` (a generous

@@ -1,0 +1,1274 @@
+//! Several replicas of the real binary sharing one outbox in PostgreSQL (tests/pg): any replica
+//! accepts a Send, only the holder of a conversation's partition lease delivers it. Replicas are
+//! killed (SIGKILL), paused past their lease (SIGSTOP, SIGCONT) and stopped (SIGTERM) while bots
+//! send through all of them; nothing acknowledged may be lost, each conversation keeps its order
+//! with one message in flight at the channel, whatever arrives twice is flagged
+//! `possible_duplicate`, no state is written under a stale epoch, and a dead or leaving
+//! replica's conversations move within the bounds the design promises.
+//!
+//! Always on PostgreSQL, whatever `CHANNEL_GATEWAY_TEST_BACKEND` says: each test has a database
+//! of its own on the binary's shared cluster. The tests take turns (`SERIAL`): they assert
+//! timings, and three gateways with PostgreSQL already fill a 2-core machine.
+//!
+//! Owns only this binary's harness (`Replicas`, `Traffic`); the fake channel is the Bot Framework
+//! connector of tests/common.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use channel_gateway::api::pb::{self, channel_gateway_client::ChannelGatewayClient};
+use channel_gateway::storage::lease::PARTITIONS;
+use common::pg::PgCluster;
+use common::*;
+use rand::{Rng, SeedableRng};
+
+type Client = ChannelGatewayClient<tonic::transport::Channel>;
+
+/// The lease settings every replica runs with (the design's defaults, named so the bounds below
+/// follow them).
+const LEASE: Duration = Duration::from_secs(3);
+const RENEW_EVERY: Duration = Duration::from_millis(750);
+const LEASE_ENV: &str = "3s";
+const RENEW_EVERY_ENV: &str = "750ms";
+const POLL_EVERY_ENV: &str = "1s";
+
+/// A bot's call gives up after this: a SIGSTOPped replica accepts connections (the kernel does)
+/// but never answers.
+const CALL_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// One test at a time (see the module doc). A tokio mutex: held across awaits, and a panicking
+/// test releases it without poisoning it.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+// ---------------------------------------------------------------------------------------------
+// The replicas: processes of the real binary on one database.
+
+struct Replica {
+    name: char,
+    port: u16,
+    admin: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+    /// Lazily connected: it reconnects to the same port after a restart.
+    client: Client,
+}
+
+struct Replicas {
+    fake: FakeConnector,
+    url: String,
+    db: tokio_postgres::Client,
+    replicas: Vec<Replica>,
+    root: tempfile::TempDir,
+    /// Ends the replicas if this process dies without dropping `Replicas` (the watchdog's exit,
+    /// a SIGKILL): `sh` reading a pipe only this process writes to; at its end of file it kills
+    /// the pids listed in `root/pids` and removes `root`. `Drop` disarms it.
+    reaper: Option<(Child, ChildStdin)>,
+}
+
+impl Replicas {
+    /// A fresh database on the shared cluster; no replica yet.
+    async fn new(fake: &FakeConnector) -> Replicas {
+        let url = tokio::task::spawn_blocking(|| PgCluster::shared().create_database())
+            .await
+            .unwrap();
+        let db = connect_db(&url).await;
+        let root = tempfile::Builder::new()
+            .prefix("cg-replicas-")
+            .tempdir()
+            .unwrap();
+        const SCRIPT: &str = r#"trap '' INT HUP
+read -r word
+[ "$word" = disarm ] && exit 0
+[ -f "$1/pids" ] && kill -KILL $(cat "$1/pids") 2>/dev/null
+rm -rf "$1"
+"#;
+        let mut reaper = Command::new("sh")
+            .args(["-c", SCRIPT, "replicas-reaper"])
+            .arg(root.path())
+            .current_dir("/")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdin = reaper.stdin.take().unwrap();
+        Replicas {
+            fake: fake.clone(),
+            url,
+            db,
+            replicas: Vec::new(),
+            root,
+            reaper: Some((reaper, stdin)),
+        }
+    }
+
+    /// Lists the running replicas' pids for the reaper (replaced whole, so it never reads half).
+    fn write_pids(&self) {
+        let pids: Vec<String> = self
+            .replicas
+            .iter()
+            .filter_map(|r| r.child.as_ref().map(|c| c.id().to_string()))
+            .collect();
+        let tmp = self.root.path().join("pids.new");
+        std::fs::write(&tmp, pids.join(" ")).unwrap();
+        std::fs::rename(&tmp, self.root.path().join("pids")).unwrap();
+    }
+
+    /// Starts one more replica, on ports and a data directory of its own, and waits until it
+    /// is ready; returns its index.
+    async fn start(&mut self) -> usize {
+        let i = self.replicas.len();
+        let name = char::from(b'A' + i as u8);
+        let dir = self.root.path().join(format!("replica-{name}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let port = free_port();
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+            .unwrap()
+            .connect_timeout(Duration::from_secs(1))
+            .connect_lazy();
+        self.replicas.push(Replica {
+            name,
+            port,
+            admin: free_port(),
+            dir,
+            child: None,
+            client: ChannelGatewayClient::new(channel),
+        });
+        self.spawn(i);
+        self.wait_ready(i).await;
+        i
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let r = &self.replicas[i];
+        assert!(r.child.is_none(), "replica {} is still running", r.name);
+        // Appended across restarts: the tail shown on a failure covers every run.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(r.dir.join("gateway.log"))
+            .unwrap();
+        let child = gateway_command(&self.fake, &r.dir, r.port)
+            .env("CHANNEL_GATEWAY__OUTBOX__BACKEND", "postgres")
+            .env("CHANNEL_GATEWAY__OUTBOX__POSTGRES__URL", &self.url)
+            .env("CHANNEL_GATEWAY__OUTBOX__POSTGRES__LEASE", LEASE_ENV)
+            .env(
+                "CHANNEL_GATEWAY__OUTBOX__POSTGRES__RENEW_EVERY",
+                RENEW_EVERY_ENV,
+            )
+            .env(
+                "CHANNEL_GATEWAY__OUTBOX__POSTGRES__POLL_EVERY",
+                POLL_EVERY_ENV,
+            )
+            .env(
+                "CHANNEL_GATEWAY__ADMIN__LISTEN",
+                format!("127.0.0.1:{}", r.admin),
+            )
+            // The fake is not Teams: its conversations take messages faster than Teams allows.
+            .env(
+                "CHANNEL_GATEWAY__CHANNELS__BOTFRAMEWORK__TEAMS_PACING",
+                "false",
+            )
+            // 30% faults must not fail a message, nor back it off for long.
+            .env("CHANNEL_GATEWAY__DELIVERY__BASE_RETRY_DELAY", "20ms")
+            .env("CHANNEL_GATEWAY__DELIVERY__MAX_RETRY_DELAY", "1s")
+            .env("CHANNEL_GATEWAY__DELIVERY__MAX_ATTEMPTS", "50")
+            .env("CHANNEL_GATEWAY__DELIVERY__MAX_AMBIGUOUS_RETRIES", "50")
+            .env("CHANNEL_GATEWAY__DELIVERY__REQUEST_TIMEOUT", "5s")
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.replicas[i].child = Some(child);
+        self.write_pids();
+    }
+
+    /// Waits for `/readyz` on the replica's admin port; panics with its log if it exits or
+    /// is not ready within 30 s.
+    async fn wait_ready(&mut self, i: usize) {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(1))
+            .build()
+            .unwrap();
+        let r = &mut self.replicas[i];
+        let url = format!("http://127.0.0.1:{}/readyz", r.admin);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(resp) = http.get(&url).send().await
+                && resp.status().is_success()
+            {
+                return;
+            }
+            if let Some(status) = r.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!(
+                    "replica {} exited while starting ({status}); its log:\n{}",
+                    r.name,
+                    log_tail(&r.dir)
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "replica {} not ready within 30 s; its log:\n{}",
+                r.name,
+                log_tail(&r.dir)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGKILL, and the instant the process was reaped (it can send nothing after).
+    fn kill(&mut self, i: usize) -> Instant {
+        let mut child = self.take_child(i);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        Instant::now()
+    }
+
+    /// Starts the replica again on its port and data directory; waits until it is ready.
+    async fn restart(&mut self, i: usize) {
+        self.spawn(i);
+        self.wait_ready(i).await;
+    }
+
+    /// Sends `signal` (`STOP`, `CONT`, `TERM`) to the replica's process.
+    fn signal(&self, i: usize, signal: &str) {
+        let r = &self.replicas[i];
+        let pid = r.child.as_ref().expect("a running replica").id();
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status()
+            .unwrap();
+        assert!(
+            status.success(),
+            "kill -{signal} {pid} (replica {})",
+            r.name
+        );
+    }
+
+    /// The process, now the caller's to wait for.
+    fn take_child(&mut self, i: usize) -> Child {
+        let child = self.replicas[i]
+            .child
+            .take()
+            .expect("the replica is running");
+        self.write_pids();
+        child
+    }
+
+    fn client(&self, i: usize) -> Client {
+        self.replicas[i].client.clone()
+    }
+
+    fn clients(&self) -> Vec<Client> {
+        self.replicas.iter().map(|r| r.client.clone()).collect()
+    }
+}
+
+impl Drop for Replicas {
+    fn drop(&mut self) {
+        let failed = std::thread::panicking();
+        for r in &mut self.replicas {
+            // SIGKILL also ends a stopped process.
+            if let Some(mut c) = r.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            if failed {
+                eprintln!(
+                    "--- replica {} (port {}), the end of its log ---\n{}",
+                    r.name,
+                    r.port,
+                    log_tail(&r.dir)
+                );
+            }
+        }
+        if let Some((mut reaper, mut stdin)) = self.reaper.take() {
+            let _ = stdin.write_all(b"disarm\n");
+            drop(stdin);
+            let _ = reaper.wait();
+        }
+    }
+}
+
+/// The last lines of a replica's log, without the pauses the fake's 429s cause on purpose.
+fn log_tail(dir: &Path) -> String {
+    let text = std::fs::read_to_string(dir.join("gateway.log")).unwrap_or_default();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.contains("rate limited: pausing"))
+        .collect();
+    lines[lines.len().saturating_sub(25)..]
+        .iter()
+        .map(|l| l.chars().take(400).collect::<String>())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+// ---------------------------------------------------------------------------------------------
+// The database, read (and, for the stale-epoch check, watched) directly.
+
+async fn connect_db(url: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    client
+}
+
+/// Each partition's holder whose lease runs now, by the database's clock.
+async fn holders(db: &tokio_postgres::Client) -> Vec<Option<String>> {
+    let rows = db
+        .query(
+            "SELECT partition, CASE WHEN lease_until > now() THEN owner END \
+             FROM cg_partitions ORDER BY partition",
+            &[],
+        )
+        .await
+        .unwrap();
+    let mut held = vec![None; PARTITIONS as usize];
+    for row in rows {
+        let p: i32 = row.get(0);
+        if let Some(slot) = usize::try_from(p).ok().and_then(|p| held.get_mut(p)) {
+            *slot = row.get(1);
+        }
+    }
+    held
+}
+
+fn distinct(held: &[Option<String>]) -> BTreeSet<String> {
+    held.iter().flatten().cloned().collect()
+}
+
+/// The one replica holding every partition, if there is one.
+fn sole_holder(held: &[Option<String>]) -> Option<String> {
+    let ids = distinct(held);
+    (ids.len() == 1 && held.iter().all(Option::is_some)).then(|| ids.into_iter().next().unwrap())
+}
+
+fn describe(held: &[Option<String>]) -> String {
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for h in held {
+        *counts.entry(h.as_deref().unwrap_or("(none)")).or_default() += 1;
+    }
+    format!("{} partitions, held by: {counts:?}", held.len())
+}
+
+/// Waits until exactly `n` replicas hold every partition between them, the same way for two
+/// renewal periods (rebalancing done: a replica joining moves partitions over a few rounds).
+async fn wait_shared_by(db: &tokio_postgres::Client, n: usize, within: Duration) {
+    let deadline = Instant::now() + within;
+    let mut since: Option<(Vec<Option<String>>, Instant)> = None;
+    loop {
+        let held = holders(db).await;
+        if held.iter().all(Option::is_some) && distinct(&held).len() == n {
+            match &since {
+                Some((before, at)) if *before == held => {
+                    if at.elapsed() >= RENEW_EVERY * 2 {
+                        return;
+                    }
+                }
+                _ => since = Some((held.clone(), Instant::now())),
+            }
+        } else {
+            since = None;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the {n} replicas do not share the partitions, still, after {within:?}: {}",
+            describe(&held)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The partition of every stored conversation whose id starts with `prefix`, as the outbox
+/// stored it (keys are `channel/bot/conversation`).
+async fn partitions_of(db: &tokio_postgres::Client, prefix: &str) -> HashMap<usize, usize> {
+    db.query(
+        "SELECT DISTINCT conversation, partition::int FROM outbox_messages",
+        &[],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .filter_map(|row| {
+        let key: String = row.get(0);
+        let conv = key.rsplit('/').next()?.strip_prefix(prefix)?.parse().ok()?;
+        Some((conv, usize::try_from(row.get::<_, i32>(1)).ok()?))
+    })
+    .collect()
+}
+
+/// One stored message's final state.
+#[derive(Debug)]
+struct StoredRow {
+    id: i64,
+    state: String,
+    possible_duplicate: bool,
+}
+
+/// Every stored message, by (conversation id, text).
+async fn stored(db: &tokio_postgres::Client) -> HashMap<(String, String), Vec<StoredRow>> {
+    let rows = db
+        .query(
+            "SELECT m.conversation, b.body::jsonb #>> '{message,text}', m.id, m.state, \
+             m.possible_duplicate \
+             FROM outbox_messages m JOIN outbox_bodies b ON b.id = m.id",
+            &[],
+        )
+        .await
+        .unwrap();
+    let mut all: HashMap<(String, String), Vec<StoredRow>> = HashMap::new();
+    for row in rows {
+        let key: String = row.get(0);
+        let conv = key.rsplit('/').next().unwrap_or_default().to_string();
+        let text: Option<String> = row.get(1);
+        all.entry((conv, text.unwrap_or_default()))
+            .or_default()
+            .push(StoredRow {
+                id: row.get(2),
+                state: row.get(3),
+                possible_duplicate: row.get(4),
+            });
+    }
+    all
+}
+
+async fn count(db: &tokio_postgres::Client, sql: &str) -> i64 {
+    db.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+/// Records every update of an outbox row that writes a state under an epoch other than its
+/// partition's current one, into `stale_writes`. The epoch is read through `to_jsonb` so the
+/// trigger also runs on a schema without the column (it then records nothing, and the test
+/// says the column is missing).
+const STALE_WRITES_TRIGGER: &str = "
+CREATE TABLE stale_writes (
+    at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp(),
+    id BIGINT, partition INTEGER, old_epoch BIGINT, new_epoch BIGINT, current_epoch BIGINT,
+    old_state TEXT, new_state TEXT
+);
+CREATE FUNCTION cg_test_stale_write() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    new_epoch BIGINT := (to_jsonb(NEW) ->> 'epoch')::BIGINT;
+    old_epoch BIGINT := (to_jsonb(OLD) ->> 'epoch')::BIGINT;
+    current_epoch BIGINT;
+BEGIN
+    IF new_epoch IS NULL THEN
+        RETURN NEW;
+    END IF;
+    SELECT p.epoch INTO current_epoch FROM cg_partitions p WHERE p.partition = NEW.partition;
+    -- A fenced write under an epoch that is not the partition's; or a state change left
+    -- under an epoch the partition has moved past (a write that skipped the fence).
+    IF (new_epoch IS DISTINCT FROM old_epoch AND new_epoch IS DISTINCT FROM current_epoch)
+       OR (new_epoch < current_epoch
+           AND (NEW.state, NEW.attempts, NEW.possible_duplicate, NEW.receipts, NEW.error)
+               IS DISTINCT FROM (OLD.state, OLD.attempts, OLD.possible_duplicate, OLD.receipts,
+                                 OLD.error)) THEN
+        INSERT INTO stale_writes (id, partition, old_epoch, new_epoch, current_epoch,
+                                  old_state, new_state)
+        VALUES (NEW.id, NEW.partition, old_epoch, new_epoch, current_epoch,
+                OLD.state, NEW.state);
+    END IF;
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER cg_test_stale_write BEFORE UPDATE ON outbox_messages
+    FOR EACH ROW EXECUTE FUNCTION cg_test_stale_write();
+";
+
+// ---------------------------------------------------------------------------------------------
+// Bots sending: each conversation's messages one at a time, by one task.
+
+/// (conversation, sequence) -> message id, for every Send that returned OK.
+type Acked = HashMap<(usize, usize), String>;
+
+struct Traffic {
+    stop: Arc<AtomicBool>,
+    acked: Arc<Mutex<Acked>>,
+    failed: Arc<AtomicUsize>,
+    /// The first few errors, for a failure's message.
+    errors: Arc<Mutex<Vec<String>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Traffic {
+    /// `conversations` conversations `{prefix}{n}`, each sent `0`, `1`, … every `every`; message
+    /// `s` of conversation `n` goes through `clients[(n + s) % len]`, so consecutive messages of
+    /// a conversation go through different replicas when there are several. A failed Send is
+    /// not retried: its number is left unacknowledged.
+    fn start(
+        fake: &FakeConnector,
+        clients: Vec<Client>,
+        prefix: &str,
+        conversations: usize,
+        every: Duration,
+    ) -> Traffic {
+        let traffic = Traffic {
+            stop: Arc::default(),
+            acked: Arc::default(),
+            failed: Arc::default(),
+            errors: Arc::default(),
+            tasks: Vec::new(),
+        };
+        let mut tasks = Vec::new();
+        for conv in 0..conversations {
+            let address = fake.address(&format!("{prefix}{conv}"));
+            let mut clients = clients.clone();
+            let (stop, acked, failed, errors) = (
+                traffic.stop.clone(),
+                traffic.acked.clone(),
+                traffic.failed.clone(),
+                traffic.errors.clone(),
+            );
+            // Spread over the period, so the Sends do not come in waves.
+            let offset = every.mul_f64(conv as f64 / conversations as f64);
+            tasks.push(tokio::spawn(async move {
+                tokio::time::sleep(offset).await;
+                let mut seq = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let n = clients.len();
+                    let client = &mut clients[(conv + seq) % n];
+                    let sent = tokio::time::timeout(
+                        CALL_TIMEOUT,
+                        send_text(client, &address, seq.to_string()),
+                    )
+                    .await;
+                    match sent {
+                        Ok(Ok(r)) => {
+                            acked.lock().unwrap().insert((conv, seq), r.message_id);
+                        }
+                        Ok(Err(e)) => {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                            let mut errors = errors.lock().unwrap();
+                            if errors.len() < 5 {
+                                errors.push(format!("{:?}: {}", e.code(), e.message()));
+                            }
+                        }
+                        Err(_) => {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    seq += 1;
+                    tokio::time::sleep(every).await;
+                }
+            }));
+        }
+        Traffic { tasks, ..traffic }
+    }
+
+    /// Stops sending; returns what was acknowledged.
+    async fn stop(self) -> Acked {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+        self.acked.lock().unwrap().clone()
+    }
+
+    fn failures(&self) -> String {
+        format!(
+            "{} Sends failed; first errors: {:?}",
+            self.failed.load(Ordering::Relaxed),
+            self.errors.lock().unwrap()
+        )
+    }
+}
+
+/// (conversation, sequence) of a received activity of `{prefix}{n}` with text `{seq}`.
+fn parse(r: &Received, prefix: &str) -> Option<(usize, usize)> {
+    let conv = r.conversation.strip_prefix(prefix)?.parse().ok()?;
+    Some((conv, r.text().parse().ok()?))
+}
+
+/// The acknowledged messages not received (yet), sorted. Reads the fake's record in place: it
+/// holds thousands of activities, and this runs in a polling loop.
+fn missing(fake: &FakeConnector, prefix: &str, acked: &Acked) -> Vec<(usize, usize)> {
+    let got: HashSet<(usize, usize)> = fake
+        .state
+        .received
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|r| parse(r, prefix))
+        .collect();
+    let mut missing: Vec<(usize, usize)> =
+        acked.keys().filter(|k| !got.contains(k)).copied().collect();
+    missing.sort_unstable();
+    missing
+}
+
+/// Waits until every acknowledged message arrived; returns those that did not within `within`.
+async fn wait_delivered(
+    fake: &FakeConnector,
+    prefix: &str,
+    acked: &Acked,
+    within: Duration,
+) -> Vec<(usize, usize)> {
+    let deadline = Instant::now() + within;
+    loop {
+        let m = missing(fake, prefix, acked);
+        if m.is_empty() || Instant::now() > deadline {
+            return m;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Per conversation, the receipt instants of `{prefix}{n}` in arrival order.
+fn receipts_by_conversation(fake: &FakeConnector, prefix: &str) -> BTreeMap<usize, Vec<Instant>> {
+    let mut by: BTreeMap<usize, Vec<Instant>> = BTreeMap::new();
+    for r in fake.state.received.lock().unwrap().iter() {
+        if let Some((conv, _)) = parse(r, prefix) {
+            by.entry(conv).or_default().push(r.at);
+        }
+    }
+    by
+}
+
+/// The longest time a conversation went without a receipt within [from, to]: (gap, conversation).
+fn longest_gap(
+    fake: &FakeConnector,
+    prefix: &str,
+    from: Instant,
+    to: Instant,
+) -> (Duration, usize) {
+    let mut worst = (Duration::ZERO, 0);
+    for (conv, ats) in receipts_by_conversation(fake, prefix) {
+        let mut last = from;
+        for at in ats.into_iter().filter(|a| *a >= from && *a <= to) {
+            worst = worst.max((at - last, conv));
+            last = at;
+        }
+        worst = worst.max((to.saturating_duration_since(last), conv));
+    }
+    worst
+}
+
+async fn get_delivery(client: &mut Client, id: &str) -> Result<pb::Delivery, String> {
+    let r = tokio::time::timeout(
+        CALL_TIMEOUT,
+        client.get_delivery(pb::GetDeliveryRequest {
+            message_id: id.to_string(),
+        }),
+    )
+    .await
+    .map_err(|_| "timed out".to_string())?
+    .map_err(|e| format!("{:?}: {}", e.code(), e.message()))?;
+    r.into_inner()
+        .delivery
+        .ok_or_else(|| "no delivery in the answer".to_string())
+}
+
+/// What a check found wrong, by kind: a failure shows every kind, with a count and a few cases
+/// (a chaos run can break thousands of messages the same way).
+#[derive(Default)]
+struct Problems(BTreeMap<&'static str, Vec<String>>);
+
+impl Problems {
+    fn add(&mut self, kind: &'static str, case: String) {
+        self.0.entry(kind).or_default().push(case);
+    }
+}
+
+impl std::fmt::Display for Problems {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (kind, cases) in &self.0 {
+            writeln!(f, "{} {kind}, e.g.:", cases.len())?;
+            for case in cases.iter().take(8) {
+                writeln!(f, "    {case}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The tests.
+
+const CHAOS_CONVERSATIONS: usize = 24;
+const CHAOS_FOR: Duration = Duration::from_secs(60);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chaos_three_replicas_sigkill_and_sigstop() {
+    let _serial = SERIAL.lock().await;
+    let _watchdog = Watchdog::start();
+    let seed: u64 = std::env::var("CHANNEL_GATEWAY_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    eprintln!("chaos seed {seed} (CHANNEL_GATEWAY_TEST_SEED={seed} repeats the schedule)");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+
+    let fake = FakeConnector::start().await;
+    fake.set_jitter(Duration::from_millis(5));
+    *fake.state.fault_kinds.lock().unwrap() = vec!["500", "500", "500", "429"];
+    *fake.state.fault_rate.lock().unwrap() = 0.3;
+
+    let mut cluster = Replicas::new(&fake).await;
+    // The first replica creates the schema; the trigger goes on it before anything is written.
+    cluster.start().await;
+    cluster
+        .db
+        .batch_execute(STALE_WRITES_TRIGGER)
+        .await
+        .unwrap();
+    cluster.start().await;
+    cluster.start().await;
+
+    let prefix = "chaos-";
+    let traffic = Traffic::start(
+        &fake,
+        cluster.clients(),
+        prefix,
+        CHAOS_CONVERSATIONS,
+        Duration::from_millis(200),
+    );
+    let began = Instant::now();
+    // Once, early enough to leave time for kills after it: a pause longer than the lease.
+    let pause_at_event = rng.random_range(1..=2);
+    let (mut kills, mut event) = (0, 0);
+    let mut paused = None;
+    while began.elapsed() < CHAOS_FOR {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(5_000..=10_000))).await;
+        let victim = rng.random_range(0..cluster.replicas.len());
+        let name = cluster.replicas[victim].name;
+        if event == pause_at_event {
+            cluster.signal(victim, "STOP");
+            tokio::time::sleep(LEASE + Duration::from_secs(2)).await;
+            cluster.signal(victim, "CONT");
+            eprintln!("{:>5.1?}: replica {name} paused for 5 s", began.elapsed());
+            paused = Some(name);
+        } else {
+            cluster.kill(victim);
+            cluster.restart(victim).await;
+            kills += 1;
+            eprintln!(
+                "{:>5.1?}: replica {name} killed and restarted",
+                began.elapsed()
+            );
+        }
+        event += 1;
+    }
+    let churn_ended = Instant::now();
+    let sends = traffic.failures();
+    let acked = traffic.stop().await;
+
+    let mut problems = Problems::default();
+    let lost = wait_delivered(&fake, prefix, &acked, Duration::from_secs(30)).await;
+    for (conv, seq) in lost {
+        problems.add(
+            "acknowledged messages lost",
+            format!("{prefix}{conv} message {seq}"),
+        );
+    }
+    // Final states: no more faults, and nothing left to deliver (unacknowledged messages too).
+    *fake.state.fault_rate.lock().unwrap() = 0.0;
+    let unfinished =
+        "SELECT count(*) FROM outbox_messages WHERE state IN ('accepted', 'delivering')";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while count(&cluster.db, unfinished).await > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let left = count(&cluster.db, unfinished).await;
+    if left > 0 {
+        problems.add(
+            "messages never finished",
+            format!("{left} messages still accepted or delivering 10 s after the end"),
+        );
+    }
+
+    let received: Vec<(usize, usize)> = fake
+        .state
+        .received
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|r| parse(r, prefix))
+        .collect();
+    let stored = stored(&cluster.db).await;
+    let (mut duplicated, mut flagged) = (0, 0);
+    for conv in 0..CHAOS_CONVERSATIONS {
+        let seqs: Vec<usize> = received
+            .iter()
+            .filter(|(c, _)| *c == conv)
+            .map(|(_, s)| *s)
+            .collect();
+        // Order: the first arrival of each acknowledged message, in acknowledged order.
+        // (position in arrivals, seq)
+        let mut seen = HashSet::new();
+        let firsts: Vec<(usize, usize)> = seqs
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| acked.contains_key(&(conv, **s)) && seen.insert(**s))
+            .map(|(i, s)| (i, *s))
+            .collect();
+        if let Some(w) = firsts.windows(2).find(|w| w[0].1 > w[1].1) {
+            let around = &seqs[w[0].0.saturating_sub(5)..(w[1].0 + 5).min(seqs.len())];
+            problems.add(
+                "conversations out of order",
+                format!(
+                    "{prefix}{conv}: {} arrived before {} (arrivals around: {around:?})",
+                    w[0].1, w[1].1
+                ),
+            );
+        }
+        let in_flight = fake.max_in_flight(&format!("{prefix}{conv}"));
+        if in_flight > 1 {
+            problems.add(
+                "conversations with several messages in flight at once",
+                format!("{prefix}{conv}: {in_flight} at once"),
+            );
+        }
+        // Duplicates: each must be flagged in its final state.
+        let mut times: BTreeMap<usize, usize> = BTreeMap::new();
+        for s in &seqs {
+            *times.entry(*s).or_default() += 1;
+        }
+        for (seq, n) in times.into_iter().filter(|(_, n)| *n > 1) {
+            duplicated += 1;
+            // (message id, flagged)
+            let flag = match acked.get(&(conv, seq)) {
+                // Acknowledged: ask a replica, any of them.
+                Some(id) => {
+                    let mut client = cluster.client(seq % cluster.replicas.len());
+                    get_delivery(&mut client, id)
+                        .await
+                        .map(|d| (id.clone(), d.possible_duplicate))
+                }
+                // Its Send failed (the replica died answering): its row says.
+                None => match stored.get(&(format!("{prefix}{conv}"), seq.to_string())) {
+                    Some(rows) if rows.len() == 1 => {
+                        Ok((rows[0].id.to_string(), rows[0].possible_duplicate))
+                    }
+                    other => Err(format!("stored as {other:?}")),
+                },
+            };
+            match flag {
+                Ok((_, true)) => flagged += 1,
+                Ok((id, false)) => problems.add(
+                    "duplicates not flagged possible_duplicate",
+                    format!("{prefix}{conv} message {seq} (id {id}) arrived {n} times"),
+                ),
+                Err(e) => problems.add(
+                    "duplicates whose state is unknown",
+                    format!("{prefix}{conv} message {seq} arrived {n} times; its state: {e}"),
+                ),
+            }
+        }
+    }
+
+    let has_epoch = count(
+        &cluster.db,
+        "SELECT count(*) FROM information_schema.columns \
+         WHERE table_name = 'outbox_messages' AND column_name = 'epoch'",
+    )
+    .await
+        == 1;
+    if !has_epoch {
+        problems.add(
+            "unfenced schema",
+            "outbox_messages has no epoch column: state writes are not fenced".into(),
+        );
+    }
+    let stale = cluster
+        .db
+        .query(
+            "SELECT id, partition, old_epoch, new_epoch, current_epoch, old_state, new_state \
+             FROM stale_writes ORDER BY at LIMIT 20",
+            &[],
+        )
+        .await
+        .unwrap();
+    let stale_total = count(&cluster.db, "SELECT count(*) FROM stale_writes").await;
+    for r in &stale {
+        problems.add(
+            "states written under a stale epoch",
+            format!(
+                "message {} in partition {}: epoch {:?} -> {:?} while the partition is at {:?} \
+                 ({:?} -> {:?})",
+                r.get::<_, Option<i64>>(0).unwrap_or_default(),
+                r.get::<_, Option<i32>>(1).unwrap_or_default(),
+                r.get::<_, Option<i64>>(2),
+                r.get::<_, Option<i64>>(3),
+                r.get::<_, Option<i64>>(4),
+                r.get::<_, Option<String>>(5),
+                r.get::<_, Option<String>>(6),
+            ),
+        );
+    }
+    if stale_total > stale.len() as i64 {
+        problems.add(
+            "states written under a stale epoch",
+            format!("and {} more", stale_total - stale.len() as i64),
+        );
+    }
+
+    let faults = fake.state.faults.lock().unwrap().clone();
+    let kind = |k: &str| faults.iter().filter(|(_, f, _)| *f == k).count();
+    let stall = longest_gap(&fake, prefix, began, churn_ended);
+    let flagged_rows: usize = stored
+        .values()
+        .flatten()
+        .filter(|r| r.possible_duplicate)
+        .count();
+    let delivered_rows = stored
+        .values()
+        .flatten()
+        .filter(|r| r.state == "delivered")
+        .count();
+    eprintln!(
+        "chaos over {:.1?}: {kills} kills, paused {paused:?}; {} acknowledged ({sends}); {} \
+         activities received, {} distinct; {duplicated} messages arrived more than once, \
+         {flagged} of them flagged; {flagged_rows} rows flagged possible_duplicate, \
+         {delivered_rows} delivered; faults: {} 500s, {} 429s; longest stall {:.2?} \
+         ({prefix}{})",
+        churn_ended - began,
+        acked.len(),
+        received.len(),
+        received.iter().collect::<HashSet<_>>().len(),
+        kind("500"),
+        kind("429"),
+        stall.0,
+        stall.1,
+    );
+
+    // The chaos happened as planned, or the checks above proved little.
+    assert!(
+        kills >= 4 && paused.is_some(),
+        "{kills} kills, paused {paused:?}"
+    );
+    assert!(
+        acked.len() >= CHAOS_CONVERSATIONS * 20,
+        "only {} Sends acknowledged: {sends}",
+        acked.len()
+    );
+    assert!(
+        kind("500") > 0 && kind("429") > 0,
+        "fault injection did not happen as planned"
+    );
+    assert!(problems.0.is_empty(), "{problems}");
+    // Not a given: a run can go without a kill catching a message on its way.
+    if duplicated == 0 {
+        eprintln!("no message arrived twice in this run");
+    }
+}
+
+const FAILOVER_CONVERSATIONS: usize = 64;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_failover_resumes_within_lease_plus_renewal() {
+    let _serial = SERIAL.lock().await;
+    let _watchdog = Watchdog::start();
+    let fake = FakeConnector::start().await;
+    let mut cluster = Replicas::new(&fake).await;
+    let a = cluster.start().await;
+    let b = cluster.start().await;
+    let prefix = "failover-";
+    // Every message goes in through B: A's death must not stop the Sends, only A's deliveries.
+    let traffic = Traffic::start(
+        &fake,
+        vec![cluster.client(b)],
+        prefix,
+        FAILOVER_CONVERSATIONS,
+        Duration::from_millis(400),
+    );
+    wait_shared_by(&cluster.db, 2, Duration::from_secs(20)).await;
+    // Every conversation delivered, and its partition known.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while receipts_by_conversation(&fake, prefix).len() < FAILOVER_CONVERSATIONS {
+        assert!(
+            Instant::now() < deadline,
+            "not every conversation delivered: {} of {FAILOVER_CONVERSATIONS}; {}",
+            receipts_by_conversation(&fake, prefix).len(),
+            traffic.failures()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let partition = partitions_of(&cluster.db, prefix).await;
+    assert_eq!(partition.len(), FAILOVER_CONVERSATIONS);
+    let before = holders(&cluster.db).await;
+    assert_eq!(distinct(&before).len(), 2, "{}", describe(&before));
+
+    let killed = cluster.kill(a);
+    let bound = LEASE + RENEW_EVERY + Duration::from_secs(1);
+    // B ends up holding everything; A's conversations are those whose holder was the other.
+    let deadline = killed + bound + Duration::from_secs(10);
+    let survivor = loop {
+        let held = holders(&cluster.db).await;
+        if let Some(s) = sole_holder(&held) {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "B does not hold every partition {:?} after A's death: {}",
+            killed.elapsed(),
+            describe(&held)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let taken_over = killed.elapsed();
+    assert!(
+        distinct(&before).contains(&survivor),
+        "the survivor {survivor} held nothing before: {}",
+        describe(&before)
+    );
+    let of_a: Vec<usize> = (0..FAILOVER_CONVERSATIONS)
+        .filter(|c| before[partition[c]].as_ref() != Some(&survivor))
+        .collect();
+    assert!(!of_a.is_empty(), "A held none of the conversations");
+
+    // Each of A's conversations: the time from the kill to its next delivery.
+    let deadline = killed + bound + Duration::from_secs(10);
+    let resumed: Vec<(usize, Duration)> = loop {
+        let by = receipts_by_conversation(&fake, prefix);
+        let resumed: Vec<(usize, Duration)> = of_a
+            .iter()
+            .filter_map(|c| {
+                let at = by.get(c)?.iter().find(|at| **at > killed)?;
+                Some((*c, *at - killed))
+            })
+            .collect();
+        if resumed.len() == of_a.len() {
+            break resumed;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of A's {} conversations not delivered {:?} after the kill",
+            of_a.len() - resumed.len(),
+            of_a.len(),
+            killed.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let worst = resumed.iter().map(|(_, d)| *d).max().unwrap_or_default();
+    let mut sorted: Vec<Duration> = resumed.iter().map(|(_, d)| *d).collect();
+    sorted.sort_unstable();
+    let now = Instant::now();
+    let (b_gap, b_conv) = {
+        let of_b: HashSet<usize> = (0..FAILOVER_CONVERSATIONS)
+            .filter(|c| !of_a.contains(c))
+            .collect();
+        let by = receipts_by_conversation(&fake, prefix);
+        let mut worst = (Duration::ZERO, 0);
+        for (c, ats) in by.iter().filter(|(c, _)| of_b.contains(c)) {
+            let mut last = killed;
+            for at in ats.iter().filter(|a| **a > killed) {
+                worst = worst.max((*at - last, *c));
+                last = *at;
+            }
+            worst = worst.max((now - last, *c));
+        }
+        worst
+    };
+    let acked = traffic.stop().await;
+    let lost = wait_delivered(&fake, prefix, &acked, Duration::from_secs(15)).await;
+    eprintln!(
+        "A held {} of {FAILOVER_CONVERSATIONS} conversations; B held every partition {taken_over:.2?} \
+         after the kill; A's conversations resumed after {:.2?} (median) to {worst:.2?} (worst), \
+         bound {bound:?}; B's own went at most {b_gap:.2?} without a delivery ({prefix}{b_conv}); \
+         {} acknowledged",
+        of_a.len(),
+        sorted[sorted.len() / 2],
+        acked.len()
+    );
+    assert!(
+        worst <= bound,
+        "A's conversations resumed {worst:?} after its death (bound {bound:?})"
+    );
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged messages lost in the failover, e.g. {:?}",
+        lost.len(),
+        &lost[..lost.len().min(10)]
+    );
+}
+
+const HANDOVER_CONVERSATIONS: usize = 32;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_hands_partitions_over_within_a_second() {
+    let _serial = SERIAL.lock().await;
+    let _watchdog = Watchdog::start();
+    let fake = FakeConnector::start().await;
+    let mut cluster = Replicas::new(&fake).await;
+    let a = cluster.start().await;
+    let b = cluster.start().await;
+    let prefix = "handover-";
+    let traffic = Traffic::start(
+        &fake,
+        vec![cluster.client(b)],
+        prefix,
+        HANDOVER_CONVERSATIONS,
+        Duration::from_millis(250),
+    );
+    wait_shared_by(&cluster.db, 2, Duration::from_secs(20)).await;
+    let partition = partitions_of(&cluster.db, prefix).await;
+    let before = holders(&cluster.db).await;
+    assert_eq!(distinct(&before).len(), 2, "{}", describe(&before));
+
+    cluster.signal(a, "TERM");
+    let signalled = Instant::now();
+    let mut child = cluster.take_child(a);
+    let exit: Arc<Mutex<Option<(Instant, ExitStatus)>>> = Arc::default();
+    let waiter = {
+        let exit = exit.clone();
+        std::thread::spawn(move || {
+            let status = child.wait().unwrap();
+            *exit.lock().unwrap() = Some((Instant::now(), status));
+        })
+    };
+    let deadline = signalled + Duration::from_secs(15);
+    let (survivor, handed_over) = loop {
+        let held = holders(&cluster.db).await;
+        if let Some(s) = sole_holder(&held) {
+            break (s, Instant::now());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "A's partitions not handed over {:?} after SIGTERM: {}",
+            signalled.elapsed(),
+            describe(&held)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert!(
+        distinct(&before).contains(&survivor),
+        "the survivor {survivor} held nothing before: {}",
+        describe(&before)
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !waiter.is_finished() {
+        assert!(Instant::now() < deadline, "A still runs 30 s after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    waiter.join().unwrap();
+    let (exited, status) = exit.lock().unwrap().take().unwrap();
+    let after_signal = handed_over - signalled;
+    let after_exit = handed_over.saturating_duration_since(exited);
+    let moved = before
+        .iter()
+        .filter(|h| h.as_ref() != Some(&survivor))
+        .count();
+    eprintln!(
+        "A's {moved} partitions were held by B {after_signal:.3?} after SIGTERM, {after_exit:.3?} \
+         after A exited ({status}, {:.3?} after the signal)",
+        exited - signalled
+    );
+    assert!(status.success(), "A's exit after SIGTERM: {status}");
+    assert!(
+        after_exit <= Duration::from_secs(1) || after_signal <= Duration::from_millis(1500),
+        "handed over {after_signal:?} after SIGTERM, {after_exit:?} after exiting"
+    );
+
+    // A's conversations go on, delivered by B.
+    let of_a: Vec<usize> = partition
+        .iter()
+        .filter(|(_, p)| before[**p].as_ref() != Some(&survivor))
+        .map(|(c, _)| *c)
+        .collect();
+    assert!(!of_a.is_empty(), "A held none of the conversations");
+    let deadline = handed_over + Duration::from_secs(5);
+    loop {
+        let by = receipts_by_conversation(&fake, prefix);
+        let waiting: Vec<usize> = of_a
+            .iter()
+            .filter(|c| {
+                !by.get(c)
+                    .is_some_and(|ats| ats.iter().any(|at| *at > handed_over))
+            })
+            .copied()
+            .collect();
+        if waiting.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "A's conversations {waiting:?} got nothing within 5 s of the handover; {}",
+            traffic.failures()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let acked = traffic.stop().await;
+    let lost = wait_delivered(&fake, prefix, &acked, Duration::from_secs(15)).await;
+    assert!(
+        lost.is_empty(),
+        "{} of {} acknowledged messages lost in the handover, e.g. {:?}",
+        lost.len(),
+        acked.len(),
+        &lost[..lost.len().min(10)]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_idempotency_key_sent_to_two_replicas_stores_one_message() {
+    let _serial = SERIAL.lock().await;
+    let _watchdog = Watchdog::start();
+    let fake = FakeConnector::start().await;
+    let mut cluster = Replicas::new(&fake).await;
+    let a = cluster.start().await;
+    let b = cluster.start().await;
+    const KEYS: usize = 20;
+    let conv = |k: usize| format!("idem-{}", k % 4);
+    let mut ids = Vec::new();
+    for k in 0..KEYS {
+        let request = pb::SendRequest {
+            message: Some(fake.text(&conv(k), &format!("key {k}"))),
+            idempotency_key: format!("replicas-key-{k}"),
+            ..Default::default()
+        };
+        let (mut ca, mut cb) = (cluster.client(a), cluster.client(b));
+        // Both calls polled together: they reach their replicas at the same moment.
+        let (ra, rb) = tokio::join!(
+            tokio::time::timeout(CALL_TIMEOUT, ca.send(request.clone())),
+            tokio::time::timeout(CALL_TIMEOUT, cb.send(request)),
+        );
+        let id = |r: Result<Result<tonic::Response<pb::SendResponse>, tonic::Status>, _>,
+                  via: &str| match r {
+            Ok(Ok(r)) => r.into_inner().message_id,
+            Ok(Err(e)) => panic!("key {k} through {via}: {:?}: {}", e.code(), e.message()),
+            Err(_) => panic!("key {k} through {via}: no answer within {CALL_TIMEOUT:?}"),
+        };
+        let (ia, ib) = (id(ra, "A"), id(rb, "B"));
+        assert_eq!(ia, ib, "key {k}: two messages accepted");
+        ids.push(ia);
+    }
+    let distinct: HashSet<&String> = ids.iter().collect();
+    assert_eq!(distinct.len(), KEYS, "one id for two keys: {ids:?}");
+    let texts: Vec<String> = (0..KEYS).map(|k| format!("key {k}")).collect();
+    fake.wait_for(Duration::from_secs(15), "every key's message", |r| {
+        let got: HashSet<&str> = r.iter().map(Received::text).collect();
+        texts.iter().all(|t| got.contains(t.as_str()))
+    })
+    .await;
+    // A second copy would be on its way by now: give it time to arrive.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let received: Vec<String> = fake
+        .received()
+        .iter()
+        .map(|r| r.text().to_string())
+        .collect();
+    let stored = stored(&cluster.db).await;
+    for (k, text) in texts.iter().enumerate() {
+        let n = received.iter().filter(|t| *t == text).count();
+        assert_eq!(n, 1, "key {k}: received {n} times");
+        let rows = stored.get(&(conv(k), text.clone()));
+        assert_eq!(rows.map_or(0, Vec::len), 1, "key {k}: stored as {rows:?}");
+    }
+    assert_eq!(
+        count(&cluster.db, "SELECT count(*) FROM outbox_messages").await,
+        KEYS as i64
+    );
+}
