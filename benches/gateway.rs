@@ -551,6 +551,10 @@ struct GatewayOpts {
     room: Option<(usize, &'static str)>,
     /// More of the gateway's environment, set last (so it overrides the above).
     env: Vec<(&'static str, String)>,
+    /// The outbox on PostgreSQL: a fresh database of this cluster for each run. Runs end with
+    /// a SIGKILL, which may leave a delivered message's final state uncommitted; a later run on
+    /// the same database would deliver it again (flagged), which the order check would count.
+    pg: Option<std::sync::Arc<pg::PgCluster>>,
 }
 
 impl GatewayOpts {
@@ -564,6 +568,7 @@ impl GatewayOpts {
             retention: None,
             room: None,
             env: Vec::new(),
+            pg: None,
         }
     }
 }
@@ -636,6 +641,15 @@ fn spawn_gateway(fake_port: u16, data_dir: &std::path::Path, o: &GatewayOpts) ->
         )
         .env("CHANNEL_GATEWAY__INBOUND__LISTEN", "127.0.0.1:0")
         .envs(o.env.iter().map(|(k, v)| (*k, v.as_str())))
+        .envs(o.pg.iter().flat_map(|c| {
+            [
+                ("CHANNEL_GATEWAY__OUTBOX__BACKEND", "postgres".to_string()),
+                (
+                    "CHANNEL_GATEWAY__OUTBOX__POSTGRES__URL",
+                    c.create_database(),
+                ),
+            ]
+        }))
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
@@ -1443,15 +1457,9 @@ async fn driver() {
     // The same two loads with the outbox on PostgreSQL (one replica, a throwaway cluster on
     // this machine, fsync on): what a shared deployment pays against the embedded store.
     let (pg_send, pg_batch) = if selected("PostgreSQL") {
-        let cluster = pg::PgCluster::start();
+        let cluster = std::sync::Arc::new(pg::PgCluster::start());
         let pg_opts = || GatewayOpts {
-            env: vec![
-                ("CHANNEL_GATEWAY__OUTBOX__BACKEND", "postgres".into()),
-                (
-                    "CHANNEL_GATEWAY__OUTBOX__POSTGRES__URL",
-                    cluster.create_database(),
-                ),
-            ],
+            pg: Some(cluster.clone()),
             ..GatewayOpts::standard(true)
         };
         let (_, send, send_cpu) = delivery_scenario(

@@ -251,8 +251,15 @@ fn share_delivery(
     metrics: &Arc<Metrics>,
 ) -> Result<Replicas, ServeError> {
     use crate::storage::{lease, notify};
+    // A connection of its own: a renewal must not queue behind reads when the pool is busy,
+    // or leases lapse under load.
+    let lease_pool = crate::storage::postgres::pool(&crate::storage::postgres::PostgresConfig {
+        pool_size: 1,
+        ..pg.clone()
+    })
+    .map_err(|e| ServeError::Outbox(pg.scrub(e.to_string())))?;
     let leases = lease::Leases::start(
-        store.pool().clone(),
+        lease_pool,
         lease::LeaseConfig {
             lease: pg.lease,
             renew_every: pg.renew_every,

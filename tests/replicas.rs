@@ -66,6 +66,8 @@ struct Replicas {
     db: tokio_postgres::Client,
     replicas: Vec<Replica>,
     root: tempfile::TempDir,
+    /// Teams' documented budgets on (off by default: the fake takes messages faster).
+    teams_pacing: bool,
     /// Ends the replicas if this process dies without dropping `Replicas` (the watchdog's exit,
     /// a SIGKILL): `sh` reading a pipe only this process writes to; at its end of file it kills
     /// the pids listed in `root/pids` and removes `root`. `Drop` disarms it.
@@ -105,6 +107,7 @@ rm -rf "$1"
             db,
             replicas: Vec::new(),
             root,
+            teams_pacing: false,
             reaper: Some((reaper, stdin)),
         }
     }
@@ -174,7 +177,7 @@ rm -rf "$1"
             // The fake is not Teams: its conversations take messages faster than Teams allows.
             .env(
                 "CHANNEL_GATEWAY__CHANNELS__BOTFRAMEWORK__TEAMS_PACING",
-                "false",
+                self.teams_pacing.to_string(),
             )
             // 30% faults must not fail a message, nor back it off for long.
             .env("CHANNEL_GATEWAY__DELIVERY__BASE_RETRY_DELAY", "20ms")
@@ -968,24 +971,35 @@ async fn chaos_three_replicas_sigkill_and_sigstop() {
 
 const FAILOVER_CONVERSATIONS: usize = 64;
 
+/// Replicas A and B sharing their partitions, with a steady trickle to `n` conversations sent
+/// through B alone: stopping A must not stop the Sends, only A's deliveries.
+async fn two_replicas_sending_through_b(
+    fake: &FakeConnector,
+    prefix: &str,
+    n: usize,
+    every: Duration,
+) -> (Replicas, usize, Traffic) {
+    let mut cluster = Replicas::new(fake).await;
+    let a = cluster.start().await;
+    let b = cluster.start().await;
+    let traffic = Traffic::start(fake, vec![cluster.client(b)], prefix, n, every);
+    wait_shared_by(&cluster.db, 2, Duration::from_secs(20)).await;
+    (cluster, a, traffic)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigkill_failover_resumes_within_lease_plus_renewal() {
     let _serial = SERIAL.lock().await;
     let _watchdog = Watchdog::start();
     let fake = FakeConnector::start().await;
-    let mut cluster = Replicas::new(&fake).await;
-    let a = cluster.start().await;
-    let b = cluster.start().await;
     let prefix = "failover-";
-    // Every message goes in through B: A's death must not stop the Sends, only A's deliveries.
-    let traffic = Traffic::start(
+    let (mut cluster, a, traffic) = two_replicas_sending_through_b(
         &fake,
-        vec![cluster.client(b)],
         prefix,
         FAILOVER_CONVERSATIONS,
         Duration::from_millis(400),
-    );
-    wait_shared_by(&cluster.db, 2, Duration::from_secs(20)).await;
+    )
+    .await;
     // Every conversation delivered, and its partition known.
     let deadline = Instant::now() + Duration::from_secs(20);
     while receipts_by_conversation(&fake, prefix).len() < FAILOVER_CONVERSATIONS {
@@ -1103,18 +1117,14 @@ async fn sigterm_hands_partitions_over_within_a_second() {
     let _serial = SERIAL.lock().await;
     let _watchdog = Watchdog::start();
     let fake = FakeConnector::start().await;
-    let mut cluster = Replicas::new(&fake).await;
-    let a = cluster.start().await;
-    let b = cluster.start().await;
     let prefix = "handover-";
-    let traffic = Traffic::start(
+    let (mut cluster, a, traffic) = two_replicas_sending_through_b(
         &fake,
-        vec![cluster.client(b)],
         prefix,
         HANDOVER_CONVERSATIONS,
         Duration::from_millis(250),
-    );
-    wait_shared_by(&cluster.db, 2, Duration::from_secs(20)).await;
+    )
+    .await;
     let partition = partitions_of(&cluster.db, prefix).await;
     let before = holders(&cluster.db).await;
     assert_eq!(distinct(&before).len(), 2, "{}", describe(&before));
@@ -1271,4 +1281,116 @@ async fn one_idempotency_key_sent_to_two_replicas_stores_one_message() {
         count(&cluster.db, "SELECT count(*) FROM outbox_messages").await,
         KEYS as i64
     );
+}
+
+/// Teams allows an app 50 messages a second per tenant (40 a second with bursts of 10, as the
+/// gateway applies it): three replicas delivering 60 conversations of one tenant must hold that
+/// together, not 50 each. Counted at the fake, over every one-second window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_shared_rate_scope_holds_across_replicas() {
+    let _serial = SERIAL.lock().await;
+    let _watchdog = Watchdog::start();
+    let fake = FakeConnector::start().await;
+    let mut cluster = Replicas::new(&fake).await;
+    cluster.teams_pacing = true;
+    for _ in 0..3 {
+        cluster.start().await;
+    }
+    wait_shared_by(&cluster.db, 3, Duration::from_secs(20)).await;
+    let conversations = 60;
+    let per_conversation = 6;
+    let clients = cluster.clients();
+    // Warm up every replica's token and connections first: a replica's first call waits for a
+    // token, which would delay the first arrival the seconds are counted from.
+    for conv in 0..30 {
+        let mut client = clients[conv % clients.len()].clone();
+        send_text(
+            &mut client,
+            &fake.address(&format!("warmup-{conv}")),
+            "warm".into(),
+        )
+        .await
+        .unwrap();
+    }
+    fake.wait_for(Duration::from_secs(30), "the warm-up", |r| {
+        r.iter()
+            .filter(|x| x.conversation.starts_with("warmup-"))
+            .count()
+            >= 30
+    })
+    .await;
+    let mut tasks = Vec::new();
+    for conv in 0..conversations {
+        let mut address = fake.address(&format!("tenant-{conv}"));
+        if let Some(c) = address.conversation.as_mut() {
+            c.tenant_id = "tenant-1".into();
+        }
+        let mut client = clients[conv % clients.len()].clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..per_conversation {
+                let message = pb::Message {
+                    address: Some(Box::new(address.clone())),
+                    text: format!("{i}"),
+                    ..Default::default()
+                };
+                client
+                    .send(pb::SendRequest {
+                        message: Some(message),
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let total = conversations * per_conversation;
+    fake.wait_for(Duration::from_secs(60), "every message", |r| {
+        r.iter()
+            .filter(|x| x.conversation.starts_with("tenant-"))
+            .count()
+            >= total
+    })
+    .await;
+    let mut at: Vec<Instant> = fake
+        .received()
+        .iter()
+        .filter(|x| x.conversation.starts_with("tenant-"))
+        .map(|x| x.at)
+        .collect();
+    at.sort();
+    // Requests in each second from the first one, and (printed only: a sliding window also
+    // catches a wake-up's few milliseconds of jitter at both of its ends) in any one second.
+    let mut per_second = std::collections::BTreeMap::<u64, usize>::new();
+    for t in &at {
+        *per_second
+            .entry(t.duration_since(at[0]).as_secs())
+            .or_default() += 1;
+    }
+    let busiest = per_second.values().copied().max().unwrap_or(0);
+    let mut sliding = 0;
+    let mut j = 0;
+    for i in 0..at.len() {
+        while at[i].duration_since(at[j]) >= Duration::from_secs(1) {
+            j += 1;
+        }
+        sliding = sliding.max(i - j + 1);
+    }
+    let span = at[at.len() - 1].duration_since(at[0]).as_secs_f64();
+    let rate = (at.len() - 1) as f64 / span.max(0.001);
+    eprintln!(
+        "{} messages of one Teams tenant through 3 replicas in {span:.2}s ({rate:.1}/s); busiest \
+         second {busiest} (budget 40/s, burst 10: at most 50), busiest sliding second {sliding}; \
+         per second: {:?}",
+        at.len(),
+        per_second.values().collect::<Vec<_>>()
+    );
+    assert!(
+        busiest <= 50,
+        "{busiest} requests in one second: the replicas did not share the tenant's budget"
+    );
+    // Shared, not starved: the run takes about (360 - 10) / 40 s.
+    assert!(rate >= 25.0, "only {rate:.1} messages a second");
 }

@@ -124,6 +124,9 @@ struct Item {
     /// Replicas sharing a database: the partition lease it is delivered under. Its state
     /// writes are fenced by it, and it leaves memory undelivered once the lease is gone.
     fence: Option<Fence>,
+    /// Which of this replica's takes of the partition it was read in (`Cluster::tenure`): after
+    /// a lapse the partition is read again, and what the earlier take put in line goes.
+    tenure: u64,
     /// Left undelivered because its partition moved to another replica.
     handed_over: bool,
 }
@@ -602,20 +605,26 @@ impl Dispatcher {
 struct Feeder(Arc<Inner>);
 
 impl shared::Lines for Feeder {
-    fn feed(&self, fence: Fence, messages: Vec<StoredMessage>) {
-        // Consecutive messages of one proactive start form one job, as in `resume`.
-        let mut groups: Vec<(bool, Vec<StoredMessage>)> = Vec::new();
+    fn feed(&self, fence: Fence, tenure: u64, messages: Vec<StoredMessage>) {
+        let Some(cluster) = self.0.cluster.get() else {
+            return;
+        };
+        // Consecutive messages of one proactive start form one job, as in `resume`. A Send of
+        // this replica was read without its body: its parked form has the message.
+        let mut groups: Vec<(bool, ConversationKey, Vec<StoredMessage>)> = Vec::new();
         for m in messages {
-            let starts = m.proactive.is_some() && m.message.address.conversation_id().is_none();
+            let (message, proactive) = match cluster.parked_message(m.id) {
+                Some(parked) => parked,
+                None => (m.message.clone(), m.proactive.is_some()),
+            };
+            let starts = proactive && message.address.conversation_id().is_none();
             match groups.last_mut() {
-                Some((s, list)) if *s == starts => list.push(m),
-                _ => groups.push((starts, vec![m])),
+                Some((s, _, list)) if *s == starts => list.push(m),
+                _ => groups.push((starts, ConversationKey::of(&message.address), vec![m])),
             }
         }
-        for (starts, list) in groups {
-            let Some(first) = list.first() else { continue };
-            let key = ConversationKey::of(&first.message.address);
-            self.0.requeue(key, starts, list, Some(fence));
+        for (starts, key, list) in groups {
+            self.0.requeue(key, starts, list, Some((fence, tenure)));
         }
     }
 }
@@ -629,8 +638,10 @@ impl Inner {
         key: ConversationKey,
         starts: bool,
         list: Vec<StoredMessage>,
-        fence: Option<Fence>,
+        fenced: Option<(Fence, u64)>,
     ) {
+        let fence = fenced.map(|f| f.0);
+        let tenure = fenced.map_or(0, |f| f.1);
         let cluster = self.cluster.get().filter(|_| fence.is_some());
         let mut items = Vec::with_capacity(list.len());
         let mut options = None;
@@ -640,11 +651,12 @@ impl Inner {
             if let Some(parked) = cluster.and_then(|c| c.unpark(m.id)) {
                 let mut item = parked.item;
                 item.fence = fence;
+                item.tenure = tenure;
                 item.possible_duplicate |=
                     m.record.state == DeliveryState::Delivering || m.record.possible_duplicate;
                 created = created.or(parked.created);
-                options = options.or(m.proactive.clone());
-                address.get_or_insert_with(|| m.message.address.clone());
+                options = options.or(item.proactive.clone());
+                address.get_or_insert_with(|| item.message.address.clone());
                 items.push(item);
                 continue;
             }
@@ -674,6 +686,7 @@ impl Inner {
                 done: None,
                 shed: false,
                 fence,
+                tenure,
                 handed_over: false,
             };
             match render_error {
@@ -776,6 +789,7 @@ fn new_items(
             done: tx,
             shed: false,
             fence: None,
+            tenure: 0,
             handed_over: false,
         });
         rxs.push(rx);
@@ -1291,7 +1305,15 @@ impl Inner {
     /// Whether `item` may still be delivered here (always, with one replica).
     fn holds(&self, item: &Item) -> bool {
         match (item.fence, self.cluster.get()) {
-            (Some(f), Some(c)) => c.holds(f),
+            (Some(f), Some(c)) => {
+                let holds = c.holds(f, item.tenure);
+                if !holds {
+                    // Whatever else of this take is in line goes too, and the partition is
+                    // read again if it is still (or again) this replica's.
+                    c.invalidate(f.partition, item.tenure);
+                }
+                holds
+            }
             _ => true,
         }
     }
@@ -1702,6 +1724,13 @@ impl Worker {
                 .limited(&req.rate, pause, std::time::Instant::now());
             if let Some(scope) = paused {
                 tracing::warn!(scope = %crate::bounded::for_log(&scope), pause_ms = pause.as_millis() as u64, "rate limited: pausing the scope");
+                // A scope wider than the conversation spans other replicas' conversations.
+                let narrow = req.rate.levels().first().map(|l| &l.key);
+                if let Some(cluster) = self.inner.cluster.get()
+                    && narrow != Some(&scope)
+                {
+                    cluster.pause_shared(&scope, pause);
+                }
             }
             self.inner.metrics.rate_limit_pause(self.key.channel_id());
         }
@@ -1873,6 +1902,10 @@ impl Worker {
                     .inner
                     .rates
                     .reserve(&req.rate, std::time::Instant::now());
+                let wait = match self.inner.cluster.get() {
+                    Some(cluster) => wait.max(cluster.reserve_shared(&req.rate).await),
+                    None => wait,
+                };
                 if !wait.is_zero() {
                     self.unmark(item, &out, &mut mark);
                     self.unmark_next(&mut next);

@@ -27,6 +27,8 @@ use crate::outbox::{Fence, Outcome, PostgresStore, Store, StoredMessage};
 use crate::storage::lease::{Drainer, Ownership, PARTITIONS, partition_of};
 use crate::storage::notify::{Notifier, Wake};
 
+/// How often idle shared rate scopes are dropped (those untouched this long).
+const PRUNE_EVERY: Duration = Duration::from_secs(300);
 /// Messages read per query while catching up.
 const FEED_LIMIT: usize = 2000;
 /// A parked Send not fed within this long is let go (its partition moved away meanwhile, or
@@ -54,11 +56,18 @@ pub struct Cluster {
     /// Messages of each partition in memory (in a line or in flight): a releasing partition is
     /// drained once its count is 0.
     live: Vec<AtomicUsize>,
+    /// Each partition's take: bumped when this replica stops delivering it (handed over, lost,
+    /// or its lease lapsed by this replica's clock before a renewal came). Messages read in an
+    /// earlier take are not delivered: the next take reads the partition again, in order.
+    tenure: Vec<AtomicU64>,
     poll_every: Duration,
     /// Catch-ups asked for (`caught_up`), and the last one done: a typing indicator waits for
     /// one that began after it was asked, so every Send answered before it is in line first.
     asked: AtomicU64,
     done: watch::Sender<u64>,
+    /// A wide scope was paused by this replica: reservations look at pauses even without
+    /// budgets. (Pauses written by other replicas are seen by their budgeted scopes' reads.)
+    paused_any: std::sync::atomic::AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -82,9 +91,11 @@ impl Cluster {
             wake: Notify::new(),
             parked: Mutex::new(HashMap::new()),
             live: (0..PARTITIONS).map(|_| AtomicUsize::new(0)).collect(),
+            tenure: (0..PARTITIONS).map(|_| AtomicU64::new(0)).collect(),
             poll_every,
             asked: AtomicU64::new(0),
             done: watch::channel(0).0,
+            paused_any: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -98,12 +109,35 @@ impl Cluster {
             .map(|epoch| Fence { partition, epoch })
     }
 
-    /// Whether a message fed under `fence` may still be delivered by this replica.
-    pub(super) fn holds(&self, fence: Fence) -> bool {
-        self.ownership
-            .borrow()
-            .epoch_for(fence.partition, Instant::now())
-            == Some(fence.epoch)
+    /// Whether a message read under `fence` in take `tenure` may still be delivered here.
+    pub(super) fn holds(&self, fence: Fence, tenure: u64) -> bool {
+        self.tenure_of(fence.partition) == tenure
+            && self
+                .ownership
+                .borrow()
+                .epoch_for(fence.partition, Instant::now())
+                == Some(fence.epoch)
+    }
+
+    fn tenure_of(&self, partition: u32) -> u64 {
+        self.tenure
+            .get(partition as usize)
+            .map_or(u64::MAX, |t| t.load(Ordering::SeqCst))
+    }
+
+    /// Ends take `tenure` of `partition` (if it is still the current one): the feed reads the
+    /// partition again once it is held.
+    pub(super) fn invalidate(&self, partition: u32, tenure: u64) {
+        if let Some(t) = self.tenure.get(partition as usize)
+            && t.compare_exchange(tenure, tenure + 1, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+        {
+            tracing::warn!(
+                partition,
+                "stopped delivering a partition (handed over, lost, or its lease lapsed here); it is read again when held"
+            );
+            self.wake.notify_one();
+        }
     }
 
     /// Resolves once the lease under `fence` is gone (taken over, or expired by this
@@ -158,8 +192,69 @@ impl Cluster {
         let _ = tokio::time::timeout(within, done.wait_for(|d| *d >= asked)).await;
     }
 
+    /// The wait the scopes wider than a conversation ask of a request (a Telegram bot's 30
+    /// messages a second, a Teams tenant's 50): they span every replica's conversations, so
+    /// their budgets are kept in the database (`crate::storage::rate`) besides this replica's
+    /// own limiter. A conversation's own scope needs no sharing: one replica delivers it. If
+    /// the database cannot answer, the local limiter alone applies (logged).
+    pub(super) async fn reserve_shared(&self, scopes: &crate::channels::RateScopes) -> Duration {
+        let wide = scopes.levels().get(1..).unwrap_or_default();
+        let budgets: Vec<crate::storage::rate::SharedBudget> = wide
+            .iter()
+            .flat_map(|l| {
+                l.budgets
+                    .iter()
+                    .enumerate()
+                    .map(|(i, b)| crate::storage::rate::SharedBudget {
+                        key: format!("{}#{i}", l.key),
+                        per_second: b.per_second,
+                        // One less than the channel allows at once: the wait is the database's
+                        // answer, and the replicas' calls reach the channel a few milliseconds
+                        // apart from it; without the margin two of them can land in one second
+                        // with a whole burst (51 of 50 in a test).
+                        burst: b.burst.saturating_sub(1).max(1),
+                    })
+            })
+            .collect();
+        // Nothing budgeted and no pause written: no round trip.
+        if budgets.is_empty() && !self.paused_any.load(Ordering::Relaxed) {
+            return Duration::ZERO;
+        }
+        let keys: Vec<String> = wide.iter().map(|l| l.key.to_string()).collect();
+        match crate::storage::rate::reserve(self.store.pool(), &budgets, &keys).await {
+            Ok(wait) => wait,
+            Err(e) => {
+                tracing::warn!(error = %e, "shared rate scopes unreadable: this replica's own limits apply alone");
+                Duration::ZERO
+            }
+        }
+    }
+
+    /// A channel's 429 paused a scope wider than a conversation: every replica waits it out.
+    pub(super) fn pause_shared(&self, scope: &str, pause: Duration) {
+        self.paused_any.store(true, Ordering::Relaxed);
+        let (pool, scope) = (self.store.pool().clone(), scope.to_string());
+        tokio::spawn(async move {
+            if let Err(e) = crate::storage::rate::pause(&pool, &scope, pause).await {
+                tracing::warn!(error = %e, "a shared rate scope's pause was not written");
+            }
+        });
+    }
+
     pub(super) fn park(&self, id: u64, parked: Parked) {
         lock(&self.parked).insert(id, parked);
+    }
+
+    /// A Send of this replica waiting to be read back: the feed need not decode its body.
+    fn is_parked(&self, id: u64) -> bool {
+        lock(&self.parked).contains_key(&id)
+    }
+
+    /// The message of a parked Send (the feed read it without its body).
+    pub(super) fn parked_message(&self, id: u64) -> Option<(Arc<crate::model::Message>, bool)> {
+        lock(&self.parked)
+            .get(&id)
+            .map(|p| (p.item.message.clone(), p.item.proactive.is_some()))
     }
 
     pub(super) fn unpark(&self, id: u64) -> Option<Parked> {
@@ -205,11 +300,19 @@ impl Cluster {
     }
 }
 
+/// A partition being fed.
+struct Fed {
+    epoch: i64,
+    /// `seq` read up to.
+    cursor: i64,
+    tenure: u64,
+}
+
 /// What the feed needs from the dispatcher: putting read messages in line, and letting go of
 /// what it held of a partition.
 pub(super) trait Lines: Send + Sync + 'static {
     /// Puts the messages of one conversation (consecutive, in order) in its line.
-    fn feed(&self, fence: Fence, messages: Vec<StoredMessage>);
+    fn feed(&self, fence: Fence, tenure: u64, messages: Vec<StoredMessage>);
 }
 
 /// Runs for the dispatcher's life: takes up partitions as they are leased, reads their new
@@ -220,14 +323,31 @@ pub(super) async fn run_feed(
     mut wakes: broadcast::Receiver<Wake>,
 ) {
     let mut own_rx = cluster.ownership.clone();
-    // The partitions being fed, with their epoch and cursor (`seq` read up to).
-    let mut fed: BTreeMap<u32, (i64, i64)> = BTreeMap::new();
+    // The partitions being fed: their epoch, cursor (`seq` read up to) and take.
+    let mut fed: BTreeMap<u32, Fed> = BTreeMap::new();
     let mut read_new = true;
+    let mut pruned = Instant::now();
     loop {
         let now = Instant::now();
+        if now.duration_since(pruned) > PRUNE_EVERY {
+            pruned = now;
+            let pool = cluster.store.pool().clone();
+            tokio::spawn(async move {
+                if let Err(e) = crate::storage::rate::prune(&pool, PRUNE_EVERY).await {
+                    tracing::debug!(error = %e, "pruning idle shared rate scopes failed");
+                }
+            });
+        }
         let own = own_rx.borrow_and_update().clone();
-        // Let go of what is no longer ours (lost, releasing, or expired by our clock).
-        fed.retain(|p, (epoch, _)| own.epoch_for(*p, now) == Some(*epoch));
+        // Let go of what is no longer ours (lost, releasing, or expired by our clock), and of
+        // a take a worker ended (it found the lease lapsed): read again below if still ours.
+        fed.retain(|p, f| {
+            let keep = own.epoch_for(*p, now) == Some(f.epoch) && cluster.tenure_of(*p) == f.tenure;
+            if !keep {
+                cluster.invalidate(*p, f.tenure);
+            }
+            keep
+        });
         // Releasing partitions with nothing left in memory may go.
         for (p, h) in &own.held {
             let live = cluster.live[*p as usize].load(Ordering::SeqCst);
@@ -244,13 +364,21 @@ pub(super) async fn run_feed(
             .collect();
         if !new.is_empty() {
             let parts: Vec<u32> = new.iter().map(|(p, _)| *p).collect();
-            match cluster.store.feed_load(&parts).await {
+            let known = |id| cluster.is_parked(id);
+            match cluster.store.feed_load(&parts, &known).await {
                 Ok(feed) => {
-                    let epochs: HashMap<u32, i64> = new.iter().copied().collect();
-                    put_in_line(&*lines, &epochs, feed.messages);
-                    for (p, e) in new {
-                        fed.insert(p, (e, feed.head));
+                    for (p, epoch) in new {
+                        let tenure = cluster.tenure_of(p);
+                        fed.insert(
+                            p,
+                            Fed {
+                                epoch,
+                                cursor: feed.head,
+                                tenure,
+                            },
+                        );
                     }
+                    put_in_line(&*lines, &fed, feed.messages);
                     tracing::info!(
                         partitions = parts.len(),
                         "took up partitions: their unfinished messages are in line"
@@ -300,26 +428,29 @@ pub(super) async fn run_feed(
 async fn catch_up(
     cluster: &Cluster,
     lines: &dyn Lines,
-    fed: &mut BTreeMap<u32, (i64, i64)>,
+    fed: &mut BTreeMap<u32, Fed>,
 ) -> Result<(), crate::outbox::StoreError> {
     if fed.is_empty() {
         return Ok(());
     }
     loop {
-        let from = fed.values().map(|(_, c)| *c).min().unwrap_or(0);
+        let from = fed.values().map(|f| f.cursor).min().unwrap_or(0);
         let parts: Vec<u32> = fed.keys().copied().collect();
-        let feed = cluster.store.feed_after(from, &parts, FEED_LIMIT).await?;
-        let epochs: HashMap<u32, i64> = fed.iter().map(|(p, (e, _))| (*p, *e)).collect();
+        let known = |id| cluster.is_parked(id);
+        let feed = cluster
+            .store
+            .feed_after(from, &parts, FEED_LIMIT, &known)
+            .await?;
         let fresh: Vec<_> = feed
             .messages
             .into_iter()
-            .filter(|(p, seq, _)| fed.get(p).is_some_and(|(_, c)| seq > c))
+            .filter(|(p, seq, _)| fed.get(p).is_some_and(|f| *seq > f.cursor))
             .collect();
-        put_in_line(lines, &epochs, fresh);
+        put_in_line(lines, fed, fresh);
         // Everything up to here was read, for every partition fed.
         let upto = if feed.more { feed.last } else { feed.head };
-        for (_, c) in fed.values_mut() {
-            *c = (*c).max(upto);
+        for f in fed.values_mut() {
+            f.cursor = f.cursor.max(upto);
         }
         if !feed.more {
             return Ok(());
@@ -331,7 +462,7 @@ async fn catch_up(
 /// in line under their partition's fence.
 fn put_in_line(
     lines: &dyn Lines,
-    epochs: &HashMap<u32, i64>,
+    fed: &BTreeMap<u32, Fed>,
     messages: Vec<(u32, i64, StoredMessage)>,
 ) {
     let mut groups: Vec<(u32, String, Vec<StoredMessage>)> = Vec::new();
@@ -342,12 +473,13 @@ fn put_in_line(
         }
     }
     for (p, _, list) in groups {
-        if let Some(epoch) = epochs.get(&p) {
+        if let Some(f) = fed.get(&p) {
             lines.feed(
                 Fence {
                     partition: p,
-                    epoch: *epoch,
+                    epoch: f.epoch,
                 },
+                f.tenure,
                 list,
             );
         }
@@ -356,7 +488,7 @@ fn put_in_line(
 
 /// Lets go of parked Sends nobody will feed here: a caller waiting for delivery then watches
 /// the database.
-fn sweep_parked(cluster: &Cluster, fed: &BTreeMap<u32, (i64, i64)>) {
+fn sweep_parked(cluster: &Cluster, fed: &BTreeMap<u32, Fed>) {
     let now = Instant::now();
     let gone: Vec<Parked> = {
         let mut parked = lock(&cluster.parked);

@@ -117,6 +117,11 @@ const COLUMNS: &str = "m.id, m.conversation, m.state, m.attempts, m.possible_dup
 const FROM: &str = "outbox_messages m JOIN outbox_bodies b ON b.id = m.id";
 
 fn decode_message(r: &tokio_postgres::Row) -> Result<StoredMessage, StoreError> {
+    decode_row(r, true)
+}
+
+/// A row as a message; without `body`, its message is left empty (the reader has it already).
+fn decode_row(r: &tokio_postgres::Row, body: bool) -> Result<StoredMessage, StoreError> {
     let get = |e: tokio_postgres::Error| storage(format!("reading an outbox row: {e}"));
     let id: i64 = r.try_get(0).map_err(get)?;
     let conversation: &str = r.try_get(1).map_err(get)?;
@@ -127,17 +132,22 @@ fn decode_message(r: &tokio_postgres::Row) -> Result<StoredMessage, StoreError> 
     let error: Option<&str> = r.try_get(6).map_err(get)?;
     let accepted: i64 = r.try_get(7).map_err(get)?;
     let updated: i64 = r.try_get(8).map_err(get)?;
-    let body: &str = r.try_get(9).map_err(get)?;
     let record = record_from(state, i64::from(attempts), dup, receipts, error, updated)?;
-    let b = decode_body(body)?;
+    let (message, proactive, warnings) = if body {
+        let body: &str = r.try_get(9).map_err(get)?;
+        let b = decode_body(body)?;
+        (Arc::new(b.message), b.proactive, b.warnings)
+    } else {
+        Default::default()
+    };
     Ok(StoredMessage {
         id: u64::try_from(id).unwrap_or_default(),
         conversation: unescape_text(conversation),
-        message: Arc::new(b.message),
-        proactive: b.proactive,
+        message,
+        proactive,
         accepted_at_ms: u64::try_from(accepted).unwrap_or_default(),
         record,
-        warnings: b.warnings,
+        warnings,
     })
 }
 
@@ -441,8 +451,14 @@ impl PostgresStore {
         &self.pool
     }
 
-    /// Every unfinished message of `partitions` (a partition just taken), oldest first.
-    pub async fn feed_load(&self, partitions: &[u32]) -> Result<Feed, StoreError> {
+    /// Every unfinished message of `partitions` (a partition just taken), oldest first. The
+    /// bodies of those `known` says the caller has (its own Sends) are not decoded: their
+    /// messages come back empty.
+    pub async fn feed_load(
+        &self,
+        partitions: &[u32],
+        known: &(dyn Fn(u64) -> bool + Sync),
+    ) -> Result<Feed, StoreError> {
         let parts: Vec<i16> = partitions.iter().map(|p| *p as i16).collect();
         let c = self.client().await?;
         let rows = c
@@ -459,7 +475,7 @@ impl PostgresStore {
             .await
             .map_err(|e| self.read_error("reading a partition's unfinished messages", &e))?;
         drop(c);
-        self.feed_rows(&rows, None)
+        self.feed_rows(&rows, None, known)
     }
 
     /// Unfinished messages of `partitions` numbered after `after`, at most `limit`.
@@ -468,32 +484,34 @@ impl PostgresStore {
         after: i64,
         partitions: &[u32],
         limit: usize,
+        known: &(dyn Fn(u64) -> bool + Sync),
     ) -> Result<Feed, StoreError> {
         let parts: Vec<i16> = partitions.iter().map(|p| *p as i16).collect();
         let limit = limit.clamp(1, 100_000) as i64;
         let c = self.client().await?;
-        let st = c
-            .prepare_cached(&format!(
-                "SELECT x.*, h.seq FROM cg_outbox_head h LEFT JOIN LATERAL \
-                 (SELECT {COLUMNS}, m.partition, m.seq FROM {FROM} \
-                 WHERE m.seq > $1 AND m.partition = ANY($2) \
-                 AND m.state IN ('accepted', 'delivering') ORDER BY m.seq LIMIT $3) x ON true \
-                 WHERE h.id = 1 ORDER BY x.seq"
-            ))
-            .await
-            .map_err(|e| self.read_error("preparing a read", &e))?;
+        // Planned for these values each time (an unnamed statement), not once generically: a
+        // generic plan cannot know the cursor leaves only the newest rows, and may read every
+        // unfinished message of the partitions to sort them.
+        let sql = format!(
+            "SELECT x.*, h.seq FROM cg_outbox_head h LEFT JOIN LATERAL \
+             (SELECT {COLUMNS}, m.partition, m.seq FROM {FROM} \
+             WHERE m.seq > $1 AND m.partition = ANY($2) \
+             AND m.state IN ('accepted', 'delivering') ORDER BY m.seq LIMIT $3) x ON true \
+             WHERE h.id = 1 ORDER BY x.seq"
+        );
         let rows = c
-            .query(&st, &[&after, &parts, &limit])
+            .query(sql.as_str(), &[&after, &parts, &limit])
             .await
             .map_err(|e| self.read_error("reading new messages", &e))?;
         drop(c);
-        self.feed_rows(&rows, Some(limit as usize))
+        self.feed_rows(&rows, Some(limit as usize), known)
     }
 
     fn feed_rows(
         &self,
         rows: &[tokio_postgres::Row],
         limit: Option<usize>,
+        known: &(dyn Fn(u64) -> bool + Sync),
     ) -> Result<Feed, StoreError> {
         // The head comes in the same statement as the rows: one snapshot, so every message
         // numbered up to it is among them (or finished).
@@ -506,10 +524,11 @@ impl PostgresStore {
                 .map_err(storage)?
                 .unwrap_or(0);
             // The head's row alone: no message matched.
-            if r.try_get::<_, Option<i64>>(0).map_err(storage)?.is_none() {
+            let Some(id) = r.try_get::<_, Option<i64>>(0).map_err(storage)? else {
                 continue;
-            }
-            let mut m = decode_message(r)?;
+            };
+            let known = known(u64::try_from(id).unwrap_or_default());
+            let mut m = decode_row(r, !known)?;
             let partition: i16 = r.try_get(10).map_err(storage)?;
             let seq: i64 = r.try_get(11).map_err(storage)?;
             last = last.max(seq);
