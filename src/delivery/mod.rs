@@ -605,16 +605,23 @@ impl Dispatcher {
 struct Feeder(Arc<Inner>);
 
 impl shared::Lines for Feeder {
-    fn feed(&self, fence: Fence, tenure: u64, messages: Vec<StoredMessage>) {
+    fn feed(&self, fence: Fence, tenure: u64, messages: Vec<(StoredMessage, bool)>) {
         let Some(cluster) = self.0.cluster.get() else {
             return;
         };
         // Consecutive messages of one proactive start form one job, as in `resume`. A Send of
         // this replica was read without its body: its parked form has the message.
         let mut groups: Vec<(bool, ConversationKey, Vec<StoredMessage>)> = Vec::new();
-        for m in messages {
+        for (mut m, fenced) in messages {
             let (message, proactive) = match cluster.parked_message(m.id) {
-                Some(parked) => parked,
+                Some(parked) => {
+                    // This replica's own Send, marked delivering at its append and never
+                    // attempted since (no fenced write): not a possible duplicate.
+                    if !fenced && m.record.state == DeliveryState::Delivering {
+                        m.record.state = DeliveryState::Accepted;
+                    }
+                    parked
+                }
                 None => (m.message.clone(), m.proactive.is_some()),
             };
             let starts = proactive && message.address.conversation_id().is_none();
@@ -1071,18 +1078,30 @@ impl Inner {
         }
         let label = key.label();
         let now = now_ms();
+        let here = cluster.fence_for(label).is_some();
+        // As on one replica: the first message of a conversation with nothing in line here is
+        // appended marked as being delivered, which saves a write before its call (a crash or
+        // a handover before the call only flags it).
+        let mut head = here && matches!(job, Job::Deliver { .. }) && in_conversation == 0;
         let mut ids = Vec::with_capacity(n);
         let mut stored = Vec::with_capacity(n);
         for item in job.items_mut() {
             item.id = self.next_id.fetch_add(1, Ordering::SeqCst);
             ids.push(item.id);
+            let state = if head && !item.rendered.requests.is_empty() {
+                item.delivering = Some(Durable::ready());
+                DeliveryState::Delivering
+            } else {
+                DeliveryState::Accepted
+            };
+            head = false;
             stored.push(StoredMessage {
                 id: item.id,
                 conversation: label.to_string(),
                 message: item.message.clone(),
                 proactive: item.proactive.clone(),
                 accepted_at_ms: now,
-                record: StateRecord::new(DeliveryState::Accepted, now),
+                record: StateRecord::new(state, now),
                 warnings: item.rendered.warnings.clone(),
             });
         }
@@ -1112,7 +1131,6 @@ impl Inner {
             Job::Proactive { items, created, .. } => (items, created),
             Job::Typing { item, .. } => (vec![*item], None),
         };
-        let here = cluster.fence_for(label).is_some();
         let at = Instant::now();
         for mut item in items {
             if here {

@@ -115,6 +115,10 @@ pub fn unescape_text(s: &str) -> String {
 const COLUMNS: &str = "m.id, m.conversation, m.state, m.attempts, m.possible_duplicate, \
                        m.receipts, m.error, m.accepted_at_ms, m.updated_at_ms, b.body";
 const FROM: &str = "outbox_messages m JOIN outbox_bodies b ON b.id = m.id";
+/// `COLUMNS` without the body, for the feed: the bodies of a replica's own Sends are not
+/// read back (a body is most of a row), the others' are read apart.
+const FEED_COLUMNS: &str = "m.id, m.conversation, m.state, m.attempts, m.possible_duplicate, \
+                            m.receipts, m.error, m.accepted_at_ms, m.updated_at_ms, NULL::text";
 
 fn decode_message(r: &tokio_postgres::Row) -> Result<StoredMessage, StoreError> {
     decode_row(r, true)
@@ -355,7 +359,9 @@ pub struct PostgresStore {
 pub struct Feed {
     /// In `seq` order (messages from before migration 5 first, by id); finished ones (by the
     /// overlay's newer word) left out.
-    pub messages: Vec<(u32, i64, StoredMessage)>,
+    /// With each its partition, its `seq`, and whether a fenced write (a delivery attempt's)
+    /// ever changed it: `delivering` without one is only its append's mark.
+    pub messages: Vec<(u32, i64, StoredMessage, bool)>,
     /// Everything numbered up to here was visible to the read: a partition fully read moves
     /// its cursor here.
     pub head: i64,
@@ -465,7 +471,9 @@ impl PostgresStore {
             .query(
                 &format!(
                     "SELECT x.*, h.seq FROM cg_outbox_head h LEFT JOIN LATERAL \
-                     (SELECT {COLUMNS}, m.partition, COALESCE(m.seq, 0) AS seq FROM {FROM} \
+                     (SELECT {FEED_COLUMNS}, m.partition, COALESCE(m.seq, 0) AS seq, \
+                     m.epoch IS NOT NULL AS fenced \
+                     FROM outbox_messages m \
                      WHERE m.partition = ANY($1) AND m.state IN ('accepted', 'delivering') \
                      ORDER BY m.seq NULLS FIRST, m.id) x ON true WHERE h.id = 1 \
                      ORDER BY x.seq NULLS FIRST, x.id"
@@ -474,8 +482,7 @@ impl PostgresStore {
             )
             .await
             .map_err(|e| self.read_error("reading a partition's unfinished messages", &e))?;
-        drop(c);
-        self.feed_rows(&rows, None, known)
+        self.feed_rows(&c, &rows, None, known).await
     }
 
     /// Unfinished messages of `partitions` numbered after `after`, at most `limit`.
@@ -494,7 +501,8 @@ impl PostgresStore {
         // unfinished message of the partitions to sort them.
         let sql = format!(
             "SELECT x.*, h.seq FROM cg_outbox_head h LEFT JOIN LATERAL \
-             (SELECT {COLUMNS}, m.partition, m.seq FROM {FROM} \
+             (SELECT {FEED_COLUMNS}, m.partition, m.seq, m.epoch IS NOT NULL AS fenced \
+             FROM outbox_messages m \
              WHERE m.seq > $1 AND m.partition = ANY($2) \
              AND m.state IN ('accepted', 'delivering') ORDER BY m.seq LIMIT $3) x ON true \
              WHERE h.id = 1 ORDER BY x.seq"
@@ -503,12 +511,12 @@ impl PostgresStore {
             .query(sql.as_str(), &[&after, &parts, &limit])
             .await
             .map_err(|e| self.read_error("reading new messages", &e))?;
-        drop(c);
-        self.feed_rows(&rows, Some(limit as usize), known)
+        self.feed_rows(&c, &rows, Some(limit as usize), known).await
     }
 
-    fn feed_rows(
+    async fn feed_rows(
         &self,
+        c: &postgres::Object,
         rows: &[tokio_postgres::Row],
         limit: Option<usize>,
         known: &(dyn Fn(u64) -> bool + Sync),
@@ -518,19 +526,23 @@ impl PostgresStore {
         let mut head = 0i64;
         let mut last = 0i64;
         let mut messages = Vec::with_capacity(rows.len());
+        let mut unknown: Vec<i64> = Vec::new();
         for r in rows {
             head = r
-                .try_get::<_, Option<i64>>(12)
+                .try_get::<_, Option<i64>>(13)
                 .map_err(storage)?
                 .unwrap_or(0);
             // The head's row alone: no message matched.
             let Some(id) = r.try_get::<_, Option<i64>>(0).map_err(storage)? else {
                 continue;
             };
-            let known = known(u64::try_from(id).unwrap_or_default());
-            let mut m = decode_row(r, !known)?;
+            let mut m = decode_row(r, false)?;
+            if !known(u64::try_from(id).unwrap_or_default()) {
+                unknown.push(id);
+            }
             let partition: i16 = r.try_get(10).map_err(storage)?;
             let seq: i64 = r.try_get(11).map_err(storage)?;
+            let fenced: bool = r.try_get(12).map_err(storage)?;
             last = last.max(seq);
             // A state of ours not yet committed is newer than the row.
             let ov = lock(&self.overlay);
@@ -543,7 +555,32 @@ impl PostgresStore {
             if m.record.state.is_terminal() {
                 continue;
             }
-            messages.push((u32::from(partition.unsigned_abs()), seq, m));
+            messages.push((u32::from(partition.unsigned_abs()), seq, m, fenced));
+        }
+        if !unknown.is_empty() {
+            let bodies = c
+                .query(
+                    "SELECT id, body FROM outbox_bodies WHERE id = ANY($1)",
+                    &[&unknown],
+                )
+                .await
+                .map_err(|e| self.read_error("reading new messages' bodies", &e))?;
+            let mut by_id: HashMap<u64, String> = HashMap::with_capacity(bodies.len());
+            for r in &bodies {
+                let id: i64 = r.try_get(0).map_err(storage)?;
+                by_id.insert(
+                    u64::try_from(id).unwrap_or_default(),
+                    r.try_get(1).map_err(storage)?,
+                );
+            }
+            for (_, _, m, _) in &mut messages {
+                if let Some(json) = by_id.remove(&m.id) {
+                    let b = decode_body(&json)?;
+                    m.message = Arc::new(b.message);
+                    m.proactive = b.proactive;
+                    m.warnings = b.warnings;
+                }
+            }
         }
         Ok(Feed {
             messages,
@@ -1025,9 +1062,10 @@ const RAISE_HEAD: &str = "UPDATE cg_outbox_head SET seq = seq + $1 WHERE id = 1"
 /// A state write is fenced when it carries an epoch (`u.epoch`): it changes the row only while
 /// this replica (`$R`) holds the partition at that epoch with its lease running. A redelivered
 /// message (`u.bump`) is numbered again, after everything before it.
-const FENCED: &str = "(u.epoch IS NULL OR EXISTS (SELECT 1 FROM cg_partitions f \
-     WHERE f.partition = m.partition AND f.owner = $R AND f.epoch = u.epoch \
-     AND f.lease_until > now()))";
+/// The held partitions are read once per statement (a hashed subplan of at most 256 rows),
+/// not once per row.
+const FENCED: &str = "(u.epoch IS NULL OR (m.partition, u.epoch) IN (SELECT f.partition, f.epoch \
+     FROM cg_partitions f WHERE f.owner = $R AND f.lease_until > now()))";
 const RENUMBER: &str = "seq = CASE WHEN u.bump IS NULL THEN m.seq \
      ELSE (SELECT h.seq FROM cg_outbox_head h WHERE h.id = 1) - $N + u.bump END, \
      epoch = COALESCE(u.epoch, m.epoch)";

@@ -173,9 +173,12 @@ impl PostgresConfig {
             ));
         }
         pg.connect_timeout(self.connect_timeout);
-        // A server's statement_timeout for the session, after any `options` the URL has.
+        // A server's statement_timeout for the session, after any `options` the URL has. And
+        // plans made for each execution: a statement prepared while the outbox's tables were
+        // empty (a new database) would keep a plan that scans them whole once they hold
+        // 100,000 rows (a fresh database's first run delivered 2.4k msg/s instead of 11k).
         let statement_timeout = format!(
-            "-c statement_timeout={}",
+            "-c statement_timeout={} -c plan_cache_mode=force_custom_plan",
             self.statement_timeout.as_millis()
         );
         let options = match pg.get_options() {
@@ -585,8 +588,6 @@ CREATE TABLE cg_outbox_head (
 INSERT INTO cg_outbox_head VALUES (1, 0);
 CREATE INDEX outbox_feed ON outbox_messages (seq)
     WHERE state IN ('accepted', 'delivering');
-CREATE INDEX outbox_partition_unfinished ON outbox_messages (partition, id)
-    WHERE state IN ('accepted', 'delivering');
 CREATE SEQUENCE cg_outbox_id_block;
 SELECT setval('cg_outbox_id_block', GREATEST(
     COALESCE((SELECT max(id) FROM outbox_messages), 0),
@@ -881,7 +882,9 @@ mod tests {
         let pg = c.client_config().unwrap();
         assert_eq!(
             pg.get_options(),
-            Some("-c search_path=gw -c statement_timeout=2500")
+            Some(
+                "-c search_path=gw -c statement_timeout=2500 -c plan_cache_mode=force_custom_plan"
+            )
         );
         assert_eq!(pg.get_connect_timeout(), Some(&Duration::from_secs(5)));
         assert_eq!(pg.get_application_name(), Some("channel-gateway"));
