@@ -759,11 +759,32 @@ async fn drive(
     load: &Load,
     seq_base: &Arc<Mutex<Vec<u64>>>,
 ) -> LoadResult {
+    drive_over(
+        std::slice::from_ref(client),
+        fake_port,
+        load,
+        seq_base,
+        None,
+    )
+    .await
+}
+
+/// `drive` over several gateways (task `t` calls `clients[t % len]`: replicas sharing one
+/// database), at most `rate` calls a second in all when given (each task paced to its share).
+async fn drive_over(
+    clients: &[Client],
+    fake_port: u16,
+    load: &Load,
+    seq_base: &Arc<Mutex<Vec<u64>>>,
+    rate: Option<f64>,
+) -> LoadResult {
     let per_task = load.messages / load.concurrency;
     let start = Instant::now();
     let mut tasks = Vec::new();
+    // Each task's interval between calls at the paced rate.
+    let every = rate.map(|r| Duration::from_secs_f64(load.concurrency as f64 / r.max(1.0)));
     for t in 0..load.concurrency {
-        let mut client = client.clone();
+        let mut client = clients[t % clients.len()].clone();
         let convs: Vec<usize> = (t..load.conversations).step_by(load.concurrency).collect();
         let seqs = seq_base.clone();
         let batch = load.batch;
@@ -803,6 +824,12 @@ async fn drive(
                         }
                     })
                     .collect();
+                if let Some(every) = every {
+                    // Paced: the k-th call of the task at k intervals from the start, so a
+                    // slow call is not followed by a burst.
+                    let due = start + every.mul_f64((k - 1) as f64);
+                    tokio::time::sleep_until(due.into()).await;
+                }
                 let t0 = Instant::now();
                 let ok = if batch > 1 {
                     client
@@ -875,6 +902,152 @@ struct Row(String, String);
 fn report(rows: &mut Vec<Row>, name: String, result: String) {
     println!("{name}: {result}");
     rows.push(Row(name, result));
+}
+
+/// Several replicas on one PostgreSQL database: `n` gateways spawned on the same URL, the
+/// callers spread over them (consecutive Sends of one conversation go through one caller, and
+/// so one replica; delivery is by each conversation's partition owner, whichever accepted it).
+/// Returns the delivered rate and the gateways' CPU per message.
+async fn replicas_run(
+    name: &str,
+    fake: &Proc,
+    cluster: &pg::PgCluster,
+    n: usize,
+    load: &Load,
+    rate: Option<f64>,
+    rows: &mut Vec<Row>,
+) -> (f64, LoadResult) {
+    fake_reset(fake.port).await;
+    let url = cluster.create_database();
+    let opts = GatewayOpts {
+        env: vec![
+            ("CHANNEL_GATEWAY__OUTBOX__BACKEND", "postgres".into()),
+            ("CHANNEL_GATEWAY__OUTBOX__POSTGRES__URL", url.clone()),
+        ],
+        ..GatewayOpts::standard(true)
+    };
+    let dirs: Vec<tempfile::TempDir> = (0..n)
+        .map(|_| tempfile::tempdir().expect("tempdir"))
+        .collect();
+    let gws: Vec<Proc> = dirs
+        .iter()
+        .map(|d| spawn_gateway(fake.port, d.path(), &opts))
+        .collect();
+    let mut clients = Vec::new();
+    for g in &gws {
+        clients.push(connect(g.port).await);
+    }
+    // Every partition held, each replica with its share, before the load starts.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut owned = Vec::new();
+        for g in &gws {
+            owned.push(gauge(g.admin, "partitions_owned").await.unwrap_or(0));
+        }
+        if owned.iter().sum::<u64>() == 256 && owned.iter().all(|o| *o > 0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name}: partitions never split: {owned:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let wal = |url: String| async move {
+        let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .expect("connect for pg_stat_wal");
+        tokio::spawn(conn);
+        let r = c
+            .query_one("SELECT wal_sync::int8 FROM pg_stat_wal", &[])
+            .await
+            .expect("pg_stat_wal");
+        r.get::<_, i64>(0)
+    };
+    let wal0 = wal(url.clone()).await;
+    let seqs = Arc::new(Mutex::new(vec![0u64; load.conversations]));
+    let cpu0: Duration = gws.iter().map(Proc::cpu).sum();
+    let start = Instant::now();
+    let r = drive_over(&clients, fake.port, load, &seqs, rate).await;
+    let (stats, _) = wait_delivered(fake.port, r.messages as u64, Duration::from_secs(600)).await;
+    let total = start.elapsed();
+    let cpu: Duration = gws.iter().map(Proc::cpu).sum::<Duration>() - cpu0;
+    let violations = stats["violations"].as_u64().unwrap_or(0);
+    assert_eq!(violations, 0, "{name}: ORDER VIOLATED at the fake channel");
+    let mut commits = 0;
+    for g in &gws {
+        commits += gauge(g.admin, "outbox_commits_total").await.unwrap_or(0);
+    }
+    let wal_syncs = wal(url).await - wal0;
+    let msgs = r.messages.max(1) as f64;
+    let delivered = r.messages as f64 / total.as_secs_f64();
+    report(
+        rows,
+        name.to_string(),
+        format!(
+            "accepted {:.0} calls/s (p50 {} ms, p99 {} ms, p99.9 {} ms); delivered {delivered:.0} \
+             msg/s, gateways' CPU {:.0} µs per delivered message; order OK ({} msgs, {} dup); \
+             outbox commits {:.3} and WAL flushes {:.3} per message (the database's, all \
+             replicas)",
+            r.calls_per_s,
+            ms(r.p50),
+            ms(r.p99),
+            ms(r.p999),
+            cpu.as_secs_f64() * 1e6 / msgs,
+            r.messages,
+            stats["duplicates"].as_u64().unwrap_or(0),
+            commits as f64 / msgs,
+            wal_syncs as f64 / msgs,
+        ),
+    );
+    drop(gws);
+    (delivered, r)
+}
+
+/// Three replicas against one on the same database, then the three at half their rate for
+/// the accept latency. Returns (three's rate, one's rate, accept p99 at half load).
+async fn replicas_scenarios(
+    fake: &Proc,
+    cluster: &pg::PgCluster,
+    sends: &Load,
+    _one_replica: f64,
+    rows: &mut Vec<Row>,
+) -> Option<(f64, f64, Duration)> {
+    let convs = sends.conversations;
+    let (one, _) = replicas_run(
+        &format!("{convs} conversations, Send, PostgreSQL outbox, one replica (WAL counted)"),
+        fake,
+        cluster,
+        1,
+        sends,
+        None,
+        rows,
+    )
+    .await;
+    let (three, _) = replicas_run(
+        &format!("{convs} conversations, Send, PostgreSQL outbox, three replicas"),
+        fake,
+        cluster,
+        3,
+        sends,
+        None,
+        rows,
+    )
+    .await;
+    let (_, half) = replicas_run(
+        &format!(
+            "{convs} conversations, Send, PostgreSQL outbox, three replicas at half that rate ({:.0} calls/s)",
+            three / 2.0
+        ),
+        fake,
+        cluster,
+        3,
+        sends,
+        Some(three / 2.0),
+        rows,
+    )
+    .await;
+    Some((three, one, half.p99))
 }
 
 /// Callers of a `wave`.
@@ -1478,7 +1651,8 @@ async fn driver() {
             &mut rows,
         )
         .await;
-        (Some((send, send_cpu)), Some((batch, batch_cpu)))
+        let replicas = replicas_scenarios(&fake, &cluster, &sends, send, &mut rows).await;
+        (Some((send, send_cpu)), Some((batch, batch_cpu, replicas)))
     } else {
         (None, None)
     };
@@ -1578,8 +1752,18 @@ async fn driver() {
         format!(
             "PostgreSQL outbox, one replica: Send {}; SendBatch of 20 {} (target >= 0.5x)",
             pg_ratio(pg_send, durable_delivered),
-            pg_ratio(pg_batch, batch_delivered)
+            pg_ratio(pg_batch.map(|b| (b.0, b.1)), batch_delivered)
         ),
+        match pg_batch.and_then(|b| b.2) {
+            Some((three, one, p99)) => format!(
+                "PostgreSQL outbox, three replicas vs one (Send): {three:.0} vs {one:.0} msg/s, \
+                 {:.2}x (target: not slower); accept p99 at half of the three's rate {} ms \
+                 (target <= 10 ms)",
+                three / one.max(1.0),
+                ms(p99)
+            ),
+            None => "PostgreSQL outbox, three replicas: not run".into(),
+        },
         format!(
             "accept path (durable) / echo: {:.2}x (target >= 0.5x); in-memory {:.2}x (median of rounds taken in turn with the echo server)",
             held_durable.unwrap_or(0.0),

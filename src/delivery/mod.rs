@@ -605,23 +605,16 @@ impl Dispatcher {
 struct Feeder(Arc<Inner>);
 
 impl shared::Lines for Feeder {
-    fn feed(&self, fence: Fence, tenure: u64, messages: Vec<(StoredMessage, bool)>) {
+    fn feed(&self, fence: Fence, tenure: u64, messages: Vec<StoredMessage>) {
         let Some(cluster) = self.0.cluster.get() else {
             return;
         };
         // Consecutive messages of one proactive start form one job, as in `resume`. A Send of
         // this replica was read without its body: its parked form has the message.
         let mut groups: Vec<(bool, ConversationKey, Vec<StoredMessage>)> = Vec::new();
-        for (mut m, fenced) in messages {
+        for m in messages {
             let (message, proactive) = match cluster.parked_message(m.id) {
-                Some(parked) => {
-                    // This replica's own Send, marked delivering at its append and never
-                    // attempted since (no fenced write): not a possible duplicate.
-                    if !fenced && m.record.state == DeliveryState::Delivering {
-                        m.record.state = DeliveryState::Accepted;
-                    }
-                    parked
-                }
+                Some(parked) => parked,
                 None => (m.message.clone(), m.proactive.is_some()),
             };
             let starts = proactive && message.address.conversation_id().is_none();
@@ -1079,29 +1072,21 @@ impl Inner {
         let label = key.label();
         let now = now_ms();
         let here = cluster.fence_for(label).is_some();
-        // As on one replica: the first message of a conversation with nothing in line here is
-        // appended marked as being delivered, which saves a write before its call (a crash or
-        // a handover before the call only flags it).
-        let mut head = here && matches!(job, Job::Deliver { .. }) && in_conversation == 0;
+        // Unlike on one replica, nothing is appended marked as being delivered: a mark is a
+        // fenced write of the replica that delivers, so a message read back as `delivering`
+        // always had an attempt that may have reached the channel.
         let mut ids = Vec::with_capacity(n);
         let mut stored = Vec::with_capacity(n);
         for item in job.items_mut() {
             item.id = self.next_id.fetch_add(1, Ordering::SeqCst);
             ids.push(item.id);
-            let state = if head && !item.rendered.requests.is_empty() {
-                item.delivering = Some(Durable::ready());
-                DeliveryState::Delivering
-            } else {
-                DeliveryState::Accepted
-            };
-            head = false;
             stored.push(StoredMessage {
                 id: item.id,
                 conversation: label.to_string(),
                 message: item.message.clone(),
                 proactive: item.proactive.clone(),
                 accepted_at_ms: now,
-                record: StateRecord::new(state, now),
+                record: StateRecord::new(DeliveryState::Accepted, now),
                 warnings: item.rendered.warnings.clone(),
             });
         }
@@ -1255,6 +1240,7 @@ impl Inner {
         for r in &mut outcome.receipts {
             r.bound();
         }
+        let mut final_write = None;
         let for_caller = if item.ephemeral {
             Some(outcome)
         } else {
@@ -1278,8 +1264,18 @@ impl Inner {
             // awaited: a lost final state only means a flagged redelivery after a crash.
             self.metrics
                 .finished(&addr.channel_id, label, outcome.error.as_ref(), latency);
-            self.store
-                .record_fenced(item.id, Change::Finished(outcome), item.fence);
+            // Replicas: the partition is not drained (handed over) before its final states
+            // are in the database, or the next owner would deliver the message again.
+            if let (Some(_), Some(_)) = (item.fence, self.cluster.get()) {
+                final_write = Some(self.store.update_fenced(
+                    item.id,
+                    Change::Finished(outcome),
+                    item.fence,
+                ));
+            } else {
+                self.store
+                    .record_fenced(item.id, Change::Finished(outcome), item.fence);
+            }
             if let Some(event) = event {
                 let _ = self.events.send(event);
             }
@@ -1289,7 +1285,7 @@ impl Inner {
             // The caller may have stopped waiting; the outcome stays in the store.
             let _ = tx.send(outcome);
         }
-        self.left(item.fence, line);
+        self.left(item.fence, line, final_write);
     }
 
     /// A message leaves memory undelivered: its partition moved to another replica, which
@@ -1303,10 +1299,12 @@ impl Inner {
             message_id = item.id,
             "handed over: its partition moved to another replica"
         );
-        self.left(item.fence, line);
+        self.left(item.fence, line, None);
     }
 
-    fn left(&self, fence: Option<Fence>, line: Option<&Line>) {
+    /// A message left memory; a partition's count drops once `final_write` (its final state)
+    /// is in the database.
+    fn left(&self, fence: Option<Fence>, line: Option<&Line>, final_write: Option<Durable>) {
         // The total first: a Send woken by `left` must not then be refused by a count that
         // still holds this message.
         if self.undelivered.fetch_sub(1, Ordering::SeqCst) == 1 {
@@ -1316,7 +1314,17 @@ impl Inner {
             line.left(1, self.waits_for_room());
         }
         if let (Some(f), Some(cluster)) = (fence, self.cluster.get()) {
-            cluster.left(f.partition);
+            match final_write {
+                Some(durable) => {
+                    let cluster = cluster.clone();
+                    tokio::spawn(async move {
+                        // Fenced out or failed: either way nothing more is waited for.
+                        let _ = durable.await;
+                        cluster.left(f.partition);
+                    });
+                }
+                None => cluster.left(f.partition),
+            }
         }
     }
 

@@ -312,8 +312,7 @@ struct Fed {
 /// what it held of a partition.
 pub(super) trait Lines: Send + Sync + 'static {
     /// Puts the messages of one conversation (consecutive, in order) in its line.
-    /// Each message comes with whether a delivery attempt's (fenced) write ever changed it.
-    fn feed(&self, fence: Fence, tenure: u64, messages: Vec<(StoredMessage, bool)>);
+    fn feed(&self, fence: Fence, tenure: u64, messages: Vec<StoredMessage>);
 }
 
 /// Runs for the dispatcher's life: takes up partitions as they are leased, reads their new
@@ -445,7 +444,7 @@ async fn catch_up(
         let fresh: Vec<_> = feed
             .messages
             .into_iter()
-            .filter(|(p, seq, _, _)| fed.get(p).is_some_and(|f| *seq > f.cursor))
+            .filter(|(p, seq, _)| fed.get(p).is_some_and(|f| *seq > f.cursor))
             .collect();
         put_in_line(lines, fed, fresh);
         // Everything up to here was read, for every partition fed.
@@ -464,13 +463,13 @@ async fn catch_up(
 fn put_in_line(
     lines: &dyn Lines,
     fed: &BTreeMap<u32, Fed>,
-    messages: Vec<(u32, i64, StoredMessage, bool)>,
+    messages: Vec<(u32, i64, StoredMessage)>,
 ) {
-    let mut groups: Vec<(u32, String, Vec<(StoredMessage, bool)>)> = Vec::new();
-    for (p, _, m, fenced) in messages {
+    let mut groups: Vec<(u32, String, Vec<StoredMessage>)> = Vec::new();
+    for (p, _, m) in messages {
         match groups.last_mut() {
-            Some((gp, conv, list)) if *gp == p && *conv == m.conversation => list.push((m, fenced)),
-            _ => groups.push((p, m.conversation.clone(), vec![(m, fenced)])),
+            Some((gp, conv, list)) if *gp == p && *conv == m.conversation => list.push(m),
+            _ => groups.push((p, m.conversation.clone(), vec![m])),
         }
     }
     for (p, _, list) in groups {

@@ -359,9 +359,8 @@ pub struct PostgresStore {
 pub struct Feed {
     /// In `seq` order (messages from before migration 5 first, by id); finished ones (by the
     /// overlay's newer word) left out.
-    /// With each its partition, its `seq`, and whether a fenced write (a delivery attempt's)
-    /// ever changed it: `delivering` without one is only its append's mark.
-    pub messages: Vec<(u32, i64, StoredMessage, bool)>,
+    /// With each its partition and its `seq`.
+    pub messages: Vec<(u32, i64, StoredMessage)>,
     /// Everything numbered up to here was visible to the read: a partition fully read moves
     /// its cursor here.
     pub head: i64,
@@ -471,8 +470,7 @@ impl PostgresStore {
             .query(
                 &format!(
                     "SELECT x.*, h.seq FROM cg_outbox_head h LEFT JOIN LATERAL \
-                     (SELECT {FEED_COLUMNS}, m.partition, COALESCE(m.seq, 0) AS seq, \
-                     m.epoch IS NOT NULL AS fenced \
+                     (SELECT {FEED_COLUMNS}, m.partition, COALESCE(m.seq, 0) AS seq \
                      FROM outbox_messages m \
                      WHERE m.partition = ANY($1) AND m.state IN ('accepted', 'delivering') \
                      ORDER BY m.seq NULLS FIRST, m.id) x ON true WHERE h.id = 1 \
@@ -501,8 +499,7 @@ impl PostgresStore {
         // unfinished message of the partitions to sort them.
         let sql = format!(
             "SELECT x.*, h.seq FROM cg_outbox_head h LEFT JOIN LATERAL \
-             (SELECT {FEED_COLUMNS}, m.partition, m.seq, m.epoch IS NOT NULL AS fenced \
-             FROM outbox_messages m \
+             (SELECT {FEED_COLUMNS}, m.partition, m.seq FROM outbox_messages m \
              WHERE m.seq > $1 AND m.partition = ANY($2) \
              AND m.state IN ('accepted', 'delivering') ORDER BY m.seq LIMIT $3) x ON true \
              WHERE h.id = 1 ORDER BY x.seq"
@@ -529,7 +526,7 @@ impl PostgresStore {
         let mut unknown: Vec<i64> = Vec::new();
         for r in rows {
             head = r
-                .try_get::<_, Option<i64>>(13)
+                .try_get::<_, Option<i64>>(12)
                 .map_err(storage)?
                 .unwrap_or(0);
             // The head's row alone: no message matched.
@@ -542,7 +539,6 @@ impl PostgresStore {
             }
             let partition: i16 = r.try_get(10).map_err(storage)?;
             let seq: i64 = r.try_get(11).map_err(storage)?;
-            let fenced: bool = r.try_get(12).map_err(storage)?;
             last = last.max(seq);
             // A state of ours not yet committed is newer than the row.
             let ov = lock(&self.overlay);
@@ -555,7 +551,7 @@ impl PostgresStore {
             if m.record.state.is_terminal() {
                 continue;
             }
-            messages.push((u32::from(partition.unsigned_abs()), seq, m, fenced));
+            messages.push((u32::from(partition.unsigned_abs()), seq, m));
         }
         if !unknown.is_empty() {
             let bodies = c
@@ -573,7 +569,7 @@ impl PostgresStore {
                     r.try_get(1).map_err(storage)?,
                 );
             }
-            for (_, _, m, _) in &mut messages {
+            for (_, _, m) in &mut messages {
                 if let Some(json) = by_id.remove(&m.id) {
                     let b = decode_body(&json)?;
                     m.message = Arc::new(b.message);
