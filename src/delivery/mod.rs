@@ -725,6 +725,25 @@ impl Inner {
     }
 }
 
+/// A ticket per accepted id, with its outcome's receiver when the caller waits for one.
+fn tickets_for(ids: &[u64], rxs: Vec<Option<oneshot::Receiver<Outcome>>>) -> Vec<Ticket> {
+    ids.iter()
+        .zip(rxs.into_iter().chain(std::iter::repeat_with(|| None)))
+        .map(|(&id, outcome)| Ticket { id, outcome })
+        .collect()
+}
+
+/// What an idempotency key keeps of an acceptance.
+fn idem_record(key: String, now: u64, ids: &[u64]) -> (String, IdempotencyRecord) {
+    (
+        key,
+        IdempotencyRecord {
+            created_at_ms: now,
+            message_ids: ids.to_vec(),
+        },
+    )
+}
+
 fn items_in(job: &Job) -> usize {
     job.items().len()
 }
@@ -867,6 +886,19 @@ impl Inner {
         }
     }
 
+    /// `delivery.max_pending_total` for `n` more messages.
+    fn check_total(&self, n: usize) -> Result<(), SubmitError> {
+        let total = self.undelivered.load(Ordering::SeqCst);
+        if total + n > self.config.max_pending_total {
+            return Err(SubmitError::Backpressure {
+                bound: "delivery.max_pending_total",
+                limit: self.config.max_pending_total,
+                pending: total,
+            });
+        }
+        Ok(())
+    }
+
     fn waits_for_room(&self) -> bool {
         !self.config.max_wait_for_room.is_zero()
     }
@@ -922,14 +954,7 @@ impl Inner {
                 }
                 return Err(self.conversation_full(in_conversation));
             }
-            let total = self.undelivered.load(Ordering::SeqCst);
-            if total + n > self.config.max_pending_total {
-                return Err(SubmitError::Backpressure {
-                    bound: "delivery.max_pending_total",
-                    limit: self.config.max_pending_total,
-                    pending: total,
-                });
-            }
+            self.check_total(n)?;
         }
         // Ids and the outbox append happen under the shard lock: acceptance order is both
         // delivery order and the order a restart resumes in.
@@ -972,15 +997,7 @@ impl Inner {
                     warnings: item.rendered.warnings.clone(),
                 });
             }
-            let idem = idem.map(|k| {
-                (
-                    k,
-                    IdempotencyRecord {
-                        created_at_ms: now,
-                        message_ids: ids.clone(),
-                    },
-                )
-            });
+            let idem = idem.map(|k| idem_record(k, now, &ids));
             if !stored.is_empty() {
                 self.metrics.accepted(key.channel_id(), stored.len() as u64);
             }
@@ -1002,15 +1019,7 @@ impl Inner {
             }
         }
         self.undelivered.fetch_add(n, Ordering::SeqCst);
-        let tickets = ids
-            .iter()
-            .zip(
-                outcome_rxs
-                    .into_iter()
-                    .chain(std::iter::repeat_with(|| None)),
-            )
-            .map(|(&id, outcome)| Ticket { id, outcome })
-            .collect();
+        let tickets = tickets_for(&ids, outcome_rxs);
         // A worker that ended without deregistering (it panicked) leaves its line behind:
         // its jobs move to a new worker, so nothing accepted is lost.
         let mut leftover = VecDeque::new();
@@ -1061,14 +1070,7 @@ impl Inner {
         if in_conversation + n > self.config.max_pending_per_conversation {
             return Err(self.conversation_full(in_conversation));
         }
-        let total = self.undelivered.load(Ordering::SeqCst);
-        if total + n > self.config.max_pending_total {
-            return Err(SubmitError::Backpressure {
-                bound: "delivery.max_pending_total",
-                limit: self.config.max_pending_total,
-                pending: total,
-            });
-        }
+        self.check_total(n)?;
         let label = key.label();
         let now = now_ms();
         let here = cluster.fence_for(label).is_some();
@@ -1090,26 +1092,10 @@ impl Inner {
                 warnings: item.rendered.warnings.clone(),
             });
         }
-        let idem = idem.map(|k| {
-            (
-                k,
-                IdempotencyRecord {
-                    created_at_ms: now,
-                    message_ids: ids.clone(),
-                },
-            )
-        });
+        let idem = idem.map(|k| idem_record(k, now, &ids));
         self.metrics.accepted(key.channel_id(), stored.len() as u64);
         let durable = self.store.append(stored, idem);
-        let tickets = ids
-            .iter()
-            .zip(
-                outcome_rxs
-                    .into_iter()
-                    .chain(std::iter::repeat_with(|| None)),
-            )
-            .map(|(&id, outcome)| Ticket { id, outcome })
-            .collect();
+        let tickets = tickets_for(&ids, outcome_rxs);
         let partition = crate::storage::lease::partition_of(label);
         let (items, mut created) = match job {
             Job::Deliver { items, .. } => (items, None),

@@ -132,9 +132,9 @@ impl Cluster {
             && t.compare_exchange(tenure, tenure + 1, Ordering::SeqCst, Ordering::SeqCst)
                 .is_ok()
         {
-            tracing::warn!(
+            tracing::debug!(
                 partition,
-                "stopped delivering a partition (handed over, lost, or its lease lapsed here); it is read again when held"
+                "stopped delivering a partition; it is read again when held"
             );
             self.wake.notify_one();
         }
@@ -341,13 +341,36 @@ pub(super) async fn run_feed(
         let own = own_rx.borrow_and_update().clone();
         // Let go of what is no longer ours (lost, releasing, or expired by our clock), and of
         // a take a worker ended (it found the lease lapsed): read again below if still ours.
+        let before = fed.len();
+        let mut lapsed = 0;
         fed.retain(|p, f| {
             let keep = own.epoch_for(*p, now) == Some(f.epoch) && cluster.tenure_of(*p) == f.tenure;
             if !keep {
+                // Still held at the same epoch: the lease lapsed here, or a worker found it so.
+                if own
+                    .held
+                    .get(p)
+                    .is_some_and(|h| h.epoch == f.epoch && !h.releasing)
+                {
+                    lapsed += 1;
+                }
                 cluster.invalidate(*p, f.tenure);
             }
             keep
         });
+        if fed.len() < before {
+            let gone = before - fed.len();
+            if lapsed > 0 {
+                tracing::warn!(
+                    partitions = gone,
+                    lapsed,
+                    "stopped delivering partitions whose lease lapsed here (a late renewal): \
+                     they are read again once renewed"
+                );
+            } else {
+                tracing::info!(partitions = gone, "partitions handed over or lost");
+            }
+        }
         // Releasing partitions with nothing left in memory may go.
         for (p, h) in &own.held {
             let live = cluster.live[*p as usize].load(Ordering::SeqCst);
