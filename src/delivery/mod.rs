@@ -1070,7 +1070,9 @@ impl Inner {
         if in_conversation + n > self.config.max_pending_per_conversation {
             return Err(self.conversation_full(in_conversation));
         }
-        self.check_total(n)?;
+        // Sends parked here until they are read back count too: a slow feed must not let them
+        // pile up in memory past the bound.
+        self.check_total(n + cluster.parked_len())?;
         let label = key.label();
         let now = now_ms();
         let here = cluster.fence_for(label).is_some();
@@ -1252,15 +1254,13 @@ impl Inner {
                 .finished(&addr.channel_id, label, outcome.error.as_ref(), latency);
             // Replicas: the partition is not drained (handed over) before its final states
             // are in the database, or the next owner would deliver the message again.
-            if let (Some(_), Some(_)) = (item.fence, self.cluster.get()) {
-                final_write = Some(self.store.update_fenced(
-                    item.id,
-                    Change::Finished(outcome),
-                    item.fence,
-                ));
-            } else {
-                self.store
-                    .record_fenced(item.id, Change::Finished(outcome), item.fence);
+            // Not waited for (a failed commit keeps it for the next), but a partition being
+            // handed over waits for it.
+            let written = self
+                .store
+                .record_fenced(item.id, Change::Finished(outcome), item.fence);
+            if item.fence.is_some() && self.cluster.get().is_some() {
+                final_write = Some(written);
             }
             if let Some(event) = event {
                 let _ = self.events.send(event);

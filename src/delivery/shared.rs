@@ -245,6 +245,11 @@ impl Cluster {
         lock(&self.parked).insert(id, parked);
     }
 
+    /// Sends parked here, waiting to be read back.
+    pub(super) fn parked_len(&self) -> usize {
+        lock(&self.parked).len()
+    }
+
     /// A Send of this replica waiting to be read back: the feed need not decode its body.
     fn is_parked(&self, id: u64) -> bool {
         lock(&self.parked).contains_key(&id)

@@ -161,10 +161,13 @@ pub trait Store: Send + Sync + 'static {
         let _ = fence;
         self.update(id, change)
     }
-    /// `record` under a fence: a stale write is dropped.
-    fn record_fenced(&self, id: u64, change: Change, fence: Option<Fence>) {
+    /// `record` under a fence: a stale write is dropped. Nobody has to wait (a failed commit
+    /// keeps the change for the next, as `record` does), but one may: the future resolves when
+    /// the commit that first carried it is done (with its error, if it failed).
+    fn record_fenced(&self, id: u64, change: Change, fence: Option<Fence>) -> Durable {
         let _ = fence;
-        self.record(id, change)
+        self.record(id, change);
+        Durable::ready()
     }
     /// Reads are futures so an engine across the network (PostgreSQL) fits the same seam, and
     /// they return their errors: a store that cannot answer is not a message that is unknown.

@@ -957,12 +957,13 @@ impl Store for PostgresStore {
         }
     }
 
-    fn record_fenced(&self, id: u64, change: Change, fence: Option<super::Fence>) {
+    fn record_fenced(&self, id: u64, change: Change, fence: Option<super::Fence>) -> Durable {
         match change {
-            Change::Moved { .. } => drop(self.update(id, change)),
-            change => {
-                self.put_state(id, change, false, fence);
-            }
+            Change::Moved { .. } => self.update(id, change),
+            change => match self.put_state(id, change, false, fence) {
+                Some(version) => Durable::of(&self.commits, version),
+                None => Durable::ready(),
+            },
         }
     }
 
