@@ -469,11 +469,12 @@ impl PostgresStore {
         let rows = c
             .query(
                 &format!(
-                    "SELECT x.*, h.seq FROM cg_outbox_head h LEFT JOIN LATERAL \
+                    "SELECT x.*, h.seq FROM ({HEAD}) h LEFT JOIN LATERAL \
                      (SELECT {FEED_COLUMNS}, m.partition, COALESCE(m.seq, 0) AS seq \
                      FROM outbox_messages m \
                      WHERE m.partition = ANY($1) AND m.state IN ('accepted', 'delivering') \
-                     ORDER BY m.seq NULLS FIRST, m.id) x ON true WHERE h.id = 1 \
+                     AND COALESCE(m.seq, 0) <= h.seq \
+                     ORDER BY m.seq NULLS FIRST, m.id) x ON true \
                      ORDER BY x.seq NULLS FIRST, x.id"
                 ),
                 &[&parts],
@@ -498,11 +499,11 @@ impl PostgresStore {
         // generic plan cannot know the cursor leaves only the newest rows, and may read every
         // unfinished message of the partitions to sort them.
         let sql = format!(
-            "SELECT x.*, h.seq FROM cg_outbox_head h LEFT JOIN LATERAL \
+            "SELECT x.*, h.seq FROM ({HEAD}) h LEFT JOIN LATERAL \
              (SELECT {FEED_COLUMNS}, m.partition, m.seq FROM outbox_messages m \
-             WHERE m.seq > $1 AND m.partition = ANY($2) \
+             WHERE m.seq > $1 AND m.seq <= h.seq AND m.partition = ANY($2) \
              AND m.state IN ('accepted', 'delivering') ORDER BY m.seq LIMIT $3) x ON true \
-             WHERE h.id = 1 ORDER BY x.seq"
+             ORDER BY x.seq"
         );
         let rows = c
             .query(sql.as_str(), &[&after, &parts, &limit])
@@ -1026,16 +1027,25 @@ impl Store for PostgresStore {
     }
 }
 
-/// Appended messages (or moved ones, rewritten whole), numbered just below the head the
-/// commit raised (`$13` = how many it raised it by; `ord` = each row's number within that).
+/// Everything numbered up to here is final for a reader's snapshot: below the oldest
+/// transaction still running (`xmin`), every transaction has committed or aborted, and none
+/// can start with a smaller id. A partition's owner reads up to it and moves its cursor there.
+/// A transaction left open elsewhere on the server holds it back, as it holds back vacuum.
+const HEAD: &str = "SELECT (pg_snapshot_xmin(pg_current_snapshot())::text::int8 << 24) - 1 AS seq";
+
+/// Appended messages (or moved ones, rewritten whole). `seq` is a row's position in commit
+/// order: its transaction's id (`xid8`, given in the order transactions first write, so a Send
+/// answered before another was made has the smaller one; no lock serialises the replicas'
+/// commits), then its place in the transaction (`ord`, below 2^24: a commit carries at most
+/// 8,192 commands of at most a batch each; ids up to 2^39 fit, ~550 billion transactions).
 /// A message accepted with an idempotency key is stored only if the key's record is its own
 /// acceptance: another replica's that committed first leaves this one out.
 const INSERT_MESSAGES: &str = "INSERT INTO outbox_messages (id, conversation, partition, state, \
      attempts, possible_duplicate, receipts, error, accepted_at_ms, updated_at_ms, seq) \
      SELECT u.id, u.conversation, u.partition, u.state, u.attempts, u.dup, u.receipts, u.error, \
-     u.accepted, u.updated, (SELECT h.seq FROM cg_outbox_head h WHERE h.id = 1) - $13 + u.ord \
+     u.accepted, u.updated, (pg_current_xact_id()::text::int8 << 24) + u.ord \
      FROM unnest($1::int8[], $2::text[], $3::int2[], $4::text[], $5::int4[], $6::bool[], \
-     $7::text[], $8::text[], $9::int8[], $10::int8[], $11::text[], $12::text[], $14::int8[]) \
+     $7::text[], $8::text[], $9::int8[], $10::int8[], $11::text[], $12::text[], $13::int8[]) \
      AS u(id, conversation, partition, state, attempts, dup, receipts, error, accepted, updated, \
      key, ids, ord) \
      WHERE u.key IS NULL OR EXISTS (SELECT 1 FROM outbox_idempotency i \
@@ -1052,10 +1062,6 @@ const INSERT_BODIES: &str = "INSERT INTO outbox_bodies (id, body) \
      WHERE EXISTS (SELECT 1 FROM outbox_messages m WHERE m.id = u.id) \
      ON CONFLICT (id) DO UPDATE SET body = excluded.body";
 
-/// Raises the head by the messages this commit numbers, and holds its row's lock until the
-/// commit: numbering is in commit order.
-const RAISE_HEAD: &str = "UPDATE cg_outbox_head SET seq = seq + $1 WHERE id = 1";
-
 /// A state write is fenced when it carries an epoch (`u.epoch`): it changes the row only while
 /// this replica (`$R`) holds the partition at that epoch with its lease running. A redelivered
 /// message (`u.bump`) is numbered again, after everything before it.
@@ -1064,7 +1070,7 @@ const RAISE_HEAD: &str = "UPDATE cg_outbox_head SET seq = seq + $1 WHERE id = 1"
 const FENCED: &str = "(u.epoch IS NULL OR (m.partition, u.epoch) IN (SELECT f.partition, f.epoch \
      FROM cg_partitions f WHERE f.owner = $R AND f.lease_until > now()))";
 const RENUMBER: &str = "seq = CASE WHEN u.bump IS NULL THEN m.seq \
-     ELSE (SELECT h.seq FROM cg_outbox_head h WHERE h.id = 1) - $N + u.bump END, \
+     ELSE (pg_current_xact_id()::text::int8 << 24) + u.bump END, \
      epoch = COALESCE(u.epoch, m.epoch)";
 
 fn update_states_sql() -> String {
@@ -1075,8 +1081,8 @@ fn update_states_sql() -> String {
          FROM unnest($1::int8[], $2::text[], $3::int4[], $4::bool[], $5::text[], $6::text[], \
          $7::int8[], $8::int8[], $9::int8[]) AS u(id, state, attempts, dup, receipts, error, \
          updated, epoch, bump) WHERE m.id = u.id AND {} RETURNING m.id, m.partition, u.bump",
-        RENUMBER.replace("$N", "$10"),
-        FENCED.replace("$R", "$11"),
+        RENUMBER,
+        FENCED.replace("$R", "$10"),
     )
 }
 
@@ -1089,8 +1095,8 @@ fn update_partial_sql() -> String {
          FROM unnest($1::int8[], $2::text[], $3::int4[], $4::bool[], $5::int8[], $6::int8[], \
          $7::int8[]) AS u(id, state, attempts, clear, updated, epoch, bump) \
          WHERE m.id = u.id AND {} RETURNING m.id, m.partition, u.bump",
-        RENUMBER.replace("$N", "$8"),
-        FENCED.replace("$R", "$9"),
+        RENUMBER,
+        FENCED.replace("$R", "$8"),
     )
 }
 
@@ -1698,7 +1704,6 @@ impl Writer {
                 .await
                 .map_err(|e| PgError::query("preparing the outbox's statements", &e))
         };
-        let st_head = prepare(RAISE_HEAD.into()).await?;
         let st_ins = prepare(INSERT_MESSAGES.into()).await?;
         let st_bodies = prepare(INSERT_BODIES.into()).await?;
         let st_full = prepare(update_states_sql()).await?;
@@ -1718,10 +1723,8 @@ impl Writer {
             &ins.updated,
             &ins.key,
             &ins.ids,
-            &numbered,
             &ins.ord,
         ];
-        let head_params: Vec<Param<'_>> = vec![&numbered];
         let body_params: Vec<Param<'_>> = vec![&bodies_id, &bodies_json];
         let full_params: Vec<Param<'_>> = vec![
             &full.id,
@@ -1733,7 +1736,6 @@ impl Writer {
             &full.updated,
             &full.epoch,
             &full.bump,
-            &numbered,
             &replica,
         ];
         let part_params: Vec<Param<'_>> = vec![
@@ -1744,7 +1746,6 @@ impl Writer {
             &part.updated,
             &part.epoch,
             &part.bump,
-            &numbered,
             &replica,
         ];
         let key_params: Vec<Param<'_>> = vec![&key_names, &key_created, &key_ids, &key_cutoff];
@@ -1758,9 +1759,6 @@ impl Writer {
         steps.push(Box::pin(async move {
             c.batch_execute("BEGIN").await.map(|_| Step::Done)
         }));
-        if numbered > 0 {
-            steps.push(step(c, &st_head, &head_params, |_| Step::Done));
-        }
         if !key_names.is_empty() {
             steps.push(step(c, &st_keys, &key_params, Step::Keys));
         }

@@ -568,12 +568,11 @@ pub const MIGRATIONS: &[Migration] = &[
 ];
 
 /// What several replicas need to share one outbox (`crate::outbox::PostgresStore`):
-/// - `seq`: a commit-ordered number given to every appended (or redelivered) message. A writer
-///   that gives some first adds their count to `cg_outbox_head.seq`, which locks that row until
-///   it commits, and numbers its messages just below the new value; so a reader that sees
-///   `cg_outbox_head.seq = H` in its snapshot also sees every message numbered up to `H`, and a
-///   partition's owner that reads what is new after its cursor never skips a message committed
-///   late.
+/// - `seq`: every appended (or redelivered) message's position: its transaction's id, then its
+///   place in it. A reader takes as read everything below the oldest transaction still running
+///   in its snapshot (`pg_snapshot_xmin`): those have all ended, and none can start below it, so
+///   a partition's owner that reads what is new after its cursor never skips a message committed
+///   late (`crate::outbox::PostgresStore::feed_after`).
 /// - `epoch`: the fencing epoch of the last fenced state write (NULL when none), for audits.
 /// - `cg_outbox_id_block`: each replica start takes a block of 2^40 message ids, so ids are
 ///   unique across replicas without a round trip per message. The first block is past every
@@ -581,11 +580,6 @@ pub const MIGRATIONS: &[Migration] = &[
 const SHARED_DELIVERY: &str = "
 ALTER TABLE outbox_messages ADD COLUMN seq BIGINT;
 ALTER TABLE outbox_messages ADD COLUMN epoch BIGINT;
-CREATE TABLE cg_outbox_head (
-    id INTEGER PRIMARY KEY CHECK (id = 1),
-    seq BIGINT NOT NULL
-);
-INSERT INTO cg_outbox_head VALUES (1, 0);
 CREATE INDEX outbox_feed ON outbox_messages (seq)
     WHERE state IN ('accepted', 'delivering');
 CREATE SEQUENCE cg_outbox_id_block;
