@@ -861,10 +861,47 @@ async fn chaos_three_replicas_sigkill_and_sigstop() {
             };
             match flag {
                 Ok((_, true)) => flagged += 1,
-                Ok((id, false)) => problems.add(
-                    "duplicates not flagged possible_duplicate",
-                    format!("{prefix}{conv} message {seq} (id {id}) arrived {n} times"),
-                ),
+                Ok((id, false)) => {
+                    // When each copy arrived, and what the row says: which replica's write
+                    // came last, under which epoch.
+                    let name = format!("{prefix}{conv}");
+                    let arrivals: Vec<String> = fake
+                        .state
+                        .received
+                        .lock()
+                        .unwrap()
+                        .iter()
+                        .filter(|r| r.conversation == name && r.text() == seq.to_string())
+                        .map(|r| format!("{:.2?}", r.at.saturating_duration_since(began)))
+                        .collect();
+                    let row = cluster
+                        .db
+                        .query_opt(
+                            "SELECT state, attempts, epoch, partition, updated_at_ms \
+                             FROM outbox_messages WHERE id = $1",
+                            &[&id.parse::<i64>().unwrap_or_default()],
+                        )
+                        .await
+                        .ok()
+                        .flatten()
+                        .map(|r| {
+                            format!(
+                                "state {}, attempts {}, epoch {:?}, partition {}",
+                                r.get::<_, String>(0),
+                                r.get::<_, i32>(1),
+                                r.get::<_, Option<i64>>(2),
+                                r.get::<_, i16>(3)
+                            )
+                        })
+                        .unwrap_or_default();
+                    problems.add(
+                        "duplicates not flagged possible_duplicate",
+                        format!(
+                            "{prefix}{conv} message {seq} (id {id}) arrived {n} times, at \
+                             {arrivals:?}; row: {row}"
+                        ),
+                    )
+                }
                 Err(e) => problems.add(
                     "duplicates whose state is unknown",
                     format!("{prefix}{conv} message {seq} arrived {n} times; its state: {e}"),

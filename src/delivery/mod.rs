@@ -1940,6 +1940,12 @@ impl Worker {
                         }
                         Err(e) => return outbox_failed(out, e),
                     }
+                    // The wait for the mark may have outlasted the lease here.
+                    if !self.inner.holds(item) {
+                        self.unmark_next(&mut next);
+                        item.handed_over = true;
+                        return out;
+                    }
                 }
                 self.premark_next(&mut next);
                 attempt += 1;

@@ -27,6 +27,8 @@ use crate::outbox::{Fence, Outcome, PostgresStore, Store, StoredMessage};
 use crate::storage::lease::{Drainer, Ownership, PARTITIONS, partition_of};
 use crate::storage::notify::{Notifier, Wake};
 
+/// A second look after a wake-up that found nothing new (see `run_feed`).
+const RECHECK_AFTER: Duration = Duration::from_millis(20);
 /// How often idle shared rate scopes are dropped (those untouched this long).
 const PRUNE_EVERY: Duration = Duration::from_secs(300);
 /// Messages read per query while catching up.
@@ -331,6 +333,7 @@ pub(super) async fn run_feed(
     // The partitions being fed: their epoch, cursor (`seq` read up to) and take.
     let mut fed: BTreeMap<u32, Fed> = BTreeMap::new();
     let mut read_new = true;
+    let mut recheck: Option<tokio::time::Instant> = None;
     let mut pruned = Instant::now();
     loop {
         let now = Instant::now();
@@ -421,8 +424,13 @@ pub(super) async fn run_feed(
         if read_new || asked > *cluster.done.borrow() {
             read_new = false;
             match catch_up(&cluster, &*lines, &mut fed).await {
-                Ok(()) => {
+                Ok(read) => {
                     cluster.done.send_replace(asked);
+                    // Woken for a commit but nothing new to read: an older transaction (another
+                    // replica's) was still running, and what committed after it is not read
+                    // until it ends. One more look shortly, rather than at the next poll.
+                    recheck = (read == 0 && recheck.is_none())
+                        .then(|| tokio::time::Instant::now() + RECHECK_AFTER);
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "reading new messages failed; trying again");
@@ -431,7 +439,15 @@ pub(super) async fn run_feed(
             }
         }
         sweep_parked(&cluster, &fed);
+        let recheck_at = recheck.unwrap_or_else(|| {
+            tokio::time::Instant::now()
+                .checked_add(cluster.poll_every)
+                .unwrap_or_else(tokio::time::Instant::now)
+        });
         tokio::select! {
+            _ = tokio::time::sleep_until(recheck_at), if recheck.is_some() => {
+                read_new = true;
+            }
             changed = own_rx.changed() => {
                 if changed.is_err() {
                     return;
@@ -452,14 +468,16 @@ pub(super) async fn run_feed(
     }
 }
 
-/// Reads every partition's messages after its cursor, until none is left.
+/// Reads every partition's messages after its cursor, until none is left; returns how many
+/// it put in line.
 async fn catch_up(
     cluster: &Cluster,
     lines: &dyn Lines,
     fed: &mut BTreeMap<u32, Fed>,
-) -> Result<(), crate::outbox::StoreError> {
+) -> Result<usize, crate::outbox::StoreError> {
+    let mut read = 0;
     if fed.is_empty() {
-        return Ok(());
+        return Ok(read);
     }
     loop {
         let from = fed.values().map(|f| f.cursor).min().unwrap_or(0);
@@ -474,6 +492,7 @@ async fn catch_up(
             .into_iter()
             .filter(|(p, seq, _)| fed.get(p).is_some_and(|f| *seq > f.cursor))
             .collect();
+        read += fresh.len();
         put_in_line(lines, fed, fresh);
         // Everything up to here was read, for every partition fed.
         let upto = if feed.more { feed.last } else { feed.head };
@@ -481,7 +500,7 @@ async fn catch_up(
             f.cursor = f.cursor.max(upto);
         }
         if !feed.more {
-            return Ok(());
+            return Ok(read);
         }
     }
 }

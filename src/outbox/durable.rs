@@ -361,4 +361,55 @@ mod tests {
         assert_eq!(Durable::settled(Err(storage("x"))).await, Err(storage("x")));
         assert_eq!(Durable::ready().await, Ok(()));
     }
+
+    #[tokio::test]
+    async fn versions_refused_alone_answer_their_error_and_the_rest_of_the_commit_is_durable() {
+        let c = Arc::new(Commits::default());
+        let waiting = tokio::spawn(Durable::of(&c, 4));
+        tokio::task::yield_now().await;
+        // One commit of versions 1..=6: a put of 2..=3 lost its key, 5 was fenced out.
+        c.settle_except(
+            6,
+            vec![
+                (2, 3, StoreError::KeyTaken),
+                (5, 5, StoreError::Fenced),
+                // Outside the commit: ignored.
+                (9, 9, StoreError::Fenced),
+            ],
+        );
+        assert_eq!(woken(waiting).await.unwrap(), Ok(()));
+        let answers: Vec<_> = (1..=6)
+            .map(|v| Durable::of(&c, v).now_or_never().unwrap())
+            .collect();
+        assert_eq!(
+            answers,
+            [
+                Ok(()),
+                Err(StoreError::KeyTaken),
+                Err(StoreError::KeyTaken),
+                Ok(()),
+                Err(StoreError::Fenced),
+                Ok(())
+            ]
+        );
+        assert!(
+            Durable::of(&c, 9).now_or_never().is_none(),
+            "not settled yet"
+        );
+        // A later failed commit still extends as before, after the refusals.
+        c.settle(8, &Err(storage("down")));
+        assert_eq!(Durable::of(&c, 7).await, Err(storage("down")));
+        assert_eq!(Durable::of(&c, 5).await, Err(StoreError::Fenced));
+    }
+
+    #[tokio::test]
+    async fn refusals_kept_for_waiters_are_bounded() {
+        let c = Arc::new(Commits::default());
+        let n = (MAX_REFUSED + 10) as u64;
+        for v in 1..=n {
+            c.settle_except(v, vec![(v, v, StoreError::Fenced)]);
+        }
+        assert_eq!(c.lock().failed.len(), MAX_REFUSED);
+        assert_eq!(Durable::of(&c, n).await, Err(StoreError::Fenced));
+    }
 }

@@ -1066,9 +1066,15 @@ const INSERT_BODIES: &str = "INSERT INTO outbox_bodies (id, body) \
 /// this replica (`$R`) holds the partition at that epoch with its lease running. A redelivered
 /// message (`u.bump`) is numbered again, after everything before it.
 /// The held partitions are read once per statement (a hashed subplan of at most 256 rows),
-/// not once per row.
+/// not once per row. The lease must still run `$M` seconds past the statement's own moment
+/// (`clock_timestamp()`, not the transaction's start): the commit follows on the server within
+/// milliseconds (it is pipelined), so a write that passes commits before the lease could run out
+/// and another replica take the partition and read its rows. Otherwise a mark committed just
+/// after the takeover would be missed by the new owner, which would then send the message again
+/// without flagging it.
 const FENCED: &str = "(u.epoch IS NULL OR (m.partition, u.epoch) IN (SELECT f.partition, f.epoch \
-     FROM cg_partitions f WHERE f.owner = $R AND f.lease_until > now()))";
+     FROM cg_partitions f WHERE f.owner = $R \
+     AND f.lease_until > clock_timestamp() + make_interval(secs => $M)))";
 const RENUMBER: &str = "seq = CASE WHEN u.bump IS NULL THEN m.seq \
      ELSE (pg_current_xact_id()::text::int8 << 24) + u.bump END, \
      epoch = COALESCE(u.epoch, m.epoch)";
@@ -1082,7 +1088,7 @@ fn update_states_sql() -> String {
          $7::int8[], $8::int8[], $9::int8[]) AS u(id, state, attempts, dup, receipts, error, \
          updated, epoch, bump) WHERE m.id = u.id AND {} RETURNING m.id, m.partition, u.bump",
         RENUMBER,
-        FENCED.replace("$R", "$10"),
+        FENCED.replace("$R", "$10").replace("$M", "$11"),
     )
 }
 
@@ -1096,7 +1102,7 @@ fn update_partial_sql() -> String {
          $7::int8[]) AS u(id, state, attempts, clear, updated, epoch, bump) \
          WHERE m.id = u.id AND {} RETURNING m.id, m.partition, u.bump",
         RENUMBER,
-        FENCED.replace("$R", "$8"),
+        FENCED.replace("$R", "$8").replace("$M", "$9"),
     )
 }
 
@@ -1364,6 +1370,12 @@ impl Writer {
             ov.committed(id, version, e.body.is_some());
             if ov.partials.get(&id).is_some_and(|(v, _)| *v == version) {
                 ov.partials.remove(&id);
+            }
+            // Unlike SQLite's, a state committed here is not kept for readers: another replica
+            // may deliver the message and change it in the database, and this replica would go
+            // on reading (and keeping in memory) the state it appended.
+            if ov.states.get(&id).is_some_and(|(v, _)| *v == version) {
+                ov.states.remove(&id);
             }
         }
     }
@@ -1696,6 +1708,8 @@ impl Writer {
         let key_cutoff = db_ms(super::now_ms().saturating_sub(window));
         let shared = self.shared.clone();
         let replica = shared.replica.as_str();
+        // A quarter of the lease, at most a second: a healthy lease always has more left.
+        let margin = (self.config.lease.as_secs_f64() / 4.0).min(1.0);
 
         let client = self.client().await?;
         let prepare = |sql: String| async move {
@@ -1737,6 +1751,7 @@ impl Writer {
             &full.epoch,
             &full.bump,
             &replica,
+            &margin,
         ];
         let part_params: Vec<Param<'_>> = vec![
             &part.id,
@@ -1747,6 +1762,7 @@ impl Writer {
             &part.epoch,
             &part.bump,
             &replica,
+            &margin,
         ];
         let key_params: Vec<Param<'_>> = vec![&key_names, &key_created, &key_ids, &key_cutoff];
 
