@@ -244,7 +244,7 @@ struct Replicas {
 
 /// Leases partitions, listens for other replicas' wake-ups, and makes the dispatcher deliver
 /// only what this replica holds.
-fn share_delivery(
+async fn share_delivery(
     store: &Arc<PostgresStore>,
     pg: &crate::storage::postgres::PostgresConfig,
     dispatcher: &Dispatcher,
@@ -283,6 +283,11 @@ fn share_delivery(
         }
     }));
     metrics.observe_leases(leases.subscribe());
+    // Serve once the first lease round is done: a replica alone (or the first of several)
+    // then holds its partitions before its first Send, so a SendProactive can answer with its
+    // new address. Bounded: a database slow to answer only delays holding them.
+    let mut first = leases.subscribe();
+    let _ = tokio::time::timeout(pg.lease, first.changed()).await;
     dispatcher.share(cluster, listener.subscribe());
     tracing::info!(replica = %store.replica(), "sharing delivery with the replicas on this database");
     Ok(Replicas { leases, listener })
@@ -339,12 +344,7 @@ async fn serve(
         metrics.clone(),
     );
     let replicas = match &shared_pg {
-        Some(s) => Some(share_delivery(
-            s,
-            &config.outbox.postgres,
-            &dispatcher,
-            &metrics,
-        )?),
+        Some(s) => Some(share_delivery(s, &config.outbox.postgres, &dispatcher, &metrics).await?),
         None => None,
     };
     dispatcher

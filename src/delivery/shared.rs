@@ -21,6 +21,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, broadcast, oneshot, watch};
 
+use crate::bounded::later_tokio;
+
 use crate::channels::ChannelError;
 use crate::model::Address;
 use crate::outbox::{Fence, Outcome, PostgresStore, Store, StoredMessage};
@@ -334,6 +336,7 @@ pub(super) async fn run_feed(
     let mut fed: BTreeMap<u32, Fed> = BTreeMap::new();
     let mut read_new = true;
     let mut recheck: Option<tokio::time::Instant> = None;
+    let mut next_poll = later_tokio(tokio::time::Instant::now(), cluster.poll_every);
     let mut pruned = Instant::now();
     loop {
         let now = Instant::now();
@@ -463,7 +466,13 @@ pub(super) async fn run_feed(
                     read_new = true;
                 }
             },
-            _ = tokio::time::sleep(cluster.poll_every) => read_new = true,
+            // A deadline kept across turns: the lease manager publishes every renewal, which
+            // wakes this loop more often than the poll's period, and a sleep started afresh
+            // each turn would never end.
+            _ = tokio::time::sleep_until(next_poll) => {
+                read_new = true;
+                next_poll = later_tokio(tokio::time::Instant::now(), cluster.poll_every);
+            }
         }
     }
 }
