@@ -459,7 +459,12 @@ impl Dispatcher {
             }
             if cluster.fence_for(key.label()).is_some() {
                 // Behind every Send answered before it, once they are read back.
-                cluster.caught_up(Duration::from_secs(2)).await;
+                cluster
+                    .caught_up(
+                        Duration::from_secs(2),
+                        Cluster::conversation_hash(key.label()),
+                    )
+                    .await;
             } else {
                 // Another replica delivers this conversation, and typing is not stored: it
                 // goes from here at once, outside the conversation's line.
@@ -1099,6 +1104,7 @@ impl Inner {
         let durable = self.store.append(stored, idem);
         let tickets = tickets_for(&ids, outcome_rxs);
         let partition = crate::storage::lease::partition_of(label);
+        let conversation_hash = Cluster::conversation_hash(label);
         let (items, mut created) = match job {
             Job::Deliver { items, .. } => (items, None),
             Job::Proactive { items, created, .. } => (items, created),
@@ -1114,6 +1120,7 @@ impl Inner {
                     shared::Parked {
                         item,
                         partition,
+                        conversation: conversation_hash,
                         created: created.take(),
                         at,
                     },

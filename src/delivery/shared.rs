@@ -44,6 +44,8 @@ const PARKED_FOR: Duration = Duration::from_secs(30);
 pub(super) struct Parked {
     pub item: super::Item,
     pub partition: u32,
+    /// Its conversation key's hash (`conversation_hash`), for a typing indicator's wait.
+    pub conversation: u64,
     /// The first message of a proactive start carries who waits for the new address.
     pub created: Option<oneshot::Sender<Result<Address, ChannelError>>>,
     pub at: Instant,
@@ -189,11 +191,34 @@ impl Cluster {
 
     /// Resolves once the feed read everything committed before this call (at most `within`):
     /// what is not stored (a typing indicator) then goes in line behind it.
-    pub(super) async fn caught_up(&self, within: Duration) {
-        let asked = self.asked.fetch_add(1, Ordering::SeqCst) + 1;
-        let mut done = self.done.subscribe();
-        self.wake.notify_one();
-        let _ = tokio::time::timeout(within, done.wait_for(|d| *d >= asked)).await;
+    ///
+    /// A read can leave out what committed after a transaction still open elsewhere on the
+    /// server, so this also waits until none of this replica's Sends to the conversation is
+    /// still parked (`conversation`: its key's hash).
+    pub(super) async fn caught_up(&self, within: Duration, conversation: u64) {
+        let deadline = later_tokio(tokio::time::Instant::now(), within);
+        loop {
+            let asked = self.asked.fetch_add(1, Ordering::SeqCst) + 1;
+            let mut done = self.done.subscribe();
+            self.wake.notify_one();
+            // Only whether it came: the value's guard must not live across an await.
+            let read = tokio::time::timeout_at(deadline, done.wait_for(|d| *d >= asked))
+                .await
+                .map(|r| r.is_ok());
+            let waiting = lock(&self.parked)
+                .values()
+                .any(|p| p.conversation == conversation);
+            if read.is_err() || !waiting {
+                return;
+            }
+            // Not read yet: look again shortly (the feed looks again by itself too).
+            if tokio::time::timeout_at(deadline, tokio::time::sleep(RECHECK_AFTER))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
     }
 
     /// The wait the scopes wider than a conversation ask of a request (a Telegram bot's 30
@@ -252,6 +277,15 @@ impl Cluster {
     /// Sends parked here, waiting to be read back.
     pub(super) fn parked_len(&self) -> usize {
         lock(&self.parked).len()
+    }
+
+    /// A conversation key's hash, to tell parked Sends apart by conversation without keeping
+    /// their keys (a collision only makes a typing indicator wait a little longer).
+    pub(super) fn conversation_hash(label: &str) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        label.hash(&mut h);
+        h.finish()
     }
 
     /// A Send of this replica waiting to be read back: the feed need not decode its body.
