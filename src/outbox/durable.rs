@@ -185,26 +185,14 @@ impl Commits {
 
     /// The writer's answer for every version up to `up_to`.
     pub fn settle(&self, up_to: u64, result: &Result<(), StoreError>) {
-        let woken = {
-            let mut m = self.lock();
-            if up_to <= m.settled_to {
-                return;
-            }
-            let first = m.settled_to + 1;
-            m.settled_to = up_to;
+        self.settle_with(up_to, |m, first| {
             if let Err(e) = result {
                 match m.failed.last_mut() {
                     Some((_, last, same)) if *last + 1 == first && same == e => *last = up_to,
                     _ => m.failed.push((first, up_to, e.clone())),
                 }
             }
-            let later = m.waiters.split_off(&(up_to + 1, 0));
-            std::mem::replace(&mut m.waiters, later)
-        };
-        // Woken outside the lock: a woken task may poll at once on the other core.
-        for w in woken.into_values() {
-            w.wake();
-        }
+        });
     }
 
     /// A successful commit up to `up_to` in which some versions were refused on their own (an
@@ -213,16 +201,7 @@ impl Commits {
     /// the commit. Few, and kept at most `MAX_REFUSED` (oldest forgotten): a waiter is polled
     /// right after its commit.
     pub fn settle_except(&self, up_to: u64, refused: Vec<(u64, u64, StoreError)>) {
-        if refused.is_empty() {
-            return self.settle(up_to, &Ok(()));
-        }
-        let woken = {
-            let mut m = self.lock();
-            if up_to <= m.settled_to {
-                return;
-            }
-            let first = m.settled_to + 1;
-            m.settled_to = up_to;
+        self.settle_with(up_to, |m, first| {
             for (a, b, e) in refused {
                 if a >= first && b <= up_to && a <= b {
                     m.failed.push((a, b, e));
@@ -232,9 +211,24 @@ impl Commits {
                 let excess = m.failed.len() - MAX_REFUSED;
                 m.failed.drain(..excess);
             }
+        });
+    }
+
+    /// Moves the watermark to `up_to` (`record` notes the failures among the versions from
+    /// `first`) and wakes the waiters it settled.
+    fn settle_with(&self, up_to: u64, record: impl FnOnce(&mut Marks, u64)) {
+        let woken = {
+            let mut m = self.lock();
+            if up_to <= m.settled_to {
+                return;
+            }
+            let first = m.settled_to + 1;
+            m.settled_to = up_to;
+            record(&mut m, first);
             let later = m.waiters.split_off(&(up_to + 1, 0));
             std::mem::replace(&mut m.waiters, later)
         };
+        // Woken outside the lock: a woken task may poll at once on the other core.
         for w in woken.into_values() {
             w.wake();
         }

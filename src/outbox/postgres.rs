@@ -852,6 +852,28 @@ impl PostgresStore {
         Some(version)
     }
 
+    /// Queues a change (a move rewrites the body; a state change goes through `put_state`)
+    /// and says when its commit is done. Nobody may be waiting (`waited` false): a failed
+    /// commit then keeps the change for the next.
+    fn write_change(
+        &self,
+        id: u64,
+        change: Change,
+        waited: bool,
+        fence: Option<super::Fence>,
+    ) -> Durable {
+        match change {
+            Change::Moved {
+                conversation,
+                message,
+            } => self.put_move(id, conversation, message),
+            change => match self.put_state(id, change, waited, fence) {
+                Some(version) => Durable::of(&self.commits, version),
+                None => Durable::ready(),
+            },
+        }
+    }
+
     /// A proactive start's message moved to its conversation. With its body in the overlay it
     /// is put whole; else the writer rewrites the stored body with the state as it stands
     /// (readers see the move once it is committed, which the caller waits for).
@@ -936,45 +958,19 @@ impl Store for PostgresStore {
     }
 
     fn update(&self, id: u64, change: Change) -> Durable {
-        match change {
-            Change::Moved {
-                conversation,
-                message,
-            } => self.put_move(id, conversation, message),
-            change => match self.put_state(id, change, true, None) {
-                Some(version) => Durable::of(&self.commits, version),
-                None => Durable::ready(),
-            },
-        }
+        self.update_fenced(id, change, None)
     }
 
     fn update_fenced(&self, id: u64, change: Change, fence: Option<super::Fence>) -> Durable {
-        match change {
-            Change::Moved { .. } => self.update(id, change),
-            change => match self.put_state(id, change, true, fence) {
-                Some(version) => Durable::of(&self.commits, version),
-                None => Durable::ready(),
-            },
-        }
-    }
-
-    fn record_fenced(&self, id: u64, change: Change, fence: Option<super::Fence>) -> Durable {
-        match change {
-            Change::Moved { .. } => self.update(id, change),
-            change => match self.put_state(id, change, false, fence) {
-                Some(version) => Durable::of(&self.commits, version),
-                None => Durable::ready(),
-            },
-        }
+        self.write_change(id, change, true, fence)
     }
 
     fn record(&self, id: u64, change: Change) {
-        match change {
-            Change::Moved { .. } => drop(self.update(id, change)),
-            change => {
-                self.put_state(id, change, false, None);
-            }
-        }
+        drop(self.record_fenced(id, change, None));
+    }
+
+    fn record_fenced(&self, id: u64, change: Change, fence: Option<super::Fence>) -> Durable {
+        self.write_change(id, change, false, fence)
     }
 
     fn get(&self, id: u64) -> BoxFuture<'_, Result<Option<StoredMessage>, StoreError>> {
