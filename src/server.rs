@@ -360,7 +360,8 @@ async fn serve(
     let service = GatewayService::new(dispatcher.clone(), config.server.clone());
     let (inbound_stop_tx, inbound_stop_rx) = oneshot::channel::<()>();
     let (service, inbox, inbound_addr) = if config.inbound.enabled {
-        let (inbox, addr) = start_inbound(&config, &channels, &metrics, async {
+        let shared = shared_pg.as_ref().map(|s| (s, &config.outbox.postgres));
+        let (inbox, addr) = start_inbound(&config, &channels, &metrics, shared, async {
             let _ = inbound_stop_rx.await;
         })
         .await?;
@@ -500,6 +501,9 @@ async fn serve(
         // acked comes again after the restart).
         if let Some(inbox) = &inbox {
             inbox.close_streams();
+            // Shared inbox: the other replicas take this one's conversations at once.
+            let _ =
+                tokio::time::timeout(std::time::Duration::from_secs(1), inbox.release_all()).await;
         }
         let _ = stop_tx.send(());
         let _ = admin_stop_tx.send(());
@@ -617,17 +621,14 @@ async fn start_inbound(
     config: &Config,
     channels: &Channels,
     metrics: &Arc<Metrics>,
+    shared_pg: Option<(
+        &Arc<PostgresStore>,
+        &crate::storage::postgres::PostgresConfig,
+    )>,
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(crate::inbound::Inbox, Option<SocketAddr>), ServeError> {
     let dir = match config.outbox.backend {
-        OutboxBackend::Sqlite => Some(config.outbox.data_dir.as_path()),
-        OutboxBackend::Postgres => {
-            tracing::info!(
-                data_dir = %config.outbox.data_dir.display(),
-                "inbox in SQLite in data_dir: the PostgreSQL backend keeps only the outbox so far"
-            );
-            Some(config.outbox.data_dir.as_path())
-        }
+        OutboxBackend::Sqlite | OutboxBackend::Postgres => Some(config.outbox.data_dir.as_path()),
         OutboxBackend::Memory => {
             tracing::warn!(
                 "in-memory inbox (outbox.backend = memory): received events are lost on a crash or restart"
@@ -635,8 +636,41 @@ async fn start_inbound(
             None
         }
     };
-    let inbox = crate::inbound::Inbox::open(dir, config.inbound.inbox(), metrics.clone())
-        .map_err(|e| ServeError::Inbox(e.to_string()))?;
+    let inbox = match shared_pg {
+        Some((store, pg)) => {
+            // The same replica id as the outbox's leases: an operator reads one name per
+            // process in `cg_partitions` and `inbox_claims`.
+            let inbox_pg = crate::inbound::pg::PgInbox::start(
+                store.pool().clone(),
+                store.replica().to_string(),
+            );
+            let listener = crate::storage::notify::Listener::start_on(
+                pg,
+                crate::inbound::pg::CHANNEL,
+                crate::storage::lease::PARTITIONS,
+            )
+            .map_err(|e| ServeError::Inbox(pg.scrub(e.to_string())))?;
+            let inbox = crate::inbound::Inbox::open_shared(
+                inbox_pg,
+                listener.subscribe(),
+                crate::inbound::ClaimSettings {
+                    lease: pg.lease,
+                    renew_every: pg.renew_every,
+                    poll_every: pg.poll_every,
+                },
+                config.inbound.inbox(),
+                metrics.clone(),
+            );
+            tracing::info!("inbox shared with the replicas on this database");
+            (inbox, Some(listener))
+        }
+        None => (
+            crate::inbound::Inbox::open(dir, config.inbound.inbox(), metrics.clone())
+                .map_err(|e| ServeError::Inbox(e.to_string()))?,
+            None,
+        ),
+    };
+    let (inbox, inbox_listener) = inbox;
     let router = crate::inbound::InboundRouter::new(channels).map_err(ServeError::Channels)?;
     let addr = config.inbound.listen_addr()?;
     let l = TcpListener::bind(addr)
@@ -688,6 +722,8 @@ async fn start_inbound(
     });
     let stop_listener = until(stopped);
     tokio::spawn(async move {
+        // The shared inbox's wake-ups stop with the webhook listener.
+        let _listening = inbox_listener;
         if let Err(e) = crate::inbound::serve(l, router, sink, limits, refused, stop_listener).await
         {
             tracing::error!(error = %e, "webhook listener failed");

@@ -24,11 +24,15 @@ use tokio::sync::mpsc;
 
 use super::listener::Answering;
 use super::listener::{Sink, SinkError};
+use super::pg::PgInbox;
 use super::store::{Committed, DEFAULT_GROUP, InboxStore, NewEvent, ReplySlot, StoredEvent};
 use crate::channels::channel::InboundEvent;
 use crate::channels::channel::Reply;
 use crate::metrics::Metrics;
 use crate::model::Message;
+
+mod claims;
+pub use claims::ClaimSettings;
 
 /// The inbox's bounds and timings (the `[inbound]` section).
 #[derive(Debug, Clone)]
@@ -143,13 +147,55 @@ pub struct Inbox {
 
 struct Shared {
     state: Mutex<State>,
-    store: OnceLock<InboxStore>,
+    store: OnceLock<Backend>,
     settings: InboxSettings,
     metrics: Arc<Metrics>,
+    /// Shared inbox only: wakes the claims driver after a change here (a stream came or went,
+    /// an ack freed credit or emptied a conversation).
+    changed: tokio::sync::Notify,
+}
+
+/// Where the inbox keeps its events: a SQLite file of this process, or PostgreSQL shared with
+/// the other replicas (`claims` then decides which conversations this replica hands out).
+enum Backend {
+    Local(InboxStore),
+    Shared(Arc<PgInbox>),
+}
+
+impl Backend {
+    fn ack(&self, group: Arc<str>, id: u64, last: bool) {
+        match self {
+            Backend::Local(s) => s.ack(group, id, last),
+            Backend::Shared(p) => p.ack(group, id),
+        }
+    }
+
+    fn attempt(&self, group: Arc<str>, id: u64, attempts: u32) {
+        match self {
+            Backend::Local(s) => s.attempt(group, id, attempts),
+            Backend::Shared(p) => p.attempt(group, id, attempts),
+        }
+    }
+
+    /// The shared inbox removes idle groups and old keys in its own upkeep (`PgInbox::sweep`).
+    fn remove_group(&self, name: Arc<str>) {
+        if let Backend::Local(s) = self {
+            s.remove_group(name);
+        }
+    }
+
+    fn forget_keys(&self, before_ms: u64) {
+        if let Backend::Local(s) = self {
+            s.forget_keys(before_ms);
+        }
+    }
 }
 
 struct Entry {
     channel: String,
+    /// Shared inbox: until when the channel waits for the bot's answer, when the call waits on
+    /// whichever replica stored the event (`reply` is set only on that one).
+    reply_by_ms: Option<u64>,
     received_at_ms: u64,
     body: Bytes,
     /// Set only while a commit hands new events out (`Shared::committed`).
@@ -240,6 +286,10 @@ struct State {
     attempts_to_write: Vec<(Arc<str>, u64, u32)>,
     /// Shutting down: streams were ended and no new one opens.
     closed: bool,
+    /// Shared inbox only: the conversations this replica holds, per group (`claims`).
+    claims: Option<claims::Claims>,
+    /// Shared inbox only: answers channels wait for, of events stored here and not loaded yet.
+    replies: HashMap<u64, ReplySlot>,
 }
 
 impl Inbox {
@@ -255,6 +305,7 @@ impl Inbox {
             store: OnceLock::new(),
             settings,
             metrics,
+            changed: tokio::sync::Notify::new(),
         });
         let hook = Arc::downgrade(&shared);
         let path = data_dir.map(|d| d.join("inbox.sqlite3"));
@@ -272,7 +323,7 @@ impl Inbox {
             }),
         )
         .map_err(|e| ReceiveError::Storage(e.to_string()))?;
-        let _ = shared.store.set(opened.store);
+        let _ = shared.store.set(Backend::Local(opened.store));
         {
             let mut st = shared.lock();
             for g in opened.groups {
@@ -289,7 +340,7 @@ impl Inbox {
                     .collect();
                 st.add_event(StoredEvent { groups, ..e });
             }
-            shared.metrics.inbound_pending.set(st.events.len() as i64);
+            st.note_pending(&shared);
             if restored > 0 {
                 tracing::info!(events = restored, "inbox events restored");
             }
@@ -369,17 +420,25 @@ impl Inbox {
             let st = self.shared.lock();
             (st.groups.contains_key(&group), st.groups.len())
         };
-        if !known {
-            // Each group keeps its own copy of every later event: their number bounds the
-            // writes and memory each event costs.
-            if groups >= MAX_GROUPS {
-                return Err(ReceiveError::TooManyGroups(MAX_GROUPS));
+        let storage = |e: super::store::InboxStoreError| ReceiveError::Storage(e.to_string());
+        match self.shared.store() {
+            Backend::Local(store) if !known => {
+                // Each group keeps its own copy of every later event: their number bounds the
+                // writes and memory each event costs.
+                if groups >= MAX_GROUPS {
+                    return Err(ReceiveError::TooManyGroups(MAX_GROUPS));
+                }
+                store.add_group(group.clone()).await.map_err(storage)?;
             }
-            self.shared
-                .store()
-                .add_group(group.clone())
-                .await
-                .map_err(|e| ReceiveError::Storage(e.to_string()))?;
+            Backend::Local(_) => {}
+            // Groups are the database's: another replica may have made (or removed) it.
+            Backend::Shared(pg) => {
+                let (exists, groups) = pg.groups(&group).await.map_err(storage)?;
+                if !exists && groups >= MAX_GROUPS {
+                    return Err(ReceiveError::TooManyGroups(MAX_GROUPS));
+                }
+                pg.add_group(&group).await.map_err(storage)?;
+            }
         }
         let (tx, rx) = mpsc::unbounded_channel();
         let id = {
@@ -422,9 +481,12 @@ impl Inbox {
         })
     }
 
-    /// Events kept and not acked by every group.
+    /// Events kept and not acked by every group (in the shared inbox: by its last count).
     pub fn pending(&self) -> usize {
-        self.shared.lock().events.len()
+        match self.shared.store() {
+            Backend::Shared(pg) => pg.counts().0 as usize,
+            Backend::Local(_) => self.shared.lock().events.len(),
+        }
     }
 
     /// Ends every Receive stream (what they had not acked goes back in line, and comes again
@@ -444,7 +506,9 @@ impl Inbox {
 
     /// Stops the writer once what is queued is on disk.
     pub fn shutdown(&self) {
-        self.shared.store().shutdown();
+        if let Backend::Local(store) = self.shared.store() {
+            store.shutdown();
+        }
     }
 }
 
@@ -485,10 +549,25 @@ impl Receiver {
             {
                 return Err("the event is not out to this stream (acked, redelivered, or unknown)");
             }
-            st.events
-                .get_mut(&event_id)
-                .and_then(|e| e.reply.take())
-                .ok_or("the channel does not wait for an answer to this event, or it has one")?
+            let waits_elsewhere = st
+                .events
+                .get(&event_id)
+                .is_some_and(|e| e.reply.is_none() && e.reply_by_ms.is_some());
+            match st.events.get_mut(&event_id).and_then(|e| e.reply.take()) {
+                Some(slot) => slot,
+                None => match st.replies.remove(&event_id) {
+                    Some(slot) => slot,
+                    None if waits_elsewhere => {
+                        return Err("the channel's call for this event waits on another \
+                                    replica: answering across replicas is not supported yet");
+                    }
+                    None => {
+                        return Err(
+                            "the channel does not wait for an answer to this event, or it has one",
+                        );
+                    }
+                },
+            }
         };
         if crate::outbox::now_ms() > slot.by_ms {
             return Err("late: the channel was given the neutral answer");
@@ -541,7 +620,7 @@ impl Shared {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn store(&self) -> &InboxStore {
+    fn store(&self) -> &Backend {
         // Set in `open` before the inbox is handed out.
         self.store
             .get()
@@ -578,16 +657,21 @@ impl Shared {
                     st.groups.entry(g).or_default();
                 }
             }
-            self.metrics.inbound_pending.set(st.events.len() as i64);
+            st.note_pending(self);
         }
         self.flush_attempts();
     }
 
+    /// Writes the attempt counts queued under the lock; in the shared inbox, also wakes the
+    /// claims driver (every caller has just changed streams, credits or conversations).
     fn flush_attempts(&self) {
         let writes = std::mem::take(&mut self.lock().attempts_to_write);
         if let Some(store) = self.store.get() {
             for (g, id, a) in writes {
                 store.attempt(g, id, a);
+            }
+            if matches!(store, Backend::Shared(_)) {
+                self.changed.notify_one();
             }
         }
     }
@@ -621,7 +705,7 @@ impl Shared {
                 crate::outbox::now_ms().saturating_sub(self.settings.retention.as_millis() as u64);
             st.expire(cutoff, self);
             st.remove_idle_groups(now, self);
-            self.metrics.inbound_pending.set(st.events.len() as i64);
+            st.note_pending(self);
         }
         self.flush_attempts();
     }
@@ -668,18 +752,37 @@ impl State {
             conv.pending.push_back(e.id);
             self.ready(g, e.conversation.clone());
         }
-        self.bytes = self.bytes.saturating_add(e.body.len());
-        self.events.insert(
-            e.id,
-            Entry {
-                channel: e.channel,
-                received_at_ms: e.received_at_ms,
-                body: e.body,
-                decoded: e.message,
-                holders: e.groups.len() as u32,
-                reply: e.reply,
-            },
-        );
+        let holders = e.groups.len() as u32;
+        match self.events.entry(e.id) {
+            // The shared inbox loads an event once per group that claims its conversation.
+            std::collections::hash_map::Entry::Occupied(mut o) => {
+                let entry = o.get_mut();
+                entry.holders = entry.holders.saturating_add(holders);
+                if entry.reply.is_none() {
+                    entry.reply = e.reply;
+                }
+            }
+            std::collections::hash_map::Entry::Vacant(v) => {
+                self.bytes = self.bytes.saturating_add(e.body.len());
+                v.insert(Entry {
+                    channel: e.channel,
+                    reply_by_ms: None,
+                    received_at_ms: e.received_at_ms,
+                    body: e.body,
+                    decoded: e.message,
+                    holders,
+                    reply: e.reply,
+                });
+            }
+        }
+    }
+
+    /// The pending gauge, for the inbox of this process (the shared inbox's is its count, set
+    /// by the claims driver).
+    fn note_pending(&self, shared: &Shared) {
+        if self.claims.is_none() {
+            shared.metrics.inbound_pending.set(self.events.len() as i64);
+        }
     }
 
     /// Puts a conversation in its group's ready line if its next event may go out.
@@ -722,6 +825,15 @@ impl State {
                 if conv.in_flight.is_empty() {
                     g.convs.remove(&key);
                 }
+                continue;
+            }
+            // Shared inbox: only while this replica's claim runs (the driver forgets the
+            // conversation when it lapses; until then it waits here).
+            if let Some(claims) = &self.claims
+                && claims
+                    .get(&(group.clone(), key.clone()))
+                    .is_none_or(|c| c.until <= now)
+            {
                 continue;
             }
             if conv.in_flight.len() >= settings.per_conversation {
@@ -788,11 +900,10 @@ impl State {
                 received_at_ms: entry.received_at_ms,
                 body: entry.body.clone(),
                 decoded: entry.decoded.clone(),
-                reply_by_ms: entry
-                    .reply
-                    .as_ref()
-                    .filter(|r| !r.tx.is_closed())
-                    .map(|r| r.by_ms),
+                reply_by_ms: match &entry.reply {
+                    Some(r) => (!r.tx.is_closed()).then_some(r.by_ms),
+                    None => entry.reply_by_ms,
+                },
             });
             if !conv.pending.is_empty() && conv.in_flight.len() < settings.per_conversation {
                 conv.queued = true;
@@ -883,7 +994,7 @@ impl State {
             g.convs.remove(&key);
         }
         self.pump(&group, &shared.settings);
-        shared.metrics.inbound_pending.set(self.events.len() as i64);
+        self.note_pending(shared);
         Settled::Done
     }
 
@@ -948,6 +1059,15 @@ impl State {
             .map(|(name, _)| name.clone())
             .collect();
         for name in idle {
+            if self.claims.is_some() {
+                // Shared inbox: the group's events are the database's, and streams on other
+                // replicas may still read them (its upkeep removes a group no replica used);
+                // here only the empty queues go.
+                if self.groups.get(&name).is_some_and(|g| g.convs.is_empty()) {
+                    self.groups.remove(&name);
+                }
+                continue;
+            }
             let Some(g) = self.groups.remove(&name) else {
                 continue;
             };
@@ -964,14 +1084,17 @@ impl State {
         }
     }
 
-    fn has_room(&self, settings: &InboxSettings, n: usize, bytes: usize) -> bool {
-        self.events
-            .len()
-            .saturating_add(self.reserved)
-            .saturating_add(n)
-            <= settings.max_events
-            && self
-                .bytes
+    /// Whether `n` more events of `bytes` fit, with `held` (events, bytes) kept already.
+    fn has_room(
+        &self,
+        settings: &InboxSettings,
+        held: (usize, usize),
+        n: usize,
+        bytes: usize,
+    ) -> bool {
+        held.0.saturating_add(self.reserved).saturating_add(n) <= settings.max_events
+            && held
+                .1
                 .saturating_add(self.reserved_bytes)
                 .saturating_add(bytes)
                 <= settings.max_bytes
@@ -1020,7 +1143,17 @@ impl Inbox {
         let bytes: usize = new.iter().map(|e| e.body.len()).sum();
         {
             let mut st = self.shared.lock();
-            if !st.has_room(&self.shared.settings, n, bytes) {
+            let held = match self.shared.store() {
+                Backend::Shared(pg) => {
+                    let (e, b) = pg.counts();
+                    (
+                        usize::try_from(e).unwrap_or(usize::MAX),
+                        usize::try_from(b).unwrap_or(usize::MAX),
+                    )
+                }
+                Backend::Local(_) => (st.events.len(), st.bytes),
+            };
+            if !st.has_room(&self.shared.settings, held, n, bytes) {
                 return Err(SinkError::Full {
                     retry_after: FULL_RETRY_AFTER,
                 });
@@ -1028,7 +1161,10 @@ impl Inbox {
             st.reserved += n;
             st.reserved_bytes += bytes;
         }
-        let result = self.shared.store().append(new).await;
+        let result = match self.shared.store() {
+            Backend::Local(store) => store.append(new).await,
+            Backend::Shared(pg) => self.append_shared(pg, channel, new).await,
+        };
         {
             let mut st = self.shared.lock();
             st.reserved = st.reserved.saturating_sub(n);
@@ -1045,6 +1181,39 @@ impl Inbox {
             }
             Err(e) => Err(SinkError::Failed(e.to_string())),
         }
+    }
+}
+
+impl Inbox {
+    /// Stores events in the shared inbox. Nothing is handed out here: the claims driver reads
+    /// them back, on whichever replica holds their conversations. The channel's waiting call
+    /// stays here, until the event is loaded (here) or answered.
+    async fn append_shared(
+        &self,
+        pg: &PgInbox,
+        channel: &str,
+        mut new: Vec<NewEvent>,
+    ) -> Result<usize, super::store::InboxStoreError> {
+        let slots: Vec<Option<ReplySlot>> = new.iter_mut().map(|e| e.reply.take()).collect();
+        let by: Vec<Option<u64>> = slots.iter().map(|s| s.as_ref().map(|s| s.by_ms)).collect();
+        let ids = pg.append(&new, &by).await?;
+        let stored = ids.iter().flatten().count();
+        self.shared
+            .metrics
+            .inbound_events(channel, "stored", stored as u64);
+        let mut st = self.shared.lock();
+        for (id, slot) in ids.into_iter().zip(slots) {
+            if let (Some(id), Some(slot)) = (id, slot) {
+                // Loaded here already: the slot goes with the event.
+                match st.events.get_mut(&id) {
+                    Some(e) => e.reply = Some(slot),
+                    None => {
+                        st.replies.insert(id, slot);
+                    }
+                }
+            }
+        }
+        Ok(stored)
     }
 }
 

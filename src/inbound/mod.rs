@@ -9,7 +9,10 @@
 pub mod config;
 pub mod inbox;
 pub mod listener;
+pub mod pg;
 pub mod store;
 
-pub use inbox::{Delivered, Inbox, InboxSettings, ReceiveError, Receiver, Settled, Subscription};
+pub use inbox::{
+    ClaimSettings, Delivered, Inbox, InboxSettings, ReceiveError, Receiver, Settled, Subscription,
+};
 pub use listener::{InboundRouter, Sink, SinkError, serve};

@@ -104,9 +104,19 @@ pub struct Listener {
 
 impl Listener {
     pub fn start(config: &PostgresConfig, partitions: u32) -> Result<Listener, PgError> {
+        Self::start_on(config, CHANNEL, partitions)
+    }
+
+    /// Listens on another channel than the outbox's; its notifications say `Wake::All` (the
+    /// shared inbox's say "new events", nothing more).
+    pub fn start_on(
+        config: &PostgresConfig,
+        channel: &'static str,
+        partitions: u32,
+    ) -> Result<Listener, PgError> {
         let pg = config.client_config().map_err(PgError::Config)?;
         let (tx, _) = broadcast::channel(1024);
-        let task = tokio::spawn(listen_loop(pg, tx.clone(), partitions));
+        let task = tokio::spawn(listen_loop(pg, tx.clone(), channel, partitions));
         Ok(Listener { tx, task })
     }
 
@@ -121,14 +131,19 @@ impl Drop for Listener {
     }
 }
 
-async fn listen_loop(pg: tokio_postgres::Config, tx: broadcast::Sender<Wake>, partitions: u32) {
+async fn listen_loop(
+    pg: tokio_postgres::Config,
+    tx: broadcast::Sender<Wake>,
+    channel: &'static str,
+    partitions: u32,
+) {
     let mut backoff = Duration::from_millis(100);
     loop {
         match pg.connect(tokio_postgres::NoTls).await {
             Ok((client, mut conn)) => {
                 // The connection's messages (notifications among them) come out of polling it.
                 let mut messages = futures::stream::poll_fn(move |cx| conn.poll_message(cx));
-                let sql = format!("LISTEN {CHANNEL}");
+                let sql = format!("LISTEN {channel}");
                 let listening = {
                     // LISTEN completes only while the connection is polled.
                     let mut listen = std::pin::pin!(client.batch_execute(&sql));
@@ -147,7 +162,12 @@ async fn listen_loop(pg: tokio_postgres::Config, tx: broadcast::Sender<Wake>, pa
                         let _ = tx.send(Wake::All);
                         while let Some(m) = messages.next().await {
                             match m {
-                                Ok(AsyncMessage::Notification(n)) if n.channel() == CHANNEL => {
+                                Ok(AsyncMessage::Notification(n))
+                                    if n.channel() == channel && channel != CHANNEL =>
+                                {
+                                    let _ = tx.send(Wake::All);
+                                }
+                                Ok(AsyncMessage::Notification(n)) if n.channel() == channel => {
                                     let parts = parse(n.payload(), partitions);
                                     if !parts.is_empty() {
                                         let _ = tx.send(Wake::Partitions(parts));

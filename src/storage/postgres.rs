@@ -565,6 +565,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "shared_delivery",
         sql: SHARED_DELIVERY,
     },
+    Migration {
+        version: 6,
+        name: "shared_inbox",
+        sql: crate::inbound::pg::MIGRATION_SQL,
+    },
 ];
 
 /// What several replicas need to share one outbox (`crate::outbox::PostgresStore`):
