@@ -95,12 +95,12 @@ fi
 # test: order, batches, faults, crashes, idempotency, inbound, ...) again on PostgreSQL.
 echo "== cargo test (outbox backend: sqlite)"
 cargo test
-# The test binaries that always use PostgreSQL (postgres_*, replicas) ran in the first pass.
+# The test binaries that always use PostgreSQL (postgres_*, replicas*) ran in the first pass.
 tests=()
 for f in tests/*.rs; do
   name=$(basename "$f" .rs)
   case "$name" in
-    postgres_* | replicas) ;;
+    postgres_* | replicas*) ;;
     *) tests+=(--test "$name") ;;
   esac
 done

@@ -10,325 +10,47 @@
 //! of its own on the binary's shared cluster. The tests take turns (`SERIAL`): they assert
 //! timings, and three gateways with PostgreSQL already fill a 2-core machine.
 //!
-//! Owns only this binary's harness (`Replicas`, `Traffic`); the fake channel is the Bot Framework
-//! connector of tests/common.
+//! Owns only this binary's checks and bots (`Traffic`); the replicas' processes are
+//! tests/replica_support's, the fake channel is the Bot Framework connector of tests/common.
 
 mod common;
+mod replica_support;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use channel_gateway::api::pb::{self, channel_gateway_client::ChannelGatewayClient};
+use channel_gateway::api::pb;
 use channel_gateway::storage::lease::PARTITIONS;
-use common::pg::PgCluster;
 use common::*;
 use rand::{Rng, SeedableRng};
-
-type Client = ChannelGatewayClient<tonic::transport::Channel>;
-
-/// The lease settings every replica runs with (the design's defaults, named so the bounds below
-/// follow them).
-const LEASE: Duration = Duration::from_secs(3);
-const RENEW_EVERY: Duration = Duration::from_millis(750);
-const LEASE_ENV: &str = "3s";
-const RENEW_EVERY_ENV: &str = "750ms";
-const POLL_EVERY_ENV: &str = "1s";
+use replica_support::*;
 
 /// A bot's call gives up after this: a SIGSTOPped replica accepts connections (the kernel does)
 /// but never answers.
 const CALL_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// One test at a time (see the module doc). A tokio mutex: held across awaits, and a panicking
-/// test releases it without poisoning it.
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-// ---------------------------------------------------------------------------------------------
-// The replicas: processes of the real binary on one database.
-
-struct Replica {
-    name: char,
-    port: u16,
-    admin: u16,
-    dir: PathBuf,
-    child: Option<Child>,
-    /// Lazily connected: it reconnects to the same port after a restart.
-    client: Client,
+/// A fresh database and the delivery settings every replica of this binary runs with (the fake
+/// injects faults; the tests start the replicas).
+async fn outbox_replicas(fake: &FakeConnector) -> Replicas {
+    let mut cluster = Replicas::new(fake).await;
+    // The fake is not Teams: its conversations take messages faster than Teams allows.
+    cluster.set_env(TEAMS_PACING, "false");
+    // 30% faults must not fail a message, nor back it off for long.
+    cluster.set_env("CHANNEL_GATEWAY__DELIVERY__BASE_RETRY_DELAY", "20ms");
+    cluster.set_env("CHANNEL_GATEWAY__DELIVERY__MAX_RETRY_DELAY", "1s");
+    cluster.set_env("CHANNEL_GATEWAY__DELIVERY__MAX_ATTEMPTS", "50");
+    cluster.set_env("CHANNEL_GATEWAY__DELIVERY__MAX_AMBIGUOUS_RETRIES", "50");
+    cluster.set_env("CHANNEL_GATEWAY__DELIVERY__REQUEST_TIMEOUT", "5s");
+    cluster
 }
 
-struct Replicas {
-    fake: FakeConnector,
-    url: String,
-    db: tokio_postgres::Client,
-    replicas: Vec<Replica>,
-    root: tempfile::TempDir,
-    /// Teams' documented budgets on (off by default: the fake takes messages faster).
-    teams_pacing: bool,
-    /// Ends the replicas if this process dies without dropping `Replicas` (the watchdog's exit,
-    /// a SIGKILL): `sh` reading a pipe only this process writes to; at its end of file it kills
-    /// the pids listed in `root/pids` and removes `root`. `Drop` disarms it.
-    reaper: Option<(Child, ChildStdin)>,
-}
-
-impl Replicas {
-    /// A fresh database on the shared cluster; no replica yet.
-    async fn new(fake: &FakeConnector) -> Replicas {
-        let url = tokio::task::spawn_blocking(|| PgCluster::shared().create_database())
-            .await
-            .unwrap();
-        let db = connect_db(&url).await;
-        let root = tempfile::Builder::new()
-            .prefix("cg-replicas-")
-            .tempdir()
-            .unwrap();
-        const SCRIPT: &str = r#"trap '' INT HUP
-read -r word
-[ "$word" = disarm ] && exit 0
-[ -f "$1/pids" ] && kill -KILL $(cat "$1/pids") 2>/dev/null
-rm -rf "$1"
-"#;
-        let mut reaper = Command::new("sh")
-            .args(["-c", SCRIPT, "replicas-reaper"])
-            .arg(root.path())
-            .current_dir("/")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let stdin = reaper.stdin.take().unwrap();
-        Replicas {
-            fake: fake.clone(),
-            url,
-            db,
-            replicas: Vec::new(),
-            root,
-            teams_pacing: false,
-            reaper: Some((reaper, stdin)),
-        }
-    }
-
-    /// Lists the running replicas' pids for the reaper (replaced whole, so it never reads half).
-    fn write_pids(&self) {
-        let pids: Vec<String> = self
-            .replicas
-            .iter()
-            .filter_map(|r| r.child.as_ref().map(|c| c.id().to_string()))
-            .collect();
-        let tmp = self.root.path().join("pids.new");
-        std::fs::write(&tmp, pids.join(" ")).unwrap();
-        std::fs::rename(&tmp, self.root.path().join("pids")).unwrap();
-    }
-
-    /// Starts one more replica, on ports and a data directory of its own, and waits until it
-    /// is ready; returns its index.
-    async fn start(&mut self) -> usize {
-        let i = self.replicas.len();
-        let name = char::from(b'A' + i as u8);
-        let dir = self.root.path().join(format!("replica-{name}"));
-        std::fs::create_dir_all(&dir).unwrap();
-        let port = free_port();
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
-            .unwrap()
-            .connect_timeout(Duration::from_secs(1))
-            .connect_lazy();
-        self.replicas.push(Replica {
-            name,
-            port,
-            admin: free_port(),
-            dir,
-            child: None,
-            client: ChannelGatewayClient::new(channel),
-        });
-        self.spawn(i);
-        self.wait_ready(i).await;
-        i
-    }
-
-    fn spawn(&mut self, i: usize) {
-        let r = &self.replicas[i];
-        assert!(r.child.is_none(), "replica {} is still running", r.name);
-        // Appended across restarts: the tail shown on a failure covers every run.
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(r.dir.join("gateway.log"))
-            .unwrap();
-        let child = gateway_command(&self.fake, &r.dir, r.port)
-            .env("CHANNEL_GATEWAY__OUTBOX__BACKEND", "postgres")
-            .env("CHANNEL_GATEWAY__OUTBOX__POSTGRES__URL", &self.url)
-            .env("CHANNEL_GATEWAY__OUTBOX__POSTGRES__LEASE", LEASE_ENV)
-            .env(
-                "CHANNEL_GATEWAY__OUTBOX__POSTGRES__RENEW_EVERY",
-                RENEW_EVERY_ENV,
-            )
-            .env(
-                "CHANNEL_GATEWAY__OUTBOX__POSTGRES__POLL_EVERY",
-                POLL_EVERY_ENV,
-            )
-            .env(
-                "CHANNEL_GATEWAY__ADMIN__LISTEN",
-                format!("127.0.0.1:{}", r.admin),
-            )
-            // The fake is not Teams: its conversations take messages faster than Teams allows.
-            .env(
-                "CHANNEL_GATEWAY__CHANNELS__BOTFRAMEWORK__TEAMS_PACING",
-                self.teams_pacing.to_string(),
-            )
-            // 30% faults must not fail a message, nor back it off for long.
-            .env("CHANNEL_GATEWAY__DELIVERY__BASE_RETRY_DELAY", "20ms")
-            .env("CHANNEL_GATEWAY__DELIVERY__MAX_RETRY_DELAY", "1s")
-            .env("CHANNEL_GATEWAY__DELIVERY__MAX_ATTEMPTS", "50")
-            .env("CHANNEL_GATEWAY__DELIVERY__MAX_AMBIGUOUS_RETRIES", "50")
-            .env("CHANNEL_GATEWAY__DELIVERY__REQUEST_TIMEOUT", "5s")
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.replicas[i].child = Some(child);
-        self.write_pids();
-    }
-
-    /// Waits for `/readyz` on the replica's admin port; panics with its log if it exits or
-    /// is not ready within 30 s.
-    async fn wait_ready(&mut self, i: usize) {
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(1))
-            .build()
-            .unwrap();
-        let r = &mut self.replicas[i];
-        let url = format!("http://127.0.0.1:{}/readyz", r.admin);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(resp) = http.get(&url).send().await
-                && resp.status().is_success()
-            {
-                return;
-            }
-            if let Some(status) = r.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!(
-                    "replica {} exited while starting ({status}); its log:\n{}",
-                    r.name,
-                    log_tail(&r.dir)
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "replica {} not ready within 30 s; its log:\n{}",
-                r.name,
-                log_tail(&r.dir)
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// SIGKILL, and the instant the process was reaped (it can send nothing after).
-    fn kill(&mut self, i: usize) -> Instant {
-        let mut child = self.take_child(i);
-        child.kill().unwrap();
-        child.wait().unwrap();
-        Instant::now()
-    }
-
-    /// Starts the replica again on its port and data directory; waits until it is ready.
-    async fn restart(&mut self, i: usize) {
-        self.spawn(i);
-        self.wait_ready(i).await;
-    }
-
-    /// Sends `signal` (`STOP`, `CONT`, `TERM`) to the replica's process.
-    fn signal(&self, i: usize, signal: &str) {
-        let r = &self.replicas[i];
-        let pid = r.child.as_ref().expect("a running replica").id();
-        let status = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(pid.to_string())
-            .status()
-            .unwrap();
-        assert!(
-            status.success(),
-            "kill -{signal} {pid} (replica {})",
-            r.name
-        );
-    }
-
-    /// The process, now the caller's to wait for.
-    fn take_child(&mut self, i: usize) -> Child {
-        let child = self.replicas[i]
-            .child
-            .take()
-            .expect("the replica is running");
-        self.write_pids();
-        child
-    }
-
-    fn client(&self, i: usize) -> Client {
-        self.replicas[i].client.clone()
-    }
-
-    fn clients(&self) -> Vec<Client> {
-        self.replicas.iter().map(|r| r.client.clone()).collect()
-    }
-}
-
-impl Drop for Replicas {
-    fn drop(&mut self) {
-        let failed = std::thread::panicking();
-        for r in &mut self.replicas {
-            // SIGKILL also ends a stopped process.
-            if let Some(mut c) = r.child.take() {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
-            if failed {
-                eprintln!(
-                    "--- replica {} (port {}), the end of its log ---\n{}",
-                    r.name,
-                    r.port,
-                    log_tail(&r.dir)
-                );
-            }
-        }
-        if let Some((mut reaper, mut stdin)) = self.reaper.take() {
-            let _ = stdin.write_all(b"disarm\n");
-            drop(stdin);
-            let _ = reaper.wait();
-        }
-    }
-}
-
-/// The last lines of a replica's log, without the pauses the fake's 429s cause on purpose.
-fn log_tail(dir: &Path) -> String {
-    let text = std::fs::read_to_string(dir.join("gateway.log")).unwrap_or_default();
-    let lines: Vec<&str> = text
-        .lines()
-        .filter(|l| !l.contains("rate limited: pausing"))
-        .collect();
-    lines[lines.len().saturating_sub(25)..]
-        .iter()
-        .map(|l| l.chars().take(400).collect::<String>())
-        .collect::<Vec<_>>()
-        .join("\n")
-}
+const TEAMS_PACING: &str = "CHANNEL_GATEWAY__CHANNELS__BOTFRAMEWORK__TEAMS_PACING";
 
 // ---------------------------------------------------------------------------------------------
 // The database, read (and, for the stale-epoch check, watched) directly.
-
-async fn connect_db(url: &str) -> tokio_postgres::Client {
-    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    client
-}
 
 /// Each partition's holder whose lease runs now, by the database's clock.
 async fn holders(db: &tokio_postgres::Client) -> Vec<Option<String>> {
@@ -675,29 +397,6 @@ async fn get_delivery(client: &mut Client, id: &str) -> Result<pb::Delivery, Str
         .ok_or_else(|| "no delivery in the answer".to_string())
 }
 
-/// What a check found wrong, by kind: a failure shows every kind, with a count and a few cases
-/// (a chaos run can break thousands of messages the same way).
-#[derive(Default)]
-struct Problems(BTreeMap<&'static str, Vec<String>>);
-
-impl Problems {
-    fn add(&mut self, kind: &'static str, case: String) {
-        self.0.entry(kind).or_default().push(case);
-    }
-}
-
-impl std::fmt::Display for Problems {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        for (kind, cases) in &self.0 {
-            writeln!(f, "{} {kind}, e.g.:", cases.len())?;
-            for case in cases.iter().take(8) {
-                writeln!(f, "    {case}")?;
-            }
-        }
-        Ok(())
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // The tests.
 
@@ -720,7 +419,7 @@ async fn chaos_three_replicas_sigkill_and_sigstop() {
     *fake.state.fault_kinds.lock().unwrap() = vec!["500", "500", "500", "429"];
     *fake.state.fault_rate.lock().unwrap() = 0.3;
 
-    let mut cluster = Replicas::new(&fake).await;
+    let mut cluster = outbox_replicas(&fake).await;
     // The first replica creates the schema; the trigger goes on it before anything is written.
     cluster.start().await;
     cluster
@@ -1016,7 +715,7 @@ async fn two_replicas_sending_through_b(
     n: usize,
     every: Duration,
 ) -> (Replicas, usize, Traffic) {
-    let mut cluster = Replicas::new(fake).await;
+    let mut cluster = outbox_replicas(fake).await;
     let a = cluster.start().await;
     let b = cluster.start().await;
     let traffic = Traffic::start(fake, vec![cluster.client(b)], prefix, n, every);
@@ -1264,7 +963,7 @@ async fn one_idempotency_key_sent_to_two_replicas_stores_one_message() {
     let _serial = SERIAL.lock().await;
     let _watchdog = Watchdog::start();
     let fake = FakeConnector::start().await;
-    let mut cluster = Replicas::new(&fake).await;
+    let mut cluster = outbox_replicas(&fake).await;
     let a = cluster.start().await;
     let b = cluster.start().await;
     const KEYS: usize = 20;
@@ -1328,8 +1027,8 @@ async fn a_shared_rate_scope_holds_across_replicas() {
     let _serial = SERIAL.lock().await;
     let _watchdog = Watchdog::start();
     let fake = FakeConnector::start().await;
-    let mut cluster = Replicas::new(&fake).await;
-    cluster.teams_pacing = true;
+    let mut cluster = outbox_replicas(&fake).await;
+    cluster.set_env(TEAMS_PACING, "true");
     for _ in 0..3 {
         cluster.start().await;
     }
