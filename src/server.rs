@@ -650,9 +650,16 @@ async fn start_inbound(
                 crate::storage::lease::PARTITIONS,
             )
             .map_err(|e| ServeError::Inbox(pg.scrub(e.to_string())))?;
+            let answers = crate::storage::notify::Listener::start_on(
+                pg,
+                crate::inbound::pg::REPLY_CHANNEL,
+                crate::storage::lease::PARTITIONS,
+            )
+            .map_err(|e| ServeError::Inbox(pg.scrub(e.to_string())))?;
             let inbox = crate::inbound::Inbox::open_shared(
                 inbox_pg,
                 listener.subscribe(),
+                answers.subscribe(),
                 crate::inbound::ClaimSettings {
                     lease: pg.lease,
                     renew_every: pg.renew_every,
@@ -662,7 +669,7 @@ async fn start_inbound(
                 metrics.clone(),
             );
             tracing::info!("inbox shared with the replicas on this database");
-            (inbox, Some(listener))
+            (inbox, Some((listener, answers)))
         }
         None => (
             crate::inbound::Inbox::open(dir, config.inbound.inbox(), metrics.clone())

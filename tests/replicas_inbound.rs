@@ -771,3 +771,126 @@ async fn consumer_groups_span_replicas() {
     );
     assert!(problems.is_empty(), "{problems}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Answers to calls the channel waits on, across replicas.
+
+const SLACK_SECRET: &str = "replicas-slack-signing-secret";
+
+/// Posts a slash command's form to the replica at `base`, signed as Slack does; the status
+/// and body of the answer.
+async fn slash_command(base: &str, trigger: &str, text: &str) -> (u16, String) {
+    use hmac::{Hmac, Mac};
+    let body = format!(
+        "token=XXYYZZ&team_id=T0123TEAM&channel_id=C0CMD&user_id=U0HUMAN&command=%2Fask&text={text}&trigger_id={trigger}&response_url=https%3A%2F%2Fhooks.slack.com%2Fcommands%2F1"
+    );
+    let ts = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(SLACK_SECRET.as_bytes()).unwrap();
+    mac.update(format!("v0:{ts}:").as_bytes());
+    mac.update(body.as_bytes());
+    let sig: String = mac
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let r = http()
+        .post(format!("{base}/webhooks/slack/commands"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("x-slack-request-timestamp", ts.to_string())
+        .header("x-slack-signature", format!("v0={sig}"))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.text().await.unwrap())
+}
+
+/// The next `Responded` on a stream (events in between are a test failure).
+async fn responded(stream: &mut Stream) -> pb::ReceiveResponded {
+    match tokio::time::timeout(Duration::from_secs(10), stream.rx.next()).await {
+        Ok(Some(Ok(pb::ReceiveResponse {
+            kind: Some(pb::receive_response::Kind::Responded(r)),
+        }))) => r,
+        other => panic!("expected the answer's outcome, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_bot_on_one_replica_answers_a_call_waiting_on_another() {
+    let _serial = SERIAL.lock().await;
+    let _watchdog = Watchdog::start();
+    let fake = FakeConnector::start().await;
+    let mut cluster = Replicas::new(&fake).await;
+    cluster.webhooks = true;
+    cluster.set_env(
+        "CHANNEL_GATEWAY__CHANNELS__SLACK__WORKSPACES",
+        r#"[{ bot_id = "B0REPLICAS", token = "xoxb-replicas-test" }]"#,
+    );
+    cluster.set_env(
+        "CHANNEL_GATEWAY__CHANNELS__SLACK__SIGNING_SECRET",
+        SLACK_SECRET,
+    );
+    let (a, b) = (cluster.start().await, cluster.start().await);
+    // The bot streams on B only; Slack calls A, which holds the call while B's bot answers.
+    let mut on_b = open(cluster.client(b), "").await;
+    let base_a = cluster.webhook_base(a);
+    let post = slash_command(&base_a, "trig-x1", "status%20please");
+    let bot = async {
+        let e = on_b
+            .next_within(Duration::from_secs(3))
+            .await
+            .expect("the command reaches the bot on B");
+        assert_eq!(
+            e.message.as_ref().map(|m| m.text.as_str()),
+            Some("status please")
+        );
+        assert!(e.reply_by.is_some(), "the channel waits: reply_by is set");
+        let started = Instant::now();
+        on_b.tx
+            .send(pb::ReceiveRequest {
+                kind: Some(pb::receive_request::Kind::Respond(pb::ReceiveRespond {
+                    event_id: e.event_id.clone(),
+                    message: Some(pb::Message {
+                        address: e.message.as_ref().and_then(|m| m.address.clone()),
+                        text: "All green".into(),
+                        ..Default::default()
+                    }),
+                    body: None,
+                    status: 0,
+                })),
+            })
+            .await
+            .unwrap();
+        let r = responded(&mut on_b).await;
+        let took = started.elapsed();
+        assert!(r.in_time, "answered in time across replicas: {r:?}");
+        on_b.ack(&e).await;
+        // A second answer to the same event is refused: the call has one.
+        on_b.tx
+            .send(pb::ReceiveRequest {
+                kind: Some(pb::receive_request::Kind::Respond(pb::ReceiveRespond {
+                    event_id: e.event_id.clone(),
+                    message: None,
+                    body: Some(channel_gateway::api::convert::json_to_value(
+                        &json!({"text": "again"}),
+                    )),
+                    status: 0,
+                })),
+            })
+            .await
+            .unwrap();
+        let again = responded(&mut on_b).await;
+        assert!(!again.in_time, "a second answer is refused: {again:?}");
+        took
+    };
+    let ((status, body), took) = tokio::join!(post, bot);
+    eprintln!("the bot on B answered the call held by A in {took:?} (its outcome included)");
+    assert_eq!(status, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).expect("a JSON answer");
+    assert_eq!(v["text"], "All green", "{v}");
+}

@@ -32,6 +32,7 @@ use crate::metrics::Metrics;
 use crate::model::Message;
 
 mod claims;
+mod replies;
 pub use claims::ClaimSettings;
 
 /// The inbox's bounds and timings (the `[inbound]` section).
@@ -196,6 +197,8 @@ struct Entry {
     /// Shared inbox: until when the channel waits for the bot's answer, when the call waits on
     /// whichever replica stored the event (`reply` is set only on that one).
     reply_by_ms: Option<u64>,
+    /// Shared inbox: that replica.
+    reply_replica: Option<Arc<str>>,
     received_at_ms: u64,
     body: Bytes,
     /// Set only while a commit hands new events out (`Shared::committed`).
@@ -549,24 +552,36 @@ impl Receiver {
             {
                 return Err("the event is not out to this stream (acked, redelivered, or unknown)");
             }
-            let waits_elsewhere = st
-                .events
-                .get(&event_id)
-                .is_some_and(|e| e.reply.is_none() && e.reply_by_ms.is_some());
-            match st.events.get_mut(&event_id).and_then(|e| e.reply.take()) {
+            let local = match st.events.get_mut(&event_id).and_then(|e| e.reply.take()) {
+                Some(slot) => Some(slot),
+                None => st.replies.remove(&event_id),
+            };
+            match local {
                 Some(slot) => slot,
-                None => match st.replies.remove(&event_id) {
-                    Some(slot) => slot,
-                    None if waits_elsewhere => {
-                        return Err("the channel's call for this event waits on another \
-                                    replica: answering across replicas is not supported yet");
-                    }
-                    None => {
+                None => {
+                    // Shared inbox: the call may wait on the replica that stored the event.
+                    let elsewhere = st.events.get_mut(&event_id).and_then(|e| {
+                        let by_ms = e.reply_by_ms.take()?;
+                        Some((by_ms, e.reply_replica.take()?))
+                    });
+                    let (Some((by_ms, replica)), Backend::Shared(pg)) =
+                        (elsewhere, self.shared.store())
+                    else {
                         return Err(
                             "the channel does not wait for an answer to this event, or it has one",
                         );
+                    };
+                    if crate::outbox::now_ms() > by_ms {
+                        return Err("late: the channel was given the neutral answer");
                     }
-                },
+                    return Ok(replies::answer_elsewhere(
+                        pg.clone(),
+                        event_id,
+                        replica,
+                        by_ms,
+                        reply,
+                    ));
+                }
             }
         };
         if crate::outbox::now_ms() > slot.by_ms {
@@ -767,6 +782,7 @@ impl State {
                 v.insert(Entry {
                     channel: e.channel,
                     reply_by_ms: None,
+                    reply_replica: None,
                     received_at_ms: e.received_at_ms,
                     body: e.body,
                     decoded: e.message,

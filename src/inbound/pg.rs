@@ -14,6 +14,9 @@
 //!   the database's clock. Only the holder hands the conversation's events to its streams; it
 //!   renews its rows, and gives a conversation up once it has nothing left, or when none of its
 //!   streams matches it any more, so a stream on another replica can take it;
+//! - `inbox_replies`: a bot's answer to an event whose channel call waits on another replica
+//!   (`reply_replica`): the bot's replica writes it and says so on `cg_inbox_reply`, the
+//!   waiting replica writes it into the channel's answer and records the outcome in the row;
 //! - event ids come from one sequence (`cg_inbox_event_id`), started at the time in
 //!   microseconds like the SQLite file's, so they are unique across replicas.
 //!
@@ -40,6 +43,7 @@ CREATE TABLE inbox_events (
     conversation TEXT NOT NULL,
     received_at_ms BIGINT NOT NULL,
     reply_by_ms BIGINT,
+    reply_replica TEXT,
     body BYTEA NOT NULL
 );
 CREATE INDEX inbox_events_received ON inbox_events (received_at_ms);
@@ -78,6 +82,14 @@ CREATE TABLE inbox_claims (
     PRIMARY KEY (grp, conversation)
 );
 CREATE INDEX inbox_claims_replica ON inbox_claims (replica);
+CREATE TABLE inbox_replies (
+    event_id BIGINT PRIMARY KEY,
+    replica TEXT NOT NULL,
+    reply TEXT NOT NULL,
+    outcome TEXT,
+    created_at_ms BIGINT NOT NULL
+);
+CREATE INDEX inbox_replies_replica ON inbox_replies (replica) WHERE outcome IS NULL;
 CREATE SEQUENCE cg_inbox_event_id;
 SELECT setval('cg_inbox_event_id', (extract(epoch FROM clock_timestamp()) * 1000000)::int8);
 COMMENT ON TABLE inbox_events IS
@@ -86,6 +98,9 @@ COMMENT ON TABLE inbox_events IS
 
 /// The channel replicas say "new events" on, after an append commits.
 pub const CHANNEL: &str = "cg_inbox";
+
+/// The channel a replica says "a bot answered an event whose call waits elsewhere" on.
+pub const REPLY_CHANNEL: &str = "cg_inbox_reply";
 
 /// Rows a feed or load reads at once; a larger backlog is read in several.
 pub const READ_LIMIT: i64 = 1000;
@@ -105,6 +120,8 @@ pub struct Row {
     pub bot_id: String,
     pub received_at_ms: u64,
     pub reply_by_ms: Option<u64>,
+    /// The replica whose channel call waits for the bot's answer.
+    pub reply_replica: Option<Arc<str>>,
     pub body: Bytes,
 }
 
@@ -280,9 +297,11 @@ impl PgInbox {
             }
             tx.execute(
                 "INSERT INTO inbox_events (id, channel, bot_id, conversation, received_at_ms, \
-                 reply_by_ms, body) \
-                 SELECT * FROM unnest($1::int8[], $2::text[], $3::text[], $4::text[], $5::int8[], \
-                 $6::int8[], $7::bytea[])",
+                 reply_by_ms, reply_replica, body) \
+                 SELECT u.id, u.channel, u.bot, u.conv, u.received, u.by, \
+                 CASE WHEN u.by IS NULL THEN NULL ELSE $8 END, u.body \
+                 FROM unnest($1::int8[], $2::text[], $3::text[], $4::text[], $5::int8[], \
+                 $6::int8[], $7::bytea[]) AS u(id, channel, bot, conv, received, by, body)",
                 &[
                     &cols.ids,
                     &cols.channels,
@@ -291,6 +310,7 @@ impl PgInbox {
                     &cols.received,
                     &cols.reply_by,
                     &cols.bodies,
+                    &self.replica,
                 ],
             )
             .await
@@ -615,6 +635,13 @@ impl PgInbox {
         )
         .await
         .map_err(query("forgetting inbox dedupe keys"))?;
+        // Answers nobody collected (their replica stopped meanwhile).
+        tx.execute(
+            "DELETE FROM inbox_replies WHERE created_at_ms < $1",
+            &[&ms(crate::outbox::now_ms().saturating_sub(600_000))],
+        )
+        .await
+        .map_err(query("removing old inbox answers"))?;
         // Claims that ran out long ago and nobody took (their conversations emptied).
         tx.execute(
             "DELETE FROM inbox_claims c WHERE c.until < clock_timestamp() - interval '1 minute' \
@@ -632,6 +659,82 @@ impl PgInbox {
             expired,
             groups_removed,
         })
+    }
+
+    /// Hands a bot's answer to `replica`, whose channel call waits for it; false when the
+    /// event has an answer already.
+    pub async fn put_reply(
+        &self,
+        event_id: u64,
+        replica: &str,
+        reply: &str,
+    ) -> Result<bool, InboxStoreError> {
+        let client = get(&self.pool).await.map_err(storage)?;
+        let n = client
+            .execute(
+                "INSERT INTO inbox_replies (event_id, replica, reply, created_at_ms) \
+                 VALUES ($1, $2, $3, $4) ON CONFLICT (event_id) DO NOTHING",
+                &[
+                    &ms(event_id),
+                    &replica,
+                    &reply,
+                    &ms(crate::outbox::now_ms()),
+                ],
+            )
+            .await
+            .map_err(query("handing an answer to another replica"))?;
+        if n > 0 {
+            client
+                .execute("SELECT pg_notify($1, '')", &[&REPLY_CHANNEL])
+                .await
+                .map_err(query("notifying another replica"))?;
+        }
+        Ok(n > 0)
+    }
+
+    /// What became of an answer handed over (`None`: not yet): empty when it was written
+    /// into the channel's answer, else why not. The row goes once read.
+    pub async fn reply_outcome(&self, event_id: u64) -> Result<Option<String>, InboxStoreError> {
+        let client = get(&self.pool).await.map_err(storage)?;
+        let row = client
+            .query_opt(
+                "DELETE FROM inbox_replies WHERE event_id = $1 AND outcome IS NOT NULL \
+                 RETURNING outcome",
+                &[&ms(event_id)],
+            )
+            .await
+            .map_err(query("reading an answer's outcome"))?;
+        Ok(row.map(|r| r.get::<_, String>(0)))
+    }
+
+    /// Answers other replicas handed to this one, not yet written: (event id, answer).
+    pub async fn replies_for_me(&self) -> Result<Vec<(u64, String)>, InboxStoreError> {
+        let client = get(&self.pool).await.map_err(storage)?;
+        let rows = client
+            .query(
+                "SELECT event_id, reply FROM inbox_replies WHERE replica = $1 \
+                 AND outcome IS NULL ORDER BY event_id LIMIT 1000",
+                &[&self.replica],
+            )
+            .await
+            .map_err(query("reading answers for this replica"))?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get::<_, i64>(0).max(0) as u64, r.get::<_, String>(1)))
+            .collect())
+    }
+
+    /// Records what became of an answer (see `reply_outcome`).
+    pub async fn set_outcome(&self, event_id: u64, outcome: &str) -> Result<(), InboxStoreError> {
+        let client = get(&self.pool).await.map_err(storage)?;
+        client
+            .execute(
+                "UPDATE inbox_replies SET outcome = $2 WHERE event_id = $1",
+                &[&ms(event_id), &crate::bounded::cap(outcome, 300).as_ref()],
+            )
+            .await
+            .map_err(query("recording an answer's outcome"))?;
+        Ok(())
     }
 
     /// Counts what the shared inbox holds, for the bounds and the pending gauge.
@@ -657,7 +760,7 @@ impl PgInbox {
 const HEAD: &str = "SELECT (pg_snapshot_xmin(pg_current_snapshot())::text::int8 << 24) - 1 AS head";
 
 const COLUMNS: &str = "d.grp, d.conversation, d.seq, d.attempts, e.id, e.channel, e.bot_id, \
-     e.received_at_ms, e.reply_by_ms, e.body";
+     e.received_at_ms, e.reply_by_ms, e.body, e.reply_replica";
 
 fn read_rows(rows: Vec<tokio_postgres::Row>) -> Result<(Vec<Row>, i64), InboxStoreError> {
     let bad = query("reading inbox rows");
@@ -685,6 +788,10 @@ fn read_rows(rows: Vec<tokio_postgres::Row>) -> Result<(Vec<Row>, i64), InboxSto
                 .map_err(&bad)?
                 .map(|v| v.max(0) as u64),
             body: Bytes::from(body),
+            reply_replica: r
+                .try_get::<_, Option<String>>(11)
+                .map_err(&bad)?
+                .map(Arc::from),
         });
     }
     Ok((out, head))

@@ -70,10 +70,11 @@ type Attempts = Vec<(Arc<str>, u64, u32)>;
 impl Inbox {
     /// The inbox shared with the other replicas on `pg`'s database: events are stored there,
     /// and this replica hands out the conversations it claims. `wakes` hears the other
-    /// replicas' appends.
+    /// replicas' appends, `answers` their bots' answers to calls waiting here.
     pub fn open_shared(
         pg: Arc<PgInbox>,
         wakes: broadcast::Receiver<Wake>,
+        answers: broadcast::Receiver<Wake>,
         claims: ClaimSettings,
         settings: InboxSettings,
         metrics: Arc<Metrics>,
@@ -95,6 +96,11 @@ impl Inbox {
             .groups
             .entry(Arc::from(DEFAULT_GROUP))
             .or_default();
+        tokio::spawn(super::replies::write_answers(
+            Arc::downgrade(&shared),
+            pg.clone(),
+            answers,
+        ));
         tokio::spawn(drive(Arc::downgrade(&shared), pg, wakes, claims));
         let inbox = Inbox { shared };
         inbox.start_timers();
@@ -176,15 +182,9 @@ impl State {
 
     /// Adds loaded or newly read deliveries of conversations this replica holds, skipping
     /// what was loaded before. `taken_over`: conversations whose last holder's lease ran out;
-    /// their first events may have reached a bot already.
-    fn add_rows(
-        &mut self,
-        rows: Vec<Row>,
-        taken_over: &HashSet<Key>,
-        settings: &InboxSettings,
-    ) -> Vec<Arc<str>> {
+    /// any of their events may have reached a bot already.
+    fn add_rows(&mut self, rows: Vec<Row>, taken_over: &HashSet<Key>) -> Vec<Arc<str>> {
         let mut groups: Vec<Arc<str>> = Vec::new();
-        let mut seen: HashMap<Key, usize> = HashMap::new();
         for r in rows {
             let key = (r.group.clone(), r.conversation.clone());
             let Some(claim) = self.claims.as_mut().and_then(|c| c.get_mut(&key)) else {
@@ -194,15 +194,16 @@ impl State {
                 continue;
             }
             claim.loaded_seq = r.seq;
-            let nth = seen.entry(key.clone()).or_insert(0);
-            *nth += 1;
             let mut attempts = r.attempts;
-            if *nth <= settings.per_conversation && taken_over.contains(&key) {
+            if taken_over.contains(&key) {
+                // Its acks and attempt counts are written after the fact, so any of its
+                // events may have reached a bot: each says so, as after a restart.
                 attempts = attempts.max(1);
             }
             let reply = self.replies.remove(&r.id);
             let id = r.id;
             let reply_by_ms = r.reply_by_ms;
+            let reply_replica = r.reply_replica;
             self.add_event(StoredEvent {
                 id,
                 channel: r.channel,
@@ -216,6 +217,7 @@ impl State {
             });
             if let Some(e) = self.events.get_mut(&id) {
                 e.reply_by_ms = reply_by_ms;
+                e.reply_replica = reply_replica;
             }
             if !groups.contains(&r.group) {
                 groups.push(r.group);
@@ -504,7 +506,7 @@ async fn turn(
             *cursor = next;
             if !rows.is_empty() {
                 let mut st = shared.lock();
-                let groups = st.add_rows(rows, &HashSet::new(), &shared.settings);
+                let groups = st.add_rows(rows, &HashSet::new());
                 for g in &groups {
                     st.pump(g, &shared.settings);
                 }
@@ -565,7 +567,7 @@ async fn turn(
             for chunk in convs.chunks(64) {
                 let (rows, head) = pg.load(&group, chunk).await.map_err(storage)?;
                 let mut st = shared.lock();
-                st.add_rows(rows, &over, &shared.settings);
+                st.add_rows(rows, &over);
                 if let Some(c) = st.claims.as_mut() {
                     for conv in chunk {
                         if let Some(cl) = c.get_mut(&(group.clone(), conv.clone())) {
