@@ -30,8 +30,11 @@ use crate::storage::notify::Wake;
 /// A conversation this replica holds for a group.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Claim {
-    /// Every delivery of it up to here is loaded (the feed skips them).
+    /// Every delivery of it up to here is loaded (the feed skips them); `NOT_LOADED` until
+    /// its first load.
     pub loaded_seq: i64,
+    /// Its last holder's lease ran out (it did not give it up): until loaded.
+    pub taken_over: bool,
     /// Handed out only before this (the claim's lease, less a margin, by this clock).
     pub until: Instant,
 }
@@ -57,6 +60,9 @@ const RECOUNT_EVERY: Duration = Duration::from_secs(1);
 const CLAIM_GAP: Duration = Duration::from_millis(10);
 
 type Key = (Arc<str>, Arc<str>);
+
+/// `Claim::loaded_seq` of a claim whose events are not loaded yet.
+const NOT_LOADED: i64 = i64::MIN;
 
 /// The conversations this replica holds, by (group, conversation).
 pub(super) type Claims = HashMap<Key, Claim>;
@@ -291,6 +297,10 @@ impl State {
         for ((g, c), claim) in claims {
             let group = self.groups.get(g);
             let conv = group.and_then(|gr| gr.convs.get(c));
+            if claim.loaded_seq == NOT_LOADED && claim.until > now {
+                // Its load comes (again) in the driver's next turn.
+                continue;
+            }
             if claim.until <= now {
                 // Lapsed: another replica may hold it already. Give the row up if it is still
                 // ours (and let the next holder take it at once).
@@ -479,6 +489,7 @@ async fn turn(
         let done = pg.release(keys).await;
         let mut st = shared.lock();
         let mut freed = false;
+        let mut kept = false;
         for ((g, c, force), gone) in release.into_iter().zip(done) {
             if force {
                 freed = true;
@@ -489,8 +500,14 @@ async fn turn(
                     cl.remove(&(g, c));
                 }
                 freed = true;
+            } else {
+                // Kept: an event came meanwhile (or the claim is another replica's now, which
+                // the next renewal tells); the feed reads it, after `loaded_seq`.
+                kept = true;
             }
-            // Kept: an event came meanwhile; the feed reads it (after `loaded_seq`).
+        }
+        if kept {
+            *read = true;
         }
         if freed {
             *claim = true;
@@ -546,7 +563,8 @@ async fn turn(
                         c.insert(
                             (group.clone(), cl.conversation.clone()),
                             Claim {
-                                loaded_seq: i64::MIN,
+                                loaded_seq: NOT_LOADED,
+                                taken_over: cl.taken_over,
                                 until,
                             },
                         );
@@ -555,31 +573,47 @@ async fn turn(
                 drop(st);
                 taken.extend(got);
             }
-            if taken.is_empty() {
-                continue;
+            if !taken.is_empty() {
+                tracing::debug!(group = %crate::bounded::for_log(&group), conversations = taken.len(), "inbox conversations claimed");
             }
-            let convs: Vec<Arc<str>> = taken.iter().map(|c| c.conversation.clone()).collect();
-            let over: HashSet<Key> = taken
-                .iter()
-                .filter(|c| c.taken_over)
-                .map(|c| (group.clone(), c.conversation.clone()))
-                .collect();
-            for chunk in convs.chunks(64) {
-                let (rows, head) = pg.load(&group, chunk).await.map_err(storage)?;
-                let mut st = shared.lock();
-                st.add_rows(rows, &over);
-                if let Some(c) = st.claims.as_mut() {
-                    for conv in chunk {
-                        if let Some(cl) = c.get_mut(&(group.clone(), conv.clone())) {
-                            cl.loaded_seq = cl.loaded_seq.max(head);
-                        }
+        }
+    }
+    load_claimed(shared, pg).await
+}
+
+/// Loads the conversations claimed and not loaded yet (just claimed, or a load that failed),
+/// and hands out what may go.
+async fn load_claimed(shared: &Arc<Shared>, pg: &PgInbox) -> Result<(), ReceiveError> {
+    let storage = |e: super::super::store::InboxStoreError| ReceiveError::Storage(e.to_string());
+    let mut todo: HashMap<Arc<str>, Vec<Arc<str>>> = HashMap::new();
+    let mut over: HashSet<Key> = HashSet::new();
+    {
+        let st = shared.lock();
+        for ((g, c), claim) in st.claims.iter().flatten() {
+            if claim.loaded_seq == NOT_LOADED {
+                todo.entry(g.clone()).or_default().push(c.clone());
+                if claim.taken_over {
+                    over.insert((g.clone(), c.clone()));
+                }
+            }
+        }
+    }
+    for (group, convs) in todo {
+        for chunk in convs.chunks(64) {
+            let (rows, head) = pg.load(&group, chunk).await.map_err(storage)?;
+            let mut st = shared.lock();
+            st.add_rows(rows, &over);
+            if let Some(c) = st.claims.as_mut() {
+                for conv in chunk {
+                    if let Some(cl) = c.get_mut(&(group.clone(), conv.clone())) {
+                        cl.loaded_seq = cl.loaded_seq.max(head);
+                        cl.taken_over = false;
                     }
                 }
-                st.pump(&group, &shared.settings);
-                drop(st);
-                shared.flush_attempts();
             }
-            tracing::debug!(group = %crate::bounded::for_log(&group), conversations = taken.len(), taken_over = over.len(), "inbox conversations claimed");
+            st.pump(&group, &shared.settings);
+            drop(st);
+            shared.flush_attempts();
         }
     }
     Ok(())
