@@ -830,3 +830,32 @@ async fn the_sweep_expires_unheld_old_events_idle_groups_and_old_dedupe_keys() {
     assert!(again[0].is_some(), "a forgotten key still dedupes");
     assert_eq!(&again[1..], [None, None], "a recent key was forgotten");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_short_of_credit_claims_the_longest_waiting_conversation_first() {
+    let url = PgCluster::shared().create_database();
+    let (a, _b) = replicas(&url).await;
+    // Stored z, m, a: the names sort the other way, so a claim in name order would take the
+    // newest first and could leave z behind for good.
+    for (n, c) in ["z1", "m1", "a1"].iter().enumerate() {
+        append_one(&a, event("slack", "bot", c, &format!("k{n}"), c)).await;
+    }
+    let lease = Duration::from_secs(30);
+    let mut order = Vec::new();
+    for _ in 0..3 {
+        let got = a
+            .claim(&default(), &Filter::default(), 1, lease)
+            .await
+            .unwrap();
+        assert_eq!(got.len(), 1, "one conversation per claim of one");
+        order.push(got[0].conversation.to_string());
+    }
+    assert_eq!(
+        order,
+        vec![
+            conv("slack", "bot", "z1").to_string(),
+            conv("slack", "bot", "m1").to_string(),
+            conv("slack", "bot", "a1").to_string(),
+        ]
+    );
+}

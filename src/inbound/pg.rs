@@ -237,7 +237,8 @@ impl PgInbox {
 
     /// Stores events in one transaction, leaving out a channel retry of a stored event (by
     /// channel and dedupe key, whichever replica stored it); the id of each new event, `None`
-    /// for a retry. Every consumer group existing at the commit gets a delivery of each.
+    /// for a retry. Every consumer group visible when the deliveries are inserted gets a
+    /// delivery of each (a group committed later gets the events stored after it).
     /// `reply_by` is, per event, until when its channel call waits for the bot's answer.
     pub async fn append(
         &self,
@@ -454,7 +455,8 @@ impl PgInbox {
     }
 
     /// Takes up to `n` conversations of `group` that have events, that no replica holds, and
-    /// that `filter` accepts.
+    /// that `filter` accepts: the ones waiting longest first, so a replica short of credit
+    /// never leaves a conversation behind for good.
     pub async fn claim(
         &self,
         group: &str,
@@ -467,13 +469,13 @@ impl PgInbox {
         let rows = client
             .query(
                 "WITH cand AS ( \
-                   SELECT DISTINCT d.conversation FROM inbox_deliveries d \
+                   SELECT d.conversation FROM inbox_deliveries d \
                    WHERE d.grp = $1 \
                      AND ($2::text[] IS NULL OR d.bot_id = ANY($2)) \
                      AND ($3::text[] IS NULL OR d.channel = ANY($3)) \
                      AND NOT EXISTS (SELECT 1 FROM inbox_claims c WHERE c.grp = d.grp \
                        AND c.conversation = d.conversation AND c.until > clock_timestamp()) \
-                   LIMIT $4) \
+                   GROUP BY d.conversation ORDER BY min(d.seq) LIMIT $4) \
                  INSERT INTO inbox_claims AS c (grp, conversation, replica, epoch, until) \
                  SELECT $1, conversation, $5, 1, clock_timestamp() + make_interval(secs => $6) \
                  FROM cand \
