@@ -110,6 +110,10 @@ pub struct Metrics {
     pub inbound_pending: Gauge,
     /// Open Receive streams.
     pub receivers: Gauge,
+    /// Shared inbox: conversations (per consumer group) this replica holds.
+    pub inbox_claims: Gauge,
+    /// Shared inbox: claims this replica lost to another (their lease ran out).
+    pub inbox_claim_losses: Counter,
     room_wait: Family<ChannelLabel, Histogram, fn() -> Histogram>,
     pub queue_depth: Gauge,
     pub active_workers: Gauge,
@@ -171,6 +175,8 @@ impl Metrics {
         let inbound_events = Family::<OutcomeLabels, Counter>::default();
         let inbound_pending = Gauge::default();
         let receivers = Gauge::default();
+        let inbox_claims = Gauge::default();
+        let inbox_claim_losses = Counter::default();
         let room_wait = Family::<ChannelLabel, Histogram, fn() -> Histogram>::new_with_constructor(
             latency_histogram,
         );
@@ -251,6 +257,18 @@ impl Metrics {
         );
         registry.register("receive_streams", "Open Receive streams", receivers.clone());
         registry.register(
+            "inbox_claims",
+            "Shared inbox (several replicas): conversations, per consumer group, this replica \
+             holds and hands out",
+            inbox_claims.clone(),
+        );
+        registry.register(
+            "inbox_claim_losses",
+            "Shared inbox: conversations this replica held and lost to another replica (it \
+             paused or lost the database longer than the lease)",
+            inbox_claim_losses.clone(),
+        );
+        registry.register(
             "room_wait_seconds",
             "How long a Send waited for room in its conversation's full line before it was accepted (delivery.max_wait_for_room), by channel",
             room_wait.clone(),
@@ -286,6 +304,8 @@ impl Metrics {
             inbound_events,
             inbound_pending,
             receivers,
+            inbox_claims,
+            inbox_claim_losses,
             room_wait,
             queue_depth,
             active_workers,

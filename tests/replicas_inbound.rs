@@ -687,6 +687,18 @@ async fn a_stream_ending_on_one_replica_hands_its_conversations_to_another_at_on
     if let Some(e) = on_b.next_within(Duration::from_millis(500)).await {
         panic!("B got an event while A's stream holds every conversation: {e:?}");
     }
+    // A says which conversations it holds: each chat's, for the default group.
+    let claims = |text: &str| metric_value(text, "channel_gateway_inbox_claims ");
+    let admin = |i: usize| std::net::SocketAddr::from(([127, 0, 0, 1], cluster.replicas[i].admin));
+    let (held_a, held_b) = (
+        claims(&metrics_text(admin(a)).await),
+        claims(&metrics_text(admin(b)).await),
+    );
+    assert_eq!(
+        (held_a, held_b),
+        (chats.len() as f64, 0.0),
+        "claims held by A and B while A's stream holds every conversation"
+    );
     drop(on_a);
     let dropped = Instant::now();
     let left: usize = held.iter().map(|(_, k)| (EVENTS - k) as usize).sum();

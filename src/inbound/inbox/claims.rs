@@ -392,6 +392,8 @@ async fn drive(
             next_sweep = Instant::now().checked_add(every).unwrap_or(now);
             sweep(&shared, &pg).await;
         }
+        let held = shared.lock().claims.as_ref().map_or(0, |c| c.len());
+        shared.metrics.inbox_claims.set(held as i64);
         let failed = turn.is_err();
         if let Err(e) = turn {
             tracing::warn!(error = %e, "shared inbox: database call failed; trying again");
@@ -471,6 +473,7 @@ async fn turn(
             }
             drop(st);
             if lost > 0 {
+                shared.metrics.inbox_claim_losses.inc_by(lost as u64);
                 tracing::warn!(
                     conversations = lost,
                     "inbox claims lost (their lease ran out); another replica holds them"
