@@ -380,6 +380,18 @@ impl ChannelGateway for Echo {
     ) -> Result<Response<pb::SendProactiveResponse>, Status> {
         Err(Status::unimplemented("echo"))
     }
+    async fn update_message(
+        &self,
+        _: Request<pb::UpdateMessageRequest>,
+    ) -> Result<Response<pb::UpdateMessageResponse>, Status> {
+        Err(Status::unimplemented("echo"))
+    }
+    async fn delete_message(
+        &self,
+        _: Request<pb::DeleteMessageRequest>,
+    ) -> Result<Response<pb::DeleteMessageResponse>, Status> {
+        Err(Status::unimplemented("echo"))
+    }
     async fn render(
         &self,
         _r: Request<pb::RenderRequest>,

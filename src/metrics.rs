@@ -896,6 +896,7 @@ mod tests {
             accepted_at_ms: 1,
             record: StateRecord::new(DeliveryState::Accepted, 1),
             warnings: vec![],
+            op: None,
         };
         store
             .append(vec![message(1), message(2)], None)

@@ -41,6 +41,7 @@ fn msg(id: u64, conversation: &str) -> StoredMessage {
         accepted_at_ms: now_ms(),
         record: StateRecord::new(DeliveryState::Accepted, now_ms()),
         warnings: vec![],
+        op: None,
     }
 }
 

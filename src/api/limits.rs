@@ -23,7 +23,7 @@ use crate::config::ServerConfig;
 /// What one RPC may receive, in bytes of one protobuf message.
 #[derive(Debug, Clone, Copy)]
 pub struct RequestLimits {
-    /// Send, SendTyping, Render: one message and its envelope.
+    /// Send, SendTyping, Render, UpdateMessage: one message and its envelope.
     one_message: usize,
     /// SendBatch, SendProactive: `max_batch_len` messages and their envelope.
     batch: usize,
@@ -58,7 +58,7 @@ impl RequestLimits {
         let method = path.strip_prefix("/channelgateway.v1.ChannelGateway/")?;
         Some(match method {
             // Receive: each message on the stream, the largest a respond carrying a message.
-            "Send" | "SendTyping" | "Render" | "Receive" => {
+            "Send" | "SendTyping" | "Render" | "Receive" | "UpdateMessage" => {
                 (self.one_message, "server.max_message_bytes")
             }
             "SendBatch" | "SendProactive" => (
@@ -278,6 +278,11 @@ mod tests {
         );
         assert!(l.for_path(&path("SendBatch")).unwrap().0 > l.for_path(&path("Send")).unwrap().0);
         assert_eq!(l.for_path(&path("GetDelivery")).unwrap().0, ENVELOPE_BYTES);
+        // An update carries a whole new message.
+        assert_eq!(
+            l.for_path(&path("UpdateMessage")).unwrap().0,
+            l.for_path(&path("Send")).unwrap().0
+        );
         // A respond on the Receive stream may carry a message as large as a Send's.
         assert_eq!(
             l.for_path(&path("Receive")).unwrap().0,

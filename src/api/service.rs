@@ -27,6 +27,7 @@ enum Cached {
     Send(Box<pb::SendResponse>),
     Batch(pb::SendBatchResponse),
     Proactive(Box<pb::SendProactiveResponse>),
+    Change(Box<pb::SendResult>),
 }
 
 type Slot = Arc<OnceCell<Cached>>;
@@ -346,6 +347,7 @@ impl GatewayService {
             message: msg,
             rendered,
             traceparent,
+            op: None,
         })
     }
 
@@ -588,8 +590,228 @@ impl GatewayService {
     }
 }
 
+impl GatewayService {
+    /// The sent message an UpdateMessage or DeleteMessage names, once it is one this call may
+    /// change: the caller's, a message (not a change), in a conversation, on a channel that can,
+    /// with something on the channel to change (or still on its way there).
+    async fn change_target<T>(
+        &self,
+        req: &Request<T>,
+        id: u64,
+        verb: &str,
+    ) -> Result<StoredMessage, Status> {
+        let target = self
+            .dispatcher
+            .store()
+            .get(id)
+            .await
+            .map_err(status::outbox_read)?
+            .filter(|m| visible(req, m))
+            .ok_or_else(|| unknown_message(id))?;
+        if target.op.is_some() {
+            return Err(status::invalid_field(
+                "message_id",
+                format!("{id} is an update or a delete; name the message it changed"),
+            ));
+        }
+        let addr = &target.message.address;
+        if addr.conversation_id().is_none() {
+            return Err(Status::failed_precondition(format!(
+                "message_id: message {id} is still starting its conversation (SendProactive); \
+                 {verb} it once it is delivered"
+            )));
+        }
+        let (caps, _) = self
+            .dispatcher
+            .channels()
+            .capabilities(&addr.channel_id)
+            .map_err(|e| status::route(e, "message_id"))?;
+        if !caps.update_delete {
+            return Err(Status::unimplemented(format!(
+                "message_id: the {} channel {:?} cannot {verb} a message it sent \
+                 (GetCapabilities: update_delete is false)",
+                caps.implementation,
+                crate::bounded::cap(&addr.channel_id, 64)
+            )));
+        }
+        if target.record.state.is_terminal() && target.record.receipts.is_empty() {
+            return Err(Status::failed_precondition(format!(
+                "message_id: message {id} ended {} with no native message on the channel: \
+                 nothing to {verb}",
+                target.record.state.word()
+            )));
+        }
+        Ok(target)
+    }
+
+    /// Accepts a change (its submission ready) like a Send: durable, in line, idempotent.
+    async fn submit_change(
+        &self,
+        prepared: Submission,
+        warnings: Vec<model::Warning>,
+        wait: i32,
+        key: Option<IdemKey>,
+    ) -> Result<pb::SendResult, Status> {
+        let replay = |found: Vec<StoredMessage>| {
+            Cached::Change(Box::new(
+                found.first().map(stored_result_pb).unwrap_or_default(),
+            ))
+        };
+        let cached = self
+            .idempotent(key, replay, |key| async move {
+                let submitted = self.dispatcher.submit(
+                    vec![prepared],
+                    false,
+                    wants_delivery(wait),
+                    key.as_ref().map(idem_store_key),
+                );
+                let accepted = submitted.await.map_err(status::submit)?;
+                accepted.durable.await.map_err(status::outbox)?;
+                let mut tickets = accepted.tickets;
+                let ticket = tickets.pop().ok_or_else(|| Status::internal("no ticket"))?;
+                let id = ticket.id;
+                let done = outcome(ticket).await;
+                if let Some(o) = &done
+                    && let Some(e) = &o.error
+                {
+                    return Err(status::channel(e, o.attempts, o.possible_duplicate));
+                }
+                if wants_delivery(wait) && done.is_none() {
+                    return Err(Status::unavailable(format!(
+                        "change {id} was accepted but the gateway stopped before it was carried out"
+                    )));
+                }
+                Ok(Cached::Change(Box::new(result_pb(id, &warnings, done))))
+            })
+            .await?;
+        match cached {
+            Cached::Change(r) => Ok(*r),
+            _ => Err(Status::already_exists(
+                "idempotency key was used by another call",
+            )),
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl ChannelGateway for GatewayService {
+    async fn update_message(
+        &self,
+        req: Request<pb::UpdateMessageRequest>,
+    ) -> Result<Response<pb::UpdateMessageResponse>, Status> {
+        let tp = traceparent(&req);
+        let id = parse_id("message_id", &req.get_ref().message_id)?;
+        let target = self.change_target(&req, id, "update").await?;
+        let sent_to = target.message.address.clone();
+        let r = req.into_inner();
+        let key = idem_key(
+            "update_message",
+            sent_to.bot_id().to_string(),
+            &r.idempotency_key,
+        )?;
+        let Some(mut m) = r.message else {
+            return Err(status::invalid_field("message", "required"));
+        };
+        // The sent message's address, unless the caller gave one (which must name the same
+        // conversation): the render needs all of it (a service URL, a thread).
+        let given = m.address.is_some();
+        if !given {
+            m.address = Some(Box::new(convert::address_pb(&sent_to)));
+        }
+        let mut prepared = self.prepare(&"message", Some(m), None, tp)?;
+        if given && ConversationKey::of(&prepared.message.address) != ConversationKey::of(&sent_to)
+        {
+            return Err(status::invalid_field(
+                "message.address",
+                format!("names another conversation than message {id}, which it would update"),
+            ));
+        }
+        prepared.message.address = sent_to;
+        // Planned now against the receipts the message has now, to refuse what cannot be done
+        // and say how it maps; planned again when its turn comes.
+        let channels = self.dispatcher.channels();
+        let warnings = if target.record.receipts.is_empty() {
+            let mut w = prepared.rendered.warnings.clone();
+            w.push(model::Warning::new(
+                "update_pending",
+                "message_id",
+                format!(
+                    "message {id} is not delivered yet: the update is mapped onto the native \
+                     messages it becomes when the update's turn comes"
+                ),
+            ));
+            w
+        } else {
+            channels
+                .render_update(&prepared.message, &target.record.receipts)
+                .map_err(|e| status::render(e, "message", "message.address.channel_id"))?
+                .rendered
+                .warnings
+        };
+        prepared.rendered.warnings = warnings.clone();
+        prepared.op = Some(crate::outbox::Operation::Update { target: id });
+        let r = self.submit_change(prepared, warnings, r.wait, key).await?;
+        Ok(Response::new(pb::UpdateMessageResponse {
+            change_id: r.message_id,
+            state: r.state,
+            receipts: r.receipts,
+            warnings: r.warnings,
+        }))
+    }
+
+    async fn delete_message(
+        &self,
+        req: Request<pb::DeleteMessageRequest>,
+    ) -> Result<Response<pb::DeleteMessageResponse>, Status> {
+        let tp = traceparent(&req);
+        let id = parse_id("message_id", &req.get_ref().message_id)?;
+        let target = self.change_target(&req, id, "delete").await?;
+        let sent_to = target.message.address.clone();
+        let r = req.into_inner();
+        let key = idem_key(
+            "delete_message",
+            sent_to.bot_id().to_string(),
+            &r.idempotency_key,
+        )?;
+        let mut warnings = Vec::new();
+        if target.record.receipts.is_empty() {
+            warnings.push(model::Warning::new(
+                "delete_pending",
+                "message_id",
+                format!(
+                    "message {id} is not delivered yet: it is deleted once it is, when the \
+                     delete's turn comes"
+                ),
+            ));
+        } else {
+            warnings = self
+                .dispatcher
+                .channels()
+                .render_delete(&sent_to, &target.record.receipts)
+                .map_err(|e| status::render(e, "message", "message_id"))?
+                .rendered
+                .warnings;
+        }
+        let prepared = Submission {
+            message: model::Message {
+                address: sent_to,
+                ..Default::default()
+            },
+            rendered: crate::channels::Rendered {
+                requests: Vec::new(),
+                warnings: warnings.clone(),
+            },
+            traceparent: tp,
+            op: Some(crate::outbox::Operation::Delete { target: id }),
+        };
+        let r = self.submit_change(prepared, warnings, r.wait, key).await?;
+        Ok(Response::new(pb::DeleteMessageResponse {
+            change_id: r.message_id,
+            state: r.state,
+            warnings: r.warnings,
+        }))
+    }
+
     /// Written out rather than `async fn`: an async method keeps its request (1.1 KB) in its
     /// future to the end, and every call copies the whole future into a box. The checks and
     /// the request's parts are taken here, synchronously; the future keeps only what it needs.
@@ -733,6 +955,7 @@ impl ChannelGateway for GatewayService {
                     message: msg,
                     rendered,
                     traceparent: None,
+                    op: None,
                 },
                 keep_alive,
             )
@@ -1142,6 +1365,7 @@ mod tests {
                     proactive: None,
                     accepted_at_ms: 0,
                     record: StateRecord::new(DeliveryState::Accepted, 0),
+                    op: None,
                     // Sizes that vary, so pages break at different places.
                     warnings: vec![
                         model::Warning::new(

@@ -95,6 +95,9 @@ pub fn render(e: RenderOrRoute, prefix: &str, channel_field: &str) -> Status {
         RenderOrRoute::Render(RenderError::InvalidArgument { field, reason }) => {
             invalid_field(rebase(field), reason)
         }
+        RenderOrRoute::Render(RenderError::Unimplemented { field, reason }) => {
+            Status::unimplemented(format!("{}: {reason}", rebase(field)))
+        }
         RenderOrRoute::Render(RenderError::PermissionDenied { field, reason }) => route(
             RouteError::PermissionDenied {
                 field: rebase(field),

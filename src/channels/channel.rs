@@ -12,10 +12,19 @@ use std::sync::Arc;
 use futures::future::BoxFuture;
 
 use super::shared::CredentialHint;
+use super::update::Plan;
 use super::{
     Capabilities, ChannelError, NativeReceipt, NativeRequest, RenderError, Rendered, RouteError,
 };
 use crate::model::{Address, Message, ProactiveOptions};
+
+/// The refusal of a channel that cannot update or delete a message it sent.
+pub fn cannot(channel: &str, verb: &str) -> RenderError {
+    RenderError::Unimplemented {
+        field: "message_id".into(),
+        reason: format!("the {channel} channel cannot {verb} a message it sent"),
+    }
+}
 
 /// A channel: one folder under `src/channels/`, built from its own config section.
 ///
@@ -75,6 +84,29 @@ pub trait Channel: Send + Sync + 'static {
         messages: &[Message],
         options: &ProactiveOptions,
     ) -> Result<Rendered, RenderError>;
+
+    /// Renders an update of a message sent before: `msg` is the new message (with the sent
+    /// one's address), `receipts` what the sent one became (see `update::reconcile`). Pure.
+    /// Default: the channel cannot edit messages.
+    fn render_update(
+        &self,
+        msg: &Message,
+        receipts: &[NativeReceipt],
+    ) -> Result<Plan, RenderError> {
+        let _ = (msg, receipts);
+        Err(cannot(self.name(), "update"))
+    }
+
+    /// Renders the deletion of every native message of a message sent before to `addr`. Pure.
+    /// Default: the channel cannot delete messages.
+    fn render_delete(
+        &self,
+        addr: &Address,
+        receipts: &[NativeReceipt],
+    ) -> Result<Plan, RenderError> {
+        let _ = (addr, receipts);
+        Err(cannot(self.name(), "delete"))
+    }
 
     /// Makes one native request rendered by this channel for `channel_id`.
     fn execute<'a>(

@@ -16,6 +16,7 @@ pub mod slack;
 pub mod telegram;
 pub mod text;
 mod types;
+pub mod update;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -219,6 +220,27 @@ impl Channels {
             .unwrap_or_default();
         let ch = self.route(channel_id)?;
         Ok(ch.render_proactive(messages, options)?)
+    }
+
+    /// Plans an update of a message sent before (`update::reconcile`); `msg` carries the sent
+    /// message's address.
+    pub fn render_update(
+        &self,
+        msg: &Message,
+        receipts: &[NativeReceipt],
+    ) -> Result<update::Plan, RenderOrRoute> {
+        let ch = self.route(&msg.address.channel_id)?;
+        Ok(ch.render_update(msg, receipts)?)
+    }
+
+    /// Plans the deletion of a message sent before to `addr`.
+    pub fn render_delete(
+        &self,
+        addr: &crate::model::Address,
+        receipts: &[NativeReceipt],
+    ) -> Result<update::Plan, RenderOrRoute> {
+        let ch = self.route(&addr.channel_id)?;
+        Ok(ch.render_delete(addr, receipts)?)
     }
 
     fn unroutable(channel_id: &str, e: RouteError) -> ChannelError {

@@ -155,6 +155,9 @@ pub enum RenderError {
     InvalidArgument { field: String, reason: String },
     #[error("{field}: {reason}")]
     PermissionDenied { field: String, reason: String },
+    /// The channel cannot do this at all (update or delete a message on Messenger).
+    #[error("{field}: {reason}")]
+    Unimplemented { field: String, reason: String },
 }
 
 impl RenderError {

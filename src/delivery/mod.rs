@@ -33,8 +33,8 @@ use crate::config::DeliveryConfig;
 use crate::metrics::Metrics;
 use crate::model::{Address, Message, ProactiveOptions};
 use crate::outbox::{
-    Change, DeliveryState, Durable, Fence, IdempotencyRecord, Outcome, StateRecord, Store,
-    StoredMessage, now_ms,
+    Change, DeliveryState, Durable, Fence, IdempotencyRecord, Operation, Outcome, StateRecord,
+    Store, StoredMessage, now_ms,
 };
 
 const SHARDS: usize = 64;
@@ -129,6 +129,9 @@ struct Item {
     tenure: u64,
     /// Left undelivered because its partition moved to another replica.
     handed_over: bool,
+    /// An update or delete of a message sent before: its requests are planned when its turn
+    /// comes, from the target's receipts then (`Worker::plan_operation`).
+    op: Option<Operation>,
 }
 
 /// A message with this many ahead of it in its conversation keeps its requests without their
@@ -342,6 +345,8 @@ pub struct Submission {
     pub rendered: Rendered,
     /// The caller's W3C `traceparent`, carried into the delivery span.
     pub traceparent: Option<String>,
+    /// Set for UpdateMessage and DeleteMessage.
+    pub op: Option<Operation>,
 }
 
 impl Dispatcher {
@@ -665,10 +670,14 @@ impl Inner {
                 items.push(item);
                 continue;
             }
-            let (rendered, render_error) = match self
-                .channels
-                .render_send(&m.message, m.proactive.as_deref())
-            {
+            let rendered = match m.op {
+                // Planned when its turn comes, from its target's receipts then.
+                Some(_) => Ok(Rendered::default()),
+                None => self
+                    .channels
+                    .render_send(&m.message, m.proactive.as_deref()),
+            };
+            let (rendered, render_error) = match rendered {
                 Ok(r) => (r, None),
                 // A proactive start renders again once its conversation exists.
                 Err(_) if starts => (Rendered::default(), None),
@@ -693,6 +702,7 @@ impl Inner {
                 fence,
                 tenure,
                 handed_over: false,
+                op: m.op,
             };
             match render_error {
                 Some(reason) => {
@@ -815,6 +825,7 @@ fn new_items(
             fence: None,
             tenure: 0,
             handed_over: false,
+            op: s.op,
         });
         rxs.push(rx);
     }
@@ -1000,6 +1011,7 @@ impl Inner {
                     accepted_at_ms: now,
                     record: StateRecord::new(state, now),
                     warnings: item.rendered.warnings.clone(),
+                    op: item.op,
                 });
             }
             let idem = idem.map(|k| idem_record(k, now, &ids));
@@ -1097,6 +1109,7 @@ impl Inner {
                 accepted_at_ms: now,
                 record: StateRecord::new(DeliveryState::Accepted, now),
                 warnings: item.rendered.warnings.clone(),
+                op: item.op,
             });
         }
         let idem = idem.map(|k| idem_record(k, now, &ids));
@@ -1782,6 +1795,84 @@ impl Worker {
         }
     }
 
+    /// The requests of an update or delete, against what its target became on the channel
+    /// (its receipts now: a change before this one may have changed them), and the target.
+    async fn plan_operation(
+        &self,
+        item: &Item,
+        op: Operation,
+    ) -> Result<(crate::channels::update::Plan, StoredMessage), ChannelError> {
+        let verb = op.verb();
+        let gone = |why: String| ChannelError {
+            code: Some("not_found".into()),
+            ..ChannelError::new("gateway", FailureKind::Permanent, why)
+        };
+        let target = match self.inner.store.get(op.target()).await {
+            Ok(Some(t)) => t,
+            Ok(None) => {
+                return Err(gone(format!(
+                    "message {} is no longer in the outbox (kept for outbox.retention after \
+                     delivery): nothing to {verb}",
+                    op.target()
+                )));
+            }
+            Err(e) => {
+                return Err(ChannelError {
+                    code: Some("outbox".into()),
+                    ..ChannelError::new("gateway", FailureKind::Permanent, e.to_string())
+                });
+            }
+        };
+        let receipts = &target.record.receipts;
+        if receipts.is_empty() {
+            return Err(gone(format!(
+                "message {} has no native message to {verb} (it ended {:?} with none sent{})",
+                target.id,
+                target.record.state,
+                if op == (Operation::Delete { target: target.id }) {
+                    ", or was deleted already"
+                } else {
+                    ""
+                }
+            )));
+        }
+        let plan = match op {
+            Operation::Update { .. } => self.inner.channels.render_update(&item.message, receipts),
+            Operation::Delete { .. } => self
+                .inner
+                .channels
+                .render_delete(&target.message.address, receipts),
+        }
+        .map_err(|e| self.render_failure(&e))?;
+        Ok((plan, target))
+    }
+
+    /// Records what the target became once an update or delete was carried out (in part, if
+    /// it failed on the way), so the next change of it plans against that.
+    async fn settle_target(
+        &self,
+        item: &Item,
+        steps: &[crate::channels::update::Step],
+        target: StoredMessage,
+        outcome: &Outcome,
+    ) {
+        let before = &target.record.receipts;
+        let after = crate::channels::update::receipts_after(before, steps, &outcome.receipts);
+        if after == *before {
+            return;
+        }
+        let mut settled = target.outcome();
+        settled.receipts = after;
+        let wrote = self
+            .inner
+            .store
+            .record_fenced(target.id, Change::Finished(settled), item.fence)
+            .await;
+        if let Err(e) = wrote {
+            tracing::warn!(message_id = target.id, change_id = item.id, error = %e, "the changed message's new receipts were not recorded");
+        }
+    }
+
     /// Delivers one message and records its outcome. A panic while handling it (a bug in the
     /// gateway or in a channel's code) fails this message with an internal error instead of
     /// ending the worker: the messages behind it in the line go on.
@@ -1823,7 +1914,17 @@ impl Worker {
         if item.message.text.as_deref() == Some(tests::PANIC_TEXT) {
             panic!("a test's panic while delivering");
         }
-        if item.shed {
+        let mut planned = None;
+        if let Some(op) = item.op {
+            match self.plan_operation(item, op).await {
+                Ok((plan, target)) => {
+                    item.rendered.requests = plan.rendered.requests;
+                    item.shed = false;
+                    planned = Some((plan.steps, target));
+                }
+                Err(e) => return failed(e, 0),
+            }
+        } else if item.shed {
             match self
                 .inner
                 .channels
@@ -1858,6 +1959,9 @@ impl Worker {
         let outcome = self.attempt_all(item, next).instrument(span.clone()).await;
         if item.handed_over {
             return outcome;
+        }
+        if let Some((steps, target)) = planned {
+            self.settle_target(item, &steps, target, &outcome).await;
         }
         let _entered = span.enter();
         match outcome.state {
@@ -2210,6 +2314,7 @@ mod tests {
             message: m,
             rendered,
             traceparent: None,
+            op: None,
         }
     }
 
@@ -2340,6 +2445,7 @@ mod tests {
             message: Message::default(),
             rendered: crate::channels::Rendered::default(),
             traceparent: None,
+            op: None,
         };
         for n in [1, 3] {
             let (items, rxs) = new_items((0..n).map(|_| submission()).collect(), None, true);

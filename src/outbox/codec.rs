@@ -45,6 +45,9 @@ struct BodyRef<'a> {
     message: &'a crate::model::Message,
     proactive: &'a Option<Arc<crate::model::ProactiveOptions>>,
     warnings: &'a [crate::model::Warning],
+    /// Left out for a message to send: bodies stored before operations existed read the same.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    op: &'a Option<super::Operation>,
 }
 
 /// A message's body as stored (`outbox_bodies.body`).
@@ -54,6 +57,8 @@ pub(super) struct Body {
     pub proactive: Option<Arc<crate::model::ProactiveOptions>>,
     #[serde(default)]
     pub warnings: Vec<crate::model::Warning>,
+    #[serde(default)]
+    pub op: Option<super::Operation>,
 }
 
 pub(super) fn encode_body(m: &StoredMessage) -> Result<String, StoreError> {
@@ -61,6 +66,7 @@ pub(super) fn encode_body(m: &StoredMessage) -> Result<String, StoreError> {
         message: &m.message,
         proactive: &m.proactive,
         warnings: &m.warnings,
+        op: &m.op,
     })
     .map_err(storage)
 }

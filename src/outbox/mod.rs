@@ -36,6 +36,11 @@ pub enum DeliveryState {
 }
 
 impl DeliveryState {
+    /// The word the API and the stores use for it.
+    pub fn word(self) -> &'static str {
+        codec::state_word(self)
+    }
+
     pub fn is_terminal(self) -> bool {
         matches!(self, Self::Delivered | Self::Failed | Self::Expired)
     }
@@ -72,6 +77,35 @@ pub struct StoredMessage {
     /// Adaptations made when it was rendered at acceptance.
     #[serde(default)]
     pub warnings: Vec<crate::model::Warning>,
+    /// Set when this is not a message to send but a change of one sent before (UpdateMessage,
+    /// DeleteMessage): it waits in the same line, behind the message it changes.
+    #[serde(default)]
+    pub op: Option<Operation>,
+}
+
+/// A change of a message sent before, by the gateway's id of that message (its `target`).
+/// An update carries the new message in its record; a delete only the target's address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum Operation {
+    Update { target: u64 },
+    Delete { target: u64 },
+}
+
+impl Operation {
+    pub fn target(self) -> u64 {
+        match self {
+            Operation::Update { target } | Operation::Delete { target } => target,
+        }
+    }
+
+    /// The RPC's word for it, in errors and logs.
+    pub fn verb(self) -> &'static str {
+        match self {
+            Operation::Update { .. } => "update",
+            Operation::Delete { .. } => "delete",
+        }
+    }
 }
 
 impl StoredMessage {

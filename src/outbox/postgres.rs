@@ -137,10 +137,10 @@ fn decode_row(r: &tokio_postgres::Row, body: bool) -> Result<StoredMessage, Stor
     let accepted: i64 = r.try_get(7).map_err(get)?;
     let updated: i64 = r.try_get(8).map_err(get)?;
     let record = record_from(state, i64::from(attempts), dup, receipts, error, updated)?;
-    let (message, proactive, warnings) = if body {
+    let (message, proactive, warnings, op) = if body {
         let body: &str = r.try_get(9).map_err(get)?;
         let b = decode_body(body)?;
-        (Arc::new(b.message), b.proactive, b.warnings)
+        (Arc::new(b.message), b.proactive, b.warnings, b.op)
     } else {
         Default::default()
     };
@@ -152,6 +152,7 @@ fn decode_row(r: &tokio_postgres::Row, body: bool) -> Result<StoredMessage, Stor
         accepted_at_ms: u64::try_from(accepted).unwrap_or_default(),
         record,
         warnings,
+        op,
     })
 }
 
@@ -576,6 +577,7 @@ impl PostgresStore {
                     m.message = Arc::new(b.message);
                     m.proactive = b.proactive;
                     m.warnings = b.warnings;
+                    m.op = b.op;
                 }
             }
         }

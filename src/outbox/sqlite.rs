@@ -135,6 +135,7 @@ impl RawRow {
             accepted_at_ms: u64::try_from(self.accepted_at_ms).unwrap_or_default(),
             record,
             warnings: b.warnings,
+            op: b.op,
         })
     }
 }
@@ -461,6 +462,7 @@ impl SqliteStore {
             accepted_at_ms: now,
             record: StateRecord::new(DeliveryState::Accepted, now),
             warnings: vec![],
+            op: None,
         };
         assert!(self.append(vec![message], None).await.is_err());
     }
@@ -1053,6 +1055,7 @@ mod tests {
             accepted_at_ms: now_ms(),
             record: StateRecord::new(DeliveryState::Accepted, now_ms()),
             warnings: vec![],
+            op: None,
         }
     }
 

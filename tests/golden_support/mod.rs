@@ -73,6 +73,7 @@ fn error_json(e: &RenderError) -> Value {
     let (kind, field, reason) = match e {
         RenderError::InvalidArgument { field, reason } => ("invalid_argument", field, reason),
         RenderError::PermissionDenied { field, reason } => ("permission_denied", field, reason),
+        RenderError::Unimplemented { field, reason } => ("unimplemented", field, reason),
     };
     json!({"error": {"kind": kind, "field": field, "reason": reason}})
 }

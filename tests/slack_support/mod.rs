@@ -93,6 +93,9 @@ pub struct FakeState {
     pub in_flight: fake_http::InFlight,
     pub next_ts: AtomicU64,
     pub opened: AtomicU64,
+    /// What each channel shows now: (ts, text) of every message posted and not deleted, as
+    /// chat.update left it. Slack's `ts` orders a channel's messages.
+    pub shown: Mutex<std::collections::BTreeMap<(String, String), String>>,
 }
 
 #[derive(Clone)]
@@ -124,6 +127,27 @@ impl FakeSlack {
         self.received()
             .into_iter()
             .filter(|r| r.is_post() && r.ok && r.channel() == channel)
+            .collect()
+    }
+
+    /// What `channel` shows now, in Slack's order: (ts, text).
+    pub fn shown(&self, channel: &str) -> Vec<(String, String)> {
+        self.state
+            .shown
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|((c, _), _)| c == channel)
+            .map(|((_, ts), text)| (ts.clone(), text.clone()))
+            .collect()
+    }
+
+    /// Requests of one Web API method that Slack accepted, in arrival order.
+    pub fn calls(&self, method: &str) -> Vec<Received> {
+        let path = format!("/api/{method}");
+        self.received()
+            .into_iter()
+            .filter(|r| r.path == path && r.ok)
             .collect()
     }
 
@@ -191,11 +215,49 @@ async fn method(
         (None, "chat.postMessage") => {
             let n = s.next_ts.fetch_add(1, Ordering::SeqCst) + 1;
             let ts = format!("1700000000.{n:06}");
+            let text = body.get("text").and_then(Value::as_str).unwrap_or_default();
+            s.shown
+                .lock()
+                .unwrap()
+                .insert((channel.clone(), ts.clone()), text.to_string());
             (
                 200,
                 json!({"ok": true, "channel": channel, "ts": ts, "message": {"ts": ts, "text": body.get("text")}}),
                 None,
             )
+        }
+        // As Slack does: the message must exist in that channel (by its ts).
+        (None, "chat.update" | "chat.delete") => {
+            let ts = body
+                .get("ts")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string();
+            let mut shown = s.shown.lock().unwrap();
+            let key = (channel.clone(), ts.clone());
+            match shown.get_mut(&key) {
+                None => (
+                    200,
+                    json!({"ok": false, "error": "message_not_found"}),
+                    None,
+                ),
+                Some(text) if method == "chat.update" => {
+                    *text = body
+                        .get("text")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default()
+                        .to_string();
+                    (
+                        200,
+                        json!({"ok": true, "channel": channel, "ts": ts, "text": body.get("text")}),
+                        None,
+                    )
+                }
+                Some(_) => {
+                    shown.remove(&key);
+                    (200, json!({"ok": true, "channel": channel, "ts": ts}), None)
+                }
+            }
         }
         (None, _) => (200, json!({"ok": false, "error": "unknown_method"}), None),
     };

@@ -214,7 +214,8 @@ pub fn capabilities(channel_id: &str) -> Capabilities {
             "markdown"
         }
         .to_string(),
-        update_delete: true,
+        // Web Chat and Direct Line answer 405 to PUT and DELETE of an activity.
+        update_delete: proactive_supported(channel_id),
         proactive: proactive_supported(channel_id),
         // Teams counts UTF-16 units: a body of this many UTF-8 bytes has at most as many, so it
         // always fits (longer text is split across activities).
@@ -227,7 +228,8 @@ pub fn capabilities(channel_id: &str) -> Capabilities {
     }
 }
 
-/// Web Chat and Direct Line refuse create-conversation: only the user starts a conversation there.
+/// Web Chat and Direct Line refuse create-conversation (only the user starts a conversation
+/// there), and updates and deletes of an activity.
 fn proactive_supported(channel_id: &str) -> bool {
     !matches!(channel_id, "webchat" | "directline")
 }

@@ -133,6 +133,22 @@ pub const PERMANENT: &[(&str, &str)] = &[
     ("not_enough_users", "a group DM needs more people"),
     ("too_many_users", "a group DM holds at most 8 people"),
     ("cannot_dm_bot", "a bot cannot be sent a DM"),
+    (
+        "cant_update_message",
+        "this bot may not edit that message (it did not post it)",
+    ),
+    (
+        "edit_window_closed",
+        "the workspace's message edit window for that message has closed",
+    ),
+    (
+        "message_not_found",
+        "no message has that ts in that channel (deleted, or never posted there)",
+    ),
+    (
+        "cant_delete_message",
+        "this bot may not delete that message (it did not post it)",
+    ),
 ];
 
 /// How to treat Slack error `code`, and why.

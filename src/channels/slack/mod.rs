@@ -101,6 +101,22 @@ impl Channel for Slack {
         render::render_proactive(messages, options, &self.config)
     }
 
+    fn render_update(
+        &self,
+        msg: &Message,
+        receipts: &[NativeReceipt],
+    ) -> Result<crate::channels::update::Plan, RenderError> {
+        render::render_update(msg, receipts, &self.config)
+    }
+
+    fn render_delete(
+        &self,
+        addr: &Address,
+        receipts: &[NativeReceipt],
+    ) -> Result<crate::channels::update::Plan, RenderError> {
+        render::render_delete(addr, receipts, &self.config)
+    }
+
     fn execute<'a>(
         &'a self,
         _channel_id: &'a str,

@@ -14,8 +14,8 @@ use super::blocks::{self, Ctx, Group};
 use super::config::SlackConfig;
 use super::mrkdwn;
 use crate::channels::{
-    Body, Budget, Capabilities, HttpMethod, NativeRequest, RateScope, RateScopes, RenderError,
-    Rendered,
+    Body, Budget, Capabilities, HttpMethod, NativeReceipt, NativeRequest, RateScope, RateScopes,
+    RenderError, Rendered,
 };
 use crate::model::{
     Address, AttachmentLayout, Conversation, DeliveryMode, Message, ProactiveOptions, SendKind,
@@ -146,6 +146,86 @@ pub fn render_send(
         })
         .collect::<Result<_, _>>()?;
     Ok(Rendered { requests, warnings })
+}
+
+/// The keys of a `chat.postMessage` body that `chat.update` takes as well. The rest (the
+/// thread, unfurling, `mrkdwn`) belongs to the message's posting and cannot change.
+const UPDATE_KEYS: &[&str] = &[
+    "text",
+    "blocks",
+    "attachments",
+    "metadata",
+    "link_names",
+    "parse",
+];
+
+/// How a Slack message is edited and deleted: `chat.update` and `chat.delete` with the
+/// channel id and `ts` Slack gave back for it (a DM's `D…` id, not the user's).
+pub struct SlackEditor<'a> {
+    pub config: &'a SlackConfig,
+    pub address: &'a Address,
+}
+
+impl crate::channels::update::Editor for SlackEditor<'_> {
+    fn edit(
+        &self,
+        send: &NativeRequest,
+        receipt: &NativeReceipt,
+    ) -> Result<Option<NativeRequest>, RenderError> {
+        let posted = send.body.value();
+        let mut body = Map::new();
+        body.insert("channel".into(), receipt.conversation_id.clone().into());
+        body.insert("ts".into(), receipt.native_id.clone().into());
+        for k in UPDATE_KEYS {
+            if let Some(v) = posted.get(*k) {
+                body.insert((*k).into(), v.clone());
+            }
+        }
+        // Left out, the message would keep its old blocks; an empty list removes them.
+        body.entry("blocks")
+            .or_insert_with(|| Value::Array(Vec::new()));
+        method_request(
+            self.config,
+            self.address,
+            &receipt.conversation_id,
+            "chat.update",
+            Value::Object(body),
+        )
+        .map(Some)
+    }
+
+    fn delete(&self, receipt: &NativeReceipt) -> Result<NativeRequest, RenderError> {
+        method_request(
+            self.config,
+            self.address,
+            &receipt.conversation_id,
+            "chat.delete",
+            serde_json::json!({"channel": receipt.conversation_id, "ts": receipt.native_id}),
+        )
+    }
+}
+
+/// An update of a sent message: its send's rendering, mapped onto what it became.
+pub fn render_update(
+    msg: &Message,
+    receipts: &[NativeReceipt],
+    config: &SlackConfig,
+) -> Result<crate::channels::update::Plan, RenderError> {
+    let sends = render_send(msg, None, config)?;
+    let editor = SlackEditor {
+        config,
+        address: &msg.address,
+    };
+    crate::channels::update::reconcile(sends, receipts, &editor)
+}
+
+/// The deletion of every native message a sent message became.
+pub fn render_delete(
+    address: &Address,
+    receipts: &[NativeReceipt],
+    config: &SlackConfig,
+) -> Result<crate::channels::update::Plan, RenderError> {
+    crate::channels::update::delete_all(receipts, &SlackEditor { config, address })
 }
 
 /// Render of a proactive start whose address has no conversation: `conversations.open`, then
@@ -293,10 +373,22 @@ fn post_message(
     channel: &str,
     body: Value,
 ) -> Result<NativeRequest, RenderError> {
+    method_request(config, address, channel, "chat.postMessage", body)
+}
+
+/// A Web API call about a message of `channel`: chat.postMessage, chat.update and chat.delete
+/// share the channel's budget (a change of a message is a message call, for Slack's tiers).
+fn method_request(
+    config: &SlackConfig,
+    address: &Address,
+    channel: &str,
+    method: &str,
+    body: Value,
+) -> Result<NativeRequest, RenderError> {
     let bot = address.bot_id();
     Ok(NativeRequest {
         method: HttpMethod::Post,
-        url: config.method_url("chat.postMessage"),
+        url: config.method_url(method),
         body: Body::json(&body)?,
         credential: bot.to_string(),
         // chat.postMessage: "generally allows posting one message per second per channel,
