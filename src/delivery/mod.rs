@@ -1239,7 +1239,9 @@ impl Inner {
         }
     }
 
-    fn finish(&self, item: Item, mut outcome: Outcome, line: Option<&Line>) {
+    /// Records the outcome and tells whoever waits; the final state's write, for a caller that
+    /// must not go on before it is durable.
+    fn finish(&self, item: Item, mut outcome: Outcome, line: Option<&Line>) -> Option<Durable> {
         outcome.possible_duplicate |= item.possible_duplicate;
         // What the channel answered is kept and echoed from here on: bounded first.
         if let Some(e) = &mut outcome.error {
@@ -1249,6 +1251,7 @@ impl Inner {
             r.bound();
         }
         let mut final_write = None;
+        let mut written_final = None;
         let for_caller = if item.ephemeral {
             Some(outcome)
         } else {
@@ -1276,12 +1279,19 @@ impl Inner {
             // are in the database, or the next owner would deliver the message again.
             // Not waited for (a failed commit keeps it for the next), but a partition being
             // handed over waits for it.
-            let written = self
-                .store
-                .record_fenced(item.id, Change::Finished(outcome), item.fence);
+            let written = if item.op.is_some() {
+                // A change's worker waits for this write (`Worker::deliver`): it must resolve
+                // when the commit is done, which `record_fenced` promises only on replicas.
+                self.store
+                    .update_fenced(item.id, Change::Finished(outcome), item.fence)
+            } else {
+                self.store
+                    .record_fenced(item.id, Change::Finished(outcome), item.fence)
+            };
             if item.fence.is_some() && self.cluster.get().is_some() {
-                final_write = Some(written);
+                final_write = Some(written.clone());
             }
+            written_final = Some(written);
             if let Some(event) = event {
                 let _ = self.events.send(event);
             }
@@ -1292,6 +1302,7 @@ impl Inner {
             let _ = tx.send(outcome);
         }
         self.left(item.fence, line, final_write);
+        written_final
     }
 
     /// A message leaves memory undelivered: its partition moved to another replica, which
@@ -1390,8 +1401,8 @@ impl Worker {
         }
     }
 
-    fn finish(&self, item: Item, outcome: Outcome) {
-        self.inner.finish(item, outcome, Some(&self.line));
+    fn finish(&self, item: Item, outcome: Outcome) -> Option<Durable> {
+        self.inner.finish(item, outcome, Some(&self.line))
     }
 
     /// Not an `async fn`: one of those keeps its by-value argument twice in its state (the
@@ -1893,7 +1904,15 @@ impl Worker {
         if item.handed_over {
             return self.inner.hand_over(item, Some(&self.line));
         }
-        self.finish(item, outcome);
+        let change = item.op.is_some();
+        let written = self.finish(item, outcome);
+        // A change of a message goes on only once its final state is durable: after a crash
+        // an update already carried out and not yet recorded would be carried out again, and,
+        // sent again after the next one, would show the older version once more. (A Send
+        // does not wait: a resent message is only a flagged duplicate.)
+        if change && let Some(w) = written {
+            let _ = w.await;
+        }
     }
 
     /// The outcome a panic gives the message being handled.
