@@ -24,6 +24,9 @@ use common::{FakeConnector, Watchdog, binary_channel, free_port, gateway_command
 use channel_gateway::api::pb::{self, channel_gateway_client::ChannelGatewayClient};
 
 const CONVERSATIONS: usize = 12;
+
+/// Conversation -> (version, change id) of each update whose call returned OK.
+type Acked = HashMap<usize, Vec<(usize, String)>>;
 const ROUNDS: usize = 3;
 
 fn spawn_gateway(
@@ -138,7 +141,7 @@ async fn sigkill_while_updates_are_queued_applies_every_acknowledged_update_in_o
     }
 
     // conv -> the versions whose UpdateMessage returned OK, and their change ids.
-    let acked: Arc<Mutex<HashMap<usize, Vec<(usize, String)>>>> = Arc::default();
+    let acked: Arc<Mutex<Acked>> = Arc::default();
     // conv -> the next version to ask for (a version cut by a kill is asked for again).
     let next: Arc<Mutex<Vec<usize>>> = Arc::new(Mutex::new(vec![1; CONVERSATIONS]));
     for round in 0..ROUNDS {
