@@ -46,6 +46,10 @@ enum Command {
     },
     /// Send a message through a running gateway and print the result.
     Send(cli::SendArgs),
+    /// Change a message sent before, in line with its conversation (UpdateMessage).
+    Update(cli::UpdateArgs),
+    /// Remove a message sent before from its conversation (DeleteMessage).
+    Delete(cli::DeleteArgs),
     /// Show the native requests a message becomes, without sending. Asks a running gateway
     /// (`channel-gateway serve`; no channel credentials needed for this).
     Render(cli::MessageArgs),
@@ -108,6 +112,8 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             Ok(())
         }
         Command::Send(args) => cli::send(args).await,
+        Command::Update(args) => cli::update(args).await,
+        Command::Delete(args) => cli::delete(args).await,
         Command::Render(args) => cli::render(args).await,
         Command::Status(args) => cli::status(args).await,
         Command::Failed(args) => cli::failed(args).await,

@@ -409,6 +409,7 @@ async fn the_page_token_goes_only_on_the_wire() {
 
     let r = c
         .render(pb::RenderRequest {
+            change: None,
             message: Some(text("psid-t1", "hello")),
             options: None,
         })
@@ -545,6 +546,7 @@ async fn capabilities_and_render_answer_for_facebook() {
     m.text_format = pb::TextFormat::Markdown as i32;
     let r = c
         .render(pb::RenderRequest {
+            change: None,
             message: Some(m),
             options: None,
         })
@@ -578,6 +580,7 @@ async fn capabilities_and_render_answer_for_facebook() {
                 message_tag: "POST_PURCHASE_UPDATE".into(),
                 ..Default::default()
             }),
+            change: None,
         })
         .await
         .unwrap()

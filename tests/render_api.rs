@@ -19,6 +19,7 @@ async fn render_returns_the_native_requests_without_secrets_or_sending() {
         .client
         .clone()
         .render(pb::RenderRequest {
+            change: None,
             message: Some(m),
             options: None,
         })
@@ -65,6 +66,7 @@ async fn render_of_a_proactive_start_shows_the_create_then_the_message() {
                 topic_name: "News".into(),
                 ..Default::default()
             }),
+            change: None,
         })
         .await
         .unwrap()

@@ -341,6 +341,7 @@ async fn capabilities_and_render_answer_for_slack_without_the_token() {
         .client
         .clone()
         .render(pb::RenderRequest {
+            change: None,
             message: Some(m),
             options: None,
         })
@@ -369,6 +370,7 @@ async fn capabilities_and_render_answer_for_slack_without_the_token() {
         .client
         .clone()
         .render(pb::RenderRequest {
+            change: None,
             message: Some(h.text("", "hi")),
             options: None,
         })

@@ -421,6 +421,7 @@ token = "{TOKEN}"
     // Render shows the placeholder, never the token.
     let r = c
         .render(pb::RenderRequest {
+            change: None,
             message: Some(text("500001", "rendered")),
             options: None,
         })
@@ -622,6 +623,7 @@ async fn capabilities_and_render_speak_for_telegram() {
                 ..Default::default()
             }),
             options: None,
+            change: None,
         })
         .await
         .unwrap()

@@ -337,3 +337,80 @@ async fn slacks_own_refusals_are_reported_with_their_code() {
         .unwrap();
     assert!(receipts_of(&h, &sent.message_id).await.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn render_shows_an_updates_and_a_deletes_requests_against_placeholder_ids() {
+    let h = start().await;
+    let render = |change: pb::RenderChange, text: &str| {
+        let mut client = h.client.clone();
+        let message = h.text("C0RENDER", text);
+        async move {
+            client
+                .render(pb::RenderRequest {
+                    message: Some(message),
+                    options: None,
+                    change: Some(change),
+                })
+                .await
+        }
+    };
+    let r = render(
+        pb::RenderChange {
+            native_messages: 3,
+            delete: false,
+        },
+        "short now",
+    )
+    .await
+    .unwrap()
+    .into_inner();
+    let seq: Vec<(String, String)> = r
+        .requests
+        .iter()
+        .map(|q| {
+            let body: serde_json::Value = serde_json::from_str(&q.body_json).unwrap();
+            (
+                q.url.rsplit('/').next().unwrap_or_default().to_string(),
+                body["ts"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seq,
+        [
+            ("chat.update".to_string(), "{native_id_1}".to_string()),
+            ("chat.delete".to_string(), "{native_id_2}".to_string()),
+            ("chat.delete".to_string(), "{native_id_3}".to_string()),
+        ]
+    );
+    assert_eq!(codes(&r.warnings), ["update_deletes"]);
+    let r = render(
+        pb::RenderChange {
+            native_messages: 2,
+            delete: true,
+        },
+        "",
+    )
+    .await
+    .unwrap()
+    .into_inner();
+    assert_eq!(r.requests.len(), 2);
+    assert!(r.requests.iter().all(|q| q.url.ends_with("/chat.delete")));
+    // Bounded, and named by field.
+    let e = render(
+        pb::RenderChange {
+            native_messages: 0,
+            delete: false,
+        },
+        "x",
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(
+        e.message().contains("change.native_messages"),
+        "{}",
+        e.message()
+    );
+    assert!(h.fake.received().is_empty(), "render sends nothing");
+}

@@ -1009,16 +1009,44 @@ impl ChannelGateway for GatewayService {
             return Err(status::invalid_field("message", "required"));
         };
         self.check_size(&mut v, &"message", &m);
-        let msg = convert::message(&mut v, &"message", m);
+        // A delete has no new message: only where the sent one went matters.
+        let msg = match &req.change {
+            Some(c) if c.delete => model::Message {
+                address: convert::address(&mut v, &"message.address", m.address.map(|a| *a)),
+                ..Default::default()
+            },
+            _ => convert::message(&mut v, &"message", m),
+        };
         let options = convert::proactive_options(&mut v, req.options);
         if !v.is_empty() {
             return Err(status::invalid(v));
         }
         let channels = self.dispatcher.channels();
-        let rendered = if msg.address.conversation_id().is_some() {
-            channels.render_send(&msg, None)
-        } else {
-            channels.render_proactive(std::slice::from_ref(&msg), &options)
+        let rendered = match req.change {
+            Some(change) => {
+                let n = change.native_messages as usize;
+                if !(1..=crate::channels::update::MAX_STEPS).contains(&n) {
+                    return Err(status::invalid_field(
+                        "change.native_messages",
+                        format!("1 to {}", crate::channels::update::MAX_STEPS),
+                    ));
+                }
+                let Some(conversation) = msg.address.conversation_id() else {
+                    return Err(status::invalid_field(
+                        "message.address.conversation.id",
+                        "required: a change is of a message sent to a conversation",
+                    ));
+                };
+                let receipts = crate::channels::update::placeholders(n, conversation);
+                if change.delete {
+                    channels.render_delete(&msg.address, &receipts)
+                } else {
+                    channels.render_update(&msg, &receipts)
+                }
+                .map(|plan| plan.rendered)
+            }
+            None if msg.address.conversation_id().is_some() => channels.render_send(&msg, None),
+            None => channels.render_proactive(std::slice::from_ref(&msg), &options),
         }
         .map_err(|e| status::render(e, "message", "message.address.channel_id"))?;
         Ok(Response::new(pb::RenderResponse {

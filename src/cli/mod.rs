@@ -1,5 +1,5 @@
-//! The client subcommands (`send`, `render`, `status`, `failed`, `redeliver`, `capabilities`,
-//! `watch`): one gRPC call (or stream) to a running gateway, its answer printed as JSON on
+//! The client subcommands (`send`, `update`, `delete`, `render`, `status`, `failed`,
+//! `redeliver`, `capabilities`, `watch`): one gRPC call (or stream) to a running gateway, its answer printed as JSON on
 //! standard output. Owns the client's arguments, connection and output; the gateway decides
 //! everything else.
 
@@ -103,6 +103,48 @@ pub struct SendArgs {
     /// Start a conversation when the address has none.
     #[arg(long)]
     proactive: bool,
+}
+
+#[derive(Args)]
+pub struct UpdateArgs {
+    #[command(flatten)]
+    gateway: GatewayArgs,
+    /// The id `send` printed for the message to change.
+    message_id: String,
+    /// The new text (the message keeps its address).
+    #[arg(long)]
+    text: Option<String>,
+    /// plain, markdown or xml.
+    #[arg(long)]
+    text_format: Option<String>,
+    /// A JSON file with the whole new message (as `send --file` takes one; its address may be
+    /// left out); `-` reads standard input. Not combined with --text.
+    #[arg(long)]
+    file: Option<PathBuf>,
+    /// Wait until the channel shows the change (or refused it), at most --timeout.
+    #[arg(long)]
+    wait_delivered: bool,
+    #[arg(long, default_value = "30s", value_parser = parse_timeout)]
+    timeout: Duration,
+    /// Idempotency key for safe retries.
+    #[arg(long, default_value = "")]
+    idempotency_key: String,
+}
+
+#[derive(Args)]
+pub struct DeleteArgs {
+    #[command(flatten)]
+    gateway: GatewayArgs,
+    /// The id `send` printed for the message to remove.
+    message_id: String,
+    /// Wait until the channel removed it (or refused), at most --timeout.
+    #[arg(long)]
+    wait_delivered: bool,
+    #[arg(long, default_value = "30s", value_parser = parse_timeout)]
+    timeout: Duration,
+    /// Idempotency key for safe retries.
+    #[arg(long, default_value = "")]
+    idempotency_key: String,
 }
 
 #[derive(Args)]
@@ -575,6 +617,7 @@ pub async fn render(args: MessageArgs) -> Result<(), CliError> {
             .render(pb::RenderRequest {
                 message: Some(convert::message_pb(m)),
                 options: None,
+                change: None,
             })
             .await?
             .into_inner();
@@ -592,6 +635,141 @@ pub async fn render(args: MessageArgs) -> Result<(), CliError> {
     } else {
         Value::Array(out)
     })
+}
+
+/// The new message of `update`: the file's, or one of the text flags (its address comes from the
+/// message it changes).
+fn update_message_of(args: &UpdateArgs) -> Result<Message, CliError> {
+    if let Some(path) = &args.file {
+        if args.text.is_some() || args.text_format.is_some() {
+            return Err(CliError::Usage(
+                "--file cannot be combined with --text or --text-format: the file holds the \
+                 whole message"
+                    .into(),
+            ));
+        }
+        let text = if path.as_os_str() == "-" {
+            std::io::read_to_string(std::io::stdin())
+                .map_err(|e| CliError::Usage(format!("cannot read standard input: {e}")))?
+        } else {
+            std::fs::read_to_string(path)
+                .map_err(|e| CliError::Usage(format!("cannot read {}: {e}", path.display())))?
+        };
+        let v: Value = serde_json::from_str(&text)
+            .map_err(|e| CliError::Usage(format!("{}: not JSON: {e}", path.display())))?;
+        return message_json::message(v)
+            .map_err(|e| CliError::Usage(format!("{}: {e}", path.display())));
+    }
+    let Some(text) = args.text.clone() else {
+        return Err(CliError::Usage(
+            "give the new message: --text, or --file".into(),
+        ));
+    };
+    Ok(Message {
+        text: Some(text),
+        text_format: text_format_of(args.text_format.as_deref())?,
+        ..Default::default()
+    })
+}
+
+fn text_format_of(s: Option<&str>) -> Result<Option<model::TextFormat>, CliError> {
+    Ok(match s {
+        None => None,
+        Some("plain") => Some(model::TextFormat::Plain),
+        Some("markdown") => Some(model::TextFormat::Markdown),
+        Some("xml") => Some(model::TextFormat::Xml),
+        Some(other) => {
+            return Err(CliError::Usage(format!(
+                "--text-format `{other}`: use plain, markdown or xml"
+            )));
+        }
+    })
+}
+
+/// Prints a change's result (following it with --wait-delivered); an error when it was not
+/// carried out.
+async fn change_result(
+    client: &mut Client,
+    mut result: pb::SendResult,
+    follow: bool,
+    timeout: Duration,
+) -> Result<(), CliError> {
+    let mut waiting = Vec::new();
+    if follow {
+        waiting = wait_delivered(client, std::slice::from_mut(&mut result), timeout).await?;
+    }
+    let mut out = result_json(&result);
+    if let Some(o) = out.as_object_mut()
+        && let Some(id) = o.remove("message_id")
+    {
+        o.insert("change_id".into(), id);
+    }
+    print(&out)?;
+    if !waiting.is_empty() {
+        return Err(CliError::Usage(format!(
+            "not carried out within {timeout:?} (--timeout): {}; the gateway goes on: follow \
+             with `channel-gateway status ID`",
+            waiting.join(", ")
+        )));
+    }
+    if matches!(
+        pb::DeliveryState::try_from(result.state),
+        Ok(pb::DeliveryState::Failed | pb::DeliveryState::Expired)
+    ) {
+        return Err(CliError::Usage(format!(
+            "not carried out: {} {} (see `error` above)",
+            result.message_id,
+            state_name(result.state)
+        )));
+    }
+    Ok(())
+}
+
+pub async fn update(args: UpdateArgs) -> Result<(), CliError> {
+    let message = update_message_of(&args)?;
+    let mut client = connect(&args.gateway, "").await?;
+    let mut m = convert::message_pb(&message);
+    // The address comes from the message changed, unless the file names one.
+    if message.address == Address::default() {
+        m.address = None;
+    }
+    let r = client
+        .update_message(pb::UpdateMessageRequest {
+            message_id: args.message_id,
+            message: Some(m),
+            idempotency_key: args.idempotency_key,
+            wait: pb::WaitMode::Accepted as i32,
+        })
+        .await?
+        .into_inner();
+    let result = pb::SendResult {
+        message_id: r.change_id,
+        state: r.state,
+        receipts: r.receipts,
+        warnings: r.warnings,
+        error: None,
+    };
+    change_result(&mut client, result, args.wait_delivered, args.timeout).await
+}
+
+pub async fn delete(args: DeleteArgs) -> Result<(), CliError> {
+    let mut client = connect(&args.gateway, "").await?;
+    let r = client
+        .delete_message(pb::DeleteMessageRequest {
+            message_id: args.message_id,
+            idempotency_key: args.idempotency_key,
+            wait: pb::WaitMode::Accepted as i32,
+        })
+        .await?
+        .into_inner();
+    let result = pb::SendResult {
+        message_id: r.change_id,
+        state: r.state,
+        receipts: Vec::new(),
+        warnings: r.warnings,
+        error: None,
+    };
+    change_result(&mut client, result, args.wait_delivered, args.timeout).await
 }
 
 pub async fn status(args: StatusArgs) -> Result<(), CliError> {

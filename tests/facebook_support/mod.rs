@@ -399,6 +399,7 @@ pub async fn rendered_bodies(
     client
         .clone()
         .render(pb::RenderRequest {
+            change: None,
             message: Some(m),
             options: None,
         })
