@@ -2,7 +2,9 @@
 //! HTML), `sendPhoto` / `sendVideo` / `sendAudio` / `sendAnimation` / `sendDocument` for media
 //! and cards with an image, `sendMediaGroup` for runs of images, `sendChatAction` for typing,
 //! inline keyboards for card buttons and a reply keyboard for suggested actions; the split of
-//! long text, `source_event.telegram` merging, and each call's rate scopes.
+//! long text, `source_event.telegram` merging, and each call's rate scopes. And how a message
+//! sent before is edited (`editMessageText`, `editMessageMedia`) or deleted (`deleteMessage`),
+//! native message by native message (`TelegramEditor`, planned by `channels::update`).
 //!
 //! No I/O, no token: every URL is `{api_base}/bot<token>/METHOD` with the literal placeholder
 //! (`telegram::method_url`); the client puts the token of `NativeRequest::credential` (the
@@ -316,6 +318,10 @@ const EDIT_MEDIA_KEYS: &[&str] = &[
 /// inline keyboard (none removes the old one): `editMessageReplyMarkup` is never needed. An
 /// edit cannot set a reply keyboard (suggested actions): it is left out, and counted for the
 /// plan's warning.
+///
+/// An album sent before is one receipt naming its first message (`TelegramClient::execute`):
+/// an edit or delete reaches that message only, and the album's other media stay. Reaching
+/// them needs a receipt that records every message of the album.
 pub struct TelegramEditor<'a> {
     pub config: &'a TelegramConfig,
     pub address: &'a Address,
@@ -361,7 +367,11 @@ impl<'a> TelegramEditor<'a> {
     ) -> Result<NativeRequest, RenderError> {
         let bot = self.address.bot_id();
         let mut rate = rate_scopes(bot, chat);
-        if !self.config.pacing {
+        // Edits count against the chat's and the bot's flood limits like sends (and are paced
+        // by them). Telegram publishes no limit for deletes, its maintainers call theirs "high
+        // enough to cover all reasonable usages": a delete is not paced by the message budgets,
+        // only paused with the chat and the bot when Telegram answers 429.
+        if !self.config.pacing || method == "deleteMessage" {
             rate.drop_budgets();
         }
         Ok(NativeRequest {
@@ -369,7 +379,6 @@ impl<'a> TelegramEditor<'a> {
             url: method_url(self.config, method),
             body: Body::json(&Value::Object(body))?,
             credential: bot.to_string(),
-            // Edits and deletes count against the chat's and the bot's flood limits like sends.
             rate,
         })
     }
@@ -1944,8 +1953,13 @@ mod tests {
                 "link_preview_options": {"is_disabled": true},
             })
         );
+        assert_eq!(q.rate.levels()[0].budgets.as_ref(), PRIVATE_CHAT_BUDGET);
         let d = render_delete(&m.address, &receipts(&["17", "18"]), &config).unwrap();
         assert_eq!(methods(&d), ["deleteMessage", "deleteMessage"]);
+        // Paused with the chat and the bot, not paced by their message budgets.
+        let levels = d.rendered.requests[0].rate.levels();
+        assert_eq!(levels[0].key.as_ref(), "telegram:helperbot:42");
+        assert!(levels.iter().all(|l| l.budgets.is_empty()));
         assert_eq!(
             d.rendered.requests[1].body.value(),
             json!({"chat_id": 42, "message_id": 18})
