@@ -338,25 +338,34 @@ impl<'a> TelegramEditor<'a> {
         }
     }
 
-    /// The chat and message a receipt names, as the Bot API takes them.
+    /// The chat and message a receipt names, as the Bot API takes them. A Render's placeholder
+    /// (`{native_id_1}`, `update::placeholders`) stands as it is: it is shown, never sent.
     fn target(
         &self,
         receipt: &crate::channels::NativeReceipt,
-    ) -> Result<(Value, i64), RenderError> {
+    ) -> Result<(Value, Value), RenderError> {
         let conv = Some(receipt.conversation_id.as_str())
             .filter(|c| !c.is_empty())
             .or_else(|| self.address.conversation_id())
             .unwrap_or_default();
         let chat = chat_id(conv, "message.address.conversation.id")?;
+        let id = &receipt.native_id;
+        if let Ok(n) = id.parse::<i64>() {
+            return Ok((chat, json!(n)));
+        }
+        let placeholder = id
+            .strip_prefix("{native_id_")
+            .and_then(|r| r.strip_suffix('}'))
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+        if placeholder {
+            return Ok((chat, json!(id)));
+        }
         // Not echoed: a receipt's id comes from the channel.
-        let id = receipt.native_id.parse::<i64>().map_err(|_| {
-            RenderError::invalid(
-                "message_id",
-                "a native message of this message has no Telegram message_id: it cannot be \
-                 changed or deleted",
-            )
-        })?;
-        Ok((chat, id))
+        Err(RenderError::invalid(
+            "message_id",
+            "a native message of this message has no Telegram message_id: it cannot be changed \
+             or deleted",
+        ))
     }
 
     fn request(
@@ -1968,6 +1977,13 @@ mod tests {
             assert!(q.url.contains("/bot<token>/"), "{}", q.url);
             assert_eq!(q.credential, "helperbot");
         }
+        // A Render shows the requests against placeholders.
+        let shown = crate::channels::update::placeholders(2, "42");
+        let d = render_delete(&m.address, &shown, &config).unwrap();
+        assert_eq!(
+            d.rendered.requests[1].body.value(),
+            json!({"chat_id": 42, "message_id": "{native_id_2}"})
+        );
         // A receipt that names no Telegram message is refused, without echoing it.
         let e = render_delete(&m.address, &receipts(&["1700000000.0001"]), &config).unwrap_err();
         assert!(e.to_string().starts_with("message_id"), "{e}");
