@@ -267,6 +267,21 @@ async fn an_update_that_changes_nothing_is_delivered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delete_removes_the_message_and_one_too_old_says_why() {
     let h = start().await;
+    let caps = h
+        .client
+        .clone()
+        .get_capabilities(pb::GetCapabilitiesRequest {
+            channel_id: "telegram".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .capabilities
+        .unwrap();
+    assert!(
+        caps.update_delete,
+        "GetCapabilities says Telegram updates and deletes"
+    );
     let chat = "5004";
     let keep = send(&h, text(chat, "stays"), pb::WaitMode::Delivered).await;
     let gone = send(
