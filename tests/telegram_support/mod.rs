@@ -2,12 +2,16 @@
 //! every call (method, the token seen in the path, JSON body, time) and answers as Telegram does
 //! (`{ok:true, result:{message_id, chat:{id}, ...}}`, message ids counting up per chat), with
 //! scriptable refusals (flood control for a chat's next calls, a 400 for a body holding a
-//! marker). Plus an in-process gateway pointed at it and reached by a real gRPC client over TCP.
+//! marker, a delete of a message "too old"), and a latency per chat. It keeps what each chat
+//! shows, as Telegram does: sends add messages, `editMessageText` / `editMessageCaption` /
+//! `editMessageMedia` change them (refusing an edit that changes nothing, or of a message that
+//! is not there, in Telegram's words), `deleteMessage` removes them. Plus an in-process gateway
+//! pointed at it and reached by a real gRPC client over TCP.
 #![allow(dead_code)]
 #[path = "../fake_http/mod.rs"]
 mod fake_http;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -92,6 +96,23 @@ pub struct FakeState {
     /// chat id -> the last message id given.
     pub next_id: Mutex<HashMap<String, i64>>,
     pub in_flight: fake_http::InFlight,
+    /// What each chat shows now: (chat, message_id) -> the message, as edits left it.
+    pub shown: Mutex<BTreeMap<(String, i64), Shown>>,
+    /// Messages whose deletion Telegram refuses as it does past 48 hours.
+    pub too_old: Mutex<HashSet<(String, i64)>>,
+    /// chat id -> how long each call to it takes to be answered.
+    pub latency: Mutex<HashMap<String, Duration>>,
+}
+
+/// One message a chat shows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Shown {
+    /// The text of a text message, the caption of a media message ("" without one).
+    pub text: String,
+    /// The media's URL or file_id; `None` for a text message.
+    pub media: Option<String>,
+    /// The message's markup (an inline keyboard; a reply keyboard as sent).
+    pub markup: Option<Value>,
 }
 
 #[derive(Clone)]
@@ -156,6 +177,45 @@ impl FakeTelegram {
             .push((marker.into(), description.into()));
     }
 
+    /// What `chat` shows now, in Telegram's order: (message_id, text or caption).
+    pub fn shown(&self, chat: &str) -> Vec<(i64, String)> {
+        self.shown_messages(chat)
+            .into_iter()
+            .map(|(id, m)| (id, m.text))
+            .collect()
+    }
+
+    /// What `chat` shows now, whole.
+    pub fn shown_messages(&self, chat: &str) -> Vec<(i64, Shown)> {
+        self.state
+            .shown
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|((c, _), _)| c == chat)
+            .map(|((_, id), m)| (*id, m.clone()))
+            .collect()
+    }
+
+    /// Calls of one Bot API method that Telegram accepted, in arrival order.
+    pub fn calls(&self, method: &str) -> Vec<Received> {
+        self.received()
+            .into_iter()
+            .filter(|r| r.method == method && r.ok())
+            .collect()
+    }
+
+    /// From now on, deleting message `id` of `chat` is refused as Telegram refuses a message
+    /// older than 48 hours.
+    pub fn make_old(&self, chat: &str, id: i64) {
+        self.state.too_old.lock().unwrap().insert((chat.into(), id));
+    }
+
+    /// Each call to `chat` is answered after `d`.
+    pub fn set_latency(&self, chat: &str, d: Duration) {
+        self.state.latency.lock().unwrap().insert(chat.into(), d);
+    }
+
     pub fn max_in_flight(&self, chat: &str) -> u32 {
         self.state.in_flight.max(chat)
     }
@@ -203,6 +263,10 @@ async fn call(
     // Calls overlap for real: a second call to one chat arriving before the first is answered
     // shows up in `max_in_flight`.
     tokio::time::sleep(Duration::from_millis(1)).await;
+    let latency = s.latency.lock().unwrap().get(&chat).copied();
+    if let Some(d) = latency {
+        tokio::time::sleep(d).await;
+    }
     let known = s.tokens.lock().unwrap().contains(&token);
     let flooded = {
         let mut f = s.flood.lock().unwrap();
@@ -243,30 +307,9 @@ async fn call(
             *id += 1;
             *id
         };
-        let result = match method.as_str() {
-            "sendChatAction" | "deleteMessage" => Value::Bool(true),
-            "sendMediaGroup" => {
-                let n = body
-                    .get("media")
-                    .and_then(Value::as_array)
-                    .map_or(0, Vec::len);
-                Value::Array(
-                    (0..n)
-                        .map(|_| message(next(&s), &chat, &Value::Null))
-                        .collect(),
-                )
-            }
-            m if m.starts_with("editMessage") => {
-                let id = body.get("message_id").and_then(Value::as_i64).unwrap_or(0);
-                message(id, &chat, &body)
-            }
-            m if m.starts_with("send") => message(next(&s), &chat, &body),
-            _ => Value::Null,
-        };
-        if result.is_null() {
-            (404, refusal(404, "Not Found", None))
-        } else {
-            (200, json!({"ok": true, "result": result}))
+        match answer(&s, &method, &chat, &body, next) {
+            Ok(result) => (200, json!({"ok": true, "result": result})),
+            Err((code, description)) => (code, refusal(code, &description, None)),
         }
     };
     s.received.lock().unwrap().push(Received {
@@ -286,6 +329,131 @@ async fn call(
     });
     s.in_flight.leave(&chat);
     (StatusCode::from_u16(status).unwrap(), Json(answer)).into_response()
+}
+
+/// Telegram's words when an edit would leave the message as it is.
+pub const NOT_MODIFIED: &str = "Bad Request: message is not modified: specified new message \
+    content and reply markup are exactly the same as a current content and reply markup of the \
+    message";
+
+/// A known token's call to a chat: Telegram's `result`, or its refusal (status, description).
+fn answer(
+    s: &FakeState,
+    method: &str,
+    chat: &str,
+    body: &Value,
+    mut next: impl FnMut(&FakeState) -> i64,
+) -> Result<Value, (u16, String)> {
+    let str_of = |v: Option<&Value>| v.and_then(Value::as_str).unwrap_or_default().to_string();
+    let markup = body.get("reply_markup").cloned();
+    let bad = |d: &str| Err((400, format!("Bad Request: {d}")));
+    match method {
+        "sendChatAction" => Ok(Value::Bool(true)),
+        "sendMediaGroup" => {
+            let media = body
+                .get("media")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            let mut out = Vec::new();
+            for m in media {
+                let id = next(s);
+                s.shown.lock().unwrap().insert(
+                    (chat.into(), id),
+                    Shown {
+                        text: str_of(m.get("caption")),
+                        media: Some(str_of(m.get("media"))),
+                        markup: None,
+                    },
+                );
+                out.push(message(id, chat, &Value::Null));
+            }
+            Ok(Value::Array(out))
+        }
+        "sendMessage" => {
+            let id = next(s);
+            s.shown.lock().unwrap().insert(
+                (chat.into(), id),
+                Shown {
+                    text: str_of(body.get("text")),
+                    media: None,
+                    markup,
+                },
+            );
+            Ok(message(id, chat, body))
+        }
+        m if m.starts_with("send") => {
+            let field = ["photo", "video", "audio", "document", "animation"]
+                .into_iter()
+                .find(|f| body.get(*f).is_some());
+            let id = next(s);
+            s.shown.lock().unwrap().insert(
+                (chat.into(), id),
+                Shown {
+                    text: str_of(body.get("caption")),
+                    media: field.map(|f| str_of(body.get(f))),
+                    markup,
+                },
+            );
+            Ok(message(id, chat, body))
+        }
+        "editMessageText" | "editMessageCaption" | "editMessageMedia" => {
+            let id = body.get("message_id").and_then(Value::as_i64).unwrap_or(0);
+            let mut shown = s.shown.lock().unwrap();
+            let Some(old) = shown.get_mut(&(chat.to_string(), id)) else {
+                return bad("message to edit not found");
+            };
+            let new = match method {
+                "editMessageText" if old.media.is_some() => {
+                    return bad("there is no text in the message to edit");
+                }
+                "editMessageText" => Shown {
+                    text: str_of(body.get("text")),
+                    media: None,
+                    markup,
+                },
+                // Not a wording checked against Telegram: the gateway never sends this.
+                "editMessageCaption" if old.media.is_none() => {
+                    return bad("there is no caption in the message to edit");
+                }
+                "editMessageCaption" => Shown {
+                    text: str_of(body.get("caption")),
+                    media: old.media.clone(),
+                    markup,
+                },
+                _ => {
+                    let media = body.get("media").cloned().unwrap_or(Value::Null);
+                    Shown {
+                        text: str_of(media.get("caption")),
+                        media: Some(str_of(media.get("media"))),
+                        markup,
+                    }
+                }
+            };
+            if *old == new {
+                return Err((400, NOT_MODIFIED.to_string()));
+            }
+            *old = new.clone();
+            let key = if new.media.is_some() {
+                "caption"
+            } else {
+                "text"
+            };
+            Ok(message(id, chat, &json!({ key: new.text })))
+        }
+        "deleteMessage" => {
+            let id = body.get("message_id").and_then(Value::as_i64).unwrap_or(0);
+            let key = (chat.to_string(), id);
+            if s.too_old.lock().unwrap().contains(&key) {
+                return bad("message can't be deleted");
+            }
+            match s.shown.lock().unwrap().remove(&key) {
+                Some(_) => Ok(Value::Bool(true)),
+                None => bad("message to delete not found"),
+            }
+        }
+        _ => Err((404, "Not Found".into())),
+    }
 }
 
 /// A gateway config pointing at the fake: one bot with its token, Telegram's pacing off (the

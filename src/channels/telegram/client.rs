@@ -182,8 +182,25 @@ impl TelegramClient {
     /// message, since a receipt names one message and a reply (`reply_parameters.message_id`)
     /// takes one; empty for calls answering `true` (`sendChatAction`). `conversation_id` is
     /// `result.chat.id`, or the request's `chat_id` when the answer has none.
+    ///
+    /// An edit Telegram refuses as "message is not modified" succeeded: the message already
+    /// shows what the update asked for (a retry of an edit that went through, or an update that
+    /// changed nothing Telegram shows). Its receipt names the message edited.
     pub async fn execute(&self, req: &NativeRequest) -> Result<NativeReceipt, ChannelError> {
-        let result = self.call(req).await?;
+        let result = match self.call(req).await {
+            Ok(r) => r,
+            Err(e) if self.is_unmodified_edit(req, &e) => {
+                let body = req.body.value();
+                let mut receipt = NativeReceipt {
+                    native_id: body.get("message_id").and_then(id_text).unwrap_or_default(),
+                    conversation_id: body.get("chat_id").and_then(id_text).unwrap_or_default(),
+                };
+                receipt.bound();
+                tracing::debug!(bot_id = %crate::bounded::for_log(&req.credential), "telegram: the edit changed nothing the message shows; it counts as done");
+                return Ok(receipt);
+            }
+            Err(e) => return Err(e),
+        };
         let message = match &result {
             Value::Array(messages) => messages.first(),
             Value::Object(_) => Some(&result),
@@ -206,6 +223,21 @@ impl TelegramClient {
         Ok(receipt)
     }
 }
+
+impl TelegramClient {
+    /// Whether `e` is Telegram's answer to an edit that would change nothing: "Bad Request:
+    /// message is not modified: specified new message content and reply markup are exactly the
+    /// same as a current content and reply markup of the message".
+    fn is_unmodified_edit(&self, req: &NativeRequest, e: &ChannelError) -> bool {
+        e.http_status == Some(400)
+            && e.code.as_deref() == Some("400")
+            && e.message.to_ascii_lowercase().contains(NOT_MODIFIED)
+            && self.method_of(req).is_ok_and(|m| m.starts_with("edit"))
+    }
+}
+
+/// What Telegram's description of an edit that changes nothing says.
+const NOT_MODIFIED: &str = "message is not modified";
 
 /// A Telegram id (an integer up to 52 bits; a `@channel` name in a request) as text.
 fn id_text(v: &Value) -> Option<String> {
@@ -279,8 +311,27 @@ pub fn classify(status: u16, headers: &http::header::HeaderMap, body: &str) -> C
             // Every 403 of the Bot API is the chat refusing the bot: blocked by the user, kicked
             // from the group, not a member of the channel, a chat it may not start.
             403 => (FailureKind::Permanent, Some(ErrorCategory::Refused)),
+            // "message to edit not found", "message to delete not found", "chat not found".
             400 if lower.contains("not found") => {
                 (FailureKind::Permanent, Some(ErrorCategory::NotFound))
+            }
+            // Telegram gives no reason; for the bot's own messages, which are all the gateway
+            // deletes, it is the age limit of deleteMessage (or, in a channel, a bot that may no
+            // longer post there).
+            400 if lower.contains("message can't be deleted") => {
+                message = format!(
+                    "Telegram deletes a bot's messages only within 48 hours of sending them \
+                     (in a channel, only while the bot may post there): {message}"
+                );
+                (FailureKind::Permanent, Some(ErrorCategory::Refused))
+            }
+            400 if lower.contains("there is no text in the message to edit") => {
+                message = format!(
+                    "the native message is a photo or other media, which Telegram cannot turn \
+                     into a text message: delete the message and send the new one instead \
+                     ({message})"
+                );
+                (FailureKind::Permanent, Some(ErrorCategory::InvalidRequest))
             }
             400 => (FailureKind::Permanent, Some(ErrorCategory::InvalidRequest)),
             _ => (FailureKind::Permanent, None),
@@ -429,6 +480,49 @@ mod tests {
             assert_eq!(e.http_status, Some(status));
             assert_eq!(e.channel, "telegram");
         }
+    }
+
+    #[test]
+    fn refusals_of_edits_and_deletes_say_why() {
+        for gone in [
+            "Bad Request: message to edit not found",
+            "Bad Request: message to delete not found",
+        ] {
+            let e = classify(400, &none(), &refusal(400, gone, Value::Null));
+            assert_eq!(e.kind, FailureKind::Permanent);
+            assert_eq!(e.category, Some(ErrorCategory::NotFound));
+            assert_eq!((e.code.as_deref(), e.message.as_str()), (Some("400"), gone));
+        }
+        for old in [
+            "Bad Request: message can't be deleted",
+            "Bad Request: message can't be deleted for everyone",
+        ] {
+            let e = classify(400, &none(), &refusal(400, old, Value::Null));
+            assert_eq!(e.kind, FailureKind::Permanent);
+            assert_eq!(e.category, Some(ErrorCategory::Refused));
+            assert!(
+                e.message
+                    .starts_with("Telegram deletes a bot's messages only within 48 hours"),
+                "{}",
+                e.message
+            );
+            assert!(
+                e.message.ends_with(old),
+                "Telegram's words kept: {}",
+                e.message
+            );
+        }
+        let e = classify(
+            400,
+            &none(),
+            &refusal(
+                400,
+                "Bad Request: there is no text in the message to edit",
+                Value::Null,
+            ),
+        );
+        assert_eq!(e.category, Some(ErrorCategory::InvalidRequest));
+        assert!(e.message.contains("cannot turn"), "{}", e.message);
     }
 
     #[test]
@@ -583,6 +677,36 @@ mod tests {
             seen
         });
         (base, task)
+    }
+
+    #[tokio::test]
+    async fn an_edit_that_changes_nothing_is_a_success_and_keeps_the_message() {
+        const UNMODIFIED: &str = "Bad Request: message is not modified: specified new message \
+            content and reply markup are exactly the same as a current content and reply markup \
+            of the message";
+        let (base, server) = serve(vec![
+            (400, refusal(400, UNMODIFIED, Value::Null)),
+            (400, refusal(400, UNMODIFIED, Value::Null)),
+            (400, refusal(400, UNMODIFIED, Value::Null)),
+        ])
+        .await;
+        let c = client(&base);
+        let call = |method: &str| NativeRequest {
+            body: Body::json(&serde_json::json!({"chat_id": -100, "message_id": 17})).unwrap(),
+            ..request(method_url(c.config(), method), "my_bot")
+        };
+        for edit in ["editMessageText", "editMessageMedia"] {
+            let r = c.execute(&call(edit)).await.unwrap();
+            assert_eq!(
+                (r.native_id.as_str(), r.conversation_id.as_str()),
+                ("17", "-100"),
+                "{edit}"
+            );
+        }
+        // Only an edit can be "not modified": anything else saying so is a refusal.
+        let e = c.execute(&call("sendMessage")).await.unwrap_err();
+        assert_eq!(e.kind, FailureKind::Permanent);
+        server.await.unwrap();
     }
 
     #[tokio::test]

@@ -110,6 +110,22 @@ impl Channel for Telegram {
         render::render_proactive(messages, options, &self.config)
     }
 
+    fn render_update(
+        &self,
+        msg: &Message,
+        receipts: &[NativeReceipt],
+    ) -> Result<super::update::Plan, RenderError> {
+        render::render_update(msg, receipts, &self.config)
+    }
+
+    fn render_delete(
+        &self,
+        addr: &Address,
+        receipts: &[NativeReceipt],
+    ) -> Result<super::update::Plan, RenderError> {
+        render::render_delete(addr, receipts, &self.config)
+    }
+
     fn fetch_attachment<'a>(
         &'a self,
         req: &'a crate::channels::fetch::FetchRequest<'a>,

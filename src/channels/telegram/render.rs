@@ -2,7 +2,9 @@
 //! HTML), `sendPhoto` / `sendVideo` / `sendAudio` / `sendAnimation` / `sendDocument` for media
 //! and cards with an image, `sendMediaGroup` for runs of images, `sendChatAction` for typing,
 //! inline keyboards for card buttons and a reply keyboard for suggested actions; the split of
-//! long text, `source_event.telegram` merging, and each call's rate scopes.
+//! long text, `source_event.telegram` merging, and each call's rate scopes. And how a message
+//! sent before is edited (`editMessageText`, `editMessageMedia`) or deleted (`deleteMessage`),
+//! native message by native message (`TelegramEditor`, planned by `channels::update`).
 //!
 //! No I/O, no token: every URL is `{api_base}/bot<token>/METHOD` with the literal placeholder
 //! (`telegram::method_url`); the client puts the token of `NativeRequest::credential` (the
@@ -106,8 +108,7 @@ pub fn capabilities(channel_id: &str) -> Capabilities {
         max_suggested_actions: MAX_KEYBOARD_BUTTONS as u32,
         max_text_length: MAX_TEXT as u32,
         markdown_flavor: "markdown".into(),
-        // Edits and deletes come with a later step.
-        update_delete: false,
+        update_delete: true,
         proactive: true,
         max_payload_bytes: 0,
         proactive_note: "only to a person who wrote to the bot first (bots cannot open a chat): \
@@ -280,6 +281,246 @@ pub fn texts_fit(r: &Rendered, blank_allowed: bool) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Updates and deletes
+
+/// The keys of a `sendMessage` body that `editMessageText` takes too. The rest (the thread, the
+/// message replied to, notification and protection flags) belongs to the message's posting and
+/// cannot change.
+const EDIT_TEXT_KEYS: &[&str] = &["text", "parse_mode", "entities", "link_preview_options"];
+/// The keys of a media send's body that its `InputMedia` takes in `editMessageMedia`.
+const EDIT_MEDIA_KEYS: &[&str] = &[
+    "caption",
+    "parse_mode",
+    "caption_entities",
+    "show_caption_above_media",
+    "has_spoiler",
+];
+
+/// How a Telegram message is edited and deleted: `editMessageText`, `editMessageMedia` and
+/// `deleteMessage` with the chat id and `message_id` Telegram gave back for it.
+///
+/// A receipt says nothing of what kind of message it names, so each edit is chosen by what the
+/// update sends in its place:
+/// - a text (`sendMessage`) becomes `editMessageText`. Telegram edits only a text message into
+///   text: a photo cannot become one (it answers "there is no text in the message to edit",
+///   reported as a permanent failure saying so);
+/// - a photo, video, audio, document or animation becomes `editMessageMedia` with its media and
+///   caption, never `editMessageCaption`: whether only the caption changed is not knowable from
+///   a receipt, and `editMessageMedia` is right either way (the same media with a new caption,
+///   new media, or media added to a text message);
+/// - an album (`sendMediaGroup`) is several messages, which no edit of one message makes: the
+///   native message is deleted and the album sent after the others (`update::reconcile`).
+///
+/// Every edit sets `reply_markup` or leaves it out, so the message shows exactly the update's
+/// inline keyboard (none removes the old one): `editMessageReplyMarkup` is never needed. An
+/// edit cannot set a reply keyboard (suggested actions): it is left out, and counted for the
+/// plan's warning.
+///
+/// An album sent before is one receipt naming its first message (`TelegramClient::execute`):
+/// an edit or delete reaches that message only, and the album's other media stay. Reaching
+/// them needs a receipt that records every message of the album.
+pub struct TelegramEditor<'a> {
+    pub config: &'a TelegramConfig,
+    pub address: &'a Address,
+    /// Edits whose send carried a reply keyboard, left out of the edit.
+    dropped_keyboards: std::cell::Cell<usize>,
+}
+
+impl<'a> TelegramEditor<'a> {
+    pub fn new(config: &'a TelegramConfig, address: &'a Address) -> Self {
+        Self {
+            config,
+            address,
+            dropped_keyboards: std::cell::Cell::new(0),
+        }
+    }
+
+    /// The chat and message a receipt names, as the Bot API takes them. A Render's placeholder
+    /// (`{native_id_1}`, `update::placeholders`) stands as it is: it is shown, never sent.
+    fn target(
+        &self,
+        receipt: &crate::channels::NativeReceipt,
+    ) -> Result<(Value, Value), RenderError> {
+        let conv = Some(receipt.conversation_id.as_str())
+            .filter(|c| !c.is_empty())
+            .or_else(|| self.address.conversation_id())
+            .unwrap_or_default();
+        let chat = chat_id(conv, "message.address.conversation.id")?;
+        let id = &receipt.native_id;
+        if let Ok(n) = id.parse::<i64>() {
+            return Ok((chat, json!(n)));
+        }
+        let placeholder = id
+            .strip_prefix("{native_id_")
+            .and_then(|r| r.strip_suffix('}'))
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+        if placeholder {
+            return Ok((chat, json!(id)));
+        }
+        // Not echoed: a receipt's id comes from the channel.
+        Err(RenderError::invalid(
+            "message_id",
+            "a native message of this message has no Telegram message_id: it cannot be changed \
+             or deleted",
+        ))
+    }
+
+    fn request(
+        &self,
+        method: &str,
+        chat: &Value,
+        body: Map<String, Value>,
+    ) -> Result<NativeRequest, RenderError> {
+        let bot = self.address.bot_id();
+        let mut rate = rate_scopes(bot, chat);
+        // Edits count against the chat's and the bot's flood limits like sends (and are paced
+        // by them). Telegram publishes no limit for deletes, its maintainers call theirs "high
+        // enough to cover all reasonable usages": a delete is not paced by the message budgets,
+        // only paused with the chat and the bot when Telegram answers 429.
+        if !self.config.pacing || method == "deleteMessage" {
+            rate.drop_budgets();
+        }
+        Ok(NativeRequest {
+            method: HttpMethod::Post,
+            url: method_url(self.config, method),
+            body: Body::json(&Value::Object(body))?,
+            credential: bot.to_string(),
+            rate,
+        })
+    }
+}
+
+impl crate::channels::update::Editor for TelegramEditor<'_> {
+    fn edit(
+        &self,
+        send: &NativeRequest,
+        receipt: &crate::channels::NativeReceipt,
+    ) -> Result<Option<NativeRequest>, RenderError> {
+        let posted = send.body.value();
+        let method = send.url.rsplit('/').next().unwrap_or_default();
+        let media_field = match method {
+            "sendMessage" => None,
+            "sendPhoto" => Some("photo"),
+            "sendVideo" => Some("video"),
+            "sendAudio" => Some("audio"),
+            "sendDocument" => Some("document"),
+            "sendAnimation" => Some("animation"),
+            // An album, or anything else no edit of one message makes.
+            _ => return Ok(None),
+        };
+        let (chat, message_id) = self.target(receipt)?;
+        let mut body = Map::new();
+        body.insert("chat_id".into(), chat.clone());
+        body.insert("message_id".into(), json!(message_id));
+        let edit = match media_field {
+            None => {
+                for k in EDIT_TEXT_KEYS {
+                    if let Some(v) = posted.get(*k) {
+                        body.insert((*k).into(), v.clone());
+                    }
+                }
+                "editMessageText"
+            }
+            Some(field) => {
+                let mut media = Map::new();
+                media.insert("type".into(), json!(field));
+                media.insert(
+                    "media".into(),
+                    posted.get(field).cloned().unwrap_or(Value::Null),
+                );
+                for k in EDIT_MEDIA_KEYS {
+                    if let Some(v) = posted.get(*k) {
+                        media.insert((*k).into(), v.clone());
+                    }
+                }
+                body.insert("media".into(), Value::Object(media));
+                "editMessageMedia"
+            }
+        };
+        match posted.get("reply_markup") {
+            Some(m) if m.get("inline_keyboard").is_some() => {
+                body.insert("reply_markup".into(), m.clone());
+            }
+            Some(Value::Null) | None => {}
+            // A reply keyboard, or a markup that removes one or forces a reply: only a new
+            // message sets those.
+            Some(_) => self.dropped_keyboards.set(self.dropped_keyboards.get() + 1),
+        }
+        self.request(edit, &chat, body).map(Some)
+    }
+
+    fn delete(
+        &self,
+        receipt: &crate::channels::NativeReceipt,
+    ) -> Result<NativeRequest, RenderError> {
+        let (chat, message_id) = self.target(receipt)?;
+        let mut body = Map::new();
+        body.insert("chat_id".into(), chat.clone());
+        body.insert("message_id".into(), json!(message_id));
+        self.request("deleteMessage", &chat, body)
+    }
+}
+
+/// An update of a sent message: its send's rendering, mapped onto what it became
+/// (`TelegramEditor` says how each native message is edited).
+pub fn render_update(
+    msg: &Message,
+    receipts: &[crate::channels::NativeReceipt],
+    config: &TelegramConfig,
+) -> Result<crate::channels::update::Plan, RenderError> {
+    if msg.kind != MessageType::Message {
+        return Err(RenderError::invalid(
+            "message.type",
+            "an update replaces a message with a message: a typing indicator, an event or an \
+             end of conversation cannot take its place",
+        ));
+    }
+    let sends = render_send(msg, None, config)?;
+    if sends.requests.is_empty() {
+        // Mapped onto the receipts, it would delete every native message without saying so.
+        return Err(RenderError::invalid(
+            "message",
+            "the update has nothing Telegram can show: DeleteMessage removes a message",
+        ));
+    }
+    let editor = TelegramEditor::new(config, &msg.address);
+    let mut plan = crate::channels::update::reconcile(sends, receipts, &editor)?;
+    let dropped = editor.dropped_keyboards.get();
+    if dropped > 0 {
+        let field = if msg
+            .suggested_actions
+            .as_ref()
+            .is_some_and(|s| !s.actions.is_empty())
+        {
+            "message.suggested_actions"
+        } else {
+            "message.source_event.telegram.reply_markup"
+        };
+        plan.rendered.warnings.push(Warning::new(
+            "reply_keyboard_dropped",
+            field,
+            format!(
+                "Telegram cannot set a reply keyboard by editing a message: {dropped} edited \
+                 message(s) went without it (only a new message shows suggested actions)"
+            ),
+        ));
+        plan.rendered.cap_warnings();
+    }
+    Ok(plan)
+}
+
+/// The deletion of every native message a sent message became, one `deleteMessage` each:
+/// each receipt is a step of its own, so a delete that stops part way (a message older than
+/// 48 hours) records exactly which are gone.
+pub fn render_delete(
+    address: &Address,
+    receipts: &[crate::channels::NativeReceipt],
+    config: &TelegramConfig,
+) -> Result<crate::channels::update::Plan, RenderError> {
+    crate::channels::update::delete_all(receipts, &TelegramEditor::new(config, address))
 }
 
 /// Render of a proactive start: Telegram bots cannot open a chat, but a private chat's id is
@@ -1671,10 +1912,187 @@ mod tests {
         }
     }
 
+    fn receipts(ids: &[&str]) -> Vec<crate::channels::NativeReceipt> {
+        ids.iter()
+            .map(|id| crate::channels::NativeReceipt {
+                native_id: id.to_string(),
+                conversation_id: "42".into(),
+            })
+            .collect()
+    }
+
+    fn methods(p: &crate::channels::update::Plan) -> Vec<&str> {
+        p.rendered
+            .requests
+            .iter()
+            .map(|q| q.url.rsplit('/').next().unwrap())
+            .collect()
+    }
+
+    fn codes(w: &[Warning]) -> Vec<&str> {
+        w.iter().map(|w| w.code.as_str()).collect()
+    }
+
+    #[test]
+    fn an_edit_names_the_receipts_message_and_never_holds_a_token() {
+        let config = TelegramConfig::default();
+        let mut m = msg("**new** text");
+        m.source_event.insert(
+            "telegram".into(),
+            json!({"link_preview_options": {"is_disabled": true}, "disable_notification": true}),
+        );
+        m.address.thread_id = Some("7".into());
+        let p = render_update(&m, &receipts(&["17"]), &config).unwrap();
+        assert_eq!(p.steps, [crate::channels::update::Step::Edit(0)]);
+        let q = &p.rendered.requests[0];
+        assert_eq!(
+            q.url, "https://api.telegram.org/bot<token>/editMessageText",
+            "the token is left to the client"
+        );
+        assert_eq!(q.credential, "helperbot");
+        assert_eq!(q.rate.levels()[0].key.as_ref(), "telegram:helperbot:42");
+        // What the send would show, on message 17; not the posting's thread or flags.
+        assert_eq!(
+            q.body.value(),
+            json!({
+                "chat_id": 42,
+                "message_id": 17,
+                "text": "<b>new</b> text",
+                "parse_mode": "HTML",
+                "link_preview_options": {"is_disabled": true},
+            })
+        );
+        assert_eq!(q.rate.levels()[0].budgets.as_ref(), PRIVATE_CHAT_BUDGET);
+        let d = render_delete(&m.address, &receipts(&["17", "18"]), &config).unwrap();
+        assert_eq!(methods(&d), ["deleteMessage", "deleteMessage"]);
+        // Paused with the chat and the bot, not paced by their message budgets.
+        let levels = d.rendered.requests[0].rate.levels();
+        assert_eq!(levels[0].key.as_ref(), "telegram:helperbot:42");
+        assert!(levels.iter().all(|l| l.budgets.is_empty()));
+        assert_eq!(
+            d.rendered.requests[1].body.value(),
+            json!({"chat_id": 42, "message_id": 18})
+        );
+        for q in p.rendered.requests.iter().chain(&d.rendered.requests) {
+            assert!(q.url.contains("/bot<token>/"), "{}", q.url);
+            assert_eq!(q.credential, "helperbot");
+        }
+        // A Render shows the requests against placeholders.
+        let shown = crate::channels::update::placeholders(2, "42");
+        let d = render_delete(&m.address, &shown, &config).unwrap();
+        assert_eq!(
+            d.rendered.requests[1].body.value(),
+            json!({"chat_id": 42, "message_id": "{native_id_2}"})
+        );
+        // A receipt that names no Telegram message is refused, without echoing it.
+        let e = render_delete(&m.address, &receipts(&["1700000000.0001"]), &config).unwrap_err();
+        assert!(e.to_string().starts_with("message_id"), "{e}");
+        assert!(!e.to_string().contains("1700000000"), "{e}");
+    }
+
+    #[test]
+    fn an_inline_keyboard_is_kept_and_a_reply_keyboard_dropped_with_a_warning() {
+        let config = TelegramConfig::default();
+        let button = |title: &str| CardAction {
+            kind: ActionType::PostBack,
+            title: Some(title.into()),
+            value: Some(json!(title)),
+            ..Default::default()
+        };
+        let mut card = msg("");
+        card.attachments.push(Attachment {
+            content_type: crate::model::CONTENT_TYPE_HERO.into(),
+            content: Some(AttachmentContent::Hero(HeroCard {
+                title: Some("Order 7".into()),
+                buttons: vec![button("Cancel")],
+                ..Default::default()
+            })),
+            ..Default::default()
+        });
+        let p = render_update(&card, &receipts(&["5"]), &config).unwrap();
+        let body = p.rendered.requests[0].body.value();
+        assert_eq!(methods(&p), ["editMessageText"]);
+        assert_eq!(
+            body["reply_markup"],
+            json!({"inline_keyboard": [[{"text": "Cancel", "callback_data": "Cancel"}]]})
+        );
+        assert!(!codes(&p.rendered.warnings).contains(&"reply_keyboard_dropped"));
+
+        let mut m = msg("pick one");
+        m.suggested_actions = Some(SuggestedActions {
+            actions: vec![button("Yes"), button("No")],
+            ..Default::default()
+        });
+        let sent = render_send(&m, None, &config).unwrap();
+        assert!(sent.requests[0].body.value()["reply_markup"]["keyboard"].is_array());
+        let p = render_update(&m, &receipts(&["5"]), &config).unwrap();
+        let body = p.rendered.requests[0].body.value();
+        assert_eq!(body["text"], "pick one");
+        assert!(body.get("reply_markup").is_none(), "{body}");
+        assert_eq!(codes(&p.rendered.warnings), ["reply_keyboard_dropped"]);
+        assert_eq!(p.rendered.warnings[0].field, "message.suggested_actions");
+        // The send's own warnings stay, the plan's come after.
+        let p = render_update(&m, &receipts(&["5", "6"]), &config).unwrap();
+        assert_eq!(
+            codes(&p.rendered.warnings),
+            ["update_deletes", "reply_keyboard_dropped"]
+        );
+    }
+
+    #[test]
+    fn media_is_edited_with_its_caption_and_an_album_is_sent_again() {
+        let config = TelegramConfig::default();
+        let mut m = msg("a caption");
+        m.attachments.push(Attachment {
+            content_type: "video/mp4".into(),
+            content_url: Some("https://cdn.example/v.mp4".into()),
+            ..Default::default()
+        });
+        let p = render_update(&m, &receipts(&["9"]), &config).unwrap();
+        assert_eq!(methods(&p), ["editMessageMedia"]);
+        assert_eq!(
+            p.rendered.requests[0].body.value(),
+            json!({
+                "chat_id": 42,
+                "message_id": 9,
+                "media": {
+                    "type": "video",
+                    "media": "https://cdn.example/v.mp4",
+                    "caption": "a caption",
+                    "parse_mode": "HTML",
+                },
+            })
+        );
+        let mut album = msg("two");
+        for k in 0..2 {
+            album.attachments.push(Attachment {
+                content_type: "image/png".into(),
+                content_url: Some(format!("https://img.example/{k}.png")),
+                ..Default::default()
+            });
+        }
+        let p = render_update(&album, &receipts(&["9"]), &config).unwrap();
+        assert_eq!(methods(&p), ["deleteMessage", "sendMediaGroup"]);
+        use crate::channels::update::Step;
+        assert_eq!(p.steps, [Step::Delete(0), Step::Send]);
+        assert_eq!(codes(&p.rendered.warnings), ["update_replaces"]);
+    }
+
+    #[test]
+    fn an_update_must_be_a_message_with_something_to_show() {
+        let config = TelegramConfig::default();
+        let e = render_update(&msg("   "), &receipts(&["1"]), &config).unwrap_err();
+        assert!(e.to_string().contains("DeleteMessage"), "{e}");
+        let mut typing = msg("");
+        typing.kind = MessageType::Typing;
+        let e = render_update(&typing, &receipts(&["1"]), &config).unwrap_err();
+        assert!(e.to_string().starts_with("message.type"), "{e}");
+    }
+
     #[test]
     fn capabilities_are_honest() {
         let c = capabilities("telegram");
-        assert!(c.typing && c.carousel && c.proactive && !c.update_delete);
+        assert!(c.typing && c.carousel && c.proactive && c.update_delete);
         assert_eq!(c.typing_interval, Duration::from_secs(4));
         assert_eq!(c.max_text_length, 4096);
         assert_eq!(c.implementation, "telegram");
