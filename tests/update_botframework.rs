@@ -3,12 +3,10 @@
 //! (a POST adds an activity, a PUT replaces it, a DELETE removes it, by activity id; a PUT or
 //! DELETE of an activity that is not there answers Teams' 404 `ActivityNotFoundInConversation`).
 //! Each test checks the conversation as a person sees it and the order of the calls that made it
-//! so. Web Chat (Bot Framework) and Messenger (its own fake Graph API) refuse both before
-//! anything is accepted.
+//! so. Web Chat and Direct Line refuse both before anything is accepted (Messenger's refusal is
+//! in `update_facebook.rs`, on its own fake).
 
 mod common;
-#[path = "facebook_support/mod.rs"]
-mod facebook;
 
 use std::time::Duration;
 
@@ -483,45 +481,4 @@ async fn web_chat_and_direct_line_refuse_updates_and_deletes_before_accepting_th
             ids(&sent.receipts)
         );
     }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn messenger_refuses_updates_and_deletes_before_accepting_them() {
-    let h = facebook::start().await;
-    let psid = "2400000000000001";
-    let sent = send(
-        &h.client,
-        facebook::text(psid, "hello"),
-        pb::WaitMode::Delivered,
-    )
-    .await
-    .unwrap();
-    assert_eq!(sent.receipts.len(), 1);
-    let before = h.fake.received().len();
-    let e = update(
-        &h.client,
-        &sent.message_id,
-        new_text("changed"),
-        pb::WaitMode::Delivered,
-        "",
-    )
-    .await
-    .unwrap_err();
-    assert_eq!(e.code(), Code::Unimplemented, "{e:?}");
-    assert!(e.message().contains("update_delete"), "{}", e.message());
-    let e = delete(&h.client, &sent.message_id, pb::WaitMode::Delivered)
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::Unimplemented, "{e:?}");
-    let e = h
-        .client
-        .clone()
-        .get_delivery(pb::GetDeliveryRequest {
-            message_id: next_id(&sent.message_id),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::NotFound, "{e:?}");
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(h.fake.received().len(), before);
 }
