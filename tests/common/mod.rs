@@ -1,5 +1,7 @@
 //! Test harness: a fake Bot Framework Connector (and token endpoint) on 127.0.0.1 that records
-//! what it receives, and an in-process gateway reached by a real gRPC client over TCP.
+//! what it receives and keeps what each conversation shows (activities posted, as PUT and DELETE
+//! of an activity changed them), and an in-process gateway reached by a real gRPC client over
+//! TCP.
 #![allow(dead_code)]
 #[path = "../fake_http/mod.rs"]
 mod fake_http;
@@ -26,14 +28,19 @@ use channel_gateway::server::RunningGateway;
 pub const BOT: &str = "bot-app-1";
 pub const PASSWORD: &str = "s3cret-password-for-tests";
 
-/// One request the fake connector received.
+/// One request the fake connector accepted.
 #[derive(Debug, Clone)]
 pub struct Received {
     pub at: Instant,
-    /// `/v3/conversations/{id}/activities[/{reply}]` or `/v3/conversations`.
+    /// `POST`, or `PUT` / `DELETE` of an activity.
+    pub method: &'static str,
+    /// `/v3/conversations/{id}/activities[/{reply}]`, `/v3/conversations`, or
+    /// `/v3/conversations/{id}/activities/{activityId}` for a PUT or DELETE.
     pub path: String,
     pub conversation: String,
     pub reply_to: Option<String>,
+    /// The activity a PUT or DELETE changed.
+    pub activity: Option<String>,
     pub authorization: Option<String>,
     pub body: Value,
 }
@@ -44,6 +51,10 @@ impl Received {
     }
     pub fn kind(&self) -> &str {
         self.body.get("type").and_then(Value::as_str).unwrap_or("")
+    }
+    /// A POST of a new activity (not a change of one).
+    pub fn is_post(&self) -> bool {
+        self.method == "POST"
     }
 }
 
@@ -69,7 +80,7 @@ pub struct FakeState {
     pub token_requests: Mutex<Vec<String>>,
     /// Scripted refusals given: when, and to which conversation.
     pub refused: Mutex<Vec<(Instant, String)>>,
-    /// Random faults for this share of activity requests (0.0 = none).
+    /// Random faults for this share of activity POSTs (0.0 = none).
     pub fault_rate: Mutex<f64>,
     /// With faults on: how long a "slow" answer takes (beyond the gateway's timeout).
     pub slow_answer: Mutex<Duration>,
@@ -84,6 +95,9 @@ pub struct FakeState {
     pub token_expires_in: Mutex<u64>,
     pub next_id: AtomicU64,
     pub created: AtomicU64,
+    /// What each conversation shows now: (activity id, text) of every activity posted and not
+    /// deleted, in posting order, as PUTs left it.
+    pub shown: Mutex<HashMap<String, Vec<(String, String)>>>,
 }
 
 #[derive(Clone)]
@@ -133,7 +147,10 @@ impl FakeConnector {
             .route("/token", post(token))
             .route("/v3/conversations", post(create))
             .route("/v3/conversations/{conv}/activities", post(activity))
-            .route("/v3/conversations/{conv}/activities/{reply}", post(reply))
+            .route(
+                "/v3/conversations/{conv}/activities/{reply}",
+                post(reply).put(update).delete(remove),
+            )
             .with_state(state.clone());
         let addr = fake_http::serve(app).await;
         Self { addr, state }
@@ -152,6 +169,25 @@ impl FakeConnector {
         self.received()
             .into_iter()
             .filter(|r| r.conversation == conv)
+            .collect()
+    }
+
+    /// What conversation `conv` shows now: (activity id, text), in posting order.
+    pub fn shown(&self, conv: &str) -> Vec<(String, String)> {
+        self.state
+            .shown
+            .lock()
+            .unwrap()
+            .get(conv)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// The accepted requests of one method (`POST`, `PUT`, `DELETE`), in arrival order.
+    pub fn calls(&self, method: &str) -> Vec<Received> {
+        self.received()
+            .into_iter()
+            .filter(|r| r.method == method)
             .collect()
     }
 
@@ -212,9 +248,11 @@ async fn create(
     let id = format!("created:{n}");
     s.received.lock().unwrap().push(Received {
         at: Instant::now(),
+        method: "POST",
         path: "/v3/conversations".into(),
         conversation: String::new(),
         reply_to: None,
+        activity: None,
         authorization: auth(&headers),
         body,
     });
@@ -227,13 +265,24 @@ fn auth(h: &HeaderMap) -> Option<String> {
         .map(String::from)
 }
 
+/// What an activity request does.
+enum Op {
+    /// Posts a new activity (answering `reply_to`, if any).
+    Post {
+        reply_to: Option<String>,
+    },
+    /// Replaces the activity with the body.
+    Put(String),
+    Delete(String),
+}
+
 async fn activity(
     State(s): State<Arc<FakeState>>,
     Path(conv): Path<String>,
     headers: HeaderMap,
     Json(body): Json<Value>,
 ) -> Response {
-    handle(s, conv, None, headers, body).await
+    handle(s, conv, Op::Post { reply_to: None }, headers, body).await
 }
 
 async fn reply(
@@ -242,13 +291,43 @@ async fn reply(
     headers: HeaderMap,
     Json(body): Json<Value>,
 ) -> Response {
-    handle(s, conv, Some(reply), headers, body).await
+    let op = Op::Post {
+        reply_to: Some(reply),
+    };
+    handle(s, conv, op, headers, body).await
+}
+
+async fn update(
+    State(s): State<Arc<FakeState>>,
+    Path((conv, id)): Path<(String, String)>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
+    handle(s, conv, Op::Put(id), headers, body).await
+}
+
+/// A DELETE carries no body.
+async fn remove(
+    State(s): State<Arc<FakeState>>,
+    Path((conv, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    handle(s, conv, Op::Delete(id), headers, Value::Null).await
+}
+
+/// Teams' answer for an activity that is not in the conversation (its status-code table).
+fn activity_not_found() -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        Json(json!({"error": {"code": "ActivityNotFoundInConversation", "message": "Conversation not found."}})),
+    )
+        .into_response()
 }
 
 async fn handle(
     s: Arc<FakeState>,
     conv: String,
-    reply_to: Option<String>,
+    op: Op,
     headers: HeaderMap,
     body: Value,
 ) -> Response {
@@ -257,8 +336,11 @@ async fn handle(
         .unwrap()
         .push((Instant::now(), conv.clone()));
     let rate = *s.fault_rate.lock().unwrap();
-    if rate > 0.0 && rand::random::<f64>() < rate {
-        return fault(&s, conv, reply_to, headers, body).await;
+    if let Op::Post { reply_to } = &op
+        && rate > 0.0
+        && rand::random::<f64>() < rate
+    {
+        return fault(&s, conv, reply_to.clone(), headers, body).await;
     }
     let in_flight = s.in_flight.track(&conv);
     let latency = s.latency.lock().unwrap().get(&conv).copied();
@@ -283,15 +365,37 @@ async fn handle(
             }
         })
     };
-    let path = match &reply_to {
-        Some(r) => format!("/v3/conversations/{conv}/activities/{r}"),
-        None => format!("/v3/conversations/{conv}/activities"),
+    let (method, path, reply_to, activity) = match &op {
+        Op::Post { reply_to: Some(r) } => (
+            "POST",
+            format!("/v3/conversations/{conv}/activities/{r}"),
+            Some(r.clone()),
+            None,
+        ),
+        Op::Post { reply_to: None } => (
+            "POST",
+            format!("/v3/conversations/{conv}/activities"),
+            None,
+            None,
+        ),
+        Op::Put(id) | Op::Delete(id) => (
+            if matches!(op, Op::Put(_)) {
+                "PUT"
+            } else {
+                "DELETE"
+            },
+            format!("/v3/conversations/{conv}/activities/{id}"),
+            None,
+            Some(id.clone()),
+        ),
     };
     let rec = Received {
         at: Instant::now(),
+        method,
         path,
         conversation: conv.clone(),
         reply_to,
+        activity,
         authorization: auth(&headers),
         body,
     };
@@ -309,17 +413,43 @@ async fn handle(
             }
             r
         }
-        None => {
-            let id = s.next_id.fetch_add(1, Ordering::SeqCst) + 1;
-            s.received.lock().unwrap().push(rec);
-            (
-                StatusCode::OK,
-                Json(json!({"id": format!("activity-{id}")})),
-            )
-                .into_response()
-        }
+        None => answer(&s, &conv, op, rec),
     };
     drop(in_flight);
+    resp
+}
+
+/// The answer to an activity request that is not refused, as the Connector gives it: a POST
+/// adds an activity, a PUT or DELETE needs the activity to be in the conversation (404
+/// otherwise, not recorded as received). A PUT answers the activity's id, a DELETE nothing.
+fn answer(s: &FakeState, conv: &str, op: Op, rec: Received) -> Response {
+    let mut shown = s.shown.lock().unwrap();
+    let activities = shown.entry(conv.to_string()).or_default();
+    let resp = match op {
+        Op::Post { .. } => {
+            let id = format!("activity-{}", s.next_id.fetch_add(1, Ordering::SeqCst) + 1);
+            activities.push((id.clone(), rec.text().to_string()));
+            (StatusCode::OK, Json(json!({ "id": id }))).into_response()
+        }
+        Op::Put(id) | Op::Delete(id) => {
+            let Some(at) = activities.iter().position(|(a, _)| *a == id) else {
+                s.refused
+                    .lock()
+                    .unwrap()
+                    .push((Instant::now(), conv.to_string()));
+                return activity_not_found();
+            };
+            if rec.method == "PUT" {
+                activities[at].1 = rec.text().to_string();
+                (StatusCode::OK, Json(json!({ "id": id }))).into_response()
+            } else {
+                activities.remove(at);
+                StatusCode::OK.into_response()
+            }
+        }
+    };
+    drop(shown);
+    s.received.lock().unwrap().push(rec);
     resp
 }
 
@@ -364,11 +494,20 @@ async fn fault(
         "slow" => {
             let id = s.next_id.fetch_add(1, Ordering::SeqCst) + 1;
             let path = format!("/v3/conversations/{conv}/activities");
+            let text = body.get("text").and_then(Value::as_str).unwrap_or("");
+            s.shown
+                .lock()
+                .unwrap()
+                .entry(conv.clone())
+                .or_default()
+                .push((format!("activity-{id}"), text.to_string()));
             s.received.lock().unwrap().push(Received {
                 at: Instant::now(),
+                method: "POST",
                 path,
                 conversation: conv,
                 reply_to,
+                activity: None,
                 authorization: auth(&headers),
                 body,
             });

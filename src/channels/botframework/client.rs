@@ -399,7 +399,10 @@ impl BotFrameworkClient {
                     payload,
                 )
                 .await
-                .map_err(|e| transport_error(&e, req.method == HttpMethod::Get))?;
+                // A PUT sets the activity to the same content again, and a DELETE of an
+                // activity gone already counts as done (`activity_gone`): both may be repeated
+                // after a call that may have reached the connector; a POST may not.
+                .map_err(|e| transport_error(&e, req.method != HttpMethod::Post))?;
             let status = resp.status;
             if status == 401 && token.is_some() && !retried_401 {
                 // The connector may have revoked a token we still thought fresh: refresh once.
@@ -428,7 +431,18 @@ impl BotFrameworkClient {
 
     /// Sends one activity request and returns the connector's activity id.
     pub async fn execute(&self, req: &NativeRequest) -> Result<NativeReceipt, ChannelError> {
-        let body = self.call(req).await?;
+        let body = match self.call(req).await {
+            Ok(body) => body,
+            Err(e) if req.method == HttpMethod::Delete && activity_gone(&e) => {
+                tracing::info!(
+                    http_status = e.http_status,
+                    code = e.code.as_deref().unwrap_or_default(),
+                    "the activity to delete is gone already; its delete counts as done"
+                );
+                Value::Null
+            }
+            Err(e) => return Err(e),
+        };
         Ok(NativeReceipt {
             native_id: body
                 .get("id")
@@ -490,6 +504,16 @@ fn transport_error(e: &TransportError, idempotent: bool) -> ChannelError {
     e.to_channel_error(CHANNEL, "the connector", idempotent)
 }
 
+/// Whether a DELETE's refusal says the activity is not there (Teams: 404
+/// `ActivityNotFoundInConversation`, "Message doesn't exist or it is deleted"). That is what the
+/// delete was for, so it is done: a delete resent after a crash (its first DELETE reached the
+/// channel, its receipt was not recorded) must not fail on the activity it removed, nor stop
+/// before the message's other activities. A conversation that is not found is no such answer:
+/// the activity may still show where this bot cannot reach it, so that stays a failure.
+fn activity_gone(e: &ChannelError) -> bool {
+    e.http_status == Some(404) && e.code.as_deref() != Some("ConversationNotFound")
+}
+
 /// Turns a non-success answer into a typed error with the connector's own code and text.
 pub fn classify(status: u16, headers: &http::header::HeaderMap, body: &str) -> ChannelError {
     let parsed: Option<Value> = serde_json::from_str(body).ok();
@@ -510,7 +534,9 @@ pub fn classify(status: u16, headers: &http::header::HeaderMap, body: &str) -> C
         }
     });
     let kind = match status {
-        429 | 500..=599 => FailureKind::Retryable,
+        // Teams' 412 `PreconditionFailed`: "multiple concurrent operations on the same
+        // conversation", to retry with backoff (its status-code table); nothing was done.
+        412 | 429 | 500..=599 => FailureKind::Retryable,
         408 => FailureKind::Ambiguous,
         _ => FailureKind::Permanent,
     };
@@ -651,9 +677,35 @@ mod tests {
         );
         assert_eq!(e.kind, FailureKind::Permanent);
         assert_eq!(e.message, "gone");
+        let e = classify(
+            412,
+            &Default::default(),
+            r#"{"error":{"code":"PreconditionFailed","message":"Precondition failed, please try again."}}"#,
+        );
+        assert_eq!(e.kind, FailureKind::Retryable);
+        assert_eq!(e.code.as_deref(), Some("PreconditionFailed"));
         let e = classify(502, &Default::default(), "bad gateway");
         assert_eq!(e.kind, FailureKind::Retryable);
         assert_eq!(e.code.as_deref(), Some("http_502"));
+    }
+
+    #[test]
+    fn only_an_activity_not_found_counts_as_deleted() {
+        let answer = |status: u16, code: &str| {
+            classify(
+                status,
+                &Default::default(),
+                &format!(r#"{{"error":{{"code":"{code}","message":"Conversation not found."}}}}"#),
+            )
+        };
+        assert!(activity_gone(&answer(
+            404,
+            "ActivityNotFoundInConversation"
+        )));
+        assert!(activity_gone(&classify(404, &Default::default(), "")));
+        assert!(!activity_gone(&answer(404, "ConversationNotFound")));
+        assert!(!activity_gone(&answer(403, "NotEnoughPermissions")));
+        assert!(!activity_gone(&answer(400, "BadArgument")));
     }
 
     #[test]

@@ -135,6 +135,26 @@ impl Channel for BotFramework {
         render::render_proactive(messages, options).map(|r| self.pace_teams(r))
     }
 
+    fn render_update(
+        &self,
+        msg: &Message,
+        receipts: &[NativeReceipt],
+    ) -> Result<crate::channels::update::Plan, RenderError> {
+        let mut plan = render::render_update(msg, receipts)?;
+        plan.rendered = self.pace_teams(plan.rendered);
+        Ok(plan)
+    }
+
+    fn render_delete(
+        &self,
+        addr: &Address,
+        receipts: &[NativeReceipt],
+    ) -> Result<crate::channels::update::Plan, RenderError> {
+        let mut plan = render::render_delete(addr, receipts)?;
+        plan.rendered = self.pace_teams(plan.rendered);
+        Ok(plan)
+    }
+
     fn execute<'a>(
         &'a self,
         channel_id: &'a str,

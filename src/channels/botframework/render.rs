@@ -1,7 +1,8 @@
 //! Pure translation of the model into Bot Framework Connector v3 requests.
 //!
-//! Owns the Activity JSON (v3 REST schema, camelCase), the Connector URLs, and fitting a message
-//! to a channel's documented limits (reported as warnings). No I/O: the client sends what this
+//! Owns the Activity JSON (v3 REST schema, camelCase), the Connector URLs (sends, and the edits
+//! and deletes of an activity sent), and fitting a message to a channel's documented limits
+//! (reported as warnings). No I/O: the client sends what this
 //! returns, attaching the credential named by `NativeRequest::credential`.
 
 use std::sync::Arc;
@@ -11,9 +12,10 @@ use serde_json::{Map, Value};
 use time::format_description::well_known::Rfc3339;
 use time::{OffsetDateTime, UtcOffset};
 
+use crate::channels::update::Plan;
 use crate::channels::{
-    Body, Budget, Capabilities, HttpMethod, NativeRequest, ObjWriter, RateScope, RateScopes,
-    RenderError, Rendered, text,
+    Body, Budget, Capabilities, HttpMethod, NativeReceipt, NativeRequest, ObjWriter, RateScope,
+    RateScopes, RenderError, Rendered, text,
 };
 use crate::model::{
     ActionType, Address, AttachmentContent, AttachmentLayout, CONTENT_TYPE_HERO, CardAction,
@@ -232,6 +234,136 @@ pub fn capabilities(channel_id: &str) -> Capabilities {
 /// there), and updates and deletes of an activity.
 fn proactive_supported(channel_id: &str) -> bool {
     !matches!(channel_id, "webchat" | "directline")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Updates and deletes
+
+/// How an activity the bot posted is edited and deleted: `PUT` (the activity again, with its
+/// `id`) and `DELETE` of `{serviceUrl}/v3/conversations/{conversationId}/activities/{activityId}`,
+/// named by the receipt of its send (the conversation its URL posted into, the id the connector
+/// answered). The Connector's reference gives both routes ("Some channels allow you to edit an
+/// existing activity"; delete answers a status and no body); Teams' "Update and delete messages
+/// sent from bot" passes "a new Activity object with the existing activity ID", as the SDKs'
+/// `updateActivity(conversationId, activity.id, activity)` do.
+pub struct BotFrameworkEditor<'a> {
+    pub address: &'a Address,
+}
+
+impl BotFrameworkEditor<'_> {
+    /// The activity's URL, or `None` when its receipt names no activity (the connector answered
+    /// its send without an id): nothing can address it then.
+    fn activity_url(&self, receipt: &NativeReceipt) -> Result<Option<String>, RenderError> {
+        if receipt.native_id.is_empty() {
+            return Ok(None);
+        }
+        let base = service_base(self.address, "message.address")?;
+        // Receipts name the conversation their send posted into; one without (none is made so
+        // today) stands for the address's, where every send of the message went.
+        let conversation = Some(receipt.conversation_id.as_str())
+            .filter(|c| !c.is_empty())
+            .or_else(|| self.address.conversation_id())
+            .ok_or_else(|| {
+                RenderError::invalid(
+                    "message.address.conversation.id",
+                    "required: the activity's conversation is unknown",
+                )
+            })?;
+        Ok(Some(format!(
+            "{}/v3/conversations/{}/activities/{}",
+            base.url,
+            segment(conversation, "message.address.conversation.id")?,
+            segment(&receipt.native_id, "message_id")?
+        )))
+    }
+}
+
+impl crate::channels::update::Editor for BotFrameworkEditor<'_> {
+    fn edit(
+        &self,
+        send: &NativeRequest,
+        receipt: &NativeReceipt,
+    ) -> Result<Option<NativeRequest>, RenderError> {
+        // Only a posted message activity becomes an edit: a create-conversation request has no
+        // activity, and typing or an event is not something a person sees change.
+        if send.method != HttpMethod::Post || conversation_in_url(&send.url).is_none() {
+            return Ok(None);
+        }
+        let Value::Object(mut body) = send.body.value() else {
+            return Ok(None);
+        };
+        if body.get("type").and_then(Value::as_str) != Some("message") {
+            return Ok(None);
+        }
+        let Some(url) = self.activity_url(receipt)? else {
+            return Ok(None);
+        };
+        body.insert("id".into(), Value::String(receipt.native_id.clone()));
+        let body = Body::json(&body)?;
+        // The id makes the activity a little longer than the one the send fitted to Teams'
+        // size: past it, the activity is replaced (deleted, and posted again as sent).
+        if self.address.channel_id == TEAMS && utf16_units(&body) > TEAMS_MAX_UTF16_UNITS {
+            return Ok(None);
+        }
+        Ok(Some(NativeRequest {
+            method: HttpMethod::Put,
+            url,
+            body,
+            credential: send.credential.clone(),
+            // Teams' rate-limit page lists no budget of its own for updates or deletes: each
+            // counts as one more operation of the bot in that conversation, like a send.
+            rate: send.rate.clone(),
+        }))
+    }
+
+    fn delete(&self, receipt: &NativeReceipt) -> Result<NativeRequest, RenderError> {
+        let url = self.activity_url(receipt)?.ok_or_else(|| {
+            RenderError::invalid(
+                "message_id",
+                "one of its activities has no id (the connector answered its send without \
+                 one): it cannot be deleted or changed",
+            )
+        })?;
+        let base = service_base(self.address, "message.address")?;
+        Ok(NativeRequest {
+            method: HttpMethod::Delete,
+            url,
+            body: Body::default(),
+            credential: self.address.bot_id().to_string(),
+            rate: send_scopes(self.address, &base),
+        })
+    }
+}
+
+/// Web Chat and Direct Line answer 405 to PUT and DELETE of an activity (capabilities say
+/// `update_delete` false, so the API refuses before this): refused here too, so a Render of an
+/// update shows what the channel would do.
+fn check_editable(address: &Address, verb: &str) -> Result<(), RenderError> {
+    if proactive_supported(&address.channel_id) {
+        Ok(())
+    } else {
+        Err(crate::channels::channel::cannot(&address.channel_id, verb))
+    }
+}
+
+/// An update of a sent message: the activities its send would post now, mapped onto the
+/// activities it became (`update::reconcile`).
+pub fn render_update(msg: &Message, receipts: &[NativeReceipt]) -> Result<Plan, RenderError> {
+    check_editable(&msg.address, "update")?;
+    let sends = render_send(msg)?;
+    crate::channels::update::reconcile(
+        sends,
+        receipts,
+        &BotFrameworkEditor {
+            address: &msg.address,
+        },
+    )
+}
+
+/// The deletion of every activity a sent message became.
+pub fn render_delete(address: &Address, receipts: &[NativeReceipt]) -> Result<Plan, RenderError> {
+    check_editable(address, "delete")?;
+    crate::channels::update::delete_all(receipts, &BotFrameworkEditor { address })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1775,6 +1907,139 @@ mod tests {
             invalid_field(render_proactive(&[m], &options)),
             "message.address.conversation.id"
         );
+    }
+
+    fn receipt(id: &str) -> NativeReceipt {
+        NativeReceipt {
+            native_id: id.into(),
+            conversation_id: TEAMS_CONVERSATION.into(),
+        }
+    }
+
+    const ACTIVITY_URL: &str = "https://smba.trafficmanager.net/amer/v3/conversations/a%3A1Xyz-9_AB%3Bmessageid%3D1596/activities";
+
+    #[test]
+    fn an_update_puts_the_activity_again_with_its_id_and_deletes_the_extra_ones() {
+        use crate::channels::update::Step;
+        let mut m = text("msteams", "the short answer");
+        m.address.conversation.as_mut().unwrap().tenant_id = Some("tenant-1".into());
+        let sent = [receipt("1:abc"), receipt("1:def"), receipt("1:ghi")];
+        let plan = render_update(&m, &sent).unwrap();
+        assert_eq!(
+            plan.steps,
+            [Step::Edit(0), Step::Delete(1), Step::Delete(2)]
+        );
+        let r = &plan.rendered.requests;
+        let send = &render_send(&m).unwrap().requests[0];
+        assert_eq!(r[0].method, HttpMethod::Put);
+        assert_eq!(r[0].url, format!("{ACTIVITY_URL}/1%3Aabc"));
+        // The send's activity, with the id of the one it replaces.
+        let mut want = send.body.value();
+        want["id"] = json!("1:abc");
+        assert_eq!(r[0].body.value(), want);
+        assert_eq!(r[0].body.value()["type"], "message");
+        assert_eq!(
+            (&r[0].credential, &r[0].rate),
+            (&send.credential, &send.rate)
+        );
+        for (req, id) in r[1..].iter().zip(["1%3Adef", "1%3Aghi"]) {
+            assert_eq!(req.method, HttpMethod::Delete);
+            assert_eq!(req.url, format!("{ACTIVITY_URL}/{id}"));
+            assert!(req.body.is_empty());
+            assert_eq!(req.credential, "28:bot-app-id");
+            // A delete counts against the conversation's and the tenant's budgets, as a send.
+            assert_eq!(req.rate, send.rate);
+        }
+        assert_eq!(plan.rendered.warnings[0].code, "update_deletes");
+        // A delete removes each activity, in order.
+        let plan = render_delete(&m.address, &sent[..2]).unwrap();
+        assert_eq!(plan.steps, [Step::Delete(0), Step::Delete(1)]);
+        let urls: Vec<&str> = plan
+            .rendered
+            .requests
+            .iter()
+            .map(|r| r.url.as_str())
+            .collect();
+        assert_eq!(
+            urls,
+            [
+                format!("{ACTIVITY_URL}/1%3Aabc"),
+                format!("{ACTIVITY_URL}/1%3Adef")
+            ]
+        );
+    }
+
+    #[test]
+    fn an_update_that_grows_edits_every_activity_then_posts_the_rest() {
+        use crate::channels::update::Step;
+        let para = format!("{}.", "word ".repeat(4000).trim_end());
+        let m = text("msteams", &[para.as_str(); 5].join("\n\n"));
+        let sends = render_send(&m).unwrap().requests;
+        assert!(sends.len() >= 3, "{}", sends.len());
+        let plan = render_update(&m, &[receipt("7")]).unwrap();
+        assert_eq!(plan.steps[0], Step::Edit(0));
+        assert!(plan.steps[1..].iter().all(|s| *s == Step::Send));
+        let r = &plan.rendered.requests;
+        assert_eq!(r.len(), sends.len());
+        assert!(utf16_units(&r[0].body) <= TEAMS_MAX_UTF16_UNITS);
+        for (got, send) in r[1..].iter().zip(&sends[1..]) {
+            assert_eq!(
+                (got.method, &got.url, &got.body),
+                (HttpMethod::Post, &send.url, &send.body)
+            );
+        }
+    }
+
+    #[test]
+    fn what_a_put_cannot_edit_is_left_to_the_plan() {
+        use crate::channels::update::Editor;
+        let a = address("msteams");
+        let editor = BotFrameworkEditor { address: &a };
+        let mut m = text("msteams", "typing");
+        m.kind = MessageType::Typing;
+        let typing = &render_send(&m).unwrap().requests[0];
+        assert_eq!(editor.edit(typing, &receipt("1")).unwrap(), None);
+        let create = render_create_conversation(&a, &ProactiveOptions::default()).unwrap();
+        assert_eq!(editor.edit(&create, &receipt("1")).unwrap(), None);
+        // An activity the connector gave no id cannot be named: not edited, and its delete
+        // is refused (never a DELETE of the conversation's activities route).
+        let send = &render_send(&text("msteams", "hi")).unwrap().requests[0];
+        assert_eq!(editor.edit(send, &receipt("")).unwrap(), None);
+        assert_eq!(
+            invalid_field(editor.delete(&receipt("")).map(|_| Rendered::default())),
+            "message_id"
+        );
+        assert_eq!(
+            invalid_field(editor.delete(&receipt("..")).map(|_| Rendered::default())),
+            "message_id"
+        );
+        // A receipt without its conversation stands for the address's.
+        let d = editor
+            .delete(&NativeReceipt {
+                native_id: "9".into(),
+                conversation_id: String::new(),
+            })
+            .unwrap();
+        assert_eq!(d.url, format!("{ACTIVITY_URL}/9"));
+    }
+
+    #[test]
+    fn web_chat_and_direct_line_refuse_updates_and_deletes() {
+        for channel in ["webchat", "directline"] {
+            let m = text(channel, "hi");
+            for e in [
+                render_update(&m, &[receipt("1")]).unwrap_err(),
+                render_delete(&m.address, &[receipt("1")]).unwrap_err(),
+            ] {
+                assert!(
+                    matches!(&e, RenderError::Unimplemented { reason, .. } if reason.contains(channel)),
+                    "{e:?}"
+                );
+            }
+        }
+        for channel in ["msteams", "skype", "emulator"] {
+            assert!(render_delete(&address(channel), &[receipt("1")]).is_ok());
+        }
     }
 
     #[test]
