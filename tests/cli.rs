@@ -431,3 +431,68 @@ async fn a_final_failure_says_what_happened() {
     assert!(m.ends_with("(temporary)"), "{m}");
     assert!(!m.contains("Retryable"), "{m}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn update_and_delete_change_a_sent_message_in_place() {
+    let h = start().await;
+    let gateway = h.gateway.addr.to_string();
+    let mut a = send_args(&h, "c-edit", "working on it");
+    a.push("--wait-delivered".into());
+    let out = cli(a).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let id = stdout_json(&out)["message_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let out = cli(args(&[
+        "update",
+        "--gateway",
+        &gateway,
+        &id,
+        "--text",
+        "the answer",
+        "--wait-delivered",
+    ]))
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let r = stdout_json(&out);
+    assert_eq!(r["state"], "delivered", "{r}");
+    assert!(r["change_id"].as_str().is_some_and(|c| c != id), "{r}");
+    let shown = h.fake.shown("c-edit");
+    assert_eq!(shown.len(), 1, "{shown:?}");
+    assert_eq!(shown[0].1, "the answer");
+
+    let out = cli(args(&[
+        "delete",
+        "--gateway",
+        &gateway,
+        &id,
+        "--wait-delivered",
+    ]))
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout_json(&out)["state"], "delivered");
+    assert!(h.fake.shown("c-edit").is_empty());
+
+    // Nothing left to change: the gateway's refusal, on standard error, and a failure.
+    let out = cli(args(&[
+        "update",
+        "--gateway",
+        &gateway,
+        &id,
+        "--text",
+        "again",
+    ]))
+    .await;
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("nothing to update"),
+        "{}",
+        stderr(&out)
+    );
+    // The new message is required, and named.
+    let out = cli(args(&["update", "--gateway", &gateway, &id])).await;
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--text"), "{}", stderr(&out));
+}
