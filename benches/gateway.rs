@@ -392,6 +392,12 @@ impl ChannelGateway for Echo {
     ) -> Result<Response<pb::DeleteMessageResponse>, Status> {
         Err(Status::unimplemented("echo"))
     }
+    async fn stream_reply(
+        &self,
+        _: Request<tonic::Streaming<pb::StreamReplyRequest>>,
+    ) -> Result<Response<pb::StreamReplyResponse>, Status> {
+        Err(Status::unimplemented("echo"))
+    }
     async fn render(
         &self,
         _r: Request<pb::RenderRequest>,

@@ -138,6 +138,14 @@ pub struct DeliveryConfig {
     pub max_wait_for_room: Duration,
     /// Undelivered messages the gateway may hold in all.
     pub max_pending_total: usize,
+    /// StreamReply: a stream that sends nothing for this long is finished with what arrived,
+    /// flagged (its client is gone), so its conversation's line moves on.
+    #[serde(deserialize_with = "de_duration")]
+    pub stream_idle_timeout: Duration,
+    /// StreamReply: the growing text is shown at most this often (each showing is a channel
+    /// call, within the channel's rate scopes besides).
+    #[serde(deserialize_with = "de_duration")]
+    pub stream_update_interval: Duration,
 }
 
 impl Default for DeliveryConfig {
@@ -157,6 +165,8 @@ impl Default for DeliveryConfig {
             // A pending message holds up to ~10 KB when it is alone in its conversation (its
             // worker, line and rendered request): 100k bounds that to about 1 GB.
             max_pending_total: 100_000,
+            stream_idle_timeout: Duration::from_secs(30),
+            stream_update_interval: Duration::from_secs(1),
         }
     }
 }
@@ -462,6 +472,22 @@ impl Config {
         }
         if d.max_pending_total == 0 {
             return Err(invalid("delivery.max_pending_total", "must be at least 1"));
+        }
+        if d.stream_idle_timeout < Duration::from_secs(1)
+            || d.stream_idle_timeout > Duration::from_secs(3600)
+        {
+            return Err(invalid(
+                "delivery.stream_idle_timeout",
+                "must be between 1s and 1h",
+            ));
+        }
+        if d.stream_update_interval < Duration::from_millis(100)
+            || d.stream_update_interval > Duration::from_secs(60)
+        {
+            return Err(invalid(
+                "delivery.stream_update_interval",
+                "must be between 100ms and 60s",
+            ));
         }
         if self.outbox.compact_interval.is_zero() {
             return Err(invalid("outbox.compact_interval", "must be more than 0"));

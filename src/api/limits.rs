@@ -58,7 +58,8 @@ impl RequestLimits {
         let method = path.strip_prefix("/channelgateway.v1.ChannelGateway/")?;
         Some(match method {
             // Receive: each message on the stream, the largest a respond carrying a message.
-            "Send" | "SendTyping" | "Render" | "Receive" | "UpdateMessage" => {
+            // StreamReply: each frame, the largest a start or a finish carrying a message.
+            "Send" | "SendTyping" | "Render" | "Receive" | "UpdateMessage" | "StreamReply" => {
                 (self.one_message, "server.max_message_bytes")
             }
             "SendBatch" | "SendProactive" => (

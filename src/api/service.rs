@@ -251,6 +251,7 @@ fn wants_delivery(wait: i32) -> bool {
 }
 
 fn capabilities_pb(c: Capabilities, configured: bool) -> pb::Capabilities {
+    let streaming = crate::delivery::StreamMode::of(&c).word().to_string();
     pb::Capabilities {
         channel_id: c.channel_id,
         implementation: c.implementation,
@@ -265,6 +266,7 @@ fn capabilities_pb(c: Capabilities, configured: bool) -> pb::Capabilities {
         proactive: c.proactive,
         max_payload_bytes: c.max_payload_bytes,
         configured,
+        streaming,
         proactive_note: c.proactive_note,
     }
 }
@@ -756,6 +758,156 @@ impl ChannelGateway for GatewayService {
             state: r.state,
             receipts: r.receipts,
             warnings: r.warnings,
+        }))
+    }
+
+    async fn stream_reply(
+        &self,
+        req: Request<tonic::Streaming<pb::StreamReplyRequest>>,
+    ) -> Result<Response<pb::StreamReplyResponse>, Status> {
+        let tp = traceparent(&req);
+        let (meta, ext, mut frames) = req.into_parts();
+        let who = Request::from_parts(meta, ext, ());
+        // The start comes first, within the idle timeout like every frame after it.
+        let idle = self.dispatcher.stream_idle_timeout();
+        let first = tokio::time::timeout(idle, frames.message())
+            .await
+            .map_err(|_| {
+                Status::deadline_exceeded(format!(
+                    "start: no first frame within {idle:?} (delivery.stream_idle_timeout)"
+                ))
+            })??;
+        let Some(pb::StreamReplyRequest {
+            kind: Some(pb::stream_reply_request::Kind::Start(start)),
+        }) = first
+        else {
+            return Err(status::invalid_field(
+                "start",
+                "the first frame of a StreamReply must be its start",
+            ));
+        };
+        authorize_bot(&who, &bot_of(Some(&start)))?;
+        // The start may have no text yet: it is checked as a message with some.
+        let mut m = start;
+        let empty = m.text.is_empty();
+        if empty {
+            m.text = "…".into();
+        }
+        let mut prepared = self.prepare(&"start", Some(m), None, tp)?;
+        if empty {
+            prepared.message.text = None;
+        }
+        let template_pb = convert::address_pb(&prepared.message.address);
+        let warnings = prepared.rendered.warnings.clone();
+        prepared.op = Some(crate::outbox::Operation::Stream);
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let accepted = self
+            .dispatcher
+            .submit_stream(prepared, rx)
+            .await
+            .map_err(status::submit)?;
+        accepted.durable.await.map_err(status::outbox)?;
+        let Some(ticket) = accepted.tickets.into_iter().next() else {
+            return Err(Status::internal("no ticket"));
+        };
+        let id = ticket.id;
+        let Some(mut finished) = ticket.outcome else {
+            return Err(Status::internal("no outcome for the stream"));
+        };
+        // Frames go to the conversation's worker as they come; a refused one ends the stream
+        // (the worker finishes it with what arrived) and the caller is told why. The worker
+        // may finish it first (nothing came for the idle timeout): then the caller hears so at
+        // once, whatever it still sends.
+        let max = self.config.max_message_bytes;
+        let mut total = 0usize;
+        let mut refusal = None;
+        let mut early = None;
+        loop {
+            let frame = tokio::select! {
+                f = frames.message() => f,
+                done = &mut finished => {
+                    early = Some(done.ok());
+                    break;
+                }
+            };
+            let frame = match frame {
+                Ok(Some(f)) => f,
+                // Ended without a finish, or the connection went: finished with what arrived.
+                Ok(None) | Err(_) => break,
+            };
+            use crate::delivery::StreamEvent;
+            match frame.kind {
+                Some(pb::stream_reply_request::Kind::Chunk(t)) => {
+                    total = total.saturating_add(t.len());
+                    if total > max {
+                        let _ = tx.send(StreamEvent::TooLong).await;
+                        refusal = Some(status::invalid_field(
+                            "chunk",
+                            format!(
+                                "the streamed text passed server.max_message_bytes ({max}); \
+                                 the message shows the text before it"
+                            ),
+                        ));
+                        break;
+                    }
+                    // Gone: the worker finished the stream (idle timeout).
+                    if tx.send(StreamEvent::Text(t)).await.is_err() {
+                        break;
+                    }
+                }
+                Some(pb::stream_reply_request::Kind::Finish(mut f)) => {
+                    let mut v = Violations::default();
+                    f.address = Some(Box::new(template_pb));
+                    let empty = f.text.is_empty()
+                        && f.attachments.is_empty()
+                        && f.suggested_actions.is_none();
+                    let last = if empty {
+                        model::Message::default()
+                    } else {
+                        convert::message(&mut v, &"finish", f)
+                    };
+                    if !v.is_empty() {
+                        refusal = Some(status::invalid(v));
+                        break;
+                    }
+                    let _ = tx.send(StreamEvent::Finish(Box::new(last))).await;
+                    break;
+                }
+                Some(pb::stream_reply_request::Kind::Start(_)) | None => {
+                    refusal = Some(status::invalid_field(
+                        "start",
+                        "a StreamReply has one start, first; then chunks, then a finish",
+                    ));
+                    break;
+                }
+            }
+        }
+        drop(tx);
+        let done = match early {
+            Some(done) => done,
+            None => finished.await.ok(),
+        };
+        if let Some(s) = refusal {
+            return Err(s);
+        }
+        let Some(o) = done else {
+            return Err(Status::unavailable(format!(
+                "reply {id} was accepted but the gateway stopped before it was finished"
+            )));
+        };
+        let incomplete = o
+            .error
+            .as_ref()
+            .and_then(|e| e.code.as_deref())
+            .is_some_and(|c| c == "stream_incomplete");
+        let r = result_pb(id, &warnings, Some(o));
+        Ok(Response::new(pb::StreamReplyResponse {
+            message_id: r.message_id,
+            state: r.state,
+            receipts: r.receipts,
+            warnings: r.warnings,
+            incomplete,
+            error: r.error,
         }))
     }
 

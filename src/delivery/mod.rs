@@ -11,6 +11,7 @@
 pub mod rate;
 pub mod retry;
 mod shared;
+mod stream;
 
 pub use shared::Cluster;
 
@@ -22,7 +23,9 @@ use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 use std::panic::AssertUnwindSafe;
-use tokio::sync::{Notify, Semaphore, broadcast, oneshot};
+use tokio::sync::{Notify, Semaphore, broadcast, mpsc, oneshot};
+
+pub use stream::{StreamEvent, StreamMode};
 use tracing::Instrument;
 
 use crate::bounded::later_tokio;
@@ -153,6 +156,11 @@ impl Item {
 enum Job {
     /// Messages delivered back to back; `flush` skips the auto-batch window.
     Deliver { items: Vec<Item>, flush: bool },
+    /// A StreamReply: holds the line until its events end (`stream.rs`).
+    Stream {
+        item: Box<Item>,
+        events: mpsc::Receiver<StreamEvent>,
+    },
     Typing {
         item: Box<Item>,
         keep_alive: Option<Duration>,
@@ -169,14 +177,14 @@ impl Job {
     fn items(&self) -> Vec<&Item> {
         match self {
             Job::Deliver { items, .. } | Job::Proactive { items, .. } => items.iter().collect(),
-            Job::Typing { item, .. } => vec![item.as_ref()],
+            Job::Typing { item, .. } | Job::Stream { item, .. } => vec![item.as_ref()],
         }
     }
 
     fn items_mut(&mut self) -> Vec<&mut Item> {
         match self {
             Job::Deliver { items, .. } | Job::Proactive { items, .. } => items.iter_mut().collect(),
-            Job::Typing { item, .. } => vec![item.as_mut()],
+            Job::Typing { item, .. } | Job::Stream { item, .. } => vec![item.as_mut()],
         }
     }
 }
@@ -211,6 +219,13 @@ pub enum SubmitError {
     NotFound(u64),
     #[error("message {0} is not failed: only failed or expired messages can be redelivered")]
     NotFailed(u64),
+    /// A StreamReply reached a replica that does not deliver its conversation.
+    #[error(
+        "this replica does not deliver this conversation now, and a streamed reply's text lives \
+         in the process that takes it: stream through another replica, or send the final \
+         message with Send"
+    )]
+    NotHere,
     #[error(transparent)]
     Store(crate::outbox::StoreError),
 }
@@ -451,6 +466,40 @@ impl Dispatcher {
         async move { submitted?.accepted().await }
     }
 
+    /// Accepts a StreamReply: stored, then in its conversation's line, where it holds the line
+    /// while `events` come (`stream.rs`). On replicas sharing a database only the one that
+    /// delivers the conversation takes it (its text comes to this process): elsewhere
+    /// `SubmitError::NotHere`, before anything is stored.
+    pub fn submit_stream(
+        &self,
+        submission: Submission,
+        events: mpsc::Receiver<StreamEvent>,
+    ) -> impl Future<Output = Result<Accepted, SubmitError>> + Send + 'static {
+        let key = ConversationKey::of(&submission.message.address);
+        let (mut items, rxs) = new_items(vec![submission], None, true);
+        let submitted = match items.pop() {
+            Some(item) => self.inner.admit(
+                &key,
+                Job::Stream {
+                    item: Box::new(item),
+                    events,
+                },
+                Admission::New(None),
+                rxs,
+            ),
+            None => Ok(Submitted::Accepted(Accepted {
+                tickets: Vec::new(),
+                durable: Durable::ready(),
+            })),
+        };
+        async move { submitted?.accepted().await }
+    }
+
+    /// `delivery.stream_idle_timeout`.
+    pub fn stream_idle_timeout(&self) -> Duration {
+        self.inner.config.stream_idle_timeout
+    }
+
     /// Accepts a typing indicator in line with the conversation's messages.
     pub async fn submit_typing(
         &self,
@@ -664,6 +713,31 @@ impl Inner {
                 item.tenure = tenure;
                 item.possible_duplicate |=
                     m.record.state == DeliveryState::Delivering || m.record.possible_duplicate;
+                if let Some(events) = parked.events {
+                    // A stream holds the line by itself: what came before it goes first.
+                    let before = std::mem::take(&mut items);
+                    if !before.is_empty() {
+                        self.requeue_job(
+                            &key,
+                            Job::Deliver {
+                                items: before,
+                                flush: true,
+                            },
+                            cluster,
+                            fence,
+                        );
+                    }
+                    self.requeue_job(
+                        &key,
+                        Job::Stream {
+                            item: Box::new(item),
+                            events,
+                        },
+                        cluster,
+                        fence,
+                    );
+                    continue;
+                }
                 created = created.or(parked.created);
                 options = options.or(item.proactive.clone());
                 address.get_or_insert_with(|| item.message.address.clone());
@@ -731,10 +805,21 @@ impl Inner {
             },
             _ => Job::Deliver { items, flush: true },
         };
+        self.requeue_job(&key, job, cluster, fence);
+    }
+
+    /// Puts a job of messages already in the outbox in its line, counted in its partition.
+    fn requeue_job(
+        self: &Arc<Self>,
+        key: &ConversationKey,
+        job: Job,
+        cluster: Option<&Arc<Cluster>>,
+        fence: Option<Fence>,
+    ) {
         if let (Some(c), Some(f)) = (cluster, fence) {
             c.entered(f.partition, items_in(&job));
         }
-        if let Err(e) = self.enqueue(&key, job, Admission::Existing, Vec::new()) {
+        if let Err(e) = self.enqueue(key, job, Admission::Existing, Vec::new()) {
             tracing::error!(error = %e, "cannot requeue messages");
         }
     }
@@ -1093,6 +1178,10 @@ impl Inner {
         let label = key.label();
         let now = now_ms();
         let here = cluster.fence_for(label).is_some();
+        // A stream's text comes to this process: only the conversation's deliverer can show it.
+        if !here && matches!(job, Job::Stream { .. }) {
+            return Err(SubmitError::NotHere);
+        }
         // Unlike on one replica, nothing is appended marked as being delivered: a mark is a
         // fenced write of the replica that delivers, so a message read back as `delivering`
         // always had an attempt that may have reached the channel.
@@ -1118,10 +1207,16 @@ impl Inner {
         let tickets = tickets_for(&ids, outcome_rxs);
         let partition = crate::storage::lease::partition_of(label);
         let conversation_hash = Cluster::conversation_hash(label);
+        let mut events = None;
         let (items, mut created) = match job {
             Job::Deliver { items, .. } => (items, None),
             Job::Proactive { items, created, .. } => (items, created),
             Job::Typing { item, .. } => (vec![*item], None),
+            // Parked with its events: read back, it goes in line as a stream (`requeue`).
+            Job::Stream { item, events: e } => {
+                events = Some(e);
+                (vec![*item], None)
+            }
         };
         let at = Instant::now();
         for mut item in items {
@@ -1135,6 +1230,7 @@ impl Inner {
                         partition,
                         conversation: conversation_hash,
                         created: created.take(),
+                        events: events.take(),
                         at,
                     },
                 );
@@ -1447,6 +1543,13 @@ impl Worker {
                         None => Next::Queued,
                     };
                     self.deliver(item, next).await;
+                }
+            }
+            Job::Stream { item, events } => {
+                self.typing = None;
+                let stream = Box::pin(self.stream(*item, events));
+                if let Err(panic) = AssertUnwindSafe(stream).catch_unwind().await {
+                    tracing::error!(panic = %panic_text(&panic), "a stream's delivery panicked");
                 }
             }
             Job::Typing { item, keep_alive } => {
@@ -1818,13 +1921,15 @@ impl Worker {
             code: Some("not_found".into()),
             ..ChannelError::new("gateway", FailureKind::Permanent, why)
         };
-        let target = match self.inner.store.get(op.target()).await {
+        let Some(target_id) = op.target() else {
+            return Err(gone(format!("a {verb} changes no message sent before")));
+        };
+        let target = match self.inner.store.get(target_id).await {
             Ok(Some(t)) => t,
             Ok(None) => {
                 return Err(gone(format!(
-                    "message {} is no longer in the outbox (kept for outbox.retention after \
-                     delivery): nothing to {verb}",
-                    op.target()
+                    "message {target_id} is no longer in the outbox (kept for outbox.retention \
+                     after delivery): nothing to {verb}"
                 )));
             }
             Err(e) => {
@@ -1853,6 +1958,7 @@ impl Worker {
                 .inner
                 .channels
                 .render_delete(&target.message.address, receipts),
+            Operation::Stream => return Err(gone("a stream changes no message".into())),
         }
         .map_err(|e| self.render_failure(&e))?;
         Ok((plan, target))
@@ -1932,6 +2038,9 @@ impl Worker {
         #[cfg(test)]
         if item.message.text.as_deref() == Some(tests::PANIC_TEXT) {
             panic!("a test's panic while delivering");
+        }
+        if item.op == Some(Operation::Stream) {
+            return self.interrupted_stream(item).await;
         }
         let mut planned = None;
         if let Some(op) = item.op {

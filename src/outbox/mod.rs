@@ -88,14 +88,23 @@ pub struct StoredMessage {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "kind")]
 pub enum Operation {
-    Update { target: u64 },
-    Delete { target: u64 },
+    Update {
+        target: u64,
+    },
+    Delete {
+        target: u64,
+    },
+    /// A StreamReply: its text arrives while it holds the line. Not resumed after a crash (its
+    /// text is gone with the process): it is finished with what it showed then.
+    Stream,
 }
 
 impl Operation {
-    pub fn target(self) -> u64 {
+    /// The message an update or delete changes.
+    pub fn target(self) -> Option<u64> {
         match self {
-            Operation::Update { target } | Operation::Delete { target } => target,
+            Operation::Update { target } | Operation::Delete { target } => Some(target),
+            Operation::Stream => None,
         }
     }
 
@@ -104,6 +113,7 @@ impl Operation {
         match self {
             Operation::Update { .. } => "update",
             Operation::Delete { .. } => "delete",
+            Operation::Stream => "stream",
         }
     }
 }

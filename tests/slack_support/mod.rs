@@ -3,7 +3,7 @@
 //! and reached by a real gRPC client over TCP.
 #![allow(dead_code)]
 #[path = "../fake_http/mod.rs"]
-mod fake_http;
+pub mod fake_http;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

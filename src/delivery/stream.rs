@@ -1,0 +1,402 @@
+//! StreamReply's delivery: a reply whose text arrives while it is being shown, holding its
+//! conversation's line from its first chunk to its end, so nothing of the conversation goes
+//! between its first showing and its final message.
+//!
+//! Owns how the growing text reaches a channel, by what the channel can do:
+//! - `edits` (the channel updates messages: Slack, Teams, Telegram): the first text is sent,
+//!   then the message is updated with the text so far at most every
+//!   `delivery.stream_update_interval`, each call within the channel's rate scopes; the final
+//!   message (with its attachments and suggested actions) is the last update;
+//! - `typing` (Messenger, Web Chat): a typing indicator kept alive while the text grows, then
+//!   the final message;
+//! - `final`: the final message alone.
+//!
+//! A stream that ends without its finish (the client went away, or sent nothing for
+//! `delivery.stream_idle_timeout`) is finished with the text that arrived, and its outcome says
+//! so (`stream_incomplete`). Its receipts are recorded from its first showing on, so a crash
+//! leaves the partial message known: at the restart the stream is finished as it stood
+//! (`stream_interrupted`), never sent again. Updates of a message are planned as
+//! UpdateMessage's are (`channels::update`).
+
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use super::{Item, Worker, failed};
+use crate::channels::update::receipts_after;
+use crate::channels::{ChannelError, FailureKind, NativeReceipt, NativeRequest, Rendered};
+use crate::model::{Message, MessageType};
+use crate::outbox::{Change, DeliveryState, Outcome};
+
+/// What a StreamReply's client sends after its start.
+#[derive(Debug)]
+pub enum StreamEvent {
+    /// Text to append.
+    Text(String),
+    /// The end: the final message's extras (attachments, suggested actions) and, when it has
+    /// text, the text that replaces what was streamed.
+    Finish(Box<Message>),
+    /// The client sent more text than a message may hold: the stream ends with what it had.
+    TooLong,
+}
+
+/// How a channel shows a stream (GetCapabilities' `streaming`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamMode {
+    Edits,
+    Typing,
+    Final,
+}
+
+impl StreamMode {
+    pub fn of(caps: &crate::channels::Capabilities) -> Self {
+        if caps.update_delete {
+            StreamMode::Edits
+        } else if caps.typing {
+            StreamMode::Typing
+        } else {
+            StreamMode::Final
+        }
+    }
+
+    pub fn word(self) -> &'static str {
+        match self {
+            StreamMode::Edits => "edits",
+            StreamMode::Typing => "typing",
+            StreamMode::Final => "final",
+        }
+    }
+}
+
+/// Attempts of one showing's request: a showing that keeps failing is skipped (the next one, or
+/// the final message, carries the text anyway).
+const SHOW_ATTEMPTS: u32 = 3;
+
+/// Why a stream ended.
+enum End {
+    Finished(Box<Message>),
+    /// The client went away without a finish.
+    Gone,
+    /// Nothing came for `stream_idle_timeout`.
+    Idle,
+    /// More text than `server.max_message_bytes`.
+    TooLong,
+}
+
+impl Worker {
+    /// Delivers a StreamReply while its events arrive; see the module doc.
+    pub(super) async fn stream(&self, item: Item, mut events: mpsc::Receiver<StreamEvent>) {
+        if let Err(e) = item.durable.clone().await {
+            let out = super::outbox_failed(failed_outcome(), e);
+            self.finish(item, out);
+            return;
+        }
+        let cfg = &self.inner.config;
+        let mode = self
+            .inner
+            .channels
+            .capabilities(self.key.channel_id())
+            .map(|(c, _)| StreamMode::of(&c))
+            .unwrap_or(StreamMode::Final);
+        let mut shown = Shown::default();
+        let mut text = item.message.text.clone().unwrap_or_default();
+        let mut shown_len = 0usize;
+        let now = tokio::time::Instant::now();
+        let mut next_show = now;
+        let mut next_typing = now;
+        let typing_every = self.inner.channels.typing_interval(self.key.channel_id());
+        let end = loop {
+            let idle_until = tokio::time::Instant::now()
+                .checked_add(cfg.stream_idle_timeout)
+                .unwrap_or_else(tokio::time::Instant::now);
+            let wake = match mode {
+                StreamMode::Edits if text.len() > shown_len => Some(next_show),
+                StreamMode::Typing => Some(next_typing),
+                _ => None,
+            };
+            tokio::select! {
+                ev = events.recv() => match ev {
+                    Some(StreamEvent::Text(t)) => text.push_str(&t),
+                    Some(StreamEvent::TooLong) => break End::TooLong,
+                    Some(StreamEvent::Finish(m)) => break End::Finished(m),
+                    None => break End::Gone,
+                },
+                _ = tokio::time::sleep_until(wake.unwrap_or(idle_until)), if wake.is_some() => {
+                    match mode {
+                        StreamMode::Edits => {
+                            let m = with_text(&item.message, &text);
+                            self.show(&item, &m, &mut shown).await;
+                            shown_len = text.len();
+                            next_show = later(tokio::time::Instant::now(), cfg.stream_update_interval);
+                        }
+                        StreamMode::Typing => {
+                            self.typing_once(&item.message).await;
+                            next_typing = later(tokio::time::Instant::now(), typing_every.max(Duration::from_secs(1)));
+                        }
+                        StreamMode::Final => {}
+                    }
+                }
+                _ = tokio::time::sleep_until(idle_until) => break End::Idle,
+            }
+        };
+        drop(events);
+        let (mut last, incomplete) = match end {
+            End::Finished(m) => {
+                let mut last = with_text(&item.message, &text);
+                if m.text.as_deref().is_some_and(|t| !t.is_empty()) {
+                    last.text = m.text.clone();
+                }
+                last.attachments = m.attachments.clone();
+                last.attachment_layout = m.attachment_layout;
+                last.suggested_actions = m.suggested_actions.clone();
+                (last, None)
+            }
+            End::Gone => (
+                with_text(&item.message, &text),
+                Some("the client went away before the stream's finish"),
+            ),
+            End::Idle => (
+                with_text(&item.message, &text),
+                Some("nothing came for delivery.stream_idle_timeout"),
+            ),
+            End::TooLong => (
+                with_text(&item.message, &text),
+                Some("the text reached server.max_message_bytes; the rest was not shown"),
+            ),
+        };
+        if last.text.as_deref().is_none_or(str::is_empty)
+            && last.attachments.is_empty()
+            && last.suggested_actions.is_none()
+        {
+            if shown.receipts.is_empty() {
+                let err = stream_error(
+                    "stream_empty",
+                    "the stream ended with nothing to show: no message was sent",
+                );
+                self.finish(item, failed(err, shown.calls));
+                return;
+            }
+            // Shown already: the final showing keeps what is there.
+            last.text = Some(text.clone());
+        }
+        let mut out = self.show_final(&item, &last, &mut shown).await;
+        if let Some(why) = incomplete
+            && out.error.is_none()
+        {
+            out.error = Some(stream_error(
+                "stream_incomplete",
+                format!("{why}: the message shows the text that arrived"),
+            ));
+            tracing::warn!(
+                message_id = item.id,
+                reason = why,
+                "stream finished with the text that arrived"
+            );
+        }
+        self.finish(item, out);
+    }
+
+    /// One showing of the text so far: the first sends the message, the next ones update it.
+    /// Failures are logged and skipped: the next showing carries the text anyway.
+    async fn show(&self, item: &Item, m: &Message, shown: &mut Shown) {
+        if let Err(e) = self.show_step(m, shown).await {
+            tracing::warn!(message_id = item.id, error = %e, "a stream's showing failed; the next one carries its text");
+            shown.error = Some(e);
+            return;
+        }
+        // Known from its first showing on: a crash then leaves it finished as it stood.
+        let mut progress = Outcome {
+            state: DeliveryState::Delivering,
+            receipts: shown.receipts.clone(),
+            error: None,
+            attempts: shown.calls,
+            possible_duplicate: false,
+        };
+        for r in &mut progress.receipts {
+            r.bound();
+        }
+        if shown.recorded != shown.receipts {
+            shown.recorded = shown.receipts.clone();
+            drop(
+                self.inner
+                    .store
+                    .update_fenced(item.id, Change::Finished(progress), item.fence),
+            );
+        }
+    }
+
+    async fn show_step(&self, m: &Message, shown: &mut Shown) -> Result<(), ChannelError> {
+        let render_err = |e: crate::channels::RenderOrRoute| self.render_failure(&e);
+        if shown.receipts.is_empty() {
+            let rendered = self
+                .inner
+                .channels
+                .render_send(m, None)
+                .map_err(render_err)?;
+            for req in &rendered.requests {
+                let r = self.call(req, &mut shown.calls).await?;
+                shown.receipts.push(r);
+            }
+            shown.updates = shown.updates.saturating_add(1);
+            return Ok(());
+        }
+        let plan = self
+            .inner
+            .channels
+            .render_update(m, &shown.receipts)
+            .map_err(render_err)?;
+        let mut done = Vec::with_capacity(plan.rendered.requests.len());
+        let mut result = Ok(());
+        for req in &plan.rendered.requests {
+            match self.call(req, &mut shown.calls).await {
+                Ok(r) => done.push(r),
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        shown.receipts = receipts_after(&shown.receipts, &plan.steps, &done);
+        shown.updates = shown.updates.saturating_add(1);
+        result
+    }
+
+    /// The final showing: an update of what was shown, or the message itself.
+    async fn show_final(&self, item: &Item, m: &Message, shown: &mut Shown) -> Outcome {
+        let result = self.show_step(m, shown).await;
+        let mut out = Outcome {
+            state: DeliveryState::Delivered,
+            receipts: shown.receipts.clone(),
+            error: None,
+            attempts: shown.calls,
+            possible_duplicate: item.possible_duplicate,
+        };
+        if let Err(e) = result {
+            // Shown in part: the message stays as it was last shown.
+            out.state = if shown.receipts.is_empty() {
+                DeliveryState::Failed
+            } else {
+                DeliveryState::Delivered
+            };
+            out.error = Some(e);
+        }
+        out
+    }
+
+    /// One request of a stream: within its rate scopes, tried again a few times when the
+    /// channel asks for it.
+    async fn call(
+        &self,
+        req: &NativeRequest,
+        calls: &mut u32,
+    ) -> Result<NativeReceipt, ChannelError> {
+        let cfg = &self.inner.config;
+        let mut attempt = 0u32;
+        loop {
+            let wait = self.inner.rates.reserve(&req.rate, Instant::now());
+            self.wait_for_scopes(req, wait).await;
+            attempt += 1;
+            *calls = calls.saturating_add(1);
+            match self.execute(req).await {
+                Ok(r) => return Ok(r),
+                Err(e) if e.kind == FailureKind::Retryable && attempt < SHOW_ATTEMPTS => {
+                    let wait = super::retry::backoff(
+                        attempt,
+                        cfg.base_retry_delay,
+                        cfg.max_retry_delay,
+                        e.retry_after,
+                        rand::random::<f64>(),
+                    );
+                    tokio::time::sleep(wait).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn typing_once(&self, template: &Message) {
+        let typing = Message {
+            address: template.address.clone(),
+            kind: MessageType::Typing,
+            ..Default::default()
+        };
+        if let Ok(r) = self.inner.channels.render_send(&typing, None) {
+            self.send_typing(&Rendered {
+                requests: r.requests,
+                warnings: Vec::new(),
+            })
+            .await;
+        }
+    }
+
+    /// A stream resumed after a restart: its text is gone with the process that had it, so it
+    /// is finished as it stood: shown (its receipts were recorded), or never shown.
+    pub(super) async fn interrupted_stream(&self, item: &Item) -> Outcome {
+        let receipts = match self.inner.store.get(item.id).await {
+            Ok(Some(m)) => m.record.receipts,
+            _ => Vec::new(),
+        };
+        let shown = !receipts.is_empty();
+        Outcome {
+            state: if shown {
+                DeliveryState::Delivered
+            } else {
+                DeliveryState::Failed
+            },
+            receipts,
+            error: Some(stream_error(
+                "stream_interrupted",
+                if shown {
+                    "the gateway stopped while the reply was streaming: the message shows the text \
+                     it had shown then"
+                } else {
+                    "the gateway stopped before the streamed reply was shown: nothing was sent"
+                },
+            )),
+            attempts: 0,
+            possible_duplicate: false,
+        }
+    }
+}
+
+/// What a stream has shown so far.
+#[derive(Default)]
+struct Shown {
+    receipts: Vec<NativeReceipt>,
+    /// The receipts last written to the outbox.
+    recorded: Vec<NativeReceipt>,
+    /// Channel calls made.
+    calls: u32,
+    /// Showings made (the first send, then each update).
+    updates: u32,
+    /// The last showing's failure, if it failed.
+    error: Option<ChannelError>,
+}
+
+fn with_text(template: &Message, text: &str) -> Message {
+    Message {
+        text: Some(text.to_string()),
+        ..template.clone()
+    }
+}
+
+fn later(now: tokio::time::Instant, d: Duration) -> tokio::time::Instant {
+    now.checked_add(d).unwrap_or(now)
+}
+
+fn stream_error(code: &str, why: impl Into<String>) -> ChannelError {
+    ChannelError {
+        code: Some(code.into()),
+        ..ChannelError::new("gateway", FailureKind::Permanent, why)
+    }
+}
+
+fn failed_outcome() -> Outcome {
+    Outcome {
+        state: DeliveryState::Failed,
+        receipts: Vec::new(),
+        error: None,
+        attempts: 0,
+        possible_duplicate: false,
+    }
+}
