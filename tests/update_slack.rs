@@ -414,3 +414,111 @@ async fn render_shows_an_updates_and_a_deletes_requests_against_placeholder_ids(
     );
     assert!(h.fake.received().is_empty(), "render sends nothing");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_and_leftovers_of_changes_are_answered_sensibly() {
+    let h = start().await;
+    // A delete retried with its key after it was carried out: the first answer again, though
+    // nothing is left to delete.
+    let sent = h
+        .send(h.text("C0AGAIN", "bye"), pb::WaitMode::Delivered)
+        .await
+        .unwrap();
+    let del = |key: &'static str| {
+        let mut client = h.client.clone();
+        let id = sent.message_id.clone();
+        async move {
+            client
+                .delete_message(pb::DeleteMessageRequest {
+                    message_id: id,
+                    idempotency_key: key.into(),
+                    wait: pb::WaitMode::Delivered as i32,
+                })
+                .await
+                .map(|r| r.into_inner())
+        }
+    };
+    let first = del("del-1").await.unwrap();
+    let again = del("del-1").await.unwrap();
+    assert_eq!(first.change_id, again.change_id);
+    assert_eq!(h.fake.calls("chat.delete").len(), 1);
+    // Without the key, there is nothing left to delete.
+    assert_eq!(del("").await.unwrap_err().code(), Code::FailedPrecondition);
+
+    // A message someone removed in Slack: deleting it is done already.
+    let gone = h
+        .send(
+            h.text("C0AGAIN", "removed by hand"),
+            pb::WaitMode::Delivered,
+        )
+        .await
+        .unwrap();
+    h.fake
+        .state
+        .shown
+        .lock()
+        .unwrap()
+        .remove(&("C0AGAIN".to_string(), gone.receipts[0].native_id.clone()));
+    let r = delete(&h, &gone.message_id, pb::WaitMode::Delivered)
+        .await
+        .unwrap();
+    assert_eq!(r.state, pb::DeliveryState::Delivered as i32);
+    assert!(receipts_of(&h, &gone.message_id).await.is_empty());
+
+    // An update that shows nothing (a typing indicator) is refused: it would delete the message.
+    let kept = h
+        .send(h.text("C0AGAIN", "stays"), pb::WaitMode::Delivered)
+        .await
+        .unwrap();
+    let e = update(
+        &h,
+        &kept.message_id,
+        pb::Message {
+            r#type: pb::MessageType::Typing as i32,
+            ..Default::default()
+        },
+        pb::WaitMode::Delivered,
+        "",
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("DeleteMessage"), "{}", e.message());
+
+    // A failed change is not redelivered: behind later ones it would show an older version.
+    h.fake
+        .script("C0AGAIN", vec![Scripted::refuse("edit_window_closed")]);
+    let e = update(
+        &h,
+        &kept.message_id,
+        new_text("v2"),
+        pb::WaitMode::Delivered,
+        "",
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    let failed_change = h
+        .client
+        .clone()
+        .list_failed(pb::ListFailedRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .deliveries
+        .into_iter()
+        .find(|d| d.conversation_id == "C0AGAIN")
+        .expect("the failed update is listed")
+        .message_id;
+    let e = h
+        .client
+        .clone()
+        .redeliver(pb::RedeliverRequest {
+            message_ids: vec![failed_change],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("not redelivered"), "{}", e.message());
+    assert_eq!(h.fake.shown("C0AGAIN").last().unwrap().1, "stays");
+}

@@ -594,8 +594,9 @@ impl GatewayService {
 
 impl GatewayService {
     /// The sent message an UpdateMessage or DeleteMessage names, once it is one this call may
-    /// change: the caller's, a message (not a change), in a conversation, on a channel that can,
-    /// with something on the channel to change (or still on its way there).
+    /// change: the caller's, a message (not a change), on a channel that can. Whether there is
+    /// still something to change is `changeable`'s, checked only for a first call: a retry
+    /// with the idempotency key is answered from the first even once nothing is left.
     async fn change_target<T>(
         &self,
         req: &Request<T>,
@@ -617,12 +618,6 @@ impl GatewayService {
             ));
         }
         let addr = &target.message.address;
-        if addr.conversation_id().is_none() {
-            return Err(Status::failed_precondition(format!(
-                "message_id: message {id} is still starting its conversation (SendProactive); \
-                 {verb} it once it is delivered"
-            )));
-        }
         let (caps, _) = self
             .dispatcher
             .channels()
@@ -636,6 +631,18 @@ impl GatewayService {
                 crate::bounded::cap(&addr.channel_id, 64)
             )));
         }
+        Ok(target)
+    }
+
+    /// Whether `target` still has (or will have) something on the channel to change.
+    fn changeable(target: &StoredMessage, verb: &str) -> Result<(), Status> {
+        let id = target.id;
+        if target.message.address.conversation_id().is_none() {
+            return Err(Status::failed_precondition(format!(
+                "message_id: message {id} is still starting its conversation (SendProactive); \
+                 {verb} it once it is delivered"
+            )));
+        }
         if target.record.state.is_terminal() && target.record.receipts.is_empty() {
             return Err(Status::failed_precondition(format!(
                 "message_id: message {id} ended {} with no native message on the channel: \
@@ -643,7 +650,7 @@ impl GatewayService {
                 target.record.state.word()
             )));
         }
-        Ok(target)
+        Ok(())
     }
 
     /// Accepts a change (its submission ready) like a Send: durable, in line, idempotent.
@@ -653,6 +660,7 @@ impl GatewayService {
         warnings: Vec<model::Warning>,
         wait: i32,
         key: Option<IdemKey>,
+        target: &StoredMessage,
     ) -> Result<pb::SendResult, Status> {
         let replay = |found: Vec<StoredMessage>| {
             Cached::Change(Box::new(
@@ -661,6 +669,8 @@ impl GatewayService {
         };
         let cached = self
             .idempotent(key, replay, |key| async move {
+                let verb = prepared.op.map_or("change", |o| o.verb());
+                Self::changeable(target, verb)?;
                 let submitted = self.dispatcher.submit(
                     vec![prepared],
                     false,
@@ -752,7 +762,9 @@ impl ChannelGateway for GatewayService {
         };
         prepared.rendered.warnings = warnings.clone();
         prepared.op = Some(crate::outbox::Operation::Update { target: id });
-        let r = self.submit_change(prepared, warnings, r.wait, key).await?;
+        let r = self
+            .submit_change(prepared, warnings, r.wait, key, &target)
+            .await?;
         Ok(Response::new(pb::UpdateMessageResponse {
             change_id: r.message_id,
             state: r.state,
@@ -956,7 +968,9 @@ impl ChannelGateway for GatewayService {
             traceparent: tp,
             op: Some(crate::outbox::Operation::Delete { target: id }),
         };
-        let r = self.submit_change(prepared, warnings, r.wait, key).await?;
+        let r = self
+            .submit_change(prepared, warnings, r.wait, key, &target)
+            .await?;
         Ok(Response::new(pb::DeleteMessageResponse {
             change_id: r.message_id,
             state: r.state,

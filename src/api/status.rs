@@ -120,7 +120,7 @@ pub fn submit(e: SubmitError) -> Status {
             ErrorDetails::with_quota_failure_violation(bound, e.to_string()),
         ),
         SubmitError::NotFound(_) => Status::not_found(e.to_string()),
-        SubmitError::NotFailed(_) | SubmitError::NotHere => {
+        SubmitError::NotFailed(_) | SubmitError::NotHere | SubmitError::NotRedeliverable(..) => {
             Status::failed_precondition(e.to_string())
         }
         SubmitError::Store(e) => outbox_read(e),

@@ -55,6 +55,15 @@ pub fn reconcile(
     receipts: &[NativeReceipt],
     editor: &dyn Editor,
 ) -> Result<Plan, RenderError> {
+    if sends.requests.is_empty() {
+        // A typing indicator or an event shows nothing: as an update it would delete the
+        // message, which is DeleteMessage's to do.
+        return Err(RenderError::invalid(
+            "message",
+            "the update shows nothing on this channel (a typing indicator or an event): \
+             to remove the message, use DeleteMessage",
+        ));
+    }
     if receipts.len() > MAX_STEPS || sends.requests.len() > MAX_STEPS {
         return Err(RenderError::invalid(
             "message",
@@ -132,8 +141,8 @@ pub fn reconcile(
             "message",
             format!(
                 "{replaced} native message(s) cannot be edited into what the update renders to \
-                 (for example a photo into text): each is deleted, and the new one sent after \
-                 the others"
+                 (an album, or an activity that is not a message): each is deleted, and the new \
+                 one sent after the others"
             ),
         ));
     }

@@ -219,6 +219,13 @@ pub enum SubmitError {
     NotFound(u64),
     #[error("message {0} is not failed: only failed or expired messages can be redelivered")]
     NotFailed(u64),
+    /// A change (an update, a delete, a stream) is not put back in line: behind later changes
+    /// of its message it would show an older version again.
+    #[error(
+        "message {0} is a {1}, not a message: changes are not redelivered (behind later ones \
+         they could show an older version again); make a new one"
+    )]
+    NotRedeliverable(u64, &'static str),
     /// A StreamReply reached a replica that does not deliver its conversation.
     #[error(
         "this replica does not deliver this conversation now, and a streamed reply's text lives \
@@ -630,6 +637,9 @@ impl Dispatcher {
                 DeliveryState::Failed | DeliveryState::Expired
             ) {
                 return Err(SubmitError::NotFailed(id));
+            }
+            if let Some(op) = m.op {
+                return Err(SubmitError::NotRedeliverable(id, op.verb()));
             }
             found.push(m);
         }
@@ -1940,6 +1950,11 @@ impl Worker {
             }
         };
         let receipts = &target.record.receipts;
+        if receipts.is_empty() && matches!(op, Operation::Delete { .. }) {
+            // Nothing left: a delete carried out again after a crash (its first run removed
+            // the native messages and recorded so) is done.
+            return Ok((crate::channels::update::Plan::default(), target));
+        }
         if receipts.is_empty() {
             return Err(gone(format!(
                 "message {} has no native message to {verb} (it ended {:?} with none sent{})",

@@ -401,7 +401,20 @@ impl SlackClient {
 
     /// Sends one `chat.postMessage`; the receipt carries Slack's `ts` and channel id.
     pub async fn execute(&self, req: &NativeRequest) -> Result<NativeReceipt, ChannelError> {
-        let answer = self.call(req).await?;
+        let answer = match self.call(req).await {
+            Ok(a) => a,
+            // A message to delete that is gone already: the delete's purpose holds, and one
+            // carried out again after a crash (its first attempt went through) must not fail
+            // the change, nor stop before the message's other native messages.
+            Err(e)
+                if e.code.as_deref() == Some("message_not_found")
+                    && req.url.ends_with("/chat.delete") =>
+            {
+                tracing::debug!("slack: the message to delete is gone already; it counts as done");
+                req.body.value().clone()
+            }
+            Err(e) => return Err(e),
+        };
         let text = |k: &str| answer.get(k).and_then(Value::as_str).map(String::from);
         Ok(NativeReceipt {
             native_id: text("ts").unwrap_or_default(),

@@ -189,6 +189,16 @@ impl TelegramClient {
     pub async fn execute(&self, req: &NativeRequest) -> Result<NativeReceipt, ChannelError> {
         let result = match self.call(req).await {
             Ok(r) => r,
+            Err(e) if self.is_gone_delete(req, &e) => {
+                let body = req.body.value();
+                let mut receipt = NativeReceipt {
+                    native_id: body.get("message_id").and_then(id_text).unwrap_or_default(),
+                    conversation_id: body.get("chat_id").and_then(id_text).unwrap_or_default(),
+                };
+                receipt.bound();
+                tracing::debug!(bot_id = %crate::bounded::for_log(&req.credential), "telegram: the message to delete is gone already; it counts as done");
+                return Ok(receipt);
+            }
             Err(e) if self.is_unmodified_edit(req, &e) => {
                 let body = req.body.value();
                 let mut receipt = NativeReceipt {
@@ -233,6 +243,20 @@ impl TelegramClient {
             && e.code.as_deref() == Some("400")
             && e.message.to_ascii_lowercase().contains(NOT_MODIFIED)
             && self.method_of(req).is_ok_and(|m| m.starts_with("edit"))
+    }
+}
+
+impl TelegramClient {
+    /// Whether `e` says a message to delete is gone already ("Bad Request: message to delete
+    /// not found"): the delete's purpose holds, and a delete carried out again after a crash
+    /// (its first attempt went through) must not fail the change, nor stop before the
+    /// message's other native messages.
+    fn is_gone_delete(&self, req: &NativeRequest, e: &ChannelError) -> bool {
+        e.http_status == Some(400)
+            && e.message
+                .to_ascii_lowercase()
+                .contains("message to delete not found")
+            && self.method_of(req).is_ok_and(|m| m == "deleteMessage")
     }
 }
 
