@@ -50,6 +50,8 @@ enum Command {
     Update(cli::UpdateArgs),
     /// Remove a message sent before from its conversation (DeleteMessage).
     Delete(cli::DeleteArgs),
+    /// Stream a reply from standard input as it comes, shown growing (StreamReply).
+    Stream(cli::StreamArgs),
     /// Show the native requests a message becomes, without sending. Asks a running gateway
     /// (`channel-gateway serve`; no channel credentials needed for this).
     Render(cli::MessageArgs),
@@ -81,7 +83,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(cli)) {
+    let result = rt.block_on(run(cli));
+    // Nothing left to wait for: `stream`'s reader of standard input may still block on a read
+    // the reply no longer needs.
+    rt.shutdown_background();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         // The reader went away (`| head`): what it wanted it has; nothing to complain about.
         Err(CliError::PipeClosed) => ExitCode::SUCCESS,
@@ -114,6 +120,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Send(args) => cli::send(args).await,
         Command::Update(args) => cli::update(args).await,
         Command::Delete(args) => cli::delete(args).await,
+        Command::Stream(args) => cli::stream(args).await,
         Command::Render(args) => cli::render(args).await,
         Command::Status(args) => cli::status(args).await,
         Command::Failed(args) => cli::failed(args).await,

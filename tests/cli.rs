@@ -496,3 +496,39 @@ async fn update_and_delete_change_a_sent_message_in_place() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("--text"), "{}", stderr(&out));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_shows_standard_input_as_one_growing_message() {
+    let h = start().await;
+    let mut a = send_args(&h, "c-stream", "Answer: ");
+    a[0] = "stream".into();
+    let out = tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_channel-gateway"))
+            .args(&a)
+            .env_remove("CHANNEL_GATEWAY_TOKEN")
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        for word in ["forty", " two", " (streamed)"] {
+            stdin.write_all(word.as_bytes()).unwrap();
+            stdin.flush().unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        drop(stdin);
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let r = stdout_json(&out);
+    assert_eq!(r["state"], "delivered", "{r}");
+    assert_eq!(r["incomplete"], false, "{r}");
+    let shown = h.fake.shown("c-stream");
+    assert_eq!(shown.len(), 1, "one message, grown in place: {shown:?}");
+    assert_eq!(shown[0].1, "Answer: forty two (streamed)");
+}

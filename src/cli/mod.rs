@@ -1,4 +1,4 @@
-//! The client subcommands (`send`, `update`, `delete`, `render`, `status`, `failed`,
+//! The client subcommands (`send`, `update`, `delete`, `stream`, `render`, `status`, `failed`,
 //! `redeliver`, `capabilities`, `watch`): one gRPC call (or stream) to a running gateway, its answer printed as JSON on
 //! standard output. Owns the client's arguments, connection and output; the gateway decides
 //! everything else.
@@ -129,6 +129,14 @@ pub struct UpdateArgs {
     /// Idempotency key for safe retries.
     #[arg(long, default_value = "")]
     idempotency_key: String,
+}
+
+#[derive(Args)]
+pub struct StreamArgs {
+    /// The reply's address (and any text to begin with); its text then grows with what comes
+    /// on standard input, as it comes, until end of input.
+    #[command(flatten)]
+    message: MessageArgs,
 }
 
 #[derive(Args)]
@@ -770,6 +778,94 @@ pub async fn delete(args: DeleteArgs) -> Result<(), CliError> {
         error: None,
     };
     change_result(&mut client, result, args.wait_delivered, args.timeout).await
+}
+
+/// Most bytes read from standard input for one chunk.
+const STREAM_READ_BYTES: usize = 4096;
+
+pub async fn stream(args: StreamArgs) -> Result<(), CliError> {
+    let mut messages = messages_from(&args.message)?;
+    if messages.len() != 1 {
+        return Err(CliError::Usage(
+            "stream takes one message (its address and any text to begin with)".into(),
+        ));
+    }
+    let start = messages.remove(0);
+    let mut client = connect(&args.message.gateway, "").await?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<pb::StreamReplyRequest>(16);
+    tx.send(pb::StreamReplyRequest {
+        kind: Some(pb::stream_reply_request::Kind::Start(convert::message_pb(
+            &start,
+        ))),
+    })
+    .await
+    .map_err(|_| CliError::Usage("the stream ended before it started".into()))?;
+    // Standard input is read on a thread of its own, each read sent as it comes; bytes of a
+    // character cut by a read wait for the next.
+    let reader = tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut input = std::io::stdin().lock();
+        let mut buf = vec![0u8; STREAM_READ_BYTES];
+        let mut carry: Vec<u8> = Vec::new();
+        loop {
+            let n = match input.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            carry.extend_from_slice(&buf[..n]);
+            let valid = match std::str::from_utf8(&carry) {
+                Ok(_) => carry.len(),
+                Err(e) if e.error_len().is_none() => e.valid_up_to(),
+                // Not UTF-8 at all: sent as the replacement character.
+                Err(_) => carry.len(),
+            };
+            let text = String::from_utf8_lossy(&carry[..valid]).into_owned();
+            carry.drain(..valid);
+            if !text.is_empty()
+                && tx
+                    .blocking_send(pb::StreamReplyRequest {
+                        kind: Some(pb::stream_reply_request::Kind::Chunk(text)),
+                    })
+                    .is_err()
+            {
+                return;
+            }
+        }
+        let _ = tx.blocking_send(pb::StreamReplyRequest {
+            kind: Some(pb::stream_reply_request::Kind::Finish(
+                pb::Message::default(),
+            )),
+        });
+    });
+    let r = client
+        .stream_reply(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    // The reply is finished: what is still typed is not part of it.
+    drop(reader);
+    let result = pb::SendResult {
+        message_id: r.message_id,
+        state: r.state,
+        receipts: r.receipts,
+        warnings: r.warnings,
+        error: r.error,
+    };
+    let mut out = result_json(&result);
+    if let Some(o) = out.as_object_mut() {
+        o.insert("incomplete".into(), r.incomplete.into());
+    }
+    print(&out)?;
+    if !matches!(
+        pb::DeliveryState::try_from(result.state),
+        Ok(pb::DeliveryState::Delivered)
+    ) || r.incomplete
+    {
+        return Err(CliError::Usage(format!(
+            "the reply {} was not shown whole (see `error` above)",
+            result.message_id
+        )));
+    }
+    Ok(())
 }
 
 pub async fn status(args: StatusArgs) -> Result<(), CliError> {
