@@ -327,3 +327,55 @@ async fn the_finish_puts_its_buttons_on_the_final_message_and_a_bad_first_frame_
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     assert!(e.message().contains("start"), "{}", e.message());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn render_shows_a_streams_requests_and_capabilities_say_how_it_streams() {
+    let h = start().await;
+    let caps = h
+        .client
+        .clone()
+        .get_capabilities(pb::GetCapabilitiesRequest {
+            channel_id: "slack".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .capabilities
+        .unwrap();
+    assert_eq!(caps.streaming, "edits");
+    let r = h
+        .client
+        .clone()
+        .render(pb::RenderRequest {
+            message: Some(h.text("C0RENDER", "the whole answer")),
+            options: None,
+            change: Some(pb::RenderChange {
+                native_messages: 0,
+                delete: false,
+                stream: true,
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let seq: Vec<(String, String)> = r
+        .requests
+        .iter()
+        .map(|q| {
+            let body: serde_json::Value = serde_json::from_str(&q.body_json).unwrap();
+            (
+                q.url.rsplit('/').next().unwrap_or_default().to_string(),
+                body["text"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seq,
+        [
+            ("chat.postMessage".to_string(), "{text so far}".to_string()),
+            ("chat.update".to_string(), "{text so far}".to_string()),
+            ("chat.update".to_string(), "the whole answer".to_string()),
+        ]
+    );
+    assert!(h.fake.received().is_empty(), "render sends nothing");
+}

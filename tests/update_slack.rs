@@ -358,6 +358,7 @@ async fn render_shows_an_updates_and_a_deletes_requests_against_placeholder_ids(
         pb::RenderChange {
             native_messages: 3,
             delete: false,
+            stream: false,
         },
         "short now",
     )
@@ -388,6 +389,7 @@ async fn render_shows_an_updates_and_a_deletes_requests_against_placeholder_ids(
         pb::RenderChange {
             native_messages: 2,
             delete: true,
+            stream: false,
         },
         "",
     )
@@ -401,6 +403,7 @@ async fn render_shows_an_updates_and_a_deletes_requests_against_placeholder_ids(
         pb::RenderChange {
             native_messages: 0,
             delete: false,
+            stream: false,
         },
         "x",
     )
