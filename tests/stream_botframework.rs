@@ -92,7 +92,12 @@ async fn teams_two_hundred_chunks_put_one_activity_within_teams_budget_and_queue
     for c in &stream[1..] {
         assert_eq!(c.method, "PUT", "{c:?}");
         assert_eq!(c.activity.as_deref(), Some(id.as_str()), "{c:?}");
-        assert_eq!(c.body["id"], id.as_str(), "the PUT names the activity: {}", c.body);
+        assert_eq!(
+            c.body["id"],
+            id.as_str(),
+            "the PUT names the activity: {}",
+            c.body
+        );
         assert_eq!(c.kind(), "message");
     }
     for c in &calls[first_after..] {
@@ -193,10 +198,7 @@ async fn webchat_shows_typing_while_the_text_grows_then_one_message_and_the_queu
         calls.iter().all(Received::is_post),
         "Web Chat cannot change an activity: {kinds:?}"
     );
-    assert!(
-        kinds[..message].iter().all(|k| *k == "typing"),
-        "{kinds:?}"
-    );
+    assert!(kinds[..message].iter().all(|k| *k == "typing"), "{kinds:?}");
     assert_eq!(&kinds[message..], ["message", "message"], "{kinds:?}");
     let typing: Vec<Instant> = calls[..message].iter().map(|c| c.at).collect();
     // ~3 s of chunks with typing repeated every second.

@@ -4,10 +4,10 @@
 //! replies; a Send to the same person queued behind the stream goes after it. The fake Graph
 //! API records every call.
 
-#[path = "facebook_support/mod.rs"]
-mod support;
 #[path = "stream_frames/mod.rs"]
 mod frames;
+#[path = "facebook_support/mod.rs"]
+mod support;
 
 use std::time::{Duration, Instant};
 
@@ -85,7 +85,11 @@ async fn typing_is_kept_alive_while_the_text_grows_then_the_whole_text_with_quic
         "the indicator lapsed {last_typing_to_message:?} before the message"
     );
     let final_message = &calls[message];
-    assert_eq!(final_message.text(), want.trim_end(), "the whole text, once");
+    assert_eq!(
+        final_message.text(),
+        want.trim_end(),
+        "the whole text, once"
+    );
     let quick = final_message
         .body
         .pointer("/message/quick_replies")
@@ -131,7 +135,8 @@ async fn an_idle_stream_is_finished_after_the_idle_timeout_though_typing_is_kept
     // Shown typing: the stream holds the line. A Send behind it waits for it to be finished.
     h.fake
         .wait_for(Duration::from_secs(5), "the first typing_on", |rs| {
-            rs.iter().any(|x| x.recipient() == psid && x.label() == "typing_on")
+            rs.iter()
+                .any(|x| x.recipient() == psid && x.label() == "typing_on")
         })
         .await;
     let mut client = h.client.clone();
@@ -177,5 +182,7 @@ async fn an_idle_stream_is_finished_after_the_idle_timeout_though_typing_is_kept
         "{labels:?}"
     );
     drop(tx);
-    println!("facebook: idle stream finished {waited:?} after its last chunk (idle timeout {IDLE:?}), {typing} typing_on meanwhile");
+    println!(
+        "facebook: idle stream finished {waited:?} after its last chunk (idle timeout {IDLE:?}), {typing} typing_on meanwhile"
+    );
 }

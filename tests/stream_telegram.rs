@@ -5,10 +5,10 @@
 //! it. The fake Bot API keeps what each chat shows, and refuses an edit that changes nothing as
 //! Telegram does ("message is not modified", which the gateway takes as done).
 
-#[path = "telegram_support/mod.rs"]
-mod support;
 #[path = "stream_frames/mod.rs"]
 mod frames;
+#[path = "telegram_support/mod.rs"]
+mod support;
 
 use std::time::{Duration, Instant};
 
@@ -42,8 +42,7 @@ async fn start_paced(idle: Duration) -> Harness {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_hundred_chunks_edit_one_message_within_the_chats_budget_and_queued_sends_come_after()
-{
+async fn two_hundred_chunks_edit_one_message_within_the_chats_budget_and_queued_sends_come_after() {
     let h = start_paced(Duration::from_secs(10)).await;
     assert_eq!(streaming(&h.client, "telegram").await, "edits");
     let chat = "7001";
@@ -117,7 +116,11 @@ async fn two_hundred_chunks_edit_one_message_within_the_chats_budget_and_queued_
     }
     // The reply is one message showing the whole text, then the queued sends.
     let shown = h.fake.shown(chat);
-    assert_eq!(shown.len(), 3, "the reply, then the two queued sends: {shown:?}");
+    assert_eq!(
+        shown.len(),
+        3,
+        "the reply, then the two queued sends: {shown:?}"
+    );
     assert_eq!(shown[0].0, id);
     assert_eq!(shown[0].1, want.trim_end(), "the final text");
     assert_eq!(shown[1].1, "after 50");
@@ -197,7 +200,9 @@ async fn a_finish_that_changes_nothing_is_delivered_though_telegram_says_not_mod
     let fake = h.fake.clone();
     h.fake
         .wait_for(Duration::from_secs(10), "the whole text shown", move |_| {
-            fake.shown(chat).first().is_some_and(|(_, t)| t == "all shown")
+            fake.shown(chat)
+                .first()
+                .is_some_and(|(_, t)| t == "all shown")
         })
         .await;
     tx.send(finish(pb::Message::default())).await.unwrap();
@@ -212,7 +217,10 @@ async fn a_finish_that_changes_nothing_is_delivered_though_telegram_says_not_mod
         .collect();
     assert_eq!(
         methods,
-        [("sendMessage", None), ("editMessageText", Some(NOT_MODIFIED))],
+        [
+            ("sendMessage", None),
+            ("editMessageText", Some(NOT_MODIFIED))
+        ],
         "the message, then the final edit Telegram found changed nothing"
     );
     assert_eq!(h.fake.shown(chat)[0].1, "all shown");

@@ -53,7 +53,10 @@ pub fn finish_with_yes() -> pb::StreamReplyRequest {
 
 /// A StreamReply opened in the background with its start sent: frames go to the sender, the
 /// call's answer comes from the handle once the stream ends.
-pub async fn open(client: &Client, address: pb::Address) -> (mpsc::Sender<pb::StreamReplyRequest>, Call) {
+pub async fn open(
+    client: &Client,
+    address: pb::Address,
+) -> (mpsc::Sender<pb::StreamReplyRequest>, Call) {
     let (tx, rx) = mpsc::channel(256);
     tx.send(start_frame(address)).await.unwrap();
     let mut client = client.clone();
@@ -114,10 +117,15 @@ pub async fn finished_delivery(client: &Client, id: &str, within: Duration) -> p
             .into_inner()
             .delivery
             .unwrap();
-        if d.state == pb::DeliveryState::Delivered as i32 || d.state == pb::DeliveryState::Failed as i32 {
+        if d.state == pb::DeliveryState::Delivered as i32
+            || d.state == pb::DeliveryState::Failed as i32
+        {
             return d;
         }
-        assert!(Instant::now() < deadline, "{id} not finished within {within:?}: {d:?}");
+        assert!(
+            Instant::now() < deadline,
+            "{id} not finished within {within:?}: {d:?}"
+        );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
