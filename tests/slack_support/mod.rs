@@ -89,6 +89,9 @@ pub struct FakeState {
     pub script: Mutex<HashMap<String, Vec<Scripted>>>,
     /// Slack channel id -> latency of each answer.
     pub latency: Mutex<HashMap<String, Duration>>,
+    /// Slack channel id -> how long the answer waits after the call took effect (as a Slack
+    /// whose answer is slow: a client gone meanwhile does not undo the call).
+    pub late_answer: Mutex<HashMap<String, Duration>>,
     /// Requests in flight per Slack channel now, and the most ever seen.
     pub in_flight: fake_http::InFlight,
     pub next_ts: AtomicU64,
@@ -161,6 +164,15 @@ impl FakeSlack {
 
     pub fn set_latency(&self, channel: &str, d: Duration) {
         self.state.latency.lock().unwrap().insert(channel.into(), d);
+    }
+
+    /// Each call to `channel` takes effect (and is recorded) at once, and is answered `d` later.
+    pub fn set_late_answer(&self, channel: &str, d: Duration) {
+        self.state
+            .late_answer
+            .lock()
+            .unwrap()
+            .insert(channel.into(), d);
     }
 
     pub fn max_in_flight(&self, channel: &str) -> u32 {
@@ -275,6 +287,10 @@ async fn method(
     if let Some(secs) = retry_after {
         resp.headers_mut()
             .insert("retry-after", secs.to_string().parse().unwrap());
+    }
+    let late = s.late_answer.lock().unwrap().get(&channel).copied();
+    if let Some(d) = late {
+        tokio::time::sleep(d).await;
     }
     s.in_flight.leave(&channel);
     resp
