@@ -126,6 +126,8 @@ struct FakeStats {
     /// Connections the fake has accepted since it started (never reset): the RSS rows tell the
     /// gateway's connection pool apart from its conversations with it.
     connections: AtomicU64,
+    /// When each conversation's activities were updated (StreamReply showings).
+    updates: Mutex<HashMap<String, Vec<Instant>>>,
 }
 
 /// The fake serves HTTP/1.1 with hyper's server connection, one task per connection, and
@@ -168,6 +170,8 @@ async fn fake_channel() {
 /// One request as the fake needs it.
 struct FakeRequest {
     post: bool,
+    /// An activity update (a StreamReply's showing).
+    put: bool,
     /// The path and query.
     path: String,
 }
@@ -182,6 +186,7 @@ async fn fake_serve(
     let (head, body) = req.into_parts();
     let req = FakeRequest {
         post: head.method == hyper::Method::POST,
+        put: head.method == hyper::Method::PUT,
         path: head
             .uri
             .path_and_query()
@@ -209,6 +214,20 @@ async fn fake_route(
     body: &[u8],
 ) -> (u16, String) {
     let (path, query) = req.path.split_once('?').unwrap_or((req.path.as_str(), ""));
+    // An update of an activity: a stream's next showing. Counted per conversation.
+    if req.put
+        && let Some((conv, id)) = path
+            .strip_prefix("/v3/conversations/")
+            .and_then(|p| p.split_once("/activities/"))
+    {
+        s.updates
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(conv.to_string())
+            .or_default()
+            .push(Instant::now());
+        return (200, json!({ "id": id }).to_string());
+    }
     if let Some(conv) = path
         .strip_prefix("/v3/conversations/")
         .and_then(|p| p.strip_suffix("/activities"))
@@ -263,7 +282,29 @@ async fn fake_route(
             }
             (200, stats.to_string())
         }
+        (false, "/stream") => {
+            // Updates per conversation: the most in any one second, and in all.
+            let updates = s.updates.lock().unwrap_or_else(|p| p.into_inner());
+            let mut worst = 0usize;
+            let mut total = 0usize;
+            for times in updates.values() {
+                total += times.len();
+                for (i, t) in times.iter().enumerate() {
+                    let n = times[i..]
+                        .iter()
+                        .take_while(|u| u.saturating_duration_since(*t) < Duration::from_secs(1))
+                        .count();
+                    worst = worst.max(n);
+                }
+            }
+            (
+                200,
+                json!({"worst_per_s": worst, "updates": total, "conversations": updates.len()})
+                    .to_string(),
+            )
+        }
         (true, "/reset") => {
+            s.updates.lock().unwrap_or_else(|p| p.into_inner()).clear();
             s.received.store(0, Ordering::Relaxed);
             s.violations.store(0, Ordering::Relaxed);
             s.duplicates.store(0, Ordering::Relaxed);
@@ -916,6 +957,95 @@ fn ms(d: Duration) -> String {
 
 struct Row(String, String);
 
+/// StreamReply to Teams (a channel that streams by edits): `conversations` replies at once,
+/// each 200 chunks 10 ms apart, like a language model's tokens. Reports the time from a reply's
+/// first chunk to its first text at the fake (the fake's latency of the first activity, whose
+/// text carries the chunk's send time) and the most updates one conversation got in any second,
+/// against Teams' per-conversation limit.
+async fn stream_scenario(fake: &Proc, quick: bool, rows: &mut Vec<Row>) {
+    let conversations = if quick { 5 } else { 20 };
+    let name = format!(
+        "StreamReply to Teams, {conversations} replies at once, 200 chunks 10 ms apart, durable"
+    );
+    if !selected(&name) {
+        return;
+    }
+    let started = start_gateway(fake, &GatewayOpts::standard(true)).await;
+    let cpu_before = cpu_of(started.gw.child.id());
+    let mut tasks = Vec::new();
+    let t0 = Instant::now();
+    for c in 0..conversations {
+        let mut client = started.client.clone();
+        let mut address = address(fake.port, c);
+        address.channel_id = "msteams".into();
+        address.conversation = Some(pb::ConversationAccount {
+            id: format!("stream-{c}"),
+            ..Default::default()
+        });
+        tasks.push(tokio::spawn(async move {
+            let (tx, rx) = tokio::sync::mpsc::channel(256);
+            let call = tokio::spawn(async move {
+                client
+                    .stream_reply(tokio_stream::wrappers::ReceiverStream::new(rx))
+                    .await
+            });
+            let frame = |k| pb::StreamReplyRequest { kind: Some(k) };
+            use pb::stream_reply_request::Kind;
+            let _ = tx
+                .send(frame(Kind::Start(pb::Message {
+                    address: Some(Box::new(address)),
+                    ..Default::default()
+                })))
+                .await;
+            // The first chunk carries its send time (the fake's order check reads "0 <nanos>").
+            let _ = tx
+                .send(frame(Kind::Chunk(format!("0 {} ", unix_nanos()))))
+                .await;
+            for i in 1..200 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                let _ = tx.send(frame(Kind::Chunk(format!("tok{i} ")))).await;
+            }
+            let _ = tx.send(frame(Kind::Finish(pb::Message::default()))).await;
+            drop(tx);
+            call.await.ok().and_then(|r| r.ok()).map(|r| r.into_inner())
+        }));
+    }
+    let mut done = 0;
+    for t in tasks {
+        if let Ok(Some(r)) = t.await
+            && r.state == pb::DeliveryState::Delivered as i32
+            && !r.incomplete
+        {
+            done += 1;
+        }
+    }
+    let took = t0.elapsed();
+    let cpu = cpu_of(started.gw.child.id()).saturating_sub(cpu_before);
+    let stats = fake_stats(fake.port, true).await;
+    let stream: Value = reqwest::get(format!("http://127.0.0.1:{}/stream", fake.port))
+        .await
+        .expect("fake /stream")
+        .json()
+        .await
+        .expect("fake /stream JSON");
+    let us = |k: &str| stats[k].as_u64().unwrap_or(0) as f64 / 1000.0;
+    report(
+        rows,
+        name,
+        format!(
+            "{done} of {conversations} shown whole in {took:.1?}; first text at the fake p50 \
+             {:.1} ms, p99 {:.1} ms after the first chunk; updates per conversation: at most {} \
+             in any second, {} in all (delivery.stream_update_interval 1s; Teams allows 7 a \
+             second per conversation); gateway CPU {:.0} ms in all",
+            us("p50_us"),
+            us("p99_us"),
+            stream["worst_per_s"],
+            stream["updates"],
+            cpu.as_secs_f64() * 1000.0
+        ),
+    );
+}
+
 /// Adds a row to the table and prints it at once (a long run shows progress).
 fn report(rows: &mut Vec<Row>, name: String, result: String) {
     println!("{name}: {result}");
@@ -1539,6 +1669,14 @@ async fn driver() {
         return;
     }
 
+    // `--only StreamReply`: the streaming scenario alone.
+    if arg("--only").is_some_and(|o| o.contains("StreamReply")) {
+        let fake = spawn_role("fake", &[]).await;
+        stream_scenario(&fake, quick, &mut rows).await;
+        finish(&rows, &[], &load, cores, mem);
+        return;
+    }
+
     // 1. The machine's baseline: a minimal tonic server answering the same Send.
     let echo = spawn_role("echo", &[]).await;
     let echo_client = connect(echo.port).await;
@@ -1748,6 +1886,7 @@ async fn driver() {
     drop(slow);
 
     let fake = spawn_role("fake", &[]).await;
+    stream_scenario(&fake, quick, &mut rows).await;
     for n in [1_000usize, 10_000, 100_000] {
         if quick && n > 10_000 {
             continue;

@@ -379,3 +379,47 @@ async fn render_shows_a_streams_requests_and_capabilities_say_how_it_streams() {
     );
     assert!(h.fake.received().is_empty(), "render sends nothing");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_reply_can_be_updated_and_deleted_like_a_sent_message() {
+    let h = start().await;
+    let (tx, rx) = mpsc::channel(8);
+    tx.send(start_frame(&h, "C0LATER")).await.unwrap();
+    tx.send(chunk("draft answer")).await.unwrap();
+    tx.send(finish(pb::Message::default())).await.unwrap();
+    drop(tx);
+    let r = h
+        .client
+        .clone()
+        .stream_reply(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let u = h
+        .client
+        .clone()
+        .update_message(pb::UpdateMessageRequest {
+            message_id: r.message_id.clone(),
+            message: Some(pb::Message {
+                text: "final answer".into(),
+                ..Default::default()
+            }),
+            wait: pb::WaitMode::Delivered as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(u.state, pb::DeliveryState::Delivered as i32);
+    assert_eq!(h.fake.shown("C0LATER")[0].1, "final answer");
+    h.client
+        .clone()
+        .delete_message(pb::DeleteMessageRequest {
+            message_id: r.message_id,
+            wait: pb::WaitMode::Delivered as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(h.fake.shown("C0LATER").is_empty());
+}

@@ -611,7 +611,11 @@ impl GatewayService {
             .map_err(status::outbox_read)?
             .filter(|m| visible(req, m))
             .ok_or_else(|| unknown_message(id))?;
-        if target.op.is_some() {
+        // A streamed reply is a message; an update or a delete is not.
+        if target
+            .op
+            .is_some_and(|o| o != crate::outbox::Operation::Stream)
+        {
             return Err(status::invalid_field(
                 "message_id",
                 format!("{id} is an update or a delete; name the message it changed"),
@@ -785,6 +789,14 @@ impl ChannelGateway for GatewayService {
             ));
         }
         prepared.message.address = sent_to;
+        // A typing indicator or an event is not a message to show instead of one (and some
+        // channels would replace the message with it).
+        if prepared.message.kind != MessageType::Message {
+            return Err(status::invalid_field(
+                "message.type",
+                "an update replaces a message with a message: to remove it, use DeleteMessage",
+            ));
+        }
         // Planned now against the receipts the message has now, to refuse what cannot be done
         // and say how it maps; planned again when its turn comes.
         let channels = self.dispatcher.channels();
@@ -984,7 +996,7 @@ impl ChannelGateway for GatewayService {
             &r.idempotency_key,
         )?;
         let mut warnings = Vec::new();
-        if target.record.receipts.is_empty() {
+        if target.record.receipts.is_empty() && !target.record.state.is_terminal() {
             warnings.push(model::Warning::new(
                 "delete_pending",
                 "message_id",

@@ -105,10 +105,10 @@ impl Worker {
         let mut next_show = now;
         let mut next_typing = now;
         let typing_every = self.inner.channels.typing_interval(self.key.channel_id());
+        // Idle is counted from the client's last frame: this side's showings and typing
+        // indicators do not keep a silent stream alive.
+        let mut idle_until = later(now, cfg.stream_idle_timeout);
         let end = loop {
-            let idle_until = tokio::time::Instant::now()
-                .checked_add(cfg.stream_idle_timeout)
-                .unwrap_or_else(tokio::time::Instant::now);
             let wake = match mode {
                 StreamMode::Edits if text.len() > shown_len => Some(next_show),
                 StreamMode::Typing => Some(next_typing),
@@ -116,7 +116,10 @@ impl Worker {
             };
             tokio::select! {
                 ev = events.recv() => match ev {
-                    Some(StreamEvent::Text(t)) => text.push_str(&t),
+                    Some(StreamEvent::Text(t)) => {
+                        text.push_str(&t);
+                        idle_until = later(tokio::time::Instant::now(), cfg.stream_idle_timeout);
+                    }
                     Some(StreamEvent::TooLong) => break End::TooLong,
                     Some(StreamEvent::Finish(m)) => break End::Finished(m),
                     None => break End::Gone,
@@ -199,7 +202,7 @@ impl Worker {
     /// One showing of the text so far: the first sends the message, the next ones update it.
     /// Failures are logged and skipped: the next showing carries the text anyway.
     async fn show(&self, item: &Item, m: &Message, shown: &mut Shown) {
-        if let Err(e) = self.show_step(m, shown).await {
+        if let Err(e) = self.show_step(item, m, shown).await {
             tracing::warn!(message_id = item.id, error = %e, "a stream's showing failed; the next one carries its text");
             shown.error = Some(e);
             return;
@@ -225,7 +228,12 @@ impl Worker {
         }
     }
 
-    async fn show_step(&self, m: &Message, shown: &mut Shown) -> Result<(), ChannelError> {
+    async fn show_step(
+        &self,
+        item: &Item,
+        m: &Message,
+        shown: &mut Shown,
+    ) -> Result<(), ChannelError> {
         let render_err = |e: crate::channels::RenderOrRoute| self.render_failure(&e);
         if shown.receipts.is_empty() {
             let rendered = self
@@ -233,6 +241,19 @@ impl Worker {
                 .channels
                 .render_send(m, None)
                 .map_err(render_err)?;
+            // As a Send's: from now on a crash may leave the message shown with no receipt
+            // recorded, and the stream is then finished flagged as a possible duplicate.
+            if !shown.marked {
+                self.inner
+                    .store
+                    .update_fenced(item.id, Change::Delivering { attempts: 0 }, item.fence)
+                    .await
+                    .map_err(|e| ChannelError {
+                        code: Some("outbox".into()),
+                        ..ChannelError::new("gateway", FailureKind::Permanent, e.to_string())
+                    })?;
+                shown.marked = true;
+            }
             for req in &rendered.requests {
                 let r = self.call(req, &mut shown.calls).await?;
                 shown.receipts.push(r);
@@ -263,7 +284,7 @@ impl Worker {
 
     /// The final showing: an update of what was shown, or the message itself.
     async fn show_final(&self, item: &Item, m: &Message, shown: &mut Shown) -> Outcome {
-        let result = self.show_step(m, shown).await;
+        let result = self.show_step(item, m, shown).await;
         let mut out = Outcome {
             state: DeliveryState::Delivered,
             receipts: shown.receipts.clone(),
@@ -331,12 +352,30 @@ impl Worker {
 
     /// A stream resumed after a restart: its text is gone with the process that had it, so it
     /// is finished as it stood: shown (its receipts were recorded), or never shown.
-    pub(super) async fn interrupted_stream(&self, item: &Item) -> Outcome {
+    pub(super) async fn interrupted_stream(&self, item: &mut Item) -> Outcome {
         let receipts = match self.inner.store.get(item.id).await {
             Ok(Some(m)) => m.record.receipts,
             _ => Vec::new(),
         };
         let shown = !receipts.is_empty();
+        // Marked delivering before its first showing: without receipts, that showing may have
+        // reached the channel all the same.
+        let maybe = !shown && item.possible_duplicate;
+        // Shown, with its receipts: nothing is sent again, so nothing is a duplicate.
+        item.possible_duplicate = maybe;
+        let why = match (shown, maybe) {
+            (true, _) => {
+                "the gateway stopped while the reply was streaming: the message shows the text \
+                 it had shown then"
+            }
+            (false, true) => {
+                "the gateway stopped while the reply's first showing was on its way: the channel \
+                 may show it, its receipt is unknown"
+            }
+            (false, false) => {
+                "the gateway stopped before the streamed reply was shown: nothing was sent"
+            }
+        };
         Outcome {
             state: if shown {
                 DeliveryState::Delivered
@@ -344,17 +383,9 @@ impl Worker {
                 DeliveryState::Failed
             },
             receipts,
-            error: Some(stream_error(
-                "stream_interrupted",
-                if shown {
-                    "the gateway stopped while the reply was streaming: the message shows the text \
-                     it had shown then"
-                } else {
-                    "the gateway stopped before the streamed reply was shown: nothing was sent"
-                },
-            )),
+            error: Some(stream_error("stream_interrupted", why)),
             attempts: 0,
-            possible_duplicate: false,
+            possible_duplicate: maybe,
         }
     }
 }
@@ -371,6 +402,8 @@ struct Shown {
     updates: u32,
     /// The last showing's failure, if it failed.
     error: Option<ChannelError>,
+    /// The outbox was told a showing may reach the channel.
+    marked: bool,
 }
 
 fn with_text(template: &Message, text: &str) -> Message {
