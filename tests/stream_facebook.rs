@@ -36,11 +36,11 @@ async fn typing_is_kept_alive_while_the_text_grows_then_the_whole_text_with_quic
     let (tx, call) = open(&h.client, address(psid)).await;
     let mut want = String::new();
     let started = Instant::now();
-    for i in 0..150 {
+    for i in 0..200 {
         let piece = format!("tok{i} ");
         want.push_str(&piece);
         tx.send(chunk(&piece)).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(30)).await;
+        tokio::time::sleep(Duration::from_millis(25)).await;
         if i == 50 {
             h.client
                 .clone()
@@ -108,7 +108,7 @@ async fn typing_is_kept_alive_while_the_text_grows_then_the_whole_text_with_quic
         "the receipt names the final message"
     );
     println!(
-        "facebook: 150 chunks in {took:?}: {} typing_on (shortest gap {gap:?}), then the message \
+        "facebook: 200 chunks in {took:?}: {} typing_on (shortest gap {gap:?}), then the message \
          {:?} after the first chunk ({last_typing_to_message:?} after the last typing_on), the \
          queued send {:?} after it",
         typing.len(),
