@@ -6,8 +6,12 @@
 //! so. Web Chat and Direct Line refuse both before anything is accepted (Messenger's refusal is
 //! in `update_facebook.rs`, on its own fake).
 
+#[path = "change_support/mod.rs"]
+mod change_support;
+
 mod common;
 
+use change_support::{codes, delete, new_text, receipts_of, update};
 use std::time::Duration;
 
 use common::*;
@@ -53,64 +57,8 @@ async fn send(
         .map(|r| r.into_inner())
 }
 
-async fn update(
-    client: &Client,
-    id: &str,
-    message: pb::Message,
-    wait: pb::WaitMode,
-    key: &str,
-) -> Result<pb::UpdateMessageResponse, tonic::Status> {
-    client
-        .clone()
-        .update_message(pb::UpdateMessageRequest {
-            message_id: id.into(),
-            message: Some(message),
-            idempotency_key: key.into(),
-            wait: wait as i32,
-        })
-        .await
-        .map(|r| r.into_inner())
-}
-
-async fn delete(
-    client: &Client,
-    id: &str,
-    wait: pb::WaitMode,
-) -> Result<pb::DeleteMessageResponse, tonic::Status> {
-    client
-        .clone()
-        .delete_message(pb::DeleteMessageRequest {
-            message_id: id.into(),
-            idempotency_key: String::new(),
-            wait: wait as i32,
-        })
-        .await
-        .map(|r| r.into_inner())
-}
-
-/// The new message, without an address: the sent one's is used.
-fn new_text(text: &str) -> pb::Message {
-    pb::Message {
-        text: text.into(),
-        ..Default::default()
-    }
-}
-
-async fn receipts_of(client: &Client, id: &str) -> Vec<String> {
-    delivery(&mut client.clone(), id)
-        .await
-        .receipts
-        .into_iter()
-        .map(|r| r.native_id)
-        .collect()
-}
-
 fn ids(receipts: &[pb::Receipt]) -> Vec<String> {
     receipts.iter().map(|r| r.native_id.clone()).collect()
-}
-
-fn codes(w: &[pb::Warning]) -> Vec<&str> {
-    w.iter().map(|w| w.code.as_str()).collect()
 }
 
 /// The PUTs and DELETEs the fake accepted (and the POSTs after the first `skip_posts`), as

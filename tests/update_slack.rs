@@ -3,9 +3,13 @@
 //! edits, chat.delete removes, by `ts`), so each test checks the conversation as a person sees
 //! it, and the order of the calls that made it so.
 
+#[path = "change_support/mod.rs"]
+mod change_support;
+
 #[path = "slack_support/mod.rs"]
 mod support;
 
+use change_support::{codes, delete, new_text, receipts_of, update};
 use std::time::Duration;
 
 use support::*;
@@ -20,70 +24,6 @@ fn long_text(parts: usize) -> String {
     "word ".repeat(words).trim_end().to_string()
 }
 
-async fn update(
-    h: &Harness,
-    id: &str,
-    message: pb::Message,
-    wait: pb::WaitMode,
-    key: &str,
-) -> Result<pb::UpdateMessageResponse, tonic::Status> {
-    h.client
-        .clone()
-        .update_message(pb::UpdateMessageRequest {
-            message_id: id.into(),
-            message: Some(message),
-            idempotency_key: key.into(),
-            wait: wait as i32,
-        })
-        .await
-        .map(|r| r.into_inner())
-}
-
-async fn delete(
-    h: &Harness,
-    id: &str,
-    wait: pb::WaitMode,
-) -> Result<pb::DeleteMessageResponse, tonic::Status> {
-    h.client
-        .clone()
-        .delete_message(pb::DeleteMessageRequest {
-            message_id: id.into(),
-            idempotency_key: String::new(),
-            wait: wait as i32,
-        })
-        .await
-        .map(|r| r.into_inner())
-}
-
-/// The new message, without an address: the sent one's is used.
-fn new_text(text: &str) -> pb::Message {
-    pb::Message {
-        text: text.into(),
-        ..Default::default()
-    }
-}
-
-async fn receipts_of(h: &Harness, id: &str) -> Vec<String> {
-    h.client
-        .clone()
-        .get_delivery(pb::GetDeliveryRequest {
-            message_id: id.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .delivery
-        .unwrap()
-        .receipts
-        .into_iter()
-        .map(|r| r.native_id)
-        .collect()
-}
-
-fn codes(w: &[pb::Warning]) -> Vec<&str> {
-    w.iter().map(|w| w.code.as_str()).collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_split_in_three_is_updated_into_one_and_into_five() {
     let h = start().await;
@@ -95,7 +35,7 @@ async fn a_message_split_in_three_is_updated_into_one_and_into_five() {
     assert_eq!(sent.receipts.len(), 3, "the text is split in three");
     let first: Vec<String> = sent.receipts.iter().map(|r| r.native_id.clone()).collect();
     let r = update(
-        &h,
+        &h.client,
         &sent.message_id,
         new_text("the *short* answer"),
         pb::WaitMode::Delivered,
@@ -132,7 +72,10 @@ async fn a_message_split_in_three_is_updated_into_one_and_into_five() {
     assert_eq!(edit["channel"], "C0SPLIT");
     assert!(edit.get("thread_ts").is_none() && edit.get("unfurl_links").is_none());
     assert_eq!(edit["blocks"], serde_json::json!([]), "old blocks removed");
-    assert_eq!(receipts_of(&h, &sent.message_id).await, [first[0].clone()]);
+    assert_eq!(
+        receipts_of(&h.client, &sent.message_id).await,
+        [first[0].clone()]
+    );
 
     // Three native messages updated into five: three edits, then two new messages after them.
     let sent = h
@@ -142,7 +85,7 @@ async fn a_message_split_in_three_is_updated_into_one_and_into_five() {
     let before: Vec<String> = sent.receipts.iter().map(|r| r.native_id.clone()).collect();
     let posts_before = h.fake.calls("chat.postMessage").len();
     let r = update(
-        &h,
+        &h.client,
         &sent.message_id,
         new_text(&long_text(5)),
         pb::WaitMode::Delivered,
@@ -167,7 +110,7 @@ async fn a_message_split_in_three_is_updated_into_one_and_into_five() {
         .collect::<Vec<_>>()
         .join(" ");
     assert_eq!(joined.split_whitespace().count(), 4 * 8_000 + 4_000);
-    assert_eq!(receipts_of(&h, &sent.message_id).await, shown_ts);
+    assert_eq!(receipts_of(&h.client, &sent.message_id).await, shown_ts);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -184,7 +127,7 @@ async fn a_delete_removes_the_message_and_a_second_one_has_nothing_to_delete() {
         )
         .await
         .unwrap();
-    let r = delete(&h, &gone.message_id, pb::WaitMode::Delivered)
+    let r = delete(&h.client, &gone.message_id, pb::WaitMode::Delivered)
         .await
         .unwrap();
     assert_eq!(r.state, pb::DeliveryState::Delivered as i32);
@@ -198,22 +141,22 @@ async fn a_delete_removes_the_message_and_a_second_one_has_nothing_to_delete() {
         (Some("C0DEL"), Some(gone.receipts[0].native_id.as_str()))
     );
     // Nothing of it is left on the channel: refused before anything is accepted.
-    let e = delete(&h, &gone.message_id, pb::WaitMode::Accepted)
+    let e = delete(&h.client, &gone.message_id, pb::WaitMode::Accepted)
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     assert!(e.message().contains("nothing to delete"), "{}", e.message());
     // An unknown id, and a change's own id, are refused by field.
-    let e = delete(&h, "999999999", pb::WaitMode::Accepted)
+    let e = delete(&h.client, "999999999", pb::WaitMode::Accepted)
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
-    let e = delete(&h, &r.change_id, pb::WaitMode::Accepted)
+    let e = delete(&h.client, &r.change_id, pb::WaitMode::Accepted)
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().contains("message_id"), "{}", e.message());
-    let e = delete(&h, "not-a-number", pb::WaitMode::Accepted)
+    let e = delete(&h.client, "not-a-number", pb::WaitMode::Accepted)
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
@@ -229,7 +172,7 @@ async fn an_update_sent_right_after_its_send_waits_for_it_and_never_overtakes_it
         .await
         .unwrap();
     let r = update(
-        &h,
+        &h.client,
         &sent.message_id,
         new_text("here is the answer"),
         pb::WaitMode::Delivered,
@@ -263,7 +206,7 @@ async fn an_update_retried_with_its_idempotency_key_is_made_once() {
         .await
         .unwrap();
     let first = update(
-        &h,
+        &h.client,
         &sent.message_id,
         new_text("v2"),
         pb::WaitMode::Delivered,
@@ -272,7 +215,7 @@ async fn an_update_retried_with_its_idempotency_key_is_made_once() {
     .await
     .unwrap();
     let again = update(
-        &h,
+        &h.client,
         &sent.message_id,
         new_text("v2"),
         pb::WaitMode::Delivered,
@@ -283,7 +226,7 @@ async fn an_update_retried_with_its_idempotency_key_is_made_once() {
     assert_eq!(first.change_id, again.change_id);
     assert_eq!(h.fake.calls("chat.update").len(), 1);
     // The change is reported like a message.
-    assert_eq!(receipts_of(&h, &first.change_id).await.len(), 1);
+    assert_eq!(receipts_of(&h.client, &first.change_id).await.len(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -300,7 +243,7 @@ async fn slacks_own_refusals_are_reported_with_their_code() {
             .unwrap();
         h.fake.script("C0REFUSE", vec![Scripted::refuse(code)]);
         let e = update(
-            &h,
+            &h.client,
             &sent.message_id,
             new_text("v2"),
             pb::WaitMode::Delivered,
@@ -322,7 +265,7 @@ async fn slacks_own_refusals_are_reported_with_their_code() {
         .unwrap();
     h.fake
         .script("C0REFUSE", vec![Scripted::refuse("cant_delete_message")]);
-    let e = delete(&h, &sent.message_id, pb::WaitMode::Delivered)
+    let e = delete(&h.client, &sent.message_id, pb::WaitMode::Delivered)
         .await
         .unwrap_err();
     assert!(
@@ -331,11 +274,11 @@ async fn slacks_own_refusals_are_reported_with_their_code() {
         e.message()
     );
     // Refused, the message is still there and still known: a later delete can try again.
-    assert_eq!(receipts_of(&h, &sent.message_id).await.len(), 1);
-    delete(&h, &sent.message_id, pb::WaitMode::Delivered)
+    assert_eq!(receipts_of(&h.client, &sent.message_id).await.len(), 1);
+    delete(&h.client, &sent.message_id, pb::WaitMode::Delivered)
         .await
         .unwrap();
-    assert!(receipts_of(&h, &sent.message_id).await.is_empty());
+    assert!(receipts_of(&h.client, &sent.message_id).await.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -462,11 +405,11 @@ async fn retries_and_leftovers_of_changes_are_answered_sensibly() {
         .lock()
         .unwrap()
         .remove(&("C0AGAIN".to_string(), gone.receipts[0].native_id.clone()));
-    let r = delete(&h, &gone.message_id, pb::WaitMode::Delivered)
+    let r = delete(&h.client, &gone.message_id, pb::WaitMode::Delivered)
         .await
         .unwrap();
     assert_eq!(r.state, pb::DeliveryState::Delivered as i32);
-    assert!(receipts_of(&h, &gone.message_id).await.is_empty());
+    assert!(receipts_of(&h.client, &gone.message_id).await.is_empty());
 
     // An update that shows nothing (a typing indicator) is refused: it would delete the message.
     let kept = h
@@ -474,7 +417,7 @@ async fn retries_and_leftovers_of_changes_are_answered_sensibly() {
         .await
         .unwrap();
     let e = update(
-        &h,
+        &h.client,
         &kept.message_id,
         pb::Message {
             r#type: pb::MessageType::Typing as i32,
@@ -492,7 +435,7 @@ async fn retries_and_leftovers_of_changes_are_answered_sensibly() {
     h.fake
         .script("C0AGAIN", vec![Scripted::refuse("edit_window_closed")]);
     let e = update(
-        &h,
+        &h.client,
         &kept.message_id,
         new_text("v2"),
         pb::WaitMode::Delivered,

@@ -4,9 +4,13 @@
 //! changes nothing, a message is gone, or a delete comes too late. Each test checks the chat as
 //! a person sees it, and the order of the calls that made it so.
 
+#[path = "change_support/mod.rs"]
+mod change_support;
+
 #[path = "telegram_support/mod.rs"]
 mod support;
 
+use change_support::{codes, delete, new_text, receipts_of};
 use std::time::Duration;
 
 use support::*;
@@ -36,57 +40,7 @@ async fn update(
     message: pb::Message,
     wait: pb::WaitMode,
 ) -> Result<pb::UpdateMessageResponse, tonic::Status> {
-    h.client
-        .clone()
-        .update_message(pb::UpdateMessageRequest {
-            message_id: id.into(),
-            message: Some(message),
-            idempotency_key: String::new(),
-            wait: wait as i32,
-        })
-        .await
-        .map(|r| r.into_inner())
-}
-
-async fn delete(
-    h: &Harness,
-    id: &str,
-    wait: pb::WaitMode,
-) -> Result<pb::DeleteMessageResponse, tonic::Status> {
-    h.client
-        .clone()
-        .delete_message(pb::DeleteMessageRequest {
-            message_id: id.into(),
-            idempotency_key: String::new(),
-            wait: wait as i32,
-        })
-        .await
-        .map(|r| r.into_inner())
-}
-
-/// The new message, without an address: the sent one's is used.
-fn new_text(text: &str) -> pb::Message {
-    pb::Message {
-        text: text.into(),
-        ..Default::default()
-    }
-}
-
-async fn receipts_of(h: &Harness, id: &str) -> Vec<String> {
-    h.client
-        .clone()
-        .get_delivery(pb::GetDeliveryRequest {
-            message_id: id.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .delivery
-        .unwrap()
-        .receipts
-        .into_iter()
-        .map(|r| r.native_id)
-        .collect()
+    change_support::update(&h.client, id, message, wait, "").await
 }
 
 fn ids(r: &pb::SendResponse) -> Vec<i64> {
@@ -94,10 +48,6 @@ fn ids(r: &pb::SendResponse) -> Vec<i64> {
         .iter()
         .map(|r| r.native_id.parse().unwrap())
         .collect()
-}
-
-fn codes(w: &[pb::Warning]) -> Vec<&str> {
-    w.iter().map(|w| w.code.as_str()).collect()
 }
 
 /// The calls to `chat` other than sends, as "METHOD message_id", in arrival order.
@@ -151,7 +101,7 @@ async fn a_text_split_in_three_is_updated_into_one_and_into_five() {
     assert_eq!(edit.body["chat_id"], 5001);
     assert_eq!(edit.body["parse_mode"], "HTML");
     assert_eq!(
-        receipts_of(&h, &sent.message_id).await,
+        receipts_of(&h.client, &sent.message_id).await,
         [first[0].to_string()]
     );
 
@@ -207,7 +157,7 @@ async fn a_text_split_in_three_is_updated_into_one_and_into_five() {
     assert_eq!(joined.split_whitespace().count(), 4 * 820 + 410);
     assert!(joined.split_whitespace().all(|w| w == "more"));
     assert_eq!(
-        receipts_of(&h, &sent.message_id).await,
+        receipts_of(&h.client, &sent.message_id).await,
         shown_ids.iter().map(i64::to_string).collect::<Vec<_>>()
     );
 }
@@ -241,12 +191,12 @@ async fn an_update_that_changes_nothing_is_delivered() {
         [(ids(&sent)[0], "same words".to_string())]
     );
     assert_eq!(
-        receipts_of(&h, &sent.message_id).await,
-        receipts_of(&h, &r.change_id).await,
+        receipts_of(&h.client, &sent.message_id).await,
+        receipts_of(&h.client, &r.change_id).await,
         "the change names the message it left as it was"
     );
     assert_eq!(
-        receipts_of(&h, &sent.message_id).await,
+        receipts_of(&h.client, &sent.message_id).await,
         [ids(&sent)[0].to_string()]
     );
     // A later update plans against it still.
@@ -290,7 +240,7 @@ async fn a_delete_removes_the_message_and_one_too_old_says_why() {
         pb::WaitMode::Delivered,
     )
     .await;
-    let r = delete(&h, &gone.message_id, pb::WaitMode::Delivered)
+    let r = delete(&h.client, &gone.message_id, pb::WaitMode::Delivered)
         .await
         .unwrap();
     assert_eq!(r.state, pb::DeliveryState::Delivered as i32);
@@ -299,14 +249,14 @@ async fn a_delete_removes_the_message_and_one_too_old_says_why() {
         changes(&h, chat),
         [format!("deleteMessage {}", ids(&gone)[0])]
     );
-    assert!(receipts_of(&h, &gone.message_id).await.is_empty());
+    assert!(receipts_of(&h.client, &gone.message_id).await.is_empty());
 
     // Past 48 hours Telegram keeps the message: the delete fails, saying so, and the message
     // is still known (nothing was deleted).
     let chat = "5005";
     let old = send(&h, text(chat, "old news"), pb::WaitMode::Delivered).await;
     h.fake.make_old(chat, ids(&old)[0]);
-    let e = delete(&h, &old.message_id, pb::WaitMode::Delivered)
+    let e = delete(&h.client, &old.message_id, pb::WaitMode::Delivered)
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
@@ -323,7 +273,7 @@ async fn a_delete_removes_the_message_and_one_too_old_says_why() {
     );
     assert_eq!(h.fake.shown(chat).len(), 1);
     assert_eq!(
-        receipts_of(&h, &old.message_id).await,
+        receipts_of(&h.client, &old.message_id).await,
         [ids(&old)[0].to_string()]
     );
 
@@ -351,7 +301,7 @@ async fn a_delete_removes_the_message_and_one_too_old_says_why() {
         "{}",
         e.message()
     );
-    let r = delete(&h, &taken.message_id, pb::WaitMode::Delivered)
+    let r = delete(&h.client, &taken.message_id, pb::WaitMode::Delivered)
         .await
         .unwrap();
     assert_eq!(r.state, pb::DeliveryState::Delivered as i32, "{r:?}");
@@ -395,7 +345,7 @@ async fn an_update_sent_right_after_its_send_waits_for_it() {
     assert_eq!(shown.len(), 1);
     assert_eq!(shown[0].1, "here is the answer");
     assert_eq!(
-        receipts_of(&h, &sent.message_id).await,
+        receipts_of(&h.client, &sent.message_id).await,
         [shown[0].0.to_string()]
     );
     // And a Send after the update goes after it.

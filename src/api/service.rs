@@ -271,6 +271,34 @@ fn capabilities_pb(c: Capabilities, configured: bool) -> pb::Capabilities {
     }
 }
 
+/// One accepted message's id and, when its caller waits for it, its outcome: the channel's
+/// refusal as the call's error; a gateway that stopped first as UNAVAILABLE. `what` and `done`
+/// name it in that error ("message", "delivered").
+async fn one_outcome(
+    submitted: Result<crate::delivery::Accepted, crate::delivery::SubmitError>,
+    wait: i32,
+    what: &str,
+    done: &str,
+) -> Result<(u64, Option<Outcome>), Status> {
+    let accepted = submitted.map_err(status::submit)?;
+    accepted.durable.await.map_err(status::outbox)?;
+    let mut tickets = accepted.tickets;
+    let ticket = tickets.pop().ok_or_else(|| Status::internal("no ticket"))?;
+    let id = ticket.id;
+    let out = outcome(ticket).await;
+    if let Some(o) = &out
+        && let Some(e) = &o.error
+    {
+        return Err(status::channel(e, o.attempts, o.possible_duplicate));
+    }
+    if wants_delivery(wait) && out.is_none() {
+        return Err(Status::unavailable(format!(
+            "{what} {id} was accepted but the gateway stopped before it was {done}"
+        )));
+    }
+    Ok((id, out))
+}
+
 /// Awaits an outcome the dispatcher owes; a dropped sender means the gateway stopped first.
 async fn outcome(t: Ticket) -> Option<Outcome> {
     match t.outcome {
@@ -558,22 +586,7 @@ impl GatewayService {
                     );
                     (warnings, submitted)
                 };
-                let accepted = submitted.await.map_err(status::submit)?;
-                accepted.durable.await.map_err(status::outbox)?;
-                let mut tickets = accepted.tickets;
-                let ticket = tickets.pop().ok_or_else(|| Status::internal("no ticket"))?;
-                let id = ticket.id;
-                let done = outcome(ticket).await;
-                if let Some(o) = &done
-                    && let Some(e) = &o.error
-                {
-                    return Err(status::channel(e, o.attempts, o.possible_duplicate));
-                }
-                if wants_delivery(wait) && done.is_none() {
-                    return Err(Status::unavailable(format!(
-                        "message {id} was accepted but the gateway stopped before it was delivered"
-                    )));
-                }
+                let (id, done) = one_outcome(submitted.await, wait, "message", "delivered").await?;
                 let r = result_pb(id, &warnings, done);
                 Ok(Cached::Send(Box::new(pb::SendResponse {
                     message_id: r.message_id,
@@ -727,22 +740,8 @@ impl GatewayService {
                     wants_delivery(wait),
                     key.as_ref().map(idem_store_key),
                 );
-                let accepted = submitted.await.map_err(status::submit)?;
-                accepted.durable.await.map_err(status::outbox)?;
-                let mut tickets = accepted.tickets;
-                let ticket = tickets.pop().ok_or_else(|| Status::internal("no ticket"))?;
-                let id = ticket.id;
-                let done = outcome(ticket).await;
-                if let Some(o) = &done
-                    && let Some(e) = &o.error
-                {
-                    return Err(status::channel(e, o.attempts, o.possible_duplicate));
-                }
-                if wants_delivery(wait) && done.is_none() {
-                    return Err(Status::unavailable(format!(
-                        "change {id} was accepted but the gateway stopped before it was carried out"
-                    )));
-                }
+                let (id, done) =
+                    one_outcome(submitted.await, wait, "change", "carried out").await?;
                 Ok(Cached::Change(Box::new(result_pb(id, &warnings, done))))
             })
             .await?;
