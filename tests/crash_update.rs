@@ -15,11 +15,11 @@ mod common;
 mod slack;
 
 use std::collections::HashMap;
-use std::process::{Child, Stdio};
+use std::process::Child;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{FakeConnector, Watchdog, binary_channel, free_port, gateway_command};
+use common::{FakeConnector, Watchdog, binary_channel, free_port, slack_gateway_command};
 
 use channel_gateway::api::pb::{self, channel_gateway_client::ChannelGatewayClient};
 
@@ -35,41 +35,15 @@ fn spawn_gateway(
     data_dir: &std::path::Path,
     port: u16,
 ) -> Child {
-    gateway_command(bf, data_dir, port)
-        .env("CHANNEL_GATEWAY__DELIVERY__BASE_RETRY_DELAY", "20ms")
-        .env(
-            "CHANNEL_GATEWAY__CHANNELS__SLACK__API_BASE_URL",
-            fake.base_url(),
-        )
-        .env(
-            "CHANNEL_GATEWAY__CHANNELS__SLACK__WORKSPACES",
-            format!(
-                r#"[{{ bot_id = "{}", token = "{}" }}]"#,
-                slack::BOT,
-                slack::TOKEN
-            ),
-        )
-        // Updates as fast as the fake takes them: this test is about kills, not pacing.
-        .env("CHANNEL_GATEWAY__CHANNELS__SLACK__RATE_PER_SECOND", "1000")
-        .env("CHANNEL_GATEWAY__CHANNELS__SLACK__RATE_BURST", "1000")
-        .env("CHANNEL_GATEWAY__ADMIN__LISTEN", "127.0.0.1:0")
-        .env(
-            "RUST_LOG",
-            std::env::var("CG_TEST_RUST_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .stdout(Stdio::null())
-        // CG_TEST_LOG=path keeps the gateways' logs, for a failure to be looked into.
-        .stderr(match std::env::var("CG_TEST_LOG") {
-            Ok(p) => std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)
-                .map(Stdio::from)
-                .unwrap_or_else(|_| Stdio::null()),
-            Err(_) => Stdio::null(),
-        })
-        .spawn()
-        .unwrap()
+    let mut cmd = slack_gateway_command(
+        bf,
+        data_dir,
+        port,
+        &fake.base_url(),
+        slack::BOT,
+        slack::TOKEN,
+    );
+    cmd.spawn().unwrap()
 }
 
 async fn connect(port: u16) -> ChannelGatewayClient<tonic::transport::Channel> {

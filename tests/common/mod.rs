@@ -695,6 +695,46 @@ pub fn gateway_command(
     cmd
 }
 
+/// `gateway_command`, with Slack pointed at a fake Web API at `slack_api` (one workspace: `bot`
+/// with `token`), paced only by that fake, quick retries, the admin listener on a free port,
+/// and its log kept where `CG_TEST_LOG` says (for a failure to be looked into; `RUST_LOG` from
+/// `CG_TEST_RUST_LOG`). The crash tests of changes and streams run the binary this way.
+pub fn slack_gateway_command(
+    fake: &FakeConnector,
+    data_dir: &std::path::Path,
+    port: u16,
+    slack_api: &str,
+    bot: &str,
+    token: &str,
+) -> std::process::Command {
+    let mut cmd = gateway_command(fake, data_dir, port);
+    cmd.env("CHANNEL_GATEWAY__DELIVERY__BASE_RETRY_DELAY", "20ms")
+        .env("CHANNEL_GATEWAY__CHANNELS__SLACK__API_BASE_URL", slack_api)
+        .env(
+            "CHANNEL_GATEWAY__CHANNELS__SLACK__WORKSPACES",
+            format!(r#"[{{ bot_id = "{bot}", token = "{token}" }}]"#),
+        )
+        // As fast as the fake takes them: these tests are about kills, not pacing.
+        .env("CHANNEL_GATEWAY__CHANNELS__SLACK__RATE_PER_SECOND", "1000")
+        .env("CHANNEL_GATEWAY__CHANNELS__SLACK__RATE_BURST", "1000")
+        .env("CHANNEL_GATEWAY__ADMIN__LISTEN", "127.0.0.1:0")
+        .env(
+            "RUST_LOG",
+            std::env::var("CG_TEST_RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdout(std::process::Stdio::null())
+        .stderr(match std::env::var("CG_TEST_LOG") {
+            Ok(p) => std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map(std::process::Stdio::from)
+                .unwrap_or_else(|_| std::process::Stdio::null()),
+            Err(_) => std::process::Stdio::null(),
+        });
+    cmd
+}
+
 /// What GetDelivery answers for message `id`.
 pub async fn delivery(
     client: &mut ChannelGatewayClient<tonic::transport::Channel>,
