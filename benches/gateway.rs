@@ -214,6 +214,19 @@ async fn fake_route(
     body: &[u8],
 ) -> (u16, String) {
     let (path, query) = req.path.split_once('?').unwrap_or((req.path.as_str(), ""));
+    // Slack and Telegram, for the StreamReply scenarios: a message posted (its first text's
+    // latency, when it carries the first chunk's send time) and its updates, per conversation.
+    if req.post
+        && let Some(method) = path
+            .strip_prefix("/api/")
+            .or_else(|| path.strip_prefix("/bot").and_then(|p| p.split_once('/')).map(|(_, m)| m))
+        && matches!(
+            method,
+            "chat.postMessage" | "chat.update" | "sendMessage" | "editMessageText"
+        )
+    {
+        return fake_message(s, method, body);
+    }
     // An update of an activity: a stream's next showing. Counted per conversation.
     if req.put
         && let Some((conv, id)) = path
@@ -320,6 +333,48 @@ async fn fake_route(
         }
         _ => (404, r#"{"error":"no such route"}"#.into()),
     }
+}
+
+/// A Slack or Telegram message call of a StreamReply scenario (see `fake_route`).
+fn fake_message(s: &FakeStats, method: &str, body: &[u8]) -> (u16, String) {
+    let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    let conv = v
+        .get("channel")
+        .or_else(|| v.get("chat_id"))
+        .map(|c| c.to_string().trim_matches('"').to_string())
+        .unwrap_or_default();
+    let n = s.received.fetch_add(1, Ordering::Relaxed) + 1;
+    match method {
+        "chat.postMessage" | "sendMessage" => {
+            let text = v.get("text").and_then(Value::as_str).unwrap_or_default();
+            let mut parts = text.split(' ');
+            let sent: u128 = match (parts.next(), parts.next()) {
+                (Some("0"), Some(t)) => t.parse().unwrap_or(0),
+                _ => 0,
+            };
+            let now = unix_nanos();
+            if sent > 0 && now > sent {
+                s.latencies_us
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(((now - sent) / 1000).min(u32::MAX as u128) as u32);
+            }
+        }
+        _ => s
+            .updates
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(conv.clone())
+            .or_default()
+            .push(Instant::now()),
+    }
+    let answer = if method.starts_with("chat.") {
+        json!({"ok": true, "channel": conv, "ts": format!("1700000000.{n:06}")})
+    } else {
+        let id = v.get("message_id").cloned().unwrap_or_else(|| json!(n));
+        json!({"ok": true, "result": {"message_id": id, "chat": {"id": v.get("chat_id")}}})
+    };
+    (200, answer.to_string())
 }
 
 /// One activity: waits while held and for the channel's delay, then checks the conversation's
@@ -957,29 +1012,102 @@ fn ms(d: Duration) -> String {
 
 struct Row(String, String);
 
-/// StreamReply to Teams (a channel that streams by edits): `conversations` replies at once,
-/// each 200 chunks 10 ms apart, like a language model's tokens. Reports the time from a reply's
-/// first chunk to its first text at the fake (the fake's latency of the first activity, whose
-/// text carries the chunk's send time) and the most updates one conversation got in any second,
-/// against Teams' per-conversation limit.
+/// A channel the StreamReply scenario streams to: its name, channel id, the gateway's settings
+/// for it, and its documented limit on one conversation.
+struct StreamTarget {
+    name: &'static str,
+    channel_id: &'static str,
+    env: Vec<(&'static str, String)>,
+    limit: &'static str,
+}
+
+/// StreamReply to channels that stream by edits (Teams, Slack, Telegram), each with its own
+/// defaults for pacing: `conversations` replies at once, each 200 chunks 10 ms apart, like a
+/// language model's tokens. Reports the time from a reply's first chunk to its first text at
+/// the fake (its first message carries the chunk's send time) and the most updates one
+/// conversation got in any second, against the channel's limit.
 async fn stream_scenario(fake: &Proc, quick: bool, rows: &mut Vec<Row>) {
+    let targets = [
+        StreamTarget {
+            name: "Teams",
+            channel_id: "msteams",
+            env: Vec::new(),
+            limit: "Teams allows 7 a second per conversation",
+        },
+        StreamTarget {
+            name: "Slack",
+            channel_id: "slack",
+            env: vec![
+                (
+                    "CHANNEL_GATEWAY__CHANNELS__SLACK__API_BASE_URL",
+                    format!("http://127.0.0.1:{}/api", fake.port),
+                ),
+                (
+                    "CHANNEL_GATEWAY__CHANNELS__SLACK__WORKSPACES",
+                    r#"[{ bot_id = "B0BENCH", token = "xoxb-bench" }]"#.into(),
+                ),
+            ],
+            limit: "Slack: about 1 a second per channel (channels.slack.rate_per_second)",
+        },
+        StreamTarget {
+            name: "Telegram",
+            channel_id: "telegram",
+            env: vec![
+                (
+                    "CHANNEL_GATEWAY__CHANNELS__TELEGRAM__API_BASE_URL",
+                    format!("http://127.0.0.1:{}", fake.port),
+                ),
+                (
+                    "CHANNEL_GATEWAY__CHANNELS__TELEGRAM__BOTS",
+                    r#"[{ bot_id = "benchbot", token = "1000:bench" }]"#.into(),
+                ),
+            ],
+            limit: "Telegram: about 1 a second per private chat",
+        },
+    ];
+    for target in targets {
+        stream_run(fake, quick, &target, rows).await;
+    }
+}
+
+async fn stream_run(fake: &Proc, quick: bool, target: &StreamTarget, rows: &mut Vec<Row>) {
     let conversations = if quick { 5 } else { 20 };
     let name = format!(
-        "StreamReply to Teams, {conversations} replies at once, 200 chunks 10 ms apart, durable"
+        "StreamReply to {}, {conversations} replies at once, 200 chunks 10 ms apart, durable",
+        target.name
     );
     if !selected(&name) {
         return;
     }
-    let started = start_gateway(fake, &GatewayOpts::standard(true)).await;
+    let opts = GatewayOpts {
+        env: target.env.clone(),
+        ..GatewayOpts::standard(true)
+    };
+    let started = start_gateway(fake, &opts).await;
     let cpu_before = cpu_of(started.gw.child.id());
     let mut tasks = Vec::new();
     let t0 = Instant::now();
     for c in 0..conversations {
         let mut client = started.client.clone();
         let mut address = address(fake.port, c);
-        address.channel_id = "msteams".into();
+        address.channel_id = target.channel_id.into();
+        let (bot, conversation) = match target.channel_id {
+            "slack" => ("B0BENCH".to_string(), format!("C0STREAM{c}")),
+            "telegram" => ("benchbot".to_string(), format!("{}", 500_000 + c)),
+            _ => ("bench-bot".to_string(), format!("stream-{c}")),
+        };
+        address.bot = Some(pb::Identity {
+            id: bot,
+            ..Default::default()
+        });
+        if target.channel_id == "telegram" {
+            address.user = Some(pb::Identity {
+                id: conversation.clone(),
+                ..Default::default()
+            });
+        }
         address.conversation = Some(pb::ConversationAccount {
-            id: format!("stream-{c}"),
+            id: conversation,
             ..Default::default()
         });
         tasks.push(tokio::spawn(async move {
@@ -1035,12 +1163,13 @@ async fn stream_scenario(fake: &Proc, quick: bool, rows: &mut Vec<Row>) {
         format!(
             "{done} of {conversations} shown whole in {took:.1?}; first text at the fake p50 \
              {:.1} ms, p99 {:.1} ms after the first chunk; updates per conversation: at most {} \
-             in any second, {} in all (delivery.stream_update_interval 1s; Teams allows 7 a \
-             second per conversation); gateway CPU {:.0} ms in all",
+             in any second, {} in all (delivery.stream_update_interval 1s; {}); gateway CPU \
+             {:.0} ms in all",
             us("p50_us"),
             us("p99_us"),
             stream["worst_per_s"],
             stream["updates"],
+            target.limit,
             cpu.as_secs_f64() * 1000.0
         ),
     );
