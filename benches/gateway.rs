@@ -217,9 +217,11 @@ async fn fake_route(
     // Slack and Telegram, for the StreamReply scenarios: a message posted (its first text's
     // latency, when it carries the first chunk's send time) and its updates, per conversation.
     if req.post
-        && let Some(method) = path
-            .strip_prefix("/api/")
-            .or_else(|| path.strip_prefix("/bot").and_then(|p| p.split_once('/')).map(|(_, m)| m))
+        && let Some(method) = path.strip_prefix("/api/").or_else(|| {
+            path.strip_prefix("/bot")
+                .and_then(|p| p.split_once('/'))
+                .map(|(_, m)| m)
+        })
         && matches!(
             method,
             "chat.postMessage" | "chat.update" | "sendMessage" | "editMessageText"
