@@ -225,3 +225,29 @@ async fn a_finish_that_changes_nothing_is_delivered_though_telegram_says_not_mod
     );
     assert_eq!(h.fake.shown(chat)[0].1, "all shown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_showing_had_to_change_is_reported_with_the_answer() {
+    let h = start_paced(Duration::from_secs(10)).await;
+    let (tx, call) = open(&h.client, address("7009")).await;
+    tx.send(chunk("Pick one")).await.unwrap();
+    // Shown first: the final message is then an edit of it, and suggested actions are a reply
+    // keyboard, which an edit cannot set.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    tx.send(finish_with_yes()).await.unwrap();
+    drop(tx);
+    let r = call.await.unwrap().unwrap().into_inner();
+    let codes: Vec<&str> = r.warnings.iter().map(|w| w.code.as_str()).collect();
+    assert!(
+        codes.contains(&"reply_keyboard_dropped"),
+        "the final showing's adaptation is reported: {codes:?}"
+    );
+    assert_eq!(
+        codes
+            .iter()
+            .filter(|c| **c == "reply_keyboard_dropped")
+            .count(),
+        1,
+        "each code once: {codes:?}"
+    );
+}

@@ -870,9 +870,14 @@ impl ChannelGateway for GatewayService {
         let warnings = prepared.rendered.warnings.clone();
         prepared.op = Some(crate::outbox::Operation::Stream);
         let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let (shown_tx, shown_warnings) = tokio::sync::oneshot::channel();
+        let feed = crate::delivery::StreamFeed {
+            events: rx,
+            warnings: shown_tx,
+        };
         let accepted = self
             .dispatcher
-            .submit_stream(prepared, rx)
+            .submit_stream(prepared, feed)
             .await
             .map_err(status::submit)?;
         accepted.durable.await.map_err(status::outbox)?;
@@ -969,6 +974,13 @@ impl ChannelGateway for GatewayService {
             .as_ref()
             .and_then(|e| e.code.as_deref())
             .is_some_and(|c| c == "stream_incomplete");
+        // The start's adaptations, then what the showings had to change (each code once).
+        let mut warnings = warnings;
+        for w in shown_warnings.await.unwrap_or_default() {
+            if !warnings.iter().any(|x| x.code == w.code) {
+                warnings.push(w);
+            }
+        }
         let r = result_pb(id, &warnings, Some(o));
         Ok(Response::new(pb::StreamReplyResponse {
             message_id: r.message_id,

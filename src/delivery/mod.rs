@@ -23,9 +23,9 @@ use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 use std::panic::AssertUnwindSafe;
-use tokio::sync::{Notify, Semaphore, broadcast, mpsc, oneshot};
+use tokio::sync::{Notify, Semaphore, broadcast, oneshot};
 
-pub use stream::{StreamEvent, StreamMode};
+pub use stream::{StreamEvent, StreamFeed, StreamMode};
 use tracing::Instrument;
 
 use crate::bounded::later_tokio;
@@ -157,10 +157,7 @@ enum Job {
     /// Messages delivered back to back; `flush` skips the auto-batch window.
     Deliver { items: Vec<Item>, flush: bool },
     /// A StreamReply: holds the line until its events end (`stream.rs`).
-    Stream {
-        item: Box<Item>,
-        events: mpsc::Receiver<StreamEvent>,
-    },
+    Stream { item: Box<Item>, feed: StreamFeed },
     Typing {
         item: Box<Item>,
         keep_alive: Option<Duration>,
@@ -474,13 +471,13 @@ impl Dispatcher {
     }
 
     /// Accepts a StreamReply: stored, then in its conversation's line, where it holds the line
-    /// while `events` come (`stream.rs`). On replicas sharing a database only the one that
+    /// while its events come (`stream.rs`). On replicas sharing a database only the one that
     /// delivers the conversation takes it (its text comes to this process): elsewhere
     /// `SubmitError::NotHere`, before anything is stored.
     pub fn submit_stream(
         &self,
         submission: Submission,
-        events: mpsc::Receiver<StreamEvent>,
+        feed: StreamFeed,
     ) -> impl Future<Output = Result<Accepted, SubmitError>> + Send + 'static {
         let key = ConversationKey::of(&submission.message.address);
         let (mut items, rxs) = new_items(vec![submission], None, true);
@@ -489,7 +486,7 @@ impl Dispatcher {
                 &key,
                 Job::Stream {
                     item: Box::new(item),
-                    events,
+                    feed,
                 },
                 Admission::New(None),
                 rxs,
@@ -723,7 +720,7 @@ impl Inner {
                 item.tenure = tenure;
                 item.possible_duplicate |=
                     m.record.state == DeliveryState::Delivering || m.record.possible_duplicate;
-                if let Some(events) = parked.events {
+                if let Some(feed) = parked.stream {
                     // A stream holds the line by itself: what came before it goes first.
                     let before = std::mem::take(&mut items);
                     if !before.is_empty() {
@@ -741,7 +738,7 @@ impl Inner {
                         &key,
                         Job::Stream {
                             item: Box::new(item),
-                            events,
+                            feed,
                         },
                         cluster,
                         fence,
@@ -1217,14 +1214,14 @@ impl Inner {
         let tickets = tickets_for(&ids, outcome_rxs);
         let partition = crate::storage::lease::partition_of(label);
         let conversation_hash = Cluster::conversation_hash(label);
-        let mut events = None;
+        let mut stream = None;
         let (items, mut created) = match job {
             Job::Deliver { items, .. } => (items, None),
             Job::Proactive { items, created, .. } => (items, created),
             Job::Typing { item, .. } => (vec![*item], None),
             // Parked with its events: read back, it goes in line as a stream (`requeue`).
-            Job::Stream { item, events: e } => {
-                events = Some(e);
+            Job::Stream { item, feed } => {
+                stream = Some(feed);
                 (vec![*item], None)
             }
         };
@@ -1240,7 +1237,7 @@ impl Inner {
                         partition,
                         conversation: conversation_hash,
                         created: created.take(),
-                        events: events.take(),
+                        stream: stream.take(),
                         at,
                     },
                 );
@@ -1555,9 +1552,9 @@ impl Worker {
                     self.deliver(item, next).await;
                 }
             }
-            Job::Stream { item, events } => {
+            Job::Stream { item, feed } => {
                 self.typing = None;
-                let stream = Box::pin(self.stream(*item, events));
+                let stream = Box::pin(self.stream(*item, feed));
                 if let Err(panic) = AssertUnwindSafe(stream).catch_unwind().await {
                     tracing::error!(panic = %panic_text(&panic), "a stream's delivery panicked");
                 }

@@ -48,8 +48,8 @@ pub(super) struct Parked {
     pub conversation: u64,
     /// The first message of a proactive start carries who waits for the new address.
     pub created: Option<oneshot::Sender<Result<Address, ChannelError>>>,
-    /// A StreamReply's events: it goes in line as a stream once read back.
-    pub events: Option<tokio::sync::mpsc::Receiver<super::StreamEvent>>,
+    /// A StreamReply's feed: it goes in line as a stream once read back.
+    pub stream: Option<super::StreamFeed>,
     pub at: Instant,
 }
 

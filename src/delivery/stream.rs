@@ -20,12 +20,12 @@
 
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use super::{Item, Worker, failed};
 use crate::channels::update::receipts_after;
 use crate::channels::{ChannelError, FailureKind, NativeReceipt, NativeRequest, Rendered};
-use crate::model::{Message, MessageType};
+use crate::model::{Message, MessageType, Warning};
 use crate::outbox::{Change, DeliveryState, Outcome};
 
 /// What a StreamReply's client sends after its start.
@@ -38,6 +38,14 @@ pub enum StreamEvent {
     Finish(Box<Message>),
     /// The client sent more text than a message may hold: the stream ends with what it had.
     TooLong,
+}
+
+/// What a StreamReply's worker gets from its call: the client's events, and where to say what
+/// had to change to show them (each showing's adaptations, reported with the answer).
+#[derive(Debug)]
+pub struct StreamFeed {
+    pub events: mpsc::Receiver<StreamEvent>,
+    pub warnings: oneshot::Sender<Vec<Warning>>,
 }
 
 /// How a channel shows a stream (GetCapabilities' `streaming`).
@@ -85,12 +93,30 @@ enum End {
 
 impl Worker {
     /// Delivers a StreamReply while its events arrive; see the module doc.
-    pub(super) async fn stream(&self, item: Item, mut events: mpsc::Receiver<StreamEvent>) {
+    pub(super) async fn stream(&self, item: Item, feed: StreamFeed) {
+        let StreamFeed {
+            mut events,
+            warnings,
+        } = feed;
         if let Err(e) = item.durable.clone().await {
             let out = super::outbox_failed(failed_outcome(), e);
             self.finish(item, out);
             return;
         }
+        let mut shown = Shown::default();
+        self.stream_with(&item, &mut events, &mut shown).await;
+        let _ = warnings.send(std::mem::take(&mut shown.warnings));
+        let out = shown.outcome.take().unwrap_or_else(failed_outcome);
+        self.finish(item, out);
+    }
+
+    /// The stream's loop and final showing; the outcome is left in `shown`.
+    async fn stream_with(
+        &self,
+        item: &Item,
+        events: &mut mpsc::Receiver<StreamEvent>,
+        shown: &mut Shown,
+    ) {
         let cfg = &self.inner.config;
         let mode = self
             .inner
@@ -98,7 +124,6 @@ impl Worker {
             .capabilities(self.key.channel_id())
             .map(|(c, _)| StreamMode::of(&c))
             .unwrap_or(StreamMode::Final);
-        let mut shown = Shown::default();
         let mut text = item.message.text.clone().unwrap_or_default();
         let mut shown_len = 0usize;
         let now = tokio::time::Instant::now();
@@ -128,7 +153,7 @@ impl Worker {
                     match mode {
                         StreamMode::Edits => {
                             let m = with_text(&item.message, &text);
-                            self.show(&item, &m, &mut shown).await;
+                            self.show(item, &m, shown).await;
                             shown_len = text.len();
                             next_show = later(tokio::time::Instant::now(), cfg.stream_update_interval);
                         }
@@ -142,7 +167,6 @@ impl Worker {
                 _ = tokio::time::sleep_until(idle_until) => break End::Idle,
             }
         };
-        drop(events);
         let (mut last, incomplete) = match end {
             End::Finished(m) => {
                 let mut last = with_text(&item.message, &text);
@@ -176,13 +200,13 @@ impl Worker {
                     "stream_empty",
                     "the stream ended with nothing to show: no message was sent",
                 );
-                self.finish(item, failed(err, shown.calls));
+                shown.outcome = Some(failed(err, shown.calls));
                 return;
             }
             // Shown already: the final showing keeps what is there.
             last.text = Some(text.clone());
         }
-        let mut out = self.show_final(&item, &last, &mut shown).await;
+        let mut out = self.show_final(item, &last, shown).await;
         if let Some(why) = incomplete
             && out.error.is_none()
         {
@@ -196,7 +220,7 @@ impl Worker {
                 "stream finished with the text that arrived"
             );
         }
-        self.finish(item, out);
+        shown.outcome = Some(out);
     }
 
     /// One showing of the text so far: the first sends the message, the next ones update it.
@@ -254,6 +278,7 @@ impl Worker {
                     })?;
                 shown.marked = true;
             }
+            shown.note(&rendered.warnings);
             for req in &rendered.requests {
                 let r = self.call(req, &mut shown.calls).await?;
                 shown.receipts.push(r);
@@ -266,6 +291,7 @@ impl Worker {
             .channels
             .render_update(m, &shown.receipts)
             .map_err(render_err)?;
+        shown.note(&plan.rendered.warnings);
         let mut done = Vec::with_capacity(plan.rendered.requests.len());
         let mut result = Ok(());
         for req in &plan.rendered.requests {
@@ -404,6 +430,24 @@ struct Shown {
     error: Option<ChannelError>,
     /// The outbox was told a showing may reach the channel.
     marked: bool,
+    /// What the showings had to change, each code once.
+    warnings: Vec<Warning>,
+    /// How it ended, once it did.
+    outcome: Option<Outcome>,
+}
+
+impl Shown {
+    /// Keeps a showing's adaptations, each code once: every showing of a growing text says
+    /// the same ones again.
+    fn note(&mut self, warnings: &[Warning]) {
+        for w in warnings {
+            if self.warnings.len() < crate::channels::MAX_WARNINGS
+                && !self.warnings.iter().any(|x| x.code == w.code)
+            {
+                self.warnings.push(w.clone());
+            }
+        }
+    }
 }
 
 fn with_text(template: &Message, text: &str) -> Message {
