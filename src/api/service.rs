@@ -670,52 +670,6 @@ impl GatewayService {
         Ok(())
     }
 
-    /// What a StreamReply of `msg` (its final message) makes on its channel (see
-    /// `RenderChange.stream`), against placeholder ids.
-    fn render_stream(
-        &self,
-        msg: &model::Message,
-    ) -> Result<crate::channels::Rendered, crate::channels::RenderOrRoute> {
-        use crate::delivery::StreamMode;
-        let channels = self.dispatcher.channels();
-        let (caps, _) = channels.capabilities(&msg.address.channel_id)?;
-        let growing = model::Message {
-            text: Some("{text so far}".into()),
-            attachments: Vec::new(),
-            suggested_actions: None,
-            ..msg.clone()
-        };
-        let mut out = crate::channels::Rendered::default();
-        match StreamMode::of(&caps) {
-            StreamMode::Edits => {
-                let first = channels.render_send(&growing, None)?;
-                let n = first.requests.len().max(1);
-                let conversation = msg.address.conversation_id().unwrap_or_default();
-                let receipts = crate::channels::update::placeholders(n, conversation);
-                let again = channels.render_update(&growing, &receipts)?;
-                let last = channels.render_update(msg, &receipts)?;
-                out.requests.extend(first.requests);
-                out.requests.extend(again.rendered.requests);
-                out.requests.extend(last.rendered.requests);
-                out.warnings = last.rendered.warnings;
-            }
-            StreamMode::Typing => {
-                let typing = model::Message {
-                    address: msg.address.clone(),
-                    kind: MessageType::Typing,
-                    ..Default::default()
-                };
-                out.requests
-                    .extend(channels.render_send(&typing, None)?.requests);
-                let last = channels.render_send(msg, None)?;
-                out.requests.extend(last.requests);
-                out.warnings = last.warnings;
-            }
-            StreamMode::Final => out = channels.render_send(msg, None)?,
-        }
-        Ok(out)
-    }
-
     /// Accepts a change (its submission ready) like a Send: durable, in line, idempotent.
     async fn submit_change(
         &self,
@@ -1258,7 +1212,7 @@ impl ChannelGateway for GatewayService {
         }
         let channels = self.dispatcher.channels();
         let rendered = match req.change {
-            Some(change) if change.stream => self.render_stream(&msg),
+            Some(change) if change.stream => crate::delivery::stream_render(channels, &msg),
             Some(change) => {
                 let n = change.native_messages as usize;
                 if !(1..=crate::channels::update::MAX_STEPS).contains(&n) {

@@ -25,7 +25,7 @@ use futures::FutureExt;
 use std::panic::AssertUnwindSafe;
 use tokio::sync::{Notify, Semaphore, broadcast, oneshot};
 
-pub use stream::{StreamEvent, StreamFeed, StreamMode};
+pub use stream::{StreamEvent, StreamFeed, StreamMode, render as stream_render};
 use tracing::Instrument;
 
 use crate::bounded::later_tokio;

@@ -23,8 +23,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Item, Worker, failed};
-use crate::channels::update::receipts_after;
-use crate::channels::{ChannelError, FailureKind, NativeReceipt, NativeRequest, Rendered};
+use crate::channels::update::{placeholders, receipts_after};
+use crate::channels::{
+    ChannelError, Channels, FailureKind, NativeReceipt, NativeRequest, RenderOrRoute, Rendered,
+};
 use crate::model::{Message, MessageType, Warning};
 use crate::outbox::{Change, DeliveryState, Outcome};
 
@@ -362,12 +364,7 @@ impl Worker {
     }
 
     async fn typing_once(&self, template: &Message) {
-        let typing = Message {
-            address: template.address.clone(),
-            kind: MessageType::Typing,
-            ..Default::default()
-        };
-        if let Ok(r) = self.inner.channels.render_send(&typing, None) {
+        if let Ok(r) = self.inner.channels.render_send(&typing_of(template), None) {
             self.send_typing(&Rendered {
                 requests: r.requests,
                 warnings: Vec::new(),
@@ -447,6 +444,52 @@ impl Shown {
                 self.warnings.push(w.clone());
             }
         }
+    }
+}
+
+/// What a StreamReply whose final message is `msg` makes on its channel, shown the way the
+/// worker shows it, against placeholder ids (Render's `change.stream`): by edits, its first
+/// showing (text `{text so far}`), one update of it and the final update; by typing, the
+/// indicator then the message; else the message.
+pub fn render(channels: &Channels, msg: &Message) -> Result<Rendered, RenderOrRoute> {
+    let (caps, _) = channels.capabilities(&msg.address.channel_id)?;
+    let growing = Message {
+        text: Some("{text so far}".into()),
+        attachments: Vec::new(),
+        suggested_actions: None,
+        ..msg.clone()
+    };
+    let mut out = Rendered::default();
+    match StreamMode::of(&caps) {
+        StreamMode::Edits => {
+            let first = channels.render_send(&growing, None)?;
+            let conversation = msg.address.conversation_id().unwrap_or_default();
+            let receipts = placeholders(first.requests.len().max(1), conversation);
+            let again = channels.render_update(&growing, &receipts)?;
+            let last = channels.render_update(msg, &receipts)?;
+            out.requests.extend(first.requests);
+            out.requests.extend(again.rendered.requests);
+            out.requests.extend(last.rendered.requests);
+            out.warnings = last.rendered.warnings;
+        }
+        StreamMode::Typing => {
+            out.requests
+                .extend(channels.render_send(&typing_of(msg), None)?.requests);
+            let last = channels.render_send(msg, None)?;
+            out.requests.extend(last.requests);
+            out.warnings = last.warnings;
+        }
+        StreamMode::Final => out = channels.render_send(msg, None)?,
+    }
+    Ok(out)
+}
+
+/// The typing indicator shown while a reply to `template`'s address grows.
+fn typing_of(template: &Message) -> Message {
+    Message {
+        address: template.address.clone(),
+        kind: MessageType::Typing,
+        ..Default::default()
     }
 }
 
