@@ -87,19 +87,26 @@ pub struct MessageArgs {
     text_format: Option<String>,
 }
 
+/// How `send`, `update` and `delete` follow what they accepted, and retry safely.
 #[derive(Args)]
-pub struct SendArgs {
-    #[command(flatten)]
-    message: MessageArgs,
+pub struct FollowArgs {
     /// Wait for the channel's acknowledgement (or failure), at most --timeout.
     #[arg(long)]
     wait_delivered: bool,
-    /// How long --wait-delivered waits, e.g. 30s or 2m; the message is delivered even after.
+    /// How long --wait-delivered waits, e.g. 30s or 2m; the gateway goes on even after.
     #[arg(long, default_value = "30s", value_parser = parse_timeout)]
     timeout: Duration,
     /// Idempotency key for safe retries.
     #[arg(long, default_value = "")]
     idempotency_key: String,
+}
+
+#[derive(Args)]
+pub struct SendArgs {
+    #[command(flatten)]
+    message: MessageArgs,
+    #[command(flatten)]
+    follow: FollowArgs,
     /// Start a conversation when the address has none.
     #[arg(long)]
     proactive: bool,
@@ -121,14 +128,8 @@ pub struct UpdateArgs {
     /// left out); `-` reads standard input. Not combined with --text.
     #[arg(long)]
     file: Option<PathBuf>,
-    /// Wait until the channel shows the change (or refused it), at most --timeout.
-    #[arg(long)]
-    wait_delivered: bool,
-    #[arg(long, default_value = "30s", value_parser = parse_timeout)]
-    timeout: Duration,
-    /// Idempotency key for safe retries.
-    #[arg(long, default_value = "")]
-    idempotency_key: String,
+    #[command(flatten)]
+    follow: FollowArgs,
 }
 
 #[derive(Args)]
@@ -145,14 +146,8 @@ pub struct DeleteArgs {
     gateway: GatewayArgs,
     /// The id `send` printed for the message to remove.
     message_id: String,
-    /// Wait until the channel removed it (or refused), at most --timeout.
-    #[arg(long)]
-    wait_delivered: bool,
-    #[arg(long, default_value = "30s", value_parser = parse_timeout)]
-    timeout: Duration,
-    /// Idempotency key for safe retries.
-    #[arg(long, default_value = "")]
-    idempotency_key: String,
+    #[command(flatten)]
+    follow: FollowArgs,
 }
 
 #[derive(Args)]
@@ -337,15 +332,7 @@ fn messages_from(args: &MessageArgs) -> Result<Vec<Message>, CliError> {
                 given.join(", ")
             )));
         }
-        let text = if path.as_os_str() == "-" {
-            std::io::read_to_string(std::io::stdin())
-                .map_err(|e| CliError::Usage(format!("cannot read standard input: {e}")))?
-        } else {
-            std::fs::read_to_string(path)
-                .map_err(|e| CliError::Usage(format!("cannot read {}: {e}", path.display())))?
-        };
-        let v: Value = serde_json::from_str(&text)
-            .map_err(|e| CliError::Usage(format!("{}: not JSON: {e}", path.display())))?;
+        let v = read_json(path)?;
         let list = match v {
             Value::Array(a) => a,
             one => vec![one],
@@ -502,7 +489,7 @@ pub async fn send(args: SendArgs) -> Result<(), CliError> {
                 address: Some(address),
                 messages: msgs,
                 options: Some(convert::options_pb(&ProactiveOptions::default())),
-                idempotency_key: args.idempotency_key,
+                idempotency_key: args.follow.idempotency_key.clone(),
                 wait,
             })
             .await?
@@ -513,7 +500,7 @@ pub async fn send(args: SendArgs) -> Result<(), CliError> {
         let r = client
             .send(pb::SendRequest {
                 message: Some(convert::message_pb(first)),
-                idempotency_key: args.idempotency_key,
+                idempotency_key: args.follow.idempotency_key.clone(),
                 wait,
             })
             .await?
@@ -529,7 +516,7 @@ pub async fn send(args: SendArgs) -> Result<(), CliError> {
         results = client
             .send_batch(pb::SendBatchRequest {
                 messages: messages.iter().map(convert::message_pb).collect(),
-                idempotency_key: args.idempotency_key,
+                idempotency_key: args.follow.idempotency_key.clone(),
                 wait,
             })
             .await?
@@ -537,8 +524,8 @@ pub async fn send(args: SendArgs) -> Result<(), CliError> {
             .results;
     }
     let mut waiting = Vec::new();
-    if args.wait_delivered {
-        waiting = wait_delivered(&mut client, &mut results, args.timeout).await?;
+    if args.follow.wait_delivered {
+        waiting = wait_delivered(&mut client, &mut results, args.follow.timeout).await?;
     }
     let out: Vec<Value> = results.iter().map(result_json).collect();
     match (extra, out.len()) {
@@ -550,7 +537,7 @@ pub async fn send(args: SendArgs) -> Result<(), CliError> {
         return Err(CliError::Usage(format!(
             "not delivered within {:?} (--timeout): {}; the gateway goes on delivering: \
              follow with `channel-gateway status ID`",
-            args.timeout,
+            args.follow.timeout,
             waiting.join(", ")
         )));
     }
@@ -645,6 +632,19 @@ pub async fn render(args: MessageArgs) -> Result<(), CliError> {
     })
 }
 
+/// The JSON in the file at `path` (`-`: standard input).
+fn read_json(path: &std::path::Path) -> Result<Value, CliError> {
+    let text = if path.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin())
+            .map_err(|e| CliError::Usage(format!("cannot read standard input: {e}")))?
+    } else {
+        std::fs::read_to_string(path)
+            .map_err(|e| CliError::Usage(format!("cannot read {}: {e}", path.display())))?
+    };
+    serde_json::from_str(&text)
+        .map_err(|e| CliError::Usage(format!("{}: not JSON: {e}", path.display())))
+}
+
 /// The new message of `update`: the file's, or one of the text flags (its address comes from the
 /// message it changes).
 fn update_message_of(args: &UpdateArgs) -> Result<Message, CliError> {
@@ -656,15 +656,7 @@ fn update_message_of(args: &UpdateArgs) -> Result<Message, CliError> {
                     .into(),
             ));
         }
-        let text = if path.as_os_str() == "-" {
-            std::io::read_to_string(std::io::stdin())
-                .map_err(|e| CliError::Usage(format!("cannot read standard input: {e}")))?
-        } else {
-            std::fs::read_to_string(path)
-                .map_err(|e| CliError::Usage(format!("cannot read {}: {e}", path.display())))?
-        };
-        let v: Value = serde_json::from_str(&text)
-            .map_err(|e| CliError::Usage(format!("{}: not JSON: {e}", path.display())))?;
+        let v = read_json(path)?;
         return message_json::message(v)
             .map_err(|e| CliError::Usage(format!("{}: {e}", path.display())));
     }
@@ -699,11 +691,11 @@ fn text_format_of(s: Option<&str>) -> Result<Option<model::TextFormat>, CliError
 async fn change_result(
     client: &mut Client,
     mut result: pb::SendResult,
-    follow: bool,
-    timeout: Duration,
+    follow: &FollowArgs,
 ) -> Result<(), CliError> {
+    let timeout = follow.timeout;
     let mut waiting = Vec::new();
-    if follow {
+    if follow.wait_delivered {
         waiting = wait_delivered(client, std::slice::from_mut(&mut result), timeout).await?;
     }
     let mut out = result_json(&result);
@@ -745,7 +737,7 @@ pub async fn update(args: UpdateArgs) -> Result<(), CliError> {
         .update_message(pb::UpdateMessageRequest {
             message_id: args.message_id,
             message: Some(m),
-            idempotency_key: args.idempotency_key,
+            idempotency_key: args.follow.idempotency_key.clone(),
             wait: pb::WaitMode::Accepted as i32,
         })
         .await?
@@ -757,7 +749,7 @@ pub async fn update(args: UpdateArgs) -> Result<(), CliError> {
         warnings: r.warnings,
         error: None,
     };
-    change_result(&mut client, result, args.wait_delivered, args.timeout).await
+    change_result(&mut client, result, &args.follow).await
 }
 
 pub async fn delete(args: DeleteArgs) -> Result<(), CliError> {
@@ -765,7 +757,7 @@ pub async fn delete(args: DeleteArgs) -> Result<(), CliError> {
     let r = client
         .delete_message(pb::DeleteMessageRequest {
             message_id: args.message_id,
-            idempotency_key: args.idempotency_key,
+            idempotency_key: args.follow.idempotency_key.clone(),
             wait: pb::WaitMode::Accepted as i32,
         })
         .await?
@@ -777,7 +769,7 @@ pub async fn delete(args: DeleteArgs) -> Result<(), CliError> {
         warnings: r.warnings,
         error: None,
     };
-    change_result(&mut client, result, args.wait_delivered, args.timeout).await
+    change_result(&mut client, result, &args.follow).await
 }
 
 /// Most bytes read from standard input for one chunk.

@@ -190,24 +190,12 @@ impl TelegramClient {
         let result = match self.call(req).await {
             Ok(r) => r,
             Err(e) if self.is_gone_delete(req, &e) => {
-                let body = req.body.value();
-                let mut receipt = NativeReceipt {
-                    native_id: body.get("message_id").and_then(id_text).unwrap_or_default(),
-                    conversation_id: body.get("chat_id").and_then(id_text).unwrap_or_default(),
-                };
-                receipt.bound();
                 tracing::debug!(bot_id = %crate::bounded::for_log(&req.credential), "telegram: the message to delete is gone already; it counts as done");
-                return Ok(receipt);
+                return Ok(named_receipt(req));
             }
             Err(e) if self.is_unmodified_edit(req, &e) => {
-                let body = req.body.value();
-                let mut receipt = NativeReceipt {
-                    native_id: body.get("message_id").and_then(id_text).unwrap_or_default(),
-                    conversation_id: body.get("chat_id").and_then(id_text).unwrap_or_default(),
-                };
-                receipt.bound();
                 tracing::debug!(bot_id = %crate::bounded::for_log(&req.credential), "telegram: the edit changed nothing the message shows; it counts as done");
-                return Ok(receipt);
+                return Ok(named_receipt(req));
             }
             Err(e) => return Err(e),
         };
@@ -258,6 +246,18 @@ impl TelegramClient {
                 .contains("message to delete not found")
             && self.method_of(req).is_ok_and(|m| m == "deleteMessage")
     }
+}
+
+/// The receipt of a call that changed a message the request names (`chat_id`, `message_id`),
+/// for a refusal that means it is done already.
+fn named_receipt(req: &NativeRequest) -> NativeReceipt {
+    let body = req.body.value();
+    let mut receipt = NativeReceipt {
+        native_id: body.get("message_id").and_then(id_text).unwrap_or_default(),
+        conversation_id: body.get("chat_id").and_then(id_text).unwrap_or_default(),
+    };
+    receipt.bound();
+    receipt
 }
 
 /// What Telegram's description of an edit that changes nothing says.
