@@ -423,3 +423,37 @@ async fn a_streamed_reply_can_be_updated_and_deleted_like_a_sent_message() {
         .unwrap();
     assert!(h.fake.shown("C0LATER").is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_chunks_do_not_keep_a_stream_alive() {
+    let h = start_paced(
+        1000.0,
+        1000,
+        Duration::from_millis(100),
+        Duration::from_secs(1),
+    )
+    .await;
+    let (tx, rx) = mpsc::channel(64);
+    tx.send(start_frame(&h, "C0EMPTY")).await.unwrap();
+    tx.send(chunk("thinking")).await.unwrap();
+    let mut client = h.client.clone();
+    let started = Instant::now();
+    let call = tokio::spawn(async move { client.stream_reply(ReceiverStream::new(rx)).await });
+    // Empty chunks for three times the idle timeout: the stream still ends after one.
+    let keepalive = tokio::spawn(async move {
+        for _ in 0..15 {
+            if tx.send(chunk("")).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    let r = call.await.unwrap().unwrap().into_inner();
+    let took = started.elapsed();
+    assert!(r.incomplete, "{r:?}");
+    assert!(
+        took < Duration::from_millis(2500),
+        "finished by the idle timeout, not by the empty chunks' end: {took:?}"
+    );
+    keepalive.abort();
+}

@@ -865,6 +865,9 @@ impl ChannelGateway for GatewayService {
             };
             use crate::delivery::StreamEvent;
             match frame.kind {
+                // An empty chunk adds nothing, and does not keep a stream alive either: a
+                // client sending only those would hold its conversation's line for good.
+                Some(pb::stream_reply_request::Kind::Chunk(t)) if t.is_empty() => {}
                 Some(pb::stream_reply_request::Kind::Chunk(t)) => {
                     total = total.saturating_add(t.len());
                     if total > max {
