@@ -230,7 +230,6 @@ impl Worker {
     async fn show(&self, item: &Item, m: &Message, shown: &mut Shown) {
         if let Err(e) = self.show_step(item, m, shown).await {
             tracing::warn!(message_id = item.id, error = %e, "a stream's showing failed; the next one carries its text");
-            shown.error = Some(e);
             return;
         }
         // Known from its first showing on: a crash then leaves it finished as it stood.
@@ -285,7 +284,6 @@ impl Worker {
                 let r = self.call(req, &mut shown.calls).await?;
                 shown.receipts.push(r);
             }
-            shown.updates = shown.updates.saturating_add(1);
             return Ok(());
         }
         let plan = self
@@ -306,7 +304,6 @@ impl Worker {
             }
         }
         shown.receipts = receipts_after(&shown.receipts, &plan.steps, &done);
-        shown.updates = shown.updates.saturating_add(1);
         result
     }
 
@@ -421,10 +418,6 @@ struct Shown {
     recorded: Vec<NativeReceipt>,
     /// Channel calls made.
     calls: u32,
-    /// Showings made (the first send, then each update).
-    updates: u32,
-    /// The last showing's failure, if it failed.
-    error: Option<ChannelError>,
     /// The outbox was told a showing may reach the channel.
     marked: bool,
     /// What the showings had to change, each code once.
