@@ -1246,11 +1246,15 @@ async fn replicas_run(
     let wal0 = wal(url.clone()).await;
     let seqs = Arc::new(Mutex::new(vec![0u64; load.conversations]));
     let cpu0: Duration = gws.iter().map(Proc::cpu).sum();
+    pg_statements(cluster, true).await;
+    let db_cpu0 = db_cpu(cluster);
     let start = Instant::now();
     let r = drive_over(&clients, fake.port, load, &seqs, rate).await;
     let (stats, _) = wait_delivered(fake.port, r.messages as u64, Duration::from_secs(600)).await;
     let total = start.elapsed();
     let cpu: Duration = gws.iter().map(Proc::cpu).sum::<Duration>() - cpu0;
+    let db = db_cpu(cluster).saturating_sub(db_cpu0);
+    pg_statements(cluster, false).await;
     let violations = stats["violations"].as_u64().unwrap_or(0);
     assert_eq!(violations, 0, "{name}: ORDER VIOLATED at the fake channel");
     let mut commits = 0;
@@ -1265,7 +1269,8 @@ async fn replicas_run(
         name.to_string(),
         format!(
             "accepted {:.0} calls/s (p50 {} ms, p99 {} ms, p99.9 {} ms); delivered {delivered:.0} \
-             msg/s, gateways' CPU {:.0} µs per delivered message; order OK ({} msgs, {} dup); \
+             msg/s, gateways' CPU {:.0} µs and the database's {:.0} µs per delivered message; \
+             order OK ({} msgs, {} dup); \
              outbox commits {:.3} and WAL flushes {:.3} per message (the database's, all \
              replicas)",
             r.calls_per_s,
@@ -1273,6 +1278,7 @@ async fn replicas_run(
             ms(r.p99),
             ms(r.p999),
             cpu.as_secs_f64() * 1e6 / msgs,
+            db.as_secs_f64() * 1e6 / msgs,
             r.messages,
             stats["duplicates"].as_u64().unwrap_or(0),
             commits as f64 / msgs,
@@ -1289,12 +1295,15 @@ async fn replicas_scenarios(
     fake: &Proc,
     cluster: &pg::PgCluster,
     sends: &Load,
-    _one_replica: f64,
     rows: &mut Vec<Row>,
 ) -> Option<(f64, f64, Duration)> {
     let convs = sends.conversations;
+    // The three are compared with the one, so selecting the three runs the one as well.
+    if !selected(&replicas_name(convs, 3, None)) {
+        return None;
+    }
     let (one, _) = replicas_run(
-        &format!("{convs} conversations, Send, PostgreSQL outbox, one replica (WAL counted)"),
+        &replicas_name(convs, 1, None),
         fake,
         cluster,
         1,
@@ -1304,7 +1313,7 @@ async fn replicas_scenarios(
     )
     .await;
     let (three, _) = replicas_run(
-        &format!("{convs} conversations, Send, PostgreSQL outbox, three replicas"),
+        &replicas_name(convs, 3, None),
         fake,
         cluster,
         3,
@@ -1313,20 +1322,31 @@ async fn replicas_scenarios(
         rows,
     )
     .await;
+    let half = three / 2.0;
     let (_, half) = replicas_run(
-        &format!(
-            "{convs} conversations, Send, PostgreSQL outbox, three replicas at half that rate ({:.0} calls/s)",
-            three / 2.0
-        ),
+        &replicas_name(convs, 3, Some(half)),
         fake,
         cluster,
         3,
         sends,
-        Some(three / 2.0),
+        Some(half),
         rows,
     )
     .await;
     Some((three, one, half.p99))
+}
+
+/// The name of a replicas scenario: `n` replicas, at `rate` calls/s when paced.
+fn replicas_name(convs: usize, n: usize, rate: Option<f64>) -> String {
+    match (n, rate) {
+        (1, _) => {
+            format!("{convs} conversations, Send, PostgreSQL outbox, one replica (WAL counted)")
+        }
+        (_, None) => format!("{convs} conversations, Send, PostgreSQL outbox, three replicas"),
+        (_, Some(r)) => format!(
+            "{convs} conversations, Send, PostgreSQL outbox, three replicas at half that rate ({r:.0} calls/s)"
+        ),
+    }
 }
 
 /// Callers of a `wave`.
@@ -1349,12 +1369,105 @@ async fn wave(client: &Client, fake_port: u16, n: usize, first: usize) {
 }
 
 /// `--only <text>` runs just the scenarios whose name contains it (for profiling one path);
-/// `--only =<name>` the one scenario with exactly that name.
+/// `--only =<name>` the one scenario with exactly that name; `|` separates alternatives, so
+/// `--only "a|b"` runs both (a PostgreSQL row and the embedded row it is compared with).
 fn selected(name: &str) -> bool {
-    arg("--only").is_none_or(|o| match o.strip_prefix('=') {
-        Some(exact) => name == exact,
-        None => name.contains(&o),
+    arg("--only").is_none_or(|o| {
+        o.split('|').any(|o| match o.strip_prefix('=') {
+            Some(exact) => name == exact,
+            None => name.contains(o),
+        })
     })
+}
+
+/// The benchmark's PostgreSQL is sized as a deployment's would be, not as the tests' clusters
+/// (16 MB of shared buffers, so that many fit on one machine): PostgreSQL's own guidance is a
+/// quarter of the memory for a dedicated server; 1 GB is what this shared machine can spare.
+/// `--pg-statements` also loads `pg_stat_statements` and prints each run's costliest statements.
+fn pg_settings() -> String {
+    let mut s = String::from("shared_buffers = 1GB\n");
+    if flag("--pg-statements") {
+        s.push_str("shared_preload_libraries = 'pg_stat_statements'\n");
+    }
+    s
+}
+
+/// With `--pg-statements`: clears the cluster's statement counts (`reset`), or prints the
+/// statements that took the most time since.
+async fn pg_statements(cluster: &pg::PgCluster, reset: bool) {
+    if !flag("--pg-statements") {
+        return;
+    }
+    let Ok((c, conn)) = tokio_postgres::connect(cluster.url(), tokio_postgres::NoTls).await else {
+        return;
+    };
+    tokio::spawn(conn);
+    let _ = c
+        .batch_execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        .await;
+    if reset {
+        let _ = c.batch_execute("SELECT pg_stat_statements_reset()").await;
+        return;
+    }
+    let rows = c
+        .query(
+            "SELECT calls, rows, total_exec_time, shared_blks_hit + shared_blks_read, \
+             left(regexp_replace(query, '\\s+', ' ', 'g'), 140) \
+             FROM pg_stat_statements ORDER BY total_exec_time DESC LIMIT 12",
+            &[],
+        )
+        .await
+        .unwrap_or_default();
+    println!("  statements (calls, rows, total ms, blocks, query):");
+    for r in rows {
+        println!(
+            "    {:>8} {:>9} {:>9.0} {:>10}  {}",
+            r.get::<_, i64>(0),
+            r.get::<_, i64>(1),
+            r.get::<_, f64>(2),
+            r.get::<_, i64>(3),
+            r.get::<_, &str>(4)
+        );
+    }
+}
+
+/// CPU time the PostgreSQL cluster has used so far: its postmaster (with the backends it has
+/// reaped) and every live child (the gateways' backends, the WAL writer, the checkpointer).
+/// Beside the gateway's CPU it shows where a message's cost went when both share the cores.
+fn db_cpu(cluster: &pg::PgCluster) -> Duration {
+    let pid_file = cluster.data_dir().join("postmaster.pid");
+    let Some(pm) = std::fs::read_to_string(pid_file)
+        .ok()
+        .and_then(|s| s.lines().next().and_then(|l| l.trim().parse::<u32>().ok()))
+    else {
+        return Duration::ZERO;
+    };
+    // Fields after the command name: state, ppid, ..., then utime, stime, cutime, cstime.
+    let fields = |pid: u32| -> Option<Vec<u64>> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let (_, rest) = stat.rsplit_once(')')?;
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ppid = f.get(1)?.parse().ok()?;
+        let mut out = vec![ppid];
+        for i in 11..15 {
+            out.push(f.get(i)?.parse().ok()?);
+        }
+        Some(out)
+    };
+    let mut ticks = fields(pm).map_or(0, |f| f[1..5].iter().sum());
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if let Some(f) = fields(pid).filter(|f| f[0] == u64::from(pm)) {
+            ticks += f[1] + f[2];
+        }
+    }
+    Duration::from_millis(ticks * 10)
 }
 
 /// Runs a delivery scenario `--repeat` times (default 3), each on a fresh gateway, and reports
@@ -1419,6 +1532,10 @@ async fn delivery_run(
     let seqs = Arc::new(Mutex::new(vec![0u64; load.conversations]));
     let me = std::process::id();
     let (cpu0, fake_cpu0, load_cpu0) = (gw.cpu(), fake.cpu(), cpu_of(me));
+    if let Some(c) = gw_opts.pg.as_deref() {
+        pg_statements(c, true).await;
+    }
+    let db_cpu0 = gw_opts.pg.as_deref().map(db_cpu);
     let start = Instant::now();
     let r = drive(client, fake.port, load, &seqs).await;
     let (stats, _) = wait_delivered(fake.port, r.messages as u64, Duration::from_secs(600)).await;
@@ -1429,6 +1546,16 @@ async fn delivery_run(
         per_msg(fake.cpu() - fake_cpu0),
         per_msg(cpu_of(me) - load_cpu0),
     );
+    let db_us = match (gw_opts.pg.as_deref(), db_cpu0) {
+        (Some(c), Some(c0)) => format!(
+            ", of the database {:.0} µs",
+            per_msg(db_cpu(c).saturating_sub(c0))
+        ),
+        _ => String::new(),
+    };
+    if let Some(c) = gw_opts.pg.as_deref() {
+        pg_statements(c, false).await;
+    }
     let delivered_per_s = r.messages as f64 / total.as_secs_f64();
     let violations = stats["violations"].as_u64().unwrap_or(0);
     assert_eq!(violations, 0, "{name}: ORDER VIOLATED at the fake channel");
@@ -1450,7 +1577,7 @@ async fn delivery_run(
     // conversation's last message, so one that started or ran late stretches it.
     let sec = |k: &str| stats[k].as_f64().unwrap_or(0.0) / 1e6;
     let text = format!(
-        "accepted {:.0} calls/s (p50 {} ms, p99 {} ms, p99.9 {} ms); delivered {:.0} msg/s, gateway CPU {:.0} µs per delivered message; end-to-end p50 {:.2} ms, p99 {:.2} ms; order OK ({} msgs, {} dup); between a conversation's answer and its next call {:.2} ms (the fake answered {:.2} ms late); CPU per message of the fake channel {:.0} µs, of the load generator {:.0} µs; gateway peak RSS {} MiB; from the fake's first call, conversations began by {:.2} s and ended between {:.2} and {:.2} s (median {:.2} s)",
+        "accepted {:.0} calls/s (p50 {} ms, p99 {} ms, p99.9 {} ms); delivered {:.0} msg/s, gateway CPU {:.0} µs per delivered message; end-to-end p50 {:.2} ms, p99 {:.2} ms; order OK ({} msgs, {} dup); between a conversation's answer and its next call {:.2} ms (the fake answered {:.2} ms late); CPU per message of the fake channel {:.0} µs, of the load generator {:.0} µs{db_us}; gateway peak RSS {} MiB; from the fake's first call, conversations began by {:.2} s and ended between {:.2} and {:.2} s (median {:.2} s)",
         r.calls_per_s,
         ms(r.p50),
         ms(r.p99),
@@ -1916,32 +2043,27 @@ async fn driver() {
     .await;
     // The same two loads with the outbox on PostgreSQL (one replica, a throwaway cluster on
     // this machine, fsync on): what a shared deployment pays against the embedded store.
-    let (pg_send, pg_batch) = if selected("PostgreSQL") {
-        let cluster = std::sync::Arc::new(pg::PgCluster::start());
+    let pg_send_name = format!("{convs}, Send, PostgreSQL outbox (one replica){callers}");
+    let pg_batch_name =
+        format!("{convs}, SendBatch of 20, PostgreSQL outbox (one replica){callers}");
+    let (pg_send, pg_batch, pg_replicas) = if selected(&pg_send_name)
+        || selected(&pg_batch_name)
+        || selected(&replicas_name(sends.conversations, 3, None))
+    {
+        let cluster = std::sync::Arc::new(pg::PgCluster::start_with(&pg_settings()));
         let pg_opts = || GatewayOpts {
             pg: Some(cluster.clone()),
             ..GatewayOpts::standard(true)
         };
-        let (_, send, send_cpu) = delivery_scenario(
-            &format!("{convs}, Send, PostgreSQL outbox (one replica){callers}"),
-            &fake,
-            &pg_opts(),
-            &sends,
-            &mut rows,
-        )
-        .await;
-        let (_, batch, batch_cpu) = delivery_scenario(
-            &format!("{convs}, SendBatch of 20, PostgreSQL outbox (one replica){callers}"),
-            &fake,
-            &pg_opts(),
-            &batches,
-            &mut rows,
-        )
-        .await;
-        let replicas = replicas_scenarios(&fake, &cluster, &sends, send, &mut rows).await;
-        (Some((send, send_cpu)), Some((batch, batch_cpu, replicas)))
+        let (_, send, send_cpu) =
+            delivery_scenario(&pg_send_name, &fake, &pg_opts(), &sends, &mut rows).await;
+        let (_, batch, batch_cpu) =
+            delivery_scenario(&pg_batch_name, &fake, &pg_opts(), &batches, &mut rows).await;
+        let replicas = replicas_scenarios(&fake, &cluster, &sends, &mut rows).await;
+        let some = |rate: f64, cpu| (rate > 0.0).then_some((rate, cpu));
+        (some(send, send_cpu), some(batch, batch_cpu), replicas)
     } else {
-        (None, None)
+        (None, None, None)
     };
     let hot = Load {
         concurrency: 1,
@@ -2040,9 +2162,9 @@ async fn driver() {
         format!(
             "PostgreSQL outbox, one replica: Send {}; SendBatch of 20 {} (target >= 0.5x)",
             pg_ratio(pg_send, durable_delivered),
-            pg_ratio(pg_batch.map(|b| (b.0, b.1)), batch_delivered)
+            pg_ratio(pg_batch, batch_delivered)
         ),
-        match pg_batch.and_then(|b| b.2) {
+        match pg_replicas {
             Some((three, one, p99)) => format!(
                 "PostgreSQL outbox, three replicas vs one (Send): {three:.0} vs {one:.0} msg/s, \
                  {:.2}x (target: not slower); accept p99 at half of the three's rate {} ms \

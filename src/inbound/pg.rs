@@ -912,10 +912,12 @@ async fn commit(
         .transaction()
         .await
         .map_err(query("beginning an inbox write"))?;
+    // `d.event_id = ANY($1)` beside the join gives the planner the primary key's probe; with
+    // the join alone it may hash the whole table (see `crate::outbox::postgres`).
     if !ack_ids.is_empty() {
         tx.execute(
             "DELETE FROM inbox_deliveries d USING unnest($1::int8[], $2::text[]) AS u(id, g) \
-             WHERE d.event_id = u.id AND d.grp = u.g",
+             WHERE d.event_id = ANY($1) AND d.event_id = u.id AND d.grp = u.g",
             &[&ack_ids, &ack_groups],
         )
         .await
@@ -932,7 +934,7 @@ async fn commit(
         tx.execute(
             "UPDATE inbox_deliveries d SET attempts = GREATEST(d.attempts, u.n) \
              FROM unnest($1::int8[], $2::text[], $3::int4[]) AS u(id, g, n) \
-             WHERE d.event_id = u.id AND d.grp = u.g",
+             WHERE d.event_id = ANY($1) AND d.event_id = u.id AND d.grp = u.g",
             &[&att_ids, &att_groups, &att_n],
         )
         .await

@@ -1077,6 +1077,10 @@ const RENUMBER: &str = "seq = CASE WHEN u.bump IS NULL THEN m.seq \
      ELSE (pg_current_xact_id()::text::int8 << 24) + u.bump END, \
      epoch = COALESCE(u.epoch, m.epoch)";
 
+/// The updates below name their rows twice, `m.id = ANY($1)` beside the join on `u.id`: with
+/// the join alone the planner may hash the whole table (a sequential scan per commit, which
+/// grows with the outbox: 50 ms for a commit of 443 state changes over 200,000 rows, 3 ms with
+/// the index probe the `ANY` gives it).
 fn update_states_sql() -> String {
     format!(
         "UPDATE outbox_messages m SET state = u.state, \
@@ -1084,7 +1088,8 @@ fn update_states_sql() -> String {
          error = u.error, updated_at_ms = u.updated, {} \
          FROM unnest($1::int8[], $2::text[], $3::int4[], $4::bool[], $5::text[], $6::text[], \
          $7::int8[], $8::int8[], $9::int8[]) AS u(id, state, attempts, dup, receipts, error, \
-         updated, epoch, bump) WHERE m.id = u.id AND {} RETURNING m.id, m.partition, u.bump",
+         updated, epoch, bump) WHERE m.id = ANY($1) AND m.id = u.id AND {} \
+         RETURNING m.id, m.partition, u.bump",
         RENUMBER,
         FENCED.replace("$R", "$10").replace("$M", "$11"),
     )
@@ -1098,7 +1103,7 @@ fn update_partial_sql() -> String {
          error = CASE WHEN u.clear THEN NULL ELSE m.error END, updated_at_ms = u.updated, {} \
          FROM unnest($1::int8[], $2::text[], $3::int4[], $4::bool[], $5::int8[], $6::int8[], \
          $7::int8[]) AS u(id, state, attempts, clear, updated, epoch, bump) \
-         WHERE m.id = u.id AND {} RETURNING m.id, m.partition, u.bump",
+         WHERE m.id = ANY($1) AND m.id = u.id AND {} RETURNING m.id, m.partition, u.bump",
         RENUMBER,
         FENCED.replace("$R", "$8").replace("$M", "$9"),
     )

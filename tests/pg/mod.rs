@@ -64,6 +64,12 @@ impl PgCluster {
     /// Starts a fresh cluster with one database, `test` (see [`PgCluster::url`]). Panics with
     /// the reason (and the server log's tail) when it cannot.
     pub fn start() -> PgCluster {
+        PgCluster::start_with("")
+    }
+
+    /// [`PgCluster::start`] with more `postgresql.conf` lines, appended after the tests' own
+    /// (so they override them): the benchmark sizes the server as a deployment would.
+    pub fn start_with(extra_settings: &str) -> PgCluster {
         let begun = Instant::now();
         let bin = server_bin_dir();
         let run_as = run_as();
@@ -92,6 +98,9 @@ impl PgCluster {
         // Armed before the first file is written, so even a failed initdb is cleaned up.
         cluster.watchdog = Some(cluster.spawn_watchdog());
         cluster.initdb();
+        if !extra_settings.is_empty() {
+            cluster.append_settings(&format!("\n# extra settings\n{extra_settings}\n"));
+        }
         cluster.start_on_a_free_port();
         cluster.execute("postgres", "CREATE DATABASE test");
         cluster.url = cluster.url_for("test");
@@ -242,6 +251,10 @@ impl PgCluster {
              logging_collector = off\n",
             self.root.display()
         );
+        self.append_settings(&settings);
+    }
+
+    fn append_settings(&self, settings: &str) {
         let mut conf = std::fs::OpenOptions::new()
             .append(true)
             .open(self.data.join("postgresql.conf"))
