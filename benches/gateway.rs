@@ -1387,7 +1387,10 @@ fn selected(name: &str) -> bool {
 fn pg_settings() -> String {
     let mut s = String::from("shared_buffers = 1GB\n");
     if flag("--pg-statements") {
-        s.push_str("shared_preload_libraries = 'pg_stat_statements'\n");
+        s.push_str(
+            "shared_preload_libraries = 'pg_stat_statements'\n\
+             pg_stat_statements.track_planning = on\n",
+        );
     }
     s
 }
@@ -1411,22 +1414,24 @@ async fn pg_statements(cluster: &pg::PgCluster, reset: bool) {
     }
     let rows = c
         .query(
-            "SELECT calls, rows, total_exec_time, shared_blks_hit + shared_blks_read, \
+            "SELECT calls, rows, total_exec_time, total_plan_time, \
+             shared_blks_hit + shared_blks_read, \
              left(regexp_replace(query, '\\s+', ' ', 'g'), 140) \
              FROM pg_stat_statements ORDER BY total_exec_time DESC LIMIT 12",
             &[],
         )
         .await
         .unwrap_or_default();
-    println!("  statements (calls, rows, total ms, blocks, query):");
+    println!("  statements (calls, rows, executing ms, planning ms, blocks, query):");
     for r in rows {
         println!(
-            "    {:>8} {:>9} {:>9.0} {:>10}  {}",
+            "    {:>8} {:>9} {:>9.0} {:>9.0} {:>10}  {}",
             r.get::<_, i64>(0),
             r.get::<_, i64>(1),
             r.get::<_, f64>(2),
-            r.get::<_, i64>(3),
-            r.get::<_, &str>(4)
+            r.get::<_, f64>(3),
+            r.get::<_, i64>(4),
+            r.get::<_, &str>(5)
         );
     }
 }

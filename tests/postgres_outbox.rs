@@ -657,3 +657,90 @@ async fn messages_in_line_during_an_outage_wait_for_the_database_and_are_deliver
     drop(c);
     gateway.shutdown().await.unwrap();
 }
+
+/// The partition's owner appends the head of an idle conversation already marked `delivering`
+/// (`PostgresStore::append_fenced`): the mark is stored, with its epoch, only while the fence
+/// holds at the insert, as a fenced update's would be; otherwise the row is `accepted` and its
+/// owner marks it before sending, so a row read back as `delivering` always names whose mark
+/// it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owners_mark_at_append_is_stored_only_under_its_fence() {
+    use channel_gateway::outbox::Fence;
+    let url = PgCluster::shared().create_database();
+    let s = PostgresStore::open(&pg_config(&url)).await.unwrap();
+    let partition = channel_gateway::storage::lease::partition_of("c");
+    let pool = channel_gateway::storage::postgres::connect(&pg_config(&url))
+        .await
+        .unwrap();
+    let db = channel_gateway::storage::postgres::get(&pool)
+        .await
+        .unwrap();
+    let own = |owner: &str, epoch: i64| {
+        let (db, owner) = (&db, owner.to_string());
+        async move {
+            db.execute(
+                "UPDATE cg_partitions SET owner = $1, epoch = $2, \
+                 lease_until = now() + interval '1 hour' WHERE partition = $3",
+                &[&owner, &epoch, &(partition as i32)],
+            )
+            .await
+            .unwrap();
+        }
+    };
+    let marked = |id: u64| StoredMessage {
+        record: StateRecord::new(DeliveryState::Delivering, now_ms()),
+        ..msg(id, "c")
+    };
+    let fence = |epoch: i64| Some(Fence { partition, epoch });
+    let row = |id: u64| {
+        let db = &db;
+        async move {
+            let r = db
+                .query_one(
+                    "SELECT state, epoch FROM outbox_messages WHERE id = $1",
+                    &[&(id as i64)],
+                )
+                .await
+                .unwrap();
+            (r.get::<_, String>(0), r.get::<_, Option<i64>>(1))
+        }
+    };
+    own(s.replica(), 5).await;
+    // Held at epoch 5: the mark is kept, with its epoch.
+    s.append_fenced(vec![marked(1)], None, fence(5))
+        .await
+        .unwrap();
+    assert_eq!(row(1).await, ("delivering".into(), Some(5)));
+    // An epoch this replica does not hold (an older take): stored, not marked.
+    s.append_fenced(vec![marked(2)], None, fence(4))
+        .await
+        .unwrap();
+    assert_eq!(row(2).await, ("accepted".into(), None));
+    // In a batch, the fence goes with the marked message only.
+    s.append_fenced(vec![marked(3), msg(4, "c")], None, fence(5))
+        .await
+        .unwrap();
+    assert_eq!(row(3).await, ("delivering".into(), Some(5)));
+    assert_eq!(row(4).await, ("accepted".into(), None));
+    // The partition moved to another replica before the insert ran.
+    own("another-replica", 6).await;
+    s.append_fenced(vec![marked(5)], None, fence(5))
+        .await
+        .unwrap();
+    assert_eq!(row(5).await, ("accepted".into(), None));
+    // A lease that has run out is no fence either.
+    db.execute(
+        "UPDATE cg_partitions SET owner = $1, epoch = 7, lease_until = now() - interval '1 s' \
+         WHERE partition = $2",
+        &[&s.replica(), &(partition as i32)],
+    )
+    .await
+    .unwrap();
+    s.append_fenced(vec![marked(6)], None, fence(7))
+        .await
+        .unwrap();
+    assert_eq!(row(6).await, ("accepted".into(), None));
+    // Without a fence (one replica's own store), a row is stored as given.
+    s.append_fenced(vec![marked(7)], None, None).await.unwrap();
+    assert_eq!(row(7).await, ("delivering".into(), None));
+}

@@ -716,10 +716,23 @@ impl Inner {
         for m in list {
             if let Some(parked) = cluster.and_then(|c| c.unpark(m.id)) {
                 let mut item = parked.item;
+                // Marked at its append (`enqueue_shared`): the mark read back is that one only
+                // under the fence it was made with, which no other replica's take shares (a
+                // take has an epoch of its own, and every attempt is preceded by its taker's
+                // fenced mark). Then nothing was attempted yet. Otherwise the row says what
+                // happened (`accepted`: the mark did not hold) and the item is marked again
+                // before it goes.
+                let own_mark = item.delivering.is_some()
+                    && item.fence.is_some()
+                    && item.fence == fence
+                    && m.record.state == DeliveryState::Delivering;
+                if !own_mark {
+                    item.delivering = None;
+                    item.possible_duplicate |= m.record.state == DeliveryState::Delivering;
+                }
+                item.possible_duplicate |= m.record.possible_duplicate;
                 item.fence = fence;
                 item.tenure = tenure;
-                item.possible_duplicate |=
-                    m.record.state == DeliveryState::Delivering || m.record.possible_duplicate;
                 if let Some(feed) = parked.stream {
                     // A stream holds the line by itself: what came before it goes first.
                     let before = std::mem::take(&mut items);
@@ -1184,36 +1197,55 @@ impl Inner {
         self.check_total(n + cluster.parked_len())?;
         let label = key.label();
         let now = now_ms();
-        let here = cluster.fence_for(label).is_some();
+        let fence = cluster.fence_for(label);
+        let here = fence.is_some();
         // A stream's text comes to this process: only the conversation's deliverer can show it.
         if !here && matches!(job, Job::Stream { .. }) {
             return Err(SubmitError::NotHere);
         }
-        // Unlike on one replica, nothing is appended marked as being delivered: a mark is a
-        // fenced write of the replica that delivers, so a message read back as `delivering`
-        // always had an attempt that may have reached the channel.
+        let partition = crate::storage::lease::partition_of(label);
+        let conversation_hash = Cluster::conversation_hash(label);
+        // As on one replica, the first message to an idle conversation goes out next, so the
+        // partition's owner appends it already marked as being delivered, saving a fenced write
+        // before its call. The mark is fenced like that write (`PostgresStore::append_fenced`):
+        // stored only while this replica holds the partition at `fence`, with that epoch, so a
+        // message read back as `delivering` under another epoch, or not parked here, may have
+        // been attempted and is flagged (`requeue`). Another replica's Send is marked by the
+        // owner when it reads it back.
+        let mut head = here
+            && matches!(job, Job::Deliver { .. })
+            && in_conversation == 0
+            && !cluster.conversation_parked(conversation_hash);
         let mut ids = Vec::with_capacity(n);
         let mut stored = Vec::with_capacity(n);
         for item in job.items_mut() {
             item.id = self.next_id.fetch_add(1, Ordering::SeqCst);
             ids.push(item.id);
+            let state = if head && !item.ephemeral && !item.rendered.requests.is_empty() {
+                // Durable with the append, which `durable` stands for; the fence it was made
+                // under is compared with the row's when it is read back.
+                item.delivering = Some(Durable::ready());
+                item.fence = fence;
+                DeliveryState::Delivering
+            } else {
+                DeliveryState::Accepted
+            };
+            head = false;
             stored.push(StoredMessage {
                 id: item.id,
                 conversation: label.to_string(),
                 message: item.message.clone(),
                 proactive: item.proactive.clone(),
                 accepted_at_ms: now,
-                record: StateRecord::new(DeliveryState::Accepted, now),
+                record: StateRecord::new(state, now),
                 warnings: item.rendered.warnings.clone(),
                 op: item.op,
             });
         }
         let idem = idem.map(|k| idem_record(k, now, &ids));
         self.metrics.accepted(key.channel_id(), stored.len() as u64);
-        let durable = self.store.append(stored, idem);
+        let durable = cluster.store.append_fenced(stored, idem, fence);
         let tickets = tickets_for(&ids, outcome_rxs);
-        let partition = crate::storage::lease::partition_of(label);
-        let conversation_hash = Cluster::conversation_hash(label);
         let mut stream = None;
         let (items, mut created) = match job {
             Job::Deliver { items, .. } => (items, None),

@@ -53,6 +53,42 @@ pub(super) struct Parked {
     pub at: Instant,
 }
 
+/// The parked Sends by id, and how many of each conversation (by its key's hash) are parked.
+#[derive(Default)]
+struct ParkedSet {
+    by_id: HashMap<u64, Parked>,
+    per_conversation: HashMap<u64, usize>,
+}
+
+impl ParkedSet {
+    fn insert(&mut self, id: u64, parked: Parked) {
+        let conversation = parked.conversation;
+        if let Some(old) = self.by_id.insert(id, parked) {
+            self.forget(old.conversation);
+        }
+        *self.per_conversation.entry(conversation).or_default() += 1;
+    }
+
+    fn remove(&mut self, id: u64) -> Option<Parked> {
+        let parked = self.by_id.remove(&id)?;
+        self.forget(parked.conversation);
+        Some(parked)
+    }
+
+    fn forget(&mut self, conversation: u64) {
+        if let Some(n) = self.per_conversation.get_mut(&conversation) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.per_conversation.remove(&conversation);
+            }
+        }
+    }
+
+    fn has_conversation(&self, conversation: u64) -> bool {
+        self.per_conversation.contains_key(&conversation)
+    }
+}
+
 pub struct Cluster {
     pub(super) store: Arc<PostgresStore>,
     ownership: watch::Receiver<Arc<Ownership>>,
@@ -60,7 +96,7 @@ pub struct Cluster {
     notifier: Notifier,
     /// New work committed here, in partitions this replica holds.
     wake: Notify,
-    parked: Mutex<HashMap<u64, Parked>>,
+    parked: Mutex<ParkedSet>,
     /// Messages of each partition in memory (in a line or in flight): a releasing partition is
     /// drained once its count is 0.
     live: Vec<AtomicUsize>,
@@ -97,7 +133,7 @@ impl Cluster {
             drainer,
             notifier,
             wake: Notify::new(),
-            parked: Mutex::new(HashMap::new()),
+            parked: Mutex::new(ParkedSet::default()),
             live: (0..PARTITIONS).map(|_| AtomicUsize::new(0)).collect(),
             tenure: (0..PARTITIONS).map(|_| AtomicU64::new(0)).collect(),
             poll_every,
@@ -207,9 +243,7 @@ impl Cluster {
             let read = tokio::time::timeout_at(deadline, done.wait_for(|d| *d >= asked))
                 .await
                 .map(|r| r.is_ok());
-            let waiting = lock(&self.parked)
-                .values()
-                .any(|p| p.conversation == conversation);
+            let waiting = lock(&self.parked).has_conversation(conversation);
             if read.is_err() || !waiting {
                 return;
             }
@@ -278,7 +312,12 @@ impl Cluster {
 
     /// Sends parked here, waiting to be read back.
     pub(super) fn parked_len(&self) -> usize {
-        lock(&self.parked).len()
+        lock(&self.parked).by_id.len()
+    }
+
+    /// Whether a Send to the conversation (its key's hash) is parked here.
+    pub(super) fn conversation_parked(&self, conversation: u64) -> bool {
+        lock(&self.parked).has_conversation(conversation)
     }
 
     /// A conversation key's hash, to tell parked Sends apart by conversation without keeping
@@ -292,18 +331,19 @@ impl Cluster {
 
     /// A Send of this replica waiting to be read back: the feed need not decode its body.
     fn is_parked(&self, id: u64) -> bool {
-        lock(&self.parked).contains_key(&id)
+        lock(&self.parked).by_id.contains_key(&id)
     }
 
     /// The message of a parked Send (the feed read it without its body).
     pub(super) fn parked_message(&self, id: u64) -> Option<(Arc<crate::model::Message>, bool)> {
         lock(&self.parked)
+            .by_id
             .get(&id)
             .map(|p| (p.item.message.clone(), p.item.proactive.is_some()))
     }
 
     pub(super) fn unpark(&self, id: u64) -> Option<Parked> {
-        lock(&self.parked).remove(&id)
+        lock(&self.parked).remove(id)
     }
 
     pub(super) fn entered(&self, partition: u32, n: usize) {
@@ -585,6 +625,7 @@ fn sweep_parked(cluster: &Cluster, fed: &BTreeMap<u32, Fed>) {
     let gone: Vec<Parked> = {
         let mut parked = lock(&cluster.parked);
         let ids: Vec<u64> = parked
+            .by_id
             .iter()
             .filter(|(_, p)| {
                 let age = now.duration_since(p.at);
@@ -593,9 +634,7 @@ fn sweep_parked(cluster: &Cluster, fed: &BTreeMap<u32, Fed>) {
             })
             .map(|(id, _)| *id)
             .collect();
-        ids.into_iter()
-            .filter_map(|id| parked.remove(&id))
-            .collect()
+        ids.into_iter().filter_map(|id| parked.remove(id)).collect()
     };
     for p in gone {
         if let Some(done) = p.item.done {
