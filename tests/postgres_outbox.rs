@@ -744,3 +744,112 @@ async fn an_owners_mark_at_append_is_stored_only_under_its_fence() {
     s.append_fenced(vec![marked(7)], None, None).await.unwrap();
     assert_eq!(row(7).await, ("delivering".into(), None));
 }
+
+/// The plans of the statements planned once per connection (`planned_once`): made for any
+/// values, they must not read a whole outbox table, neither when made on a new, empty database
+/// (as at a first start) nor on a full one. A plan made on empty tables is kept while they
+/// grow, so one that hashes a table for a join would get slower with every message (the
+/// reason the gateway planned every execution before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_planned_once_read_no_whole_table_empty_or_full() {
+    let url = PgCluster::shared().create_database();
+    let s = PostgresStore::open(&pg_config(&url)).await.unwrap();
+    // A session as the feed's: plans made once, with the settings that go with them (the
+    // writer sets the same for its commits).
+    let pool = channel_gateway::storage::postgres::pool_planned(
+        &pg_config(&url),
+        channel_gateway::storage::postgres::Plans::Once,
+    )
+    .unwrap();
+    let db = channel_gateway::storage::postgres::get(&pool)
+        .await
+        .unwrap();
+    let check = |when: &'static str| {
+        let db = &db;
+        async move {
+            for (i, (name, sql)) in channel_gateway::outbox::planned_once()
+                .into_iter()
+                .enumerate()
+            {
+                let params = db.prepare(&sql).await.unwrap().params().len();
+                let stmt = format!("planned_{when}_{i}");
+                db.batch_execute(&format!("PREPARE {stmt} AS {sql}"))
+                    .await
+                    .unwrap_or_else(|e| panic!("{name}: {e}"));
+                let args = vec!["NULL"; params].join(", ");
+                let plan: Vec<String> = db
+                    .query(&format!("EXPLAIN EXECUTE {stmt}({args})"), &[])
+                    .await
+                    .unwrap()
+                    .iter()
+                    .map(|r| r.get::<_, String>(0))
+                    .collect();
+                let whole = reads_whole_table(&plan);
+                let plan = plan.join("\n");
+                assert!(
+                    whole.is_none(),
+                    "{when}: the plan of {name} reads a whole table ({}):\n{plan}",
+                    whole.unwrap_or_default()
+                );
+                if name == "feed" {
+                    assert!(
+                        plan.contains("Index Scan using outbox_feed"),
+                        "{when}: the feed does not read its range from outbox_feed:\n{plan}"
+                    );
+                }
+            }
+        }
+    };
+    check("empty").await;
+    // A few rows, not analyzed: where a plan made once chose to scan the table (the cheapest
+    // way while it is a page) and kept doing so at 100,000 rows.
+    db.batch_execute(
+        "INSERT INTO outbox_messages (id, conversation, partition, state, attempts, \
+         possible_duplicate, accepted_at_ms, updated_at_ms, seq) \
+         SELECT g, 'c', 0, 'accepted', 0, false, 1, 1, g FROM generate_series(100001, 100010) g; \
+         INSERT INTO outbox_bodies SELECT g, '{}' FROM generate_series(100001, 100010) g",
+    )
+    .await
+    .unwrap();
+    check("small").await;
+    // 50,000 messages, a tenth of them unfinished, and as many keys, analyzed.
+    db.batch_execute(
+        "INSERT INTO outbox_messages (id, conversation, partition, state, attempts, \
+         possible_duplicate, accepted_at_ms, updated_at_ms, seq) \
+         SELECT g, 'c' || (g % 1000), g % 256, \
+         CASE WHEN g % 10 = 0 THEN 'accepted' ELSE 'delivered' END, 0, false, 1, 1, g \
+         FROM generate_series(1, 50000) g; \
+         INSERT INTO outbox_bodies SELECT g, '{}' FROM generate_series(1, 50000) g; \
+         INSERT INTO outbox_idempotency SELECT 'k' || g, 1, '[' || g || ']' \
+         FROM generate_series(1, 50000) g; \
+         ANALYZE outbox_messages; ANALYZE outbox_bodies; ANALYZE outbox_idempotency",
+    )
+    .await
+    .unwrap();
+    check("full").await;
+    drop(s);
+}
+
+/// The first scan of an outbox table in `plan` (EXPLAIN's lines) that reads it whole: a
+/// sequential scan, or an index scan with no condition on the index.
+fn reads_whole_table(plan: &[String]) -> Option<String> {
+    for (i, line) in plan.iter().enumerate() {
+        if !line.contains(" on outbox_") {
+            continue;
+        }
+        if line.contains("Seq Scan") {
+            return Some(line.trim().to_string());
+        }
+        if line.contains("Index Scan") || line.contains("Index Only Scan") {
+            // Its details: the lines after it, up to the next node.
+            let has_cond = plan[i + 1..]
+                .iter()
+                .take_while(|l| !l.contains("->"))
+                .any(|l| l.contains("Index Cond"));
+            if !has_cond {
+                return Some(line.trim().to_string());
+            }
+        }
+    }
+    None
+}

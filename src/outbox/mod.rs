@@ -19,6 +19,8 @@ use serde::{Deserialize, Serialize};
 
 pub(crate) use durable::Commits;
 pub use durable::Durable;
+#[doc(hidden)]
+pub use postgres::planned_once;
 pub use postgres::{Feed, PostgresStore};
 pub use sqlite::SqliteStore;
 

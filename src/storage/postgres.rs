@@ -92,6 +92,10 @@ impl PostgresConfig {
 
     /// The URL parsed, with this section's settings applied over it.
     pub(crate) fn client_config(&self) -> Result<tokio_postgres::Config, ConfigError> {
+        self.client_config_planned(Plans::PerExecution)
+    }
+
+    fn client_config_planned(&self, plans: Plans) -> Result<tokio_postgres::Config, ConfigError> {
         let key = |field: &str| format!("{SECTION}.{field}");
         if !(1..=POOL_SIZE_MAX).contains(&self.pool_size) {
             return Err(invalid(
@@ -177,9 +181,17 @@ impl PostgresConfig {
         // plans made for each execution: a statement prepared while the outbox's tables were
         // empty (a new database) would keep a plan that scans them whole once they hold
         // 100,000 rows (a fresh database's first run delivered 2.4k msg/s instead of 11k).
+        let planned = match plans {
+            Plans::PerExecution => "-c plan_cache_mode=force_custom_plan".to_string(),
+            Plans::Once => PLANNED_ONCE
+                .iter()
+                .map(|(k, v)| format!("-c {k}={v}"))
+                .collect::<Vec<_>>()
+                .join(" "),
+        };
         let statement_timeout = format!(
-            "-c statement_timeout={} -c plan_cache_mode=force_custom_plan",
-            self.statement_timeout.as_millis()
+            "-c statement_timeout={} {planned}",
+            self.statement_timeout.as_millis(),
         );
         let options = match pg.get_options() {
             Some(o) if !o.trim().is_empty() => format!("{o} {statement_timeout}"),
@@ -473,7 +485,47 @@ fn pool_error_reason(e: &DeadpoolError) -> String {
 /// The pool, without connecting yet: connections open as they are needed. For a gateway that
 /// starts (not ready) while the database is down; [`connect`] checks the database first.
 pub fn pool(config: &PostgresConfig) -> Result<Pool, PgError> {
-    let pg = config.client_config()?;
+    pool_planned(config, Plans::PerExecution)
+}
+
+/// The settings of [`Plans::Once`], for a session or (`SET LOCAL`) a transaction.
+pub const PLANNED_ONCE: &[(&str, &str)] = &[
+    ("plan_cache_mode", "force_generic_plan"),
+    ("enable_seqscan", "off"),
+    ("jit", "off"),
+];
+
+/// `SET LOCAL` of [`PLANNED_ONCE`]: the transaction's statements planned as [`Plans::Once`]
+/// says.
+pub fn set_local_planned_once() -> String {
+    PLANNED_ONCE
+        .iter()
+        .map(|(k, v)| format!("SET LOCAL {k} = {v}"))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// How a session's statements are planned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Plans {
+    /// For each execution, with its values (every pool's default; see `client_config`).
+    PerExecution,
+    /// Once per prepared statement, for any values: for a connection that runs the same few
+    /// statements thousands of times a second, whose every table access is by a key the
+    /// statement names (`= ANY($n)`, a primary key), so the one plan fits any size of table.
+    /// Planning each execution cost more than running it (`crate::outbox::postgres`). With
+    /// sequential scans off: a plan made while a table holds a page or two would scan it (the
+    /// cheapest way then) and keep doing so as it grows to millions of rows, until the next
+    /// ANALYZE; with them off, the planner takes the index the statement's key offers. And
+    /// without JIT compilation: a scan left with no other way (the 256 rows of
+    /// `cg_partitions`) is costed as disabled, which made every execution compile its
+    /// expressions first (150 ms).
+    Once,
+}
+
+/// [`pool`] whose sessions plan as `plans` says.
+pub fn pool_planned(config: &PostgresConfig, plans: Plans) -> Result<Pool, PgError> {
+    let pg = config.client_config_planned(plans)?;
     let manager = Manager::from_config(
         pg,
         NoTls,
