@@ -403,11 +403,16 @@ impl PostgresStore {
             window_ms: AtomicU64::new(24 * 3600 * 1000),
             on_commit: Mutex::new(None),
         });
-        // The writer's connection is its own: a commit never waits for a reader's.
-        let writer_pool = postgres::pool(&PostgresConfig {
-            pool_size: 1,
-            ..config.clone()
-        })
+        // The writer's connection is its own: a commit never waits for a reader's. Its
+        // statements are planned once (`planned_once`): planning them for each commit's values
+        // cost more than running them.
+        let writer_pool = postgres::pool_planned(
+            &PostgresConfig {
+                pool_size: 1,
+                ..config.clone()
+            },
+            postgres::Plans::Once,
+        )
         .map_err(scrub)?;
         let feed_pool = postgres::pool_planned(
             &PostgresConfig {
@@ -630,7 +635,7 @@ impl PostgresStore {
     async fn read_message(&self, id: u64) -> Result<Option<StoredMessage>, StoreError> {
         let c = self.client().await?;
         let st = c
-            .prepare_cached(&format!("SELECT {COLUMNS} FROM {FROM} WHERE m.id = $1"))
+            .prepare_cached(&read_one_sql())
             .await
             .map_err(|e| self.read_error("preparing a read", &e))?;
         let row = c
@@ -1086,17 +1091,25 @@ fn feed_after_sql() -> String {
     )
 }
 
+/// One whole message by id.
+fn read_one_sql() -> String {
+    format!("SELECT {COLUMNS} FROM {FROM} WHERE m.id = $1")
+}
+
 /// The bodies of other replicas' Sends the feed read.
 const FEED_BODIES: &str = "SELECT id, body FROM outbox_bodies WHERE id = ANY($1)";
 
-/// The statements run thousands of times a second, planned once per connection (the feed's,
-/// and the writer's commits: `SET LOCAL plan_cache_mode`), by name: a test checks that none
-/// of their plans reads a whole outbox table, on an empty database and on a full one.
+/// The statements of the connections whose plans are made once (`postgres::Plans::Once`: the
+/// feed's and the writer's), by name: a test checks that none of their plans reads a whole
+/// outbox table, on an empty database, a small one and a full one.
 #[doc(hidden)]
 pub fn planned_once() -> Vec<(&'static str, String)> {
     vec![
         ("feed", feed_after_sql()),
         ("feed bodies", FEED_BODIES.into()),
+        ("read a message", read_one_sql()),
+        ("compact messages", COMPACT_MESSAGES.into()),
+        ("compact keys", COMPACT_KEYS.into()),
         ("insert messages", INSERT_MESSAGES.into()),
         ("insert bodies", INSERT_BODIES.into()),
         ("update states", update_states_sql()),
@@ -1206,14 +1219,17 @@ const INSERT_KEYS: &str = "INSERT INTO outbox_idempotency (key, created_at_ms, m
      OR outbox_idempotency.message_ids = excluded.message_ids \
      RETURNING key, message_ids";
 
-const COMPACT_MESSAGES: &str = "WITH gone AS (DELETE FROM outbox_messages WHERE id IN \
-     (SELECT id FROM outbox_messages WHERE state = 'delivered' AND updated_at_ms < $1 LIMIT $2) \
+/// The rows to delete are gathered into an array first (`= ANY(ARRAY(…))`): the writer's plans
+/// are made once (`planned_once`), and one made for `id IN (subquery)` may walk the whole
+/// primary key to join them.
+const COMPACT_MESSAGES: &str = "WITH gone AS (DELETE FROM outbox_messages WHERE id = ANY(ARRAY(\
+     SELECT id FROM outbox_messages WHERE state = 'delivered' AND updated_at_ms < $1 LIMIT $2)) \
      RETURNING id), \
-     bodies AS (DELETE FROM outbox_bodies WHERE id IN (SELECT id FROM gone)) \
+     bodies AS (DELETE FROM outbox_bodies WHERE id = ANY(ARRAY(SELECT id FROM gone))) \
      SELECT count(*) FROM gone";
 
-const COMPACT_KEYS: &str = "DELETE FROM outbox_idempotency WHERE key IN \
-     (SELECT key FROM outbox_idempotency WHERE created_at_ms < $1 LIMIT $2)";
+const COMPACT_KEYS: &str = "DELETE FROM outbox_idempotency WHERE key = ANY(ARRAY(\
+     SELECT key FROM outbox_idempotency WHERE created_at_ms < $1 LIMIT $2))";
 
 type Param<'a> = &'a (dyn tokio_postgres::types::ToSql + Sync);
 
@@ -1592,7 +1608,7 @@ impl Writer {
         }
         let client = self.client().await?;
         let st = client
-            .prepare_cached(&format!("SELECT {COLUMNS} FROM {FROM} WHERE m.id = $1"))
+            .prepare_cached(&read_one_sql())
             .await
             .map_err(|e| PgError::query("preparing a read", &e))?;
         for (e, _) in entries.iter_mut() {
@@ -1866,12 +1882,8 @@ impl Writer {
         // admit, messages before their bodies.
         let mut steps: Vec<BoxFuture<'_, Result<Step, tokio_postgres::Error>>> = Vec::new();
         let c: &tokio_postgres::Client = client;
-        // The statements are planned once per connection for this transaction, with sequential
-        // scans off (`postgres::Plans::Once` and `planned_once` say why that is safe): planning
-        // them for each commit's values cost more than running them.
-        let begin = format!("BEGIN; {}", postgres::set_local_planned_once());
         steps.push(Box::pin(async move {
-            c.batch_execute(&begin).await.map(|_| Step::Done)
+            c.batch_execute("BEGIN").await.map(|_| Step::Done)
         }));
         if !key_names.is_empty() {
             steps.push(step(c, &st_keys, &key_params, Step::Keys));

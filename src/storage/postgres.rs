@@ -488,22 +488,12 @@ pub fn pool(config: &PostgresConfig) -> Result<Pool, PgError> {
     pool_planned(config, Plans::PerExecution)
 }
 
-/// The settings of [`Plans::Once`], for a session or (`SET LOCAL`) a transaction.
+/// The settings of a [`Plans::Once`] session.
 pub const PLANNED_ONCE: &[(&str, &str)] = &[
     ("plan_cache_mode", "force_generic_plan"),
     ("enable_seqscan", "off"),
     ("jit", "off"),
 ];
-
-/// `SET LOCAL` of [`PLANNED_ONCE`]: the transaction's statements planned as [`Plans::Once`]
-/// says.
-pub fn set_local_planned_once() -> String {
-    PLANNED_ONCE
-        .iter()
-        .map(|(k, v)| format!("SET LOCAL {k} = {v}"))
-        .collect::<Vec<_>>()
-        .join("; ")
-}
 
 /// How a session's statements are planned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
