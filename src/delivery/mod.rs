@@ -1223,7 +1223,7 @@ impl Inner {
             ids.push(item.id);
             let state = if head && !item.ephemeral && !item.rendered.requests.is_empty() {
                 // Durable with the append, which `durable` stands for; the fence it was made
-                // under is compared with the row's when it is read back.
+                // under is compared with the one it is read back under (`requeue`).
                 item.delivering = Some(Durable::ready());
                 item.fence = fence;
                 DeliveryState::Delivering
