@@ -403,25 +403,21 @@ impl PostgresStore {
             window_ms: AtomicU64::new(24 * 3600 * 1000),
             on_commit: Mutex::new(None),
         });
-        // The writer's connection is its own: a commit never waits for a reader's. Its
-        // statements are planned once (`planned_once`): planning them for each commit's values
-        // cost more than running them.
-        let writer_pool = postgres::pool_planned(
-            &PostgresConfig {
-                pool_size: 1,
-                ..config.clone()
-            },
-            postgres::Plans::Once,
-        )
-        .map_err(scrub)?;
-        let feed_pool = postgres::pool_planned(
-            &PostgresConfig {
-                pool_size: 1,
-                ..config.clone()
-            },
-            postgres::Plans::Once,
-        )
-        .map_err(scrub)?;
+        // The writer's connection is its own: a commit never waits for a reader's. The
+        // writer's and the feed's statements are planned once (`planned_once`): planning them
+        // for each commit's values cost more than running them.
+        let planned_once = || {
+            postgres::pool_planned(
+                &PostgresConfig {
+                    pool_size: 1,
+                    ..config.clone()
+                },
+                postgres::Plans::Once,
+            )
+            .map_err(scrub)
+        };
+        let writer_pool = planned_once()?;
+        let feed_pool = planned_once()?;
         let overlay = Arc::new(Mutex::new(PgOverlay::default()));
         let health = Arc::new(Health::default());
         let commits = Arc::new(Commits::default());
