@@ -1440,11 +1440,7 @@ async fn pg_statements(cluster: &pg::PgCluster, reset: bool) {
 /// reaped) and every live child (the gateways' backends, the WAL writer, the checkpointer).
 /// Beside the gateway's CPU it shows where a message's cost went when both share the cores.
 fn db_cpu(cluster: &pg::PgCluster) -> Duration {
-    let pid_file = cluster.data_dir().join("postmaster.pid");
-    let Some(pm) = std::fs::read_to_string(pid_file)
-        .ok()
-        .and_then(|s| s.lines().next().and_then(|l| l.trim().parse::<u32>().ok()))
-    else {
+    let Some(pm) = cluster.postmaster_pid() else {
         return Duration::ZERO;
     };
     // Fields after the command name: state, ppid, ..., then utime, stime, cutime, cstime.

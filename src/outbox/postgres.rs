@@ -564,10 +564,14 @@ impl PostgresStore {
             let partition: i16 = r.try_get(10).map_err(storage)?;
             let seq: i64 = r.try_get(11).map_err(storage)?;
             last = last.max(seq);
-            // A state of ours not yet committed is newer than the row.
+            // A state change of ours not yet committed is newer than the row. An append's own
+            // record is not (`states`, not `state()`, which falls back to the appended body):
+            // the row is that append, committed, and may differ from what was queued. A mark
+            // at append that its fence refused is stored `accepted`, and the owner must see
+            // that, even before the writer has taken the body out of the overlay.
             let ov = lock(&self.overlay);
-            if let Some(s) = ov.state(m.id) {
-                m.record = s;
+            if let Some((_, s)) = ov.states.get(&m.id) {
+                m.record = s.clone();
             } else if let Some((_, p)) = ov.partials.get(&m.id) {
                 p.apply_to(&mut m.record);
             }
@@ -720,22 +724,36 @@ impl PostgresStore {
     }
 
     async fn get_message(&self, id: u64) -> Result<Option<StoredMessage>, StoreError> {
-        let body = lock(&self.overlay).bodies.get(&id).map(|(_, m)| m.clone());
-        let mut m = match body {
-            Some(m) => Arc::unwrap_or_clone(m),
-            None => match self.read_message(id).await? {
-                Some(m) => m,
-                None => return Ok(None),
-            },
-        };
-        // Looked at after the read: a state queued meanwhile is newer than the row.
-        let ov = lock(&self.overlay);
-        if let Some((_, s)) = ov.states.get(&id) {
-            m.record = s.clone();
-        } else if let Some((_, p)) = ov.partials.get(&id) {
-            p.apply_to(&mut m.record);
+        // A state change queued before the read and committed during it leaves the overlay
+        // (this store keeps no committed state) while the read's snapshot may predate the
+        // commit: then the row is read again, once, after that commit.
+        for _ in 0..2 {
+            let (body, queued) = {
+                let ov = lock(&self.overlay);
+                let queued = ov.states.contains_key(&id) || ov.partials.contains_key(&id);
+                (ov.bodies.get(&id).map(|(_, m)| m.clone()), queued)
+            };
+            let mut m = match body {
+                Some(m) => Arc::unwrap_or_clone(m),
+                None => match self.read_message(id).await? {
+                    Some(m) => m,
+                    None => return Ok(None),
+                },
+            };
+            // Looked at after the read: a state queued meanwhile is newer than the row.
+            let ov = lock(&self.overlay);
+            if let Some((_, s)) = ov.states.get(&id) {
+                m.record = s.clone();
+            } else if let Some((_, p)) = ov.partials.get(&id) {
+                p.apply_to(&mut m.record);
+            } else if queued {
+                continue;
+            }
+            return Ok(Some(m));
         }
-        Ok(Some(m))
+        // Committed during both reads (two changes in a row): the second read began after the
+        // first change's commit, so it is as new as what this store had queued then.
+        self.read_message(id).await
     }
 
     async fn pending_messages(&self) -> Result<Vec<StoredMessage>, StoreError> {
