@@ -656,19 +656,11 @@ impl PostgresStore {
         idempotency: Option<(String, IdempotencyRecord)>,
         fence: Option<super::Fence>,
     ) -> Durable {
-        self.put_bodies_fenced(messages, idempotency, fence)
+        self.put_bodies(messages, idempotency, fence)
     }
 
-    /// Queues whole messages (body and state).
+    /// Queues whole messages (body and state); `fence`: see `append_fenced`.
     fn put_bodies(
-        &self,
-        messages: Vec<StoredMessage>,
-        idempotency: Option<(String, IdempotencyRecord)>,
-    ) -> Durable {
-        self.put_bodies_fenced(messages, idempotency, None)
-    }
-
-    fn put_bodies_fenced(
         &self,
         messages: Vec<StoredMessage>,
         idempotency: Option<(String, IdempotencyRecord)>,
@@ -966,7 +958,7 @@ impl PostgresStore {
         };
         if let Some(mut m) = in_overlay {
             apply(&mut m, change);
-            return self.put_bodies(vec![m], None);
+            return self.put_bodies(vec![m], None, None);
         }
         let Change::Moved {
             conversation,
@@ -1021,7 +1013,7 @@ impl Store for PostgresStore {
         messages: Vec<StoredMessage>,
         idempotency: Option<(String, IdempotencyRecord)>,
     ) -> Durable {
-        self.put_bodies(messages, idempotency)
+        self.put_bodies(messages, idempotency, None)
     }
 
     fn update(&self, id: u64, change: Change) -> Durable {
