@@ -142,17 +142,7 @@ async fn teams_stream_closed_without_finish_shows_the_partial_text_flagged_incom
     let h = start_paced(Duration::from_secs(10)).await;
     let conv = "teams-cut";
     let (tx, call) = open(&h.client, h.address(conv)).await;
-    for t in ["the ", "first ", "half"] {
-        tx.send(chunk(t)).await.unwrap();
-    }
-    drop(tx);
-    let r = call.await.unwrap().unwrap().into_inner();
-    assert!(r.incomplete, "{r:?}");
-    assert_eq!(r.state, pb::DeliveryState::Delivered as i32);
-    assert_eq!(
-        r.error.as_ref().map(|e| e.code.as_str()),
-        Some("stream_incomplete")
-    );
+    let r = cut_short(tx, call, &["the ", "first ", "half"]).await;
     let shown = h.fake.shown(conv);
     assert_eq!(shown.len(), 1, "{shown:?}");
     assert_eq!(shown[0].1, "the first half");
@@ -179,12 +169,8 @@ async fn webchat_shows_typing_while_the_text_grows_then_one_message_and_the_queu
                 .unwrap();
         }
     }
-    tx.send(finish_with_yes()).await.unwrap();
-    drop(tx);
-    let r = call.await.unwrap().unwrap().into_inner();
+    let r = finish_whole(tx, call).await;
     let took = started.elapsed();
-    assert_eq!(r.state, pb::DeliveryState::Delivered as i32, "{r:?}");
-    assert!(!r.incomplete && r.error.is_none(), "{r:?}");
     h.fake
         .wait_for(Duration::from_secs(10), "the queued send", |rs| {
             rs.iter().any(|x| x.text() == "after")

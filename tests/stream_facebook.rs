@@ -53,12 +53,8 @@ async fn typing_is_kept_alive_while_the_text_grows_then_the_whole_text_with_quic
                 .unwrap();
         }
     }
-    tx.send(finish_with_yes()).await.unwrap();
-    drop(tx);
-    let r = call.await.unwrap().unwrap().into_inner();
+    let r = finish_whole(tx, call).await;
     let took = started.elapsed();
-    assert_eq!(r.state, pb::DeliveryState::Delivered as i32, "{r:?}");
-    assert!(!r.incomplete && r.error.is_none(), "{r:?}");
     h.fake
         .wait_for(Duration::from_secs(10), "the queued send", |rs| {
             rs.iter().any(|x| x.text() == "after")

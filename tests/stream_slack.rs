@@ -3,37 +3,19 @@
 //! while other Sends to the conversation wait behind it; the fake Slack keeps what each channel
 //! shows.
 
+#[path = "stream_frames/mod.rs"]
+mod frames;
 #[path = "slack_support/mod.rs"]
 mod support;
 
 use std::time::{Duration, Instant};
 
+use frames::{assert_cut_short, chunk, finish};
 use support::*;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use channel_gateway::api::pb;
-
-fn start_frame(h: &Harness, channel: &str) -> pb::StreamReplyRequest {
-    pb::StreamReplyRequest {
-        kind: Some(pb::stream_reply_request::Kind::Start(pb::Message {
-            address: Some(Box::new(h.address(channel))),
-            ..Default::default()
-        })),
-    }
-}
-
-fn chunk(t: &str) -> pb::StreamReplyRequest {
-    pb::StreamReplyRequest {
-        kind: Some(pb::stream_reply_request::Kind::Chunk(t.into())),
-    }
-}
-
-fn finish(m: pb::Message) -> pb::StreamReplyRequest {
-    pb::StreamReplyRequest {
-        kind: Some(pb::stream_reply_request::Kind::Finish(m)),
-    }
-}
 
 /// A gateway on the fake whose Slack channel scope allows `rate` calls a second with bursts of
 /// `burst`, showing a stream's text every `every`.
@@ -64,7 +46,9 @@ async fn two_hundred_chunks_grow_one_message_within_the_rate_and_queued_sends_co
     )
     .await;
     let (tx, rx) = mpsc::channel(256);
-    tx.send(start_frame(&h, "C0STREAM")).await.unwrap();
+    tx.send(frames::start_frame(h.address("C0STREAM")))
+        .await
+        .unwrap();
     let mut client = h.client.clone();
     let call = tokio::spawn(async move { client.stream_reply(ReceiverStream::new(rx)).await });
     let mut want = String::new();
@@ -172,7 +156,9 @@ async fn a_stream_its_client_leaves_is_finished_with_the_partial_text_flagged() 
     .await;
     // Closed without its finish: the caller still hears how it ended.
     let (tx, rx) = mpsc::channel(16);
-    tx.send(start_frame(&h, "C0CUT")).await.unwrap();
+    tx.send(frames::start_frame(h.address("C0CUT")))
+        .await
+        .unwrap();
     for t in ["the ", "first ", "half"] {
         tx.send(chunk(t)).await.unwrap();
     }
@@ -184,12 +170,7 @@ async fn a_stream_its_client_leaves_is_finished_with_the_partial_text_flagged() 
         .await
         .unwrap()
         .into_inner();
-    assert!(r.incomplete, "{r:?}");
-    assert_eq!(r.state, pb::DeliveryState::Delivered as i32);
-    assert_eq!(
-        r.error.as_ref().map(|e| e.code.as_str()),
-        Some("stream_incomplete")
-    );
+    assert_cut_short(&r);
     assert_eq!(h.fake.shown("C0CUT")[0].1, "the first half");
 
     // Gone altogether (the call dropped): GetDelivery says what happened to it.
@@ -199,7 +180,9 @@ async fn a_stream_its_client_leaves_is_finished_with_the_partial_text_flagged() 
         .unwrap();
     let stream_id = (sent.message_id.parse::<u64>().unwrap() + 1).to_string();
     let (tx, rx) = mpsc::channel(16);
-    tx.send(start_frame(&h, "C0GONE")).await.unwrap();
+    tx.send(frames::start_frame(h.address("C0GONE")))
+        .await
+        .unwrap();
     tx.send(chunk("cut short")).await.unwrap();
     let mut client = h.client.clone();
     let call = tokio::spawn(async move { client.stream_reply(ReceiverStream::new(rx)).await });
@@ -248,7 +231,9 @@ async fn an_idle_stream_is_finished_after_the_idle_timeout_and_its_line_moves_on
     )
     .await;
     let (tx, rx) = mpsc::channel(16);
-    tx.send(start_frame(&h, "C0IDLE")).await.unwrap();
+    tx.send(frames::start_frame(h.address("C0IDLE")))
+        .await
+        .unwrap();
     tx.send(chunk("thinking")).await.unwrap();
     let mut client = h.client.clone();
     let started = Instant::now();
@@ -283,7 +268,9 @@ async fn an_idle_stream_is_finished_after_the_idle_timeout_and_its_line_moves_on
 async fn the_finish_puts_its_buttons_on_the_final_message_and_a_bad_first_frame_is_refused() {
     let h = start().await;
     let (tx, rx) = mpsc::channel(16);
-    tx.send(start_frame(&h, "C0FIN")).await.unwrap();
+    tx.send(frames::start_frame(h.address("C0FIN")))
+        .await
+        .unwrap();
     tx.send(chunk("Pick one")).await.unwrap();
     tx.send(finish(pb::Message {
         suggested_actions: Some(pb::SuggestedActions {
@@ -384,7 +371,9 @@ async fn render_shows_a_streams_requests_and_capabilities_say_how_it_streams() {
 async fn a_streamed_reply_can_be_updated_and_deleted_like_a_sent_message() {
     let h = start().await;
     let (tx, rx) = mpsc::channel(8);
-    tx.send(start_frame(&h, "C0LATER")).await.unwrap();
+    tx.send(frames::start_frame(h.address("C0LATER")))
+        .await
+        .unwrap();
     tx.send(chunk("draft answer")).await.unwrap();
     tx.send(finish(pb::Message::default())).await.unwrap();
     drop(tx);
@@ -434,7 +423,9 @@ async fn empty_chunks_do_not_keep_a_stream_alive() {
     )
     .await;
     let (tx, rx) = mpsc::channel(64);
-    tx.send(start_frame(&h, "C0EMPTY")).await.unwrap();
+    tx.send(frames::start_frame(h.address("C0EMPTY")))
+        .await
+        .unwrap();
     tx.send(chunk("thinking")).await.unwrap();
     let mut client = h.client.clone();
     let started = Instant::now();

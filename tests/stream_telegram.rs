@@ -162,18 +162,7 @@ async fn a_stream_closed_without_its_finish_shows_the_partial_text_flagged_incom
     let h = start_paced(Duration::from_secs(10)).await;
     let chat = "7002";
     let (tx, call) = open(&h.client, address(chat)).await;
-    for t in ["the ", "first ", "half"] {
-        tx.send(chunk(t)).await.unwrap();
-    }
-    // Closed without its finish: the caller still hears how it ended.
-    drop(tx);
-    let r = call.await.unwrap().unwrap().into_inner();
-    assert!(r.incomplete, "{r:?}");
-    assert_eq!(r.state, pb::DeliveryState::Delivered as i32);
-    assert_eq!(
-        r.error.as_ref().map(|e| e.code.as_str()),
-        Some("stream_incomplete")
-    );
+    let r = cut_short(tx, call, &["the ", "first ", "half"]).await;
     let shown = h.fake.shown(chat);
     assert_eq!(shown.len(), 1, "{shown:?}");
     assert_eq!(shown[0].1, "the first half");

@@ -64,6 +64,47 @@ pub async fn open(
     (tx, call)
 }
 
+/// Sends `chunks`, closes the stream without its finish and returns the answer, checked to be a
+/// cut-short stream's: delivered with the partial text, flagged `stream_incomplete`.
+pub async fn cut_short(
+    tx: mpsc::Sender<pb::StreamReplyRequest>,
+    call: Call,
+    chunks: &[&str],
+) -> pb::StreamReplyResponse {
+    for t in chunks {
+        tx.send(chunk(t)).await.unwrap();
+    }
+    // Closed without its finish: the caller still hears how it ended.
+    drop(tx);
+    let r = call.await.unwrap().unwrap().into_inner();
+    assert_cut_short(&r);
+    r
+}
+
+/// The answer of a stream that ended without its finish.
+pub fn assert_cut_short(r: &pb::StreamReplyResponse) {
+    assert!(r.incomplete, "{r:?}");
+    assert_eq!(r.state, pb::DeliveryState::Delivered as i32);
+    assert_eq!(
+        r.error.as_ref().map(|e| e.code.as_str()),
+        Some("stream_incomplete")
+    );
+}
+
+/// Finishes the stream with [`finish_with_yes`] and returns the answer, checked to be a whole
+/// stream's: delivered, not incomplete, no error.
+pub async fn finish_whole(
+    tx: mpsc::Sender<pb::StreamReplyRequest>,
+    call: Call,
+) -> pb::StreamReplyResponse {
+    tx.send(finish_with_yes()).await.unwrap();
+    drop(tx);
+    let r = call.await.unwrap().unwrap().into_inner();
+    assert_eq!(r.state, pb::DeliveryState::Delivered as i32, "{r:?}");
+    assert!(!r.incomplete && r.error.is_none(), "{r:?}");
+    r
+}
+
 /// GetCapabilities' `streaming` for a channel.
 pub async fn streaming(client: &Client, channel_id: &str) -> String {
     client
