@@ -345,17 +345,7 @@ async fn render_shows_a_streams_requests_and_capabilities_say_how_it_streams() {
         .await
         .unwrap()
         .into_inner();
-    let seq: Vec<(String, String)> = r
-        .requests
-        .iter()
-        .map(|q| {
-            let body: serde_json::Value = serde_json::from_str(&q.body_json).unwrap();
-            (
-                q.url.rsplit('/').next().unwrap_or_default().to_string(),
-                body["text"].as_str().unwrap_or_default().to_string(),
-            )
-        })
-        .collect();
+    let seq = method_and_field(&r, "text");
     assert_eq!(
         seq,
         [

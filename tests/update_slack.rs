@@ -308,17 +308,7 @@ async fn render_shows_an_updates_and_a_deletes_requests_against_placeholder_ids(
     .await
     .unwrap()
     .into_inner();
-    let seq: Vec<(String, String)> = r
-        .requests
-        .iter()
-        .map(|q| {
-            let body: serde_json::Value = serde_json::from_str(&q.body_json).unwrap();
-            (
-                q.url.rsplit('/').next().unwrap_or_default().to_string(),
-                body["ts"].as_str().unwrap_or_default().to_string(),
-            )
-        })
-        .collect();
+    let seq = method_and_field(&r, "ts");
     assert_eq!(
         seq,
         [

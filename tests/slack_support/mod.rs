@@ -378,3 +378,18 @@ impl Harness {
             .map(|r| r.into_inner())
     }
 }
+
+/// Each request a Render answer shows: its Web API method (the URL's last segment) and one
+/// string field of its body (empty when absent).
+pub fn method_and_field(r: &pb::RenderResponse, field: &str) -> Vec<(String, String)> {
+    r.requests
+        .iter()
+        .map(|q| {
+            let body: serde_json::Value = serde_json::from_str(&q.body_json).unwrap();
+            (
+                q.url.rsplit('/').next().unwrap_or_default().to_string(),
+                body[field].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
