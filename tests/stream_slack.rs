@@ -230,14 +230,9 @@ async fn an_idle_stream_is_finished_after_the_idle_timeout_and_its_line_moves_on
         Duration::from_secs(1),
     )
     .await;
-    let (tx, rx) = mpsc::channel(16);
-    tx.send(frames::start_frame(h.address("C0IDLE")))
-        .await
-        .unwrap();
-    tx.send(chunk("thinking")).await.unwrap();
-    let mut client = h.client.clone();
     let started = Instant::now();
-    let call = tokio::spawn(async move { client.stream_reply(ReceiverStream::new(rx)).await });
+    let (tx, call) = frames::open(&h.client, h.address("C0IDLE")).await;
+    tx.send(chunk("thinking")).await.unwrap();
     // Shown: the stream holds the line. A Send behind it waits for it to be finished.
     h.fake
         .wait_for(Duration::from_secs(5), "the first showing", |rs| {
@@ -272,20 +267,7 @@ async fn the_finish_puts_its_buttons_on_the_final_message_and_a_bad_first_frame_
         .await
         .unwrap();
     tx.send(chunk("Pick one")).await.unwrap();
-    tx.send(finish(pb::Message {
-        suggested_actions: Some(pb::SuggestedActions {
-            actions: vec![pb::CardAction {
-                r#type: pb::ActionType::ImBack as i32,
-                title: "Yes".into(),
-                value: "yes".into(),
-                ..Default::default()
-            }],
-            ..Default::default()
-        }),
-        ..Default::default()
-    }))
-    .await
-    .unwrap();
+    tx.send(frames::finish_with_yes()).await.unwrap();
     drop(tx);
     let r = h
         .client
@@ -412,14 +394,9 @@ async fn empty_chunks_do_not_keep_a_stream_alive() {
         Duration::from_secs(1),
     )
     .await;
-    let (tx, rx) = mpsc::channel(64);
-    tx.send(frames::start_frame(h.address("C0EMPTY")))
-        .await
-        .unwrap();
-    tx.send(chunk("thinking")).await.unwrap();
-    let mut client = h.client.clone();
     let started = Instant::now();
-    let call = tokio::spawn(async move { client.stream_reply(ReceiverStream::new(rx)).await });
+    let (tx, call) = frames::open(&h.client, h.address("C0EMPTY")).await;
+    tx.send(chunk("thinking")).await.unwrap();
     // Empty chunks for three times the idle timeout: the stream still ends after one.
     let keepalive = tokio::spawn(async move {
         for _ in 0..15 {
