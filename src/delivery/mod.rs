@@ -143,6 +143,12 @@ struct Item {
 /// costs a few microseconds per message once a backlog forms, and nothing before.
 const SHED_AFTER: usize = 32;
 
+/// Replicas: the longest wait for a shared rate scope a message waits through still marked
+/// delivering. Pacing waits are usually this short; a kill during one flags the message (one
+/// per conversation at most). Longer waits take the mark back, so a pause of seconds flags
+/// nothing.
+const HOLD_MARK_FOR: Duration = Duration::from_secs(1);
+
 impl Item {
     fn shed_bodies(&mut self) {
         if self.ephemeral || self.rendered.requests.is_empty() {
@@ -2197,10 +2203,6 @@ impl Worker {
                     .inner
                     .rates
                     .reserve(&req.rate, std::time::Instant::now());
-                let wait = match self.inner.cluster.get() {
-                    Some(cluster) => wait.max(cluster.reserve_shared(&req.rate).await),
-                    None => wait,
-                };
                 if !wait.is_zero() {
                     self.unmark(item, &out, &mut mark);
                     self.unmark_next(&mut next);
@@ -2228,6 +2230,43 @@ impl Worker {
                         self.unmark_next(&mut next);
                         item.handed_over = true;
                         return out;
+                    }
+                }
+                // Replicas: the scopes wider than a conversation are reserved in the database
+                // last, once the mark is durable, so the call follows its slot by no more than
+                // the round trip. Reserved before the mark, the calls of a burst waited for
+                // their marks' commits, slow while many Sends were being accepted, and reached
+                // the channel late; the paced calls after them came on time, and 51 calls of a
+                // 50-a-second budget landed in one second. A short wait keeps the mark (a kill
+                // in it flags the message); a long one (a 429's pause, a deep backlog) takes it
+                // back as above, and the call then follows its slot by a mark's commit.
+                if let Some(cluster) = self.inner.cluster.get() {
+                    let wait = cluster.reserve_shared(&req.rate).await;
+                    if !wait.is_zero() {
+                        let keep = wait <= HOLD_MARK_FOR;
+                        if !keep {
+                            self.unmark(item, &out, &mut mark);
+                        }
+                        self.unmark_next(&mut next);
+                        self.wait_for_scopes(req, wait).await;
+                        if !self.inner.holds(item) {
+                            item.handed_over = true;
+                            return out;
+                        }
+                        if marks && !keep {
+                            match self.mark_or_wait(item, &out, &mut mark).await {
+                                Ok(()) => {}
+                                Err(crate::outbox::StoreError::Fenced) => {
+                                    item.handed_over = true;
+                                    return out;
+                                }
+                                Err(e) => return outbox_failed(out, e),
+                            }
+                            if !self.inner.holds(item) {
+                                item.handed_over = true;
+                                return out;
+                            }
+                        }
                     }
                 }
                 self.premark_next(&mut next);
