@@ -1183,19 +1183,19 @@ fn report(rows: &mut Vec<Row>, name: String, result: String) {
     rows.push(Row(name, result));
 }
 
-/// Several replicas on one PostgreSQL database: `n` gateways spawned on the same URL, the
-/// callers spread over them (consecutive Sends of one conversation go through one caller, and
-/// so one replica; delivery is by each conversation's partition owner, whichever accepted it).
-/// Returns the delivered rate and the gateways' CPU per message.
+/// Several replicas on one PostgreSQL database: `n` gateways spawned on the same URL (each
+/// held to `cap` of a core if given), the callers spread over them (consecutive Sends of one
+/// conversation go through one caller, and so one replica; delivery is by each conversation's
+/// partition owner, whichever accepted it), paced at `rate` calls/s if given. Returns the
+/// delivered rate and the load's figures.
 async fn replicas_run(
-    name: &str,
     fake: &Proc,
     cluster: &pg::PgCluster,
-    n: usize,
+    (n, rate, cap): (usize, Option<f64>, Option<f64>),
     load: &Load,
-    rate: Option<f64>,
     rows: &mut Vec<Row>,
 ) -> (f64, LoadResult) {
+    let name = &replicas_name(load.conversations, n, rate, cap);
     fake_reset(fake.port).await;
     let url = cluster.create_database();
     let opts = GatewayOpts {
@@ -1212,6 +1212,14 @@ async fn replicas_run(
         .iter()
         .map(|d| spawn_gateway(fake.port, d.path(), &opts))
         .collect();
+    // Removed at the end, after `drop(gws)`: a cgroup goes only once its process has.
+    let _caps: Vec<CpuCap> = match cap {
+        Some(cores) => gws
+            .iter()
+            .map(|g| CpuCap::apply(g.child.id(), cores).expect("CPU cap checked before"))
+            .collect(),
+        None => Vec::new(),
+    };
     let mut clients = Vec::new();
     for g in &gws {
         clients.push(connect(g.port).await);
@@ -1289,63 +1297,151 @@ async fn replicas_run(
     (delivered, r)
 }
 
+/// What the replicas' scenarios measured.
+struct ReplicasFigures {
+    /// Delivered msg/s: three replicas, one, on the machine's shared cores.
+    three: f64,
+    one: f64,
+    /// Accept p99 of the three at half their rate.
+    half_p99: Duration,
+    /// With each gateway's CPU capped (`--replica-cpu`): the cap in cores, three's rate, one's.
+    capped: Option<(f64, f64, f64)>,
+}
+
 /// Three replicas against one on the same database, then the three at half their rate for
-/// the accept latency. Returns (three's rate, one's rate, accept p99 at half load).
+/// the accept latency; then three against one again with each gateway held to the same share
+/// of a core, as replicas on nodes of their own are (where the cgroup CPU controller is
+/// writable: the bench runs as root).
 async fn replicas_scenarios(
     fake: &Proc,
     cluster: &pg::PgCluster,
     sends: &Load,
     rows: &mut Vec<Row>,
-) -> Option<(f64, f64, Duration)> {
+) -> Option<ReplicasFigures> {
     let convs = sends.conversations;
     // The three are compared with the one, so selecting the three runs the one as well.
-    if !selected(&replicas_name(convs, 3, None)) {
+    if !selected(&replicas_name(convs, 3, None, None)) {
         return None;
     }
-    let (one, _) = replicas_run(
-        &replicas_name(convs, 1, None),
-        fake,
-        cluster,
-        1,
-        sends,
-        None,
-        rows,
-    )
-    .await;
-    let (three, _) = replicas_run(
-        &replicas_name(convs, 3, None),
-        fake,
-        cluster,
-        3,
-        sends,
-        None,
-        rows,
-    )
-    .await;
-    let half = three / 2.0;
-    let (_, half) = replicas_run(
-        &replicas_name(convs, 3, Some(half)),
-        fake,
-        cluster,
-        3,
-        sends,
-        Some(half),
-        rows,
-    )
-    .await;
-    Some((three, one, half.p99))
+    let mut run = async |n: usize, rate: Option<f64>, cap: Option<f64>| {
+        replicas_run(fake, cluster, (n, rate, cap), sends, rows).await
+    };
+    let (one, _) = run(1, None, None).await;
+    let (three, _) = run(3, None, None).await;
+    let (_, half) = run(3, Some(three / 2.0), None).await;
+    let cores = arg("--replica-cpu")
+        .and_then(|c| c.parse::<f64>().ok())
+        .unwrap_or(REPLICA_CPU);
+    let capped = match CpuCap::check() {
+        Ok(()) => {
+            let (one, _) = run(1, None, Some(cores)).await;
+            let (three, _) = run(3, None, Some(cores)).await;
+            Some((cores, three, one))
+        }
+        Err(why) => {
+            println!("replicas with a CPU cap: not run ({why})");
+            None
+        }
+    };
+    Some(ReplicasFigures {
+        three,
+        one,
+        half_p99: half.p99,
+        capped,
+    })
 }
 
-/// The name of a replicas scenario: `n` replicas, at `rate` calls/s when paced.
-fn replicas_name(convs: usize, n: usize, rate: Option<f64>) -> String {
-    match (n, rate) {
-        (1, _) => {
-            format!("{convs} conversations, Send, PostgreSQL outbox, one replica (WAL counted)")
+/// Each gateway's share of a core in the capped replicas' runs: three of them and the
+/// database fit in this machine's two cores beside the load and the fake channel.
+const REPLICA_CPU: f64 = 0.25;
+
+/// The name of a replicas scenario: `n` replicas, at `rate` calls/s when paced, each held to
+/// `cap` of a core.
+fn replicas_name(convs: usize, n: usize, rate: Option<f64>, cap: Option<f64>) -> String {
+    let base = format!("{convs} conversations, Send, PostgreSQL outbox");
+    match (n, rate, cap) {
+        (1, _, None) => format!("{base}, one replica (WAL counted)"),
+        (1, _, Some(c)) => format!("{base}, one replica held to {c} of a core"),
+        (_, None, None) => format!("{base}, three replicas"),
+        (_, None, Some(c)) => format!("{base}, three replicas held to {c} of a core each"),
+        (_, Some(r), _) => {
+            format!("{base}, three replicas at half that rate ({r:.0} calls/s)")
         }
-        (_, None) => format!("{convs} conversations, Send, PostgreSQL outbox, three replicas"),
-        (_, Some(r)) => format!(
-            "{convs} conversations, Send, PostgreSQL outbox, three replicas at half that rate ({r:.0} calls/s)"
-        ),
+    }
+}
+
+/// One process held to a share of the CPU by a cgroup of its own (the v1 `cpu` controller
+/// or v2's `cpu.max`), removed on drop. A replica on a node of its own has its node's cores;
+/// on this machine the three and the database share two, so a cap gives each the same
+/// budget whether one runs or three.
+struct CpuCap {
+    dir: std::path::PathBuf,
+}
+
+/// Scheduler period of a cap: short, so a capped process runs in slices of milliseconds
+/// rather than stalling for most of a 100 ms period.
+const CAP_PERIOD_US: u64 = 10_000;
+
+impl CpuCap {
+    fn root() -> Option<(std::path::PathBuf, bool)> {
+        let v1 = std::path::Path::new("/sys/fs/cgroup/cpu");
+        if v1.join("cpu.cfs_quota_us").exists() {
+            return Some((v1.to_path_buf(), true));
+        }
+        let v2 = std::path::Path::new("/sys/fs/cgroup");
+        let controllers = std::fs::read_to_string(v2.join("cgroup.subtree_control")).ok()?;
+        controllers
+            .split_whitespace()
+            .any(|c| c == "cpu")
+            .then(|| (v2.to_path_buf(), false))
+    }
+
+    /// Whether caps can be made here, and if not why.
+    fn check() -> Result<(), String> {
+        let me = std::process::id();
+        let cap = Self::apply_to(None, me, 1.0)?;
+        drop(cap);
+        Ok(())
+    }
+
+    fn apply(pid: u32, cores: f64) -> Result<Self, String> {
+        Self::apply_to(Some(pid), pid, cores)
+    }
+
+    /// A cgroup named after `name` holding `pid` (none: only made, to check).
+    fn apply_to(pid: Option<u32>, name: u32, cores: f64) -> Result<Self, String> {
+        let (root, v1) = Self::root().ok_or("no cgroup CPU controller found")?;
+        let dir = root.join(format!("cg-bench-{name}"));
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let cap = CpuCap { dir };
+        let quota = ((cores * CAP_PERIOD_US as f64) as u64).max(1000);
+        let write = |file: &str, value: String| {
+            std::fs::write(cap.dir.join(file), value)
+                .map_err(|e| format!("{}/{file}: {e}", cap.dir.display()))
+        };
+        if v1 {
+            write("cpu.cfs_period_us", CAP_PERIOD_US.to_string())?;
+            write("cpu.cfs_quota_us", quota.to_string())?;
+        } else {
+            write("cpu.max", format!("{quota} {CAP_PERIOD_US}"))?;
+        }
+        if let Some(pid) = pid {
+            write("cgroup.procs", pid.to_string())?;
+        }
+        Ok(cap)
+    }
+}
+
+impl Drop for CpuCap {
+    fn drop(&mut self) {
+        // Removable once its process has gone: the gateways are killed just before.
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.dir).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!("cgroup {} left behind", self.dir.display());
     }
 }
 
@@ -2069,7 +2165,7 @@ async fn driver() {
         format!("{convs}, SendBatch of 20, PostgreSQL outbox (one replica){callers}");
     let (pg_send, pg_batch, pg_replicas) = if selected(&pg_send_name)
         || selected(&pg_batch_name)
-        || selected(&replicas_name(sends.conversations, 3, None))
+        || selected(&replicas_name(sends.conversations, 3, None, None))
     {
         let cluster = std::sync::Arc::new(pg::PgCluster::start_with(&pg_settings()));
         warm_wal(&cluster);
@@ -2186,13 +2282,22 @@ async fn driver() {
             pg_ratio(pg_send, durable_delivered),
             pg_ratio(pg_batch, batch_delivered)
         ),
-        match pg_replicas {
-            Some((three, one, p99)) => format!(
-                "PostgreSQL outbox, three replicas vs one (Send): {three:.0} vs {one:.0} msg/s, \
-                 {:.2}x (target: not slower); accept p99 at half of the three's rate {} ms \
-                 (target <= 10 ms)",
-                three / one.max(1.0),
-                ms(p99)
+        match &pg_replicas {
+            Some(f) => format!(
+                "PostgreSQL outbox, three replicas vs one (Send): {:.0} vs {:.0} msg/s, \
+                 {:.2}x on the machine's shared cores; {} (target: not slower); accept p99 at \
+                 half of the three's rate {} ms (target <= 10 ms)",
+                f.three,
+                f.one,
+                f.three / f.one.max(1.0),
+                match f.capped {
+                    Some((cores, three, one)) => format!(
+                        "each held to {cores} of a core: {three:.0} vs {one:.0} msg/s, {:.2}x",
+                        three / one.max(1.0)
+                    ),
+                    None => "with a CPU cap: not run".into(),
+                },
+                ms(f.half_p99)
             ),
             None => "PostgreSQL outbox, three replicas: not run".into(),
         },
