@@ -612,7 +612,17 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "shared_inbox",
         sql: crate::inbound::pg::MIGRATION_SQL,
     },
+    Migration {
+        version: 7,
+        name: "outbox_one_unfinished_index",
+        sql: ONE_UNFINISHED_INDEX,
+    },
 ];
+
+/// `outbox_unfinished` (unfinished messages by id) duplicated `outbox_feed` (the same rows by
+/// `seq`): every append and every mark inserted an entry in both. The feed's index serves the
+/// readers of unfinished messages alone (the start's read sorts what it reads by id).
+const ONE_UNFINISHED_INDEX: &str = "DROP INDEX IF EXISTS outbox_unfinished;";
 
 /// What several replicas need to share one outbox (`crate::outbox::PostgresStore`):
 /// - `seq`: every appended (or redelivered) message's position: its transaction's id, then its
