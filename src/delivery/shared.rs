@@ -31,6 +31,11 @@ use crate::storage::notify::{Notifier, Wake};
 
 /// A second look after a wake-up that found nothing new (see `run_feed`).
 const RECHECK_AFTER: Duration = Duration::from_millis(20);
+/// The feed reads at most once per this: under load a wake-up comes every fraction of a
+/// millisecond (every replica's commits, each replica's NOTIFYs), and reading on each cost a
+/// round trip per two messages (three replicas: 0.49 reads per message). Adds up to this much
+/// to a delivery under load, nothing when reads are further apart.
+const FEED_PACE: Duration = Duration::from_millis(2);
 /// How often idle shared rate scopes are dropped (those untouched this long).
 const PRUNE_EVERY: Duration = Duration::from_secs(300);
 /// Messages read per query while catching up.
@@ -412,6 +417,7 @@ pub(super) async fn run_feed(
     let mut fed: BTreeMap<u32, Fed> = BTreeMap::new();
     let mut read_new = true;
     let mut recheck: Option<tokio::time::Instant> = None;
+    let mut last_read: Option<tokio::time::Instant> = None;
     let mut next_poll = later_tokio(tokio::time::Instant::now(), cluster.poll_every);
     let mut pruned = Instant::now();
     loop {
@@ -502,6 +508,11 @@ pub(super) async fn run_feed(
         let asked = cluster.asked.load(Ordering::SeqCst);
         if read_new || asked > *cluster.done.borrow() {
             read_new = false;
+            let paced = last_read.and_then(|t| t.checked_add(FEED_PACE));
+            if let Some(at) = paced.filter(|at| *at > tokio::time::Instant::now()) {
+                tokio::time::sleep_until(at).await;
+            }
+            last_read = Some(tokio::time::Instant::now());
             match catch_up(&cluster, &*lines, &mut fed).await {
                 Ok(read) => {
                     cluster.done.send_replace(asked);
