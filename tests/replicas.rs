@@ -958,6 +958,94 @@ async fn sigterm_hands_partitions_over_within_a_second() {
     );
 }
 
+/// A SIGTERM hands over conversations with a backlog: every message A had not sent reaches B
+/// unflagged. A marks a conversation's next message durably during the call before (so the
+/// next call need not wait for a commit); a mark it leaves behind makes B resend that message
+/// flagged `possible_duplicate` though no call of it was made. A takes such marks back before
+/// it releases a partition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sigterm_handover_flags_nothing_a_did_not_send() {
+    let _serial = SERIAL.lock().await;
+    let _watchdog = Watchdog::start();
+    let fake = FakeConnector::start().await;
+    let prefix = "unflagged-";
+    let conversations = 16;
+    // Calls slower than the Sends: every conversation has a line, and its next message is
+    // marked while the one before it is on its way.
+    for c in 0..conversations {
+        fake.set_latency(&format!("{prefix}{c}"), Duration::from_millis(150));
+    }
+    let (mut cluster, a, traffic) =
+        two_replicas_sending_through_b(&fake, prefix, conversations, Duration::from_millis(50))
+            .await;
+    let before = holders(&cluster.db).await;
+    assert_eq!(distinct(&before).len(), 2, "{}", describe(&before));
+    // Lines build up on both replicas first.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let marked_ahead = count(
+        &cluster.db,
+        &format!(
+            "SELECT count(*) FROM outbox_messages WHERE state = 'delivering' \
+             AND conversation LIKE '%/{prefix}%'"
+        ),
+    )
+    .await;
+    cluster.signal(a, "TERM");
+    let mut child = cluster.take_child(a);
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "A's exit after SIGTERM: {status}");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while sole_holder(&holders(&cluster.db).await).is_none() {
+        assert!(Instant::now() < deadline, "A's partitions never reached B");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // B goes on for a while with A's conversations, then everything is delivered.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let acked = traffic.stop().await;
+    let lost = wait_delivered(&fake, prefix, &acked, Duration::from_secs(30)).await;
+    assert!(lost.is_empty(), "{} acknowledged messages lost", lost.len());
+    let stored = stored(&cluster.db).await;
+    let mine = || {
+        stored
+            .iter()
+            .filter(|((conv, _), _)| conv.starts_with(prefix))
+    };
+    let flagged: Vec<&(String, String)> = mine()
+        .filter(|(_, rows)| rows.iter().any(|r| r.possible_duplicate))
+        .map(|(k, _)| k)
+        .collect();
+    let received = fake.received();
+    let twice = mine()
+        .filter(|((conv, text), _)| {
+            received
+                .iter()
+                .filter(|r| r.conversation == *conv && r.text() == text.as_str())
+                .count()
+                > 1
+        })
+        .count();
+    eprintln!(
+        "{} messages, {marked_ahead} marked delivering at the SIGTERM; after the handover {} \
+         flagged possible_duplicate, {twice} received twice",
+        acked.len(),
+        flagged.len()
+    );
+    assert!(
+        marked_ahead > 0,
+        "no message was marked at the SIGTERM: the test shows nothing"
+    );
+    assert_eq!(twice, 0, "A's calls in flight finished before it let go");
+    assert!(
+        flagged.is_empty(),
+        "{} messages no call had reached flagged possible_duplicate after the handover, e.g. {:?}",
+        flagged.len(),
+        &flagged[..flagged.len().min(5)]
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_idempotency_key_sent_to_two_replicas_stores_one_message() {
     let _serial = SERIAL.lock().await;

@@ -132,6 +132,8 @@ struct Item {
     tenure: u64,
     /// Left undelivered because its partition moved to another replica.
     handed_over: bool,
+    /// Its mark, taken back as it was handed over: its partition is drained once written.
+    taken_back: Option<Durable>,
     /// An update or delete of a message sent before: its requests are planned when its turn
     /// comes, from the target's receipts then (`Worker::plan_operation`).
     op: Option<Operation>,
@@ -148,6 +150,13 @@ const SHED_AFTER: usize = 32;
 /// per conversation at most). Longer waits take the mark back, so a pause of seconds flags
 /// nothing.
 const HOLD_MARK_FOR: Duration = Duration::from_secs(1);
+
+/// Whether a message marked for its call is still this replica's to send.
+enum Held {
+    Here,
+    /// Its partition moved on: it was given up here, with the write taking its mark back.
+    GaveUp(Option<Durable>),
+}
 
 impl Item {
     fn shed_bodies(&mut self) {
@@ -802,6 +811,7 @@ impl Inner {
                 fence,
                 tenure,
                 handed_over: false,
+                taken_back: None,
                 op: m.op,
             };
             match render_error {
@@ -936,6 +946,7 @@ fn new_items(
             fence: None,
             tenure: 0,
             handed_over: false,
+            taken_back: None,
             op: s.op,
         });
         rxs.push(rx);
@@ -1457,7 +1468,8 @@ impl Inner {
             message_id = item.id,
             "handed over: its partition moved to another replica"
         );
-        self.left(item.fence, line, None);
+        let taken_back = item.taken_back.take();
+        self.left(item.fence, line, taken_back);
     }
 
     /// A message left memory; a partition's count drops once `final_write` (its final state)
@@ -1868,23 +1880,63 @@ impl Worker {
         }
     }
 
+    /// Marks the message durably; then whether the lease still holds after the wait for it.
+    async fn mark_held(
+        &self,
+        item: &Item,
+        out: &Outcome,
+        mark: &mut Mark,
+        next: &mut NextMark<'_>,
+    ) -> Result<Held, crate::outbox::StoreError> {
+        match self.mark_or_wait(item, out, mark).await {
+            Ok(()) => {}
+            Err(crate::outbox::StoreError::Fenced) => {
+                // Refused: there is no mark to take back.
+                *mark = Mark::None;
+                return Ok(Held::GaveUp(self.give_up_here(item, out, mark, next)));
+            }
+            Err(e) => return Err(e),
+        }
+        // The wait for the mark may have outlasted the lease here.
+        if !self.inner.holds(item) {
+            return Ok(Held::GaveUp(self.give_up_here(item, out, mark, next)));
+        }
+        Ok(Held::Here)
+    }
+
+    /// Replicas: the message is to leave memory undelivered, its partition gone to another
+    /// replica. Its mark and the next message's early mark are taken back (unless a call may
+    /// have reached the channel), so the next owner does not flag messages no call reached;
+    /// returns the take-back's write, which a partition being handed over waits for before it
+    /// counts as drained (`hand_over`).
+    fn give_up_here(
+        &self,
+        item: &Item,
+        out: &Outcome,
+        mark: &mut Mark,
+        next: &mut NextMark<'_>,
+    ) -> Option<Durable> {
+        self.unmark_next(next);
+        self.unmark(item, out, mark)
+    }
+
     /// The message waits before its next call: unless a call of it may already have reached
     /// the channel, the outbox hears it is not being sent, without waiting (a lost update only
-    /// leaves the message flagged, as before).
-    fn unmark(&self, item: &Item, out: &Outcome, mark: &mut Mark) {
+    /// leaves the message flagged, as before). The write, if one was made.
+    fn unmark(&self, item: &Item, out: &Outcome, mark: &mut Mark) -> Option<Durable> {
         let sent_maybe =
             item.possible_duplicate || out.possible_duplicate || !out.receipts.is_empty();
         if sent_maybe || matches!(mark, Mark::None) {
-            return;
+            return None;
         }
         *mark = Mark::None;
-        self.inner.store.record_fenced(
+        Some(self.inner.store.record_fenced(
             item.id,
             Change::Waiting {
                 attempts: out.attempts,
             },
             item.fence,
-        );
+        ))
     }
 
     /// One call: take a global permit, call the channel; a 429 pauses the request's narrowest
@@ -2045,6 +2097,15 @@ impl Worker {
     /// ending the worker: the messages behind it in the line go on.
     async fn deliver(&self, mut item: Item, next: Next<'_>) {
         if !self.inner.holds(&item) {
+            // Never attempted here: a mark written ahead (at append, or during the call
+            // before) is taken back, or the next owner would flag a message no call reached.
+            if item.delivering.is_some() && !item.possible_duplicate && !item.ephemeral {
+                item.taken_back = Some(self.inner.store.record_fenced(
+                    item.id,
+                    Change::Waiting { attempts: 0 },
+                    item.fence,
+                ));
+            }
             return self.inner.hand_over(item, Some(&self.line));
         }
         let outcome = match AssertUnwindSafe(self.deliver_outcome(&mut item, next))
@@ -2209,27 +2270,21 @@ impl Worker {
                     self.wait_for_scopes(req, wait).await;
                 }
                 // Replicas: the partition may have moved on during a wait; its new owner
-                // delivers the message (a mark written since is fenced out).
+                // delivers the message.
                 if !self.inner.holds(item) {
-                    self.unmark_next(&mut next);
+                    item.taken_back = self.give_up_here(item, &out, &mut mark, &mut next);
                     item.handed_over = true;
                     return out;
                 }
                 if marks {
-                    match self.mark_or_wait(item, &out, &mut mark).await {
-                        Ok(()) => {}
-                        Err(crate::outbox::StoreError::Fenced) => {
-                            self.unmark_next(&mut next);
+                    match self.mark_held(item, &out, &mut mark, &mut next).await {
+                        Ok(Held::Here) => {}
+                        Ok(Held::GaveUp(taken_back)) => {
+                            item.taken_back = taken_back;
                             item.handed_over = true;
                             return out;
                         }
                         Err(e) => return outbox_failed(out, e),
-                    }
-                    // The wait for the mark may have outlasted the lease here.
-                    if !self.inner.holds(item) {
-                        self.unmark_next(&mut next);
-                        item.handed_over = true;
-                        return out;
                     }
                 }
                 // Replicas: the scopes wider than a conversation are reserved in the database
@@ -2242,30 +2297,30 @@ impl Worker {
                 // back as above, and the call then follows its slot by a mark's commit.
                 if let Some(cluster) = self.inner.cluster.get() {
                     let wait = cluster.reserve_shared(&req.rate).await;
+                    let keep = wait <= HOLD_MARK_FOR;
                     if !wait.is_zero() {
-                        let keep = wait <= HOLD_MARK_FOR;
                         if !keep {
                             self.unmark(item, &out, &mut mark);
                         }
                         self.unmark_next(&mut next);
                         self.wait_for_scopes(req, wait).await;
-                        if !self.inner.holds(item) {
-                            item.handed_over = true;
-                            return out;
-                        }
-                        if marks && !keep {
-                            match self.mark_or_wait(item, &out, &mut mark).await {
-                                Ok(()) => {}
-                                Err(crate::outbox::StoreError::Fenced) => {
-                                    item.handed_over = true;
-                                    return out;
-                                }
-                                Err(e) => return outbox_failed(out, e),
-                            }
-                            if !self.inner.holds(item) {
+                    }
+                    // The reservation's round trip (a pool, a row lock, an outage) or the wait
+                    // may have outlasted the lease.
+                    if !self.inner.holds(item) {
+                        item.taken_back = self.give_up_here(item, &out, &mut mark, &mut next);
+                        item.handed_over = true;
+                        return out;
+                    }
+                    if marks && !keep {
+                        match self.mark_held(item, &out, &mut mark, &mut next).await {
+                            Ok(Held::Here) => {}
+                            Ok(Held::GaveUp(taken_back)) => {
+                                item.taken_back = taken_back;
                                 item.handed_over = true;
                                 return out;
                             }
+                            Err(e) => return outbox_failed(out, e),
                         }
                     }
                 }
