@@ -1208,18 +1208,18 @@ async fn replicas_run(
     let dirs: Vec<tempfile::TempDir> = (0..n)
         .map(|_| tempfile::tempdir().expect("tempdir"))
         .collect();
+    // Declared before the gateways, so dropped after them even when a panic unwinds: a
+    // cgroup can be removed only once its process has gone.
+    let mut caps: Vec<CpuCap> = Vec::new();
     let gws: Vec<Proc> = dirs
         .iter()
         .map(|d| spawn_gateway(fake.port, d.path(), &opts))
         .collect();
-    // Removed at the end, after `drop(gws)`: a cgroup goes only once its process has.
-    let _caps: Vec<CpuCap> = match cap {
-        Some(cores) => gws
-            .iter()
-            .map(|g| CpuCap::apply(g.child.id(), cores).expect("CPU cap checked before"))
-            .collect(),
-        None => Vec::new(),
-    };
+    if let Some(cores) = cap {
+        for g in &gws {
+            caps.push(CpuCap::apply(g.child.id(), cores).expect("CPU cap checked before"));
+        }
+    }
     let mut clients = Vec::new();
     for g in &gws {
         clients.push(connect(g.port).await);
@@ -1294,6 +1294,7 @@ async fn replicas_run(
         ),
     );
     drop(gws);
+    drop(caps);
     (delivered, r)
 }
 
@@ -1396,22 +1397,23 @@ impl CpuCap {
             .then(|| (v2.to_path_buf(), false))
     }
 
-    /// Whether caps can be made here, and if not why.
+    /// Whether caps can be made here, and if not why: one is put on a short-lived process.
     fn check() -> Result<(), String> {
-        let me = std::process::id();
-        let cap = Self::apply_to(None, me, 1.0)?;
-        drop(cap);
+        let mut child = Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .map_err(|e| format!("sleep: {e}"))?;
+        let cap = Self::apply(child.id(), 1.0);
+        let _ = child.kill();
+        let _ = child.wait();
+        drop(cap?);
         Ok(())
     }
 
+    /// A cgroup of its own for process `pid`, which may use `cores` of a core.
     fn apply(pid: u32, cores: f64) -> Result<Self, String> {
-        Self::apply_to(Some(pid), pid, cores)
-    }
-
-    /// A cgroup named after `name` holding `pid` (none: only made, to check).
-    fn apply_to(pid: Option<u32>, name: u32, cores: f64) -> Result<Self, String> {
         let (root, v1) = Self::root().ok_or("no cgroup CPU controller found")?;
-        let dir = root.join(format!("cg-bench-{name}"));
+        let dir = root.join(format!("cg-bench-{pid}"));
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let cap = CpuCap { dir };
         let quota = ((cores * CAP_PERIOD_US as f64) as u64).max(1000);
@@ -1425,9 +1427,7 @@ impl CpuCap {
         } else {
             write("cpu.max", format!("{quota} {CAP_PERIOD_US}"))?;
         }
-        if let Some(pid) = pid {
-            write("cgroup.procs", pid.to_string())?;
-        }
+        write("cgroup.procs", pid.to_string())?;
         Ok(cap)
     }
 }
