@@ -1880,14 +1880,22 @@ impl Worker {
         }
     }
 
-    /// Marks the message durably; then whether the lease still holds after the wait for it.
-    async fn mark_held(
+    /// Whether the message is still this replica's to send (its lease holds), with its mark
+    /// made durable first if `marks`; if not, it is given up here.
+    async fn held(
         &self,
         item: &Item,
         out: &Outcome,
         mark: &mut Mark,
         next: &mut NextMark<'_>,
+        marks: bool,
     ) -> Result<Held, crate::outbox::StoreError> {
+        if !self.inner.holds(item) {
+            return Ok(Held::GaveUp(self.give_up_here(item, out, mark, next)));
+        }
+        if !marks {
+            return Ok(Held::Here);
+        }
         match self.mark_or_wait(item, out, mark).await {
             Ok(()) => {}
             Err(crate::outbox::StoreError::Fenced) => {
@@ -2271,22 +2279,7 @@ impl Worker {
                 }
                 // Replicas: the partition may have moved on during a wait; its new owner
                 // delivers the message.
-                if !self.inner.holds(item) {
-                    item.taken_back = self.give_up_here(item, &out, &mut mark, &mut next);
-                    item.handed_over = true;
-                    return out;
-                }
-                if marks {
-                    match self.mark_held(item, &out, &mut mark, &mut next).await {
-                        Ok(Held::Here) => {}
-                        Ok(Held::GaveUp(taken_back)) => {
-                            item.taken_back = taken_back;
-                            item.handed_over = true;
-                            return out;
-                        }
-                        Err(e) => return outbox_failed(out, e),
-                    }
-                }
+                let mut held = self.held(item, &out, &mut mark, &mut next, marks).await;
                 // Replicas: the scopes wider than a conversation are reserved in the database
                 // last, once the mark is durable, so the call follows its slot by no more than
                 // the round trip. Reserved before the mark, the calls of a burst waited for
@@ -2295,7 +2288,7 @@ impl Worker {
                 // 50-a-second budget landed in one second. A short wait keeps the mark (a kill
                 // in it flags the message); a long one (a 429's pause, a deep backlog) takes it
                 // back as above, and the call then follows its slot by a mark's commit.
-                if let Some(cluster) = self.inner.cluster.get() {
+                if let (Ok(Held::Here), Some(cluster)) = (&held, self.inner.cluster.get()) {
                     let wait = cluster.reserve_shared(&req.rate).await;
                     let keep = wait <= HOLD_MARK_FOR;
                     if !wait.is_zero() {
@@ -2307,22 +2300,18 @@ impl Worker {
                     }
                     // The reservation's round trip (a pool, a row lock, an outage) or the wait
                     // may have outlasted the lease.
-                    if !self.inner.holds(item) {
-                        item.taken_back = self.give_up_here(item, &out, &mut mark, &mut next);
+                    held = self
+                        .held(item, &out, &mut mark, &mut next, marks && !keep)
+                        .await;
+                }
+                match held {
+                    Ok(Held::Here) => {}
+                    Ok(Held::GaveUp(taken_back)) => {
+                        item.taken_back = taken_back;
                         item.handed_over = true;
                         return out;
                     }
-                    if marks && !keep {
-                        match self.mark_held(item, &out, &mut mark, &mut next).await {
-                            Ok(Held::Here) => {}
-                            Ok(Held::GaveUp(taken_back)) => {
-                                item.taken_back = taken_back;
-                                item.handed_over = true;
-                                return out;
-                            }
-                            Err(e) => return outbox_failed(out, e),
-                        }
-                    }
+                    Err(e) => return outbox_failed(out, e),
                 }
                 self.premark_next(&mut next);
                 attempt += 1;
