@@ -2290,7 +2290,13 @@ impl Worker {
                 // back as above, and the call then follows its slot by a mark's commit.
                 if let (Ok(Held::Here), Some(cluster)) = (&held, self.inner.cluster.get()) {
                     let wait = cluster.reserve_shared(&req.rate).await;
-                    let keep = wait <= HOLD_MARK_FOR;
+                    // A local scope paused by a 429 would stretch the wait past the bound.
+                    let keep = wait <= HOLD_MARK_FOR
+                        && self
+                            .inner
+                            .rates
+                            .paused(&req.rate, std::time::Instant::now())
+                            .is_zero();
                     if !wait.is_zero() {
                         if !keep {
                             self.unmark(item, &out, &mut mark);
