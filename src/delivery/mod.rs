@@ -1745,10 +1745,7 @@ impl Worker {
         };
         let unmark = |item: &mut Item| {
             if item.id == id {
-                item.delivering = None;
-                self.inner
-                    .store
-                    .record_fenced(id, Change::Waiting { attempts: 0 }, item.fence);
+                self.take_back_ahead(item);
             }
         };
         match &mut next.next {
@@ -1762,6 +1759,15 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// A mark written ahead of a call not made yet (at append, or by `premark`) is taken back:
+    /// the message is not about to go out after all. The write, not waited for.
+    fn take_back_ahead(&self, item: &mut Item) -> Durable {
+        item.delivering = None;
+        self.inner
+            .store
+            .record_fenced(item.id, Change::Waiting { attempts: 0 }, item.fence)
     }
 
     /// v3 autoBatchDelay: consecutive Sends within the window go out back to back.
@@ -2107,12 +2113,8 @@ impl Worker {
         if !self.inner.holds(&item) {
             // Never attempted here: a mark written ahead (at append, or during the call
             // before) is taken back, or the next owner would flag a message no call reached.
-            if item.delivering.is_some() && !item.possible_duplicate && !item.ephemeral {
-                item.taken_back = Some(self.inner.store.record_fenced(
-                    item.id,
-                    Change::Waiting { attempts: 0 },
-                    item.fence,
-                ));
+            if item.delivering.is_some() && !item.possible_duplicate {
+                item.taken_back = Some(self.take_back_ahead(&mut item));
             }
             return self.inner.hand_over(item, Some(&self.line));
         }

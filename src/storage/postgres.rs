@@ -648,8 +648,9 @@ SELECT setval('cg_outbox_id_block', GREATEST(
 
 /// The outbox's tables (`crate::outbox::PostgresStore`): the same tables, columns, words and
 /// partial indexes as the SQLite file's, so both engines share their SQL and an operator reads
-/// both alike (but for `outbox_unfinished`, dropped by migration 7). `partition` is the conversation's hash mod 256 (computed by the gateway): the
-/// unit replicas lease (`super::lease`).
+/// both alike (but for `outbox_unfinished`, dropped by migration 7). `partition` is the
+/// conversation's hash mod 256 (computed by the gateway): the unit replicas lease
+/// (`super::lease`).
 const OUTBOX_SCHEMA: &str = "
 CREATE TABLE outbox_messages (
     id BIGINT PRIMARY KEY,
