@@ -1330,11 +1330,20 @@ async fn replicas_scenarios(
     let (one, _) = run(1, None, None).await;
     let (three, _) = run(3, None, None).await;
     let (_, half) = run(3, Some(three / 2.0), None).await;
-    let cores = arg("--replica-cpu")
-        .and_then(|c| c.parse::<f64>().ok())
-        .unwrap_or(REPLICA_CPU);
-    let capped = match CpuCap::check() {
-        Ok(()) => {
+    let cores = match arg("--replica-cpu") {
+        None => Ok(REPLICA_CPU),
+        // A cap is at least a cgroup's smallest quota (1 ms per 10 ms period) and at most the
+        // machine: any other value would be refused by the kernel halfway through the runs.
+        Some(c) => c
+            .parse::<f64>()
+            .ok()
+            .filter(|c| (0.1..=64.0).contains(c))
+            .ok_or(format!(
+                "--replica-cpu {c:?}: a number of cores from 0.1 to 64"
+            )),
+    };
+    let capped = match cores.and_then(|cores| CpuCap::check(cores).map(|()| cores)) {
+        Ok(cores) => {
             let (one, _) = run(1, None, Some(cores)).await;
             let (three, _) = run(3, None, Some(cores)).await;
             Some((cores, three, one))
@@ -1397,13 +1406,14 @@ impl CpuCap {
             .then(|| (v2.to_path_buf(), false))
     }
 
-    /// Whether caps can be made here, and if not why: one is put on a short-lived process.
-    fn check() -> Result<(), String> {
+    /// Whether caps of `cores` can be made here, and if not why: one is put on a short-lived
+    /// process.
+    fn check(cores: f64) -> Result<(), String> {
         let mut child = Command::new("sleep")
             .arg("5")
             .spawn()
             .map_err(|e| format!("sleep: {e}"))?;
-        let cap = Self::apply(child.id(), 1.0);
+        let cap = Self::apply(child.id(), cores);
         let _ = child.kill();
         let _ = child.wait();
         drop(cap?);
